@@ -1,0 +1,191 @@
+// Command-line arguments of `tern`, in Cloud Hypervisor's spelling: `--option k=v,k=v`.
+// The result is a VmConfig (when boot options were given) plus the VMM-level settings.
+import { ConsoleConfig, ConsoleMode, CpusConfig, MemoryConfig, VmConfig } from '../config/vm-config';
+import { OptionError, parseInteger, parseKeyValues, parseOnOff, parseSize } from './option-values';
+
+export interface SocketTarget {
+  path?: string;
+  fd?: number;
+}
+
+export interface RestoreArgs {
+  source_url: string;
+  resume?: boolean;
+  prefault?: boolean;
+  memory_restore_mode?: 'copy' | 'ondemand';
+}
+
+export interface TernArgs {
+  /** null when no boot option was given: the VMM waits for API calls */
+  vm: VmConfig | null;
+  apiSocket?: SocketTarget;
+  eventMonitor?: SocketTarget;
+  restore?: RestoreArgs;
+  verbosity: number;
+  logFile?: string;
+  version: boolean;
+  help: boolean;
+}
+
+type Handler = (value: string, acc: Accumulator) => void;
+
+interface Accumulator {
+  vm: Partial<VmConfig> & { payload: VmConfig['payload'] };
+  vmOptionSeen: boolean;
+  args: TernArgs;
+}
+
+function consoleConfig(option: string, value: string): ConsoleConfig {
+  const kv = parseKeyValues(option, value, ['mode', 'file', 'socket'], 'mode');
+  if (kv.file !== undefined) return { mode: 'File', file: kv.file };
+  if (kv.socket !== undefined) return { mode: 'Socket', socket: kv.socket };
+  const modes: Record<string, ConsoleMode> = { off: 'Off', null: 'Null', tty: 'Tty', pty: 'Pty' };
+  const mode = modes[kv.mode ?? ''];
+  if (!mode) throw new OptionError(option, `"${value}" is not one of off, null, tty, pty, file=PATH, socket=PATH`);
+  return { mode };
+}
+
+function socketTarget(option: string, value: string): SocketTarget {
+  const kv = parseKeyValues(option, value, ['path', 'fd'], 'path');
+  if (kv.fd !== undefined && kv.path !== undefined) throw new OptionError(option, 'give path= or fd=, not both');
+  if (kv.fd !== undefined) return { fd: parseInteger(option, 'fd', kv.fd, 0, 1 << 20) };
+  if (!kv.path) throw new OptionError(option, 'needs path=PATH or fd=N');
+  return { path: kv.path };
+}
+
+/** Generic device list entry: stored as given (numbers and on/off typed), used by later devices. */
+function deviceEntry(option: string, value: string): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const part of value.split(',')) {
+    const eq = part.indexOf('=');
+    if (eq <= 0) throw new OptionError(option, `expected key=value, got "${part}"`);
+    const k = part.slice(0, eq);
+    const v = part.slice(eq + 1);
+    out[k] = v === 'on' ? true : v === 'off' ? false : /^\d+$/.test(v) ? Number(v) : v;
+  }
+  return out;
+}
+
+const vmOption = (fn: Handler): Handler => (value, acc) => {
+  acc.vmOptionSeen = true;
+  fn(value, acc);
+};
+
+const HANDLERS: Record<string, Handler> = {
+  '--kernel': vmOption((v, a) => (a.vm.payload.kernel = v)),
+  '--initramfs': vmOption((v, a) => (a.vm.payload.initramfs = v)),
+  '--cmdline': vmOption((v, a) => (a.vm.payload.cmdline = v)),
+  '--firmware': vmOption((v, a) => (a.vm.payload.firmware = v)),
+  '--cpus': vmOption((v, a) => {
+    const kv = parseKeyValues('--cpus', v, ['boot', 'max', 'topology', 'kvm_hyperv', 'max_phys_bits', 'affinity', 'features', 'nested']);
+    const boot = kv.boot !== undefined ? parseInteger('--cpus', 'boot', kv.boot, 1, 254) : 1;
+    const max = kv.max !== undefined ? parseInteger('--cpus', 'max', kv.max, 1, 254) : boot;
+    if (max < boot) throw new OptionError('--cpus', `max=${max} is smaller than boot=${boot}`);
+    const cpus: CpusConfig = { boot_vcpus: boot, max_vcpus: max };
+    if (kv.kvm_hyperv !== undefined) cpus.kvm_hyperv = parseOnOff('--cpus', 'kvm_hyperv', kv.kvm_hyperv);
+    if (kv.max_phys_bits !== undefined) cpus.max_phys_bits = parseInteger('--cpus', 'max_phys_bits', kv.max_phys_bits, 32, 52);
+    if (kv.nested !== undefined) cpus.nested = parseOnOff('--cpus', 'nested', kv.nested);
+    a.vm.cpus = cpus;
+  }),
+  '--memory': vmOption((v, a) => {
+    const kv = parseKeyValues('--memory', v, ['size', 'shared', 'hugepages', 'hugepage_size', 'mergeable', 'prefault', 'thp', 'hotplug_method', 'hotplug_size', 'hotplugged_size']);
+    const memory: MemoryConfig = { size: kv.size !== undefined ? parseSize('--memory', 'size', kv.size) : 512 << 20 };
+    if (memory.size < 16 << 20) throw new OptionError('--memory', `size=${kv.size} is below the 16M minimum`);
+    if (memory.size % 4096 !== 0) throw new OptionError('--memory', `size=${kv.size} is not a multiple of 4K`);
+    for (const flag of ['shared', 'hugepages', 'mergeable', 'prefault', 'thp'] as const) {
+      if (kv[flag] !== undefined) memory[flag] = parseOnOff('--memory', flag, kv[flag]);
+    }
+    if (kv.hotplug_size !== undefined) memory.hotplug_size = parseSize('--memory', 'hotplug_size', kv.hotplug_size);
+    a.vm.memory = memory;
+  }),
+  '--serial': vmOption((v, a) => (a.vm.serial = consoleConfig('--serial', v))),
+  '--console': vmOption((v, a) => (a.vm.console = consoleConfig('--console', v))),
+  '--disk': vmOption((v, a) => (a.vm.disks = [...(a.vm.disks ?? []), deviceEntry('--disk', v)])),
+  '--net': vmOption((v, a) => (a.vm.net = [...(a.vm.net ?? []), deviceEntry('--net', v)])),
+  '--fs': vmOption((v, a) => (a.vm.fs = [...(a.vm.fs ?? []), deviceEntry('--fs', v)])),
+  '--pmem': vmOption((v, a) => (a.vm.pmem = [...(a.vm.pmem ?? []), deviceEntry('--pmem', v)])),
+  '--device': vmOption((v, a) => (a.vm.devices = [...(a.vm.devices ?? []), deviceEntry('--device', v)])),
+  '--rng': vmOption((v, a) => (a.vm.rng = deviceEntry('--rng', v))),
+  '--vsock': vmOption((v, a) => (a.vm.vsock = deviceEntry('--vsock', v))),
+  '--api-socket': (v, a) => (a.args.apiSocket = socketTarget('--api-socket', v)),
+  '--event-monitor': (v, a) => (a.args.eventMonitor = socketTarget('--event-monitor', v)),
+  '--log-file': (v, a) => (a.args.logFile = v),
+  '--restore': (v, a) => {
+    const kv = parseKeyValues('--restore', v, ['source_url', 'resume', 'prefault', 'memory_restore_mode'], 'source_url');
+    if (!kv.source_url) throw new OptionError('--restore', 'needs source_url=file:///DIR');
+    const r: RestoreArgs = { source_url: kv.source_url };
+    if (kv.resume !== undefined) r.resume = parseOnOff('--restore', 'resume', kv.resume);
+    if (kv.prefault !== undefined) r.prefault = parseOnOff('--restore', 'prefault', kv.prefault);
+    if (kv.memory_restore_mode !== undefined) {
+      if (kv.memory_restore_mode !== 'copy' && kv.memory_restore_mode !== 'ondemand') {
+        throw new OptionError('--restore', `memory_restore_mode="${kv.memory_restore_mode}" must be copy or ondemand`);
+      }
+      r.memory_restore_mode = kv.memory_restore_mode;
+    }
+    a.args.restore = r;
+  },
+};
+
+const FLAGS: Record<string, (a: Accumulator) => void> = {
+  '-v': (a) => a.args.verbosity++,
+  '-vv': (a) => (a.args.verbosity += 2),
+  '-vvv': (a) => (a.args.verbosity += 3),
+  '--version': (a) => (a.args.version = true),
+  '-V': (a) => (a.args.version = true),
+  '--help': (a) => (a.args.help = true),
+  '-h': (a) => (a.args.help = true),
+};
+
+export const TERN_OPTIONS = [...Object.keys(HANDLERS), ...Object.keys(FLAGS)];
+
+export function parseTernArgs(argv: string[]): TernArgs {
+  const acc: Accumulator = {
+    vm: { payload: {} },
+    vmOptionSeen: false,
+    args: { vm: null, verbosity: 0, version: false, help: false },
+  };
+  for (let i = 0; i < argv.length; i++) {
+    let arg = argv[i];
+    let inline: string | undefined;
+    const eq = arg.indexOf('=');
+    if (arg.startsWith('--') && eq > 0) {
+      inline = arg.slice(eq + 1);
+      arg = arg.slice(0, eq);
+    }
+    const flag = FLAGS[arg];
+    if (flag && inline === undefined) {
+      flag(acc);
+      continue;
+    }
+    const handler = HANDLERS[arg];
+    if (!handler) throw new OptionError(arg, arg.startsWith('-') ? 'unknown option' : 'unexpected argument');
+    const value = inline ?? argv[++i];
+    if (value === undefined) throw new OptionError(arg, 'needs a value');
+    handler(value, acc);
+  }
+  if (acc.vmOptionSeen) {
+    if (!acc.vm.payload.kernel && !acc.vm.payload.firmware) {
+      throw new OptionError('--kernel', 'a VM needs --kernel (or --firmware)');
+    }
+    acc.args.vm = acc.vm as VmConfig;
+  }
+  if (acc.args.restore && acc.args.vm) {
+    throw new OptionError('--restore', 'cannot be combined with boot options (--kernel, --cpus, ...)');
+  }
+  return acc.args;
+}
+
+export const TERN_USAGE = `Usage: tern [OPTIONS]
+  --kernel PATH            Linux kernel: ELF vmlinux with a PVH note, or bzImage
+  --initramfs PATH         initramfs image
+  --cmdline STRING         kernel command line
+  --cpus boot=N[,max=M]    vCPUs
+  --memory size=SIZE[,shared=on|off]
+  --serial off|null|tty|file=PATH     16550A UART at 0x3f8 (default null)
+  --console off|null|tty|file=PATH    virtio console (accepted; device not yet built)
+  --api-socket path=PATH|fd=N         HTTP API on a UNIX socket
+  --event-monitor path=PATH|fd=N      event stream, one JSON object per event
+  --restore source_url=file:///DIR[,resume=on]
+  --log-file PATH          pino JSON log (default stderr)
+  -v, -vv                  more log detail
+  -V, --version            print the version`;

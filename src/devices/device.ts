@@ -1,0 +1,54 @@
+// The contract every emulated device follows: its state is a plain, JSON-serializable slice
+// of the store, and every guest access or host input is a pure transition
+//   (state, access) -> { state, effects, value }
+// Effects (bytes to a console, interrupt edges, power actions) are data; the VMM runs them
+// after the store has taken the new state, never inside the reducer.
+
+/** A guest access to a device register, in device-relative terms. */
+export interface IoAccess {
+  /** 'pio' for port I/O, 'mmio' for memory-mapped I/O */
+  space: 'pio' | 'mmio';
+  direction: 'read' | 'write';
+  /** offset from the device's base address/port */
+  offset: number;
+  size: 1 | 2 | 4 | 8;
+  /** value written (writes only; 0 for reads) */
+  data: number;
+  /**
+   * Host time of the access in nanoseconds since the Unix epoch, supplied by the VMM so that
+   * transitions that need wall-clock time (the RTC) stay pure and replayable.
+   */
+  nowNs: number;
+}
+
+export type Effect =
+  /** bytes the guest sent out through a console device */
+  | { type: 'console.output'; device: string; bytes: number[] }
+  /** an edge on a legacy interrupt line (GSI) */
+  | { type: 'irq.pulse'; gsi: number }
+  /** drive a level-triggered interrupt line */
+  | { type: 'irq.level'; gsi: number; level: 0 | 1 }
+  /** the guest asked for a reset (i8042 pulse, ACPI reset register) */
+  | { type: 'vm.reset'; source: string }
+  /** the guest asked to power off (ACPI S5) */
+  | { type: 'vm.poweroff'; source: string }
+  /** the guest entered a sleep state the VMM does not implement */
+  | { type: 'vm.sleep'; source: string; state: number }
+  /** firmware/kernel boot progress code on the debug port */
+  | { type: 'boot.progress'; code: number };
+
+export interface TransitionResult<S> {
+  state: S;
+  effects: Effect[];
+  /** value the guest reads (reads only) */
+  value?: number;
+}
+
+export type DeviceTransition<S> = (state: S, access: IoAccess) => TransitionResult<S>;
+
+/** Where a device sits on the I/O buses. */
+export interface DeviceRange {
+  space: 'pio' | 'mmio';
+  base: number;
+  length: number;
+}

@@ -1,0 +1,194 @@
+// Guest physical memory as seen from TypeScript: a set of regions, each a list of zero-copy
+// ArrayBuffer chunks over the native memfd mapping. Every write made through this class marks
+// the region's VMM-side dirty bitmap (injected per region, not global), so the dirty set the
+// native side reports is KVM's log OR what the VMM itself wrote.
+
+/** A guest physical address. Plain number: guest RAM stays far below 2^53. */
+export type GuestAddress = number;
+
+export const PAGE_SIZE = 4096;
+const PAGE_SHIFT = 12;
+
+export interface GuestRegionInit {
+  guestAddress: GuestAddress;
+  size: number;
+  chunks: ArrayBuffer[];
+  chunkSize: number;
+  /** VMM-side dirty bitmap, one bit per page; omitted = writes are not tracked. */
+  dirtyBitmap?: Uint8Array;
+}
+
+export class GuestMemoryError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'GuestMemoryError';
+  }
+}
+
+export class GuestRegion {
+  readonly guestAddress: GuestAddress;
+  readonly size: number;
+  private readonly chunks: Uint8Array[];
+  private readonly chunkSize: number;
+  private readonly dirty?: Uint8Array;
+
+  constructor(init: GuestRegionInit) {
+    this.guestAddress = init.guestAddress;
+    this.size = init.size;
+    this.chunks = init.chunks.map((b) => new Uint8Array(b));
+    this.chunkSize = init.chunkSize;
+    this.dirty = init.dirtyBitmap;
+  }
+
+  get end(): GuestAddress {
+    return this.guestAddress + this.size;
+  }
+
+  contains(addr: GuestAddress, len = 1): boolean {
+    return addr >= this.guestAddress && addr + len <= this.end;
+  }
+
+  /** Copy out of the region; crosses chunk boundaries. */
+  read(offset: number, len: number): Uint8Array {
+    const out = new Uint8Array(len);
+    let done = 0;
+    while (done < len) {
+      const off = offset + done;
+      const c = Math.floor(off / this.chunkSize);
+      const inChunk = off - c * this.chunkSize;
+      const n = Math.min(len - done, this.chunkSize - inChunk);
+      out.set(this.chunks[c].subarray(inChunk, inChunk + n), done);
+      done += n;
+    }
+    return out;
+  }
+
+  write(offset: number, data: Uint8Array): void {
+    let done = 0;
+    while (done < data.length) {
+      const off = offset + done;
+      const c = Math.floor(off / this.chunkSize);
+      const inChunk = off - c * this.chunkSize;
+      const n = Math.min(data.length - done, this.chunkSize - inChunk);
+      this.chunks[c].set(data.subarray(done, done + n), inChunk);
+      done += n;
+    }
+    this.markDirty(offset, data.length);
+  }
+
+  fill(offset: number, len: number, value = 0): void {
+    let done = 0;
+    while (done < len) {
+      const off = offset + done;
+      const c = Math.floor(off / this.chunkSize);
+      const inChunk = off - c * this.chunkSize;
+      const n = Math.min(len - done, this.chunkSize - inChunk);
+      this.chunks[c].fill(value, inChunk, inChunk + n);
+      done += n;
+    }
+    this.markDirty(offset, len);
+  }
+
+  /**
+   * A zero-copy view of [offset, offset+len) when it lies inside one chunk, else undefined.
+   * Writers through a view must call markDirty themselves.
+   */
+  view(offset: number, len: number): Uint8Array | undefined {
+    const c = Math.floor(offset / this.chunkSize);
+    const inChunk = offset - c * this.chunkSize;
+    if (inChunk + len > this.chunkSize) return undefined;
+    return this.chunks[c].subarray(inChunk, inChunk + len);
+  }
+
+  markDirty(offset: number, len: number): void {
+    if (!this.dirty || len <= 0) return;
+    const first = offset >> PAGE_SHIFT;
+    const last = (offset + len - 1) >> PAGE_SHIFT;
+    for (let p = first; p <= last; p++) this.dirty[p >> 3] |= 1 << (p & 7);
+  }
+}
+
+export class GuestMemory {
+  readonly regions: GuestRegion[];
+
+  constructor(regions: GuestRegion[]) {
+    this.regions = [...regions].sort((a, b) => a.guestAddress - b.guestAddress);
+  }
+
+  /** Total bytes of RAM. */
+  get size(): number {
+    return this.regions.reduce((n, r) => n + r.size, 0);
+  }
+
+  regionFor(addr: GuestAddress, len = 1): GuestRegion {
+    for (const r of this.regions) if (r.contains(addr, len)) return r;
+    throw new GuestMemoryError(
+      `guest range 0x${addr.toString(16)}+0x${len.toString(16)} is not inside guest RAM`,
+    );
+  }
+
+  read(addr: GuestAddress, len: number): Uint8Array {
+    const r = this.regionFor(addr, len);
+    return r.read(addr - r.guestAddress, len);
+  }
+
+  write(addr: GuestAddress, data: Uint8Array): void {
+    const r = this.regionFor(addr, data.length);
+    r.write(addr - r.guestAddress, data);
+  }
+
+  fill(addr: GuestAddress, len: number, value = 0): void {
+    const r = this.regionFor(addr, len);
+    r.fill(addr - r.guestAddress, len, value);
+  }
+
+  readU8(addr: GuestAddress): number {
+    return this.read(addr, 1)[0];
+  }
+  readU16(addr: GuestAddress): number {
+    const b = this.read(addr, 2);
+    return b[0] | (b[1] << 8);
+  }
+  readU32(addr: GuestAddress): number {
+    const b = this.read(addr, 4);
+    return new DataView(b.buffer).getUint32(0, true);
+  }
+  readU64(addr: GuestAddress): bigint {
+    const b = this.read(addr, 8);
+    return new DataView(b.buffer).getBigUint64(0, true);
+  }
+  writeU8(addr: GuestAddress, v: number): void {
+    this.write(addr, Uint8Array.of(v & 0xff));
+  }
+  writeU16(addr: GuestAddress, v: number): void {
+    const b = new Uint8Array(2);
+    new DataView(b.buffer).setUint16(0, v, true);
+    this.write(addr, b);
+  }
+  writeU32(addr: GuestAddress, v: number): void {
+    const b = new Uint8Array(4);
+    new DataView(b.buffer).setUint32(0, v >>> 0, true);
+    this.write(addr, b);
+  }
+  writeU64(addr: GuestAddress, v: bigint | number): void {
+    const b = new Uint8Array(8);
+    new DataView(b.buffer).setBigUint64(0, BigInt(v), true);
+    this.write(addr, b);
+  }
+}
+
+/** Guest memory over plain ArrayBuffers, for code that builds guest images without KVM. */
+export function anonymousGuestMemory(layout: { guestAddress: GuestAddress; size: number }[]): GuestMemory {
+  return new GuestMemory(
+    layout.map(
+      (l) =>
+        new GuestRegion({
+          guestAddress: l.guestAddress,
+          size: l.size,
+          chunks: [new ArrayBuffer(l.size)],
+          chunkSize: l.size,
+          dirtyBitmap: new Uint8Array(Math.ceil(l.size / PAGE_SIZE / 8)),
+        }),
+    ),
+  );
+}

@@ -1,0 +1,219 @@
+// Typed face of the native addon (native/*.cc). The addon holds mechanism only: KVM ioctls,
+// vCPU threads, guest RAM mappings, dirty bitmaps, eventfds. Every decision (what to map,
+// which registers to set, what an exit means) is made in TypeScript.
+//
+// Conventions:
+// - 64-bit values (registers, guest addresses, MSR data) cross the boundary as bigint.
+// - Opaque kernel structures that are only ever saved and restored (xsave, lapic,
+//   vcpu_events, debugregs, xcrs, irqchip, pit) cross as base64 strings of the raw struct,
+//   so they are exact and JSON-serializable.
+// - Every failed ioctl throws an Error whose message names the ioctl and errno, and whose
+//   `code` is the errno name (e.g. 'EINVAL').
+import path from 'node:path';
+
+export interface CpuidEntry {
+  function: number;
+  index: number;
+  flags: number;
+  eax: number;
+  ebx: number;
+  ecx: number;
+  edx: number;
+}
+
+export interface Regs {
+  rax: bigint; rbx: bigint; rcx: bigint; rdx: bigint;
+  rsi: bigint; rdi: bigint; rsp: bigint; rbp: bigint;
+  r8: bigint; r9: bigint; r10: bigint; r11: bigint;
+  r12: bigint; r13: bigint; r14: bigint; r15: bigint;
+  rip: bigint; rflags: bigint;
+}
+
+export interface Segment {
+  base: bigint; limit: number; selector: number; type: number;
+  present: number; dpl: number; db: number; s: number; l: number; g: number; avl: number;
+  unusable: number;
+}
+
+export interface DTable { base: bigint; limit: number }
+
+export interface Sregs {
+  cs: Segment; ds: Segment; es: Segment; fs: Segment; gs: Segment; ss: Segment;
+  tr: Segment; ldt: Segment;
+  gdt: DTable; idt: DTable;
+  cr0: bigint; cr2: bigint; cr3: bigint; cr4: bigint; cr8: bigint;
+  efer: bigint; apic_base: bigint;
+  /** 256-bit pending external interrupt bitmap, as 4 u64 words. */
+  interrupt_bitmap: bigint[];
+}
+
+export interface Fpu {
+  fcw: number; fsw: number; ftwx: number; last_opcode: number;
+  last_ip: bigint; last_dp: bigint; mxcsr: number;
+  /** base64 of fpr[8][16] + xmm[16][16] */
+  registers: string;
+}
+
+export interface MsrEntry { index: number; data: bigint }
+
+/** Why a vCPU thread handed control to TypeScript. */
+export type VcpuExit =
+  | { kind: 'io'; direction: 'in' | 'out'; port: number; size: 1 | 2 | 4; data: number }
+  | { kind: 'mmio'; direction: 'read' | 'write'; address: bigint; size: number; data: bigint }
+  | { kind: 'hlt' }
+  | { kind: 'shutdown' } // triple fault
+  | { kind: 'system_event'; type: number }
+  | { kind: 'fail_entry'; reason: bigint }
+  | { kind: 'internal_error'; suberror: number }
+  | { kind: 'unknown'; reason: number }
+  | { kind: 'paused' } // the thread parked after requestPause()
+  | { kind: 'stopped' } // the thread ended after stop() or a terminal exit
+  | { kind: 'error'; message: string }; // KVM_RUN itself failed
+
+/**
+ * Called on the JavaScript thread for every exit, while the vCPU thread waits.
+ * For 'in' and MMIO 'read' the return value is what the guest reads (number or bigint);
+ * for other kinds it is ignored. Returning 'stop' ends the vCPU thread after this exit.
+ * String I/O (rep ins/outs) arrives as one call per element.
+ */
+export type VcpuExitHandler = (exit: VcpuExit) => number | bigint | 'stop' | void;
+
+export interface NativeVcpu {
+  readonly id: number;
+  setCpuid(entries: CpuidEntry[]): void;
+  getRegs(): Regs; setRegs(r: Regs): void;
+  getSregs(): Sregs; setSregs(s: Sregs): void;
+  getFpu(): Fpu; setFpu(f: Fpu): void;
+  /** base64 of struct kvm_xsave (KVM_GET_XSAVE2 when available, size reported by KVM). */
+  getXsave(): string; setXsave(b64: string): void;
+  getXcrs(): string; setXcrs(b64: string): void;
+  getMsrs(indices: number[]): MsrEntry[]; setMsrs(entries: MsrEntry[]): number;
+  getLapic(): string; setLapic(b64: string): void;
+  getMpState(): number; setMpState(state: number): void;
+  getVcpuEvents(): string; setVcpuEvents(b64: string): void;
+  getDebugRegs(): string; setDebugRegs(b64: string): void;
+  /** KVM_KVMCLOCK_CTRL: tell the guest it was paused (no soft-lockup warnings). */
+  kvmclockCtrl(): boolean;
+  /** Start the native thread that loops on KVM_RUN. */
+  start(handler: VcpuExitHandler): void;
+  /** Kick the thread out of KVM_RUN (immediate_exit + signal); it reports 'paused' and parks. */
+  requestPause(): void;
+  /** Let a parked thread run again. */
+  resume(): void;
+  /** End the thread (kicks it if running); it reports 'stopped'. Idempotent. */
+  stop(): void;
+  /** Close the vCPU fd and unmap kvm_run; the thread must be stopped. */
+  close(): void;
+}
+
+export interface IrqRoute {
+  gsi: number;
+  type: 'irqchip' | 'msi';
+  /** irqchip: 0 = PIC master, 1 = PIC slave, 2 = IOAPIC */
+  irqchip?: number; pin?: number;
+  /** msi */
+  addressLo?: number; addressHi?: number; data?: number; devid?: number;
+}
+
+export interface MemorySlotInfo {
+  slot: number;
+  guestAddress: bigint;
+  size: number;
+  /** memfd backing the slot, for snapshot / migration / fd passing */
+  fd: number;
+  /** host mapping split in chunks of at most chunkSize bytes, in guest-address order */
+  chunks: ArrayBuffer[];
+  chunkSize: number;
+}
+
+export interface NativeVm {
+  createIrqchip(): void;
+  createPit2(): void;
+  setTssAddr(addr: number): void;
+  setIdentityMapAddr(addr: bigint): void;
+  /**
+   * Back [guestAddress, guestAddress+size) with a new memfd mapped MAP_SHARED, register it
+   * as KVM slot `slot` with KVM_MEM_LOG_DIRTY_PAGES. `name` labels the memfd.
+   * `fromFd` maps an existing memfd/file instead (restore, fd passing); `privateMap`
+   * maps it MAP_PRIVATE (copy-on-write, lazy).
+   */
+  addMemorySlot(opts: {
+    slot: number; guestAddress: bigint; size: number; name?: string;
+    fromFd?: number; fileOffset?: number; privateMap?: boolean;
+  }): MemorySlotInfo;
+  /**
+   * Pages of `slot` dirtied since the previous call: KVM_GET_DIRTY_LOG OR the VMM-side bitmap
+   * (marked by markDirty / the shared bitmap). Both are cleared. One bit per 4 KiB page, bit i
+   * of byte i>>3 is page i.
+   */
+  getDirtyBitmap(slot: number): Uint8Array;
+  /** The VMM-side bitmap of `slot` itself, shared with native code, for TypeScript writers to mark. */
+  vmmDirtyBitmap(slot: number): Uint8Array;
+  irqLine(irq: number, level: 0 | 1): void;
+  setGsiRouting(routes: IrqRoute[]): void;
+  /** KVM_IRQFD: eventfd `fd` injects `gsi`. resampleFd for level-triggered lines. */
+  irqfd(fd: number, gsi: number, opts?: { deassign?: boolean; resampleFd?: number }): void;
+  /** KVM_IOEVENTFD: guest writes to addr (pio or mmio) signal eventfd fd without a userspace exit. */
+  ioeventfd(fd: number, addr: bigint, len: number, opts?: { pio?: boolean; datamatch?: bigint; deassign?: boolean }): void;
+  getIrqchip(chip: number): string; setIrqchip(chip: number, b64: string): void;
+  getPit2(): string; setPit2(b64: string): void;
+  /** KVM_GET_CLOCK / KVM_SET_CLOCK (kvmclock, ns) */
+  getClock(): { clock: bigint; flags: number }; setClock(clock: bigint): void;
+  createVcpu(id: number): NativeVcpu;
+  close(): void;
+}
+
+export interface NativeKvm {
+  apiVersion(): number;
+  checkExtension(cap: number): number;
+  supportedCpuid(): CpuidEntry[];
+  /** MSR indices KVM saves/restores (KVM_GET_MSR_INDEX_LIST). */
+  msrIndexList(): number[];
+  createVm(): NativeVm;
+  close(): void;
+}
+
+export interface NativeAddon {
+  openKvm(path?: string): NativeKvm;
+  eventfd(initial?: number, flags?: number): number;
+  /** read the 8-byte counter of an eventfd; null if it would block (EFD_NONBLOCK) */
+  eventfdRead(fd: number): bigint | null;
+  eventfdWrite(fd: number, value: bigint): void;
+  closeFd(fd: number): void;
+}
+
+let cached: NativeAddon | undefined;
+
+/** Load the compiled addon (build/Release/tern_native.node) once. */
+export function native(): NativeAddon {
+  if (!cached) {
+    // dist/src/native/kvm.js -> repository root is three levels up.
+    const root = path.resolve(__dirname, '..', '..', '..');
+    // eslint-disable-next-line @typescript-eslint/no-var-requires
+    cached = require(path.join(root, 'build', 'Release', 'tern_native.node')) as NativeAddon;
+  }
+  return cached;
+}
+
+/** KVM capability numbers used by Tern (linux/kvm.h). */
+export const KvmCap = {
+  IRQCHIP: 0,
+  USER_MEMORY: 3,
+  SET_TSS_ADDR: 4,
+  EXT_CPUID: 7,
+  NR_VCPUS: 9,
+  NR_MEMSLOTS: 10,
+  PIT2: 33,
+  IRQ_ROUTING: 25,
+  IRQFD: 32,
+  IOEVENTFD: 36,
+  ADJUST_CLOCK: 39,
+  XSAVE: 55,
+  XCRS: 56,
+  TSC_DEADLINE_TIMER: 72,
+  MAX_VCPUS: 66,
+  KVMCLOCK_CTRL: 76,
+  IMMEDIATE_EXIT: 136,
+  MANUAL_DIRTY_LOG_PROTECT2: 168,
+  XSAVE2: 208,
+} as const;

@@ -1,0 +1,52 @@
+import test from 'ava';
+import { parseTernArgs } from '../../src/cli/tern-args';
+import { OptionError } from '../../src/cli/option-values';
+
+test('the issue example parses into a VmConfig', (t) => {
+  const a = parseTernArgs([
+    '--kernel', 'vmlinux', '--initramfs', 'initrd.img', '--cmdline', 'console=ttyS0',
+    '--cpus', 'boot=2', '--memory', 'size=512M', '--serial', 'tty',
+  ]);
+  t.deepEqual(a.vm, {
+    payload: { kernel: 'vmlinux', initramfs: 'initrd.img', cmdline: 'console=ttyS0' },
+    cpus: { boot_vcpus: 2, max_vcpus: 2 },
+    memory: { size: 512 * 1024 * 1024 },
+    serial: { mode: 'Tty' },
+  });
+});
+
+test('k=v lists, quoted values, --opt=value and file serial', (t) => {
+  const a = parseTernArgs([
+    '--kernel=k', '--memory', 'size=2G,shared=on', '--serial', 'file="/var/log/a,b.log"',
+    '--api-socket', '/run/t.sock', '--event-monitor', 'fd=3', '-vv',
+  ]);
+  t.deepEqual(a.vm?.memory, { size: 2 * 1024 ** 3, shared: true });
+  t.deepEqual(a.vm?.serial, { mode: 'File', file: '/var/log/a,b.log' });
+  t.deepEqual(a.apiSocket, { path: '/run/t.sock' });
+  t.deepEqual(a.eventMonitor, { fd: 3 });
+  t.is(a.verbosity, 2);
+});
+
+test('only --api-socket means no VM: the VMM waits for API calls', (t) => {
+  const a = parseTernArgs(['--api-socket', 'path=/tmp/x.sock']);
+  t.is(a.vm, null);
+  t.deepEqual(a.apiSocket, { path: '/tmp/x.sock' });
+});
+
+for (const [argv, fragment] of [
+  [['--frobnicate'], '--frobnicate: unknown option'],
+  [['--kernel', 'k', '--cpus', 'boot=two'], '--cpus: boot="two" is not a whole number'],
+  [['--kernel', 'k', '--cpus', 'boot=4,max=2'], '--cpus: max=2 is smaller than boot=4'],
+  [['--kernel', 'k', '--memory', 'size=12Q'], '--memory: size="12Q" is not a size'],
+  [['--kernel', 'k', '--memory', 'size=512M,colour=blue'], '--memory: unknown parameter "colour"'],
+  [['--kernel', 'k', '--serial', 'telepathy'], '--serial: "telepathy" is not one of'],
+  [['--cmdline', 'x'], '--kernel: a VM needs --kernel'],
+  [['--kernel'], '--kernel: needs a value'],
+  [['--kernel', 'k', '--restore', 'source_url=file:///x'], '--restore: cannot be combined'],
+] as [string[], string][]) {
+  test(`rejects ${argv.join(' ')}`, (t) => {
+    const e = t.throws(() => parseTernArgs(argv), { instanceOf: OptionError });
+    t.true(e!.message.startsWith(fragment), e!.message);
+    t.false(e!.message.includes('\n'));
+  });
+}
