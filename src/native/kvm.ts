@@ -62,22 +62,28 @@ export type VcpuExit =
   | { kind: 'mmio'; direction: 'read' | 'write'; address: bigint; size: number; data: bigint }
   | { kind: 'hlt' }
   | { kind: 'shutdown' } // triple fault
-  | { kind: 'system_event'; type: number }
+  | { kind: 'system_event'; type: number; data?: bigint[] }
   | { kind: 'fail_entry'; reason: bigint }
-  | { kind: 'internal_error'; suberror: number }
+  | { kind: 'internal_error'; suberror: number; data?: bigint[] }
   | { kind: 'unknown'; reason: number }
   | { kind: 'paused' } // the thread parked after requestPause()
   | { kind: 'stopped' } // the thread ended after stop() or a terminal exit
-  | { kind: 'error'; message: string }; // KVM_RUN itself failed
+  | { kind: 'error'; message: string }; // KVM_RUN itself failed, or the handler threw (then the vCPU stops)
 
 /**
  * Called on the JavaScript thread for every exit, while the vCPU thread waits.
- * For 'in' and MMIO 'read' the return value is what the guest reads (number or bigint);
- * for other kinds it is ignored. Returning 'stop' ends the vCPU thread after this exit.
- * String I/O (rep ins/outs) arrives as one call per element.
+ * For 'in' and MMIO 'read' the return value is what the guest reads (number or bigint;
+ * nothing = 0); for other kinds it is ignored. Returning 'stop' ends the vCPU thread after
+ * this exit. String I/O (rep ins/outs) arrives as one call per element.
+ * A handler that throws gets one more call with {kind:'error', message}, then the vCPU stops.
+ * 'paused' and 'stopped' are delivered after the fact (the thread does not wait for them).
  */
 export type VcpuExitHandler = (exit: VcpuExit) => number | bigint | 'stop' | void;
 
+/**
+ * State getters/setters need the thread out of KVM_RUN: call them before start(), from the
+ * exit handler, while paused, or after 'stopped'; otherwise they throw (code 'EBUSY').
+ */
 export interface NativeVcpu {
   readonly id: number;
   setCpuid(entries: CpuidEntry[]): void;
@@ -87,22 +93,28 @@ export interface NativeVcpu {
   /** base64 of struct kvm_xsave (KVM_GET_XSAVE2 when available, size reported by KVM). */
   getXsave(): string; setXsave(b64: string): void;
   getXcrs(): string; setXcrs(b64: string): void;
-  getMsrs(indices: number[]): MsrEntry[]; setMsrs(entries: MsrEntry[]): number;
+  /** KVM_GET_MSRS: the entries up to the first MSR KVM cannot read (see readMsrs). */
+  getMsrs(indices: number[]): MsrEntry[];
+  /** KVM_SET_MSRS: returns how many were set (stops at the first rejected one). */
+  setMsrs(entries: MsrEntry[]): number;
   getLapic(): string; setLapic(b64: string): void;
   getMpState(): number; setMpState(state: number): void;
   getVcpuEvents(): string; setVcpuEvents(b64: string): void;
   getDebugRegs(): string; setDebugRegs(b64: string): void;
   /** KVM_KVMCLOCK_CTRL: tell the guest it was paused (no soft-lockup warnings). */
   kvmclockCtrl(): boolean;
-  /** Start the native thread that loops on KVM_RUN. */
+  /** Start the native thread that loops on KVM_RUN. Allowed again after 'stopped'. */
   start(handler: VcpuExitHandler): void;
-  /** Kick the thread out of KVM_RUN (immediate_exit + signal); it reports 'paused' and parks. */
+  /**
+   * Kick the thread out of KVM_RUN (immediate_exit + signal); it completes a pending I/O
+   * instruction, reports 'paused' and parks. No-op when parked or not running.
+   */
   requestPause(): void;
   /** Let a parked thread run again. */
   resume(): void;
   /** End the thread (kicks it if running); it reports 'stopped'. Idempotent. */
   stop(): void;
-  /** Close the vCPU fd and unmap kvm_run; the thread must be stopped. */
+  /** Close the vCPU fd and unmap kvm_run; throws EBUSY unless the thread has stopped. */
   close(): void;
 }
 
@@ -119,9 +131,12 @@ export interface MemorySlotInfo {
   slot: number;
   guestAddress: bigint;
   size: number;
-  /** memfd backing the slot, for snapshot / migration / fd passing */
+  /** memfd backing the slot (a private dup when fromFd was given), closed by vm.close() */
   fd: number;
-  /** host mapping split in chunks of at most chunkSize bytes, in guest-address order */
+  /**
+   * Host mapping split in chunks of at most chunkSize bytes, in guest-address order. The
+   * mapping lives until vm.close() and every chunk has been garbage-collected.
+   */
   chunks: ArrayBuffer[];
   chunkSize: number;
 }
@@ -135,7 +150,8 @@ export interface NativeVm {
    * Back [guestAddress, guestAddress+size) with a new memfd mapped MAP_SHARED, register it
    * as KVM slot `slot` with KVM_MEM_LOG_DIRTY_PAGES. `name` labels the memfd.
    * `fromFd` maps an existing memfd/file instead (restore, fd passing); `privateMap`
-   * maps it MAP_PRIVATE (copy-on-write, lazy).
+   * maps it MAP_PRIVATE (copy-on-write, lazy). size and guestAddress must be multiples of
+   * 4096; a slot number already added here throws EEXIST.
    */
   addMemorySlot(opts: {
     slot: number; guestAddress: bigint; size: number; name?: string;
@@ -175,11 +191,37 @@ export interface NativeKvm {
 
 export interface NativeAddon {
   openKvm(path?: string): NativeKvm;
+  /** eventfd(2); flags default to EventFdFlags.CLOEXEC | EventFdFlags.NONBLOCK. */
   eventfd(initial?: number, flags?: number): number;
   /** read the 8-byte counter of an eventfd; null if it would block (EFD_NONBLOCK) */
   eventfdRead(fd: number): bigint | null;
   eventfdWrite(fd: number, value: bigint): void;
   closeFd(fd: number): void;
+}
+
+/** eventfd(2) flags for NativeAddon.eventfd (default: CLOEXEC | NONBLOCK). */
+export const EventFdFlags = {
+  SEMAPHORE: 0x1,
+  NONBLOCK: 0x800,
+  CLOEXEC: 0x80000,
+} as const;
+
+/**
+ * Read the MSRs in `indices` that this vCPU can read. KVM_GET_MSRS stops at the first
+ * MSR it cannot read; that one is skipped and reading goes on after it.
+ */
+export function readMsrs(vcpu: NativeVcpu, indices: readonly number[]): { entries: MsrEntry[]; skipped: number[] } {
+  const entries: MsrEntry[] = [];
+  const skipped: number[] = [];
+  let rest = [...indices];
+  while (rest.length > 0) {
+    const got = vcpu.getMsrs(rest);
+    entries.push(...got);
+    if (got.length === rest.length) break;
+    skipped.push(rest[got.length]);
+    rest = rest.slice(got.length + 1);
+  }
+  return { entries, skipped };
 }
 
 let cached: NativeAddon | undefined;
@@ -189,8 +231,10 @@ export function native(): NativeAddon {
   if (!cached) {
     // dist/src/native/kvm.js -> repository root is three levels up.
     const root = path.resolve(__dirname, '..', '..', '..');
+    // TERN_NATIVE_ADDON points at an addon built elsewhere (a packaged or side-by-side build).
+    const file = process.env.TERN_NATIVE_ADDON ?? path.join(root, 'build', 'Release', 'tern_native.node');
     // eslint-disable-next-line @typescript-eslint/no-var-requires
-    cached = require(path.join(root, 'build', 'Release', 'tern_native.node')) as NativeAddon;
+    cached = require(file) as NativeAddon;
   }
   return cached;
 }

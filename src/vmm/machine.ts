@@ -1,0 +1,278 @@
+// A running KVM machine built from the VM config in the store: the KVM VM, its guest RAM, the
+// vCPU threads, and the wiring from vCPU exits to device events. The machine itself holds
+// only host resources (file descriptors, threads, mappings); every piece of VM and device
+// state is in the store.
+import fs from 'node:fs';
+import type { Logger } from 'pino';
+import {
+  KVM_IDENTITY_MAP_ADDRESS,
+  KVM_TSS_ADDRESS,
+  loadKernel,
+  patchLapicLint,
+  ramRegions,
+  type BootPlan,
+} from '../boot';
+import { longModeSregs, protectedMode32Sregs } from '../boot/x86/long-mode';
+import { withDefaults, type VmConfig } from '../config/vm-config';
+import type { Effect } from '../devices/device';
+import {
+  acpiPmDevice,
+  cmosDevice,
+  debugPortDevice,
+  i8042Device,
+  serialDevice,
+  SerialEvents,
+  type DeviceInstance,
+  type AnyDeviceState,
+} from '../devices';
+import { GuestMemory, GuestRegion } from '../memory/guest-memory';
+import { native, type NativeKvm, type NativeVm, type VcpuExit } from '../native/kvm';
+import { deviceEvents, dispatchIo, type RootState, type Store } from '../state';
+import { openConsoleSink, type ConsoleSink } from './console-sink';
+import { VcpuRunner } from './vcpu-runner';
+
+/** Why a machine stopped running on its own. */
+export type MachineStop =
+  | { reason: 'poweroff'; source: string }
+  | { reason: 'reset'; source: string }
+  | { reason: 'fatal'; message: string };
+
+export interface MachineOptions {
+  store: Store<RootState>;
+  log: Logger;
+  /** called once, from the JavaScript thread, when the guest powers off, resets or fails */
+  onStop: (stop: MachineStop) => void;
+}
+
+const SERIAL_ID = 'serial0';
+
+/** The legacy platform devices of every Tern VM, as device instances for the store. */
+function platformDevices(config: ReturnType<typeof withDefaults>): DeviceInstance<AnyDeviceState>[] {
+  const devices: DeviceInstance<AnyDeviceState>[] = [
+    i8042Device(),
+    cmosDevice({ memorySize: config.memory.size }),
+    acpiPmDevice(),
+    debugPortDevice(),
+  ];
+  if (config.serial.mode !== 'Off') devices.unshift(serialDevice({ id: SERIAL_ID }));
+  return devices;
+}
+
+function readPayloadFile(path: string, what: string): Buffer {
+  try {
+    return fs.readFileSync(path);
+  } catch (e) {
+    throw new Error(`cannot read ${what} ${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+  }
+}
+
+export class Machine {
+  private readonly kvm: NativeKvm;
+  private readonly vm: NativeVm;
+  readonly memory: GuestMemory;
+  private readonly runners: VcpuRunner[] = [];
+  private readonly console: ConsoleSink;
+  private stopReported = false;
+  readonly plan: BootPlan;
+
+  constructor(private readonly opts: MachineOptions) {
+    const { store, log } = opts;
+    const config = withDefaults(store.getState().vm.config as VmConfig);
+    this.kvm = native().openKvm();
+    try {
+      this.vm = this.kvm.createVm();
+      // Intel needs both addresses set before the first vCPU; AMD ignores them.
+      this.vm.setTssAddr(KVM_TSS_ADDRESS);
+      this.vm.setIdentityMapAddr(BigInt(KVM_IDENTITY_MAP_ADDRESS));
+      this.vm.createIrqchip();
+      this.vm.createPit2();
+
+      const regions = ramRegions(config.memory.size).map((r, slot) => {
+        const info = this.vm.addMemorySlot({ slot, guestAddress: BigInt(r.guestAddress), size: r.size, name: 'tern-ram' });
+        return new GuestRegion({
+          guestAddress: r.guestAddress,
+          size: r.size,
+          chunks: info.chunks,
+          chunkSize: info.chunkSize,
+          dirtyBitmap: this.vm.vmmDirtyBitmap(slot),
+        });
+      });
+      this.memory = new GuestMemory(regions);
+
+      const payload = config.payload;
+      if (!payload.kernel) throw new Error('the VM config has no payload.kernel');
+      this.plan = loadKernel(this.memory, {
+        kernel: readPayloadFile(payload.kernel, 'kernel'),
+        initramfs: payload.initramfs ? readPayloadFile(payload.initramfs, 'initramfs') : undefined,
+        cmdline: payload.cmdline ?? '',
+        vcpuCount: config.cpus.boot_vcpus,
+        memorySize: config.memory.size,
+        kernelName: payload.kernel,
+        initramfsName: payload.initramfs,
+        supportedCpuid: this.kvm.supportedCpuid(),
+      });
+      log.debug({ format: this.plan.format, entry: this.plan.entry }, 'kernel loaded');
+
+      this.attachDevices(platformDevices(config));
+      this.console = openConsoleSink(config.serial);
+      this.createVcpus();
+    } catch (e) {
+      this.release();
+      throw e;
+    }
+  }
+
+  /** (Re)attach the platform devices: a boot starts from power-on device state. */
+  private attachDevices(devices: DeviceInstance<AnyDeviceState>[]): void {
+    const { store } = this.opts;
+    for (const id of Object.keys(store.getState().devices.instances)) store.dispatch(deviceEvents.removed(id));
+    for (const d of devices) store.dispatch(deviceEvents.added(d));
+  }
+
+  private createVcpus(): void {
+    for (const inputs of this.plan.vcpus) {
+      const vcpu = this.vm.createVcpu(inputs.id);
+      if (inputs.cpuid) vcpu.setCpuid(inputs.cpuid);
+      const set = vcpu.setMsrs(inputs.msrs);
+      if (set !== inputs.msrs.length) {
+        this.opts.log.debug({ vcpu: inputs.id, set, wanted: inputs.msrs.length }, 'KVM accepted only some boot MSRs');
+      }
+      vcpu.setFpu(inputs.fpu);
+      vcpu.setLapic(patchLapicLint(vcpu.getLapic(), inputs.lapic));
+      if (inputs.id === 0) {
+        vcpu.setRegs(this.plan.boot.regs);
+        const current = vcpu.getSregs();
+        const s = this.plan.boot.sregs;
+        vcpu.setSregs(s.mode === 'pvh32' ? protectedMode32Sregs(current) : longModeSregs(current, { cr3: s.cr3, ring: 0 }));
+      }
+      this.runners.push(new VcpuRunner(vcpu, (id, exit) => this.onExit(id, exit)));
+    }
+  }
+
+  start(): void {
+    this.console.onInput((bytes) => {
+      const r = this.opts.store.dispatch({ type: SerialEvents.InputReceived, payload: { bytes: Array.from(bytes) }, source: SERIAL_ID });
+      this.runEffects(r.effects);
+    });
+    for (const r of this.runners) r.start();
+  }
+
+  private onExit(vcpu: number, exit: VcpuExit): number | bigint | 'stop' | void {
+    switch (exit.kind) {
+      case 'io': {
+        const r = dispatchIo(this.opts.store, {
+          space: 'pio',
+          direction: exit.direction === 'in' ? 'read' : 'write',
+          address: exit.port,
+          size: exit.size,
+          data: exit.data,
+          nowNs: Date.now() * 1e6,
+        });
+        if (r.effects.length) this.runEffects(r.effects);
+        return r.value as number | undefined;
+      }
+      case 'mmio': {
+        const r = dispatchIo(this.opts.store, {
+          space: 'mmio',
+          direction: exit.direction,
+          address: Number(exit.address),
+          size: exit.size as 1 | 2 | 4 | 8,
+          data: Number(exit.data),
+          nowNs: Date.now() * 1e6,
+        });
+        if (r.effects.length) this.runEffects(r.effects);
+        return r.value === undefined ? undefined : BigInt(r.value);
+      }
+      case 'hlt':
+        return; // with the in-kernel LAPIC, HLT is handled by KVM; nothing to do
+      case 'shutdown':
+        // A triple fault: what a PC does then is reset, and Linux relies on it as a last resort.
+        this.reportStop({ reason: 'reset', source: `vcpu${vcpu} triple fault` });
+        return 'stop';
+      case 'system_event':
+        // KVM_SYSTEM_EVENT_SHUTDOWN = 1, RESET = 2, CRASH = 3
+        if (exit.type === 2) this.reportStop({ reason: 'reset', source: 'system event' });
+        else if (exit.type === 1) this.reportStop({ reason: 'poweroff', source: 'system event' });
+        else this.reportStop({ reason: 'fatal', message: `guest crash (system event ${exit.type})` });
+        return 'stop';
+      case 'fail_entry':
+        this.reportStop({ reason: 'fatal', message: `vCPU ${vcpu}: KVM entry failed, hardware reason 0x${exit.reason.toString(16)}` });
+        return 'stop';
+      case 'internal_error':
+        this.reportStop({ reason: 'fatal', message: `vCPU ${vcpu}: KVM internal error, suberror ${exit.suberror}` });
+        return 'stop';
+      case 'error':
+        this.reportStop({ reason: 'fatal', message: `vCPU ${vcpu}: ${exit.message}` });
+        return 'stop';
+      case 'unknown':
+        this.reportStop({ reason: 'fatal', message: `vCPU ${vcpu}: unhandled KVM exit reason ${exit.reason}` });
+        return 'stop';
+      default:
+        return;
+    }
+  }
+
+  private runEffects(effects: readonly Effect[]): void {
+    for (const e of effects) {
+      switch (e.type) {
+        case 'console.output':
+          this.console.write(e.bytes);
+          break;
+        case 'irq.pulse':
+          this.vm.irqLine(e.gsi, 1);
+          this.vm.irqLine(e.gsi, 0);
+          break;
+        case 'irq.level':
+          this.vm.irqLine(e.gsi, e.level);
+          break;
+        case 'vm.reset':
+          this.reportStop({ reason: 'reset', source: e.source });
+          break;
+        case 'vm.poweroff':
+          this.reportStop({ reason: 'poweroff', source: e.source });
+          break;
+        case 'vm.sleep':
+          this.opts.log.warn({ state: e.state, source: e.source }, 'guest asked for a sleep state Tern does not implement');
+          break;
+        case 'boot.progress':
+          break; // recorded in the store by the debug port's event
+      }
+    }
+  }
+
+  private reportStop(stop: MachineStop): void {
+    if (this.stopReported) return;
+    this.stopReported = true;
+    // Stop every vCPU now: no guest instruction may run after a poweroff or reset request.
+    for (const r of this.runners) r.vcpu.requestPause();
+    setImmediate(() => this.opts.onStop(stop));
+  }
+
+  /** Stop every vCPU thread and wait for them. */
+  async stop(): Promise<void> {
+    await Promise.all(this.runners.map((r) => r.stop()));
+  }
+
+  /** Stop the vCPUs and release every host resource. */
+  async destroy(): Promise<void> {
+    await this.stop();
+    this.release();
+  }
+
+  private release(): void {
+    this.console?.close();
+    for (const r of this.runners) {
+      try {
+        r.vcpu.close();
+      } catch {
+        /* already closed */
+      }
+    }
+    this.runners.length = 0;
+    try {
+      this.vm?.close();
+    } finally {
+      this.kvm.close();
+    }
+  }
+}

@@ -1,0 +1,120 @@
+// The VMM: one store, at most one VM. Every lifecycle action is an event checked by the
+// store's state machine first, so the CLI, the API and the guest itself (poweroff, reset)
+// all go through the same path and the same rules.
+import type { Logger } from 'pino';
+import type { VmConfig } from '../config/vm-config';
+import { createStore, vmEvents, type RootState, type Store } from '../state';
+import { Machine, type MachineStop } from './machine';
+
+export interface VmmOptions {
+  log: Logger;
+  store?: Store<RootState>;
+}
+
+export class Vmm {
+  readonly store: Store<RootState>;
+  readonly log: Logger;
+  private machine?: Machine;
+  /** serializes lifecycle actions: a reboot requested by the guest must not race an API call */
+  private queue: Promise<unknown> = Promise.resolve();
+
+  constructor(opts: VmmOptions) {
+    this.log = opts.log;
+    this.store = opts.store ?? createStore();
+  }
+
+  get state(): RootState {
+    return this.store.getState();
+  }
+
+  private serialize<T>(action: () => Promise<T> | T): Promise<T> {
+    const run = this.queue.then(action, action);
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  create(config: VmConfig): Promise<void> {
+    return this.serialize(() => {
+      this.store.dispatch(vmEvents.created(config));
+    });
+  }
+
+  boot(): Promise<void> {
+    return this.serialize(() => {
+      this.store.dispatch(vmEvents.booting());
+      try {
+        this.startMachine();
+      } catch (e) {
+        this.store.dispatch(vmEvents.operationFailed((e as Error).message));
+        throw e;
+      }
+      this.store.dispatch(vmEvents.booted());
+    });
+  }
+
+  /** Stop the guest (Cloud Hypervisor's vm.shutdown): the VM stays created and can boot again. */
+  shutdown(source = 'vmm'): Promise<void> {
+    return this.serialize(async () => {
+      this.store.dispatch(vmEvents.shutdown(source));
+      await this.destroyMachine();
+    });
+  }
+
+  reboot(source = 'vmm'): Promise<void> {
+    return this.serialize(async () => {
+      this.store.dispatch(vmEvents.rebooting(source));
+      try {
+        await this.destroyMachine();
+        this.startMachine();
+      } catch (e) {
+        this.store.dispatch(vmEvents.operationFailed((e as Error).message));
+        throw e;
+      }
+      this.store.dispatch(vmEvents.rebooted(source));
+    });
+  }
+
+  delete(): Promise<void> {
+    return this.serialize(async () => {
+      this.store.dispatch(vmEvents.deleted());
+      await this.destroyMachine();
+    });
+  }
+
+  /** Release everything before the process ends. */
+  async close(): Promise<void> {
+    await this.serialize(() => this.destroyMachine());
+  }
+
+  private startMachine(): void {
+    const machine = new Machine({ store: this.store, log: this.log, onStop: (s) => this.onMachineStop(machine, s) });
+    this.machine = machine;
+    machine.start();
+  }
+
+  private async destroyMachine(): Promise<void> {
+    const m = this.machine;
+    this.machine = undefined;
+    await m?.destroy();
+  }
+
+  private onMachineStop(machine: Machine, stop: MachineStop): void {
+    if (this.machine !== machine) return; // a machine already replaced or torn down
+    const status = this.state.vm.status;
+    if (status !== 'Running' && status !== 'Paused') return;
+    if (stop.reason === 'reset') {
+      this.log.info({ source: stop.source }, 'guest reset: rebooting the VM from its configuration');
+      this.reboot('vm').catch((e) => this.log.error({ err: e }, 'reboot failed'));
+    } else if (stop.reason === 'poweroff') {
+      this.log.info({ source: stop.source }, 'guest powered off');
+      this.shutdown('vm').catch((e) => this.log.error({ err: e }, 'shutdown failed'));
+    } else {
+      this.log.error({ message: stop.message }, 'VM stopped on a fatal error');
+      this.failure = stop.message;
+      this.shutdown('vm').catch((e) => this.log.error({ err: e }, 'shutdown failed'));
+    }
+  }
+
+  /** The fatal error that stopped the VM, if any (the CLI exits non-zero on it). */
+  failure?: string;
+}

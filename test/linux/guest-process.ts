@@ -1,0 +1,76 @@
+// Drives a VMM process (tern or the QEMU peer) the way a user at a terminal would: reads its
+// console output, types into it, and waits for it to end.
+import { ChildProcessWithoutNullStreams, spawn } from 'node:child_process';
+import path from 'node:path';
+
+export const FIXTURES = process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures';
+export const REPO = path.resolve(__dirname, '..', '..', '..');
+export const TERN_CLI = path.join(REPO, 'dist', 'src', 'cli', 'tern.js');
+
+export const fixture = (name: string): string => path.join(FIXTURES, name);
+
+export class GuestProcess {
+  readonly child: ChildProcessWithoutNullStreams;
+  output = '';
+  stderr = '';
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  private waiters: { re: RegExp; from: number; resolve: (m: RegExpMatchArray) => void }[] = [];
+
+  constructor(command: string, args: string[], opts: { env?: NodeJS.ProcessEnv } = {}) {
+    this.child = spawn(command, args, { env: { ...process.env, ...opts.env }, stdio: 'pipe' });
+    this.child.stdout.on('data', (d: Buffer) => {
+      this.output += d.toString('latin1');
+      this.check();
+    });
+    this.child.stderr.on('data', (d: Buffer) => (this.stderr += d.toString()));
+    this.exited = new Promise((resolve) => this.child.on('exit', (code, signal) => resolve({ code, signal })));
+  }
+
+  static tern(args: string[]): GuestProcess {
+    return new GuestProcess(process.execPath, [TERN_CLI, ...args]);
+  }
+
+  private check(): void {
+    this.waiters = this.waiters.filter((w) => {
+      const m = this.output.slice(w.from).match(w.re);
+      if (m) w.resolve(m);
+      return !m;
+    });
+  }
+
+  /** Wait for `re` to appear in the console output after position `from` (default: anywhere). */
+  waitFor(re: RegExp, timeoutMs: number, from = 0): Promise<RegExpMatchArray> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${re}; output so far:\n${this.output.slice(-3000)}\nstderr:\n${this.stderr.slice(-3000)}`));
+      }, timeoutMs);
+      this.waiters.push({ re, from, resolve: (m) => { clearTimeout(timer); resolve(m); } });
+      this.check();
+    });
+  }
+
+  type(text: string): void {
+    this.child.stdin.write(text);
+  }
+
+  async exit(timeoutMs: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`process did not exit within ${timeoutMs} ms; output:\n${this.output.slice(-3000)}\nstderr:\n${this.stderr.slice(-3000)}`)), timeoutMs);
+    });
+    try {
+      return await Promise.race([this.exited, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  kill(): void {
+    if (this.child.exitCode === null) this.child.kill('SIGKILL');
+  }
+}
+
+/** The kernel command line our guests use; `tern.cmd` is run by the fixture /init. */
+export function guestCmdline(cmd?: string): string {
+  return `console=ttyS0 quiet panic=-1${cmd ? ` tern.cmd="${cmd}"` : ''}`;
+}
