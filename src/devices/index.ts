@@ -1,0 +1,31 @@
+// The device models the store knows, by kind.
+import type { DeviceModel, DeviceStateBase } from './model';
+import { serialModel, type Serial16550aState } from './serial-16550a';
+import { i8042Model, type I8042State } from './i8042';
+import { cmosModel, type CmosRtcState } from './cmos-rtc';
+import { acpiPmModel, type AcpiPmState } from './acpi-pm';
+import { debugPortModel, type DebugPortState } from './debug-port';
+
+export * from './device';
+export * from './model';
+export * from './bus';
+export * from './serial-16550a';
+export * from './i8042';
+export * from './cmos-rtc';
+export * from './acpi-pm';
+export * from './debug-port';
+
+/** Every device slice the devices map may hold. */
+export type AnyDeviceState = Serial16550aState | I8042State | CmosRtcState | AcpiPmState | DebugPortState;
+
+export const deviceModels: Readonly<Record<string, DeviceModel<any>>> = Object.freeze({
+  [serialModel.kind]: serialModel,
+  [i8042Model.kind]: i8042Model,
+  [cmosModel.kind]: cmosModel,
+  [acpiPmModel.kind]: acpiPmModel,
+  [debugPortModel.kind]: debugPortModel,
+});
+
+export function deviceModel(kind: string): DeviceModel<DeviceStateBase> | undefined {
+  return deviceModels[kind];
+}

@@ -1,0 +1,56 @@
+// What the store needs to know about a kind of device: how its events are named and which
+// pure transitions handle them. Device modules export one DeviceModel each; they never import
+// the store, so they stay testable as plain functions.
+import type { DeviceRange, DeviceTransition, TransitionResult } from './device';
+
+/** Fields every device slice carries, so a devices map can be checked and migrated by kind. */
+export interface DeviceStateBase {
+  /** device model, e.g. 'serial-16550a' */
+  kind: string;
+  /** instance id, the key in the devices slice and the `source` of its events */
+  id: string;
+  schemaVersion: number;
+}
+
+/** A host-side input to a device (bytes typed on a console, ...). Pure like a guest access. */
+export type DeviceInput<S, P> = (state: S, payload: P) => TransitionResult<S>;
+
+/** Event type names for guest register accesses to a device labelled `label`. */
+export interface DeviceAccessEventTypes {
+  read: string;
+  write: string;
+}
+
+export function deviceAccessEventTypes(label: string): DeviceAccessEventTypes {
+  return { read: `[${label}] Register Read`, write: `[${label}] Register Written` };
+}
+
+export interface DeviceModel<S extends DeviceStateBase = DeviceStateBase> {
+  kind: S['kind'];
+  /** the "[Source]" part of the device's event names */
+  label: string;
+  schemaVersion: number;
+  events: DeviceAccessEventTypes;
+  transition: DeviceTransition<S>;
+  /** host-side input events: event type -> transition */
+  inputs: Record<string, DeviceInput<S, any>>;
+}
+
+/**
+ * Where a device sits on a bus. `deviceOffset` is the device-relative offset of the range's
+ * first byte, so one device can own scattered ports (the i8042 at 0x60 and 0x64).
+ */
+export interface BusRangeSpec extends DeviceRange {
+  deviceOffset?: number;
+}
+
+/** A device instance ready to be added to the store: its initial slice and its bus ranges. */
+export interface DeviceInstance<S extends DeviceStateBase = DeviceStateBase> {
+  state: S;
+  ranges: BusRangeSpec[];
+}
+
+/** Mask for an access of `size` bytes, as a number (sizes up to 4). */
+export function sizeMask(size: number): number {
+  return size >= 4 ? 0xffffffff : (1 << (size * 8)) - 1;
+}

@@ -1,0 +1,395 @@
+// A 16550A UART as a plain state slice and pure transitions.
+//
+// Transmission is instantaneous: a THR write leaves the transmitter empty again at once, so
+// LSR always reports THRE|TEMT and every THR write re-arms the THR-empty interrupt.
+// The interrupt output is modelled as a level computed from the state; since the ISA pin is
+// edge-triggered on the in-kernel IOAPIC, a transition reports {type:'irq.pulse'} exactly
+// when that level rises.
+import type { Effect, IoAccess, TransitionResult } from './device';
+import {
+  type DeviceInstance,
+  type DeviceModel,
+  type DeviceStateBase,
+  deviceAccessEventTypes,
+} from './model';
+
+export const SERIAL_KIND = 'serial-16550a' as const;
+export const SERIAL_SCHEMA_VERSION = 1;
+export const SERIAL_LABEL = 'Serial';
+export const COM1_BASE = 0x3f8;
+export const COM1_GSI = 4;
+export const SERIAL_PORT_LENGTH = 8;
+/** Depth of the chip's FIFOs; what the guest measures through loopback. */
+export const SERIAL_HW_FIFO_DEPTH = 16;
+/** Default RX buffer for host input: larger than the chip's so pasted text is not lost. */
+export const SERIAL_DEFAULT_RX_CAPACITY = 64;
+
+export const SerialEvents = {
+  RegisterRead: '[Serial] Register Read',
+  RegisterWritten: '[Serial] Register Written',
+  InputReceived: '[Serial] Input Received',
+} as const;
+
+export interface SerialInputPayload {
+  bytes: number[];
+}
+
+/** The event for host bytes typed into serial device `id` (dispatch it on the store). */
+export function serialInputEvent(id: string, bytes: number[] | Uint8Array) {
+  return { type: SerialEvents.InputReceived, payload: { bytes: Array.from(bytes) } as SerialInputPayload, source: id };
+}
+
+// Register offsets
+const RBR_THR_DLL = 0;
+const IER_DLM = 1;
+const IIR_FCR = 2;
+const LCR = 3;
+const MCR = 4;
+const LSR = 5;
+const MSR = 6;
+const SCR = 7;
+
+// IER
+export const IER_RDA = 0x01;
+export const IER_THRE = 0x02;
+export const IER_RLS = 0x04;
+export const IER_MS = 0x08;
+const IER_MASK = 0x0f;
+
+// IIR
+export const IIR_NO_INT = 0x01;
+export const IIR_MS = 0x00;
+export const IIR_THRE = 0x02;
+export const IIR_RDA = 0x04;
+export const IIR_RLS = 0x06;
+export const IIR_FIFO_ENABLED = 0xc0;
+
+// FCR
+const FCR_ENABLE = 0x01;
+const FCR_CLEAR_RX = 0x02;
+/** bits kept: enable, DMA mode, RX trigger level */
+const FCR_STORED = 0xc9;
+
+// LCR
+export const LCR_DLAB = 0x80;
+
+// MCR
+export const MCR_DTR = 0x01;
+export const MCR_RTS = 0x02;
+export const MCR_OUT1 = 0x04;
+export const MCR_OUT2 = 0x08;
+export const MCR_LOOP = 0x10;
+const MCR_MASK = 0x1f;
+
+// LSR
+export const LSR_DR = 0x01;
+export const LSR_OE = 0x02;
+export const LSR_PE = 0x04;
+export const LSR_FE = 0x08;
+export const LSR_BI = 0x10;
+export const LSR_THRE = 0x20;
+export const LSR_TEMT = 0x40;
+const LSR_ERRORS = LSR_OE | LSR_PE | LSR_FE | LSR_BI;
+
+// MSR
+export const MSR_DCTS = 0x01;
+export const MSR_DDSR = 0x02;
+export const MSR_TERI = 0x04;
+export const MSR_DDCD = 0x08;
+export const MSR_CTS = 0x10;
+export const MSR_DSR = 0x20;
+export const MSR_RI = 0x40;
+export const MSR_DCD = 0x80;
+/** Lines seen by the UART outside loopback: a terminal is attached and ready. */
+const MSR_LINES_CONNECTED = MSR_DCD | MSR_DSR | MSR_CTS;
+
+export interface Serial16550aState extends DeviceStateBase {
+  kind: typeof SERIAL_KIND;
+  gsi: number;
+  ier: number;
+  /** last FCR value (enable, DMA mode, trigger bits) */
+  fcr: number;
+  lcr: number;
+  mcr: number;
+  scr: number;
+  dll: number;
+  dlm: number;
+  /** sticky LSR error bits, cleared by reading LSR */
+  lsrErrors: number;
+  /** MSR delta bits, cleared by reading MSR */
+  msrDelta: number;
+  /** THR-empty interrupt armed; cleared by reading IIR while it is the reported cause */
+  threPending: boolean;
+  /** receive FIFO, oldest first */
+  rx: number[];
+  /** how many bytes of host input rx may hold */
+  rxCapacity: number;
+  /** host input bytes dropped because rx was full (or the UART was in loopback) */
+  rxDropped: number;
+  txBytes: number;
+  rxBytes: number;
+}
+
+export interface SerialOptions {
+  id?: string;
+  base?: number;
+  gsi?: number;
+  rxCapacity?: number;
+}
+
+export function serialInitialState(opts: SerialOptions = {}): Serial16550aState {
+  const rxCapacity = opts.rxCapacity ?? SERIAL_DEFAULT_RX_CAPACITY;
+  if (rxCapacity < SERIAL_HW_FIFO_DEPTH) throw new RangeError(`rxCapacity must be >= ${SERIAL_HW_FIFO_DEPTH}`);
+  return {
+    kind: SERIAL_KIND,
+    id: opts.id ?? 'serial0',
+    schemaVersion: SERIAL_SCHEMA_VERSION,
+    gsi: opts.gsi ?? COM1_GSI,
+    ier: 0,
+    fcr: 0,
+    lcr: 0x03, // 8N1
+    mcr: MCR_OUT2,
+    scr: 0,
+    dll: 0x0c, // 9600 baud with the PC's 1.8432 MHz clock
+    dlm: 0,
+    lsrErrors: 0,
+    msrDelta: 0,
+    threPending: false,
+    rx: [],
+    rxCapacity,
+    rxDropped: 0,
+    txBytes: 0,
+    rxBytes: 0,
+  };
+}
+
+export function serialDevice(opts: SerialOptions = {}): DeviceInstance<Serial16550aState> {
+  return {
+    state: serialInitialState(opts),
+    ranges: [{ space: 'pio', base: opts.base ?? COM1_BASE, length: SERIAL_PORT_LENGTH }],
+  };
+}
+
+/** Modem status lines as the UART sees them (loopback wires MCR outputs to MSR inputs). */
+function modemLines(mcr: number): number {
+  if (!(mcr & MCR_LOOP)) return MSR_LINES_CONNECTED;
+  return (
+    (mcr & MCR_DTR ? MSR_DSR : 0) |
+    (mcr & MCR_RTS ? MSR_CTS : 0) |
+    (mcr & MCR_OUT1 ? MSR_RI : 0) |
+    (mcr & MCR_OUT2 ? MSR_DCD : 0)
+  );
+}
+
+function modemDelta(before: number, after: number): number {
+  const changed = before ^ after;
+  return (
+    (changed & MSR_CTS ? MSR_DCTS : 0) |
+    (changed & MSR_DSR ? MSR_DDSR : 0) |
+    (before & MSR_RI && !(after & MSR_RI) ? MSR_TERI : 0) |
+    (changed & MSR_DCD ? MSR_DDCD : 0)
+  );
+}
+
+/** Highest-priority pending interrupt cause (IIR bits 0..3). */
+function interruptCause(s: Serial16550aState, threPending: boolean): number {
+  const ier = s.ier;
+  if (ier & IER_RLS && s.lsrErrors) return IIR_RLS;
+  if (ier & IER_RDA && s.rx.length > 0) return IIR_RDA;
+  if (ier & IER_THRE && threPending) return IIR_THRE;
+  if (ier & IER_MS && s.msrDelta) return IIR_MS;
+  return IIR_NO_INT;
+}
+
+function interruptLevel(s: Serial16550aState, threPending = s.threPending): boolean {
+  return interruptCause(s, threPending) !== IIR_NO_INT;
+}
+
+/** The IIR value the guest would read now. */
+export function serialIir(s: Serial16550aState): number {
+  return interruptCause(s, s.threPending) | (s.fcr & FCR_ENABLE ? IIR_FIFO_ENABLED : 0);
+}
+
+/** The LSR value the guest would read now. */
+export function serialLsr(s: Serial16550aState): number {
+  return (s.rx.length > 0 ? LSR_DR : 0) | s.lsrErrors | LSR_THRE | LSR_TEMT;
+}
+
+const NO_EFFECTS = Object.freeze([]) as unknown as Effect[];
+
+/**
+ * A fresh copy to modify and return. A literal naming every field (TypeScript checks none is
+ * missing) copies much faster than object spread on the per-access path.
+ */
+export function copySerialState(s: Serial16550aState): Serial16550aState {
+  return {
+    kind: s.kind,
+    id: s.id,
+    schemaVersion: s.schemaVersion,
+    gsi: s.gsi,
+    ier: s.ier,
+    fcr: s.fcr,
+    lcr: s.lcr,
+    mcr: s.mcr,
+    scr: s.scr,
+    dll: s.dll,
+    dlm: s.dlm,
+    lsrErrors: s.lsrErrors,
+    msrDelta: s.msrDelta,
+    threPending: s.threPending,
+    rx: s.rx,
+    rxCapacity: s.rxCapacity,
+    rxDropped: s.rxDropped,
+    txBytes: s.txBytes,
+    rxBytes: s.rxBytes,
+  };
+}
+
+function finish(
+  before: boolean,
+  next: Serial16550aState,
+  effects: Effect[],
+  value?: number,
+): TransitionResult<Serial16550aState> {
+  if (!before && interruptLevel(next)) {
+    effects = effects === NO_EFFECTS ? [] : effects;
+    effects.push({ type: 'irq.pulse', gsi: next.gsi });
+  }
+  return value === undefined ? { state: next, effects } : { state: next, effects, value };
+}
+
+function read(s: Serial16550aState, offset: number): TransitionResult<Serial16550aState> {
+  const dlab = (s.lcr & LCR_DLAB) !== 0;
+  switch (offset) {
+    case RBR_THR_DLL: {
+      if (dlab) return { state: s, effects: NO_EFFECTS, value: s.dll };
+      if (s.rx.length === 0) return { state: s, effects: NO_EFFECTS, value: 0 };
+      // Popping can only lower the interrupt level, so no edge to report.
+      const n = copySerialState(s);
+      n.rx = s.rx.slice(1);
+      return { state: n, effects: NO_EFFECTS, value: s.rx[0] };
+    }
+    case IER_DLM:
+      return { state: s, effects: NO_EFFECTS, value: dlab ? s.dlm : s.ier };
+    case IIR_FCR: {
+      const iir = serialIir(s);
+      if ((iir & 0x0f) !== IIR_THRE) return { state: s, effects: NO_EFFECTS, value: iir };
+      // Reading IIR acknowledges a THR-empty interrupt it reports.
+      const n = copySerialState(s);
+      n.threPending = false;
+      return { state: n, effects: NO_EFFECTS, value: iir };
+    }
+    case LCR:
+      return { state: s, effects: NO_EFFECTS, value: s.lcr };
+    case MCR:
+      return { state: s, effects: NO_EFFECTS, value: s.mcr };
+    case LSR: {
+      const lsr = serialLsr(s);
+      if (!s.lsrErrors) return { state: s, effects: NO_EFFECTS, value: lsr };
+      const n = copySerialState(s);
+      n.lsrErrors = 0;
+      return { state: n, effects: NO_EFFECTS, value: lsr };
+    }
+    case MSR: {
+      const msr = modemLines(s.mcr) | s.msrDelta;
+      if (!s.msrDelta) return { state: s, effects: NO_EFFECTS, value: msr };
+      const n = copySerialState(s);
+      n.msrDelta = 0;
+      return { state: n, effects: NO_EFFECTS, value: msr };
+    }
+    case SCR:
+      return { state: s, effects: NO_EFFECTS, value: s.scr };
+    default:
+      return { state: s, effects: NO_EFFECTS, value: 0xff };
+  }
+}
+
+function write(s: Serial16550aState, offset: number, data: number): TransitionResult<Serial16550aState> {
+  const dlab = (s.lcr & LCR_DLAB) !== 0;
+  const n = copySerialState(s);
+  switch (offset) {
+    case RBR_THR_DLL: {
+      if (dlab) {
+        n.dll = data;
+        return { state: n, effects: NO_EFFECTS };
+      }
+      // The write clears THRE; the instant transmission sets it again: that is an edge.
+      const before = interruptLevel(s, false);
+      n.threPending = true;
+      n.txBytes = s.txBytes + 1;
+      if (s.mcr & MCR_LOOP) {
+        const depth = s.fcr & FCR_ENABLE ? SERIAL_HW_FIFO_DEPTH : 1;
+        if (s.rx.length < depth) n.rx = s.rx.concat(data);
+        else n.lsrErrors = s.lsrErrors | LSR_OE;
+        return finish(before, n, NO_EFFECTS);
+      }
+      return finish(before, n, [{ type: 'console.output', device: s.id, bytes: [data] }]);
+    }
+    case IER_DLM: {
+      if (dlab) {
+        n.dlm = data;
+        return { state: n, effects: NO_EFFECTS };
+      }
+      n.ier = data & IER_MASK;
+      // Enabling the THR-empty interrupt while the transmitter is empty raises it at once.
+      if (!(s.ier & IER_THRE) && n.ier & IER_THRE) n.threPending = true;
+      return finish(interruptLevel(s), n, NO_EFFECTS);
+    }
+    case IIR_FCR: {
+      n.fcr = data & FCR_STORED;
+      // Toggling the FIFO enable resets both FIFOs, as does the RX clear bit.
+      const clearRx = (data & FCR_CLEAR_RX) !== 0 || ((s.fcr ^ n.fcr) & FCR_ENABLE) !== 0;
+      if (clearRx && s.rx.length) n.rx = [];
+      return finish(interruptLevel(s), n, NO_EFFECTS);
+    }
+    case LCR:
+      n.lcr = data;
+      return { state: n, effects: NO_EFFECTS };
+    case MCR: {
+      n.mcr = data & MCR_MASK;
+      n.msrDelta = s.msrDelta | modemDelta(modemLines(s.mcr), modemLines(n.mcr));
+      return finish(interruptLevel(s), n, NO_EFFECTS);
+    }
+    case SCR:
+      n.scr = data;
+      return { state: n, effects: NO_EFFECTS };
+    default:
+      // LSR and MSR are read-only (factory test writes are ignored).
+      return { state: s, effects: NO_EFFECTS };
+  }
+}
+
+export function serialTransition(state: Serial16550aState, access: IoAccess): TransitionResult<Serial16550aState> {
+  return access.direction === 'read' ? read(state, access.offset) : write(state, access.offset, access.data & 0xff);
+}
+
+/** Host input: fill the RX FIFO, dropping (and counting) what does not fit. */
+export function serialInput(state: Serial16550aState, payload: SerialInputPayload): TransitionResult<Serial16550aState> {
+  const bytes = payload.bytes;
+  if (bytes.length === 0) return { state, effects: NO_EFFECTS };
+  const n = copySerialState(state);
+  // In loopback the receiver is disconnected from the line.
+  if (state.mcr & MCR_LOOP) {
+    n.rxDropped = state.rxDropped + bytes.length;
+    return { state: n, effects: NO_EFFECTS };
+  }
+  const room = Math.max(0, state.rxCapacity - state.rx.length);
+  const taken = bytes.length <= room ? bytes : bytes.slice(0, room);
+  const dropped = bytes.length - taken.length;
+  if (taken.length) n.rx = state.rx.concat(taken.map((b) => b & 0xff));
+  n.rxBytes = state.rxBytes + taken.length;
+  if (dropped) {
+    n.rxDropped = state.rxDropped + dropped;
+    n.lsrErrors = state.lsrErrors | LSR_OE;
+  }
+  return finish(interruptLevel(state), n, NO_EFFECTS);
+}
+
+export const serialModel: DeviceModel<Serial16550aState> = {
+  kind: SERIAL_KIND,
+  label: SERIAL_LABEL,
+  schemaVersion: SERIAL_SCHEMA_VERSION,
+  events: deviceAccessEventTypes(SERIAL_LABEL),
+  transition: serialTransition,
+  inputs: { [SerialEvents.InputReceived]: serialInput },
+};

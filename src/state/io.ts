@@ -1,0 +1,34 @@
+// From a vCPU's I/O exit to an event: find the owning device on the bus and name the event
+// after its model ("[Serial] Register Read", source = device id, payload = device-relative
+// IoAccess), or record an unhandled access. Dispatching it returns the effects and, for reads,
+// the value the guest gets.
+import type { IoAccess } from '../devices/device';
+import { type BusAccess, findDevice } from '../devices/bus';
+import { deviceModels } from '../devices/index';
+import type { RootState } from './root';
+import type { EventInput } from './slice';
+import { BusEvents } from './slices/bus';
+import type { DispatchResult, Store } from './store';
+
+export type { BusAccess };
+
+export function ioEvent(state: Pick<RootState, 'bus' | 'devices'>, access: BusAccess): EventInput<string, IoAccess | BusAccess> {
+  const target = findDevice(state.bus, access.space, access.address);
+  const inst = target && state.devices.instances[target.device];
+  if (!target || !inst) return { type: BusEvents.UnhandledAccess, payload: access, source: 'bus' };
+  const model = deviceModels[inst.kind];
+  const payload: IoAccess = {
+    space: access.space,
+    direction: access.direction,
+    offset: target.offset,
+    size: access.size,
+    data: access.data,
+    nowNs: access.nowNs,
+  };
+  return { type: access.direction === 'read' ? model.events.read : model.events.write, payload, source: target.device };
+}
+
+/** Route and dispatch one guest access. */
+export function dispatchIo(store: Store<RootState>, access: BusAccess): DispatchResult {
+  return store.dispatch(ioEvent(store.getState(), access));
+}

@@ -1,0 +1,65 @@
+// State diffs as immer patches (RFC 6902-like operations with array paths), so snapshot and
+// migration code can stream what changed between two states and apply it on the other side.
+// diffState walks only what differs: unchanged subtrees share references in an immutable
+// store, so the cost follows the size of the change, not of the state.
+import { applyPatches, enablePatches, produceWithPatches, type Draft, type Patch } from 'immer';
+
+enablePatches();
+
+export type StatePatch = Patch;
+
+/** The patches one event produced, as emitted on Store.patches$. */
+export interface StatePatchSet {
+  seq: number;
+  type: string;
+  patches: StatePatch[];
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null;
+}
+
+const hasOwn = (o: object, k: string): boolean => Object.prototype.hasOwnProperty.call(o, k);
+
+function diff(a: unknown, b: unknown, path: (string | number)[], out: Patch[]): void {
+  if (a === b) return;
+  if (!isObject(a) || !isObject(b) || Array.isArray(a) !== Array.isArray(b)) {
+    out.push({ op: 'replace', path, value: b });
+    return;
+  }
+  if (Array.isArray(a)) {
+    const bb = b as unknown as unknown[];
+    if (a.length !== bb.length) {
+      // Shifts and appends on small arrays (FIFOs, range lists): one replace says it best.
+      out.push({ op: 'replace', path, value: bb });
+      return;
+    }
+    for (let i = 0; i < a.length; i++) if (a[i] !== bb[i]) diff(a[i], bb[i], [...path, i], out);
+    return;
+  }
+  for (const k of Object.keys(a)) {
+    if (!hasOwn(b, k)) out.push({ op: 'remove', path: [...path, k] });
+    else if (a[k] !== b[k]) diff(a[k], b[k], [...path, k], out);
+  }
+  for (const k of Object.keys(b)) if (!hasOwn(a, k)) out.push({ op: 'add', path: [...path, k], value: b[k] });
+}
+
+/** Patches that turn `prev` into `next`. Values in the patches are shared, not copied. */
+export function diffState<S>(prev: S, next: S): StatePatch[] {
+  const out: Patch[] = [];
+  diff(prev, next, [], out);
+  return out;
+}
+
+/** Apply patches (from diffState, produceStateWithPatches or the store) to a frozen state. */
+export function applyStatePatches<S>(state: S, patches: readonly StatePatch[]): S {
+  return applyPatches(state as object, patches as Patch[]) as S;
+}
+
+/** immer's produceWithPatches, for code that edits state outside the store. */
+export function produceStateWithPatches<S>(
+  state: S,
+  recipe: (draft: Draft<S>) => void | S,
+): [S, StatePatch[], StatePatch[]] {
+  return produceWithPatches(state as object, recipe as (d: object) => void) as unknown as [S, Patch[], Patch[]];
+}

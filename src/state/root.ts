@@ -1,0 +1,34 @@
+// The whole tree: one key per slice plus the root schema version.
+import { busSlice } from './slices/bus';
+import { devicesSlice } from './slices/devices';
+import { vcpusSlice } from './slices/vcpus';
+import { vmSlice } from './slices/vm';
+import type { Slice, SliceStateOf } from './slice';
+
+export const ROOT_SCHEMA_VERSION = 1;
+
+export type SliceMap = Readonly<Record<string, Slice<string, any, any>>>;
+
+export type StateOf<M extends SliceMap> = { readonly schemaVersion: number } & {
+  readonly [K in keyof M]: SliceStateOf<M[K]>;
+};
+
+export const rootSlices = Object.freeze({
+  vm: vmSlice,
+  vcpus: vcpusSlice,
+  devices: devicesSlice,
+  bus: busSlice,
+});
+
+export type RootSlices = typeof rootSlices;
+export type RootState = StateOf<RootSlices>;
+
+export function initialStateOf<M extends SliceMap>(slices: M, schemaVersion = ROOT_SCHEMA_VERSION): StateOf<M> {
+  const root: Record<string, unknown> = { schemaVersion };
+  for (const [key, slice] of Object.entries(slices)) root[key] = slice.initialState();
+  return Object.freeze(root) as StateOf<M>;
+}
+
+export function initialRootState(): RootState {
+  return initialStateOf(rootSlices);
+}

@@ -1,0 +1,216 @@
+// The VM lifecycle: Cloud Hypervisor's VmState names (Created, Running, Shutdown, Paused) plus
+// an explicit 'NotCreated' for "no VM". Operations that take time are bracketed by an
+// "-ing" event (Booting) and a completion event (Booted); in between, `pending` names the
+// operation and other lifecycle events are refused. The VM config lives here too.
+import type { VmConfig } from '../../config/vm-config';
+import { InvalidTransitionError, InvalidVmConfigError, TernStateError } from '../errors';
+import { assertJsonSafe } from '../json';
+import { createSlice } from '../slice';
+
+export const VM_SCHEMA_VERSION = 1;
+
+export type VmState = 'Created' | 'Running' | 'Shutdown' | 'Paused';
+export type VmStatus = 'NotCreated' | VmState;
+export type VmPending = 'Booting' | 'Pausing' | 'Resuming' | 'Rebooting';
+
+export interface VmFailure {
+  operation: VmPending;
+  message: string;
+}
+
+export interface VmSliceState {
+  schemaVersion: number;
+  status: VmStatus;
+  /** operation in progress, if any */
+  pending: VmPending | null;
+  config: VmConfig | null;
+  bootCount: number;
+  rebootCount: number;
+  /** the last operation that failed between its "-ing" and completion events */
+  lastFailure: VmFailure | null;
+}
+
+export const VmEvents = {
+  Created: '[VM] Created',
+  Booting: '[VM] Booting',
+  Booted: '[VM] Booted',
+  Pausing: '[VM] Pausing',
+  Paused: '[VM] Paused',
+  Resuming: '[VM] Resuming',
+  Resumed: '[VM] Resumed',
+  Rebooting: '[VM] Rebooting',
+  Rebooted: '[VM] Rebooted',
+  Shutdown: '[VM] Shutdown',
+  Deleted: '[VM] Deleted',
+  OperationFailed: '[VM] Operation Failed',
+} as const;
+
+export type VmEventType = (typeof VmEvents)[keyof typeof VmEvents];
+
+export interface VmCreatedPayload {
+  config: VmConfig;
+}
+
+export interface VmOperationFailedPayload {
+  message: string;
+}
+
+interface Rule {
+  /** statuses the event is accepted in */
+  from: readonly VmStatus[];
+  /** the operation that must be pending; null = none may be; 'any' = either */
+  pending: VmPending | null | 'any';
+}
+
+const CREATED: readonly VmStatus[] = ['Created', 'Running', 'Paused', 'Shutdown'];
+
+/** The lifecycle state machine: which events each (status, pending) accepts. */
+export const VM_LIFECYCLE: Readonly<Record<VmEventType, Rule>> = {
+  [VmEvents.Created]: { from: ['NotCreated'], pending: null },
+  [VmEvents.Booting]: { from: ['Created', 'Shutdown'], pending: null },
+  [VmEvents.Booted]: { from: ['Created', 'Shutdown'], pending: 'Booting' },
+  [VmEvents.Pausing]: { from: ['Running'], pending: null },
+  [VmEvents.Paused]: { from: ['Running'], pending: 'Pausing' },
+  [VmEvents.Resuming]: { from: ['Paused'], pending: null },
+  [VmEvents.Resumed]: { from: ['Paused'], pending: 'Resuming' },
+  [VmEvents.Rebooting]: { from: ['Running'], pending: null },
+  [VmEvents.Rebooted]: { from: ['Running'], pending: 'Rebooting' },
+  // Shutting down or deleting aborts whatever was in progress.
+  [VmEvents.Shutdown]: { from: ['Created', 'Running', 'Paused'], pending: 'any' },
+  [VmEvents.Deleted]: { from: CREATED, pending: 'any' },
+  [VmEvents.OperationFailed]: { from: CREATED, pending: 'any' },
+};
+
+function describe(vm: Pick<VmSliceState, 'status' | 'pending'>): string {
+  return vm.pending ? `${vm.status} (${vm.pending})` : vm.status;
+}
+
+/** Why `type` is refused in `vm`, or null if it is allowed. */
+export function vmTransitionRefusal(vm: Pick<VmSliceState, 'status' | 'pending'>, type: VmEventType): string | null {
+  const rule = VM_LIFECYCLE[type];
+  if (!rule) return 'unknown lifecycle event';
+  if (!rule.from.includes(vm.status)) return vm.status === 'NotCreated' ? 'no VM has been created' : 'wrong state';
+  if (type === VmEvents.OperationFailed) return vm.pending ? null : 'no operation in progress';
+  if (rule.pending === 'any') return null;
+  if (rule.pending === null) return vm.pending ? `${vm.pending} is in progress` : null;
+  return vm.pending === rule.pending ? null : `expected ${rule.pending} to be in progress`;
+}
+
+export function canTransition(vm: Pick<VmSliceState, 'status' | 'pending'>, type: VmEventType): boolean {
+  return vmTransitionRefusal(vm, type) === null;
+}
+
+/** Throw InvalidTransitionError unless `type` is allowed in `vm`. */
+export function assertVmTransition(vm: Pick<VmSliceState, 'status' | 'pending'>, type: VmEventType): void {
+  const why = vmTransitionRefusal(vm, type);
+  if (why !== null) throw new InvalidTransitionError(describe(vm), type, why);
+}
+
+/** Structural checks the store insists on; full validation belongs to the API layer. */
+export function vmConfigProblems(config: unknown): string[] {
+  const problems: string[] = [];
+  if (typeof config !== 'object' || config === null || Array.isArray(config)) return ['config must be an object'];
+  const c = config as VmConfig;
+  if (typeof c.payload !== 'object' || c.payload === null) problems.push('payload is required');
+  else if (typeof c.payload.kernel !== 'string' && typeof c.payload.firmware !== 'string') {
+    problems.push('payload needs a kernel or a firmware');
+  }
+  if (c.cpus !== undefined) {
+    const { boot_vcpus: boot, max_vcpus: max } = c.cpus;
+    if (!Number.isInteger(boot) || boot < 1) problems.push('cpus.boot_vcpus must be a positive integer');
+    if (!Number.isInteger(max) || max < boot) problems.push('cpus.max_vcpus must be an integer >= boot_vcpus');
+  }
+  if (c.memory !== undefined && !(Number.isSafeInteger(c.memory.size) && c.memory.size > 0)) {
+    problems.push('memory.size must be a positive integer');
+  }
+  try {
+    assertJsonSafe(config, '/config');
+  } catch (e) {
+    problems.push((e as Error).message);
+  }
+  return problems;
+}
+
+export const vmInitialState = (): VmSliceState => ({
+  schemaVersion: VM_SCHEMA_VERSION,
+  status: 'NotCreated',
+  pending: null,
+  config: null,
+  bootCount: 0,
+  rebootCount: 0,
+  lastFailure: null,
+});
+
+type Draft = VmSliceState; // handlers below mutate an immer draft of this
+
+function begin(type: VmEventType, op: VmPending) {
+  return (vm: Draft) => {
+    assertVmTransition(vm, type);
+    vm.pending = op;
+  };
+}
+
+function complete(type: VmEventType, status: VmState, count?: 'bootCount' | 'rebootCount') {
+  return (vm: Draft) => {
+    assertVmTransition(vm, type);
+    vm.status = status;
+    vm.pending = null;
+    vm.lastFailure = null;
+    if (count) vm[count] += 1;
+  };
+}
+
+export const vmSlice = createSlice({
+  name: 'vm',
+  schemaVersion: VM_SCHEMA_VERSION,
+  initialState: vmInitialState,
+  handlers: {
+    [VmEvents.Created]: (vm, payload: VmCreatedPayload) => {
+      assertVmTransition(vm, VmEvents.Created);
+      const problems = vmConfigProblems(payload?.config);
+      if (problems.length) throw new InvalidVmConfigError(problems);
+      vm.status = 'Created';
+      // A private copy: the caller's object is not frozen into the store.
+      vm.config = JSON.parse(JSON.stringify(payload.config)) as VmConfig;
+    },
+    [VmEvents.Booting]: begin(VmEvents.Booting, 'Booting'),
+    [VmEvents.Booted]: complete(VmEvents.Booted, 'Running', 'bootCount'),
+    [VmEvents.Pausing]: begin(VmEvents.Pausing, 'Pausing'),
+    [VmEvents.Paused]: complete(VmEvents.Paused, 'Paused'),
+    [VmEvents.Resuming]: begin(VmEvents.Resuming, 'Resuming'),
+    [VmEvents.Resumed]: complete(VmEvents.Resumed, 'Running'),
+    [VmEvents.Rebooting]: begin(VmEvents.Rebooting, 'Rebooting'),
+    [VmEvents.Rebooted]: complete(VmEvents.Rebooted, 'Running', 'rebootCount'),
+    [VmEvents.Shutdown]: complete(VmEvents.Shutdown, 'Shutdown'),
+    [VmEvents.Deleted]: (vm) => {
+      assertVmTransition(vm, VmEvents.Deleted);
+      return vmInitialState();
+    },
+    [VmEvents.OperationFailed]: (vm, payload: VmOperationFailedPayload) => {
+      assertVmTransition(vm, VmEvents.OperationFailed);
+      vm.lastFailure = { operation: vm.pending as VmPending, message: String(payload?.message ?? '') };
+      vm.pending = null;
+    },
+  },
+  validate(state) {
+    if (!['NotCreated', 'Created', 'Running', 'Paused', 'Shutdown'].includes(state.status)) {
+      throw new TernStateError('InvalidState', `unknown VM status '${String(state.status)}'`);
+    }
+  },
+});
+
+/** Event creators for the VM lifecycle. */
+export const vmEvents = {
+  created: (config: VmConfig, source = 'vmm') => ({ type: VmEvents.Created, payload: { config }, source }),
+  booting: (source = 'vmm') => ({ type: VmEvents.Booting, payload: null, source }),
+  booted: (source = 'vmm') => ({ type: VmEvents.Booted, payload: null, source }),
+  pausing: (source = 'vmm') => ({ type: VmEvents.Pausing, payload: null, source }),
+  paused: (source = 'vmm') => ({ type: VmEvents.Paused, payload: null, source }),
+  resuming: (source = 'vmm') => ({ type: VmEvents.Resuming, payload: null, source }),
+  resumed: (source = 'vmm') => ({ type: VmEvents.Resumed, payload: null, source }),
+  rebooting: (source = 'vmm') => ({ type: VmEvents.Rebooting, payload: null, source }),
+  rebooted: (source = 'vmm') => ({ type: VmEvents.Rebooted, payload: null, source }),
+  shutdown: (source = 'vmm') => ({ type: VmEvents.Shutdown, payload: null, source }),
+  deleted: (source = 'vmm') => ({ type: VmEvents.Deleted, payload: null, source }),
+  operationFailed: (message: string, source = 'vmm') => ({ type: VmEvents.OperationFailed, payload: { message }, source }),
+};

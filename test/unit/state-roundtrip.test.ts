@@ -1,0 +1,92 @@
+import test from 'ava';
+import { decodeVcpuState } from '../../src/state/codec';
+import { NotJsonSafeError, SchemaVersionError } from '../../src/state/errors';
+import { dispatchIo } from '../../src/state/io';
+import { assertJsonSafe, isJsonSafe } from '../../src/state/json';
+import { ROOT_SCHEMA_VERSION, type RootState, initialRootState } from '../../src/state/root';
+import { deserializeState, serializeState } from '../../src/state/serialize';
+import { createStore } from '../../src/state/store';
+import { nativeVcpu, pio, populatedStore } from './state-fixtures';
+
+function allFrozen(v: unknown): boolean {
+  if (typeof v !== 'object' || v === null) return true;
+  return Object.isFrozen(v) && Object.values(v).every(allFrozen);
+}
+
+test('every slice is populated, frozen and plain JSON', (t) => {
+  const s = populatedStore().getState();
+  t.is(s.schemaVersion, ROOT_SCHEMA_VERSION);
+  t.is(s.vm.status, 'Running');
+  t.is(s.vm.config?.memory?.size, 512 * 1024 * 1024);
+  t.deepEqual(Object.keys(s.vcpus.saved).sort(), ['0', '1']);
+  t.deepEqual(Object.keys(s.devices.instances).sort(), ['acpi-pm', 'debug-port', 'i8042', 'rtc', 'serial0']);
+  t.is(s.bus.pio.length, 6);
+  t.deepEqual(s.bus.unhandled.pio, { reads: 1, writes: 1 });
+  for (const key of ['vm', 'vcpus', 'devices', 'bus'] as const) t.is(typeof s[key].schemaVersion, 'number');
+  for (const inst of Object.values(s.devices.instances)) t.is(inst.schemaVersion, 1);
+  t.notDeepEqual(s, initialRootState());
+  t.true(allFrozen(s));
+  t.notThrows(() => assertJsonSafe(s));
+});
+
+test('JSON.stringify/parse gives back a deep-equal tree', (t) => {
+  const s = populatedStore().getState();
+  t.deepEqual(JSON.parse(JSON.stringify(s)), s);
+});
+
+test('serializeState/deserializeState round-trip into a working store', (t) => {
+  const original = populatedStore();
+  const json = serializeState(original.getState());
+  const restored = deserializeState(json);
+  t.deepEqual(restored, original.getState());
+  t.true(allFrozen(restored));
+  const store = createStore({ preloadedState: restored });
+  // the guest still finds the bytes typed before the snapshot
+  const lsr = dispatchIo(store, pio('read', 0x3fd)).value as number;
+  t.is(lsr & 1, 1);
+  t.is(dispatchIo(store, pio('read', 0x3f8)).value, 0x6c);
+});
+
+test('saved vCPU state decodes to exactly the native values', (t) => {
+  const s = deserializeState(serializeState(populatedStore().getState()));
+  t.deepEqual(decodeVcpuState(s.vcpus.saved['1']), nativeVcpu(1));
+});
+
+test('non-JSON values are refused with their path', (t) => {
+  const bad: [unknown, string][] = [
+    [{ a: 1n }, '/a'],
+    [{ a: new Map() }, '/a'],
+    [{ a: new Set() }, '/a'],
+    [{ a: undefined }, '/a'],
+    [{ a: [1, , 3] }, '/a/1'], // eslint-disable-line no-sparse-arrays
+    [{ a: { b: NaN } }, '/a/b'],
+    [{ a: new Date(0) }, '/a'],
+    [{ a: new Uint8Array(2) }, '/a'],
+    [{ a: () => 1 }, '/a'],
+  ];
+  for (const [value, path] of bad) {
+    const e = t.throws(() => assertJsonSafe(value), { instanceOf: NotJsonSafeError });
+    t.is(e?.path, path);
+  }
+  t.true(isJsonSafe({ a: [1, 'x', null, true, { b: [] }] }));
+  t.true(isJsonSafe(Object.create(null)));
+});
+
+test('a snapshot with another schema version is refused', (t) => {
+  const s = JSON.parse(serializeState(populatedStore().getState())) as Record<string, any>;
+  const variants: [string, (x: any) => void][] = [
+    ['root', (x) => (x.schemaVersion = 99)],
+    ['slice', (x) => (x.vm.schemaVersion = 2)],
+    ['device', (x) => (x.devices.instances.serial0.schemaVersion = 7)],
+  ];
+  for (const [what, mutate] of variants) {
+    const copy = structuredClone(s);
+    mutate(copy);
+    t.throws(() => deserializeState(JSON.stringify(copy)), { instanceOf: SchemaVersionError }, what);
+  }
+});
+
+test('a store can be built from the initial state serialized', (t) => {
+  const s: RootState = deserializeState(serializeState(initialRootState()));
+  t.deepEqual(s, createStore().getState());
+});
