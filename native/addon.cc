@@ -1,0 +1,25 @@
+// Module entry: openKvm plus the eventfd helpers.
+#include <napi.h>
+
+#include "common.h"
+#include "fd_util.h"
+#include "kvm_objects.h"
+
+namespace tern {
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* data = new AddonData();
+  data->kvmCtor = Napi::Persistent(Kvm::Define(env));
+  data->vmCtor = Napi::Persistent(Vm::Define(env));
+  data->vcpuCtor = Napi::Persistent(Vcpu::Define(env));
+  env.SetInstanceData<AddonData>(data);
+  exports.Set("openKvm", Napi::Function::New(env, Kvm::Open, "openKvm"));
+  InitFdUtil(env, exports);
+  return exports;
+}
+
+}  // namespace tern
+
+static Napi::Object InitModule(Napi::Env env, Napi::Object exports) { return tern::Init(env, exports); }
+
+NODE_API_MODULE(tern_native, InitModule)

@@ -1,0 +1,251 @@
+// errno -> JS Error, base64, value conversion, and the eventfd helpers.
+#include "fd_util.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <cmath>
+
+#include "common.h"
+
+namespace tern {
+
+const char* const kInternalToken = "tern-native-internal";
+
+std::string ErrnoName(int err) {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+  const char* n = strerrorname_np(err);
+  if (n) return n;
+#endif
+  return "E" + std::to_string(err);
+}
+
+Napi::Error ErrnoError(Napi::Env env, const std::string& what, int err) {
+  std::string name = ErrnoName(err);
+  Napi::Error e = Napi::Error::New(env, what + " failed: " + strerror(err) + " (" + name + ")");
+  e.Set("code", Napi::String::New(env, name));
+  e.Set("errno", Napi::Number::New(env, err));
+  e.Set("syscall", Napi::String::New(env, what));
+  return e;
+}
+
+void ThrowErrno(Napi::Env env, const std::string& what, int err) {
+  ErrnoError(env, what, err).ThrowAsJavaScriptException();
+}
+
+void ThrowError(Napi::Env env, const std::string& message, const char* code) {
+  Napi::Error e = Napi::Error::New(env, message);
+  if (code) e.Set("code", Napi::String::New(env, code));
+  e.ThrowAsJavaScriptException();
+}
+
+void ThrowTypeError(Napi::Env env, const std::string& message) {
+  Napi::TypeError::New(env, message).ThrowAsJavaScriptException();
+}
+
+static const char kB64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+std::string Base64Encode(const void* data, size_t len) {
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  std::string out;
+  out.reserve((len + 2) / 3 * 4);
+  size_t i = 0;
+  for (; i + 2 < len; i += 3) {
+    uint32_t v = (p[i] << 16) | (p[i + 1] << 8) | p[i + 2];
+    out += kB64[(v >> 18) & 63];
+    out += kB64[(v >> 12) & 63];
+    out += kB64[(v >> 6) & 63];
+    out += kB64[v & 63];
+  }
+  if (i < len) {
+    uint32_t v = p[i] << 16;
+    if (i + 1 < len) v |= p[i + 1] << 8;
+    out += kB64[(v >> 18) & 63];
+    out += kB64[(v >> 12) & 63];
+    out += (i + 1 < len) ? kB64[(v >> 6) & 63] : '=';
+    out += '=';
+  }
+  return out;
+}
+
+bool Base64Decode(const std::string& in, std::vector<uint8_t>* out) {
+  out->clear();
+  out->reserve(in.size() / 4 * 3);
+  uint32_t acc = 0;
+  int bits = 0;
+  size_t pad = 0;
+  for (char c : in) {
+    int v;
+    if (c >= 'A' && c <= 'Z') v = c - 'A';
+    else if (c >= 'a' && c <= 'z') v = c - 'a' + 26;
+    else if (c >= '0' && c <= '9') v = c - '0' + 52;
+    else if (c == '+' || c == '-') v = 62;
+    else if (c == '/' || c == '_') v = 63;
+    else if (c == '=') { pad++; continue; }
+    else if (c == '\n' || c == '\r' || c == ' ') continue;
+    else return false;
+    if (pad) return false;  // data after padding
+    acc = (acc << 6) | v;
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out->push_back(static_cast<uint8_t>((acc >> bits) & 0xff));
+    }
+  }
+  return pad <= 2;
+}
+
+bool ToU64(Napi::Value v, uint64_t* out) {
+  if (v.IsBigInt()) {
+    bool lossless;
+    uint64_t x = v.As<Napi::BigInt>().Uint64Value(&lossless);
+    if (!lossless) {
+      // Negative bigints: take the two's complement bit pattern.
+      int64_t s = v.As<Napi::BigInt>().Int64Value(&lossless);
+      if (!lossless) return false;
+      x = static_cast<uint64_t>(s);
+    }
+    *out = x;
+    return true;
+  }
+  if (v.IsNumber()) {
+    double d = v.As<Napi::Number>().DoubleValue();
+    if (!std::isfinite(d) || std::floor(d) != d) return false;
+    if (d < 0) *out = static_cast<uint64_t>(static_cast<int64_t>(d));
+    else *out = static_cast<uint64_t>(d);
+    return true;
+  }
+  return false;
+}
+
+bool GetU64(Napi::Object obj, const char* key, uint64_t* out) {
+  Napi::Value v = obj.Get(key);
+  if (obj.Env().IsExceptionPending()) return false;
+  if (!ToU64(v, out)) {
+    ThrowTypeError(obj.Env(), std::string("expected an integer (bigint or number) for '") + key + "'");
+    return false;
+  }
+  return true;
+}
+
+bool GetU32(Napi::Object obj, const char* key, uint32_t* out) {
+  uint64_t x;
+  if (!GetU64(obj, key, &x)) return false;
+  *out = static_cast<uint32_t>(x);
+  return true;
+}
+
+bool GetOptU64(Napi::Object obj, const char* key, uint64_t* out) {
+  Napi::Value v = obj.Get(key);
+  if (obj.Env().IsExceptionPending()) return false;
+  if (v.IsUndefined() || v.IsNull()) return true;
+  if (!ToU64(v, out)) {
+    ThrowTypeError(obj.Env(), std::string("expected an integer (bigint or number) for '") + key + "'");
+    return false;
+  }
+  return true;
+}
+
+bool GetOptU32(Napi::Object obj, const char* key, uint32_t* out) {
+  uint64_t x = *out;
+  if (!GetOptU64(obj, key, &x)) return false;
+  *out = static_cast<uint32_t>(x);
+  return true;
+}
+
+int IoctlRetry(int fd, unsigned long req, void* arg) {
+  int rc;
+  do {
+    rc = ioctl(fd, req, arg);
+  } while (rc < 0 && errno == EINTR);
+  return rc;
+}
+
+// ---- eventfd helpers -------------------------------------------------------------------
+
+static Napi::Value EventFd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t initial = 0;
+  uint64_t flags = EFD_CLOEXEC | EFD_NONBLOCK;
+  if (info.Length() > 0 && !info[0].IsUndefined() && !ToU64(info[0], &initial)) {
+    ThrowTypeError(env, "eventfd: initial must be an integer");
+    return env.Undefined();
+  }
+  if (info.Length() > 1 && !info[1].IsUndefined() && !ToU64(info[1], &flags)) {
+    ThrowTypeError(env, "eventfd: flags must be an integer");
+    return env.Undefined();
+  }
+  int fd = eventfd(static_cast<unsigned>(initial), static_cast<int>(flags));
+  if (fd < 0) {
+    ThrowErrno(env, "eventfd", errno);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, fd);
+}
+
+static bool FdArg(const Napi::CallbackInfo& info, size_t i, int* fd) {
+  if (info.Length() <= i || !info[i].IsNumber()) {
+    ThrowTypeError(info.Env(), "expected a file descriptor number");
+    return false;
+  }
+  *fd = info[i].As<Napi::Number>().Int32Value();
+  return true;
+}
+
+static Napi::Value EventFdRead(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!FdArg(info, 0, &fd)) return env.Undefined();
+  uint64_t v;
+  ssize_t n;
+  do {
+    n = read(fd, &v, sizeof v);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) {
+    if (errno == EAGAIN) return env.Null();
+    ThrowErrno(env, "eventfd read", errno);
+    return env.Undefined();
+  }
+  if (n != sizeof v) {
+    ThrowError(env, "eventfd read: short read", "EIO");
+    return env.Undefined();
+  }
+  return Big(env, v);
+}
+
+static Napi::Value EventFdWrite(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!FdArg(info, 0, &fd)) return env.Undefined();
+  uint64_t v = 1;
+  if (info.Length() > 1 && !info[1].IsUndefined() && !ToU64(info[1], &v)) {
+    ThrowTypeError(env, "eventfdWrite: value must be an integer");
+    return env.Undefined();
+  }
+  ssize_t n;
+  do {
+    n = write(fd, &v, sizeof v);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) ThrowErrno(env, "eventfd write", errno);
+  return env.Undefined();
+}
+
+static Napi::Value CloseFd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!FdArg(info, 0, &fd)) return env.Undefined();
+  if (close(fd) < 0 && errno != EINTR) ThrowErrno(env, "close", errno);
+  return env.Undefined();
+}
+
+void InitFdUtil(Napi::Env env, Napi::Object exports) {
+  exports.Set("eventfd", Napi::Function::New(env, EventFd, "eventfd"));
+  exports.Set("eventfdRead", Napi::Function::New(env, EventFdRead, "eventfdRead"));
+  exports.Set("eventfdWrite", Napi::Function::New(env, EventFdWrite, "eventfdWrite"));
+  exports.Set("closeFd", Napi::Function::New(env, CloseFd, "closeFd"));
+}
+
+}  // namespace tern

@@ -1,0 +1,10 @@
+#pragma once
+
+#include <napi.h>
+
+namespace tern {
+
+// Registers eventfd, eventfdRead, eventfdWrite, closeFd on `exports`.
+void InitFdUtil(Napi::Env env, Napi::Object exports);
+
+}  // namespace tern

@@ -1,0 +1,121 @@
+// Dirty-page tracking: KVM's log for guest writes OR the VMM-side bitmap for writes made
+// through GuestMemory, both cleared on read.
+import fs from 'node:fs';
+
+import test from 'ava';
+
+import { PD_ADDRESS } from '../../src/boot/x86/long-mode';
+import { buildGuest, createTestVm, dirtyPages, runVcpu } from './harness';
+
+const PAGE = 4096;
+
+test('getDirtyBitmap reports exactly the guest-written and VMM-written pages, then nothing', async (t) => {
+  const guest = buildGuest('dirty');
+  const guestPages = [0x300, 0x345, 0x400, 0x7ff, 0x801, 0xabc, 0xfff];
+  const table = 0x18_0000;
+  const vm = createTestVm({ guest, ring: 3, regs: { rsi: BigInt(table), rcx: BigInt(guestPages.length) } });
+  try {
+    const targets = guestPages.map((p, i) => p * PAGE + ((i * 517) % PAGE));
+    targets.forEach((a, i) => vm.mem.writeU64(table + i * 8, a));
+
+    // Everything written during setup (GDT, page tables, code, table) is reported once...
+    const setup = dirtyPages(vm.vm.getDirtyBitmap(0));
+    t.true(setup.includes(guest.loadAddress / PAGE), 'setup writes are VMM-dirty');
+    t.true(setup.includes(table / PAGE));
+    // ...and then cleared.
+    t.deepEqual(dirtyPages(vm.vm.getDirtyBitmap(0)), []);
+
+    // VMM writes while the guest is stopped: one straddles a page boundary.
+    vm.mem.writeU32(0x500 * PAGE + PAGE - 2, 0x11223344);
+    vm.mem.writeU8(0x900 * PAGE + 0x123, 7);
+    const vmmPages = [0x500, 0x501, 0x900];
+
+    let atSignal: number[] | undefined;
+    let afterSignal: number[] | undefined;
+    await runVcpu(vm.vcpu, (exit) => {
+      if (exit.kind === 'io' && exit.port === 0x502) {
+        atSignal = dirtyPages(vm.vm.getDirtyBitmap(0));
+        afterSignal = dirtyPages(vm.vm.getDirtyBitmap(0));
+      }
+      return undefined;
+    });
+
+    const expected = [...new Set([...guestPages, ...vmmPages])].sort((a, b) => a - b);
+    // The guest also reads its code page and the table page. A shadow-paging host (PVM)
+    // logs those as dirty too: the boot page tables map them writable with D preset, so
+    // KVM installs a writable shadow PTE on the first read and marks the page. A host with
+    // two-dimensional paging does not. Either way nothing outside these pages may appear.
+    const readOnly = [guest.loadAddress / PAGE, table / PAGE];
+    const got = atSignal ?? [];
+    t.deepEqual(expected.filter((p) => !got.includes(p)), [], 'every written page is reported');
+    const extra = got.filter((p) => !expected.includes(p));
+    t.deepEqual(extra.filter((p) => !readOnly.includes(p)), [], 'no page outside the written and read set');
+    if (extra.length) t.log(`pages only read but reported dirty: ${extra.map((p) => p.toString(16)).join(' ')}`);
+    t.deepEqual(afterSignal, [], 'a second read returns an empty set');
+    for (const a of targets) t.is(vm.mem.readU8(a), 0xa5, `guest byte at 0x${a.toString(16)}`);
+  } finally {
+    vm.close();
+  }
+});
+
+test('with clean page-table leaves the dirty set is exact: written pages plus the page directory', async (t) => {
+  const guest = buildGuest('dirty');
+  const guestPages = [0x2ff, 0x456, 0x9a0, 0xc00, 0xd01, 0xe77, 0xffe];
+  const table = 0x18_0000;
+  const vm = createTestVm({
+    guest, ring: 3, presetDirty: false, regs: { rsi: BigInt(table), rcx: BigInt(guestPages.length) },
+  });
+  try {
+    guestPages.forEach((p, i) => vm.mem.writeU64(table + i * 8, p * PAGE + 8 * i));
+    vm.vm.getDirtyBitmap(0);
+    vm.mem.fill(0x777 * PAGE, 2 * PAGE, 1);
+    let atSignal: number[] | undefined;
+    await runVcpu(vm.vcpu, (exit) => {
+      if (exit.kind === 'io' && exit.port === 0x502) atSignal = dirtyPages(vm.vm.getDirtyBitmap(0));
+      return undefined;
+    });
+    // The guest's first write into each 2 MiB page sets D in the first page directory.
+    const pageDirectory = PD_ADDRESS / PAGE;
+    const expected = [...guestPages, 0x777, 0x778, pageDirectory].sort((a, b) => a - b);
+    t.deepEqual(atSignal, expected);
+    t.deepEqual(dirtyPages(vm.vm.getDirtyBitmap(0)), []);
+  } finally {
+    vm.close();
+  }
+});
+
+test('the VMM-side bitmap is shared: marks made on it appear in getDirtyBitmap and are cleared', (t) => {
+  const vm = createTestVm({ ring: 3 });
+  try {
+    vm.vm.getDirtyBitmap(0);
+    const shared = vm.vm.vmmDirtyBitmap(0);
+    t.is(shared.length, Math.ceil(vm.slot.size / PAGE / 8));
+    t.is(vm.vm.vmmDirtyBitmap(0).buffer, shared.buffer, 'one ArrayBuffer per bitmap');
+    shared[0x42 >> 3] |= 1 << (0x42 & 7);
+    shared[shared.length - 1] |= 0x80;
+    const lastPage = vm.slot.size / PAGE - 1;
+    t.deepEqual(dirtyPages(vm.vm.getDirtyBitmap(0)), [0x42, lastPage]);
+    t.true(shared.every((b) => b === 0), 'reading cleared the shared bitmap');
+    t.deepEqual(dirtyPages(vm.vm.getDirtyBitmap(0)), []);
+  } finally {
+    vm.close();
+  }
+});
+
+test('guest RAM chunks are zero-copy views of the memfd mapping', (t) => {
+  const vm = createTestVm({ ring: 3, memSize: 8 * 1024 * 1024 });
+  try {
+    t.is(vm.slot.chunks.length, 1);
+    t.is(vm.slot.chunks[0].byteLength, 8 * 1024 * 1024);
+    t.true(vm.slot.fd >= 0);
+    const view = new Uint8Array(vm.slot.chunks[0]);
+    vm.mem.writeU32(0x12340, 0xa1b2c3d4);
+    t.deepEqual([...view.subarray(0x12340, 0x12344)], [0xd4, 0xc3, 0xb2, 0xa1]);
+    // The memfd itself sees the same bytes (MAP_SHARED).
+    const viaFd = Buffer.alloc(4);
+    fs.readSync(vm.slot.fd, viaFd, 0, 4, 0x12340);
+    t.is(viaFd.readUInt32LE(0), 0xa1b2c3d4);
+  } finally {
+    vm.close();
+  }
+});
