@@ -8,6 +8,9 @@ export interface ConsoleSink {
   write(bytes: number[]): void;
   /** Host-side input (tty mode); the callback gets raw bytes. */
   onInput(cb: (bytes: Uint8Array) => void): void;
+  /** Leave host input in the host's buffer (VM paused) until resumeInput(). */
+  pauseInput(): void;
+  resumeInput(): void;
   close(): void;
 }
 
@@ -49,7 +52,7 @@ export function openConsoleSink(config: SerialConfig): ConsoleSink {
   switch (config.mode) {
     case 'Off':
     case 'Null':
-      return { write() {}, onInput() {}, close() {} };
+      return { write() {}, onInput() {}, pauseInput() {}, resumeInput() {}, close() {} };
     case 'File': {
       if (!config.file) throw new ConsoleConfigError('serial file mode needs a file path');
       const fd = fs.openSync(config.file, 'a');
@@ -57,6 +60,8 @@ export function openConsoleSink(config: SerialConfig): ConsoleSink {
       return {
         write: (b) => w.write(b),
         onInput() {},
+        pauseInput() {},
+        resumeInput() {},
         close() {
           w.flush();
           fs.closeSync(fd);
@@ -75,6 +80,10 @@ export function openConsoleSink(config: SerialConfig): ConsoleSink {
           listener = (d: Buffer) => cb(new Uint8Array(d));
           stdin.on('data', listener);
           stdin.resume();
+        },
+        pauseInput: () => stdin.pause(),
+        resumeInput: () => {
+          if (listener) stdin.resume();
         },
         close() {
           w.flush();

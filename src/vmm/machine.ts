@@ -26,8 +26,8 @@ import {
   type AnyDeviceState,
 } from '../devices';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
-import { native, type NativeKvm, type NativeVm, type VcpuExit } from '../native/kvm';
-import { deviceEvents, dispatchIo, type RootState, type Store } from '../state';
+import { native, readMsrs, type NativeKvm, type NativeVcpu, type NativeVm, type VcpuExit } from '../native/kvm';
+import { deviceEvents, dispatchIo, encodeVcpuState, vcpuEvents, type RootState, type Store } from '../state';
 import { openConsoleSink, type ConsoleSink } from './console-sink';
 import { VcpuRunner } from './vcpu-runner';
 
@@ -246,6 +246,43 @@ export class Machine {
     // Stop every vCPU now: no guest instruction may run after a poweroff or reset request.
     for (const r of this.runners) r.vcpu.requestPause();
     setImmediate(() => this.opts.onStop(stop));
+  }
+
+  /**
+   * Kick every vCPU out of KVM_RUN, wait until all are parked, then record each one's complete
+   * state in the store. Console input stays in the host's buffer until resume, so no device
+   * raises an interrupt while the VM is paused.
+   */
+  async pause(): Promise<void> {
+    this.console.pauseInput();
+    await Promise.all(this.runners.map((r) => r.pause()));
+    const msrIndices = this.kvm.msrIndexList();
+    for (const r of this.runners) {
+      this.opts.store.dispatch(vcpuEvents.stateSaved(r.vcpu.id, encodeVcpuState(this.readVcpuState(r.vcpu, msrIndices))));
+    }
+  }
+
+  resume(): void {
+    for (const r of this.runners) r.resume();
+    this.console.resumeInput();
+  }
+
+  private readVcpuState(vcpu: NativeVcpu, msrIndices: number[]) {
+    // KVM_KVMCLOCK_CTRL tells the guest the pause was the host's doing (no soft-lockup report).
+    vcpu.kvmclockCtrl();
+    return {
+      regs: vcpu.getRegs(),
+      sregs: vcpu.getSregs(),
+      fpu: vcpu.getFpu(),
+      msrs: readMsrs(vcpu, msrIndices).entries,
+      xsave: vcpu.getXsave(),
+      xcrs: vcpu.getXcrs(),
+      lapic: vcpu.getLapic(),
+      vcpuEvents: vcpu.getVcpuEvents(),
+      debugRegs: vcpu.getDebugRegs(),
+      mpState: vcpu.getMpState(),
+      cpuid: this.plan.vcpus[vcpu.id].cpuid ?? [],
+    };
   }
 
   /** Stop every vCPU thread and wait for them. */

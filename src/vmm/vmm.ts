@@ -74,6 +74,27 @@ export class Vmm {
     });
   }
 
+  pause(): Promise<void> {
+    return this.serialize(async () => {
+      this.store.dispatch(vmEvents.pausing());
+      try {
+        await this.machine!.pause();
+      } catch (e) {
+        this.store.dispatch(vmEvents.operationFailed((e as Error).message));
+        throw e;
+      }
+      this.store.dispatch(vmEvents.paused());
+    });
+  }
+
+  resume(): Promise<void> {
+    return this.serialize(() => {
+      this.store.dispatch(vmEvents.resuming());
+      this.machine!.resume();
+      this.store.dispatch(vmEvents.resumed());
+    });
+  }
+
   delete(): Promise<void> {
     return this.serialize(async () => {
       this.store.dispatch(vmEvents.deleted());
