@@ -22,5 +22,5 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then
 else
   npx node-gyp rebuild >/dev/null
 fi
-npx tsc -p tsconfig.json
+npm run build
 bash scripts/guest-fixtures.sh

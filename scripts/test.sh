@@ -3,6 +3,6 @@
 # the lab tier (real Debian kernels, in the nested lab or directly where the CPU has vmx/svm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-npx tsc -p tsconfig.json
+npm run build
 npx ava 'dist/test/unit/**/*.test.js' 'dist/test/host/**/*.test.js'
 node dist/test/lab/run-lab-tests.js

@@ -9,6 +9,7 @@
 //   so they are exact and JSON-serializable.
 // - Every failed ioctl throws an Error whose message names the ioctl and errno, and whose
 //   `code` is the errno name (e.g. 'EINVAL').
+import fs from 'node:fs';
 import path from 'node:path';
 
 export interface CpuidEntry {
@@ -197,6 +198,11 @@ export interface NativeAddon {
   eventfdRead(fd: number): bigint | null;
   eventfdWrite(fd: number, value: bigint): void;
   closeFd(fd: number): void;
+  /**
+   * flock(2). Exclusive unless exclusive: false; unlock: true releases. Returns false only when
+   * nonblocking and another open file description holds a conflicting lock.
+   */
+  flock(fd: number, opts?: { exclusive?: boolean; nonblocking?: boolean; unlock?: boolean }): boolean;
 }
 
 /** eventfd(2) flags for NativeAddon.eventfd (default: CLOEXEC | NONBLOCK). */
@@ -229,10 +235,13 @@ let cached: NativeAddon | undefined;
 /** Load the compiled addon (build/Release/tern_native.node) once. */
 export function native(): NativeAddon {
   if (!cached) {
-    // dist/src/native/kvm.js -> repository root is three levels up.
-    const root = path.resolve(__dirname, '..', '..', '..');
-    // TERN_NATIVE_ADDON points at an addon built elsewhere (a packaged or side-by-side build).
-    const file = process.env.TERN_NATIVE_ADDON ?? path.join(root, 'build', 'Release', 'tern_native.node');
+    // Compiled modules live in dist/src/native/, the bundled CLI in dist/bin/: the package
+    // root is whichever ancestor holds build/Release. TERN_NATIVE_ADDON points at an addon
+    // built elsewhere (a packaged or side-by-side build).
+    const candidates = [path.resolve(__dirname, '..', '..', '..'), path.resolve(__dirname, '..', '..')].map((root) =>
+      path.join(root, 'build', 'Release', 'tern_native.node'),
+    );
+    const file = process.env.TERN_NATIVE_ADDON ?? candidates.find((f) => fs.existsSync(f)) ?? candidates[0];
     // eslint-disable-next-line @typescript-eslint/no-var-requires
     cached = require(file) as NativeAddon;
   }

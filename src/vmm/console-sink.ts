@@ -19,10 +19,13 @@ export class ConsoleConfigError extends Error {}
 class BatchedWriter {
   private pending: number[] = [];
   private scheduled = false;
+  /** the reader went away (EPIPE): the guest keeps running, its output goes nowhere */
+  private closed = false;
 
   constructor(private readonly fd: number) {}
 
   write(bytes: number[]): void {
+    if (this.closed) return;
     for (const b of bytes) this.pending.push(b);
     if (!this.scheduled) {
       this.scheduled = true;
@@ -42,6 +45,11 @@ class BatchedWriter {
       } catch (e) {
         // A non-blocking stdout (pipe) may be full: wait for it rather than drop guest output.
         if ((e as NodeJS.ErrnoException).code === 'EAGAIN') continue;
+        // A closed terminal or pipe reader is not a VM failure; a serial line would just drop bytes.
+        if ((e as NodeJS.ErrnoException).code === 'EPIPE') {
+          this.closed = true;
+          return;
+        }
         throw e;
       }
     }

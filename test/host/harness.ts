@@ -30,7 +30,7 @@ export const GUEST_STACK_TOP = 0x20_0000;
 export const EXIT_PORT = 0x501;
 
 const REPO_ROOT = path.resolve(__dirname, '..', '..', '..');
-const GUEST_SOURCES = path.join(REPO_ROOT, 'test', 'guests');
+export const GUEST_SOURCES = path.join(REPO_ROOT, 'test', 'guests');
 
 export interface GuestImage {
   name: string;
@@ -43,18 +43,23 @@ export interface GuestImage {
 let buildDir: string | undefined;
 const built = new Map<string, GuestImage>();
 
-/** Assemble and link test/guests/<name>.S at `loadAddress`, flat binary. */
-export function buildGuest(name: string, loadAddress = GUEST_LOAD_ADDRESS): GuestImage {
-  const key = `${name}@${loadAddress}`;
-  const cached = built.get(key);
-  if (cached) return cached;
+/** A per-process scratch directory for built guests, removed when the process exits. */
+export function guestBuildDir(): string {
   if (!buildDir) {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-guests-'));
     process.on('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
     buildDir = dir;
   }
+  return buildDir;
+}
+
+/** Assemble and link test/guests/<name>.S at `loadAddress`, flat binary. */
+export function buildGuest(name: string, loadAddress = GUEST_LOAD_ADDRESS): GuestImage {
+  const key = `${name}@${loadAddress}`;
+  const cached = built.get(key);
+  if (cached) return cached;
   const src = path.join(GUEST_SOURCES, `${name}.S`);
-  const elf = path.join(buildDir, `${name}-${loadAddress.toString(16)}.elf`);
+  const elf = path.join(guestBuildDir(), `${name}-${loadAddress.toString(16)}.elf`);
   const bin = elf.replace(/\.elf$/, '.bin');
   execFileSync('gcc', [
     '-nostdlib', '-static', '-no-pie', '-Wl,--build-id=none',

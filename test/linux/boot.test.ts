@@ -59,23 +59,56 @@ for (const kernel of ['vmlinux', 'bzImage']) {
   });
 }
 
+/**
+ * Type `line` until `answer` shows up: bytes typed before the guest's shell has opened the
+ * serial port are dropped by the UART, as on real hardware.
+ */
+async function typeUntil(vm: GuestProcess, line: string, answer: RegExp, from: number, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    vm.type(line);
+    try {
+      await vm.waitFor(answer, 5_000, from);
+      return;
+    } catch (e) {
+      if (Date.now() > deadline) throw e;
+    }
+  }
+}
+
 test.serial('the serial console answers what the user types; reboot -f boots again; poweroff -f exits 0', async (t) => {
   const vm = GuestProcess.tern([
     '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'),
     '--cmdline', guestCmdline(), '--cpus', 'boot=1', '--memory', 'size=256M', '--serial', 'tty',
   ]);
   try {
-    await vm.waitFor(/TERN-GUEST-SHELL/, BOOT_TIMEOUT);
+    await vm.waitFor(/TERN-GUEST-USERSPACE/, BOOT_TIMEOUT);
     // Typed text is echoed by the guest's tty; only the shell's arithmetic proves it ran.
-    vm.type('echo typed-$((6*7))\n');
-    await vm.waitFor(/typed-42/, 60_000);
+    await typeUntil(vm, 'echo typed-$((6*7))\n', /typed-42/, 0, 90_000);
     const before = vm.output.length;
     vm.type('reboot -f\n');
-    await vm.waitFor(/TERN-GUEST-SHELL/, BOOT_TIMEOUT, before);
+    await vm.waitFor(/TERN-GUEST-USERSPACE/, BOOT_TIMEOUT, before);
+    await typeUntil(vm, 'echo again-$((7*7))\n', /again-49/, before, 90_000);
     t.is(vm.output.match(/TERN-GUEST-USERSPACE/g)?.length, 2, 'exactly two boots');
     vm.type('poweroff -f\n');
     const { code } = await vm.exit(60_000);
     t.is(code, 0, vm.stderr.slice(-2000));
+  } finally {
+    vm.kill();
+  }
+});
+
+test.serial('SIGTERM shuts a running guest down cleanly with exit code 0', async (t) => {
+  const vm = GuestProcess.tern([
+    '--kernel', fixture('bzImage'), '--initramfs', fixture('initramfs.img'),
+    '--cmdline', guestCmdline(), '--memory', 'size=256M', '--serial', 'tty', '-v',
+  ]);
+  try {
+    await vm.waitFor(/TERN-GUEST-USERSPACE/, BOOT_TIMEOUT);
+    vm.child.kill('SIGTERM');
+    const { code } = await vm.exit(30_000);
+    t.is(code, 0);
+    t.regex(vm.stderr, /"msg":"VMM shutting down"/);
   } finally {
     vm.kill();
   }

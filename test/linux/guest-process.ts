@@ -5,7 +5,7 @@ import path from 'node:path';
 
 export const FIXTURES = process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures';
 export const REPO = path.resolve(__dirname, '..', '..', '..');
-export const TERN_CLI = path.join(REPO, 'dist', 'src', 'cli', 'tern.js');
+export const TERN_CLI = path.join(REPO, 'dist', 'bin', 'tern.js');
 
 export const fixture = (name: string): string => path.join(FIXTURES, name);
 

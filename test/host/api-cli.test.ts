@@ -1,0 +1,224 @@
+// `tern --api-socket` and `tern-remote` as a user runs them: the VMM waits for API calls, a
+// guest poweroff does not end it, vmm.shutdown ends it with 0; tern-remote prints replies and
+// error chains; the event monitor file and `tern-remote events` carry the same events; the
+// socket lock, stale sockets, and fd= sockets.
+import test from 'ava';
+import { spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+
+import { formatMonitorEvent } from '../../src/api/event-monitor';
+import type { TernEvent } from '../../src/api/schema';
+import { GuestProcess, REPO } from '../linux/guest-process';
+import { sleep } from './harness';
+import { tempDir } from './api-harness';
+import { buildTinyKernel, countsIn } from './tiny-kernel';
+
+const TERN_REMOTE = path.join(REPO, 'dist', 'src', 'cli', 'tern-remote.js');
+const dir = tempDir('tern-api-cli-');
+
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Run tern-remote to completion (async: the VMM under test may share nothing with us). */
+function remote(socket: string, args: string[], input?: string): Promise<Run> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [TERN_REMOTE, '--api-socket', socket, ...args], { stdio: 'pipe' });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr!.on('data', (d) => (stderr += d));
+    child.on('exit', (code) => resolve({ code, stdout, stderr }));
+    child.stdin.end(input ?? '');
+  });
+}
+
+async function waitFor(what: string, cond: () => boolean, timeoutMs = 20_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+function parseMonitor(text: string): TernEvent[] {
+  return text.split('\n\n').filter(Boolean).map((b) => JSON.parse(b) as TernEvent);
+}
+
+test.serial('tern waits on its API socket; tern-remote drives a guest; poweroff keeps the VMM; shutdown-vmm exits 0', async (t) => {
+  const socket = path.join(dir, 'a.sock');
+  const monitorFile = path.join(dir, 'a-events.json');
+  const vmm = GuestProcess.tern(['--api-socket', `path=${socket}`, '--event-monitor', `path=${monitorFile}`]);
+  try {
+    await waitFor('the API socket', () => fs.existsSync(socket));
+    t.is(fs.statSync(socket).mode & 0o777, 0o600);
+
+    const ping = await remote(socket, ['ping']);
+    t.is(ping.code, 0, ping.stderr);
+    t.is(JSON.parse(ping.stdout).pid, vmm.child.pid);
+
+    const info = await remote(socket, ['info']);
+    t.is(info.code, 1);
+    t.regex(info.stderr, /info failed: HTTP 404 Not Found\n {2}0: .+\n {2}1: no VM has been created/);
+
+    // A config from stdin; the serial port is tern's own stdin/stdout, to type a poweroff.
+    const config = {
+      payload: { kernel: await buildTinyKernel(), cmdline: 'cli' },
+      cpus: { boot_vcpus: 1, max_vcpus: 1 },
+      memory: { size: 64 << 20 },
+      serial: { mode: 'Tty' },
+    };
+    const created = await remote(socket, ['create', '-'], JSON.stringify(config));
+    t.is(created.code, 0, created.stderr);
+    t.is(created.stdout, '');
+    const file = path.join(dir, 'config.json');
+    fs.writeFileSync(file, JSON.stringify(config));
+    const again = await remote(socket, ['create', file]);
+    t.is(again.code, 1, 'a second create is refused');
+    t.regex(again.stderr, /HTTP 500/);
+
+    const events = spawn(process.execPath, [TERN_REMOTE, '--api-socket', socket, 'events'], { stdio: 'pipe' });
+    let eventsOut = '';
+    events.stdout.on('data', (d) => (eventsOut += d));
+    const eventsExit = new Promise<number | null>((r) => events.on('exit', r));
+    await sleep(500);
+
+    for (const cmd of ['boot', 'pause', 'resume']) {
+      const r = await remote(socket, [cmd]);
+      t.is(r.code, 0, `${cmd}: ${r.stderr}`);
+    }
+    await vmm.waitFor(/COUNT 2\n/, 20_000);
+    const counters = await remote(socket, ['counters']);
+    t.is(counters.code, 0, counters.stderr);
+    t.true(JSON.parse(counters.stdout).serial0.tx_bytes > 0);
+
+    vmm.type('p'); // the tiny kernel powers off through ACPI
+    await waitFor('the VM to report Shutdown', () => eventsOut.includes('"event": "shutdown"'));
+    await sleep(300);
+    t.is(vmm.child.exitCode, null, 'with an API socket, a guest poweroff does not end the VMM');
+    t.is(JSON.parse((await remote(socket, ['info'])).stdout).state, 'Shutdown');
+
+    const boot = await remote(socket, ['boot']);
+    t.is(boot.code, 0, 'a powered-off VM boots again');
+    const down = await remote(socket, ['shutdown-vmm']);
+    t.is(down.code, 0, down.stderr);
+    t.is((await vmm.exit(15_000)).code, 0);
+    t.is(await eventsExit, 0, 'the event stream ends with the VMM');
+    t.false(fs.existsSync(socket), 'the socket file is removed on exit');
+
+    const fromFile = parseMonitor(fs.readFileSync(monitorFile, 'utf8'));
+    t.deepEqual(
+      fromFile.map((e) => `${e.source}:${e.event}`),
+      [
+        'vmm:starting',
+        'vm:booting', 'vm:booted', 'vm:pausing', 'vm:paused', 'vm:resuming', 'vm:resumed',
+        'vm:shutdown',
+        'vm:booting', 'vm:booted',
+        'vm:shutdown', 'vm:deleted', 'vmm:shutdown',
+      ],
+    );
+    t.is(fs.readFileSync(monitorFile, 'utf8'), fromFile.map(formatMonitorEvent).join(''), 'exactly the monitor format');
+    // The stream started after "vmm starting": the rest is the same events, byte for byte.
+    t.is(eventsOut, fromFile.slice(1).map(formatMonitorEvent).join(''));
+  } finally {
+    vmm.kill();
+  }
+});
+
+test.serial('tern --kernel with --api-socket creates and boots through the API path; the lock keeps a second VMM off', async (t) => {
+  const socket = path.join(dir, 'b.sock');
+  const serial = path.join(dir, 'b.serial');
+  const vmm = GuestProcess.tern([
+    '--kernel', await buildTinyKernel(), '--cmdline', 'cli boot', '--memory', 'size=64M',
+    '--serial', `file=${serial}`, '--api-socket', socket,
+  ]);
+  try {
+    await waitFor('COUNT lines', () => fs.existsSync(serial) && countsIn(fs.readFileSync(serial, 'latin1')).length >= 2);
+    const info = JSON.parse((await remote(socket, ['info'])).stdout);
+    t.is(info.state, 'Running');
+    t.deepEqual(info.config.serial, { mode: 'File', file: serial });
+    t.is(info.config.memory.size, 64 << 20);
+
+    const second = GuestProcess.tern(['--api-socket', `path=${socket}`]);
+    const { code } = await second.exit(15_000);
+    t.is(code, 1);
+    t.regex(second.stderr, /in use by another VMM/);
+    t.is((await remote(socket, ['ping'])).code, 0, 'the first VMM still answers');
+    t.true(fs.lstatSync(socket).isSocket());
+  } finally {
+    vmm.kill();
+  }
+  await vmm.exited;
+  t.true(fs.existsSync(socket), 'a killed VMM leaves its socket file behind');
+  const third = GuestProcess.tern(['--api-socket', `path=${socket}`]);
+  try {
+    await waitFor('the replacement VMM', () => vmm.child.pid !== undefined && third.child.exitCode === null && fs.existsSync(socket));
+    let ping = await remote(socket, ['ping']);
+    for (let i = 0; i < 40 && JSON.parse(ping.stdout || '{}').pid !== third.child.pid; i++) {
+      await sleep(100);
+      ping = await remote(socket, ['ping']);
+    }
+    t.is(JSON.parse(ping.stdout).pid, third.child.pid, 'the stale socket was replaced');
+  } finally {
+    third.kill();
+  }
+});
+
+test.serial('--api-socket fd=N and --event-monitor fd=N use inherited descriptors', async (t) => {
+  const py = spawnSync('python3', ['--version']);
+  if (py.status !== 0) {
+    t.log('python3 is not available to hand over a listening socket: fd= checked through --event-monitor only');
+  }
+  const socket = path.join(dir, 'c.sock');
+  const monitorFile = path.join(dir, 'c-events.json');
+  const monitorFd = fs.openSync(monitorFile, 'w');
+  const ternJs = path.join(REPO, 'dist', 'src', 'cli', 'tern.js');
+  // python3 binds and listens, then execs tern with the socket as an inherited fd.
+  const launcher =
+    'import os, socket, sys\n' +
+    's = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n' +
+    's.bind(sys.argv[1]); s.listen(16); os.set_inheritable(s.fileno(), True)\n' +
+    "os.execv(sys.argv[2], [sys.argv[2], sys.argv[3], '--api-socket', 'fd=%d' % s.fileno(), '--event-monitor', 'fd=3'])\n";
+  const child = py.status === 0
+    ? spawn('python3', ['-c', launcher, socket, process.execPath, ternJs], { stdio: ['pipe', 'pipe', 'pipe', monitorFd] })
+    : spawn(process.execPath, [ternJs, '--api-socket', socket, '--event-monitor', 'fd=3'], { stdio: ['pipe', 'pipe', 'pipe', monitorFd] });
+  fs.closeSync(monitorFd);
+  let stderr = '';
+  child.stderr!.on('data', (d) => (stderr += d));
+  const exited = new Promise<number | null>((r) => child.on('exit', r));
+  try {
+    await waitFor('the socket', () => fs.existsSync(socket));
+    let ping = await remote(socket, ['ping']);
+    for (let i = 0; i < 50 && ping.code !== 0; i++) {
+      await sleep(100);
+      ping = await remote(socket, ['ping']);
+    }
+    t.is(ping.code, 0, `${ping.stderr} ${stderr}`);
+    t.is(JSON.parse(ping.stdout).pid, child.pid);
+    t.is((await remote(socket, ['shutdown-vmm'])).code, 0);
+    t.is(await exited, 0);
+    t.deepEqual(
+      parseMonitor(fs.readFileSync(monitorFile, 'utf8')).map((e) => `${e.source}:${e.event}`),
+      ['vmm:starting', 'vmm:shutdown'],
+    );
+  } finally {
+    child.kill('SIGKILL');
+  }
+});
+
+test.serial('tern-remote: usage errors exit 2, an unreachable VMM exits 1', async (t) => {
+  const none = await remote(path.join(dir, 'nobody.sock'), ['ping']);
+  t.is(none.code, 1);
+  t.regex(none.stderr, /cannot talk to the VMM/);
+  const bad = await remote(path.join(dir, 'nobody.sock'), ['frobnicate']);
+  t.is(bad.code, 2);
+  t.regex(bad.stderr, /unknown command frobnicate/);
+  const help = spawnSync(process.execPath, [TERN_REMOTE, '--help'], { encoding: 'utf8' });
+  t.is(help.status, 0);
+  for (const cmd of ['ping', 'info', 'counters', 'create', 'boot', 'delete', 'pause', 'resume', 'reboot', 'shutdown', 'power-button', 'shutdown-vmm', 'events']) {
+    t.regex(help.stdout, new RegExp(`^  ${cmd}\\b`, 'm'), cmd);
+  }
+});

@@ -1,0 +1,99 @@
+// The real `tern` CLI booting the tiny PVH kernel, driven over its serial console like a
+// user at a terminal: boot, command line, serial input, poweroff and the three resets.
+import test from 'ava';
+
+import type { GuestProcess } from '../linux/guest-process';
+import { sleep } from './harness';
+import { TINY_KERNEL_BANNER, countsIn, lastStatus, startTinyVm } from './tiny-kernel';
+
+const T = 30_000;
+
+/** Type 'p' and expect a clean exit 0. */
+async function powerOff(vm: GuestProcess): Promise<void> {
+  vm.type('p');
+  const { code, signal } = await vm.exit(T);
+  if (code !== 0) throw new Error(`exit ${code} ${signal}; stderr:\n${vm.stderr.slice(-2000)}`);
+}
+
+const boots = (vm: GuestProcess): number => vm.output.split(`${TINY_KERNEL_BANNER}\n`).length - 1;
+
+test('boots, echoes the command line byte for byte, counts, and powers off with exit 0', async (t) => {
+  // Quotes, '=' and ',' pass through untouched; UTF-8 arrives as its bytes (read as latin1).
+  const cmdline = 'console=ttyS0 tern.cmd="echo a,b" x=1 ü';
+  const vm = await startTinyVm([], { cmdline });
+  try {
+    const started = Date.now();
+    await vm.waitFor(/^COUNT 0\n/m, T);
+    const firstLine = Date.now();
+    await vm.waitFor(/^COUNT 5\n/m, T);
+    const rate = 5 / ((Date.now() - firstLine) / 1000);
+    t.log(`first COUNT ${firstLine - started} ms after spawn; ${rate.toFixed(1)} lines/s`);
+    const expected = `${TINY_KERNEL_BANNER}\nCMDLINE ${Buffer.from(cmdline, 'utf8').toString('latin1')}\nCOUNT 0\n`;
+    t.is(vm.output.slice(0, expected.length), expected);
+    const counts = countsIn(vm.output);
+    t.deepEqual(counts, counts.map((_, i) => i), 'consecutive counts from 0');
+    t.true(rate > 1 && rate < 30, `about 10 lines/s (timer-paced, not a spin), got ${rate.toFixed(1)}`);
+    await powerOff(vm);
+    t.is(boots(vm), 1);
+  } finally {
+    vm.kill();
+  }
+});
+
+test('typed bytes reach the guest through the 16550A RX interrupt: e+x echoes "ECHO x"', async (t) => {
+  const vm = await startTinyVm();
+  try {
+    await vm.waitFor(/^COUNT 1\n/m, T);
+    // Separately (the guest waits for the second byte) and together in one write.
+    let from = vm.output.length;
+    vm.type('e');
+    await sleep(300);
+    vm.type('x');
+    await vm.waitFor(/^ECHO x\n/m, T, from);
+    from = vm.output.length;
+    vm.type('eY');
+    await vm.waitFor(/^ECHO Y\n/m, T, from);
+    from = vm.output.length;
+    vm.type('s');
+    await vm.waitFor(/^STATUS .*\n/m, T, from);
+    const status = lastStatus(vm.output)!;
+    t.true(status.rxirqs >= 1, `the guest took RX interrupts: ${JSON.stringify(status)}`);
+    t.true(status.ticks >= 1, 'the LAPIC timer ticks');
+    t.true(status.count >= 2);
+    await powerOff(vm);
+  } finally {
+    vm.kill();
+  }
+});
+
+for (const [key, how] of [['r', 'i8042 0xFE'], ['a', 'ACPI reset register'], ['t', 'triple fault']] as const) {
+  test(`'${key}' (${how}) reboots: a second boot from a fresh machine, then 'p' exits 0`, async (t) => {
+    const vm = await startTinyVm([], { cmdline: `reset-${key}` });
+    try {
+      await vm.waitFor(/^COUNT 2\n/m, T);
+      const from = vm.output.length;
+      vm.type(key);
+      await vm.waitFor(new RegExp(`^${TINY_KERNEL_BANNER}\\nCMDLINE reset-${key}\\nCOUNT 0\\n`, 'm'), T, from);
+      await vm.waitFor(/^COUNT 1\n/m, T, from);
+      t.is(boots(vm), 2);
+      t.notRegex(vm.output, /EXCEPTION/);
+      await powerOff(vm);
+      t.is(boots(vm), 2);
+    } finally {
+      vm.kill();
+    }
+  });
+}
+
+test('--cpus boot=2: the AP waits for SIPI and the boot vCPU keeps counting', async (t) => {
+  const vm = await startTinyVm(['--cpus', 'boot=2']);
+  try {
+    await vm.waitFor(/^COUNT 5\n/m, T);
+    const counts = countsIn(vm.output);
+    t.deepEqual(counts, counts.map((_, i) => i));
+    await powerOff(vm);
+    t.is(boots(vm), 1);
+  } finally {
+    vm.kill();
+  }
+});

@@ -1,0 +1,165 @@
+// The `tern` CLI's process contract with the tiny PVH kernel: signals, serial modes, and
+// the exit codes and messages for bad options and unusable kernels.
+import test from 'ava';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+import type { GuestProcess } from '../linux/guest-process';
+import { GUEST_SOURCES, sleep } from './harness';
+import { TINY_KERNEL_BANNER, buildTinyKernel, countsIn, startTern, startTinyVm } from './tiny-kernel';
+
+const T = 30_000;
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-cli-options-'));
+process.on('exit', () => fs.rmSync(tmp, { recursive: true, force: true }));
+
+function jsonLines(text: string): Record<string, unknown>[] {
+  return text
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+}
+
+async function waitForFile(file: string, re: RegExp, timeoutMs: number): Promise<string> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const text = fs.existsSync(file) ? fs.readFileSync(file, 'latin1') : '';
+    if (re.test(text)) return text;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${re} in ${file}; it has:\n${text.slice(-2000)}`);
+    await sleep(50);
+  }
+}
+
+test('SIGTERM ends a running VM with exit 0 and logs the shutdown as pino JSON', async (t) => {
+  // -v: the shutdown line is info level; the default level (warn) keeps stderr quiet.
+  const vm = await startTinyVm(['-v']);
+  try {
+    await vm.waitFor(/^COUNT 2\n/m, T);
+    vm.child.kill('SIGTERM');
+    const { code, signal } = await vm.exit(T);
+    t.is(code, 0, vm.stderr);
+    t.is(signal, null);
+    const logs = jsonLines(vm.stderr);
+    const down = logs.find((l) => l.why === 'SIGTERM' && /shut/i.test(String(l.msg)));
+    t.truthy(down, vm.stderr);
+    t.like(down, { name: 'tern', level: 30, code: 0 });
+    t.is(typeof down!.time, 'number');
+    t.true(vm.stderr.split('\n').filter(Boolean).every((l) => l.startsWith('{')), 'stderr is only JSON log lines');
+  } finally {
+    vm.kill();
+  }
+});
+
+test('--serial file=PATH sends the console to the file and nothing to stdout', async (t) => {
+  const file = path.join(tmp, 'serial.txt');
+  const vm = await startTinyVm(['--serial', `file=${file}`], { cmdline: 'to-a-file' });
+  try {
+    const text = await waitForFile(file, /^COUNT 3\n/m, T);
+    t.true(text.startsWith(`${TINY_KERNEL_BANNER}\nCMDLINE to-a-file\nCOUNT 0\n`), text.slice(0, 200));
+    const counts = countsIn(text);
+    t.deepEqual(counts, counts.map((_, i) => i));
+    vm.child.kill('SIGTERM');
+    t.is((await vm.exit(T)).code, 0, vm.stderr);
+    t.is(vm.output, '');
+  } finally {
+    vm.kill();
+  }
+});
+
+async function waitForStderr(vm: GuestProcess, re: RegExp, timeoutMs: number): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!re.test(vm.stderr)) {
+    if (Date.now() > end || vm.child.exitCode !== null) throw new Error(`no ${re} on stderr:\n${vm.stderr.slice(-2000)}`);
+    await sleep(50);
+  }
+}
+
+test('a console reader that goes away (EPIPE) does not end the VM; input still works', async (t) => {
+  const vm = await startTinyVm();
+  try {
+    await vm.waitFor(/^COUNT 1\n/m, T);
+    vm.child.stdout.destroy();
+    await sleep(500); // a few COUNT lines hit the closed pipe
+    t.is(vm.child.exitCode, null, vm.stderr);
+    vm.type('p');
+    const { code } = await vm.exit(T);
+    t.is(code, 0, vm.stderr);
+    t.notRegex(vm.stderr, /EPIPE|internal error/);
+  } finally {
+    vm.kill();
+  }
+});
+
+test('--serial null runs the guest and prints nothing', async (t) => {
+  const vm = await startTinyVm(['--serial', 'null', '-vv']);
+  try {
+    // Nothing to see from the guest: once the kernel is loaded, the process must stay up
+    // (a guest failure would end it with exit 1).
+    await waitForStderr(vm, /"msg":"kernel loaded"/, T);
+    await sleep(1500);
+    t.is(vm.child.exitCode, null, vm.stderr);
+    t.is(vm.output, '');
+    vm.child.kill('SIGTERM');
+    t.is((await vm.exit(T)).code, 0, vm.stderr);
+    t.is(vm.output, '');
+    t.false(/"level":(40|50|60)/.test(vm.stderr), vm.stderr);
+  } finally {
+    vm.kill();
+  }
+});
+
+// The parser itself is covered in test/unit/cli-args.test.ts; these check the process contract.
+const BAD_OPTIONS: [string, (kernel: string) => string[], RegExp][] = [
+  ['an unknown option', (k) => ['--kernel', k, '--bogus'], /--bogus: unknown option/],
+  ['an option without its value', () => ['--kernel'], /--kernel: needs a value/],
+  ['boot options without a kernel', () => ['--cmdline', 'x'], /--kernel/],
+  ['a bad option value', (k) => ['--kernel', k, '--cpus', 'boot=two'], /--cpus/],
+];
+
+for (const [what, args, re] of BAD_OPTIONS) {
+  test(`${what} exits 2 with a one-line error`, async (t) => {
+    const vm = await startTern(args(await buildTinyKernel()));
+    try {
+      const { code } = await vm.exit(T);
+      t.is(code, 2, vm.stderr);
+      const lines = vm.stderr.split('\n').filter(Boolean);
+      t.is(lines.length, 1, vm.stderr);
+      t.regex(lines[0], /^tern: error: /);
+      t.regex(lines[0], re);
+      t.is(vm.output, '');
+    } finally {
+      vm.kill();
+    }
+  });
+}
+
+test('a missing kernel file exits 1 with an error naming the path', async (t) => {
+  const missing = path.join(tmp, 'no-such-dir', 'vmlinux');
+  const vm = await startTern(['--kernel', missing, '--memory', 'size=64M', '--serial', 'tty']);
+  try {
+    const { code } = await vm.exit(T);
+    t.is(code, 1, vm.stderr);
+    const plain = vm.stderr.split('\n').filter((l) => l.startsWith('tern: '));
+    t.is(plain.length, 1, vm.stderr);
+    t.true(plain[0].startsWith('tern: error: '), plain[0]);
+    t.true(plain[0].endsWith(`cannot read kernel ${missing}: ENOENT`), plain[0]);
+    t.is(vm.output, '');
+  } finally {
+    vm.kill();
+  }
+});
+
+test('a file that is not a kernel exits 1 with an error naming the path', async (t) => {
+  const notKernel = path.join(GUEST_SOURCES, 'pvh-counter.ld');
+  const vm = await startTern(['--kernel', notKernel, '--memory', 'size=64M', '--serial', 'tty']);
+  try {
+    const { code } = await vm.exit(T);
+    t.is(code, 1, vm.stderr);
+    const plain = vm.stderr.split('\n').filter((l) => l.startsWith('tern: '));
+    t.is(plain.length, 1, vm.stderr);
+    t.regex(plain[0], /^tern: error: .*unknown kernel format/);
+    t.true(plain[0].includes(notKernel), plain[0]);
+  } finally {
+    vm.kill();
+  }
+});

@@ -1,0 +1,165 @@
+// The Vmm class driven in-process with the tiny PVH kernel: boot, pause/resume with every
+// vCPU's state saved in the store, the lifecycle event order, and refused transitions.
+import test from 'ava';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+import type { VmConfig } from '../../src/config/vm-config';
+import { type Serial16550aState, serialInputEvent } from '../../src/devices/serial-16550a';
+import { InvalidTransitionError, VmEvents, decodeU64 } from '../../src/state';
+import { silentLogger } from '../../src/util/log';
+import { Vmm } from '../../src/vmm/vmm';
+import { sleep } from './harness';
+import {
+  TINY_KERNEL_DIRTY_BASE,
+  TINY_KERNEL_DIRTY_PAGES,
+  TINY_KERNEL_LOAD_ADDRESS,
+  TINY_KERNEL_MAGIC,
+  TinyKernelStatus,
+  buildTinyKernel,
+  countsIn,
+} from './tiny-kernel';
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-vmm-lifecycle-'));
+process.on('exit', () => fs.rmSync(tmp, { recursive: true, force: true }));
+
+async function config(name: string, vcpus: number): Promise<VmConfig & { serial: { mode: 'File'; file: string } }> {
+  return {
+    payload: { kernel: await buildTinyKernel(), cmdline: `lifecycle ${name}` },
+    cpus: { boot_vcpus: vcpus, max_vcpus: vcpus },
+    memory: { size: 64 << 20 },
+    serial: { mode: 'File', file: path.join(tmp, `${name}.serial`) },
+  };
+}
+
+async function waitUntil(what: string, cond: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting until ${what}`);
+    await sleep(20);
+  }
+}
+
+const guestCount = (vmm: Vmm): number => vmm.guestMemory()?.readU32(TinyKernelStatus.COUNT) ?? -1;
+const txBytes = (vmm: Vmm): number => (vmm.state.devices.instances.serial0 as Serial16550aState).txBytes;
+
+test.serial('boot, pause saves every vCPU and stops the guest, resume continues; events in order; state is JSON', async (t) => {
+  const cfg = await config('pause', 2);
+  const vmm = new Vmm({ log: silentLogger() });
+  const vmEvents: string[] = [];
+  const sub = vmm.store.events$.subscribe((e) => {
+    if (e.type.startsWith('[VM]')) vmEvents.push(e.type);
+  });
+  try {
+    t.is(vmm.guestMemory(), undefined, 'no RAM before boot');
+    await vmm.create(cfg);
+    await vmm.boot();
+    t.is(vmm.state.vm.status, 'Running');
+
+    await waitUntil('the guest has initialised', () => vmm.guestMemory()!.readU32(TinyKernelStatus.MAGIC) === TINY_KERNEL_MAGIC);
+    const c0 = guestCount(vmm);
+    await waitUntil('the counter in RAM advances by 3', () => guestCount(vmm) >= c0 + 3);
+
+    // A live store (devices, bus, config) survives JSON unchanged.
+    t.deepEqual(JSON.parse(JSON.stringify(vmm.state)), vmm.state);
+
+    await vmm.pause();
+    t.is(vmm.state.vm.status, 'Paused');
+    const saved = vmm.state.vcpus.saved;
+    t.deepEqual(Object.keys(saved).sort(), ['0', '1']);
+    const rip0 = Number(decodeU64(saved['0'].regs.rip));
+    t.true(rip0 >= TINY_KERNEL_LOAD_ADDRESS && rip0 < TINY_KERNEL_LOAD_ADDRESS + 0x1000, `vCPU 0 rip 0x${rip0.toString(16)} is in the kernel`);
+    t.true([0, 3].includes(saved['0'].mpState), `the boot vCPU is RUNNABLE or HALTED, not ${saved['0'].mpState}`);
+    t.is(saved['1'].mpState, 1, 'the AP still waits for INIT/SIPI (KVM_MP_STATE_UNINITIALIZED)');
+    for (const id of ['0', '1']) {
+      t.true(saved[id].msrs.length > 0 && saved[id].cpuid.length > 0 && saved[id].lapic.length > 0, `vCPU ${id} state is complete`);
+    }
+
+    const pausedCount = guestCount(vmm);
+    const pausedTx = txBytes(vmm);
+    const pausedFile = fs.readFileSync(cfg.serial.file, 'latin1');
+    await sleep(1000);
+    t.is(guestCount(vmm), pausedCount, 'the counter does not move while paused');
+    t.is(txBytes(vmm), pausedTx, 'no serial output while paused');
+    t.is(fs.readFileSync(cfg.serial.file, 'latin1'), pausedFile, 'the serial file does not grow while paused');
+
+    // Paused with saved vCPUs: the whole state still round-trips through JSON.
+    t.deepEqual(JSON.parse(JSON.stringify(vmm.state)), vmm.state);
+
+    await vmm.resume();
+    t.is(vmm.state.vm.status, 'Running');
+    await waitUntil('the counter advances after resume', () => guestCount(vmm) >= pausedCount + 2);
+    await waitUntil('serial output advances after resume', () => txBytes(vmm) > pausedTx);
+
+    const out = fs.readFileSync(cfg.serial.file, 'latin1');
+    t.true(out.startsWith('TINY-KERNEL-BOOT\nCMDLINE lifecycle pause\nCOUNT 0\n'), out.slice(0, 200));
+    const counts = countsIn(out);
+    t.deepEqual(counts, counts.map((_, i) => i), 'COUNT lines are consecutive across the pause');
+
+    t.deepEqual(vmEvents, [
+      VmEvents.Created,
+      VmEvents.Booting,
+      VmEvents.Booted,
+      VmEvents.Pausing,
+      VmEvents.Paused,
+      VmEvents.Resuming,
+      VmEvents.Resumed,
+    ]);
+  } finally {
+    sub.unsubscribe();
+    await vmm.close();
+  }
+});
+
+test.serial('lifecycle actions that do not fit the state are refused with InvalidTransitionError', async (t) => {
+  const vmm = new Vmm({ log: silentLogger() });
+  try {
+    await t.throwsAsync(vmm.boot(), { instanceOf: InvalidTransitionError }, 'boot before create');
+    const cfg = await config('refuse', 1);
+    await vmm.create(cfg);
+    await t.throwsAsync(vmm.create(cfg), { instanceOf: InvalidTransitionError }, 'create twice');
+    await t.throwsAsync(vmm.pause(), { instanceOf: InvalidTransitionError }, 'pause before boot');
+    await vmm.boot();
+    const seq = vmm.store.seq;
+    await t.throwsAsync(vmm.resume(), { instanceOf: InvalidTransitionError }, 'resume while Running');
+    await t.throwsAsync(vmm.boot(), { instanceOf: InvalidTransitionError }, 'boot while Running');
+    t.is(vmm.store.seq, seq, 'refused events are not recorded');
+    t.is(vmm.state.vm.status, 'Running');
+    await vmm.pause();
+    await t.throwsAsync(vmm.pause(), { instanceOf: InvalidTransitionError }, 'pause while Paused');
+    await t.throwsAsync(vmm.reboot(), { instanceOf: InvalidTransitionError }, 'reboot while Paused');
+    await vmm.resume();
+    await waitUntil('the guest runs after resume', () => guestCount(vmm) >= 1);
+    await vmm.shutdown();
+    t.is(vmm.state.vm.status, 'Shutdown');
+    t.is(vmm.guestMemory(), undefined, 'the machine is gone after shutdown');
+    await t.throwsAsync(vmm.resume(), { instanceOf: InvalidTransitionError }, 'resume after shutdown');
+  } finally {
+    await vmm.close();
+  }
+});
+
+test.serial('bytes put in the UART through the store reach the guest by polling; "d" writes its pages', async (t) => {
+  const cfg = await config('dirty', 1);
+  const vmm = new Vmm({ log: silentLogger() });
+  try {
+    await vmm.create(cfg);
+    await vmm.boot();
+    await waitUntil('the counter runs', () => guestCount(vmm) >= 2);
+    // Dispatched straight to the store, the byte raises no interrupt: the guest's
+    // per-tick LSR poll must find it.
+    vmm.store.dispatch(serialInputEvent('serial0', [0x64]));
+    await waitUntil('the guest answers DIRTY', () => /^DIRTY \d+$/m.test(fs.readFileSync(cfg.serial.file, 'latin1')));
+    const n = Number(/^DIRTY (\d+)$/m.exec(fs.readFileSync(cfg.serial.file, 'latin1'))![1]);
+    const mem = vmm.guestMemory()!;
+    for (let page = 0; page < TINY_KERNEL_DIRTY_PAGES; page++) {
+      const v = mem.readU32(TINY_KERNEL_DIRTY_BASE + page * 4096);
+      if (v !== n) return t.fail(`page ${page} holds ${v}, expected ${n}`);
+    }
+    t.is(mem.readU32(TINY_KERNEL_DIRTY_BASE + TINY_KERNEL_DIRTY_PAGES * 4096), 0, 'nothing past the last page');
+    t.is(mem.readU32(TinyKernelStatus.RX_IRQS), 0, 'no RX interrupt was raised');
+  } finally {
+    await vmm.close();
+  }
+});
