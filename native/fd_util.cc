@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
@@ -241,11 +242,43 @@ static Napi::Value CloseFd(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// flock(2) on an fd JS opened (Node has no binding for it). Returns false when the lock is
+// held elsewhere and nonblocking was asked for, so callers can tell "busy" from a failure.
+static Napi::Value Flock(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!FdArg(info, 0, &fd)) return env.Undefined();
+  bool exclusive = true, nonblocking = false, unlock = false;
+  if (info.Length() > 1 && !info[1].IsUndefined()) {
+    if (!info[1].IsObject()) {
+      ThrowTypeError(env, "flock: options must be an object");
+      return env.Undefined();
+    }
+    Napi::Object o = info[1].As<Napi::Object>();
+    if (o.Has("exclusive")) exclusive = o.Get("exclusive").ToBoolean();
+    if (o.Has("nonblocking")) nonblocking = o.Get("nonblocking").ToBoolean();
+    if (o.Has("unlock")) unlock = o.Get("unlock").ToBoolean();
+  }
+  int op = unlock ? LOCK_UN : (exclusive ? LOCK_EX : LOCK_SH);
+  if (nonblocking) op |= LOCK_NB;
+  int rc;
+  do {
+    rc = flock(fd, op);
+  } while (rc < 0 && errno == EINTR);
+  if (rc < 0) {
+    if (errno == EWOULDBLOCK && nonblocking) return Napi::Boolean::New(env, false);
+    ThrowErrno(env, "flock", errno);
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, true);
+}
+
 void InitFdUtil(Napi::Env env, Napi::Object exports) {
   exports.Set("eventfd", Napi::Function::New(env, EventFd, "eventfd"));
   exports.Set("eventfdRead", Napi::Function::New(env, EventFdRead, "eventfdRead"));
   exports.Set("eventfdWrite", Napi::Function::New(env, EventFdWrite, "eventfdWrite"));
   exports.Set("closeFd", Napi::Function::New(env, CloseFd, "closeFd"));
+  exports.Set("flock", Napi::Function::New(env, Flock, "flock"));
 }
 
 }  // namespace tern

@@ -53,6 +53,9 @@ function socketTarget(option: string, value: string): SocketTarget {
   return { path: kv.path };
 }
 
+/** keys whose values are strings in the API's device configs, whatever they look like */
+const STRING_KEYS = new Set(['id', 'path', 'file', 'socket', 'tag', 'tap', 'ip', 'mask', 'mac', 'host_mac', 'serial', 'src', 'vhost_socket', 'vhost_mode', 'rate_limit_group']);
+
 /** Generic device list entry: stored as given (numbers and on/off typed), used by later devices. */
 function deviceEntry(option: string, value: string): Record<string, unknown> {
   const out: Record<string, unknown> = {};
@@ -61,7 +64,7 @@ function deviceEntry(option: string, value: string): Record<string, unknown> {
     if (eq <= 0) throw new OptionError(option, `expected key=value, got "${part}"`);
     const k = part.slice(0, eq);
     const v = part.slice(eq + 1);
-    out[k] = v === 'on' ? true : v === 'off' ? false : /^\d+$/.test(v) ? Number(v) : v;
+    out[k] = STRING_KEYS.has(k) ? v : v === 'on' ? true : v === 'off' ? false : /^\d+$/.test(v) ? Number(v) : v;
   }
   return out;
 }
@@ -102,10 +105,11 @@ const HANDLERS: Record<string, Handler> = {
   '--console': vmOption((v, a) => (a.vm.console = consoleConfig('--console', v))),
   '--disk': vmOption((v, a) => (a.vm.disks = [...(a.vm.disks ?? []), deviceEntry('--disk', v)])),
   '--net': vmOption((v, a) => (a.vm.net = [...(a.vm.net ?? []), deviceEntry('--net', v)])),
-  '--fs': vmOption((v, a) => (a.vm.fs = [...(a.vm.fs ?? []), deviceEntry('--fs', v)])),
+  // Cloud Hypervisor's CLI defaults for the fields its API requires
+  '--fs': vmOption((v, a) => (a.vm.fs = [...(a.vm.fs ?? []), { num_queues: 1, queue_size: 1024, ...deviceEntry('--fs', v) }])),
   '--pmem': vmOption((v, a) => (a.vm.pmem = [...(a.vm.pmem ?? []), deviceEntry('--pmem', v)])),
   '--device': vmOption((v, a) => (a.vm.devices = [...(a.vm.devices ?? []), deviceEntry('--device', v)])),
-  '--rng': vmOption((v, a) => (a.vm.rng = deviceEntry('--rng', v))),
+  '--rng': vmOption((v, a) => (a.vm.rng = { src: '/dev/urandom', ...deviceEntry('--rng', v) })),
   '--vsock': vmOption((v, a) => (a.vm.vsock = deviceEntry('--vsock', v))),
   '--api-socket': (v, a) => (a.args.apiSocket = socketTarget('--api-socket', v)),
   '--event-monitor': (v, a) => (a.args.eventMonitor = socketTarget('--event-monitor', v)),

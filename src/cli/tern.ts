@@ -1,6 +1,10 @@
 #!/usr/bin/env node
 // `tern`: parse Cloud Hypervisor-style options, then create and boot the VM through the same
-// VMM calls the HTTP API uses.
+// operations the HTTP API runs (VmmApi), so both paths check and record things identically.
+import { ApiError } from '../api/errors';
+import { EventMonitor } from '../api/event-monitor';
+import { ApiServer } from '../api/server';
+import { VmmApi } from '../api/vmm-api';
 import { OptionError } from './option-values';
 import { parseTernArgs, TERN_USAGE, type TernArgs } from './tern-args';
 import { createLogger, type Logger } from '../util/log';
@@ -11,6 +15,11 @@ import { TERN_VERSION } from '../version';
 function fail(message: string, code: number): never {
   process.stderr.write(`tern: ${message}\n`);
   process.exit(code);
+}
+
+function describeError(e: unknown): string {
+  if (e instanceof ApiError) return e.chain.join(': ');
+  return (e as Error).message;
 }
 
 async function main(): Promise<void> {
@@ -34,23 +43,37 @@ async function main(): Promise<void> {
   }
   const log: Logger = createLogger({ verbosity: args.verbosity, logFile: args.logFile });
   const vmm = new Vmm({ log });
-  log.info({ version: TERN_VERSION, argv: process.argv.slice(2) }, 'VMM starting');
+  const api = new VmmApi(vmm);
 
+  // The monitor subscribes before the first event so it sees "vmm starting".
+  let monitor: EventMonitor | undefined;
+  if (args.eventMonitor) {
+    try {
+      monitor = EventMonitor.open(vmm.store, args.eventMonitor, log);
+    } catch (e) {
+      fail(`error: --event-monitor: ${(e as Error).message}`, 1);
+    }
+  }
+
+  let server: ApiServer | undefined;
   let exiting = false;
   const exit = async (code: number, why: string): Promise<void> => {
     if (exiting) return;
     exiting = true;
     log.info({ code, why }, 'VMM shutting down');
     try {
-      await vmm.close();
+      await vmm.shutdownVmm();
     } catch (e) {
       log.error({ err: e }, 'error while releasing the VM');
       code = code || 1;
     }
+    await server?.close().catch((e) => log.error({ err: e }, 'error while closing the API socket'));
+    monitor?.close();
     process.exit(code);
   };
 
-  // Without an API to ask for a new boot, a guest that powers off ends the VMM.
+  // Without an API to ask for a new boot, a guest that powers off ends the VMM; with one, the
+  // VM just reports Shutdown and the VMM waits for the next call.
   vmm.store.events$.subscribe((ev) => {
     if (ev.type === VmEvents.Shutdown && ev.source === 'vm' && !args.apiSocket) {
       void exit(vmm.failure ? 1 : 0, vmm.failure ? `VM failed: ${vmm.failure}` : 'guest powered off');
@@ -60,18 +83,27 @@ async function main(): Promise<void> {
     process.on(sig, () => void exit(0, sig));
   }
 
+  vmm.announceStart();
+  log.info({ version: TERN_VERSION, argv: process.argv.slice(2) }, 'VMM starting');
+
   if (args.apiSocket) {
-    log.warn('the HTTP API is not available in this build; --api-socket is ignored');
+    try {
+      server = await ApiServer.listen(args.apiSocket, { api, log, onVmmShutdown: () => void exit(0, 'vmm.shutdown') });
+    } catch (e) {
+      process.stderr.write(`tern: error: --api-socket: ${(e as Error).message}\n`);
+      await exit(1, 'API socket unavailable');
+      return;
+    }
+    log.info({ socket: args.apiSocket }, 'HTTP API listening');
   }
   if (args.vm) {
     try {
-      await vmm.create(args.vm);
-      await vmm.boot();
+      await api.create(args.vm);
+      await api.boot();
     } catch (e) {
       log.error({ err: e }, 'VM failed to start');
-      process.stderr.write(`tern: error: ${(e as Error).message}\n`);
-      await vmm.close().catch(() => undefined);
-      process.exit(1);
+      process.stderr.write(`tern: error: ${describeError(e)}\n`);
+      await exit(1, 'VM failed to start');
     }
   }
 }

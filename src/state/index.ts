@@ -13,3 +13,4 @@ export * from './slices/vm';
 export * from './slices/vcpus';
 export * from './slices/devices';
 export * from './slices/bus';
+export * from './vmm-events';

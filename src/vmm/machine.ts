@@ -35,6 +35,7 @@ import { VcpuRunner } from './vcpu-runner';
 export type MachineStop =
   | { reason: 'poweroff'; source: string }
   | { reason: 'reset'; source: string }
+  | { reason: 'panic'; source: string }
   | { reason: 'fatal'; message: string };
 
 export interface MachineOptions {
@@ -193,6 +194,7 @@ export class Machine {
         // KVM_SYSTEM_EVENT_SHUTDOWN = 1, RESET = 2, CRASH = 3
         if (exit.type === 2) this.reportStop({ reason: 'reset', source: 'system event' });
         else if (exit.type === 1) this.reportStop({ reason: 'poweroff', source: 'system event' });
+        else if (exit.type === 3) this.reportStop({ reason: 'panic', source: 'kvm crash system event' });
         else this.reportStop({ reason: 'fatal', message: `guest crash (system event ${exit.type})` });
         return 'stop';
       case 'fail_entry':

@@ -3,8 +3,13 @@
 // all go through the same path and the same rules.
 import type { Logger } from 'pino';
 import type { VmConfig } from '../config/vm-config';
-import { createStore, vmEvents, type RootState, type Store } from '../state';
+import type { GuestMemory } from '../memory/guest-memory';
+import { createStore, vmEvents, vmmEvents, type RootState, type Store } from '../state';
+import { TERN_VERSION } from '../version';
 import { Machine, type MachineStop } from './machine';
+
+/** Reading guest RAM without the means to change it. */
+export type GuestMemoryReader = Pick<GuestMemory, 'size' | 'read' | 'readU8' | 'readU16' | 'readU32' | 'readU64'>;
 
 export interface VmmOptions {
   log: Logger;
@@ -25,6 +30,11 @@ export class Vmm {
 
   get state(): RootState {
     return this.store.getState();
+  }
+
+  /** The running machine's guest RAM (tests, snapshots); undefined while no machine exists. */
+  guestMemory(): GuestMemoryReader | undefined {
+    return this.machine?.memory;
   }
 
   private serialize<T>(action: () => Promise<T> | T): Promise<T> {
@@ -95,11 +105,43 @@ export class Vmm {
     });
   }
 
-  delete(): Promise<void> {
-    return this.serialize(async () => {
-      this.store.dispatch(vmEvents.deleted());
+  /**
+   * Delete the VM, shutting it down first if it runs (so subscribers see Shutdown, then Deleted).
+   * With missingOk, deleting when there is no VM is a no-op, as Cloud Hypervisor's vm.delete is.
+   */
+  delete(opts: { missingOk?: boolean } = {}): Promise<void> {
+    return this.serialize(() => this.deleteNow(opts.missingOk ?? false));
+  }
+
+  private async deleteNow(missingOk: boolean): Promise<void> {
+    const status = this.state.vm.status;
+    if (status === 'NotCreated' && missingOk) return;
+    if (status === 'Running' || status === 'Paused') {
+      this.store.dispatch(vmEvents.shutdown());
       await this.destroyMachine();
+    }
+    this.store.dispatch(vmEvents.deleted());
+    await this.destroyMachine();
+  }
+
+  /** Record that the VMM is up; call once its subscribers (event monitor, API) are attached. */
+  announceStart(): void {
+    this.store.dispatch(vmmEvents.starting({ version: TERN_VERSION, pid: process.pid }));
+  }
+
+  private vmmShutdown?: Promise<void>;
+
+  /** Delete any VM and record the VMM's shutdown; the caller then ends the process. Idempotent. */
+  shutdownVmm(): Promise<void> {
+    this.vmmShutdown ??= this.serialize(async () => {
+      try {
+        await this.deleteNow(true);
+      } finally {
+        await this.destroyMachine();
+        this.store.dispatch(vmmEvents.shutdown(null));
+      }
     });
+    return this.vmmShutdown;
   }
 
   /** Release everything before the process ends. */
@@ -128,6 +170,11 @@ export class Vmm {
       this.reboot('vm').catch((e) => this.log.error({ err: e }, 'reboot failed'));
     } else if (stop.reason === 'poweroff') {
       this.log.info({ source: stop.source }, 'guest powered off');
+      this.shutdown('vm').catch((e) => this.log.error({ err: e }, 'shutdown failed'));
+    } else if (stop.reason === 'panic') {
+      this.log.error({ source: stop.source }, 'guest panicked');
+      this.store.dispatch(vmmEvents.guestPanic({ event: 'panic', detail: stop.source }, 'vm'));
+      this.failure = `guest panic (${stop.source})`;
       this.shutdown('vm').catch((e) => this.log.error({ err: e }, 'shutdown failed'));
     } else {
       this.log.error({ message: stop.message }, 'VM stopped on a fatal error');

@@ -14,7 +14,8 @@ import path from 'node:path';
 const CALLS = Number(process.argv[2] ?? process.env.TERN_BENCH_CALLS ?? 10_000);
 const WARMUP = 1_000;
 const BLOCK = 500;
-const TERN = path.resolve(__dirname, '..', '..', 'src', 'cli', 'tern.js');
+/** the shipped CLI bundle (npm run build makes it) */
+const TERN = path.resolve(__dirname, '..', '..', 'bin', 'tern.js');
 const REQUEST = Buffer.from('GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n');
 
 /** A client on one connection: send the request, wait for one whole response, time it. */

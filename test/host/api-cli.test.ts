@@ -9,12 +9,12 @@ import path from 'node:path';
 
 import { formatMonitorEvent } from '../../src/api/event-monitor';
 import type { TernEvent } from '../../src/api/schema';
-import { GuestProcess, REPO } from '../linux/guest-process';
+import { GuestProcess, REPO, TERN_CLI } from '../linux/guest-process';
 import { sleep } from './harness';
 import { tempDir } from './api-harness';
 import { buildTinyKernel, countsIn } from './tiny-kernel';
 
-const TERN_REMOTE = path.join(REPO, 'dist', 'src', 'cli', 'tern-remote.js');
+const TERN_REMOTE = path.join(REPO, 'dist', 'bin', 'tern-remote.js');
 const dir = tempDir('tern-api-cli-');
 
 interface Run {
@@ -175,7 +175,7 @@ test.serial('--api-socket fd=N and --event-monitor fd=N use inherited descriptor
   const socket = path.join(dir, 'c.sock');
   const monitorFile = path.join(dir, 'c-events.json');
   const monitorFd = fs.openSync(monitorFile, 'w');
-  const ternJs = path.join(REPO, 'dist', 'src', 'cli', 'tern.js');
+  const ternJs = TERN_CLI;
   // python3 binds and listens, then execs tern with the socket as an inherited fd.
   const launcher =
     'import os, socket, sys\n' +

@@ -43,6 +43,8 @@ export const VmEvents = {
   Shutdown: '[VM] Shutdown',
   Deleted: '[VM] Deleted',
   OperationFailed: '[VM] Operation Failed',
+  /** the ACPI power button was pressed; the guest decides what to do about it */
+  PowerButtonPressed: '[VM] Power Button Pressed',
 } as const;
 
 export type VmEventType = (typeof VmEvents)[keyof typeof VmEvents];
@@ -79,6 +81,7 @@ export const VM_LIFECYCLE: Readonly<Record<VmEventType, Rule>> = {
   [VmEvents.Shutdown]: { from: ['Created', 'Running', 'Paused'], pending: 'any' },
   [VmEvents.Deleted]: { from: CREATED, pending: 'any' },
   [VmEvents.OperationFailed]: { from: CREATED, pending: 'any' },
+  [VmEvents.PowerButtonPressed]: { from: ['Running'], pending: null },
 };
 
 function describe(vm: Pick<VmSliceState, 'status' | 'pending'>): string {
@@ -186,6 +189,10 @@ export const vmSlice = createSlice({
       assertVmTransition(vm, VmEvents.Deleted);
       return vmInitialState();
     },
+    // No state change: recorded so the check runs in one place and subscribers see the press.
+    [VmEvents.PowerButtonPressed]: (vm) => {
+      assertVmTransition(vm, VmEvents.PowerButtonPressed);
+    },
     [VmEvents.OperationFailed]: (vm, payload: VmOperationFailedPayload) => {
       assertVmTransition(vm, VmEvents.OperationFailed);
       vm.lastFailure = { operation: vm.pending as VmPending, message: String(payload?.message ?? '') };
@@ -213,4 +220,5 @@ export const vmEvents = {
   shutdown: (source = 'vmm') => ({ type: VmEvents.Shutdown, payload: null, source }),
   deleted: (source = 'vmm') => ({ type: VmEvents.Deleted, payload: null, source }),
   operationFailed: (message: string, source = 'vmm') => ({ type: VmEvents.OperationFailed, payload: { message }, source }),
+  powerButtonPressed: (source = 'vmm') => ({ type: VmEvents.PowerButtonPressed, payload: null, source }),
 };

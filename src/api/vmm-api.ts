@@ -1,0 +1,142 @@
+// The API's operations, independent of HTTP: each one is a Vmm call (or a read of the store)
+// with its errors turned into ApiErrors. The HTTP server and the `tern` CLI both go through
+// here, so a VM started with --kernel is created and booted exactly as vm.create + vm.boot do.
+// Nothing here keeps VM state: every answer is read from the store when it is asked for.
+import { withDefaults, type VmConfig as StoredVmConfig } from '../config/vm-config';
+import { DEBUG_PORT_KIND, SERIAL_KIND } from '../devices';
+import { VmEvents, assertVmTransition, type RootState } from '../state';
+import { TERN_VERSION } from '../version';
+import type { Vmm } from '../vmm/vmm';
+import { ApiError, toApiError } from './errors';
+import { checkVmConfig } from './request-body';
+import type { VmConfig, VmCounters, VmInfo, VmmPingResponse } from './schema';
+
+/** Device-state fields reported by vm.counters, per device kind: counter name -> state field. */
+const DEVICE_COUNTERS: Readonly<Record<string, Readonly<Record<string, string>>>> = {
+  [SERIAL_KIND]: { tx_bytes: 'txBytes', rx_bytes: 'rxBytes', rx_dropped: 'rxDropped' },
+  [DEBUG_PORT_KIND]: { writes: 'writes' },
+};
+
+export const TERN_FEATURES = ['kvm', 'event_stream'];
+
+/** The power button arrives with the ACPI device; until then vm.power-button says so. */
+interface MaybePowerButton {
+  powerButton?: () => Promise<void>;
+}
+
+function noVm(outer: string): ApiError {
+  return new ApiError(404, [outer, 'no VM has been created']);
+}
+
+export class VmmApi {
+  constructor(readonly vmm: Vmm) {}
+
+  private get state(): RootState {
+    return this.vmm.state;
+  }
+
+  ping(): VmmPingResponse {
+    return { build_version: `v${TERN_VERSION}`, version: TERN_VERSION, pid: process.pid, features: [...TERN_FEATURES] };
+  }
+
+  /** vm.create: `body` is parsed JSON, checked here against the contract before the store sees it. */
+  async create(body: unknown): Promise<void> {
+    const outer = 'The VM could not be created';
+    let config: VmConfig;
+    try {
+      config = checkVmConfig(body);
+    } catch (e) {
+      throw toApiError(e, outer);
+    }
+    await this.run(outer, () => this.vmm.create(config as StoredVmConfig));
+  }
+
+  boot(): Promise<void> {
+    return this.run('The VM could not be booted', () => this.vmm.boot());
+  }
+
+  shutdown(): Promise<void> {
+    return this.run('The VM could not be shut down', () => this.vmm.shutdown());
+  }
+
+  reboot(): Promise<void> {
+    return this.run('The VM could not be rebooted', () => this.vmm.reboot());
+  }
+
+  pause(): Promise<void> {
+    return this.run('The VM could not be paused', () => this.vmm.pause());
+  }
+
+  resume(): Promise<void> {
+    return this.run('The VM could not be resumed', () => this.vmm.resume());
+  }
+
+  /** Deleting when there is no VM succeeds, as in Cloud Hypervisor. */
+  delete(): Promise<void> {
+    return this.run('The VM could not be deleted', () => this.vmm.delete({ missingOk: true }));
+  }
+
+  /**
+   * The store's lifecycle rules decide first (404 without a VM, 500 unless Running); the press
+   * itself is Vmm.powerButton, which records "[VM] Power Button Pressed" for the monitor.
+   */
+  powerButton(): Promise<void> {
+    const outer = 'The power button could not be pressed';
+    return this.run(outer, async () => {
+      assertVmTransition(this.state.vm, VmEvents.PowerButtonPressed);
+      const press = (this.vmm as unknown as MaybePowerButton).powerButton;
+      if (typeof press !== 'function') throw new ApiError(500, ['this build of Tern has no ACPI power button']);
+      await press.call(this.vmm);
+    });
+  }
+
+  shutdownVmm(): Promise<void> {
+    return this.run('The VMM could not be shut down', () => this.vmm.shutdownVmm());
+  }
+
+  info(): VmInfo {
+    const vm = this.state.vm;
+    if (vm.status === 'NotCreated' || vm.config === null) throw noVm('The VM information is not available');
+    const config = withDefaults(vm.config);
+    return {
+      config: config as unknown as VmConfig,
+      state: vm.status,
+      // boot RAM: Tern has no memory hotplug or balloon yet
+      memory_actual_size: config.memory.size,
+    };
+  }
+
+  counters(): VmCounters {
+    const outer = 'The VM counters are not available';
+    const { vm, bus, devices } = this.state;
+    if (vm.status === 'NotCreated') throw noVm(outer);
+    if (vm.status !== 'Running' && vm.status !== 'Paused') throw new ApiError(500, [outer, `the VM is ${vm.status}, not running`]);
+    const counters: VmCounters = {
+      bus: {
+        pio_unhandled_reads: bus.unhandled.pio.reads,
+        pio_unhandled_writes: bus.unhandled.pio.writes,
+        mmio_unhandled_reads: bus.unhandled.mmio.reads,
+        mmio_unhandled_writes: bus.unhandled.mmio.writes,
+      },
+    };
+    for (const [id, inst] of Object.entries(devices.instances)) {
+      const fields = DEVICE_COUNTERS[inst.kind];
+      if (!fields) continue;
+      const c: Record<string, number> = {};
+      for (const [name, field] of Object.entries(fields)) {
+        const v = (inst as unknown as Record<string, unknown>)[field];
+        if (typeof v === 'number') c[name] = v;
+      }
+      counters[id] = c;
+    }
+    return counters;
+  }
+
+  private async run(outer: string, action: () => Promise<void>): Promise<void> {
+    try {
+      await action();
+    } catch (e) {
+      throw toApiError(e, outer);
+    }
+  }
+}
