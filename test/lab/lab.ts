@@ -1,0 +1,307 @@
+// Runs a shell script where /dev/kvm behaves like hardware virtualization.
+//
+// This host's /dev/kvm (PVM) cannot boot Linux, so by default the script runs
+// in the "lab": a QEMU-TCG VM with emulated AMD SVM whose /dev/kvm works. The
+// lab mounts the host's / read-only over 9p, chroots into it and runs the
+// script with bash in the caller's working directory, so the host's node,
+// QEMU, dist/ and the fixtures are all visible under their usual paths.
+// Inside the lab only tmpfs mounts (/tmp, /run, /dev/shm) are writable, and
+// their contents are lost when the lab powers off.
+//
+// When /proc/cpuinfo has vmx or svm (real hardware virtualization), the
+// script runs directly on the host instead. TERN_LAB_MODE=lab|direct
+// overrides the choice.
+import { spawn, ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { ensureLabFixtures, fixturesDir } from './fixtures';
+
+export interface LabOptions {
+  /** bash script; runs with cwd = opts.cwd ?? process.cwd(), stdin /dev/null. */
+  script: string;
+  /** Wall-clock limit for the whole run, lab boot included. */
+  timeoutMs: number;
+  /** Lab vCPUs (default 2). */
+  smp?: number;
+  /** Lab memory in MiB (default 3072). */
+  memMiB?: number;
+  /** Live console text (\r removed): in lab mode the whole console, boot included. */
+  onOutput?: (chunk: string) => void;
+  /** Working directory of the script (default process.cwd()). */
+  cwd?: string;
+  /** Extra environment for the script (the lab starts from a clean environment). */
+  env?: Record<string, string>;
+  /** Wait for other lab runs on this machine to end first (default true; TERN_LAB_PARALLEL=1 sets false). */
+  exclusive?: boolean;
+}
+
+export interface LabResult {
+  /** The script's exit status (128 + signal number if killed by a signal in direct mode). */
+  exitCode: number;
+  /** What the script printed (stdout and stderr interleaved, \r removed). */
+  output: string;
+  /** Wall time of the whole run, lab boot and power-off included (not the wait for the lock). */
+  durationMs: number;
+  /** Time from QEMU start to the script's start (0 in direct mode). */
+  bootMs: number;
+  /** Time spent waiting for another lab run to finish (0 in direct mode). */
+  queuedMs: number;
+  mode: 'lab' | 'direct';
+}
+
+export class LabTimeoutError extends Error {
+  constructor(
+    readonly timeoutMs: number,
+    readonly consoleTail: string,
+  ) {
+    super(`runInLab: timed out after ${timeoutMs} ms; killed the run. Last console output:\n${consoleTail}`);
+    this.name = 'LabTimeoutError';
+  }
+}
+
+export const LAB_DEFAULT_SMP = 2;
+export const LAB_DEFAULT_MEM_MIB = 3072;
+
+/** True when this machine's CPU exposes VMX or SVM, i.e. /dev/kvm can boot Linux here. */
+export function hostHasHardwareVirt(cpuinfo?: string): boolean {
+  let text = cpuinfo;
+  if (text === undefined) {
+    try {
+      text = readFileSync('/proc/cpuinfo', 'utf8');
+    } catch {
+      return false;
+    }
+  }
+  return /^flags\s*:.*\b(vmx|svm)\b/m.test(text);
+}
+
+export function labMode(): 'lab' | 'direct' {
+  const forced = process.env.TERN_LAB_MODE;
+  if (forced === 'lab' || forced === 'direct') return forced;
+  return hostHasHardwareVirt() ? 'direct' : 'lab';
+}
+
+/** Single-quotes a string for sh. */
+export function shq(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+function jobText(opts: LabOptions): string {
+  const cwd = path.resolve(opts.cwd ?? process.cwd());
+  const env: Record<string, string> = { TERN_FIXTURES: fixturesDir(), ...(opts.env ?? {}) };
+  if (process.env.CI !== undefined && env.CI === undefined) env.CI = process.env.CI;
+  const exports = Object.entries(env)
+    .map(([k, v]) => `export ${k}=${shq(v)}`)
+    .join('\n');
+  return `cd ${shq(cwd)} || exit 97\n${exports}\n${opts.script}\n`;
+}
+
+/** QEMU arguments of the lab VM (ENVIRONMENT.md's command line, plus -monitor none, -no-reboot, -nic none). */
+export function labQemuArgs(o: {
+  kernel: string;
+  initramfs: string;
+  job: string;
+  nonce: string;
+  smp?: number;
+  memMiB?: number;
+}): string[] {
+  return [
+    '-M', 'q35', '-accel', 'tcg', '-cpu', 'EPYC,+svm',
+    '-smp', String(o.smp ?? LAB_DEFAULT_SMP), '-m', String(o.memMiB ?? LAB_DEFAULT_MEM_MIB),
+    // -nographic alone would put the monitor on stdio too, and QEMU refuses
+    // two users of stdio; -nic none drops the default NIC and its iPXE ROM.
+    '-nographic', '-monitor', 'none', '-serial', 'stdio', '-no-reboot', '-nic', 'none',
+    '-kernel', o.kernel, '-initrd', o.initramfs,
+    '-append', `console=ttyS0 panic=-1 quiet tern.job=${o.job} tern.nonce=${o.nonce}`,
+    '-virtfs', 'local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap',
+  ];
+}
+
+// Children run in their own process groups (so a timeout can kill QEMU behind
+// flock), which also shields them from a terminal's Ctrl-C: kill them when
+// this process exits or is signalled, then let the signal take its course.
+const live = new Set<ChildProcess>();
+const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+const killAll = () => {
+  for (const c of live) killChild(c, true);
+};
+const onSignal = (sig: NodeJS.Signals) => {
+  killAll();
+  unhook();
+  process.kill(process.pid, sig);
+};
+function hook(): void {
+  process.on('exit', killAll);
+  for (const sig of signals) process.on(sig, onSignal);
+}
+function unhook(): void {
+  process.off('exit', killAll);
+  for (const sig of signals) process.off(sig, onSignal);
+}
+function track(child: ChildProcess, group: boolean): void {
+  if (live.size === 0) hook();
+  live.add(child);
+  (child as ChildProcess & { __group?: boolean }).__group = group;
+  child.once('close', () => {
+    live.delete(child);
+    if (live.size === 0) unhook();
+  });
+}
+function killChild(c: ChildProcess, quiet = false): void {
+  try {
+    if ((c as ChildProcess & { __group?: boolean }).__group && c.pid) process.kill(-c.pid, 'SIGKILL');
+    else c.kill('SIGKILL');
+  } catch (e) {
+    if (!quiet) throw e;
+  }
+}
+
+const tail = (s: string, n = 4000) => (s.length > n ? s.slice(-n) : s);
+
+/** Runs `opts.script` with bash where /dev/kvm can boot Linux: the lab VM, or this host if it has VMX/SVM. */
+export async function runInLab(opts: LabOptions): Promise<LabResult> {
+  return labMode() === 'direct' ? runDirect(opts) : runLab(opts);
+}
+
+const LOCKED = 'TERN-LAB-LOCKED';
+
+async function runLab(opts: LabOptions): Promise<LabResult> {
+  const fx = await ensureLabFixtures();
+  mkdirSync(fx.jobsDir, { recursive: true });
+  const nonce = randomBytes(8).toString('hex');
+  const job = path.join(fx.jobsDir, `${nonce}.sh`);
+  if (/\s/.test(job)) throw new Error(`runInLab: the fixtures path must not contain spaces: ${job}`);
+  writeFileSync(job, jobText(opts), { mode: 0o644 });
+
+  const args = labQemuArgs({ kernel: fx.kernel, initramfs: fx.initramfs, job, nonce, smp: opts.smp, memMiB: opts.memMiB });
+  // One lab at a time per machine (flock on the fixtures' lab/.run.lock):
+  // two TCG labs on a small host starve each other into timeouts and make
+  // timings meaningless. The timeout counts from when this run gets the lock.
+  const exclusive = opts.exclusive ?? process.env.TERN_LAB_PARALLEL !== '1';
+  const child = exclusive
+    ? spawn('flock', [path.join(path.dirname(fx.jobsDir), '.run.lock'), 'sh', '-c', `echo ${LOCKED} >&2; exec "$@"`, 'sh', 'qemu-system-x86_64', ...args], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+        detached: true,
+      })
+    : spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  track(child, true);
+
+  const startRe = new RegExp(`TERN-LAB-START ${nonce}\\n`);
+  const exitRe = new RegExp(`TERN-LAB-EXIT ${nonce} (\\d+)`);
+  const errRe = new RegExp(`TERN-LAB-ERROR ${nonce} ([^\\n]*)`);
+  let consoleText = '';
+  let stderr = '';
+  let bootMs = -1;
+  let start = Date.now();
+  const queuedAt = start;
+
+  try {
+    return await new Promise<LabResult>((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined;
+      const arm = () => {
+        start = Date.now();
+        timer = setTimeout(() => {
+          killChild(child, true);
+          reject(new LabTimeoutError(opts.timeoutMs, tail(consoleText) + (stderr ? `\n[qemu stderr]\n${tail(stderr, 1000)}` : '')));
+        }, opts.timeoutMs);
+      };
+      // Waiting for another lab is bounded too, by this run's own timeout.
+      const lockTimer = exclusive
+        ? setTimeout(() => {
+            killChild(child, true);
+            reject(new Error(`runInLab: another lab run held the lab lock for more than ${opts.timeoutMs} ms`));
+          }, opts.timeoutMs)
+        : undefined;
+      if (!exclusive) arm();
+      child.stdout!.setEncoding('utf8');
+      child.stderr!.setEncoding('utf8');
+      child.stdout!.on('data', (chunk: string) => {
+        const text = chunk.replace(/\r/g, '');
+        consoleText += text;
+        if (bootMs < 0 && startRe.test(consoleText)) bootMs = Date.now() - start;
+        opts.onOutput?.(text);
+      });
+      child.stderr!.on('data', (chunk: string) => {
+        if (exclusive && timer === undefined && (stderr + chunk).includes(LOCKED)) {
+          clearTimeout(lockTimer);
+          arm();
+          stderr = (stderr + chunk).replace(`${LOCKED}\n`, '');
+          return;
+        }
+        stderr += chunk;
+      });
+      child.once('error', (e) => {
+        clearTimeout(timer);
+        clearTimeout(lockTimer);
+        reject(new Error(`runInLab: cannot start qemu-system-x86_64: ${e.message}`));
+      });
+      child.once('close', (code, signal) => {
+        clearTimeout(timer);
+        clearTimeout(lockTimer);
+        const durationMs = Date.now() - start;
+        const s = startRe.exec(consoleText);
+        const e = exitRe.exec(consoleText);
+        if (s && e && e.index >= s.index) {
+          resolve({
+            exitCode: Number(e[1]),
+            output: consoleText.slice(s.index + s[0].length, e.index),
+            durationMs,
+            bootMs,
+            queuedMs: start - queuedAt,
+            mode: 'lab',
+          });
+          return;
+        }
+        const setupError = errRe.exec(consoleText);
+        reject(
+          new Error(
+            `runInLab: the lab ended (qemu ${signal ?? `exit ${code}`}) ` +
+              (setupError ? `with a setup error: ${setupError[1]}` : 'without reporting an exit status') +
+              `\n[console]\n${tail(consoleText)}\n[qemu stderr]\n${tail(stderr, 2000)}`,
+          ),
+        );
+      });
+    });
+  } finally {
+    rmSync(job, { force: true });
+  }
+}
+
+async function runDirect(opts: LabOptions): Promise<LabResult> {
+  const dir = path.join(os.tmpdir(), `tern-lab-${randomBytes(6).toString('hex')}`);
+  mkdirSync(dir, { recursive: true });
+  const job = path.join(dir, 'job.sh');
+  writeFileSync(job, jobText(opts));
+  const start = Date.now();
+  const child = spawn('bash', [job], { stdio: ['ignore', 'pipe', 'pipe'], detached: true, env: process.env });
+  track(child, true);
+  let output = '';
+  try {
+    return await new Promise<LabResult>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        killChild(child, true);
+        reject(new LabTimeoutError(opts.timeoutMs, tail(output)));
+      }, opts.timeoutMs);
+      const onData = (chunk: string) => {
+        const text = chunk.replace(/\r/g, '');
+        output += text;
+        opts.onOutput?.(text);
+      };
+      child.stdout!.setEncoding('utf8').on('data', onData);
+      child.stderr!.setEncoding('utf8').on('data', onData);
+      child.once('error', (e) => {
+        clearTimeout(timer);
+        reject(new Error(`runInLab: cannot start bash: ${e.message}`));
+      });
+      child.once('close', (code, signal) => {
+        clearTimeout(timer);
+        const exitCode = code ?? 128 + (signal ? os.constants.signals[signal] : 0);
+        resolve({ exitCode, output, durationMs: Date.now() - start, bootMs: 0, queuedMs: 0, mode: 'direct' });
+      });
+    });
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
