@@ -35,6 +35,7 @@ import {
 } from './layout';
 import { bootMsrs } from './msrs';
 import { BOOT_LAPIC_LINT, LapicDeliveryMode, initialFpu } from './vcpu-init';
+import { writeResetVector } from './reset-vector';
 import { writeBootGdt, writeIdentityPageTables } from './x86/long-mode';
 
 export { BootError } from './errors';
@@ -228,6 +229,7 @@ export function loadKernel(mem: GuestMemory, opts: LoadKernelOptions): BootPlan 
   mem.write(CMDLINE_ADDRESS, cmdline);
   const acpi = writeAcpiTables(mem, { ...opts.acpi, vcpuCount });
   writeBootGdt(mem);
+  writeResetVector(mem);
 
   let regs: Regs;
   let sregs: SregsPlan;

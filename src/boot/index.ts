@@ -9,3 +9,4 @@ export * as aml from './aml';
 export * from './cpuid';
 export * from './msrs';
 export * from './vcpu-init';
+export * from './reset-vector';

@@ -48,44 +48,33 @@ export class GuestRegion {
     return addr >= this.guestAddress && addr + len <= this.end;
   }
 
-  /** Copy out of the region; crosses chunk boundaries. */
-  read(offset: number, len: number): Uint8Array {
-    const out = new Uint8Array(len);
+  /** Call `fn` for each chunk-local piece of [offset, offset+len), in order. */
+  private forEachSpan(offset: number, len: number, fn: (chunk: Uint8Array, start: number, n: number, done: number) => void): void {
     let done = 0;
     while (done < len) {
       const off = offset + done;
       const c = Math.floor(off / this.chunkSize);
       const inChunk = off - c * this.chunkSize;
       const n = Math.min(len - done, this.chunkSize - inChunk);
-      out.set(this.chunks[c].subarray(inChunk, inChunk + n), done);
+      fn(this.chunks[c], inChunk, n, done);
       done += n;
     }
+  }
+
+  /** Copy out of the region; crosses chunk boundaries. */
+  read(offset: number, len: number): Uint8Array {
+    const out = new Uint8Array(len);
+    this.forEachSpan(offset, len, (chunk, start, n, done) => out.set(chunk.subarray(start, start + n), done));
     return out;
   }
 
   write(offset: number, data: Uint8Array): void {
-    let done = 0;
-    while (done < data.length) {
-      const off = offset + done;
-      const c = Math.floor(off / this.chunkSize);
-      const inChunk = off - c * this.chunkSize;
-      const n = Math.min(data.length - done, this.chunkSize - inChunk);
-      this.chunks[c].set(data.subarray(done, done + n), inChunk);
-      done += n;
-    }
+    this.forEachSpan(offset, data.length, (chunk, start, n, done) => chunk.set(data.subarray(done, done + n), start));
     this.markDirty(offset, data.length);
   }
 
   fill(offset: number, len: number, value = 0): void {
-    let done = 0;
-    while (done < len) {
-      const off = offset + done;
-      const c = Math.floor(off / this.chunkSize);
-      const inChunk = off - c * this.chunkSize;
-      const n = Math.min(len - done, this.chunkSize - inChunk);
-      this.chunks[c].fill(value, inChunk, inChunk + n);
-      done += n;
-    }
+    this.forEachSpan(offset, len, (chunk, start, n) => chunk.fill(value, start, start + n));
     this.markDirty(offset, len);
   }
 

@@ -1,6 +1,7 @@
 // Real Debian kernels booting under tern: run inside the lab (or directly on a vmx/svm host).
 import test from 'ava';
-import { GuestProcess, fixture, guestCmdline } from './guest-process';
+import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
+import { GuestProcess, fixture } from './guest-process';
 
 const BOOT_TIMEOUT = 180_000;
 const MIB = 1024 * 1024;
@@ -20,18 +21,11 @@ function nprocOf(output: string): number {
 const PROBE = 'echo NPROC=$(nproc); grep MemTotal /proc/meminfo';
 
 async function qemuMemTotal(cpus: number, memMiB: number): Promise<number> {
-  const q = new GuestProcess('qemu-system-x86_64', [
-    '-M', 'microvm', '-accel', 'kvm', '-cpu', 'host', '-smp', String(cpus), '-m', String(memMiB),
-    '-nographic', '-no-reboot', '-serial', 'stdio', '-monitor', 'none', '-nodefaults',
-    '-kernel', fixture('bzImage'), '-initrd', fixture('initramfs.img'),
-    '-append', guestCmdline(PROBE),
-  ]);
-  try {
-    await q.waitFor(/MemTotal:\s+\d+ kB/, BOOT_TIMEOUT);
-    return memTotalKiB(q.output);
-  } finally {
-    q.kill();
-  }
+  const run = await runPeer(
+    microvmCommand({ kernel: fixture('bzImage'), initrd: fixture('initramfs.img'), cmdline: guestCmdline({ cmd: PROBE }), cpus, memMiB }),
+    BOOT_TIMEOUT,
+  );
+  return memTotalKiB(run.output);
 }
 
 let peerMemTotal: Promise<number> | undefined;
@@ -40,7 +34,7 @@ for (const kernel of ['vmlinux', 'bzImage']) {
   test.serial(`${kernel}: 2 vCPUs and 512M reach userspace, match QEMU's MemTotal, poweroff exits 0`, async (t) => {
     const vm = GuestProcess.tern([
       '--kernel', fixture(kernel), '--initramfs', fixture('initramfs.img'),
-      '--cmdline', guestCmdline(PROBE), '--cpus', 'boot=2', '--memory', 'size=512M', '--serial', 'tty',
+      '--cmdline', guestCmdline({ cmd: PROBE }), '--cpus', 'boot=2', '--memory', 'size=512M', '--serial', 'tty',
     ]);
     try {
       const { code } = await vm.exit(BOOT_TIMEOUT);

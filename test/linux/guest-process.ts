@@ -69,8 +69,3 @@ export class GuestProcess {
     if (this.child.exitCode === null) this.child.kill('SIGKILL');
   }
 }
-
-/** The kernel command line our guests use; `tern.cmd` is run by the fixture /init. */
-export function guestCmdline(cmd?: string): string {
-  return `console=ttyS0 quiet panic=-1${cmd ? ` tern.cmd="${cmd}"` : ''}`;
-}

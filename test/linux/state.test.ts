@@ -6,7 +6,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { Vmm } from '../../src/vmm/vmm';
 import { silentLogger } from '../../src/util/log';
-import { fixture, guestCmdline } from './guest-process';
+import { guestCmdline } from '../lab/qemu-peer';
+import { fixture } from './guest-process';
 
 async function waitForFile(file: string, re: RegExp, timeoutMs: number): Promise<string> {
   const deadline = Date.now() + timeoutMs;
@@ -27,7 +28,7 @@ test('a booted Linux guest: pause stops it, the store round-trips through JSON, 
       payload: {
         kernel: fixture('vmlinux'),
         initramfs: fixture('initramfs.img'),
-        cmdline: guestCmdline('i=0; while true; do i=$((i+1)); echo TICK-$i; sleep 0.2; done'),
+        cmdline: guestCmdline({ cmd: 'i=0; while true; do i=$((i+1)); echo TICK-$i; sleep 0.2; done' }),
       },
       cpus: { boot_vcpus: 2, max_vcpus: 2 },
       memory: { size: 256 * 1024 * 1024 },
