@@ -7,7 +7,8 @@
 #   bzImage         Debian kernel (boot/vmlinuz-*)
 #   vmlinux         ELF kernel with the PVH entry note (from bzImage's xz payload)
 #   modules/        the kernel's lib/modules/<release> tree
-#   initramfs.img   gzip'ed newc cpio: static busybox, virtio/9p modules, /init
+#   initramfs.img   gzip'ed newc cpio: static busybox, virtio/9p/ACPI button/
+#                   evdev modules, /init, acpid's power-button handler
 #   busybox         the static busybox used
 #   kernel.env      KERNEL_PACKAGE, KERNEL_VERSION, KERNEL_RELEASE
 # Env: TERN_FIXTURES, TERN_GUEST_EXTRA_MODULES (more module names to add).
@@ -22,8 +23,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 FIX=${TERN_FIXTURES:-/var/cache/tern/fixtures}
 # Load order is resolved from each module's depends= (virtio_ring before
 # virtio, netfs before fscache, ...). virtio_mmio is what QEMU microvm uses.
+# button and evdev carry the ACPI power button to busybox acpid.
 GUEST_MODULES="virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-  virtio_blk virtio_net virtio_console netfs fscache 9pnet 9pnet_virtio 9p ${TERN_GUEST_EXTRA_MODULES:-}"
+  virtio_blk virtio_net virtio_console netfs fscache 9pnet 9pnet_virtio 9p button evdev ${TERN_GUEST_EXTRA_MODULES:-}"
 
 log() { echo "guest-fixtures: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -49,7 +51,8 @@ flock 9
 
 bb=/bin/busybox
 is_static_elf "$bb" || bb=  # taken from the busybox-static package below
-self_hash=$(cat "${BASH_SOURCE[0]}" "$here/lib/kmods.sh" "$here/lib/initramfs.sh" "$here/guest/init" | sha256sum | cut -c1-16)
+self_hash=$(cat "${BASH_SOURCE[0]}" "$here/lib/kmods.sh" "$here/lib/initramfs.sh" "$here/guest/init" \
+  "$here/guest/acpi-power-button" | sha256sum | cut -c1-16)
 outputs_ok() {
   [ -s "$FIX/bzImage" ] && [ -s "$FIX/vmlinux" ] && [ -s "$FIX/initramfs.img" ] && [ -d "$FIX/modules" ]
 }
@@ -141,6 +144,7 @@ fi
 root=$work/initramfs
 ir_busybox_root "$root" "$bb"
 install -m 0755 "$here/guest/init" "$root/init"
+install -D -m 0755 "$here/guest/acpi-power-button" "$root/etc/acpi/PWRF/00000080"
 printf '%s\n' 'export PS1="tern# "' > "$root/etc/profile"
 ir_add_modules "$root" "$work/kernel/lib/modules/$krel" $GUEST_MODULES
 ir_pack "$root" "$work/initramfs.img"

@@ -123,6 +123,16 @@ export class TernClient {
     return this.put('vm.create', config);
   }
 
+  /** Snapshot the paused VM into a new directory (destination_url: file:///DIR). */
+  snapshot(destinationUrl: string): Promise<void> {
+    return this.put('vm.snapshot', { destination_url: destinationUrl });
+  }
+
+  /** Restore a VM from a snapshot directory (only when the VMM has no VM). */
+  restore(config: { source_url: string; prefault?: boolean; resume?: boolean; memory_restore_mode?: 'copy' | 'ondemand' }): Promise<void> {
+    return this.put('vm.restore', config);
+  }
+
   boot(): Promise<void> {
     return this.put('vm.boot');
   }

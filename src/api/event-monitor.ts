@@ -23,6 +23,10 @@ export const MONITOR_EVENT_NAMES: Readonly<Record<string, { source: string; even
   [VmEvents.Rebooted]: { source: 'vm', event: 'rebooted' },
   [VmEvents.Deleted]: { source: 'vm', event: 'deleted' },
   [VmEvents.PowerButtonPressed]: { source: 'vm', event: 'power-button' },
+  [VmEvents.Snapshotting]: { source: 'vm', event: 'snapshotting' },
+  [VmEvents.Snapshotted]: { source: 'vm', event: 'snapshotted' },
+  [VmEvents.Restoring]: { source: 'vm', event: 'restoring' },
+  [VmEvents.Restored]: { source: 'vm', event: 'restored' },
   [GuestEvents.Panic]: { source: 'guest', event: 'panic' },
 };
 

@@ -33,11 +33,13 @@ interface Endpoint {
 const put = (run: (api: VmmApi) => Promise<void>): Endpoint => ({ method: 'PUT', body: false, run });
 const get = (run: (api: VmmApi) => unknown): Endpoint => ({ method: 'GET', body: false, run });
 
-/** Paths implemented now; snapshot, restore, migration and hotplug answer as unknown paths. */
+/** Paths implemented now; migration and hotplug answer as unknown paths. */
 export const ENDPOINTS: Readonly<Record<string, Endpoint>> = {
   'vmm.ping': get((a) => a.ping()),
   'vmm.shutdown': put((a) => a.shutdownVmm()),
   'vm.create': { method: 'PUT', body: true, run: (a, body) => a.create(body) },
+  'vm.snapshot': { method: 'PUT', body: true, run: (a, body) => a.snapshot(body) },
+  'vm.restore': { method: 'PUT', body: true, run: (a, body) => a.restore(body) },
   'vm.boot': put((a) => a.boot()),
   'vm.delete': put((a) => a.delete()),
   'vm.shutdown': put((a) => a.shutdown()),

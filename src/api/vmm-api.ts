@@ -19,9 +19,13 @@ const DEVICE_COUNTERS: Readonly<Record<string, Readonly<Record<string, string>>>
 
 export const TERN_FEATURES = ['kvm', 'event_stream'];
 
-/** The power button arrives with the ACPI device; until then vm.power-button says so. */
-interface MaybePowerButton {
-  powerButton?: () => Promise<void>;
+function invalidBody(outer: string, why: string): ApiError {
+  return new ApiError(400, [outer, 'The request body is not valid', why]);
+}
+
+function objectBody(body: unknown, outer: string): Record<string, unknown> {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) throw invalidBody(outer, 'expected a JSON object');
+  return body as Record<string, unknown>;
 }
 
 function noVm(outer: string): ApiError {
@@ -84,10 +88,36 @@ export class VmmApi {
     const outer = 'The power button could not be pressed';
     return this.run(outer, async () => {
       assertVmTransition(this.state.vm, VmEvents.PowerButtonPressed);
-      const press = (this.vmm as unknown as MaybePowerButton).powerButton;
-      if (typeof press !== 'function') throw new ApiError(500, ['this build of Tern has no ACPI power button']);
-      await press.call(this.vmm);
+      await this.vmm.powerButton();
     });
+  }
+
+  /** vm.snapshot: body is a VmSnapshotConfig ({destination_url}); the VM must be Paused. */
+  async snapshot(body: unknown): Promise<void> {
+    const outer = 'The VM could not be snapshotted';
+    const b = objectBody(body, outer);
+    if (typeof b.destination_url !== 'string') throw invalidBody(outer, 'destination_url must be a string');
+    await this.run(outer, () => this.vmm.snapshot(b.destination_url as string));
+  }
+
+  /** vm.restore: body is a RestoreConfig; only when no VM exists. */
+  async restore(body: unknown): Promise<void> {
+    const outer = 'The VM could not be restored';
+    const b = objectBody(body, outer);
+    if (typeof b.source_url !== 'string') throw invalidBody(outer, 'source_url must be a string');
+    for (const k of ['prefault', 'resume'] as const) {
+      if (b[k] != null && typeof b[k] !== 'boolean') throw invalidBody(outer, `${k} must be a boolean`);
+    }
+    const mode = b.memory_restore_mode;
+    if (mode != null && mode !== 'copy' && mode !== 'ondemand') throw invalidBody(outer, 'memory_restore_mode must be "copy" or "ondemand"');
+    await this.run(outer, () =>
+      this.vmm.restore({
+        source_url: b.source_url as string,
+        prefault: (b.prefault as boolean | null) ?? undefined,
+        resume: (b.resume as boolean | null) ?? undefined,
+        memory_restore_mode: (mode as 'copy' | 'ondemand' | null) ?? undefined,
+      }),
+    );
   }
 
   shutdownVmm(): Promise<void> {

@@ -13,6 +13,7 @@ import {
   ACPI_SLEEP_STATUS_PORT,
   SLP_TYP_S5,
 } from '../devices/acpi-pm';
+import { ACPI_GED_GSI, ACPI_GED_LENGTH, ACPI_GED_PORT, GedEvent } from '../devices/acpi-ged';
 import { CMOS_BASE, CMOS_PORT_LENGTH } from '../devices/cmos-rtc';
 import { I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_KBD_GSI } from '../devices/i8042';
 import { COM1_BASE, COM1_GSI } from '../devices/serial-16550a';
@@ -262,6 +263,8 @@ export interface DsdtOptions {
   i8042?: boolean;
   /** Describe the CMOS RTC (0x70, no interrupt); default true. */
   rtc?: boolean;
+  /** Describe the Generic Event Device and the power button it notifies; default true. */
+  powerButton?: boolean;
   /** More objects to place in \_SB (devices from other subsystems). */
   sbObjects?: aml.AmlCode[];
   /** More top-level objects. */
@@ -305,6 +308,38 @@ export function rtcDevice(): aml.AmlCode {
   ]);
 }
 
+/** ACPI event number of a notification: 0x80 on a power button means "pressed". */
+const NOTIFY_BUTTON_PRESSED = 0x80;
+
+/** The control-method power button; the GED's _EVT notifies it. */
+export function powerButtonDevice(): aml.AmlCode {
+  return aml.device('PWRB', [aml.name('_HID', aml.eisaId('PNP0C0C')), aml.name('_UID', 0)]);
+}
+
+/**
+ * The Generic Event Device: one level-triggered interrupt whose _EVT reads the pending events
+ * from the GED register, acknowledges exactly those (which lowers the line once none is left),
+ * and then notifies the devices they belong to. Acknowledging before notifying means a press
+ * that arrives during the Notify raises the line again instead of being cleared unseen.
+ */
+export function gedDevice(): aml.AmlCode {
+  const pending = aml.local(0);
+  return aml.device('GED0', [
+    aml.name('_HID', 'ACPI0013'),
+    aml.name('_UID', 0),
+    aml.name('_CRS', aml.resourceTemplate([aml.Resource.interrupt({ edge: false }, [ACPI_GED_GSI])])),
+    aml.operationRegion('GDRG', aml.RegionSpace.SystemIO, ACPI_GED_PORT, ACPI_GED_LENGTH),
+    aml.field('GDRG', { access: aml.FieldAccess.Byte }, [{ name: 'GDST', bits: 8 }]),
+    aml.method('_EVT', { args: 1, serialized: true }, [
+      aml.ifThen(aml.lEqual(aml.arg(0), ACPI_GED_GSI), [
+        aml.store(aml.path('GDST'), pending),
+        aml.store(pending, aml.path('GDST')),
+        aml.ifThen(aml.and(pending, GedEvent.PowerButton), [aml.notify(aml.path('\\_SB.PWRB'), NOTIFY_BUTTON_PRESSED)]),
+      ]),
+    ]),
+  ]);
+}
+
 /** The DSDT's AML body (without the SDT header). */
 export function buildDsdtAml(opts: DsdtOptions = {}): Uint8Array {
   const serial = opts.serialPorts ?? DEFAULT_SERIAL_PORTS;
@@ -314,6 +349,7 @@ export function buildDsdtAml(opts: DsdtOptions = {}): Uint8Array {
   const sb = serial.map(serialPortDevice);
   if (opts.i8042 ?? true) sb.push(i8042Device());
   if (opts.rtc ?? true) sb.push(rtcDevice());
+  if (opts.powerButton ?? true) sb.push(powerButtonDevice(), gedDevice());
   terms.push(aml.scope('\\_SB', [...sb, ...(opts.sbObjects ?? [])]));
   return aml.termList(terms);
 }

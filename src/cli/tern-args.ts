@@ -13,6 +13,8 @@ export interface RestoreArgs {
   resume?: boolean;
   prefault?: boolean;
   memory_restore_mode?: 'copy' | 'ondemand';
+  /** --serial given with --restore: where the restored VM's serial output goes now */
+  serial?: ConsoleConfig;
 }
 
 export interface TernArgs {
@@ -167,7 +169,16 @@ export function parseTernArgs(argv: string[]): TernArgs {
     if (value === undefined) throw new OptionError(arg, 'needs a value');
     handler(value, acc);
   }
+  if (acc.args.restore && acc.vmOptionSeen) {
+    // Only the serial console's host end may be chosen anew; the rest comes from the snapshot.
+    const { payload, serial, ...rest } = acc.vm;
+    if (serial && Object.keys(payload).length === 0 && Object.keys(rest).length === 0) {
+      acc.args.restore.serial = serial;
+      acc.vmOptionSeen = false;
+    }
+  }
   if (acc.vmOptionSeen) {
+    if (acc.args.restore) throw new OptionError('--restore', 'cannot be combined with boot options (--kernel, --cpus, ...)');
     if (!acc.vm.payload.kernel && !acc.vm.payload.firmware) {
       throw new OptionError('--kernel', 'a VM needs --kernel (or --firmware)');
     }
@@ -189,7 +200,8 @@ export const TERN_USAGE = `Usage: tern [OPTIONS]
   --console off|null|tty|file=PATH    virtio console (accepted; device not yet built)
   --api-socket path=PATH|fd=N         HTTP API on a UNIX socket
   --event-monitor path=PATH|fd=N      event stream, one JSON object per event
-  --restore source_url=file:///DIR[,resume=on]
+  --restore source_url=file:///DIR[,resume=on][,memory_restore_mode=copy|ondemand][,prefault=on]
+                           (--serial may be given with it)
   --log-file PATH          pino JSON log (default stderr)
   -v, -vv                  more log detail
   -V, --version            print the version`;

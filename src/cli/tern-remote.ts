@@ -22,14 +22,19 @@ const COMMANDS: Record<string, Command> = {
   reboot: { method: 'PUT', endpoint: 'vm.reboot', about: 'reboot the VM' },
   shutdown: { method: 'PUT', endpoint: 'vm.shutdown', about: 'stop the VM (it can boot again)' },
   'power-button': { method: 'PUT', endpoint: 'vm.power-button', about: 'press the ACPI power button' },
+  snapshot: { method: 'PUT', endpoint: 'vm.snapshot', about: 'snapshot the paused VM into file:///DIR (a new directory)' },
+  restore: { method: 'PUT', endpoint: 'vm.restore', about: 'restore a VM: source_url=file:///DIR[,resume=on][,prefault=on][,memory_restore_mode=copy|ondemand]' },
   'shutdown-vmm': { method: 'PUT', endpoint: 'vmm.shutdown', about: 'end the VMM process' },
   events: { method: 'GET', endpoint: 'vmm.events', about: 'follow the event stream until the VMM ends' },
 };
 
+const ARG_NAMES: Record<string, string> = { create: 'create [FILE|-]', snapshot: 'snapshot URL', restore: 'restore CONFIG' };
+const TAKES_ARG = new Set(Object.keys(ARG_NAMES));
+
 const USAGE = `Usage: tern-remote --api-socket PATH COMMAND [ARG]
 Commands:
 ${Object.entries(COMMANDS)
-  .map(([name, c]) => `  ${(name === 'create' ? 'create [FILE|-]' : name).padEnd(18)}${c.about}`)
+  .map(([name, c]) => `  ${(ARG_NAMES[name] ?? name).padEnd(18)}${c.about}`)
   .join('\n')}
 Options:
   --api-socket PATH   the VMM's API socket (tern --api-socket)
@@ -71,7 +76,8 @@ function parse(argv: string[]): Parsed {
   const [command, arg, ...extra] = rest;
   if (!command) usage('no command given');
   if (!Object.hasOwn(COMMANDS, command)) usage(`unknown command ${command}`);
-  if (extra.length || (arg !== undefined && command !== 'create')) usage(`too many arguments for ${command}`);
+  if (extra.length || (arg !== undefined && !TAKES_ARG.has(command))) usage(`too many arguments for ${command}`);
+  if (arg === undefined && (command === 'snapshot' || command === 'restore')) usage(`${command} needs an argument`);
   return { socket, command, arg };
 }
 
@@ -83,6 +89,23 @@ function readConfig(arg: string | undefined): string {
     process.stderr.write(`tern-remote: cannot read ${source === '-' ? 'stdin' : source}: ${(e as Error).message}\n`);
     process.exit(1);
   }
+}
+
+/** ch-remote's `restore source_url=...,prefault=on` as a RestoreConfig body. */
+function restoreBody(arg: string): Record<string, unknown> {
+  const body: Record<string, unknown> = {};
+  for (const part of arg.split(',')) {
+    const eq = part.indexOf('=');
+    const k = eq < 0 ? 'source_url' : part.slice(0, eq);
+    const v = eq < 0 ? part : part.slice(eq + 1);
+    if (k === 'source_url' || k === 'memory_restore_mode') body[k] = v;
+    else if (k === 'resume' || k === 'prefault') {
+      if (v !== 'on' && v !== 'off' && v !== 'true' && v !== 'false') usage(`restore: ${k}=${v} must be on or off`);
+      body[k] = v === 'on' || v === 'true';
+    } else usage(`restore: unknown key ${k}`);
+  }
+  if (!body.source_url) usage('restore needs source_url=file:///DIR');
+  return body;
 }
 
 function reportApiError(command: string, status: number, chain: string[]): never {
@@ -111,7 +134,7 @@ async function main(): Promise<void> {
     return;
   }
   const { method, endpoint } = COMMANDS[command];
-  const body = command === 'create' ? readConfig(arg) : undefined;
+  const body = command === 'create' ? readConfig(arg) : command === 'snapshot' ? { destination_url: arg } : command === 'restore' ? restoreBody(arg!) : undefined;
   let reply;
   try {
     reply = await client.request(method, endpoint, body);

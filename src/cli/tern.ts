@@ -96,6 +96,15 @@ async function main(): Promise<void> {
     }
     log.info({ socket: args.apiSocket }, 'HTTP API listening');
   }
+  if (args.restore) {
+    try {
+      await vmm.restore(args.restore);
+    } catch (e) {
+      log.error({ err: e }, 'VM failed to restore');
+      process.stderr.write(`tern: error: restore: ${describeError(e)}\n`);
+      await exit(1, 'VM failed to restore');
+    }
+  }
   if (args.vm) {
     try {
       await api.create(args.vm);

@@ -5,6 +5,7 @@ import { i8042Model, type I8042State } from './i8042';
 import { cmosModel, type CmosRtcState } from './cmos-rtc';
 import { acpiPmModel, type AcpiPmState } from './acpi-pm';
 import { debugPortModel, type DebugPortState } from './debug-port';
+import { acpiGedModel, type AcpiGedState } from './acpi-ged';
 
 export * from './device';
 export * from './model';
@@ -14,9 +15,10 @@ export * from './i8042';
 export * from './cmos-rtc';
 export * from './acpi-pm';
 export * from './debug-port';
+export * from './acpi-ged';
 
 /** Every device slice the devices map may hold. */
-export type AnyDeviceState = Serial16550aState | I8042State | CmosRtcState | AcpiPmState | DebugPortState;
+export type AnyDeviceState = Serial16550aState | I8042State | CmosRtcState | AcpiPmState | DebugPortState | AcpiGedState;
 
 export const deviceModels: Readonly<Record<string, DeviceModel<any>>> = Object.freeze({
   [serialModel.kind]: serialModel,
@@ -24,6 +26,7 @@ export const deviceModels: Readonly<Record<string, DeviceModel<any>>> = Object.f
   [cmosModel.kind]: cmosModel,
   [acpiPmModel.kind]: acpiPmModel,
   [debugPortModel.kind]: debugPortModel,
+  [acpiGedModel.kind]: acpiGedModel,
 });
 
 export function deviceModel(kind: string): DeviceModel<DeviceStateBase> | undefined {

@@ -13,4 +13,6 @@ export * from './slices/vm';
 export * from './slices/vcpus';
 export * from './slices/devices';
 export * from './slices/bus';
+export * from './slices/kvm';
+export * from './upgrade';
 export * from './vmm-events';

@@ -1,11 +1,13 @@
 // The whole tree: one key per slice plus the root schema version.
 import { busSlice } from './slices/bus';
 import { devicesSlice } from './slices/devices';
+import { kvmSlice } from './slices/kvm';
 import { vcpusSlice } from './slices/vcpus';
 import { vmSlice } from './slices/vm';
 import type { Slice, SliceStateOf } from './slice';
 
-export const ROOT_SCHEMA_VERSION = 1;
+// 2: added the kvm slice (see upgrade.ts for how a version-1 state is lifted)
+export const ROOT_SCHEMA_VERSION = 2;
 
 export type SliceMap = Readonly<Record<string, Slice<string, any, any>>>;
 
@@ -18,6 +20,7 @@ export const rootSlices = Object.freeze({
   vcpus: vcpusSlice,
   devices: devicesSlice,
   bus: busSlice,
+  kvm: kvmSlice,
 });
 
 export type RootSlices = typeof rootSlices;

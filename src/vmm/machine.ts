@@ -16,18 +16,30 @@ import { longModeSregs, protectedMode32Sregs } from '../boot/x86/long-mode';
 import { withDefaults, type VmConfig } from '../config/vm-config';
 import type { Effect } from '../devices/device';
 import {
+  acpiGedDevice,
   acpiPmDevice,
   cmosDevice,
   debugPortDevice,
   i8042Device,
+  powerButtonPressedEvent,
   serialDevice,
   SerialEvents,
   type DeviceInstance,
   type AnyDeviceState,
 } from '../devices';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
-import { native, readMsrs, type NativeKvm, type NativeVcpu, type NativeVm, type VcpuExit } from '../native/kvm';
-import { deviceEvents, dispatchIo, encodeVcpuState, vcpuEvents, type RootState, type Store } from '../state';
+import type { MemoryRange } from '../migration/snapshot';
+import { native, readMsrs, type CpuidEntry, type NativeKvm, type NativeVcpu, type NativeVm, type VcpuExit } from '../native/kvm';
+import {
+  decodeVcpuState,
+  deviceEvents,
+  dispatchIo,
+  encodeVcpuState,
+  kvmEvents,
+  vcpuEvents,
+  type RootState,
+  type Store,
+} from '../state';
 import { openConsoleSink, type ConsoleSink } from './console-sink';
 import { VcpuRunner } from './vcpu-runner';
 
@@ -43,9 +55,23 @@ export interface MachineOptions {
   log: Logger;
   /** called once, from the JavaScript thread, when the guest powers off, resets or fails */
   onStop: (stop: MachineStop) => void;
+  /** build from saved state and a memory-ranges file instead of loading a kernel */
+  restore?: MachineRestore;
+}
+
+export interface MachineRestore {
+  /** the saved store state (vm, vcpus, kvm, devices); the store itself is not read */
+  state: RootState;
+  memoryPath: string;
+  ranges: readonly MemoryRange[];
+  /** copy: read RAM in now; ondemand: map the file copy-on-write, pages load on first touch */
+  mode: 'copy' | 'ondemand';
+  /** ondemand: touch every page now */
+  prefault?: boolean;
 }
 
 const SERIAL_ID = 'serial0';
+const GED_ID = 'ged0';
 
 /** The legacy platform devices of every Tern VM, as device instances for the store. */
 function platformDevices(config: ReturnType<typeof withDefaults>): DeviceInstance<AnyDeviceState>[] {
@@ -53,6 +79,7 @@ function platformDevices(config: ReturnType<typeof withDefaults>): DeviceInstanc
     i8042Device(),
     cmosDevice({ memorySize: config.memory.size }),
     acpiPmDevice(),
+    acpiGedDevice({ id: GED_ID }),
     debugPortDevice(),
   ];
   if (config.serial.mode !== 'Off') devices.unshift(serialDevice({ id: SERIAL_ID }));
@@ -67,6 +94,33 @@ function readPayloadFile(path: string, what: string): Buffer {
   }
 }
 
+const ZERO_PAGE = new Uint8Array(4096);
+
+function isZeroPage(b: Uint8Array): boolean {
+  return Buffer.from(b.buffer, b.byteOffset, b.byteLength).equals(ZERO_PAGE.subarray(0, b.byteLength));
+}
+
+/** Read a range's data into fresh (zero) RAM, skipping zero pages so they stay unallocated. */
+function copyRangeIn(fd: number, range: MemoryRange, region: GuestRegion): void {
+  const block = Buffer.alloc(1 << 20);
+  for (let off = 0; off < range.length; off += block.length) {
+    const len = Math.min(block.length, range.length - off);
+    const got = fs.readSync(fd, block, 0, len, range.fileOffset + off);
+    if (got !== len) throw new Error(`memory file ended at ${range.fileOffset + off + got} inside range 0x${range.guestAddress.toString(16)}`);
+    for (let p = 0; p < len; p += 4096) {
+      const page = block.subarray(p, Math.min(p + 4096, len));
+      if (!isZeroPage(page)) region.write(off + p, page);
+    }
+  }
+}
+
+/** Read one byte of every page so the file-backed mapping is populated now. */
+function prefault(region: GuestRegion): void {
+  let sink = 0;
+  for (let off = 0; off < region.size; off += 4096) sink ^= region.view(off, 1)![0];
+  void sink;
+}
+
 export class Machine {
   private readonly kvm: NativeKvm;
   private readonly vm: NativeVm;
@@ -74,11 +128,15 @@ export class Machine {
   private readonly runners: VcpuRunner[] = [];
   private readonly console: ConsoleSink;
   private stopReported = false;
-  readonly plan: BootPlan;
+  private started = false;
+  /** undefined for a restored machine: nothing was loaded */
+  readonly plan?: BootPlan;
+  /** the CPUID each vCPU was given, saved with its state */
+  private readonly cpuids: CpuidEntry[][] = [];
 
   constructor(private readonly opts: MachineOptions) {
     const { store, log } = opts;
-    const config = withDefaults(store.getState().vm.config as VmConfig);
+    const config = withDefaults((opts.restore?.state ?? store.getState()).vm.config as VmConfig);
     this.kvm = native().openKvm();
     try {
       this.vm = this.kvm.createVm();
@@ -87,6 +145,14 @@ export class Machine {
       this.vm.setIdentityMapAddr(BigInt(KVM_IDENTITY_MAP_ADDRESS));
       this.vm.createIrqchip();
       this.vm.createPit2();
+
+      if (opts.restore) {
+        this.memory = this.restoreMemory(opts.restore, config.memory.size);
+        this.console = openConsoleSink(config.serial);
+        this.restoreVcpus(opts.restore.state);
+        this.restoreVmState(opts.restore.state);
+        return;
+      }
 
       const regions = ramRegions(config.memory.size).map((r, slot) => {
         const info = this.vm.addMemorySlot({ slot, guestAddress: BigInt(r.guestAddress), size: r.size, name: 'tern-ram' });
@@ -131,9 +197,11 @@ export class Machine {
   }
 
   private createVcpus(): void {
-    for (const inputs of this.plan.vcpus) {
+    const plan = this.plan!;
+    for (const inputs of plan.vcpus) {
       const vcpu = this.vm.createVcpu(inputs.id);
       if (inputs.cpuid) vcpu.setCpuid(inputs.cpuid);
+      this.cpuids[inputs.id] = inputs.cpuid ?? [];
       const set = vcpu.setMsrs(inputs.msrs);
       if (set !== inputs.msrs.length) {
         this.opts.log.debug({ vcpu: inputs.id, set, wanted: inputs.msrs.length }, 'KVM accepted only some boot MSRs');
@@ -141,21 +209,100 @@ export class Machine {
       vcpu.setFpu(inputs.fpu);
       vcpu.setLapic(patchLapicLint(vcpu.getLapic(), inputs.lapic));
       if (inputs.id === 0) {
-        vcpu.setRegs(this.plan.boot.regs);
+        vcpu.setRegs(plan.boot.regs);
         const current = vcpu.getSregs();
-        const s = this.plan.boot.sregs;
+        const s = plan.boot.sregs;
         vcpu.setSregs(s.mode === 'pvh32' ? protectedMode32Sregs(current) : longModeSregs(current, { cr3: s.cr3, ring: 0 }));
       }
       this.runners.push(new VcpuRunner(vcpu, (id, exit) => this.onExit(id, exit)));
     }
   }
 
+  /**
+   * Guest RAM of a restored machine. The slots must be the ones this build lays out for the
+   * config's memory size, so the guest sees the same physical map it was saved with.
+   */
+  private restoreMemory(r: MachineRestore, memorySize: number): GuestMemory {
+    const layout = ramRegions(memorySize);
+    if (layout.length !== r.ranges.length || layout.some((l, i) => l.guestAddress !== r.ranges[i].guestAddress || l.size !== r.ranges[i].length)) {
+      throw new Error(`${r.memoryPath}: its ranges do not match the RAM layout of memory.size=${memorySize}`);
+    }
+    const fd = fs.openSync(r.memoryPath, 'r');
+    try {
+      const regions = r.ranges.map((range, slot) => {
+        const ondemand = r.mode === 'ondemand';
+        const info = this.vm.addMemorySlot({
+          slot,
+          guestAddress: BigInt(range.guestAddress),
+          size: range.length,
+          name: 'tern-ram',
+          ...(ondemand ? { fromFd: fd, fileOffset: range.fileOffset, privateMap: true } : {}),
+        });
+        const region = new GuestRegion({
+          guestAddress: range.guestAddress,
+          size: range.length,
+          chunks: info.chunks,
+          chunkSize: info.chunkSize,
+          dirtyBitmap: this.vm.vmmDirtyBitmap(slot),
+        });
+        if (!ondemand) copyRangeIn(fd, range, region);
+        else if (r.prefault) prefault(region);
+        return region;
+      });
+      return new GuestMemory(regions);
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
+  private restoreVcpus(state: RootState): void {
+    const count = withDefaults(state.vm.config as VmConfig).cpus.boot_vcpus;
+    for (let id = 0; id < count; id++) {
+      const saved = state.vcpus.saved[String(id)];
+      if (!saved) throw new Error(`the saved state has no vCPU ${id}`);
+      const s = decodeVcpuState(saved);
+      const vcpu = this.vm.createVcpu(id);
+      // CPUID first: it decides which MSRs and xsave features KVM accepts.
+      vcpu.setCpuid(s.cpuid);
+      this.cpuids[id] = s.cpuid;
+      vcpu.setSregs(s.sregs);
+      vcpu.setRegs(s.regs);
+      vcpu.setFpu(s.fpu);
+      vcpu.setXsave(s.xsave);
+      vcpu.setXcrs(s.xcrs);
+      vcpu.setLapic(s.lapic);
+      const set = vcpu.setMsrs(s.msrs);
+      if (set !== s.msrs.length) {
+        this.opts.log.warn({ vcpu: id, set, wanted: s.msrs.length, rejected: s.msrs[set]?.index }, 'KVM rejected a saved MSR');
+      }
+      vcpu.setVcpuEvents(s.vcpuEvents);
+      vcpu.setDebugRegs(s.debugRegs);
+      vcpu.setMpState(s.mpState);
+      this.runners.push(new VcpuRunner(vcpu, (vid, exit) => this.onExit(vid, exit)));
+    }
+  }
+
+  private restoreVmState(state: RootState): void {
+    const saved = state.kvm.saved;
+    if (!saved) throw new Error('the saved state has no KVM irqchip/PIT/clock state');
+    saved.irqchips.forEach((chip, i) => this.vm.setIrqchip(i, chip));
+    this.vm.setPit2(saved.pit);
+    // kvmclock continues from the saved value: guest time never runs backwards.
+    this.vm.setClock(BigInt(saved.clock));
+  }
+
   start(): void {
+    this.started = true;
     this.console.onInput((bytes) => {
       const r = this.opts.store.dispatch({ type: SerialEvents.InputReceived, payload: { bytes: Array.from(bytes) }, source: SERIAL_ID });
       this.runEffects(r.effects);
     });
     for (const r of this.runners) r.start();
+  }
+
+  /** Press the ACPI power button: the GED latches the event and raises its interrupt. */
+  pressPowerButton(): void {
+    this.runEffects(this.opts.store.dispatch(powerButtonPressedEvent(GED_ID)).effects);
   }
 
   private onExit(vcpu: number, exit: VcpuExit): number | bigint | 'stop' | void {
@@ -262,9 +409,23 @@ export class Machine {
     for (const r of this.runners) {
       this.opts.store.dispatch(vcpuEvents.stateSaved(r.vcpu.id, encodeVcpuState(this.readVcpuState(r.vcpu, msrIndices))));
     }
+    const clock = this.vm.getClock();
+    this.opts.store.dispatch(
+      kvmEvents.stateSaved({
+        irqchips: [0, 1, 2].map((chip) => this.vm.getIrqchip(chip)),
+        pit: this.vm.getPit2(),
+        clock: `0x${clock.clock.toString(16)}`,
+        clockFlags: clock.flags,
+      }),
+    );
   }
 
   resume(): void {
+    // A restored machine's vCPU threads have not run yet.
+    if (!this.started) {
+      this.start();
+      return;
+    }
     for (const r of this.runners) r.resume();
     this.console.resumeInput();
   }
@@ -283,7 +444,7 @@ export class Machine {
       vcpuEvents: vcpu.getVcpuEvents(),
       debugRegs: vcpu.getDebugRegs(),
       mpState: vcpu.getMpState(),
-      cpuid: this.plan.vcpus[vcpu.id].cpuid ?? [],
+      cpuid: this.cpuids[vcpu.id] ?? [],
     };
   }
 

@@ -2,14 +2,25 @@
 // store's state machine first, so the CLI, the API and the guest itself (poweroff, reset)
 // all go through the same path and the same rules.
 import type { Logger } from 'pino';
-import type { VmConfig } from '../config/vm-config';
+import type { ConsoleConfig, VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
+import { SnapshotError, readSnapshot, snapshotDirFromUrl, writeSnapshot } from '../migration/snapshot';
 import { createStore, vmEvents, vmmEvents, type RootState, type Store } from '../state';
 import { TERN_VERSION } from '../version';
 import { Machine, type MachineStop } from './machine';
 
 /** Reading guest RAM without the means to change it. */
 export type GuestMemoryReader = Pick<GuestMemory, 'size' | 'read' | 'readU8' | 'readU16' | 'readU32' | 'readU64'>;
+
+/** Cloud Hypervisor's RestoreConfig, plus Tern's host-side overrides. */
+export interface RestoreOptions {
+  source_url: string;
+  prefault?: boolean;
+  resume?: boolean;
+  memory_restore_mode?: 'copy' | 'ondemand';
+  /** where the serial console goes now (a host setting, not part of the guest's state) */
+  serial?: ConsoleConfig;
+}
 
 export interface VmmOptions {
   log: Logger;
@@ -102,6 +113,84 @@ export class Vmm {
       this.store.dispatch(vmEvents.resuming());
       this.machine!.resume();
       this.store.dispatch(vmEvents.resumed());
+    });
+  }
+
+  /**
+   * Write the paused VM to a new snapshot directory (config.json, state.json, memory-ranges).
+   * On any failure nothing is left at the destination and the VM stays Paused.
+   */
+  snapshot(destinationUrl: string): Promise<void> {
+    return this.serialize(() => {
+      this.store.dispatch(vmEvents.snapshotting());
+      try {
+        const dir = snapshotDirFromUrl(destinationUrl, 'destination_url');
+        const state = this.store.getState();
+        // The saved VM is simply Paused: the snapshot in progress is not part of it.
+        const saved = { ...state, vm: { ...state.vm, pending: null } } as RootState;
+        const { memoryBytes } = writeSnapshot({ dir, config: state.vm.config as VmConfig, state: saved, memory: this.machine!.memory });
+        this.log.info({ dir, memoryBytes }, 'snapshot written');
+      } catch (e) {
+        this.store.dispatch(vmEvents.operationFailed((e as Error).message));
+        throw e;
+      }
+      this.store.dispatch(vmEvents.snapshotted());
+    });
+  }
+
+  /**
+   * Build the VM from a snapshot directory alone (no kernel is loaded, nothing boots): KVM
+   * objects, RAM, vCPUs and devices come from state.json and memory-ranges, then the saved
+   * state replaces the store's. Only when there is no VM. Resumes only with resume=true.
+   */
+  restore(opts: RestoreOptions): Promise<void> {
+    return this.serialize(async () => {
+      this.store.dispatch(vmEvents.restoring());
+      let machine: Machine | undefined;
+      try {
+        const mode = opts.memory_restore_mode ?? 'copy';
+        if (mode !== 'copy' && mode !== 'ondemand') throw new SnapshotError(`memory_restore_mode '${String(mode)}' is not copy or ondemand`);
+        const snap = readSnapshot(snapshotDirFromUrl(opts.source_url, 'source_url'));
+        let state = snap.state;
+        if (opts.serial) {
+          const was = state.vm.config!.serial?.mode ?? 'Null';
+          if ((was === 'Off') !== (opts.serial.mode === 'Off')) {
+            throw new SnapshotError(`the serial port cannot be switched ${was === 'Off' ? 'on' : 'off'} on restore`);
+          }
+          state = { ...state, vm: { ...state.vm, config: { ...state.vm.config!, serial: opts.serial } } } as RootState;
+        }
+        const m = new Machine({
+          store: this.store,
+          log: this.log,
+          onStop: (s) => this.onMachineStop(m, s),
+          restore: { state, memoryPath: snap.memoryPath, ranges: snap.ranges, mode, prefault: opts.prefault },
+        });
+        machine = m;
+        this.log.info({ dir: snap.dir, mode, fromSchema: snap.storedSchemaVersion }, 'VM restored from snapshot');
+        this.store.replaceState({ ...state, vm: { ...state.vm, pending: 'Restoring' } } as RootState);
+      } catch (e) {
+        await machine?.destroy();
+        this.store.dispatch(vmEvents.operationFailed((e as Error).message));
+        throw e;
+      }
+      this.machine = machine;
+      this.store.dispatch(vmEvents.restored());
+      if (opts.resume) {
+        this.store.dispatch(vmEvents.resuming());
+        machine.resume();
+        this.store.dispatch(vmEvents.resumed());
+      }
+    });
+  }
+
+  /**
+   * Press the ACPI power button. The store checks the VM is Running and records the press for
+   * the event monitor; the guest decides what a press means (the test guest powers off).
+   */
+  powerButton(): Promise<void> {
+    return this.serialize(() => {
+      this.store.dispatch(vmEvents.powerButtonPressed());
+      this.machine!.pressPowerButton();
     });
   }
 

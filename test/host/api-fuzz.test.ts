@@ -161,7 +161,7 @@ function generate(): Case[] {
   });
   add('unknown path', 250, () => {
     const p = pick([
-      () => `/api/v1/${pick(['vm.snapshot', 'vm.restore', 'vm.resize', 'vm.add-net', 'vm.nmi', 'vm.coredump'])}`,
+      () => `/api/v1/${pick(['vm.send-migration', 'vm.receive-migration', 'vm.resize', 'vm.add-net', 'vm.nmi', 'vm.coredump'])}`,
       () => `/api/v2/vmm.ping`,
       () => `/api/v1/${randomBytes(1 + int(30)).toString('hex')}`,
       () => `/${'../'.repeat(int(10))}etc/passwd`,

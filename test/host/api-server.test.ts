@@ -85,8 +85,8 @@ test.serial('no VM yet: info, boot, pause, resume, shutdown, reboot, counters, p
 
 test.serial('unknown paths and endpoints of later releases are 404 with an error body, whatever the method', async (t) => {
   for (const [method, ep] of [
-    ['PUT', 'vm.snapshot'],
-    ['PUT', 'vm.restore'],
+    ['PUT', 'vm.resize-zone'],
+    ['PUT', 'vm.receive-migration'],
     ['PUT', 'vm.add-disk'],
     ['PUT', 'vm.send-migration'],
     ['GET', 'vm.nope'],

@@ -94,7 +94,7 @@ test('tern-remote drives a Linux guest through create, boot, info, pause, resume
 
     const expected = [
       'vmm:starting', 'vm:booting', 'vm:booted', 'vm:pausing', 'vm:paused', 'vm:resuming', 'vm:resumed',
-      'vm:power-button', 'vm:shutdown', 'vmm:shutdown',
+      'vm:power-button', 'vm:shutdown', 'vm:deleted', 'vmm:shutdown',
     ];
     const fromFile = fs.readFileSync(monitor, 'utf8').split('\n\n').filter((b) => b.trim()).map((b) => JSON.parse(b))
       .map((e) => `${e.source}:${e.event}`);

@@ -173,6 +173,15 @@ test('DSDT: \\_S5 package first, with SLP_TYP matching the ACPI PM device', (t) 
   t.true(body.includes(Buffer.from(aml.device('COM1', []).bytes.subarray(0, 2))));
 });
 
+test('DSDT: the power button and the GED can be left out', (t) => {
+  const withBoth = Buffer.from(buildDsdtAml());
+  t.true(withBoth.includes(Buffer.from('PWRB')));
+  t.true(withBoth.includes(Buffer.from('ACPI0013')));
+  const without = Buffer.from(buildDsdtAml({ powerButton: false }));
+  t.false(without.includes(Buffer.from('PWRB')));
+  t.false(without.includes(Buffer.from('GED0')));
+});
+
 test('extra SDTs are placed and listed; a full window is an error', (t) => {
   const mcfg = buildSdt('MCFG', 1, new Uint8Array(44));
   const { mem, tables } = tablesIn(1, { extraTables: [mcfg] });
@@ -247,6 +256,13 @@ function extract(mem: GuestMemory, tables: AcpiTables, dir: string): string[] {
     t.regex(dsdt, /Device \(COM1\)[\s\S]*?EisaId \("PNP0501"\)[\s\S]*?IO \(Decode16,\s*0x03F8,\s*\/\/ Range Minimum\s*0x03F8,[\s\S]*?0x08,\s*\/\/ Length[\s\S]*?Interrupt \(ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, \)\s*\{\s*0x00000004,/);
     t.regex(dsdt, /Device \(PS2K\)[\s\S]*?EisaId \("PNP0303"\)[\s\S]*?0x0060[\s\S]*?0x0064[\s\S]*?0x00000001,/);
     t.regex(dsdt, /Device \(RTC\)[\s\S]*?EisaId \("PNP0B00"\)[\s\S]*?0x0070[\s\S]*?0x02,\s*\/\/ Length/);
+    t.regex(dsdt, /Device \(PWRB\)\s*\{\s*Name \(_HID, EisaId \("PNP0C0C"\)/);
+    t.regex(dsdt, /Device \(GED0\)\s*\{\s*Name \(_HID, "ACPI0013"/);
+    t.regex(dsdt, /Interrupt \(ResourceConsumer, Level, ActiveHigh, Exclusive, ,, \)\s*\{\s*0x00000009,/);
+    t.regex(dsdt, /OperationRegion \(GDRG, SystemIO, 0x0610, One\)/);
+    t.regex(dsdt, /Field \(GDRG, ByteAcc, NoLock, Preserve\)\s*\{\s*GDST,\s+8/);
+    t.regex(dsdt, /Method \(_EVT, 1, Serialized\)[\s\S]*?Arg0 == 0x09[\s\S]*?Local0 = GDST[\s\S]*?GDST = Local0[\s\S]*?Local0 & One[\s\S]*?Notify \(\\_SB\.PWRB, 0x80\)/);
+    t.notRegex(dsdt, /External \(/, 'every name resolves');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
@@ -265,6 +281,30 @@ function extract(mem: GuestMemory, tables: AcpiTables, dir: string): string[] {
     t.regex(out, /47 01 F8 03 F8 03 01 08 89 06 00 03 01 04 00 00/);
     t.regex(out, /\[Integer\] = 000000000303D041/, "EisaId(PNP0303)");
     t.notRegex(out, /AE_[A-Z_]+ /, 'no ACPICA exceptions');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+(acpiexec ? test : test.skip)(`acpiexec: the GED's _EVT notifies PWRB only for its GSI with the button bit pending${needAcpiexec}`, (t) => {
+  const dir = tempDir('tern-acpiexec-ged-');
+  try {
+    // acpiexec backs SystemIO regions with plain memory: a store stands in for a press.
+    const trigger = (n: string, gsi: number, bits: number) =>
+      aml.method(n, {}, [aml.store(bits, aml.path('\\_SB.GED0.GDST')), aml.call('\\_SB.GED0._EVT', [gsi])]);
+    const dsdt = buildSdt('DSDT', 2, buildDsdtAml({ rootObjects: [trigger('TOTH', 5, 1), trigger('TNOB', 9, 2), trigger('TPWR', 9, 1)] }));
+    fs.writeFileSync(path.join(dir, 'dsdt.dat'), dsdt);
+    const eval1 = (m: string) => {
+      const r = run(acpiexec!, ['-b', `evaluate \\${m}`, 'dsdt.dat'], dir);
+      t.is(r.status, 0, r.stdout + r.stderr);
+      t.notRegex(r.stdout + r.stderr, /AE_[A-Z_]+ /, `${m}: no ACPICA exceptions`);
+      return r.stdout + r.stderr;
+    };
+    t.notRegex(eval1('TOTH'), /Notify/, 'another GSI is not ours');
+    t.notRegex(eval1('TNOB'), /Notify/, 'no power-button bit, no notification');
+    t.regex(eval1('TPWR'), /Received a Device Notify on \[PWRB\] \S+ Value 0x80/);
+    const crs = eval1('_SB.GED0._CRS');
+    t.regex(crs, /89 06 00 01 01 09 00 00 00 79 00/, 'Interrupt(ResourceConsumer, Level, ActiveHigh, Exclusive){9}');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -175,3 +175,19 @@ const skipNote = iasl ? '' : ' (skipped: iasl not found; install acpica-tools)';
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('the GED shape: level-triggered Interrupt, SystemIO field, _EVT with If/LEqual/And/Notify', (t) => {
+  t.is(hex(aml.Resource.interrupt({ edge: false }, [9])), '8906000101' + '09000000');
+  t.is(hex(aml.Resource.interrupt({ edge: true, activeLow: true, shared: true, wake: true, consumer: false }, [0x20])), '890600' + '1e' + '01' + '20000000');
+  t.is(hex(aml.operationRegion('GDRG', aml.RegionSpace.SystemIO, 0x610, 1)), '5b80' + '47445247' + '01' + '0b1006' + '01');
+  t.is(hex(aml.field('GDRG', { access: aml.FieldAccess.Byte }, [{ name: 'GDST', bits: 8 }])), '5b81' + '0b' + '47445247' + '01' + '4744535408');
+  t.is(hex(aml.lEqual(aml.arg(0), 9)), '93' + '68' + '0a09');
+  t.is(hex(aml.and(aml.local(0), 1)), '7b' + '60' + '01' + '00', 'no target: NullName');
+  t.is(hex(aml.notify(aml.path('\\_SB.PWRB'), 0x80)), '86' + '5c2e5f53425f50575242' + '0a80');
+  const evt = aml.method('_EVT', { args: 1, serialized: true }, [
+    aml.ifThen(aml.lEqual(aml.arg(0), 9), [aml.notify(aml.path('\\_SB.PWRB'), 0x80)]),
+  ]);
+  // If: 0xa0, PkgLength (counting itself), predicate (4 bytes), Notify (13 bytes)
+  t.is(hex(evt), '14' + '19' + '5f455654' + '09' + 'a0' + '12' + '93680a09' + '865c2e5f53425f505752420a80');
+  t.throws(() => aml.Resource.interrupt({}, []), { instanceOf: aml.AmlError });
+});

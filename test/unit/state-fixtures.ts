@@ -2,10 +2,12 @@
 import type { VmConfig } from '../../src/config/vm-config';
 import {
   SerialEvents,
+  acpiGedDevice,
   acpiPmDevice,
   cmosDevice,
   debugPortDevice,
   i8042Device,
+  powerButtonPressedEvent,
   serialDevice,
 } from '../../src/devices/index';
 import type { NativeVcpuState } from '../../src/state/codec';
@@ -79,6 +81,7 @@ export function populatedStore(opts: StoreOptions<RootSlices> = {}) {
     i8042Device(),
     cmosDevice({ memorySize: config.memory!.size }),
     acpiPmDevice(),
+    acpiGedDevice(),
     debugPortDevice(),
   ]) {
     store.dispatch(deviceEvents.added(d));
@@ -92,6 +95,7 @@ export function populatedStore(opts: StoreOptions<RootSlices> = {}) {
   dispatchIo(store, pio('write', 0x70, 0x8f)); // CMOS index 0x0f, NMI masked
   dispatchIo(store, pio('write', 0x71, 0x00));
   dispatchIo(store, pio('write', 0x80, 0x2a)); // POST code
+  store.dispatch(powerButtonPressedEvent('ged0')); // GED event pending, line high
   dispatchIo(store, pio('read', 0x61)); // nobody home
   dispatchIo(store, pio('write', 0x87, 0xff));
   store.dispatch(vcpuEvents.stateSaved(0, encodeVcpuState(nativeVcpu(0))));

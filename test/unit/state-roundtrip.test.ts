@@ -19,8 +19,8 @@ test('every slice is populated, frozen and plain JSON', (t) => {
   t.is(s.vm.status, 'Running');
   t.is(s.vm.config?.memory?.size, 512 * 1024 * 1024);
   t.deepEqual(Object.keys(s.vcpus.saved).sort(), ['0', '1']);
-  t.deepEqual(Object.keys(s.devices.instances).sort(), ['acpi-pm', 'debug-port', 'i8042', 'rtc', 'serial0']);
-  t.is(s.bus.pio.length, 6);
+  t.deepEqual(Object.keys(s.devices.instances).sort(), ['acpi-pm', 'debug-port', 'ged0', 'i8042', 'rtc', 'serial0']);
+  t.is(s.bus.pio.length, 7);
   t.deepEqual(s.bus.unhandled.pio, { reads: 1, writes: 1 });
   for (const key of ['vm', 'vcpus', 'devices', 'bus'] as const) t.is(typeof s[key].schemaVersion, 'number');
   for (const inst of Object.values(s.devices.instances)) t.is(inst.schemaVersion, 1);

@@ -11,7 +11,7 @@ export const VM_SCHEMA_VERSION = 1;
 
 export type VmState = 'Created' | 'Running' | 'Shutdown' | 'Paused';
 export type VmStatus = 'NotCreated' | VmState;
-export type VmPending = 'Booting' | 'Pausing' | 'Resuming' | 'Rebooting';
+export type VmPending = 'Booting' | 'Pausing' | 'Resuming' | 'Rebooting' | 'Snapshotting' | 'Restoring';
 
 export interface VmFailure {
   operation: VmPending;
@@ -45,6 +45,11 @@ export const VmEvents = {
   OperationFailed: '[VM] Operation Failed',
   /** the ACPI power button was pressed; the guest decides what to do about it */
   PowerButtonPressed: '[VM] Power Button Pressed',
+  Snapshotting: '[VM] Snapshotting',
+  Snapshotted: '[VM] Snapshotted',
+  /** restore starts with no VM; the saved state then replaces the store's, still Restoring */
+  Restoring: '[VM] Restoring',
+  Restored: '[VM] Restored',
 } as const;
 
 export type VmEventType = (typeof VmEvents)[keyof typeof VmEvents];
@@ -80,8 +85,13 @@ export const VM_LIFECYCLE: Readonly<Record<VmEventType, Rule>> = {
   // Shutting down or deleting aborts whatever was in progress.
   [VmEvents.Shutdown]: { from: ['Created', 'Running', 'Paused'], pending: 'any' },
   [VmEvents.Deleted]: { from: CREATED, pending: 'any' },
-  [VmEvents.OperationFailed]: { from: CREATED, pending: 'any' },
+  // A failed restore leaves no VM: its failure is recorded while NotCreated.
+  [VmEvents.OperationFailed]: { from: ['NotCreated', ...CREATED], pending: 'any' },
   [VmEvents.PowerButtonPressed]: { from: ['Running'], pending: null },
+  [VmEvents.Snapshotting]: { from: ['Paused'], pending: null },
+  [VmEvents.Snapshotted]: { from: ['Paused'], pending: 'Snapshotting' },
+  [VmEvents.Restoring]: { from: ['NotCreated'], pending: null },
+  [VmEvents.Restored]: { from: ['Paused'], pending: 'Restoring' },
 };
 
 function describe(vm: Pick<VmSliceState, 'status' | 'pending'>): string {
@@ -193,6 +203,10 @@ export const vmSlice = createSlice({
     [VmEvents.PowerButtonPressed]: (vm) => {
       assertVmTransition(vm, VmEvents.PowerButtonPressed);
     },
+    [VmEvents.Snapshotting]: begin(VmEvents.Snapshotting, 'Snapshotting'),
+    [VmEvents.Snapshotted]: complete(VmEvents.Snapshotted, 'Paused'),
+    [VmEvents.Restoring]: begin(VmEvents.Restoring, 'Restoring'),
+    [VmEvents.Restored]: complete(VmEvents.Restored, 'Paused'),
     [VmEvents.OperationFailed]: (vm, payload: VmOperationFailedPayload) => {
       assertVmTransition(vm, VmEvents.OperationFailed);
       vm.lastFailure = { operation: vm.pending as VmPending, message: String(payload?.message ?? '') };
@@ -221,4 +235,8 @@ export const vmEvents = {
   deleted: (source = 'vmm') => ({ type: VmEvents.Deleted, payload: null, source }),
   operationFailed: (message: string, source = 'vmm') => ({ type: VmEvents.OperationFailed, payload: { message }, source }),
   powerButtonPressed: (source = 'vmm') => ({ type: VmEvents.PowerButtonPressed, payload: null, source }),
+  snapshotting: (source = 'vmm') => ({ type: VmEvents.Snapshotting, payload: null, source }),
+  snapshotted: (source = 'vmm') => ({ type: VmEvents.Snapshotted, payload: null, source }),
+  restoring: (source = 'vmm') => ({ type: VmEvents.Restoring, payload: null, source }),
+  restored: (source = 'vmm') => ({ type: VmEvents.Restored, payload: null, source }),
 };

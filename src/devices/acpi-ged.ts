@@ -1,0 +1,104 @@
+// The ACPI Generic Event Device (_HID ACPI0013) of the hardware-reduced platform: with no
+// SCI and no GPE blocks, the only way for the VMM to tell the guest about the power button is
+// an interrupt the GED owns, whose _EVT method reads this device's event register and
+// notifies \_SB.PWRB. The line is level-triggered: it stays high while an event is pending,
+// so a press made while the guest has the interrupt masked (early boot, or the GED driver
+// running its threaded handler) is delivered once it unmasks, and nothing is lost to an edge.
+//
+// Register (one byte, system I/O at ACPI_GED_PORT):
+//   read:  pending event bits
+//   write: write-1-to-clear; clearing the last pending bit lowers the line
+// The ACPI table builder imports the constants below, so the DSDT and the device agree.
+import type { Effect, IoAccess, TransitionResult } from './device';
+import {
+  type DeviceInstance,
+  type DeviceModel,
+  type DeviceStateBase,
+  deviceAccessEventTypes,
+} from './model';
+
+export const ACPI_GED_KIND = 'acpi-ged' as const;
+export const ACPI_GED_SCHEMA_VERSION = 1;
+export const ACPI_GED_LABEL = 'ACPI GED';
+
+/** Event register port: next to the ACPI PM registers (0x600..0x603), outside their range. */
+export const ACPI_GED_PORT = 0x610;
+export const ACPI_GED_LENGTH = 1;
+/**
+ * IOAPIC pin of the GED interrupt: ISA IRQ 9, free on this platform (PIT 0/2, i8042 1/12,
+ * COM1 4, RTC 8 without an interrupt resource), and the pin PCs traditionally give to ACPI.
+ */
+export const ACPI_GED_GSI = 9;
+
+/** Event bits of the register. */
+export const GedEvent = {
+  PowerButton: 1 << 0,
+} as const;
+
+export const AcpiGedEvents = {
+  RegisterRead: '[ACPI GED] Register Read',
+  RegisterWritten: '[ACPI GED] Register Written',
+  /** host input: the power button was pressed (payload null) */
+  PowerButtonPressed: '[ACPI GED] Power Button Pressed',
+} as const;
+
+export interface AcpiGedState extends DeviceStateBase {
+  kind: typeof ACPI_GED_KIND;
+  gsi: number;
+  /** event bits raised and not yet acknowledged; the interrupt line is high while non-zero */
+  pending: number;
+  /** power-button presses since power-on */
+  powerButtonPresses: number;
+}
+
+export function acpiGedInitialState(opts: { id?: string; gsi?: number } = {}): AcpiGedState {
+  return {
+    kind: ACPI_GED_KIND,
+    id: opts.id ?? 'ged0',
+    schemaVersion: ACPI_GED_SCHEMA_VERSION,
+    gsi: opts.gsi ?? ACPI_GED_GSI,
+    pending: 0,
+    powerButtonPresses: 0,
+  };
+}
+
+export function acpiGedDevice(opts: { id?: string; gsi?: number } = {}): DeviceInstance<AcpiGedState> {
+  return { state: acpiGedInitialState(opts), ranges: [{ space: 'pio', base: ACPI_GED_PORT, length: ACPI_GED_LENGTH }] };
+}
+
+/** The input event for a press on device `id`. */
+export function powerButtonPressedEvent(id = 'ged0') {
+  return { type: AcpiGedEvents.PowerButtonPressed, payload: null, source: id };
+}
+
+const NO_EFFECTS = Object.freeze([]) as unknown as Effect[];
+
+function withPending(s: AcpiGedState, pending: number, powerButtonPresses = s.powerButtonPresses): TransitionResult<AcpiGedState> {
+  const next: AcpiGedState = { ...s, pending, powerButtonPresses };
+  // Only the line's transitions are effects: the guest sees one rising level per batch of events.
+  if (s.pending === 0 && pending !== 0) return { state: next, effects: [{ type: 'irq.level', gsi: s.gsi, level: 1 }] };
+  if (s.pending !== 0 && pending === 0) return { state: next, effects: [{ type: 'irq.level', gsi: s.gsi, level: 0 }] };
+  return { state: next, effects: NO_EFFECTS };
+}
+
+export function acpiGedTransition(state: AcpiGedState, access: IoAccess): TransitionResult<AcpiGedState> {
+  // Bytes beyond the event register are reserved: read as zero, writes ignored.
+  if (access.direction === 'read') return { state, effects: NO_EFFECTS, value: access.offset === 0 ? state.pending : 0 };
+  if (access.offset !== 0) return { state, effects: NO_EFFECTS };
+  const clear = access.data & 0xff & state.pending;
+  return clear ? withPending(state, state.pending & ~clear) : { state, effects: NO_EFFECTS };
+}
+
+/** A press latches the power-button event and raises the line if it was low. */
+export function acpiGedPowerButton(state: AcpiGedState, _payload?: unknown): TransitionResult<AcpiGedState> {
+  return withPending(state, state.pending | GedEvent.PowerButton, state.powerButtonPresses + 1);
+}
+
+export const acpiGedModel: DeviceModel<AcpiGedState> = {
+  kind: ACPI_GED_KIND,
+  label: ACPI_GED_LABEL,
+  schemaVersion: ACPI_GED_SCHEMA_VERSION,
+  events: deviceAccessEventTypes(ACPI_GED_LABEL),
+  transition: acpiGedTransition,
+  inputs: { [AcpiGedEvents.PowerButtonPressed]: acpiGedPowerButton },
+};

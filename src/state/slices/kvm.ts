@@ -1,0 +1,65 @@
+// VM-level KVM state that is not per vCPU: the in-kernel interrupt controllers (PIC master,
+// PIC slave, IOAPIC), the PIT and kvmclock. Read out of KVM on pause, so that together with
+// the vcpus slice a paused VM is fully described by the store; set back into KVM on restore.
+import { TernStateError } from '../errors';
+import { assertJsonSafe } from '../json';
+import { createSlice, pure } from '../slice';
+import { VmEvents } from './vm';
+
+export const KVM_SCHEMA_VERSION = 1;
+
+export interface SavedKvmState {
+  /** base64 of struct kvm_irqchip for chip 0 (PIC master), 1 (PIC slave), 2 (IOAPIC) */
+  irqchips: string[];
+  /** base64 of struct kvm_pit_state2 */
+  pit: string;
+  /** kvmclock in ns, as a hex string (the store holds no bigint) */
+  clock: string;
+  clockFlags: number;
+}
+
+export interface KvmSliceState {
+  schemaVersion: number;
+  /** null until the VM is first paused */
+  saved: SavedKvmState | null;
+}
+
+export const KvmEvents = {
+  StateSaved: '[KVM] State Saved',
+} as const;
+
+export const kvmInitialState = (): KvmSliceState => ({ schemaVersion: KVM_SCHEMA_VERSION, saved: null });
+
+function checkSaved(s: unknown, where: string): asserts s is SavedKvmState {
+  const o = s as SavedKvmState;
+  if (typeof o !== 'object' || o === null) throw new TernStateError('InvalidKvmState', `${where}: expected an object`);
+  if (!Array.isArray(o.irqchips) || o.irqchips.length !== 3 || !o.irqchips.every((c) => typeof c === 'string')) {
+    throw new TernStateError('InvalidKvmState', `${where}.irqchips: expected 3 base64 strings`);
+  }
+  if (typeof o.pit !== 'string') throw new TernStateError('InvalidKvmState', `${where}.pit: expected a base64 string`);
+  if (typeof o.clock !== 'string' || !/^0x[0-9a-f]+$/.test(o.clock)) {
+    throw new TernStateError('InvalidKvmState', `${where}.clock: expected a hex string`);
+  }
+  if (!Number.isInteger(o.clockFlags)) throw new TernStateError('InvalidKvmState', `${where}.clockFlags: expected an integer`);
+}
+
+export const kvmSlice = createSlice({
+  name: 'kvm',
+  schemaVersion: KVM_SCHEMA_VERSION,
+  initialState: kvmInitialState,
+  handlers: {
+    [KvmEvents.StateSaved]: pure((s: KvmSliceState, p: SavedKvmState) => {
+      checkSaved(p, 'kvm state');
+      assertJsonSafe(p, '/kvm/saved');
+      return { schemaVersion: s.schemaVersion, saved: p };
+    }),
+    [VmEvents.Deleted]: pure(() => kvmInitialState()),
+  },
+  validate(state) {
+    if (state.saved !== null) checkSaved(state.saved, 'kvm.saved');
+  },
+});
+
+export const kvmEvents = {
+  stateSaved: (state: SavedKvmState, source = 'vmm') => ({ type: KvmEvents.StateSaved, payload: state, source }),
+};
