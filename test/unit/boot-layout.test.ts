@@ -121,11 +121,11 @@ test('boot structures do not overlap each other or the long-mode GDT, TSS and pa
   t.true(CMDLINE_ADDRESS + CMDLINE_MAX_SIZE <= EBDA_START);
 });
 
-test('the reset vector holds a stub that writes the ACPI reset register, inside the reserved area', async (t) => {
-  const { RESET_VECTOR_ADDRESS, resetVectorStub } = await import('../../src/boot/reset-vector');
+test('the reset vector holds code that writes the ACPI reset register, inside the reserved area', async (t) => {
+  const { RESET_VECTOR_ADDRESS, resetVectorCode } = await import('../../src/boot/reset-vector');
   const { ACPI_TABLES_START, ACPI_TABLES_END } = await import('../../src/boot/layout');
-  const stub = resetVectorStub(0x602, 6);
+  const code = resetVectorCode(0x602, 6);
   // mov dx, 0x602 / mov al, 6 / out dx, al / hlt / jmp back to hlt
-  t.deepEqual(Array.from(stub), [0xba, 0x02, 0x06, 0xb0, 0x06, 0xee, 0xf4, 0xeb, 0xfd]);
-  t.true(RESET_VECTOR_ADDRESS >= ACPI_TABLES_START && RESET_VECTOR_ADDRESS + stub.length <= ACPI_TABLES_END);
+  t.deepEqual(Array.from(code), [0xba, 0x02, 0x06, 0xb0, 0x06, 0xee, 0xf4, 0xeb, 0xfd]);
+  t.true(RESET_VECTOR_ADDRESS >= ACPI_TABLES_START && RESET_VECTOR_ADDRESS + code.length <= ACPI_TABLES_END);
 });

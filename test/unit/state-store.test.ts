@@ -94,8 +94,8 @@ test('reads that change nothing keep the same state object', (t) => {
 });
 
 test('events$ sees every event in order with seq, timestamp and source', (t) => {
-  let fake = 0;
-  const store = toyStore({ clock: (): EventTimestamp => ({ secs: 1, nanos: fake++ }) });
+  let tick = 0;
+  const store = toyStore({ clock: (): EventTimestamp => ({ secs: 1, nanos: tick++ }) });
   const seen: StoreEvent[] = [];
   const states: number[] = [];
   store.events$.subscribe((e) => {
