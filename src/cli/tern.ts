@@ -9,7 +9,7 @@ import { OptionError } from './option-values';
 import { parseTernArgs, TERN_USAGE, type TernArgs } from './tern-args';
 import { createLogger, type Logger } from '../util/log';
 import { Vmm } from '../vmm/vmm';
-import { VmEvents } from '../state';
+import { GuestEvents, VmEvents, VmmEvents, type GuestPanicPayload, type VmFailedPayload } from '../state';
 import { TERN_VERSION } from '../version';
 
 function fail(message: string, code: number): never {
@@ -74,9 +74,13 @@ async function main(): Promise<void> {
 
   // Without an API to ask for a new boot, a guest that powers off ends the VMM; with one, the
   // VM just reports Shutdown and the VMM waits for the next call.
+  // A panic or a fatal VM error recorded before that shutdown makes the exit code 1.
+  let failure: string | undefined;
   vmm.store.events$.subscribe((ev) => {
-    if (ev.type === VmEvents.Shutdown && ev.source === 'vm' && !args.apiSocket) {
-      void exit(vmm.failure ? 1 : 0, vmm.failure ? `VM failed: ${vmm.failure}` : 'guest powered off');
+    if (ev.type === GuestEvents.Panic) failure = `guest panic (${(ev.payload as GuestPanicPayload).detail ?? 'panic'})`;
+    else if (ev.type === VmmEvents.VmFailed) failure = (ev.payload as VmFailedPayload).message;
+    else if (ev.type === VmEvents.Shutdown && ev.source === 'vm' && !args.apiSocket) {
+      void exit(failure ? 1 : 0, failure ? `VM failed: ${failure}` : 'guest powered off');
     }
   });
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {

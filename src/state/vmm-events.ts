@@ -6,6 +6,8 @@ import { eventCreator } from './slice';
 export const VmmEvents = {
   Starting: '[VMM] Starting',
   Shutdown: '[VMM] Shutdown',
+  /** the VM stopped on an error the VMM could not handle (failed KVM entry, internal error) */
+  VmFailed: '[VMM] VM Failed',
 } as const;
 
 export const GuestEvents = {
@@ -24,7 +26,12 @@ export interface GuestPanicPayload {
   detail?: string;
 }
 
+export interface VmFailedPayload {
+  message: string;
+}
+
 export const vmmEvents = {
+  vmFailed: eventCreator<VmFailedPayload>(VmmEvents.VmFailed),
   starting: eventCreator<VmmStartingPayload>(VmmEvents.Starting),
   shutdown: eventCreator<null>(VmmEvents.Shutdown),
   guestPanic: eventCreator<GuestPanicPayload>(GuestEvents.Panic),

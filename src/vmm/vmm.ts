@@ -263,15 +263,11 @@ export class Vmm {
     } else if (stop.reason === 'panic') {
       this.log.error({ source: stop.source }, 'guest panicked');
       this.store.dispatch(vmmEvents.guestPanic({ event: 'panic', detail: stop.source }, 'vm'));
-      this.failure = `guest panic (${stop.source})`;
       this.shutdown('vm').catch((e) => this.log.error({ err: e }, 'shutdown failed'));
     } else {
       this.log.error({ message: stop.message }, 'VM stopped on a fatal error');
-      this.failure = stop.message;
+      this.store.dispatch(vmmEvents.vmFailed({ message: stop.message }, 'vmm'));
       this.shutdown('vm').catch((e) => this.log.error({ err: e }, 'shutdown failed'));
     }
   }
-
-  /** The fatal error that stopped the VM, if any (the CLI exits non-zero on it). */
-  failure?: string;
 }
