@@ -9,32 +9,13 @@ import path from 'node:path';
 
 import { formatMonitorEvent } from '../../src/api/event-monitor';
 import type { TernEvent } from '../../src/api/schema';
-import { GuestProcess, REPO, TERN_CLI } from '../linux/guest-process';
+import { GuestProcess, TERN_CLI } from '../linux/guest-process';
+import { TERN_REMOTE, runTernRemote } from '../support/processes';
 import { sleep } from './harness';
 import { tempDir } from './api-harness';
 import { buildTinyKernel, countsIn } from './tiny-kernel';
 
-const TERN_REMOTE = path.join(REPO, 'dist', 'bin', 'tern-remote.js');
 const dir = tempDir('tern-api-cli-');
-
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** Run tern-remote to completion (async: the VMM under test may share nothing with us). */
-function remote(socket: string, args: string[], input?: string): Promise<Run> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [TERN_REMOTE, '--api-socket', socket, ...args], { stdio: 'pipe' });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d) => (stdout += d));
-    child.stderr!.on('data', (d) => (stderr += d));
-    child.on('exit', (code) => resolve({ code, stdout, stderr }));
-    child.stdin.end(input ?? '');
-  });
-}
 
 async function waitFor(what: string, cond: () => boolean, timeoutMs = 20_000): Promise<void> {
   const end = Date.now() + timeoutMs;
@@ -56,11 +37,11 @@ test.serial('tern waits on its API socket; tern-remote drives a guest; poweroff 
     await waitFor('the API socket', () => fs.existsSync(socket));
     t.is(fs.statSync(socket).mode & 0o777, 0o600);
 
-    const ping = await remote(socket, ['ping']);
+    const ping = await runTernRemote(socket, ['ping']);
     t.is(ping.code, 0, ping.stderr);
     t.is(JSON.parse(ping.stdout).pid, vmm.child.pid);
 
-    const info = await remote(socket, ['info']);
+    const info = await runTernRemote(socket, ['info']);
     t.is(info.code, 1);
     t.regex(info.stderr, /info failed: HTTP 404 Not Found\n {2}0: .+\n {2}1: no VM has been created/);
 
@@ -71,12 +52,12 @@ test.serial('tern waits on its API socket; tern-remote drives a guest; poweroff 
       memory: { size: 64 << 20 },
       serial: { mode: 'Tty' },
     };
-    const created = await remote(socket, ['create', '-'], JSON.stringify(config));
+    const created = await runTernRemote(socket, ['create', '-'], JSON.stringify(config));
     t.is(created.code, 0, created.stderr);
     t.is(created.stdout, '');
     const file = path.join(dir, 'config.json');
     fs.writeFileSync(file, JSON.stringify(config));
-    const again = await remote(socket, ['create', file]);
+    const again = await runTernRemote(socket, ['create', file]);
     t.is(again.code, 1, 'a second create is refused');
     t.regex(again.stderr, /HTTP 500/);
 
@@ -87,11 +68,11 @@ test.serial('tern waits on its API socket; tern-remote drives a guest; poweroff 
     await sleep(500);
 
     for (const cmd of ['boot', 'pause', 'resume']) {
-      const r = await remote(socket, [cmd]);
+      const r = await runTernRemote(socket, [cmd]);
       t.is(r.code, 0, `${cmd}: ${r.stderr}`);
     }
     await vmm.waitFor(/COUNT 2\n/, 20_000);
-    const counters = await remote(socket, ['counters']);
+    const counters = await runTernRemote(socket, ['counters']);
     t.is(counters.code, 0, counters.stderr);
     t.true(JSON.parse(counters.stdout).serial0.tx_bytes > 0);
 
@@ -99,11 +80,11 @@ test.serial('tern waits on its API socket; tern-remote drives a guest; poweroff 
     await waitFor('the VM to report Shutdown', () => eventsOut.includes('"event": "shutdown"'));
     await sleep(300);
     t.is(vmm.child.exitCode, null, 'with an API socket, a guest poweroff does not end the VMM');
-    t.is(JSON.parse((await remote(socket, ['info'])).stdout).state, 'Shutdown');
+    t.is(JSON.parse((await runTernRemote(socket, ['info'])).stdout).state, 'Shutdown');
 
-    const boot = await remote(socket, ['boot']);
+    const boot = await runTernRemote(socket, ['boot']);
     t.is(boot.code, 0, 'a powered-off VM boots again');
-    const down = await remote(socket, ['shutdown-vmm']);
+    const down = await runTernRemote(socket, ['shutdown-vmm']);
     t.is(down.code, 0, down.stderr);
     t.is((await vmm.exit(15_000)).code, 0);
     t.is(await eventsExit, 0, 'the event stream ends with the VMM');
@@ -137,7 +118,7 @@ test.serial('tern --kernel with --api-socket creates and boots through the API p
   ]);
   try {
     await waitFor('COUNT lines', () => fs.existsSync(serial) && countsIn(fs.readFileSync(serial, 'latin1')).length >= 2);
-    const info = JSON.parse((await remote(socket, ['info'])).stdout);
+    const info = JSON.parse((await runTernRemote(socket, ['info'])).stdout);
     t.is(info.state, 'Running');
     t.deepEqual(info.config.serial, { mode: 'File', file: serial });
     t.is(info.config.memory.size, 64 << 20);
@@ -146,7 +127,7 @@ test.serial('tern --kernel with --api-socket creates and boots through the API p
     const { code } = await second.exit(15_000);
     t.is(code, 1);
     t.regex(second.stderr, /in use by another VMM/);
-    t.is((await remote(socket, ['ping'])).code, 0, 'the first VMM still answers');
+    t.is((await runTernRemote(socket, ['ping'])).code, 0, 'the first VMM still answers');
     t.true(fs.lstatSync(socket).isSocket());
   } finally {
     vmm.kill();
@@ -156,10 +137,10 @@ test.serial('tern --kernel with --api-socket creates and boots through the API p
   const third = GuestProcess.tern(['--api-socket', `path=${socket}`]);
   try {
     await waitFor('the replacement VMM', () => vmm.child.pid !== undefined && third.child.exitCode === null && fs.existsSync(socket));
-    let ping = await remote(socket, ['ping']);
+    let ping = await runTernRemote(socket, ['ping']);
     for (let i = 0; i < 40 && JSON.parse(ping.stdout || '{}').pid !== third.child.pid; i++) {
       await sleep(100);
-      ping = await remote(socket, ['ping']);
+      ping = await runTernRemote(socket, ['ping']);
     }
     t.is(JSON.parse(ping.stdout).pid, third.child.pid, 'the stale socket was replaced');
   } finally {
@@ -191,14 +172,14 @@ test.serial('--api-socket fd=N and --event-monitor fd=N use inherited descriptor
   const exited = new Promise<number | null>((r) => child.on('exit', r));
   try {
     await waitFor('the socket', () => fs.existsSync(socket));
-    let ping = await remote(socket, ['ping']);
+    let ping = await runTernRemote(socket, ['ping']);
     for (let i = 0; i < 50 && ping.code !== 0; i++) {
       await sleep(100);
-      ping = await remote(socket, ['ping']);
+      ping = await runTernRemote(socket, ['ping']);
     }
     t.is(ping.code, 0, `${ping.stderr} ${stderr}`);
     t.is(JSON.parse(ping.stdout).pid, child.pid);
-    t.is((await remote(socket, ['shutdown-vmm'])).code, 0);
+    t.is((await runTernRemote(socket, ['shutdown-vmm'])).code, 0);
     t.is(await exited, 0);
     t.deepEqual(
       parseMonitor(fs.readFileSync(monitorFile, 'utf8')).map((e) => `${e.source}:${e.event}`),
@@ -210,10 +191,10 @@ test.serial('--api-socket fd=N and --event-monitor fd=N use inherited descriptor
 });
 
 test.serial('tern-remote: usage errors exit 2, an unreachable VMM exits 1', async (t) => {
-  const none = await remote(path.join(dir, 'nobody.sock'), ['ping']);
+  const none = await runTernRemote(path.join(dir, 'nobody.sock'), ['ping']);
   t.is(none.code, 1);
   t.regex(none.stderr, /cannot talk to the VMM/);
-  const bad = await remote(path.join(dir, 'nobody.sock'), ['frobnicate']);
+  const bad = await runTernRemote(path.join(dir, 'nobody.sock'), ['frobnicate']);
   t.is(bad.code, 2);
   t.regex(bad.stderr, /unknown command frobnicate/);
   const help = spawnSync(process.execPath, [TERN_REMOTE, '--help'], { encoding: 'utf8' });

@@ -4,6 +4,7 @@ import test from 'ava';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { waitForFileText } from '../support/processes';
 
 import type { GuestProcess } from '../linux/guest-process';
 import { GUEST_SOURCES, sleep } from './harness';
@@ -20,15 +21,7 @@ function jsonLines(text: string): Record<string, unknown>[] {
     .map((l) => JSON.parse(l) as Record<string, unknown>);
 }
 
-async function waitForFile(file: string, re: RegExp, timeoutMs: number): Promise<string> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const text = fs.existsSync(file) ? fs.readFileSync(file, 'latin1') : '';
-    if (re.test(text)) return text;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${re} in ${file}; it has:\n${text.slice(-2000)}`);
-    await sleep(50);
-  }
-}
+
 
 test('SIGTERM ends a running VM with exit 0 and logs the shutdown as pino JSON', async (t) => {
   // -v: the shutdown line is info level; the default level (warn) keeps stderr quiet.
@@ -54,7 +47,7 @@ test('--serial file=PATH sends the console to the file and nothing to stdout', a
   const file = path.join(tmp, 'serial.txt');
   const vm = await startTinyVm(['--serial', `file=${file}`], { cmdline: 'to-a-file' });
   try {
-    const text = await waitForFile(file, /^COUNT 3\n/m, T);
+    const text = await waitForFileText(file, /^COUNT 3\n/m, T);
     t.true(text.startsWith(`${TINY_KERNEL_BANNER}\nCMDLINE to-a-file\nCOUNT 0\n`), text.slice(0, 200));
     const counts = countsIn(text);
     t.deepEqual(counts, counts.map((_, i) => i));

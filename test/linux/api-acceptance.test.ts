@@ -4,33 +4,15 @@
 // and the VMM reports Shutdown), then ends the VMM. The monitor file and a vmm.events subscriber
 // that connected before the boot must hold the same events, in order.
 import test from 'ava';
-import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { firstValueFrom, toArray } from 'rxjs';
 import { TernClient } from '../../src/api/client';
-import { GuestProcess, REPO, fixture } from './guest-process';
+import { ternRemote, waitForFileText } from '../support/processes';
+import { GuestProcess, fixture } from './guest-process';
 
-const run = promisify(execFile);
-const REMOTE = path.join(REPO, 'dist', 'bin', 'tern-remote.js');
 const BOOT_TIMEOUT = 240_000;
-
-async function remote(socket: string, ...args: string[]): Promise<string> {
-  const { stdout } = await run(process.execPath, [REMOTE, '--api-socket', socket, ...args], { timeout: 120_000 });
-  return stdout;
-}
-
-async function waitForFile(file: string, re: RegExp, timeoutMs: number, from = 0): Promise<string> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const text = fs.existsSync(file) ? fs.readFileSync(file, 'latin1').slice(from) : '';
-    if (re.test(text)) return text;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${re} in ${file}:\n${text.slice(-2000)}`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
-}
 
 test('tern-remote drives a Linux guest through create, boot, info, pause, resume, power-button, shutdown-vmm', async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-accept-'));
@@ -68,28 +50,28 @@ test('tern-remote drives a Linux guest through create, boot, info, pause, resume
     };
     const configFile = path.join(dir, 'vm.json');
     fs.writeFileSync(configFile, JSON.stringify(config));
-    await remote(socket, 'create', configFile);
-    await remote(socket, 'boot');
-    const info = JSON.parse(await remote(socket, 'info'));
+    await ternRemote(socket, 'create', configFile);
+    await ternRemote(socket, 'boot');
+    const info = JSON.parse(await ternRemote(socket, 'info'));
     t.is(info.state, 'Running');
     t.is(info.config.payload.kernel, config.payload.kernel);
-    await waitForFile(serial, /TICK-3\b/, BOOT_TIMEOUT);
+    await waitForFileText(serial, /TICK-3\b/, BOOT_TIMEOUT);
 
-    await remote(socket, 'pause');
+    await ternRemote(socket, 'pause');
     const paused = fs.readFileSync(serial, 'latin1');
     await new Promise((r) => setTimeout(r, 2000));
     t.is(fs.readFileSync(serial, 'latin1'), paused, 'serial output stops while paused');
-    t.is(JSON.parse(await remote(socket, 'info')).state, 'Paused');
-    await remote(socket, 'resume');
-    await waitForFile(serial, /TICK-\d+/, 60_000, paused.length);
+    t.is(JSON.parse(await ternRemote(socket, 'info')).state, 'Paused');
+    await ternRemote(socket, 'resume');
+    await waitForFileText(serial, /TICK-\d+/, 60_000, paused.length);
 
-    await remote(socket, 'power-button');
+    await ternRemote(socket, 'power-button');
     const shutdownDeadline = Date.now() + 120_000;
-    while (JSON.parse(await remote(socket, 'info')).state !== 'Shutdown') {
+    while (JSON.parse(await ternRemote(socket, 'info')).state !== 'Shutdown') {
       if (Date.now() > shutdownDeadline) t.fail('the guest did not power off after the power button');
       await new Promise((r) => setTimeout(r, 500));
     }
-    await remote(socket, 'shutdown-vmm');
+    await ternRemote(socket, 'shutdown-vmm');
     t.is((await vmm.exit(60_000)).code, 0);
 
     const expected = [

@@ -4,7 +4,9 @@ import { ChildProcessWithoutNullStreams, spawn } from 'node:child_process';
 import path from 'node:path';
 
 export const FIXTURES = process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures';
-export const REPO = path.resolve(__dirname, '..', '..', '..');
+import { REPO } from '../support/processes';
+
+export { REPO };
 export const TERN_CLI = path.join(REPO, 'dist', 'bin', 'tern.js');
 
 export const fixture = (name: string): string => path.join(FIXTURES, name);

@@ -4,20 +4,13 @@ import test from 'ava';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { waitForFileText } from '../support/processes';
 import { Vmm } from '../../src/vmm/vmm';
 import { silentLogger } from '../../src/util/log';
 import { guestCmdline } from '../lab/qemu-peer';
 import { fixture } from './guest-process';
 
-async function waitForFile(file: string, re: RegExp, timeoutMs: number): Promise<string> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const text = fs.existsSync(file) ? fs.readFileSync(file, 'latin1') : '';
-    if (re.test(text)) return text;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${re} in ${file}:\n${text.slice(-2000)}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
+
 
 test('a booted Linux guest: pause stops it, the store round-trips through JSON, resume continues', async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-state-'));
@@ -35,7 +28,7 @@ test('a booted Linux guest: pause stops it, the store round-trips through JSON, 
       serial: { mode: 'File', file: serial },
     });
     await vmm.boot();
-    await waitForFile(serial, /TICK-3\b/, 180_000);
+    await waitForFileText(serial, /TICK-3\b/, 180_000);
 
     await vmm.pause();
     const paused = fs.readFileSync(serial, 'latin1');
@@ -50,7 +43,7 @@ test('a booted Linux guest: pause stops it, the store round-trips through JSON, 
 
     const ticks = (paused.match(/TICK-(\d+)/g) ?? []).length;
     await vmm.resume();
-    await waitForFile(serial, new RegExp(`TICK-${ticks + 3}\\b`), 60_000);
+    await waitForFileText(serial, new RegExp(`TICK-${ticks + 3}\\b`), 60_000);
     t.pass();
   } finally {
     await vmm.close().catch(() => undefined);
