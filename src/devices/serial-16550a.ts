@@ -363,6 +363,12 @@ export function serialTransition(state: Serial16550aState, access: IoAccess): Tr
   return access.direction === 'read' ? read(state, access.offset) : write(state, access.offset, access.data & 0xff);
 }
 
+/** How many host input bytes the UART takes now (in loopback it takes, and drops, all of them). */
+export function serialInputRoom(state: Serial16550aState): number {
+  if (state.mcr & MCR_LOOP) return Number.POSITIVE_INFINITY;
+  return Math.max(0, state.rxCapacity - state.rx.length);
+}
+
 /** Host input: fill the RX FIFO, dropping (and counting) what does not fit. */
 export function serialInput(state: Serial16550aState, payload: SerialInputPayload): TransitionResult<Serial16550aState> {
   const bytes = payload.bytes;

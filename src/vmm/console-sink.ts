@@ -6,8 +6,14 @@ import { SerialConfig } from '../config/vm-config';
 
 export interface ConsoleSink {
   write(bytes: number[]): void;
-  /** Host-side input (tty mode); the callback gets raw bytes. */
-  onInput(cb: (bytes: Uint8Array) => void): void;
+  /**
+   * Host-side input (tty mode). The callback gets raw bytes and returns how many the device
+   * took; the rest is held here, and reading stops, until offerHeldInput() finds room. A paste
+   * longer than the UART's buffer therefore waits for the guest instead of being dropped.
+   */
+  onInput(cb: (bytes: Uint8Array) => number): void;
+  /** Offer held input to the device again (call when the guest may have drained its buffer). */
+  offerHeldInput(): void;
   /** Leave host input in the host's buffer (VM paused) until resumeInput(). */
   pauseInput(): void;
   resumeInput(): void;
@@ -60,7 +66,7 @@ export function openConsoleSink(config: SerialConfig): ConsoleSink {
   switch (config.mode) {
     case 'Off':
     case 'Null':
-      return { write() {}, onInput() {}, pauseInput() {}, resumeInput() {}, close() {} };
+      return { write() {}, onInput() {}, offerHeldInput() {}, pauseInput() {}, resumeInput() {}, close() {} };
     case 'File': {
       if (!config.file) throw new ConsoleConfigError('serial file mode needs a file path');
       const fd = fs.openSync(config.file, 'a');
@@ -68,6 +74,7 @@ export function openConsoleSink(config: SerialConfig): ConsoleSink {
       return {
         write: (b) => w.write(b),
         onInput() {},
+        offerHeldInput() {},
         pauseInput() {},
         resumeInput() {},
         close() {
@@ -80,18 +87,52 @@ export function openConsoleSink(config: SerialConfig): ConsoleSink {
       const w = new BatchedWriter(1);
       const stdin = process.stdin;
       let listener: ((d: Buffer) => void) | undefined;
+      let deliver: ((bytes: Uint8Array) => number) | undefined;
+      // Bytes read from stdin that the device has not taken yet.
+      let held: Uint8Array | null = null;
+      let vmPaused = false;
+      const readIfReady = () => {
+        if (listener && !held && !vmPaused) stdin.resume();
+      };
+      const offer = (bytes: Uint8Array) => {
+        const taken = deliver!(bytes);
+        held = taken < bytes.length ? bytes.subarray(taken) : null;
+        if (held) stdin.pause();
+      };
       return {
         write: (b) => w.write(b),
         onInput(cb) {
           // Raw mode so the guest gets every key, Ctrl-C included, as a serial line would.
           if (stdin.isTTY) stdin.setRawMode(true);
-          listener = (d: Buffer) => cb(new Uint8Array(d));
+          deliver = cb;
+          listener = (d: Buffer) => {
+            // stdin may still emit a chunk it had buffered when it was paused.
+            if (held) {
+              const both = new Uint8Array(held.length + d.length);
+              both.set(held);
+              both.set(d, held.length);
+              held = both;
+              stdin.pause();
+              return;
+            }
+            offer(new Uint8Array(d));
+          };
           stdin.on('data', listener);
           stdin.resume();
         },
-        pauseInput: () => stdin.pause(),
+        offerHeldInput() {
+          if (!held || vmPaused) return;
+          offer(held);
+          readIfReady();
+        },
+        pauseInput: () => {
+          vmPaused = true;
+          stdin.pause();
+        },
         resumeInput: () => {
-          if (listener) stdin.resume();
+          vmPaused = false;
+          if (held) offer(held);
+          readIfReady();
         },
         close() {
           w.flush();

@@ -22,9 +22,12 @@ import {
   debugPortDevice,
   i8042Device,
   powerButtonPressedEvent,
+  COM1_BASE,
   serialDevice,
-  SerialEvents,
+  serialInputEvent,
+  serialInputRoom,
   type DeviceInstance,
+  type Serial16550aState,
   type AnyDeviceState,
 } from '../devices';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
@@ -287,22 +290,29 @@ export class Machine {
     if (!saved) throw new Error('the saved state has no KVM irqchip/PIT/clock state');
     saved.irqchips.forEach((chip, i) => this.vm.setIrqchip(i, chip));
     this.vm.setPit2(saved.pit);
-    // kvmclock continues from the saved value: guest time never runs backwards.
-    this.vm.setClock(BigInt(saved.clock));
   }
 
   start(): void {
     this.started = true;
-    this.console.onInput((bytes) => {
-      const r = this.opts.store.dispatch({ type: SerialEvents.InputReceived, payload: { bytes: Array.from(bytes) }, source: SERIAL_ID });
-      this.runEffects(r.effects);
-    });
+    this.console.onInput((bytes) => this.acceptConsoleInput(bytes));
     for (const r of this.runners) r.start();
   }
 
   /** Press the ACPI power button: the GED latches the event and raises its interrupt. */
   pressPowerButton(): void {
     this.runEffects(this.opts.store.dispatch(powerButtonPressedEvent(GED_ID)).effects);
+  }
+
+  /** Put host console input in the UART, as much as it has room for; returns the bytes taken. */
+  private acceptConsoleInput(bytes: Uint8Array): number {
+    const inst = this.opts.store.getState().devices.instances[SERIAL_ID];
+    if (!inst) return bytes.length;
+    const taken = Math.min(bytes.length, serialInputRoom(inst as Serial16550aState));
+    if (taken > 0) {
+      const r = this.opts.store.dispatch(serialInputEvent(SERIAL_ID, bytes.subarray(0, taken)));
+      this.runEffects(r.effects);
+    }
+    return taken;
   }
 
   private onExit(vcpu: number, exit: VcpuExit): number | bigint | 'stop' | void {
@@ -317,6 +327,8 @@ export class Machine {
           nowNs: Date.now() * 1e6,
         });
         if (r.effects.length) this.runEffects(r.effects);
+        // The guest reading its receive buffer makes room for held console input.
+        if (exit.direction === 'in' && exit.port === COM1_BASE) this.console.offerHeldInput();
         return r.value as number | undefined;
       }
       case 'mmio': {
@@ -421,6 +433,11 @@ export class Machine {
   }
 
   resume(): void {
+    // kvmclock continues from the value saved at the pause, set just before the vCPUs run:
+    // the guest's time neither runs backwards nor counts the time it spent paused (or in a
+    // snapshot, or being restored).
+    const saved = this.opts.store.getState().kvm.saved;
+    if (saved) this.vm.setClock(BigInt(saved.clock));
     // A restored machine's vCPU threads have not run yet.
     if (!this.started) {
       this.start();

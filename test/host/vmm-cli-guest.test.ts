@@ -85,6 +85,24 @@ for (const [key, how] of [['r', 'i8042 0xFE'], ['a', 'ACPI reset register'], ['t
   });
 }
 
+test('a paste longer than the UART buffer reaches the guest whole, in order', async (t) => {
+  const vm = await startTinyVm();
+  try {
+    await vm.waitFor(/^COUNT 1\n/m, T);
+    // 60 "e<letter>" pairs: 120 bytes in one write, nearly twice the UART's 64-byte buffer.
+    // The last letter, z, appears only once.
+    const letters = [...Array.from({ length: 59 }, (_, i) => String.fromCharCode(65 + (i % 26))), 'z'];
+    const from = vm.output.length;
+    vm.type(letters.map((l) => `e${l}`).join(''));
+    await vm.waitFor(/^ECHO z\n/m, T, from);
+    const echoed = [...vm.output.slice(from).matchAll(/^ECHO (.)\n/gm)].map((m) => m[1]);
+    t.deepEqual(echoed, letters);
+    await powerOff(vm);
+  } finally {
+    vm.kill();
+  }
+});
+
 test('--cpus boot=2: the AP waits for SIPI and the boot vCPU keeps counting', async (t) => {
   const vm = await startTinyVm(['--cpus', 'boot=2']);
   try {
