@@ -14,5 +14,6 @@ export * from './slices/vcpus';
 export * from './slices/devices';
 export * from './slices/bus';
 export * from './slices/kvm';
+export * from './slices/memory';
 export * from './upgrade';
 export * from './vmm-events';

@@ -2,12 +2,13 @@
 import { busSlice } from './slices/bus';
 import { devicesSlice } from './slices/devices';
 import { kvmSlice } from './slices/kvm';
+import { memorySlice } from './slices/memory';
 import { vcpusSlice } from './slices/vcpus';
 import { vmSlice } from './slices/vm';
 import type { Slice, SliceStateOf } from './slice';
 
-// 2: added the kvm slice (see upgrade.ts for how a version-1 state is lifted)
-export const ROOT_SCHEMA_VERSION = 2;
+// 2: added the kvm slice; 3: added the memory slice (upgrade.ts lifts older states)
+export const ROOT_SCHEMA_VERSION = 3;
 
 export type SliceMap = Readonly<Record<string, Slice<string, any, any>>>;
 
@@ -21,6 +22,7 @@ export const rootSlices = Object.freeze({
   devices: devicesSlice,
   bus: busSlice,
   kvm: kvmSlice,
+  memory: memorySlice,
 });
 
 export type RootSlices = typeof rootSlices;

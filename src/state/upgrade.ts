@@ -4,6 +4,7 @@
 import { TernStateError } from './errors';
 import { ROOT_SCHEMA_VERSION } from './root';
 import { kvmInitialState } from './slices/kvm';
+import { MEMORY_SCHEMA_VERSION, type RamRegionState } from './slices/memory';
 
 type Json = Record<string, unknown>;
 export type StateUpgrade = (state: Readonly<Json>) => Json;
@@ -12,7 +13,26 @@ export type StateUpgrade = (state: Readonly<Json>) => Json;
 export const STATE_UPGRADES: Readonly<Record<number, StateUpgrade>> = Object.freeze({
   // 1 -> 2: the kvm slice. A version-1 state never saved VM-level KVM state.
   1: (s: Readonly<Json>) => ({ ...s, schemaVersion: 2, kvm: kvmInitialState() }),
+  // 2 -> 3: the memory slice. Builds up to schema 2 did not record the RAM layout; they all
+  // derived it from memory.size, which is what this step does.
+  2: (s: Readonly<Json>) => ({ ...s, schemaVersion: 3, memory: { schemaVersion: MEMORY_SCHEMA_VERSION, regions: schema2RamLayout(s) } }),
 });
+
+/**
+ * The RAM layout every schema-2 build gave a VM: one region from 0 up to the 32-bit MMIO hole
+ * at 3 GiB, the rest from 4 GiB. Frozen here on purpose: it must not follow later layout
+ * changes. A VM with no config had no RAM yet.
+ */
+function schema2RamLayout(s: Readonly<Json>): RamRegionState[] {
+  const vm = s.vm as { status?: string; config?: { memory?: { size?: unknown } } | null } | undefined;
+  // RAM exists only while the VM runs or is paused; a config without a size had the default.
+  if (vm?.status !== 'Running' && vm?.status !== 'Paused') return [];
+  const given = vm.config?.memory?.size;
+  const size = typeof given === 'number' ? given : 512 * 1024 * 1024;
+  const hole = 0xc000_0000;
+  const low = Math.min(size, hole);
+  return size > low ? [{ guestAddress: 0, size: low }, { guestAddress: 0x1_0000_0000, size: size - low }] : [{ guestAddress: 0, size: low }];
+}
 
 export class StateSchemaError extends TernStateError {
   constructor(message: string) {

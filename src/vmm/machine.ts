@@ -37,6 +37,7 @@ import {
   decodeVcpuState,
   deviceEvents,
   dispatchIo,
+  memoryEvents,
   encodeVcpuState,
   kvmEvents,
   vcpuEvents,
@@ -150,14 +151,15 @@ export class Machine {
       this.vm.createPit2();
 
       if (opts.restore) {
-        this.memory = this.restoreMemory(opts.restore, config.memory.size);
+        this.memory = this.restoreMemory(opts.restore);
         this.console = openConsoleSink(config.serial);
         this.restoreVcpus(opts.restore.state);
         this.restoreVmState(opts.restore.state);
         return;
       }
 
-      const regions = ramRegions(config.memory.size).map((r, slot) => {
+      const layout = ramRegions(config.memory.size);
+      const regions = layout.map((r, slot) => {
         const info = this.vm.addMemorySlot({ slot, guestAddress: BigInt(r.guestAddress), size: r.size, name: 'tern-ram' });
         return new GuestRegion({
           guestAddress: r.guestAddress,
@@ -168,6 +170,7 @@ export class Machine {
         });
       });
       this.memory = new GuestMemory(regions);
+      store.dispatch(memoryEvents.regionsCreated(layout));
 
       const payload = config.payload;
       if (!payload.kernel) throw new Error('the VM config has no payload.kernel');
@@ -222,13 +225,13 @@ export class Machine {
   }
 
   /**
-   * Guest RAM of a restored machine. The slots must be the ones this build lays out for the
-   * config's memory size, so the guest sees the same physical map it was saved with.
+   * Guest RAM of a restored machine: the slots recorded in the saved state, so the guest sees
+   * the physical map it was saved with; memory-ranges must hold exactly those.
    */
-  private restoreMemory(r: MachineRestore, memorySize: number): GuestMemory {
-    const layout = ramRegions(memorySize);
-    if (layout.length !== r.ranges.length || layout.some((l, i) => l.guestAddress !== r.ranges[i].guestAddress || l.size !== r.ranges[i].length)) {
-      throw new Error(`${r.memoryPath}: its ranges do not match the RAM layout of memory.size=${memorySize}`);
+  private restoreMemory(r: MachineRestore): GuestMemory {
+    const layout = r.state.memory.regions;
+    if (layout.length === 0 || layout.length !== r.ranges.length || layout.some((l, i) => l.guestAddress !== r.ranges[i].guestAddress || l.size !== r.ranges[i].length)) {
+      throw new Error(`${r.memoryPath}: its ranges do not match the RAM regions recorded in the saved state`);
     }
     const fd = fs.openSync(r.memoryPath, 'r');
     try {

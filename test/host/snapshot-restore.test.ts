@@ -4,41 +4,21 @@
 // Also: the memory file is sparse, each corrupt snapshot gives its own error and exit 1, and
 // the API refuses a snapshot of a running VM and a restore over an existing VM.
 import test from 'ava';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import zlib from 'node:zlib';
 
 import { TernApiError, TernClient } from '../../src/api/client';
 import { stateChecksum } from '../../src/migration/snapshot';
-import { REPO } from '../linux/guest-process';
+import { REPO, runTernRemote, waitForPath } from '../support/processes';
 import type { GuestProcess } from '../linux/guest-process';
 import { tempDir } from './api-harness';
 import { sleep } from './harness';
 import { countsIn, lastCount, lastStatus, startTern, startTinyVm } from './tiny-kernel';
 
 const T = 40_000;
-const TERN_REMOTE = path.join(REPO, 'dist', 'bin', 'tern-remote.js');
 const dir = tempDir('tern-snapshot-');
 const url = (p: string): string => `file://${p}`;
-
-async function waitForFile(p: string, timeoutMs = 20_000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (!fs.existsSync(p)) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${p}`);
-    await sleep(50);
-  }
-}
-
-function remote(socket: string, args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [TERN_REMOTE, '--api-socket', socket, ...args], { stdio: 'pipe' });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d) => (stdout += d));
-    child.stderr.on('data', (d) => (stderr += d));
-    child.on('exit', (code) => resolve({ code, stdout, stderr }));
-  });
-}
 
 /** Boot a tiny VM with an API socket, let it count, pause it and snapshot it; then SIGKILL it. */
 async function makeSnapshot(name: string): Promise<{ snap: string; last: number }> {
@@ -46,14 +26,14 @@ async function makeSnapshot(name: string): Promise<{ snap: string; last: number 
   const vm = await startTinyVm(['--api-socket', `path=${socket}`]);
   try {
     await vm.waitFor(/^COUNT 3\n/m, T);
-    await waitForFile(socket);
+    await waitForPath(socket);
     const client = new TernClient({ socketPath: socket, timeoutMs: 30_000 });
     try {
       await client.pause();
       await sleep(300);
       const last = lastCount(vm.output);
       const snap = path.join(dir, name);
-      const r = await remote(socket, ['snapshot', url(snap)]);
+      const r = await runTernRemote(socket, ['snapshot', url(snap)]);
       if (r.code !== 0) throw new Error(`tern-remote snapshot: ${r.stderr}`);
       return { snap, last };
     } finally {
@@ -154,6 +134,8 @@ const CORRUPTIONS: [string, (d: string) => void, RegExp][] = [
     c.memory.size = 32 << 20;
     fs.writeFileSync(p, JSON.stringify(c));
   }, /memory-ranges: holds 67108864 bytes of RAM but config\.json says memory\.size=33554432/],
+  ['RAM regions in state.json contradict memory-ranges', (d) => editState(d, (e) => (e.state.memory.regions = [{ guestAddress: 0, size: 32 << 20 }])),
+    /memory-ranges: its ranges do not match the RAM regions recorded in the saved state/],
   // Schema 1 is upgraded on load (see test/unit/state-upgrade.test.ts); it then fails only for want of KVM state.
   ['schema 1 state', (d) => editState(d, (e) => { delete e.state.kvm; e.state.schemaVersion = 1; e.schema_version = 1; }), /saved state has no KVM irqchip\/PIT\/clock state/],
   ['no such directory', (d) => fs.rmSync(d, { recursive: true }), /no such directory/],
@@ -181,7 +163,7 @@ test.serial('API: snapshot of a running VM is 500; an existing destination is re
   const client = new TernClient({ socketPath: socket, timeoutMs: 30_000 });
   try {
     await vm.waitFor(/^COUNT 1\n/m, T);
-    await waitForFile(socket);
+    await waitForPath(socket);
     const target = path.join(dir, 'api-snap');
     const e1 = await t.throwsAsync(client.snapshot(url(target)));
     t.is((e1 as TernApiError).status, 500);
@@ -205,4 +187,20 @@ test.serial('API: snapshot of a running VM is 500; an existing destination is re
     vm.kill();
     await vm.exited;
   }
+});
+
+// A snapshot written by a schema-2 build (before the memory slice), kept in the repository with
+// its memory gzipped. The schema 2 -> 3 upgrade gives it the RAM layout those builds used, and
+// the guest continues: the snapshot was taken after the guest printed COUNT 5.
+const SCHEMA2_FIXTURE = path.join(REPO, 'test', 'fixtures', 'snapshot-schema2');
+const SCHEMA2_LAST_COUNT = 5;
+
+test.serial('a snapshot from a schema-2 build restores through the upgrade registry and continues', async (t) => {
+  const snap = path.join(dir, 'schema2');
+  fs.mkdirSync(snap);
+  for (const f of ['config.json', 'state.json']) fs.copyFileSync(path.join(SCHEMA2_FIXTURE, f), path.join(snap, f));
+  fs.writeFileSync(path.join(snap, 'memory-ranges'), zlib.gunzipSync(fs.readFileSync(path.join(SCHEMA2_FIXTURE, 'memory-ranges.gz'))));
+  t.is(JSON.parse(fs.readFileSync(path.join(snap, 'state.json'), 'utf8')).schema_version, 2);
+  await restoreAndCheck(t, snap, SCHEMA2_LAST_COUNT);
+  t.deepEqual(fs.readdirSync(snap).sort(), ['config.json', 'memory-ranges', 'state.json'], 'the old snapshot is read, never rewritten');
 });

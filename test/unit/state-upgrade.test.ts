@@ -24,7 +24,7 @@ test('the fixture is schema 1 and this build refuses it without upgrading', (t) 
   const s = v1();
   t.is(s.schemaVersion, 1);
   t.false('kvm' in s);
-  t.throws(() => deserializeState(JSON.stringify(s)), { message: /schemaVersion 1 is not the supported 2/ });
+  t.throws(() => deserializeState(JSON.stringify(s)), { message: /schemaVersion 1 is not the supported 3/ });
 });
 
 test('upgradeState lifts schema 1 to the current schema by adding the kvm slice', (t) => {
@@ -56,4 +56,24 @@ test('the state checksum ignores key order and catches any change', (t) => {
   const reordered = Object.fromEntries(Object.entries(s).reverse());
   t.is(stateChecksum(reordered), stateChecksum(s));
   t.not(stateChecksum({ ...s, schemaVersion: 3 }), stateChecksum(s));
+});
+
+const SCHEMA2_SNAPSHOT_STATE = path.resolve(__dirname, '..', '..', '..', 'test', 'fixtures', 'snapshot-schema2', 'state.json');
+
+test('schema 2 -> 3 gives a paused schema-2 VM the RAM layout schema-2 builds used', (t) => {
+  const env = JSON.parse(fs.readFileSync(SCHEMA2_SNAPSHOT_STATE, 'utf8'));
+  t.is(env.state.schemaVersion, 2);
+  t.false('memory' in env.state);
+  const up = upgradeState(env.state);
+  t.is(up.schemaVersion, ROOT_SCHEMA_VERSION);
+  t.deepEqual((up.memory as { regions: unknown }).regions, [{ guestAddress: 0, size: 64 * 1024 * 1024 }]);
+  t.notThrows(() => validateState(up));
+  // Above the 3 GiB hole the rest of RAM starts at 4 GiB; a VM that is not running has none.
+  const big = { ...env.state, vm: { ...env.state.vm, config: { ...env.state.vm.config, memory: { size: 4 * 1024 ** 3 } } } };
+  t.deepEqual((STATE_UPGRADES[2](big).memory as { regions: unknown }).regions, [
+    { guestAddress: 0, size: 3 * 1024 ** 3 },
+    { guestAddress: 4 * 1024 ** 3, size: 1024 ** 3 },
+  ]);
+  const created = { ...env.state, vm: { ...env.state.vm, status: 'Created' } };
+  t.deepEqual((STATE_UPGRADES[2](created).memory as { regions: unknown }).regions, []);
 });
