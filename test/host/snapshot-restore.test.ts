@@ -21,9 +21,9 @@ const dir = tempDir('tern-snapshot-');
 const url = (p: string): string => `file://${p}`;
 
 /** Boot a tiny VM with an API socket, let it count, pause it and snapshot it; then SIGKILL it. */
-async function makeSnapshot(name: string): Promise<{ snap: string; last: number }> {
+async function makeSnapshot(name: string, args: string[] = []): Promise<{ snap: string; last: number }> {
   const socket = path.join(dir, `${name}.sock`);
-  const vm = await startTinyVm(['--api-socket', `path=${socket}`]);
+  const vm = await startTinyVm(['--api-socket', `path=${socket}`, ...args]);
   try {
     await vm.waitFor(/^COUNT 3\n/m, T);
     await waitForPath(socket);
@@ -81,6 +81,14 @@ test.serial('restore with memory_restore_mode=ondemand (and prefault) continues 
   const { snap, last } = await snapshotOnce();
   await restoreAndCheck(t, snap, last, ',memory_restore_mode=ondemand');
   await restoreAndCheck(t, snap, last, ',memory_restore_mode=ondemand,prefault=on');
+});
+
+test.serial('a 2-vCPU VM (the second waiting for SIPI) restores with both vCPUs and continues', async (t) => {
+  const { snap, last } = await makeSnapshot('smp', ['--cpus', 'boot=2']);
+  const env = JSON.parse(fs.readFileSync(path.join(snap, 'state.json'), 'utf8'));
+  t.deepEqual(Object.keys(env.state.vcpus.saved).sort(), ['0', '1']);
+  t.not(env.state.vcpus.saved['0'].mpState, env.state.vcpus.saved['1'].mpState, 'the AP is saved in its own (wait-for-SIPI) state');
+  await restoreAndCheck(t, snap, last);
 });
 
 test.serial('memory-ranges is sparse: far fewer blocks than 64M of guest RAM', async (t) => {
