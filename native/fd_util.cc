@@ -273,7 +273,32 @@ static Napi::Value Flock(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, true);
 }
 
+// lseek(2) with SEEK_DATA or SEEK_HOLE (Node has neither): where the next data or hole at or
+// after `offset` starts in a sparse file, or -1 when there is no more data (ENXIO).
+static Napi::Value SeekExtent(const Napi::CallbackInfo& info, int whence, const char* what) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!FdArg(info, 0, &fd)) return env.Undefined();
+  uint64_t offset;
+  if (info.Length() < 2 || !ToU64(info[1], &offset) || offset > static_cast<uint64_t>(INT64_MAX)) {
+    ThrowTypeError(env, std::string(what) + ": offset must be a non-negative integer");
+    return env.Undefined();
+  }
+  off_t r = lseek(fd, static_cast<off_t>(offset), whence);
+  if (r < 0) {
+    if (errno == ENXIO) return Napi::Number::New(env, -1);
+    ThrowErrno(env, what, errno);
+    return env.Undefined();
+  }
+  return Napi::Number::New(env, static_cast<double>(r));
+}
+
+static Napi::Value SeekData(const Napi::CallbackInfo& info) { return SeekExtent(info, SEEK_DATA, "lseek(SEEK_DATA)"); }
+static Napi::Value SeekHole(const Napi::CallbackInfo& info) { return SeekExtent(info, SEEK_HOLE, "lseek(SEEK_HOLE)"); }
+
 void InitFdUtil(Napi::Env env, Napi::Object exports) {
+  exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
+  exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
   exports.Set("eventfd", Napi::Function::New(env, EventFd, "eventfd"));
   exports.Set("eventfdRead", Napi::Function::New(env, EventFdRead, "eventfdRead"));
   exports.Set("eventfdWrite", Napi::Function::New(env, EventFdWrite, "eventfdWrite"));

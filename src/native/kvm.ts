@@ -203,6 +203,10 @@ export interface NativeAddon {
    * nonblocking and another open file description holds a conflicting lock.
    */
   flock(fd: number, opts?: { exclusive?: boolean; nonblocking?: boolean; unlock?: boolean }): boolean;
+  /** lseek(fd, offset, SEEK_DATA): start of the next data at or after offset; -1 if none. */
+  seekData(fd: number, offset: number): number;
+  /** lseek(fd, offset, SEEK_HOLE): start of the next hole at or after offset (EOF counts). */
+  seekHole(fd: number, offset: number): number;
 }
 
 /** eventfd(2) flags for NativeAddon.eventfd (default: CLOEXEC | NONBLOCK). */

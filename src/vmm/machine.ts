@@ -98,23 +98,33 @@ function readPayloadFile(path: string, what: string): Buffer {
   }
 }
 
-const ZERO_PAGE = new Uint8Array(4096);
+const COPY_BLOCK = 1 << 20;
 
-function isZeroPage(b: Uint8Array): boolean {
-  return Buffer.from(b.buffer, b.byteOffset, b.byteLength).equals(ZERO_PAGE.subarray(0, b.byteLength));
-}
-
-/** Read a range's data into fresh (zero) RAM, skipping zero pages so they stay unallocated. */
+/**
+ * Read a memory-ranges range straight into guest RAM. Only the file's data extents are read
+ * (lseek SEEK_DATA/SEEK_HOLE): holes are zero pages, and fresh guest RAM is already zero, so
+ * they cost neither a read nor resident memory.
+ */
 function copyRangeIn(fd: number, range: MemoryRange, region: GuestRegion): void {
-  const block = Buffer.alloc(1 << 20);
-  for (let off = 0; off < range.length; off += block.length) {
-    const len = Math.min(block.length, range.length - off);
-    const got = fs.readSync(fd, block, 0, len, range.fileOffset + off);
-    if (got !== len) throw new Error(`memory file ended at ${range.fileOffset + off + got} inside range 0x${range.guestAddress.toString(16)}`);
-    for (let p = 0; p < len; p += 4096) {
-      const page = block.subarray(p, Math.min(p + 4096, len));
-      if (!isZeroPage(page)) region.write(off + p, page);
+  const addon = native();
+  const end = range.fileOffset + range.length;
+  for (let pos = range.fileOffset; pos < end;) {
+    const data = addon.seekData(fd, pos);
+    if (data < 0 || data >= end) break;
+    const hole = Math.min(addon.seekHole(fd, data), end);
+    for (let p = data; p < hole;) {
+      const off = p - range.fileOffset;
+      // Blocks never cross a 1 MiB boundary, so never a RAM chunk's either.
+      const len = Math.min(COPY_BLOCK - (off % COPY_BLOCK), hole - p);
+      const view = region.view(off, len)!;
+      for (let done = 0; done < len;) {
+        const got = fs.readSync(fd, view, done, len - done, p + done);
+        if (got === 0) throw new Error(`memory file ended at ${p + done} inside range 0x${range.guestAddress.toString(16)}`);
+        done += got;
+      }
+      p += len;
     }
+    pos = hole;
   }
 }
 
