@@ -5,12 +5,29 @@ import { runInLab } from '../lab/lab';
 
 const REPO = path.resolve(__dirname, '..', '..', '..');
 
+const BENCHES: Record<string, string> = {
+  boot: 'dist/test/bench/boot-bench.js',
+  snapshot: 'dist/test/bench/snapshot-bench.js',
+};
+
 async function main(): Promise<void> {
+  // `npm run bench -- snapshot` runs one benchmark; no argument runs them all in one lab boot.
+  const names = process.argv.slice(2);
+  for (const n of names) if (!BENCHES[n]) throw new Error(`unknown benchmark '${n}' (have: ${Object.keys(BENCHES).join(', ')})`);
+  const scripts = (names.length ? names : Object.keys(BENCHES)).map((n) => `node ${BENCHES[n]}`);
   const r = await runInLab({
-    script: 'node dist/test/bench/boot-bench.js',
-    timeoutMs: 40 * 60_000,
+    script: `set -e\n${scripts.join('\n')}`,
+    timeoutMs: 90 * 60_000,
+    // A 2 GiB guest and its snapshot both live in the lab's RAM (its only writable file
+    // systems are tmpfs).
+    memMiB: Number(process.env.TERN_BENCH_LAB_MEM_MIB ?? 6144),
     cwd: REPO,
-    env: { TERN_FIXTURES: process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures', TERN_BENCH_RUNS: process.env.TERN_BENCH_RUNS ?? '5' },
+    // The lab starts from a clean environment: pass the fixtures and every TERN_BENCH_* knob.
+    env: {
+      TERN_FIXTURES: process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures',
+      TERN_BENCH_RUNS: process.env.TERN_BENCH_RUNS ?? '5',
+      ...Object.fromEntries(Object.entries(process.env).filter(([k, v]) => k.startsWith('TERN_BENCH_') && v !== undefined)) as Record<string, string>,
+    },
     onOutput: (c) => process.stdout.write(c),
   });
   process.stdout.write(`\nbench (${r.mode}): ${new Date().toISOString().slice(0, 10)}, exit ${r.exitCode}\n`);

@@ -1,0 +1,278 @@
+// Snapshot/restore benchmark, run where /dev/kvm can boot Linux (inside the lab). For each
+// guest size the guest first fills most of its RAM (a tmpfs file of non-zero data), then:
+//   tern: vm.pause, vm.snapshot to a directory; restore with --restore in copy and ondemand
+//         mode, each into a new process;
+//   QEMU: stop, migrate "exec:cat > FILE"; restore with -incoming "exec:cat FILE".
+// Reported side by side: snapshot time, snapshot size on disk against the guest's memory in
+// use, process start to the guest running again, and tern's own restore time (the monitor's
+// restoring -> restored events). Snapshot speed is also put against the speed of plainly
+// writing the same bytes to the same file system.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { TernClient } from '../../src/api/client';
+import { GuestProcess, fixture } from '../linux/guest-process';
+import { guestCmdline, microvmCommand } from '../lab/qemu-peer';
+import { waitForPath } from '../support/processes';
+import { QmpClient } from './qmp-client';
+
+const SIZES_MIB = (process.env.TERN_BENCH_SNAPSHOT_SIZES ?? '512,2048').split(',').map(Number);
+const RESTORES = Number(process.env.TERN_BENCH_RESTORES ?? 3);
+const FILL_TIMEOUT = 15 * 60_000;
+const RUNNING_TIMEOUT = 5 * 60_000;
+const MIB = 1024 * 1024;
+const BLOCK_MIB = 64;
+
+/**
+ * The guest's workload: a tmpfs file of non-zero bytes filling 4/5 of the memory the guest has
+ * available after boot (built by doubling a 16-byte pattern to 64 MiB, then appending that
+ * block), its memory use, then a heartbeat.
+ */
+function fillCommand(): string {
+  return [
+    'mkdir -p /mnt/f && mount -t tmpfs -o size=95% tmpfs /mnt/f && cd /mnt/f',
+    `blocks=$(( $(awk '/^MemAvailable/{print int($2/1024)}' /proc/meminfo) * 4 / 5 / ${BLOCK_MIB} - 1 ))`,
+    'echo FILLING $blocks blocks; printf 0123456789abcdef > b && i=0 && while [ $i -lt 22 ]; do cat b b > c && mv c b; i=$((i+1)); done',
+    'j=0 && while [ $j -lt $blocks ]; do cat b >> fill; j=$((j+1)); done && rm b',
+    "echo FILLED used_kib=$(awk '/^MemTotal/{t=$2} /^MemFree/{f=$2} END{print t-f}' /proc/meminfo)",
+    'i=0; while :; do i=$((i+1)); echo ALIVE $i; sleep 0.2; done',
+  ].join('; ');
+}
+
+const cmdlineFor = () => guestCmdline({ cmd: fillCommand() });
+const elapsedMs = (start: bigint) => Number(process.hrtime.bigint() - start) / 1e6;
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};
+
+/** Bytes allocated on disk for a file or every file in a directory (holes not counted). */
+function allocatedBytes(p: string): number {
+  const st = fs.statSync(p);
+  if (!st.isDirectory()) return st.blocks * 512;
+  return fs.readdirSync(p).reduce((n, f) => n + allocatedBytes(path.join(p, f)), 0);
+}
+
+/** Echo a VMM's console to ours, line by line with a prefix, so a long run shows progress. */
+function echoConsole(vm: GuestProcess, prefix: string): GuestProcess {
+  let pending = '';
+  vm.child.stdout.on('data', (d: Buffer) => {
+    pending += d.toString('latin1').replace(/\r/g, '');
+    const lines = pending.split('\n');
+    pending = lines.pop()!;
+    for (const l of lines) if (l.trim() && !/^ALIVE \d*[1-9]$/.test(l)) process.stdout.write(`  [${prefix}] ${l}\n`);
+  });
+  return vm;
+}
+
+async function waitFilled(vm: GuestProcess): Promise<number> {
+  const m = await vm.waitFor(/Kernel panic|TERN-GUEST-EXIT|FILLED used_kib=(\d+)\r?\n/, FILL_TIMEOUT);
+  if (m[1] === undefined) throw new Error(`the guest failed while filling its memory: ${m[0]}`);
+  await vm.waitFor(/ALIVE 2\b/, RUNNING_TIMEOUT);
+  return Number(m[1]) * 1024;
+}
+
+/** Spawn a VMM that restores, and time process start -> the guest's next heartbeat. */
+async function timeToRunning(start: () => GuestProcess): Promise<{ ms: number; vm: GuestProcess }> {
+  const t0 = process.hrtime.bigint();
+  const vm = start();
+  await vm.waitFor(/ALIVE \d+\r?\n/, RUNNING_TIMEOUT);
+  return { ms: elapsedMs(t0), vm };
+}
+
+interface SizeResult {
+  memMiB: number;
+  usedBytes: { tern: number; qemu: number };
+  snapshotMs: { tern: number; qemu: number };
+  snapshotBytes: { tern: number; qemu: number };
+  restoreMs: { ternCopy: number; ternOndemand: number; qemu: number };
+  ternVmmRestoreMs: { copy: number; ondemand: number };
+  diskWriteMBps: number;
+}
+
+function monitorRestoreMs(file: string): number {
+  const events = fs.readFileSync(file, 'utf8').split('\n\n').filter((b) => b.trim())
+    .map((b) => JSON.parse(b) as { event: string; timestamp: { secs: number; nanos: number } });
+  const at = (name: string) => {
+    const e = events.find((x) => x.event === name);
+    if (!e) throw new Error(`no ${name} event in ${file}`);
+    return e.timestamp.secs * 1000 + e.timestamp.nanos / 1e6;
+  };
+  return at('restored') - at('restoring');
+}
+
+async function benchTern(work: string, memMiB: number, r: Partial<SizeResult>): Promise<void> {
+  const socket = path.join(work, 'tern.sock');
+  const vm = echoConsole(GuestProcess.tern([
+    '--kernel', fixture('bzImage'), '--initramfs', fixture('initramfs.img'), '--cmdline', cmdlineFor(),
+    '--cpus', 'boot=1', '--memory', `size=${memMiB}M`, '--serial', 'tty', '--api-socket', `path=${socket}`,
+  ]), `tern ${memMiB}M`);
+  const snap = path.join(work, 'tern-snap');
+  try {
+    r.usedBytes = { tern: await waitFilled(vm), qemu: 0 };
+    await waitForPath(socket);
+    const client = new TernClient({ socketPath: socket, timeoutMs: 10 * 60_000 });
+    try {
+      await client.pause();
+      const t0 = process.hrtime.bigint();
+      await client.snapshot(`file://${snap}`);
+      r.snapshotMs = { tern: elapsedMs(t0), qemu: 0 };
+    } finally {
+      client.close();
+    }
+  } finally {
+    vm.kill();
+    await vm.exited;
+  }
+  r.snapshotBytes = { tern: allocatedBytes(snap), qemu: 0 };
+
+  const restore = async (mode: 'copy' | 'ondemand') => {
+    const wall: number[] = [];
+    const vmmMs: number[] = [];
+    for (let i = 0; i < RESTORES; i++) {
+      const monitor = path.join(work, `restore-${mode}-${i}.events`);
+      const { ms, vm: restored } = await timeToRunning(() => GuestProcess.tern([
+        '--restore', `source_url=file://${snap},resume=on,memory_restore_mode=${mode}`,
+        '--serial', 'tty', '--event-monitor', `path=${monitor}`,
+      ]));
+      restored.kill();
+      await restored.exited;
+      wall.push(ms);
+      vmmMs.push(monitorRestoreMs(monitor));
+      process.stdout.write(`  tern ${memMiB} MiB restore ${mode} #${i + 1}: ${ms.toFixed(0)} ms to running, ${vmmMs[i].toFixed(1)} ms in the VMM\n`);
+    }
+    return { wall: median(wall), vmm: median(vmmMs) };
+  };
+  const copy = await restore('copy');
+  const ondemand = await restore('ondemand');
+  r.restoreMs = { ternCopy: copy.wall, ternOndemand: ondemand.wall, qemu: 0 };
+  r.ternVmmRestoreMs = { copy: copy.vmm, ondemand: ondemand.vmm };
+  fs.rmSync(snap, { recursive: true, force: true });
+}
+
+async function benchQemu(work: string, memMiB: number, r: SizeResult): Promise<void> {
+  const qmpPath = path.join(work, 'qmp.sock');
+  const file = path.join(work, 'qemu-state');
+  const base = microvmCommand({ kernel: fixture('bzImage'), initrd: fixture('initramfs.img'), cmdline: cmdlineFor(), cpus: 1, memMiB });
+  const vm = echoConsole(new GuestProcess(base.file, [...base.args, '-qmp', `unix:${qmpPath},server=on,wait=off`]), `qemu ${memMiB}M`);
+  try {
+    r.usedBytes.qemu = await waitFilled(vm);
+    const qmp = await QmpClient.connect(qmpPath);
+    try {
+      await qmp.execute('stop');
+      process.stdout.write(`  qemu ${memMiB} MiB: stopped, migrating to ${file}\n`);
+      const t0 = process.hrtime.bigint();
+      await qmp.execute('migrate', { uri: `exec:cat > ${file}` });
+      let reported = 0;
+      for (;;) {
+        const s = (await qmp.execute('query-migrate')) as { status?: string; 'error-desc'?: string; ram?: { transferred?: number } };
+        if (s.status === 'completed') break;
+        if (elapsedMs(t0) - reported > 5000) {
+          reported = elapsedMs(t0);
+          process.stdout.write(`  qemu ${memMiB} MiB: migrate ${s.status ?? '?'}, ${mib(s.ram?.transferred ?? 0)} after ${sec(reported)}\n`);
+        }
+        if (s.status === 'failed' || s.status === 'cancelled') throw new Error(`QEMU migrate ${s.status}: ${s['error-desc'] ?? ''}`);
+        await new Promise((res) => setTimeout(res, 5));
+      }
+      r.snapshotMs.qemu = elapsedMs(t0);
+    } finally {
+      qmp.close();
+    }
+  } finally {
+    vm.kill();
+    await vm.exited;
+  }
+  r.snapshotBytes.qemu = allocatedBytes(file);
+  const wall: number[] = [];
+  for (let i = 0; i < RESTORES; i++) {
+    // The saved VM was stopped, so QEMU keeps it paused after the incoming migration: `cont`
+    // once it completes is QEMU's resume=on.
+    const incomingQmp = path.join(work, `qmp-in-${i}.sock`);
+    const t0 = process.hrtime.bigint();
+    const restored = new GuestProcess(base.file, [...base.args, '-incoming', `exec:cat ${file}`, '-qmp', `unix:${incomingQmp},server=on,wait=off`]);
+    const running = restored.waitFor(/ALIVE \d+\r?\n/, RUNNING_TIMEOUT);
+    const qmp = await QmpClient.connect(incomingQmp);
+    try {
+      for (;;) {
+        const s = (await qmp.execute('query-migrate')) as { status?: string; 'error-desc'?: string };
+        if (s.status === 'completed') break;
+        if (s.status === 'failed' || s.status === 'cancelled') throw new Error(`QEMU incoming migration ${s.status}: ${s['error-desc'] ?? ''}`);
+        await new Promise((res) => setTimeout(res, 5));
+      }
+      await qmp.execute('cont');
+      await running;
+    } finally {
+      qmp.close();
+    }
+    const ms = elapsedMs(t0);
+    restored.kill();
+    await restored.exited;
+    wall.push(ms);
+    process.stdout.write(`  qemu ${memMiB} MiB restore #${i + 1}: ${ms.toFixed(0)} ms to running\n`);
+  }
+  r.restoreMs.qemu = median(wall);
+  fs.rmSync(file, { force: true });
+}
+
+/** MB/s of writing `bytes` of non-zero data in 1 MiB blocks to `dir`, then fsync. */
+function diskWriteMBps(dir: string, bytes: number): number {
+  const file = path.join(dir, 'disk-speed');
+  const block = Buffer.alloc(MIB, 0x5a);
+  const fd = fs.openSync(file, 'w');
+  const t0 = process.hrtime.bigint();
+  try {
+    for (let done = 0; done < bytes; done += MIB) fs.writeSync(fd, block, 0, Math.min(MIB, bytes - done));
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  const ms = elapsedMs(t0);
+  fs.rmSync(file);
+  return bytes / MIB / (ms / 1000);
+}
+
+const mib = (b: number) => `${(b / MIB).toFixed(0)} MiB`;
+const sec = (ms: number) => (ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms.toFixed(0)} ms`);
+const ratio = (a: number, b: number) => (a / b).toFixed(2);
+
+function table(results: SizeResult[]): string {
+  const rows = ['| metric | guest RAM | tern | QEMU | tern/QEMU |', '|---|---|---|---|---|'];
+  for (const r of results) {
+    const g = `${r.memMiB} MiB`;
+    rows.push(
+      `| guest memory in use (MemTotal - MemFree) | ${g} | ${mib(r.usedBytes.tern)} | ${mib(r.usedBytes.qemu)} | |`,
+      `| snapshot time (paused VM) | ${g} | ${sec(r.snapshotMs.tern)} | ${sec(r.snapshotMs.qemu)} | ${ratio(r.snapshotMs.tern, r.snapshotMs.qemu)} |`,
+      `| snapshot size on disk | ${g} | ${mib(r.snapshotBytes.tern)} | ${mib(r.snapshotBytes.qemu)} | ${ratio(r.snapshotBytes.tern, r.snapshotBytes.qemu)} |`,
+      `| restore, process start to guest running: tern copy | ${g} | ${sec(r.restoreMs.ternCopy)} | ${sec(r.restoreMs.qemu)} | ${ratio(r.restoreMs.ternCopy, r.restoreMs.qemu)} |`,
+      `| restore, process start to guest running: tern ondemand | ${g} | ${sec(r.restoreMs.ternOndemand)} | ${sec(r.restoreMs.qemu)} | ${ratio(r.restoreMs.ternOndemand, r.restoreMs.qemu)} |`,
+      `| tern restore in the VMM (restoring -> restored): copy / ondemand | ${g} | ${r.ternVmmRestoreMs.copy.toFixed(1)} ms / ${r.ternVmmRestoreMs.ondemand.toFixed(1)} ms | | |`,
+      `| snapshot speed / plain write speed of the same bytes | ${g} | ${ratio(r.snapshotBytes.tern / MIB / (r.snapshotMs.tern / 1000), r.diskWriteMBps)} (disk ${r.diskWriteMBps.toFixed(0)} MB/s) | | |`,
+      `| snapshot size / guest memory in use | ${g} | ${ratio(r.snapshotBytes.tern, r.usedBytes.tern)} | ${ratio(r.snapshotBytes.qemu, r.usedBytes.qemu)} | |`,
+    );
+  }
+  return rows.join('\n');
+}
+
+async function main(): Promise<void> {
+  const results: SizeResult[] = [];
+  for (const memMiB of SIZES_MIB) {
+    const work = fs.mkdtempSync(path.join(os.tmpdir(), `tern-snapbench-${memMiB}-`));
+    try {
+      const r: Partial<SizeResult> = { memMiB };
+      process.stdout.write(`snapshot bench: ${memMiB} MiB guest\n`);
+      await benchTern(work, memMiB, r);
+      await benchQemu(work, memMiB, r as SizeResult);
+      r.diskWriteMBps = diskWriteMBps(work, r.snapshotBytes!.tern);
+      results.push(r as SizeResult);
+    } finally {
+      fs.rmSync(work, { recursive: true, force: true });
+    }
+  }
+  process.stdout.write(`\nSNAPSHOT-BENCH-TABLE (medians of ${RESTORES} restores)\n${table(results)}\n`);
+  process.stdout.write('guest: Debian bzImage, 1 vCPU, busybox initramfs; 4/5 of the memory available after boot filled with a tmpfs file; files on the lab\'s tmpfs\n');
+}
+
+main().catch((e) => {
+  process.stderr.write(`snapshot bench: ${(e as Error).stack}\n`);
+  process.exit(1);
+});
