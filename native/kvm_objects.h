@@ -46,6 +46,7 @@ struct MemSlot {
   std::shared_ptr<HostMapping> mapping;
   std::shared_ptr<DirtyBitmap> vmmDirty;
   Napi::Reference<Napi::ArrayBuffer> vmmDirtyBuffer;  // created on first vmmDirtyBitmap()
+  Napi::Reference<Napi::Array> chunks;                 // the RAM's ArrayBuffers, made once
 };
 
 class Vm : public Napi::ObjectWrap<Vm> {
@@ -65,6 +66,7 @@ class Vm : public Napi::ObjectWrap<Vm> {
   Napi::Value AddMemorySlot(const Napi::CallbackInfo& info);
   Napi::Value GetDirtyBitmap(const Napi::CallbackInfo& info);
   Napi::Value VmmDirtyBitmap(const Napi::CallbackInfo& info);
+  Napi::Value MemoryChunks(const Napi::CallbackInfo& info);
   Napi::Value IrqLine(const Napi::CallbackInfo& info);
   Napi::Value SetGsiRouting(const Napi::CallbackInfo& info);
   Napi::Value Irqfd(const Napi::CallbackInfo& info);

@@ -225,6 +225,7 @@ Napi::Function Vm::Define(Napi::Env env) {
                          InstanceMethod<&Vm::AddMemorySlot>("addMemorySlot"),
                          InstanceMethod<&Vm::GetDirtyBitmap>("getDirtyBitmap"),
                          InstanceMethod<&Vm::VmmDirtyBitmap>("vmmDirtyBitmap"),
+                         InstanceMethod<&Vm::MemoryChunks>("memoryChunks"),
                          InstanceMethod<&Vm::IrqLine>("irqLine"),
                          InstanceMethod<&Vm::SetGsiRouting>("setGsiRouting"),
                          InstanceMethod<&Vm::Irqfd>("irqfd"),
@@ -320,6 +321,9 @@ Napi::Value Vm::AddMemorySlot(const Napi::CallbackInfo& info) {
   Napi::Value name = o.Get("name");
   if (name.IsString()) ro.name = name.As<Napi::String>().Utf8Value();
   ro.privateMap = o.Get("privateMap").ToBoolean().Value();
+  // Each ArrayBuffer over guest RAM counts as external memory to V8, and the first ones make
+  // it run a full GC: a restore that does not touch RAM from JS defers them to memoryChunks().
+  bool deferChunks = o.Get("deferChunks").ToBoolean().Value();
   if (ro.size == 0 || (ro.size & 0xfff) || (gpa & 0xfff)) {
     ThrowError(env, "addMemorySlot: size and guestAddress must be non-zero multiples of 4096", "EINVAL");
     return env.Undefined();
@@ -365,7 +369,11 @@ Napi::Value Vm::AddMemorySlot(const Napi::CallbackInfo& info) {
   res.Set("guestAddress", Big(env, gpa));
   res.Set("size", Napi::Number::New(env, static_cast<double>(ro.size)));
   res.Set("fd", Napi::Number::New(env, ram.fd));
-  res.Set("chunks", MappingChunks(env, ram.mapping, kMaxChunk));
+  if (!deferChunks) {
+    Napi::Array chunks = MappingChunks(env, ram.mapping, kMaxChunk);
+    s->chunks = Napi::Persistent(chunks);
+    res.Set("chunks", chunks);
+  }
   res.Set("chunkSize", Napi::Number::New(env, static_cast<double>(kMaxChunk)));
   slots_[slot] = std::move(s);
   return res;
@@ -403,6 +411,16 @@ Napi::Value Vm::GetDirtyBitmap(const Napi::CallbackInfo& info) {
   Napi::Uint8Array out = Napi::Uint8Array::New(env, vmm.byteLength());
   memcpy(out.Data(), words.data(), vmm.byteLength());
   return out;
+}
+
+Napi::Value Vm::MemoryChunks(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!CheckOpen(env)) return env.Undefined();
+  MemSlot* s = FindSlot(env, info.Length() ? info[0] : env.Undefined());
+  if (!s) return env.Undefined();
+  // Made once: V8 must not see two buffers over the same memory.
+  if (s->chunks.IsEmpty()) s->chunks = Napi::Persistent(MappingChunks(env, s->mapping, kMaxChunk));
+  return s->chunks.Value();
 }
 
 Napi::Value Vm::VmmDirtyBitmap(const Napi::CallbackInfo& info) {

@@ -12,7 +12,8 @@ const PAGE_SHIFT = 12;
 export interface GuestRegionInit {
   guestAddress: GuestAddress;
   size: number;
-  chunks: ArrayBuffer[];
+  /** the chunks, or how to get them when first needed (a restore need not touch RAM) */
+  chunks: ArrayBuffer[] | (() => ArrayBuffer[]);
   chunkSize: number;
   /** VMM-side dirty bitmap, one bit per page; omitted = writes are not tracked. */
   dirtyBitmap?: Uint8Array;
@@ -28,16 +29,25 @@ export class GuestMemoryError extends Error {
 export class GuestRegion {
   readonly guestAddress: GuestAddress;
   readonly size: number;
-  private readonly chunks: Uint8Array[];
+  private chunkViews?: Uint8Array[];
+  private readonly chunkSource: ArrayBuffer[] | (() => ArrayBuffer[]);
   private readonly chunkSize: number;
   private readonly dirty?: Uint8Array;
 
   constructor(init: GuestRegionInit) {
     this.guestAddress = init.guestAddress;
     this.size = init.size;
-    this.chunks = init.chunks.map((b) => new Uint8Array(b));
+    this.chunkSource = init.chunks;
     this.chunkSize = init.chunkSize;
     this.dirty = init.dirtyBitmap;
+  }
+
+  private get chunks(): Uint8Array[] {
+    if (!this.chunkViews) {
+      const buffers = typeof this.chunkSource === 'function' ? this.chunkSource() : this.chunkSource;
+      this.chunkViews = buffers.map((b) => new Uint8Array(b));
+    }
+    return this.chunkViews;
   }
 
   get end(): GuestAddress {

@@ -136,9 +136,10 @@ export interface MemorySlotInfo {
   fd: number;
   /**
    * Host mapping split in chunks of at most chunkSize bytes, in guest-address order. The
-   * mapping lives until vm.close() and every chunk has been garbage-collected.
+   * mapping lives until vm.close() and every chunk has been garbage-collected. Absent with
+   * deferChunks: vm.memoryChunks(slot) makes them on first use.
    */
-  chunks: ArrayBuffer[];
+  chunks?: ArrayBuffer[];
   chunkSize: number;
 }
 
@@ -157,7 +158,11 @@ export interface NativeVm {
   addMemorySlot(opts: {
     slot: number; guestAddress: bigint; size: number; name?: string;
     fromFd?: number; fileOffset?: number; privateMap?: boolean;
+    /** leave out `chunks` (see memoryChunks): V8 runs a full GC when it first sees them */
+    deferChunks?: boolean;
   }): MemorySlotInfo;
+  /** The slot's RAM as ArrayBuffer chunks; the same array every time. */
+  memoryChunks(slot: number): ArrayBuffer[];
   /**
    * Pages of `slot` dirtied since the previous call: KVM_GET_DIRTY_LOG OR the VMM-side bitmap
    * (marked by markDirty / the shared bitmap). Both are cleared. One bit per 4 KiB page, bit i

@@ -174,7 +174,7 @@ export class Machine {
         return new GuestRegion({
           guestAddress: r.guestAddress,
           size: r.size,
-          chunks: info.chunks,
+          chunks: info.chunks!,
           chunkSize: info.chunkSize,
           dirtyBitmap: this.vm.vmmDirtyBitmap(slot),
         });
@@ -252,12 +252,14 @@ export class Machine {
           guestAddress: BigInt(range.guestAddress),
           size: range.length,
           name: 'tern-ram',
+          // An ondemand restore does not touch RAM from JS: no ArrayBuffers (and no GC) yet.
+          deferChunks: true,
           ...(ondemand ? { fromFd: fd, fileOffset: range.fileOffset, privateMap: true } : {}),
         });
         const region = new GuestRegion({
           guestAddress: range.guestAddress,
           size: range.length,
-          chunks: info.chunks,
+          chunks: () => this.vm.memoryChunks(slot),
           chunkSize: info.chunkSize,
           dirtyBitmap: this.vm.vmmDirtyBitmap(slot),
         });

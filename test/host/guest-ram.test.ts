@@ -17,9 +17,9 @@ test('a slot larger than 1 GiB is split into 1 GiB chunks in address order', (t)
     const size = 2 * GiB + 8192;
     const slot = vm.addMemorySlot({ slot: 0, guestAddress: 0x1_0000_0000n, size, name: 'big' });
     t.is(slot.chunkSize, GiB);
-    t.deepEqual(slot.chunks.map((c) => c.byteLength), [GiB, GiB, 8192]);
+    t.deepEqual(slot.chunks!.map((c) => c.byteLength), [GiB, GiB, 8192]);
     const mem = new GuestMemory([
-      new GuestRegion({ guestAddress: 0x1_0000_0000, size, chunks: slot.chunks, chunkSize: slot.chunkSize, dirtyBitmap: vm.vmmDirtyBitmap(0) }),
+      new GuestRegion({ guestAddress: 0x1_0000_0000, size, chunks: slot.chunks!, chunkSize: slot.chunkSize, dirtyBitmap: vm.vmmDirtyBitmap(0) }),
     ]);
     // A write straddling the chunk boundary lands contiguously in the memfd.
     const at = 0x1_0000_0000 + GiB - 3;
@@ -39,6 +39,28 @@ test('a slot larger than 1 GiB is split into 1 GiB chunks in address order', (t)
   }
 });
 
+test('deferChunks leaves the ArrayBuffers out; memoryChunks makes them once, over the same RAM', (t) => {
+  const kvm = native().openKvm();
+  const vm = kvm.createVm();
+  try {
+    const slot = vm.addMemorySlot({ slot: 0, guestAddress: 0n, size: 2 * 1024 * 1024, name: 'lazy', deferChunks: true });
+    t.is(slot.chunks, undefined);
+    const chunks = vm.memoryChunks(0);
+    t.is(vm.memoryChunks(0), chunks, 'the same array every time');
+    new DataView(chunks[0]).setUint32(0x2000, 0xfeedf00d, true);
+    const viaFd = Buffer.alloc(4);
+    fs.readSync(slot.fd, viaFd, 0, 4, 0x2000);
+    t.is(viaFd.readUInt32LE(0), 0xfeedf00d, 'the chunks are the slot\'s RAM');
+    // A region built on the lazy source reads the same bytes.
+    const region = new GuestRegion({ guestAddress: 0, size: 2 * 1024 * 1024, chunks: () => vm.memoryChunks(0), chunkSize: slot.chunkSize });
+    t.deepEqual([...region.read(0x2000, 4)], [0x0d, 0xf0, 0xed, 0xfe]);
+    t.throws(() => vm.memoryChunks(7), { message: /slot/ });
+  } finally {
+    vm.close();
+    kvm.close();
+  }
+});
+
 test('fromFd maps an existing memfd shared or private (copy-on-write)', async (t) => {
   const a = createTestVm({ ring: 3, memSize: 4 * 1024 * 1024 });
   const kvm = native().openKvm();
@@ -50,8 +72,8 @@ test('fromFd maps an existing memfd shared or private (copy-on-write)', async (t
       slot: 1, guestAddress: 0x1000_0000n, size: 1024 * 1024, fromFd: a.slot.fd, fileOffset: 0, privateMap: true,
     });
     t.not(shared.fd, a.slot.fd, 'the slot owns its own descriptor');
-    const sharedView = new DataView(shared.chunks[0]);
-    const privView = new DataView(priv.chunks[0]);
+    const sharedView = new DataView(shared.chunks![0]);
+    const privView = new DataView(priv.chunks![0]);
     t.is(sharedView.getUint32(0x1000, true), 0x11111111);
     t.is(privView.getUint32(0x1000, true), 0x11111111);
 
@@ -62,7 +84,7 @@ test('fromFd maps an existing memfd shared or private (copy-on-write)', async (t
 
     // fileOffset: a window into the middle of the file.
     const window = b.addMemorySlot({ slot: 2, guestAddress: 0x2000_0000n, size: 0x1000, fromFd: a.slot.fd, fileOffset: 0x1000 });
-    t.is(new DataView(window.chunks[0]).getUint32(0, true), 0x22222222);
+    t.is(new DataView(window.chunks![0]).getUint32(0, true), 0x22222222);
     t.throws(
       () => b.addMemorySlot({ slot: 3, guestAddress: 0x3000_0000n, size: 0x2000, fromFd: a.slot.fd, fileOffset: 4 * 1024 * 1024 - 0x1000 }),
       { code: 'EINVAL', message: /shorter than fileOffset \+ size/ },
@@ -78,7 +100,7 @@ test('chunks stay valid after vm.close(); a guest wrote through the same memory'
   const vm = createTestVm({ guest: buildGuest('dirty'), ring: 3, regs: { rsi: 0x18_0000n, rcx: 1n } });
   vm.mem.writeU64(0x18_0000, 0x30_0000);
   await runVcpu(vm.vcpu);
-  const chunk = vm.slot.chunks[0];
+  const chunk = vm.slot.chunks![0];
   vm.close();
   t.is(new Uint8Array(chunk)[0x30_0000], 0xa5, 'the mapping outlives the VM while referenced');
 });

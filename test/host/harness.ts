@@ -114,7 +114,7 @@ export function createTestVm(opts: TestVmOptions = {}): TestVm {
     new GuestRegion({
       guestAddress: 0,
       size: memSize,
-      chunks: slot.chunks,
+      chunks: slot.chunks!,
       chunkSize: slot.chunkSize,
       dirtyBitmap: vm.vmmDirtyBitmap(0),
     }),

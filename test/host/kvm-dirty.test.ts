@@ -105,10 +105,10 @@ test('the VMM-side bitmap is shared: marks made on it appear in getDirtyBitmap a
 test('guest RAM chunks are zero-copy views of the memfd mapping', (t) => {
   const vm = createTestVm({ ring: 3, memSize: 8 * 1024 * 1024 });
   try {
-    t.is(vm.slot.chunks.length, 1);
-    t.is(vm.slot.chunks[0].byteLength, 8 * 1024 * 1024);
+    t.is(vm.slot.chunks!.length, 1);
+    t.is(vm.slot.chunks![0].byteLength, 8 * 1024 * 1024);
     t.true(vm.slot.fd >= 0);
-    const view = new Uint8Array(vm.slot.chunks[0]);
+    const view = new Uint8Array(vm.slot.chunks![0]);
     vm.mem.writeU32(0x12340, 0xa1b2c3d4);
     t.deepEqual([...view.subarray(0x12340, 0x12344)], [0xd4, 0xc3, 0xb2, 0xa1]);
     // The memfd itself sees the same bytes (MAP_SHARED).

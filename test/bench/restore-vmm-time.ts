@@ -1,0 +1,76 @@
+// Tern's own restore time on this host's real CPU (the lab's emulated CPU inflates every
+// VMM-side millisecond): a tiny-kernel VM of each size is snapshotted, then restored N times
+// in copy and ondemand mode; the time is the event monitor's restoring -> restored. Ondemand
+// maps the memory file, so its cost must not grow with RAM size.
+// Run with `node dist/test/bench/restore-vmm-time.js` on any host whose /dev/kvm runs the
+// tiny kernel.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { startTern, startTinyVm } from '../host/tiny-kernel';
+import { ternRemote, waitForPath } from '../support/processes';
+
+const SIZES_MIB = (process.env.TERN_BENCH_SNAPSHOT_SIZES ?? '512,2048').split(',').map(Number);
+const RUNS = Number(process.env.TERN_BENCH_RESTORES ?? 5);
+const T = 60_000;
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};
+
+function restoreMs(monitor: string): number {
+  const events = fs.readFileSync(monitor, 'utf8').split('\n\n').filter((b) => b.trim())
+    .map((b) => JSON.parse(b) as { event: string; timestamp: { secs: number; nanos: number } });
+  const at = (name: string) => {
+    const e = events.find((x) => x.event === name);
+    if (!e) throw new Error(`no ${name} event in ${monitor}`);
+    return e.timestamp.secs * 1000 + e.timestamp.nanos / 1e6;
+  };
+  return at('restored') - at('restoring');
+}
+
+async function main(): Promise<void> {
+  const rows = ['| guest RAM | copy (median) | ondemand (median) |', '|---|---|---|'];
+  for (const memMiB of SIZES_MIB) {
+    const work = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-restore-time-'));
+    try {
+      const socket = path.join(work, 'api.sock');
+      const vm = await startTinyVm(['--api-socket', `path=${socket}`, '--memory', `size=${memMiB}M`]);
+      const snap = path.join(work, 'snap');
+      try {
+        await vm.waitFor(/^COUNT 3\n/m, T);
+        await waitForPath(socket);
+        await ternRemote(socket, 'pause');
+        await ternRemote(socket, 'snapshot', `file://${snap}`);
+      } finally {
+        vm.kill();
+        await vm.exited;
+      }
+      const times: Record<'copy' | 'ondemand', number[]> = { copy: [], ondemand: [] };
+      for (let i = 0; i < RUNS; i++) {
+        for (const mode of ['copy', 'ondemand'] as const) {
+          const monitor = path.join(work, `${mode}-${i}.events`);
+          const r = await startTern(['--restore', `source_url=file://${snap},resume=on,memory_restore_mode=${mode}`, '--serial', 'tty', '--event-monitor', `path=${monitor}`]);
+          try {
+            await r.waitFor(/^COUNT \d+\n/m, T);
+          } finally {
+            r.kill();
+            await r.exited;
+          }
+          times[mode].push(restoreMs(monitor));
+        }
+      }
+      process.stdout.write(`${memMiB} MiB: copy ${times.copy.map((x) => x.toFixed(1)).join(', ')} ms; ondemand ${times.ondemand.map((x) => x.toFixed(1)).join(', ')} ms\n`);
+      rows.push(`| ${memMiB} MiB | ${median(times.copy).toFixed(1)} ms | ${median(times.ondemand).toFixed(1)} ms |`);
+    } finally {
+      fs.rmSync(work, { recursive: true, force: true });
+    }
+  }
+  process.stdout.write(`\nRESTORE-VMM-TIME (tiny kernel, restoring -> restored, median of ${RUNS})\n${rows.join('\n')}\n`);
+}
+
+main().catch((e) => {
+  process.stderr.write(`restore time: ${(e as Error).stack}\n`);
+  process.exit(1);
+});
