@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { startTern, startTinyVm } from '../host/tiny-kernel';
+import { monitorSpanMs } from '../support/monitor-file';
 import { ternRemote, waitForPath } from '../support/processes';
 
 const SIZES_MIB = (process.env.TERN_BENCH_SNAPSHOT_SIZES ?? '512,2048').split(',').map(Number);
@@ -18,17 +19,6 @@ const median = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b);
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 };
-
-function restoreMs(monitor: string): number {
-  const events = fs.readFileSync(monitor, 'utf8').split('\n\n').filter((b) => b.trim())
-    .map((b) => JSON.parse(b) as { event: string; timestamp: { secs: number; nanos: number } });
-  const at = (name: string) => {
-    const e = events.find((x) => x.event === name);
-    if (!e) throw new Error(`no ${name} event in ${monitor}`);
-    return e.timestamp.secs * 1000 + e.timestamp.nanos / 1e6;
-  };
-  return at('restored') - at('restoring');
-}
 
 async function main(): Promise<void> {
   const rows = ['| guest RAM | copy (median) | ondemand (median) |', '|---|---|---|'];
@@ -58,7 +48,7 @@ async function main(): Promise<void> {
             r.kill();
             await r.exited;
           }
-          times[mode].push(restoreMs(monitor));
+          times[mode].push(monitorSpanMs(monitor, 'restoring', 'restored'));
         }
       }
       process.stdout.write(`${memMiB} MiB: copy ${times.copy.map((x) => x.toFixed(1)).join(', ')} ms; ondemand ${times.ondemand.map((x) => x.toFixed(1)).join(', ')} ms\n`);

@@ -13,6 +13,7 @@ import path from 'node:path';
 import { TernClient } from '../../src/api/client';
 import { GuestProcess, fixture } from '../linux/guest-process';
 import { guestCmdline, microvmCommand } from '../lab/qemu-peer';
+import { monitorSpanMs } from '../support/monitor-file';
 import { waitForPath } from '../support/processes';
 import { QmpClient } from './qmp-client';
 
@@ -90,17 +91,6 @@ interface SizeResult {
   diskWriteMBps: number;
 }
 
-function monitorRestoreMs(file: string): number {
-  const events = fs.readFileSync(file, 'utf8').split('\n\n').filter((b) => b.trim())
-    .map((b) => JSON.parse(b) as { event: string; timestamp: { secs: number; nanos: number } });
-  const at = (name: string) => {
-    const e = events.find((x) => x.event === name);
-    if (!e) throw new Error(`no ${name} event in ${file}`);
-    return e.timestamp.secs * 1000 + e.timestamp.nanos / 1e6;
-  };
-  return at('restored') - at('restoring');
-}
-
 async function benchTern(work: string, memMiB: number, r: Partial<SizeResult>): Promise<void> {
   const socket = path.join(work, 'tern.sock');
   const vm = echoConsole(GuestProcess.tern([
@@ -138,7 +128,7 @@ async function benchTern(work: string, memMiB: number, r: Partial<SizeResult>): 
       restored.kill();
       await restored.exited;
       wall.push(ms);
-      vmmMs.push(monitorRestoreMs(monitor));
+      vmmMs.push(monitorSpanMs(monitor, 'restoring', 'restored'));
       process.stdout.write(`  tern ${memMiB} MiB restore ${mode} #${i + 1}: ${ms.toFixed(0)} ms to running, ${vmmMs[i].toFixed(1)} ms in the VMM\n`);
     }
     return { wall: median(wall), vmm: median(vmmMs) };

@@ -9,6 +9,7 @@ import path from 'node:path';
 
 import { TernClient } from '../../src/api/client';
 import { GuestProcess, fixture } from './guest-process';
+import { monitorSeconds, readMonitorFile, type MonitorRecord } from '../support/monitor-file';
 
 const BOOT_TIMEOUT = 180_000;
 
@@ -24,26 +25,7 @@ const GUEST_CMD = [
 
 const cmdline = `console=ttyS0 quiet panic=-1 tern.cmd64=${Buffer.from(GUEST_CMD).toString('base64')}`;
 
-interface MonitorEvent {
-  timestamp: { secs: number; nanos: number };
-  source: string;
-  event: string;
-}
-
-function readMonitor(file: string): MonitorEvent[] {
-  // The last event may be half written while the VMM runs.
-  const events: MonitorEvent[] = [];
-  for (const block of fs.readFileSync(file, 'utf8').split('\n\n').filter(Boolean)) {
-    try {
-      events.push(JSON.parse(block));
-    } catch {
-      break;
-    }
-  }
-  return events;
-}
-
-const seconds = (e: MonitorEvent) => e.timestamp.secs + e.timestamp.nanos / 1e9;
+const seconds = monitorSeconds;
 
 const title = 'vm.power-button: 204, the guest takes the GED interrupt and powers off, the monitor reports power-button then shutdown';
 test.serial(title, async (t) => {
@@ -68,10 +50,10 @@ test.serial(title, async (t) => {
 
     // The guest's poweroff reaches the VMM as an S5 write: the VM is Shutdown, the VMM stays.
     const deadline = Date.now() + 60_000;
-    let events = readMonitor(monitor);
+    let events = readMonitorFile(monitor);
     while (!events.some((e) => e.source === 'vm' && e.event === 'shutdown') && Date.now() < deadline) {
       await new Promise((r) => setTimeout(r, 100));
-      events = readMonitor(monitor);
+      events = readMonitorFile(monitor);
     }
     const shutdownSeenAt = Date.now();
     const press = events.find((e) => e.source === 'vm' && e.event === 'power-button');

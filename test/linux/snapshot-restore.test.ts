@@ -9,6 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { guestCmdline } from '../lab/qemu-peer';
+import { readMonitorFile } from '../support/monitor-file';
 import { ternRemote, waitForPath } from '../support/processes';
 import { GuestProcess, fixture } from './guest-process';
 
@@ -34,12 +35,6 @@ interface Tick {
 /** Every complete (newline-terminated) counter line in a console transcript. */
 function ticksIn(output: string): Tick[] {
   return [...output.matchAll(/^CNT (\d+) (\d+\.\d+)\r?\n/gm)].map((m) => ({ count: Number(m[1]), uptime: Number(m[2]) }));
-}
-
-function readMonitor(file: string): string[] {
-  return fs.readFileSync(file, 'utf8').split('\n\n').filter((b) => b.trim())
-    .map((b) => JSON.parse(b) as { source: string; event: string })
-    .map((e) => `${e.source}:${e.event}`);
 }
 
 interface Snapshot {
@@ -119,7 +114,7 @@ async function restoreAndCheck(t: ExecutionContext, snap: Snapshot, work: string
     t.true(lines >= printed[printed.length - 1].count, `${label}: the file holds every printed value (${lines} lines)`);
 
     await waitForPath(monitor);
-    const events = readMonitor(monitor);
+    const events = readMonitorFile(monitor).map((e) => `${e.source}:${e.event}`);
     t.deepEqual(events.filter((e) => /restor|resum/.test(e)), ['vm:restoring', 'vm:restored', 'vm:resuming', 'vm:resumed'], `${label}: ${events.join(' ')}`);
     t.log(`${label}: restore to ${last.count + 10} counts took ${((Date.now() - started) / 1000).toFixed(1)} s of wall time`);
   } finally {
