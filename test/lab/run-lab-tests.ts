@@ -5,7 +5,8 @@ import path from 'node:path';
 import { labMode, runInLab } from './lab';
 
 const REPO = path.resolve(__dirname, '..', '..', '..');
-// Lab boot plus every Linux test, with a generous margin: TCG is slow but steady.
+// Lab boot plus every Linux test, with a generous margin: TCG is slow but steady. A test may
+// retry a stalled 2-vCPU guest once, hence ava's 15 minutes per test.
 const LAB_TIMEOUT_MS = 25 * 60_000;
 
 async function main(): Promise<void> {
@@ -14,7 +15,7 @@ async function main(): Promise<void> {
   process.stdout.write(`lab tier: running ${targets} (${labMode()} mode)\n`);
   const result = await runInLab({
     script: `export TERN_FIXTURES=${process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures'}\n` +
-      `node node_modules/ava/entrypoints/cli.mjs --serial --concurrency=1 --verbose ${targets}`,
+      `node node_modules/ava/entrypoints/cli.mjs --serial --concurrency=1 --verbose --timeout=15m ${targets}`,
     timeoutMs: LAB_TIMEOUT_MS,
     cwd: REPO,
     onOutput: (chunk) => process.stdout.write(chunk),
