@@ -3,6 +3,7 @@
 
 #include "common.h"
 #include "fd_util.h"
+#include "page_scan.h"
 #include "kvm_objects.h"
 
 namespace tern {
@@ -15,6 +16,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData<AddonData>(data);
   exports.Set("openKvm", Napi::Function::New(env, Kvm::Open, "openKvm"));
   InitFdUtil(env, exports);
+  InitPageScan(env, exports);
   return exports;
 }
 

@@ -17,6 +17,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
+import { native } from '../native/kvm';
 import {
   TernStateError,
   rootSchemaVersionOf,
@@ -124,27 +125,28 @@ function encodeHeader(ranges: readonly MemoryRange[], fileLength: number): Buffe
   return b;
 }
 
-const ZERO_PAGE = Buffer.alloc(PAGE);
-
 /** Write guest RAM; returns the bytes of data actually written (non-zero pages). */
 function writeMemoryFile(fd: number, memory: GuestMemory): number {
   const { ranges, fileLength } = planMemoryRanges(memory.regions);
   fs.writeSync(fd, encodeHeader(ranges, fileLength), 0, undefined, 0);
+  const addon = native();
   let written = 0;
   memory.regions.forEach((region, i) => {
     const base = ranges[i].fileOffset;
     for (let off = 0; off < region.size; off += IO_BLOCK) {
       const len = Math.min(IO_BLOCK, region.size - off);
       const block = region.view(off, len) ?? region.read(off, len);
-      const buf = Buffer.from(block.buffer, block.byteOffset, block.byteLength);
+      const zero = addon.zeroPages(block);
       // Runs of non-zero pages are written; zero pages are skipped, leaving holes.
       let run = -1;
-      for (let p = 0; p <= len; p += PAGE) {
-        const zero = p === len || buf.subarray(p, Math.min(p + PAGE, len)).equals(ZERO_PAGE.subarray(0, Math.min(PAGE, len - p)));
-        if (!zero && run < 0) run = p;
-        if (zero && run >= 0) {
-          fs.writeSync(fd, buf, run, p - run, base + off + run);
-          written += p - run;
+      for (let p = 0; p <= zero.length; p++) {
+        const isZero = p === zero.length || zero[p] === 1;
+        if (!isZero && run < 0) run = p;
+        if (isZero && run >= 0) {
+          const start = run * PAGE;
+          const end = Math.min(p * PAGE, len);
+          fs.writeSync(fd, block, start, end - start, base + off + start);
+          written += end - start;
           run = -1;
         }
       }

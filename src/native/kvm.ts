@@ -208,6 +208,8 @@ export interface NativeAddon {
    * nonblocking and another open file description holds a conflicting lock.
    */
   flock(fd: number, opts?: { exclusive?: boolean; nonblocking?: boolean; unlock?: boolean }): boolean;
+  /** One byte per 4 KiB page of `view` (the last may be partial): 1 where the page is all zero. */
+  zeroPages(view: Uint8Array): Uint8Array;
   /** lseek(fd, offset, SEEK_DATA): start of the next data at or after offset; -1 if none. */
   seekData(fd: number, offset: number): number;
   /** lseek(fd, offset, SEEK_HOLE): start of the next hole at or after offset (EOF counts). */

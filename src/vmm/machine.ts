@@ -432,11 +432,14 @@ export class Machine {
   async pause(): Promise<void> {
     this.console.pauseInput();
     await Promise.all(this.runners.map((r) => r.pause()));
+    // kvmclock first, as close as possible to the moment the vCPUs stopped: the guest's TSC is
+    // saved with its vCPU, and every millisecond between the two reads would be guest time
+    // that passes again after the resume.
+    const clock = this.vm.getClock();
     const msrIndices = this.kvm.msrIndexList();
     for (const r of this.runners) {
       this.opts.store.dispatch(vcpuEvents.stateSaved(r.vcpu.id, encodeVcpuState(this.readVcpuState(r.vcpu, msrIndices))));
     }
-    const clock = this.vm.getClock();
     this.opts.store.dispatch(
       kvmEvents.stateSaved({
         irqchips: [0, 1, 2].map((chip) => this.vm.getIrqchip(chip)),

@@ -104,3 +104,13 @@ test('chunks stay valid after vm.close(); a guest wrote through the same memory'
   vm.close();
   t.is(new Uint8Array(chunk)[0x30_0000], 0xa5, 'the mapping outlives the VM while referenced');
 });
+
+test('zeroPages marks exactly the all-zero 4 KiB pages, a partial last page included', (t) => {
+  const buf = new Uint8Array(3 * 4096 + 100);
+  buf[4096 + 4095] = 1; // the last byte of page 1
+  t.deepEqual([...native().zeroPages(buf)], [1, 0, 1, 1]);
+  buf[3 * 4096 + 99] = 7; // the last byte of the partial page
+  t.deepEqual([...native().zeroPages(buf)], [1, 0, 1, 0]);
+  t.deepEqual([...native().zeroPages(new Uint8Array(0))], []);
+  t.throws(() => native().zeroPages(new Uint16Array(4) as unknown as Uint8Array), { message: /expected a Uint8Array/ });
+});
