@@ -5,6 +5,7 @@ import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { guestCmdline, microvmCommand, GUEST_USERSPACE_MARKER } from '../lab/qemu-peer';
 import { vmmOverheadKiB } from './process-memory';
+import { median } from './median';
 
 const FIXTURES = process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures';
 const TERN = path.resolve(__dirname, '..', '..', 'bin', 'tern.js');
@@ -47,11 +48,6 @@ function measure(file: string, args: string[]): Promise<Sample> {
     child.on('exit', (code) => finish(new Error(`${path.basename(file)} exited (${code}) before userspace:\n${out.slice(-2000)}`)));
   });
 }
-
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 
 async function main(): Promise<void> {
   const kernel = path.join(FIXTURES, 'bzImage');

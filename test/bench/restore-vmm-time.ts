@@ -10,15 +10,11 @@ import path from 'node:path';
 import { startTern, startTinyVm } from '../host/tiny-kernel';
 import { monitorSpanMs } from '../support/monitor-file';
 import { ternRemote, waitForPath } from '../support/processes';
+import { median } from './median';
 
 const SIZES_MIB = (process.env.TERN_BENCH_SNAPSHOT_SIZES ?? '512,2048').split(',').map(Number);
 const RUNS = Number(process.env.TERN_BENCH_RESTORES ?? 5);
 const T = 60_000;
-
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 
 async function main(): Promise<void> {
   const rows = ['| guest RAM | copy (median) | ondemand (median) |', '|---|---|---|'];

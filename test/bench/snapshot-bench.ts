@@ -16,6 +16,7 @@ import { guestCmdline, microvmCommand } from '../lab/qemu-peer';
 import { monitorSpanMs } from '../support/monitor-file';
 import { waitForPath } from '../support/processes';
 import { QmpClient } from './qmp-client';
+import { median } from './median';
 
 const SIZES_MIB = (process.env.TERN_BENCH_SNAPSHOT_SIZES ?? '512,2048').split(',').map(Number);
 const RESTORES = Number(process.env.TERN_BENCH_RESTORES ?? 3);
@@ -42,11 +43,6 @@ function fillCommand(): string {
 
 const cmdlineFor = () => guestCmdline({ cmd: fillCommand() });
 const elapsedMs = (start: bigint) => Number(process.hrtime.bigint() - start) / 1e6;
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
-
 /** Bytes allocated on disk for a file or every file in a directory (holes not counted). */
 function allocatedBytes(p: string): number {
   const st = fs.statSync(p);

@@ -322,14 +322,14 @@ putdec:
 	pop	%eax
 	ret
 
-/* All 256 gates: exceptions 0..31 to their stubs, the rest to irq_other, then ours. */
+/* All 256 gates: exceptions 0..31 to their entry points, the rest to irq_other, then ours. */
 setup_idt:
 	mov	$idt, %edi
 	xor	%ecx, %ecx
 1:	mov	$irq_other, %eax
 	cmp	$32, %ecx
 	jae	2f
-	lea	exc_stubs(, %ecx, 8), %eax
+	lea	exc_entries(, %ecx, 8), %eax
 2:	call	set_gate
 	inc	%ecx
 	cmp	$256, %ecx
@@ -389,9 +389,9 @@ iret_same_ring:
 	popfl
 	ret
 
-/* One 8-byte stub per exception vector: push the vector, report it, stop. */
+/* One 8-byte entry point per exception vector: push the vector, report it, stop. */
 	.balign	8
-exc_stubs:
+exc_entries:
 	.set	vec, 0
 	.rept	32
 	.balign	8

@@ -128,7 +128,7 @@ export function buildBzImage(spec: BzSpec): Buffer {
   // Recognisable filler in the setup code area so header copying can be checked.
   for (let i = 0x1f1; i < setupSize; i++) f[i] = (i * 7) & 0xff;
   f[0] = 0x4d;
-  f[1] = 0x5a; // "MZ" as in EFI-stub kernels
+  f[1] = 0x5a; // "MZ": the PE header that EFI-bootable kernels carry
   f[0x1f1] = spec.setupSects ?? 4;
   f.writeUInt16LE(0, 0x1f2);
   f.writeUInt32LE(payloadLen / 16, 0x1f4);
