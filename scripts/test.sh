@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every test: the host tier (unit tests and tiny ring-3 guests on this host's /dev/kvm), then
-# the lab tier (real Debian kernels, in the nested lab or directly where the CPU has vmx/svm).
+# Every test, each where this machine can run it (test/runner/run-tests.ts): unit tests here;
+# KVM tests here if /dev/kvm works, else in the nested lab; Linux guests here if the CPU has
+# vmx/svm, else in the nested lab. One lab boot at most (plus one fresh boot if it freezes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 npm run build
-npx ava 'dist/test/unit/**/*.test.js' 'dist/test/host/**/*.test.js'
-node dist/test/lab/run-lab-tests.js
+node dist/test/runner/run-tests.js "$@"

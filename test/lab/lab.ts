@@ -35,6 +35,18 @@ export interface LabOptions {
   env?: Record<string, string>;
   /** Wait for other lab runs on this machine to end first (default true; TERN_LAB_PARALLEL=1 sets false). */
   exclusive?: boolean;
+  /**
+   * Kill the lab when its heartbeat (printed by the lab's init every 10 s) has been missing this
+   * long, or when its kernel reports a CPU stuck (soft lockup, RCU stall): a lab that stopped
+   * making progress rejects with LabFrozenError in minutes instead of running into timeoutMs.
+   * Default LAB_SILENCE_LIMIT_MS; 0 turns the watchdog off. Lab mode only.
+   */
+  silenceLimitMs?: number;
+  /**
+   * Receives the lab kernel's console messages ("[  12.345678] ...") instead of onOutput, so
+   * that a message the kernel wrote in the middle of a job's line does not split it. Lab mode.
+   */
+  onKernelMessage?: (line: string) => void;
 }
 
 export interface LabResult {
@@ -60,6 +72,28 @@ export class LabTimeoutError extends Error {
     this.name = 'LabTimeoutError';
   }
 }
+
+/** The lab stopped making progress (its heartbeat stopped, or its kernel reported a stuck CPU). */
+export class LabFrozenError extends Error {
+  constructor(
+    readonly why: string,
+    readonly consoleTail: string,
+  ) {
+    super(`runInLab: the lab stopped making progress (${why}); killed it. Last console output:\n${consoleTail}`);
+    this.name = 'LabFrozenError';
+  }
+}
+
+export const LAB_SILENCE_LIMIT_MS = 120_000;
+
+/**
+ * Kernel reports that mean a lab CPU no longer makes progress. A stuck CPU does not always stop
+ * the heartbeat (the other CPU may still print it), so these count as a freeze on their own.
+ */
+const STUCK_CPU = /watchdog: BUG: soft lockup - CPU#\d+ stuck|rcu: INFO: rcu_\w+ (self-)?detected stalls?/;
+
+/** One lab kernel console message, wherever it starts. */
+const KERNEL_MESSAGE = /\[ *\d+\.\d{6}\] [^\n]*\n/g;
 
 export const LAB_DEFAULT_SMP = 2;
 export const LAB_DEFAULT_MEM_MIB = 3072;
@@ -188,6 +222,8 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
     : spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   track(child, true);
 
+  const heartbeatRe = new RegExp(`TERN-LAB-ALIVE ${nonce}\\n`, 'g');
+  const silenceLimitMs = opts.silenceLimitMs ?? LAB_SILENCE_LIMIT_MS;
   const startRe = new RegExp(`TERN-LAB-START ${nonce}\\n`);
   const exitRe = new RegExp(`TERN-LAB-EXIT ${nonce} (\\d+)`);
   const errRe = new RegExp(`TERN-LAB-ERROR ${nonce} ([^\\n]*)`);
@@ -198,14 +234,30 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
   const queuedAt = start;
 
   try {
+    let flush = () => {};
     return await new Promise<LabResult>((resolve, reject) => {
       let timer: NodeJS.Timeout | undefined;
+      let watchdog: NodeJS.Timeout | undefined;
+      let lastAlive = 0;
+      let stuck = '';
+      const freeze = (why: string) => {
+        clearInterval(watchdog);
+        killChild(child, true);
+        reject(new LabFrozenError(why, tail(consoleText)));
+      };
       const arm = () => {
         start = Date.now();
+        lastAlive = start;
         timer = setTimeout(() => {
           killChild(child, true);
           reject(new LabTimeoutError(opts.timeoutMs, tail(consoleText) + (stderr ? `\n[qemu stderr]\n${tail(stderr, 1000)}` : '')));
         }, opts.timeoutMs);
+        if (silenceLimitMs > 0) {
+          watchdog = setInterval(() => {
+            if (stuck) freeze(`its kernel reported: ${stuck}`);
+            else if (Date.now() - lastAlive > silenceLimitMs) freeze(`no heartbeat for ${Math.round((Date.now() - lastAlive) / 1000)} s`);
+          }, 1000);
+        }
       };
       // Waiting for another lab is bounded too, by this run's own timeout.
       const lockTimer = exclusive
@@ -217,11 +269,37 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
       if (!exclusive) arm();
       child.stdout!.setEncoding('utf8');
       child.stderr!.setEncoding('utf8');
-      child.stdout!.on('data', (chunk: string) => {
-        const text = chunk.replace(/\r/g, '');
-        consoleText += text;
+      // The console carries three streams: the job's output, the lab kernel's messages and the
+      // heartbeat, and the kernel may write in the middle of a job's line. Text is passed on a
+      // whole line at a time, with heartbeats (and, for onKernelMessage, kernel messages) cut out.
+      let pending = '';
+      const take = (text: string) => {
+        const beats = text.match(heartbeatRe)?.length ?? 0;
+        if (beats > 0) lastAlive = Date.now();
+        let out = text.replace(heartbeatRe, '');
+        if (!stuck) stuck = STUCK_CPU.exec(out)?.[0] ?? '';
+        if (opts.onKernelMessage) {
+          out = out.replace(KERNEL_MESSAGE, (m) => {
+            opts.onKernelMessage!(m.slice(0, -1));
+            return '';
+          });
+        }
+        if (!out) return;
+        consoleText += out;
         if (bootMs < 0 && startRe.test(consoleText)) bootMs = Date.now() - start;
-        opts.onOutput?.(text);
+        opts.onOutput?.(out);
+      };
+      flush = () => {
+        if (pending) take(`${pending}\n`);
+        pending = '';
+      };
+      child.stdout!.on('data', (chunk: string) => {
+        pending += chunk.replace(/\r/g, '');
+        const nl = pending.lastIndexOf('\n');
+        if (nl < 0) return;
+        const text = pending.slice(0, nl + 1);
+        pending = pending.slice(nl + 1);
+        take(text);
       });
       child.stderr!.on('data', (chunk: string) => {
         if (exclusive && timer === undefined && (stderr + chunk).includes(LOCKED)) {
@@ -235,11 +313,14 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
       child.once('error', (e) => {
         clearTimeout(timer);
         clearTimeout(lockTimer);
+        clearInterval(watchdog);
         reject(new Error(`runInLab: cannot start qemu-system-x86_64: ${e.message}`));
       });
       child.once('close', (code, signal) => {
         clearTimeout(timer);
         clearTimeout(lockTimer);
+        clearInterval(watchdog);
+        flush();
         const durationMs = Date.now() - start;
         const s = startRe.exec(consoleText);
         const e = exitRe.exec(consoleText);

@@ -1,0 +1,196 @@
+// Runs test files in ONE lab boot (booting the lab is the expensive part), one ava process per
+// file so that the runner always knows which files have finished. If the lab stops making
+// progress (lab.ts's watchdog) or runs out of time, the files that did not finish run once more
+// in a fresh lab boot: one freeze costs minutes, not the run.
+import { LabFrozenError, LabOptions, LabResult, LabTimeoutError, runInLab, shq } from '../lab/lab';
+import { Counts, countTap } from './tap-counts';
+
+export interface TestFile {
+  /** The tier the file belongs to (kvm, linux). */
+  tier: string;
+  /** Path of the compiled test file, relative to the repository. */
+  file: string;
+}
+
+export interface FileResult extends TestFile {
+  counts: Counts;
+  tap: string;
+  exitCode: number | null;
+  /** Why the file has no complete result of its own (the lab froze under it, or never ran it). */
+  note?: string;
+}
+
+export interface LabSessionResult {
+  results: FileResult[];
+  /** One line per lab boot: how it ended. */
+  boots: string[];
+}
+
+// The markers frame each file's TAP output. A file's own output cannot end its frame early: the
+// END marker carries a per-run nonce.
+const begin = (nonce: string) => new RegExp(`^TERN-TEST-BEGIN ${nonce} (\\S+) (\\S+)$`);
+const end = (nonce: string) => new RegExp(`^TERN-TEST-END ${nonce} (\\S+) (\\S+) (\\d+)$`);
+
+/**
+ * The lab job. Files of a parallel tier (kvm) run two at a time, each lane taking the next file
+ * from a shared queue; their TAP goes to a file that is printed whole, with the END marker,
+ * under a lock, so the console never mixes two files. The other files (linux: heavy guests for
+ * the lab's 2 CPUs) then run one at a time, streaming their output live. Inside a file, tests
+ * run one at a time: on a host they may overlap, but ten VMMs starting at once in the emulated
+ * lab take longer to start than the tests' guards allow.
+ */
+function jobScript(files: TestFile[], nonce: string, avaTimeout: string, parallelTiers: string[]): string {
+  const parallel = files.filter((f) => parallelTiers.includes(f.tier));
+  const serial = files.filter((f) => !parallelTiers.includes(f.tier));
+  const arr = (name: string, xs: string[]) => `${name}=(${xs.map(shq).join(' ')})`;
+  const ava = `node node_modules/ava/entrypoints/cli.mjs --tap --timeout=${avaTimeout}`;
+  return [
+    'work=$(mktemp -d /tmp/tern-tests.XXXXXX)',
+    'echo 0 > "$work/next"',
+    `say() { flock "$work/lock" echo "$*"; }`,
+    arr('ptier', parallel.map((f) => f.tier)),
+    arr('pfile', parallel.map((f) => f.file)),
+    'take() { flock "$work/lock" sh -c \'n=$(cat "$1"); echo $((n+1)) > "$1"; echo "$n"\' _ "$work/next"; }',
+    'lane() {',
+    '  while :; do',
+    '    i=$(take); [ "$i" -lt "${#pfile[@]}" ] || return 0',
+    `    say "TERN-TEST-BEGIN ${nonce} \${ptier[$i]} \${pfile[$i]}"`,
+    `    ${ava} --serial "\${pfile[$i]}" > "$work/$i.tap" 2>&1; st=$?`,
+    `    flock "$work/lock" sh -c 'cat "$1"; echo "TERN-TEST-END ${nonce} $2 $3 $4"' _ "$work/$i.tap" "\${ptier[$i]}" "\${pfile[$i]}" "$st"`,
+    '  done',
+    '}',
+    'lane & lane & wait',
+    'run_file() {',
+    `  echo "TERN-TEST-BEGIN ${nonce} $1 $2"`,
+    `  ${ava} --serial "$2" 2>&1`,
+    `  echo "TERN-TEST-END ${nonce} $1 $2 $?"`,
+    '}',
+    ...serial.map((f) => `run_file ${shq(f.tier)} ${shq(f.file)}`),
+  ].join('\n');
+}
+
+interface BootOutcome {
+  finished: FileResult[];
+  /** The files that had begun and not ended when the boot stopped. */
+  interrupted: TestFile[];
+  error?: Error;
+  durationMs: number;
+}
+
+async function oneBoot(files: TestFile[], opts: LabSessionOptions, nonce: string): Promise<BootOutcome> {
+  const finished: FileResult[] = [];
+  const running = new Map<string, TestFile>();
+  // A file's TAP is every line between the previous marker and its END marker.
+  let since = '';
+  let partial = '';
+  const beginRe = begin(nonce);
+  const endRe = end(nonce);
+  const onLine = (line: string) => {
+    const b = beginRe.exec(line);
+    if (b) {
+      const f = { tier: b[1], file: b[2] };
+      running.set(f.file, f);
+      since = '';
+      opts.onFileStart?.(f);
+      return;
+    }
+    const e = endRe.exec(line);
+    if (e && running.has(e[2])) {
+      const exitCode = Number(e[3]);
+      const result: FileResult = { ...running.get(e[2])!, tap: since, exitCode, counts: countTap(since, exitCode) };
+      running.delete(e[2]);
+      since = '';
+      finished.push(result);
+      opts.onFileEnd?.(result);
+      return;
+    }
+    since += `${line}\n`;
+    opts.onLine?.(line);
+  };
+  const started = Date.now();
+  try {
+    const r = await (opts.runLab ?? runInLab)({
+      script: jobScript(files, nonce, opts.avaTimeout, opts.parallelTiers ?? []),
+      timeoutMs: opts.timeoutMs,
+      silenceLimitMs: opts.silenceLimitMs,
+      env: opts.env,
+      cwd: opts.cwd,
+      onKernelMessage: opts.onKernelMessage,
+      onOutput: (chunk) => {
+        partial += chunk;
+        const lines = partial.split('\n');
+        partial = lines.pop() ?? '';
+        for (const l of lines) onLine(l);
+      },
+    });
+    if (partial) onLine(partial);
+    const error = finished.length < files.length ? new Error(`the lab job ended with status ${r.exitCode} after ${finished.length} of ${files.length} files`) : undefined;
+    return { finished, interrupted: [...running.values()], error, durationMs: Date.now() - started };
+  } catch (e) {
+    return { finished, interrupted: [...running.values()], error: e as Error, durationMs: Date.now() - started };
+  }
+}
+
+export interface LabSessionOptions {
+  cwd: string;
+  /** Wall-clock limit of one lab boot. */
+  timeoutMs: number;
+  /** Heartbeat silence that counts as a frozen lab (lab.ts default when absent). */
+  silenceLimitMs?: number;
+  /** ava's per-test timeout inside the lab, e.g. "15m". */
+  avaTimeout: string;
+  /** Tiers whose files may run two at a time. */
+  parallelTiers?: string[];
+  env?: Record<string, string>;
+  onLine?: (line: string) => void;
+  onKernelMessage?: (line: string) => void;
+  onFileStart?: (f: TestFile) => void;
+  onFileEnd?: (r: FileResult) => void;
+  /** What boots the lab (runInLab; a test passes its own to play a lab that freezes). */
+  runLab?: (o: LabOptions) => Promise<LabResult>;
+  /** Called when a boot ends without finishing its files, before the fresh boot. */
+  onBootFailed?: (why: string, remaining: TestFile[]) => void;
+}
+
+const describe = (e: Error): string =>
+  e instanceof LabFrozenError ? `the lab froze: ${e.why}` : e instanceof LabTimeoutError ? `the lab ran past ${Math.round(e.timeoutMs / 1000)} s` : e.message.split('\n')[0];
+
+/**
+ * Run `files` in one lab boot; the files a failed boot left unfinished (the interrupted one
+ * included) run once more in a fresh boot. Files that still have no result count as failed.
+ */
+export async function runInLabSession(files: TestFile[], opts: LabSessionOptions, nonce: () => string): Promise<LabSessionResult> {
+  const results: FileResult[] = [];
+  const boots: string[] = [];
+  let todo = files;
+  for (let attempt = 1; attempt <= 2 && todo.length > 0; attempt++) {
+    const outcome = await oneBoot(todo, opts, nonce());
+    results.push(...outcome.finished);
+    const done = new Set(outcome.finished.map((r) => r.file));
+    const remaining = todo.filter((f) => !done.has(f.file));
+    const secs = (outcome.durationMs / 1000).toFixed(0);
+    if (!outcome.error && remaining.length === 0) {
+      boots.push(`lab boot ${attempt}: ${outcome.finished.length} files in ${secs} s`);
+      todo = [];
+      break;
+    }
+    const why = outcome.error ? describe(outcome.error) : 'unknown';
+    const during = outcome.interrupted.length ? ` during ${outcome.interrupted.map((f) => f.file).join(', ')}` : '';
+    boots.push(`lab boot ${attempt}: ${why}${during}, after ${outcome.finished.length} of ${todo.length} files in ${secs} s`);
+    todo = remaining;
+    if (attempt === 1 && todo.length > 0) opts.onBootFailed?.(`${why}${during}`, todo);
+    if (attempt === 2) {
+      for (const f of todo) {
+        const interrupted = outcome.interrupted.some((i) => i.file === f.file);
+        results.push({
+          ...f,
+          tap: '',
+          exitCode: null,
+          counts: { passed: 0, failed: 1, skipped: 0 },
+          note: interrupted ? `interrupted twice: ${why}` : `never ran: ${why}`,
+        });
+      }
+    }
+  }
+  return { results, boots };
+}

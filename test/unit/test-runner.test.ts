@@ -1,0 +1,120 @@
+// The test runner's own logic: counting ava's TAP, and the lab session that reruns what a
+// frozen lab left unfinished in a fresh boot (played here by a scripted lab).
+import test from 'ava';
+import path from 'node:path';
+import { LabFrozenError, LabOptions, LabResult } from '../lab/lab';
+import { TestFile, runInLabSession } from '../runner/lab-session';
+import { countTap, countsLine, failedTests } from '../runner/tap-counts';
+
+const REPO = path.resolve(__dirname, '..', '..', '..');
+
+const TAP_MIXED = `TAP version 13
+ok 1 - b # SKIP
+not ok 2 - c # TODO
+ok 3 - a
+not ok 4 - d
+  ---
+    name: AssertionError
+  ...
+
+1..4
+# tests 3
+# pass 1
+# skip 1
+# fail 2
+`;
+
+test('TAP counts: passed, failed, and skipped with todo tests as skipped, not failed', (t) => {
+  t.deepEqual(countTap(TAP_MIXED, 1), { passed: 1, failed: 1, skipped: 2 });
+  t.deepEqual(failedTests(TAP_MIXED), ['d']);
+  t.is(countsLine({ passed: 1, failed: 1, skipped: 2 }), '1 passed, 1 failed, 2 skipped');
+});
+
+test('TAP counts: a run cut off before its summary counts its ok lines, and the cut as a failure', (t) => {
+  t.deepEqual(countTap('TAP version 13\nok 1 - a\nok 2 - b\n', null), { passed: 2, failed: 1, skipped: 0 });
+});
+
+test('TAP counts: a run that reported nothing, or exited non-zero with no failure, has failed', (t) => {
+  t.deepEqual(countTap('', 0), { passed: 0, failed: 1, skipped: 0 });
+  t.deepEqual(countTap('1..2\n# tests 2\n# pass 2\n# fail 0\n', 1), { passed: 2, failed: 1, skipped: 0 });
+});
+
+/** A lab that runs the job's files by printing their markers; `freezeOn` files freeze it. */
+function scriptedLab(freezeOn: Map<string, number>, boots: string[][]) {
+  return async (o: LabOptions): Promise<LabResult> => {
+    const calls = [...o.script.matchAll(/^run_file '(\w+)' '([^']+)'$/gm)].map((m) => ({ tier: m[1], file: m[2] }));
+    const nonce = /TERN-TEST-BEGIN (\w+)/.exec(o.script)![1];
+    boots.push(calls.map((c) => c.file));
+    for (const c of calls) {
+      o.onOutput?.(`TERN-TEST-BEGIN ${nonce} ${c.tier} ${c.file}\nTAP version 13\n`);
+      const left = freezeOn.get(c.file) ?? 0;
+      if (left > 0) {
+        freezeOn.set(c.file, left - 1);
+        throw new LabFrozenError('no heartbeat for 120 s', '');
+      }
+      o.onOutput?.(`ok 1 - ${c.file} works\n1..1\n# tests 1\n# pass 1\n# fail 0\nTERN-TEST-END ${nonce} ${c.tier} ${c.file} 0\n`);
+    }
+    return { exitCode: 0, output: '', durationMs: 1, bootMs: 1, queuedMs: 0, mode: 'lab' };
+  };
+}
+
+const FILES: TestFile[] = ['a', 'b', 'c', 'd'].map((n) => ({ tier: 'kvm', file: `dist/test/host/${n}.test.js` }));
+let n = 0;
+const nonce = () => `n${++n}`;
+
+test('lab session: a freeze reruns the interrupted file and the ones after it in one fresh boot', async (t) => {
+  const boots: string[][] = [];
+  const failed: string[] = [];
+  const r = await runInLabSession(FILES, {
+    cwd: '/', timeoutMs: 1000, avaTimeout: '1m',
+    runLab: scriptedLab(new Map([[FILES[1].file, 1]]), boots),
+    onBootFailed: (why) => failed.push(why),
+  }, nonce);
+  t.deepEqual(boots, [FILES.map((f) => f.file), FILES.slice(1).map((f) => f.file)]);
+  t.deepEqual(r.results.map((x) => [x.file, x.counts.passed, x.counts.failed]), FILES.map((f) => [f.file, 1, 0]));
+  t.is(failed.length, 1);
+  t.regex(failed[0], /the lab froze: no heartbeat for 120 s during dist\/test\/host\/b\.test\.js/);
+  t.is(r.boots.length, 2);
+  t.regex(r.boots[0], /after 1 of 4 files/);
+});
+
+test('lab session: a file that freezes the lab twice fails, the files after it are reported as never run', async (t) => {
+  const boots: string[][] = [];
+  const r = await runInLabSession(FILES, {
+    cwd: '/', timeoutMs: 1000, avaTimeout: '1m',
+    runLab: scriptedLab(new Map([[FILES[2].file, 2]]), boots),
+  }, nonce);
+  t.is(boots.length, 2, 'one fresh boot, not more');
+  const byFile = new Map(r.results.map((x) => [x.file, x]));
+  t.is(byFile.get(FILES[0].file)!.counts.passed, 1);
+  t.is(byFile.get(FILES[1].file)!.counts.passed, 1);
+  t.deepEqual(byFile.get(FILES[2].file)!.counts, { passed: 0, failed: 1, skipped: 0 });
+  t.regex(byFile.get(FILES[2].file)!.note!, /interrupted twice/);
+  t.regex(byFile.get(FILES[3].file)!.note!, /never ran/);
+});
+
+test('lab session: the real job script runs files two at a time and then one at a time, each counted whole', async (t) => {
+  // The job script is bash; run it directly on this host (the lab runs the same script).
+  process.env.TERN_LAB_MODE = 'direct';
+  const files: TestFile[] = [
+    { tier: 'kvm', file: 'dist/test/unit/bus.test.js' },
+    { tier: 'kvm', file: 'dist/test/unit/debug-port.test.js' },
+    { tier: 'kvm', file: 'dist/test/unit/acpi-pm.test.js' },
+    { tier: 'linux', file: 'dist/test/unit/i8042.test.js' },
+  ];
+  const started: string[] = [];
+  const r = await runInLabSession(files, {
+    cwd: REPO, timeoutMs: 120_000, avaTimeout: '1m', parallelTiers: ['kvm'],
+    onFileStart: (f) => started.push(f.file),
+  }, nonce);
+  t.is(r.results.length, 4);
+  t.deepEqual(new Set(started), new Set(files.map((f) => f.file)));
+  t.is(started[3], files[3].file, 'the serial tier starts after the parallel lanes');
+  for (const f of r.results) {
+    t.is(f.counts.failed, 0, f.tap);
+    t.true(f.counts.passed > 0, f.file);
+    t.regex(f.tap, /^# pass \d+$/m);
+    t.notRegex(f.tap, /TERN-TEST-/, 'no marker inside a file\'s TAP');
+  }
+  t.regex(r.boots[0], /4 files/);
+});
