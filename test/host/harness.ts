@@ -168,19 +168,25 @@ export interface RunResult {
 export function runVcpu(
   vcpu: NativeVcpu,
   handler: VcpuExitHandler = () => undefined,
-  timeoutMs = 10_000,
+  // A guard against a guest that never stops, not a measure of speed: in the nested lab, other
+  // tests' synchronous guest builds can hold this process's event loop for seconds.
+  timeoutMs = 60_000,
 ): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const exits: VcpuExit[] = [];
+    let timedOut: Error | undefined;
     const timer = setTimeout(() => {
+      // Stop the thread and report the timeout once it has stopped, so that the caller's
+      // cleanup (closing the vCPU) does not fail on a running thread and hide this error.
+      timedOut = new Error(`vCPU did not stop within ${timeoutMs} ms; exits so far: ${JSON.stringify(exits, bigintReplacer)}`);
       vcpu.stop();
-      reject(new Error(`vCPU did not stop within ${timeoutMs} ms; exits so far: ${JSON.stringify(exits, bigintReplacer)}`));
     }, timeoutMs);
     vcpu.start((exit) => {
       exits.push(exit);
       if (exit.kind === 'stopped') {
         clearTimeout(timer);
-        resolve({ exits });
+        if (timedOut) reject(timedOut);
+        else resolve({ exits });
         return undefined;
       }
       const r = handler(exit);

@@ -34,7 +34,8 @@ function startRecording(vm: TestVm) {
   });
   return {
     exits,
-    next(kind: string, timeoutMs = 5000): Promise<VcpuExit> {
+    // A guard against a lost exit, not a measure of speed (see harness.ts runVcpu).
+    next(kind: string, timeoutMs = 60_000): Promise<VcpuExit> {
       return new Promise((resolve, reject) => {
         const timer = setTimeout(() => reject(new Error(`no '${kind}' within ${timeoutMs} ms`)), timeoutMs);
         waiters.push({ kind, resolve: (e) => { clearTimeout(timer); resolve(e); } });

@@ -30,7 +30,12 @@ async function makeSnapshot(name: string, args: string[] = []): Promise<{ snap: 
     const client = new TernClient({ socketPath: socket, timeoutMs: 30_000 });
     try {
       await client.pause();
-      await sleep(300);
+      // The last COUNT line may still be on its way through the VMM's stdout pipe: read the
+      // counter once the output has been quiet for a while.
+      for (let seen = -1; seen !== vm.output.length; ) {
+        seen = vm.output.length;
+        await sleep(500);
+      }
       const last = lastCount(vm.output);
       const snap = path.join(dir, name);
       const r = await runTernRemote(socket, ['snapshot', url(snap)]);
