@@ -18,6 +18,8 @@ for (const e of entries) {
     platform: 'node',
     target: 'node20',
     minify: true,
+    // Logs name an error by its class (pino's err.type): keep class and function names.
+    keepNames: true,
     sourcemap: true,
     logLevel: 'warning',
   });

@@ -24,3 +24,10 @@ else
 fi
 npm run build
 bash scripts/guest-fixtures.sh
+
+# `tern` and `tern-remote` on the PATH, as the README's examples call them.
+bindir="$(npm prefix -g)/bin"
+mkdir -p "$bindir"
+for cli in tern tern-remote; do
+  ln -sfn "$PWD/dist/bin/$cli.js" "$bindir/$cli"
+done
