@@ -20,7 +20,8 @@
 // (range table included) and one SHA-256 per range over its non-zero pages (see RangeHasher).
 // Every restore checks the header's; a copy restore checks each range's as it reads it. An
 // ondemand restore maps the file and does not read it, so it checks the header only: checking
-// the ranges would mean reading all of guest RAM up front, which is what ondemand avoids.
+// the ranges would mean reading all of guest RAM up front, which is what ondemand avoids. With
+// prefault it touches every page anyway, and then checks the ranges too.
 // Format-1 snapshots (older builds) carry no memory checksums and are accepted without them.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -515,6 +516,24 @@ export function copyMemoryRange(file: string, fd: number, range: MemoryRange, in
   }
   if (hasher && hasher.digest() !== checksum) {
     throw new SnapshotError(`${file}: ${where} fails the checksum recorded in ${SNAPSHOT_STATE_FILE} (truncated or altered)`);
+  }
+}
+
+/**
+ * Check a range already in guest RAM against its checksum, reading every page of it: for an
+ * ondemand restore with prefault, which touches every page anyway.
+ */
+export function verifyRangeInRam(file: string, range: MemoryRange, index: number, target: RangeTarget, checksum: string): void {
+  const addon = native();
+  const hasher = new RangeHasher();
+  for (let off = 0; off < range.length; off += IO_BLOCK) {
+    const len = Math.min(IO_BLOCK, range.length - off);
+    const view = target.view(off, len);
+    if (!view) throw new SnapshotError(`${file}: range ${index} does not fit the guest RAM it is restored into`);
+    hasher.feed(off / PAGE, view, addon.zeroPages(view));
+  }
+  if (hasher.digest() !== checksum) {
+    throw new SnapshotError(`${file}: range ${index} (guest 0x${range.guestAddress.toString(16)}) fails the checksum recorded in ${SNAPSHOT_STATE_FILE} (truncated or altered)`);
   }
 }
 

@@ -31,7 +31,7 @@ import {
   type AnyDeviceState,
 } from '../devices';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
-import { SnapshotError, copyMemoryRange, openMemoryFile, type MemoryRange } from '../migration/snapshot';
+import { SnapshotError, copyMemoryRange, openMemoryFile, verifyRangeInRam, type MemoryRange } from '../migration/snapshot';
 import { native, readMsrs, type CpuidEntry, type NativeKvm, type NativeVcpu, type NativeVm, type VcpuExit } from '../native/kvm';
 import {
   decodeVcpuState,
@@ -242,7 +242,12 @@ export class Machine {
           dirtyBitmap: this.vm.vmmDirtyBitmap(slot),
         });
         if (!ondemand) copyMemoryRange(r.memoryPath, fd, range, slot, region, r.rangeChecksums?.[slot]);
-        else if (r.prefault) prefault(region);
+        else if (r.prefault) {
+          // Every page is touched now anyway: hashing them as they come costs CPU only.
+          const sum = r.rangeChecksums?.[slot];
+          if (sum === undefined) prefault(region);
+          else verifyRangeInRam(r.memoryPath, range, slot, region, sum);
+        }
         return region;
       });
       return new GuestMemory(regions);

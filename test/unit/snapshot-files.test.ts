@@ -9,6 +9,7 @@ import {
   copyMemoryRange,
   openMemoryFile,
   readSnapshot,
+  verifyRangeInRam,
   writeSnapshot,
   type LoadedSnapshot,
 } from '../../src/migration/snapshot';
@@ -108,6 +109,21 @@ test('a data page of memory-ranges zeroed (lost) fails the range checksum', (t) 
   const snap = readSnapshot(d);
   poke(snap.memoryPath, snap.ranges[0].fileOffset + 255 * 4096, Buffer.alloc(4096));
   t.throws(() => copyAll(readSnapshot(d)), { message: /range 0 .* fails the checksum/ });
+});
+
+test('an ondemand restore with prefault checks each range in the mapped RAM', (t) => {
+  const d = written('prefault');
+  const snap = readSnapshot(d);
+  const r = snap.ranges[0];
+  // What a MAP_PRIVATE mapping of the range shows, in an ordinary buffer.
+  const mapped = () => {
+    const region = emptyRegion(r.length);
+    region.view(0, r.length)!.set(fs.readFileSync(snap.memoryPath).subarray(r.fileOffset, r.fileOffset + r.length));
+    return region;
+  };
+  t.notThrows(() => verifyRangeInRam(snap.memoryPath, r, 0, mapped(), snap.rangeChecksums![0]));
+  poke(snap.memoryPath, r.fileOffset + 100 * 4096, Buffer.from([1])); // a byte in a hole
+  t.throws(() => verifyRangeInRam(snap.memoryPath, r, 0, mapped(), snap.rangeChecksums![0]), { message: /range 0 \(guest 0x0\) fails the checksum/ });
 });
 
 test('an altered range table fails the header checksum before anything is mapped', (t) => {
