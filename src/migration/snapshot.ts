@@ -281,6 +281,22 @@ function partialOf(entry: string): string | undefined {
 }
 
 /**
+ * Builds before this one wrote a snapshot as a directory `.NAME.partial-XXXXXX` beside its
+ * destination and renamed it; a VMM killed meanwhile left it there with a full copy of guest
+ * RAM. Remove those of `dir`: nothing writes them any more, so none can be in use.
+ */
+function removeOldPartialDirs(dir: string): void {
+  const parent = path.dirname(dir);
+  const prefix = `.${path.basename(dir)}${PARTIAL}`;
+  for (const e of fs.readdirSync(parent, { withFileTypes: true })) {
+    if (!e.isDirectory() || !e.name.startsWith(prefix) || e.name.length !== prefix.length + 6) continue;
+    const old = path.join(parent, e.name);
+    // Only what such a directory ever held: the snapshot files.
+    if (fs.readdirSync(old).every((f) => SNAPSHOT_FILES.includes(f))) fs.rmSync(old, { recursive: true });
+  }
+}
+
+/**
  * Make `dir` ready to receive a snapshot: create it (0700) if missing; else it must be a
  * directory holding no snapshot and nothing but the leftovers of an interrupted snapshot
  * (unlocked temporary files; config.json or memory-ranges without state.json), which are
@@ -363,6 +379,7 @@ export function writeSnapshot(input: WriteSnapshotInput): { memoryBytes: number 
   };
   try {
     created = prepareDestination(dir);
+    removeOldPartialDirs(dir);
     writeText(SNAPSHOT_CONFIG_FILE, `${JSON.stringify(input.config, null, 2)}\n`);
     const mem = open(SNAPSHOT_MEMORY_FILE);
     const { written, checksums } = writeMemoryFile(mem.fd, SNAPSHOT_MEMORY_FILE, input.memory, write);

@@ -263,6 +263,19 @@ test('a writer killed with SIGKILL mid-snapshot leaves no snapshot; the next sna
   readSnapshot(d);
 });
 
+test('the partial directory an older build left beside the destination when killed is removed', (t) => {
+  const d = fresh('older');
+  const old = path.join(root, `.${path.basename(d)}.partial-Ab3xYz`);
+  fs.mkdirSync(old);
+  fs.writeFileSync(path.join(old, 'config.json'), '{}');
+  fs.writeFileSync(path.join(old, 'memory-ranges'), Buffer.alloc(8192, 7));
+  const unrelated = path.join(root, `.${path.basename(d)}.partial-keep`);
+  fs.mkdirSync(unrelated);
+  writeSnapshot(snapshotInput(d));
+  t.false(fs.existsSync(old));
+  t.true(fs.existsSync(unrelated), 'a name that is not such a directory is left alone');
+});
+
 test('an interrupted snapshot that got as far as config.json and memory-ranges is no snapshot and is replaced', (t) => {
   const d = written('half');
   fs.rmSync(path.join(d, 'state.json'));
