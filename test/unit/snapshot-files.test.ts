@@ -90,6 +90,21 @@ test('a short write (full disk) fails the snapshot and leaves nothing behind', (
   t.deepEqual(fs.readdirSync(root).filter((e) => e.includes('full')), []);
 });
 
+test('a real file-size limit (RLIMIT_FSIZE) inside guest RAM fails the snapshot cleanly', (t) => {
+  const d = fresh('fsize');
+  // The limit falls inside the first data page of memory-ranges (file offset 4096..8192): that
+  // write is cut short by the kernel, the next gets EFBIG.
+  const script = `
+    const { writeSnapshot } = require(${JSON.stringify(SNAPSHOT_JS)});
+    const { snapshotInput } = require(${JSON.stringify(FIXTURE_JS)});
+    try { writeSnapshot(snapshotInput(${JSON.stringify(d)})); } catch (e) { process.stderr.write(e.message); process.exit(3); }`;
+  const r = spawnSync('prlimit', ['--fsize=6000', process.execPath, '-e', script], { timeout: 30_000, encoding: 'utf8' });
+  if (r.error) return t.pass('prlimit unavailable');
+  t.is(r.status, 3, r.stderr);
+  t.regex(r.stderr, /cannot write snapshot .*EFBIG/);
+  t.false(fs.existsSync(d), 'nothing left behind');
+});
+
 test('a write that takes only part of each call is completed, not truncated', (t) => {
   const d = fresh('partial-writes');
   const write = (fd: number, b: Uint8Array, o: number, l: number, p: number): number => fs.writeSync(fd, b, o, Math.min(l, 1000), p);
