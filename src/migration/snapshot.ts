@@ -25,6 +25,7 @@
 // Format-1 snapshots (older builds) carry no memory checksums and are accepted without them.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { checkVmConfig } from '../api/request-body';
@@ -626,6 +627,11 @@ export function readSnapshot(dir: string): LoadedSnapshot {
     throw new SnapshotError(`${stateFile}: records ${memorySums.ranges.length} range checksums for the ${ranges.length} ranges of ${SNAPSHOT_MEMORY_FILE}`);
   }
   const total = ranges.reduce((n, r) => n + r.length, 0);
+  // A sparse file can declare any amount of RAM for the price of a few blocks; a VM larger than
+  // the host cannot be restored, and trying would exhaust host memory setting it up.
+  if (total > os.totalmem()) {
+    throw new SnapshotError(`${memoryPath}: declares ${total} bytes of RAM, more than this host's ${os.totalmem()}`);
+  }
   const size = state.vm.config.memory?.size;
   if (size !== undefined && size !== total) {
     throw new SnapshotError(`${memoryPath}: holds ${total} bytes of RAM but ${SNAPSHOT_CONFIG_FILE} says memory.size=${size}`);

@@ -3,7 +3,9 @@
 // the schema-2 fixture), then broken the way a crafted or damaged snapshot would be.
 import test from 'ava';
 import { spawnSync } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import {
   copyMemoryRange,
@@ -217,6 +219,28 @@ test('JSON nested deeper than the limit is refused without recursing', (t) => {
   const d = written('deep');
   fs.writeFileSync(path.join(d, 'config.json'), `${'['.repeat(100_000)}${']'.repeat(100_000)}`);
   t.throws(() => readSnapshot(d), { message: /config\.json: not valid JSON \(nested deeper than 128 levels\)/ });
+});
+
+test('a sparse memory-ranges declaring more RAM than the host has is refused before anything is set up', (t) => {
+  const d = written('vast');
+  const big = Math.ceil((os.totalmem() * 2) / (2 << 20)) * (2 << 20);
+  const file = path.join(d, 'memory-ranges');
+  const hdr = fs.readFileSync(file).subarray(0, 64);
+  hdr.writeBigUInt64LE(BigInt(4096 + big), 24);
+  hdr.writeBigUInt64LE(BigInt(big), 40);
+  poke(file, 0, hdr);
+  fs.truncateSync(file, 4096 + big);
+  const header = Buffer.alloc(4096);
+  const fd = fs.openSync(file, 'r');
+  fs.readSync(fd, header, 0, 4096, 0);
+  fs.closeSync(fd);
+  editState(d, (e) => {
+    e.state.vm.config.memory.size = big;
+    e.state.memory.regions = [{ guestAddress: 0, size: big }];
+    e.memory.header = `sha256:${crypto.createHash('sha256').update(header).digest('hex')}`;
+  });
+  editConfig(d, (c) => (c.memory.size = big));
+  t.throws(() => readSnapshot(d), { message: new RegExp(`memory-ranges: declares ${big} bytes of RAM, more than this host's`) });
 });
 
 // --- finding 1: the config a restore would act on ---------------------------------------------
