@@ -2,6 +2,8 @@
 #include "fd_util.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/file.h>
@@ -296,7 +298,24 @@ static Napi::Value SeekExtent(const Napi::CallbackInfo& info, int whence, const 
 static Napi::Value SeekData(const Napi::CallbackInfo& info) { return SeekExtent(info, SEEK_DATA, "lseek(SEEK_DATA)"); }
 static Napi::Value SeekHole(const Napi::CallbackInfo& info) { return SeekExtent(info, SEEK_HOLE, "lseek(SEEK_HOLE)"); }
 
+// renameat2(RENAME_NOREPLACE) (Node has no binding): rename that fails with EEXIST instead of
+// replacing an existing target, atomically, so no check-then-rename race exists.
+static Napi::Value RenameNoReplace(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsString() || !info[1].IsString()) {
+    ThrowTypeError(env, "renameNoReplace: expected two paths");
+    return env.Undefined();
+  }
+  std::string from = info[0].As<Napi::String>().Utf8Value();
+  std::string to = info[1].As<Napi::String>().Utf8Value();
+  if (renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) < 0) {
+    ThrowErrno(env, "renameat2", errno);
+  }
+  return env.Undefined();
+}
+
 void InitFdUtil(Napi::Env env, Napi::Object exports) {
+  exports.Set("renameNoReplace", Napi::Function::New(env, RenameNoReplace, "renameNoReplace"));
   exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
   exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
   exports.Set("eventfd", Napi::Function::New(env, EventFd, "eventfd"));

@@ -3,7 +3,7 @@
 // stream as an Observable. It loads nothing from the VMM side (no native addon, no store).
 import http from 'node:http';
 import { Observable } from 'rxjs';
-import type { TernEvent, VmConfig, VmCounters, VmInfo, VmmPingResponse } from './schema';
+import type { ConsoleConfig, SerialConfig, TernEvent, VmConfig, VmCounters, VmInfo, VmmPingResponse } from './schema';
 
 export interface TernClientOptions {
   /** path of the VMM's API socket */
@@ -128,8 +128,18 @@ export class TernClient {
     return this.put('vm.snapshot', { destination_url: destinationUrl });
   }
 
-  /** Restore a VM from a snapshot directory (only when the VMM has no VM). */
-  restore(config: { source_url: string; prefault?: boolean; resume?: boolean; memory_restore_mode?: 'copy' | 'ondemand' }): Promise<void> {
+  /**
+   * Restore a VM from a snapshot directory (only when the VMM has no VM). `serial` and
+   * `console` (Tern's additions) choose the consoles' host ends instead of the snapshot's.
+   */
+  restore(config: {
+    source_url: string;
+    prefault?: boolean;
+    resume?: boolean;
+    memory_restore_mode?: 'copy' | 'ondemand';
+    serial?: SerialConfig;
+    console?: ConsoleConfig;
+  }): Promise<void> {
     return this.put('vm.restore', config);
   }
 

@@ -4,6 +4,7 @@
 // what the store keeps is exactly the contract's VmConfig.
 import { TypeCompiler } from '@sinclair/typebox/compiler';
 import { Value } from '@sinclair/typebox/value';
+import { jsonNestingDepth } from '../util/host-file';
 import { ApiError } from './errors';
 import { VmConfigSchema, type VmConfig } from './schema';
 
@@ -15,25 +16,6 @@ const utf8 = new TextDecoder('utf-8', { fatal: true });
 const vmConfigChecker = TypeCompiler.Compile(VmConfigSchema);
 
 const invalid = (...chain: string[]) => new ApiError(400, ['The request body is not valid', ...chain]);
-
-/** Nesting depth of a JSON text, scanning bytes (strings skipped) so it cannot recurse. */
-function nestingDepth(text: string): number {
-  let depth = 0;
-  let max = 0;
-  let inString = false;
-  for (let i = 0; i < text.length; i++) {
-    const c = text.charCodeAt(i);
-    if (inString) {
-      if (c === 0x5c) i++; // backslash: skip the escaped character
-      else if (c === 0x22) inString = false;
-    } else if (c === 0x22) inString = true;
-    else if (c === 0x5b || c === 0x7b) {
-      if (++depth > max) max = depth;
-      if (max > MAX_JSON_DEPTH) return max;
-    } else if (c === 0x5d || c === 0x7d) depth--;
-  }
-  return max;
-}
 
 function dropNullMembers(this: unknown, key: string, value: unknown): unknown {
   // No contract field is called __proto__; an own property of that name would survive
@@ -51,7 +33,7 @@ export function parseJsonBody(raw: Buffer): unknown {
   } catch {
     throw invalid('it is not UTF-8 text');
   }
-  if (nestingDepth(text) > MAX_JSON_DEPTH) throw invalid(`JSON nested deeper than ${MAX_JSON_DEPTH} levels`);
+  if (jsonNestingDepth(text, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) throw invalid(`JSON nested deeper than ${MAX_JSON_DEPTH} levels`);
   try {
     return JSON.parse(text, dropNullMembers);
   } catch (e) {

@@ -2,14 +2,18 @@
 // with its errors turned into ApiErrors. The HTTP server and the `tern` CLI both go through
 // here, so a VM started with --kernel is created and booted exactly as vm.create + vm.boot do.
 // Nothing here keeps VM state: every answer is read from the store when it is asked for.
-import { withDefaults, type VmConfig as StoredVmConfig } from '../config/vm-config';
+import { TypeCompiler } from '@sinclair/typebox/compiler';
+import { withDefaults, type ConsoleConfig as StoredConsoleConfig, type VmConfig as StoredVmConfig } from '../config/vm-config';
 import { DEBUG_PORT_KIND, SERIAL_KIND } from '../devices';
 import { VmEvents, assertVmTransition, type RootState } from '../state';
 import { TERN_VERSION } from '../version';
 import type { Vmm } from '../vmm/vmm';
 import { ApiError, toApiError } from './errors';
 import { checkVmConfig } from './request-body';
-import type { VmConfig, VmCounters, VmInfo, VmmPingResponse } from './schema';
+import { ConsoleConfigSchema, SerialConfigSchema, type VmConfig, type VmCounters, type VmInfo, type VmmPingResponse } from './schema';
+
+const serialChecker = TypeCompiler.Compile(SerialConfigSchema);
+const consoleChecker = TypeCompiler.Compile(ConsoleConfigSchema);
 
 /** Device-state fields reported by vm.counters, per device kind: counter name -> state field. */
 const DEVICE_COUNTERS: Readonly<Record<string, Readonly<Record<string, string>>>> = {
@@ -110,12 +114,21 @@ export class VmmApi {
     }
     const mode = b.memory_restore_mode;
     if (mode != null && mode !== 'copy' && mode !== 'ondemand') throw invalidBody(outer, 'memory_restore_mode must be "copy" or "ondemand"');
+    // Tern's additions: the host ends of the consoles, chosen by the restoring client instead
+    // of taken from the snapshot.
+    const hostEnds: { serial?: StoredConsoleConfig; console?: StoredConsoleConfig } = {};
+    for (const [k, checker] of [['serial', serialChecker], ['console', consoleChecker]] as const) {
+      if (b[k] == null) continue;
+      if (!checker.Check(b[k])) throw invalidBody(outer, `${k} must be a ${k === 'serial' ? 'SerialConfig' : 'ConsoleConfig'}`);
+      hostEnds[k] = b[k] as StoredConsoleConfig;
+    }
     await this.run(outer, () =>
       this.vmm.restore({
         source_url: b.source_url as string,
         prefault: (b.prefault as boolean | null) ?? undefined,
         resume: (b.resume as boolean | null) ?? undefined,
         memory_restore_mode: (mode as 'copy' | 'ondemand' | null) ?? undefined,
+        ...hostEnds,
       }),
     );
   }

@@ -15,6 +15,8 @@ export interface RestoreArgs {
   memory_restore_mode?: 'copy' | 'ondemand';
   /** --serial given with --restore: where the restored VM's serial output goes now */
   serial?: ConsoleConfig;
+  /** --console given with --restore: the same for the virtio console */
+  console?: ConsoleConfig;
 }
 
 export interface TernArgs {
@@ -170,10 +172,11 @@ export function parseTernArgs(argv: string[]): TernArgs {
     handler(value, acc);
   }
   if (acc.args.restore && acc.vmOptionSeen) {
-    // Only the serial console's host end may be chosen anew; the rest comes from the snapshot.
-    const { payload, serial, ...rest } = acc.vm;
-    if (serial && Object.keys(payload).length === 0 && Object.keys(rest).length === 0) {
-      acc.args.restore.serial = serial;
+    // Only the consoles' host ends may be chosen anew; the rest comes from the snapshot.
+    const { payload, serial, console, ...rest } = acc.vm;
+    if ((serial || console) && Object.keys(payload).length === 0 && Object.keys(rest).length === 0) {
+      if (serial) acc.args.restore.serial = serial;
+      if (console) acc.args.restore.console = console;
       acc.vmOptionSeen = false;
     }
   }
@@ -201,7 +204,7 @@ export const TERN_USAGE = `Usage: tern [OPTIONS]
   --api-socket path=PATH|fd=N         HTTP API on a UNIX socket
   --event-monitor path=PATH|fd=N      event stream, one JSON object per event
   --restore source_url=file:///DIR[,resume=on][,memory_restore_mode=copy|ondemand][,prefault=on]
-                           (--serial may be given with it)
+                           (--serial and --console may be given with it)
   --log-file PATH          pino JSON log (default stderr)
   -v, -vv                  more log detail
   -V, --version            print the version`;

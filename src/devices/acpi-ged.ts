@@ -9,6 +9,8 @@
 //   read:  pending event bits
 //   write: write-1-to-clear; clearing the last pending bit lowers the line
 // The ACPI table builder imports the constants below, so the DSDT and the device agree.
+import { Type } from '@sinclair/typebox';
+import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
 import type { Effect, IoAccess, TransitionResult } from './device';
 import {
   type DeviceInstance,
@@ -94,11 +96,15 @@ export function acpiGedPowerButton(state: AcpiGedState, _payload?: unknown): Tra
   return withPending(state, state.pending | GedEvent.PowerButton, state.powerButtonPresses + 1);
 }
 
+/** The state's shape, checked when a state comes from outside (restore). */
+export const AcpiGedStateSchema = Exact({ kind: Type.Literal(ACPI_GED_KIND), id: DeviceId(), schemaVersion: IntIn(ACPI_GED_SCHEMA_VERSION, ACPI_GED_SCHEMA_VERSION), gsi: U32(), pending: U32(), powerButtonPresses: Count() });
+
 export const acpiGedModel: DeviceModel<AcpiGedState> = {
   kind: ACPI_GED_KIND,
   label: ACPI_GED_LABEL,
   schemaVersion: ACPI_GED_SCHEMA_VERSION,
   events: deviceAccessEventTypes(ACPI_GED_LABEL),
   transition: acpiGedTransition,
+  stateSchema: AcpiGedStateSchema,
   inputs: { [AcpiGedEvents.PowerButtonPressed]: acpiGedPowerButton },
 };

@@ -1,6 +1,8 @@
 // The hardware-reduced ACPI power-management registers the FADT points at: sleep control,
 // sleep status and reset, one byte each. The ACPI table builder imports the constants below,
 // so the tables and the device cannot disagree.
+import { Type } from '@sinclair/typebox';
+import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
 import type { Effect, IoAccess, TransitionResult } from './device';
 import {
   type DeviceInstance,
@@ -108,11 +110,15 @@ export function acpiPmTransition(state: AcpiPmState, access: IoAccess): Transiti
   return { state: s, effects: effects.length ? effects : NO_EFFECTS };
 }
 
+/** The state's shape, checked when a state comes from outside (restore). */
+export const AcpiPmStateSchema = Exact({ kind: Type.Literal(ACPI_PM_KIND), id: DeviceId(), schemaVersion: IntIn(ACPI_PM_SCHEMA_VERSION, ACPI_PM_SCHEMA_VERSION), sleepType: IntIn(0, 7), sleepStatus: U8() });
+
 export const acpiPmModel: DeviceModel<AcpiPmState> = {
   kind: ACPI_PM_KIND,
   label: ACPI_PM_LABEL,
   schemaVersion: ACPI_PM_SCHEMA_VERSION,
   events: deviceAccessEventTypes(ACPI_PM_LABEL),
   transition: acpiPmTransition,
+  stateSchema: AcpiPmStateSchema,
   inputs: {},
 };

@@ -6,6 +6,8 @@
 // a time); clearing SET turns those bytes back into an offset.
 // No RTC interrupts (IRQ 8) are generated: the periodic, alarm and update-ended flags in
 // status C stay clear.
+import { Type } from '@sinclair/typebox';
+import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
 import type { Effect, IoAccess, TransitionResult } from './device';
 import {
   type DeviceInstance,
@@ -285,11 +287,15 @@ export function cmosTransition(state: CmosRtcState, access: IoAccess): Transitio
   return access.direction === 'read' ? { state, effects: NO_EFFECTS, value: 0xff } : { state, effects: NO_EFFECTS };
 }
 
+/** The state's shape, checked when a state comes from outside (restore). */
+export const CmosRtcStateSchema = Exact({ kind: Type.Literal(CMOS_KIND), id: DeviceId(), schemaVersion: IntIn(CMOS_SCHEMA_VERSION, CMOS_SCHEMA_VERSION), index: IntIn(0, 0x7f), nmiMasked: Type.Boolean(), cmos: Type.Array(U8(), { minItems: 128, maxItems: 128 }), offsetNs: IntIn(Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER) });
+
 export const cmosModel: DeviceModel<CmosRtcState> = {
   kind: CMOS_KIND,
   label: CMOS_LABEL,
   schemaVersion: CMOS_SCHEMA_VERSION,
   events: deviceAccessEventTypes(CMOS_LABEL),
   transition: cmosTransition,
+  stateSchema: CmosRtcStateSchema,
   inputs: {},
 };

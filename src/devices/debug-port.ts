@@ -1,6 +1,8 @@
 // The POST/debug port 0x80: firmware and early kernel code write progress codes here.
 // Note that Linux also writes to it as an I/O delay (io_delay=0x80, the x86 default), so after
 // early boot the codes are noise unless the guest runs with io_delay=none.
+import { Type } from '@sinclair/typebox';
+import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
 import type { Effect, IoAccess, TransitionResult } from './device';
 import {
   type DeviceInstance,
@@ -48,11 +50,15 @@ export function debugPortTransition(state: DebugPortState, access: IoAccess): Tr
   };
 }
 
+/** The state's shape, checked when a state comes from outside (restore). */
+export const DebugPortStateSchema = Exact({ kind: Type.Literal(DEBUG_PORT_KIND), id: DeviceId(), schemaVersion: IntIn(DEBUG_PORT_SCHEMA_VERSION, DEBUG_PORT_SCHEMA_VERSION), lastCode: Type.Union([Type.Null(), U8()]), writes: Count() });
+
 export const debugPortModel: DeviceModel<DebugPortState> = {
   kind: DEBUG_PORT_KIND,
   label: DEBUG_PORT_LABEL,
   schemaVersion: DEBUG_PORT_SCHEMA_VERSION,
   events: deviceAccessEventTypes(DEBUG_PORT_LABEL),
   transition: debugPortTransition,
+  stateSchema: DebugPortStateSchema,
   inputs: {},
 };

@@ -2,6 +2,8 @@
 // command byte, run the self tests, and reset the machine through it. No keyboard or mouse
 // is attached: bytes sent to either port are answered with a timeout error at once, so a
 // probing guest gives up quickly instead of waiting for its command timeouts.
+import { Type } from '@sinclair/typebox';
+import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
 import type { Effect, IoAccess, TransitionResult } from './device';
 import {
   type DeviceInstance,
@@ -250,11 +252,15 @@ export function i8042Transition(state: I8042State, access: IoAccess): Transition
   return { state, effects: NO_EFFECTS };
 }
 
+/** The state's shape, checked when a state comes from outside (restore). */
+export const I8042StateSchema = Exact({ kind: Type.Literal(I8042_KIND), id: DeviceId(), schemaVersion: IntIn(I8042_SCHEMA_VERSION, I8042_SCHEMA_VERSION), ctr: U8(), outputPort: U8(), outData: U8(), outFull: Type.Boolean(), outChannel: Type.Union([Type.Literal('ctrl'), Type.Literal('kbd'), Type.Literal('aux')]), outTimeout: Type.Boolean(), lastWasCommand: Type.Boolean(), pendingCommand: Type.Union([Type.Null(), U8()]), kbdGsi: U32(), auxGsi: U32() });
+
 export const i8042Model: DeviceModel<I8042State> = {
   kind: I8042_KIND,
   label: I8042_LABEL,
   schemaVersion: I8042_SCHEMA_VERSION,
   events: deviceAccessEventTypes(I8042_LABEL),
   transition: i8042Transition,
+  stateSchema: I8042StateSchema,
   inputs: {},
 };

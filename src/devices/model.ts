@@ -1,6 +1,7 @@
 // What the store needs to know about a kind of device: how its events are named and which
 // pure transitions handle them. Device modules export one DeviceModel each; they never import
 // the store, so they stay testable as plain functions.
+import type { TSchema } from '@sinclair/typebox';
 import type { DeviceRange, DeviceTransition, TransitionResult } from './device';
 
 /** Fields every device slice carries, so a devices map can be checked and migrated by kind. */
@@ -32,6 +33,8 @@ export interface DeviceModel<S extends DeviceStateBase = DeviceStateBase> {
   schemaVersion: number;
   events: DeviceAccessEventTypes;
   transition: DeviceTransition<S>;
+  /** the state's shape (TypeBox): a restored device state is checked against it */
+  stateSchema: TSchema;
   /** host-side input events: event type -> transition */
   inputs: Record<string, DeviceInput<S, any>>;
 }

@@ -5,6 +5,8 @@
 // The interrupt output is modelled as a level computed from the state; since the ISA pin is
 // edge-triggered on the in-kernel IOAPIC, a transition reports {type:'irq.pulse'} exactly
 // when that level rises.
+import { Type } from '@sinclair/typebox';
+import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
 import type { Effect, IoAccess, TransitionResult } from './device';
 import {
   type DeviceInstance,
@@ -21,6 +23,8 @@ export const COM1_GSI = 4;
 export const SERIAL_PORT_LENGTH = 8;
 /** Depth of the chip's FIFOs; what the guest measures through loopback. */
 export const SERIAL_HW_FIFO_DEPTH = 16;
+/** the largest host-input buffer a UART may be given (a restored state is held to it) */
+export const SERIAL_MAX_RX_CAPACITY = 1 << 16;
 /** Default RX buffer for host input: larger than the chip's so pasted text is not lost. */
 export const SERIAL_DEFAULT_RX_CAPACITY = 64;
 
@@ -391,11 +395,15 @@ export function serialInput(state: Serial16550aState, payload: SerialInputPayloa
   return finish(interruptLevel(state), n, NO_EFFECTS);
 }
 
+/** The state's shape, checked when a state comes from outside (restore). */
+export const Serial16550aStateSchema = Exact({ kind: Type.Literal(SERIAL_KIND), id: DeviceId(), schemaVersion: IntIn(SERIAL_SCHEMA_VERSION, SERIAL_SCHEMA_VERSION), gsi: U32(), ier: U8(), fcr: U8(), lcr: U8(), mcr: U8(), scr: U8(), dll: U8(), dlm: U8(), lsrErrors: U8(), msrDelta: U8(), threPending: Type.Boolean(), rx: Type.Array(U8(), { maxItems: SERIAL_MAX_RX_CAPACITY }), rxCapacity: IntIn(SERIAL_HW_FIFO_DEPTH, SERIAL_MAX_RX_CAPACITY), rxDropped: Count(), txBytes: Count(), rxBytes: Count() });
+
 export const serialModel: DeviceModel<Serial16550aState> = {
   kind: SERIAL_KIND,
   label: SERIAL_LABEL,
   schemaVersion: SERIAL_SCHEMA_VERSION,
   events: deviceAccessEventTypes(SERIAL_LABEL),
   transition: serialTransition,
+  stateSchema: Serial16550aStateSchema,
   inputs: { [SerialEvents.InputReceived]: serialInput },
 };

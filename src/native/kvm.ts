@@ -214,6 +214,8 @@ export interface NativeAddon {
   seekData(fd: number, offset: number): number;
   /** lseek(fd, offset, SEEK_HOLE): start of the next hole at or after offset (EOF counts). */
   seekHole(fd: number, offset: number): number;
+  /** renameat2(from, to, RENAME_NOREPLACE): throws with code EEXIST when `to` exists. */
+  renameNoReplace(from: string, to: string): void;
 }
 
 /** eventfd(2) flags for NativeAddon.eventfd (default: CLOEXEC | NONBLOCK). */

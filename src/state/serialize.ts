@@ -16,7 +16,7 @@ export function validateState<M extends SliceMap>(
   const root = state as Record<string, unknown>;
   if (root.schemaVersion !== rootSchemaVersion) throw new SchemaVersionError('root', root.schemaVersion, rootSchemaVersion);
   for (const [key, slice] of Object.entries(slices)) slice.validate(root[key]);
-  const extra = Object.keys(root).filter((k) => k !== 'schemaVersion' && !(k in slices));
+  const extra = Object.keys(root).filter((k) => k !== 'schemaVersion' && !Object.hasOwn(slices, k));
   if (extra.length) throw new TypeError(`state has unknown slices: ${extra.join(', ')}`);
   assertJsonSafe(state);
 }

@@ -8,11 +8,13 @@
 //    accesses, and must return a new state (or the same one).
 // Either may also hand back effects, Elm-style, as [state, effects] or {state, effects, value}.
 // Effects are only returned to the dispatcher; nothing here performs them.
+import type { TSchema } from '@sinclair/typebox';
 import { Immer, type Draft } from 'immer';
 import type { Effect } from '../devices/device';
 import type { EventTimestamp } from './clock';
 import { SchemaVersionError } from './errors';
 import { deepFreeze } from './json';
+import { checkSchema } from './state-schema';
 
 /** Who caused an event: the VMM itself, the guest, a vCPU, the bus, or a device id. */
 export type EventSource = 'vmm' | 'vm' | 'cpu' | 'bus' | (string & {});
@@ -113,7 +115,9 @@ export interface SliceDefinition<N extends string, S extends SliceStateBase, H e
   schemaVersion: number;
   initialState: S | (() => S);
   handlers: H;
-  /** extra checks for a state loaded from outside (restore, migration); throw to reject */
+  /** the state's shape (TypeBox), checked for a state loaded from outside (restore, migration) */
+  schema: TSchema;
+  /** checks beyond the schema (ordering, cross-field); throw to reject */
   validate?: (state: S) => void;
 }
 
@@ -206,6 +210,7 @@ export function createSlice<N extends string, S extends SliceStateBase, H extend
     reduce,
     validate(state: unknown) {
       checkVersion(def.name, def.schemaVersion, state);
+      checkSchema(def.schema, state, `slice '${def.name}'`);
       def.validate?.(state as S);
     },
     events: events as unknown as Slice<N, S, H>['events'],

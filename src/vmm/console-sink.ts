@@ -3,6 +3,7 @@
 // per byte would cost more than the exit itself.
 import fs from 'node:fs';
 import { SerialConfig } from '../config/vm-config';
+import { HostFileError, openAppendFile } from '../util/host-file';
 
 export interface ConsoleSink {
   write(bytes: number[]): void;
@@ -69,7 +70,14 @@ export function openConsoleSink(config: SerialConfig): ConsoleSink {
       return { write() {}, onInput() {}, offerHeldInput() {}, pauseInput() {}, resumeInput() {}, close() {} };
     case 'File': {
       if (!config.file) throw new ConsoleConfigError('serial file mode needs a file path');
-      const fd = fs.openSync(config.file, 'a');
+      // The path may come from a snapshot: append only to a regular file (created 0600),
+      // never through a symlink, never to a FIFO or device.
+      let fd: number;
+      try {
+        fd = openAppendFile(config.file);
+      } catch (e) {
+        throw new ConsoleConfigError(`serial file ${e instanceof HostFileError ? e.message : (e as Error).message}`);
+      }
       const w = new BatchedWriter(fd);
       return {
         write: (b) => w.write(b),

@@ -31,7 +31,7 @@ import {
   type AnyDeviceState,
 } from '../devices';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
-import type { MemoryRange } from '../migration/snapshot';
+import { SnapshotError, copyMemoryRange, openMemoryFile, verifyRangeInRam, type MemoryRange } from '../migration/snapshot';
 import { native, readMsrs, type CpuidEntry, type NativeKvm, type NativeVcpu, type NativeVm, type VcpuExit } from '../native/kvm';
 import {
   decodeVcpuState,
@@ -44,6 +44,7 @@ import {
   type RootState,
   type Store,
 } from '../state';
+import { HostFileError, readRegularFile } from '../util/host-file';
 import { openConsoleSink, type ConsoleSink } from './console-sink';
 import { VcpuRunner } from './vcpu-runner';
 
@@ -68,6 +69,8 @@ export interface MachineRestore {
   state: RootState;
   memoryPath: string;
   ranges: readonly MemoryRange[];
+  /** per-range checksums a copy restore verifies (absent for a format-1 snapshot) */
+  rangeChecksums?: readonly string[];
   /** copy: read RAM in now; ondemand: map the file copy-on-write, pages load on first touch */
   mode: 'copy' | 'ondemand';
   /** ondemand: touch every page now */
@@ -90,41 +93,15 @@ function platformDevices(config: ReturnType<typeof withDefaults>): DeviceInstanc
   return devices;
 }
 
-function readPayloadFile(path: string, what: string): Buffer {
-  try {
-    return fs.readFileSync(path);
-  } catch (e) {
-    throw new Error(`cannot read ${what} ${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
-  }
-}
-
-const COPY_BLOCK = 1 << 20;
-
 /**
- * Read a memory-ranges range straight into guest RAM. Only the file's data extents are read
- * (lseek SEEK_DATA/SEEK_HOLE): holes are zero pages, and fresh guest RAM is already zero, so
- * they cost neither a read nor resident memory.
+ * A kernel or initramfs named by the config (which a restored VM took from its snapshot and
+ * reloads at a guest reset): a regular file, not through a symlink, no larger than guest RAM.
  */
-function copyRangeIn(fd: number, range: MemoryRange, region: GuestRegion): void {
-  const addon = native();
-  const end = range.fileOffset + range.length;
-  for (let pos = range.fileOffset; pos < end;) {
-    const data = addon.seekData(fd, pos);
-    if (data < 0 || data >= end) break;
-    const hole = Math.min(addon.seekHole(fd, data), end);
-    for (let p = data; p < hole;) {
-      const off = p - range.fileOffset;
-      // Blocks never cross a 1 MiB boundary, so never a RAM chunk's either.
-      const len = Math.min(COPY_BLOCK - (off % COPY_BLOCK), hole - p);
-      const view = region.view(off, len)!;
-      for (let done = 0; done < len;) {
-        const got = fs.readSync(fd, view, done, len - done, p + done);
-        if (got === 0) throw new Error(`memory file ended at ${p + done} inside range 0x${range.guestAddress.toString(16)}`);
-        done += got;
-      }
-      p += len;
-    }
-    pos = hole;
+function readPayloadFile(path: string, what: string, maxBytes: number): Buffer {
+  try {
+    return readRegularFile(path, maxBytes);
+  } catch (e) {
+    throw new Error(`cannot read ${what} ${e instanceof HostFileError ? e.message : `${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`}`);
   }
 }
 
@@ -185,8 +162,8 @@ export class Machine {
       const payload = config.payload;
       if (!payload.kernel) throw new Error('the VM config has no payload.kernel');
       this.plan = loadKernel(this.memory, {
-        kernel: readPayloadFile(payload.kernel, 'kernel'),
-        initramfs: payload.initramfs ? readPayloadFile(payload.initramfs, 'initramfs') : undefined,
+        kernel: readPayloadFile(payload.kernel, 'kernel', config.memory.size),
+        initramfs: payload.initramfs ? readPayloadFile(payload.initramfs, 'initramfs', config.memory.size) : undefined,
         cmdline: payload.cmdline ?? '',
         vcpuCount: config.cpus.boot_vcpus,
         memorySize: config.memory.size,
@@ -239,12 +216,13 @@ export class Machine {
    * the physical map it was saved with; memory-ranges must hold exactly those.
    */
   private restoreMemory(r: MachineRestore): GuestMemory {
-    const layout = r.state.memory.regions;
-    if (layout.length === 0 || layout.length !== r.ranges.length || layout.some((l, i) => l.guestAddress !== r.ranges[i].guestAddress || l.size !== r.ranges[i].length)) {
-      throw new Error(`${r.memoryPath}: its ranges do not match the RAM regions recorded in the saved state`);
-    }
-    const fd = fs.openSync(r.memoryPath, 'r');
+    // readSnapshot checked the table against the state; the file is opened anew, so check
+    // again that it is a regular file long enough for every range (a mapping past its end
+    // would fault the VMM at the guest's first touch).
+    const { fd, size } = openMemoryFile(r.memoryPath);
     try {
+      const end = Math.max(...r.ranges.map((x) => x.fileOffset + x.length));
+      if (size < end) throw new SnapshotError(`${r.memoryPath}: file is ${size} bytes, shorter than its range table needs (${end})`);
       const regions = r.ranges.map((range, slot) => {
         const ondemand = r.mode === 'ondemand';
         const info = this.vm.addMemorySlot({
@@ -263,8 +241,13 @@ export class Machine {
           chunkSize: info.chunkSize,
           dirtyBitmap: this.vm.vmmDirtyBitmap(slot),
         });
-        if (!ondemand) copyRangeIn(fd, range, region);
-        else if (r.prefault) prefault(region);
+        if (!ondemand) copyMemoryRange(r.memoryPath, fd, range, slot, region, r.rangeChecksums?.[slot]);
+        else if (r.prefault) {
+          // Every page is touched now anyway: hashing them as they come costs CPU only.
+          const sum = r.rangeChecksums?.[slot];
+          if (sum === undefined) prefault(region);
+          else verifyRangeInRam(r.memoryPath, range, slot, region, sum);
+        }
         return region;
       });
       return new GuestMemory(regions);

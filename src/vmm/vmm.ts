@@ -5,7 +5,7 @@ import type { Logger } from 'pino';
 import type { ConsoleConfig, VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import { SnapshotError, readSnapshot, snapshotDirFromUrl, writeSnapshot } from '../migration/snapshot';
-import { createStore, vmEvents, vmmEvents, type RootState, type Store } from '../state';
+import { createStore, vmConfigProblems, vmEvents, vmmEvents, type RootState, type Store } from '../state';
 import { TERN_VERSION } from '../version';
 import { Machine, type MachineStop } from './machine';
 
@@ -20,6 +20,28 @@ export interface RestoreOptions {
   memory_restore_mode?: 'copy' | 'ondemand';
   /** where the serial console goes now (a host setting, not part of the guest's state) */
   serial?: ConsoleConfig;
+  /** the same for the virtio console */
+  console?: ConsoleConfig;
+}
+
+/**
+ * The restored state with the consoles' host ends the restoring client chose. The snapshot's
+ * own choices stay otherwise; they passed vm.create's checks in readSnapshot, and a serial
+ * file is opened only as a regular file, never through a symlink, created 0600.
+ */
+function withHostEnds(state: RootState, opts: Pick<RestoreOptions, 'serial' | 'console'>): RootState {
+  const config = state.vm.config!;
+  if (opts.serial) {
+    const was = config.serial?.mode ?? 'Null';
+    // The UART exists or not according to the saved device state: it cannot appear or vanish.
+    if ((was === 'Off') !== (opts.serial.mode === 'Off')) {
+      throw new SnapshotError(`the serial port cannot be switched ${was === 'Off' ? 'on' : 'off'} on restore`);
+    }
+  }
+  const next = { ...config, ...(opts.serial && { serial: opts.serial }), ...(opts.console && { console: opts.console }) };
+  const problems = vmConfigProblems(next);
+  if (problems.length) throw new SnapshotError(`restore: ${problems.join('; ')}`);
+  return { ...state, vm: { ...state.vm, config: next } } as RootState;
 }
 
 export interface VmmOptions {
@@ -152,18 +174,12 @@ export class Vmm {
         if (mode !== 'copy' && mode !== 'ondemand') throw new SnapshotError(`memory_restore_mode '${String(mode)}' is not copy or ondemand`);
         const snap = readSnapshot(snapshotDirFromUrl(opts.source_url, 'source_url'));
         let state = snap.state;
-        if (opts.serial) {
-          const was = state.vm.config!.serial?.mode ?? 'Null';
-          if ((was === 'Off') !== (opts.serial.mode === 'Off')) {
-            throw new SnapshotError(`the serial port cannot be switched ${was === 'Off' ? 'on' : 'off'} on restore`);
-          }
-          state = { ...state, vm: { ...state.vm, config: { ...state.vm.config!, serial: opts.serial } } } as RootState;
-        }
+        state = withHostEnds(state, opts);
         const m = new Machine({
           store: this.store,
           log: this.log,
           onStop: (s) => this.onMachineStop(m, s),
-          restore: { state, memoryPath: snap.memoryPath, ranges: snap.ranges, mode, prefault: opts.prefault },
+          restore: { state, memoryPath: snap.memoryPath, ranges: snap.ranges, rangeChecksums: snap.rangeChecksums, mode, prefault: opts.prefault },
         });
         machine = m;
         this.log.info({ dir: snap.dir, mode, fromSchema: snap.storedSchemaVersion }, 'VM restored from snapshot');

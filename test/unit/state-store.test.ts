@@ -6,6 +6,7 @@ import type { EventTimestamp } from '../../src/state/clock';
 import { DeviceConflictError, UnknownDeviceError } from '../../src/state/errors';
 import { dispatchIo, ioEvent } from '../../src/state/io';
 import { applyStatePatches, diffState, produceStateWithPatches, type StatePatchSet } from '../../src/state/patches';
+import { Type } from '@sinclair/typebox';
 import { createSlice, pure, type EventInput, type StoreEvent } from '../../src/state/slice';
 import { BusEvents } from '../../src/state/slices/bus';
 import { DeviceEvents, deviceEvents } from '../../src/state/slices/devices';
@@ -24,6 +25,7 @@ const counterSlice = createSlice({
   name: 'counter',
   schemaVersion: 1,
   initialState: { schemaVersion: 1, n: 0, log: [] } as Counter,
+  schema: Type.Object({ schemaVersion: Type.Integer(), n: Type.Integer(), log: Type.Array(Type.String()) }),
   handlers: {
     '[Counter] Incremented': (draft, by: number) => {
       draft.n += by;
@@ -46,6 +48,7 @@ const otherSlice = createSlice({
   name: 'other',
   schemaVersion: 3,
   initialState: () => ({ schemaVersion: 3, seen: 0 }),
+  schema: Type.Object({ schemaVersion: Type.Integer(), seen: Type.Integer() }),
   handlers: {
     '[Counter] Incremented': (d) => {
       d.seen += 1;
@@ -155,6 +158,7 @@ test('dispatching from inside a reducer is refused', (t) => {
     name: 'sneaky',
     schemaVersion: 1,
     initialState: { schemaVersion: 1 },
+    schema: Type.Object({ schemaVersion: Type.Integer() }),
     handlers: { '[Sneaky] Go': pure((s: { schemaVersion: number }) => (store!.dispatch({ type: 'x', payload: 0 }), s)) },
   });
   const real = createStore({ slices: { sneaky } });

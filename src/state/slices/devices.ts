@@ -2,12 +2,14 @@
 // "[<Label>] Register Read/Written" events whose source is the device id; the handler runs the
 // device model's pure transition and hands its effects and read value back to the dispatcher.
 import type { IoAccess } from '../../devices/device';
-import { type AnyDeviceState, deviceModels } from '../../devices/index';
+import { Type } from '@sinclair/typebox';
+import { type AnyDeviceState, SERIAL_KIND, deviceModels } from '../../devices/index';
 import type { BusRangeSpec, DeviceInstance, DeviceModel, DeviceStateBase } from '../../devices/model';
 import { withKey } from '../copy';
 import { DeviceConflictError, SchemaVersionError, UnknownDeviceError } from '../errors';
 import { assertJsonSafe } from '../json';
 import { type Handler, type PureHandler, type StoreEvent, createSlice, pure } from '../slice';
+import { DeviceId, Exact, IntIn, InvalidStateError, checkSchema } from '../state-schema';
 import { VmEvents } from './vm';
 
 export const DEVICES_SCHEMA_VERSION = 1;
@@ -64,7 +66,7 @@ function inputHandler(model: DeviceModel<any>, type: string): PureHandler<Device
 }
 
 function checkInstance(id: string, inst: DeviceStateBase): void {
-  const model = deviceModels[inst?.kind];
+  const model = Object.hasOwn(deviceModels, inst?.kind) ? deviceModels[inst.kind] : undefined;
   if (!model) throw new UnknownDeviceError(id, `unknown device kind '${String(inst?.kind)}'`);
   if (inst.id !== id) throw new DeviceConflictError(`device keyed '${id}' has id '${inst.id}'`);
   if (inst.schemaVersion !== model.schemaVersion) {
@@ -95,13 +97,28 @@ for (const model of Object.values(deviceModels)) {
   for (const type of Object.keys(model.inputs)) handlers[type] = inputHandler(model, type);
 }
 
+/** The devices map; each instance is then checked against its own model's state schema. */
+export const DevicesSliceSchema = Exact({
+  schemaVersion: IntIn(DEVICES_SCHEMA_VERSION, DEVICES_SCHEMA_VERSION),
+  instances: Type.Record(DeviceId(), Type.Object({ kind: Type.String(), id: DeviceId(), schemaVersion: Type.Integer() }), { maxProperties: 256 }),
+});
+
 export const devicesSlice = createSlice({
   name: 'devices',
   schemaVersion: DEVICES_SCHEMA_VERSION,
   initialState: devicesInitialState,
   handlers,
+  schema: DevicesSliceSchema,
   validate(state) {
-    for (const [id, inst] of Object.entries(state.instances)) checkInstance(id, inst);
+    for (const [id, inst] of Object.entries(state.instances)) {
+      checkInstance(id, inst);
+      const model = deviceModels[inst.kind];
+      checkSchema(model.stateSchema, inst, `slice 'devices' device '${id}' (${inst.kind})`);
+      // A FIFO holding more than the UART may buffer would break its own invariants.
+      if (inst.kind === SERIAL_KIND && inst.rx.length > inst.rxCapacity) {
+        throw new InvalidStateError(`slice 'devices' device '${id}' (${inst.kind}) field /rx: holds ${inst.rx.length} bytes, more than rxCapacity ${inst.rxCapacity}`);
+      }
+    }
   },
 });
 

@@ -1,7 +1,9 @@
 // VM-level KVM state that is not per vCPU: the in-kernel interrupt controllers (PIC master,
 // PIC slave, IOAPIC), the PIT and kvmclock. Read out of KVM on pause, so that together with
 // the vcpus slice a paused VM is fully described by the store; set back into KVM on restore.
+import { Type } from '@sinclair/typebox';
 import { TernStateError } from '../errors';
+import { Base64, Exact, HexU64, IntIn, U32 } from '../state-schema';
 import { assertJsonSafe } from '../json';
 import { createSlice, pure } from '../slice';
 import { VmEvents } from './vm';
@@ -43,10 +45,19 @@ function checkSaved(s: unknown, where: string): asserts s is SavedKvmState {
   if (!Number.isInteger(o.clockFlags)) throw new TernStateError('InvalidKvmState', `${where}.clockFlags: expected an integer`);
 }
 
+export const KvmSliceSchema = Exact({
+  schemaVersion: IntIn(KVM_SCHEMA_VERSION, KVM_SCHEMA_VERSION),
+  saved: Type.Union([
+    Type.Null(),
+    Exact({ irqchips: Type.Array(Base64(4096), { minItems: 3, maxItems: 3 }), pit: Base64(4096), clock: HexU64(), clockFlags: U32() }),
+  ]),
+});
+
 export const kvmSlice = createSlice({
   name: 'kvm',
   schemaVersion: KVM_SCHEMA_VERSION,
   initialState: kvmInitialState,
+  schema: KvmSliceSchema,
   handlers: {
     [KvmEvents.StateSaved]: pure((s: KvmSliceState, p: SavedKvmState) => {
       checkSaved(p, 'kvm state');

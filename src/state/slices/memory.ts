@@ -1,7 +1,9 @@
 // Guest RAM layout: the memory slots the VM's RAM was created with, in guest-physical address
 // order. Recorded when the machine creates its RAM, so a restore rebuilds exactly the physical
 // map the guest was saved with, whatever layout a later build would choose for a new VM.
+import { Type } from '@sinclair/typebox';
 import { TernStateError } from '../errors';
+import { Count, Exact, IntIn } from '../state-schema';
 import { createSlice, pure } from '../slice';
 import { VmEvents } from './vm';
 
@@ -36,10 +38,16 @@ function checkRegions(regions: unknown, where: string): asserts regions is RamRe
   });
 }
 
+export const MemorySliceSchema = Exact({
+  schemaVersion: IntIn(MEMORY_SCHEMA_VERSION, MEMORY_SCHEMA_VERSION),
+  regions: Type.Array(Exact({ guestAddress: Count(), size: Count() }), { maxItems: 1024 }),
+});
+
 export const memorySlice = createSlice({
   name: 'memory',
   schemaVersion: MEMORY_SCHEMA_VERSION,
   initialState: memoryInitialState,
+  schema: MemorySliceSchema,
   handlers: {
     [MemoryEvents.RegionsCreated]: pure((s: MemorySliceState, p: { regions: RamRegionState[] }) => {
       checkRegions(p?.regions, 'memory regions');

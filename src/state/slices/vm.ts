@@ -5,7 +5,10 @@
 import type { VmConfig } from '../../config/vm-config';
 import { InvalidTransitionError, InvalidVmConfigError, TernStateError } from '../errors';
 import { assertJsonSafe } from '../json';
+import { Type } from '@sinclair/typebox';
+import { VmConfigSchema } from '../../api/schema';
 import { createSlice } from '../slice';
+import { Count, Exact, IntIn } from '../state-schema';
 
 export const VM_SCHEMA_VERSION = 1;
 
@@ -173,10 +176,24 @@ function complete(type: VmEventType, status: VmState, count?: 'bootCount' | 'reb
   };
 }
 
+const Literals = (...values: string[]) => Type.Union(values.map((v) => Type.Literal(v)));
+const PendingSchema = Literals('Booting', 'Pausing', 'Resuming', 'Rebooting', 'Snapshotting', 'Restoring');
+
+export const VmSliceSchema = Exact({
+  schemaVersion: IntIn(VM_SCHEMA_VERSION, VM_SCHEMA_VERSION),
+  status: Literals('NotCreated', 'Created', 'Running', 'Paused', 'Shutdown'),
+  pending: Type.Union([Type.Null(), PendingSchema]),
+  config: Type.Union([Type.Null(), VmConfigSchema]),
+  bootCount: Count(),
+  rebootCount: Count(),
+  lastFailure: Type.Union([Type.Null(), Exact({ operation: PendingSchema, message: Type.String({ maxLength: 65536 }) })]),
+});
+
 export const vmSlice = createSlice({
   name: 'vm',
   schemaVersion: VM_SCHEMA_VERSION,
   initialState: vmInitialState,
+  schema: VmSliceSchema,
   handlers: {
     [VmEvents.Created]: (vm, payload: VmCreatedPayload) => {
       assertVmTransition(vm, VmEvents.Created);

@@ -1,0 +1,43 @@
+// Building blocks for the TypeBox schemas each slice (and each device state) declares beside
+// itself. A state loaded from outside (restore, migration) is checked against them before it
+// may enter a store, so a crafted field (`rx: null`) is refused at restore with the slice and
+// field named, instead of failing at the guest's first access.
+import { Type, type TSchema } from '@sinclair/typebox';
+import { TypeCompiler, type TypeCheck } from '@sinclair/typebox/compiler';
+import { TernStateError } from './errors';
+
+/** Integer in [min, max]. */
+export const IntIn = (min: number, max: number): TSchema => Type.Integer({ minimum: min, maximum: max });
+export const U8 = (): TSchema => IntIn(0, 0xff);
+export const U16 = (): TSchema => IntIn(0, 0xffff);
+export const U32 = (): TSchema => IntIn(0, 0xffff_ffff);
+/** a counter or size: a non-negative integer a JS number holds exactly */
+export const Count = (): TSchema => IntIn(0, Number.MAX_SAFE_INTEGER);
+/** a 64-bit value in the store's hex form (codec.ts) */
+export const HexU64 = (): TSchema => Type.String({ pattern: '^-?0x[0-9a-f]{1,16}$' });
+/** base64 of a raw kernel structure; capped, as the largest (xsave) is a few KiB */
+export const Base64 = (maxLength = 1 << 20): TSchema => Type.String({ pattern: '^[A-Za-z0-9+/]*={0,2}$', maxLength });
+/** a device id, the key of a device in the devices slice */
+export const DeviceId = (): TSchema => Type.String({ minLength: 1, maxLength: 256 });
+/** an object with exactly these fields */
+export const Exact = <T extends Record<string, TSchema>>(fields: T) => Type.Object(fields, { additionalProperties: false });
+
+export class InvalidStateError extends TernStateError {
+  constructor(message: string) {
+    super('InvalidSliceState', message);
+  }
+}
+
+const compiled = new WeakMap<TSchema, TypeCheck<TSchema>>();
+
+/** Throw InvalidStateError naming `where` and the first offending field unless `value` fits. */
+export function checkSchema(schema: TSchema, value: unknown, where: string): void {
+  let check = compiled.get(schema);
+  if (!check) {
+    check = TypeCompiler.Compile(schema);
+    compiled.set(schema, check);
+  }
+  if (check.Check(value)) return;
+  const err = check.Errors(value).First();
+  throw new InvalidStateError(`${where} field ${err?.path || '/'}: ${err?.message ?? 'does not match its schema'}`);
+}
