@@ -1,7 +1,7 @@
 // The hardware-reduced ACPI power-management registers the FADT points at: sleep control,
 // sleep status and reset, one byte each. The ACPI table builder imports the constants below,
 // so the tables and the device cannot disagree.
-import type { Effect, IoAccess, TransitionResult } from './device';
+import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
   type DeviceInstance,
   type DeviceModel,
@@ -104,7 +104,7 @@ export function acpiPmTransition(state: AcpiPmState, access: IoAccess): Transiti
   }
   const effects: Effect[] = [];
   let s = state;
-  for (let i = 0; i < n; i++) s = writeByte(s, access.offset + i, (access.data >>> (8 * i)) & 0xff, effects);
+  for (let i = 0; i < n; i++) s = writeByte(s, access.offset + i, (data32(access) >>> (8 * i)) & 0xff, effects);
   return { state: s, effects: effects.length ? effects : NO_EFFECTS };
 }
 

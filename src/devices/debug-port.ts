@@ -1,7 +1,7 @@
 // The POST/debug port 0x80: firmware and early kernel code write progress codes here.
 // Note that Linux also writes to it as an I/O delay (io_delay=0x80, the x86 default), so after
 // early boot the codes are noise unless the guest runs with io_delay=none.
-import type { Effect, IoAccess, TransitionResult } from './device';
+import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
   type DeviceInstance,
   type DeviceModel,
@@ -41,7 +41,7 @@ export function debugPortTransition(state: DebugPortState, access: IoAccess): Tr
     // A POST card latches the last code; nothing written yet reads as a floating bus.
     return { state, effects: NO_EFFECTS, value: state.lastCode ?? 0xff };
   }
-  const code = access.data & 0xff;
+  const code = data32(access) & 0xff;
   return {
     state: { kind: state.kind, id: state.id, schemaVersion: state.schemaVersion, lastCode: code, writes: state.writes + 1 },
     effects: [{ type: 'boot.progress', code }],

@@ -2,7 +2,7 @@
 // command byte, run the self tests, and reset the machine through it. No keyboard or mouse
 // is attached: bytes sent to either port are answered with a timeout error at once, so a
 // probing guest gives up quickly instead of waiting for its command timeouts.
-import type { Effect, IoAccess, TransitionResult } from './device';
+import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
   type DeviceInstance,
   type DeviceModel,
@@ -244,7 +244,7 @@ export function i8042Transition(state: I8042State, access: IoAccess): Transition
     }
     return { state, effects: NO_EFFECTS, value: 0xff };
   }
-  const value = access.data & 0xff;
+  const value = data32(access) & 0xff;
   if (port === COMMAND) return command(state, value);
   if (port === DATA) return data(state, value);
   return { state, effects: NO_EFFECTS };

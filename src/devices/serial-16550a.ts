@@ -5,7 +5,7 @@
 // The interrupt output is modelled as a level computed from the state; since the ISA pin is
 // edge-triggered on the in-kernel IOAPIC, a transition reports {type:'irq.pulse'} exactly
 // when that level rises.
-import type { Effect, IoAccess, TransitionResult } from './device';
+import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
   type DeviceInstance,
   type DeviceModel,
@@ -360,7 +360,7 @@ function write(s: Serial16550aState, offset: number, data: number): TransitionRe
 }
 
 export function serialTransition(state: Serial16550aState, access: IoAccess): TransitionResult<Serial16550aState> {
-  return access.direction === 'read' ? read(state, access.offset) : write(state, access.offset, access.data & 0xff);
+  return access.direction === 'read' ? read(state, access.offset) : write(state, access.offset, data32(access) & 0xff);
 }
 
 /** How many host input bytes the UART takes now (in loopback it takes, and drops, all of them). */

@@ -36,7 +36,6 @@ import { native, readMsrs, type CpuidEntry, type NativeKvm, type NativeVcpu, typ
 import {
   decodeVcpuState,
   deviceEvents,
-  dispatchIo,
   memoryEvents,
   encodeVcpuState,
   kvmEvents,
@@ -45,6 +44,7 @@ import {
   type Store,
 } from '../state';
 import { openConsoleSink, type ConsoleSink } from './console-sink';
+import { dispatchIoExit } from './io-exit';
 import { VcpuRunner } from './vcpu-runner';
 
 /** Why a machine stopped running on its own. */
@@ -332,31 +332,13 @@ export class Machine {
 
   private onExit(vcpu: number, exit: VcpuExit): number | bigint | 'stop' | void {
     switch (exit.kind) {
-      case 'io': {
-        const r = dispatchIo(this.opts.store, {
-          space: 'pio',
-          direction: exit.direction === 'in' ? 'read' : 'write',
-          address: exit.port,
-          size: exit.size,
-          data: exit.data,
-          nowNs: Date.now() * 1e6,
-        });
+      case 'io':
+      case 'mmio': {
+        const r = dispatchIoExit(this.opts.store, exit, Date.now() * 1e6);
         if (r.effects.length) this.runEffects(r.effects);
         // The guest reading its receive buffer makes room for held console input.
-        if (exit.direction === 'in' && exit.port === COM1_BASE) this.console.offerHeldInput();
-        return r.value as number | undefined;
-      }
-      case 'mmio': {
-        const r = dispatchIo(this.opts.store, {
-          space: 'mmio',
-          direction: exit.direction,
-          address: Number(exit.address),
-          size: exit.size as 1 | 2 | 4 | 8,
-          data: Number(exit.data),
-          nowNs: Date.now() * 1e6,
-        });
-        if (r.effects.length) this.runEffects(r.effects);
-        return r.value === undefined ? undefined : BigInt(r.value);
+        if (exit.kind === 'io' && exit.direction === 'in' && exit.port === COM1_BASE) this.console.offerHeldInput();
+        return r.value;
       }
       case 'hlt':
         return; // with the in-kernel LAPIC, HLT is handled by KVM; nothing to do
