@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <memory>
@@ -14,6 +15,7 @@
 
 #include "kvm_abi.h"
 #include "kvm_objects.h"
+#include "vcpu_seccomp.h"
 
 namespace tern {
 
@@ -56,6 +58,9 @@ struct VcpuCore {
   std::atomic<bool> pauseReq{false};
   pthread_t tid{};
   ExitTsfn tsfn;
+  // Set by start() for the thread it creates.
+  std::vector<sock_filter> seccompProgram;
+  bool probeForbiddenSyscall = false;
 
   ~VcpuCore() { CloseFds(); }
 
@@ -93,7 +98,7 @@ struct VcpuCore {
 };
 
 struct ExitMsg {
-  enum Kind { kIo, kMmio, kHlt, kShutdown, kSystemEvent, kFailEntry, kInternalError, kUnknown, kPaused, kStopped, kError };
+  enum Kind { kIo, kMmio, kHlt, kShutdown, kSystemEvent, kFailEntry, kInternalError, kUnknown, kPaused, kStopped, kError, kProbe };
   Kind kind = kUnknown;
   bool flag = false;  // io: out, mmio: write
   uint32_t port = 0;
@@ -161,6 +166,11 @@ static Napi::Object BuildExit(Napi::Env env, const ExitMsg& m) {
     case ExitMsg::kError:
       kind("error");
       o.Set("message", Napi::String::New(env, m.message));
+      break;
+    case ExitMsg::kProbe:
+      kind("probe");
+      o.Set("syscall", Napi::String::New(env, "socket"));
+      o.Set("result", Napi::String::New(env, m.num == 0 ? "ok" : ErrnoName(static_cast<int>(m.num))));
       break;
   }
   return o;
@@ -317,7 +327,28 @@ void VcpuCore::RunLoop(const std::shared_ptr<VcpuCore>& self) {
   sigset_t set;
   sigfillset(&set);
   sigdelset(&set, KickSignal());
+  sigdelset(&set, SIGSYS);  // a seccomp trap reports itself (InstallSigsysReporter)
   pthread_sigmask(SIG_SETMASK, &set, nullptr);
+
+  // From here on this thread may only make the calls the vCPU filter allows.
+  if (int err = InstallSeccompFilter(seccompProgram)) {
+    ExitMsg m;
+    m.kind = ExitMsg::kError;
+    m.message = std::string("installing the vCPU seccomp filter failed: ") + strerror(err) + " (" + ErrnoName(err) + ")";
+    m.core = self;
+    Report(m);
+    return;
+  }
+  if (probeForbiddenSyscall) {
+    ExitMsg m;
+    m.kind = ExitMsg::kProbe;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    m.num = fd < 0 ? static_cast<uint32_t>(errno) : 0;
+    if (fd >= 0) close(fd);  // only reached without a filter, or with one that logs
+    m.core = self;
+    Report(m);
+    if (m.stop) return;
+  }
 
   // After an I/O or MMIO exit the instruction is completed by the next KVM_RUN; before
   // parking or stopping, run once with immediate_exit so the saved state is consistent.
@@ -972,6 +1003,22 @@ Napi::Value Vcpu::Start(const Napi::CallbackInfo& info) {
     ThrowTypeError(env, "start: expected an exit handler function");
     return env.Undefined();
   }
+  SeccompMode mode = SeccompMode::kTrap;
+  bool probe = false;
+  if (info.Length() > 1 && !info[1].IsUndefined()) {
+    if (!info[1].IsObject()) {
+      ThrowTypeError(env, "start: options must be an object");
+      return env.Undefined();
+    }
+    Napi::Object o = info[1].As<Napi::Object>();
+    Napi::Value m = o.Get("seccomp");
+    if (!m.IsUndefined() && (!m.IsString() || !ParseSeccompMode(m.As<Napi::String>().Utf8Value(), &mode))) {
+      ThrowTypeError(env, "start: seccomp must be 'trap', 'log', 'errno' or 'off'");
+      return env.Undefined();
+    }
+    probe = o.Get("probeForbiddenSyscall").ToBoolean().Value();
+    if (env.IsExceptionPending()) return env.Undefined();
+  }
   {
     std::lock_guard<std::mutex> lk(core_->mu);
     if (core_->state != VState::Idle && core_->state != VState::Finished) {
@@ -981,6 +1028,9 @@ Napi::Value Vcpu::Start(const Napi::CallbackInfo& info) {
   }
   if (thread_.joinable()) thread_.join();  // previous run has finished
   InstallKickHandler();
+  if (mode == SeccompMode::kTrap) InstallSigsysReporter();
+  core_->seccompProgram = VcpuSeccompProgram(mode, core_->fd);
+  core_->probeForbiddenSyscall = probe;
   auto stopped = std::make_unique<ExitMsg>();
   stopped->kind = ExitMsg::kStopped;
   core_->tsfn = ExitTsfn::New(env, info[0].As<Napi::Function>(), "tern-vcpu", 0, 1, nullptr);

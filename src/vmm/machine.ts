@@ -32,7 +32,16 @@ import {
 } from '../devices';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
 import type { MemoryRange } from '../migration/snapshot';
-import { native, readMsrs, type CpuidEntry, type NativeKvm, type NativeVcpu, type NativeVm, type VcpuExit } from '../native/kvm';
+import {
+  native,
+  readMsrs,
+  type CpuidEntry,
+  type NativeKvm,
+  type NativeVcpu,
+  type NativeVm,
+  type SeccompMode,
+  type VcpuExit,
+} from '../native/kvm';
 import {
   decodeVcpuState,
   deviceEvents,
@@ -61,6 +70,8 @@ export interface MachineOptions {
   onStop: (stop: MachineStop) => void;
   /** build from saved state and a memory-ranges file instead of loading a kernel */
   restore?: MachineRestore;
+  /** the vCPU threads' seccomp filter action (default 'trap') */
+  seccomp?: SeccompMode;
 }
 
 export interface MachineRestore {
@@ -230,7 +241,7 @@ export class Machine {
         const s = plan.boot.sregs;
         vcpu.setSregs(s.mode === 'pvh32' ? protectedMode32Sregs(current) : longModeSregs(current, { cr3: s.cr3, ring: 0 }));
       }
-      this.runners.push(new VcpuRunner(vcpu, (id, exit) => this.onExit(id, exit)));
+      this.runners.push(new VcpuRunner(vcpu, (id, exit) => this.onExit(id, exit), this.opts.seccomp));
     }
   }
 
@@ -296,7 +307,7 @@ export class Machine {
       vcpu.setVcpuEvents(s.vcpuEvents);
       vcpu.setDebugRegs(s.debugRegs);
       vcpu.setMpState(s.mpState);
-      this.runners.push(new VcpuRunner(vcpu, (vid, exit) => this.onExit(vid, exit)));
+      this.runners.push(new VcpuRunner(vcpu, (vid, exit) => this.onExit(vid, exit), this.opts.seccomp));
     }
   }
 

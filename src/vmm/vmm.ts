@@ -5,6 +5,7 @@ import type { Logger } from 'pino';
 import type { ConsoleConfig, VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import { SnapshotError, readSnapshot, snapshotDirFromUrl, writeSnapshot } from '../migration/snapshot';
+import type { SeccompMode } from '../native/kvm';
 import { createStore, vmEvents, vmmEvents, type RootState, type Store } from '../state';
 import { TERN_VERSION } from '../version';
 import { Machine, type MachineStop } from './machine';
@@ -25,6 +26,8 @@ export interface RestoreOptions {
 export interface VmmOptions {
   log: Logger;
   store?: Store<RootState>;
+  /** the vCPU threads' seccomp filter action (default 'trap') */
+  seccomp?: SeccompMode;
 }
 
 export class Vmm {
@@ -34,7 +37,7 @@ export class Vmm {
   /** serializes lifecycle actions: a reboot requested by the guest must not race an API call */
   private queue: Promise<unknown> = Promise.resolve();
 
-  constructor(opts: VmmOptions) {
+  constructor(private readonly opts: VmmOptions) {
     this.log = opts.log;
     this.store = opts.store ?? createStore();
   }
@@ -162,6 +165,7 @@ export class Vmm {
         const m = new Machine({
           store: this.store,
           log: this.log,
+          seccomp: this.opts.seccomp,
           onStop: (s) => this.onMachineStop(m, s),
           restore: { state, memoryPath: snap.memoryPath, ranges: snap.ranges, mode, prefault: opts.prefault },
         });
@@ -239,7 +243,12 @@ export class Vmm {
   }
 
   private startMachine(): void {
-    const machine = new Machine({ store: this.store, log: this.log, onStop: (s) => this.onMachineStop(machine, s) });
+    const machine = new Machine({
+      store: this.store,
+      log: this.log,
+      seccomp: this.opts.seccomp,
+      onStop: (s) => this.onMachineStop(machine, s),
+    });
     this.machine = machine;
     machine.start();
   }

@@ -21,6 +21,7 @@ import {
   Regs,
   VcpuExit,
   VcpuExitHandler,
+  VcpuStartOptions,
   native,
 } from '../../src/native/kvm';
 
@@ -169,6 +170,7 @@ export function runVcpu(
   vcpu: NativeVcpu,
   handler: VcpuExitHandler = () => undefined,
   timeoutMs = 10_000,
+  options?: VcpuStartOptions,
 ): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const exits: VcpuExit[] = [];
@@ -186,7 +188,7 @@ export function runVcpu(
       const r = handler(exit);
       if (r === undefined && exit.kind === 'io' && exit.direction === 'out' && exit.port === EXIT_PORT) return 'stop';
       return r;
-    });
+    }, options);
   });
 }
 
