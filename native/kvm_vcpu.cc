@@ -242,7 +242,11 @@ static void CallJs(Napi::Env env, Napi::Function fn, std::nullptr_t*, ExitMsg* m
   } catch (...) {
     m->stop = true;
     if (env.IsExceptionPending()) env.GetAndClearPendingException();
-    if (m->core && m->kind != ExitMsg::kStopped) m->core->RequestStop();
+    try {
+      if (m->core && m->kind != ExitMsg::kStopped) m->core->RequestStop();
+    } catch (...) {
+      // m->stop alone ends the thread after this exit.
+    }
   }
   Finish(m);
 }

@@ -67,7 +67,13 @@ Napi::Function Kvm::Define(Napi::Env env) {
 Napi::Value Kvm::Open(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = "/dev/kvm";
-  if (info.Length() > 0 && info[0].IsString()) path = info[0].As<Napi::String>().Utf8Value();
+  if (info.Length() > 0 && !info[0].IsUndefined()) {
+    if (!info[0].IsString()) {
+      ThrowTypeError(env, "openKvm: path must be a string");
+      return env.Undefined();
+    }
+    path = info[0].As<Napi::String>().Utf8Value();
+  }
   int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) {
     ThrowErrno(env, "open " + path, errno);

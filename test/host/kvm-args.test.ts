@@ -77,6 +77,7 @@ test('VM and vCPU calls name the argument that is not an integer in range', (t) 
     const fpu = vm.vcpu.getFpu();
     t.throws(() => vm.vcpu.setFpu({ ...fpu, fcw: 0x1037f }), { instanceOf: RangeError, message: /^'fcw' must be in 0\.\.65535/ });
     t.throws(() => vm.vcpu.setMsrs([{ index: 2 ** 32 + 0x10, data: 1n }]), { instanceOf: RangeError, message: /^'index' must be in 0\.\.4294967295/ });
+    t.throws(() => vm.kvm.checkExtension(2 ** 32 + 1), { instanceOf: RangeError, message: /^cap must be in 0\.\.4294967295/ });
   } finally {
     vm.close();
   }

@@ -64,6 +64,11 @@ test('a file descriptor argument must be an integer in 0..2^31-1: 2^32+1 is not 
   t.notThrows(() => fs.fstatSync(1), 'stdout is still open');
 });
 
+test('openKvm takes a path string or nothing: another type is an error, not /dev/kvm', (t) => {
+  // Before, a number was ignored and /dev/kvm opened (or, without KVM, ENOENT for it).
+  t.throws(() => native().openKvm(7 as unknown as string), { instanceOf: TypeError, message: 'openKvm: path must be a string' });
+});
+
 test('eventfd and eventfdWrite check their counter values', (t) => {
   const n = native();
   t.throws(() => n.eventfd(TWO_32_PLUS_1), { instanceOf: RangeError, message: /^eventfd: initial must be in 0\.\.4294967295/ });
