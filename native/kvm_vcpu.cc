@@ -296,7 +296,6 @@ void VcpuCore::Park(const std::shared_ptr<VcpuCore>& self) {
 
 void VcpuCore::ThreadMain(std::shared_ptr<VcpuCore> self, ExitMsg* stopped) noexcept {
   const char* failure = nullptr;
-  std::string what;
   try {
     RunLoop(self);
   } catch (const std::bad_alloc&) {
