@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -295,17 +296,18 @@ void VcpuCore::Park(const std::shared_ptr<VcpuCore>& self) {
 }
 
 void VcpuCore::ThreadMain(std::shared_ptr<VcpuCore> self, ExitMsg* stopped) noexcept {
-  const char* failure = nullptr;
+  // Copied while the exception is alive, without allocating.
+  char failure[160] = "";
   try {
     RunLoop(self);
   } catch (const std::bad_alloc&) {
-    failure = "out of memory";
+    snprintf(failure, sizeof failure, "%s", "out of memory");
   } catch (const std::exception& e) {
-    failure = e.what();
+    snprintf(failure, sizeof failure, "%s", e.what());
   } catch (...) {
-    failure = "unknown exception";
+    snprintf(failure, sizeof failure, "%s", "unknown exception");
   }
-  if (failure) {
+  if (failure[0]) {
     try {
       ExitMsg m;
       m.kind = ExitMsg::kError;
