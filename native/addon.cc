@@ -14,7 +14,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   data->vmCtor = Napi::Persistent(Vm::Define(env));
   data->vcpuCtor = Napi::Persistent(Vcpu::Define(env));
   env.SetInstanceData<AddonData>(data);
-  exports.Set("openKvm", Napi::Function::New(env, Kvm::Open, "openKvm"));
+  exports.Set("openKvm", Napi::Function::New(env, Guarded<Kvm::Open>, "openKvm"));
   InitFdUtil(env, exports);
   InitPageScan(env, exports);
   return exports;

@@ -10,8 +10,6 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
-#include <cmath>
-
 #include "common.h"
 
 namespace tern {
@@ -101,64 +99,6 @@ bool Base64Decode(const std::string& in, std::vector<uint8_t>* out) {
   return pad <= 2;
 }
 
-bool ToU64(Napi::Value v, uint64_t* out) {
-  if (v.IsBigInt()) {
-    bool lossless;
-    uint64_t x = v.As<Napi::BigInt>().Uint64Value(&lossless);
-    if (!lossless) {
-      // Negative bigints: take the two's complement bit pattern.
-      int64_t s = v.As<Napi::BigInt>().Int64Value(&lossless);
-      if (!lossless) return false;
-      x = static_cast<uint64_t>(s);
-    }
-    *out = x;
-    return true;
-  }
-  if (v.IsNumber()) {
-    double d = v.As<Napi::Number>().DoubleValue();
-    if (!std::isfinite(d) || std::floor(d) != d) return false;
-    if (d < 0) *out = static_cast<uint64_t>(static_cast<int64_t>(d));
-    else *out = static_cast<uint64_t>(d);
-    return true;
-  }
-  return false;
-}
-
-bool GetU64(Napi::Object obj, const char* key, uint64_t* out) {
-  Napi::Value v = obj.Get(key);
-  if (obj.Env().IsExceptionPending()) return false;
-  if (!ToU64(v, out)) {
-    ThrowTypeError(obj.Env(), std::string("expected an integer (bigint or number) for '") + key + "'");
-    return false;
-  }
-  return true;
-}
-
-bool GetU32(Napi::Object obj, const char* key, uint32_t* out) {
-  uint64_t x;
-  if (!GetU64(obj, key, &x)) return false;
-  *out = static_cast<uint32_t>(x);
-  return true;
-}
-
-bool GetOptU64(Napi::Object obj, const char* key, uint64_t* out) {
-  Napi::Value v = obj.Get(key);
-  if (obj.Env().IsExceptionPending()) return false;
-  if (v.IsUndefined() || v.IsNull()) return true;
-  if (!ToU64(v, out)) {
-    ThrowTypeError(obj.Env(), std::string("expected an integer (bigint or number) for '") + key + "'");
-    return false;
-  }
-  return true;
-}
-
-bool GetOptU32(Napi::Object obj, const char* key, uint32_t* out) {
-  uint64_t x = *out;
-  if (!GetOptU64(obj, key, &x)) return false;
-  *out = static_cast<uint32_t>(x);
-  return true;
-}
-
 int IoctlRetry(int fd, unsigned long req, void* arg) {
   int rc;
   do {
@@ -173,14 +113,10 @@ static Napi::Value EventFd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint64_t initial = 0;
   uint64_t flags = EFD_CLOEXEC | EFD_NONBLOCK;
-  if (info.Length() > 0 && !info[0].IsUndefined() && !ToU64(info[0], &initial)) {
-    ThrowTypeError(env, "eventfd: initial must be an integer");
+  if (info.Length() > 0 && !info[0].IsUndefined() && !ToUint(env, info[0], "eventfd: initial", UINT32_MAX, &initial))
     return env.Undefined();
-  }
-  if (info.Length() > 1 && !info[1].IsUndefined() && !ToU64(info[1], &flags)) {
-    ThrowTypeError(env, "eventfd: flags must be an integer");
+  if (info.Length() > 1 && !info[1].IsUndefined() && !ToUint(env, info[1], "eventfd: flags", INT32_MAX, &flags))
     return env.Undefined();
-  }
   int fd = eventfd(static_cast<unsigned>(initial), static_cast<int>(flags));
   if (fd < 0) {
     ThrowErrno(env, "eventfd", errno);
@@ -189,14 +125,7 @@ static Napi::Value EventFd(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, fd);
 }
 
-static bool FdArg(const Napi::CallbackInfo& info, size_t i, int* fd) {
-  if (info.Length() <= i || !info[i].IsNumber()) {
-    ThrowTypeError(info.Env(), "expected a file descriptor number");
-    return false;
-  }
-  *fd = info[i].As<Napi::Number>().Int32Value();
-  return true;
-}
+static bool FdArg(const Napi::CallbackInfo& info, size_t i, int* fd) { return ArgFd(info, i, "fd", fd); }
 
 static Napi::Value EventFdRead(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -224,10 +153,9 @@ static Napi::Value EventFdWrite(const Napi::CallbackInfo& info) {
   int fd;
   if (!FdArg(info, 0, &fd)) return env.Undefined();
   uint64_t v = 1;
-  if (info.Length() > 1 && !info[1].IsUndefined() && !ToU64(info[1], &v)) {
-    ThrowTypeError(env, "eventfdWrite: value must be an integer");
+  // The counter's maximum is 2^64-2: eventfd refuses 2^64-1.
+  if (info.Length() > 1 && !info[1].IsUndefined() && !ToUint(env, info[1], "eventfdWrite: value", UINT64_MAX - 1, &v))
     return env.Undefined();
-  }
   ssize_t n;
   do {
     n = write(fd, &v, sizeof v);
@@ -282,10 +210,7 @@ static Napi::Value SeekExtent(const Napi::CallbackInfo& info, int whence, const 
   int fd;
   if (!FdArg(info, 0, &fd)) return env.Undefined();
   uint64_t offset;
-  if (info.Length() < 2 || !ToU64(info[1], &offset) || offset > static_cast<uint64_t>(INT64_MAX)) {
-    ThrowTypeError(env, std::string(what) + ": offset must be a non-negative integer");
-    return env.Undefined();
-  }
+  if (!ArgUint(info, 1, std::string(what) + ": offset", INT64_MAX, &offset)) return env.Undefined();
   off_t r = lseek(fd, static_cast<off_t>(offset), whence);
   if (r < 0) {
     if (errno == ENXIO) return Napi::Number::New(env, -1);

@@ -20,6 +20,7 @@ namespace tern {
 
 class Kvm : public Napi::ObjectWrap<Kvm> {
  public:
+  TERN_GUARDED_METHODS(Kvm)
   static Napi::Function Define(Napi::Env env);
   // openKvm(path?)
   static Napi::Value Open(const Napi::CallbackInfo& info);
@@ -51,6 +52,7 @@ struct MemSlot {
 
 class Vm : public Napi::ObjectWrap<Vm> {
  public:
+  TERN_GUARDED_METHODS(Vm)
   static Napi::Function Define(Napi::Env env);
   // new Vm(token, vmFd, vcpuMmapSize, xsaveSize)
   explicit Vm(const Napi::CallbackInfo& info);
@@ -92,6 +94,7 @@ struct VcpuCore;
 
 class Vcpu : public Napi::ObjectWrap<Vcpu> {
  public:
+  TERN_GUARDED_METHODS(Vcpu)
   static Napi::Function Define(Napi::Env env);
   // new Vcpu(token, vcpuFd, id, vcpuMmapSize, xsaveSize)
   explicit Vcpu(const Napi::CallbackInfo& info);
@@ -100,6 +103,9 @@ class Vcpu : public Napi::ObjectWrap<Vcpu> {
   void HoldVm(Napi::Object vm) { vm_ = Napi::Persistent(vm); }
 
  private:
+  void Init(const Napi::CallbackInfo& info);
+  // Join a finished thread, or ask a running one to stop and let it go.
+  void StopThread();
   // Throws unless the fd is open and the thread is not inside KVM_RUN.
   bool CheckIdle(Napi::Env env);
   Napi::Value Id(const Napi::CallbackInfo& info);

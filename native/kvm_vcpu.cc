@@ -3,15 +3,20 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <memory>
+#include <system_error>
 #include <vector>
 
 #include "kvm_abi.h"
 #include "kvm_objects.h"
+#include "vcpu_seccomp.h"
 
 namespace tern {
 
@@ -54,6 +59,9 @@ struct VcpuCore {
   std::atomic<bool> pauseReq{false};
   pthread_t tid{};
   ExitTsfn tsfn;
+  // Set by start() for the thread it creates.
+  std::vector<sock_filter> seccompProgram;
+  bool probeForbiddenSyscall = false;
 
   ~VcpuCore() { CloseFds(); }
 
@@ -81,14 +89,17 @@ struct VcpuCore {
     cv.notify_all();
   }
 
-  void ThreadMain(std::shared_ptr<VcpuCore> self);
+  // The thread's body: RunLoop, with no exception let out (one would terminate the process).
+  // `stopped` is allocated by start() so that ending never needs memory.
+  void ThreadMain(std::shared_ptr<VcpuCore> self, ExitMsg* stopped) noexcept;
+  void RunLoop(const std::shared_ptr<VcpuCore>& self);
   bool Report(ExitMsg& m);
   void ReportAsync(ExitMsg* m);
   void Park(const std::shared_ptr<VcpuCore>& self);
 };
 
 struct ExitMsg {
-  enum Kind { kIo, kMmio, kHlt, kShutdown, kSystemEvent, kFailEntry, kInternalError, kUnknown, kPaused, kStopped, kError };
+  enum Kind { kIo, kMmio, kHlt, kShutdown, kSystemEvent, kFailEntry, kInternalError, kUnknown, kPaused, kStopped, kError, kProbe };
   Kind kind = kUnknown;
   bool flag = false;  // io: out, mmio: write
   uint32_t port = 0;
@@ -157,6 +168,11 @@ static Napi::Object BuildExit(Napi::Env env, const ExitMsg& m) {
       kind("error");
       o.Set("message", Napi::String::New(env, m.message));
       break;
+    case ExitMsg::kProbe:
+      kind("probe");
+      o.Set("syscall", Napi::String::New(env, "socket"));
+      o.Set("result", Napi::String::New(env, m.num == 0 ? "ok" : ErrnoName(static_cast<int>(m.num))));
+      break;
   }
   return o;
 }
@@ -188,6 +204,21 @@ static void Finish(ExitMsg* m) {
   c->cv.notify_all();
 }
 
+// The handler failed (threw, or returned what no register can hold): it gets one 'error'
+// exit naming the fault, then the vCPU stops.
+static void HandlerFailed(Napi::Env env, Napi::Function fn, ExitMsg* m) {
+  std::string message = DescribeException(env, env.GetAndClearPendingException());
+  m->stop = true;
+  if (m->kind != ExitMsg::kStopped && m->kind != ExitMsg::kError) {
+    ExitMsg err;
+    err.kind = ExitMsg::kError;
+    err.message = message;
+    fn.Call({BuildExit(env, err)});
+    if (env.IsExceptionPending()) env.GetAndClearPendingException();
+  }
+  if (m->core && m->kind != ExitMsg::kStopped) m->core->RequestStop();
+}
+
 static void CallJs(Napi::Env env, Napi::Function fn, std::nullptr_t*, ExitMsg* m) {
   if (m == nullptr) return;
   if (env == nullptr || fn.IsEmpty()) {  // environment teardown
@@ -195,24 +226,28 @@ static void CallJs(Napi::Env env, Napi::Function fn, std::nullptr_t*, ExitMsg* m
     Finish(m);
     return;
   }
-  Napi::HandleScope scope(env);
-  Napi::Value r = fn.Call({BuildExit(env, *m)});
-  if (env.IsExceptionPending()) {
-    std::string message = DescribeException(env, env.GetAndClearPendingException());
-    m->stop = true;
-    if (m->kind != ExitMsg::kStopped && m->kind != ExitMsg::kError) {
-      ExitMsg err;
-      err.kind = ExitMsg::kError;
-      err.message = message;
-      fn.Call({BuildExit(env, err)});
-      if (env.IsExceptionPending()) env.GetAndClearPendingException();
+  // Runs on the JavaScript thread from libuv: nothing may be thrown past it, and the vCPU
+  // thread waits for Finish whatever happens here.
+  try {
+    Napi::HandleScope scope(env);
+    Napi::Value r = fn.Call({BuildExit(env, *m)});
+    if (!env.IsExceptionPending()) {
+      if (r.IsString()) {
+        if (r.As<Napi::String>().Utf8Value() == "stop") m->stop = true;
+      } else if (r.IsNumber() || r.IsBigInt()) {
+        uint64_t v;
+        if (ToUint(env, r, "the vCPU exit handler's return value", UINT64_MAX, &v)) m->reply = v;
+      }
     }
-    if (m->core && m->kind != ExitMsg::kStopped) m->core->RequestStop();
-  } else if (r.IsString()) {
-    if (r.As<Napi::String>().Utf8Value() == "stop") m->stop = true;
-  } else if (r.IsNumber() || r.IsBigInt()) {
-    uint64_t v;
-    if (ToU64(r, &v)) m->reply = v;
+    if (env.IsExceptionPending()) HandlerFailed(env, fn, m);
+  } catch (...) {
+    m->stop = true;
+    if (env.IsExceptionPending()) env.GetAndClearPendingException();
+    try {
+      if (m->core && m->kind != ExitMsg::kStopped) m->core->RequestStop();
+    } catch (...) {
+      // m->stop alone ends the thread after this exit.
+    }
   }
   Finish(m);
 }
@@ -260,11 +295,65 @@ void VcpuCore::Park(const std::shared_ptr<VcpuCore>& self) {
   SetImmediateExit(0);
 }
 
-void VcpuCore::ThreadMain(std::shared_ptr<VcpuCore> self) {
+void VcpuCore::ThreadMain(std::shared_ptr<VcpuCore> self, ExitMsg* stopped) noexcept {
+  // Copied while the exception is alive, without allocating.
+  char failure[160] = "";
+  try {
+    RunLoop(self);
+  } catch (const std::bad_alloc&) {
+    snprintf(failure, sizeof failure, "%s", "out of memory");
+  } catch (const std::exception& e) {
+    snprintf(failure, sizeof failure, "%s", e.what());
+  } catch (...) {
+    snprintf(failure, sizeof failure, "%s", "unknown exception");
+  }
+  if (failure[0]) {
+    try {
+      ExitMsg m;
+      m.kind = ExitMsg::kError;
+      m.message = std::string("vCPU thread failed: ") + failure;
+      m.core = self;
+      Report(m);
+    } catch (...) {
+      // No memory even for the report: 'stopped' below still tells JavaScript the thread ended.
+    }
+  }
+  try {
+    std::lock_guard<std::mutex> lk(mu);
+    state = VState::Finished;
+  } catch (...) {
+    state = VState::Finished;
+  }
+  ReportAsync(stopped);
+  tsfn.Release();
+}
+
+void VcpuCore::RunLoop(const std::shared_ptr<VcpuCore>& self) {
   sigset_t set;
   sigfillset(&set);
   sigdelset(&set, KickSignal());
+  sigdelset(&set, SIGSYS);  // a seccomp trap reports itself (InstallSigsysReporter)
   pthread_sigmask(SIG_SETMASK, &set, nullptr);
+
+  // From here on this thread may only make the calls the vCPU filter allows.
+  if (int err = InstallSeccompFilter(seccompProgram)) {
+    ExitMsg m;
+    m.kind = ExitMsg::kError;
+    m.message = std::string("installing the vCPU seccomp filter failed: ") + strerror(err) + " (" + ErrnoName(err) + ")";
+    m.core = self;
+    Report(m);
+    return;
+  }
+  if (probeForbiddenSyscall) {
+    ExitMsg m;
+    m.kind = ExitMsg::kProbe;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    m.num = fd < 0 ? static_cast<uint32_t>(errno) : 0;
+    if (fd >= 0) close(fd);  // only reached without a filter, or with one that logs
+    m.core = self;
+    Report(m);
+    if (m.stop) return;
+  }
 
   // After an I/O or MMIO exit the instruction is completed by the next KVM_RUN; before
   // parking or stopping, run once with immediate_exit so the saved state is consistent.
@@ -293,7 +382,7 @@ void VcpuCore::ThreadMain(std::shared_ptr<VcpuCore> self) {
       m.message = std::string("KVM_RUN failed: ") + strerror(err) + " (" + ErrnoName(err) + ")";
       m.core = self;
       Report(m);
-      break;
+      return;
     }
 
     bool terminal = false;
@@ -381,21 +470,12 @@ void VcpuCore::ThreadMain(std::shared_ptr<VcpuCore> self) {
         break;
       }
     }
-    if (terminal) break;
+    if (terminal) return;
     if (stopAfter) {
       std::lock_guard<std::mutex> lk(mu);
       stopReq = true;
     }
   }
-
-  {
-    std::lock_guard<std::mutex> lk(mu);
-    state = VState::Finished;
-  }
-  auto* m = new ExitMsg();
-  m->kind = ExitMsg::kStopped;
-  ReportAsync(m);
-  tsfn.Release();
 }
 
 // ---- conversions ----------------------------------------------------------------------------
@@ -428,24 +508,11 @@ bool SegmentFromJs(Napi::Env env, Napi::Value v, const char* name, kvm_segment* 
     return false;
   }
   Napi::Object o = v.As<Napi::Object>();
-  uint32_t limit, selector, type, present, dpl, db, ss, l, g, avl, unusable = 0;
-  if (!GetU64(o, "base", &s->base) || !GetU32(o, "limit", &limit) || !GetU32(o, "selector", &selector) ||
-      !GetU32(o, "type", &type) || !GetU32(o, "present", &present) || !GetU32(o, "dpl", &dpl) ||
-      !GetU32(o, "db", &db) || !GetU32(o, "s", &ss) || !GetU32(o, "l", &l) || !GetU32(o, "g", &g) ||
-      !GetU32(o, "avl", &avl) || !GetOptU32(o, "unusable", &unusable))
-    return false;
-  s->limit = limit;
-  s->selector = static_cast<uint16_t>(selector);
-  s->type = static_cast<uint8_t>(type);
-  s->present = static_cast<uint8_t>(present);
-  s->dpl = static_cast<uint8_t>(dpl);
-  s->db = static_cast<uint8_t>(db);
-  s->s = static_cast<uint8_t>(ss);
-  s->l = static_cast<uint8_t>(l);
-  s->g = static_cast<uint8_t>(g);
-  s->avl = static_cast<uint8_t>(avl);
-  s->unusable = static_cast<uint8_t>(unusable);
-  return true;
+  s->unusable = 0;
+  return GetField(o, "base", &s->base) && GetField(o, "limit", &s->limit) && GetField(o, "selector", &s->selector) &&
+         GetField(o, "type", &s->type) && GetField(o, "present", &s->present) && GetField(o, "dpl", &s->dpl) &&
+         GetField(o, "db", &s->db) && GetField(o, "s", &s->s) && GetField(o, "l", &s->l) && GetField(o, "g", &s->g) &&
+         GetField(o, "avl", &s->avl) && GetOptField(o, "unusable", &s->unusable);
 }
 
 Napi::Object DtableToJs(Napi::Env env, const kvm_dtable& d) {
@@ -460,10 +527,7 @@ bool DtableFromJs(Napi::Env env, Napi::Value v, const char* name, kvm_dtable* d)
     ThrowTypeError(env, std::string("setSregs: '") + name + "' must be an object");
     return false;
   }
-  uint32_t limit;
-  if (!GetU64(v.As<Napi::Object>(), "base", &d->base) || !GetU32(v.As<Napi::Object>(), "limit", &limit)) return false;
-  d->limit = static_cast<uint16_t>(limit);
-  return true;
+  return GetField(v.As<Napi::Object>(), "base", &d->base) && GetField(v.As<Napi::Object>(), "limit", &d->limit);
 }
 
 bool ObjectArg(const Napi::CallbackInfo& info, const char* what, Napi::Object* out) {
@@ -473,6 +537,17 @@ bool ObjectArg(const Napi::CallbackInfo& info, const char* what, Napi::Object* o
   }
   *out = info[0].As<Napi::Object>();
   return true;
+}
+
+// KVM takes at most 256 CPUID entries and 256 MSRs per call; refusing far longer arrays here
+// keeps a caller from sizing a native buffer.
+constexpr uint32_t kMaxEntries = 4096;
+
+bool CheckEntryCount(Napi::Env env, const char* what, uint32_t n) {
+  if (n <= kMaxEntries) return true;
+  Napi::RangeError::New(env, std::string(what) + ": at most " + std::to_string(kMaxEntries) + " entries, got " + std::to_string(n))
+      .ThrowAsJavaScriptException();
+  return false;
 }
 
 bool DecodeArg(const Napi::CallbackInfo& info, const char* what, std::vector<uint8_t>* out) {
@@ -490,52 +565,59 @@ bool DecodeArg(const Napi::CallbackInfo& info, const char* what, std::vector<uin
 Napi::Function Vcpu::Define(Napi::Env env) {
   return DefineClass(env, "Vcpu",
                      {
-                         InstanceAccessor<&Vcpu::Id>("id"),
-                         InstanceMethod<&Vcpu::SetCpuid>("setCpuid"),
-                         InstanceMethod<&Vcpu::GetRegs>("getRegs"),
-                         InstanceMethod<&Vcpu::SetRegs>("setRegs"),
-                         InstanceMethod<&Vcpu::GetSregs>("getSregs"),
-                         InstanceMethod<&Vcpu::SetSregs>("setSregs"),
-                         InstanceMethod<&Vcpu::GetFpu>("getFpu"),
-                         InstanceMethod<&Vcpu::SetFpu>("setFpu"),
-                         InstanceMethod<&Vcpu::GetXsave>("getXsave"),
-                         InstanceMethod<&Vcpu::SetXsave>("setXsave"),
-                         InstanceMethod<&Vcpu::GetXcrs>("getXcrs"),
-                         InstanceMethod<&Vcpu::SetXcrs>("setXcrs"),
-                         InstanceMethod<&Vcpu::GetMsrs>("getMsrs"),
-                         InstanceMethod<&Vcpu::SetMsrs>("setMsrs"),
-                         InstanceMethod<&Vcpu::GetLapic>("getLapic"),
-                         InstanceMethod<&Vcpu::SetLapic>("setLapic"),
-                         InstanceMethod<&Vcpu::GetMpState>("getMpState"),
-                         InstanceMethod<&Vcpu::SetMpState>("setMpState"),
-                         InstanceMethod<&Vcpu::GetVcpuEvents>("getVcpuEvents"),
-                         InstanceMethod<&Vcpu::SetVcpuEvents>("setVcpuEvents"),
-                         InstanceMethod<&Vcpu::GetDebugRegs>("getDebugRegs"),
-                         InstanceMethod<&Vcpu::SetDebugRegs>("setDebugRegs"),
-                         InstanceMethod<&Vcpu::KvmclockCtrl>("kvmclockCtrl"),
-                         InstanceMethod<&Vcpu::Start>("start"),
-                         InstanceMethod<&Vcpu::RequestPause>("requestPause"),
-                         InstanceMethod<&Vcpu::Resume>("resume"),
-                         InstanceMethod<&Vcpu::Stop>("stop"),
-                         InstanceMethod<&Vcpu::Close>("close"),
+                         InstanceAccessor<&Vcpu::Guarded<&Vcpu::Id>>("id"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::SetCpuid>>("setCpuid"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::GetRegs>>("getRegs"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::SetRegs>>("setRegs"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::GetSregs>>("getSregs"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::SetSregs>>("setSregs"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::GetFpu>>("getFpu"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::SetFpu>>("setFpu"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::GetXsave>>("getXsave"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::SetXsave>>("setXsave"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::GetXcrs>>("getXcrs"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::SetXcrs>>("setXcrs"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::GetMsrs>>("getMsrs"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::SetMsrs>>("setMsrs"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::GetLapic>>("getLapic"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::SetLapic>>("setLapic"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::GetMpState>>("getMpState"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::SetMpState>>("setMpState"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::GetVcpuEvents>>("getVcpuEvents"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::SetVcpuEvents>>("setVcpuEvents"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::GetDebugRegs>>("getDebugRegs"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::SetDebugRegs>>("setDebugRegs"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::KvmclockCtrl>>("kvmclockCtrl"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::Start>>("start"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::RequestPause>>("requestPause"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::Resume>>("resume"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::Stop>>("stop"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::Close>>("close"),
                      });
 }
 
-Vcpu::Vcpu(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Vcpu>(info), core_(std::make_shared<VcpuCore>()) {
+Vcpu::Vcpu(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Vcpu>(info) {
+  GuardCall(info.Env(), [&] {
+    Init(info);
+    return Napi::Value();
+  });
+}
+
+void Vcpu::Init(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
+  // On failure the fd stays the caller's to close.
   if (info.Length() < 5 || !info[0].IsString() || info[0].As<Napi::String>().Utf8Value() != kInternalToken) {
     ThrowTypeError(env, "this object is created by the native addon, not with new");
     return;
   }
   int fd = info[1].As<Napi::Number>().Int32Value();
+  core_ = std::make_shared<VcpuCore>();
   id_ = info[2].As<Napi::Number>().Uint32Value();
   size_t runSize = info[3].As<Napi::Number>().Uint32Value();
   xsaveSize_ = info[4].As<Napi::Number>().Int32Value();
   void* p = mmap(nullptr, runSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) {
-    int e = errno;
-    close(fd);
-    ThrowErrno(env, "mmap(kvm_run)", e);
+    ThrowErrno(env, "mmap(kvm_run)", errno);
     return;
   }
   core_->fd = fd;
@@ -544,7 +626,16 @@ Vcpu::Vcpu(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Vcpu>(info), core_
 }
 
 Vcpu::~Vcpu() {
-  if (thread_.joinable()) {
+  try {
+    StopThread();
+  } catch (...) {
+    // A destructor runs from the garbage collector: nothing may leave it. The thread, if
+    // any, holds its own reference to the core.
+  }
+}
+
+void Vcpu::StopThread() {
+  if (core_ && thread_.joinable()) {
     bool finished;
     {
       std::lock_guard<std::mutex> lk(core_->mu);
@@ -584,6 +675,7 @@ Napi::Value Vcpu::SetCpuid(const Napi::CallbackInfo& info) {
   }
   Napi::Array arr = info[0].As<Napi::Array>();
   uint32_t n = arr.Length();
+  if (!CheckEntryCount(env, "setCpuid", n)) return env.Undefined();
   std::vector<uint8_t> buf(sizeof(abi::Cpuid2) + n * sizeof(kvm_cpuid_entry2), 0);
   auto* c = reinterpret_cast<abi::Cpuid2*>(buf.data());
   c->nent = n;
@@ -595,9 +687,9 @@ Napi::Value Vcpu::SetCpuid(const Napi::CallbackInfo& info) {
     }
     Napi::Object o = v.As<Napi::Object>();
     kvm_cpuid_entry2& e = abi::Entries<kvm_cpuid_entry2>(c)[i];
-    if (!GetU32(o, "function", &e.function) || !GetU32(o, "index", &e.index) || !GetU32(o, "flags", &e.flags) ||
-        !GetU32(o, "eax", &e.eax) || !GetU32(o, "ebx", &e.ebx) || !GetU32(o, "ecx", &e.ecx) ||
-        !GetU32(o, "edx", &e.edx))
+    if (!GetField(o, "function", &e.function) || !GetField(o, "index", &e.index) || !GetField(o, "flags", &e.flags) ||
+        !GetField(o, "eax", &e.eax) || !GetField(o, "ebx", &e.ebx) || !GetField(o, "ecx", &e.ecx) ||
+        !GetField(o, "edx", &e.edx))
       return env.Undefined();
   }
   if (IoctlRetry(core_->fd, abi::kSetCpuid2, c) < 0) ThrowErrno(env, "KVM_SET_CPUID2", errno);
@@ -626,7 +718,7 @@ Napi::Value Vcpu::SetRegs(const Napi::CallbackInfo& info) {
   if (!ObjectArg(info, "setRegs", &o)) return env.Undefined();
   kvm_regs r{};
 #define X(n) \
-  if (!GetU64(o, #n, &r.n)) return env.Undefined();
+  if (!GetField(o, #n, &r.n)) return env.Undefined();
   TERN_REGS(X)
 #undef X
   if (IoctlRetry(core_->fd, KVM_SET_REGS, &r) < 0) ThrowErrno(env, "KVM_SET_REGS", errno);
@@ -676,21 +768,19 @@ Napi::Value Vcpu::SetSregs(const Napi::CallbackInfo& info) {
       !SegmentFromJs(env, o.Get("gs"), "gs", &s.gs) || !SegmentFromJs(env, o.Get("ss"), "ss", &s.ss) ||
       !SegmentFromJs(env, o.Get("tr"), "tr", &s.tr) || !SegmentFromJs(env, o.Get("ldt"), "ldt", &s.ldt) ||
       !DtableFromJs(env, o.Get("gdt"), "gdt", &s.gdt) || !DtableFromJs(env, o.Get("idt"), "idt", &s.idt) ||
-      !GetU64(o, "cr0", &s.cr0) || !GetU64(o, "cr2", &s.cr2) ||
-      !GetU64(o, "cr3", &s.cr3) || !GetU64(o, "cr4", &s.cr4) ||
-      !GetU64(o, "cr8", &s.cr8) ||
-      !GetU64(o, "efer", &s.efer) ||
-      !GetU64(o, "apic_base", &s.apic_base))
+      !GetField(o, "cr0", &s.cr0) || !GetField(o, "cr2", &s.cr2) ||
+      !GetField(o, "cr3", &s.cr3) || !GetField(o, "cr4", &s.cr4) ||
+      !GetField(o, "cr8", &s.cr8) ||
+      !GetField(o, "efer", &s.efer) ||
+      !GetField(o, "apic_base", &s.apic_base))
     return env.Undefined();
   Napi::Value bm = o.Get("interrupt_bitmap");
   if (bm.IsArray()) {
     Napi::Array a = bm.As<Napi::Array>();
     for (uint32_t i = 0; i < 4 && i < a.Length(); i++) {
       uint64_t w;
-      if (!ToU64(a.Get(i), &w)) {
-        ThrowTypeError(env, "setSregs: interrupt_bitmap must hold integers");
+      if (!ToUint(env, a.Get(i), "setSregs: interrupt_bitmap[" + std::to_string(i) + "]", UINT64_MAX, &w))
         return env.Undefined();
-      }
       s.interrupt_bitmap[i] = w;
     }
   }
@@ -727,16 +817,10 @@ Napi::Value Vcpu::SetFpu(const Napi::CallbackInfo& info) {
   Napi::Object o;
   if (!ObjectArg(info, "setFpu", &o)) return env.Undefined();
   kvm_fpu f{};
-  uint32_t fcw, fsw, ftwx, op, mxcsr;
-  if (!GetU32(o, "fcw", &fcw) || !GetU32(o, "fsw", &fsw) || !GetU32(o, "ftwx", &ftwx) ||
-      !GetU32(o, "last_opcode", &op) || !GetU64(o, "last_ip", &f.last_ip) ||
-      !GetU64(o, "last_dp", &f.last_dp) || !GetU32(o, "mxcsr", &mxcsr))
+  if (!GetField(o, "fcw", &f.fcw) || !GetField(o, "fsw", &f.fsw) || !GetField(o, "ftwx", &f.ftwx) ||
+      !GetField(o, "last_opcode", &f.last_opcode) || !GetField(o, "last_ip", &f.last_ip) ||
+      !GetField(o, "last_dp", &f.last_dp) || !GetField(o, "mxcsr", &f.mxcsr))
     return env.Undefined();
-  f.fcw = static_cast<uint16_t>(fcw);
-  f.fsw = static_cast<uint16_t>(fsw);
-  f.ftwx = static_cast<uint8_t>(ftwx);
-  f.last_opcode = static_cast<uint16_t>(op);
-  f.mxcsr = mxcsr;
   std::vector<uint8_t> regs;
   Napi::Value rv = o.Get("registers");
   if (!rv.IsString() || !Base64Decode(rv.As<Napi::String>().Utf8Value(), &regs) ||
@@ -824,16 +908,14 @@ Napi::Value Vcpu::GetMsrs(const Napi::CallbackInfo& info) {
   }
   Napi::Array idx = info[0].As<Napi::Array>();
   uint32_t n = idx.Length();
+  if (!CheckEntryCount(env, "getMsrs", n)) return env.Undefined();
   std::vector<uint8_t> buf(sizeof(abi::Msrs) + n * sizeof(kvm_msr_entry), 0);
   auto* m = reinterpret_cast<abi::Msrs*>(buf.data());
   kvm_msr_entry* entries = abi::Entries<kvm_msr_entry>(m);
   m->nmsrs = n;
   for (uint32_t i = 0; i < n; i++) {
     uint64_t v;
-    if (!ToU64(idx.Get(i), &v)) {
-      ThrowTypeError(env, "getMsrs: indices must be integers");
-      return env.Undefined();
-    }
+    if (!ToUint(env, idx.Get(i), "getMsrs: index " + std::to_string(i), UINT32_MAX, &v)) return env.Undefined();
     entries[i].index = static_cast<uint32_t>(v);
   }
   int rc = IoctlRetry(core_->fd, abi::kGetMsrs, m);
@@ -861,6 +943,7 @@ Napi::Value Vcpu::SetMsrs(const Napi::CallbackInfo& info) {
   }
   Napi::Array arr = info[0].As<Napi::Array>();
   uint32_t n = arr.Length();
+  if (!CheckEntryCount(env, "setMsrs", n)) return env.Undefined();
   std::vector<uint8_t> buf(sizeof(abi::Msrs) + n * sizeof(kvm_msr_entry), 0);
   auto* m = reinterpret_cast<abi::Msrs*>(buf.data());
   kvm_msr_entry* entries = abi::Entries<kvm_msr_entry>(m);
@@ -871,10 +954,8 @@ Napi::Value Vcpu::SetMsrs(const Napi::CallbackInfo& info) {
       ThrowTypeError(env, "setMsrs: entry " + std::to_string(i) + " is not an object");
       return env.Undefined();
     }
-    uint64_t data;
-    if (!GetU32(v.As<Napi::Object>(), "index", &entries[i].index) || !GetU64(v.As<Napi::Object>(), "data", &data))
+    if (!GetField(v.As<Napi::Object>(), "index", &entries[i].index) || !GetField(v.As<Napi::Object>(), "data", &entries[i].data))
       return env.Undefined();
-    entries[i].data = data;
   }
   int rc = IoctlRetry(core_->fd, abi::kSetMsrs, m);
   if (rc < 0) {
@@ -898,13 +979,8 @@ Napi::Value Vcpu::GetMpState(const Napi::CallbackInfo& info) {
 Napi::Value Vcpu::SetMpState(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!CheckIdle(env)) return env.Undefined();
-  uint64_t v;
-  if (info.Length() < 1 || !ToU64(info[0], &v)) {
-    ThrowTypeError(env, "setMpState: expected an integer");
-    return env.Undefined();
-  }
   kvm_mp_state s{};
-  s.mp_state = static_cast<uint32_t>(v);
+  if (!ArgField(info, 0, "setMpState: state", &s.mp_state)) return env.Undefined();
   if (IoctlRetry(core_->fd, KVM_SET_MP_STATE, &s) < 0) ThrowErrno(env, "KVM_SET_MP_STATE", errno);
   return env.Undefined();
 }
@@ -932,6 +1008,22 @@ Napi::Value Vcpu::Start(const Napi::CallbackInfo& info) {
     ThrowTypeError(env, "start: expected an exit handler function");
     return env.Undefined();
   }
+  SeccompMode mode = SeccompMode::kTrap;
+  bool probe = false;
+  if (info.Length() > 1 && !info[1].IsUndefined()) {
+    if (!info[1].IsObject()) {
+      ThrowTypeError(env, "start: options must be an object");
+      return env.Undefined();
+    }
+    Napi::Object o = info[1].As<Napi::Object>();
+    Napi::Value m = o.Get("seccomp");
+    if (!m.IsUndefined() && (!m.IsString() || !ParseSeccompMode(m.As<Napi::String>().Utf8Value(), &mode))) {
+      ThrowTypeError(env, "start: seccomp must be 'trap', 'log', 'errno' or 'off'");
+      return env.Undefined();
+    }
+    probe = o.Get("probeForbiddenSyscall").ToBoolean().Value();
+    if (env.IsExceptionPending()) return env.Undefined();
+  }
   {
     std::lock_guard<std::mutex> lk(core_->mu);
     if (core_->state != VState::Idle && core_->state != VState::Finished) {
@@ -941,18 +1033,31 @@ Napi::Value Vcpu::Start(const Napi::CallbackInfo& info) {
   }
   if (thread_.joinable()) thread_.join();  // previous run has finished
   InstallKickHandler();
+  if (mode == SeccompMode::kTrap) InstallSigsysReporter();
+  core_->seccompProgram = VcpuSeccompProgram(mode, core_->fd);
+  core_->probeForbiddenSyscall = probe;
+  auto stopped = std::make_unique<ExitMsg>();
+  stopped->kind = ExitMsg::kStopped;
   core_->tsfn = ExitTsfn::New(env, info[0].As<Napi::Function>(), "tern-vcpu", 0, 1, nullptr);
   if (env.IsExceptionPending()) return env.Undefined();
   core_->stopReq = false;
   core_->pauseReq = false;
   core_->SetImmediateExit(0);
-  {
-    std::lock_guard<std::mutex> lk(core_->mu);
-    core_->state = VState::Running;
-    std::shared_ptr<VcpuCore> c = core_;
-    thread_ = std::thread([c] { c->ThreadMain(c); });
-    core_->tid = thread_.native_handle();
+  std::lock_guard<std::mutex> lk(core_->mu);
+  core_->state = VState::Running;
+  std::shared_ptr<VcpuCore> c = core_;
+  ExitMsg* s = stopped.get();
+  try {
+    thread_ = std::thread([c, s] { c->ThreadMain(c, s); });
+  } catch (const std::system_error& e) {
+    // No thread (EAGAIN: out of threads or memory): leave the vCPU startable again.
+    core_->state = VState::Idle;
+    core_->tsfn.Release();
+    ThrowErrno(env, "starting the vCPU thread", e.code().value());
+    return env.Undefined();
   }
+  stopped.release();  // the thread owns it now
+  core_->tid = thread_.native_handle();
   return env.Undefined();
 }
 

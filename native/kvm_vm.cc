@@ -23,19 +23,15 @@ bool CheckToken(const Napi::CallbackInfo& info) {
 }
 
 bool ArgU64(const Napi::CallbackInfo& info, size_t i, const char* name, uint64_t* out) {
-  if (info.Length() <= i || !ToU64(info[i], out)) {
-    ThrowTypeError(info.Env(), std::string("expected an integer for ") + name);
-    return false;
-  }
-  return true;
+  return ArgUint(info, i, name, UINT64_MAX, out);
 }
 
 bool ArgU32(const Napi::CallbackInfo& info, size_t i, const char* name, uint32_t* out) {
-  uint64_t x;
-  if (!ArgU64(info, i, name, &x)) return false;
-  *out = static_cast<uint32_t>(x);
-  return true;
+  return ArgField(info, i, name, out);
 }
+
+// KVM_MAX_IRQ_ROUTES: KVM refuses longer tables; refusing them here bounds the buffer too.
+constexpr uint32_t kMaxIrqRoutes = 4096;
 
 bool ArgBlob(const Napi::CallbackInfo& info, size_t i, const char* what, size_t size, void* dst) {
   std::vector<uint8_t> bytes;
@@ -59,19 +55,25 @@ bool ArgBlob(const Napi::CallbackInfo& info, size_t i, const char* what, size_t 
 Napi::Function Kvm::Define(Napi::Env env) {
   return DefineClass(env, "Kvm",
                      {
-                         InstanceMethod<&Kvm::ApiVersion>("apiVersion"),
-                         InstanceMethod<&Kvm::CheckExtension>("checkExtension"),
-                         InstanceMethod<&Kvm::SupportedCpuid>("supportedCpuid"),
-                         InstanceMethod<&Kvm::MsrIndexList>("msrIndexList"),
-                         InstanceMethod<&Kvm::CreateVm>("createVm"),
-                         InstanceMethod<&Kvm::Close>("close"),
+                         InstanceMethod<&Kvm::Guarded<&Kvm::ApiVersion>>("apiVersion"),
+                         InstanceMethod<&Kvm::Guarded<&Kvm::CheckExtension>>("checkExtension"),
+                         InstanceMethod<&Kvm::Guarded<&Kvm::SupportedCpuid>>("supportedCpuid"),
+                         InstanceMethod<&Kvm::Guarded<&Kvm::MsrIndexList>>("msrIndexList"),
+                         InstanceMethod<&Kvm::Guarded<&Kvm::CreateVm>>("createVm"),
+                         InstanceMethod<&Kvm::Guarded<&Kvm::Close>>("close"),
                      });
 }
 
 Napi::Value Kvm::Open(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string path = "/dev/kvm";
-  if (info.Length() > 0 && info[0].IsString()) path = info[0].As<Napi::String>().Utf8Value();
+  if (info.Length() > 0 && !info[0].IsUndefined()) {
+    if (!info[0].IsString()) {
+      ThrowTypeError(env, "openKvm: path must be a string");
+      return env.Undefined();
+    }
+    path = info[0].As<Napi::String>().Utf8Value();
+  }
   int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) {
     ThrowErrno(env, "open " + path, errno);
@@ -86,8 +88,10 @@ Napi::Value Kvm::Open(const Napi::CallbackInfo& info) {
 }
 
 Kvm::Kvm(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Kvm>(info) {
-  if (!CheckToken(info)) return;
-  fd_ = info[1].As<Napi::Number>().Int32Value();
+  GuardCall(info.Env(), [&] {
+    if (CheckToken(info)) fd_ = info[1].As<Napi::Number>().Int32Value();
+    return Napi::Value();
+  });
 }
 
 Kvm::~Kvm() {
@@ -218,34 +222,37 @@ Napi::Value Kvm::Close(const Napi::CallbackInfo& info) {
 Napi::Function Vm::Define(Napi::Env env) {
   return DefineClass(env, "Vm",
                      {
-                         InstanceMethod<&Vm::CreateIrqchip>("createIrqchip"),
-                         InstanceMethod<&Vm::CreatePit2>("createPit2"),
-                         InstanceMethod<&Vm::SetTssAddr>("setTssAddr"),
-                         InstanceMethod<&Vm::SetIdentityMapAddr>("setIdentityMapAddr"),
-                         InstanceMethod<&Vm::AddMemorySlot>("addMemorySlot"),
-                         InstanceMethod<&Vm::GetDirtyBitmap>("getDirtyBitmap"),
-                         InstanceMethod<&Vm::VmmDirtyBitmap>("vmmDirtyBitmap"),
-                         InstanceMethod<&Vm::MemoryChunks>("memoryChunks"),
-                         InstanceMethod<&Vm::IrqLine>("irqLine"),
-                         InstanceMethod<&Vm::SetGsiRouting>("setGsiRouting"),
-                         InstanceMethod<&Vm::Irqfd>("irqfd"),
-                         InstanceMethod<&Vm::Ioeventfd>("ioeventfd"),
-                         InstanceMethod<&Vm::GetIrqchip>("getIrqchip"),
-                         InstanceMethod<&Vm::SetIrqchip>("setIrqchip"),
-                         InstanceMethod<&Vm::GetPit2>("getPit2"),
-                         InstanceMethod<&Vm::SetPit2>("setPit2"),
-                         InstanceMethod<&Vm::GetClock>("getClock"),
-                         InstanceMethod<&Vm::SetClock>("setClock"),
-                         InstanceMethod<&Vm::CreateVcpu>("createVcpu"),
-                         InstanceMethod<&Vm::Close>("close"),
+                         InstanceMethod<&Vm::Guarded<&Vm::CreateIrqchip>>("createIrqchip"),
+                         InstanceMethod<&Vm::Guarded<&Vm::CreatePit2>>("createPit2"),
+                         InstanceMethod<&Vm::Guarded<&Vm::SetTssAddr>>("setTssAddr"),
+                         InstanceMethod<&Vm::Guarded<&Vm::SetIdentityMapAddr>>("setIdentityMapAddr"),
+                         InstanceMethod<&Vm::Guarded<&Vm::AddMemorySlot>>("addMemorySlot"),
+                         InstanceMethod<&Vm::Guarded<&Vm::GetDirtyBitmap>>("getDirtyBitmap"),
+                         InstanceMethod<&Vm::Guarded<&Vm::VmmDirtyBitmap>>("vmmDirtyBitmap"),
+                         InstanceMethod<&Vm::Guarded<&Vm::MemoryChunks>>("memoryChunks"),
+                         InstanceMethod<&Vm::Guarded<&Vm::IrqLine>>("irqLine"),
+                         InstanceMethod<&Vm::Guarded<&Vm::SetGsiRouting>>("setGsiRouting"),
+                         InstanceMethod<&Vm::Guarded<&Vm::Irqfd>>("irqfd"),
+                         InstanceMethod<&Vm::Guarded<&Vm::Ioeventfd>>("ioeventfd"),
+                         InstanceMethod<&Vm::Guarded<&Vm::GetIrqchip>>("getIrqchip"),
+                         InstanceMethod<&Vm::Guarded<&Vm::SetIrqchip>>("setIrqchip"),
+                         InstanceMethod<&Vm::Guarded<&Vm::GetPit2>>("getPit2"),
+                         InstanceMethod<&Vm::Guarded<&Vm::SetPit2>>("setPit2"),
+                         InstanceMethod<&Vm::Guarded<&Vm::GetClock>>("getClock"),
+                         InstanceMethod<&Vm::Guarded<&Vm::SetClock>>("setClock"),
+                         InstanceMethod<&Vm::Guarded<&Vm::CreateVcpu>>("createVcpu"),
+                         InstanceMethod<&Vm::Guarded<&Vm::Close>>("close"),
                      });
 }
 
 Vm::Vm(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Vm>(info) {
-  if (!CheckToken(info)) return;
-  fd_ = info[1].As<Napi::Number>().Int32Value();
-  vcpuMmapSize_ = info[2].As<Napi::Number>().Int32Value();
-  xsaveSize_ = info[3].As<Napi::Number>().Int32Value();
+  GuardCall(info.Env(), [&] {
+    if (!CheckToken(info)) return Napi::Value();
+    fd_ = info[1].As<Napi::Number>().Int32Value();
+    vcpuMmapSize_ = info[2].As<Napi::Number>().Int32Value();
+    xsaveSize_ = info[3].As<Napi::Number>().Int32Value();
+    return Napi::Value();
+  });
 }
 
 Vm::~Vm() { CloseAll(); }
@@ -311,13 +318,15 @@ Napi::Value Vm::AddMemorySlot(const Napi::CallbackInfo& info) {
   Napi::Object o = info[0].As<Napi::Object>();
   uint32_t slot;
   uint64_t gpa, size64;
-  if (!GetU32(o, "slot", &slot) || !GetU64(o, "guestAddress", &gpa) || !GetU64(o, "size", &size64))
+  // Sizes and offsets stay within off_t, so fileOffset + size cannot wrap.
+  if (!GetField(o, "slot", &slot) || !GetField(o, "guestAddress", &gpa) || !GetUint(o, "size", INT64_MAX, &size64))
     return env.Undefined();
   RamOptions ro;
   ro.size = static_cast<size_t>(size64);
-  uint32_t fromFd = UINT32_MAX;
-  if (!GetOptU32(o, "fromFd", &fromFd) || !GetOptU64(o, "fileOffset", &ro.fileOffset)) return env.Undefined();
-  if (fromFd != UINT32_MAX) ro.fromFd = static_cast<int>(fromFd);
+  uint64_t fromFd = UINT64_MAX;
+  if (!GetOptUint(o, "fromFd", INT32_MAX, &fromFd) || !GetOptUint(o, "fileOffset", INT64_MAX - size64, &ro.fileOffset))
+    return env.Undefined();
+  if (fromFd != UINT64_MAX) ro.fromFd = static_cast<int>(fromFd);
   Napi::Value name = o.Get("name");
   if (name.IsString()) ro.name = name.As<Napi::String>().Utf8Value();
   ro.privateMap = o.Get("privateMap").ToBoolean().Value();
@@ -381,10 +390,7 @@ Napi::Value Vm::AddMemorySlot(const Napi::CallbackInfo& info) {
 
 MemSlot* Vm::FindSlot(Napi::Env env, const Napi::Value& v) {
   uint64_t slot;
-  if (!ToU64(v, &slot)) {
-    ThrowTypeError(env, "expected a slot number");
-    return nullptr;
-  }
+  if (!ToUint(env, v, "slot", UINT32_MAX, &slot)) return nullptr;
   auto it = slots_.find(static_cast<uint32_t>(slot));
   if (it == slots_.end()) {
     ThrowError(env, "no memory slot " + std::to_string(slot), "ENOENT");
@@ -442,10 +448,11 @@ Napi::Value Vm::IrqLine(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!CheckOpen(env)) return env.Undefined();
   kvm_irq_level l{};
-  uint32_t irq, level;
-  if (!ArgU32(info, 0, "irq", &irq) || !ArgU32(info, 1, "level", &level)) return env.Undefined();
+  uint32_t irq;
+  uint64_t level;
+  if (!ArgU32(info, 0, "irq", &irq) || !ArgUint(info, 1, "level", 1, &level)) return env.Undefined();
   l.irq = irq;
-  l.level = level;
+  l.level = static_cast<uint32_t>(level);
   if (IoctlRetry(fd_, KVM_IRQ_LINE, &l) < 0) ThrowErrno(env, "KVM_IRQ_LINE", errno);
   return env.Undefined();
 }
@@ -459,6 +466,11 @@ Napi::Value Vm::SetGsiRouting(const Napi::CallbackInfo& info) {
   }
   Napi::Array routes = info[0].As<Napi::Array>();
   uint32_t n = routes.Length();
+  if (n > kMaxIrqRoutes) {
+    Napi::RangeError::New(env, "setGsiRouting: at most " + std::to_string(kMaxIrqRoutes) + " routes, got " + std::to_string(n))
+        .ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
   std::vector<uint8_t> buf(sizeof(abi::IrqRouting) + n * sizeof(kvm_irq_routing_entry), 0);
   auto* r = reinterpret_cast<abi::IrqRouting*>(buf.data());
   r->nr = n;
@@ -470,19 +482,19 @@ Napi::Value Vm::SetGsiRouting(const Napi::CallbackInfo& info) {
     }
     Napi::Object o = v.As<Napi::Object>();
     kvm_irq_routing_entry& e = abi::Entries<kvm_irq_routing_entry>(r)[i];
-    if (!GetU32(o, "gsi", &e.gsi)) return env.Undefined();
+    if (!GetField(o, "gsi", &e.gsi)) return env.Undefined();
     std::string type = o.Get("type").ToString().Utf8Value();
     if (type == "irqchip") {
       e.type = KVM_IRQ_ROUTING_IRQCHIP;
-      if (!GetU32(o, "irqchip", &e.u.irqchip.irqchip) || !GetU32(o, "pin", &e.u.irqchip.pin)) return env.Undefined();
+      if (!GetField(o, "irqchip", &e.u.irqchip.irqchip) || !GetField(o, "pin", &e.u.irqchip.pin)) return env.Undefined();
     } else if (type == "msi") {
       e.type = KVM_IRQ_ROUTING_MSI;
-      if (!GetU32(o, "addressLo", &e.u.msi.address_lo) || !GetOptU32(o, "addressHi", &e.u.msi.address_hi) ||
-          !GetU32(o, "data", &e.u.msi.data))
+      if (!GetField(o, "addressLo", &e.u.msi.address_lo) || !GetOptField(o, "addressHi", &e.u.msi.address_hi) ||
+          !GetField(o, "data", &e.u.msi.data))
         return env.Undefined();
       Napi::Value devid = o.Get("devid");
       if (!devid.IsUndefined() && !devid.IsNull()) {
-        if (!GetU32(o, "devid", &e.u.msi.devid)) return env.Undefined();
+        if (!GetField(o, "devid", &e.u.msi.devid)) return env.Undefined();
         e.flags = KVM_MSI_VALID_DEVID;
       }
     } else {
@@ -498,18 +510,19 @@ Napi::Value Vm::Irqfd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!CheckOpen(env)) return env.Undefined();
   kvm_irqfd f{};
-  uint32_t fd, gsi;
-  if (!ArgU32(info, 0, "fd", &fd) || !ArgU32(info, 1, "gsi", &gsi)) return env.Undefined();
+  int fd;
+  uint32_t gsi;
+  if (!ArgFd(info, 0, "fd", &fd) || !ArgU32(info, 1, "gsi", &gsi)) return env.Undefined();
   f.fd = fd;
   f.gsi = gsi;
   if (info.Length() > 2 && info[2].IsObject()) {
     Napi::Object o = info[2].As<Napi::Object>();
     if (o.Get("deassign").ToBoolean().Value()) f.flags |= KVM_IRQFD_FLAG_DEASSIGN;
-    uint32_t resample = UINT32_MAX;
-    if (!GetOptU32(o, "resampleFd", &resample)) return env.Undefined();
-    if (resample != UINT32_MAX) {
+    uint64_t resample = UINT64_MAX;
+    if (!GetOptUint(o, "resampleFd", INT32_MAX, &resample)) return env.Undefined();
+    if (resample != UINT64_MAX) {
       f.flags |= KVM_IRQFD_FLAG_RESAMPLE;
-      f.resamplefd = resample;
+      f.resamplefd = static_cast<uint32_t>(resample);
     }
   }
   if (IoctlRetry(fd_, KVM_IRQFD, &f) < 0) ThrowErrno(env, "KVM_IRQFD", errno);
@@ -520,20 +533,20 @@ Napi::Value Vm::Ioeventfd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!CheckOpen(env)) return env.Undefined();
   kvm_ioeventfd f{};
-  uint32_t fd, len;
-  uint64_t addr;
-  if (!ArgU32(info, 0, "fd", &fd) || !ArgU64(info, 1, "addr", &addr) || !ArgU32(info, 2, "len", &len))
+  int fd;
+  uint64_t addr, len;
+  if (!ArgFd(info, 0, "fd", &fd) || !ArgU64(info, 1, "addr", &addr) || !ArgUint(info, 2, "len", 8, &len))
     return env.Undefined();
-  f.fd = static_cast<int32_t>(fd);
+  f.fd = fd;
   f.addr = addr;
-  f.len = len;
+  f.len = static_cast<uint32_t>(len);
   if (info.Length() > 3 && info[3].IsObject()) {
     Napi::Object o = info[3].As<Napi::Object>();
     if (o.Get("pio").ToBoolean().Value()) f.flags |= KVM_IOEVENTFD_FLAG_PIO;
     if (o.Get("deassign").ToBoolean().Value()) f.flags |= KVM_IOEVENTFD_FLAG_DEASSIGN;
     Napi::Value dm = o.Get("datamatch");
     if (!dm.IsUndefined() && !dm.IsNull()) {
-      if (!GetU64(o, "datamatch", &f.datamatch)) return env.Undefined();
+      if (!GetField(o, "datamatch", &f.datamatch)) return env.Undefined();
       f.flags |= KVM_IOEVENTFD_FLAG_DATAMATCH;
     }
   }
@@ -627,7 +640,10 @@ Napi::Value Vm::CreateVcpu(const Napi::CallbackInfo& info) {
   Napi::Object obj = GetAddonData(env)->vcpuCtor.New(
       {Napi::String::New(env, kInternalToken), Napi::Number::New(env, vfd), Napi::Number::New(env, id),
        Napi::Number::New(env, vcpuMmapSize_), Napi::Number::New(env, xsaveSize_)});
-  if (env.IsExceptionPending()) return env.Undefined();  // the constructor closed vfd
+  if (env.IsExceptionPending()) {
+    close(vfd);
+    return env.Undefined();
+  }
   Vcpu::Unwrap(obj)->HoldVm(Value());
   return obj;
 }

@@ -49,7 +49,7 @@ Napi::Value ZeroPages(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void InitPageScan(Napi::Env env, Napi::Object exports) {
-  exports.Set("zeroPages", Napi::Function::New(env, ZeroPages, "zeroPages"));
+  exports.Set("zeroPages", Napi::Function::New(env, Guarded<ZeroPages>, "zeroPages"));
 }
 
 }  // namespace tern

@@ -1,6 +1,7 @@
 // Command-line arguments of `tern`, in Cloud Hypervisor's spelling: `--option k=v,k=v`.
 // The result is a VmConfig (when boot options were given) plus the VMM-level settings.
 import { ConsoleConfig, ConsoleMode, CpusConfig, MemoryConfig, VmConfig } from '../config/vm-config';
+import type { SeccompMode } from '../native/kvm';
 import { OptionError, parseInteger, parseKeyValues, parseOnOff, parseSize } from './option-values';
 
 export interface SocketTarget {
@@ -27,6 +28,8 @@ export interface TernArgs {
   restore?: RestoreArgs;
   verbosity: number;
   logFile?: string;
+  /** --seccomp true|false|log: what a vCPU thread's forbidden system call does (default trap) */
+  seccomp: Exclude<SeccompMode, 'errno'>;
   version: boolean;
   help: boolean;
 }
@@ -118,6 +121,12 @@ const HANDLERS: Record<string, Handler> = {
   '--api-socket': (v, a) => (a.args.apiSocket = socketTarget('--api-socket', v)),
   '--event-monitor': (v, a) => (a.args.eventMonitor = socketTarget('--event-monitor', v)),
   '--log-file': (v, a) => (a.args.logFile = v),
+  '--seccomp': (v, a) => {
+    const modes: Record<string, TernArgs['seccomp']> = { true: 'trap', false: 'off', log: 'log' };
+    const mode = modes[v];
+    if (!mode) throw new OptionError('--seccomp', `"${v}" is not one of true, false, log`);
+    a.args.seccomp = mode;
+  },
   '--restore': (v, a) => {
     const kv = parseKeyValues('--restore', v, ['source_url', 'resume', 'prefault', 'memory_restore_mode'], 'source_url');
     if (!kv.source_url) throw new OptionError('--restore', 'needs source_url=file:///DIR');
@@ -150,7 +159,7 @@ export function parseTernArgs(argv: string[]): TernArgs {
   const acc: Accumulator = {
     vm: { payload: {} },
     vmOptionSeen: false,
-    args: { vm: null, verbosity: 0, version: false, help: false },
+    args: { vm: null, verbosity: 0, seccomp: 'trap', version: false, help: false },
   };
   for (let i = 0; i < argv.length; i++) {
     let arg = argv[i];
@@ -206,5 +215,8 @@ export const TERN_USAGE = `Usage: tern [OPTIONS]
   --restore source_url=file:///DIR[,resume=on][,memory_restore_mode=copy|ondemand][,prefault=on]
                            (--serial and --console may be given with it)
   --log-file PATH          pino JSON log (default stderr)
+  --seccomp true|false|log vCPU threads' seccomp filter: a forbidden system call ends the
+                           process (true, default), is only logged by the kernel (log), or
+                           there is no filter (false)
   -v, -vv                  more log detail
   -V, --version            print the version`;

@@ -11,7 +11,7 @@
 // The ACPI table builder imports the constants below, so the DSDT and the device agree.
 import { Type } from '@sinclair/typebox';
 import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
-import type { Effect, IoAccess, TransitionResult } from './device';
+import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
   type DeviceInstance,
   type DeviceModel,
@@ -87,7 +87,7 @@ export function acpiGedTransition(state: AcpiGedState, access: IoAccess): Transi
   // Bytes beyond the event register are reserved: read as zero, writes ignored.
   if (access.direction === 'read') return { state, effects: NO_EFFECTS, value: access.offset === 0 ? state.pending : 0 };
   if (access.offset !== 0) return { state, effects: NO_EFFECTS };
-  const clear = access.data & 0xff & state.pending;
+  const clear = data32(access) & 0xff & state.pending;
   return clear ? withPending(state, state.pending & ~clear) : { state, effects: NO_EFFECTS };
 }
 

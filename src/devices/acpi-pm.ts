@@ -3,7 +3,7 @@
 // so the tables and the device cannot disagree.
 import { Type } from '@sinclair/typebox';
 import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
-import type { Effect, IoAccess, TransitionResult } from './device';
+import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
   type DeviceInstance,
   type DeviceModel,
@@ -106,7 +106,7 @@ export function acpiPmTransition(state: AcpiPmState, access: IoAccess): Transiti
   }
   const effects: Effect[] = [];
   let s = state;
-  for (let i = 0; i < n; i++) s = writeByte(s, access.offset + i, (access.data >>> (8 * i)) & 0xff, effects);
+  for (let i = 0; i < n; i++) s = writeByte(s, access.offset + i, (data32(access) >>> (8 * i)) & 0xff, effects);
   return { state: s, effects: effects.length ? effects : NO_EFFECTS };
 }
 

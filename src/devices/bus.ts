@@ -37,15 +37,18 @@ export interface BusState {
   lastUnhandled: UnhandledAccessRecord | null;
 }
 
-/** A guest access in absolute bus terms (what a vCPU exit reports). */
-export interface BusAccess {
+interface BusAccessCommon {
   space: BusSpace;
   direction: 'read' | 'write';
   address: number;
-  size: 1 | 2 | 4 | 8;
-  data: number;
   nowNs: number;
 }
+
+/**
+ * A guest access in absolute bus terms (what a vCPU exit reports). As in IoAccess, the value
+ * written is a number for accesses of up to 4 bytes and a bigint for 8-byte MMIO ones.
+ */
+export type BusAccess = (BusAccessCommon & { size: 1 | 2 | 4; data: number }) | (BusAccessCommon & { size: 8; data: bigint });
 
 export function busInitialState(): BusState {
   return {

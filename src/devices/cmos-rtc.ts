@@ -8,7 +8,7 @@
 // status C stay clear.
 import { Type } from '@sinclair/typebox';
 import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
-import type { Effect, IoAccess, TransitionResult } from './device';
+import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
   type DeviceInstance,
   type DeviceModel,
@@ -270,8 +270,8 @@ function writeRegister(s: CmosRtcState, index: number, value: number, nowNs: num
 export function cmosTransition(state: CmosRtcState, access: IoAccess): TransitionResult<CmosRtcState> {
   if (access.offset === 0) {
     if (access.direction === 'read') return { state, effects: NO_EFFECTS, value: 0xff };
-    const index = access.data & 0x7f;
-    const nmiMasked = (access.data & 0x80) !== 0;
+    const index = data32(access) & 0x7f;
+    const nmiMasked = (data32(access) & 0x80) !== 0;
     if (index === state.index && nmiMasked === state.nmiMasked) return { state, effects: NO_EFFECTS };
     const n = copyCmosState(state);
     n.index = index;
@@ -282,7 +282,7 @@ export function cmosTransition(state: CmosRtcState, access: IoAccess): Transitio
     if (access.direction === 'read') {
       return { state, effects: NO_EFFECTS, value: readRegister(state, state.index, access.nowNs) };
     }
-    return { state: writeRegister(state, state.index, access.data & 0xff, access.nowNs), effects: NO_EFFECTS };
+    return { state: writeRegister(state, state.index, data32(access) & 0xff, access.nowNs), effects: NO_EFFECTS };
   }
   return access.direction === 'read' ? { state, effects: NO_EFFECTS, value: 0xff } : { state, effects: NO_EFFECTS };
 }

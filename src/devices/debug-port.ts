@@ -3,7 +3,7 @@
 // early boot the codes are noise unless the guest runs with io_delay=none.
 import { Type } from '@sinclair/typebox';
 import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
-import type { Effect, IoAccess, TransitionResult } from './device';
+import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
   type DeviceInstance,
   type DeviceModel,
@@ -43,7 +43,7 @@ export function debugPortTransition(state: DebugPortState, access: IoAccess): Tr
     // A POST card latches the last code; nothing written yet reads as a floating bus.
     return { state, effects: NO_EFFECTS, value: state.lastCode ?? 0xff };
   }
-  const code = access.data & 0xff;
+  const code = data32(access) & 0xff;
   return {
     state: { kind: state.kind, id: state.id, schemaVersion: state.schemaVersion, lastCode: code, writes: state.writes + 1 },
     effects: [{ type: 'boot.progress', code }],

@@ -4,21 +4,42 @@
 // Effects (bytes to a console, interrupt edges, power actions) are data; the VMM runs them
 // after the store has taken the new state, never inside the reducer.
 
-/** A guest access to a device register, in device-relative terms. */
-export interface IoAccess {
+interface IoAccessCommon {
   /** 'pio' for port I/O, 'mmio' for memory-mapped I/O */
   space: 'pio' | 'mmio';
   direction: 'read' | 'write';
   /** offset from the device's base address/port */
   offset: number;
-  size: 1 | 2 | 4 | 8;
-  /** value written (writes only; 0 for reads) */
-  data: number;
   /**
    * Host time of the access in nanoseconds since the Unix epoch, supplied by the VMM so that
    * transitions that need wall-clock time (the RTC) stay pure and replayable.
    */
   nowNs: number;
+}
+
+/** An access of up to 4 bytes (every port access): the value written fits a number. */
+export interface NarrowIoAccess extends IoAccessCommon {
+  size: 1 | 2 | 4;
+  /** value written (writes only; 0 for reads) */
+  data: number;
+}
+
+/**
+ * An 8-byte MMIO access: the value written is a bigint, since a number holds only 53 bits
+ * exactly and 64-bit registers (PCI BARs, MSI-X tables) need all 64.
+ */
+export interface WideIoAccess extends IoAccessCommon {
+  size: 8;
+  /** value written (writes only; 0n for reads) */
+  data: bigint;
+}
+
+/** A guest access to a device register, in device-relative terms. */
+export type IoAccess = NarrowIoAccess | WideIoAccess;
+
+/** The low 32 bits of the value written, as a number: all a register of up to 4 bytes takes. */
+export function data32(access: IoAccess): number {
+  return typeof access.data === 'bigint' ? Number(BigInt.asUintN(32, access.data)) : access.data;
 }
 
 export type Effect =
@@ -40,8 +61,8 @@ export type Effect =
 export interface TransitionResult<S> {
   state: S;
   effects: Effect[];
-  /** value the guest reads (reads only) */
-  value?: number;
+  /** value the guest reads (reads only); a bigint for a 64-bit register read by an 8-byte access */
+  value?: number | bigint;
 }
 
 export type DeviceTransition<S> = (state: S, access: IoAccess) => TransitionResult<S>;

@@ -4,7 +4,7 @@
 // probing guest gives up quickly instead of waiting for its command timeouts.
 import { Type } from '@sinclair/typebox';
 import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
-import type { Effect, IoAccess, TransitionResult } from './device';
+import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
   type DeviceInstance,
   type DeviceModel,
@@ -246,7 +246,7 @@ export function i8042Transition(state: I8042State, access: IoAccess): Transition
     }
     return { state, effects: NO_EFFECTS, value: 0xff };
   }
-  const value = access.data & 0xff;
+  const value = data32(access) & 0xff;
   if (port === COMMAND) return command(state, value);
   if (port === DATA) return data(state, value);
   return { state, effects: NO_EFFECTS };

@@ -7,7 +7,7 @@
 // when that level rises.
 import { Type } from '@sinclair/typebox';
 import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
-import type { Effect, IoAccess, TransitionResult } from './device';
+import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
   type DeviceInstance,
   type DeviceModel,
@@ -364,7 +364,7 @@ function write(s: Serial16550aState, offset: number, data: number): TransitionRe
 }
 
 export function serialTransition(state: Serial16550aState, access: IoAccess): TransitionResult<Serial16550aState> {
-  return access.direction === 'read' ? read(state, access.offset) : write(state, access.offset, access.data & 0xff);
+  return access.direction === 'read' ? read(state, access.offset) : write(state, access.offset, data32(access) & 0xff);
 }
 
 /** How many host input bytes the UART takes now (in loopback it takes, and drops, all of them). */

@@ -69,7 +69,25 @@ export type VcpuExit =
   | { kind: 'unknown'; reason: number }
   | { kind: 'paused' } // the thread parked after requestPause()
   | { kind: 'stopped' } // the thread ended after stop() or a terminal exit
-  | { kind: 'error'; message: string }; // KVM_RUN itself failed, or the handler threw (then the vCPU stops)
+  | { kind: 'error'; message: string } // KVM_RUN itself failed, or the handler threw (then the vCPU stops)
+  /** start() with probeForbiddenSyscall: what socket(2), which the filter forbids, gave the thread */
+  | { kind: 'probe'; syscall: 'socket'; result: 'ok' | string };
+
+/**
+ * What a vCPU thread does when it makes a system call its seccomp filter does not allow:
+ * 'trap' (default) reports the call on stderr and ends the process with SIGSYS; 'log' lets it
+ * through and the kernel logs it (audit); 'errno' fails it with EPERM; 'off' installs no filter.
+ */
+export type SeccompMode = 'trap' | 'log' | 'errno' | 'off';
+
+export interface VcpuStartOptions {
+  seccomp?: SeccompMode;
+  /**
+   * For tests of the filter: the thread calls socket(2) once, after installing its filter and
+   * before its first KVM_RUN, and reports the outcome as a 'probe' exit.
+   */
+  probeForbiddenSyscall?: boolean;
+}
 
 /**
  * Called on the JavaScript thread for every exit, while the vCPU thread waits.
@@ -104,8 +122,14 @@ export interface NativeVcpu {
   getDebugRegs(): string; setDebugRegs(b64: string): void;
   /** KVM_KVMCLOCK_CTRL: tell the guest it was paused (no soft-lockup warnings). */
   kvmclockCtrl(): boolean;
-  /** Start the native thread that loops on KVM_RUN. Allowed again after 'stopped'. */
-  start(handler: VcpuExitHandler): void;
+  /**
+   * Start the native thread that loops on KVM_RUN. Allowed again after 'stopped'. Before its
+   * first KVM_RUN the thread installs a seccomp filter on itself (options.seccomp, default
+   * 'trap'): ioctl(KVM_RUN) on this vCPU's fd and the few calls the thread needs to hand
+   * exits to JavaScript (futex, write to libuv's eventfd, malloc's mmap family, signal return,
+   * exit); nothing else.
+   */
+  start(handler: VcpuExitHandler, options?: VcpuStartOptions): void;
   /**
    * Kick the thread out of KVM_RUN (immediate_exit + signal); it completes a pending I/O
    * instruction, reports 'paused' and parks. No-op when parked or not running.

@@ -17,14 +17,11 @@ export function ioEvent(state: Pick<RootState, 'bus' | 'devices'>, access: BusAc
   const inst = target && state.devices.instances[target.device];
   if (!target || !inst) return { type: BusEvents.UnhandledAccess, payload: access, source: 'bus' };
   const model = deviceModels[inst.kind];
-  const payload: IoAccess = {
-    space: access.space,
-    direction: access.direction,
-    offset: target.offset,
-    size: access.size,
-    data: access.data,
-    nowNs: access.nowNs,
-  };
+  // Both branches copy the same fields: a bigint 8-byte value reaches the device whole.
+  const payload: IoAccess =
+    access.size === 8
+      ? { space: access.space, direction: access.direction, offset: target.offset, size: 8, data: access.data, nowNs: access.nowNs }
+      : { space: access.space, direction: access.direction, offset: target.offset, size: access.size, data: access.data, nowNs: access.nowNs };
   return { type: access.direction === 'read' ? model.events.read : model.events.write, payload, source: target.device };
 }
 

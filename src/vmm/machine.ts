@@ -32,11 +32,19 @@ import {
 } from '../devices';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
 import { SnapshotError, copyMemoryRange, openMemoryFile, verifyRangeInRam, type MemoryRange } from '../migration/snapshot';
-import { native, readMsrs, type CpuidEntry, type NativeKvm, type NativeVcpu, type NativeVm, type VcpuExit } from '../native/kvm';
+import {
+  native,
+  readMsrs,
+  type CpuidEntry,
+  type NativeKvm,
+  type NativeVcpu,
+  type NativeVm,
+  type SeccompMode,
+  type VcpuExit,
+} from '../native/kvm';
 import {
   decodeVcpuState,
   deviceEvents,
-  dispatchIo,
   memoryEvents,
   encodeVcpuState,
   kvmEvents,
@@ -46,6 +54,7 @@ import {
 } from '../state';
 import { HostFileError, readRegularFile } from '../util/host-file';
 import { openConsoleSink, type ConsoleSink } from './console-sink';
+import { dispatchIoExit } from './io-exit';
 import { VcpuRunner } from './vcpu-runner';
 
 /** Why a machine stopped running on its own. */
@@ -62,6 +71,8 @@ export interface MachineOptions {
   onStop: (stop: MachineStop) => void;
   /** build from saved state and a memory-ranges file instead of loading a kernel */
   restore?: MachineRestore;
+  /** the vCPU threads' seccomp filter action (default 'trap') */
+  seccomp?: SeccompMode;
 }
 
 export interface MachineRestore {
@@ -207,7 +218,7 @@ export class Machine {
         const s = plan.boot.sregs;
         vcpu.setSregs(s.mode === 'pvh32' ? protectedMode32Sregs(current) : longModeSregs(current, { cr3: s.cr3, ring: 0 }));
       }
-      this.runners.push(new VcpuRunner(vcpu, (id, exit) => this.onExit(id, exit)));
+      this.runners.push(new VcpuRunner(vcpu, (id, exit) => this.onExit(id, exit), this.opts.seccomp));
     }
   }
 
@@ -279,7 +290,7 @@ export class Machine {
       vcpu.setVcpuEvents(s.vcpuEvents);
       vcpu.setDebugRegs(s.debugRegs);
       vcpu.setMpState(s.mpState);
-      this.runners.push(new VcpuRunner(vcpu, (vid, exit) => this.onExit(vid, exit)));
+      this.runners.push(new VcpuRunner(vcpu, (vid, exit) => this.onExit(vid, exit), this.opts.seccomp));
     }
   }
 
@@ -315,31 +326,13 @@ export class Machine {
 
   private onExit(vcpu: number, exit: VcpuExit): number | bigint | 'stop' | void {
     switch (exit.kind) {
-      case 'io': {
-        const r = dispatchIo(this.opts.store, {
-          space: 'pio',
-          direction: exit.direction === 'in' ? 'read' : 'write',
-          address: exit.port,
-          size: exit.size,
-          data: exit.data,
-          nowNs: Date.now() * 1e6,
-        });
+      case 'io':
+      case 'mmio': {
+        const r = dispatchIoExit(this.opts.store, exit, Date.now() * 1e6);
         if (r.effects.length) this.runEffects(r.effects);
         // The guest reading its receive buffer makes room for held console input.
-        if (exit.direction === 'in' && exit.port === COM1_BASE) this.console.offerHeldInput();
-        return r.value as number | undefined;
-      }
-      case 'mmio': {
-        const r = dispatchIo(this.opts.store, {
-          space: 'mmio',
-          direction: exit.direction,
-          address: Number(exit.address),
-          size: exit.size as 1 | 2 | 4 | 8,
-          data: Number(exit.data),
-          nowNs: Date.now() * 1e6,
-        });
-        if (r.effects.length) this.runEffects(r.effects);
-        return r.value === undefined ? undefined : BigInt(r.value);
+        if (exit.kind === 'io' && exit.direction === 'in' && exit.port === COM1_BASE) this.console.offerHeldInput();
+        return r.value;
       }
       case 'hlt':
         return; // with the in-kernel LAPIC, HLT is handled by KVM; nothing to do

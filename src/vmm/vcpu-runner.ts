@@ -1,6 +1,6 @@
 // Owns one native vCPU thread's lifecycle from TypeScript: turns its 'paused' and 'stopped'
 // reports into promises, and routes every other exit to the machine's exit handler.
-import { NativeVcpu, VcpuExit } from '../native/kvm';
+import { NativeVcpu, SeccompMode, VcpuExit } from '../native/kvm';
 
 export type ExitRouter = (vcpu: number, exit: VcpuExit) => number | bigint | 'stop' | void;
 
@@ -11,7 +11,11 @@ export class VcpuRunner {
   private running = false;
   private started = false;
 
-  constructor(readonly vcpu: NativeVcpu, private readonly route: ExitRouter) {
+  constructor(
+    readonly vcpu: NativeVcpu,
+    private readonly route: ExitRouter,
+    private readonly seccomp: SeccompMode = 'trap',
+  ) {
     this.stopped = new Promise((r) => (this.stoppedResolve = r));
   }
 
@@ -30,7 +34,7 @@ export class VcpuRunner {
         return;
       }
       return this.route(this.vcpu.id, exit);
-    });
+    }, { seccomp: this.seccomp });
   }
 
   /** Kick the thread out of KVM_RUN and wait until it has parked. */

@@ -5,6 +5,7 @@ import type { Logger } from 'pino';
 import type { ConsoleConfig, VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import { SnapshotError, readSnapshot, snapshotDirFromUrl, writeSnapshot } from '../migration/snapshot';
+import type { SeccompMode } from '../native/kvm';
 import { createStore, vmConfigProblems, vmEvents, vmmEvents, type RootState, type Store } from '../state';
 import { TERN_VERSION } from '../version';
 import { Machine, type MachineStop } from './machine';
@@ -47,6 +48,8 @@ function withHostEnds(state: RootState, opts: Pick<RestoreOptions, 'serial' | 'c
 export interface VmmOptions {
   log: Logger;
   store?: Store<RootState>;
+  /** the vCPU threads' seccomp filter action (default 'trap') */
+  seccomp?: SeccompMode;
 }
 
 export class Vmm {
@@ -56,7 +59,7 @@ export class Vmm {
   /** serializes lifecycle actions: a reboot requested by the guest must not race an API call */
   private queue: Promise<unknown> = Promise.resolve();
 
-  constructor(opts: VmmOptions) {
+  constructor(private readonly opts: VmmOptions) {
     this.log = opts.log;
     this.store = opts.store ?? createStore();
   }
@@ -178,6 +181,7 @@ export class Vmm {
         const m = new Machine({
           store: this.store,
           log: this.log,
+          seccomp: this.opts.seccomp,
           onStop: (s) => this.onMachineStop(m, s),
           restore: { state, memoryPath: snap.memoryPath, ranges: snap.ranges, rangeChecksums: snap.rangeChecksums, mode, prefault: opts.prefault },
         });
@@ -255,7 +259,12 @@ export class Vmm {
   }
 
   private startMachine(): void {
-    const machine = new Machine({ store: this.store, log: this.log, onStop: (s) => this.onMachineStop(machine, s) });
+    const machine = new Machine({
+      store: this.store,
+      log: this.log,
+      seccomp: this.opts.seccomp,
+      onStop: (s) => this.onMachineStop(machine, s),
+    });
     this.machine = machine;
     machine.start();
   }

@@ -21,6 +21,7 @@ import {
   Regs,
   VcpuExit,
   VcpuExitHandler,
+  VcpuStartOptions,
   native,
 } from '../../src/native/kvm';
 
@@ -171,6 +172,7 @@ export function runVcpu(
   // A guard against a guest that never stops, not a measure of speed: in the nested lab, other
   // tests' synchronous guest builds can hold this process's event loop for seconds.
   timeoutMs = 60_000,
+  options?: VcpuStartOptions,
 ): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const exits: VcpuExit[] = [];
@@ -192,7 +194,7 @@ export function runVcpu(
       const r = handler(exit);
       if (r === undefined && exit.kind === 'io' && exit.direction === 'out' && exit.port === EXIT_PORT) return 'stop';
       return r;
-    });
+    }, options);
   });
 }
 

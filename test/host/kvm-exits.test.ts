@@ -1,6 +1,10 @@
 // Port I/O, MMIO and HLT exits of tiny 64-bit guests, handled in TypeScript.
 import test from 'ava';
 
+import { DebugPortEvents, debugPortDevice } from '../../src/devices';
+import type { StoreEvent } from '../../src/state';
+import { BusEvents, createStore, deviceEvents } from '../../src/state';
+import { dispatchIoExit } from '../../src/vmm/io-exit';
 import { EXIT_PORT, buildGuest, createTestVm, runVcpu } from './harness';
 
 test('ring-3 guest writes a string to port 0x3f8 byte by byte', async (t) => {
@@ -89,6 +93,33 @@ test('MMIO to an address outside every memory slot reaches the handler', async (
     ]);
     t.deepEqual(outs, [0x89abcdef, 0xbeef, 0x76543210, 0xfedcba98]);
   } finally {
+    vm.close();
+  }
+});
+
+test('an 8-byte MMIO write reaches a device and an 8-byte read returns to the guest with all 64 bits', async (t) => {
+  const store = createStore();
+  // A device on an 8-byte MMIO range at 0xd0000040; 0xd0000048 belongs to nobody and floats high.
+  store.dispatch(deviceEvents.added({ ...debugPortDevice({ id: 'post0' }), ranges: [{ space: 'mmio', base: 0xd000_0040, length: 8 }] }));
+  const events: StoreEvent[] = [];
+  const sub = store.events$.subscribe((e) => events.push(e));
+  const vm = createTestVm({ guest: buildGuest('mmio64'), ring: 3 });
+  try {
+    const outs: number[] = [];
+    await runVcpu(vm.vcpu, (exit) => {
+      if (exit.kind === 'mmio') return dispatchIoExit(store, exit, 0).value;
+      if (exit.kind === 'io' && exit.port === 0x515) outs.push(exit.data);
+      return undefined;
+    });
+    const written = events.find((e) => e.type === DebugPortEvents.RegisterWritten);
+    t.like(written, { source: 'post0', payload: { space: 'mmio', offset: 0, size: 8 } });
+    // A number would have arrived as 0xfedcba9876543000 (53 bits kept).
+    t.is((written?.payload as { data: unknown }).data, 0xfedcba9876543210n);
+    const read = events.find((e) => e.type === BusEvents.UnhandledAccess);
+    t.like(read, { payload: { space: 'mmio', direction: 'read', address: 0xd000_0048, size: 8 } });
+    t.deepEqual(outs, [0xffffffff, 0xffffffff], 'the guest read all 64 bits of the floating bus');
+  } finally {
+    sub.unsubscribe();
     vm.close();
   }
 });

@@ -43,6 +43,36 @@ test('SIGTERM ends a running VM with exit 0 and logs the shutdown as pino JSON',
   }
 });
 
+/**
+ * How many of a process's threads run under a seccomp filter (mode 2 in /proc). KVM's own
+ * worker (kvm-nx-lpage-recovery), forked from a vCPU thread inside KVM_RUN, inherits the filter
+ * but never runs user code: it is not counted.
+ */
+function filteredThreads(pid: number): number {
+  let n = 0;
+  for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
+    if (fs.readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').startsWith('kvm-')) continue;
+    const status = fs.readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
+    if (/^Seccomp:\s+2$/m.test(status)) n++;
+  }
+  return n;
+}
+
+test('--seccomp: each vCPU thread runs under a filter by default (true, log), and none with false', async (t) => {
+  for (const [args, expected] of [[[], 2], [['--seccomp', 'log'], 2], [['--seccomp', 'false'], 0]] as [string[], number][]) {
+    const vm = await startTinyVm(['--cpus', 'boot=2', ...args]);
+    try {
+      await vm.waitFor(/^COUNT 2\n/m, T);
+      // The vCPU threads only; Node's own threads stay unfiltered.
+      t.is(filteredThreads(vm.child.pid!), expected, `tern ${args.join(' ')}`);
+      vm.child.kill('SIGTERM');
+      t.is((await vm.exit(T)).code, 0, vm.stderr);
+    } finally {
+      vm.kill();
+    }
+  }
+});
+
 test('--serial file=PATH sends the console to the file and nothing to stdout', async (t) => {
   const file = path.join(tmp, 'serial.txt');
   const vm = await startTinyVm(['--serial', `file=${file}`], { cmdline: 'to-a-file' });

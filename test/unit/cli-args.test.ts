@@ -33,6 +33,13 @@ test('only --api-socket means no VM: the VMM waits for API calls', (t) => {
   t.deepEqual(a.apiSocket, { path: '/tmp/x.sock' });
 });
 
+test("--seccomp takes Cloud Hypervisor's true|false|log; the filter is on by default", (t) => {
+  t.is(parseTernArgs(['--api-socket', 'path=/tmp/x.sock']).seccomp, 'trap');
+  t.is(parseTernArgs(['--api-socket', 'path=/tmp/x.sock', '--seccomp', 'true']).seccomp, 'trap');
+  t.is(parseTernArgs(['--api-socket', 'path=/tmp/x.sock', '--seccomp=false']).seccomp, 'off');
+  t.is(parseTernArgs(['--api-socket', 'path=/tmp/x.sock', '--seccomp', 'log']).seccomp, 'log');
+});
+
 for (const [argv, fragment] of [
   [['--frobnicate'], '--frobnicate: unknown option'],
   [['--kernel', 'k', '--cpus', 'boot=two'], '--cpus: boot="two" is not a whole number'],
@@ -43,6 +50,7 @@ for (const [argv, fragment] of [
   [['--cmdline', 'x'], '--kernel: a VM needs --kernel'],
   [['--kernel'], '--kernel: needs a value'],
   [['--kernel', 'k', '--restore', 'source_url=file:///x'], '--restore: cannot be combined'],
+  [['--api-socket', 'path=/tmp/x.sock', '--seccomp', 'errno'], '--seccomp: "errno" is not one of true, false, log'],
 ] as [string[], string][]) {
   test(`rejects ${argv.join(' ')}`, (t) => {
     const e = t.throws(() => parseTernArgs(argv), { instanceOf: OptionError });

@@ -1,6 +1,6 @@
 // Drives a pure device transition like a guest would, one port access at a time. The state is
 // deep-frozen before every step, so a transition that mutates its input fails loudly.
-import type { DeviceTransition, Effect, IoAccess } from '../../src/devices/device';
+import type { DeviceTransition, Effect, IoAccess, NarrowIoAccess } from '../../src/devices/device';
 import { deepFreeze } from '../../src/state/json';
 
 export class DeviceHarness<S> {
@@ -12,11 +12,12 @@ export class DeviceHarness<S> {
     private readonly transition: DeviceTransition<S>,
   ) {}
 
-  access(a: Omit<IoAccess, 'nowNs' | 'space'> & { space?: IoAccess['space'] }): number | undefined {
+  access(a: Omit<NarrowIoAccess, 'nowNs' | 'space'> & { space?: IoAccess['space'] }): number | undefined {
     deepFreeze(this.state);
     const r = this.transition(this.state, { space: 'pio', nowNs: this.nowNs, ...a });
     this.state = r.state;
     this.effects.push(...r.effects);
+    if (typeof r.value === 'bigint') throw new Error(`a ${a.size}-byte access returned a bigint`);
     return r.value;
   }
 
