@@ -240,14 +240,14 @@ static Napi::Value RenameNoReplace(const Napi::CallbackInfo& info) {
 }
 
 void InitFdUtil(Napi::Env env, Napi::Object exports) {
-  exports.Set("renameNoReplace", Napi::Function::New(env, RenameNoReplace, "renameNoReplace"));
-  exports.Set("seekData", Napi::Function::New(env, SeekData, "seekData"));
-  exports.Set("seekHole", Napi::Function::New(env, SeekHole, "seekHole"));
-  exports.Set("eventfd", Napi::Function::New(env, EventFd, "eventfd"));
-  exports.Set("eventfdRead", Napi::Function::New(env, EventFdRead, "eventfdRead"));
-  exports.Set("eventfdWrite", Napi::Function::New(env, EventFdWrite, "eventfdWrite"));
-  exports.Set("closeFd", Napi::Function::New(env, CloseFd, "closeFd"));
-  exports.Set("flock", Napi::Function::New(env, Flock, "flock"));
+  exports.Set("renameNoReplace", Napi::Function::New(env, Guarded<RenameNoReplace>, "renameNoReplace"));
+  exports.Set("seekData", Napi::Function::New(env, Guarded<SeekData>, "seekData"));
+  exports.Set("seekHole", Napi::Function::New(env, Guarded<SeekHole>, "seekHole"));
+  exports.Set("eventfd", Napi::Function::New(env, Guarded<EventFd>, "eventfd"));
+  exports.Set("eventfdRead", Napi::Function::New(env, Guarded<EventFdRead>, "eventfdRead"));
+  exports.Set("eventfdWrite", Napi::Function::New(env, Guarded<EventFdWrite>, "eventfdWrite"));
+  exports.Set("closeFd", Napi::Function::New(env, Guarded<CloseFd>, "closeFd"));
+  exports.Set("flock", Napi::Function::New(env, Guarded<Flock>, "flock"));
 }
 
 }  // namespace tern
