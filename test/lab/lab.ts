@@ -39,7 +39,7 @@ export interface LabOptions {
    * Kill the lab when its heartbeat (printed by the lab's init every 10 s) has been missing this
    * long, or when its kernel reports a CPU stuck (soft lockup, RCU stall): a lab that stopped
    * making progress rejects with LabFrozenError in minutes instead of running into timeoutMs.
-   * Default LAB_SILENCE_LIMIT_MS; 0 turns the watchdog off. Lab mode only.
+   * Default LAB_SILENCE_LIMIT_MS; 0 turns the heartbeat check off. Lab mode only.
    */
   silenceLimitMs?: number;
   /**
@@ -142,7 +142,8 @@ export function labQemuArgs(o: {
   memMiB?: number;
 }): string[] {
   return [
-    '-M', 'q35', '-accel', 'tcg', '-cpu', 'EPYC,+svm',
+    // TERN_LAB_ACCEL and TERN_LAB_CPU exist to compare TCG modes and CPU models (freeze-rate.ts).
+    '-M', 'q35', '-accel', process.env.TERN_LAB_ACCEL ?? 'tcg', '-cpu', process.env.TERN_LAB_CPU ?? 'EPYC,+svm',
     '-smp', String(o.smp ?? LAB_DEFAULT_SMP), '-m', String(o.memMiB ?? LAB_DEFAULT_MEM_MIB),
     // -nographic alone would put the monitor on stdio too, and QEMU refuses
     // two users of stdio; -nic none drops the default NIC and its iPXE ROM.
@@ -252,12 +253,10 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
           killChild(child, true);
           reject(new LabTimeoutError(opts.timeoutMs, tail(consoleText) + (stderr ? `\n[qemu stderr]\n${tail(stderr, 1000)}` : '')));
         }, opts.timeoutMs);
-        if (silenceLimitMs > 0) {
-          watchdog = setInterval(() => {
-            if (stuck) freeze(`its kernel reported: ${stuck}`);
-            else if (Date.now() - lastAlive > silenceLimitMs) freeze(`no heartbeat for ${Math.round((Date.now() - lastAlive) / 1000)} s`);
-          }, 1000);
-        }
+        watchdog = setInterval(() => {
+          if (stuck) freeze(`its kernel reported: ${stuck}`);
+          else if (silenceLimitMs > 0 && Date.now() - lastAlive > silenceLimitMs) freeze(`no heartbeat for ${Math.round((Date.now() - lastAlive) / 1000)} s`);
+        }, 1000);
       };
       // Waiting for another lab is bounded too, by this run's own timeout.
       const lockTimer = exclusive

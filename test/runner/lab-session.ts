@@ -26,10 +26,11 @@ export interface LabSessionResult {
   boots: string[];
 }
 
-// The markers frame each file's TAP output. A file's own output cannot end its frame early: the
+// The markers frame each file's TAP output and name the file by its place in the boot's list (a
+// list may hold one file more than once). A file's own output cannot end its frame early: the
 // END marker carries a per-run nonce.
-const begin = (nonce: string) => new RegExp(`^TERN-TEST-BEGIN ${nonce} (\\S+) (\\S+)$`);
-const end = (nonce: string) => new RegExp(`^TERN-TEST-END ${nonce} (\\S+) (\\S+) (\\d+)$`);
+const begin = (nonce: string) => new RegExp(`^TERN-TEST-BEGIN ${nonce} (\\d+) `);
+const end = (nonce: string) => new RegExp(`^TERN-TEST-END ${nonce} (\\d+) (\\d+) `);
 
 /**
  * The lab job. Files of a parallel tier (kvm) run two at a time, each lane taking the next file
@@ -40,37 +41,40 @@ const end = (nonce: string) => new RegExp(`^TERN-TEST-END ${nonce} (\\S+) (\\S+)
  * lab take longer to start than the tests' guards allow.
  */
 function jobScript(files: TestFile[], nonce: string, avaTimeout: string, parallelTiers: string[]): string {
-  const parallel = files.filter((f) => parallelTiers.includes(f.tier));
-  const serial = files.filter((f) => !parallelTiers.includes(f.tier));
+  const indexed = files.map((f, k) => ({ ...f, k }));
+  const parallel = indexed.filter((f) => parallelTiers.includes(f.tier));
+  const serial = indexed.filter((f) => !parallelTiers.includes(f.tier));
   const arr = (name: string, xs: string[]) => `${name}=(${xs.map(shq).join(' ')})`;
   const ava = `node node_modules/ava/entrypoints/cli.mjs --tap --timeout=${avaTimeout}`;
   return [
     'work=$(mktemp -d /tmp/tern-tests.XXXXXX)',
     'echo 0 > "$work/next"',
     `say() { flock "$work/lock" echo "$*"; }`,
-    arr('ptier', parallel.map((f) => f.tier)),
+    arr('pk', parallel.map((f) => String(f.k))),
     arr('pfile', parallel.map((f) => f.file)),
     'take() { flock "$work/lock" sh -c \'n=$(cat "$1"); echo $((n+1)) > "$1"; echo "$n"\' _ "$work/next"; }',
     'lane() {',
     '  while :; do',
     '    i=$(take); [ "$i" -lt "${#pfile[@]}" ] || return 0',
-    `    say "TERN-TEST-BEGIN ${nonce} \${ptier[$i]} \${pfile[$i]}"`,
+    `    say "TERN-TEST-BEGIN ${nonce} \${pk[$i]} \${pfile[$i]}"`,
     `    ${ava} --serial "\${pfile[$i]}" > "$work/$i.tap" 2>&1; st=$?`,
-    `    flock "$work/lock" sh -c 'cat "$1"; echo "TERN-TEST-END ${nonce} $2 $3 $4"' _ "$work/$i.tap" "\${ptier[$i]}" "\${pfile[$i]}" "$st"`,
+    `    flock "$work/lock" sh -c 'cat "$1"; echo "TERN-TEST-END ${nonce} $2 $3 $4"' _ "$work/$i.tap" "\${pk[$i]}" "$st" "\${pfile[$i]}"`,
     '  done',
     '}',
     'lane & lane & wait',
     'run_file() {',
     `  echo "TERN-TEST-BEGIN ${nonce} $1 $2"`,
     `  ${ava} --serial "$2" 2>&1`,
-    `  echo "TERN-TEST-END ${nonce} $1 $2 $?"`,
+    `  echo "TERN-TEST-END ${nonce} $1 $? $2"`,
     '}',
-    ...serial.map((f) => `run_file ${shq(f.tier)} ${shq(f.file)}`),
+    ...serial.map((f) => `run_file ${f.k} ${shq(f.file)}`),
   ].join('\n');
 }
 
 interface BootOutcome {
   finished: FileResult[];
+  /** Places in the boot's list of the files that finished. */
+  finishedAt: Set<number>;
   /** The files that had begun and not ended when the boot stopped. */
   interrupted: TestFile[];
   error?: Error;
@@ -79,7 +83,8 @@ interface BootOutcome {
 
 async function oneBoot(files: TestFile[], opts: LabSessionOptions, nonce: string): Promise<BootOutcome> {
   const finished: FileResult[] = [];
-  const running = new Map<string, TestFile>();
+  const finishedAt = new Set<number>();
+  const running = new Set<number>();
   // A file's TAP is every line between the previous marker and its END marker.
   let since = '';
   let partial = '';
@@ -87,18 +92,19 @@ async function oneBoot(files: TestFile[], opts: LabSessionOptions, nonce: string
   const endRe = end(nonce);
   const onLine = (line: string) => {
     const b = beginRe.exec(line);
-    if (b) {
-      const f = { tier: b[1], file: b[2] };
-      running.set(f.file, f);
+    if (b && files[Number(b[1])]) {
+      running.add(Number(b[1]));
       since = '';
-      opts.onFileStart?.(f);
+      opts.onFileStart?.(files[Number(b[1])]);
       return;
     }
     const e = endRe.exec(line);
-    if (e && running.has(e[2])) {
-      const exitCode = Number(e[3]);
-      const result: FileResult = { ...running.get(e[2])!, tap: since, exitCode, counts: countTap(since, exitCode) };
-      running.delete(e[2]);
+    if (e && running.has(Number(e[1]))) {
+      const k = Number(e[1]);
+      const exitCode = Number(e[2]);
+      const result: FileResult = { ...files[k], tap: since, exitCode, counts: countTap(since, exitCode) };
+      running.delete(k);
+      finishedAt.add(k);
       since = '';
       finished.push(result);
       opts.onFileEnd?.(result);
@@ -125,9 +131,11 @@ async function oneBoot(files: TestFile[], opts: LabSessionOptions, nonce: string
     });
     if (partial) onLine(partial);
     const error = finished.length < files.length ? new Error(`the lab job ended with status ${r.exitCode} after ${finished.length} of ${files.length} files`) : undefined;
-    return { finished, interrupted: [...running.values()], error, durationMs: Date.now() - started };
+    const interrupted = [...running].map((k) => files[k]);
+    return { finished, finishedAt, interrupted, error, durationMs: Date.now() - started };
   } catch (e) {
-    return { finished, interrupted: [...running.values()], error: e as Error, durationMs: Date.now() - started };
+    const interrupted = [...running].map((k) => files[k]);
+    return { finished, finishedAt, interrupted, error: e as Error, durationMs: Date.now() - started };
   }
 }
 
@@ -166,8 +174,7 @@ export async function runInLabSession(files: TestFile[], opts: LabSessionOptions
   for (let attempt = 1; attempt <= 2 && todo.length > 0; attempt++) {
     const outcome = await oneBoot(todo, opts, nonce());
     results.push(...outcome.finished);
-    const done = new Set(outcome.finished.map((r) => r.file));
-    const remaining = todo.filter((f) => !done.has(f.file));
+    const remaining = todo.filter((_, k) => !outcome.finishedAt.has(k));
     const secs = (outcome.durationMs / 1000).toFixed(0);
     if (!outcome.error && remaining.length === 0) {
       boots.push(`lab boot ${attempt}: ${outcome.finished.length} files in ${secs} s`);
@@ -181,7 +188,7 @@ export async function runInLabSession(files: TestFile[], opts: LabSessionOptions
     if (attempt === 1 && todo.length > 0) opts.onBootFailed?.(`${why}${during}`, todo);
     if (attempt === 2) {
       for (const f of todo) {
-        const interrupted = outcome.interrupted.some((i) => i.file === f.file);
+        const interrupted = outcome.interrupted.includes(f);
         results.push({
           ...f,
           tap: '',

@@ -42,17 +42,17 @@ test('TAP counts: a run that reported nothing, or exited non-zero with no failur
 /** A lab that runs the job's files by printing their markers; `freezeOn` files freeze it. */
 function scriptedLab(freezeOn: Map<string, number>, boots: string[][]) {
   return async (o: LabOptions): Promise<LabResult> => {
-    const calls = [...o.script.matchAll(/^run_file '(\w+)' '([^']+)'$/gm)].map((m) => ({ tier: m[1], file: m[2] }));
+    const calls = [...o.script.matchAll(/^run_file (\d+) '([^']+)'$/gm)].map((m) => ({ k: m[1], file: m[2] }));
     const nonce = /TERN-TEST-BEGIN (\w+)/.exec(o.script)![1];
     boots.push(calls.map((c) => c.file));
     for (const c of calls) {
-      o.onOutput?.(`TERN-TEST-BEGIN ${nonce} ${c.tier} ${c.file}\nTAP version 13\n`);
+      o.onOutput?.(`TERN-TEST-BEGIN ${nonce} ${c.k} ${c.file}\nTAP version 13\n`);
       const left = freezeOn.get(c.file) ?? 0;
       if (left > 0) {
         freezeOn.set(c.file, left - 1);
         throw new LabFrozenError('no heartbeat for 120 s', '');
       }
-      o.onOutput?.(`ok 1 - ${c.file} works\n1..1\n# tests 1\n# pass 1\n# fail 0\nTERN-TEST-END ${nonce} ${c.tier} ${c.file} 0\n`);
+      o.onOutput?.(`ok 1 - ${c.file} works\n1..1\n# tests 1\n# pass 1\n# fail 0\nTERN-TEST-END ${nonce} ${c.k} 0 ${c.file}\n`);
     }
     return { exitCode: 0, output: '', durationMs: 1, bootMs: 1, queuedMs: 0, mode: 'lab' };
   };
@@ -93,13 +93,14 @@ test('lab session: a file that freezes the lab twice fails, the files after it a
   t.regex(byFile.get(FILES[3].file)!.note!, /never ran/);
 });
 
-test('lab session: the real job script runs files two at a time and then one at a time, each counted whole', async (t) => {
+test('lab session: the real job script runs files two at a time and then one at a time, each counted whole, repeats included', async (t) => {
   // The job script is bash; run it directly on this host (the lab runs the same script).
   process.env.TERN_LAB_MODE = 'direct';
   const files: TestFile[] = [
     { tier: 'kvm', file: 'dist/test/unit/bus.test.js' },
     { tier: 'kvm', file: 'dist/test/unit/debug-port.test.js' },
     { tier: 'kvm', file: 'dist/test/unit/acpi-pm.test.js' },
+    { tier: 'kvm', file: 'dist/test/unit/bus.test.js' },
     { tier: 'linux', file: 'dist/test/unit/i8042.test.js' },
   ];
   const started: string[] = [];
@@ -107,14 +108,14 @@ test('lab session: the real job script runs files two at a time and then one at 
     cwd: REPO, timeoutMs: 120_000, avaTimeout: '1m', parallelTiers: ['kvm'],
     onFileStart: (f) => started.push(f.file),
   }, nonce);
-  t.is(r.results.length, 4);
-  t.deepEqual(new Set(started), new Set(files.map((f) => f.file)));
-  t.is(started[3], files[3].file, 'the serial tier starts after the parallel lanes');
+  t.is(r.results.length, 5);
+  t.deepEqual(started.slice().sort(), files.map((f) => f.file).sort());
+  t.is(started[4], files[4].file, 'the serial tier starts after the parallel lanes');
   for (const f of r.results) {
     t.is(f.counts.failed, 0, f.tap);
     t.true(f.counts.passed > 0, f.file);
     t.regex(f.tap, /^# pass \d+$/m);
     t.notRegex(f.tap, /TERN-TEST-/, 'no marker inside a file\'s TAP');
   }
-  t.regex(r.boots[0], /4 files/);
+  t.regex(r.boots[0], /5 files/);
 });
