@@ -1,0 +1,39 @@
+// The lab's watchdog against a real lab VM: a lab whose heartbeat stops, or whose kernel reports
+// a stuck CPU, is killed long before its timeout, and the runner is told why. (A test of the
+// test machinery; it needs QEMU, not KVM.)
+import test from 'ava';
+import { LabFrozenError, runInLab } from '../lab/lab';
+
+process.env.TERN_LAB_MODE = 'lab';
+
+test.serial('a lab whose heartbeat stops is killed after the silence limit, not at its timeout', async (t) => {
+  const started = Date.now();
+  // Stop the lab init's heartbeat loop (the parent of its `sleep`), then hang.
+  const err = await t.throwsAsync(
+    runInLab({ script: 'echo job-running; kill -STOP $(ps -o ppid= -C sleep); sleep 600', timeoutMs: 10 * 60_000, silenceLimitMs: 25_000 }),
+    { instanceOf: LabFrozenError },
+  );
+  const took = Date.now() - started;
+  t.regex(err!.message, /no heartbeat for \d+ s/);
+  t.regex(err!.consoleTail, /job-running/, 'the console up to the freeze is kept');
+  t.true(took < 5 * 60_000, `killed after ${Math.round(took / 1000)} s`);
+});
+
+test.serial('a lab whose kernel reports a stuck CPU is killed at once', async (t) => {
+  // The job writes the kernel's report to the kernel log, as a stuck CPU would.
+  const err = await t.throwsAsync(
+    runInLab({
+      script: 'echo "<0>watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [node:123]" > /dev/kmsg; sleep 600',
+      timeoutMs: 10 * 60_000, silenceLimitMs: 0,
+    }),
+    { instanceOf: LabFrozenError },
+  );
+  t.regex(err!.message, /its kernel reported: watchdog: BUG: soft lockup - CPU#1 stuck/);
+});
+
+test.serial('a lab that keeps its heartbeat runs a silent job to the end', async (t) => {
+  const r = await runInLab({ script: 'sleep 30; echo done-after-silence', timeoutMs: 10 * 60_000, silenceLimitMs: 20_000 });
+  t.is(r.exitCode, 0);
+  t.regex(r.output, /done-after-silence/);
+  t.notRegex(r.output, /TERN-LAB-ALIVE/, 'heartbeats are cut out of the output');
+});
