@@ -129,7 +129,12 @@ export class TernClient {
   }
 
   /** Restore a VM from a snapshot directory (only when the VMM has no VM). */
-  restore(config: { source_url: string; prefault?: boolean; resume?: boolean; memory_restore_mode?: 'copy' | 'ondemand' }): Promise<void> {
+  restore(config: {
+    source_url: string;
+    prefault?: boolean;
+    resume?: boolean;
+    memory_restore_mode?: 'Copy' | 'OnDemand' | 'copy' | 'ondemand';
+  }): Promise<void> {
     return this.put('vm.restore', config);
   }
 
