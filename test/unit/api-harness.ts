@@ -11,7 +11,7 @@ import OpenAPIResponseValidator from 'openapi-response-validator';
 import YAML from 'yaml';
 
 import { TernClient, type RawReply } from '../../src/api/client';
-import { ApiServer } from '../../src/api/server';
+import { ApiServer, type ApiLimits } from '../../src/api/server';
 import { VmmApi } from '../../src/api/vmm-api';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
@@ -78,7 +78,7 @@ export interface ApiRig {
   close(): Promise<void>;
 }
 
-export async function startApi(recorder: ReplyRecorder, dir = tempDir('tern-api-')): Promise<ApiRig> {
+export async function startApi(recorder: ReplyRecorder, dir = tempDir('tern-api-'), limits?: Partial<ApiLimits>): Promise<ApiRig> {
   const vmm = new Vmm({ log: silentLogger() });
   const socket = path.join(dir, 'api.sock');
   const rig = {} as ApiRig;
@@ -87,6 +87,7 @@ export async function startApi(recorder: ReplyRecorder, dir = tempDir('tern-api-
     api: new VmmApi(vmm),
     log: silentLogger(),
     onVmmShutdown: () => rig.vmmShutdowns++,
+    limits,
   });
   const client = new TernClient({ socketPath: socket, timeoutMs: 20_000 });
   Object.assign(rig, {
