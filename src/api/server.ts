@@ -10,7 +10,8 @@
 //
 // Every client-held resource is capped: connections (the idlest one makes room, or 503),
 // silence on a connection (closed after the idle timeout), request bodies held at once across
-// all connections (429 past the budget) and live event streams (429).
+// all connections (429 past the budget), unanswered pipelined requests on one connection (429)
+// and live event streams (429).
 import fs from 'node:fs';
 import http from 'node:http';
 import type { Socket } from 'node:net';
@@ -48,6 +49,8 @@ export interface ApiLimits {
   requestTimeoutMs: number;
   /** request body bytes held across all connections at once; past it, 429 */
   bodyBudgetBytes: number;
+  /** requests pipelined on one connection and not yet answered; past it, 429 */
+  maxPipelined: number;
 }
 
 export const DEFAULT_API_LIMITS: Readonly<ApiLimits> = {
@@ -56,6 +59,7 @@ export const DEFAULT_API_LIMITS: Readonly<ApiLimits> = {
   idleTimeoutMs: 30_000,
   requestTimeoutMs: 60_000,
   bodyBudgetBytes: 4 * MAX_BODY_BYTES,
+  maxPipelined: 16,
 };
 
 type Method = 'GET' | 'PUT';
@@ -157,6 +161,8 @@ interface Connection {
   current?: { req: http.IncomingMessage; res: http.ServerResponse };
   /** a vmm.events stream: never idle, never evicted */
   streaming: boolean;
+  /** requests received and not yet answered (pipelined ones are handled before earlier replies are out) */
+  pending: number;
 }
 
 export class ApiServer {
@@ -299,7 +305,7 @@ export class ApiServer {
         return false;
       }
     }
-    this.connections.set(socket, { streaming: false });
+    this.connections.set(socket, { streaming: false, pending: 0 });
     socket.once('close', () => this.connections.delete(socket));
     return true;
   }
@@ -352,9 +358,17 @@ export class ApiServer {
     if (c) {
       const current = { req, res };
       c.current = current;
+      c.pending++;
       res.once('close', () => {
+        c.pending--;
         if (c.current === current) c.current = undefined;
       });
+      // Each waiting request holds a place in the VMM's queue: a client may not stack them.
+      if (c.pending > this.limits.maxPipelined) {
+        discardBody(req);
+        this.fail(req, res, tooMany(`${c.pending - 1} requests on this connection are not answered yet (at most ${this.limits.maxPipelined})`));
+        return;
+      }
     }
     try {
       const pending = this.route(req, res);

@@ -1,7 +1,8 @@
 // What clients can hold of the VMM through its API socket is capped: connections (silent ones
 // cannot exhaust its file descriptors or lock others out), silence (an idle or half-sent
 // connection is closed after the idle timeout), request bodies held at once across connections
-// (429 past the budget, while small calls still work) and live event streams.
+// (429 past the budget, while small calls still work), unanswered pipelined requests and live
+// event streams.
 import test from 'ava';
 import fs from 'node:fs';
 import net from 'node:net';
@@ -202,5 +203,28 @@ test('event streams past their cap get 429; the others keep streaming', async (t
     await until('both streams to carry the event', () => streams.every((s) => s.text().includes('"deleted"')));
     for (const s of streams) s.socket.destroy();
     t.pass();
+  });
+});
+
+test('requests pipelined on one connection past the cap get 429 at once instead of queueing in the VMM', async (t) => {
+  await withRig('pipelined', { maxPipelined: 4 }, async (rig) => {
+    // Something slow holds the VMM's queue (as a snapshot would) while the pipeline arrives.
+    const busy = (rig.vmm as unknown as { serialize(f: () => Promise<unknown>): Promise<unknown> }).serialize(() => sleep(500));
+    const pause = 'PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\n\r\n';
+    const pipeline = await hold(rig.socket, pause.repeat(50));
+    const replies = (): ParsedResponse[] => {
+      try {
+        return parseResponses(Buffer.from(pipeline.text(), 'latin1'));
+      } catch {
+        return []; // not all there yet
+      }
+    };
+    await busy;
+    await until('50 replies', () => replies().length === 50);
+    // in request order: the first four waited for the VMM, the rest were refused without queueing
+    t.deepEqual(replies().map((r) => r.status), [...Array(4).fill(404), ...Array(46).fill(429)]);
+    t.regex(replies()[49].body.toString(), /49 requests on this connection are not answered yet \(at most 4\)/);
+    pipeline.socket.destroy();
+    t.is((await rig.client.ping()).pid, process.pid);
   });
 });
