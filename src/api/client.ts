@@ -136,7 +136,7 @@ export class TernClient {
     source_url: string;
     prefault?: boolean;
     resume?: boolean;
-    memory_restore_mode?: 'copy' | 'ondemand';
+    memory_restore_mode?: 'Copy' | 'OnDemand' | 'copy' | 'ondemand';
     serial?: SerialConfig;
     console?: ConsoleConfig;
   }): Promise<void> {

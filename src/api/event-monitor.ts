@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import type { Logger } from 'pino';
 import type { Subscription } from 'rxjs';
 import { GuestEvents, VmEvents, VmmEvents, type GuestPanicPayload, type Store, type StoreEvent } from '../state';
+import { openOwnFile } from './host-file';
 import type { TernEvent } from './schema';
 
 /** store event type -> Cloud Hypervisor (source, event) */
@@ -81,14 +82,19 @@ export class EventMonitor {
     });
   }
 
-  /** Open `target` (a path is created or truncated, as Cloud Hypervisor does) and start writing. */
+  /**
+   * Open `target` and start writing. A path is created (0600) or truncated, as Cloud
+   * Hypervisor does, but never through a symlink or into a file with other names; a named
+   * pipe is written as it is. An inherited fd is used as it is.
+   */
   static open(store: Store<unknown>, target: MonitorTarget, log?: Logger): EventMonitor {
     if (target.fd !== undefined) {
       fs.fstatSync(target.fd); // fail now, with EBADF, rather than on the first event
       return new EventMonitor(target.fd, false, store, log);
     }
     if (!target.path) throw new Error('the event monitor needs path= or fd=');
-    return new EventMonitor(fs.openSync(target.path, 'w'), true, store, log);
+    const fd = openOwnFile(target.path, { role: 'the event monitor file', truncate: true, allowFifo: true });
+    return new EventMonitor(fd, true, store, log);
   }
 
   private write(buf: Buffer): void {

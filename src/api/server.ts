@@ -2,6 +2,16 @@
 // error bodies. It only translates: request -> VmmApi call -> reply. Node's http parser does the
 // HTTP; everything it rejects (garbage, truncated requests, oversized headers) still gets a
 // Cloud Hypervisor-style error reply when the socket can take one.
+//
+// Replies are framed the way Cloud Hypervisor's server (micro_http) frames them, because its
+// client, ch-remote, reads everything after "HTTP/1.1 " up to CR as the status number: a status
+// line with no reason phrase, then Server and Connection: keep-alive, then Content-Type and
+// Content-Length only when there is a body (never on 204), never chunked.
+//
+// Every client-held resource is capped: connections (the idlest one makes room, or 503),
+// silence on a connection (closed after the idle timeout), request bodies held at once across
+// all connections (429 past the budget), unanswered pipelined requests on one connection (429)
+// and live event streams (429).
 import fs from 'node:fs';
 import http from 'node:http';
 import type { Socket } from 'node:net';
@@ -11,15 +21,46 @@ import { native } from '../native/kvm';
 import type { StoreEvent } from '../state';
 import { ApiError, badRequest, notFound, toApiError } from './errors';
 import { toTernEvent } from './event-monitor';
+import { openOwnFile } from './host-file';
 import { parseJsonBody } from './request-body';
 import type { VmmApi } from './vmm-api';
 
 export const API_ROOT = '/api/v1';
+/** Cloud Hypervisor's limit for one request body */
 export const MAX_BODY_BYTES = 4 << 20;
 /** Node's default; a request with more header bytes gets a 400 */
 export const MAX_HEADER_BYTES = 16 << 10;
 /** an SSE subscriber this far behind is dropped rather than buffered without bound */
 const MAX_STREAM_BACKLOG = 1 << 20;
+/** bodies this small are never refused for the budget, so vm.create works during a flood */
+const SMALL_BODY_BYTES = 64 << 10;
+/** the Server header's value; the only bytes of the framing that differ from Cloud Hypervisor's */
+export const SERVER_NAME = 'Tern API';
+
+/** What one client, or many, may hold of the VMM at once. */
+export interface ApiLimits {
+  /** open connections; at the cap the idlest connection is closed, or a new one gets 503 */
+  maxConnections: number;
+  /** live vmm.events streams (they count as connections too, and never go idle) */
+  maxEventStreams: number;
+  /** a connection with no request being worked on that stays silent this long is closed */
+  idleTimeoutMs: number;
+  /** a request's head and body must have arrived this long after it started */
+  requestTimeoutMs: number;
+  /** request body bytes held across all connections at once; past it, 429 */
+  bodyBudgetBytes: number;
+  /** requests pipelined on one connection and not yet answered; past it, 429 */
+  maxPipelined: number;
+}
+
+export const DEFAULT_API_LIMITS: Readonly<ApiLimits> = {
+  maxConnections: 64,
+  maxEventStreams: 16,
+  idleTimeoutMs: 30_000,
+  requestTimeoutMs: 60_000,
+  bodyBudgetBytes: 4 * MAX_BODY_BYTES,
+  maxPipelined: 16,
+};
 
 type Method = 'GET' | 'PUT';
 
@@ -71,26 +112,37 @@ export interface ApiServerOptions {
   log: Logger;
   /** called once vmm.shutdown has been answered: the owner ends the process */
   onVmmShutdown?: () => void;
+  /** defaults: DEFAULT_API_LIMITS */
+  limits?: Partial<ApiLimits>;
 }
 
 const JSON_TYPE = 'application/json';
 const ACCEPTED_BODY_TYPES = new Set([JSON_TYPE, 'text/plain']);
 
+const tooMany = (...chain: string[]) => new ApiError(429, ['Too many requests', ...chain]);
+
 function errorBody(err: ApiError): string {
   return JSON.stringify(err.chain);
 }
 
-/** A complete reply written straight to a socket the HTTP parser gave up on. */
+/**
+ * The head of a reply, as micro_http writes it: "HTTP/1.1 NNN " and CRLF (no reason phrase),
+ * Server, Connection, then Content-Type and Content-Length only for a reply with a body.
+ * As a flat list, so Node writes the headers in this order and adds none of its own.
+ */
+function replyHeaders(keepAlive: boolean, bodyLength: number | null, contentType = JSON_TYPE): string[] {
+  const h = ['Server', SERVER_NAME, 'Connection', keepAlive ? 'keep-alive' : 'close'];
+  if (bodyLength !== null) h.push('Content-Type', contentType, 'Content-Length', String(bodyLength));
+  return h;
+}
+
+/** A complete error reply for a socket no ServerResponse exists for; the connection then ends. */
 function rawErrorReply(err: ApiError): Buffer {
   const body = Buffer.from(errorBody(err));
-  const reason = http.STATUS_CODES[err.status] ?? 'Error';
-  return Buffer.concat([
-    Buffer.from(
-      `HTTP/1.1 ${err.status} ${reason}\r\nServer: Tern API\r\nContent-Type: ${JSON_TYPE}\r\n` +
-        `Content-Length: ${body.length}\r\nConnection: close\r\n\r\n`,
-    ),
-    body,
-  ]);
+  const h = replyHeaders(false, body.length);
+  let head = `HTTP/1.1 ${err.status} \r\n`;
+  for (let i = 0; i < h.length; i += 2) head += `${h[i]}: ${h[i + 1]}\r\n`;
+  return Buffer.concat([Buffer.from(`${head}\r\n`), body]);
 }
 
 /** The path part of a request target (origin-form or absolute-form), without the query. */
@@ -103,28 +155,59 @@ function requestPath(url: string): string {
   return q >= 0 ? p.slice(0, q) : p;
 }
 
+/** What the server knows of one admitted connection. */
+interface Connection {
+  /** the request being answered, from its head until its reply is finished */
+  current?: { req: http.IncomingMessage; res: http.ServerResponse };
+  /** a vmm.events stream: never idle, never evicted */
+  streaming: boolean;
+  /** requests received and not yet answered (pipelined ones are handled before earlier replies are out) */
+  pending: number;
+}
+
 export class ApiServer {
   private readonly server: http.Server;
+  private readonly limits: ApiLimits;
+  private readonly connections = new Map<Socket, Connection>();
   private readonly streams = new Set<{ res: http.ServerResponse; sub: Subscription }>();
+  /** request body bytes held (or promised by Content-Length) across all connections */
+  private bodyBytes = 0;
   private lockFd?: number;
   private socketPath?: string;
   private closing?: Promise<void>;
 
   private constructor(private readonly opts: ApiServerOptions) {
+    const limits = (this.limits = { ...DEFAULT_API_LIMITS, ...opts.limits });
     this.server = http.createServer(
-      // Cloud Hypervisor's clients need not send Host (HTTP/1.1 says they should; a UNIX socket
-      // has no virtual hosts to pick from).
-      { maxHeaderSize: MAX_HEADER_BYTES, requestTimeout: 60_000, headersTimeout: 30_000, requireHostHeader: false },
+      {
+        maxHeaderSize: MAX_HEADER_BYTES,
+        requestTimeout: limits.requestTimeoutMs,
+        headersTimeout: limits.requestTimeoutMs,
+        keepAliveTimeout: limits.idleTimeoutMs,
+        // how often Node looks for requests past requestTimeout
+        connectionsCheckingInterval: Math.max(10, Math.min(1000, limits.requestTimeoutMs / 4)),
+        // Cloud Hypervisor's clients need not send Host (HTTP/1.1 says they should; a UNIX
+        // socket has no virtual hosts to pick from).
+        requireHostHeader: false,
+      },
       (req, res) => this.handle(req, res),
     );
+    // Silence on a socket: Node asks here before closing it.
+    this.server.timeout = limits.idleTimeoutMs;
+    this.server.on('timeout', (socket: Socket) => this.onIdle(socket));
     this.server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => this.onClientError(err, socket));
     // Node hands CONNECT to its own event (and drops the socket if nobody listens): answer it.
     this.server.on('connect', (req: http.IncomingMessage, socket: Socket) => {
       if (socket.writable) socket.end(rawErrorReply(badRequest(`${requestPath(req.url ?? '')} accepts no CONNECT`)));
       else socket.destroy();
     });
-    // A peer that vanishes mid-reply is not the VMM's problem.
-    this.server.on('connection', (socket: Socket) => socket.on('error', () => undefined));
+    // http.Server attaches its parser in its own 'connection' listeners: admission runs in
+    // their place and passes on only the sockets it admits, so a refused one is never parsed.
+    const attachParser = this.server.listeners('connection') as ((socket: Socket) => void)[];
+    this.server.removeAllListeners('connection');
+    this.server.on('connection', (socket: Socket) => {
+      if (this.admit(socket)) for (const l of attachParser) l.call(this.server, socket);
+    });
   }
 
   /**
@@ -138,29 +221,32 @@ export class ApiServer {
       return s;
     }
     if (!target.path) throw new Error('the API socket needs path= or fd=');
-    s.acquireLock(target.path);
+    const socketPath = target.path;
+    s.acquireLock(socketPath);
     try {
-      removeStaleSocket(target.path);
+      removeStaleSocket(socketPath);
       await s.listenOn(() => {
-        // bind() creates the file with the umask applied: make it 0600 from the first instant.
+        // bind() creates the file with the umask applied: it is 0600 from its first instant,
+        // and nothing changes its mode by path afterwards (a chmod would follow a link put in
+        // its place).
         const mask = process.umask(0o177);
         try {
-          s.server.listen(target.path);
+          s.server.listen(socketPath);
         } finally {
           process.umask(mask);
         }
       });
-      s.socketPath = target.path;
-      fs.chmodSync(target.path, 0o600);
+      s.socketPath = socketPath;
+      checkSocketFile(socketPath);
     } catch (e) {
-      s.releaseLock();
+      await s.close();
       throw e;
     }
     return s;
   }
 
   private acquireLock(socketPath: string): void {
-    const fd = fs.openSync(`${socketPath}.lock`, fs.constants.O_CREAT | fs.constants.O_WRONLY, 0o600);
+    const fd = openOwnFile(`${socketPath}.lock`, { role: 'the API socket lock' });
     let locked = false;
     try {
       locked = native().flock(fd, { exclusive: true, nonblocking: true });
@@ -194,23 +280,96 @@ export class ApiServer {
     return this.socketPath;
   }
 
+  /**
+   * A new connection: admitted while under the cap; at the cap the longest-open connection
+   * the VMM is not working for (no request in progress, no event stream) is closed to make
+   * room, so silent connections cannot lock clients out; when every one is busy, 503.
+   */
+  private admit(socket: Socket): boolean {
+    // A peer that vanishes mid-reply is not the VMM's problem.
+    socket.on('error', () => undefined);
+    if (this.closing) {
+      socket.destroy();
+      return false;
+    }
+    if (this.connections.size >= this.limits.maxConnections) {
+      const idlest = [...this.connections].find(([, c]) => !this.busy(c));
+      if (idlest) {
+        this.opts.log.debug('API connection cap reached: closing the longest idle connection');
+        this.drop(idlest[0]);
+      } else {
+        const err = new ApiError(503, ['Service unavailable', `the API already serves ${this.connections.size} connections`]);
+        // On a UNIX socket the reply is in the peer's queue once written; closing the fd
+        // right after does not take it back.
+        socket.end(rawErrorReply(err), () => socket.destroy());
+        return false;
+      }
+    }
+    this.connections.set(socket, { streaming: false, pending: 0 });
+    socket.once('close', () => this.connections.delete(socket));
+    return true;
+  }
+
+  /** Whether the VMM owes this connection something: a reply it is working on, or events. */
+  private busy(c: Connection): boolean {
+    return c.streaming || (c.current !== undefined && c.current.req.complete && !c.current.res.writableEnded);
+  }
+
+  private drop(socket: Socket): void {
+    this.connections.delete(socket);
+    socket.destroy();
+  }
+
+  /** The idle timeout: silence while the VMM owes nothing closes the connection. */
+  private onIdle(socket: Socket): void {
+    const c = this.connections.get(socket);
+    if (c && this.busy(c)) return; // a slow vm.snapshot is not the client's silence
+    const res = c?.current?.res;
+    if (res && !res.headersSent) {
+      // stopped half-way through its body: say so, then close
+      res.shouldKeepAlive = false;
+      this.reply(c!.current!.req, res, 408, errorBody(new ApiError(408, ['Request timeout', 'the request body stopped arriving'])));
+      res.once('finish', () => socket.destroy());
+      return;
+    }
+    this.drop(socket);
+  }
+
   private onClientError(err: NodeJS.ErrnoException, socket: Socket): void {
     if (err.code === 'ECONNRESET' || !socket.writable || socket.destroyed) {
       socket.destroy();
       return;
     }
+    const timedOut = err.code === 'ERR_HTTP_REQUEST_TIMEOUT';
     const why =
       err.code === 'HPE_HEADER_OVERFLOW'
         ? `request headers exceed ${MAX_HEADER_BYTES} bytes`
-        : err.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+        : timedOut
           ? 'the request was not completed in time'
           : `malformed HTTP request (${err.code ?? err.message})`;
-    socket.end(rawErrorReply(badRequest(why)));
+    socket.end(rawErrorReply(timedOut ? new ApiError(408, ['Request timeout', why]) : badRequest(why)));
   }
 
   // Synchronous where it can be: most calls (ping, info, counters) need no I/O, and every
   // promise hop shows in the round-trip time.
   private handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    res.sendDate = false;
+    const c = this.connections.get(req.socket);
+    if (c) {
+      const current = { req, res };
+      c.current = current;
+      c.pending++;
+      res.once('close', () => {
+        c.pending--;
+        if (c.current === current) c.current = undefined;
+      });
+      // Each waiting request holds a place in the VMM's queue: a client may not stack them.
+      if (c.pending > this.limits.maxPipelined) {
+        discardBody(req);
+        this.fail(req, res, tooMany(`${c.pending - 1} requests on this connection are not answered yet (at most ${this.limits.maxPipelined})`));
+        return;
+      }
+    }
     try {
       const pending = this.route(req, res);
       if (pending) pending.catch((e) => this.fail(req, res, e));
@@ -262,9 +421,22 @@ export class ApiServer {
   }
 
   /**
+   * Take `bytes` from the body budget, or refuse. A body small enough is always let through,
+   * so a few ordinary calls work while large uploads hold the budget.
+   */
+  private reserveBody(bytes: number, total: number): void {
+    if (total > SMALL_BODY_BYTES && this.bodyBytes + bytes > this.limits.bodyBudgetBytes) {
+      throw tooMany(`the VMM is already holding ${this.bodyBytes} bytes of request bodies (at most ${this.limits.bodyBudgetBytes}); retry later`);
+    }
+    this.bodyBytes += bytes;
+  }
+
+  /**
    * Read the request body within the limit; null when there is none. A body over the limit is
    * refused at once but still read (and dropped) for a while, so the client can finish sending
-   * and read the refusal instead of having its connection reset under it.
+   * and read the refusal instead of having its connection reset under it. What the body holds
+   * counts against the budget from its Content-Length (or as it arrives, when chunked) until
+   * it has been parsed or dropped.
    */
   private readBody(req: http.IncomingMessage, wanted: boolean): Promise<Buffer | null> | null {
     // Most calls carry no body: answer them without waiting for the stream's end event.
@@ -279,32 +451,70 @@ export class ApiServer {
       discardBody(req);
       return Promise.reject(badRequest(`the request body exceeds ${MAX_BODY_BYTES} bytes`));
     }
-    return new Promise((resolve, reject) => {
+    try {
+      this.reserveBody(declared, declared);
+    } catch (e) {
+      discardBody(req);
+      return Promise.reject(e);
+    }
+    let held = declared;
+    const release = () => {
+      this.bodyBytes -= held;
+      held = 0;
+    };
+    return new Promise<Buffer | null>((resolve, reject) => {
       const chunks: Buffer[] = [];
       let size = 0;
+      let refused = false;
+      const refuse = (err: ApiError) => {
+        refused = true;
+        req.off('data', onData);
+        chunks.length = 0;
+        release();
+        discardBody(req);
+        reject(err);
+      };
       const onData = (chunk: Buffer) => {
         size += chunk.length;
-        if (size > MAX_BODY_BYTES) {
-          req.off('data', onData);
-          chunks.length = 0;
-          discardBody(req);
-          reject(badRequest(`the request body exceeds ${MAX_BODY_BYTES} bytes`));
-          return;
+        if (size > MAX_BODY_BYTES) return refuse(badRequest(`the request body exceeds ${MAX_BODY_BYTES} bytes`));
+        if (size > held) {
+          // chunked, or more than declared (the parser stops at the declared length anyway)
+          try {
+            this.reserveBody(size - held, size);
+          } catch (e) {
+            return refuse(e as ApiError);
+          }
+          held = size;
         }
         chunks.push(chunk);
       };
       req.on('data', onData);
-      req.on('error', (e) => reject(badRequest(`the request body could not be read: ${e.message}`)));
+      req.on('error', (e) => {
+        release();
+        reject(badRequest(`the request body could not be read: ${e.message}`));
+      });
+      req.once('close', release);
       req.on('end', () => {
-        if (size > MAX_BODY_BYTES) return;
+        if (refused) return;
+        const body = Buffer.concat(chunks, size);
+        chunks.length = 0;
         if (size === 0) {
+          release();
           if (wanted) reject(badRequest('this request needs a JSON body'));
           else resolve(null);
           return;
         }
-        if (!wanted) reject(badRequest('this request takes no body'));
-        else if (type !== '' && !ACCEPTED_BODY_TYPES.has(type)) reject(badRequest(`Content-Type ${type} is not ${JSON_TYPE}`));
-        else resolve(Buffer.concat(chunks, size));
+        if (!wanted) {
+          release();
+          reject(badRequest('this request takes no body'));
+        } else if (type !== '' && !ACCEPTED_BODY_TYPES.has(type)) {
+          release();
+          reject(badRequest(`Content-Type ${type} is not ${JSON_TYPE}`));
+        } else {
+          // held until the handler has parsed it: the parse is where the memory goes
+          resolve(body);
+          queueMicrotask(release);
+        }
       });
     });
   }
@@ -315,24 +525,25 @@ export class ApiServer {
       res.destroy();
       return;
     }
-    if (body !== undefined && status !== 204) {
-      res.writeHead(status, { Server: 'Tern API', 'Content-Type': JSON_TYPE, 'Content-Length': Buffer.byteLength(body) });
-      res.end(body);
-    } else {
-      res.writeHead(status, { Server: 'Tern API', 'Content-Type': JSON_TYPE });
-      res.end();
-    }
+    const withBody = body !== undefined && status !== 204;
+    res.writeHead(status, '', replyHeaders(res.shouldKeepAlive, withBody ? Buffer.byteLength(body) : null));
+    res.end(withBody ? body : undefined);
   }
 
   /** GET vmm.events: every monitor event from now on; Last-Event-ID replays from the journal. */
   private stream(req: http.IncomingMessage, res: http.ServerResponse): void {
+    if (this.streams.size >= this.limits.maxEventStreams) {
+      throw tooMany(`${this.streams.size} event streams are open already (at most ${this.limits.maxEventStreams})`);
+    }
     const store = this.opts.api.vmm.store;
-    res.writeHead(200, {
-      Server: 'Tern API',
-      'Content-Type': 'text/event-stream',
-      'Cache-Control': 'no-cache',
-      Connection: 'keep-alive',
-    });
+    const c = this.connections.get(req.socket);
+    if (c) c.streaming = true;
+    // Events may be minutes apart: a stream is not idle. It is dropped instead when it falls
+    // behind (MAX_STREAM_BACKLOG).
+    req.socket.setTimeout(0);
+    // Not chunked either: the stream is the rest of the connection, readable as plain text.
+    res.useChunkedEncodingByDefault = false;
+    res.writeHead(200, '', [...replyHeaders(false, null), 'Content-Type', 'text/event-stream', 'Cache-Control', 'no-cache']);
     res.write(': tern event stream\n\n');
     const send = (ev: StoreEvent): void => {
       const e = toTernEvent(ev);
@@ -361,10 +572,11 @@ export class ApiServer {
             res.end(() => resolve());
           }),
       );
-      const stopped = new Promise<void>((resolve) => this.server.close(() => resolve()));
+      const stopped = this.server.listening ? new Promise<void>((resolve) => this.server.close(() => resolve())) : undefined;
       this.server.closeIdleConnections();
       await Promise.race([Promise.all(ended), delay(500)]);
       this.server.closeAllConnections();
+      for (const socket of this.connections.keys()) socket.destroy();
       await stopped;
       if (this.socketPath) fs.rmSync(this.socketPath, { force: true });
       this.releaseLock();
@@ -406,4 +618,11 @@ function removeStaleSocket(path: string): void {
   }
   if (!st.isSocket()) throw new Error(`API socket path ${path} exists and is not a socket`);
   fs.unlinkSync(path);
+}
+
+/** What bind() made at `path` must be our socket, 0600; lstat, so a link there is not followed. */
+function checkSocketFile(path: string): void {
+  const st = fs.lstatSync(path);
+  if (!st.isSocket()) throw new Error(`API socket path ${path} was replaced by something that is not a socket`);
+  if ((st.mode & 0o777) !== 0o600) throw new Error(`API socket ${path} has mode ${(st.mode & 0o777).toString(8)}, not 600`);
 }

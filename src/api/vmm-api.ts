@@ -23,6 +23,17 @@ const DEVICE_COUNTERS: Readonly<Record<string, Readonly<Record<string, string>>>
 
 export const TERN_FEATURES = ['kvm', 'event_stream'];
 
+/**
+ * RestoreConfig.memory_restore_mode: the contract's MemoryRestoreMode spelling (what ch-remote
+ * sends), and the lowercase one of the command line, which Tern's API has always taken.
+ */
+const MEMORY_RESTORE_MODES: Readonly<Record<string, 'copy' | 'ondemand'>> = {
+  Copy: 'copy',
+  OnDemand: 'ondemand',
+  copy: 'copy',
+  ondemand: 'ondemand',
+};
+
 function invalidBody(outer: string, why: string): ApiError {
   return new ApiError(400, [outer, 'The request body is not valid', why]);
 }
@@ -113,7 +124,10 @@ export class VmmApi {
       if (b[k] != null && typeof b[k] !== 'boolean') throw invalidBody(outer, `${k} must be a boolean`);
     }
     const mode = b.memory_restore_mode;
-    if (mode != null && mode !== 'copy' && mode !== 'ondemand') throw invalidBody(outer, 'memory_restore_mode must be "copy" or "ondemand"');
+    const restoreMode = mode == null ? undefined : typeof mode === 'string' && Object.hasOwn(MEMORY_RESTORE_MODES, mode) ? MEMORY_RESTORE_MODES[mode] : undefined;
+    if (mode != null && !restoreMode) {
+      throw invalidBody(outer, `memory_restore_mode must be one of ${Object.keys(MEMORY_RESTORE_MODES).map((m) => `"${m}"`).join(', ')}`);
+    }
     // Tern's additions: the host ends of the consoles, chosen by the restoring client instead
     // of taken from the snapshot.
     const hostEnds: { serial?: StoredConsoleConfig; console?: StoredConsoleConfig } = {};
@@ -127,7 +141,7 @@ export class VmmApi {
         source_url: b.source_url as string,
         prefault: (b.prefault as boolean | null) ?? undefined,
         resume: (b.resume as boolean | null) ?? undefined,
-        memory_restore_mode: (mode as 'copy' | 'ondemand' | null) ?? undefined,
+        memory_restore_mode: restoreMode,
         ...hostEnds,
       }),
     );
@@ -152,8 +166,11 @@ export class VmmApi {
   counters(): VmCounters {
     const outer = 'The VM counters are not available';
     const { vm, bus, devices } = this.state;
-    if (vm.status === 'NotCreated') throw noVm(outer);
-    if (vm.status !== 'Running' && vm.status !== 'Paused') throw new ApiError(500, [outer, `the VM is ${vm.status}, not running`]);
+    // 500 with no VM too: Cloud Hypervisor answers "not running" whether or not one was created,
+    // and the contract lists no 404 here.
+    if (vm.status !== 'Running' && vm.status !== 'Paused') {
+      throw new ApiError(500, [outer, vm.status === 'NotCreated' ? 'no VM has been created' : `the VM is ${vm.status}, not running`]);
+    }
     const counters: VmCounters = {
       bus: {
         pio_unhandled_reads: bus.unhandled.pio.reads,

@@ -91,6 +91,8 @@ function readConfig(arg: string | undefined): string {
   }
 }
 
+const RESTORE_MODES: Record<string, string> = { copy: 'Copy', ondemand: 'OnDemand' };
+
 /** ch-remote's `restore source_url=...,prefault=on` as a RestoreConfig body. */
 function restoreBody(arg: string): Record<string, unknown> {
   const body: Record<string, unknown> = {};
@@ -98,8 +100,13 @@ function restoreBody(arg: string): Record<string, unknown> {
     const eq = part.indexOf('=');
     const k = eq < 0 ? 'source_url' : part.slice(0, eq);
     const v = eq < 0 ? part : part.slice(eq + 1);
-    if (k === 'source_url' || k === 'memory_restore_mode') body[k] = v;
-    else if (k === 'resume' || k === 'prefault') {
+    if (k === 'source_url') body[k] = v;
+    else if (k === 'memory_restore_mode') {
+      // as ch-remote does: any case on the command line, the contract's spelling on the wire
+      const mode = Object.hasOwn(RESTORE_MODES, v.toLowerCase()) ? RESTORE_MODES[v.toLowerCase()] : undefined;
+      if (!mode) usage(`restore: memory_restore_mode=${v} must be copy or ondemand`);
+      body[k] = mode;
+    } else if (k === 'resume' || k === 'prefault') {
       if (v !== 'on' && v !== 'off' && v !== 'true' && v !== 'false') usage(`restore: ${k}=${v} must be on or off`);
       body[k] = v === 'on' || v === 'true';
     } else usage(`restore: unknown key ${k}`);

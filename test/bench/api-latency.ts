@@ -72,9 +72,7 @@ function plainServerSource(socketPath: string, sample: Buffer): string {
     .slice(0, end)
     .split('\r\n')
     .slice(1)
-    .map((l) => [l.slice(0, l.indexOf(':')), l.slice(l.indexOf(':') + 1).trim()] as [string, string])
-    // Node adds these itself, as it does for tern
-    .filter(([k]) => !['date', 'connection', 'keep-alive'].includes(k.toLowerCase()));
+    .map((l) => [l.slice(0, l.indexOf(':')), l.slice(l.indexOf(':') + 1).trim()] as [string, string]);
   const status = Number(text.slice(9, 12));
   const body = text.slice(end + 4);
   return `
@@ -82,8 +80,9 @@ function plainServerSource(socketPath: string, sample: Buffer): string {
     const headers = ${JSON.stringify(headers)};
     const body = ${JSON.stringify(body)}; // a string: Node writes it with the headers in one go
     http.createServer((req, res) => {
-      res.statusCode = ${status};
-      for (const [k, v] of headers) res.setHeader(k, v);
+      // tern's bytes exactly: no reason phrase, no Date, its headers in its order
+      res.sendDate = false;
+      res.writeHead(${status}, '', headers.flat());
       res.end(body);
     }).listen(${JSON.stringify(socketPath)}, () => process.stdout.write('ready\\n'));
   `;

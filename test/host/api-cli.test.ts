@@ -12,7 +12,7 @@ import type { TernEvent } from '../../src/api/schema';
 import { GuestProcess, TERN_CLI } from '../linux/guest-process';
 import { TERN_REMOTE, runTernRemote } from '../support/processes';
 import { sleep } from './harness';
-import { tempDir } from './api-harness';
+import { tempDir } from '../unit/api-harness';
 import { buildTinyKernel, countsIn } from './tiny-kernel';
 
 const dir = tempDir('tern-api-cli-');

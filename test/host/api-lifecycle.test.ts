@@ -8,7 +8,7 @@ import { firstValueFrom, toArray } from 'rxjs';
 
 import type { TernEvent } from '../../src/api/schema';
 import { sleep } from './harness';
-import { ReplyRecorder, bodyJson, contractTest, startApi, tempDir, type ApiRig } from './api-harness';
+import { ReplyRecorder, bodyJson, contractTest, startApi, tempDir, type ApiRig } from '../unit/api-harness';
 import { buildTinyKernel, countsIn } from './tiny-kernel';
 
 const recorder = new ReplyRecorder();
@@ -117,4 +117,7 @@ test.serial('create, boot, pause, resume, reboot, shutdown, boot again, delete: 
   t.deepEqual(times, [...times].sort((a, b) => a - b), 'timestamps never go back');
 });
 
-contractTest(test, recorder, 'api-lifecycle');
+contractTest(test, recorder, 'api-lifecycle', [
+  'PUT vm.create', 'PUT vm.boot', 'GET vm.info', 'GET vm.counters', 'PUT vm.pause', 'PUT vm.resume', 'PUT vm.reboot',
+  'PUT vm.shutdown', 'PUT vm.delete', 'PUT vmm.shutdown',
+]);

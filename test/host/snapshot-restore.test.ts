@@ -12,7 +12,7 @@ import { TernApiError, TernClient } from '../../src/api/client';
 import { REPO, runTernRemote, waitForPath } from '../support/processes';
 import { editState } from '../support/snapshot-edit';
 import type { GuestProcess } from '../linux/guest-process';
-import { tempDir } from './api-harness';
+import { tempDir } from '../unit/api-harness';
 import { sleep } from './harness';
 import { countsIn, lastCount, lastStatus, startTern, startTinyVm } from './tiny-kernel';
 

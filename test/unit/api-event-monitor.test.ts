@@ -6,6 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 
 import { EventMonitor, MONITOR_EVENT_NAMES, formatMonitorEvent, toTernEvent } from '../../src/api/event-monitor';
+import { HostFileError } from '../../src/api/host-file';
 import type { EventTimestamp } from '../../src/state/clock';
 import { createStore } from '../../src/state/store';
 import { VmEvents, vmEvents } from '../../src/state/slices/vm';
@@ -114,3 +115,30 @@ function pipe(): [number, number] {
   const w = fs.openSync(fifo, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK);
   return [r, w];
 }
+
+test('a monitor path that is a symlink is refused and its target left untouched; a new file is 0600', (t) => {
+  const store = createStore({ clock: steppingClock() });
+  const target = path.join(dir, 'precious.txt');
+  fs.writeFileSync(target, 'precious', { mode: 0o644 });
+  const link = path.join(dir, 'planted-events.json');
+  fs.symlinkSync(target, link);
+  t.throws(() => EventMonitor.open(store, { path: link }), { instanceOf: HostFileError, message: /planted-events\.json: the event monitor file is a symbolic link/ });
+  t.is(fs.readFileSync(target, 'utf8'), 'precious', 'not truncated');
+  t.is(fs.statSync(target).mode & 0o777, 0o644, 'mode unchanged');
+
+  const dangling = path.join(dir, 'dangling-events.json');
+  const nowhere = path.join(dir, 'created-through-a-link');
+  fs.symlinkSync(nowhere, dangling);
+  t.throws(() => EventMonitor.open(store, { path: dangling }), { instanceOf: HostFileError });
+  t.false(fs.existsSync(nowhere), 'nothing created through the link');
+
+  const linked = path.join(dir, 'hard-linked-events.json');
+  fs.linkSync(target, linked);
+  t.throws(() => EventMonitor.open(store, { path: linked }), { message: /2 hard links/ });
+  t.is(fs.readFileSync(target, 'utf8'), 'precious', 'a second name for a file is not truncated either');
+
+  const fresh = path.join(dir, 'fresh-events.json');
+  const monitor = EventMonitor.open(store, { path: fresh });
+  monitor.close();
+  t.is(fs.statSync(fresh).mode & 0o777, 0o600);
+});

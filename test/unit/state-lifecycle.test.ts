@@ -71,6 +71,11 @@ test('illegal transitions across the state machine', (t) => {
       s.dispatch(vmEvents.created(config));
       return s;
     }, VmEvents.Pausing],
+    ['shutdown of a VM that never booted', () => {
+      const s = createStore();
+      s.dispatch(vmEvents.created(config));
+      return s;
+    }, VmEvents.Shutdown],
     ['Booted without Booting', () => {
       const s = createStore();
       s.dispatch(vmEvents.created(config));

@@ -85,8 +85,9 @@ export const VM_LIFECYCLE: Readonly<Record<VmEventType, Rule>> = {
   [VmEvents.Resumed]: { from: ['Paused'], pending: 'Resuming' },
   [VmEvents.Rebooting]: { from: ['Running'], pending: null },
   [VmEvents.Rebooted]: { from: ['Running'], pending: 'Rebooting' },
-  // Shutting down or deleting aborts whatever was in progress.
-  [VmEvents.Shutdown]: { from: ['Created', 'Running', 'Paused'], pending: 'any' },
+  // Shutting down or deleting aborts whatever was in progress. A VM that never booted has
+  // nothing to shut down (Cloud Hypervisor refuses it too).
+  [VmEvents.Shutdown]: { from: ['Running', 'Paused'], pending: 'any' },
   [VmEvents.Deleted]: { from: CREATED, pending: 'any' },
   // A failed restore leaves no VM: its failure is recorded while NotCreated.
   [VmEvents.OperationFailed]: { from: ['NotCreated', ...CREATED], pending: 'any' },

@@ -1,6 +1,7 @@
-// Shared pieces of the API tests: an in-process VMM behind a real API socket, a recorder of
-// every reply (so each test file can check all of them against the OpenAPI contract), and the
-// contract validator itself, built on openapi-response-validator.
+// Shared pieces of the API tests (unit and host tiers): an in-process VMM behind a real API
+// socket (no KVM object exists until a VM boots), a recorder of every reply (so each test file
+// can check all of them against the OpenAPI contract), and the contract validator itself,
+// built on openapi-response-validator.
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -10,14 +11,37 @@ import OpenAPIResponseValidator from 'openapi-response-validator';
 import YAML from 'yaml';
 
 import { TernClient, type RawReply } from '../../src/api/client';
-import { ApiServer } from '../../src/api/server';
+import { ApiServer, type ApiLimits } from '../../src/api/server';
 import { VmmApi } from '../../src/api/vmm-api';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
 
 export const REPO = path.resolve(__dirname, '..', '..', '..');
+const CONTRACT_FILE = path.join('shared', 'reference', 'cloud-hypervisor-openapi.yaml');
+
+/** The main checkout's folder when REPO is a git worktree of it (a worktree's .git is a file). */
+function mainCheckout(repo: string): string | undefined {
+  try {
+    const m = /^gitdir:\s*(.+)$/m.exec(fs.readFileSync(path.join(repo, '.git'), 'utf8'));
+    // <main>/.git/worktrees/<name>
+    return m ? path.resolve(repo, m[1].trim(), '..', '..', '..') : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Where the contract is looked for: TERN_OPENAPI if set, else beside the project (../shared/
+ * reference), from this checkout or, in a git worktree, from the main checkout it belongs to.
+ */
+export function contractCandidates(repo = REPO, env = process.env): string[] {
+  if (env.TERN_OPENAPI) return [path.resolve(env.TERN_OPENAPI)];
+  const roots = [repo, mainCheckout(repo)].filter((r): r is string => r !== undefined);
+  return [...new Set(roots.map((r) => path.resolve(r, '..', CONTRACT_FILE)))];
+}
+
 /** The contract lives beside the project, not in it: only this file looks for it. */
-export const CONTRACT_PATH = path.resolve(REPO, '..', 'shared', 'reference', 'cloud-hypervisor-openapi.yaml');
+export const CONTRACT_PATH = contractCandidates().find((p) => fs.existsSync(p)) ?? contractCandidates()[0];
 
 export function tempDir(prefix: string): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
@@ -54,7 +78,7 @@ export interface ApiRig {
   close(): Promise<void>;
 }
 
-export async function startApi(recorder: ReplyRecorder, dir = tempDir('tern-api-')): Promise<ApiRig> {
+export async function startApi(recorder: ReplyRecorder, dir = tempDir('tern-api-'), limits?: Partial<ApiLimits>): Promise<ApiRig> {
   const vmm = new Vmm({ log: silentLogger() });
   const socket = path.join(dir, 'api.sock');
   const rig = {} as ApiRig;
@@ -63,6 +87,7 @@ export async function startApi(recorder: ReplyRecorder, dir = tempDir('tern-api-
     api: new VmmApi(vmm),
     log: silentLogger(),
     onVmmShutdown: () => rig.vmmShutdowns++,
+    limits,
   });
   const client = new TernClient({ socketPath: socket, timeoutMs: 20_000 });
   Object.assign(rig, {
@@ -214,26 +239,39 @@ export class Contract {
   }
 }
 
+/** "METHOD endpoint" of a reply, as contract tests list what they expect to have checked. */
+export const replyKey = (r: Pick<Reply, 'method' | 'endpoint'>): string => `${r.method} ${r.endpoint}`;
+
+/** The expected "METHOD endpoint"s no recorded reply answered: the scenario stopped short. */
+export function unansweredEndpoints(recorder: ReplyRecorder, expected: readonly string[]): string[] {
+  const seen = new Set(recorder.replies.map(replyKey));
+  return expected.filter((k) => !seen.has(k));
+}
+
 /**
  * Declare this file's contract test: it runs after the file's other serial tests and checks
- * every recorded reply. Skipped, saying why, where ../shared/reference is absent.
+ * every recorded reply, and first that replies from every endpoint in `expected` ("METHOD
+ * endpoint") were recorded, so a scenario that broke early cannot pass on the few replies it
+ * got. Skipped, saying why, where the OpenAPI document is absent.
  */
-export function contractTest(test: TestFn, recorder: ReplyRecorder, label: string): void {
+export function contractTest(test: TestFn, recorder: ReplyRecorder, label: string, expected: readonly string[]): void {
   const contract = Contract.load();
   if (!contract) {
-    const why = `${CONTRACT_PATH} is absent (the OpenAPI document lives in ../shared/reference/)`;
+    const why = `the OpenAPI document is absent (looked for ${contractCandidates().join(', ')}; TERN_OPENAPI names another)`;
     console.log(`contract test (${label}) skipped: ${why}`);
     test.serial.skip(`contract (${label}): skipped, ${why}`, (t: ExecutionContext) => t.pass());
     return;
   }
   test.serial(`contract (${label}): every reply matches the Cloud Hypervisor OpenAPI document`, (t: ExecutionContext) => {
-    t.true(recorder.replies.length > 0, 'the tests above recorded replies');
+    t.true(expected.length > 0, 'the test names the endpoints it expects to have checked');
+    t.deepEqual(unansweredEndpoints(recorder, expected), [], 'every endpoint the scenario calls was answered and recorded');
     const failures: string[] = [];
     for (const r of recorder.replies) {
       const problems = contract.check(r);
       if (problems.length) failures.push(`${r.method} ${r.endpoint} -> ${r.status} ${r.body.toString('utf8').slice(0, 200)}: ${problems.join('; ')}`);
     }
     t.deepEqual(failures, [], `${failures.length} of ${recorder.replies.length} replies break the contract`);
-    t.log(`${recorder.replies.length} replies checked against ${path.basename(CONTRACT_PATH)}`);
+    const checked = new Set(recorder.replies.map(replyKey));
+    t.log(`${recorder.replies.length} replies from ${checked.size} endpoints checked against ${path.basename(CONTRACT_PATH)}, among them ${expected.join(', ')}`);
   });
 }

@@ -1,7 +1,7 @@
-// The HTTP API without a running guest: status codes and error bodies as Cloud Hypervisor sends
-// them, request checking (JSON, types, ids, sizes), the lifecycle of a created-but-not-booted
-// VM, the socket's mode and lock, and the event stream. Every reply is checked against the
-// OpenAPI contract at the end.
+// The HTTP API without a running guest (no /dev/kvm needed): status codes and error bodies as
+// Cloud Hypervisor sends them, request checking (JSON, types, ids, sizes), the lifecycle of a
+// created-but-not-booted VM, the socket's mode and lock, and the event stream. Every reply is
+// checked against the OpenAPI contract at the end.
 import test from 'ava';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -15,6 +15,7 @@ import type { TernEvent } from '../../src/api/schema';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
 import {
+  Contract,
   ReplyRecorder,
   bodyJson,
   contractTest,
@@ -65,7 +66,7 @@ test.serial('vmm.ping: 200 with version, pid and features', async (t) => {
   t.true(Array.isArray(body.features));
 });
 
-test.serial('no VM yet: info, boot, pause, resume, shutdown, reboot, counters, power-button are 404; delete is 204', async (t) => {
+test.serial('no VM yet: info, boot, pause, resume, shutdown, reboot, power-button, snapshot are 404; counters 500; delete is 204', async (t) => {
   for (const [method, ep] of [
     ['GET', 'vm.info'],
     ['PUT', 'vm.boot'],
@@ -73,14 +74,67 @@ test.serial('no VM yet: info, boot, pause, resume, shutdown, reboot, counters, p
     ['PUT', 'vm.resume'],
     ['PUT', 'vm.shutdown'],
     ['PUT', 'vm.reboot'],
-    ['GET', 'vm.counters'],
     ['PUT', 'vm.power-button'],
   ] as const) {
     const r = await rig.call(method, ep);
     t.is(r.status, 404, ep);
     isErrorChain(t, r, /no VM has been created/);
   }
+  const snapshot = await rig.call('PUT', 'vm.snapshot', { destination_url: `file://${dir}/never-written` });
+  t.is(snapshot.status, 404);
+  t.false(fs.existsSync(path.join(dir, 'never-written')));
+  // The contract lists no 404 for counters; Cloud Hypervisor answers "not running".
+  const counters = await rig.call('GET', 'vm.counters');
+  t.is(counters.status, 500);
+  isErrorChain(t, counters, /no VM has been created/);
   t.is((await rig.call('PUT', 'vm.delete')).status, 204, 'deleting nothing succeeds, as in Cloud Hypervisor');
+});
+
+const contract = Contract.load();
+/** the contract's enums Tern takes in vm.create, and a config that uses each value */
+const VM_CONFIG_ENUMS: Record<string, (v: string) => Record<string, unknown>> = {
+  ConsoleMode: (v) => ({ serial: { mode: v }, console: { mode: v } }),
+  CoreSchedulingMode: (v) => ({ cpus: { boot_vcpus: 1, max_vcpus: 1, core_scheduling: v } }),
+  ImageType: (v) => ({ disks: [{ path: '/d', image_type: v }] }),
+  LockGranularity: (v) => ({ disks: [{ path: '/d', lock_granularity: v }] }),
+};
+/** enums elsewhere: replies (VmState), vm.restore (tested below), migration (not implemented) */
+const OTHER_ENUMS = ['VmState', 'MemoryRestoreMode', 'MigrationMode', 'TimeoutStrategy'];
+
+(contract ? test.serial : test.serial.skip)('vm.create takes every value of every enum in the contract, spelled as the contract spells it', async (t) => {
+  const schemas = contract!.doc.components.schemas as Record<string, { enum?: string[] }>;
+  const enums = Object.keys(schemas).filter((n) => schemas[n].enum);
+  t.deepEqual(enums.filter((n) => !OTHER_ENUMS.includes(n)).sort(), Object.keys(VM_CONFIG_ENUMS).sort(), 'every enum of the contract is covered');
+  for (const [name, use] of Object.entries(VM_CONFIG_ENUMS)) {
+    for (const value of schemas[name].enum!) {
+      const r = await rig.call('PUT', 'vm.create', { payload: { kernel: '/k' }, ...use(value) });
+      t.is(r.status, 204, `${name} ${value}: ${r.body}`);
+      await rig.call('PUT', 'vm.delete');
+    }
+  }
+});
+
+test.serial('vm.restore takes memory_restore_mode in the contract spelling (Copy, OnDemand) and in lowercase', async (t) => {
+  for (const mode of ['Copy', 'OnDemand', 'copy', 'ondemand']) {
+    const source = path.join(dir, `no-snapshot-${mode}`);
+    const r = await rig.call('PUT', 'vm.restore', { source_url: `file://${source}`, memory_restore_mode: mode, prefault: false, resume: false });
+    // accepted: it gets as far as reading the snapshot, which is not there
+    t.is(r.status, 500, `${mode}: ${r.body}`);
+    isErrorChain(t, r, /could not be restored/, new RegExp(source.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
+  }
+  // what ch-remote sends: every RestoreConfig field, the fds as null
+  const chRemote = await rig.call(
+    'PUT',
+    'vm.restore',
+    `{"source_url":"file://${dir}/none","prefault":false,"memory_restore_mode":"OnDemand","net_fds":null,"vfio_fds":null,"iommufd_fd":null,"resume":true,"zone_updates":[]}`,
+  );
+  t.is(chRemote.status, 500, chRemote.body.toString());
+  for (const mode of ['COPY', 'on_demand', 'Ondemand', 'constructor', 3]) {
+    const r = await rig.call('PUT', 'vm.restore', { source_url: `file://${dir}/none`, memory_restore_mode: mode });
+    t.is(r.status, 400, String(mode));
+    isErrorChain(t, r, /memory_restore_mode must be one of "Copy", "OnDemand"/);
+  }
+  t.is(rig.vmm.state.vm.status, 'NotCreated');
 });
 
 test.serial('unknown paths and endpoints of later releases are 404 with an error body, whatever the method', async (t) => {
@@ -198,24 +252,23 @@ test.serial('vm.create stores the config (device lists too, unknown fields and n
   isErrorChain(t, again, /could not be created/, /Created/);
 });
 
-test.serial('created, not booted: actions the state machine refuses are 500; a failed boot leaves it Created', async (t) => {
-  for (const ep of ['vm.pause', 'vm.resume', 'vm.reboot', 'vm.power-button']) {
+test.serial('created, not booted: actions the state machine refuses are 500 (shutdown too); a failed boot leaves it Created', async (t) => {
+  for (const ep of ['vm.pause', 'vm.resume', 'vm.reboot', 'vm.power-button', 'vm.shutdown']) {
     const r = await rig.call('PUT', ep);
     t.is(r.status, 500, ep);
     isErrorChain(t, r);
   }
+  t.is((bodyJson(await rig.call('GET', 'vm.info')) as { state: string }).state, 'Created', 'a refused shutdown changes nothing');
   const counters = await rig.call('GET', 'vm.counters');
   t.is(counters.status, 500);
   isErrorChain(t, counters, /not running/);
+  // The kernel file is missing; on a host without /dev/kvm the boot fails earlier, at KVM.
   const boot = await rig.call('PUT', 'vm.boot');
   t.is(boot.status, 500);
-  isErrorChain(t, boot, /could not be booted/, /no-such-kernel/);
+  isErrorChain(t, boot, /could not be booted/);
   t.is(rig.vmm.state.vm.status, 'Created');
   t.is(rig.vmm.state.vm.lastFailure?.operation, 'Booting');
-  t.is((await rig.call('PUT', 'vm.shutdown')).status, 204);
-  t.is((bodyJson(await rig.call('GET', 'vm.info')) as { state: string }).state, 'Shutdown');
-  const resume = await rig.call('PUT', 'vm.resume');
-  t.is(resume.status, 500, 'resume while Shutdown');
+  t.is((await rig.call('PUT', 'vm.shutdown')).status, 500, 'a failed boot left nothing to shut down');
   t.is((await rig.call('PUT', 'vm.delete')).status, 204);
   t.is((await rig.call('GET', 'vm.info')).status, 404);
 });
@@ -299,17 +352,23 @@ test.serial('vmm.events streams the monitor events live, in order; Last-Event-ID
   const startSeq = rig.vmm.store.seq;
   await rig.client.create(goodConfig(dir) as never);
   await t.throwsAsync(rig.client.boot());
-  await rig.client.shutdown();
+  await t.throwsAsync(rig.client.shutdown());
+  await rig.client.delete();
+  await rig.client.create(goodConfig(dir) as never);
   await rig.client.delete();
   const events = await seen;
   // Cloud Hypervisor reports no "created"; a failed boot reports booting and nothing more.
-  t.deepEqual(events.map((e: TernEvent) => `${e.source}:${e.event}`), ['vm:booting', 'vm:shutdown', 'vm:deleted']);
+  t.deepEqual(events.map((e: TernEvent) => `${e.source}:${e.event}`), ['vm:booting', 'vm:deleted', 'vm:deleted']);
   for (const e of events) {
     t.true(Number.isInteger(e.timestamp.secs) && Number.isInteger(e.timestamp.nanos));
     t.is(e.properties, null);
   }
   const replay = await firstValueFrom(rig.client.events({ afterSeq: startSeq }).pipe(take(3), toArray()));
-  t.deepEqual(replay.map((e) => e.event), ['booting', 'shutdown', 'deleted']);
+  t.deepEqual(replay.map((e) => e.event), ['booting', 'deleted', 'deleted']);
 });
 
-contractTest(test, recorder, 'api-server');
+contractTest(test, recorder, 'api-server', [
+  'GET vmm.ping', 'GET vm.info', 'PUT vm.boot', 'PUT vm.pause', 'PUT vm.resume', 'PUT vm.shutdown', 'PUT vm.reboot',
+  'GET vm.counters', 'PUT vm.power-button', 'PUT vm.delete', 'PUT vm.create', 'PUT vm.snapshot', 'PUT vm.restore',
+  'PUT vmm.shutdown', 'PUT vm.resize-zone', 'GET /not/the/api', 'POST vm.boot',
+]);
