@@ -165,20 +165,45 @@ function encodeTime(secs: number, statusB: number): Record<number, number> {
   };
 }
 
-/** Seconds since the epoch from time register bytes (weekday is ignored, as by the chip). */
-function decodeTime(regs: (i: number) => number, statusB: number): number {
+const isBcd = (v: number): boolean => (v & 0x0f) <= 9 && v >> 4 <= 9;
+
+/** Days in `month` (1..12) of `year`: day 0 of the next month is this month's last. */
+function daysInMonth(year: number, month: number): number {
+  const d = new Date(0);
+  d.setUTCFullYear(year, month, 0);
+  return d.getUTCDate();
+}
+
+/**
+ * Seconds since the epoch from time register bytes (weekday is ignored, as by the chip), or
+ * null when the bytes are not a calendar date in the mode status B selects (a BCD digit
+ * above 9, month 13, February 30, ...). The chip's datasheet leaves such a time undefined;
+ * here it is refused, so the clock keeps the time it had and the offset stays a finite number.
+ */
+function decodeTime(regs: (i: number) => number, statusB: number): number | null {
   const binary = (statusB & STATUS_B_BINARY) !== 0;
-  const dec = binary ? (v: number) => v : fromBcd;
+  const h24 = (statusB & STATUS_B_24H) !== 0;
   const hourReg = regs(RTC_HOURS);
+  const hourValue = h24 ? hourReg : hourReg & ~HOUR_PM;
+  const fields = [regs(RTC_SECONDS), regs(RTC_MINUTES), hourValue, regs(RTC_DAY), regs(RTC_MONTH), regs(RTC_YEAR), regs(RTC_CENTURY)];
+  if (!binary && !fields.every(isBcd)) return null;
+  const [sec, min, hourField, day, month, yy, cc] = fields.map(binary ? (v: number) => v : fromBcd);
   let hour: number;
-  if (statusB & STATUS_B_24H) hour = dec(hourReg);
-  else {
-    const h12 = dec(hourReg & ~HOUR_PM) % 12;
-    hour = hourReg & HOUR_PM ? h12 + 12 : h12;
+  if (h24) {
+    if (hourField > 23) return null;
+    hour = hourField;
+  } else {
+    if (hourField < 1 || hourField > 12) return null;
+    hour = (hourField % 12) + (hourReg & HOUR_PM ? 12 : 0);
   }
-  const year = dec(regs(RTC_CENTURY)) * 100 + dec(regs(RTC_YEAR));
-  const ms = Date.UTC(year, dec(regs(RTC_MONTH)) - 1, dec(regs(RTC_DAY)), hour, dec(regs(RTC_MINUTES)), dec(regs(RTC_SECONDS)));
-  return Math.floor(ms / 1000);
+  if (sec > 59 || min > 59 || yy > 99 || cc > 99 || month < 1 || month > 12) return null;
+  const year = cc * 100 + yy;
+  if (day < 1 || day > daysInMonth(year, month)) return null;
+  // setUTCFullYear, not Date.UTC: the latter reads years 0..99 as 1900..1999.
+  const d = new Date(0);
+  d.setUTCFullYear(year, month - 1, day);
+  d.setUTCHours(hour, min, sec, 0);
+  return Math.floor(d.getTime() / 1000);
 }
 
 const NO_EFFECTS = Object.freeze([]) as unknown as Effect[];
@@ -237,6 +262,7 @@ function writeRegister(s: CmosRtcState, index: number, value: number, nowNs: num
     const regs = encodeTime(secs, statusB);
     regs[index] = value;
     const newSecs = decodeTime((i) => regs[i], statusB);
+    if (newSecs === null) return s;
     return withCmos(s, s.cmos, newSecs * NS_PER_SEC + (ns - secs * NS_PER_SEC) - nowNs);
   }
   const cmos = s.cmos.slice();
@@ -257,7 +283,7 @@ function writeRegister(s: CmosRtcState, index: number, value: number, nowNs: num
     if (!setting && setMode) {
       // Unfreeze: the edited registers become the time at this instant, in the old mode.
       const secs = decodeTime((i) => cmos[i], statusB);
-      return withCmos(s, cmos, secs * NS_PER_SEC - nowNs);
+      return withCmos(s, cmos, secs === null ? s.offsetNs : secs * NS_PER_SEC - nowNs);
     }
     return withCmos(s, cmos);
   }
