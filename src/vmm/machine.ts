@@ -44,6 +44,7 @@ import {
   type RootState,
   type Store,
 } from '../state';
+import type { GuestLog } from '../util/guest-log';
 import { openConsoleSink, type ConsoleSink } from './console-sink';
 import { VcpuRunner } from './vcpu-runner';
 
@@ -57,6 +58,8 @@ export type MachineStop =
 export interface MachineOptions {
   store: Store<RootState>;
   log: Logger;
+  /** where lines the guest can trigger go (rate-limited); shared across reboots */
+  guestLog: GuestLog;
   /** called once, from the JavaScript thread, when the guest powers off, resets or fails */
   onStop: (stop: MachineStop) => void;
   /** build from saved state and a memory-ranges file instead of loading a kernel */
@@ -408,7 +411,7 @@ export class Machine {
           this.reportStop({ reason: 'poweroff', source: e.source });
           break;
         case 'vm.sleep':
-          this.opts.log.warn({ state: e.state, source: e.source }, 'guest asked for a sleep state Tern does not implement');
+          this.opts.guestLog.warn('sleep-state', { state: e.state, source: e.source }, 'guest asked for a sleep state Tern does not implement');
           break;
         case 'boot.progress':
           break; // recorded in the store by the debug port's event

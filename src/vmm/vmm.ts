@@ -6,6 +6,7 @@ import type { ConsoleConfig, VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import { SnapshotError, readSnapshot, snapshotDirFromUrl, writeSnapshot } from '../migration/snapshot';
 import { createStore, vmEvents, vmmEvents, type RootState, type Store } from '../state';
+import { guestLog, type GuestLog } from '../util/guest-log';
 import { TERN_VERSION } from '../version';
 import { Machine, type MachineStop } from './machine';
 
@@ -30,12 +31,15 @@ export interface VmmOptions {
 export class Vmm {
   readonly store: Store<RootState>;
   readonly log: Logger;
+  /** lines the guest can trigger (resets, poweroffs, sleep requests), rate-limited */
+  private readonly guestLog: GuestLog;
   private machine?: Machine;
   /** serializes lifecycle actions: a reboot requested by the guest must not race an API call */
   private queue: Promise<unknown> = Promise.resolve();
 
   constructor(opts: VmmOptions) {
     this.log = opts.log;
+    this.guestLog = guestLog(opts.log);
     this.store = opts.store ?? createStore();
   }
 
@@ -162,6 +166,7 @@ export class Vmm {
         const m = new Machine({
           store: this.store,
           log: this.log,
+          guestLog: this.guestLog,
           onStop: (s) => this.onMachineStop(m, s),
           restore: { state, memoryPath: snap.memoryPath, ranges: snap.ranges, mode, prefault: opts.prefault },
         });
@@ -239,7 +244,7 @@ export class Vmm {
   }
 
   private startMachine(): void {
-    const machine = new Machine({ store: this.store, log: this.log, onStop: (s) => this.onMachineStop(machine, s) });
+    const machine = new Machine({ store: this.store, log: this.log, guestLog: this.guestLog, onStop: (s) => this.onMachineStop(machine, s) });
     this.machine = machine;
     machine.start();
   }
