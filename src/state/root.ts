@@ -7,8 +7,8 @@ import { vcpusSlice } from './slices/vcpus';
 import { vmSlice } from './slices/vm';
 import type { Slice, SliceStateOf } from './slice';
 
-// 2: added the kvm slice; 3: added the memory slice (upgrade.ts lifts older states)
-export const ROOT_SCHEMA_VERSION = 3;
+// 2: added the kvm slice; 3: added the memory slice; 4: vm.guestStop (upgrade.ts lifts older states)
+export const ROOT_SCHEMA_VERSION = 4;
 
 export type SliceMap = Readonly<Record<string, Slice<string, any, any>>>;
 

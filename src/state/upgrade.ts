@@ -16,6 +16,9 @@ export const STATE_UPGRADES: Readonly<Record<number, StateUpgrade>> = Object.fre
   // 2 -> 3: the memory slice. Builds up to schema 2 did not record the RAM layout; they all
   // derived it from memory.size, which is what this step does.
   2: (s: Readonly<Json>) => ({ ...s, schemaVersion: 3, memory: { schemaVersion: MEMORY_SCHEMA_VERSION, regions: schema2RamLayout(s) } }),
+  // 3 -> 4: vm slice 2 records a guest stop that waits for a resume. Schema-3 builds lost
+  // such a stop, so none is waiting.
+  3: (s: Readonly<Json>) => ({ ...s, schemaVersion: 4, vm: { ...(s.vm as Json), schemaVersion: 2, guestStop: null } }),
 });
 
 /**

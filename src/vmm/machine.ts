@@ -453,12 +453,16 @@ export class Machine {
     );
   }
 
-  resume(): void {
+  /**
+   * Let the vCPUs run again. restoreClock false is for a pause that failed part way: the
+   * saved clock may then be an earlier pause's, and the guest's own clock simply ran on.
+   */
+  resume(opts: { restoreClock?: boolean } = {}): void {
     // kvmclock continues from the value saved at the pause, set just before the vCPUs run:
     // the guest's time neither runs backwards nor counts the time it spent paused (or in a
     // snapshot, or being restored).
     const saved = this.opts.store.getState().kvm.saved;
-    if (saved) this.vm.setClock(BigInt(saved.clock));
+    if (saved && (opts.restoreClock ?? true)) this.vm.setClock(BigInt(saved.clock));
     // A restored machine's vCPU threads have not run yet.
     if (!this.started) {
       this.start();

@@ -76,7 +76,7 @@ test('a snapshot with another schema version is refused', (t) => {
   const s = JSON.parse(serializeState(populatedStore().getState())) as Record<string, any>;
   const variants: [string, (x: any) => void][] = [
     ['root', (x) => (x.schemaVersion = 99)],
-    ['slice', (x) => (x.vm.schemaVersion = 2)],
+    ['slice', (x) => (x.vm.schemaVersion = 99)],
     ['device', (x) => (x.devices.instances.serial0.schemaVersion = 7)],
   ];
   for (const [what, mutate] of variants) {
