@@ -25,6 +25,8 @@ export interface TernArgs {
   restore?: RestoreArgs;
   verbosity: number;
   logFile?: string;
+  /** --serial-file-max SIZE: cap of a --serial file=PATH output file */
+  serialFileMaxBytes?: number;
   version: boolean;
   help: boolean;
 }
@@ -116,6 +118,7 @@ const HANDLERS: Record<string, Handler> = {
   '--api-socket': (v, a) => (a.args.apiSocket = socketTarget('--api-socket', v)),
   '--event-monitor': (v, a) => (a.args.eventMonitor = socketTarget('--event-monitor', v)),
   '--log-file': (v, a) => (a.args.logFile = v),
+  '--serial-file-max': (v, a) => (a.args.serialFileMaxBytes = parseSize('--serial-file-max', 'size', v)),
   '--restore': (v, a) => {
     const kv = parseKeyValues('--restore', v, ['source_url', 'resume', 'prefault', 'memory_restore_mode'], 'source_url');
     if (!kv.source_url) throw new OptionError('--restore', 'needs source_url=file:///DIR');
@@ -197,6 +200,7 @@ export const TERN_USAGE = `Usage: tern [OPTIONS]
   --cpus boot=N[,max=M]    vCPUs
   --memory size=SIZE[,shared=on|off]
   --serial off|null|tty|file=PATH     16550A UART at 0x3f8 (default null)
+  --serial-file-max SIZE   cap of the serial file; output beyond it is dropped (default 64M)
   --console off|null|tty|file=PATH    virtio console (accepted; device not yet built)
   --api-socket path=PATH|fd=N         HTTP API on a UNIX socket
   --event-monitor path=PATH|fd=N      event stream, one JSON object per event

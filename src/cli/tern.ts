@@ -42,7 +42,7 @@ async function main(): Promise<void> {
     fail('error: nothing to run: give --kernel (and friends) or --api-socket', 2);
   }
   const log: Logger = createLogger({ verbosity: args.verbosity, logFile: args.logFile });
-  const vmm = new Vmm({ log });
+  const vmm = new Vmm({ log, serialFileMaxBytes: args.serialFileMaxBytes });
   const api = new VmmApi(vmm);
 
   // The monitor subscribes before the first event so it sees "vmm starting".

@@ -14,7 +14,8 @@ import {
 } from './model';
 
 export const SERIAL_KIND = 'serial-16550a' as const;
-export const SERIAL_SCHEMA_VERSION = 1;
+// 2: txDropped
+export const SERIAL_SCHEMA_VERSION = 2;
 export const SERIAL_LABEL = 'Serial';
 export const COM1_BASE = 0x3f8;
 export const COM1_GSI = 4;
@@ -28,10 +29,21 @@ export const SerialEvents = {
   RegisterRead: '[Serial] Register Read',
   RegisterWritten: '[Serial] Register Written',
   InputReceived: '[Serial] Input Received',
+  /** host side: guest output the console's destination did not take (file cap, write error) */
+  OutputDropped: '[Serial] Output Dropped',
 } as const;
 
 export interface SerialInputPayload {
   bytes: number[];
+}
+
+export interface SerialOutputDroppedPayload {
+  bytes: number;
+}
+
+/** The event recording that `bytes` of device `id`'s output were dropped on the host side. */
+export function serialOutputDroppedEvent(id: string, bytes: number) {
+  return { type: SerialEvents.OutputDropped, payload: { bytes } as SerialOutputDroppedPayload, source: id };
 }
 
 /** The event for host bytes typed into serial device `id` (dispatch it on the store). */
@@ -127,6 +139,8 @@ export interface Serial16550aState extends DeviceStateBase {
   /** host input bytes dropped because rx was full (or the UART was in loopback) */
   rxDropped: number;
   txBytes: number;
+  /** bytes the guest sent that the host side dropped (serial file cap, write errors) */
+  txDropped: number;
   rxBytes: number;
 }
 
@@ -159,6 +173,7 @@ export function serialInitialState(opts: SerialOptions = {}): Serial16550aState 
     rxCapacity,
     rxDropped: 0,
     txBytes: 0,
+    txDropped: 0,
     rxBytes: 0,
   };
 }
@@ -241,6 +256,7 @@ export function copySerialState(s: Serial16550aState): Serial16550aState {
     rxCapacity: s.rxCapacity,
     rxDropped: s.rxDropped,
     txBytes: s.txBytes,
+    txDropped: s.txDropped,
     rxBytes: s.rxBytes,
   };
 }
@@ -391,11 +407,20 @@ export function serialInput(state: Serial16550aState, payload: SerialInputPayloa
   return finish(interruptLevel(state), n, NO_EFFECTS);
 }
 
+/** Host side: count guest output the console's destination dropped. */
+export function serialOutputDropped(state: Serial16550aState, payload: SerialOutputDroppedPayload): TransitionResult<Serial16550aState> {
+  const n = payload?.bytes;
+  if (!Number.isSafeInteger(n) || n <= 0) return { state, effects: NO_EFFECTS };
+  const next = copySerialState(state);
+  next.txDropped = state.txDropped + n;
+  return { state: next, effects: NO_EFFECTS };
+}
+
 export const serialModel: DeviceModel<Serial16550aState> = {
   kind: SERIAL_KIND,
   label: SERIAL_LABEL,
   schemaVersion: SERIAL_SCHEMA_VERSION,
   events: deviceAccessEventTypes(SERIAL_LABEL),
   transition: serialTransition,
-  inputs: { [SerialEvents.InputReceived]: serialInput },
+  inputs: { [SerialEvents.InputReceived]: serialInput, [SerialEvents.OutputDropped]: serialOutputDropped },
 };

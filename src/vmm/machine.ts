@@ -13,7 +13,7 @@ import {
   type BootPlan,
 } from '../boot';
 import { longModeSregs, protectedMode32Sregs } from '../boot/x86/long-mode';
-import { withDefaults, type VmConfig } from '../config/vm-config';
+import { withDefaults, type SerialConfig, type VmConfig } from '../config/vm-config';
 import type { Effect } from '../devices/device';
 import {
   acpiGedDevice,
@@ -26,6 +26,7 @@ import {
   serialDevice,
   serialInputEvent,
   serialInputRoom,
+  serialOutputDroppedEvent,
   type DeviceInstance,
   type Serial16550aState,
   type AnyDeviceState,
@@ -60,6 +61,8 @@ export interface MachineOptions {
   log: Logger;
   /** where lines the guest can trigger go (rate-limited); shared across reboots */
   guestLog: GuestLog;
+  /** cap of a serial output file (default SERIAL_FILE_DEFAULT_MAX_BYTES) */
+  serialFileMaxBytes?: number;
   /** called once, from the JavaScript thread, when the guest powers off, resets or fails */
   onStop: (stop: MachineStop) => void;
   /** build from saved state and a memory-ranges file instead of loading a kernel */
@@ -165,7 +168,7 @@ export class Machine {
 
       if (opts.restore) {
         this.memory = this.restoreMemory(opts.restore);
-        this.console = openConsoleSink(config.serial);
+        this.console = this.openConsole(config.serial);
         this.restoreVcpus(opts.restore.state);
         this.restoreVmState(opts.restore.state);
         return;
@@ -200,12 +203,23 @@ export class Machine {
       log.debug({ format: this.plan.format, entry: this.plan.entry }, 'kernel loaded');
 
       this.attachDevices(platformDevices(config));
-      this.console = openConsoleSink(config.serial);
+      this.console = this.openConsole(config.serial);
       this.createVcpus();
     } catch (e) {
       this.release();
       throw e;
     }
+  }
+
+  /** The serial console's host end; what it drops is counted on the serial device. */
+  private openConsole(serial: SerialConfig): ConsoleSink {
+    return openConsoleSink(serial, {
+      maxFileBytes: this.opts.serialFileMaxBytes,
+      log: this.opts.guestLog,
+      onDropped: (bytes) => {
+        if (this.opts.store.getState().devices.instances[SERIAL_ID]) this.opts.store.dispatch(serialOutputDroppedEvent(SERIAL_ID, bytes));
+      },
+    });
   }
 
   /** (Re)attach the platform devices: a boot starts from power-on device state. */

@@ -26,6 +26,8 @@ export interface RestoreOptions {
 export interface VmmOptions {
   log: Logger;
   store?: Store<RootState>;
+  /** cap of a serial output file, in bytes (default SERIAL_FILE_DEFAULT_MAX_BYTES) */
+  serialFileMaxBytes?: number;
 }
 
 export class Vmm {
@@ -33,6 +35,7 @@ export class Vmm {
   readonly log: Logger;
   /** lines the guest can trigger (resets, poweroffs, sleep requests), rate-limited */
   private readonly guestLog: GuestLog;
+  private readonly serialFileMaxBytes?: number;
   private machine?: Machine;
   /** serializes lifecycle actions: a reboot requested by the guest must not race an API call */
   private queue: Promise<unknown> = Promise.resolve();
@@ -40,6 +43,7 @@ export class Vmm {
   constructor(opts: VmmOptions) {
     this.log = opts.log;
     this.guestLog = guestLog(opts.log);
+    this.serialFileMaxBytes = opts.serialFileMaxBytes;
     this.store = opts.store ?? createStore();
   }
 
@@ -211,6 +215,7 @@ export class Vmm {
           store: this.store,
           log: this.log,
           guestLog: this.guestLog,
+          serialFileMaxBytes: this.serialFileMaxBytes,
           onStop: (s) => this.onMachineStop(m, s),
           restore: { state, memoryPath: snap.memoryPath, ranges: snap.ranges, mode, prefault: opts.prefault },
         });
@@ -284,7 +289,13 @@ export class Vmm {
   }
 
   private startMachine(): void {
-    const machine = new Machine({ store: this.store, log: this.log, guestLog: this.guestLog, onStop: (s) => this.onMachineStop(machine, s) });
+    const machine = new Machine({
+      store: this.store,
+      log: this.log,
+      guestLog: this.guestLog,
+      serialFileMaxBytes: this.serialFileMaxBytes,
+      onStop: (s) => this.onMachineStop(machine, s),
+    });
     this.machine = machine;
     machine.start();
   }

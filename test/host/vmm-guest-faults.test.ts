@@ -212,3 +212,22 @@ test.serial('a resume whose KVM clock call fails leaves the VM Paused, not Resum
     await restored.close();
   }
 });
+
+test.serial('a serial file stops at its cap while the guest runs on; vm.counters counts the dropped bytes', async (t) => {
+  const cfg = await config('serial-cap');
+  const vmm = new Vmm({ log: silentLogger(), serialFileMaxBytes: 200 });
+  const api = new VmmApi(vmm);
+  try {
+    await vmm.create(cfg);
+    await vmm.boot();
+    await waitUntil('the guest has counted past the cap', () => (vmm.guestMemory()?.readU32(TinyKernelStatus.COUNT) ?? 0) >= 30);
+    await waitUntil('the dropped bytes are counted', () => {
+      const c = api.counters().serial0;
+      return c.tx_dropped > 0 && c.tx_bytes === c.tx_dropped + 200;
+    });
+    t.is(fs.statSync(cfg.serial.file).size, 200);
+    t.is(vmm.state.vm.status, 'Running');
+  } finally {
+    await vmm.close();
+  }
+});

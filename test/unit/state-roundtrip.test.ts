@@ -1,4 +1,5 @@
 import test from 'ava';
+import { deviceModels } from '../../src/devices';
 import { decodeVcpuState } from '../../src/state/codec';
 import { NotJsonSafeError, SchemaVersionError } from '../../src/state/errors';
 import { dispatchIo } from '../../src/state/io';
@@ -23,7 +24,7 @@ test('every slice is populated, frozen and plain JSON', (t) => {
   t.is(s.bus.pio.length, 7);
   t.deepEqual(s.bus.unhandled.pio, { reads: 1, writes: 1 });
   for (const key of ['vm', 'vcpus', 'devices', 'bus'] as const) t.is(typeof s[key].schemaVersion, 'number');
-  for (const inst of Object.values(s.devices.instances)) t.is(inst.schemaVersion, 1);
+  for (const inst of Object.values(s.devices.instances)) t.is(inst.schemaVersion, deviceModels[inst.kind].schemaVersion);
   t.notDeepEqual(s, initialRootState());
   t.true(allFrozen(s));
   t.notThrows(() => assertJsonSafe(s));
