@@ -1,8 +1,10 @@
 // The hardware-reduced ACPI power-management registers the FADT points at: sleep control,
 // sleep status and reset, one byte each. The ACPI table builder imports the constants below,
 // so the tables and the device cannot disagree.
+import * as aml from '../boot/aml';
 import type { Effect, IoAccess, TransitionResult } from './device';
 import {
+  type DeviceAcpi,
   type DeviceInstance,
   type DeviceModel,
   type DeviceStateBase,
@@ -108,6 +110,11 @@ export function acpiPmTransition(state: AcpiPmState, access: IoAccess): Transiti
   return { state: s, effects: effects.length ? effects : NO_EFFECTS };
 }
 
+/** \_S5: SLP_TYPa, SLP_TYPb, reserved, reserved. Hardware-reduced sleep writes SLP_TYPa. */
+export function acpiPmAcpi(): DeviceAcpi {
+  return { root: [aml.name('_S5', aml.pkg([SLP_TYP_S5, SLP_TYP_S5, 0, 0]))] };
+}
+
 export const acpiPmModel: DeviceModel<AcpiPmState> = {
   kind: ACPI_PM_KIND,
   label: ACPI_PM_LABEL,
@@ -115,4 +122,5 @@ export const acpiPmModel: DeviceModel<AcpiPmState> = {
   events: deviceAccessEventTypes(ACPI_PM_LABEL),
   transition: acpiPmTransition,
   inputs: {},
+  acpi: acpiPmAcpi,
 };

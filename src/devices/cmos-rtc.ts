@@ -6,8 +6,10 @@
 // a time); clearing SET turns those bytes back into an offset.
 // No RTC interrupts (IRQ 8) are generated: the periodic, alarm and update-ended flags in
 // status C stay clear.
+import * as aml from '../boot/aml';
 import type { Effect, IoAccess, TransitionResult } from './device';
 import {
+  type DeviceAcpi,
   type DeviceInstance,
   type DeviceModel,
   type DeviceStateBase,
@@ -311,6 +313,15 @@ export function cmosTransition(state: CmosRtcState, access: IoAccess): Transitio
   return access.direction === 'read' ? { state, effects: NO_EFFECTS, value: 0xff } : { state, effects: NO_EFFECTS };
 }
 
+/** The RTC in the DSDT (PNP0B00): its ports and no interrupt, as it raises none. */
+export function cmosAcpi(device: DeviceInstance<CmosRtcState>): DeviceAcpi {
+  const { base, length } = device.ranges[0];
+  return {
+    legacy: 'rtc',
+    sb: [aml.device('RTC', [aml.name('_HID', aml.eisaId('PNP0B00')), aml.name('_CRS', aml.resourceTemplate([aml.Resource.io(base, base, 1, length)]))])],
+  };
+}
+
 export const cmosModel: DeviceModel<CmosRtcState> = {
   kind: CMOS_KIND,
   label: CMOS_LABEL,
@@ -318,4 +329,5 @@ export const cmosModel: DeviceModel<CmosRtcState> = {
   events: deviceAccessEventTypes(CMOS_LABEL),
   transition: cmosTransition,
   inputs: {},
+  acpi: cmosAcpi,
 };

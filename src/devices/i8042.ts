@@ -2,8 +2,10 @@
 // command byte, run the self tests, and reset the machine through it. No keyboard or mouse
 // is attached: bytes sent to either port are answered with a timeout error at once, so a
 // probing guest gives up quickly instead of waiting for its command timeouts.
+import * as aml from '../boot/aml';
 import type { Effect, IoAccess, TransitionResult } from './device';
 import {
+  type DeviceAcpi,
   type DeviceInstance,
   type DeviceModel,
   type DeviceStateBase,
@@ -250,6 +252,20 @@ export function i8042Transition(state: I8042State, access: IoAccess): Transition
   return { state, effects: NO_EFFECTS };
 }
 
+/** The keyboard controller in the DSDT (PNP0303): its two ports and the keyboard interrupt. */
+export function i8042Acpi(device: DeviceInstance<I8042State>): DeviceAcpi {
+  const ports = device.ranges.map((r) => aml.Resource.io(r.base, r.base, 1, r.length));
+  return {
+    legacy: 'i8042',
+    sb: [
+      aml.device('PS2K', [
+        aml.name('_HID', aml.eisaId('PNP0303')),
+        aml.name('_CRS', aml.resourceTemplate([...ports, aml.Resource.interrupt({ edge: true }, [device.state.kbdGsi])])),
+      ]),
+    ],
+  };
+}
+
 export const i8042Model: DeviceModel<I8042State> = {
   kind: I8042_KIND,
   label: I8042_LABEL,
@@ -257,4 +273,5 @@ export const i8042Model: DeviceModel<I8042State> = {
   events: deviceAccessEventTypes(I8042_LABEL),
   transition: i8042Transition,
   inputs: {},
+  acpi: i8042Acpi,
 };

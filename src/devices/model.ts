@@ -1,6 +1,7 @@
 // What the store needs to know about a kind of device: how its events are named and which
 // pure transitions handle them. Device modules export one DeviceModel each; they never import
 // the store, so they stay testable as plain functions.
+import type { AmlCode } from '../boot/aml';
 import type { DeviceRange, DeviceTransition, TransitionResult } from './device';
 
 /** Fields every device slice carries, so a devices map can be checked and migrated by kind. */
@@ -34,6 +35,21 @@ export interface DeviceModel<S extends DeviceStateBase = DeviceStateBase> {
   transition: DeviceTransition<S>;
   /** host-side input events: event type -> transition */
   inputs: Record<string, DeviceInput<S, any>>;
+  /**
+   * How the device describes itself in ACPI, from its own state and bus ranges: the DSDT is
+   * assembled from the devices a VM has, so a device that is absent is not described.
+   */
+  acpi?: (device: DeviceInstance<S>) => DeviceAcpi;
+}
+
+/** A device's part of the ACPI tables. */
+export interface DeviceAcpi {
+  /** objects in \_SB */
+  sb?: AmlCode[];
+  /** top-level objects (\_S5) */
+  root?: AmlCode[];
+  /** the FADT IA-PC boot flag the device stands for: an 8042 to probe, a CMOS RTC to use */
+  legacy?: 'i8042' | 'rtc';
 }
 
 /**

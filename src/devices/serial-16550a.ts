@@ -5,8 +5,10 @@
 // The interrupt output is modelled as a level computed from the state; since the ISA pin is
 // edge-triggered on the in-kernel IOAPIC, a transition reports {type:'irq.pulse'} exactly
 // when that level rises.
+import * as aml from '../boot/aml';
 import type { Effect, IoAccess, TransitionResult } from './device';
 import {
+  type DeviceAcpi,
   type DeviceInstance,
   type DeviceModel,
   type DeviceStateBase,
@@ -416,6 +418,31 @@ export function serialOutputDropped(state: Serial16550aState, payload: SerialOut
   return { state: next, effects: NO_EFFECTS };
 }
 
+/** The PC's COM ports by I/O base: COM1 is 0x3f8 (ACPI name COM1, _UID 1), and so on. */
+const COM_PORT_BASES = [0x3f8, 0x2f8, 0x3e8, 0x2e8];
+
+/**
+ * The UART in the DSDT (PNP0501) with its ports and interrupt. Hardware-reduced ACPI makes
+ * Linux drop the legacy PIC's fixed ISA IRQ numbering, so this _CRS is how it learns the IRQ.
+ */
+export function serialAcpi(device: DeviceInstance<Serial16550aState>): DeviceAcpi {
+  const base = device.ranges[0].base;
+  const n = COM_PORT_BASES.indexOf(base) + 1;
+  if (n === 0) throw new RangeError(`a UART at port 0x${base.toString(16)} has no COM name for ACPI`);
+  return {
+    sb: [
+      aml.device(`COM${n}`, [
+        aml.name('_HID', aml.eisaId('PNP0501')),
+        aml.name('_UID', n),
+        aml.name(
+          '_CRS',
+          aml.resourceTemplate([aml.Resource.io(base, base, 1, SERIAL_PORT_LENGTH), aml.Resource.interrupt({ edge: true }, [device.state.gsi])]),
+        ),
+      ]),
+    ],
+  };
+}
+
 export const serialModel: DeviceModel<Serial16550aState> = {
   kind: SERIAL_KIND,
   label: SERIAL_LABEL,
@@ -423,4 +450,5 @@ export const serialModel: DeviceModel<Serial16550aState> = {
   events: deviceAccessEventTypes(SERIAL_LABEL),
   transition: serialTransition,
   inputs: { [SerialEvents.InputReceived]: serialInput, [SerialEvents.OutputDropped]: serialOutputDropped },
+  acpi: serialAcpi,
 };

@@ -16,14 +16,12 @@ import { longModeSregs, protectedMode32Sregs } from '../boot/x86/long-mode';
 import { withDefaults, type SerialConfig, type VmConfig } from '../config/vm-config';
 import type { Effect } from '../devices/device';
 import {
-  acpiGedDevice,
-  acpiPmDevice,
-  cmosDevice,
-  debugPortDevice,
-  i8042Device,
+  devicesAcpi,
+  platformDevices,
   powerButtonPressedEvent,
   COM1_BASE,
-  serialDevice,
+  PLATFORM_GED_ID,
+  PLATFORM_SERIAL_ID,
   serialInputEvent,
   serialInputRoom,
   serialOutputDroppedEvent,
@@ -80,21 +78,8 @@ export interface MachineRestore {
   prefault?: boolean;
 }
 
-const SERIAL_ID = 'serial0';
-const GED_ID = 'ged0';
-
-/** The legacy platform devices of every Tern VM, as device instances for the store. */
-function platformDevices(config: ReturnType<typeof withDefaults>): DeviceInstance<AnyDeviceState>[] {
-  const devices: DeviceInstance<AnyDeviceState>[] = [
-    i8042Device(),
-    cmosDevice({ memorySize: config.memory.size }),
-    acpiPmDevice(),
-    acpiGedDevice({ id: GED_ID }),
-    debugPortDevice(),
-  ];
-  if (config.serial.mode !== 'Off') devices.unshift(serialDevice({ id: SERIAL_ID }));
-  return devices;
-}
+const SERIAL_ID = PLATFORM_SERIAL_ID;
+const GED_ID = PLATFORM_GED_ID;
 
 function readPayloadFile(path: string, what: string): Buffer {
   try {
@@ -190,6 +175,7 @@ export class Machine {
 
       const payload = config.payload;
       if (!payload.kernel) throw new Error('the VM config has no payload.kernel');
+      const devices = platformDevices({ memorySize: config.memory.size, serial: config.serial.mode !== 'Off' });
       this.plan = loadKernel(this.memory, {
         kernel: readPayloadFile(payload.kernel, 'kernel'),
         initramfs: payload.initramfs ? readPayloadFile(payload.initramfs, 'initramfs') : undefined,
@@ -199,10 +185,12 @@ export class Machine {
         kernelName: payload.kernel,
         initramfsName: payload.initramfs,
         supportedCpuid: this.kvm.supportedCpuid(),
+        // The DSDT describes the devices this VM has, each in its own words.
+        acpi: { devices: devicesAcpi(devices) },
       });
       log.debug({ format: this.plan.format, entry: this.plan.entry }, 'kernel loaded');
 
-      this.attachDevices(platformDevices(config));
+      this.attachDevices(devices);
       this.console = this.openConsole(config.serial);
       this.createVcpus();
     } catch (e) {

@@ -1,12 +1,14 @@
 // What a guest (or a failing host) can do to the VMM around its lifecycle, with the tiny PVH
 // kernel in-process: floods of guest-triggered log lines, failed reboots and resumes, guest
-// stops that arrive while the VM is being paused.
+// stops that arrive while the VM is being paused, a serial file at its cap; and the ACPI
+// tables the guest is given, which describe only the devices it has.
 import test from 'ava';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
 
+import { ACPI_TABLES_END, ACPI_TABLES_START } from '../../src/boot/layout';
 import type { VmConfig } from '../../src/config/vm-config';
 import { I8042Events } from '../../src/devices/i8042';
 import { serialInputEvent } from '../../src/devices/serial-16550a';
@@ -229,5 +231,22 @@ test.serial('a serial file stops at its cap while the guest runs on; vm.counters
     t.is(vmm.state.vm.status, 'Running');
   } finally {
     await vmm.close();
+  }
+});
+
+test.serial('the DSDT a booted VM gets describes COM1 only when it has a serial port', async (t) => {
+  const acpiWindow = (vmm: Vmm): Buffer => Buffer.from(vmm.guestMemory()!.read(ACPI_TABLES_START, ACPI_TABLES_END - ACPI_TABLES_START));
+  for (const mode of ['Off', 'File'] as const) {
+    const cfg = await config(`dsdt-${mode}`);
+    const vmm = new Vmm({ log: silentLogger() });
+    try {
+      await vmm.create({ ...cfg, serial: mode === 'Off' ? { mode } : cfg.serial });
+      await vmm.boot();
+      const tables = acpiWindow(vmm);
+      t.true(tables.includes(Buffer.from('DSDT')) && tables.includes(Buffer.from('PS2K')), `${mode}: the DSDT is there`);
+      t.is(tables.includes(Buffer.from('COM1')), mode !== 'Off', `--serial ${mode.toLowerCase()}`);
+    } finally {
+      await vmm.close();
+    }
   }
 });
