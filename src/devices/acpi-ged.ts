@@ -16,7 +16,9 @@ import {
   type DeviceInstance,
   type DeviceModel,
   type DeviceStateBase,
+  MAX_GSI,
   deviceAccessEventTypes,
+  fieldCheck as f,
 } from './model';
 
 export const ACPI_GED_KIND = 'acpi-ged' as const;
@@ -139,4 +141,5 @@ export const acpiGedModel: DeviceModel<AcpiGedState> = {
   transition: acpiGedTransition,
   inputs: { [AcpiGedEvents.PowerButtonPressed]: acpiGedPowerButton },
   acpi: acpiGedAcpi,
+  check: (s) => f.first(f.int(s, 'gsi', 0, MAX_GSI), f.byte(s, 'pending'), f.count(s, 'powerButtonPresses')),
 };

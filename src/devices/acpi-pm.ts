@@ -9,6 +9,7 @@ import {
   type DeviceModel,
   type DeviceStateBase,
   deviceAccessEventTypes,
+  fieldCheck as f,
 } from './model';
 
 export const ACPI_PM_KIND = 'acpi-pm' as const;
@@ -123,4 +124,5 @@ export const acpiPmModel: DeviceModel<AcpiPmState> = {
   transition: acpiPmTransition,
   inputs: {},
   acpi: acpiPmAcpi,
+  check: (s) => f.first(f.int(s, 'sleepType', 0, 7), f.byte(s, 'sleepStatus')),
 };

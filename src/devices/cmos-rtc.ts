@@ -14,6 +14,7 @@ import {
   type DeviceModel,
   type DeviceStateBase,
   deviceAccessEventTypes,
+  fieldCheck as f,
 } from './model';
 
 export const CMOS_KIND = 'cmos-rtc' as const;
@@ -322,6 +323,17 @@ export function cmosAcpi(device: DeviceInstance<CmosRtcState>): DeviceAcpi {
   };
 }
 
+/**
+ * The largest guest-minus-host offset: a date the registers can hold is within years
+ * 0..9999, about 3.2e20 ns from the epoch either way.
+ */
+export const CMOS_MAX_OFFSET_NS = 3.2e20;
+
+export function checkCmosState(s: CmosRtcState): string | null {
+  const offset = Number.isFinite(s.offsetNs) && Math.abs(s.offsetNs) <= CMOS_MAX_OFFSET_NS ? null : `offsetNs must be a number within ±${CMOS_MAX_OFFSET_NS}`;
+  return f.first(f.int(s, 'index', 0, CMOS_SIZE - 1), f.bool(s, 'nmiMasked'), f.bytes(s, 'cmos', CMOS_SIZE, CMOS_SIZE), offset);
+}
+
 export const cmosModel: DeviceModel<CmosRtcState> = {
   kind: CMOS_KIND,
   label: CMOS_LABEL,
@@ -330,4 +342,5 @@ export const cmosModel: DeviceModel<CmosRtcState> = {
   transition: cmosTransition,
   inputs: {},
   acpi: cmosAcpi,
+  check: checkCmosState,
 };

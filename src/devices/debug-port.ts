@@ -7,6 +7,7 @@ import {
   type DeviceModel,
   type DeviceStateBase,
   deviceAccessEventTypes,
+  fieldCheck as f,
 } from './model';
 
 export const DEBUG_PORT_KIND = 'debug-port' as const;
@@ -55,4 +56,5 @@ export const debugPortModel: DeviceModel<DebugPortState> = {
   events: deviceAccessEventTypes(DEBUG_PORT_LABEL),
   transition: debugPortTransition,
   inputs: {},
+  check: (s) => f.first(s.lastCode === null ? null : f.byte(s, 'lastCode'), f.count(s, 'writes')),
 };

@@ -9,7 +9,9 @@ import {
   type DeviceInstance,
   type DeviceModel,
   type DeviceStateBase,
+  MAX_GSI,
   deviceAccessEventTypes,
+  fieldCheck as f,
 } from './model';
 
 export const I8042_KIND = 'i8042' as const;
@@ -266,6 +268,21 @@ export function i8042Acpi(device: DeviceInstance<I8042State>): DeviceAcpi {
   };
 }
 
+export function checkI8042State(s: I8042State): string | null {
+  return f.first(
+    f.byte(s, 'ctr'),
+    f.byte(s, 'outputPort'),
+    f.byte(s, 'outData'),
+    f.bool(s, 'outFull'),
+    ['ctrl', 'kbd', 'aux'].includes(s.outChannel) ? null : 'outChannel must be ctrl, kbd or aux',
+    f.bool(s, 'outTimeout'),
+    f.bool(s, 'lastWasCommand'),
+    s.pendingCommand === null ? null : f.byte(s, 'pendingCommand'),
+    f.int(s, 'kbdGsi', 0, MAX_GSI),
+    f.int(s, 'auxGsi', 0, MAX_GSI),
+  );
+}
+
 export const i8042Model: DeviceModel<I8042State> = {
   kind: I8042_KIND,
   label: I8042_LABEL,
@@ -274,4 +291,5 @@ export const i8042Model: DeviceModel<I8042State> = {
   transition: i8042Transition,
   inputs: {},
   acpi: i8042Acpi,
+  check: checkI8042State,
 };

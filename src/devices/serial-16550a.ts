@@ -12,7 +12,9 @@ import {
   type DeviceInstance,
   type DeviceModel,
   type DeviceStateBase,
+  MAX_GSI,
   deviceAccessEventTypes,
+  fieldCheck as f,
 } from './model';
 
 export const SERIAL_KIND = 'serial-16550a' as const;
@@ -443,6 +445,20 @@ export function serialAcpi(device: DeviceInstance<Serial16550aState>): DeviceAcp
   };
 }
 
+/** Host input a UART may buffer, at most (the default is SERIAL_DEFAULT_RX_CAPACITY). */
+export const SERIAL_MAX_RX_CAPACITY = 1 << 16;
+
+export function checkSerialState(s: Serial16550aState): string | null {
+  return f.first(
+    f.int(s, 'gsi', 0, MAX_GSI),
+    ...(['ier', 'fcr', 'lcr', 'mcr', 'scr', 'dll', 'dlm', 'lsrErrors', 'msrDelta'] as const).map((k) => f.byte(s, k)),
+    f.bool(s, 'threPending'),
+    f.int(s, 'rxCapacity', SERIAL_HW_FIFO_DEPTH, SERIAL_MAX_RX_CAPACITY),
+    f.bytes(s, 'rx', 0, Math.min(s.rxCapacity, SERIAL_MAX_RX_CAPACITY)),
+    ...(['rxDropped', 'txBytes', 'txDropped', 'rxBytes'] as const).map((k) => f.count(s, k)),
+  );
+}
+
 export const serialModel: DeviceModel<Serial16550aState> = {
   kind: SERIAL_KIND,
   label: SERIAL_LABEL,
@@ -451,4 +467,5 @@ export const serialModel: DeviceModel<Serial16550aState> = {
   transition: serialTransition,
   inputs: { [SerialEvents.InputReceived]: serialInput, [SerialEvents.OutputDropped]: serialOutputDropped },
   acpi: serialAcpi,
+  check: checkSerialState,
 };

@@ -70,6 +70,8 @@ function checkInstance(id: string, inst: DeviceStateBase): void {
   if (inst.schemaVersion !== model.schemaVersion) {
     throw new SchemaVersionError(`device '${id}' (${inst.kind})`, inst.schemaVersion, model.schemaVersion);
   }
+  const problem = model.check(inst);
+  if (problem) throw new DeviceConflictError(`device '${id}' (${inst.kind}): ${problem}`);
 }
 
 const handlers: Record<string, Handler<DevicesSliceState, any>> = {
