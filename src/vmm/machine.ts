@@ -140,7 +140,7 @@ export class Machine {
   private readonly cpuids: CpuidEntry[][] = [];
 
   constructor(private readonly opts: MachineOptions) {
-    const { store, log } = opts;
+    const { store } = opts;
     const config = withDefaults((opts.restore?.state ?? store.getState()).vm.config as VmConfig);
     this.kvm = native().openKvm();
     try {
@@ -188,7 +188,8 @@ export class Machine {
         // The DSDT describes the devices this VM has, each in its own words.
         acpi: { devices: devicesAcpi(devices) },
       });
-      log.debug({ format: this.plan.format, entry: this.plan.entry }, 'kernel loaded');
+      // Every guest reset loads the kernel again: these lines are the guest's to trigger.
+      opts.guestLog.debug('kernel-loaded', { format: this.plan.format, entry: this.plan.entry }, 'kernel loaded');
 
       this.attachDevices(devices);
       this.console = this.openConsole(config.serial);
@@ -225,7 +226,7 @@ export class Machine {
       this.cpuids[inputs.id] = inputs.cpuid ?? [];
       const set = vcpu.setMsrs(inputs.msrs);
       if (set !== inputs.msrs.length) {
-        this.opts.log.debug({ vcpu: inputs.id, set, wanted: inputs.msrs.length }, 'KVM accepted only some boot MSRs');
+        this.opts.guestLog.debug('boot-msrs', { vcpu: inputs.id, set, wanted: inputs.msrs.length }, 'KVM accepted only some boot MSRs');
       }
       vcpu.setFpu(inputs.fpu);
       vcpu.setLapic(patchLapicLint(vcpu.getLapic(), inputs.lapic));
