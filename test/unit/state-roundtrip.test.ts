@@ -1,6 +1,7 @@
 import test from 'ava';
+import { deviceModels } from '../../src/devices';
 import { decodeVcpuState } from '../../src/state/codec';
-import { NotJsonSafeError, SchemaVersionError } from '../../src/state/errors';
+import { NotJsonSafeError, SchemaVersionError, TernStateError } from '../../src/state/errors';
 import { dispatchIo } from '../../src/state/io';
 import { assertJsonSafe, isJsonSafe } from '../../src/state/json';
 import { ROOT_SCHEMA_VERSION, type RootState, initialRootState } from '../../src/state/root';
@@ -23,7 +24,7 @@ test('every slice is populated, frozen and plain JSON', (t) => {
   t.is(s.bus.pio.length, 7);
   t.deepEqual(s.bus.unhandled.pio, { reads: 1, writes: 1 });
   for (const key of ['vm', 'vcpus', 'devices', 'bus'] as const) t.is(typeof s[key].schemaVersion, 'number');
-  for (const inst of Object.values(s.devices.instances)) t.is(inst.schemaVersion, 1);
+  for (const inst of Object.values(s.devices.instances)) t.is(inst.schemaVersion, deviceModels[inst.kind].schemaVersion);
   t.notDeepEqual(s, initialRootState());
   t.true(allFrozen(s));
   t.notThrows(() => assertJsonSafe(s));
@@ -76,7 +77,7 @@ test('a snapshot with another schema version is refused', (t) => {
   const s = JSON.parse(serializeState(populatedStore().getState())) as Record<string, any>;
   const variants: [string, (x: any) => void][] = [
     ['root', (x) => (x.schemaVersion = 99)],
-    ['slice', (x) => (x.vm.schemaVersion = 2)],
+    ['slice', (x) => (x.vm.schemaVersion = 99)],
     ['device', (x) => (x.devices.instances.serial0.schemaVersion = 7)],
   ];
   for (const [what, mutate] of variants) {
@@ -89,4 +90,25 @@ test('a snapshot with another schema version is refused', (t) => {
 test('a store can be built from the initial state serialized', (t) => {
   const s: RootState = deserializeState(serializeState(initialRootState()));
   t.deepEqual(s, createStore().getState());
+});
+
+test('a snapshot whose device state a guest could not have produced is refused, naming the device and field', (t) => {
+  const s = JSON.parse(serializeState(populatedStore().getState())) as Record<string, any>;
+  t.notThrows(() => deserializeState(JSON.stringify(s)));
+  const variants: [string, RegExp, (x: any) => void][] = [
+    ['an RTC offset past the calendar', /'rtc'.*offsetNs/, (x) => (x.devices.instances.rtc.offsetNs = 1e300)],
+    ['a CMOS byte that is not one', /'rtc'.*cmos/, (x) => (x.devices.instances.rtc.cmos[3] = 256)],
+    ['a UART buffer beyond its capacity', /'serial0'.*rx/, (x) => (x.devices.instances.serial0.rx = new Array(100_000).fill(65))],
+    ['a UART capacity without bound', /'serial0'.*rxCapacity/, (x) => (x.devices.instances.serial0.rxCapacity = 1e12)],
+    ['a negative counter', /'serial0'.*txBytes/, (x) => (x.devices.instances.serial0.txBytes = -1)],
+    ['an interrupt pin KVM does not have', /'ged0'.*gsi/, (x) => (x.devices.instances.ged0.gsi = 99)],
+    ['an unknown i8042 channel', /'i8042'.*outChannel/, (x) => (x.devices.instances.i8042.outChannel = 'mouse')],
+    ['a sleep type of 8 bits', /'acpi-pm'.*sleepType/, (x) => (x.devices.instances['acpi-pm'].sleepType = 200)],
+    ['a debug code of 16 bits', /'debug-port'.*lastCode/, (x) => (x.devices.instances['debug-port'].lastCode = 0x1234)],
+  ];
+  for (const [what, message, mutate] of variants) {
+    const copy = structuredClone(s);
+    mutate(copy);
+    t.throws(() => deserializeState(JSON.stringify(copy)), { instanceOf: TernStateError, message }, what);
+  }
 });

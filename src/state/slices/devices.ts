@@ -74,12 +74,18 @@ function checkInstance(id: string, inst: DeviceStateBase): void {
   }
 }
 
+function checkFields(id: string, inst: DeviceStateBase): void {
+  const problem = deviceModels[inst.kind].check(inst);
+  if (problem) throw new DeviceConflictError(`device '${id}' (${inst.kind}): ${problem}`);
+}
+
 const handlers: Record<string, Handler<DevicesSliceState, any>> = {
   [DeviceEvents.Added]: pure((s: DevicesSliceState, p: DeviceAddedPayload) => {
     const id = p?.state?.id;
     if (typeof id !== 'string' || id === '') throw new DeviceConflictError('a device needs a non-empty id');
     if (s.instances[id] !== undefined) throw new DeviceConflictError(`device '${id}' already exists`);
     checkInstance(id, p.state);
+    checkFields(id, p.state);
     assertJsonSafe(p.state, `/devices/instances/${id}`);
     return withInstance(s, id, p.state);
   }),
@@ -118,6 +124,7 @@ export const devicesSlice = createSlice({
       if (inst.kind === SERIAL_KIND && inst.rx.length > inst.rxCapacity) {
         throw new InvalidStateError(`slice 'devices' device '${id}' (${inst.kind}) field /rx: holds ${inst.rx.length} bytes, more than rxCapacity ${inst.rxCapacity}`);
       }
+      checkFields(id, inst);
     }
   },
 });
