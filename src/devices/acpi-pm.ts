@@ -3,7 +3,7 @@
 // so the tables and the device cannot disagree.
 import { Type } from '@sinclair/typebox';
 import * as aml from '../boot/aml';
-import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
+import { DeviceId, Exact, IntIn, U8 } from '../state/state-schema';
 import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
   type DeviceAcpi,
@@ -11,7 +11,6 @@ import {
   type DeviceModel,
   type DeviceStateBase,
   deviceAccessEventTypes,
-  fieldCheck as f,
 } from './model';
 
 export const ACPI_PM_KIND = 'acpi-pm' as const;
@@ -130,5 +129,4 @@ export const acpiPmModel: DeviceModel<AcpiPmState> = {
   stateSchema: AcpiPmStateSchema,
   inputs: {},
   acpi: acpiPmAcpi,
-  check: (s) => f.first(f.int(s, 'sleepType', 0, 7), f.byte(s, 'sleepStatus')),
 };

@@ -8,7 +8,7 @@
 // status C stay clear.
 import { Type } from '@sinclair/typebox';
 import * as aml from '../boot/aml';
-import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
+import { DeviceId, Exact, IntIn, U8 } from '../state/state-schema';
 import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
   type DeviceAcpi,
@@ -16,7 +16,6 @@ import {
   type DeviceModel,
   type DeviceStateBase,
   deviceAccessEventTypes,
-  fieldCheck as f,
 } from './model';
 
 export const CMOS_KIND = 'cmos-rtc' as const;
@@ -316,8 +315,14 @@ export function cmosTransition(state: CmosRtcState, access: IoAccess): Transitio
   return access.direction === 'read' ? { state, effects: NO_EFFECTS, value: 0xff } : { state, effects: NO_EFFECTS };
 }
 
+/**
+ * The largest guest-minus-host offset: a date the registers can hold is within years
+ * 0..9999, about 3.2e20 ns from the epoch either way.
+ */
+export const CMOS_MAX_OFFSET_NS = 3.2e20;
+
 /** The state's shape, checked when a state comes from outside (restore). */
-export const CmosRtcStateSchema = Exact({ kind: Type.Literal(CMOS_KIND), id: DeviceId(), schemaVersion: IntIn(CMOS_SCHEMA_VERSION, CMOS_SCHEMA_VERSION), index: IntIn(0, 0x7f), nmiMasked: Type.Boolean(), cmos: Type.Array(U8(), { minItems: 128, maxItems: 128 }), offsetNs: IntIn(Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER) });
+export const CmosRtcStateSchema = Exact({ kind: Type.Literal(CMOS_KIND), id: DeviceId(), schemaVersion: IntIn(CMOS_SCHEMA_VERSION, CMOS_SCHEMA_VERSION), index: IntIn(0, 0x7f), nmiMasked: Type.Boolean(), cmos: Type.Array(U8(), { minItems: 128, maxItems: 128 }), offsetNs: Type.Number({ minimum: -CMOS_MAX_OFFSET_NS, maximum: CMOS_MAX_OFFSET_NS }) });
 
 /** The RTC in the DSDT (PNP0B00): its ports and no interrupt, as it raises none. */
 export function cmosAcpi(device: DeviceInstance<CmosRtcState>): DeviceAcpi {
@@ -326,17 +331,6 @@ export function cmosAcpi(device: DeviceInstance<CmosRtcState>): DeviceAcpi {
     legacy: 'rtc',
     sb: [aml.device('RTC', [aml.name('_HID', aml.eisaId('PNP0B00')), aml.name('_CRS', aml.resourceTemplate([aml.Resource.io(base, base, 1, length)]))])],
   };
-}
-
-/**
- * The largest guest-minus-host offset: a date the registers can hold is within years
- * 0..9999, about 3.2e20 ns from the epoch either way.
- */
-export const CMOS_MAX_OFFSET_NS = 3.2e20;
-
-export function checkCmosState(s: CmosRtcState): string | null {
-  const offset = Number.isFinite(s.offsetNs) && Math.abs(s.offsetNs) <= CMOS_MAX_OFFSET_NS ? null : `offsetNs must be a number within ±${CMOS_MAX_OFFSET_NS}`;
-  return f.first(f.int(s, 'index', 0, CMOS_SIZE - 1), f.bool(s, 'nmiMasked'), f.bytes(s, 'cmos', CMOS_SIZE, CMOS_SIZE), offset);
 }
 
 export const cmosModel: DeviceModel<CmosRtcState> = {
@@ -348,5 +342,4 @@ export const cmosModel: DeviceModel<CmosRtcState> = {
   stateSchema: CmosRtcStateSchema,
   inputs: {},
   acpi: cmosAcpi,
-  check: checkCmosState,
 };

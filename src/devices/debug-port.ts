@@ -9,7 +9,6 @@ import {
   type DeviceModel,
   type DeviceStateBase,
   deviceAccessEventTypes,
-  fieldCheck as f,
 } from './model';
 
 export const DEBUG_PORT_KIND = 'debug-port' as const;
@@ -62,5 +61,4 @@ export const debugPortModel: DeviceModel<DebugPortState> = {
   transition: debugPortTransition,
   stateSchema: DebugPortStateSchema,
   inputs: {},
-  check: (s) => f.first(s.lastCode === null ? null : f.byte(s, 'lastCode'), f.count(s, 'writes')),
 };

@@ -4,16 +4,15 @@
 // probing guest gives up quickly instead of waiting for its command timeouts.
 import { Type } from '@sinclair/typebox';
 import * as aml from '../boot/aml';
-import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
+import { DeviceId, Exact, IntIn, U8 } from '../state/state-schema';
 import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
   type DeviceAcpi,
   type DeviceInstance,
   type DeviceModel,
   type DeviceStateBase,
-  MAX_GSI,
+  Gsi,
   deviceAccessEventTypes,
-  fieldCheck as f,
 } from './model';
 
 export const I8042_KIND = 'i8042' as const;
@@ -257,7 +256,7 @@ export function i8042Transition(state: I8042State, access: IoAccess): Transition
 }
 
 /** The state's shape, checked when a state comes from outside (restore). */
-export const I8042StateSchema = Exact({ kind: Type.Literal(I8042_KIND), id: DeviceId(), schemaVersion: IntIn(I8042_SCHEMA_VERSION, I8042_SCHEMA_VERSION), ctr: U8(), outputPort: U8(), outData: U8(), outFull: Type.Boolean(), outChannel: Type.Union([Type.Literal('ctrl'), Type.Literal('kbd'), Type.Literal('aux')]), outTimeout: Type.Boolean(), lastWasCommand: Type.Boolean(), pendingCommand: Type.Union([Type.Null(), U8()]), kbdGsi: U32(), auxGsi: U32() });
+export const I8042StateSchema = Exact({ kind: Type.Literal(I8042_KIND), id: DeviceId(), schemaVersion: IntIn(I8042_SCHEMA_VERSION, I8042_SCHEMA_VERSION), ctr: U8(), outputPort: U8(), outData: U8(), outFull: Type.Boolean(), outChannel: Type.Union([Type.Literal('ctrl'), Type.Literal('kbd'), Type.Literal('aux')]), outTimeout: Type.Boolean(), lastWasCommand: Type.Boolean(), pendingCommand: Type.Union([Type.Null(), U8()]), kbdGsi: Gsi(), auxGsi: Gsi() });
 
 /** The keyboard controller in the DSDT (PNP0303): its two ports and the keyboard interrupt. */
 export function i8042Acpi(device: DeviceInstance<I8042State>): DeviceAcpi {
@@ -273,21 +272,6 @@ export function i8042Acpi(device: DeviceInstance<I8042State>): DeviceAcpi {
   };
 }
 
-export function checkI8042State(s: I8042State): string | null {
-  return f.first(
-    f.byte(s, 'ctr'),
-    f.byte(s, 'outputPort'),
-    f.byte(s, 'outData'),
-    f.bool(s, 'outFull'),
-    ['ctrl', 'kbd', 'aux'].includes(s.outChannel) ? null : 'outChannel must be ctrl, kbd or aux',
-    f.bool(s, 'outTimeout'),
-    f.bool(s, 'lastWasCommand'),
-    s.pendingCommand === null ? null : f.byte(s, 'pendingCommand'),
-    f.int(s, 'kbdGsi', 0, MAX_GSI),
-    f.int(s, 'auxGsi', 0, MAX_GSI),
-  );
-}
-
 export const i8042Model: DeviceModel<I8042State> = {
   kind: I8042_KIND,
   label: I8042_LABEL,
@@ -297,5 +281,4 @@ export const i8042Model: DeviceModel<I8042State> = {
   stateSchema: I8042StateSchema,
   inputs: {},
   acpi: i8042Acpi,
-  check: checkI8042State,
 };

@@ -3,6 +3,8 @@
 // the store, so they stay testable as plain functions.
 import type { TSchema } from '@sinclair/typebox';
 import type { AmlCode } from '../boot/aml';
+import { IOAPIC_PINS } from '../boot/layout';
+import { IntIn } from '../state/state-schema';
 import type { DeviceRange, DeviceTransition, TransitionResult } from './device';
 
 /** Fields every device slice carries, so a devices map can be checked and migrated by kind. */
@@ -44,41 +46,14 @@ export interface DeviceModel<S extends DeviceStateBase = DeviceStateBase> {
    */
   acpi?: (device: DeviceInstance<S>) => DeviceAcpi;
   /**
-   * Why a state that did not come from this model's transitions (a snapshot, a migration
-   * stream) is unusable, or null. Every field a transition relies on is checked for its type
-   * and range, so an untrusted state cannot make a device misbehave or grow without bound.
+   * What stateSchema cannot say (relations between fields), for a state that did not come
+   * from this model's transitions: the first problem as "/field: why", or null.
    */
-  check: (state: S) => string | null;
+  checkState?: (state: S) => string | null;
 }
 
-/** Field checks for DeviceModel.check: each returns the first problem, or null. */
-export const fieldCheck = {
-  int(s: object, field: string, min: number, max: number): string | null {
-    const v = (s as Record<string, unknown>)[field];
-    return Number.isSafeInteger(v) && (v as number) >= min && (v as number) <= max ? null : `${field} must be an integer in ${min}..${max}`;
-  },
-  byte(s: object, field: string): string | null {
-    return fieldCheck.int(s, field, 0, 0xff);
-  },
-  count(s: object, field: string): string | null {
-    return fieldCheck.int(s, field, 0, Number.MAX_SAFE_INTEGER);
-  },
-  bool(s: object, field: string): string | null {
-    return typeof (s as Record<string, unknown>)[field] === 'boolean' ? null : `${field} must be a boolean`;
-  },
-  bytes(s: object, field: string, minLength: number, maxLength: number): string | null {
-    const v = (s as Record<string, unknown>)[field];
-    if (!Array.isArray(v) || v.length < minLength || v.length > maxLength) return `${field} must be an array of ${minLength}..${maxLength} bytes`;
-    return v.every((b) => Number.isInteger(b) && b >= 0 && b <= 0xff) ? null : `${field} must hold bytes only`;
-  },
-  /** the first problem of several */
-  first(...problems: (string | null)[]): string | null {
-    return problems.find((p) => p !== null) ?? null;
-  },
-};
-
-/** An IOAPIC pin (KVM's in-kernel IOAPIC has 24). */
-export const MAX_GSI = 23;
+/** An IOAPIC pin: a restored device naming any other would raise a line KVM does not have. */
+export const Gsi = (): TSchema => IntIn(0, IOAPIC_PINS - 1);
 
 /** A device's part of the ACPI tables. */
 export interface DeviceAcpi {
