@@ -18,7 +18,7 @@ import { stateChecksum } from '../../src/migration/snapshot';
 import { InvalidTransitionError, VmEvents } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
-import { sleep } from './harness';
+import { sleep, waitUntil } from './harness';
 import { TINY_KERNEL_MAGIC, TinyKernelCommand, TinyKernelStatus, buildTinyKernel } from './tiny-kernel';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-guest-faults-'));
@@ -31,14 +31,6 @@ async function config(name: string, kernel?: string): Promise<VmConfig & { seria
     memory: { size: 64 << 20 },
     serial: { mode: 'File', file: path.join(tmp, `${name}.serial`) },
   };
-}
-
-async function waitUntil(what: string, cond: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting until ${what}`);
-    await sleep(20);
-  }
 }
 
 const serialText = (cfg: { serial: { file: string } }): string => fs.readFileSync(cfg.serial.file, 'latin1');
