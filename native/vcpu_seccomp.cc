@@ -6,6 +6,7 @@
 #include <linux/seccomp.h>
 #include <signal.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -131,6 +132,11 @@ std::vector<sock_filter> VcpuSeccompProgram(SeccompMode mode, int vcpuFd) {
 
 int InstallSeccompFilter(const std::vector<sock_filter>& program) {
   if (program.empty()) return 0;
+  // A thread's first malloc picks its arena, and the one that takes the process past eight
+  // arenas has glibc count the CPUs by opening /sys/devices/system/cpu/online: under the filter
+  // that ends the process. Allocating once here ties this thread to its arena first.
+  void* volatile first = malloc(64);
+  free(first);
   if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return errno;
   sock_fprog prog;
   prog.len = static_cast<unsigned short>(program.size());

@@ -17,7 +17,7 @@ const consoleChecker = TypeCompiler.Compile(ConsoleConfigSchema);
 
 /** Device-state fields reported by vm.counters, per device kind: counter name -> state field. */
 const DEVICE_COUNTERS: Readonly<Record<string, Readonly<Record<string, string>>>> = {
-  [SERIAL_KIND]: { tx_bytes: 'txBytes', rx_bytes: 'rxBytes', rx_dropped: 'rxDropped' },
+  [SERIAL_KIND]: { tx_bytes: 'txBytes', tx_dropped: 'txDropped', rx_bytes: 'rxBytes', rx_dropped: 'rxDropped' },
   [DEBUG_PORT_KIND]: { writes: 'writes' },
 };
 

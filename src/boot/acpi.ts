@@ -11,12 +11,8 @@ import {
   ACPI_RESET_VALUE,
   ACPI_SLEEP_CONTROL_PORT,
   ACPI_SLEEP_STATUS_PORT,
-  SLP_TYP_S5,
 } from '../devices/acpi-pm';
-import { ACPI_GED_GSI, ACPI_GED_LENGTH, ACPI_GED_PORT, GedEvent } from '../devices/acpi-ged';
-import { CMOS_BASE, CMOS_PORT_LENGTH } from '../devices/cmos-rtc';
-import { I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_KBD_GSI } from '../devices/i8042';
-import { COM1_BASE, COM1_GSI } from '../devices/serial-16550a';
+import type { DeviceAcpi } from '../devices/model';
 import {
   ACPI_TABLES_END,
   ACPI_TABLES_START,
@@ -166,12 +162,9 @@ export interface FadtOptions {
  * IAPC_BOOT_ARCH for the legacy devices present. Linux trusts these: without the 8042 flag
  * it does not probe the keyboard controller, with CMOS_RTC_NOT_PRESENT it skips the RTC.
  */
-export function iapcBootArchFor(devices: { i8042: boolean; rtc: boolean }): number {
-  return (
-    IapcBootArch.VGA_NOT_PRESENT |
-    (devices.i8042 ? IapcBootArch.I8042 : 0) |
-    (devices.rtc ? 0 : IapcBootArch.CMOS_RTC_NOT_PRESENT)
-  );
+export function iapcBootArchFor(devices: readonly DeviceAcpi[]): number {
+  const has = (what: DeviceAcpi['legacy']) => devices.some((d) => d.legacy === what);
+  return IapcBootArch.VGA_NOT_PRESENT | (has('i8042') ? IapcBootArch.I8042 : 0) | (has('rtc') ? 0 : IapcBootArch.CMOS_RTC_NOT_PRESENT);
 }
 
 /**
@@ -247,109 +240,24 @@ export function buildMadt(opts: MadtOptions): Uint8Array {
   return buildSdt('APIC', 5, Uint8Array.from(parts));
 }
 
-/** A 16550 UART the DSDT describes under \_SB. */
-export interface AcpiSerialPort {
-  /** ACPI device name, e.g. "COM1" */
-  name: string;
-  port: number;
-  gsi: number;
-  uid: number;
-}
-
 export interface DsdtOptions {
-  /** UARTs to describe; default COM1 (0x3f8, GSI 4). */
-  serialPorts?: AcpiSerialPort[];
-  /** Describe the i8042 keyboard controller (0x60/0x64, GSI 1); default true. */
-  i8042?: boolean;
-  /** Describe the CMOS RTC (0x70, no interrupt); default true. */
-  rtc?: boolean;
-  /** Describe the Generic Event Device and the power button it notifies; default true. */
-  powerButton?: boolean;
+  /**
+   * The VM's devices, each described by its own module (devicesAcpi()): the DSDT holds what
+   * they say and nothing else, so a device the VM does not have is not described.
+   */
+  devices?: readonly DeviceAcpi[];
   /** More objects to place in \_SB (devices from other subsystems). */
   sbObjects?: aml.AmlCode[];
   /** More top-level objects. */
   rootObjects?: aml.AmlCode[];
 }
 
-export const DEFAULT_SERIAL_PORTS: readonly AcpiSerialPort[] = [{ name: 'COM1', port: COM1_BASE, gsi: COM1_GSI, uid: 1 }];
-
-// Hardware-reduced ACPI makes Linux drop the legacy PIC and its fixed ISA IRQ numbering,
-// so legacy devices get their interrupts only through _CRS resources like these.
-
-export function serialPortDevice(s: AcpiSerialPort): aml.AmlCode {
-  return aml.device(s.name, [
-    aml.name('_HID', aml.eisaId('PNP0501')),
-    aml.name('_UID', s.uid),
-    aml.name(
-      '_CRS',
-      aml.resourceTemplate([aml.Resource.io(s.port, s.port, 1, 8), aml.Resource.interrupt({ edge: true }, [s.gsi])]),
-    ),
-  ]);
-}
-
-export function i8042Device(): aml.AmlCode {
-  return aml.device('PS2K', [
-    aml.name('_HID', aml.eisaId('PNP0303')),
-    aml.name(
-      '_CRS',
-      aml.resourceTemplate([
-        aml.Resource.io(I8042_DATA_PORT, I8042_DATA_PORT, 1, 1),
-        aml.Resource.io(I8042_COMMAND_PORT, I8042_COMMAND_PORT, 1, 1),
-        aml.Resource.interrupt({ edge: true }, [I8042_KBD_GSI]),
-      ]),
-    ),
-  ]);
-}
-
-export function rtcDevice(): aml.AmlCode {
-  return aml.device('RTC', [
-    aml.name('_HID', aml.eisaId('PNP0B00')),
-    aml.name('_CRS', aml.resourceTemplate([aml.Resource.io(CMOS_BASE, CMOS_BASE, 1, CMOS_PORT_LENGTH)])),
-  ]);
-}
-
-/** ACPI event number of a notification: 0x80 on a power button means "pressed". */
-const NOTIFY_BUTTON_PRESSED = 0x80;
-
-/** The control-method power button; the GED's _EVT notifies it. */
-export function powerButtonDevice(): aml.AmlCode {
-  return aml.device('PWRB', [aml.name('_HID', aml.eisaId('PNP0C0C')), aml.name('_UID', 0)]);
-}
-
-/**
- * The Generic Event Device: one level-triggered interrupt whose _EVT reads the pending events
- * from the GED register, acknowledges exactly those (which lowers the line once none is left),
- * and then notifies the devices they belong to. Acknowledging before notifying means a press
- * that arrives during the Notify raises the line again instead of being cleared unseen.
- */
-export function gedDevice(): aml.AmlCode {
-  const pending = aml.local(0);
-  return aml.device('GED0', [
-    aml.name('_HID', 'ACPI0013'),
-    aml.name('_UID', 0),
-    aml.name('_CRS', aml.resourceTemplate([aml.Resource.interrupt({ edge: false }, [ACPI_GED_GSI])])),
-    aml.operationRegion('GDRG', aml.RegionSpace.SystemIO, ACPI_GED_PORT, ACPI_GED_LENGTH),
-    aml.field('GDRG', { access: aml.FieldAccess.Byte }, [{ name: 'GDST', bits: 8 }]),
-    aml.method('_EVT', { args: 1, serialized: true }, [
-      aml.ifThen(aml.lEqual(aml.arg(0), ACPI_GED_GSI), [
-        aml.store(aml.path('GDST'), pending),
-        aml.store(pending, aml.path('GDST')),
-        aml.ifThen(aml.and(pending, GedEvent.PowerButton), [aml.notify(aml.path('\\_SB.PWRB'), NOTIFY_BUTTON_PRESSED)]),
-      ]),
-    ]),
-  ]);
-}
-
-/** The DSDT's AML body (without the SDT header). */
+/** The DSDT's AML body (without the SDT header): top-level objects first, then \_SB. */
 export function buildDsdtAml(opts: DsdtOptions = {}): Uint8Array {
-  const serial = opts.serialPorts ?? DEFAULT_SERIAL_PORTS;
-  // \_S5: SLP_TYPa, SLP_TYPb, reserved, reserved. Hardware-reduced sleep writes SLP_TYPa.
-  const terms: aml.AmlCode[] = [aml.name('_S5', aml.pkg([SLP_TYP_S5, SLP_TYP_S5, 0, 0]))];
+  const devices = opts.devices ?? [];
+  const terms: aml.AmlCode[] = devices.flatMap((d) => d.root ?? []);
   terms.push(...(opts.rootObjects ?? []));
-  const sb = serial.map(serialPortDevice);
-  if (opts.i8042 ?? true) sb.push(i8042Device());
-  if (opts.rtc ?? true) sb.push(rtcDevice());
-  if (opts.powerButton ?? true) sb.push(powerButtonDevice(), gedDevice());
+  const sb = devices.flatMap((d) => d.sb ?? []);
   terms.push(aml.scope('\\_SB', [...sb, ...(opts.sbObjects ?? [])]));
   return aml.termList(terms);
 }
@@ -362,7 +270,7 @@ export function buildDsdt(opts: DsdtOptions = {}): Uint8Array {
 export interface AcpiConfig extends DsdtOptions {
   vcpuCount: number;
   ioapicId?: number;
-  /** Override the IAPC_BOOT_ARCH flags derived from the i8042/rtc options. */
+  /** Override the IAPC_BOOT_ARCH flags derived from the devices. */
   iapcBootArch?: number;
   /** Complete extra SDTs (checksummed) to list in the XSDT, e.g. MCFG. */
   extraTables?: Uint8Array[];
@@ -413,8 +321,7 @@ export function writeAcpiTables(mem: GuestMemory, config: AcpiConfig): AcpiTable
   const dsdt = place(dsdtBytes.length);
   const extraAddrs = extras.map((e) => place(e.length));
 
-  const iapcBootArch =
-    config.iapcBootArch ?? iapcBootArchFor({ i8042: config.i8042 ?? true, rtc: config.rtc ?? true });
+  const iapcBootArch = config.iapcBootArch ?? iapcBootArchFor(config.devices ?? []);
   const fadtBytes = buildFadt({ dsdtAddress: dsdt, iapcBootArch });
   const xsdtBytes = buildXsdt([fadt, madt, ...extraAddrs]);
   const rsdpBytes = buildRsdp(xsdt);

@@ -30,6 +30,8 @@ export interface TernArgs {
   logFile?: string;
   /** --seccomp true|false|log: what a vCPU thread's forbidden system call does (default trap) */
   seccomp: Exclude<SeccompMode, 'errno'>;
+  /** --serial-file-max SIZE: cap of a --serial file=PATH output file */
+  serialFileMaxBytes?: number;
   version: boolean;
   help: boolean;
 }
@@ -127,6 +129,7 @@ const HANDLERS: Record<string, Handler> = {
     if (!mode) throw new OptionError('--seccomp', `"${v}" is not one of true, false, log`);
     a.args.seccomp = mode;
   },
+  '--serial-file-max': (v, a) => (a.args.serialFileMaxBytes = parseSize('--serial-file-max', 'size', v)),
   '--restore': (v, a) => {
     const kv = parseKeyValues('--restore', v, ['source_url', 'resume', 'prefault', 'memory_restore_mode'], 'source_url');
     if (!kv.source_url) throw new OptionError('--restore', 'needs source_url=file:///DIR');
@@ -209,6 +212,7 @@ export const TERN_USAGE = `Usage: tern [OPTIONS]
   --cpus boot=N[,max=M]    vCPUs
   --memory size=SIZE[,shared=on|off]
   --serial off|null|tty|file=PATH     16550A UART at 0x3f8 (default null)
+  --serial-file-max SIZE   cap of the serial file; output beyond it is dropped (default 64M)
   --console off|null|tty|file=PATH    virtio console (accepted; device not yet built)
   --api-socket path=PATH|fd=N         HTTP API on a UNIX socket
   --event-monitor path=PATH|fd=N      event stream, one JSON object per event

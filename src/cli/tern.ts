@@ -9,7 +9,7 @@ import { OptionError } from './option-values';
 import { parseTernArgs, TERN_USAGE, type TernArgs } from './tern-args';
 import { createLogger, type Logger } from '../util/log';
 import { Vmm } from '../vmm/vmm';
-import { GuestEvents, VmEvents, VmmEvents, type GuestPanicPayload, type VmFailedPayload } from '../state';
+import { GuestEvents, VmEvents, VmmEvents, type GuestPanicPayload, type VmFailedPayload, type VmOperationFailedPayload } from '../state';
 import { TERN_VERSION } from '../version';
 
 function fail(message: string, code: number): never {
@@ -42,7 +42,7 @@ async function main(): Promise<void> {
     fail('error: nothing to run: give --kernel (and friends) or --api-socket', 2);
   }
   const log: Logger = createLogger({ verbosity: args.verbosity, logFile: args.logFile });
-  const vmm = new Vmm({ log, seccomp: args.seccomp });
+  const vmm = new Vmm({ log, seccomp: args.seccomp, serialFileMaxBytes: args.serialFileMaxBytes });
   const api = new VmmApi(vmm);
 
   // The monitor subscribes before the first event so it sees "vmm starting".
@@ -81,6 +81,9 @@ async function main(): Promise<void> {
     else if (ev.type === VmmEvents.VmFailed) failure = (ev.payload as VmFailedPayload).message;
     else if (ev.type === VmEvents.Shutdown && ev.source === 'vm' && !args.apiSocket) {
       void exit(failure ? 1 : 0, failure ? `VM failed: ${failure}` : 'guest powered off');
+    } else if (ev.type === VmEvents.OperationFailed && (ev.payload as VmOperationFailedPayload).status === 'Shutdown' && !args.apiSocket) {
+      // A reboot (or resume) that failed left no guest running, and nothing can boot one again.
+      void exit(1, `VM failed: ${(ev.payload as VmOperationFailedPayload).message}`);
     }
   });
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {

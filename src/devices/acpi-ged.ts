@@ -10,12 +10,15 @@
 //   write: write-1-to-clear; clearing the last pending bit lowers the line
 // The ACPI table builder imports the constants below, so the DSDT and the device agree.
 import { Type } from '@sinclair/typebox';
-import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
+import * as aml from '../boot/aml';
+import { Count, DeviceId, Exact, IntIn, U8 } from '../state/state-schema';
 import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
+  type DeviceAcpi,
   type DeviceInstance,
   type DeviceModel,
   type DeviceStateBase,
+  Gsi,
   deviceAccessEventTypes,
 } from './model';
 
@@ -97,7 +100,42 @@ export function acpiGedPowerButton(state: AcpiGedState, _payload?: unknown): Tra
 }
 
 /** The state's shape, checked when a state comes from outside (restore). */
-export const AcpiGedStateSchema = Exact({ kind: Type.Literal(ACPI_GED_KIND), id: DeviceId(), schemaVersion: IntIn(ACPI_GED_SCHEMA_VERSION, ACPI_GED_SCHEMA_VERSION), gsi: U32(), pending: U32(), powerButtonPresses: Count() });
+export const AcpiGedStateSchema = Exact({ kind: Type.Literal(ACPI_GED_KIND), id: DeviceId(), schemaVersion: IntIn(ACPI_GED_SCHEMA_VERSION, ACPI_GED_SCHEMA_VERSION), gsi: Gsi(), pending: U8(), powerButtonPresses: Count() });
+
+/** ACPI event number of a notification: 0x80 on a power button means "pressed". */
+const NOTIFY_BUTTON_PRESSED = 0x80;
+
+/**
+ * The control-method power button (PWRB) and the GED that notifies it: one level-triggered
+ * interrupt whose _EVT reads the pending events from the GED register, acknowledges exactly
+ * those (which lowers the line once none is left), and then notifies the devices they belong
+ * to. Acknowledging before notifying means a press that arrives during the Notify raises the
+ * line again instead of being cleared unseen.
+ */
+export function acpiGedAcpi(device: DeviceInstance<AcpiGedState>): DeviceAcpi {
+  const { gsi } = device.state;
+  const { base, length } = device.ranges[0];
+  const pending = aml.local(0);
+  return {
+    sb: [
+      aml.device('PWRB', [aml.name('_HID', aml.eisaId('PNP0C0C')), aml.name('_UID', 0)]),
+      aml.device('GED0', [
+        aml.name('_HID', 'ACPI0013'),
+        aml.name('_UID', 0),
+        aml.name('_CRS', aml.resourceTemplate([aml.Resource.interrupt({ edge: false }, [gsi])])),
+        aml.operationRegion('GDRG', aml.RegionSpace.SystemIO, base, length),
+        aml.field('GDRG', { access: aml.FieldAccess.Byte }, [{ name: 'GDST', bits: 8 }]),
+        aml.method('_EVT', { args: 1, serialized: true }, [
+          aml.ifThen(aml.lEqual(aml.arg(0), gsi), [
+            aml.store(aml.path('GDST'), pending),
+            aml.store(pending, aml.path('GDST')),
+            aml.ifThen(aml.and(pending, GedEvent.PowerButton), [aml.notify(aml.path('\\_SB.PWRB'), NOTIFY_BUTTON_PRESSED)]),
+          ]),
+        ]),
+      ]),
+    ],
+  };
+}
 
 export const acpiGedModel: DeviceModel<AcpiGedState> = {
   kind: ACPI_GED_KIND,
@@ -107,4 +145,5 @@ export const acpiGedModel: DeviceModel<AcpiGedState> = {
   transition: acpiGedTransition,
   stateSchema: AcpiGedStateSchema,
   inputs: { [AcpiGedEvents.PowerButtonPressed]: acpiGedPowerButton },
+  acpi: acpiGedAcpi,
 };

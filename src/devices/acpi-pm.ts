@@ -2,9 +2,11 @@
 // sleep status and reset, one byte each. The ACPI table builder imports the constants below,
 // so the tables and the device cannot disagree.
 import { Type } from '@sinclair/typebox';
-import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
+import * as aml from '../boot/aml';
+import { DeviceId, Exact, IntIn, U8 } from '../state/state-schema';
 import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
+  type DeviceAcpi,
   type DeviceInstance,
   type DeviceModel,
   type DeviceStateBase,
@@ -113,6 +115,11 @@ export function acpiPmTransition(state: AcpiPmState, access: IoAccess): Transiti
 /** The state's shape, checked when a state comes from outside (restore). */
 export const AcpiPmStateSchema = Exact({ kind: Type.Literal(ACPI_PM_KIND), id: DeviceId(), schemaVersion: IntIn(ACPI_PM_SCHEMA_VERSION, ACPI_PM_SCHEMA_VERSION), sleepType: IntIn(0, 7), sleepStatus: U8() });
 
+/** \_S5: SLP_TYPa, SLP_TYPb, reserved, reserved. Hardware-reduced sleep writes SLP_TYPa. */
+export function acpiPmAcpi(): DeviceAcpi {
+  return { root: [aml.name('_S5', aml.pkg([SLP_TYP_S5, SLP_TYP_S5, 0, 0]))] };
+}
+
 export const acpiPmModel: DeviceModel<AcpiPmState> = {
   kind: ACPI_PM_KIND,
   label: ACPI_PM_LABEL,
@@ -121,4 +128,5 @@ export const acpiPmModel: DeviceModel<AcpiPmState> = {
   transition: acpiPmTransition,
   stateSchema: AcpiPmStateSchema,
   inputs: {},
+  acpi: acpiPmAcpi,
 };

@@ -7,9 +7,11 @@
 // No RTC interrupts (IRQ 8) are generated: the periodic, alarm and update-ended flags in
 // status C stay clear.
 import { Type } from '@sinclair/typebox';
-import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
+import * as aml from '../boot/aml';
+import { DeviceId, Exact, IntIn, U8 } from '../state/state-schema';
 import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
+  type DeviceAcpi,
   type DeviceInstance,
   type DeviceModel,
   type DeviceStateBase,
@@ -167,20 +169,45 @@ function encodeTime(secs: number, statusB: number): Record<number, number> {
   };
 }
 
-/** Seconds since the epoch from time register bytes (weekday is ignored, as by the chip). */
-function decodeTime(regs: (i: number) => number, statusB: number): number {
+const isBcd = (v: number): boolean => (v & 0x0f) <= 9 && v >> 4 <= 9;
+
+/** Days in `month` (1..12) of `year`: day 0 of the next month is this month's last. */
+function daysInMonth(year: number, month: number): number {
+  const d = new Date(0);
+  d.setUTCFullYear(year, month, 0);
+  return d.getUTCDate();
+}
+
+/**
+ * Seconds since the epoch from time register bytes (weekday is ignored, as by the chip), or
+ * null when the bytes are not a calendar date in the mode status B selects (a BCD digit
+ * above 9, month 13, February 30, ...). The chip's datasheet leaves such a time undefined;
+ * here it is refused, so the clock keeps the time it had and the offset stays a finite number.
+ */
+function decodeTime(regs: (i: number) => number, statusB: number): number | null {
   const binary = (statusB & STATUS_B_BINARY) !== 0;
-  const dec = binary ? (v: number) => v : fromBcd;
+  const h24 = (statusB & STATUS_B_24H) !== 0;
   const hourReg = regs(RTC_HOURS);
+  const hourValue = h24 ? hourReg : hourReg & ~HOUR_PM;
+  const fields = [regs(RTC_SECONDS), regs(RTC_MINUTES), hourValue, regs(RTC_DAY), regs(RTC_MONTH), regs(RTC_YEAR), regs(RTC_CENTURY)];
+  if (!binary && !fields.every(isBcd)) return null;
+  const [sec, min, hourField, day, month, yy, cc] = fields.map(binary ? (v: number) => v : fromBcd);
   let hour: number;
-  if (statusB & STATUS_B_24H) hour = dec(hourReg);
-  else {
-    const h12 = dec(hourReg & ~HOUR_PM) % 12;
-    hour = hourReg & HOUR_PM ? h12 + 12 : h12;
+  if (h24) {
+    if (hourField > 23) return null;
+    hour = hourField;
+  } else {
+    if (hourField < 1 || hourField > 12) return null;
+    hour = (hourField % 12) + (hourReg & HOUR_PM ? 12 : 0);
   }
-  const year = dec(regs(RTC_CENTURY)) * 100 + dec(regs(RTC_YEAR));
-  const ms = Date.UTC(year, dec(regs(RTC_MONTH)) - 1, dec(regs(RTC_DAY)), hour, dec(regs(RTC_MINUTES)), dec(regs(RTC_SECONDS)));
-  return Math.floor(ms / 1000);
+  if (sec > 59 || min > 59 || yy > 99 || cc > 99 || month < 1 || month > 12) return null;
+  const year = cc * 100 + yy;
+  if (day < 1 || day > daysInMonth(year, month)) return null;
+  // setUTCFullYear, not Date.UTC: the latter reads years 0..99 as 1900..1999.
+  const d = new Date(0);
+  d.setUTCFullYear(year, month - 1, day);
+  d.setUTCHours(hour, min, sec, 0);
+  return Math.floor(d.getTime() / 1000);
 }
 
 const NO_EFFECTS = Object.freeze([]) as unknown as Effect[];
@@ -239,6 +266,7 @@ function writeRegister(s: CmosRtcState, index: number, value: number, nowNs: num
     const regs = encodeTime(secs, statusB);
     regs[index] = value;
     const newSecs = decodeTime((i) => regs[i], statusB);
+    if (newSecs === null) return s;
     return withCmos(s, s.cmos, newSecs * NS_PER_SEC + (ns - secs * NS_PER_SEC) - nowNs);
   }
   const cmos = s.cmos.slice();
@@ -259,7 +287,7 @@ function writeRegister(s: CmosRtcState, index: number, value: number, nowNs: num
     if (!setting && setMode) {
       // Unfreeze: the edited registers become the time at this instant, in the old mode.
       const secs = decodeTime((i) => cmos[i], statusB);
-      return withCmos(s, cmos, secs * NS_PER_SEC - nowNs);
+      return withCmos(s, cmos, secs === null ? s.offsetNs : secs * NS_PER_SEC - nowNs);
     }
     return withCmos(s, cmos);
   }
@@ -287,8 +315,23 @@ export function cmosTransition(state: CmosRtcState, access: IoAccess): Transitio
   return access.direction === 'read' ? { state, effects: NO_EFFECTS, value: 0xff } : { state, effects: NO_EFFECTS };
 }
 
+/**
+ * The largest guest-minus-host offset: a date the registers can hold is within years
+ * 0..9999, about 3.2e20 ns from the epoch either way.
+ */
+export const CMOS_MAX_OFFSET_NS = 3.2e20;
+
 /** The state's shape, checked when a state comes from outside (restore). */
-export const CmosRtcStateSchema = Exact({ kind: Type.Literal(CMOS_KIND), id: DeviceId(), schemaVersion: IntIn(CMOS_SCHEMA_VERSION, CMOS_SCHEMA_VERSION), index: IntIn(0, 0x7f), nmiMasked: Type.Boolean(), cmos: Type.Array(U8(), { minItems: 128, maxItems: 128 }), offsetNs: IntIn(Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER) });
+export const CmosRtcStateSchema = Exact({ kind: Type.Literal(CMOS_KIND), id: DeviceId(), schemaVersion: IntIn(CMOS_SCHEMA_VERSION, CMOS_SCHEMA_VERSION), index: IntIn(0, 0x7f), nmiMasked: Type.Boolean(), cmos: Type.Array(U8(), { minItems: 128, maxItems: 128 }), offsetNs: Type.Number({ minimum: -CMOS_MAX_OFFSET_NS, maximum: CMOS_MAX_OFFSET_NS }) });
+
+/** The RTC in the DSDT (PNP0B00): its ports and no interrupt, as it raises none. */
+export function cmosAcpi(device: DeviceInstance<CmosRtcState>): DeviceAcpi {
+  const { base, length } = device.ranges[0];
+  return {
+    legacy: 'rtc',
+    sb: [aml.device('RTC', [aml.name('_HID', aml.eisaId('PNP0B00')), aml.name('_CRS', aml.resourceTemplate([aml.Resource.io(base, base, 1, length)]))])],
+  };
+}
 
 export const cmosModel: DeviceModel<CmosRtcState> = {
   kind: CMOS_KIND,
@@ -298,4 +341,5 @@ export const cmosModel: DeviceModel<CmosRtcState> = {
   transition: cmosTransition,
   stateSchema: CmosRtcStateSchema,
   inputs: {},
+  acpi: cmosAcpi,
 };

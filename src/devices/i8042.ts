@@ -3,12 +3,15 @@
 // is attached: bytes sent to either port are answered with a timeout error at once, so a
 // probing guest gives up quickly instead of waiting for its command timeouts.
 import { Type } from '@sinclair/typebox';
-import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
+import * as aml from '../boot/aml';
+import { DeviceId, Exact, IntIn, U8 } from '../state/state-schema';
 import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
+  type DeviceAcpi,
   type DeviceInstance,
   type DeviceModel,
   type DeviceStateBase,
+  Gsi,
   deviceAccessEventTypes,
 } from './model';
 
@@ -253,7 +256,21 @@ export function i8042Transition(state: I8042State, access: IoAccess): Transition
 }
 
 /** The state's shape, checked when a state comes from outside (restore). */
-export const I8042StateSchema = Exact({ kind: Type.Literal(I8042_KIND), id: DeviceId(), schemaVersion: IntIn(I8042_SCHEMA_VERSION, I8042_SCHEMA_VERSION), ctr: U8(), outputPort: U8(), outData: U8(), outFull: Type.Boolean(), outChannel: Type.Union([Type.Literal('ctrl'), Type.Literal('kbd'), Type.Literal('aux')]), outTimeout: Type.Boolean(), lastWasCommand: Type.Boolean(), pendingCommand: Type.Union([Type.Null(), U8()]), kbdGsi: U32(), auxGsi: U32() });
+export const I8042StateSchema = Exact({ kind: Type.Literal(I8042_KIND), id: DeviceId(), schemaVersion: IntIn(I8042_SCHEMA_VERSION, I8042_SCHEMA_VERSION), ctr: U8(), outputPort: U8(), outData: U8(), outFull: Type.Boolean(), outChannel: Type.Union([Type.Literal('ctrl'), Type.Literal('kbd'), Type.Literal('aux')]), outTimeout: Type.Boolean(), lastWasCommand: Type.Boolean(), pendingCommand: Type.Union([Type.Null(), U8()]), kbdGsi: Gsi(), auxGsi: Gsi() });
+
+/** The keyboard controller in the DSDT (PNP0303): its two ports and the keyboard interrupt. */
+export function i8042Acpi(device: DeviceInstance<I8042State>): DeviceAcpi {
+  const ports = device.ranges.map((r) => aml.Resource.io(r.base, r.base, 1, r.length));
+  return {
+    legacy: 'i8042',
+    sb: [
+      aml.device('PS2K', [
+        aml.name('_HID', aml.eisaId('PNP0303')),
+        aml.name('_CRS', aml.resourceTemplate([...ports, aml.Resource.interrupt({ edge: true }, [device.state.kbdGsi])])),
+      ]),
+    ],
+  };
+}
 
 export const i8042Model: DeviceModel<I8042State> = {
   kind: I8042_KIND,
@@ -263,4 +280,5 @@ export const i8042Model: DeviceModel<I8042State> = {
   transition: i8042Transition,
   stateSchema: I8042StateSchema,
   inputs: {},
+  acpi: i8042Acpi,
 };

@@ -1,5 +1,5 @@
 // The device models the store knows, by kind.
-import type { DeviceModel, DeviceStateBase } from './model';
+import type { DeviceAcpi, DeviceInstance, DeviceModel, DeviceStateBase } from './model';
 import { serialModel, type Serial16550aState } from './serial-16550a';
 import { i8042Model, type I8042State } from './i8042';
 import { cmosModel, type CmosRtcState } from './cmos-rtc';
@@ -16,6 +16,7 @@ export * from './cmos-rtc';
 export * from './acpi-pm';
 export * from './debug-port';
 export * from './acpi-ged';
+export * from './platform';
 
 /** Every device slice the devices map may hold. */
 export type AnyDeviceState = Serial16550aState | I8042State | CmosRtcState | AcpiPmState | DebugPortState | AcpiGedState;
@@ -31,4 +32,14 @@ export const deviceModels: Readonly<Record<string, DeviceModel<any>>> = Object.f
 
 export function deviceModel(kind: string): DeviceModel<DeviceStateBase> | undefined {
   return deviceModels[kind];
+}
+
+/** Each device's own ACPI description, in order: what the DSDT is assembled from. */
+export function devicesAcpi(devices: readonly DeviceInstance<AnyDeviceState>[]): DeviceAcpi[] {
+  const out: DeviceAcpi[] = [];
+  for (const d of devices) {
+    const described = deviceModels[d.state.kind]?.acpi?.(d);
+    if (described) out.push(described);
+  }
+  return out;
 }

@@ -2,6 +2,9 @@
 // pure transitions handle them. Device modules export one DeviceModel each; they never import
 // the store, so they stay testable as plain functions.
 import type { TSchema } from '@sinclair/typebox';
+import type { AmlCode } from '../boot/aml';
+import { IOAPIC_PINS } from '../boot/layout';
+import { IntIn } from '../state/state-schema';
 import type { DeviceRange, DeviceTransition, TransitionResult } from './device';
 
 /** Fields every device slice carries, so a devices map can be checked and migrated by kind. */
@@ -37,6 +40,29 @@ export interface DeviceModel<S extends DeviceStateBase = DeviceStateBase> {
   stateSchema: TSchema;
   /** host-side input events: event type -> transition */
   inputs: Record<string, DeviceInput<S, any>>;
+  /**
+   * How the device describes itself in ACPI, from its own state and bus ranges: the DSDT is
+   * assembled from the devices a VM has, so a device that is absent is not described.
+   */
+  acpi?: (device: DeviceInstance<S>) => DeviceAcpi;
+  /**
+   * What stateSchema cannot say (relations between fields), for a state that did not come
+   * from this model's transitions: the first problem as "/field: why", or null.
+   */
+  checkState?: (state: S) => string | null;
+}
+
+/** An IOAPIC pin: a restored device naming any other would raise a line KVM does not have. */
+export const Gsi = (): TSchema => IntIn(0, IOAPIC_PINS - 1);
+
+/** A device's part of the ACPI tables. */
+export interface DeviceAcpi {
+  /** objects in \_SB */
+  sb?: AmlCode[];
+  /** top-level objects (\_S5) */
+  root?: AmlCode[];
+  /** the FADT IA-PC boot flag the device stands for: an 8042 to probe, a CMOS RTC to use */
+  legacy?: 'i8042' | 'rtc';
 }
 
 /**

@@ -6,17 +6,21 @@
 // edge-triggered on the in-kernel IOAPIC, a transition reports {type:'irq.pulse'} exactly
 // when that level rises.
 import { Type } from '@sinclair/typebox';
-import { Count, DeviceId, Exact, IntIn, U32, U8 } from '../state/state-schema';
+import * as aml from '../boot/aml';
+import { Count, DeviceId, Exact, IntIn, U8 } from '../state/state-schema';
 import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
+  type DeviceAcpi,
   type DeviceInstance,
   type DeviceModel,
   type DeviceStateBase,
+  Gsi,
   deviceAccessEventTypes,
 } from './model';
 
 export const SERIAL_KIND = 'serial-16550a' as const;
-export const SERIAL_SCHEMA_VERSION = 1;
+// 2: txDropped
+export const SERIAL_SCHEMA_VERSION = 2;
 export const SERIAL_LABEL = 'Serial';
 export const COM1_BASE = 0x3f8;
 export const COM1_GSI = 4;
@@ -32,10 +36,21 @@ export const SerialEvents = {
   RegisterRead: '[Serial] Register Read',
   RegisterWritten: '[Serial] Register Written',
   InputReceived: '[Serial] Input Received',
+  /** host side: guest output the console's destination did not take (file cap, write error) */
+  OutputDropped: '[Serial] Output Dropped',
 } as const;
 
 export interface SerialInputPayload {
   bytes: number[];
+}
+
+export interface SerialOutputDroppedPayload {
+  bytes: number;
+}
+
+/** The event recording that `bytes` of device `id`'s output were dropped on the host side. */
+export function serialOutputDroppedEvent(id: string, bytes: number) {
+  return { type: SerialEvents.OutputDropped, payload: { bytes } as SerialOutputDroppedPayload, source: id };
 }
 
 /** The event for host bytes typed into serial device `id` (dispatch it on the store). */
@@ -131,6 +146,8 @@ export interface Serial16550aState extends DeviceStateBase {
   /** host input bytes dropped because rx was full (or the UART was in loopback) */
   rxDropped: number;
   txBytes: number;
+  /** bytes the guest sent that the host side dropped (serial file cap, write errors) */
+  txDropped: number;
   rxBytes: number;
 }
 
@@ -163,6 +180,7 @@ export function serialInitialState(opts: SerialOptions = {}): Serial16550aState 
     rxCapacity,
     rxDropped: 0,
     txBytes: 0,
+    txDropped: 0,
     rxBytes: 0,
   };
 }
@@ -245,6 +263,7 @@ export function copySerialState(s: Serial16550aState): Serial16550aState {
     rxCapacity: s.rxCapacity,
     rxDropped: s.rxDropped,
     txBytes: s.txBytes,
+    txDropped: s.txDropped,
     rxBytes: s.rxBytes,
   };
 }
@@ -396,7 +415,46 @@ export function serialInput(state: Serial16550aState, payload: SerialInputPayloa
 }
 
 /** The state's shape, checked when a state comes from outside (restore). */
-export const Serial16550aStateSchema = Exact({ kind: Type.Literal(SERIAL_KIND), id: DeviceId(), schemaVersion: IntIn(SERIAL_SCHEMA_VERSION, SERIAL_SCHEMA_VERSION), gsi: U32(), ier: U8(), fcr: U8(), lcr: U8(), mcr: U8(), scr: U8(), dll: U8(), dlm: U8(), lsrErrors: U8(), msrDelta: U8(), threPending: Type.Boolean(), rx: Type.Array(U8(), { maxItems: SERIAL_MAX_RX_CAPACITY }), rxCapacity: IntIn(SERIAL_HW_FIFO_DEPTH, SERIAL_MAX_RX_CAPACITY), rxDropped: Count(), txBytes: Count(), rxBytes: Count() });
+export const Serial16550aStateSchema = Exact({ kind: Type.Literal(SERIAL_KIND), id: DeviceId(), schemaVersion: IntIn(SERIAL_SCHEMA_VERSION, SERIAL_SCHEMA_VERSION), gsi: Gsi(), ier: U8(), fcr: U8(), lcr: U8(), mcr: U8(), scr: U8(), dll: U8(), dlm: U8(), lsrErrors: U8(), msrDelta: U8(), threPending: Type.Boolean(), rx: Type.Array(U8(), { maxItems: SERIAL_MAX_RX_CAPACITY }), rxCapacity: IntIn(SERIAL_HW_FIFO_DEPTH, SERIAL_MAX_RX_CAPACITY), rxDropped: Count(), txBytes: Count(), txDropped: Count(), rxBytes: Count() });
+
+/** Host side: count guest output the console's destination dropped. */
+export function serialOutputDropped(state: Serial16550aState, payload: SerialOutputDroppedPayload): TransitionResult<Serial16550aState> {
+  const n = payload?.bytes;
+  if (!Number.isSafeInteger(n) || n <= 0) return { state, effects: NO_EFFECTS };
+  const next = copySerialState(state);
+  next.txDropped = state.txDropped + n;
+  return { state: next, effects: NO_EFFECTS };
+}
+
+/** The PC's COM ports by I/O base: COM1 is 0x3f8 (ACPI name COM1, _UID 1), and so on. */
+const COM_PORT_BASES = [0x3f8, 0x2f8, 0x3e8, 0x2e8];
+
+/**
+ * The UART in the DSDT (PNP0501) with its ports and interrupt. Hardware-reduced ACPI makes
+ * Linux drop the legacy PIC's fixed ISA IRQ numbering, so this _CRS is how it learns the IRQ.
+ */
+export function serialAcpi(device: DeviceInstance<Serial16550aState>): DeviceAcpi {
+  const base = device.ranges[0].base;
+  const n = COM_PORT_BASES.indexOf(base) + 1;
+  if (n === 0) throw new RangeError(`a UART at port 0x${base.toString(16)} has no COM name for ACPI`);
+  return {
+    sb: [
+      aml.device(`COM${n}`, [
+        aml.name('_HID', aml.eisaId('PNP0501')),
+        aml.name('_UID', n),
+        aml.name(
+          '_CRS',
+          aml.resourceTemplate([aml.Resource.io(base, base, 1, SERIAL_PORT_LENGTH), aml.Resource.interrupt({ edge: true }, [device.state.gsi])]),
+        ),
+      ]),
+    ],
+  };
+}
+
+/** A FIFO holding more than the UART may buffer would break its own invariants. */
+export function checkSerialRx(s: Serial16550aState): string | null {
+  return s.rx.length > s.rxCapacity ? `/rx: holds ${s.rx.length} bytes, more than rxCapacity ${s.rxCapacity}` : null;
+}
 
 export const serialModel: DeviceModel<Serial16550aState> = {
   kind: SERIAL_KIND,
@@ -405,5 +463,7 @@ export const serialModel: DeviceModel<Serial16550aState> = {
   events: deviceAccessEventTypes(SERIAL_LABEL),
   transition: serialTransition,
   stateSchema: Serial16550aStateSchema,
-  inputs: { [SerialEvents.InputReceived]: serialInput },
+  inputs: { [SerialEvents.InputReceived]: serialInput, [SerialEvents.OutputDropped]: serialOutputDropped },
+  acpi: serialAcpi,
+  checkState: checkSerialRx,
 };

@@ -7,8 +7,9 @@ import { vcpusSlice } from './slices/vcpus';
 import { vmSlice } from './slices/vm';
 import type { Slice, SliceStateOf } from './slice';
 
-// 2: added the kvm slice; 3: added the memory slice (upgrade.ts lifts older states)
-export const ROOT_SCHEMA_VERSION = 3;
+// 2: added the kvm slice; 3: added the memory slice; 4: vm.guestStop; 5: serial txDropped
+// (upgrade.ts lifts older states)
+export const ROOT_SCHEMA_VERSION = 5;
 
 export type SliceMap = Readonly<Record<string, Slice<string, any, any>>>;
 

@@ -16,7 +16,22 @@ export const STATE_UPGRADES: Readonly<Record<number, StateUpgrade>> = Object.fre
   // 2 -> 3: the memory slice. Builds up to schema 2 did not record the RAM layout; they all
   // derived it from memory.size, which is what this step does.
   2: (s: Readonly<Json>) => ({ ...s, schemaVersion: 3, memory: { schemaVersion: MEMORY_SCHEMA_VERSION, regions: schema2RamLayout(s) } }),
+  // 3 -> 4: vm slice 2 records a guest stop that waits for a resume. Schema-3 builds lost
+  // such a stop, so none is waiting.
+  3: (s: Readonly<Json>) => ({ ...s, schemaVersion: 4, vm: { ...(s.vm as Json), schemaVersion: 2, guestStop: null } }),
+  // 4 -> 5: serial device 2 counts output the host dropped; nothing was counted before.
+  4: (s: Readonly<Json>) => ({ ...s, schemaVersion: 5, devices: withSerialTxDropped(s.devices as Json) }),
 });
+
+function withSerialTxDropped(devices: Json): Json {
+  const instances = (devices?.instances ?? {}) as Record<string, Json>;
+  const lifted = Object.fromEntries(
+    Object.entries(instances).map(([id, d]) =>
+      d?.kind === 'serial-16550a' && d.schemaVersion === 1 ? [id, { ...d, schemaVersion: 2, txDropped: 0 }] : [id, d],
+    ),
+  );
+  return { ...devices, instances: lifted };
+}
 
 /**
  * The RAM layout every schema-2 build gave a VM: one region from 0 up to the 32-bit MMIO hole

@@ -72,17 +72,16 @@ export function readRegularFile(file: string, maxBytes: number): Buffer {
 
 /**
  * Open (creating it 0600 if missing) a regular file to append to: never through a symlink,
- * never a FIFO, device or directory.
+ * never a FIFO, device or directory. Returns its fd and current size (what a cap counts from).
  */
-export function openAppendFile(file: string): number {
+export function openAppendFile(file: string): { fd: number; size: number } {
   let fd: number;
   try {
     fd = fs.openSync(file, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK, 0o600);
   } catch (e) {
     throw new HostFileError(file, openFault(e));
   }
-  checkRegular(fd, file, Number.MAX_SAFE_INTEGER);
-  return fd;
+  return { fd, size: checkRegular(fd, file, Number.MAX_SAFE_INTEGER) };
 }
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });

@@ -1,8 +1,17 @@
 // Where a console device's bytes go (and, for a tty, where its input comes from).
 // Output is batched per event-loop turn: the guest writes one byte per I/O exit, and a write(2)
 // per byte would cost more than the exit itself.
+//
+// The guest decides how much it writes, so output is bounded on the host side: a serial file
+// never grows beyond its cap (default SERIAL_FILE_DEFAULT_MAX_BYTES; bytes beyond it are
+// dropped, not rotated), at most OUTPUT_MAX_PENDING_BYTES wait for a slow reader, and a write
+// error (ENOSPC, EIO, ...) drops that batch. Every dropped byte is reported to onDropped (the
+// VMM counts them in vm.counters) and every condition is logged through the guest log's rate
+// limit; none of them stops the VM. A reader that is not ready (EAGAIN) is waited for with a
+// timer that backs off, never by retrying in a loop.
 import fs from 'node:fs';
 import { SerialConfig } from '../config/vm-config';
+import type { GuestLog } from '../util/guest-log';
 import { HostFileError, openAppendFile } from '../util/host-file';
 
 export interface ConsoleSink {
@@ -23,47 +32,162 @@ export interface ConsoleSink {
 
 export class ConsoleConfigError extends Error {}
 
-class BatchedWriter {
-  private pending: number[] = [];
+/** Default cap of a serial output file. */
+export const SERIAL_FILE_DEFAULT_MAX_BYTES = 64 * 1024 * 1024;
+/** Output waiting for a reader that is not ready (a full pipe, a stopped terminal). */
+export const OUTPUT_MAX_PENDING_BYTES = 1024 * 1024;
+const RETRY_FIRST_MS = 1;
+const RETRY_MAX_MS = 100;
+
+export interface ConsoleSinkOptions {
+  /** cap of a serial file, in bytes */
+  maxFileBytes?: number;
+  /** bytes the sink had to drop, reported at most once per event-loop turn */
+  onDropped?: (bytes: number) => void;
+  /** where conditions the guest's output causes are logged */
+  log?: GuestLog;
+}
+
+export interface ConsoleOutputOptions extends ConsoleSinkOptions {
+  /** what the fd is, for log lines */
+  name: string;
+  /** bytes the destination may still take in all (a file's cap minus its size); default unbounded */
+  room?: number;
+}
+
+/** Guest output to one file descriptor, batched, bounded and never fatal. */
+export class ConsoleOutput {
+  private batch: number[] = [];
   private scheduled = false;
+  /** batches not yet written, oldest first; `offset` bytes of the first are written */
+  private readonly pending: Buffer[] = [];
+  private offset = 0;
+  private pendingBytes = 0;
+  private room: number;
+  private dropped = 0;
+  private retryMs = 0;
+  private retryTimer?: NodeJS.Timeout;
   /** the reader went away (EPIPE): the guest keeps running, its output goes nowhere */
   private closed = false;
 
-  constructor(private readonly fd: number) {}
-
-  write(bytes: number[]): void {
-    if (this.closed) return;
-    for (const b of bytes) this.pending.push(b);
-    if (!this.scheduled) {
-      this.scheduled = true;
-      setImmediate(() => this.flush());
-    }
+  constructor(
+    private readonly fd: number,
+    private readonly opts: ConsoleOutputOptions,
+  ) {
+    this.room = opts.room ?? Number.POSITIVE_INFINITY;
   }
 
+  write(bytes: number[]): void {
+    for (const b of bytes) this.batch.push(b);
+    this.schedule();
+  }
+
+  private schedule(): void {
+    if (this.scheduled) return;
+    this.scheduled = true;
+    setImmediate(() => {
+      this.scheduled = false;
+      this.flush();
+    });
+  }
+
+  /** Queue the batch (what fits), write what the fd takes now, report what was dropped. */
   flush(): void {
-    this.scheduled = false;
-    if (this.pending.length === 0) return;
-    const buf = Buffer.from(this.pending);
-    this.pending = [];
-    let off = 0;
-    while (off < buf.length) {
+    this.enqueueBatch();
+    if (!this.retryTimer) this.writeOut(false);
+    this.reportDropped();
+  }
+
+  private enqueueBatch(): void {
+    if (this.batch.length === 0) return;
+    const batch = this.batch;
+    this.batch = [];
+    if (this.closed) return this.drop(batch.length);
+    const fits = Math.max(0, Math.min(batch.length, this.room, OUTPUT_MAX_PENDING_BYTES - this.pendingBytes));
+    if (fits < batch.length) {
+      const why = fits >= this.room ? 'the serial file is at its size cap' : 'the console reader is not keeping up';
+      this.opts.log?.warn(`console-drop:${this.opts.name}`, { output: this.opts.name, cap: this.opts.maxFileBytes }, `${why}: guest output dropped`);
+      this.drop(batch.length - fits);
+    }
+    if (fits === 0) return;
+    this.room -= fits;
+    this.pending.push(Buffer.from(fits === batch.length ? batch : batch.slice(0, fits)));
+    this.pendingBytes += fits;
+  }
+
+  /**
+   * Write pending batches until done or the fd would block. `final`: the sink is closing, so
+   * a reader that is not ready gets no second chance.
+   */
+  private writeOut(final: boolean): void {
+    while (this.pending.length) {
+      const buf = this.pending[0];
+      let n: number;
       try {
-        off += fs.writeSync(this.fd, buf, off);
+        n = fs.writeSync(this.fd, buf, this.offset, buf.length - this.offset);
       } catch (e) {
-        // A non-blocking stdout (pipe) may be full: wait for it rather than drop guest output.
-        if ((e as NodeJS.ErrnoException).code === 'EAGAIN') continue;
-        // A closed terminal or pipe reader is not a VM failure; a serial line would just drop bytes.
-        if ((e as NodeJS.ErrnoException).code === 'EPIPE') {
-          this.closed = true;
+        const code = (e as NodeJS.ErrnoException).code ?? 'error';
+        if (code === 'EAGAIN' && !final) {
+          // Wait for the reader with a timer that backs off: no busy loop, the event loop runs.
+          this.retryMs = Math.min(RETRY_MAX_MS, this.retryMs ? this.retryMs * 2 : RETRY_FIRST_MS);
+          this.retryTimer = setTimeout(() => {
+            this.retryTimer = undefined;
+            this.flush();
+          }, this.retryMs);
           return;
         }
-        throw e;
+        if (code === 'EPIPE') {
+          // A closed terminal or pipe reader is not a VM failure; a serial line would just drop bytes.
+          this.closed = true;
+          this.drop(this.pendingBytes - this.offset);
+          this.pending.length = 0;
+          this.pendingBytes = 0;
+          this.offset = 0;
+          return;
+        }
+        // ENOSPC, EIO, EFBIG...: this batch is lost, the next one may fare better.
+        this.opts.log?.warn(`console-error:${this.opts.name}:${code}`, { output: this.opts.name, code }, 'guest output could not be written');
+        this.drop(buf.length - this.offset);
+        n = buf.length - this.offset;
+      }
+      this.retryMs = 0;
+      this.offset += n;
+      if (this.offset === buf.length) {
+        this.pending.shift();
+        this.pendingBytes -= buf.length;
+        this.offset = 0;
       }
     }
   }
+
+  private drop(n: number): void {
+    this.dropped += n;
+  }
+
+  private reportDropped(): void {
+    if (this.dropped === 0) return;
+    const n = this.dropped;
+    this.dropped = 0;
+    this.opts.onDropped?.(n);
+  }
+
+  /** Write what can be written now; what cannot is dropped (and reported). */
+  close(): void {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = undefined;
+    this.enqueueBatch();
+    this.writeOut(true);
+    if (this.pendingBytes) {
+      this.drop(this.pendingBytes - this.offset);
+      this.pending.length = 0;
+      this.pendingBytes = 0;
+    }
+    this.closed = true;
+    this.reportDropped();
+  }
 }
 
-export function openConsoleSink(config: SerialConfig): ConsoleSink {
+export function openConsoleSink(config: SerialConfig, opts: ConsoleSinkOptions = {}): ConsoleSink {
   switch (config.mode) {
     case 'Off':
     case 'Null':
@@ -72,13 +196,15 @@ export function openConsoleSink(config: SerialConfig): ConsoleSink {
       if (!config.file) throw new ConsoleConfigError('serial file mode needs a file path');
       // The path may come from a snapshot: append only to a regular file (created 0600),
       // never through a symlink, never to a FIFO or device.
-      let fd: number;
+      let opened: { fd: number; size: number };
       try {
-        fd = openAppendFile(config.file);
+        opened = openAppendFile(config.file);
       } catch (e) {
         throw new ConsoleConfigError(`serial file ${e instanceof HostFileError ? e.message : (e as Error).message}`);
       }
-      const w = new BatchedWriter(fd);
+      const { fd, size } = opened;
+      const max = opts.maxFileBytes ?? SERIAL_FILE_DEFAULT_MAX_BYTES;
+      const w = new ConsoleOutput(fd, { ...opts, name: 'serial file', room: Math.max(0, max - size), maxFileBytes: max });
       return {
         write: (b) => w.write(b),
         onInput() {},
@@ -86,13 +212,13 @@ export function openConsoleSink(config: SerialConfig): ConsoleSink {
         pauseInput() {},
         resumeInput() {},
         close() {
-          w.flush();
+          w.close();
           fs.closeSync(fd);
         },
       };
     }
     case 'Tty': {
-      const w = new BatchedWriter(1);
+      const w = new ConsoleOutput(1, { ...opts, name: 'stdout' });
       const stdin = process.stdin;
       let listener: ((d: Buffer) => void) | undefined;
       let deliver: ((bytes: Uint8Array) => number) | undefined;
@@ -143,7 +269,7 @@ export function openConsoleSink(config: SerialConfig): ConsoleSink {
           readIfReady();
         },
         close() {
-          w.flush();
+          w.close();
           if (listener) stdin.off('data', listener);
           if (stdin.isTTY) stdin.setRawMode(false);
           stdin.pause();

@@ -13,19 +13,18 @@ import {
   type BootPlan,
 } from '../boot';
 import { longModeSregs, protectedMode32Sregs } from '../boot/x86/long-mode';
-import { withDefaults, type VmConfig } from '../config/vm-config';
+import { withDefaults, type SerialConfig, type VmConfig } from '../config/vm-config';
 import type { Effect } from '../devices/device';
 import {
-  acpiGedDevice,
-  acpiPmDevice,
-  cmosDevice,
-  debugPortDevice,
-  i8042Device,
+  devicesAcpi,
+  platformDevices,
   powerButtonPressedEvent,
   COM1_BASE,
-  serialDevice,
+  PLATFORM_GED_ID,
+  PLATFORM_SERIAL_ID,
   serialInputEvent,
   serialInputRoom,
+  serialOutputDroppedEvent,
   type DeviceInstance,
   type Serial16550aState,
   type AnyDeviceState,
@@ -53,6 +52,7 @@ import {
   type Store,
 } from '../state';
 import { HostFileError, readRegularFile } from '../util/host-file';
+import type { GuestLog } from '../util/guest-log';
 import { openConsoleSink, type ConsoleSink } from './console-sink';
 import { dispatchIoExit } from './io-exit';
 import { VcpuRunner } from './vcpu-runner';
@@ -67,6 +67,10 @@ export type MachineStop =
 export interface MachineOptions {
   store: Store<RootState>;
   log: Logger;
+  /** where lines the guest can trigger go (rate-limited); shared across reboots */
+  guestLog: GuestLog;
+  /** cap of a serial output file (default SERIAL_FILE_DEFAULT_MAX_BYTES) */
+  serialFileMaxBytes?: number;
   /** called once, from the JavaScript thread, when the guest powers off, resets or fails */
   onStop: (stop: MachineStop) => void;
   /** build from saved state and a memory-ranges file instead of loading a kernel */
@@ -88,21 +92,8 @@ export interface MachineRestore {
   prefault?: boolean;
 }
 
-const SERIAL_ID = 'serial0';
-const GED_ID = 'ged0';
-
-/** The legacy platform devices of every Tern VM, as device instances for the store. */
-function platformDevices(config: ReturnType<typeof withDefaults>): DeviceInstance<AnyDeviceState>[] {
-  const devices: DeviceInstance<AnyDeviceState>[] = [
-    i8042Device(),
-    cmosDevice({ memorySize: config.memory.size }),
-    acpiPmDevice(),
-    acpiGedDevice({ id: GED_ID }),
-    debugPortDevice(),
-  ];
-  if (config.serial.mode !== 'Off') devices.unshift(serialDevice({ id: SERIAL_ID }));
-  return devices;
-}
+const SERIAL_ID = PLATFORM_SERIAL_ID;
+const GED_ID = PLATFORM_GED_ID;
 
 /**
  * A kernel or initramfs named by the config (which a restored VM took from its snapshot and
@@ -137,7 +128,7 @@ export class Machine {
   private readonly cpuids: CpuidEntry[][] = [];
 
   constructor(private readonly opts: MachineOptions) {
-    const { store, log } = opts;
+    const { store } = opts;
     const config = withDefaults((opts.restore?.state ?? store.getState()).vm.config as VmConfig);
     this.kvm = native().openKvm();
     try {
@@ -150,7 +141,7 @@ export class Machine {
 
       if (opts.restore) {
         this.memory = this.restoreMemory(opts.restore);
-        this.console = openConsoleSink(config.serial);
+        this.console = this.openConsole(config.serial);
         this.restoreVcpus(opts.restore.state);
         this.restoreVmState(opts.restore.state);
         return;
@@ -172,6 +163,7 @@ export class Machine {
 
       const payload = config.payload;
       if (!payload.kernel) throw new Error('the VM config has no payload.kernel');
+      const devices = platformDevices({ memorySize: config.memory.size, serial: config.serial.mode !== 'Off' });
       this.plan = loadKernel(this.memory, {
         kernel: readPayloadFile(payload.kernel, 'kernel', config.memory.size),
         initramfs: payload.initramfs ? readPayloadFile(payload.initramfs, 'initramfs', config.memory.size) : undefined,
@@ -181,16 +173,30 @@ export class Machine {
         kernelName: payload.kernel,
         initramfsName: payload.initramfs,
         supportedCpuid: this.kvm.supportedCpuid(),
+        // The DSDT describes the devices this VM has, each in its own words.
+        acpi: { devices: devicesAcpi(devices) },
       });
-      log.debug({ format: this.plan.format, entry: this.plan.entry }, 'kernel loaded');
+      // Every guest reset loads the kernel again: these lines are the guest's to trigger.
+      opts.guestLog.debug('kernel-loaded', { format: this.plan.format, entry: this.plan.entry }, 'kernel loaded');
 
-      this.attachDevices(platformDevices(config));
-      this.console = openConsoleSink(config.serial);
+      this.attachDevices(devices);
+      this.console = this.openConsole(config.serial);
       this.createVcpus();
     } catch (e) {
       this.release();
       throw e;
     }
+  }
+
+  /** The serial console's host end; what it drops is counted on the serial device. */
+  private openConsole(serial: SerialConfig): ConsoleSink {
+    return openConsoleSink(serial, {
+      maxFileBytes: this.opts.serialFileMaxBytes,
+      log: this.opts.guestLog,
+      onDropped: (bytes) => {
+        if (this.opts.store.getState().devices.instances[SERIAL_ID]) this.opts.store.dispatch(serialOutputDroppedEvent(SERIAL_ID, bytes));
+      },
+    });
   }
 
   /** (Re)attach the platform devices: a boot starts from power-on device state. */
@@ -208,7 +214,7 @@ export class Machine {
       this.cpuids[inputs.id] = inputs.cpuid ?? [];
       const set = vcpu.setMsrs(inputs.msrs);
       if (set !== inputs.msrs.length) {
-        this.opts.log.debug({ vcpu: inputs.id, set, wanted: inputs.msrs.length }, 'KVM accepted only some boot MSRs');
+        this.opts.guestLog.debug('boot-msrs', { vcpu: inputs.id, set, wanted: inputs.msrs.length }, 'KVM accepted only some boot MSRs');
       }
       vcpu.setFpu(inputs.fpu);
       vcpu.setLapic(patchLapicLint(vcpu.getLapic(), inputs.lapic));
@@ -384,7 +390,7 @@ export class Machine {
           this.reportStop({ reason: 'poweroff', source: e.source });
           break;
         case 'vm.sleep':
-          this.opts.log.warn({ state: e.state, source: e.source }, 'guest asked for a sleep state Tern does not implement');
+          this.opts.guestLog.warn('sleep-state', { state: e.state, source: e.source }, 'guest asked for a sleep state Tern does not implement');
           break;
         case 'boot.progress':
           break; // recorded in the store by the debug port's event
@@ -426,12 +432,16 @@ export class Machine {
     );
   }
 
-  resume(): void {
+  /**
+   * Let the vCPUs run again. restoreClock false is for a pause that failed part way: the
+   * saved clock may then be an earlier pause's, and the guest's own clock simply ran on.
+   */
+  resume(opts: { restoreClock?: boolean } = {}): void {
     // kvmclock continues from the value saved at the pause, set just before the vCPUs run:
     // the guest's time neither runs backwards nor counts the time it spent paused (or in a
     // snapshot, or being restored).
     const saved = this.opts.store.getState().kvm.saved;
-    if (saved) this.vm.setClock(BigInt(saved.clock));
+    if (saved && (opts.restoreClock ?? true)) this.vm.setClock(BigInt(saved.clock));
     // A restored machine's vCPU threads have not run yet.
     if (!this.started) {
       this.start();

@@ -10,6 +10,12 @@ export class VcpuRunner {
   private pausedResolve?: () => void;
   private running = false;
   private started = false;
+  /**
+   * The thread reported 'paused' and has not been resumed. A pause the machine asked for by
+   * itself (a guest stop request) parks the thread with nobody waiting; a later pause() must
+   * then resolve at once, since the thread will not report 'paused' again.
+   */
+  private parked = false;
 
   constructor(
     readonly vcpu: NativeVcpu,
@@ -29,6 +35,7 @@ export class VcpuRunner {
         return;
       }
       if (exit.kind === 'paused') {
+        this.parked = true;
         this.pausedResolve?.();
         this.pausedResolve = undefined;
         return;
@@ -39,13 +46,14 @@ export class VcpuRunner {
 
   /** Kick the thread out of KVM_RUN and wait until it has parked. */
   pause(): Promise<void> {
-    if (!this.running) return Promise.resolve();
+    if (!this.running || this.parked) return Promise.resolve();
     const parked = new Promise<void>((r) => (this.pausedResolve = r));
     this.vcpu.requestPause();
     return Promise.race([parked, this.stopped]);
   }
 
   resume(): void {
+    this.parked = false;
     this.vcpu.resume();
   }
 

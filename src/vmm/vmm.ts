@@ -6,7 +6,8 @@ import type { ConsoleConfig, VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import { SnapshotError, readSnapshot, snapshotDirFromUrl, writeSnapshot } from '../migration/snapshot';
 import type { SeccompMode } from '../native/kvm';
-import { createStore, vmConfigProblems, vmEvents, vmmEvents, type RootState, type Store } from '../state';
+import { createStore, vmConfigProblems, vmEvents, vmmEvents, type GuestStop, type RootState, type Store, type VmStatus } from '../state';
+import { guestLog, type GuestLog } from '../util/guest-log';
 import { TERN_VERSION } from '../version';
 import { Machine, type MachineStop } from './machine';
 
@@ -50,17 +51,22 @@ export interface VmmOptions {
   store?: Store<RootState>;
   /** the vCPU threads' seccomp filter action (default 'trap') */
   seccomp?: SeccompMode;
+  /** cap of a serial output file, in bytes (default SERIAL_FILE_DEFAULT_MAX_BYTES) */
+  serialFileMaxBytes?: number;
 }
 
 export class Vmm {
   readonly store: Store<RootState>;
   readonly log: Logger;
+  /** lines the guest can trigger (resets, poweroffs, sleep requests), rate-limited */
+  private readonly guestLog: GuestLog;
   private machine?: Machine;
   /** serializes lifecycle actions: a reboot requested by the guest must not race an API call */
   private queue: Promise<unknown> = Promise.resolve();
 
   constructor(private readonly opts: VmmOptions) {
     this.log = opts.log;
+    this.guestLog = guestLog(opts.log);
     this.store = opts.store ?? createStore();
   }
 
@@ -86,12 +92,13 @@ export class Vmm {
   }
 
   boot(): Promise<void> {
-    return this.serialize(() => {
+    return this.serialize(async () => {
       this.store.dispatch(vmEvents.booting());
       try {
         this.startMachine();
       } catch (e) {
-        this.store.dispatch(vmEvents.operationFailed((e as Error).message));
+        await this.destroyMachine();
+        this.store.dispatch(vmEvents.operationFailed(errorMessage(e)));
         throw e;
       }
       this.store.dispatch(vmEvents.booted());
@@ -100,33 +107,50 @@ export class Vmm {
 
   /** Stop the guest (Cloud Hypervisor's vm.shutdown): the VM stays created and can boot again. */
   shutdown(source = 'vmm'): Promise<void> {
-    return this.serialize(async () => {
-      this.store.dispatch(vmEvents.shutdown(source));
-      await this.destroyMachine();
-    });
+    return this.serialize(() => this.shutdownNow(source));
+  }
+
+  private async shutdownNow(source: string): Promise<void> {
+    this.store.dispatch(vmEvents.shutdown(source));
+    await this.destroyMachine();
   }
 
   reboot(source = 'vmm'): Promise<void> {
-    return this.serialize(async () => {
-      this.store.dispatch(vmEvents.rebooting(source));
-      try {
-        await this.destroyMachine();
-        this.startMachine();
-      } catch (e) {
-        this.store.dispatch(vmEvents.operationFailed((e as Error).message));
-        throw e;
-      }
-      this.store.dispatch(vmEvents.rebooted(source));
-    });
+    return this.serialize(() => this.rebootNow(source));
+  }
+
+  private async rebootNow(source: string): Promise<void> {
+    this.store.dispatch(vmEvents.rebooting(source));
+    try {
+      await this.destroyMachine();
+      this.startMachine();
+    } catch (e) {
+      // The old machine is gone and no new one runs: the VM is shut down, and says so.
+      await this.destroyMachine();
+      this.store.dispatch(vmEvents.operationFailed(errorMessage(e), 'Shutdown'));
+      throw e;
+    }
+    this.store.dispatch(vmEvents.rebooted(source));
   }
 
   pause(): Promise<void> {
     return this.serialize(async () => {
       this.store.dispatch(vmEvents.pausing());
+      const machine = this.liveMachine();
       try {
-        await this.machine!.pause();
+        await machine.pause();
       } catch (e) {
-        this.store.dispatch(vmEvents.operationFailed((e as Error).message));
+        // Let the vCPUs run on, without the clock of some earlier pause; if even that fails,
+        // the VM cannot go on.
+        let status: VmStatus = 'Running';
+        try {
+          machine.resume({ restoreClock: false });
+        } catch (again) {
+          this.log.error({ err: again }, 'the vCPUs could not run again after a failed pause');
+          await this.destroyMachine();
+          status = 'Shutdown';
+        }
+        this.store.dispatch(vmEvents.operationFailed(errorMessage(e), status));
         throw e;
       }
       this.store.dispatch(vmEvents.paused());
@@ -134,11 +158,37 @@ export class Vmm {
   }
 
   resume(): Promise<void> {
-    return this.serialize(() => {
-      this.store.dispatch(vmEvents.resuming());
-      this.machine!.resume();
+    return this.serialize(() => this.resumeNow());
+  }
+
+  private async resumeNow(): Promise<void> {
+    this.store.dispatch(vmEvents.resuming());
+    const machine = this.liveMachine();
+    const stop = this.state.vm.guestStop;
+    if (stop) {
+      // The guest asked to stop while the VM was being paused: its vCPUs must not run on past
+      // that request, so resuming carries the stop out instead.
       this.store.dispatch(vmEvents.resumed());
-    });
+      this.log.info({ ...stop }, 'carrying out the guest stop that arrived during the pause');
+      await this.carryOutGuestStop(stop);
+      return;
+    }
+    try {
+      machine.resume();
+    } catch (e) {
+      // Park whatever did start again, so Paused is true; if even that fails, the VM cannot go on.
+      let status: VmStatus = 'Paused';
+      try {
+        await machine.pause();
+      } catch (again) {
+        this.log.error({ err: again }, 'the vCPUs could not be parked again after a failed resume');
+        await this.destroyMachine();
+        status = 'Shutdown';
+      }
+      this.store.dispatch(vmEvents.operationFailed(errorMessage(e), status));
+      throw e;
+    }
+    this.store.dispatch(vmEvents.resumed());
   }
 
   /**
@@ -153,10 +203,10 @@ export class Vmm {
         const state = this.store.getState();
         // The saved VM is simply Paused: the snapshot in progress is not part of it.
         const saved = { ...state, vm: { ...state.vm, pending: null } } as RootState;
-        const { memoryBytes } = writeSnapshot({ dir, config: state.vm.config as VmConfig, state: saved, memory: this.machine!.memory });
+        const { memoryBytes } = writeSnapshot({ dir, config: state.vm.config as VmConfig, state: saved, memory: this.liveMachine().memory });
         this.log.info({ dir, memoryBytes }, 'snapshot written');
       } catch (e) {
-        this.store.dispatch(vmEvents.operationFailed((e as Error).message));
+        this.store.dispatch(vmEvents.operationFailed(errorMessage(e)));
         throw e;
       }
       this.store.dispatch(vmEvents.snapshotted());
@@ -182,6 +232,8 @@ export class Vmm {
           store: this.store,
           log: this.log,
           seccomp: this.opts.seccomp,
+          guestLog: this.guestLog,
+          serialFileMaxBytes: this.opts.serialFileMaxBytes,
           onStop: (s) => this.onMachineStop(m, s),
           restore: { state, memoryPath: snap.memoryPath, ranges: snap.ranges, rangeChecksums: snap.rangeChecksums, mode, prefault: opts.prefault },
         });
@@ -189,17 +241,13 @@ export class Vmm {
         this.log.info({ dir: snap.dir, mode, fromSchema: snap.storedSchemaVersion }, 'VM restored from snapshot');
         this.store.replaceState({ ...state, vm: { ...state.vm, pending: 'Restoring' } } as RootState);
       } catch (e) {
-        await machine?.destroy();
-        this.store.dispatch(vmEvents.operationFailed((e as Error).message));
+        await machine?.destroy().catch((err) => this.log.error({ err }, 'releasing a half-restored machine failed'));
+        this.store.dispatch(vmEvents.operationFailed(errorMessage(e)));
         throw e;
       }
       this.machine = machine;
       this.store.dispatch(vmEvents.restored());
-      if (opts.resume) {
-        this.store.dispatch(vmEvents.resuming());
-        machine.resume();
-        this.store.dispatch(vmEvents.resumed());
-      }
+      if (opts.resume) await this.resumeNow();
     });
   }
 
@@ -210,7 +258,7 @@ export class Vmm {
   powerButton(): Promise<void> {
     return this.serialize(() => {
       this.store.dispatch(vmEvents.powerButtonPressed());
-      this.machine!.pressPowerButton();
+      this.liveMachine().pressPowerButton();
     });
   }
 
@@ -263,36 +311,81 @@ export class Vmm {
       store: this.store,
       log: this.log,
       seccomp: this.opts.seccomp,
+      guestLog: this.guestLog,
+      serialFileMaxBytes: this.opts.serialFileMaxBytes,
       onStop: (s) => this.onMachineStop(machine, s),
     });
     this.machine = machine;
     machine.start();
   }
 
+  /** The machine of a Running or Paused VM; every path that loses it leaves the VM Shutdown. */
+  private liveMachine(): Machine {
+    if (!this.machine) throw new Error(`the VM is ${this.state.vm.status} but has no machine`);
+    return this.machine;
+  }
+
+  /**
+   * Stop the vCPUs and release the machine's host resources. The machine is gone afterwards
+   * even if releasing fails: that failure is logged, it does not change the VM's state.
+   */
   private async destroyMachine(): Promise<void> {
     const m = this.machine;
     this.machine = undefined;
-    await m?.destroy();
+    try {
+      await m?.destroy();
+    } catch (e) {
+      this.log.error({ err: e }, 'releasing the machine failed');
+    }
   }
 
+  /**
+   * A guest poweroff, reset, panic or fatal error. It is recorded in the store at once, so
+   * neither a pause in progress nor a snapshot loses it; it is carried out now if the VM is
+   * Running, or by the next resume if the VM is (being) paused.
+   */
   private onMachineStop(machine: Machine, stop: MachineStop): void {
     if (this.machine !== machine) return; // a machine already replaced or torn down
     const status = this.state.vm.status;
     if (status !== 'Running' && status !== 'Paused') return;
+    const guestStop = guestStopFor(stop);
     if (stop.reason === 'reset') {
-      this.log.info({ source: stop.source }, 'guest reset: rebooting the VM from its configuration');
-      this.reboot('vm').catch((e) => this.log.error({ err: e }, 'reboot failed'));
+      this.guestLog.info('guest-reset', { source: stop.source }, 'guest reset: rebooting the VM from its configuration');
     } else if (stop.reason === 'poweroff') {
-      this.log.info({ source: stop.source }, 'guest powered off');
-      this.shutdown('vm').catch((e) => this.log.error({ err: e }, 'shutdown failed'));
+      this.guestLog.info('guest-poweroff', { source: stop.source }, 'guest powered off');
     } else if (stop.reason === 'panic') {
-      this.log.error({ source: stop.source }, 'guest panicked');
+      this.guestLog.error('guest-panic', { source: stop.source }, 'guest panicked');
       this.store.dispatch(vmmEvents.guestPanic({ event: 'panic', detail: stop.source }, 'vm'));
-      this.shutdown('vm').catch((e) => this.log.error({ err: e }, 'shutdown failed'));
     } else {
-      this.log.error({ message: stop.message }, 'VM stopped on a fatal error');
+      this.guestLog.error('vm-fatal', { message: stop.message }, 'VM stopped on a fatal error');
       this.store.dispatch(vmmEvents.vmFailed({ message: stop.message }, 'vmm'));
-      this.shutdown('vm').catch((e) => this.log.error({ err: e }, 'shutdown failed'));
     }
+    this.store.dispatch(vmEvents.guestStopRequested(guestStop));
+    this.serialize(async () => {
+      if (this.machine !== machine) return; // an API reboot or shutdown came first
+      const vm = this.state.vm;
+      if (vm.status !== 'Running' || !vm.guestStop) return; // Paused: the resume carries it out
+      await this.carryOutGuestStop(vm.guestStop);
+    }).catch((e) => this.guestLog.error('guest-stop-failed', { err: e }, 'carrying out the guest stop failed'));
   }
+
+  private carryOutGuestStop(stop: GuestStop): Promise<void> {
+    return stop.action === 'reboot' ? this.rebootNow('vm') : this.shutdownNow('vm');
+  }
+}
+
+function guestStopFor(stop: MachineStop): GuestStop {
+  switch (stop.reason) {
+    case 'reset':
+      return { action: 'reboot', reason: 'reset', detail: stop.source };
+    case 'poweroff':
+    case 'panic':
+      return { action: 'shutdown', reason: stop.reason, detail: stop.source };
+    default:
+      return { action: 'shutdown', reason: 'fatal', detail: stop.message };
+  }
+}
+
+function errorMessage(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
 }

@@ -15,6 +15,7 @@
  *   d  write the counter into the first dword of 256 pages at 0x400000, print "DIRTY <n>"
  *   s  print "STATUS count=<n> ticks=<n> rxirqs=<n>" (the status block below)
  *   e  print "ECHO <next byte>"
+ *   z  ask 1000 times for ACPI sleep state S1 (SLP_TYP=1|SLP_EN to 0x600), print "SLEPT"
  * Other bytes are ignored.
  *
  * Status block in RAM (read by tests; test/host/tiny-kernel.ts names the offsets):
@@ -194,6 +195,8 @@ handle_byte:
 	je	do_dirty
 	cmp	$'s', %al
 	je	do_status
+	cmp	$'z', %al
+	je	do_sleep_requests
 	cmp	$'e', %al
 	jne	1f
 	movb	$1, echo_pending
@@ -214,6 +217,18 @@ do_poweroff:
 	mov	$(5 << 2) | 0x20, %al
 	outb	%al, %dx
 	jmp	dead
+
+/* Sleep states other than S5 are not implemented: each request is refused, and the guest
+ * runs on (a guest-triggered warning per request, which the VMM must rate-limit). */
+do_sleep_requests:
+	mov	$0x600, %dx
+	mov	$1000, %ecx
+	mov	$(1 << 2) | 0x20, %al
+1:	outb	%al, %dx
+	dec	%ecx
+	jnz	1b
+	mov	$msg_slept, %ebx
+	jmp	puts
 
 do_i8042_reset:
 	mov	$0x64, %dx
@@ -417,6 +432,7 @@ msg_count:	.asciz	"COUNT "
 msg_echo:	.asciz	"ECHO "
 msg_dirty:	.asciz	"DIRTY "
 msg_exc:	.asciz	"EXCEPTION "
+msg_slept:	.asciz	"SLEPT\n"
 msg_status:	.asciz	"STATUS count="
 msg_ticks:	.asciz	" ticks="
 msg_rxirqs:	.asciz	" rxirqs="

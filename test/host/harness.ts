@@ -215,3 +215,12 @@ export function dirtyPages(bitmap: Uint8Array): number[] {
 export function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
+
+/** Poll cond every 20 ms until it holds; fail naming `what` after timeoutMs. */
+export async function waitUntil(what: string, cond: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting until ${what}`);
+    await sleep(20);
+  }
+}

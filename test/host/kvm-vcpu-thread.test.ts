@@ -6,6 +6,7 @@ import path from 'node:path';
 import test from 'ava';
 
 import type { VcpuExit } from '../../src/native/kvm';
+import { VcpuRunner } from '../../src/vmm/vcpu-runner';
 import { PML4_ADDRESS } from '../../src/boot/x86/long-mode';
 import { TestVm, addVcpu, buildGuest, createTestVm, runVcpu, sleep } from './harness';
 
@@ -199,4 +200,27 @@ test('node exits by itself once the vCPU has stopped (with and without close)', 
   t.is(withoutClose.code, 0, withoutClose.stderr);
   t.is(withoutClose.stdout, 'stopped');
   t.log(`child processes exited after ${withClose.ms} ms and ${withoutClose.ms} ms`);
+});
+
+test('VcpuRunner: a pause after the vCPU was already parked by a request of its own resolves at once', async (t) => {
+  const { vm } = spinVm();
+  const runner = new VcpuRunner(vm.vcpu, () => undefined);
+  try {
+    runner.start();
+    await sleep(50);
+    // What the machine does when the guest asks for a reset: park every vCPU, nobody waiting.
+    vm.vcpu.requestPause();
+    await sleep(100);
+    // Then a vm.pause: the thread will not report 'paused' a second time.
+    const outcome = await Promise.race([runner.pause().then(() => 'paused'), sleep(2000).then(() => 'hung')]);
+    t.is(outcome, 'paused');
+    runner.resume();
+    await sleep(20);
+    t.is(await Promise.race([runner.pause().then(() => 'paused'), sleep(2000).then(() => 'hung')]), 'paused', 'a resumed vCPU pauses as before');
+  } finally {
+    vm.mem.writeU8(FLAG, 1);
+    runner.resume();
+    await runner.stop();
+    vm.close();
+  }
 });

@@ -41,6 +41,8 @@ export const TinyKernelCommand = {
   STATUS: 's',
   /** followed by one byte, printed back as "ECHO <byte>" */
   ECHO: 'e',
+  /** asks 1000 times for sleep state S1 (not implemented), then prints "SLEPT" */
+  SLEEP_REQUESTS: 'z',
 } as const;
 
 export const TINY_KERNEL_BANNER = 'TINY-KERNEL-BOOT';

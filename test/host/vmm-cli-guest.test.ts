@@ -1,10 +1,13 @@
 // The real `tern` CLI booting the tiny PVH kernel, driven over its serial console like a
 // user at a terminal: boot, command line, serial input, poweroff and the three resets.
 import test from 'ava';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 
 import type { GuestProcess } from '../linux/guest-process';
 import { sleep } from './harness';
-import { TINY_KERNEL_BANNER, countsIn, lastStatus, startTinyVm } from './tiny-kernel';
+import { TINY_KERNEL_BANNER, buildTinyKernel, countsIn, lastStatus, startTinyVm } from './tiny-kernel';
 
 const T = 30_000;
 
@@ -113,5 +116,26 @@ test('--cpus boot=2: the AP waits for SIPI and the boot vCPU keeps counting', as
     t.is(boots(vm), 1);
   } finally {
     vm.kill();
+  }
+});
+
+test('a guest reset whose reboot fails (the kernel file is gone) ends the CLI with exit 1 and says why', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-cli-vanishing-'));
+  try {
+    const kernel = path.join(dir, 'kernel.elf');
+    fs.copyFileSync(await buildTinyKernel(), kernel);
+    const vm = await startTinyVm(['--kernel', kernel]);
+    try {
+      await vm.waitFor(/^COUNT 1\n/m, T);
+      fs.rmSync(kernel);
+      vm.type('a');
+      const { code } = await vm.exit(T);
+      t.is(code, 1, vm.stderr.slice(-2000));
+      t.regex(vm.stderr, /cannot read kernel/);
+    } finally {
+      vm.kill();
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -10,7 +10,7 @@ import { type Serial16550aState, serialInputEvent } from '../../src/devices/seri
 import { InvalidTransitionError, VmEvents, decodeU64 } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
-import { sleep } from './harness';
+import { sleep, waitUntil } from './harness';
 import {
   TINY_KERNEL_DIRTY_BASE,
   TINY_KERNEL_DIRTY_PAGES,
@@ -31,14 +31,6 @@ async function config(name: string, vcpus: number): Promise<VmConfig & { serial:
     memory: { size: 64 << 20 },
     serial: { mode: 'File', file: path.join(tmp, `${name}.serial`) },
   };
-}
-
-async function waitUntil(what: string, cond: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting until ${what}`);
-    await sleep(20);
-  }
 }
 
 const guestCount = (vmm: Vmm): number => vmm.guestMemory()?.readU32(TinyKernelStatus.COUNT) ?? -1;

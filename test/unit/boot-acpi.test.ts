@@ -24,10 +24,16 @@ import { ACPI_TABLES_END, ACPI_TABLES_START, IOAPIC_ADDRESS, LAPIC_ADDRESS, RSDP
 import { BootError } from '../../src/boot/errors';
 import { GuestMemory } from '../../src/memory/guest-memory';
 import { MiB, memoryOf, run, tempDir, which } from './boot-helpers';
+import { type DeviceInstance, type AnyDeviceState, devicesAcpi, platformDevices, serialDevice } from '../../src/devices';
+
+/** The devices of a VM with every legacy device (--serial on), as the machine attaches them. */
+const platform = (keep: (d: DeviceInstance<AnyDeviceState>) => boolean = () => true) =>
+  devicesAcpi(platformDevices({ memorySize: 64 * MiB, serial: true }).filter(keep));
+const PLATFORM = platform();
 
 function tablesIn(vcpuCount: number, extra: Partial<Parameters<typeof writeAcpiTables>[1]> = {}) {
   const mem = memoryOf(4 * MiB);
-  const tables = writeAcpiTables(mem, { vcpuCount, ...extra });
+  const tables = writeAcpiTables(mem, { vcpuCount, devices: PLATFORM, ...extra });
   return { mem, tables };
 }
 
@@ -115,7 +121,7 @@ test('FADT rev 6: hardware-reduced, reset register and sleep registers at the AC
 });
 
 test('IAPC_BOOT_ARCH follows the legacy devices described', (t) => {
-  const { mem, tables } = tablesIn(1, { i8042: false, rtc: false });
+  const { mem, tables } = tablesIn(1, { devices: platform((d) => d.state.kind !== 'i8042' && d.state.kind !== 'cmos-rtc') });
   const f = tableBytes(mem, tables, 'FACP');
   t.is(f.readUInt16LE(FadtOffset.IAPC_BOOT_ARCH), IapcBootArch.VGA_NOT_PRESENT | IapcBootArch.CMOS_RTC_NOT_PRESENT);
   const dsdt = tableBytes(mem, tables, 'DSDT');
@@ -167,19 +173,35 @@ test('MADT uses x2APIC entries for APIC IDs from 255', (t) => {
 });
 
 test('DSDT: \\_S5 package first, with SLP_TYP matching the ACPI PM device', (t) => {
-  const body = Buffer.from(buildDsdtAml());
+  const body = Buffer.from(buildDsdtAml({ devices: PLATFORM }));
   t.is(SLP_TYP_S5, 5);
   t.is(body.subarray(0, 14).toString('hex'), '085f53355f1208040a050a050000');
   t.true(body.includes(Buffer.from(aml.device('COM1', []).bytes.subarray(0, 2))));
 });
 
 test('DSDT: the power button and the GED can be left out', (t) => {
-  const withBoth = Buffer.from(buildDsdtAml());
+  const withBoth = Buffer.from(buildDsdtAml({ devices: PLATFORM }));
   t.true(withBoth.includes(Buffer.from('PWRB')));
   t.true(withBoth.includes(Buffer.from('ACPI0013')));
-  const without = Buffer.from(buildDsdtAml({ powerButton: false }));
+  const without = Buffer.from(buildDsdtAml({ devices: platform((d) => d.state.kind !== 'acpi-ged') }));
   t.false(without.includes(Buffer.from('PWRB')));
   t.false(without.includes(Buffer.from('GED0')));
+});
+
+test('DSDT: only the devices the VM has are described; --serial off has no COM1', (t) => {
+  const off = Buffer.from(buildDsdtAml({ devices: devicesAcpi(platformDevices({ memorySize: 64 * MiB, serial: false })) }));
+  t.false(off.includes(Buffer.from('COM1')), 'no UART without a serial device');
+  t.false(off.includes(Buffer.from(aml.eisaId('PNP0501').bytes)), 'no PNP0501 at all');
+  t.true(off.includes(Buffer.from('PS2K')) && off.includes(Buffer.from('GED0')), 'the other devices are still there');
+  const on = Buffer.from(buildDsdtAml({ devices: PLATFORM }));
+  t.true(on.includes(Buffer.from('COM1')));
+  t.true(on.includes(Buffer.from(aml.eisaId('PNP0501').bytes)));
+  // A UART describes itself from its own ports and interrupt.
+  const com2 = Buffer.from(buildDsdtAml({ devices: devicesAcpi([serialDevice({ base: 0x2f8, gsi: 3 })]) }));
+  t.true(com2.includes(Buffer.from('COM2')));
+  t.true(com2.includes(Buffer.from(aml.Resource.io(0x2f8, 0x2f8, 1, 8))));
+  t.true(com2.includes(Buffer.from(aml.Resource.interrupt({ edge: true }, [3]))));
+  t.false(com2.includes(Buffer.from('_S5_')), 'no ACPI PM device, no \\_S5');
 });
 
 test('extra SDTs are placed and listed; a full window is an error', (t) => {
@@ -292,7 +314,7 @@ function extract(mem: GuestMemory, tables: AcpiTables, dir: string): string[] {
     // acpiexec backs SystemIO regions with plain memory: a store stands in for a press.
     const trigger = (n: string, gsi: number, bits: number) =>
       aml.method(n, {}, [aml.store(bits, aml.path('\\_SB.GED0.GDST')), aml.call('\\_SB.GED0._EVT', [gsi])]);
-    const dsdt = buildSdt('DSDT', 2, buildDsdtAml({ rootObjects: [trigger('TOTH', 5, 1), trigger('TNOB', 9, 2), trigger('TPWR', 9, 1)] }));
+    const dsdt = buildSdt('DSDT', 2, buildDsdtAml({ devices: PLATFORM, rootObjects: [trigger('TOTH', 5, 1), trigger('TNOB', 9, 2), trigger('TPWR', 9, 1)] }));
     fs.writeFileSync(path.join(dir, 'dsdt.dat'), dsdt);
     const eval1 = (m: string) => {
       const r = run(acpiexec!, ['-b', `evaluate \\${m}`, 'dsdt.dat'], dir);

@@ -58,3 +58,10 @@ for (const [argv, fragment] of [
     t.false(e!.message.includes('\n'));
   });
 }
+
+test('--serial-file-max takes a size for the VMM, not for the VM config', (t) => {
+  const a = parseTernArgs(['--kernel', '/k', '--serial', 'file=/tmp/s.log', '--serial-file-max', '2M']);
+  t.is(a.serialFileMaxBytes, 2 << 20);
+  t.deepEqual(a.vm?.serial, { mode: 'File', file: '/tmp/s.log' });
+  t.throws(() => parseTernArgs(['--serial-file-max', 'lots']), { instanceOf: OptionError });
+});

@@ -164,3 +164,57 @@ test('memory size registers for 8 MiB and for 6 GiB', (t) => {
 test('cmosDevice sits at 0x70-0x71', (t) => {
   t.deepEqual(cmosDevice({ memorySize: MIB * 64 }).ranges, [{ space: 'pio', base: 0x70, length: 2 }]);
 });
+
+test('writes that are not a date leave the clock as it was: 13,035 writes of 0xff to the binary month', (t) => {
+  const h = rtc();
+  write(h, RTC_STATUS_B, STATUS_B_24H | STATUS_B_BINARY);
+  h.out(0, RTC_MONTH);
+  for (let i = 0; i < 13_035; i++) h.out(1, 0xff);
+  t.true(Number.isFinite(h.state.offsetNs), `offset ${h.state.offsetNs}`);
+  t.is(h.state.offsetNs, 0, 'no write moved the clock');
+  t.deepEqual(JSON.parse(JSON.stringify(h.state)), h.state, 'the state is still plain JSON');
+  t.is(read(h, RTC_MONTH), 2);
+  t.is(read(h, RTC_YEAR), 24);
+  // A valid month still sets the clock.
+  write(h, RTC_MONTH, 3);
+  t.is(read(h, RTC_MONTH), 3);
+  t.is(read(h, RTC_DAY), 29);
+});
+
+test('invalid dates are refused in BCD and binary, live and when SET is cleared', (t) => {
+  const h = rtc();
+  for (const [index, value] of [
+    [RTC_SECONDS, 0x60],
+    [RTC_MINUTES, 0x5a], // BCD digit above 9
+    [RTC_HOURS, 0x24],
+    [RTC_DAY, 0x30], // February 30
+    [RTC_DAY, 0x00],
+    [RTC_MONTH, 0x13],
+    [RTC_MONTH, 0x00],
+    [RTC_YEAR, 0xa0],
+    [RTC_CENTURY, 0xff],
+  ]) {
+    write(h, index, value);
+    t.is(h.state.offsetNs, 0, `register 0x${index.toString(16)} = 0x${value.toString(16)} is refused`);
+  }
+  // 12-hour mode: hour 0 does not exist.
+  write(h, RTC_STATUS_B, 0);
+  write(h, RTC_HOURS, 0x00);
+  t.is(h.state.offsetNs, 0, '12-hour hour 0 is refused');
+  // Set mode: an impossible date written field by field does not become the time.
+  write(h, RTC_STATUS_B, STATUS_B_SET | STATUS_B_24H | STATUS_B_BINARY);
+  write(h, RTC_MONTH, 200);
+  write(h, RTC_DAY, 99);
+  write(h, RTC_STATUS_B, STATUS_B_24H | STATUS_B_BINARY);
+  t.is(h.state.offsetNs, 0);
+  t.is(read(h, RTC_MONTH), 2);
+  // Century 0: year 0050 is the year 50, not 1950.
+  write(h, RTC_STATUS_B, STATUS_B_SET | STATUS_B_24H | STATUS_B_BINARY);
+  write(h, RTC_CENTURY, 0);
+  write(h, RTC_YEAR, 50);
+  write(h, RTC_MONTH, 1);
+  write(h, RTC_DAY, 1);
+  write(h, RTC_STATUS_B, STATUS_B_24H | STATUS_B_BINARY);
+  t.is(read(h, RTC_CENTURY), 0);
+  t.is(read(h, RTC_YEAR), 50);
+});

@@ -17,6 +17,7 @@ import {
   type Serial16550aState,
   serialDevice,
   serialInitialState,
+  serialOutputDropped,
   serialInput,
   serialTransition,
 } from '../../src/devices/serial-16550a';
@@ -311,7 +312,16 @@ test('serialDevice places COM1 at 0x3f8 on GSI 4', (t) => {
   const d = serialDevice();
   t.deepEqual(d.ranges, [{ space: 'pio', base: 0x3f8, length: 8 }]);
   t.is(d.state.gsi, 4);
-  t.is(d.state.schemaVersion, 1);
+  t.is(d.state.schemaVersion, 2);
+  t.is(d.state.txDropped, 0);
+});
+
+test('output the host dropped is counted on the device; nonsense counts are ignored', (t) => {
+  const s0 = serialInitialState();
+  const s1 = serialOutputDropped(s0, { bytes: 300 }).state;
+  t.is(s1.txDropped, 300);
+  t.is(serialOutputDropped(s1, { bytes: 5 }).state.txDropped, 305);
+  for (const bytes of [0, -1, Number.NaN, Number.POSITIVE_INFINITY, 1.5]) t.is(serialOutputDropped(s1, { bytes }).state, s1);
 });
 
 test('a write-read cycle never mutates the input state', (t) => {

@@ -117,11 +117,70 @@ test('shutdown aborts an operation in progress; a failed operation clears pendin
   t.is(a.getState().vm.pending, null);
 
   const b = running();
-  b.dispatch(vmEvents.rebooting());
+  b.dispatch(vmEvents.pausing());
   b.dispatch(vmEvents.operationFailed('vCPU 1 did not stop'));
   t.is(b.getState().vm.status, 'Running');
   t.is(b.getState().vm.pending, null);
-  t.deepEqual(b.getState().vm.lastFailure, { operation: 'Rebooting', message: 'vCPU 1 did not stop' });
+  t.deepEqual(b.getState().vm.lastFailure, { operation: 'Pausing', message: 'vCPU 1 did not stop' });
+});
+
+test('every failed operation ends in a defined status: a failed reboot is Shutdown, not Running', (t) => {
+  const status = (s: ReturnType<typeof createStore>) => `${s.getState().vm.status}${s.getState().vm.pending ? '/' + s.getState().vm.pending : ''}`;
+  const reboot = running();
+  reboot.dispatch(vmEvents.rebooting());
+  reboot.dispatch(vmEvents.operationFailed('cannot read kernel'));
+  t.is(status(reboot), 'Shutdown', 'the old machine is gone: the VM is not Running');
+  t.deepEqual(reboot.getState().vm.lastFailure, { operation: 'Rebooting', message: 'cannot read kernel' });
+  t.throws(() => reboot.dispatch(vmEvents.pausing()), { instanceOf: InvalidTransitionError }, 'a Shutdown VM cannot be paused');
+  reboot.dispatch(vmEvents.booting());
+  reboot.dispatch(vmEvents.booted());
+  t.is(status(reboot), 'Running', 'it can boot again');
+
+  const resume = running();
+  resume.dispatch(vmEvents.pausing());
+  resume.dispatch(vmEvents.paused());
+  resume.dispatch(vmEvents.resuming());
+  resume.dispatch(vmEvents.operationFailed('KVM_SET_CLOCK failed'));
+  t.is(status(resume), 'Paused', 'a failed resume is Paused again, not Resuming forever');
+  resume.dispatch(vmEvents.resuming());
+  resume.dispatch(vmEvents.operationFailed('parking failed too', 'Shutdown'));
+  t.is(status(resume), 'Shutdown');
+
+  const pause = running();
+  pause.dispatch(vmEvents.pausing());
+  t.throws(() => pause.dispatch(vmEvents.operationFailed('x', 'Paused')), { instanceOf: InvalidTransitionError }, 'a failed pause is not Paused');
+  t.is(status(pause), 'Running/Pausing', 'the refused outcome changed nothing');
+  pause.dispatch(vmEvents.operationFailed('x', 'Shutdown'));
+  t.is(status(pause), 'Shutdown');
+});
+
+test('a guest stop is recorded while pausing or paused, kept until the VM stops or boots', (t) => {
+  const s = running();
+  const reset = { action: 'reboot', reason: 'reset', detail: 'i8042' } as const;
+  const poweroff = { action: 'shutdown', reason: 'poweroff', detail: 'acpi' } as const;
+  s.dispatch(vmEvents.pausing());
+  s.dispatch(vmEvents.guestStopRequested(reset));
+  s.dispatch(vmEvents.paused());
+  t.deepEqual(s.getState().vm.guestStop, reset, 'a stop during the pause is kept');
+  s.dispatch(vmEvents.snapshotting());
+  s.dispatch(vmEvents.snapshotted());
+  t.deepEqual(s.getState().vm.guestStop, reset, 'and is part of a snapshot of the paused VM');
+  s.dispatch(vmEvents.guestStopRequested(poweroff));
+  s.dispatch(vmEvents.guestStopRequested(reset));
+  t.deepEqual(s.getState().vm.guestStop, poweroff, 'a poweroff outranks a reset');
+  s.dispatch(vmEvents.resuming());
+  s.dispatch(vmEvents.resumed());
+  t.deepEqual(s.getState().vm.guestStop, poweroff, 'still there for the VMM to carry out after the resume');
+  s.dispatch(vmEvents.shutdown('vm'));
+  t.is(s.getState().vm.guestStop, null);
+  t.throws(() => s.dispatch(vmEvents.guestStopRequested(reset)), { instanceOf: InvalidTransitionError }, 'no guest runs');
+
+  const r = running();
+  r.dispatch(vmEvents.guestStopRequested(reset));
+  r.dispatch(vmEvents.rebooting('vm'));
+  r.dispatch(vmEvents.rebooted('vm'));
+  t.is(r.getState().vm.guestStop, null, 'the reboot carried it out');
+  t.throws(() => r.dispatch(vmEvents.guestStopRequested({ action: 'explode', reason: 'x', detail: 'y' } as never)), { instanceOf: TernStateError });
 });
 
 test('boot and reboot counts', (t) => {

@@ -1,10 +1,12 @@
 import test from 'ava';
+import { type CmosRtcState, deviceModels } from '../../src/devices';
 import { decodeVcpuState } from '../../src/state/codec';
 import { NotJsonSafeError, SchemaVersionError } from '../../src/state/errors';
 import { dispatchIo } from '../../src/state/io';
 import { assertJsonSafe, isJsonSafe } from '../../src/state/json';
 import { ROOT_SCHEMA_VERSION, type RootState, initialRootState } from '../../src/state/root';
 import { deserializeState, serializeState } from '../../src/state/serialize';
+import { InvalidStateError } from '../../src/state/state-schema';
 import { createStore } from '../../src/state/store';
 import { nativeVcpu, pio, populatedStore } from './state-fixtures';
 
@@ -23,7 +25,7 @@ test('every slice is populated, frozen and plain JSON', (t) => {
   t.is(s.bus.pio.length, 7);
   t.deepEqual(s.bus.unhandled.pio, { reads: 1, writes: 1 });
   for (const key of ['vm', 'vcpus', 'devices', 'bus'] as const) t.is(typeof s[key].schemaVersion, 'number');
-  for (const inst of Object.values(s.devices.instances)) t.is(inst.schemaVersion, 1);
+  for (const inst of Object.values(s.devices.instances)) t.is(inst.schemaVersion, deviceModels[inst.kind].schemaVersion);
   t.notDeepEqual(s, initialRootState());
   t.true(allFrozen(s));
   t.notThrows(() => assertJsonSafe(s));
@@ -76,7 +78,7 @@ test('a snapshot with another schema version is refused', (t) => {
   const s = JSON.parse(serializeState(populatedStore().getState())) as Record<string, any>;
   const variants: [string, (x: any) => void][] = [
     ['root', (x) => (x.schemaVersion = 99)],
-    ['slice', (x) => (x.vm.schemaVersion = 2)],
+    ['slice', (x) => (x.vm.schemaVersion = 99)],
     ['device', (x) => (x.devices.instances.serial0.schemaVersion = 7)],
   ];
   for (const [what, mutate] of variants) {
@@ -89,4 +91,38 @@ test('a snapshot with another schema version is refused', (t) => {
 test('a store can be built from the initial state serialized', (t) => {
   const s: RootState = deserializeState(serializeState(initialRootState()));
   t.deepEqual(s, createStore().getState());
+});
+
+test('a snapshot whose device state a guest could not have produced is refused, naming the device and field', (t) => {
+  const s = JSON.parse(serializeState(populatedStore().getState())) as Record<string, any>;
+  t.notThrows(() => deserializeState(JSON.stringify(s)));
+  const variants: [string, RegExp, (x: any) => void][] = [
+    ['an RTC offset past the calendar', /'rtc'.*offsetNs/, (x) => (x.devices.instances.rtc.offsetNs = 1e300)],
+    ['a CMOS byte that is not one', /'rtc'.*cmos/, (x) => (x.devices.instances.rtc.cmos[3] = 256)],
+    ['a UART buffer beyond its capacity', /'serial0'.*rx/, (x) => (x.devices.instances.serial0.rx = new Array(100_000).fill(65))],
+    ['a UART buffer longer than its own capacity', /'serial0'.*\/rx: holds 65 bytes, more than rxCapacity 64/, (x) => (x.devices.instances.serial0.rx = new Array(65).fill(65))],
+    ['a UART capacity without bound', /'serial0'.*rxCapacity/, (x) => (x.devices.instances.serial0.rxCapacity = 1e12)],
+    ['a negative counter', /'serial0'.*txBytes/, (x) => (x.devices.instances.serial0.txBytes = -1)],
+    ['an interrupt pin KVM does not have', /'ged0'.*gsi/, (x) => (x.devices.instances.ged0.gsi = 99)],
+    ['a keyboard interrupt past the IOAPIC', /'i8042'.*kbdGsi/, (x) => (x.devices.instances.i8042.kbdGsi = 24)],
+    ['an unknown i8042 channel', /'i8042'.*outChannel/, (x) => (x.devices.instances.i8042.outChannel = 'mouse')],
+    ['a sleep type of 8 bits', /'acpi-pm'.*sleepType/, (x) => (x.devices.instances['acpi-pm'].sleepType = 200)],
+    ['a debug code of 16 bits', /'debug-port'.*lastCode/, (x) => (x.devices.instances['debug-port'].lastCode = 0x1234)],
+    ['a guest stop that is neither a reboot nor a shutdown', /'vm'.*guestStop/, (x) => (x.vm.guestStop = { action: 'explode', reason: 'x', detail: 'y' })],
+  ];
+  for (const [what, message, mutate] of variants) {
+    const copy = structuredClone(s);
+    mutate(copy);
+    t.throws(() => deserializeState(JSON.stringify(copy)), { instanceOf: InvalidStateError, message }, what);
+  }
+});
+
+test('an RTC a guest set decades away from the host clock survives a snapshot', (t) => {
+  // offsetNs counts from the host's clock in ns: a guest that sets its RTC to 1990 is 1e18 ns
+  // away, far past the range of exact integers, and its snapshot must still restore.
+  for (const offsetNs of [-1.1e18, 2.5e18, -3.1e20]) {
+    const s = JSON.parse(serializeState(populatedStore().getState())) as Record<string, any>;
+    s.devices.instances.rtc.offsetNs = offsetNs;
+    t.is((deserializeState(JSON.stringify(s)).devices.instances.rtc as CmosRtcState).offsetNs, offsetNs);
+  }
 });

@@ -2,6 +2,12 @@
 // an explicit 'NotCreated' for "no VM". Operations that take time are bracketed by an
 // "-ing" event (Booting) and a completion event (Booted); in between, `pending` names the
 // operation and other lifecycle events are refused. The VM config lives here too.
+//
+// Every operation ends in a defined status: its completion event, or "[VM] Operation Failed",
+// whose outcome the table FAILURE_OUTCOMES bounds (a failed reboot has lost its machine and
+// ends Shutdown; a failed pause or resume ends where the VMM could put the vCPUs back).
+// A stop the guest asks for (poweroff, reset) is recorded as `guestStop` the moment it
+// arrives; while the VM is paused it waits there, and the resume carries it out.
 import type { VmConfig } from '../../config/vm-config';
 import { InvalidTransitionError, InvalidVmConfigError, TernStateError } from '../errors';
 import { assertJsonSafe } from '../json';
@@ -10,7 +16,8 @@ import { VmConfigSchema } from '../../api/schema';
 import { createSlice } from '../slice';
 import { Count, Exact, IntIn } from '../state-schema';
 
-export const VM_SCHEMA_VERSION = 1;
+// 2: guestStop
+export const VM_SCHEMA_VERSION = 2;
 
 export type VmState = 'Created' | 'Running' | 'Shutdown' | 'Paused';
 export type VmStatus = 'NotCreated' | VmState;
@@ -19,6 +26,15 @@ export type VmPending = 'Booting' | 'Pausing' | 'Resuming' | 'Rebooting' | 'Snap
 export interface VmFailure {
   operation: VmPending;
   message: string;
+}
+
+/** A stop the guest asked for: what the VMM does about it, and why. */
+export interface GuestStop {
+  action: 'reboot' | 'shutdown';
+  /** 'reset', 'poweroff', 'panic' or 'fatal' */
+  reason: string;
+  /** where it came from ('acpi', 'i8042', 'vcpu0 triple fault', an error message) */
+  detail: string;
 }
 
 export interface VmSliceState {
@@ -31,6 +47,8 @@ export interface VmSliceState {
   rebootCount: number;
   /** the last operation that failed between its "-ing" and completion events */
   lastFailure: VmFailure | null;
+  /** a guest stop not carried out yet (it arrived while the VM was being paused or was paused) */
+  guestStop: GuestStop | null;
 }
 
 export const VmEvents = {
@@ -46,6 +64,8 @@ export const VmEvents = {
   Shutdown: '[VM] Shutdown',
   Deleted: '[VM] Deleted',
   OperationFailed: '[VM] Operation Failed',
+  /** the guest asked to power off or reset (or failed); carried out at once unless Paused */
+  GuestStopRequested: '[VM] Guest Stop Requested',
   /** the ACPI power button was pressed; the guest decides what to do about it */
   PowerButtonPressed: '[VM] Power Button Pressed',
   Snapshotting: '[VM] Snapshotting',
@@ -63,7 +83,23 @@ export interface VmCreatedPayload {
 
 export interface VmOperationFailedPayload {
   message: string;
+  /** where the failed operation left the VM; FAILURE_OUTCOMES lists what each operation allows */
+  status?: VmStatus;
 }
+
+/**
+ * What a failed operation may leave behind, the first being the default: a failed boot never
+ * started a guest, a failed reboot has destroyed the old machine, a failed pause or resume
+ * ends with the vCPUs running or parked again or, if even that failed, with no machine.
+ */
+export const FAILURE_OUTCOMES: Readonly<Record<VmPending, readonly ('unchanged' | VmStatus)[]>> = {
+  Booting: ['unchanged'],
+  Rebooting: ['Shutdown'],
+  Pausing: ['Running', 'Shutdown'],
+  Resuming: ['Paused', 'Shutdown'],
+  Snapshotting: ['Paused', 'Shutdown'],
+  Restoring: ['unchanged'],
+};
 
 interface Rule {
   /** statuses the event is accepted in */
@@ -92,6 +128,8 @@ export const VM_LIFECYCLE: Readonly<Record<VmEventType, Rule>> = {
   // A failed restore leaves no VM: its failure is recorded while NotCreated.
   [VmEvents.OperationFailed]: { from: ['NotCreated', ...CREATED], pending: 'any' },
   [VmEvents.PowerButtonPressed]: { from: ['Running'], pending: null },
+  // Whatever the VMM is doing: the guest's request must not be lost.
+  [VmEvents.GuestStopRequested]: { from: ['Running', 'Paused'], pending: 'any' },
   [VmEvents.Snapshotting]: { from: ['Paused'], pending: null },
   [VmEvents.Snapshotted]: { from: ['Paused'], pending: 'Snapshotting' },
   [VmEvents.Restoring]: { from: ['NotCreated'], pending: null },
@@ -156,6 +194,7 @@ export const vmInitialState = (): VmSliceState => ({
   bootCount: 0,
   rebootCount: 0,
   lastFailure: null,
+  guestStop: null,
 });
 
 type Draft = VmSliceState; // handlers below mutate an immer draft of this
@@ -173,6 +212,8 @@ function complete(type: VmEventType, status: VmState, count?: 'bootCount' | 'reb
     vm.status = status;
     vm.pending = null;
     vm.lastFailure = null;
+    // Rebooted, Booted and Shutdown start or end the guest: any stop it asked for is done.
+    if (status !== 'Paused' && type !== VmEvents.Resumed) vm.guestStop = null;
     if (count) vm[count] += 1;
   };
 }
@@ -188,6 +229,7 @@ export const VmSliceSchema = Exact({
   bootCount: Count(),
   rebootCount: Count(),
   lastFailure: Type.Union([Type.Null(), Exact({ operation: PendingSchema, message: Type.String({ maxLength: 65536 }) })]),
+  guestStop: Type.Union([Type.Null(), Exact({ action: Literals('reboot', 'shutdown'), reason: Type.String({ maxLength: 256 }), detail: Type.String({ maxLength: 65536 }) })]),
 });
 
 export const vmSlice = createSlice({
@@ -227,8 +269,25 @@ export const vmSlice = createSlice({
     [VmEvents.Restored]: complete(VmEvents.Restored, 'Paused'),
     [VmEvents.OperationFailed]: (vm, payload: VmOperationFailedPayload) => {
       assertVmTransition(vm, VmEvents.OperationFailed);
-      vm.lastFailure = { operation: vm.pending as VmPending, message: String(payload?.message ?? '') };
+      const operation = vm.pending as VmPending;
+      const allowed = FAILURE_OUTCOMES[operation];
+      const outcome = payload?.status ?? allowed[0];
+      if (!allowed.includes(outcome)) {
+        throw new InvalidTransitionError(describe(vm), VmEvents.OperationFailed, `a failed ${operation} cannot end ${String(outcome)}`);
+      }
+      vm.lastFailure = { operation, message: String(payload?.message ?? '') };
       vm.pending = null;
+      if (outcome !== 'unchanged') vm.status = outcome;
+      if (outcome === 'Shutdown') vm.guestStop = null;
+    },
+    [VmEvents.GuestStopRequested]: (vm, payload: GuestStop) => {
+      assertVmTransition(vm, VmEvents.GuestStopRequested);
+      if (payload?.action !== 'reboot' && payload?.action !== 'shutdown') {
+        throw new TernStateError('InvalidGuestStop', `a guest stop must reboot or shut down, not '${String(payload?.action)}'`);
+      }
+      // A poweroff outranks a reset that came first: the guest's last word is to stop.
+      if (vm.guestStop?.action === 'shutdown') return;
+      vm.guestStop = { action: payload.action, reason: String(payload.reason), detail: String(payload.detail) };
     },
   },
   validate(state) {
@@ -251,7 +310,12 @@ export const vmEvents = {
   rebooted: (source = 'vmm') => ({ type: VmEvents.Rebooted, payload: null, source }),
   shutdown: (source = 'vmm') => ({ type: VmEvents.Shutdown, payload: null, source }),
   deleted: (source = 'vmm') => ({ type: VmEvents.Deleted, payload: null, source }),
-  operationFailed: (message: string, source = 'vmm') => ({ type: VmEvents.OperationFailed, payload: { message }, source }),
+  operationFailed: (message: string, status?: VmStatus, source = 'vmm') => ({
+    type: VmEvents.OperationFailed,
+    payload: (status ? { message, status } : { message }) as VmOperationFailedPayload,
+    source,
+  }),
+  guestStopRequested: (stop: GuestStop, source = 'vm') => ({ type: VmEvents.GuestStopRequested, payload: stop, source }),
   powerButtonPressed: (source = 'vmm') => ({ type: VmEvents.PowerButtonPressed, payload: null, source }),
   snapshotting: (source = 'vmm') => ({ type: VmEvents.Snapshotting, payload: null, source }),
   snapshotted: (source = 'vmm') => ({ type: VmEvents.Snapshotted, payload: null, source }),

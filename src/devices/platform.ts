@@ -1,0 +1,32 @@
+// The legacy platform devices of every Tern VM, from its config: what the machine attaches
+// to the buses and what the DSDT describes, so the two cannot disagree.
+import { acpiGedDevice } from './acpi-ged';
+import { acpiPmDevice } from './acpi-pm';
+import { cmosDevice } from './cmos-rtc';
+import { debugPortDevice } from './debug-port';
+import { i8042Device } from './i8042';
+import type { AnyDeviceState } from './index';
+import type { DeviceInstance } from './model';
+import { serialDevice } from './serial-16550a';
+
+export const PLATFORM_SERIAL_ID = 'serial0';
+export const PLATFORM_GED_ID = 'ged0';
+
+export interface PlatformOptions {
+  /** guest RAM in bytes (the CMOS reports it) */
+  memorySize: number;
+  /** a 16550A at COM1; false for --serial off */
+  serial: boolean;
+}
+
+export function platformDevices(opts: PlatformOptions): DeviceInstance<AnyDeviceState>[] {
+  const devices: DeviceInstance<AnyDeviceState>[] = [
+    i8042Device(),
+    cmosDevice({ memorySize: opts.memorySize }),
+    acpiPmDevice(),
+    acpiGedDevice({ id: PLATFORM_GED_ID }),
+    debugPortDevice(),
+  ];
+  if (opts.serial) devices.unshift(serialDevice({ id: PLATFORM_SERIAL_ID }));
+  return devices;
+}
