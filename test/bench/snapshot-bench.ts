@@ -15,7 +15,7 @@ import { GuestProcess, fixture } from '../linux/guest-process';
 import { guestCmdline, microvmCommand } from '../lab/qemu-peer';
 import { monitorSpanMs } from '../support/monitor-file';
 import { waitForPath } from '../support/processes';
-import { QmpClient } from './qmp-client';
+import { QmpClient } from '../support/qmp-client';
 import { median } from './median';
 
 const SIZES_MIB = (process.env.TERN_BENCH_SNAPSHOT_SIZES ?? '512,2048').split(',').map(Number);

@@ -37,6 +37,7 @@ async function main(): Promise<void> {
         env: { TERN_FIXTURES: fixturesDir() },
         onKernelMessage: (l) => process.stdout.write(`lab kernel: ${l}\n`),
         onFileEnd: (r) => process.stdout.write(`${r.file}: ${r.counts.passed} passed, ${r.counts.failed} failed\n`),
+        onFreezeEvidence: (cpus) => process.stdout.write(`lab: the frozen lab's CPUs, from QEMU's monitor:\n${cpus}\n`),
         onBootFailed: (why) => process.stdout.write(`lab: ${why}\n`),
         runLab: (o) => runInLab({ ...o, smp }),
       },

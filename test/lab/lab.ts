@@ -16,6 +16,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { QmpClient } from '../support/qmp-client';
 import { ensureLabFixtures, fixturesDir } from './fixtures';
 
 export interface LabOptions {
@@ -78,6 +79,8 @@ export class LabFrozenError extends Error {
   constructor(
     readonly why: string,
     readonly consoleTail: string,
+    /** What QEMU's monitor said about the lab's CPUs just before the kill. */
+    readonly cpuState = '',
   ) {
     super(`runInLab: the lab stopped making progress (${why}); killed it. Last console output:\n${consoleTail}`);
     this.name = 'LabFrozenError';
@@ -140,8 +143,11 @@ export function labQemuArgs(o: {
   nonce: string;
   smp?: number;
   memMiB?: number;
+  /** QMP socket, so that a frozen lab can be asked where its CPUs are. */
+  qmp?: string;
 }): string[] {
   return [
+    ...(o.qmp ? ['-qmp', `unix:${o.qmp},server=on,wait=off`] : []),
     // TERN_LAB_ACCEL and TERN_LAB_CPU exist to compare TCG modes and CPU models (freeze-rate.ts).
     '-M', 'q35', '-accel', process.env.TERN_LAB_ACCEL ?? 'tcg', '-cpu', process.env.TERN_LAB_CPU ?? 'EPYC,+svm',
     '-smp', String(o.smp ?? LAB_DEFAULT_SMP), '-m', String(o.memMiB ?? LAB_DEFAULT_MEM_MIB),
@@ -210,7 +216,8 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
   if (/\s/.test(job)) throw new Error(`runInLab: the fixtures path must not contain spaces: ${job}`);
   writeFileSync(job, jobText(opts), { mode: 0o644 });
 
-  const args = labQemuArgs({ kernel: fx.kernel, initramfs: fx.initramfs, job, nonce, smp: opts.smp, memMiB: opts.memMiB });
+  const qmp = path.join(fx.jobsDir, `${nonce}.qmp`);
+  const args = labQemuArgs({ kernel: fx.kernel, initramfs: fx.initramfs, job, nonce, smp: opts.smp, memMiB: opts.memMiB, qmp });
   // One lab at a time per machine (flock on the fixtures' lab/.run.lock):
   // two TCG labs on a small host starve each other into timeouts and make
   // timings meaningless. The timeout counts from when this run gets the lock.
@@ -243,8 +250,11 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
       let stuck = '';
       const freeze = (why: string) => {
         clearInterval(watchdog);
-        killChild(child, true);
-        reject(new LabFrozenError(why, tail(consoleText)));
+        // Before the kill, ask QEMU where the lab's CPUs are: that is the evidence of a freeze.
+        void labCpuState(qmp).then((cpus) => {
+          killChild(child, true);
+          reject(new LabFrozenError(why, tail(consoleText), cpus));
+        });
       };
       const arm = () => {
         start = Date.now();
@@ -346,7 +356,29 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
     });
   } finally {
     rmSync(job, { force: true });
+    rmSync(qmp, { force: true });
   }
+}
+
+/**
+ * The registers of every lab CPU, twice a second apart (a CPU whose RIP does not move is stuck
+ * there), from QEMU's monitor; an explanation when QEMU does not answer (a hung QEMU).
+ */
+async function labCpuState(qmp: string): Promise<string> {
+  const ask = async () => {
+    const c = await QmpClient.connect(qmp, 5_000);
+    try {
+      const regs = async () => String(await c.execute('human-monitor-command', { 'command-line': 'info registers -a' }));
+      const first = await regs();
+      await new Promise((r) => setTimeout(r, 1000));
+      const cpus = JSON.stringify(await c.execute('query-cpus-fast'));
+      return `[query-cpus-fast] ${cpus}\n[info registers -a]\n${first}\n[1 s later]\n${await regs()}`;
+    } finally {
+      c.close();
+    }
+  };
+  const timeout = new Promise<string>((r) => setTimeout(() => r('QEMU\'s monitor did not answer within 15 s'), 15_000));
+  return Promise.race([ask().catch((e: Error) => `QEMU's monitor: ${e.message}`), timeout]);
 }
 
 async function runDirect(opts: LabOptions): Promise<LabResult> {

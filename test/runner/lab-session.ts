@@ -156,6 +156,8 @@ export interface LabSessionOptions {
   onFileEnd?: (r: FileResult) => void;
   /** What boots the lab (runInLab; a test passes its own to play a lab that freezes). */
   runLab?: (o: LabOptions) => Promise<LabResult>;
+  /** Receives what QEMU's monitor said about the CPUs of a lab that froze. */
+  onFreezeEvidence?: (cpuState: string) => void;
   /** Called when a boot ends without finishing its files, before the fresh boot. */
   onBootFailed?: (why: string, remaining: TestFile[]) => void;
 }
@@ -185,6 +187,7 @@ export async function runInLabSession(files: TestFile[], opts: LabSessionOptions
     const during = outcome.interrupted.length ? ` during ${outcome.interrupted.map((f) => f.file).join(', ')}` : '';
     boots.push(`lab boot ${attempt}: ${why}${during}, after ${outcome.finished.length} of ${todo.length} files in ${secs} s`);
     todo = remaining;
+    if (outcome.error instanceof LabFrozenError) opts.onFreezeEvidence?.(outcome.error.cpuState);
     if (attempt === 1 && todo.length > 0) opts.onBootFailed?.(`${why}${during}`, todo);
     if (attempt === 2) {
       for (const f of todo) {

@@ -152,6 +152,7 @@ async function main(): Promise<void> {
         onKernelMessage: (l) => print(`lab kernel: ${l}`),
         onFileStart: (f) => print(`# ${f.tier}: ${f.file}`),
         onFileEnd: (r) => print(`# ${r.file}: ${countsLine(r.counts)}`),
+        onFreezeEvidence: (cpus) => print(`lab: the frozen lab's CPUs, from QEMU's monitor:\n${cpus}`),
         onBootFailed: (why, remaining) => print(`\nlab: ${why}; running the ${remaining.length} unfinished files in a fresh lab boot`),
       },
       () => randomBytes(8).toString('hex'),

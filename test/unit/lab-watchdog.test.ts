@@ -16,6 +16,7 @@ test.serial('a lab whose heartbeat stops is killed after the silence limit, not 
   const took = Date.now() - started;
   t.regex(err!.message, /no heartbeat for \d+ s/);
   t.regex(err!.consoleTail, /job-running/, 'the console up to the freeze is kept');
+  t.regex(err!.cpuState, /RIP=[0-9a-f]{16}/, 'QEMU\'s monitor reported where the lab\'s CPUs were');
   t.true(took < 5 * 60_000, `killed after ${Math.round(took / 1000)} s`);
 });
 

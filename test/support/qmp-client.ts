@@ -1,5 +1,6 @@
 // A minimal QMP client: enough of QEMU's machine protocol for the benchmarks to stop a peer VM
-// and save it with `migrate`, the way an operator would.
+// and save it with `migrate`, the way an operator would, and for the lab's watchdog to ask a
+// frozen lab where its CPUs are.
 import net from 'node:net';
 
 type QmpReply = { return?: unknown; error?: { class: string; desc: string }; event?: string };
