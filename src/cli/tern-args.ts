@@ -24,6 +24,8 @@ export interface TernArgs {
   /** null when no boot option was given: the VMM waits for API calls */
   vm: VmConfig | null;
   apiSocket?: SocketTarget;
+  /** --no-shutdown: a guest that powers off leaves the VMM running (Cloud Hypervisor's flag) */
+  noShutdown?: boolean;
   eventMonitor?: SocketTarget;
   restore?: RestoreArgs;
   verbosity: number;
@@ -153,6 +155,7 @@ const FLAGS: Record<string, (a: Accumulator) => void> = {
   '--version': (a) => (a.args.version = true),
   '-V': (a) => (a.args.version = true),
   '--help': (a) => (a.args.help = true),
+  '--no-shutdown': (a) => (a.args.noShutdown = true),
   '-h': (a) => (a.args.help = true),
 };
 
@@ -216,6 +219,8 @@ export const TERN_USAGE = `Usage: tern [OPTIONS]
   --console off|null|tty|file=PATH    virtio console (accepted; device not yet built)
   --api-socket path=PATH|fd=N         HTTP API on a UNIX socket
   --event-monitor path=PATH|fd=N      event stream, one JSON object per event
+  --no-shutdown            a guest that powers off leaves the VMM running (VM state Shutdown),
+                           for an API client to boot it again
   --restore source_url=file:///DIR[,resume=on][,memory_restore_mode=copy|ondemand][,prefault=on]
                            (--serial and --console may be given with it)
   --log-file PATH          pino JSON log (default stderr)

@@ -72,14 +72,14 @@ async function main(): Promise<void> {
     process.exit(code);
   };
 
-  // Without an API to ask for a new boot, a guest that powers off ends the VMM; with one, the
-  // VM just reports Shutdown and the VMM waits for the next call.
+  // A guest that powers off ends the VMM, as in Cloud Hypervisor; with --no-shutdown the VM
+  // just reports Shutdown and the VMM waits for an API call to boot it again.
   // A panic or a fatal VM error recorded before that shutdown makes the exit code 1.
   let failure: string | undefined;
   vmm.store.events$.subscribe((ev) => {
     if (ev.type === GuestEvents.Panic) failure = `guest panic (${(ev.payload as GuestPanicPayload).detail ?? 'panic'})`;
     else if (ev.type === VmmEvents.VmFailed) failure = (ev.payload as VmFailedPayload).message;
-    else if (ev.type === VmEvents.Shutdown && ev.source === 'vm' && !args.apiSocket) {
+    else if (ev.type === VmEvents.Shutdown && ev.source === 'vm' && !args.noShutdown) {
       void exit(failure ? 1 : 0, failure ? `VM failed: ${failure}` : 'guest powered off');
     } else if (ev.type === VmEvents.OperationFailed && (ev.payload as VmOperationFailedPayload).status === 'Shutdown' && !args.apiSocket) {
       // A reboot (or resume) that failed left no guest running, and nothing can boot one again.

@@ -29,10 +29,10 @@ function parseMonitor(text: string): TernEvent[] {
   return text.split('\n\n').filter(Boolean).map((b) => JSON.parse(b) as TernEvent);
 }
 
-test.serial('tern waits on its API socket; tern-remote drives a guest; poweroff keeps the VMM; shutdown-vmm exits 0', async (t) => {
+test.serial('tern waits on its API socket; tern-remote drives a guest; with --no-shutdown poweroff keeps the VMM; shutdown-vmm exits 0', async (t) => {
   const socket = path.join(dir, 'a.sock');
   const monitorFile = path.join(dir, 'a-events.json');
-  const vmm = GuestProcess.tern(['--api-socket', `path=${socket}`, '--event-monitor', `path=${monitorFile}`]);
+  const vmm = GuestProcess.tern(['--api-socket', `path=${socket}`, '--event-monitor', `path=${monitorFile}`, '--no-shutdown']);
   try {
     await waitFor('the API socket', () => fs.existsSync(socket));
     t.is(fs.statSync(socket).mode & 0o777, 0o600);
@@ -79,7 +79,7 @@ test.serial('tern waits on its API socket; tern-remote drives a guest; poweroff 
     vmm.type('p'); // the tiny kernel powers off through ACPI
     await waitFor('the VM to report Shutdown', () => eventsOut.includes('"event": "shutdown"'));
     await sleep(300);
-    t.is(vmm.child.exitCode, null, 'with an API socket, a guest poweroff does not end the VMM');
+    t.is(vmm.child.exitCode, null, 'with --no-shutdown, a guest poweroff does not end the VMM');
     t.is(JSON.parse((await runTernRemote(socket, ['info'])).stdout).state, 'Shutdown');
 
     const boot = await runTernRemote(socket, ['boot']);
@@ -104,6 +104,34 @@ test.serial('tern waits on its API socket; tern-remote drives a guest; poweroff 
     t.is(fs.readFileSync(monitorFile, 'utf8'), fromFile.map(formatMonitorEvent).join(''), 'exactly the monitor format');
     // The stream started after "vmm starting": the rest is the same events, byte for byte.
     t.is(eventsOut, fromFile.slice(1).map(formatMonitorEvent).join(''));
+  } finally {
+    vmm.kill();
+  }
+});
+
+
+test.serial('as in Cloud Hypervisor, a guest poweroff ends a VMM with an API socket (exit 0, vm:shutdown then vmm:shutdown)', async (t) => {
+  const socket = path.join(dir, 'b.sock');
+  const monitorFile = path.join(dir, 'b-events.json');
+  const vmm = GuestProcess.tern(['--api-socket', `path=${socket}`, '--event-monitor', `path=${monitorFile}`]);
+  try {
+    await waitFor('the API socket', () => fs.existsSync(socket));
+    const config = {
+      payload: { kernel: await buildTinyKernel(), cmdline: 'cli' },
+      cpus: { boot_vcpus: 1, max_vcpus: 1 },
+      memory: { size: 64 << 20 },
+      serial: { mode: 'Tty' },
+    };
+    t.is((await runTernRemote(socket, ['create', '-'], JSON.stringify(config))).code, 0);
+    t.is((await runTernRemote(socket, ['boot'])).code, 0);
+    await vmm.waitFor(/COUNT 1\n/, 20_000);
+    vmm.type('p'); // the tiny kernel powers off through ACPI
+    t.is((await vmm.exit(15_000)).code, 0);
+    t.false(fs.existsSync(socket), 'the socket file is removed on exit');
+    const events = parseMonitor(fs.readFileSync(monitorFile, 'utf8')).map((e) => `${e.source}:${e.event}`);
+    t.true(events.includes('vm:shutdown'), events.join(' '));
+    t.true(events.indexOf('vm:shutdown') < events.lastIndexOf('vmm:shutdown'), events.join(' '));
+    t.is(events[events.length - 1], 'vmm:shutdown', events.join(' '));
   } finally {
     vmm.kill();
   }

@@ -19,7 +19,7 @@ test('tern-remote drives a Linux guest through create, boot, info, pause, resume
   const socket = path.join(dir, 'api.sock');
   const monitor = path.join(dir, 'events.json');
   const serial = path.join(dir, 'serial.log');
-  const vmm = GuestProcess.tern(['--api-socket', socket, '--event-monitor', `path=${monitor}`]);
+  const vmm = GuestProcess.tern(['--api-socket', socket, '--event-monitor', `path=${monitor}`, '--no-shutdown']);
   const client = new TernClient(socket);
   try {
     // The VMM waits for API calls: ping answers once the socket is up.

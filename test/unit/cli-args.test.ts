@@ -65,3 +65,8 @@ test('--serial-file-max takes a size for the VMM, not for the VM config', (t) =>
   t.deepEqual(a.vm?.serial, { mode: 'File', file: '/tmp/s.log' });
   t.throws(() => parseTernArgs(['--serial-file-max', 'lots']), { instanceOf: OptionError });
 });
+
+test("--no-shutdown is Cloud Hypervisor's flag: off unless given", (t) => {
+  t.falsy(parseTernArgs(['--api-socket', 'path=/tmp/x.sock']).noShutdown);
+  t.true(parseTernArgs(['--api-socket', 'path=/tmp/x.sock', '--no-shutdown']).noShutdown);
+});
