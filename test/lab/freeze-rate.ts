@@ -35,7 +35,7 @@ async function main(): Promise<void> {
         timeoutMs: 90 * 60_000,
         avaTimeout: '15m',
         env: { TERN_FIXTURES: fixturesDir() },
-        onKernelMessage: (l) => process.stdout.write(`lab kernel: ${l}\n`),
+        onConsole: (l) => process.stdout.write(`lab console: ${l}\n`),
         onFileEnd: (r) => process.stdout.write(`${r.file}: ${r.counts.passed} passed, ${r.counts.failed} failed\n`),
         onFreezeEvidence: (cpus) => process.stdout.write(`lab: the frozen lab's CPUs, from QEMU's monitor:\n${cpus}\n`),
         onBootFailed: (why) => process.stdout.write(`lab: ${why}\n`),

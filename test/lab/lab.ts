@@ -14,6 +14,7 @@
 import { spawn, ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { QmpClient } from '../support/qmp-client';
@@ -28,7 +29,7 @@ export interface LabOptions {
   smp?: number;
   /** Lab memory in MiB (default 3072). */
   memMiB?: number;
-  /** Live console text (\r removed): in lab mode the whole console, boot included. */
+  /** The job's output as it comes (\r removed). */
   onOutput?: (chunk: string) => void;
   /** Working directory of the script (default process.cwd()). */
   cwd?: string;
@@ -44,10 +45,10 @@ export interface LabOptions {
    */
   silenceLimitMs?: number;
   /**
-   * Receives the lab kernel's console messages ("[  12.345678] ...") instead of onOutput, so
-   * that a message the kernel wrote in the middle of a job's line does not split it. Lab mode.
+   * The lab's own console, a line at a time (firmware, the lab's init, kernel messages: never the
+   * job's output, which goes to onOutput). Lab mode only.
    */
-  onKernelMessage?: (line: string) => void;
+  onConsole?: (line: string) => void;
 }
 
 export interface LabResult {
@@ -81,8 +82,10 @@ export class LabFrozenError extends Error {
     readonly consoleTail: string,
     /** What QEMU's monitor said about the lab's CPUs just before the kill. */
     readonly cpuState = '',
+    /** The end of the job's output. */
+    readonly outputTail = '',
   ) {
-    super(`runInLab: the lab stopped making progress (${why}); killed it. Last console output:\n${consoleTail}`);
+    super(`runInLab: the lab stopped making progress (${why}); killed it. Last job output:\n${outputTail}\n[lab console]\n${consoleTail}`);
     this.name = 'LabFrozenError';
   }
 }
@@ -94,9 +97,6 @@ export const LAB_SILENCE_LIMIT_MS = 120_000;
  * the heartbeat (the other CPU may still print it), so these count as a freeze on their own.
  */
 const STUCK_CPU = /watchdog: BUG: soft lockup - CPU#\d+ stuck|rcu: INFO: rcu_\w+ (self-)?detected stalls?/;
-
-/** One lab kernel console message, wherever it starts. */
-const KERNEL_MESSAGE = /\[ *\d+\.\d{6}\] [^\n]*\n/g;
 
 export const LAB_DEFAULT_SMP = 2;
 export const LAB_DEFAULT_MEM_MIB = 3072;
@@ -145,6 +145,8 @@ export function labQemuArgs(o: {
   memMiB?: number;
   /** QMP socket, so that a frozen lab can be asked where its CPUs are. */
   qmp?: string;
+  /** UNIX socket (ours, listening) that the lab's second serial port, the job's output, connects to. */
+  jobSocket?: string;
 }): string[] {
   return [
     ...(o.qmp ? ['-qmp', `unix:${o.qmp},server=on,wait=off`] : []),
@@ -154,6 +156,7 @@ export function labQemuArgs(o: {
     // -nographic alone would put the monitor on stdio too, and QEMU refuses
     // two users of stdio; -nic none drops the default NIC and its iPXE ROM.
     '-nographic', '-monitor', 'none', '-serial', 'stdio', '-no-reboot', '-nic', 'none',
+    ...(o.jobSocket ? ['-chardev', `socket,id=job,path=${o.jobSocket}`, '-serial', 'chardev:job'] : []),
     '-kernel', o.kernel, '-initrd', o.initramfs,
     '-append', `console=ttyS0 panic=-1 quiet tern.job=${o.job} tern.nonce=${o.nonce}`,
     '-virtfs', 'local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap',
@@ -216,8 +219,30 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
   if (/\s/.test(job)) throw new Error(`runInLab: the fixtures path must not contain spaces: ${job}`);
   writeFileSync(job, jobText(opts), { mode: 0o644 });
 
+  // The job's output has a serial port of its own (the lab's ttyS1, which QEMU connects to this
+  // socket), so the console (ttyS0) carries only the lab's init and kernel and its heartbeat:
+  // a kernel message can never land inside a line of the job's output, and nothing the job
+  // prints (a nested guest's console, say) can pass for the lab kernel's.
+  const jobSocket = path.join(fx.jobsDir, `${nonce}.out`);
+  let jobOutput = '';
+  let jobDone: () => void = () => {};
+  const jobClosed = new Promise<void>((r) => (jobDone = r));
+  const jobServer = net.createServer((conn) => {
+    conn.setEncoding('utf8');
+    conn.on('data', (chunk: string) => {
+      const text = chunk.replace(/\r/g, '');
+      jobOutput += text;
+      opts.onOutput?.(text);
+    });
+    conn.on('close', () => jobDone());
+  });
+  await new Promise<void>((resolve, reject) => {
+    jobServer.once('error', reject);
+    jobServer.listen(jobSocket, () => resolve());
+  });
+
   const qmp = path.join(fx.jobsDir, `${nonce}.qmp`);
-  const args = labQemuArgs({ kernel: fx.kernel, initramfs: fx.initramfs, job, nonce, smp: opts.smp, memMiB: opts.memMiB, qmp });
+  const args = labQemuArgs({ kernel: fx.kernel, initramfs: fx.initramfs, job, nonce, smp: opts.smp, memMiB: opts.memMiB, qmp, jobSocket });
   // One lab at a time per machine (flock on the fixtures' lab/.run.lock):
   // two TCG labs on a small host starve each other into timeouts and make
   // timings meaningless. The timeout counts from when this run gets the lock.
@@ -230,7 +255,7 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
     : spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   track(child, true);
 
-  const heartbeatRe = new RegExp(`TERN-LAB-ALIVE ${nonce}\\n`, 'g');
+  const heartbeatRe = new RegExp(`^TERN-LAB-ALIVE ${nonce}$`);
   const silenceLimitMs = opts.silenceLimitMs ?? LAB_SILENCE_LIMIT_MS;
   const startRe = new RegExp(`TERN-LAB-START ${nonce}\\n`);
   const exitRe = new RegExp(`TERN-LAB-EXIT ${nonce} (\\d+)`);
@@ -242,7 +267,6 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
   const queuedAt = start;
 
   try {
-    let flush = () => {};
     return await new Promise<LabResult>((resolve, reject) => {
       let timer: NodeJS.Timeout | undefined;
       let watchdog: NodeJS.Timeout | undefined;
@@ -253,7 +277,7 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
         // Before the kill, ask QEMU where the lab's CPUs are: that is the evidence of a freeze.
         void labCpuState(qmp).then((cpus) => {
           killChild(child, true);
-          reject(new LabFrozenError(why, tail(consoleText), cpus));
+          reject(new LabFrozenError(why, tail(consoleText), cpus, tail(jobOutput)));
         });
       };
       const arm = () => {
@@ -261,7 +285,7 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
         lastAlive = start;
         timer = setTimeout(() => {
           killChild(child, true);
-          reject(new LabTimeoutError(opts.timeoutMs, tail(consoleText) + (stderr ? `\n[qemu stderr]\n${tail(stderr, 1000)}` : '')));
+          reject(new LabTimeoutError(opts.timeoutMs, tail(jobOutput) + `\n[lab console]\n${tail(consoleText, 2000)}` + (stderr ? `\n[qemu stderr]\n${tail(stderr, 1000)}` : '')));
         }, opts.timeoutMs);
         watchdog = setInterval(() => {
           if (stuck) freeze(`its kernel reported: ${stuck}`);
@@ -278,37 +302,23 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
       if (!exclusive) arm();
       child.stdout!.setEncoding('utf8');
       child.stderr!.setEncoding('utf8');
-      // The console carries three streams: the job's output, the lab kernel's messages and the
-      // heartbeat, and the kernel may write in the middle of a job's line. Text is passed on a
-      // whole line at a time, with heartbeats (and, for onKernelMessage, kernel messages) cut out.
+      // The console, a line at a time: heartbeats are counted, everything else is the lab's own
+      // text (firmware, init, kernel messages) for onConsole.
       let pending = '';
-      const take = (text: string) => {
-        const beats = text.match(heartbeatRe)?.length ?? 0;
-        if (beats > 0) lastAlive = Date.now();
-        let out = text.replace(heartbeatRe, '');
-        if (!stuck) stuck = STUCK_CPU.exec(out)?.[0] ?? '';
-        if (opts.onKernelMessage) {
-          out = out.replace(KERNEL_MESSAGE, (m) => {
-            opts.onKernelMessage!(m.slice(0, -1));
-            return '';
-          });
-        }
-        if (!out) return;
-        consoleText += out;
-        if (bootMs < 0 && startRe.test(consoleText)) bootMs = Date.now() - start;
-        opts.onOutput?.(out);
-      };
-      flush = () => {
-        if (pending) take(`${pending}\n`);
-        pending = '';
-      };
       child.stdout!.on('data', (chunk: string) => {
         pending += chunk.replace(/\r/g, '');
-        const nl = pending.lastIndexOf('\n');
-        if (nl < 0) return;
-        const text = pending.slice(0, nl + 1);
-        pending = pending.slice(nl + 1);
-        take(text);
+        for (let nl = pending.indexOf('\n'); nl >= 0; nl = pending.indexOf('\n')) {
+          const line = pending.slice(0, nl);
+          pending = pending.slice(nl + 1);
+          if (heartbeatRe.test(line)) {
+            lastAlive = Date.now();
+            continue;
+          }
+          consoleText += `${line}\n`;
+          if (!stuck) stuck = STUCK_CPU.exec(line)?.[0] ?? '';
+          if (bootMs < 0 && startRe.test(consoleText)) bootMs = Date.now() - start;
+          opts.onConsole?.(line);
+        }
       });
       child.stderr!.on('data', (chunk: string) => {
         if (exclusive && timer === undefined && (stderr + chunk).includes(LOCKED)) {
@@ -329,34 +339,33 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
         clearTimeout(timer);
         clearTimeout(lockTimer);
         clearInterval(watchdog);
-        flush();
+        if (pending) consoleText += pending;
         const durationMs = Date.now() - start;
         const s = startRe.exec(consoleText);
         const e = exitRe.exec(consoleText);
-        if (s && e && e.index >= s.index) {
-          resolve({
-            exitCode: Number(e[1]),
-            output: consoleText.slice(s.index + s[0].length, e.index),
-            durationMs,
-            bootMs,
-            queuedMs: start - queuedAt,
-            mode: 'lab',
-          });
-          return;
-        }
-        const setupError = errRe.exec(consoleText);
-        reject(
-          new Error(
-            `runInLab: the lab ended (qemu ${signal ?? `exit ${code}`}) ` +
-              (setupError ? `with a setup error: ${setupError[1]}` : 'without reporting an exit status') +
-              `\n[console]\n${tail(consoleText)}\n[qemu stderr]\n${tail(stderr, 2000)}`,
-          ),
-        );
+        // The job's channel closes with QEMU; wait for its last bytes (briefly: a killed QEMU
+        // may never have connected it).
+        void Promise.race([jobClosed, new Promise((r) => setTimeout(r, 2000))]).then(() => {
+          if (s && e && e.index >= s.index) {
+            resolve({ exitCode: Number(e[1]), output: jobOutput, durationMs, bootMs, queuedMs: start - queuedAt, mode: 'lab' });
+            return;
+          }
+          const setupError = errRe.exec(consoleText);
+          reject(
+            new Error(
+              `runInLab: the lab ended (qemu ${signal ?? `exit ${code}`}) ` +
+                (setupError ? `with a setup error: ${setupError[1]}` : 'without reporting an exit status') +
+                `\n[job output]\n${tail(jobOutput, 2000)}\n[console]\n${tail(consoleText)}\n[qemu stderr]\n${tail(stderr, 2000)}`,
+            ),
+          );
+        });
       });
     });
   } finally {
+    jobServer.close();
     rmSync(job, { force: true });
     rmSync(qmp, { force: true });
+    rmSync(jobSocket, { force: true });
   }
 }
 

@@ -121,7 +121,7 @@ async function oneBoot(files: TestFile[], opts: LabSessionOptions, nonce: string
       silenceLimitMs: opts.silenceLimitMs,
       env: opts.env,
       cwd: opts.cwd,
-      onKernelMessage: opts.onKernelMessage,
+      onConsole: opts.onConsole,
       onOutput: (chunk) => {
         partial += chunk;
         const lines = partial.split('\n');
@@ -151,7 +151,7 @@ export interface LabSessionOptions {
   parallelTiers?: string[];
   env?: Record<string, string>;
   onLine?: (line: string) => void;
-  onKernelMessage?: (line: string) => void;
+  onConsole?: (line: string) => void;
   onFileStart?: (f: TestFile) => void;
   onFileEnd?: (r: FileResult) => void;
   /** What boots the lab (runInLab; a test passes its own to play a lab that freezes). */

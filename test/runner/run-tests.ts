@@ -149,7 +149,7 @@ async function main(): Promise<void> {
         parallelTiers: ['kvm'],
         env: { TERN_FIXTURES: fixturesDir(), ...(process.env.CI !== undefined ? { CI: process.env.CI } : {}) },
         onLine: (l) => print(l),
-        onKernelMessage: (l) => print(`lab kernel: ${l}`),
+        onConsole: (l) => print(`lab console: ${l}`),
         onFileStart: (f) => print(`# ${f.tier}: ${f.file}`),
         onFileEnd: (r) => print(`# ${r.file}: ${countsLine(r.counts)}`),
         onFreezeEvidence: (cpus) => print(`lab: the frozen lab's CPUs, from QEMU's monitor:\n${cpus}`),
