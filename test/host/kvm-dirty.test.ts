@@ -84,7 +84,8 @@ test('with clean page-table leaves, the dirty set is the written pages plus the 
     // As above, pages the guest only read or walked may be logged by some hosts; no other.
     const touched = [guest.loadAddress / PAGE, table / PAGE, ...PAGE_TABLE_PAGES];
     t.deepEqual(got.filter((p) => !required.includes(p) && !touched.includes(p)), [], 'no page the guest did not touch');
-    t.deepEqual(dirtyPages(vm.vm.getDirtyBitmap(0)), []);
+    // The guest ran on to its exit after that read: at most its page tables were walked again.
+    t.deepEqual(dirtyPages(vm.vm.getDirtyBitmap(0)).filter((p) => !PAGE_TABLE_PAGES.includes(p)), [], 'nothing written after the signal');
   } finally {
     vm.close();
   }
