@@ -4,7 +4,8 @@
 //
 //   node dist/test/lab/freeze-rate.js [--runs 20] [--smp 2] [FILE]
 //
-// TERN_LAB_ACCEL (e.g. tcg,thread=single) and TERN_LAB_CPU choose the lab's TCG mode and CPU.
+// TERN_LAB_ACCEL (e.g. tcg,thread=single) and TERN_LAB_CPU choose the lab's TCG mode and CPU;
+// TERN_LAB_KEEPER=0 runs without kvm-keeper.ts.
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -54,7 +55,7 @@ async function main(): Promise<void> {
   }
   const minutes = (Date.now() - started) / 60_000;
   process.stdout.write(
-    `freeze-rate: ${file}, ${runs} runs, lab smp=${smp} accel=${process.env.TERN_LAB_ACCEL ?? 'tcg'} cpu=${process.env.TERN_LAB_CPU ?? 'EPYC,+svm'}: ` +
+    `freeze-rate: ${file}, ${runs} runs, lab smp=${smp} accel=${process.env.TERN_LAB_ACCEL ?? 'tcg'} cpu=${process.env.TERN_LAB_CPU ?? 'EPYC,+svm'} keeper=${process.env.TERN_LAB_KEEPER ?? '1'}: ` +
       `${freezes} freezes, ${failed} failed runs, ${minutes.toFixed(1)} min\n`,
   );
 }

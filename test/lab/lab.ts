@@ -13,7 +13,7 @@
 // overrides the choice.
 import { spawn, ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -99,6 +99,9 @@ export const LAB_SILENCE_LIMIT_MS = 120_000;
 const STUCK_CPU = /watchdog: BUG: soft lockup - CPU#\d+ stuck|rcu: INFO: rcu_\w+ (self-)?detected stalls?/;
 
 export const LAB_DEFAULT_SMP = 2;
+
+/** Started by the lab's init on one CPU (TERN_LAB_KEEPER=0: not started, for comparisons). */
+const KVM_KEEPER = path.join(__dirname, 'kvm-keeper.js');
 export const LAB_DEFAULT_MEM_MIB = 3072;
 
 /** True when this machine's CPU exposes VMX or SVM, i.e. /dev/kvm can boot Linux here. */
@@ -147,6 +150,8 @@ export function labQemuArgs(o: {
   qmp?: string;
   /** UNIX socket (ours, listening) that the lab's second serial port, the job's output, connects to. */
   jobSocket?: string;
+  /** kvm-keeper.js to start on one CPU before the others come up (kvm-keeper.ts says why). */
+  keeper?: string;
 }): string[] {
   return [
     ...(o.qmp ? ['-qmp', `unix:${o.qmp},server=on,wait=off`] : []),
@@ -158,7 +163,7 @@ export function labQemuArgs(o: {
     '-nographic', '-monitor', 'none', '-serial', 'stdio', '-no-reboot', '-nic', 'none',
     ...(o.jobSocket ? ['-chardev', `socket,id=job,path=${o.jobSocket}`, '-serial', 'chardev:job'] : []),
     '-kernel', o.kernel, '-initrd', o.initramfs,
-    '-append', `console=ttyS0 panic=-1 quiet tern.job=${o.job} tern.nonce=${o.nonce}`,
+    '-append', `console=ttyS0 panic=-1 quiet tern.job=${o.job} tern.nonce=${o.nonce}` + (o.keeper ? ` maxcpus=1 tern.keeper=${o.keeper}` : ''),
     '-virtfs', 'local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap',
   ];
 }
@@ -242,7 +247,8 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
   });
 
   const qmp = path.join(fx.jobsDir, `${nonce}.qmp`);
-  const args = labQemuArgs({ kernel: fx.kernel, initramfs: fx.initramfs, job, nonce, smp: opts.smp, memMiB: opts.memMiB, qmp, jobSocket });
+  const keeper = process.env.TERN_LAB_KEEPER === '0' || !existsSync(KVM_KEEPER) ? undefined : KVM_KEEPER;
+  const args = labQemuArgs({ kernel: fx.kernel, initramfs: fx.initramfs, job, nonce, smp: opts.smp, memMiB: opts.memMiB, qmp, jobSocket, keeper });
   // One lab at a time per machine (flock on the fixtures' lab/.run.lock):
   // two TCG labs on a small host starve each other into timeouts and make
   // timings meaningless. The timeout counts from when this run gets the lock.
