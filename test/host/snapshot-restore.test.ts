@@ -21,7 +21,7 @@ const dir = tempDir('tern-snapshot-');
 const url = (p: string): string => `file://${p}`;
 
 /** Boot a tiny VM with an API socket, let it count, pause it and snapshot it; then SIGKILL it. */
-async function makeSnapshot(name: string, args: string[] = []): Promise<{ snap: string; last: number }> {
+async function makeSnapshot(name: string, args: string[] = []): Promise<Snapshot> {
   const socket = path.join(dir, `${name}.sock`);
   const vm = await startTinyVm(['--api-socket', `path=${socket}`, ...args]);
   try {
@@ -37,10 +37,12 @@ async function makeSnapshot(name: string, args: string[] = []): Promise<{ snap: 
         await sleep(500);
       }
       const last = lastCount(vm.output);
+      // The pause may have cut a COUNT line; the restored guest prints the rest of it.
+      const cut = vm.output.slice(vm.output.lastIndexOf('\n') + 1);
       const snap = path.join(dir, name);
       const r = await runTernRemote(socket, ['snapshot', url(snap)]);
       if (r.code !== 0) throw new Error(`tern-remote snapshot: ${r.stderr}`);
-      return { snap, last };
+      return { snap, last, cut };
     } finally {
       client.close();
     }
@@ -50,11 +52,18 @@ async function makeSnapshot(name: string, args: string[] = []): Promise<{ snap: 
   }
 }
 
-async function restoreAndCheck(t: import('ava').ExecutionContext, snap: string, last: number, extra = ''): Promise<void> {
+/** A snapshot, the last COUNT line printed whole before the pause, and the line the pause cut. */
+interface Snapshot {
+  snap: string;
+  last: number;
+  cut: string;
+}
+
+async function restoreAndCheck(t: import('ava').ExecutionContext, { snap, last, cut }: Snapshot, extra = ''): Promise<void> {
   const vm: GuestProcess = await startTern(['--restore', `source_url=${url(snap)},resume=on${extra}`, '--serial', 'tty']);
   try {
     await vm.waitFor(new RegExp(`^COUNT ${last + 2}\\n`, 'm'), T);
-    const counts = countsIn(vm.output);
+    const counts = countsIn(cut + vm.output);
     t.is(counts[0], last + 1, `continues from the next value, got ${counts.slice(0, 5).join(',')}; stderr ${vm.stderr.slice(-500)}`);
     t.deepEqual(counts, counts.map((_, i) => last + 1 + i), 'consecutive');
     t.notRegex(vm.output, /TINY-KERNEL-BOOT/, 'nothing booted');
@@ -70,30 +79,31 @@ async function restoreAndCheck(t: import('ava').ExecutionContext, snap: string, 
   }
 }
 
-let shared: Promise<{ snap: string; last: number }> | undefined;
+let shared: Promise<Snapshot> | undefined;
 const snapshotOnce = () => (shared ??= makeSnapshot('base'));
 
 test.serial('snapshot of a paused VM, SIGKILL, restore (twice, copy) continues the counter', async (t) => {
-  const { snap, last } = await snapshotOnce();
+  const base = await snapshotOnce();
+  const { snap, last } = base;
   t.true(last >= 3);
   t.deepEqual(fs.readdirSync(snap).sort(), ['config.json', 'memory-ranges', 'state.json']);
   t.deepEqual(fs.readdirSync(dir).filter((f) => f.includes('.partial-')), [], 'no temp dir left');
-  await restoreAndCheck(t, snap, last);
-  await restoreAndCheck(t, snap, last);
+  await restoreAndCheck(t, base);
+  await restoreAndCheck(t, base);
 });
 
 test.serial('restore with memory_restore_mode=ondemand (and prefault) continues the counter', async (t) => {
-  const { snap, last } = await snapshotOnce();
-  await restoreAndCheck(t, snap, last, ',memory_restore_mode=ondemand');
-  await restoreAndCheck(t, snap, last, ',memory_restore_mode=ondemand,prefault=on');
+  const base = await snapshotOnce();
+  await restoreAndCheck(t, base, ',memory_restore_mode=ondemand');
+  await restoreAndCheck(t, base, ',memory_restore_mode=ondemand,prefault=on');
 });
 
 test.serial('a 2-vCPU VM (the second waiting for SIPI) restores with both vCPUs and continues', async (t) => {
-  const { snap, last } = await makeSnapshot('smp', ['--cpus', 'boot=2']);
-  const env = JSON.parse(fs.readFileSync(path.join(snap, 'state.json'), 'utf8'));
+  const smp = await makeSnapshot('smp', ['--cpus', 'boot=2']);
+  const env = JSON.parse(fs.readFileSync(path.join(smp.snap, 'state.json'), 'utf8'));
   t.deepEqual(Object.keys(env.state.vcpus.saved).sort(), ['0', '1']);
   t.not(env.state.vcpus.saved['0'].mpState, env.state.vcpus.saved['1'].mpState, 'the AP is saved in its own (wait-for-SIPI) state');
-  await restoreAndCheck(t, snap, last);
+  await restoreAndCheck(t, smp);
 });
 
 test.serial('memory-ranges is sparse: far fewer blocks than 64M of guest RAM', async (t) => {
@@ -155,7 +165,7 @@ for (const [name, breakIt, expected] of CORRUPTIONS) {
 }
 
 test.serial('API: snapshot of a running VM is 500; an existing destination is refused; restore with a VM present is 500; restore via API works', async (t) => {
-  const { snap, last } = await snapshotOnce();
+  const { snap, last, cut } = await snapshotOnce();
   const socket = path.join(dir, 'api.sock');
   const vm = await startTinyVm(['--api-socket', `path=${socket}`]);
   const client = new TernClient({ socketPath: socket, timeoutMs: 30_000 });
@@ -179,7 +189,7 @@ test.serial('API: snapshot of a running VM is 500; an existing destination is re
     const from = vm.output.length;
     await client.resume();
     await vm.waitFor(new RegExp(`^COUNT ${last + 2}\\n`, 'm'), T, from);
-    t.deepEqual(countsIn(vm.output.slice(from)).slice(0, 2), [last + 1, last + 2], 'the restored guest continues the snapshot');
+    t.deepEqual(countsIn(cut + vm.output.slice(from)).slice(0, 2), [last + 1, last + 2], 'the restored guest continues the snapshot');
   } finally {
     client.close();
     vm.kill();
@@ -199,6 +209,6 @@ test.serial('a snapshot from a schema-2 build restores through the upgrade regis
   for (const f of ['config.json', 'state.json']) fs.copyFileSync(path.join(SCHEMA2_FIXTURE, f), path.join(snap, f));
   fs.writeFileSync(path.join(snap, 'memory-ranges'), zlib.gunzipSync(fs.readFileSync(path.join(SCHEMA2_FIXTURE, 'memory-ranges.gz'))));
   t.is(JSON.parse(fs.readFileSync(path.join(snap, 'state.json'), 'utf8')).schema_version, 2);
-  await restoreAndCheck(t, snap, SCHEMA2_LAST_COUNT);
+  await restoreAndCheck(t, { snap, last: SCHEMA2_LAST_COUNT, cut: '' });
   t.deepEqual(fs.readdirSync(snap).sort(), ['config.json', 'memory-ranges', 'state.json'], 'the old snapshot is read, never rewritten');
 });
