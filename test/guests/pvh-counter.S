@@ -218,7 +218,7 @@ do_poweroff:
 	outb	%al, %dx
 	jmp	dead
 
-/* Sleep states other than S5 are not implemented: each request is refused, and the guest
+/* Tern offers no sleep state but S5: each request for another is refused, and the guest
  * runs on (a guest-triggered warning per request, which the VMM must rate-limit). */
 do_sleep_requests:
 	mov	$0x600, %dx

@@ -41,7 +41,7 @@ export const TinyKernelCommand = {
   STATUS: 's',
   /** followed by one byte, printed back as "ECHO <byte>" */
   ECHO: 'e',
-  /** asks 1000 times for sleep state S1 (not implemented), then prints "SLEPT" */
+  /** asks 1000 times for sleep state S1 (which Tern refuses), then prints "SLEPT" */
   SLEEP_REQUESTS: 'z',
 } as const;
 

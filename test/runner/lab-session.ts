@@ -172,25 +172,25 @@ const describe = (e: Error): string =>
 export async function runInLabSession(files: TestFile[], opts: LabSessionOptions, nonce: () => string): Promise<LabSessionResult> {
   const results: FileResult[] = [];
   const boots: string[] = [];
-  let todo = files;
-  for (let attempt = 1; attempt <= 2 && todo.length > 0; attempt++) {
-    const outcome = await oneBoot(todo, opts, nonce());
+  let unfinished = files;
+  for (let attempt = 1; attempt <= 2 && unfinished.length > 0; attempt++) {
+    const outcome = await oneBoot(unfinished, opts, nonce());
     results.push(...outcome.finished);
-    const remaining = todo.filter((_, k) => !outcome.finishedAt.has(k));
+    const remaining = unfinished.filter((_, k) => !outcome.finishedAt.has(k));
     const secs = (outcome.durationMs / 1000).toFixed(0);
     if (!outcome.error && remaining.length === 0) {
       boots.push(`lab boot ${attempt}: ${outcome.finished.length} files in ${secs} s`);
-      todo = [];
+      unfinished = [];
       break;
     }
     const why = outcome.error ? describe(outcome.error) : 'unknown';
     const during = outcome.interrupted.length ? ` during ${outcome.interrupted.map((f) => f.file).join(', ')}` : '';
-    boots.push(`lab boot ${attempt}: ${why}${during}, after ${outcome.finished.length} of ${todo.length} files in ${secs} s`);
-    todo = remaining;
+    boots.push(`lab boot ${attempt}: ${why}${during}, after ${outcome.finished.length} of ${unfinished.length} files in ${secs} s`);
+    unfinished = remaining;
     if (outcome.error instanceof LabFrozenError) opts.onFreezeEvidence?.(outcome.error.cpuState);
-    if (attempt === 1 && todo.length > 0) opts.onBootFailed?.(`${why}${during}`, todo);
+    if (attempt === 1 && unfinished.length > 0) opts.onBootFailed?.(`${why}${during}`, unfinished);
     if (attempt === 2) {
-      for (const f of todo) {
+      for (const f of unfinished) {
         const interrupted = outcome.interrupted.includes(f);
         results.push({
           ...f,
