@@ -11,11 +11,9 @@ import { TernClient } from '../../src/api/client';
 import { GuestProcess } from '../linux/guest-process';
 import { sleep } from './harness';
 import { ReplyRecorder, contractTest, tempDir } from '../unit/api-harness';
-import { FUZZED_ENDPOINTS, generate, runFuzz } from '../unit/api-fuzz-cases';
+import { FUZZED_ENDPOINTS, FUZZ_PARALLEL, FUZZ_SEED, generate, runFuzz } from '../unit/api-fuzz-cases';
 import { buildTinyKernel, countsIn } from './tiny-kernel';
 
-const SEED = Number(process.env.TERN_FUZZ_SEED ?? 0x7e4a);
-const PARALLEL = 8;
 
 const recorder = new ReplyRecorder();
 const dir = tempDir('tern-api-fuzz-');
@@ -49,17 +47,17 @@ test.after.always(async () => {
   vmm?.kill();
 });
 
-test.serial(`2,000+ malformed requests (seed ${SEED}): no crash, well-formed error replies, the guest keeps running`, async (t) => {
+test.serial(`2,000+ malformed requests (seed ${FUZZ_SEED}): no crash, well-formed error replies, the guest keeps running`, async (t) => {
   const deadline = Date.now() + 20_000;
   while (lastCount() < 2) {
     if (Date.now() > deadline) t.fail(`the guest printed nothing: ${serial().slice(0, 300)}`);
     await sleep(50);
   }
-  const cases = generate(SEED);
+  const cases = generate(FUZZ_SEED);
   t.true(cases.length >= 2000, `${cases.length} cases`);
   const countBefore = lastCount();
 
-  const { problems, byKind } = await runFuzz(socket, cases, recorder, PARALLEL, () =>
+  const { problems, byKind } = await runFuzz(socket, cases, recorder, FUZZ_PARALLEL, () =>
     vmm.child.exitCode === null ? null : `the VMM exited (code ${vmm.child.exitCode})`,
   );
   t.log([...byKind].map(([k, v]) => `${k}: ${v.n} sent, ${v.replied} answered`).join('\n'));

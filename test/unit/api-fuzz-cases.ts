@@ -16,6 +16,10 @@ function prng(seed: number): () => number {
   };
 }
 
+/** The seed both fuzz runs use (TERN_FUZZ_SEED replays another), and how many requests fly at once. */
+export const FUZZ_SEED = Number(process.env.TERN_FUZZ_SEED ?? 0x7e4a);
+export const FUZZ_PARALLEL = 8;
+
 export const ENDPOINTS = [
   ['GET', 'vmm.ping'], ['PUT', 'vmm.shutdown'], ['PUT', 'vm.create'], ['PUT', 'vm.boot'], ['PUT', 'vm.delete'],
   ['PUT', 'vm.shutdown'], ['PUT', 'vm.reboot'], ['PUT', 'vm.pause'], ['PUT', 'vm.resume'], ['PUT', 'vm.power-button'],

@@ -10,11 +10,9 @@ import { TernClient } from '../../src/api/client';
 import { GuestProcess } from '../linux/guest-process';
 import { readMonitorFile } from '../support/monitor-file';
 import { waitForPath } from '../support/processes';
-import { FUZZED_ENDPOINTS, generate, runFuzz } from './api-fuzz-cases';
+import { FUZZED_ENDPOINTS, FUZZ_PARALLEL, FUZZ_SEED, generate, runFuzz } from './api-fuzz-cases';
 import { ReplyRecorder, contractTest, tempDir } from './api-harness';
 
-const SEED = Number(process.env.TERN_FUZZ_SEED ?? 0x7e4a);
-const PARALLEL = 8;
 
 const recorder = new ReplyRecorder();
 const dir = tempDir('tern-api-fuzz-novm-');
@@ -34,10 +32,10 @@ test.after.always(() => {
   vmm?.kill();
 });
 
-test.serial(`2,000+ malformed requests to a VMM with no VM (seed ${SEED}): no crash, well-formed error replies, nothing created`, async (t) => {
-  const cases = generate(SEED);
+test.serial(`2,000+ malformed requests to a VMM with no VM (seed ${FUZZ_SEED}): no crash, well-formed error replies, nothing created`, async (t) => {
+  const cases = generate(FUZZ_SEED);
   t.true(cases.length >= 2000, `${cases.length} cases`);
-  const { problems, byKind } = await runFuzz(socket, cases, recorder, PARALLEL, () =>
+  const { problems, byKind } = await runFuzz(socket, cases, recorder, FUZZ_PARALLEL, () =>
     vmm.child.exitCode === null ? null : `the VMM exited (code ${vmm.child.exitCode})`,
   );
   t.log([...byKind].map(([k, v]) => `${k}: ${v.n} sent, ${v.replied} answered`).join('\n'));
