@@ -17,3 +17,4 @@ export * from './slices/kvm';
 export * from './slices/memory';
 export * from './upgrade';
 export * from './vmm-events';
+export * from './migration-events';

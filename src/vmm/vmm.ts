@@ -4,6 +4,7 @@
 import type { Logger } from 'pino';
 import type { ConsoleConfig, VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
+import type { MigrationProgress, ReceiveMigrationOptions, SendMigrationOptions } from '../migration/migration-options';
 import { SnapshotError, readSnapshot, snapshotDirFromUrl, writeSnapshot } from '../migration/snapshot';
 import type { SeccompMode } from '../native/kvm';
 import { createStore, vmConfigProblems, vmEvents, vmmEvents, type GuestStop, type RootState, type Store, type VmStatus } from '../state';
@@ -249,6 +250,36 @@ export class Vmm {
       this.store.dispatch(vmEvents.restored());
       if (opts.resume) await this.resumeNow();
     });
+  }
+
+  /**
+   * Start sending the VM to a receiving VMM (vm.send-migration). Resolves once the migration
+   * has started in the background (connected, handshake accepted); its end is reported by the
+   * migration events. Rejects when it cannot start; the VM is then untouched.
+   */
+  sendMigration(opts: SendMigrationOptions): Promise<void> {
+    void opts;
+    return Promise.reject(new Error('live migration is not available in this build'));
+  }
+
+  /**
+   * Receive a VM from a sending VMM (vm.receive-migration). Only when no VM exists; resolves
+   * when the VM runs here (or is paused, if it was paused at the source), rejects when the
+   * migration failed, after everything received was discarded.
+   */
+  receiveMigration(opts: ReceiveMigrationOptions): Promise<void> {
+    void opts;
+    return Promise.reject(new Error('live migration is not available in this build'));
+  }
+
+  /** The migration in progress or the last one that ended; null if there was none. */
+  migrationProgress(): MigrationProgress | null {
+    return null;
+  }
+
+  /** Cancel the migration in progress (either side); throws if there is none. */
+  cancelMigration(): void {
+    throw new Error('no migration is in progress');
   }
 
   /**
