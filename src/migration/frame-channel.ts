@@ -7,7 +7,8 @@ import { FrameDecoder, FrameType, MigrationProtocolError, encodeJsonFrame, frame
 import { TernStateError } from '../state/errors';
 
 export class MigrationPeerError extends TernStateError {
-  constructor(message: string) {
+  /** the peer's end of the connection is closed: its process ended or gave the migration up */
+  constructor(message: string, readonly peerGone = false) {
     super('MigrationPeer', message);
   }
 }
@@ -29,9 +30,11 @@ export class FrameChannel {
     private readonly opts: { idleTimeoutMs: number; peer: string },
   ) {
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    socket.on('end', () => this.fail(new MigrationPeerError(`the ${opts.peer} closed the connection`)));
-    socket.on('error', (e: NodeJS.ErrnoException) => this.fail(new MigrationPeerError(`connection to the ${opts.peer} failed: ${e.code ?? e.message}`)));
-    socket.on('close', () => this.fail(new MigrationPeerError(`the connection to the ${opts.peer} closed`)));
+    socket.on('end', () => this.fail(new MigrationPeerError(`the ${opts.peer} closed the connection`, true)));
+    socket.on('error', (e: NodeJS.ErrnoException) =>
+      this.fail(new MigrationPeerError(`connection to the ${opts.peer} failed: ${e.code ?? e.message}`, e.code === 'ECONNRESET' || e.code === 'EPIPE')),
+    );
+    socket.on('close', () => this.fail(new MigrationPeerError(`the connection to the ${opts.peer} closed`, true)));
     this.armIdle();
   }
 
@@ -53,7 +56,7 @@ export class FrameChannel {
       for (const f of this.decoder.push(chunk)) {
         if (f.type === FrameType.Abort) {
           const why = (frameJson(f) as { reason?: unknown })?.reason;
-          throw new MigrationPeerError(`the ${this.opts.peer} gave up: ${typeof why === 'string' ? why.slice(0, 500) : 'no reason given'}`);
+          throw new MigrationPeerError(`the ${this.opts.peer} gave up: ${typeof why === 'string' ? why.slice(0, 500) : 'no reason given'}`, true);
         }
         this.frames.push(f);
       }

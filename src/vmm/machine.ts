@@ -48,6 +48,7 @@ import {
   encodeVcpuState,
   kvmEvents,
   vcpuEvents,
+  type RamRegionState,
   type RootState,
   type Store,
 } from '../state';
@@ -77,6 +78,15 @@ export interface MachineOptions {
   restore?: MachineRestore;
   /** the vCPU threads' seccomp filter action (default 'trap') */
   seccomp?: SeccompMode;
+  /** a migration destination: RAM only, filled by the stream; completeIncoming() builds the rest */
+  incoming?: MachineIncoming;
+}
+
+export interface MachineIncoming {
+  /** the RAM layout the source announced */
+  regions: readonly RamRegionState[];
+  /** a local migration's memfds, one per region, mapped shared: the source's RAM itself */
+  fds?: readonly number[];
 }
 
 export interface MachineRestore {
@@ -119,7 +129,12 @@ export class Machine {
   private readonly vm: NativeVm;
   readonly memory: GuestMemory;
   private readonly runners: VcpuRunner[] = [];
-  private readonly console: ConsoleSink;
+  private console?: ConsoleSink;
+  /** each RAM slot's memfd (valid until release) */
+  private readonly slotFds: number[] = [];
+  /** RAM is memfds mapped shared (not a private mapping of a snapshot file) */
+  private sharedRam = true;
+  private throttleTimer?: NodeJS.Timeout;
   private stopReported = false;
   private started = false;
   /** undefined for a restored machine: nothing was loaded */
@@ -129,7 +144,6 @@ export class Machine {
 
   constructor(private readonly opts: MachineOptions) {
     const { store } = opts;
-    const config = withDefaults((opts.restore?.state ?? store.getState()).vm.config as VmConfig);
     this.kvm = native().openKvm();
     try {
       this.vm = this.kvm.createVm();
@@ -141,15 +155,19 @@ export class Machine {
 
       if (opts.restore) {
         this.memory = this.restoreMemory(opts.restore);
-        this.console = this.openConsole(config.serial);
-        this.restoreVcpus(opts.restore.state);
-        this.restoreVmState(opts.restore.state);
+        this.buildFromState(opts.restore.state);
         return;
       }
+      if (opts.incoming) {
+        this.memory = this.incomingMemory(opts.incoming);
+        return;
+      }
+      const config = withDefaults(store.getState().vm.config as VmConfig);
 
       const layout = ramRegions(config.memory.size);
       const regions = layout.map((r, slot) => {
         const info = this.vm.addMemorySlot({ slot, guestAddress: BigInt(r.guestAddress), size: r.size, name: 'tern-ram' });
+        this.slotFds[slot] = info.fd;
         return new GuestRegion({
           guestAddress: r.guestAddress,
           size: r.size,
@@ -251,6 +269,8 @@ export class Machine {
           deferChunks: true,
           ...(ondemand ? { fromFd: fd, fileOffset: range.fileOffset, privateMap: true } : {}),
         });
+        this.slotFds[slot] = info.fd;
+        if (ondemand) this.sharedRam = false;
         const region = new GuestRegion({
           guestAddress: range.guestAddress,
           size: range.length,
@@ -271,6 +291,78 @@ export class Machine {
     } finally {
       fs.closeSync(fd);
     }
+  }
+
+  /**
+   * RAM of a migration destination: new zeroed memfds the stream fills, or (local migration)
+   * the source's own memfds mapped shared, so no byte of RAM is copied.
+   */
+  private incomingMemory(inc: MachineIncoming): GuestMemory {
+    if (inc.fds && inc.fds.length !== inc.regions.length) throw new Error(`${inc.fds.length} memory fds for ${inc.regions.length} RAM regions`);
+    const regions = inc.regions.map((r, slot) => {
+      const info = this.vm.addMemorySlot({
+        slot,
+        guestAddress: BigInt(r.guestAddress),
+        size: r.size,
+        name: 'tern-ram',
+        deferChunks: true,
+        ...(inc.fds ? { fromFd: inc.fds[slot], fileOffset: 0 } : {}),
+      });
+      this.slotFds[slot] = info.fd;
+      return new GuestRegion({
+        guestAddress: r.guestAddress,
+        size: r.size,
+        chunks: () => this.vm.memoryChunks(slot),
+        chunkSize: info.chunkSize,
+        dirtyBitmap: this.vm.vmmDirtyBitmap(slot),
+      });
+    });
+    return new GuestMemory(regions);
+  }
+
+  /** A migration destination: build the vCPUs, devices' host ends and KVM state from the received state. */
+  completeIncoming(state: RootState): void {
+    if (!this.opts.incoming || this.console) throw new Error('completeIncoming() is for a migration destination, once');
+    this.buildFromState(state);
+  }
+
+  private buildFromState(state: RootState): void {
+    this.console = this.openConsole(withDefaults(state.vm.config as VmConfig).serial);
+    this.restoreVcpus(state);
+    this.restoreVmState(state);
+  }
+
+  /** Each RAM slot's memfd, for a local migration; undefined when RAM is not shareable. */
+  memoryFds(): number[] | undefined {
+    return this.sharedRam ? [...this.slotFds] : undefined;
+  }
+
+  /** Pages written since the last call (KVM's dirty log OR the VMM's own), one bitmap per region. */
+  dirtyBitmaps(): Uint8Array[] {
+    return this.memory.regions.map((_, slot) => this.vm.getDirtyBitmap(slot));
+  }
+
+  /** The CPUID vCPU 0 was given, and the MSRs this host's KVM saves: what a destination must offer. */
+  cpuFacts(): { cpuid: CpuidEntry[]; msrIndices: number[] } {
+    return { cpuid: this.cpuids[0] ?? [], msrIndices: this.kvm.msrIndexList() };
+  }
+
+  /**
+   * Take `percent` of every period from the vCPUs (auto-converge: a guest that dirties memory
+   * faster than the link carries it is slowed until the rounds shrink). 0 ends the throttle.
+   */
+  throttle(percent: number, periodMs = 100): void {
+    clearInterval(this.throttleTimer);
+    this.throttleTimer = undefined;
+    if (percent <= 0) return;
+    const off = Math.min(0.99, percent / 100) * periodMs;
+    this.throttleTimer = setInterval(() => {
+      for (const r of this.runners) r.vcpu.requestPause();
+      setTimeout(() => {
+        if (this.throttleTimer) for (const r of this.runners) if (r.isRunning) r.resume();
+      }, off).unref();
+    }, periodMs);
+    this.throttleTimer.unref();
   }
 
   private restoreVcpus(state: RootState): void {
@@ -309,7 +401,7 @@ export class Machine {
 
   start(): void {
     this.started = true;
-    this.console.onInput((bytes) => this.acceptConsoleInput(bytes));
+    this.console!.onInput((bytes) => this.acceptConsoleInput(bytes));
     for (const r of this.runners) r.start();
   }
 
@@ -337,7 +429,7 @@ export class Machine {
         const r = dispatchIoExit(this.opts.store, exit, Date.now() * 1e6);
         if (r.effects.length) this.runEffects(r.effects);
         // The guest reading its receive buffer makes room for held console input.
-        if (exit.kind === 'io' && exit.direction === 'in' && exit.port === COM1_BASE) this.console.offerHeldInput();
+        if (exit.kind === 'io' && exit.direction === 'in' && exit.port === COM1_BASE) this.console!.offerHeldInput();
         return r.value;
       }
       case 'hlt':
@@ -374,7 +466,7 @@ export class Machine {
     for (const e of effects) {
       switch (e.type) {
         case 'console.output':
-          this.console.write(e.bytes);
+          this.console!.write(e.bytes);
           break;
         case 'irq.pulse':
           this.vm.irqLine(e.gsi, 1);
@@ -401,6 +493,7 @@ export class Machine {
   private reportStop(stop: MachineStop): void {
     if (this.stopReported) return;
     this.stopReported = true;
+    this.throttle(0);
     // Stop every vCPU now: no guest instruction may run after a poweroff or reset request.
     for (const r of this.runners) r.vcpu.requestPause();
     setImmediate(() => this.opts.onStop(stop));
@@ -412,7 +505,8 @@ export class Machine {
    * raises an interrupt while the VM is paused.
    */
   async pause(): Promise<void> {
-    this.console.pauseInput();
+    this.throttle(0);
+    this.console!.pauseInput();
     await Promise.all(this.runners.map((r) => r.pause()));
     // kvmclock first, as close as possible to the moment the vCPUs stopped: the guest's TSC is
     // saved with its vCPU, and every millisecond between the two reads would be guest time
@@ -448,7 +542,7 @@ export class Machine {
       return;
     }
     for (const r of this.runners) r.resume();
-    this.console.resumeInput();
+    this.console!.resumeInput();
   }
 
   private readVcpuState(vcpu: NativeVcpu, msrIndices: number[]) {
@@ -471,6 +565,7 @@ export class Machine {
 
   /** Stop every vCPU thread and wait for them. */
   async stop(): Promise<void> {
+    this.throttle(0);
     await Promise.all(this.runners.map((r) => r.stop()));
   }
 
