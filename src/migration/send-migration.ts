@@ -120,6 +120,21 @@ export class MigrationSender {
    * the background (`done`). Rejects, with nothing changed here, when it cannot start.
    */
   async start(): Promise<void> {
+    try {
+      await this.handshake();
+    } catch (e) {
+      // Nothing started: the API call reports the error, the VM was never touched.
+      this.phase = 'failed';
+      this.error = errorText(e);
+      throw e;
+    }
+    this.vm.store.dispatch(migrationEvents.started({ destination_url: this.opts.destination_url, local: this.opts.local }));
+    this.timeoutTimer = setTimeout(() => this.onTimeout(), this.opts.timeout_s * 1000);
+    this.timeoutTimer.unref();
+    this.done = this.run();
+  }
+
+  private async handshake(): Promise<void> {
     const o = this.opts;
     const address = parseMigrationUrl(o.destination_url, 'destination_url');
     for (const [k, v] of [['downtime_ms', o.downtime_ms], ['timeout_s', o.timeout_s]] as const) {
@@ -160,10 +175,6 @@ export class MigrationSender {
       channel.abort(errorText(e));
       throw new MigrationError(`${describeAddress(address)} refused the migration: ${errorText(e)}`);
     }
-    this.vm.store.dispatch(migrationEvents.started({ destination_url: o.destination_url, local: o.local }));
-    this.timeoutTimer = setTimeout(() => this.onTimeout(), o.timeout_s * 1000);
-    this.timeoutTimer.unref();
-    this.done = this.run();
   }
 
   /** Give up (vm.migration-cancel); refused once the VM has been handed over. */
