@@ -5,6 +5,7 @@
 // again; the destination discards what it received, reports migration-receive-failed and can
 // receive again. Peers that misbehave on purpose speak the real framing (test/support).
 import test, { type ExecutionContext } from 'ava';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -260,5 +261,48 @@ test.serial('cancel and a second send-migration while one runs: refused, then ca
   } finally {
     await src.vmm.shutdownVmm();
     await dst.vmm.shutdownVmm();
+  }
+});
+
+/** A migration side in a child process, and a promise for the first line matching `re`. */
+function child(args: string[]): { proc: ChildProcess; line: (re: RegExp) => Promise<void> } {
+  const proc = spawn(process.execPath, [path.join(__dirname, '..', 'support', 'migration-child.js'), ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  proc.stdout!.on('data', (c: Buffer) => (out += c.toString()));
+  const line = (re: RegExp) => waitUntil(`the child printed ${re}`, () => re.test(out), 30_000);
+  return { proc, line };
+}
+
+test.serial('the destination killed (SIGKILL) in the middle: the guest runs on at the source, which can migrate again', async (t) => {
+  const src = await counting('dst-killed');
+  const url = tcpUrl();
+  const dst = child(['receive', url]);
+  try {
+    await dst.line(/READY/);
+    const link = await slowLink(url, 32 << 10);
+    await src.vmm.sendMigration({ destination_url: link.url });
+    await sleep(500);
+    dst.proc.kill('SIGKILL');
+    await sourceKeptItsGuest(t, src, /destination|connection/);
+    link.server.close();
+    await migratesAfterwards(t, src);
+  } finally {
+    dst.proc.kill('SIGKILL');
+    await src.vmm.shutdownVmm();
+  }
+});
+
+test.serial('the source killed (SIGKILL) in the middle: the destination discards it all and can receive again', async (t) => {
+  const { dst, url, result } = await receiving();
+  const link = await slowLink(url, 32 << 10);
+  const src = child(['send', link.url, await buildTinyKernel(), path.join(tmp, 'src-killed.serial')]);
+  try {
+    await src.line(/STARTED/);
+    await waitUntil('the destination is receiving', () => dst.migrationEvents().includes(MigrationEvents.ReceiveStarted));
+    src.proc.kill('SIGKILL');
+    link.server.close();
+    await destinationRecovered(t, dst, result, /source|closed/);
+  } finally {
+    src.proc.kill('SIGKILL');
   }
 });
