@@ -8,9 +8,13 @@ import os from 'node:os';
 import path from 'node:path';
 
 import type { VmConfig } from '../../src/config/vm-config';
-import { MigrationEvents } from '../../src/state';
+import { GuestMemory, GuestRegion } from '../../src/memory/guest-memory';
+import { readSnapshot } from '../../src/migration/snapshot';
+import { MigrationEvents, ROOT_SCHEMA_VERSION } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
+import { FrameType, connectAsSource, helloFor, sendAllPages } from '../support/migration-peer';
+import { unpackSchema2 } from '../unit/snapshot-fixture';
 import { waitUntil } from './harness';
 import { TINY_KERNEL_MAGIC, TinyKernelStatus, buildTinyKernel, countsIn } from './tiny-kernel';
 
@@ -112,6 +116,56 @@ test.serial('a paused guest arrives paused with RAM identical to the source, and
     await waitUntil('the guest counts on', () => guestCount(dst) >= count + 2);
   } finally {
     await src.shutdownVmm();
+    await dst.shutdownVmm();
+  }
+});
+
+// A source running an older build sends a schema-2 state (before the memory slice): the
+// destination lifts it with the same upgraders as a restore, and the guest continues. The
+// source here is the schema-2 snapshot fixture (a real saved VM) spoken frame by frame.
+test.serial('a source that sends a schema-2 state: upgraded on arrival, and the guest continues', async (t) => {
+  const dir = path.join(tmp, 'schema2');
+  unpackSchema2(dir);
+  const raw = JSON.parse(fs.readFileSync(path.join(dir, 'state.json'), 'utf8'));
+  t.is(raw.schema_version, 2);
+  const config = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8'));
+  const snap = readSnapshot(dir);
+  const file = fs.readFileSync(snap.memoryPath);
+  const memory = new GuestMemory(
+    snap.ranges.map((r) => {
+      const buf = new ArrayBuffer(r.length);
+      new Uint8Array(buf).set(file.subarray(r.fileOffset, r.fileOffset + r.length));
+      return new GuestRegion({ guestAddress: r.guestAddress, size: r.length, chunks: [buf], chunkSize: r.length });
+    }),
+  );
+  const regions = snap.ranges.map((r) => ({ guestAddress: r.guestAddress, size: r.length }));
+
+  const dst = new Vmm({ log: silentLogger() });
+  const dstEvents = eventTypes(dst);
+  try {
+    const url = tcpUrl();
+    const received = dst.receiveMigration({ receiver_url: url });
+    await waitUntil('the destination listens', () => dstEvents.includes(MigrationEvents.ReceiveReady));
+    const { channel } = await connectAsSource(url);
+    await channel.sendJson(FrameType.Hello, helloFor(regions, { schemaVersion: 2 }));
+    await channel.expect(FrameType.Accept);
+    await channel.sendJson(FrameType.Config, config);
+    await channel.sendJson(FrameType.State, raw.state);
+    await sendAllPages(channel, memory);
+    await channel.sendJson(FrameType.Final, { patches: [] });
+    await channel.send(FrameType.Complete);
+    await channel.expect(FrameType.Ready);
+    await channel.send(FrameType.Commit);
+    await channel.expect(FrameType.Running);
+    await received;
+    t.is(dst.state.schemaVersion, ROOT_SCHEMA_VERSION);
+    t.is(dst.state.vm.status, 'Paused', 'the fixture was saved paused');
+    t.deepEqual(dst.state.memory.regions, regions);
+    const count = guestCount(dst);
+    t.is(count, 6, 'the fixture was saved after COUNT 5 (six lines from COUNT 0)');
+    await dst.resume();
+    await waitUntil('the guest counts on', () => guestCount(dst) >= count + 2);
+  } finally {
     await dst.shutdownVmm();
   }
 });
