@@ -210,6 +210,8 @@ export class MigrationReceiver {
       }
     }
 
+    const completeAt = Date.now();
+    const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - completeAt }, 'migration: building the VM');
     const { state } = checkSavedState(shadow, { config, statuses: ['Running', 'Paused'], where: 'the migrated state', configWhere: 'the migrated VM config' }, error);
     const layout = state.memory.regions;
     if (layout.length !== hello.regions.length || layout.some((r, i) => r.guestAddress !== hello.regions[i].guestAddress || r.size !== hello.regions[i].size)) {
@@ -219,9 +221,12 @@ export class MigrationReceiver {
     const vcpu0 = decodeVcpuState(state.vcpus.saved['0']);
     const cpuProblems = this.vm.cpuProblems(vcpu0.cpuid, vcpu0.msrs.map((m) => m.index));
     if (cpuProblems.length) throw new MigrationError(`this host cannot run the guest's CPU: ${cpuProblems.join('; ')}`);
+    mark('state checked');
     this.machine.completeIncoming(state);
+    mark('machine built');
     await ch.sendJson(FrameType.Ready, {});
     await ch.expect(FrameType.Commit);
+    mark('committed');
     // The source has given the VM up: from here it is ours to run, whatever happens to the link.
     this.phase = 'finished';
     const machine = this.machine;
@@ -233,6 +238,7 @@ export class MigrationReceiver {
       this.phase = 'receiving';
       throw e;
     }
+    mark('installed');
     await ch.sendJson(FrameType.Running, { status: state.vm.status }).catch((e) => this.vm.log.warn({ err: e }, 'could not tell the source the VM runs here'));
     ch.close();
     this.vm.log.info({ status: state.vm.status, rounds: this.iteration, bytes: ch.bytesRead }, 'migration received');

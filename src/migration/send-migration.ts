@@ -233,16 +233,21 @@ export class MigrationSender {
           await machine.pause();
           paused = true;
         }
+        const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - pausedAt }, 'migration: final round');
+        mark('paused');
         if (!this.opts.local) {
           const last = machine.dirtyBitmaps();
           const bitmaps = pending ? last.map((b, i) => b.map((v, j) => v | pending![i][j])) : last;
           const pages = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush));
           this.vm.store.dispatch(migrationEvents.memoryIteration({ id: ++this.iteration, pages: pages.pages, bytes: pages.bytes }));
+          mark('last pages sent');
         }
         await this.sendPatches(FrameType.Final, {});
         await ch.send(FrameType.Complete);
+        mark('state sent');
         this.phase = 'completing';
         await ch.expect(FrameType.Ready);
+        mark('destination ready');
         if (this.cancelled) throw new MigrationError(this.cancelled);
         // From here the destination may run the VM: this side never resumes it on its own.
         this.committed = true;
