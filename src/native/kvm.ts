@@ -114,7 +114,7 @@ export interface NativeVcpu {
   getXcrs(): string; setXcrs(b64: string): void;
   /** KVM_GET_MSRS: the entries up to the first MSR KVM cannot read (see readMsrs). */
   getMsrs(indices: number[]): MsrEntry[];
-  /** KVM_SET_MSRS: returns how many were set (stops at the first rejected one). */
+  /** KVM_SET_MSRS: returns how many were set (stops at the first rejected one; see writeMsrs). */
   setMsrs(entries: MsrEntry[]): number;
   getLapic(): string; setLapic(b64: string): void;
   getMpState(): number; setMpState(state: number): void;
@@ -287,6 +287,26 @@ export function readMsrs(vcpu: NativeVcpu, indices: readonly number[]): { entrie
     rest = rest.slice(got.length + 1);
   }
   return { entries, skipped };
+}
+
+/**
+ * Set every MSR of `entries` this vCPU accepts. KVM_SET_MSRS stops at the first MSR it rejects
+ * (an index the destination's KVM does not know, or a value its CPU cannot hold); that one is
+ * skipped and setting goes on after it. Returns how many were set and the rejected indices,
+ * in order.
+ */
+export function writeMsrs(vcpu: NativeVcpu, entries: readonly MsrEntry[]): { set: number; rejected: number[] } {
+  const rejected: number[] = [];
+  let set = 0;
+  let rest = [...entries];
+  while (rest.length > 0) {
+    const n = vcpu.setMsrs(rest);
+    set += n;
+    if (n >= rest.length) break;
+    rejected.push(rest[n].index);
+    rest = rest.slice(n + 1);
+  }
+  return { set, rejected };
 }
 
 let cached: NativeAddon | undefined;

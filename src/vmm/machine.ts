@@ -34,6 +34,7 @@ import { SnapshotError, copyMemoryRange, openMemoryFile, verifyRangeInRam, type 
 import {
   native,
   readMsrs,
+  writeMsrs,
   type CpuidEntry,
   type NativeKvm,
   type NativeVcpu,
@@ -212,9 +213,9 @@ export class Machine {
       const vcpu = this.vm.createVcpu(inputs.id);
       if (inputs.cpuid) vcpu.setCpuid(inputs.cpuid);
       this.cpuids[inputs.id] = inputs.cpuid ?? [];
-      const set = vcpu.setMsrs(inputs.msrs);
-      if (set !== inputs.msrs.length) {
-        this.opts.guestLog.debug('boot-msrs', { vcpu: inputs.id, set, wanted: inputs.msrs.length }, 'KVM accepted only some boot MSRs');
+      const { set, rejected } = writeMsrs(vcpu, inputs.msrs);
+      if (rejected.length > 0) {
+        this.opts.guestLog.debug('boot-msrs', { vcpu: inputs.id, set, wanted: inputs.msrs.length, rejected }, 'KVM accepted only some boot MSRs');
       }
       vcpu.setFpu(inputs.fpu);
       vcpu.setLapic(patchLapicLint(vcpu.getLapic(), inputs.lapic));
@@ -289,9 +290,11 @@ export class Machine {
       vcpu.setXsave(s.xsave);
       vcpu.setXcrs(s.xcrs);
       vcpu.setLapic(s.lapic);
-      const set = vcpu.setMsrs(s.msrs);
-      if (set !== s.msrs.length) {
-        this.opts.log.warn({ vcpu: id, set, wanted: s.msrs.length, rejected: s.msrs[set]?.index }, 'KVM rejected a saved MSR');
+      // Every MSR this KVM takes is set, the ones it rejects are skipped (a destination whose
+      // KVM lacks one of the source's): one line per vCPU names them all.
+      const { set, rejected } = writeMsrs(vcpu, s.msrs);
+      if (rejected.length > 0) {
+        this.opts.log.warn({ vcpu: id, set, wanted: s.msrs.length, rejected: rejected.map((i) => `0x${i.toString(16)}`) }, 'KVM rejected saved MSRs');
       }
       vcpu.setVcpuEvents(s.vcpuEvents);
       vcpu.setDebugRegs(s.debugRegs);
