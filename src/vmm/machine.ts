@@ -30,6 +30,7 @@ import {
   type AnyDeviceState,
 } from '../devices';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
+import { checkVcpuFitsHost } from '../migration/cpu-compat';
 import { SnapshotError, copyMemoryRange, openMemoryFile, verifyRangeInRam, type MemoryRange } from '../migration/snapshot';
 import {
   native,
@@ -141,6 +142,10 @@ export class Machine {
       this.vm.createPit2();
 
       if (opts.restore) {
+        // Before any RAM is read: a guest given CPU features this host lacks would fault on
+        // their first use, long after a restore that seemed to work.
+        const vcpu0 = opts.restore.state.vcpus.saved['0'];
+        if (vcpu0) checkVcpuFitsHost(this.kvm, decodeVcpuState(vcpu0));
         this.memory = this.restoreMemory(opts.restore);
         this.console = this.openConsole(config.serial);
         this.restoreVcpus(opts.restore.state);
