@@ -30,10 +30,12 @@ import {
   type AnyDeviceState,
 } from '../devices';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
+import { checkVcpuFitsHost } from '../migration/cpu-compat';
 import { SnapshotError, copyMemoryRange, openMemoryFile, verifyRangeInRam, type MemoryRange } from '../migration/snapshot';
 import {
   native,
   readMsrs,
+  writeMsrs,
   type CpuidEntry,
   type NativeKvm,
   type NativeVcpu,
@@ -154,6 +156,10 @@ export class Machine {
       this.vm.createPit2();
 
       if (opts.restore) {
+        // Before any RAM is read: a guest given CPU features this host lacks would fault on
+        // their first use, long after a restore that seemed to work.
+        const vcpu0 = opts.restore.state.vcpus.saved['0'];
+        if (vcpu0) checkVcpuFitsHost(this.kvm, decodeVcpuState(vcpu0));
         this.memory = this.restoreMemory(opts.restore);
         this.buildFromState(opts.restore.state);
         return;
@@ -230,9 +236,9 @@ export class Machine {
       const vcpu = this.vm.createVcpu(inputs.id);
       if (inputs.cpuid) vcpu.setCpuid(inputs.cpuid);
       this.cpuids[inputs.id] = inputs.cpuid ?? [];
-      const set = vcpu.setMsrs(inputs.msrs);
-      if (set !== inputs.msrs.length) {
-        this.opts.guestLog.debug('boot-msrs', { vcpu: inputs.id, set, wanted: inputs.msrs.length }, 'KVM accepted only some boot MSRs');
+      const { set, rejected } = writeMsrs(vcpu, inputs.msrs);
+      if (rejected.length > 0) {
+        this.opts.guestLog.debug('boot-msrs', { vcpu: inputs.id, set, wanted: inputs.msrs.length, rejected }, 'KVM accepted only some boot MSRs');
       }
       vcpu.setFpu(inputs.fpu);
       vcpu.setLapic(patchLapicLint(vcpu.getLapic(), inputs.lapic));
@@ -381,9 +387,11 @@ export class Machine {
       vcpu.setXsave(s.xsave);
       vcpu.setXcrs(s.xcrs);
       vcpu.setLapic(s.lapic);
-      const set = vcpu.setMsrs(s.msrs);
-      if (set !== s.msrs.length) {
-        this.opts.log.warn({ vcpu: id, set, wanted: s.msrs.length, rejected: s.msrs[set]?.index }, 'KVM rejected a saved MSR');
+      // Every MSR this KVM takes is set, the ones it rejects are skipped (a destination whose
+      // KVM lacks one of the source's): one line per vCPU names them all.
+      const { set, rejected } = writeMsrs(vcpu, s.msrs);
+      if (rejected.length > 0) {
+        this.opts.log.warn({ vcpu: id, set, wanted: s.msrs.length, rejected: rejected.map((i) => `0x${i.toString(16)}`) }, 'KVM rejected saved MSRs');
       }
       vcpu.setVcpuEvents(s.vcpuEvents);
       vcpu.setDebugRegs(s.debugRegs);
