@@ -120,7 +120,7 @@ export class MigrationReceiver {
       // One source per receive: nobody else gets in while this one is handled.
       this.server.close();
       if (address.kind === 'unix') {
-        const pre = receivePreamble(socket, PREAMBLE_TIMEOUT_MS);
+        const pre = await receivePreamble(socket, PREAMBLE_TIMEOUT_MS);
         this.fds = pre.fds;
         if (pre.protocol !== MIGRATION_PROTOCOL_VERSION) {
           throw new MigrationProtocolError(`protocol version ${pre.protocol} is not supported (this VMM speaks ${MIGRATION_PROTOCOL_VERSION})`);

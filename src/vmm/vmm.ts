@@ -8,7 +8,8 @@ import type { MigrationProgress, ReceiveMigrationOptions, SendMigrationOptions }
 import { MigrationReceiver } from '../migration/receive-migration';
 import { MigrationError, MigrationSender } from '../migration/send-migration';
 import { SnapshotError, readSnapshot, snapshotDirFromUrl, writeSnapshot } from '../migration/snapshot';
-import type { SeccompMode } from '../native/kvm';
+import { cpuCompatProblems } from '../migration/cpu-compat';
+import { native, type CpuidEntry, type SeccompMode } from '../native/kvm';
 import { createStore, vmConfigProblems, vmEvents, vmmEvents, type GuestStop, type RootState, type Store, type VmStatus } from '../state';
 import { guestLog, type GuestLog } from '../util/guest-log';
 import { TERN_VERSION } from '../version';
@@ -474,6 +475,16 @@ export class Vmm {
   }
 }
 
+/** What keeps this host from running a guest given `cpuid` with these saved MSRs. */
+function hostCpuProblems(cpuid: readonly CpuidEntry[], msrIndices: readonly number[]): string[] {
+  const kvm = native().openKvm();
+  try {
+    return cpuCompatProblems({ guestCpuid: cpuid, guestMsrIndices: msrIndices, hostCpuid: kvm.supportedCpuid(), hostMsrIndices: kvm.msrIndexList() }).map((p) => p.message);
+  } finally {
+    kvm.close();
+  }
+}
+
 function guestStopFor(stop: MachineStop): GuestStop {
   switch (stop.reason) {
     case 'reset':
@@ -490,9 +501,3 @@ function errorMessage(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
-// PLACEHOLDER-CPU: replaced by the CPU compatibility check
-function hostCpuProblems(cpuid: readonly unknown[], msrIndices: readonly number[]): string[] {
-  void cpuid;
-  void msrIndices;
-  return [];
-}

@@ -11,7 +11,7 @@ import zlib from 'node:zlib';
 import { TernApiError, TernClient } from '../../src/api/client';
 import { native } from '../../src/native/kvm';
 import { REPO, runTernRemote, waitForPath } from '../support/processes';
-import { editState } from '../support/snapshot-edit';
+import { editState, fitSavedVcpusToHost } from '../support/snapshot-edit';
 import type { GuestProcess } from '../linux/guest-process';
 import { tempDir } from '../unit/api-harness';
 import { sleep } from './harness';
@@ -241,6 +241,7 @@ test.serial('a snapshot from a schema-2 build restores through the upgrade regis
   for (const f of ['config.json', 'state.json']) fs.copyFileSync(path.join(SCHEMA2_FIXTURE, f), path.join(snap, f));
   fs.writeFileSync(path.join(snap, 'memory-ranges'), zlib.gunzipSync(fs.readFileSync(path.join(SCHEMA2_FIXTURE, 'memory-ranges.gz'))));
   t.is(JSON.parse(fs.readFileSync(path.join(snap, 'state.json'), 'utf8')).schema_version, 2);
+  editState(snap, (env) => fitSavedVcpusToHost(env.state));
   await restoreAndCheck(t, { snap, last: SCHEMA2_LAST_COUNT, cut: '' });
   t.deepEqual(fs.readdirSync(snap).sort(), ['config.json', 'memory-ranges', 'state.json'], 'the old snapshot is read, never rewritten');
 });
