@@ -5,7 +5,11 @@
 // vm.migration-cancel. Replies of the contract's endpoints are checked against it at the end.
 import test from 'ava';
 import net from 'node:net';
+import { firstValueFrom, takeWhile, toArray } from 'rxjs';
 
+import { TernApiError, TernClient } from '../../src/api/client';
+import type { MigrationEvent } from '../../src/api/schema';
+import { VmmEvents, migrationEvents } from '../../src/state';
 import type { MigrationProgress, ReceiveMigrationOptions, SendMigrationOptions } from '../../src/migration/migration-options';
 import { ReplyRecorder, bodyJson, contractTest, parseResponses, startApi, tempDir, type ApiRig } from './api-harness';
 
@@ -55,7 +59,7 @@ test.after.always(async () => {
 });
 
 const chain = (r: { body: Buffer }) => bodyJson(r) as string[];
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 const progress = (over: Partial<MigrationProgress> = {}): MigrationProgress => ({
   role: 'send',
@@ -287,6 +291,58 @@ test.serial('a raw ch-remote style request gets micro_http framing from the migr
   const [resp] = parseResponses(data);
   t.is(resp.status, 204);
   t.false('content-length' in resp.headers, 'no Content-Length on 204, as micro_http');
+});
+
+test.serial('TernClient: sendMigration, receiveMigration (past its own timeout), migrationProgress, cancelMigration', async (t) => {
+  const client = new TernClient({ socketPath: rig.socket, timeoutMs: 150 });
+  try {
+    await client.sendMigration({ destination_url: 'tcp:dest:6000', timeout_strategy: 'Ignore' });
+    t.deepEqual(stub.sends, [{ destination_url: 'tcp:dest:6000', local: undefined, downtime_ms: undefined, timeout_s: undefined, timeout_strategy: 'Ignore' }]);
+    stub.receiveResult = () => sleep(600);
+    await client.receiveMigration({ receiver_url: 'unix:/run/mig.sock' });
+    t.deepEqual(stub.receives, [{ receiver_url: 'unix:/run/mig.sock' }]);
+    const noProgress = await t.throwsAsync(client.migrationProgress(), { instanceOf: TernApiError });
+    t.is(noProgress!.status, 404);
+    stub.progress = progress({ phase: 'receiving', role: 'receive' });
+    t.deepEqual(await client.migrationProgress(), progress({ phase: 'receiving', role: 'receive' }));
+    await client.cancelMigration();
+    t.is(stub.cancels, 1);
+    stub.receiveResult = () => Promise.reject(new Error('checksum mismatch in round 4'));
+    const failed = await t.throwsAsync(client.receiveMigration({ receiver_url: 'unix:/run/mig.sock' }), { instanceOf: TernApiError });
+    t.deepEqual([failed!.status, failed!.chain], [500, ['The migration could not be received', 'checksum mismatch in round 4']]);
+    const bad = await t.throwsAsync(client.sendMigration({ destination_url: 'tcp:dest:6000', connections: 4 }), { instanceOf: TernApiError });
+    t.is(bad!.status, 400);
+  } finally {
+    client.close();
+  }
+});
+
+test.serial('TernClient.migrationEvents: only the migration events, typed, the round number as properties.id', async (t) => {
+  let opened!: () => void;
+  const isOpen = new Promise<void>((resolve) => (opened = resolve));
+  const collected = firstValueFrom(
+    rig.client.migrationEvents({ opened }).pipe(
+      takeWhile((e) => e.event !== 'migration-finished', true),
+      toArray(),
+    ),
+  );
+  await isOpen;
+  const store = rig.vmm.store;
+  store.dispatch(migrationEvents.started({ destination_url: 'tcp:dest:6000', local: false }));
+  store.dispatch({ type: VmmEvents.Starting, payload: null });
+  store.dispatch(migrationEvents.memoryIteration({ id: 0, pages: 10, bytes: 40960 }));
+  store.dispatch(migrationEvents.memoryIteration({ id: 1, pages: 2, bytes: 8192 }));
+  store.dispatch(migrationEvents.finished(null));
+  const events: MigrationEvent[] = await collected;
+  t.deepEqual(
+    events.map((e) => [e.source, e.event, e.event === 'migration-memory-iteration' ? e.properties.id : e.properties]),
+    [
+      ['vm', 'migration-started', null],
+      ['vm', 'migration-memory-iteration', '0'],
+      ['vm', 'migration-memory-iteration', '1'],
+      ['vm', 'migration-finished', null],
+    ],
+  );
 });
 
 contractTest(test, recorder, 'api-migration', ['PUT vm.send-migration', 'PUT vm.receive-migration']);
