@@ -13,6 +13,7 @@ import { TERN_REMOTE, runTernRemote } from '../support/processes';
 import { ReplyRecorder, startApi, tempDir, type ApiRig } from './api-harness';
 
 const MIB = 1 << 20;
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 let rig: ApiRig;
 
 test.before(async () => {
@@ -220,6 +221,26 @@ const hasScript = spawnSync('script', ['--version']).status === 0;
   t.regex(out, /\r(handshake|memory) {2,}round \d \[[#-]{20}\] +\d+% /);
   t.regex(out, /\rfinished {3}round 3 \[#{20}\] 100% 0\.0 MiB\/s ETA 0:00 *\r?\n/);
   t.regex(out, /migration finished in 4\.3 s/);
+});
+
+test.serial('following: a VMM that goes away before the migration ends is a failure, not a hang', async (t) => {
+  const gone = await startApi(new ReplyRecorder(), tempDir('tern-remote-migration-gone-'));
+  playMigration(gone, 100, 100);
+  const client = new TernClient(gone.socket);
+  let text = '';
+  try {
+    const following = followMigration(client, () => client.sendMigration({ destination_url: 'tcp:dest:6000' }), { isTTY: false, write: (s) => (text += s) }, { pollMs: 50 });
+    await sleep(400);
+    await gone.server.close();
+    const outcome = await following;
+    t.false(outcome.ok);
+    t.regex(outcome.ok ? '' : outcome.reason, /^lost the VMM before the migration ended: /);
+    t.regex(text, /^migration: (handshake|memory), round \d+/, 'it was following before the VMM went');
+  } finally {
+    client.close();
+    playing++;
+    await gone.close();
+  }
 });
 
 test('the terminal line for the phases before any rate is known', (t) => {
