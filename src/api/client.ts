@@ -197,9 +197,9 @@ export class TernClient {
   /**
    * Start sending the VM to a VMM that is receiving (destination_url: tcp:HOST:PORT or
    * unix:/path). Resolves once the migration has started; follow it with migrationEvents()
-   * or migrationProgress().
+   * or migrationProgress(). A null tls_dir means none, as ch-remote writes it.
    */
-  sendMigration(data: SendMigrationData): Promise<void> {
+  sendMigration(data: Omit<SendMigrationData, 'tls_dir'> & { tls_dir?: string | null }): Promise<void> {
     return this.put('vm.send-migration', data);
   }
 

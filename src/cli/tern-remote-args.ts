@@ -171,6 +171,10 @@ export function restoreBody(arg: string): Record<string, unknown> {
   return body;
 }
 
+/** The bodies as ch-remote writes them: every field, null for a path not given (the API reads null as absent). */
+export type ChRemoteSendBody = Omit<SendMigrationData, 'tls_dir'> & { tls_dir: string | null };
+export type ChRemoteReceiveBody = Omit<ReceiveMigrationData, 'tls_dir'> & { tls_dir: string | null; vfio_fds: null };
+
 const SEND_KEYS = ['destination_url', 'local', 'preserve_source', 'downtime_ms', 'timeout_s', 'timeout_strategy', 'connections', 'tls_dir', 'memory_mode'];
 
 /**
@@ -178,13 +182,13 @@ const SEND_KEYS = ['destination_url', 'local', 'preserve_source', 'downtime_ms',
  * URL with `--local`) as the SendMigrationData it sends: every field, defaults filled in,
  * checked as ch-remote checks it before sending.
  */
-export function sendMigrationBody(arg: string, localFlag = false): SendMigrationData & { tls_dir: string | null } {
+export function sendMigrationBody(arg: string, localFlag = false): ChRemoteSendBody {
   const cmd = 'send-migration';
   const kv = optionValues(cmd, arg, SEND_KEYS, 'destination_url');
   const url = kv.destination_url;
   if (!url) throw new RemoteUsageError(`${cmd}: destination_url is required`);
   checkUrl(cmd, 'destination_url', url);
-  const body = {
+  const body: ChRemoteSendBody = {
     destination_url: url,
     local: localFlag || (kv.local !== undefined && toggle(cmd, 'local', kv.local)),
     preserve_source: kv.preserve_source !== undefined && toggle(cmd, 'preserve_source', kv.preserve_source),
@@ -193,14 +197,15 @@ export function sendMigrationBody(arg: string, localFlag = false): SendMigration
     timeout_strategy: kv.timeout_strategy !== undefined ? contractEnum(cmd, 'timeout_strategy', kv.timeout_strategy, ['Cancel', 'Ignore'] as const) : MIGRATION_DEFAULTS.timeout_strategy,
     connections: kv.connections !== undefined ? positive(cmd, 'connections', kv.connections, MAX_MIGRATION_CONNECTIONS) : 1,
     tls_dir: kv.tls_dir ?? null,
-    memory_mode: kv.memory_mode !== undefined ? contractEnum(cmd, 'memory_mode', kv.memory_mode, ['Precopy', 'Postcopy'] as const) : ('Precopy' as const),
+    memory_mode: kv.memory_mode !== undefined ? contractEnum(cmd, 'memory_mode', kv.memory_mode, ['Precopy', 'Postcopy'] as const) : 'Precopy',
   };
+  const connections = body.connections ?? 1;
   const unix = url.startsWith('unix:');
-  if (unix && body.connections > 1) throw new RemoteUsageError(`${cmd}: a unix: socket takes one connection`);
+  if (unix && connections > 1) throw new RemoteUsageError(`${cmd}: a unix: socket takes one connection`);
   if (unix && body.tls_dir !== null) throw new RemoteUsageError(`${cmd}: TLS works over tcp: only`);
   if (body.local && !unix) throw new RemoteUsageError(`${cmd}: local=on needs a unix: destination_url`);
   if (body.preserve_source && !body.local) throw new RemoteUsageError(`${cmd}: preserve_source=on needs local=on`);
-  if (body.memory_mode === 'Postcopy' && (body.local || body.connections > 1)) {
+  if (body.memory_mode === 'Postcopy' && (body.local || connections > 1)) {
     throw new RemoteUsageError(`${cmd}: memory_mode=postcopy takes neither local=on nor more than one connection`);
   }
   return body;
@@ -209,7 +214,7 @@ export function sendMigrationBody(arg: string, localFlag = false): SendMigration
 const RECEIVE_KEYS = ['receiver_url', 'tls_dir', 'memory_mode', 'vfio_fds', 'iommufd_fd', 'zone_updates'];
 
 /** ch-remote's `receive-migration receiver_url=URL[,...]` (or a bare URL) as the ReceiveMigrationData it sends. */
-export function receiveMigrationBody(arg: string): ReceiveMigrationData & { tls_dir: string | null; vfio_fds: null } {
+export function receiveMigrationBody(arg: string): ChRemoteReceiveBody {
   const cmd = 'receive-migration';
   const kv = optionValues(cmd, arg, RECEIVE_KEYS, 'receiver_url');
   const url = kv.receiver_url;

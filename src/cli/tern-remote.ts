@@ -7,7 +7,6 @@
 import fs from 'node:fs';
 import http from 'node:http';
 import { TernApiError, TernClient } from '../api/client';
-import type { SendMigrationData } from '../api/schema';
 import { formatMonitorEvent } from '../api/event-monitor';
 import { followMigration } from './migration-follow';
 import {
@@ -18,6 +17,7 @@ import {
   receiveMigrationBody,
   restoreBody,
   sendMigrationBody,
+  type ChRemoteSendBody,
   type RemoteArgs,
 } from './tern-remote-args';
 
@@ -80,11 +80,11 @@ function requestBody(command: string, arg: string | undefined, flags: ReadonlySe
 }
 
 /** send-migration --wait: start it, show its progress, exit 0 once the destination runs the VM. */
-async function sendAndFollow(client: TernClient, socket: string, body: unknown): Promise<never> {
+async function sendAndFollow(client: TernClient, socket: string, body: ChRemoteSendBody): Promise<never> {
   const started = Date.now();
   let outcome;
   try {
-    outcome = await followMigration(client, () => client.sendMigration(body as SendMigrationData), process.stdout);
+    outcome = await followMigration(client, () => client.sendMigration(body), process.stdout);
   } catch (e) {
     if (e instanceof TernApiError) reportApiError('send-migration', e.status, e.chain);
     reportTransportError(socket, e);
@@ -112,7 +112,7 @@ async function main(): Promise<void> {
   }
   const { socket, command, flags } = parsed;
   const client = new TernClient({ socketPath: socket, timeoutMs: 0 });
-  if (command === 'send-migration' && flags.has('--wait')) await sendAndFollow(client, socket, body);
+  if (command === 'send-migration' && flags.has('--wait')) await sendAndFollow(client, socket, body as ChRemoteSendBody);
   if (command === 'events') {
     await new Promise<void>((resolve) => {
       client.events().subscribe({
