@@ -97,7 +97,7 @@ test('migration events are written under Cloud Hypervisor\'s names, the memory r
   store.dispatch(migrationEvents.memoryIteration({ id: 0, pages: 1000, bytes: 4096000 }));
   store.dispatch(migrationEvents.memoryIteration({ id: 12, pages: 3, bytes: 12288 }));
   store.dispatch(migrationEvents.failed({ reason: 'timed out' }));
-  store.dispatch(migrationEvents.finished(null));
+  store.dispatch(migrationEvents.finished({ downtime_ms: 40, total_ms: 900, bytes: 4096, iterations: 2 }));
   monitor.close();
   const events = fs
     .readFileSync(file, 'utf8')

@@ -332,7 +332,7 @@ test.serial('TernClient.migrationEvents: only the migration events, typed, the r
   store.dispatch({ type: VmmEvents.Starting, payload: null });
   store.dispatch(migrationEvents.memoryIteration({ id: 0, pages: 10, bytes: 40960 }));
   store.dispatch(migrationEvents.memoryIteration({ id: 1, pages: 2, bytes: 8192 }));
-  store.dispatch(migrationEvents.finished(null));
+  store.dispatch(migrationEvents.finished({ downtime_ms: 40, total_ms: 900, bytes: 4096, iterations: 2 }));
   const events: MigrationEvent[] = await collected;
   t.deepEqual(
     events.map((e) => [e.source, e.event, e.event === 'migration-memory-iteration' ? e.properties.id : e.properties]),

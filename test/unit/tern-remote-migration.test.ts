@@ -137,7 +137,7 @@ function playMigration(r: ApiRig, rounds: number, stepMs: number, failure?: stri
         store.dispatch(migrationEvents.failed({ reason: failure }));
       } else {
         current = progress({ phase: 'finished', iteration: round, bytes_transferred: 600 * MIB, bytes_remaining: 0, elapsed_ms: 4321 });
-        store.dispatch(migrationEvents.finished(null));
+        store.dispatch(migrationEvents.finished({ downtime_ms: 40, total_ms: 900, bytes: 4096, iterations: 2 }));
       }
     };
     setTimeout(step, stepMs);
