@@ -108,6 +108,19 @@ test.serial('a 2-vCPU VM (the second waiting for SIPI) restores with both vCPUs 
   await restoreAndCheck(t, smp);
 });
 
+test.serial('a VM booted under a CPU profile keeps it through snapshot and restore', async (t) => {
+  const snap = await makeSnapshot('profile', ['--cpus', 'boot=1,profile=x86-64']);
+  const config = JSON.parse(fs.readFileSync(path.join(snap.snap, 'config.json'), 'utf8'));
+  t.is(config.cpus.tern_profile, 'x86-64');
+  const kvm = native().openKvm();
+  const supported = kvm.supportedCpuid();
+  kvm.close();
+  const saved = JSON.parse(fs.readFileSync(path.join(snap.snap, 'state.json'), 'utf8')).state.vcpus.saved['0'].cpuid;
+  t.deepEqual(saved, buildCpuid(supported, 0, 1, { profile: 'x86-64' }), 'the guest was given the reduced CPUID');
+  t.notDeepEqual(saved, buildCpuid(supported, 0, 1), 'which is not the host one');
+  await restoreAndCheck(t, snap);
+});
+
 test.serial('memory-ranges is sparse: far fewer blocks than 64M of guest RAM', async (t) => {
   // A snapshot of its own: an ondemand restore maps the shared one, and on tmpfs reading a hole
   // through a mapping allocates a page for it.
