@@ -3,6 +3,7 @@
 // Schema the server checks request bodies with. Field names and types follow the contract;
 // integer formats become ranges, because serde rejects an out-of-range u8 and so do we.
 import { Type, type Static, type TSchema } from '@sinclair/typebox';
+import { CPU_PROFILES } from '../boot/cpu-profile';
 
 const Int = (min?: number, max?: number) =>
   Type.Integer({ ...(min !== undefined && { minimum: min }), ...(max !== undefined && { maximum: max }) });
@@ -53,6 +54,8 @@ export const CpusConfigSchema = Type.Object({
   affinity: Opt(Type.Array(Type.Object({ vcpu: U32(), host_cpus: Type.Array(U32()) }))),
   features: Opt(Type.Object({ amx: Opt(Bool()) })),
   core_scheduling: Opt(Enum('Vm', 'Vcpu', 'Off')),
+  /** Tern's own: the contract has no CPU profile field (src/boot/cpu-profile.ts) */
+  tern_profile: Opt(Enum(...CPU_PROFILES)),
 });
 
 export const MemoryZoneConfigSchema = Type.Object({

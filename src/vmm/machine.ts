@@ -160,6 +160,7 @@ export class Machine {
         kernelName: payload.kernel,
         initramfsName: payload.initramfs,
         supportedCpuid: this.kvm.supportedCpuid(),
+        cpuidOptions: { profile: config.cpus.tern_profile },
         // The DSDT describes the devices this VM has, each in its own words.
         acpi: { devices: devicesAcpi(devices) },
       });

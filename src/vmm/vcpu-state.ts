@@ -33,8 +33,8 @@ export function writeVcpuState(vcpu: NativeVcpu, s: NativeVcpuState, log: Logger
   vcpu.setXsave(s.xsave);
   vcpu.setXcrs(s.xcrs);
   vcpu.setLapic(s.lapic);
-  // Every MSR this KVM takes is set, the ones it rejects are skipped (a destination whose
-  // KVM lacks one of the source's): one line per vCPU names them all.
+  // Every MSR this KVM takes is set, the ones it rejects are skipped (a performance counter
+  // this host's PMU lacks, a value its KVM refuses): one line per vCPU names them all.
   const { set, rejected } = writeMsrs(vcpu, s.msrs);
   if (rejected.length > 0) {
     log.warn({ vcpu: vcpu.id, set, wanted: s.msrs.length, rejected: rejected.map((i) => `0x${i.toString(16)}`) }, 'KVM rejected saved MSRs');
