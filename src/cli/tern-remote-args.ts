@@ -22,7 +22,7 @@ export const COMMANDS: Readonly<Record<string, Command>> = {
   'power-button': { method: 'PUT', endpoint: 'vm.power-button', about: 'press the ACPI power button' },
   snapshot: { method: 'PUT', endpoint: 'vm.snapshot', about: 'snapshot the paused VM into file:///DIR (a new directory)' },
   restore: { method: 'PUT', endpoint: 'vm.restore', about: 'restore a VM: source_url=file:///DIR[,resume=on][,prefault=on][,memory_restore_mode=copy|ondemand]' },
-  'send-migration': { method: 'PUT', endpoint: 'vm.send-migration', about: 'start sending the VM; returns once it has started (with --wait, once it ended)' },
+  'send-migration': { method: 'PUT', endpoint: 'vm.send-migration', about: 'send the VM, showing progress until it ended (with --no-wait, return once it started)' },
   'receive-migration': { method: 'PUT', endpoint: 'vm.receive-migration', about: 'receive a VM; returns once it runs here' },
   'migration-progress': { method: 'GET', endpoint: 'vm.migration-progress', about: 'the migration in progress, or the last one, as JSON (Tern only)' },
   'migration-cancel': { method: 'PUT', endpoint: 'vm.migration-cancel', about: 'cancel the migration in progress on this VMM (Tern only)' },
@@ -41,9 +41,9 @@ const ARG_NAMES: Record<string, string> = {
 const NEEDS_ARG = new Set(['snapshot', 'restore', 'send-migration', 'receive-migration']);
 /**
  * Command flags: `--local` is the send-migration flag of ch-remote before its option string
- * (`send-migration --local unix:/PATH`); `--wait` is Tern's.
+ * (`send-migration --local unix:/PATH`); `--wait` and `--no-wait` are Tern's.
  */
-const COMMAND_FLAGS: Readonly<Record<string, readonly string[]>> = { 'send-migration': ['--local', '--wait'] };
+const COMMAND_FLAGS: Readonly<Record<string, readonly string[]>> = { 'send-migration': ['--local', '--wait', '--no-wait'] };
 
 export const TERN_REMOTE_USAGE = `Usage: tern-remote --api-socket PATH COMMAND [ARG]
 Commands:
@@ -57,9 +57,10 @@ Migration CONFIG, as ch-remote's (keys in any order; a bare URL is taken as the 
   receive-migration  receiver_url=tcp:ADDR:PORT|unix:/PATH[,memory_mode=precopy][,zone_updates=[ID@NODE,...]]
 Options:
   --api-socket PATH   the VMM's API socket (tern --api-socket)
-  --wait              send-migration: follow the migration until it ends (a progress bar on a
-                      terminal, a line a second otherwise); exit 0 once the destination runs
-                      the VM, 1 with the reason if it failed
+  --no-wait           send-migration: return once the migration has started, as ch-remote
+                      does; by default (or with --wait) it is followed until it ends (a
+                      progress bar on a terminal, a line a second otherwise) and tern-remote
+                      exits 0 once the destination runs the VM, 1 with the reason if it failed
   -V, --version       print the version
   -h, --help          print this help`;
 
@@ -93,7 +94,7 @@ export function parseTernRemoteArgs(argv: readonly string[]): RemoteInvocation {
       socket = argv[++i];
       if (socket === undefined) throw new RemoteUsageError('--api-socket needs a path');
     } else if (a.startsWith('--api-socket=')) socket = a.slice('--api-socket='.length);
-    else if (a === '--local' || a === '--wait') flags.add(a);
+    else if (a === '--local' || a === '--wait' || a === '--no-wait') flags.add(a);
     else if (a.startsWith('-') && a !== '-') throw new RemoteUsageError(`unknown option ${a}`);
     else rest.push(a);
   }

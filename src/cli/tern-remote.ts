@@ -2,8 +2,9 @@
 // `tern-remote --api-socket PATH COMMAND`: ch-remote's commands against a VMM's API socket.
 // Replies with a body are printed as received; an error reply prints its message chain and
 // exits 1. `events` follows the VMM's event stream, printed in the event monitor's format.
-// `send-migration` returns once the migration has started, as ch-remote does; with `--wait`
-// it shows the migration's progress and exits 0 only once the destination runs the VM.
+// `send-migration` follows the migration it started: a progress bar on a terminal, plain
+// progress lines otherwise, exit 0 only once the destination runs the VM. `--no-wait` returns
+// once the migration has started, as ch-remote does.
 import fs from 'node:fs';
 import http from 'node:http';
 import { TernApiError, TernClient } from '../api/client';
@@ -79,7 +80,7 @@ function requestBody(command: string, arg: string | undefined, flags: ReadonlySe
   }
 }
 
-/** send-migration --wait: start it, show its progress, exit 0 once the destination runs the VM. */
+/** send-migration: start it, show its progress, exit 0 once the destination runs the VM. */
 async function sendAndFollow(client: TernClient, socket: string, body: ChRemoteSendBody): Promise<never> {
   const started = Date.now();
   let outcome;
@@ -112,7 +113,7 @@ async function main(): Promise<void> {
   }
   const { socket, command, flags } = parsed;
   const client = new TernClient({ socketPath: socket, timeoutMs: 0 });
-  if (command === 'send-migration' && flags.has('--wait')) await sendAndFollow(client, socket, body as ChRemoteSendBody);
+  if (command === 'send-migration' && !flags.has('--no-wait')) await sendAndFollow(client, socket, body as ChRemoteSendBody);
   if (command === 'events') {
     await new Promise<void>((resolve) => {
       client.events().subscribe({

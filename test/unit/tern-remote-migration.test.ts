@@ -1,5 +1,5 @@
 // tern-remote's migration commands: ch-remote's argument spellings and the bodies it sends for
-// them, and `send-migration --wait` following a migration (a bar rewritten in place on a
+// them, and `send-migration` following a migration (unless --no-wait) (a bar rewritten in place on a
 // terminal, a line a second otherwise) against an API server whose Vmm plays a migration.
 import test from 'ava';
 import { spawnSync } from 'node:child_process';
@@ -78,7 +78,7 @@ test('receive-migration: ch-remote\'s option string and body; file-descriptor op
   t.throws(() => receiveMigrationBody('memory_mode=precopy'), { message: /receiver_url is required/ });
 });
 
-test('the command line: --wait and --local belong to send-migration, the CONFIG is required', (t) => {
+test('the command line: --wait, --no-wait and --local belong to send-migration, the CONFIG is required', (t) => {
   const run = parseTernRemoteArgs(['--api-socket', '/s', 'send-migration', '--wait', 'destination_url=tcp:h:1']);
   t.like(run, { kind: 'run', command: 'send-migration', arg: 'destination_url=tcp:h:1' });
   t.true(run.kind === 'run' && run.flags.has('--wait') && !run.flags.has('--local'));
@@ -86,7 +86,9 @@ test('the command line: --wait and --local belong to send-migration, the CONFIG 
   t.throws(() => parseTernRemoteArgs(['--api-socket', '/s', 'pause', '--local']), { message: 'pause takes no --local' });
   t.throws(() => parseTernRemoteArgs(['--api-socket', '/s', 'send-migration']), { message: 'send-migration needs an argument' });
   t.throws(() => parseTernRemoteArgs(['--api-socket', '/s', 'migration-progress', 'x']), { message: 'too many arguments for migration-progress' });
-  t.throws(() => parseTernRemoteArgs(['--api-socket', '/s', 'send-migration', '--no-wait', 'unix:/m']), { message: 'unknown option --no-wait' });
+  const noWait = parseTernRemoteArgs(['--api-socket', '/s', 'send-migration', '--no-wait', 'unix:/m']);
+  t.true(noWait.kind === 'run' && noWait.flags.has('--no-wait'));
+  t.throws(() => parseTernRemoteArgs(['--api-socket', '/s', 'receive-migration', '--no-wait', 'unix:/m']), { message: 'receive-migration takes no --no-wait' });
 });
 
 // ---- against a server -----------------------------------------------------------------------
@@ -145,20 +147,20 @@ function playMigration(r: ApiRig, rounds: number, stepMs: number, failure?: stri
   return asked;
 }
 
-test.serial('send-migration without --wait returns at once after the 204, as ch-remote does', async (t) => {
+test.serial('send-migration --no-wait returns at once after the 204, as ch-remote does', async (t) => {
   const asked = playMigration(rig, 30, 100);
   const started = Date.now();
-  const r = await runTernRemote(rig.socket, ['send-migration', 'destination_url=tcp:dest:6000,downtime_ms=200']);
+  const r = await runTernRemote(rig.socket, ['send-migration', '--no-wait', 'destination_url=tcp:dest:6000,downtime_ms=200']);
   t.is(r.code, 0, r.stderr);
   t.is(r.stdout, '');
   t.true(Date.now() - started < 2500, 'it did not wait for the 3 s migration');
   t.like(asked[0], { destination_url: 'tcp:dest:6000', downtime_ms: 200, timeout_s: 3600, timeout_strategy: 'Cancel' });
 });
 
-test.serial('send-migration --wait, not on a terminal: plain progress lines, at most one a second, then exit 0', async (t) => {
+test.serial('send-migration (followed by default), not on a terminal: plain progress lines, at most one a second, then exit 0', async (t) => {
   playMigration(rig, 12, 200);
   const started = Date.now();
-  const r = await runTernRemote(rig.socket, ['send-migration', '--wait', 'destination_url=tcp:dest:6000']);
+  const r = await runTernRemote(rig.socket, ['send-migration', 'destination_url=tcp:dest:6000']);
   const seconds = (Date.now() - started) / 1000;
   t.is(r.code, 0, r.stderr);
   t.false(r.stdout.includes('\r'), 'no carriage returns in a log');
