@@ -204,6 +204,7 @@ export class MigrationReceiver {
         if (hello.local) throw error('Memory frame in a local migration');
         applyMemoryFrame(this.machine.memory, f.payload);
       } else if (f.type === FrameType.Round || f.type === FrameType.Final) {
+        if (f.type === FrameType.Final) this.vm.log.debug({ bytes: f.payload.length }, 'migration: final state arrived');
         const body = frameJson(f);
         try {
           shadow = applyStatePatches(shadow, checkPatches(body, FrameType[f.type]));

@@ -290,6 +290,7 @@ export class Vmm {
   async receiveMigration(opts: ReceiveMigrationOptions): Promise<void> {
     if (this.migration?.active) throw new MigrationError('a migration is already in progress');
     if (this.state.vm.status !== 'NotCreated') throw new MigrationError(`a VM already exists here (${this.state.vm.status})`);
+    let host: { cpuid: CpuidEntry[]; msrIndices: number[] } | undefined;
     const receiver = new MigrationReceiver(
       {
         store: this.store,
@@ -306,7 +307,12 @@ export class Vmm {
           });
           return m;
         },
-        cpuProblems: (cpuid, msrIndices) => hostCpuProblems(cpuid, msrIndices),
+        // Asked at the handshake and again while the guest is paused at the source: this
+        // host's answer is read from KVM once.
+        cpuProblems: (cpuid, msrIndices) => {
+          host ??= hostCpu();
+          return cpuCompatProblems({ guestCpuid: cpuid, guestMsrIndices: msrIndices, hostCpuid: host.cpuid, hostMsrIndices: host.msrIndices }).map((p) => p.message);
+        },
         install: (m, state) => this.serialize(() => this.installMigratedVm(m as Machine, state)),
       },
       opts,
@@ -475,11 +481,11 @@ export class Vmm {
   }
 }
 
-/** What keeps this host from running a guest given `cpuid` with these saved MSRs. */
-function hostCpuProblems(cpuid: readonly CpuidEntry[], msrIndices: readonly number[]): string[] {
+/** The CPUID this host's KVM can give a guest and the MSRs it keeps. */
+function hostCpu(): { cpuid: CpuidEntry[]; msrIndices: number[] } {
   const kvm = native().openKvm();
   try {
-    return cpuCompatProblems({ guestCpuid: cpuid, guestMsrIndices: msrIndices, hostCpuid: kvm.supportedCpuid(), hostMsrIndices: kvm.msrIndexList() }).map((p) => p.message);
+    return { cpuid: kvm.supportedCpuid(), msrIndices: kvm.msrIndexList() };
   } finally {
     kvm.close();
   }
