@@ -322,3 +322,34 @@ test.serial('the source killed (SIGKILL) in the middle: the destination discards
     src.proc.kill('SIGKILL');
   }
 });
+
+test.serial('a paused source whose migration fails stays paused, and migrates paused afterwards', async (t) => {
+  const src = await counting('paused-dropped');
+  try {
+    await src.vmm.pause();
+    const count = guestCount(src.vmm);
+    const { server, url } = await fakeDestination(async (ch, socket) => {
+      await ch.expect(FrameType.Hello);
+      await ch.sendJson(FrameType.Accept, {});
+      await ch.expect(FrameType.Config);
+      socket.destroy();
+    });
+    await src.vmm.sendMigration({ destination_url: url });
+    await until('the source reports the failure', () => src.migrationEvents().includes(MigrationEvents.Failed));
+    server.close();
+    t.is(src.vmm.state.vm.status, 'Paused');
+    await sleep(500);
+    t.is(guestCount(src.vmm), count, 'the guest did not run');
+    const { dst, url: again, result } = await receiving();
+    try {
+      await src.vmm.sendMigration({ destination_url: again });
+      t.is(await result, 'received');
+      t.is(dst.vmm.state.vm.status, 'Paused');
+      t.is(guestCount(dst.vmm), count);
+    } finally {
+      await dst.vmm.shutdownVmm();
+    }
+  } finally {
+    await src.vmm.shutdownVmm();
+  }
+});
