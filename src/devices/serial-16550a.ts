@@ -287,10 +287,11 @@ function read(s: Serial16550aState, offset: number): TransitionResult<Serial1655
     case RBR_THR_DLL: {
       if (dlab) return { state: s, effects: NO_EFFECTS, value: s.dll };
       if (s.rx.length === 0) return { state: s, effects: NO_EFFECTS, value: 0 };
-      // Popping can only lower the interrupt level, so no edge to report.
+      // Popping can only lower the interrupt level, so no edge to report; the room it makes
+      // is for the console's held input.
       const n = copySerialState(s);
       n.rx = s.rx.slice(1);
-      return { state: n, effects: NO_EFFECTS, value: s.rx[0] };
+      return { state: n, effects: [{ type: 'console.input-room', device: s.id }], value: s.rx[0] };
     }
     case IER_DLM:
       return { state: s, effects: NO_EFFECTS, value: dlab ? s.dlm : s.ier };

@@ -28,16 +28,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { checkVmConfig } from '../api/request-body';
 import type { VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import { native } from '../native/kvm';
 import {
   TernStateError,
-  rootSchemaVersionOf,
-  upgradeState,
-  validateState,
-  vmConfigProblems,
   type RootState,
 } from '../state';
 import { HostFileError, openRegularFile, parseJsonFile, readRegularFile } from '../util/host-file';
