@@ -36,7 +36,8 @@ export interface SourceMachine {
   cpuFacts(): { cpuid: CpuidEntry[]; msrIndices: number[] };
   /** park the vCPUs and save their state (and KVM's) into the store */
   pause(): Promise<void>;
-  resume(): void;
+  /** run the vCPUs again; restoreClock (default true) sets kvmclock back to the pause's */
+  resume(opts?: { restoreClock?: boolean }): void;
   throttle(percent: number): void;
 }
 
@@ -231,7 +232,14 @@ export class MigrationSender {
         const pausedAt = Date.now();
         if (!wasPaused) {
           machine.throttle(0);
-          await machine.pause();
+          try {
+            await machine.pause();
+          } catch (e) {
+            // Some vCPUs may be parked: let them all run on, with the guest's own clock (the
+            // saved one may be an earlier pause's).
+            machine.resume({ restoreClock: false });
+            throw e;
+          }
           paused = true;
         }
         const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - pausedAt }, 'migration: final round');
