@@ -1,5 +1,6 @@
 // An image file as the VMM holds it: opened without following a symlink, checked to be a
-// regular file or a block device, locked with flock so that two VMMs never write one image
+// regular file (a block device's size needs the BLKGETSIZE64 ioctl, which the addon does not
+// have yet, so block devices are refused), locked with flock so that two VMMs never write one image
 // (shared for read-only opens, exclusive otherwise), and read and written whole.
 import fs from 'node:fs';
 import { native } from '../native/kvm';
@@ -10,9 +11,8 @@ const { O_RDONLY, O_RDWR, O_NOFOLLOW, O_NONBLOCK, O_DIRECT } = fs.constants;
 export interface ImageFile {
   readonly path: string;
   readonly fd: number;
-  /** Bytes: the file's size, or the block device's. */
+  /** Bytes. */
   readonly size: number;
-  readonly blockDevice: boolean;
   readonly readonly: boolean;
   /** Opened O_DIRECT: offsets, lengths and buffers must be aligned. */
   readonly direct: boolean;
@@ -36,14 +36,14 @@ export function openImageFile(path: string, opts: { readonly: boolean; direct: b
   }
   try {
     const st = fs.fstatSync(fd);
-    if (!st.isFile() && !st.isBlockDevice()) throw new DiskImageError(`disk image ${path}: is not a regular file or block device`);
-    // A block device's size is where lseek(SEEK_HOLE) ends: the kernel reports one hole at its end.
-    const size = st.isBlockDevice() ? native().seekHole(fd, 0) : st.size;
+    if (st.isBlockDevice()) throw new DiskImageError(`disk image ${path}: is a block device; only regular files are supported`);
+    if (!st.isFile()) throw new DiskImageError(`disk image ${path}: is not a regular file`);
+    const size = st.size;
     if (!native().flock(fd, { exclusive: !opts.readonly, nonblocking: true })) {
       throw new DiskImageError(`disk image ${path}: locked by another process (${opts.readonly ? 'it is being written' : 'it is in use'})`);
     }
     const id = `${st.dev}${st.rdev}${st.ino}`.slice(0, 20);
-    return { path, fd, size, blockDevice: st.isBlockDevice(), readonly: opts.readonly, direct: opts.direct, id };
+    return { path, fd, size, readonly: opts.readonly, direct: opts.direct, id };
   } catch (e) {
     fs.closeSync(fd);
     if (e instanceof DiskImageError) throw e;

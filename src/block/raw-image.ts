@@ -57,15 +57,14 @@ export class RawImage implements DiskImage {
   async discard(offset: number, length: number): Promise<void> {
     this.check(offset, length, true);
     if (length === 0) return;
-    // A punched hole reads as zeroes; a block device or a file system without hole punching
-    // gets the zeroes written.
-    if (this.file.blockDevice || !native().fallocate(this.file.fd, 'punch-hole', offset, length)) await this.zeroByWriting(offset, length);
+    // A punched hole reads as zeroes; a file system without hole punching gets zeroes written.
+    if (!native().fallocate(this.file.fd, 'punch-hole', offset, length)) await this.zeroByWriting(offset, length);
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
     this.check(offset, length, true);
     if (length === 0) return;
-    if (this.file.blockDevice || !native().fallocate(this.file.fd, 'zero-range', offset, length)) await this.zeroByWriting(offset, length);
+    if (!native().fallocate(this.file.fd, 'zero-range', offset, length)) await this.zeroByWriting(offset, length);
   }
 
   private async zeroByWriting(offset: number, length: number): Promise<void> {
