@@ -196,8 +196,21 @@ export class Qcow2Image implements DiskImage {
     return (await this.refcounts.get(m.host / this.clusterSize)) === 1;
   }
 
+  /**
+   * A damaged or hostile image may point guest data at its own header or tables: writing there
+   * would let the guest rewrite the image's metadata, so it is refused.
+   */
+  private checkNotMetadata(host: number, vc: number): void {
+    const overlaps = (start: number, bytes: number) => host < start + bytes && start < host + this.clusterSize;
+    const rc = this.refcounts;
+    if (overlaps(0, this.clusterSize) || overlaps(this.header.l1TableOffset, this.header.l1Size * 8) || overlaps(rc.tableOffset, rc.tableClusters * this.clusterSize)) {
+      throw this.corrupt(`guest cluster ${vc} points into the image's header or tables`);
+    }
+  }
+
   private async writePiece(vc: number, inCluster: number, data: Uint8Array): Promise<void> {
     const m = await this.lookup(vc);
+    if (m.kind === 'data') this.checkNotMetadata(m.host, vc);
     if (m.kind === 'data' && (await this.writable(m))) {
       await writeAt(this.file, data, m.host + inCluster);
       return;

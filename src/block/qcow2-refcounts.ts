@@ -16,8 +16,8 @@ export class Qcow2Refcounts {
   /** Refcount entries in one block. */
   private readonly perBlock: number;
   private table: number[] = [];
-  private tableOffset: number;
-  private tableClusters: number;
+  tableOffset: number;
+  tableClusters: number;
   private readonly blocks = new Map<number, Buffer>();
   /** Index of the first cluster past everything allocated: where the next allocation goes. */
   nextFree: number;

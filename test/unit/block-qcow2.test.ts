@@ -201,3 +201,23 @@ test('qcow2: an image marked corrupt or dirty opens read-only only; written imag
   t.is(fs.readFileSync(image).readBigUInt64BE(72), 0n);
   fs.rmSync(dir, { recursive: true });
 });
+
+test('qcow2: a guest cluster that points at the L1 table is never written (the guest cannot rewrite metadata)', async (t) => {
+  const dir = tmpDir();
+  const image = path.join(dir, 'evil.qcow2');
+  qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', image, '1M');
+  execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 4096', image], { stdio: 'ignore' });
+  const fd = fs.openSync(image, 'r+');
+  const b = Buffer.alloc(8);
+  const l1At = (fs.readSync(fd, b, 0, 8, 40), b.readBigUInt64BE());
+  const l2At = (fs.readSync(fd, b, 0, 8, Number(l1At)), b.readBigUInt64BE() & 0x00fffffffffffe00n);
+  b.writeBigUInt64BE(l1At | (1n << 63n));
+  fs.writeSync(fd, b, 0, 8, Number(l2At)); // guest cluster 0 -> the L1 table
+  fs.closeSync(fd);
+  const before = fs.readFileSync(image);
+  const img = await openDiskImage(image);
+  await t.throwsAsync(img.write(0, Buffer.alloc(512, 0xff)), { instanceOf: DiskImageError, message: /points into the image's header or tables/ });
+  await img.close();
+  t.true(fs.readFileSync(image).equals(before));
+  fs.rmSync(dir, { recursive: true });
+});
