@@ -6,6 +6,7 @@
 // reads happen outside it.
 import zlib from 'node:zlib';
 import { native } from '../native/kvm';
+import { InFlight } from './in-flight';
 import { checkRange, DiskImageError, type DiskImage } from './disk-image';
 import { closeImageFile, readAt, syncFile, writeAt, type ImageFile } from './image-file';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, type Qcow2Header } from './qcow2-header';
@@ -38,6 +39,7 @@ export class Qcow2Image implements DiskImage {
   private readonly refcounts: Qcow2Refcounts;
   private readonly queue = new SerialQueue();
   private closed = false;
+  private readonly inFlight = new InFlight();
 
   private constructor(
     private readonly file: ImageFile,
@@ -136,14 +138,19 @@ export class Qcow2Image implements DiskImage {
     }
   }
 
-  async read(offset: number, into: Uint8Array): Promise<void> {
+  read(offset: number, into: Uint8Array): Promise<void> {
+    return this.inFlight.track(this.readNow(offset, into));
+  }
+
+  private async readNow(offset: number, into: Uint8Array): Promise<void> {
     this.check(offset, into.length, false);
     const plan = await this.queue.run(async () => {
       const out: { piece: { vc: number; inCluster: number; at: number; len: number }; m: Mapping }[] = [];
       for (const piece of this.pieces(offset, into.length)) out.push({ piece, m: await this.lookup(piece.vc) });
       return out;
     });
-    // Clusters are never reused once freed, so what the plan points to stays readable.
+    // Clusters are never reused once freed: a read racing a write or discard of the same range
+    // gets old data or zeroes (as overlapping requests may), never another cluster's data.
     for (const { piece, m } of plan) {
       const dst = into.subarray(piece.at, piece.at + piece.len);
       const guestPos = piece.vc * this.clusterSize + piece.inCluster;
@@ -183,7 +190,11 @@ export class Qcow2Image implements DiskImage {
     return out;
   }
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return this.inFlight.track(this.writeNow(offset, data));
+  }
+
+  private async writeNow(offset: number, data: Uint8Array): Promise<void> {
     this.check(offset, data.length, true);
     await this.queue.run(async () => {
       for (const p of this.pieces(offset, data.length)) await this.writePiece(p.vc, p.inCluster, data.subarray(p.at, p.at + p.len));
@@ -278,7 +289,11 @@ export class Qcow2Image implements DiskImage {
     if ((await this.refcounts.decrement(c)) === 0) native().fallocate(this.file.fd, 'punch-hole', c * this.clusterSize, this.clusterSize);
   }
 
-  async flush(): Promise<void> {
+  flush(): Promise<void> {
+    return this.inFlight.track(this.flushNow());
+  }
+
+  private async flushNow(): Promise<void> {
     if (this.readonly) return;
     await this.queue.run(() => syncFile(this.file));
   }
@@ -289,7 +304,11 @@ export class Qcow2Image implements DiskImage {
    * backing file cannot express a zero cluster, so discard leaves them as they are; partial
    * clusters are left as they are too (discard is a hint).
    */
-  async discard(offset: number, length: number): Promise<void> {
+  discard(offset: number, length: number): Promise<void> {
+    return this.inFlight.track(this.discardNow(offset, length));
+  }
+
+  private async discardNow(offset: number, length: number): Promise<void> {
     this.check(offset, length, true);
     if (this.header.version === 2 && this.backing) return;
     await this.queue.run(async () => {
@@ -297,7 +316,11 @@ export class Qcow2Image implements DiskImage {
     });
   }
 
-  async writeZeroes(offset: number, length: number): Promise<void> {
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return this.inFlight.track(this.writeZeroesNow(offset, length));
+  }
+
+  private async writeZeroesNow(offset: number, length: number): Promise<void> {
     this.check(offset, length, true);
     const canZero = this.header.version === 3 || !this.backing;
     await this.queue.run(async () => {
@@ -320,7 +343,7 @@ export class Qcow2Image implements DiskImage {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.queue.run(async () => undefined);
+    await this.inFlight.settled();
     closeImageFile(this.file);
     await this.backing?.close();
   }

@@ -1,6 +1,7 @@
 // A raw image: guest offset = file offset. With direct=on (O_DIRECT) every transfer goes through
 // a 4 KiB-aligned bounce buffer, and offsets and lengths must be multiples of 512 bytes.
 import { native } from '../native/kvm';
+import { InFlight } from './in-flight';
 import { checkRange, DiskImageError, type DiskImage } from './disk-image';
 import { closeImageFile, readAt, syncFile, writeAt, type ImageFile } from './image-file';
 
@@ -13,6 +14,7 @@ export class RawImage implements DiskImage {
   readonly readonly: boolean;
   readonly id: string;
   private closed = false;
+  private readonly inFlight = new InFlight();
 
   constructor(private readonly file: ImageFile) {
     this.size = file.size;
@@ -28,7 +30,11 @@ export class RawImage implements DiskImage {
     }
   }
 
-  async read(offset: number, into: Uint8Array): Promise<void> {
+  read(offset: number, into: Uint8Array): Promise<void> {
+    return this.inFlight.track(this.readNow(offset, into));
+  }
+
+  private async readNow(offset: number, into: Uint8Array): Promise<void> {
     this.check(offset, into.length, false);
     if (!this.file.direct) return readAt(this.file, into, offset);
     const bounce = new Uint8Array(native().alignedBuffer(Math.min(CHUNK, into.length)));
@@ -39,7 +45,11 @@ export class RawImage implements DiskImage {
     }
   }
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return this.inFlight.track(this.writeNow(offset, data));
+  }
+
+  private async writeNow(offset: number, data: Uint8Array): Promise<void> {
     this.check(offset, data.length, true);
     if (!this.file.direct) return writeAt(this.file, data, offset);
     const bounce = new Uint8Array(native().alignedBuffer(Math.min(CHUNK, data.length)));
@@ -50,18 +60,30 @@ export class RawImage implements DiskImage {
     }
   }
 
-  async flush(): Promise<void> {
+  flush(): Promise<void> {
+    return this.inFlight.track(this.flushNow());
+  }
+
+  private async flushNow(): Promise<void> {
     if (!this.readonly) await syncFile(this.file);
   }
 
-  async discard(offset: number, length: number): Promise<void> {
+  discard(offset: number, length: number): Promise<void> {
+    return this.inFlight.track(this.discardNow(offset, length));
+  }
+
+  private async discardNow(offset: number, length: number): Promise<void> {
     this.check(offset, length, true);
     if (length === 0) return;
     // A punched hole reads as zeroes; a file system without hole punching gets zeroes written.
     if (!native().fallocate(this.file.fd, 'punch-hole', offset, length)) await this.zeroByWriting(offset, length);
   }
 
-  async writeZeroes(offset: number, length: number): Promise<void> {
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return this.inFlight.track(this.writeZeroesNow(offset, length));
+  }
+
+  private async writeZeroesNow(offset: number, length: number): Promise<void> {
     this.check(offset, length, true);
     if (length === 0) return;
     if (!native().fallocate(this.file.fd, 'zero-range', offset, length)) await this.zeroByWriting(offset, length);
@@ -77,6 +99,7 @@ export class RawImage implements DiskImage {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    await this.inFlight.settled();
     closeImageFile(this.file);
   }
 }

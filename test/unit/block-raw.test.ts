@@ -105,3 +105,25 @@ test('raw: discard and write-zeroes leave zeroes and the file keeps its size', a
   }
   fs.rmSync(dir, { recursive: true });
 });
+
+test('raw and qcow2: close waits for the operations in progress, which all complete', async (t) => {
+  const dir = tmpDir();
+  const file = rawImage(dir, Buffer.alloc(8 << 20));
+  const qcow = path.join(dir, 'disk.qcow2');
+  require('node:child_process').execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, '8M']);
+  for (const f of [file, qcow]) {
+    const img = await openDiskImage(f);
+    const data = randomBytes(rng(9), 1 << 20);
+    const ops = [0, 1, 2, 3, 4, 5].map((i) => img.write(i << 20, data));
+    const closed = img.close();
+    await Promise.all(ops);
+    await closed;
+    await t.throwsAsync(img.read(0, Buffer.alloc(512)), { message: /closed/ });
+    const again = await openDiskImage(f, { readonly: true });
+    const got = Buffer.alloc(1 << 20);
+    await again.read(5 << 20, got);
+    t.true(got.equals(data));
+    await again.close();
+  }
+  fs.rmSync(dir, { recursive: true });
+});
