@@ -73,3 +73,32 @@ test('qcow2 header: an unmodified image opens (the hostile cases start from a go
   await img.close();
   fs.rmSync(dir, { recursive: true });
 });
+
+test('qcow2 tables: an L1 entry past the end, a misaligned L2 entry or a bad refcount table entry is an error, not a crash', async (t) => {
+  const dir = tmpDir();
+  const image = path.join(dir, 't.qcow2');
+  qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', image, '1M');
+  require('node:child_process').execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x22 0 4096', image], { stdio: 'ignore' });
+  const pristine = fs.readFileSync(image);
+  const l1At = Number(pristine.readBigUInt64BE(40));
+  const l2At = Number(pristine.readBigUInt64BE(l1At) & 0x00fffffffffffe00n);
+  const rtAt = Number(pristine.readBigUInt64BE(48));
+  const damaged: [string, RegExp, (b: Buffer) => void][] = [
+    ['L1 past the end', /damaged: L1 entry 0 points past the end of the file/, (b) => b.writeBigUInt64BE((1n << 40n) | (1n << 63n), l1At)],
+    ['L2 misaligned', /damaged: the L2 entry of guest cluster 0 is not cluster-aligned/, (b) => b.writeBigUInt64BE(0x50200n | (1n << 63n), l2At)],
+    ['compressed garbage', /damaged: the compressed cluster/, (b) => b.writeBigUInt64BE((1n << 62n) | 0x200n, l2At)],
+  ];
+  for (const [name, message, patch] of damaged) {
+    const b = Buffer.from(pristine);
+    patch(b);
+    fs.writeFileSync(image, b);
+    const img = await openDiskImage(image, { readonly: true });
+    await t.throwsAsync(img.read(0, Buffer.alloc(4096)), { instanceOf: DiskImageError, message }, name);
+    await img.close();
+  }
+  const b = Buffer.from(pristine);
+  b.writeBigUInt64BE(1n << 40n, rtAt);
+  fs.writeFileSync(image, b);
+  await t.throwsAsync(openDiskImage(image), { instanceOf: DiskImageError, message: /damaged: refcount table entry 0 points past the end/ });
+  fs.rmSync(dir, { recursive: true });
+});
