@@ -20,6 +20,9 @@ const OFFSET_MASK = 0x00fffffffffffe00n;
 /** Bytes of L2 tables kept in memory. */
 const L2_CACHE_BYTES = 4 << 20;
 
+/** Metadata that contradicts itself or the file: the image is damaged. */
+class Qcow2DamageError extends DiskImageError {}
+
 type Mapping =
   | { kind: 'data'; host: number; entry: bigint }
   | { kind: 'zero'; entry: bigint }
@@ -39,6 +42,8 @@ export class Qcow2Image implements DiskImage {
   private readonly refcounts: Qcow2Refcounts;
   private readonly queue = new SerialQueue();
   private closed = false;
+  /** Damage was found: no more writes. */
+  private markedCorrupt = false;
   private readonly inFlight = new InFlight();
 
   private constructor(
@@ -78,7 +83,31 @@ export class Qcow2Image implements DiskImage {
   }
 
   private corrupt(what: string): DiskImageError {
-    return new DiskImageError(`qcow2 image ${this.file.path} is damaged: ${what}`);
+    return new Qcow2DamageError(`qcow2 image ${this.file.path} is damaged: ${what}`);
+  }
+
+  /**
+   * Run a task in the queue. Damage found while the image is open for writing marks a v3 image
+   * corrupt on disk (as QEMU does) and stops writes to it, so it is not made worse before
+   * `qemu-img check -r` has looked at it.
+   */
+  private serialized<T>(task: () => Promise<T>): Promise<T> {
+    return this.queue.run(async () => {
+      try {
+        return await task();
+      } catch (e) {
+        if (e instanceof Qcow2DamageError && !this.readonly && !this.markedCorrupt) {
+          this.markedCorrupt = true;
+          if (this.header.version === 3) {
+            const bits = Buffer.alloc(8);
+            bits.writeBigUInt64BE(this.header.incompatibleFeatures | INCOMPAT_CORRUPT);
+            await writeAt(this.file, bits, 72);
+            await syncFile(this.file);
+          }
+        }
+        throw e;
+      }
+    });
   }
 
   private get fileEnd(): number {
@@ -125,6 +154,7 @@ export class Qcow2Image implements DiskImage {
   private check(offset: number, length: number, writing: boolean): void {
     if (this.closed) throw new DiskImageError(`disk image ${this.file.path}: closed`);
     checkRange(this.size, offset, length, writing, this.readonly);
+    if (writing && this.markedCorrupt) throw new DiskImageError(`qcow2 image ${this.file.path}: found damaged; no more writes until it is repaired`);
   }
 
   /** The pieces of [offset, offset+length) cut at cluster boundaries. */
@@ -144,7 +174,7 @@ export class Qcow2Image implements DiskImage {
 
   private async readNow(offset: number, into: Uint8Array): Promise<void> {
     this.check(offset, into.length, false);
-    const plan = await this.queue.run(async () => {
+    const plan = await this.serialized(async () => {
       const out: { piece: { vc: number; inCluster: number; at: number; len: number }; m: Mapping }[] = [];
       for (const piece of this.pieces(offset, into.length)) out.push({ piece, m: await this.lookup(piece.vc) });
       return out;
@@ -196,7 +226,7 @@ export class Qcow2Image implements DiskImage {
 
   private async writeNow(offset: number, data: Uint8Array): Promise<void> {
     this.check(offset, data.length, true);
-    await this.queue.run(async () => {
+    await this.serialized(async () => {
       for (const p of this.pieces(offset, data.length)) await this.writePiece(p.vc, p.inCluster, data.subarray(p.at, p.at + p.len));
     });
   }
@@ -295,7 +325,7 @@ export class Qcow2Image implements DiskImage {
 
   private async flushNow(): Promise<void> {
     if (this.readonly) return;
-    await this.queue.run(() => syncFile(this.file));
+    await this.serialized(() => syncFile(this.file));
   }
 
   /**
@@ -311,7 +341,7 @@ export class Qcow2Image implements DiskImage {
   private async discardNow(offset: number, length: number): Promise<void> {
     this.check(offset, length, true);
     if (this.header.version === 2 && this.backing) return;
-    await this.queue.run(async () => {
+    await this.serialized(async () => {
       for (const p of this.pieces(offset, length)) if (p.len === this.clusterSize) await this.zeroCluster(p.vc);
     });
   }
@@ -323,7 +353,7 @@ export class Qcow2Image implements DiskImage {
   private async writeZeroesNow(offset: number, length: number): Promise<void> {
     this.check(offset, length, true);
     const canZero = this.header.version === 3 || !this.backing;
-    await this.queue.run(async () => {
+    await this.serialized(async () => {
       for (const p of this.pieces(offset, length)) {
         if (p.len === this.clusterSize && canZero) await this.zeroCluster(p.vc);
         else await this.writePiece(p.vc, p.inCluster, new Uint8Array(p.len));

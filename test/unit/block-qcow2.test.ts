@@ -202,7 +202,7 @@ test('qcow2: an image marked corrupt or dirty opens read-only only; written imag
   fs.rmSync(dir, { recursive: true });
 });
 
-test('qcow2: a guest cluster that points at the L1 table is never written (the guest cannot rewrite metadata)', async (t) => {
+test('qcow2: a guest cluster that points at the L1 table is never written (the guest cannot rewrite metadata), and the image is marked corrupt', async (t) => {
   const dir = tmpDir();
   const image = path.join(dir, 'evil.qcow2');
   qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', image, '1M');
@@ -217,7 +217,13 @@ test('qcow2: a guest cluster that points at the L1 table is never written (the g
   const before = fs.readFileSync(image);
   const img = await openDiskImage(image);
   await t.throwsAsync(img.write(0, Buffer.alloc(512, 0xff)), { instanceOf: DiskImageError, message: /points into the image's header or tables/ });
+  // Found damaged: no more writes, anywhere, and the image is marked corrupt on disk.
+  await t.throwsAsync(img.write(1 << 19, Buffer.alloc(512)), { message: /found damaged/ });
   await img.close();
-  t.true(fs.readFileSync(image).equals(before));
+  const after = fs.readFileSync(image);
+  t.is(after.readBigUInt64BE(72), 2n, 'the corrupt bit');
+  after.writeBigUInt64BE(0n, 72);
+  t.true(after.equals(before), 'nothing else changed');
+  await t.throwsAsync(openDiskImage(image), { message: /marked corrupt/ });
   fs.rmSync(dir, { recursive: true });
 });
