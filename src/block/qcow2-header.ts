@@ -32,6 +32,14 @@ export class Qcow2HeaderError extends DiskImageError {
   }
 }
 
+/** Tables that contradict themselves or the file, found after the header was accepted. */
+export class Qcow2DamageError extends DiskImageError {
+  constructor(file: string, what: string) {
+    super(`qcow2 image ${file} is damaged: ${what}`);
+    this.name = 'Qcow2DamageError';
+  }
+}
+
 export interface Qcow2Header {
   version: 2 | 3;
   backingFileOffset: number;

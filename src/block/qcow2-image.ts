@@ -9,7 +9,7 @@ import { native } from '../native/kvm';
 import { InFlight } from './in-flight';
 import { checkRange, DiskImageError, type DiskImage } from './disk-image';
 import { closeImageFile, readAt, syncFile, writeAt, type ImageFile } from './image-file';
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, type Qcow2Header } from './qcow2-header';
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, Qcow2DamageError, type Qcow2Header } from './qcow2-header';
 import { Qcow2Refcounts } from './qcow2-refcounts';
 import { SerialQueue } from './serial-queue';
 
@@ -19,9 +19,6 @@ const ZERO = 1n;
 const OFFSET_MASK = 0x00fffffffffffe00n;
 /** Bytes of L2 tables kept in memory. */
 const L2_CACHE_BYTES = 4 << 20;
-
-/** Metadata that contradicts itself or the file: the image is damaged. */
-class Qcow2DamageError extends DiskImageError {}
 
 type Mapping =
   | { kind: 'data'; host: number; entry: bigint }
@@ -83,7 +80,7 @@ export class Qcow2Image implements DiskImage {
   }
 
   private corrupt(what: string): DiskImageError {
-    return new Qcow2DamageError(`qcow2 image ${this.file.path} is damaged: ${what}`);
+    return new Qcow2DamageError(this.file.path, what);
   }
 
   /**

@@ -4,7 +4,7 @@
 // crash at any moment leaves at worst clusters counted but unused (leaks), never a cluster in
 // use with no count. Called only from inside the image's serial queue.
 import { DiskImageError } from './disk-image';
-import { MAX_REFCOUNT_TABLE_BYTES, type Qcow2Header } from './qcow2-header';
+import { MAX_REFCOUNT_TABLE_BYTES, Qcow2DamageError, type Qcow2Header } from './qcow2-header';
 import { readAt, writeAt, type ImageFile } from './image-file';
 
 const OFFSET_MASK = 0xfffffffffffffe00n;
@@ -35,7 +35,7 @@ export class Qcow2Refcounts {
   }
 
   private corrupt(what: string): DiskImageError {
-    return new DiskImageError(`qcow2 image ${this.file.path} is damaged: ${what}`);
+    return new Qcow2DamageError(this.file.path, what);
   }
 
   async load(): Promise<void> {

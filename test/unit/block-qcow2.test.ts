@@ -227,3 +227,22 @@ test('qcow2: a guest cluster that points at the L1 table is never written (the g
   await t.throwsAsync(openDiskImage(image), { message: /marked corrupt/ });
   fs.rmSync(dir, { recursive: true });
 });
+
+test('qcow2: freeing a cluster whose refcount is already 0 is damage: the error names it and the image is marked corrupt', async (t) => {
+  const dir = tmpDir();
+  const image = path.join(dir, 'rc.qcow2');
+  qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', image, '1M');
+  execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 65536', image], { stdio: 'ignore' });
+  const b = fs.readFileSync(image);
+  const l2At = Number(b.readBigUInt64BE(Number(b.readBigUInt64BE(40))) & 0x00fffffffffffe00n);
+  const dataCluster = Number(b.readBigUInt64BE(l2At) & 0x00fffffffffffe00n) / 65536;
+  const blockAt = Number(b.readBigUInt64BE(Number(b.readBigUInt64BE(48))));
+  b.writeUInt16BE(0, blockAt + dataCluster * 2); // 16-bit refcounts
+  fs.writeFileSync(image, b);
+  const img = await openDiskImage(image);
+  await t.throwsAsync(img.discard(0, 65536), { instanceOf: DiskImageError, message: /damaged: cluster \d+ is in use with a refcount of 0/ });
+  await t.throwsAsync(img.write(4096, Buffer.alloc(512)), { message: /found damaged/ });
+  await img.close();
+  t.is(fs.readFileSync(image).readBigUInt64BE(72), 2n);
+  fs.rmSync(dir, { recursive: true });
+});
