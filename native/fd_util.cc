@@ -5,6 +5,8 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <linux/falloc.h>
+#include <stdlib.h>
 #include <sys/eventfd.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
@@ -239,6 +241,58 @@ static Napi::Value RenameNoReplace(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// fallocate(2) (Node has no binding): punches holes in or zeroes a range of an image file.
+// Only the hole-punching and zeroing modes, always with FALLOC_FL_KEEP_SIZE, so a disk image
+// never changes size. Returns false when the file system does not support the mode
+// (EOPNOTSUPP), so the caller can write zeroes instead.
+static Napi::Value Fallocate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!FdArg(info, 0, &fd)) return env.Undefined();
+  if (info.Length() < 2 || !info[1].IsString()) {
+    ThrowTypeError(env, "fallocate: mode must be 'punch-hole' or 'zero-range'");
+    return env.Undefined();
+  }
+  std::string m = info[1].As<Napi::String>().Utf8Value();
+  int mode;
+  if (m == "punch-hole") mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+  else if (m == "zero-range") mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
+  else {
+    ThrowTypeError(env, "fallocate: mode must be 'punch-hole' or 'zero-range'");
+    return env.Undefined();
+  }
+  uint64_t offset, length;
+  if (!ArgUint(info, 2, "fallocate: offset", INT64_MAX, &offset)) return env.Undefined();
+  if (!ArgUint(info, 3, "fallocate: length", INT64_MAX - offset, &length)) return env.Undefined();
+  int rc;
+  do {
+    rc = fallocate(fd, mode, static_cast<off_t>(offset), static_cast<off_t>(length));
+  } while (rc < 0 && errno == EINTR);
+  if (rc < 0) {
+    if (errno == EOPNOTSUPP) return Napi::Boolean::New(env, false);
+    ThrowErrno(env, "fallocate", errno);
+    return env.Undefined();
+  }
+  return Napi::Boolean::New(env, true);
+}
+
+// Zeroed memory aligned to 4 KiB, as O_DIRECT reads and writes need (a Node Buffer's address
+// has no such guarantee). Freed when the ArrayBuffer is collected.
+static Napi::Value AlignedBuffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t size;
+  if (!ArgUint(info, 0, "alignedBuffer: size", 64ull << 20, &size)) return env.Undefined();
+  void* p = nullptr;
+  size_t bytes = size == 0 ? 4096 : static_cast<size_t>(size);
+  int err = posix_memalign(&p, 4096, bytes);
+  if (err != 0) {
+    ThrowErrno(env, "posix_memalign", err);
+    return env.Undefined();
+  }
+  memset(p, 0, bytes);
+  return Napi::ArrayBuffer::New(env, p, static_cast<size_t>(size), [](Napi::Env, void* data) { free(data); });
+}
+
 void InitFdUtil(Napi::Env env, Napi::Object exports) {
   exports.Set("renameNoReplace", Napi::Function::New(env, Guarded<RenameNoReplace>, "renameNoReplace"));
   exports.Set("seekData", Napi::Function::New(env, Guarded<SeekData>, "seekData"));
@@ -248,6 +302,8 @@ void InitFdUtil(Napi::Env env, Napi::Object exports) {
   exports.Set("eventfdWrite", Napi::Function::New(env, Guarded<EventFdWrite>, "eventfdWrite"));
   exports.Set("closeFd", Napi::Function::New(env, Guarded<CloseFd>, "closeFd"));
   exports.Set("flock", Napi::Function::New(env, Guarded<Flock>, "flock"));
+  exports.Set("fallocate", Napi::Function::New(env, Guarded<Fallocate>, "fallocate"));
+  exports.Set("alignedBuffer", Napi::Function::New(env, Guarded<AlignedBuffer>, "alignedBuffer"));
 }
 
 }  // namespace tern

@@ -4,7 +4,7 @@
 
 namespace tern {
 
-// Registers eventfd, eventfdRead, eventfdWrite, closeFd, flock on `exports`.
+// Registers eventfd, eventfdRead, eventfdWrite, closeFd, flock, fallocate, alignedBuffer on `exports`.
 void InitFdUtil(Napi::Env env, Napi::Object exports);
 
 }  // namespace tern

@@ -232,6 +232,14 @@ export interface NativeAddon {
    * nonblocking and another open file description holds a conflicting lock.
    */
   flock(fd: number, opts?: { exclusive?: boolean; nonblocking?: boolean; unlock?: boolean }): boolean;
+  /**
+   * fallocate(2) with FALLOC_FL_KEEP_SIZE and FALLOC_FL_PUNCH_HOLE ('punch-hole') or
+   * FALLOC_FL_ZERO_RANGE ('zero-range'). Returns false when the file system does not support
+   * the mode (EOPNOTSUPP); other failures throw.
+   */
+  fallocate(fd: number, mode: 'punch-hole' | 'zero-range', offset: number, length: number): boolean;
+  /** Zeroed memory of `size` bytes (at most 64 MiB) starting on a 4 KiB boundary, for O_DIRECT. */
+  alignedBuffer(size: number): ArrayBuffer;
   /** One byte per 4 KiB page of `view` (the last may be partial): 1 where the page is all zero. */
   zeroPages(view: Uint8Array): Uint8Array;
   /** lseek(fd, offset, SEEK_DATA): start of the next data at or after offset; -1 if none. */

@@ -53,6 +53,26 @@ test('seekData/seekHole refuse offsets that are not integers in 0..2^63-1, namin
   });
 });
 
+test('fallocate takes only its two modes and offsets that fit off_t; alignedBuffer is capped at 64 MiB', (t) => {
+  const n = native();
+  withFile((fd) => {
+    t.throws(() => n.fallocate(fd, 'collapse' as 'punch-hole', 0, 512), { instanceOf: TypeError, message: /mode must be/ });
+    for (const [bad, type, message] of NOT_INTEGERS) {
+      t.throws(() => n.fallocate(fd, 'punch-hole', bad as number, 512), { instanceOf: type, message }, `offset ${String(bad)}`);
+    }
+    t.throws(() => n.fallocate(fd, 'zero-range', (2n ** 62n) as unknown as number, (2n ** 62n) as unknown as number), { instanceOf: RangeError, message: /length must be in/ });
+    t.true(n.fallocate(fd, 'punch-hole', 0, 4096));
+    const b = Buffer.alloc(4096, 1);
+    fs.readSync(fd, b, 0, 4096, 0);
+    t.true(b.equals(Buffer.alloc(4096)), 'the punched range reads as zeroes');
+    t.is(fs.fstatSync(fd).size, 4096, 'and the file keeps its size');
+  });
+  t.throws(() => n.alignedBuffer(2 ** 26 + 1), { instanceOf: RangeError, message: /alignedBuffer: size must be in/ });
+  const a = new Uint8Array(n.alignedBuffer(8192));
+  t.is(a.length, 8192);
+  t.true(a.every((x) => x === 0));
+});
+
 test('a file descriptor argument must be an integer in 0..2^31-1: 2^32+1 is not fd 1', (t) => {
   const n = native();
   for (const [bad, type, message] of NOT_INTEGERS) {
