@@ -1,7 +1,8 @@
-// Module entry: openKvm plus the eventfd helpers.
+// Module entry: openKvm plus the eventfd and fd-passing helpers.
 #include <napi.h>
 
 #include "common.h"
+#include "fd_passing.h"
 #include "fd_util.h"
 #include "page_scan.h"
 #include "kvm_objects.h"
@@ -16,6 +17,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData<AddonData>(data);
   exports.Set("openKvm", Napi::Function::New(env, Guarded<Kvm::Open>, "openKvm"));
   InitFdUtil(env, exports);
+  InitFdPassing(env, exports);
   InitPageScan(env, exports);
   return exports;
 }

@@ -9,7 +9,7 @@ import { OptionError } from './option-values';
 import { parseTernArgs, TERN_USAGE, type TernArgs } from './tern-args';
 import { createLogger, type Logger } from '../util/log';
 import { Vmm } from '../vmm/vmm';
-import { GuestEvents, VmEvents, VmmEvents, type GuestPanicPayload, type VmFailedPayload, type VmOperationFailedPayload } from '../state';
+import { GuestEvents, MigrationEvents, VmEvents, VmmEvents, type GuestPanicPayload, type VmFailedPayload, type VmOperationFailedPayload } from '../state';
 import { TERN_VERSION } from '../version';
 
 function fail(message: string, code: number): never {
@@ -79,6 +79,8 @@ async function main(): Promise<void> {
   vmm.store.events$.subscribe((ev) => {
     if (ev.type === GuestEvents.Panic) failure = `guest panic (${(ev.payload as GuestPanicPayload).detail ?? 'panic'})`;
     else if (ev.type === VmmEvents.VmFailed) failure = (ev.payload as VmFailedPayload).message;
+    // The VM runs at the migration's destination now: this VMM's work is done, as in Cloud Hypervisor.
+    else if (ev.type === MigrationEvents.Finished) void exit(0, 'VM migrated');
     else if (ev.type === VmEvents.Shutdown && ev.source === 'vm' && !args.noShutdown) {
       void exit(failure ? 1 : 0, failure ? `VM failed: ${failure}` : 'guest powered off');
     } else if (ev.type === VmEvents.OperationFailed && (ev.payload as VmOperationFailedPayload).status === 'Shutdown' && !args.apiSocket) {

@@ -65,6 +65,8 @@ export interface MigrationProgress {
   /** percent of vCPU time taken away by auto-converge (0 = none) */
   throttle_percent: number;
   elapsed_ms: number;
+  /** source, once finished: from the pause here to the destination's word that the VM runs */
+  downtime_ms?: number;
   /** why it failed (phase 'failed') */
   error?: string;
 }

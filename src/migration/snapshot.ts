@@ -41,6 +41,10 @@ import {
   type RootState,
 } from '../state';
 import { HostFileError, openRegularFile, parseJsonFile, readRegularFile } from '../util/host-file';
+import { canonicalJson } from './canonical-json';
+import { checkSavedConfig, checkSavedState } from './saved-vm';
+
+export { canonicalJson };
 
 export const SNAPSHOT_CONFIG_FILE = 'config.json';
 export const SNAPSHOT_STATE_FILE = 'state.json';
@@ -109,20 +113,6 @@ export function snapshotDirFromUrl(url: unknown, what: string): string {
   const p = path.resolve(fileURLToPath(u));
   if (p === path.parse(p).root) throw new SnapshotError(`${what} '${url}' names the root directory`);
   return p;
-}
-
-/** JSON with object keys sorted at every level: the same state always gives the same text. */
-export function canonicalJson(v: unknown): string {
-  if (Array.isArray(v)) return `[${v.map(canonicalJson).join(',')}]`;
-  if (typeof v === 'object' && v !== null) {
-    const o = v as Record<string, unknown>;
-    return `{${Object.keys(o)
-      .sort()
-      .filter((k) => o[k] !== undefined)
-      .map((k) => `${JSON.stringify(k)}:${canonicalJson(o[k])}`)
-      .join(',')}}`;
-  }
-  return JSON.stringify(v);
 }
 
 const sha256 = (data: crypto.BinaryLike): string => `sha256:${crypto.createHash('sha256').update(data).digest('hex')}`;
@@ -565,17 +555,8 @@ export function readSnapshot(dir: string): LoadedSnapshot {
   const stateFile = path.join(dir, SNAPSHOT_STATE_FILE);
   const configFile = path.join(dir, SNAPSHOT_CONFIG_FILE);
   const rawConfig = readJson(configFile, MAX_CONFIG_BYTES);
-  // The same checks as vm.create: the paths in it are opened by this process.
-  let config: VmConfig;
-  try {
-    config = checkVmConfig(structuredClone(rawConfig)) as VmConfig;
-  } catch (e) {
-    const chain = (e as { chain?: string[] }).chain ?? [(e as Error).message];
-    throw new SnapshotError(`${configFile}: not a valid VM config (${chain.slice(1).join('; ')})`);
-  }
-  const problems = vmConfigProblems(config);
-  if (problems.length) throw new SnapshotError(`${configFile}: not a valid VM config (${problems.join('; ')})`);
-  if (canonicalJson(config) !== canonicalJson(rawConfig)) throw new SnapshotError(`${configFile}: has fields a VM config does not have`);
+  const snapshotError = (m: string) => new SnapshotError(m);
+  const config = checkSavedConfig(rawConfig, configFile, snapshotError);
 
   const env = readJson(stateFile, MAX_STATE_BYTES) as SnapshotStateFile;
   if (typeof env !== 'object' || env === null || Array.isArray(env) || typeof env.state !== 'object' || env.state === null) {
@@ -597,29 +578,11 @@ export function readSnapshot(dir: string): LoadedSnapshot {
     }
     memorySums = m;
   }
-  let stored: number;
-  let state: RootState;
-  try {
-    stored = rootSchemaVersionOf(env.state);
-    if (env.schema_version !== stored) throw new SnapshotError(`schema_version ${String(env.schema_version)} differs from the state's ${stored}`);
-    const upgraded = upgradeState(env.state);
-    validateState(upgraded);
-    state = upgraded as RootState;
-  } catch (e) {
-    throw new SnapshotError(`${stateFile}: ${(e as Error).message}`);
-  }
-  if (state.vm.status !== 'Paused' || state.vm.config === null) {
-    throw new SnapshotError(`${stateFile}: the VM in it is ${state.vm.status}, not Paused`);
-  }
-  if (canonicalJson(config) !== canonicalJson(state.vm.config)) {
-    throw new SnapshotError(`${configFile}: contradicts the VM config recorded in ${SNAPSHOT_STATE_FILE}`);
-  }
-  // What the machine will set into KVM must all be there (a schema-1 state never had it).
-  if (state.kvm.saved === null) throw new SnapshotError(`${stateFile}: the saved state has no KVM irqchip/PIT/clock state`);
-  const vcpus = state.vm.config.cpus?.boot_vcpus ?? 1;
-  for (let id = 0; id < vcpus; id++) {
-    if (!Object.hasOwn(state.vcpus.saved, String(id))) throw new SnapshotError(`${stateFile}: the saved state has no vCPU ${id}`);
-  }
+  const { state, storedSchemaVersion: stored } = checkSavedState(
+    env.state,
+    { config, statuses: ['Paused'], where: stateFile, configWhere: configFile, stateName: SNAPSHOT_STATE_FILE, declaredSchema: env.schema_version },
+    snapshotError,
+  );
 
   const memoryPath = path.join(dir, SNAPSHOT_MEMORY_FILE);
   const ranges = readMemoryRanges(memoryPath, memorySums?.header);
@@ -632,7 +595,7 @@ export function readSnapshot(dir: string): LoadedSnapshot {
   if (total > os.totalmem()) {
     throw new SnapshotError(`${memoryPath}: declares ${total} bytes of RAM, more than this host's ${os.totalmem()}`);
   }
-  const size = state.vm.config.memory?.size;
+  const size = config.memory?.size;
   if (size !== undefined && size !== total) {
     throw new SnapshotError(`${memoryPath}: holds ${total} bytes of RAM but ${SNAPSHOT_CONFIG_FILE} says memory.size=${size}`);
   }

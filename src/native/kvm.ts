@@ -114,7 +114,7 @@ export interface NativeVcpu {
   getXcrs(): string; setXcrs(b64: string): void;
   /** KVM_GET_MSRS: the entries up to the first MSR KVM cannot read (see readMsrs). */
   getMsrs(indices: number[]): MsrEntry[];
-  /** KVM_SET_MSRS: returns how many were set (stops at the first rejected one). */
+  /** KVM_SET_MSRS: returns how many were set (stops at the first rejected one; see writeMsrs). */
   setMsrs(entries: MsrEntry[]): number;
   getLapic(): string; setLapic(b64: string): void;
   getMpState(): number; setMpState(state: number): void;
@@ -240,7 +240,29 @@ export interface NativeAddon {
   seekHole(fd: number, offset: number): number;
   /** renameat2(from, to, RENAME_NOREPLACE): throws with code EEXIST when `to` exists. */
   renameNoReplace(from: string, to: string): void;
+  /**
+   * sendmsg all of `data` (1..64 KiB) on the UNIX stream socket `socketFd`, with `fds` (at most
+   * 64) as one SCM_RIGHTS message on its first byte. The socket may be non-blocking (a
+   * net.Socket's `_handle.fd`): the call waits with poll() for room, up to timeoutMs in all,
+   * then throws with code 'ETIMEDOUT' (part of `data` may be out by then: drop the
+   * connection). The caller keeps its own copies of `fds`.
+   */
+  sendWithFds(socketFd: number, data: Uint8Array, fds: number[], timeoutMs: number): void;
+  /**
+   * Read exactly `length` bytes (1..64 KiB) from `socketFd` and the descriptors sent with them
+   * (close-on-exec), waiting with poll() up to timeoutMs in all. Never reads past `length`
+   * bytes: what follows stays in the socket for Node. Throws (and closes every descriptor
+   * received) when more than maxFds arrive or the control data was truncated (code
+   * 'EMSGSIZE'), the peer closes first ('ECONNRESET') or the time runs out ('ETIMEDOUT').
+   * The returned fds are the caller's to close.
+   */
+  recvWithFds(socketFd: number, length: number, maxFds: number, timeoutMs: number): { data: Buffer; fds: number[] };
 }
+
+/** The most descriptors sendWithFds/recvWithFds carry in one message. */
+export const MAX_PASSED_FDS = 64;
+/** The most bytes sendWithFds/recvWithFds carry in one call. */
+export const MAX_PASSED_BYTES = 64 * 1024;
 
 /** eventfd(2) flags for NativeAddon.eventfd (default: CLOEXEC | NONBLOCK). */
 export const EventFdFlags = {
@@ -265,6 +287,26 @@ export function readMsrs(vcpu: NativeVcpu, indices: readonly number[]): { entrie
     rest = rest.slice(got.length + 1);
   }
   return { entries, skipped };
+}
+
+/**
+ * Set every MSR of `entries` this vCPU accepts. KVM_SET_MSRS stops at the first MSR it rejects
+ * (an index the destination's KVM does not know, or a value its CPU cannot hold); that one is
+ * skipped and setting goes on after it. Returns how many were set and the rejected indices,
+ * in order.
+ */
+export function writeMsrs(vcpu: NativeVcpu, entries: readonly MsrEntry[]): { set: number; rejected: number[] } {
+  const rejected: number[] = [];
+  let set = 0;
+  let rest = [...entries];
+  while (rest.length > 0) {
+    const n = vcpu.setMsrs(rest);
+    set += n;
+    if (n >= rest.length) break;
+    rejected.push(rest[n].index);
+    rest = rest.slice(n + 1);
+  }
+  return { set, rejected };
 }
 
 let cached: NativeAddon | undefined;

@@ -34,6 +34,14 @@ export interface MigrationIterationPayload {
   bytes: number;
 }
 
+export interface MigrationFinishedPayload {
+  /** from the source's pause to the destination's word that the VM runs there */
+  downtime_ms: number;
+  total_ms: number;
+  bytes: number;
+  iterations: number;
+}
+
 export interface MigrationFailedPayload {
   reason: string;
 }
@@ -45,7 +53,7 @@ export interface MigrationReceivePayload {
 export const migrationEvents = {
   started: eventCreator<MigrationStartedPayload>(MigrationEvents.Started),
   memoryIteration: eventCreator<MigrationIterationPayload>(MigrationEvents.MemoryIteration),
-  finished: eventCreator<null>(MigrationEvents.Finished),
+  finished: eventCreator<MigrationFinishedPayload>(MigrationEvents.Finished),
   failed: eventCreator<MigrationFailedPayload>(MigrationEvents.Failed),
   receiveReady: eventCreator<MigrationReceivePayload>(MigrationEvents.ReceiveReady),
   receiveStarted: eventCreator<MigrationReceivePayload>(MigrationEvents.ReceiveStarted),

@@ -30,10 +30,12 @@ import {
   type AnyDeviceState,
 } from '../devices';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
+import { checkVcpuFitsHost } from '../migration/cpu-compat';
 import { SnapshotError, copyMemoryRange, openMemoryFile, verifyRangeInRam, type MemoryRange } from '../migration/snapshot';
 import {
   native,
   readMsrs,
+  writeMsrs,
   type CpuidEntry,
   type NativeKvm,
   type NativeVcpu,
@@ -48,6 +50,7 @@ import {
   encodeVcpuState,
   kvmEvents,
   vcpuEvents,
+  type RamRegionState,
   type RootState,
   type Store,
 } from '../state';
@@ -77,6 +80,15 @@ export interface MachineOptions {
   restore?: MachineRestore;
   /** the vCPU threads' seccomp filter action (default 'trap') */
   seccomp?: SeccompMode;
+  /** a migration destination: RAM only, filled by the stream; completeIncoming() builds the rest */
+  incoming?: MachineIncoming;
+}
+
+export interface MachineIncoming {
+  /** the RAM layout the source announced */
+  regions: readonly RamRegionState[];
+  /** a local migration's memfds, one per region, mapped shared: the source's RAM itself */
+  fds?: readonly number[];
 }
 
 export interface MachineRestore {
@@ -119,7 +131,12 @@ export class Machine {
   private readonly vm: NativeVm;
   readonly memory: GuestMemory;
   private readonly runners: VcpuRunner[] = [];
-  private readonly console: ConsoleSink;
+  private console?: ConsoleSink;
+  /** each RAM slot's memfd (valid until release) */
+  private readonly slotFds: number[] = [];
+  /** RAM is memfds mapped shared (not a private mapping of a snapshot file) */
+  private sharedRam = true;
+  private throttleTimer?: NodeJS.Timeout;
   private stopReported = false;
   private started = false;
   /** undefined for a restored machine: nothing was loaded */
@@ -129,7 +146,6 @@ export class Machine {
 
   constructor(private readonly opts: MachineOptions) {
     const { store } = opts;
-    const config = withDefaults((opts.restore?.state ?? store.getState()).vm.config as VmConfig);
     this.kvm = native().openKvm();
     try {
       this.vm = this.kvm.createVm();
@@ -140,16 +156,24 @@ export class Machine {
       this.vm.createPit2();
 
       if (opts.restore) {
+        // Before any RAM is read: a guest given CPU features this host lacks would fault on
+        // their first use, long after a restore that seemed to work.
+        const vcpu0 = opts.restore.state.vcpus.saved['0'];
+        if (vcpu0) checkVcpuFitsHost(this.kvm, decodeVcpuState(vcpu0));
         this.memory = this.restoreMemory(opts.restore);
-        this.console = this.openConsole(config.serial);
-        this.restoreVcpus(opts.restore.state);
-        this.restoreVmState(opts.restore.state);
+        this.buildFromState(opts.restore.state);
         return;
       }
+      if (opts.incoming) {
+        this.memory = this.incomingMemory(opts.incoming);
+        return;
+      }
+      const config = withDefaults(store.getState().vm.config as VmConfig);
 
       const layout = ramRegions(config.memory.size);
       const regions = layout.map((r, slot) => {
         const info = this.vm.addMemorySlot({ slot, guestAddress: BigInt(r.guestAddress), size: r.size, name: 'tern-ram' });
+        this.slotFds[slot] = info.fd;
         return new GuestRegion({
           guestAddress: r.guestAddress,
           size: r.size,
@@ -212,9 +236,9 @@ export class Machine {
       const vcpu = this.vm.createVcpu(inputs.id);
       if (inputs.cpuid) vcpu.setCpuid(inputs.cpuid);
       this.cpuids[inputs.id] = inputs.cpuid ?? [];
-      const set = vcpu.setMsrs(inputs.msrs);
-      if (set !== inputs.msrs.length) {
-        this.opts.guestLog.debug('boot-msrs', { vcpu: inputs.id, set, wanted: inputs.msrs.length }, 'KVM accepted only some boot MSRs');
+      const { set, rejected } = writeMsrs(vcpu, inputs.msrs);
+      if (rejected.length > 0) {
+        this.opts.guestLog.debug('boot-msrs', { vcpu: inputs.id, set, wanted: inputs.msrs.length, rejected }, 'KVM accepted only some boot MSRs');
       }
       vcpu.setFpu(inputs.fpu);
       vcpu.setLapic(patchLapicLint(vcpu.getLapic(), inputs.lapic));
@@ -251,6 +275,8 @@ export class Machine {
           deferChunks: true,
           ...(ondemand ? { fromFd: fd, fileOffset: range.fileOffset, privateMap: true } : {}),
         });
+        this.slotFds[slot] = info.fd;
+        if (ondemand) this.sharedRam = false;
         const region = new GuestRegion({
           guestAddress: range.guestAddress,
           size: range.length,
@@ -273,6 +299,78 @@ export class Machine {
     }
   }
 
+  /**
+   * RAM of a migration destination: new zeroed memfds the stream fills, or (local migration)
+   * the source's own memfds mapped shared, so no byte of RAM is copied.
+   */
+  private incomingMemory(inc: MachineIncoming): GuestMemory {
+    if (inc.fds && inc.fds.length !== inc.regions.length) throw new Error(`${inc.fds.length} memory fds for ${inc.regions.length} RAM regions`);
+    const regions = inc.regions.map((r, slot) => {
+      const info = this.vm.addMemorySlot({
+        slot,
+        guestAddress: BigInt(r.guestAddress),
+        size: r.size,
+        name: 'tern-ram',
+        deferChunks: true,
+        ...(inc.fds ? { fromFd: inc.fds[slot], fileOffset: 0 } : {}),
+      });
+      this.slotFds[slot] = info.fd;
+      return new GuestRegion({
+        guestAddress: r.guestAddress,
+        size: r.size,
+        chunks: () => this.vm.memoryChunks(slot),
+        chunkSize: info.chunkSize,
+        dirtyBitmap: this.vm.vmmDirtyBitmap(slot),
+      });
+    });
+    return new GuestMemory(regions);
+  }
+
+  /** A migration destination: build the vCPUs, devices' host ends and KVM state from the received state. */
+  completeIncoming(state: RootState): void {
+    if (!this.opts.incoming || this.console) throw new Error('completeIncoming() is for a migration destination, once');
+    this.buildFromState(state);
+  }
+
+  private buildFromState(state: RootState): void {
+    this.console = this.openConsole(withDefaults(state.vm.config as VmConfig).serial);
+    this.restoreVcpus(state);
+    this.restoreVmState(state);
+  }
+
+  /** Each RAM slot's memfd, for a local migration; undefined when RAM is not shareable. */
+  memoryFds(): number[] | undefined {
+    return this.sharedRam ? [...this.slotFds] : undefined;
+  }
+
+  /** Pages written since the last call (KVM's dirty log OR the VMM's own), one bitmap per region. */
+  dirtyBitmaps(): Uint8Array[] {
+    return this.memory.regions.map((_, slot) => this.vm.getDirtyBitmap(slot));
+  }
+
+  /** The CPUID vCPU 0 was given, and the MSRs this host's KVM saves: what a destination must offer. */
+  cpuFacts(): { cpuid: CpuidEntry[]; msrIndices: number[] } {
+    return { cpuid: this.cpuids[0] ?? [], msrIndices: this.kvm.msrIndexList() };
+  }
+
+  /**
+   * Take `percent` of every period from the vCPUs (auto-converge: a guest that dirties memory
+   * faster than the link carries it is slowed until the rounds shrink). 0 ends the throttle.
+   */
+  throttle(percent: number, periodMs = 100): void {
+    clearInterval(this.throttleTimer);
+    this.throttleTimer = undefined;
+    if (percent <= 0) return;
+    const off = Math.min(0.99, percent / 100) * periodMs;
+    this.throttleTimer = setInterval(() => {
+      for (const r of this.runners) r.vcpu.requestPause();
+      setTimeout(() => {
+        if (this.throttleTimer) for (const r of this.runners) if (r.isRunning) r.resume();
+      }, off).unref();
+    }, periodMs);
+    this.throttleTimer.unref();
+  }
+
   private restoreVcpus(state: RootState): void {
     const count = withDefaults(state.vm.config as VmConfig).cpus.boot_vcpus;
     for (let id = 0; id < count; id++) {
@@ -289,9 +387,11 @@ export class Machine {
       vcpu.setXsave(s.xsave);
       vcpu.setXcrs(s.xcrs);
       vcpu.setLapic(s.lapic);
-      const set = vcpu.setMsrs(s.msrs);
-      if (set !== s.msrs.length) {
-        this.opts.log.warn({ vcpu: id, set, wanted: s.msrs.length, rejected: s.msrs[set]?.index }, 'KVM rejected a saved MSR');
+      // Every MSR this KVM takes is set, the ones it rejects are skipped (a destination whose
+      // KVM lacks one of the source's): one line per vCPU names them all.
+      const { set, rejected } = writeMsrs(vcpu, s.msrs);
+      if (rejected.length > 0) {
+        this.opts.log.warn({ vcpu: id, set, wanted: s.msrs.length, rejected: rejected.map((i) => `0x${i.toString(16)}`) }, 'KVM rejected saved MSRs');
       }
       vcpu.setVcpuEvents(s.vcpuEvents);
       vcpu.setDebugRegs(s.debugRegs);
@@ -309,7 +409,7 @@ export class Machine {
 
   start(): void {
     this.started = true;
-    this.console.onInput((bytes) => this.acceptConsoleInput(bytes));
+    this.console!.onInput((bytes) => this.acceptConsoleInput(bytes));
     for (const r of this.runners) r.start();
   }
 
@@ -337,7 +437,7 @@ export class Machine {
         const r = dispatchIoExit(this.opts.store, exit, Date.now() * 1e6);
         if (r.effects.length) this.runEffects(r.effects);
         // The guest reading its receive buffer makes room for held console input.
-        if (exit.kind === 'io' && exit.direction === 'in' && exit.port === COM1_BASE) this.console.offerHeldInput();
+        if (exit.kind === 'io' && exit.direction === 'in' && exit.port === COM1_BASE) this.console!.offerHeldInput();
         return r.value;
       }
       case 'hlt':
@@ -374,7 +474,7 @@ export class Machine {
     for (const e of effects) {
       switch (e.type) {
         case 'console.output':
-          this.console.write(e.bytes);
+          this.console!.write(e.bytes);
           break;
         case 'irq.pulse':
           this.vm.irqLine(e.gsi, 1);
@@ -401,6 +501,7 @@ export class Machine {
   private reportStop(stop: MachineStop): void {
     if (this.stopReported) return;
     this.stopReported = true;
+    this.throttle(0);
     // Stop every vCPU now: no guest instruction may run after a poweroff or reset request.
     for (const r of this.runners) r.vcpu.requestPause();
     setImmediate(() => this.opts.onStop(stop));
@@ -412,7 +513,8 @@ export class Machine {
    * raises an interrupt while the VM is paused.
    */
   async pause(): Promise<void> {
-    this.console.pauseInput();
+    this.throttle(0);
+    this.console!.pauseInput();
     await Promise.all(this.runners.map((r) => r.pause()));
     // kvmclock first, as close as possible to the moment the vCPUs stopped: the guest's TSC is
     // saved with its vCPU, and every millisecond between the two reads would be guest time
@@ -448,7 +550,7 @@ export class Machine {
       return;
     }
     for (const r of this.runners) r.resume();
-    this.console.resumeInput();
+    this.console!.resumeInput();
   }
 
   private readVcpuState(vcpu: NativeVcpu, msrIndices: number[]) {
@@ -471,6 +573,7 @@ export class Machine {
 
   /** Stop every vCPU thread and wait for them. */
   async stop(): Promise<void> {
+    this.throttle(0);
     await Promise.all(this.runners.map((r) => r.stop()));
   }
 

@@ -5,6 +5,8 @@ import type { Logger } from 'pino';
 import type { ConsoleConfig, VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import type { MigrationProgress, ReceiveMigrationOptions, SendMigrationOptions } from '../migration/migration-options';
+import { MigrationReceiver } from '../migration/receive-migration';
+import { MigrationError, MigrationSender } from '../migration/send-migration';
 import { SnapshotError, readSnapshot, snapshotDirFromUrl, writeSnapshot } from '../migration/snapshot';
 import type { SeccompMode } from '../native/kvm';
 import { createStore, vmConfigProblems, vmEvents, vmmEvents, type GuestStop, type RootState, type Store, type VmStatus } from '../state';
@@ -62,6 +64,8 @@ export class Vmm {
   /** lines the guest can trigger (resets, poweroffs, sleep requests), rate-limited */
   private readonly guestLog: GuestLog;
   private machine?: Machine;
+  /** the migration in progress, or the last one (for vm.migration-progress) */
+  private migration?: MigrationSender | MigrationReceiver;
   /** serializes lifecycle actions: a reboot requested by the guest must not race an API call */
   private queue: Promise<unknown> = Promise.resolve();
 
@@ -88,6 +92,7 @@ export class Vmm {
 
   create(config: VmConfig): Promise<void> {
     return this.serialize(() => {
+      this.refuseWhileReceiving();
       this.store.dispatch(vmEvents.created(config));
     });
   }
@@ -221,6 +226,7 @@ export class Vmm {
    */
   restore(opts: RestoreOptions): Promise<void> {
     return this.serialize(async () => {
+      this.refuseWhileReceiving();
       this.store.dispatch(vmEvents.restoring());
       let machine: Machine | undefined;
       try {
@@ -255,11 +261,24 @@ export class Vmm {
   /**
    * Start sending the VM to a receiving VMM (vm.send-migration). Resolves once the migration
    * has started in the background (connected, handshake accepted); its end is reported by the
-   * migration events. Rejects when it cannot start; the VM is then untouched.
+   * migration events. Rejects when it cannot start; the VM is then untouched. When it has
+   * finished, the VM here is shut down: it runs at the destination now.
    */
-  sendMigration(opts: SendMigrationOptions): Promise<void> {
-    void opts;
-    return Promise.reject(new Error('live migration is not available in this build'));
+  async sendMigration(opts: SendMigrationOptions): Promise<void> {
+    if (this.migration?.active) throw new MigrationError('a migration is already in progress');
+    const sender = new MigrationSender(
+      { store: this.store, log: this.log, machine: () => this.machine, exclusive: (fn) => this.serialize(fn) },
+      opts,
+    );
+    this.migration = sender;
+    await sender.start();
+    void sender.done!.then(async (moved) => {
+      if (!moved) return;
+      await this.serialize(async () => {
+        if (this.state.vm.status === 'Running' || this.state.vm.status === 'Paused') this.store.dispatch(vmEvents.shutdown('migration'));
+        await this.destroyMachine();
+      });
+    });
   }
 
   /**
@@ -267,19 +286,62 @@ export class Vmm {
    * when the VM runs here (or is paused, if it was paused at the source), rejects when the
    * migration failed, after everything received was discarded.
    */
-  receiveMigration(opts: ReceiveMigrationOptions): Promise<void> {
-    void opts;
-    return Promise.reject(new Error('live migration is not available in this build'));
+  async receiveMigration(opts: ReceiveMigrationOptions): Promise<void> {
+    if (this.migration?.active) throw new MigrationError('a migration is already in progress');
+    if (this.state.vm.status !== 'NotCreated') throw new MigrationError(`a VM already exists here (${this.state.vm.status})`);
+    const receiver = new MigrationReceiver(
+      {
+        store: this.store,
+        log: this.log,
+        prepare: (regions, fds) => {
+          const m: Machine = new Machine({
+            store: this.store,
+            log: this.log,
+            seccomp: this.opts.seccomp,
+            guestLog: this.guestLog,
+            serialFileMaxBytes: this.opts.serialFileMaxBytes,
+            onStop: (s) => this.onMachineStop(m, s),
+            incoming: { regions, fds },
+          });
+          return m;
+        },
+        cpuProblems: (cpuid, msrIndices) => hostCpuProblems(cpuid, msrIndices),
+        install: (m, state) => this.serialize(() => this.installMigratedVm(m as Machine, state)),
+      },
+      opts,
+    );
+    this.migration = receiver;
+    await receiver.receive();
+  }
+
+  /** The received VM becomes this VMM's, running unless it was paused at the source. */
+  private async installMigratedVm(machine: Machine, state: RootState): Promise<void> {
+    if (this.state.vm.status !== 'NotCreated') throw new MigrationError(`a VM was created here during the migration (${this.state.vm.status})`);
+    this.store.replaceState({ ...state, vm: { ...state.vm, pending: null } } as RootState, 'migration');
+    this.machine = machine;
+    if (state.vm.status !== 'Running') return;
+    try {
+      machine.resume();
+    } catch (e) {
+      this.machine = undefined;
+      this.store.replaceState(createStore().getState(), 'migration');
+      throw e;
+    }
   }
 
   /** The migration in progress or the last one that ended; null if there was none. */
   migrationProgress(): MigrationProgress | null {
-    return null;
+    return this.migration?.progress() ?? null;
   }
 
   /** Cancel the migration in progress (either side); throws if there is none. */
   cancelMigration(): void {
-    throw new Error('no migration is in progress');
+    if (!this.migration?.active) throw new MigrationError('no migration is in progress');
+    this.migration.cancel();
+  }
+
+  private refuseWhileReceiving(): void {
+    if (this.migration instanceof MigrationReceiver && this.migration.active) throw new MigrationError('a migration is being received');
   }
 
   /**
@@ -321,6 +383,13 @@ export class Vmm {
 
   /** Delete any VM and record the VMM's shutdown; the caller then ends the process. Idempotent. */
   shutdownVmm(): Promise<void> {
+    if (this.migration?.active) {
+      try {
+        this.migration.cancel('the VMM is shutting down');
+      } catch {
+        /* handed over already: the shutdown below ends it */
+      }
+    }
     this.vmmShutdown ??= this.serialize(async () => {
       try {
         await this.deleteNow(true);
@@ -419,4 +488,11 @@ function guestStopFor(stop: MachineStop): GuestStop {
 
 function errorMessage(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
+}
+
+// PLACEHOLDER-CPU: replaced by the CPU compatibility check
+function hostCpuProblems(cpuid: readonly unknown[], msrIndices: readonly number[]): string[] {
+  void cpuid;
+  void msrIndices;
+  return [];
 }

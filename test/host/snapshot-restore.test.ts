@@ -9,6 +9,7 @@ import path from 'node:path';
 import zlib from 'node:zlib';
 
 import { TernApiError, TernClient } from '../../src/api/client';
+import { native } from '../../src/native/kvm';
 import { REPO, runTernRemote, waitForPath } from '../support/processes';
 import { editState } from '../support/snapshot-edit';
 import type { GuestProcess } from '../linux/guest-process';
@@ -130,6 +131,32 @@ async function corruptCase(t: import('ava').ExecutionContext, name: string, brea
 }
 
 
+/**
+ * A feature of leaf 7.0 EBX this host's KVM cannot give a guest, for a snapshot that claims it
+ * was taken on a CPU that had it (a guest moved from a newer host).
+ */
+function featureThisHostLacks(): { name: string; bit: number } {
+  const kvm = native().openKvm();
+  try {
+    const l7 = kvm.supportedCpuid().find((e) => e.function === 7 && e.index === 0);
+    const ebx = (l7?.ebx ?? 0) >>> 0;
+    const candidates: [string, number][] = [['avx512f', 16], ['avx512bw', 30], ['avx512cd', 28], ['sha_ni', 29], ['avx2', 5], ['bmi2', 8]];
+    const found = candidates.find(([, bit]) => !(ebx & (1 << bit)));
+    if (!found) throw new Error('this host has every candidate feature');
+    return { name: found[0], bit: found[1] };
+  } finally {
+    kvm.close();
+  }
+}
+const LACKED = featureThisHostLacks();
+
+function claimFeature(d: string): void {
+  editState(d, (e) => {
+    const l7 = e.state.vcpus.saved['0'].cpuid.find((x: { function: number; index: number }) => x.function === 7 && x.index === 0);
+    l7.ebx = (l7.ebx | (1 << LACKED.bit)) >>> 0;
+  });
+}
+
 // Every way of breaking a snapshot is checked without KVM in test/unit/snapshot-files.test.ts;
 // here a few go through the real CLI (exit 1, the error on stderr, nothing written), among them
 // the one only a real copy restore finds: guest RAM altered in memory-ranges.
@@ -147,6 +174,11 @@ const CORRUPTIONS: [string, (d: string) => void, RegExp][] = [
     fs.closeSync(fd);
   }, /memory-ranges: range 0 \(guest 0x0\) fails the checksum recorded in state\.json/],
   ['no such directory', (d) => fs.rmSync(d, { recursive: true }), /no such directory/],
+  [
+    'saved CPUID claims a feature this host lacks',
+    claimFeature,
+    new RegExp(`this host cannot run the guest's CPU: feature ${LACKED.name} \\(leaf 0x7\\.0 ebx bit ${LACKED.bit}\\)`),
+  ],
 ];
 
 for (const [name, breakIt, expected] of CORRUPTIONS) {

@@ -1,0 +1,162 @@
+// The migration stream's framing. Every frame is a 16-byte header and a payload:
+//
+//   0  magic "TMIG"   4  u16 type   6  u16 reserved (0)   8  u32 payload length
+//   12 u32 CRC-32 over header bytes 0..11 and then the payload
+//
+// (little-endian). The receiver checks the magic, the type, the length against that type's cap
+// before it waits for the payload, and the CRC before it looks at a byte of the payload, so a
+// corrupt, truncated or hostile stream is refused at the first frame it cannot verify.
+import zlib from 'node:zlib';
+import { TernStateError } from '../state/errors';
+
+export const FRAME_MAGIC = 0x47494d54; // "TMIG"
+export const FRAME_HEADER_BYTES = 16;
+
+export enum FrameType {
+  /** source → destination: protocol and schema versions, CPU, memory layout (JSON) */
+  Hello = 1,
+  /** destination → source: the handshake is accepted (JSON) */
+  Accept = 2,
+  /** source → destination: the VM config (JSON) */
+  Config = 3,
+  /** source → destination: the whole store state when the migration starts (JSON) */
+  State = 4,
+  /** source → destination: guest pages (binary, see memory-frames.ts) */
+  Memory = 5,
+  /** source → destination: a memory round ended; the state patches since the last (JSON) */
+  Round = 6,
+  /** source → destination: the VM is paused here; the last patches (saved vCPU/KVM state) */
+  Final = 7,
+  /** source → destination: nothing more follows; build the VM */
+  Complete = 8,
+  /** destination → source: the VM is built here and waits for Commit */
+  Ready = 9,
+  /** source → destination: this side has given the VM up; run it */
+  Commit = 10,
+  /** destination → source: the VM runs (or is paused as it was) here */
+  Running = 11,
+  /** either way: the sender gives up, with the reason (JSON) */
+  Abort = 12,
+}
+
+/** Largest payload per type; a header announcing more is refused before its payload is read. */
+const MAX_PAYLOAD: Record<FrameType, number> = {
+  [FrameType.Hello]: 1 << 20,
+  [FrameType.Accept]: 64 << 10,
+  [FrameType.Config]: 1 << 20,
+  [FrameType.State]: 64 << 20,
+  [FrameType.Memory]: 17 << 20,
+  [FrameType.Round]: 64 << 20,
+  [FrameType.Final]: 64 << 20,
+  [FrameType.Complete]: 0,
+  [FrameType.Ready]: 64 << 10,
+  [FrameType.Commit]: 0,
+  [FrameType.Running]: 64 << 10,
+  [FrameType.Abort]: 64 << 10,
+};
+
+export class MigrationProtocolError extends TernStateError {
+  constructor(message: string) {
+    super('MigrationProtocol', message);
+  }
+}
+
+export interface Frame {
+  type: FrameType;
+  payload: Buffer;
+}
+
+function frameCrc(header: Buffer, payload: Uint8Array): number {
+  return zlib.crc32(payload, zlib.crc32(header.subarray(0, 12)));
+}
+
+/** The header of a frame carrying `payload`; write it, then the payload itself. */
+export function frameHeader(type: FrameType, payload: Uint8Array): Buffer {
+  if (payload.length > MAX_PAYLOAD[type]) throw new MigrationProtocolError(`${FrameType[type]} frame of ${payload.length} bytes exceeds its cap of ${MAX_PAYLOAD[type]}`);
+  const h = Buffer.alloc(FRAME_HEADER_BYTES);
+  h.writeUInt32LE(FRAME_MAGIC, 0);
+  h.writeUInt16LE(type, 4);
+  h.writeUInt16LE(0, 6);
+  h.writeUInt32LE(payload.length, 8);
+  h.writeUInt32LE(frameCrc(h, payload), 12);
+  return h;
+}
+
+/** A whole frame in one buffer (for small frames). */
+export function encodeFrame(type: FrameType, payload: Uint8Array = Buffer.alloc(0)): Buffer {
+  return Buffer.concat([frameHeader(type, payload), payload]);
+}
+
+export function encodeJsonFrame(type: FrameType, value: unknown): Buffer {
+  return encodeFrame(type, Buffer.from(JSON.stringify(value)));
+}
+
+/** Parse a JSON payload; what it must look like is the caller's to check. */
+export function frameJson(frame: Frame): unknown {
+  try {
+    return JSON.parse(frame.payload.toString('utf8'));
+  } catch {
+    throw new MigrationProtocolError(`${FrameType[frame.type]} frame: payload is not JSON`);
+  }
+}
+
+/**
+ * Splits a byte stream into verified frames. push() takes bytes as they arrive and returns the
+ * frames completed so far; it throws MigrationProtocolError at the first bad header or CRC.
+ */
+export class FrameDecoder {
+  private chunks: Buffer[] = [];
+  private buffered = 0;
+  private header?: { type: FrameType; length: number; crc: number; raw: Buffer };
+  private failed = false;
+
+  /** bytes held waiting for the rest of a frame */
+  get pendingBytes(): number {
+    return this.buffered;
+  }
+
+  private take(n: number): Buffer {
+    const all = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks, this.buffered);
+    this.buffered -= n;
+    this.chunks = this.buffered > 0 ? [all.subarray(n)] : [];
+    return all.subarray(0, n);
+  }
+
+  push(chunk: Buffer): Frame[] {
+    if (this.failed) throw new MigrationProtocolError('the stream was already refused');
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    const out: Frame[] = [];
+    try {
+      for (;;) {
+        if (!this.header) {
+          if (this.buffered < FRAME_HEADER_BYTES) break;
+          const raw = this.take(FRAME_HEADER_BYTES);
+          const magic = raw.readUInt32LE(0);
+          if (magic !== FRAME_MAGIC) throw new MigrationProtocolError(`bad frame magic 0x${magic.toString(16)}`);
+          const type = raw.readUInt16LE(4) as FrameType;
+          if (!(type in MAX_PAYLOAD)) throw new MigrationProtocolError(`unknown frame type ${type}`);
+          if (raw.readUInt16LE(6) !== 0) throw new MigrationProtocolError(`${FrameType[type]} frame: reserved header bits set`);
+          const length = raw.readUInt32LE(8);
+          if (length > MAX_PAYLOAD[type]) throw new MigrationProtocolError(`${FrameType[type]} frame announces ${length} bytes, more than its cap of ${MAX_PAYLOAD[type]}`);
+          this.header = { type, length, crc: raw.readUInt32LE(12), raw };
+        }
+        const h = this.header;
+        if (this.buffered < h.length) break;
+        const payload = h.length ? this.take(h.length) : Buffer.alloc(0);
+        if (frameCrc(h.raw, payload) !== h.crc) throw new MigrationProtocolError(`${FrameType[h.type]} frame: checksum mismatch`);
+        this.header = undefined;
+        out.push({ type: h.type, payload });
+      }
+    } catch (e) {
+      this.failed = true;
+      throw e;
+    }
+    return out;
+  }
+
+  /** The stream ended: anything held is a truncated frame. */
+  end(): void {
+    if (this.header || this.buffered) throw new MigrationProtocolError('the stream ended inside a frame (truncated)');
+  }
+}

@@ -1,0 +1,201 @@
+// Guest pages in Memory frames. A payload is a sequence of records:
+//
+//   u64 guest address   u32 page count   u32 kind (0: the pages' bytes follow; 1: all zero)
+//
+// The source copies pages out of guest RAM into the frame before it checksums it (the guest may
+// rewrite a page a moment later; the dirty log sends it again in the next round). Pages that are
+// all zero travel as a zero record: round 0 skips them entirely (a new guest's RAM is zero).
+import { native } from '../native/kvm';
+import type { GuestMemory, GuestRegion } from '../memory/guest-memory';
+import { MigrationProtocolError } from './frames';
+
+export const PAGE = 4096;
+const RECORD_HEADER = 16;
+/** a Memory frame's page data (below the frame cap of 17 MiB with room for the records) */
+export const MEMORY_FRAME_DATA_BYTES = 16 << 20;
+/** pages scanned for zeros at a time */
+const SCAN_PAGES = 1024;
+
+const enum RecordKind {
+  Data = 0,
+  Zero = 1,
+}
+
+/** Builds one Memory frame's payload at a time. */
+export class MemoryFrameBuilder {
+  private buf = Buffer.allocUnsafe(MEMORY_FRAME_DATA_BYTES + (RECORD_HEADER << 10));
+  private used = 0;
+  private records = 0;
+  /** pages added since the builder was made (all frames) */
+  pages = 0;
+  /** page bytes in the frame being built */
+  dataBytes = 0;
+
+  get empty(): boolean {
+    return this.records === 0;
+  }
+
+  /** room for a data record of `pages` pages, or for another record at all */
+  fits(pages: number): boolean {
+    return this.used + RECORD_HEADER + pages * PAGE <= this.buf.length && this.records < 1024;
+  }
+
+  private header(gpa: number, pages: number, kind: RecordKind): void {
+    this.buf.writeBigUInt64LE(BigInt(gpa), this.used);
+    this.buf.writeUInt32LE(pages, this.used + 8);
+    this.buf.writeUInt32LE(kind, this.used + 12);
+    this.used += RECORD_HEADER;
+    this.records++;
+    this.pages += pages;
+  }
+
+  addData(gpa: number, bytes: Uint8Array): void {
+    this.header(gpa, bytes.length / PAGE, RecordKind.Data);
+    this.buf.set(bytes, this.used);
+    this.used += bytes.length;
+    this.dataBytes += bytes.length;
+  }
+
+  addZero(gpa: number, pages: number): void {
+    this.header(gpa, pages, RecordKind.Zero);
+  }
+
+  /** The payload so far (a copy: the builder is reused), and start over. */
+  take(): Buffer {
+    const out = Buffer.from(this.buf.subarray(0, this.used));
+    this.used = 0;
+    this.records = 0;
+    this.dataBytes = 0;
+    return out;
+  }
+}
+
+/** [offset, offset+len) of a region as one view, or a copy when it spans chunks. */
+function regionBytes(region: GuestRegion, offset: number, len: number): Uint8Array {
+  return region.view(offset, len) ?? region.read(offset, len);
+}
+
+/**
+ * Feed the pages [firstPage, firstPage+count) of `region` to the builder: non-zero runs as data,
+ * zero runs as zero records unless `skipZero` (round 0). Calls `flush` whenever the frame is full.
+ */
+async function addPages(
+  b: MemoryFrameBuilder,
+  region: GuestRegion,
+  firstPage: number,
+  count: number,
+  skipZero: boolean,
+  flush: () => Promise<void>,
+): Promise<void> {
+  const { zeroPages } = native();
+  for (let p = firstPage; p < firstPage + count; ) {
+    const n = Math.min(SCAN_PAGES, firstPage + count - p);
+    const bytes = regionBytes(region, p * PAGE, n * PAGE);
+    const zero = zeroPages(bytes);
+    for (let i = 0; i < n; ) {
+      let j = i;
+      while (j < n && zero[j] === zero[i]) j++;
+      const gpa = region.guestAddress + (p + i) * PAGE;
+      if (zero[i] === 1) {
+        if (!skipZero) {
+          if (!b.fits(0)) await flush();
+          b.addZero(gpa, j - i);
+        }
+      } else {
+        for (let k = i; k < j; ) {
+          if (!b.fits(1)) await flush();
+          const room = Math.floor((MEMORY_FRAME_DATA_BYTES - b.dataBytes) / PAGE);
+          const take = Math.max(1, Math.min(j - k, room));
+          b.addData(region.guestAddress + (p + k) * PAGE, bytes.subarray(k * PAGE, (k + take) * PAGE));
+          k += take;
+        }
+      }
+      i = j;
+    }
+    p += n;
+  }
+}
+
+/** Round 0: every page of guest RAM that is not all zero. */
+export async function addAllNonZeroPages(b: MemoryFrameBuilder, memory: GuestMemory, flush: () => Promise<void>): Promise<void> {
+  for (const region of memory.regions) await addPages(b, region, 0, region.size / PAGE, true, flush);
+}
+
+/** A later round: the pages set in each region's dirty bitmap (one bit per page). */
+export async function addDirtyPages(
+  b: MemoryFrameBuilder,
+  memory: GuestMemory,
+  bitmaps: readonly Uint8Array[],
+  flush: () => Promise<void>,
+): Promise<void> {
+  for (let r = 0; r < memory.regions.length; r++) {
+    const region = memory.regions[r];
+    const bits = bitmaps[r];
+    const pages = region.size / PAGE;
+    for (let p = 0; p < pages; ) {
+      if (bits[p >> 3] === 0 && (p & 7) === 0) {
+        p += 8;
+        continue;
+      }
+      if (!(bits[p >> 3] & (1 << (p & 7)))) {
+        p++;
+        continue;
+      }
+      let q = p + 1;
+      while (q < pages && bits[q >> 3] & (1 << (q & 7))) q++;
+      await addPages(b, region, p, q - p, false, flush);
+      p = q;
+    }
+  }
+}
+
+/** Pages set in the bitmaps. */
+export function countDirtyPages(bitmaps: readonly Uint8Array[]): number {
+  let n = 0;
+  for (const bits of bitmaps) {
+    for (let i = 0; i < bits.length; i++) {
+      let v = bits[i];
+      while (v) {
+        v &= v - 1;
+        n++;
+      }
+    }
+  }
+  return n;
+}
+
+/**
+ * Destination: write one Memory frame's records into guest RAM. Every record must lie inside
+ * one region of the layout the handshake announced; anything else refuses the stream.
+ * Returns the number of pages written.
+ */
+export function applyMemoryFrame(memory: GuestMemory, payload: Buffer): number {
+  let off = 0;
+  let pages = 0;
+  while (off < payload.length) {
+    if (payload.length - off < RECORD_HEADER) throw new MigrationProtocolError('Memory frame: truncated record header');
+    const gpa = payload.readBigUInt64LE(off);
+    const count = payload.readUInt32LE(off + 8);
+    const kind = payload.readUInt32LE(off + 12);
+    off += RECORD_HEADER;
+    if (gpa % BigInt(PAGE) !== 0n || gpa > BigInt(Number.MAX_SAFE_INTEGER) || count === 0) {
+      throw new MigrationProtocolError('Memory frame: record address not page-aligned or page count zero');
+    }
+    const addr = Number(gpa);
+    const len = count * PAGE;
+    const region = memory.regions.find((r) => r.contains(addr, len));
+    if (!region) throw new MigrationProtocolError(`Memory frame: pages 0x${addr.toString(16)}+${len} lie outside guest RAM`);
+    const at = addr - region.guestAddress;
+    if (kind === RecordKind.Data) {
+      if (payload.length - off < len) throw new MigrationProtocolError('Memory frame: record data truncated');
+      region.write(at, payload.subarray(off, off + len));
+      off += len;
+    } else if (kind === RecordKind.Zero) {
+      region.fill(at, len, 0);
+    } else {
+      throw new MigrationProtocolError(`Memory frame: unknown record kind ${kind}`);
+    }
+    pages += count;
+  }
+  return pages;
+}

@@ -1,0 +1,247 @@
+// The destination side of a live migration. Everything the source sends is untrusted: the
+// handshake is checked before anything is set up, every frame is verified (frames.ts), pages
+// must fall inside the announced RAM, and the state - the source's whole store, kept here as a
+// shadow the Round/Final patches are applied to - passes the same upgraders and checks as a
+// restored snapshot before a VM is built from it. Nothing is replayed: the VM is constructed
+// from that state and the received RAM. Any failure discards it all; the VMM can receive again.
+import type net from 'node:net';
+import type { Logger } from 'pino';
+import type { VmConfig } from '../config/vm-config';
+import type { GuestMemory } from '../memory/guest-memory';
+import { native, type CpuidEntry } from '../native/kvm';
+import { applyStatePatches, decodeVcpuState, migrationEvents, type RamRegionState, type RootState, type StatePatch, type Store } from '../state';
+import { FrameChannel } from './frame-channel';
+import { FrameType, MigrationProtocolError, frameJson } from './frames';
+import { MIGRATION_PROTOCOL_VERSION, checkHello, type Hello } from './handshake';
+import { applyMemoryFrame } from './memory-frames';
+import type { MigrationPhase, MigrationProgress, ReceiveMigrationOptions } from './migration-options';
+import { describeAddress, listenMigration, parseMigrationUrl } from './migration-url';
+import { receivePreamble } from './preamble';
+import { checkSavedConfig, checkSavedState } from './saved-vm';
+import { MigrationError, errorText } from './send-migration';
+
+/** A machine being received into: RAM first, the rest once the state is complete. */
+export interface IncomingMachine {
+  readonly memory: GuestMemory;
+  completeIncoming(state: RootState): void;
+  destroy(): Promise<void>;
+}
+
+export interface DestinationVm {
+  store: Store<RootState>;
+  log: Logger;
+  /** RAM for the announced layout (local: mapping the source's memfds) */
+  prepare(regions: readonly RamRegionState[], fds?: readonly number[]): IncomingMachine;
+  /**
+   * Problems that keep this host from running a guest given this CPUID and these saved MSRs
+   * (empty when it can).
+   */
+  cpuProblems(cpuid: readonly CpuidEntry[], msrIndices: readonly number[]): string[];
+  /** Make the built machine and its state the VMM's VM, running unless it was paused. */
+  install(machine: IncomingMachine, state: RootState): Promise<void>;
+}
+
+/** the source must keep talking while it sends (it builds no VM on its side) */
+const SOURCE_IDLE_MS = 60_000;
+const PREAMBLE_TIMEOUT_MS = 10_000;
+const MAX_PATH_DEPTH = 64;
+const RESERVED_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
+
+function checkPatches(raw: unknown, where: string): StatePatch[] {
+  const list = (raw as { patches?: unknown })?.patches;
+  if (!Array.isArray(list)) throw new MigrationProtocolError(`${where}: no patch list`);
+  for (const p of list) {
+    const ok =
+      typeof p === 'object' && p !== null &&
+      (p.op === 'add' || p.op === 'replace' || p.op === 'remove') &&
+      Array.isArray(p.path) && p.path.length <= MAX_PATH_DEPTH &&
+      p.path.every((k: unknown) => (typeof k === 'string' && !RESERVED_KEYS.has(k)) || (Number.isSafeInteger(k) && (k as number) >= 0)) &&
+      (p.op === 'remove' || 'value' in p);
+    if (!ok) throw new MigrationProtocolError(`${where}: malformed state patch`);
+  }
+  return list as StatePatch[];
+}
+
+export class MigrationReceiver {
+  private phase: MigrationPhase = 'listening';
+  private readonly startedAt = Date.now();
+  private server?: net.Server;
+  private channel?: FrameChannel;
+  private machine?: IncomingMachine;
+  private fds: number[] = [];
+  private iteration = 0;
+  private error?: string;
+  private cancelled?: string;
+  private rejectWait?: (e: Error) => void;
+
+  constructor(
+    private readonly vm: DestinationVm,
+    private readonly opts: ReceiveMigrationOptions,
+  ) {}
+
+  get active(): boolean {
+    return this.phase !== 'finished' && this.phase !== 'failed';
+  }
+
+  progress(): MigrationProgress {
+    return {
+      role: 'receive',
+      phase: this.phase,
+      url: this.opts.receiver_url,
+      local: this.fds.length > 0,
+      iteration: this.iteration,
+      bytes_transferred: this.channel?.bytesRead ?? 0,
+      bytes_remaining: 0,
+      dirty_rate_bytes_per_s: 0,
+      link_rate_bytes_per_s: 0,
+      estimated_downtime_ms: 0,
+      throttle_percent: 0,
+      elapsed_ms: Date.now() - this.startedAt,
+      ...(this.error !== undefined && { error: this.error }),
+    };
+  }
+
+  cancel(reason = 'cancelled by the client'): void {
+    if (!this.active) throw new MigrationError('no migration is in progress');
+    if (this.phase === 'finished') throw new MigrationError('too late to cancel: the VM runs here');
+    this.cancelled = reason;
+    this.channel?.abort(reason);
+    this.rejectWait?.(new MigrationError(reason));
+  }
+
+  /** Listen, receive one VM, build it. Resolves when it runs here; rejects after discarding it all. */
+  async receive(): Promise<void> {
+    try {
+      const address = parseMigrationUrl(this.opts.receiver_url, 'receiver_url');
+      this.server = await listenMigration(address);
+      this.vm.store.dispatch(migrationEvents.receiveReady({ receiver_url: this.opts.receiver_url }));
+      this.vm.log.info({ url: describeAddress(address) }, 'waiting for a migration');
+      const socket = await this.accept();
+      // One source per receive: nobody else gets in while this one is handled.
+      this.server.close();
+      if (address.kind === 'unix') {
+        const pre = receivePreamble(socket, PREAMBLE_TIMEOUT_MS);
+        this.fds = pre.fds;
+        if (pre.protocol !== MIGRATION_PROTOCOL_VERSION) {
+          throw new MigrationProtocolError(`protocol version ${pre.protocol} is not supported (this VMM speaks ${MIGRATION_PROTOCOL_VERSION})`);
+        }
+      }
+      this.channel = new FrameChannel(socket, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source' });
+      socket.resume();
+      await this.receiveVm();
+    } catch (e) {
+      const reason = this.cancelled ?? errorText(e);
+      this.channel?.abort(reason);
+      await this.discard();
+      this.phase = 'failed';
+      this.error = reason;
+      this.vm.log.warn({ reason }, 'migration receive failed');
+      this.vm.store.dispatch(migrationEvents.receiveFailed({ reason }));
+      throw e instanceof MigrationError ? e : new MigrationError(reason);
+    } finally {
+      this.server?.close();
+      this.closeFds();
+    }
+  }
+
+  private accept(): Promise<net.Socket> {
+    return new Promise((resolve, reject) => {
+      this.rejectWait = reject;
+      this.server!.once('connection', (s: net.Socket) => {
+        this.rejectWait = undefined;
+        resolve(s);
+      });
+      this.server!.once('error', (e) => reject(new MigrationError(`listening failed: ${e.message}`)));
+    });
+  }
+
+  private closeFds(): void {
+    for (const fd of this.fds.splice(0)) {
+      try {
+        native().closeFd(fd);
+      } catch {
+        /* already closed */
+      }
+    }
+  }
+
+  private async discard(): Promise<void> {
+    const m = this.machine;
+    this.machine = undefined;
+    await m?.destroy().catch((err) => this.vm.log.error({ err }, 'releasing the half-received VM failed'));
+  }
+
+  private async receiveVm(): Promise<void> {
+    const ch = this.channel!;
+    const error = (m: string) => new MigrationProtocolError(m);
+    this.phase = 'receiving';
+
+    const hello: Hello = checkHello(frameJson(await ch.expect(FrameType.Hello)), { fds: this.fds.length });
+    const problems = this.vm.cpuProblems(hello.cpuid, hello.msrIndices);
+    if (problems.length) throw new MigrationError(`this host cannot run the guest's CPU: ${problems.join('; ')}`);
+    this.machine = this.vm.prepare(hello.regions, hello.local ? this.fds : undefined);
+    this.closeFds(); // the slots hold their own duplicates
+    await ch.sendJson(FrameType.Accept, { protocol: MIGRATION_PROTOCOL_VERSION });
+    this.vm.store.dispatch(migrationEvents.receiveStarted({ receiver_url: this.opts.receiver_url }));
+    this.vm.log.info({ source: hello.tern, local: hello.local, schema: hello.schemaVersion }, 'receiving a migration');
+
+    const config: VmConfig = checkSavedConfig(frameJson(await ch.expect(FrameType.Config)), 'the migrated VM config', error);
+    let shadow: unknown = frameJson(await ch.expect(FrameType.State));
+    if (typeof shadow !== 'object' || shadow === null || Array.isArray(shadow)) throw error('State frame: not an object');
+    if ((shadow as { schemaVersion?: unknown }).schemaVersion !== hello.schemaVersion) throw error('State frame: its schema version is not the one the handshake announced');
+
+    for (;;) {
+      const f = await ch.next();
+      if (f.type === FrameType.Memory) {
+        if (hello.local) throw error('Memory frame in a local migration');
+        applyMemoryFrame(this.machine.memory, f.payload);
+      } else if (f.type === FrameType.Round || f.type === FrameType.Final) {
+        const body = frameJson(f);
+        try {
+          shadow = applyStatePatches(shadow, checkPatches(body, FrameType[f.type]));
+        } catch (e) {
+          throw error(`${FrameType[f.type]} frame: its state patches do not apply (${errorText(e)})`);
+        }
+        if (f.type === FrameType.Round) this.iteration++;
+      } else if (f.type === FrameType.Complete) {
+        break;
+      } else {
+        throw error(`unexpected ${FrameType[f.type]} frame while receiving`);
+      }
+    }
+
+    const completeAt = Date.now();
+    const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - completeAt }, 'migration: building the VM');
+    const { state } = checkSavedState(shadow, { config, statuses: ['Running', 'Paused'], where: 'the migrated state', configWhere: 'the migrated VM config' }, error);
+    const layout = state.memory.regions;
+    if (layout.length !== hello.regions.length || layout.some((r, i) => r.guestAddress !== hello.regions[i].guestAddress || r.size !== hello.regions[i].size)) {
+      throw error('the migrated state\'s RAM regions differ from the ones the handshake announced');
+    }
+    // The handshake checked the CPU the source announced; the saved vCPU state is what will be set.
+    const vcpu0 = decodeVcpuState(state.vcpus.saved['0']);
+    const cpuProblems = this.vm.cpuProblems(vcpu0.cpuid, vcpu0.msrs.map((m) => m.index));
+    if (cpuProblems.length) throw new MigrationError(`this host cannot run the guest's CPU: ${cpuProblems.join('; ')}`);
+    mark('state checked');
+    this.machine.completeIncoming(state);
+    mark('machine built');
+    await ch.sendJson(FrameType.Ready, {});
+    await ch.expect(FrameType.Commit);
+    mark('committed');
+    // The source has given the VM up: from here it is ours to run, whatever happens to the link.
+    this.phase = 'finished';
+    const machine = this.machine;
+    this.machine = undefined;
+    try {
+      await this.vm.install(machine, state);
+    } catch (e) {
+      this.machine = machine;
+      this.phase = 'receiving';
+      throw e;
+    }
+    mark('installed');
+    await ch.sendJson(FrameType.Running, { status: state.vm.status }).catch((e) => this.vm.log.warn({ err: e }, 'could not tell the source the VM runs here'));
+    ch.close();
+    this.vm.log.info({ status: state.vm.status, rounds: this.iteration, bytes: ch.bytesRead }, 'migration received');
+    this.vm.store.dispatch(migrationEvents.receiveFinished(null));
+  }
+}

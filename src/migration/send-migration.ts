@@ -1,0 +1,369 @@
+// The source side of a live migration. The VM's state is the store's: it goes out whole once,
+// then as the store's own diffs (immer patches) with each round of dirty pages, and last with
+// the vCPU/KVM state the pause saved into the store. Guest RAM goes in rounds (all non-zero
+// pages, then each round's dirty pages) until what is left fits the downtime the client
+// allows; a local migration sends the RAM's memfds instead and no page at all.
+//
+// The VM never runs on both sides: the source gives it up (Commit) only after the destination
+// has built it (Ready), and the destination runs it only after Commit. Before Commit every
+// failure resumes the guest here (unless it was paused before), after Commit only a
+// destination that is provably gone (its end of the connection closed) lets it run here again.
+import type { Logger } from 'pino';
+import type { GuestMemory } from '../memory/guest-memory';
+import type { CpuidEntry } from '../native/kvm';
+import { diffState, migrationEvents, type RootState, type Store } from '../state';
+import { TernStateError } from '../state/errors';
+import { TERN_VERSION } from '../version';
+import { FrameChannel, MigrationPeerError } from './frame-channel';
+import { FrameType } from './frames';
+import { MIGRATION_PROTOCOL_VERSION, type Hello } from './handshake';
+import { MemoryFrameBuilder, PAGE, addAllNonZeroPages, addDirtyPages, countDirtyPages } from './memory-frames';
+import { MIGRATION_DEFAULTS, type MigrationPhase, type MigrationProgress, type SendMigrationOptions } from './migration-options';
+import { connectMigration, describeAddress, parseMigrationUrl } from './migration-url';
+import { sendPreamble } from './preamble';
+
+export class MigrationError extends TernStateError {
+  constructor(message: string) {
+    super('MigrationFailed', message);
+  }
+}
+
+/** What the sender needs of the running VM. */
+export interface SourceMachine {
+  readonly memory: GuestMemory;
+  dirtyBitmaps(): Uint8Array[];
+  memoryFds(): number[] | undefined;
+  cpuFacts(): { cpuid: CpuidEntry[]; msrIndices: number[] };
+  /** park the vCPUs and save their state (and KVM's) into the store */
+  pause(): Promise<void>;
+  resume(): void;
+  throttle(percent: number): void;
+}
+
+export interface SourceVm {
+  store: Store<RootState>;
+  log: Logger;
+  /** the machine now; a different one (or none) means the VM was rebooted or shut down */
+  machine(): SourceMachine | undefined;
+  /** run `fn` with every lifecycle operation held off */
+  exclusive<T>(fn: () => Promise<T>): Promise<T>;
+}
+
+const CONNECT_TIMEOUT_MS = 10_000;
+/** how long the destination may take to answer (it builds the VM before Ready) */
+const PEER_IDLE_MS = 60_000;
+const MAX_ROUNDS = 30;
+const THROTTLE_STEP = 20;
+const THROTTLE_MAX = 90;
+
+export class MigrationSender {
+  readonly opts: Required<SendMigrationOptions>;
+  private channel?: FrameChannel;
+  private readonly startedAt = Date.now();
+  private phase: MigrationPhase = 'handshake';
+  private iteration = 0;
+  private bytesRemaining = 0;
+  private dirtyRate = 0;
+  private linkRate = 0;
+  private throttlePercent = 0;
+  private error?: string;
+  private cancelled?: string;
+  private forceFinal = false;
+  private committed = false;
+  private timeoutTimer?: NodeJS.Timeout;
+  private machineAtStart?: SourceMachine;
+  /** the state the destination has, as of the last frame sent */
+  private sentState?: RootState;
+  downtimeMs?: number;
+  /** settles when the migration ended: true = the destination runs the VM */
+  done?: Promise<boolean>;
+
+  constructor(
+    private readonly vm: SourceVm,
+    opts: SendMigrationOptions,
+  ) {
+    this.opts = {
+      destination_url: opts.destination_url,
+      local: opts.local ?? false,
+      downtime_ms: opts.downtime_ms ?? MIGRATION_DEFAULTS.downtime_ms,
+      timeout_s: opts.timeout_s ?? MIGRATION_DEFAULTS.timeout_s,
+      timeout_strategy: opts.timeout_strategy ?? MIGRATION_DEFAULTS.timeout_strategy,
+    };
+  }
+
+  progress(): MigrationProgress {
+    const ch = this.channel;
+    return {
+      role: 'send',
+      phase: this.phase,
+      url: this.opts.destination_url,
+      local: this.opts.local,
+      iteration: this.iteration,
+      bytes_transferred: ch?.bytesWritten ?? 0,
+      bytes_remaining: this.bytesRemaining,
+      dirty_rate_bytes_per_s: Math.round(this.dirtyRate),
+      link_rate_bytes_per_s: Math.round(this.linkRate),
+      estimated_downtime_ms: this.linkRate > 0 ? Math.round((this.bytesRemaining / this.linkRate) * 1000) : 0,
+      throttle_percent: this.throttlePercent,
+      elapsed_ms: Date.now() - this.startedAt,
+      ...(this.downtimeMs !== undefined && { downtime_ms: this.downtimeMs }),
+      ...(this.error !== undefined && { error: this.error }),
+    };
+  }
+
+  get active(): boolean {
+    return this.phase !== 'finished' && this.phase !== 'failed';
+  }
+
+  /**
+   * Connect and shake hands; resolves when the destination accepted, with the rest running in
+   * the background (`done`). Rejects, with nothing changed here, when it cannot start.
+   */
+  async start(): Promise<void> {
+    try {
+      await this.handshake();
+    } catch (e) {
+      // Nothing started: the API call reports the error, the VM was never touched.
+      this.phase = 'failed';
+      this.error = errorText(e);
+      throw e;
+    }
+    this.vm.store.dispatch(migrationEvents.started({ destination_url: this.opts.destination_url, local: this.opts.local }));
+    this.timeoutTimer = setTimeout(() => this.onTimeout(), this.opts.timeout_s * 1000);
+    this.timeoutTimer.unref();
+    this.done = this.run();
+  }
+
+  private async handshake(): Promise<void> {
+    const o = this.opts;
+    const address = parseMigrationUrl(o.destination_url, 'destination_url');
+    for (const [k, v] of [['downtime_ms', o.downtime_ms], ['timeout_s', o.timeout_s]] as const) {
+      if (!Number.isSafeInteger(v) || v < 1) throw new MigrationError(`${k} must be a positive integer`);
+    }
+    if (o.timeout_strategy !== 'Cancel' && o.timeout_strategy !== 'Ignore') throw new MigrationError('timeout_strategy must be "Cancel" or "Ignore"');
+    const state = this.vm.store.getState();
+    if (state.vm.status !== 'Running' && state.vm.status !== 'Paused') throw new MigrationError(`the VM is ${state.vm.status}: only a running or paused VM migrates`);
+    const machine = this.vm.machine();
+    if (!machine) throw new MigrationError('the VM has no machine');
+    this.machineAtStart = machine;
+    let fds: number[] = [];
+    if (o.local) {
+      if (address.kind !== 'unix') throw new MigrationError('a local migration goes over a unix: URL');
+      if (!state.vm.config?.memory?.shared) throw new MigrationError('a local migration needs the VM created with memory shared=on');
+      const memFds = machine.memoryFds();
+      if (!memFds) throw new MigrationError('this VM\'s RAM is a private mapping of a snapshot file and cannot be handed over; restore it with memory_restore_mode copy');
+      fds = memFds;
+    }
+    const socket = await connectMigration(address, CONNECT_TIMEOUT_MS);
+    const channel = new FrameChannel(socket, { idleTimeoutMs: PEER_IDLE_MS, peer: 'destination' });
+    this.channel = channel;
+    try {
+      if (address.kind === 'unix') sendPreamble(socket, MIGRATION_PROTOCOL_VERSION, fds, CONNECT_TIMEOUT_MS);
+      const { cpuid, msrIndices } = machine.cpuFacts();
+      const hello: Hello = {
+        protocol: MIGRATION_PROTOCOL_VERSION,
+        schemaVersion: state.schemaVersion,
+        tern: TERN_VERSION,
+        local: o.local,
+        regions: state.memory.regions.map((r) => ({ guestAddress: r.guestAddress, size: r.size })),
+        cpuid,
+        msrIndices,
+      };
+      await channel.sendJson(FrameType.Hello, hello);
+      await channel.expect(FrameType.Accept);
+    } catch (e) {
+      channel.abort(errorText(e));
+      throw new MigrationError(`${describeAddress(address)} refused the migration: ${errorText(e)}`);
+    }
+  }
+
+  /** Give up (vm.migration-cancel); refused once the VM has been handed over. */
+  cancel(reason = 'cancelled by the client'): void {
+    if (!this.active) throw new MigrationError('no migration is in progress');
+    if (this.committed) throw new MigrationError('too late to cancel: the destination has taken the VM over');
+    this.cancelled = reason;
+    this.channel?.abort(reason);
+  }
+
+  private onTimeout(): void {
+    if (!this.active || this.committed) return;
+    if (this.opts.timeout_strategy === 'Ignore') {
+      this.vm.log.warn({ timeout_s: this.opts.timeout_s }, 'migration timeout reached: finishing now, whatever the downtime');
+      this.forceFinal = true;
+    } else {
+      this.cancel(`timed out after ${this.opts.timeout_s} s`);
+    }
+  }
+
+  private checkMachine(): SourceMachine {
+    const m = this.vm.machine();
+    if (m !== this.machineAtStart) throw new MigrationError('the VM was shut down or rebooted during the migration');
+    if (this.cancelled) throw new MigrationError(this.cancelled);
+    return m!;
+  }
+
+  /** Send the state patches since the last frame in a Round or Final frame. */
+  private async sendPatches(type: FrameType.Round | FrameType.Final, extra: Record<string, unknown>): Promise<void> {
+    const now = this.vm.store.getState();
+    const patches = diffState(this.sentState!, now);
+    await this.channel!.sendJson(type, { ...extra, patches });
+    this.sentState = now;
+  }
+
+  private async run(): Promise<boolean> {
+    const ch = this.channel!;
+    let paused = false;
+    let wasPaused = false;
+    try {
+      const state = this.vm.store.getState();
+      await ch.sendJson(FrameType.Config, state.vm.config);
+      await ch.sendJson(FrameType.State, state);
+      this.sentState = state;
+
+      let pending: Uint8Array[] | undefined;
+      if (!this.opts.local) pending = await this.memoryRounds();
+
+      this.phase = 'final';
+      const ok = await this.vm.exclusive(async () => {
+        const machine = this.checkMachine();
+        wasPaused = this.vm.store.getState().vm.status === 'Paused';
+        const pausedAt = Date.now();
+        if (!wasPaused) {
+          machine.throttle(0);
+          await machine.pause();
+          paused = true;
+        }
+        const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - pausedAt }, 'migration: final round');
+        mark('paused');
+        if (!this.opts.local) {
+          const last = machine.dirtyBitmaps();
+          const bitmaps = pending ? last.map((b, i) => b.map((v, j) => v | pending![i][j])) : last;
+          const pages = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush));
+          this.vm.store.dispatch(migrationEvents.memoryIteration({ id: ++this.iteration, pages: pages.pages, bytes: pages.bytes }));
+          mark('last pages sent');
+        }
+        await this.sendPatches(FrameType.Final, {});
+        await ch.send(FrameType.Complete);
+        mark('state sent');
+        this.phase = 'completing';
+        await ch.expect(FrameType.Ready);
+        mark('destination ready');
+        if (this.cancelled) throw new MigrationError(this.cancelled);
+        // From here the destination may run the VM: this side never resumes it on its own.
+        this.committed = true;
+        await ch.send(FrameType.Commit);
+        try {
+          await ch.expect(FrameType.Running);
+        } catch (e) {
+          return this.afterCommitFailure(e, machine, wasPaused);
+        }
+        this.downtimeMs = Date.now() - pausedAt;
+        return true;
+      });
+      if (!ok) return false;
+      this.phase = 'finished';
+      ch.close();
+      this.vm.log.info({ downtime_ms: this.downtimeMs, total_ms: Date.now() - this.startedAt, bytes: ch.bytesWritten }, 'migration finished');
+      this.vm.store.dispatch(
+        migrationEvents.finished({ downtime_ms: this.downtimeMs!, total_ms: Date.now() - this.startedAt, bytes: ch.bytesWritten, iterations: this.iteration }),
+      );
+      return true;
+    } catch (e) {
+      const reason = this.cancelled ?? errorText(e);
+      ch.abort(reason);
+      if (paused && !this.committed) {
+        try {
+          this.machineAtStart!.resume();
+        } catch (again) {
+          this.vm.log.error({ err: again }, 'the guest could not run again after the failed migration');
+        }
+      }
+      this.machineAtStart?.throttle(0);
+      return this.fail(reason);
+    } finally {
+      clearTimeout(this.timeoutTimer);
+    }
+  }
+
+  /**
+   * After Commit the destination may already run the VM. Only if its end of the connection
+   * closed (the process is gone) may the guest run here again; a silent destination may be
+   * running it, so the guest stays paused here and the operator decides.
+   */
+  private afterCommitFailure(e: unknown, machine: SourceMachine, wasPaused: boolean): boolean {
+    const closed = e instanceof MigrationPeerError && e.peerGone;
+    if (closed && !wasPaused) {
+      machine.resume();
+      this.fail(`the destination went away after taking the VM over (${errorText(e)}); the guest runs here again`);
+    } else {
+      this.fail(`the destination did not confirm that the VM runs there (${errorText(e)}); the guest stays paused here so it never runs twice`);
+    }
+    return false;
+  }
+
+  private fail(reason: string): false {
+    if (this.phase === 'failed') return false;
+    this.phase = 'failed';
+    this.error = reason;
+    this.vm.log.warn({ reason }, 'migration failed');
+    this.vm.store.dispatch(migrationEvents.failed({ reason }));
+    return false;
+  }
+
+  /** Fill Memory frames through `fill` and send them; returns pages and bytes sent. */
+  private async sendPages(fill: (b: MemoryFrameBuilder, flush: () => Promise<void>) => Promise<void>): Promise<{ pages: number; bytes: number }> {
+    const b = new MemoryFrameBuilder();
+    const before = this.channel!.bytesWritten;
+    const flush = async () => {
+      if (!b.empty) await this.channel!.send(FrameType.Memory, b.take());
+      if (this.cancelled) throw new MigrationError(this.cancelled);
+    };
+    await fill(b, flush);
+    await flush();
+    return { pages: b.pages, bytes: this.channel!.bytesWritten - before };
+  }
+
+  /**
+   * Rounds while the guest runs. Returns the dirty bitmaps read last and not sent yet: the
+   * final round sends them with whatever the pause adds.
+   */
+  private async memoryRounds(): Promise<Uint8Array[]> {
+    let machine = this.checkMachine();
+    this.phase = 'memory';
+    machine.dirtyBitmaps(); // start the log afresh: round 0 sends everything
+    let roundStart = Date.now();
+    let sent = await this.sendPages((b, flush) => addAllNonZeroPages(b, machine.memory, flush));
+    await this.sendPatches(FrameType.Round, { iteration: 0 });
+    this.vm.store.dispatch(migrationEvents.memoryIteration({ id: 0, pages: sent.pages, bytes: sent.bytes }));
+    let lastDirty = Infinity;
+    for (;;) {
+      machine = this.checkMachine();
+      const bitmaps = machine.dirtyBitmaps();
+      const now = Date.now();
+      const seconds = Math.max(0.001, (now - roundStart) / 1000);
+      const dirty = countDirtyPages(bitmaps) * PAGE;
+      this.linkRate = sent.bytes / seconds;
+      this.dirtyRate = dirty / seconds;
+      this.bytesRemaining = dirty;
+      const estimateMs = (dirty / Math.max(1, this.linkRate)) * 1000;
+      if (estimateMs <= this.opts.downtime_ms || this.forceFinal || this.iteration + 1 >= MAX_ROUNDS) return bitmaps;
+      // Auto-converge: the guest dirties memory about as fast as the link carries it, so the
+      // rounds would not shrink; take vCPU time away from it, more each round it persists.
+      if (this.iteration >= 1 && dirty > 0.9 * lastDirty && this.throttlePercent < THROTTLE_MAX) {
+        this.throttlePercent = Math.min(THROTTLE_MAX, this.throttlePercent + THROTTLE_STEP);
+        machine.throttle(this.throttlePercent);
+        this.vm.log.info({ throttle_percent: this.throttlePercent, dirty_rate: Math.round(this.dirtyRate), link_rate: Math.round(this.linkRate) }, 'migration: throttling the vCPUs to converge');
+      }
+      lastDirty = dirty;
+      this.iteration++;
+      roundStart = now;
+      sent = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush));
+      await this.sendPatches(FrameType.Round, { iteration: this.iteration });
+      this.vm.store.dispatch(migrationEvents.memoryIteration({ id: this.iteration, pages: sent.pages, bytes: sent.bytes }));
+    }
+  }
+}
+
+export function errorText(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}

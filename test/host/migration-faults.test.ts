@@ -1,0 +1,308 @@
+// Live migration when things go wrong, each fault once: a corrupt or truncated frame, a protocol
+// or schema version the destination cannot take, a dropped connection, a timeout with each
+// strategy, a cancel, a second migration while one runs. The VM never runs on both sides: the
+// source keeps (or resumes) its guest, reports migration-failed with the reason and can migrate
+// again; the destination discards what it received, reports migration-receive-failed and can
+// receive again. Peers that misbehave on purpose speak the real framing (test/support).
+import test, { type ExecutionContext } from 'ava';
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+import type { VmConfig } from '../../src/config/vm-config';
+import { MigrationEvents, type MigrationFailedPayload, type StoreEvent } from '../../src/state';
+import { silentLogger } from '../../src/util/log';
+import { Vmm } from '../../src/vmm/vmm';
+import { FrameType, connectAsSource, encodeFrame, fakeDestination, helloFor, slowLink } from '../support/migration-peer';
+import { sleep, waitUntil } from './harness';
+import { TINY_KERNEL_MAGIC, TinyKernelStatus, buildTinyKernel } from './tiny-kernel';
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-migration-faults-'));
+process.on('exit', () => fs.rmSync(tmp, { recursive: true, force: true }));
+
+let nextPort = 20000 + ((process.pid * 7) % 20000);
+const tcpUrl = (): string => `tcp:127.0.0.1:${nextPort++}`;
+
+const guestCount = (vmm: Vmm): number => vmm.guestMemory()?.readU32(TinyKernelStatus.COUNT) ?? -1;
+
+class Side {
+  readonly events: StoreEvent[] = [];
+  constructor(readonly vmm: Vmm) {
+    vmm.store.events$.subscribe((e) => this.events.push(e));
+  }
+  migrationEvents(): string[] {
+    return this.events.filter((e) => e.type.startsWith('[Migration]')).map((e) => e.type);
+  }
+  lastFailure(type: string): string | undefined {
+    const e = [...this.events].reverse().find((x) => x.type === type);
+    return (e?.payload as MigrationFailedPayload | undefined)?.reason;
+  }
+}
+
+async function counting(name: string): Promise<Side> {
+  const cfg: VmConfig = {
+    payload: { kernel: await buildTinyKernel(), cmdline: `faults ${name}` },
+    cpus: { boot_vcpus: 1, max_vcpus: 1 },
+    memory: { size: 64 << 20 },
+    serial: { mode: 'File', file: path.join(tmp, `${name}.serial`) },
+  };
+  const vmm = new Vmm({ log: silentLogger() });
+  const side = new Side(vmm);
+  await vmm.create(cfg);
+  await vmm.boot();
+  await waitUntil('the guest has initialised', () => vmm.guestMemory()!.readU32(TinyKernelStatus.MAGIC) === TINY_KERNEL_MAGIC);
+  return side;
+}
+
+/** The source kept its guest: Running and counting, with a migration-failed saying `why`. */
+async function sourceKeptItsGuest(t: ExecutionContext, src: Side, why: RegExp): Promise<void> {
+  await waitUntil('the source reports the failure', () => src.migrationEvents().includes(MigrationEvents.Failed), 30_000);
+  t.regex(src.lastFailure(MigrationEvents.Failed) ?? '', why);
+  t.is(src.vmm.state.vm.status, 'Running');
+  const c = guestCount(src.vmm);
+  await waitUntil('the guest counts on at the source', () => guestCount(src.vmm) >= c + 2);
+  t.is(src.vmm.migrationProgress()?.phase, 'failed');
+}
+
+/** The VM migrates for real now: the source can migrate again. */
+async function migratesAfterwards(t: ExecutionContext, src: Side): Promise<void> {
+  const dst = new Side(new Vmm({ log: silentLogger() }));
+  try {
+    const url = tcpUrl();
+    const received = dst.vmm.receiveMigration({ receiver_url: url });
+    await waitUntil('the destination listens', () => dst.migrationEvents().includes(MigrationEvents.ReceiveReady));
+    await src.vmm.sendMigration({ destination_url: url });
+    await received;
+    t.is(dst.vmm.state.vm.status, 'Running');
+    const c = guestCount(dst.vmm);
+    await waitUntil('the guest counts on at the destination', () => guestCount(dst.vmm) >= c + 2);
+  } finally {
+    await dst.vmm.shutdownVmm();
+  }
+}
+
+/** A receiving Tern, listening. */
+async function receiving(): Promise<{ dst: Side; url: string; result: Promise<unknown> }> {
+  const dst = new Side(new Vmm({ log: silentLogger() }));
+  const url = tcpUrl();
+  const result = dst.vmm.receiveMigration({ receiver_url: url }).then(
+    () => 'received',
+    (e: Error) => e,
+  );
+  await waitUntil('the destination listens', () => dst.migrationEvents().includes(MigrationEvents.ReceiveReady));
+  return { dst, url, result };
+}
+
+/** The destination threw it all away and can receive a real VM now. */
+async function destinationRecovered(t: ExecutionContext, dst: Side, result: Promise<unknown>, why: RegExp): Promise<void> {
+  const r = await result;
+  t.true(r instanceof Error, 'receive-migration failed');
+  t.regex((r as Error).message, why);
+  t.regex(dst.lastFailure(MigrationEvents.ReceiveFailed) ?? '', why);
+  t.is(dst.vmm.state.vm.status, 'NotCreated');
+  t.is(dst.vmm.guestMemory(), undefined);
+  const src = await counting(`after-${dst.events.length}`);
+  try {
+    const url = tcpUrl();
+    const again = dst.vmm.receiveMigration({ receiver_url: url });
+    await waitUntil('the destination listens again', () => dst.migrationEvents().filter((e) => e === MigrationEvents.ReceiveReady).length === 2);
+    await src.vmm.sendMigration({ destination_url: url });
+    await again;
+    t.is(dst.vmm.state.vm.status, 'Running');
+  } finally {
+    await src.vmm.shutdownVmm();
+    await dst.vmm.shutdownVmm();
+  }
+}
+
+const regions = [{ guestAddress: 0, size: 64 << 20 }];
+
+test.serial('destination: a frame whose checksum does not verify is refused', async (t) => {
+  const { dst, url, result } = await receiving();
+  const { channel, socket } = await connectAsSource(url);
+  await channel.sendJson(FrameType.Hello, helloFor(regions));
+  await channel.expect(FrameType.Accept);
+  const frame = encodeFrame(FrameType.Config, Buffer.from(JSON.stringify({ payload: { kernel: '/k' } })));
+  frame[frame.length - 3] ^= 0x40; // one bit of the payload
+  socket.write(frame);
+  await destinationRecovered(t, dst, result, /checksum mismatch/);
+});
+
+test.serial('destination: a stream that ends inside a frame is refused', async (t) => {
+  const { dst, url, result } = await receiving();
+  const { channel, socket } = await connectAsSource(url);
+  await channel.sendJson(FrameType.Hello, helloFor(regions));
+  await channel.expect(FrameType.Accept);
+  const frame = encodeFrame(FrameType.Config, Buffer.from(JSON.stringify({ payload: { kernel: '/k' } })));
+  socket.end(frame.subarray(0, frame.length - 5));
+  await destinationRecovered(t, dst, result, /closed/);
+});
+
+test.serial('destination: a protocol version it does not speak is refused at the handshake', async (t) => {
+  const { dst, url, result } = await receiving();
+  const { channel } = await connectAsSource(url);
+  await channel.sendJson(FrameType.Hello, helloFor(regions, { protocol: 2 }));
+  await t.throwsAsync(channel.expect(FrameType.Accept), { message: /gave up: protocol version 2 is not supported/ });
+  await destinationRecovered(t, dst, result, /protocol version 2 is not supported/);
+});
+
+test.serial('destination: a state schema newer than its own is refused at the handshake', async (t) => {
+  const { dst, url, result } = await receiving();
+  const { channel } = await connectAsSource(url);
+  await channel.sendJson(FrameType.Hello, helloFor(regions, { schemaVersion: 99 }));
+  await t.throwsAsync(channel.expect(FrameType.Accept), { message: /state schema 99 cannot be received/ });
+  await destinationRecovered(t, dst, result, /state schema 99/);
+});
+
+test.serial('destination: pages outside the announced RAM are refused', async (t) => {
+  const { dst, url, result } = await receiving();
+  const { channel } = await connectAsSource(url);
+  await channel.sendJson(FrameType.Hello, helloFor([{ guestAddress: 0, size: 1 << 20 }]));
+  await channel.expect(FrameType.Accept);
+  const rec = Buffer.alloc(16 + 4096, 0x55);
+  rec.writeBigUInt64LE(BigInt(1 << 20), 0);
+  rec.writeUInt32LE(1, 8);
+  rec.writeUInt32LE(0, 12);
+  // Memory is only taken after the config and state; send them first, minimal and unchecked yet.
+  await channel.sendJson(FrameType.Config, { payload: { kernel: '/nonexistent' } });
+  await channel.sendJson(FrameType.State, { schemaVersion: helloFor([]).schemaVersion });
+  await channel.send(FrameType.Memory, rec);
+  await destinationRecovered(t, dst, result, /outside guest RAM/);
+});
+
+test.serial('source: a destination that refuses the handshake leaves the VM untouched', async (t) => {
+  const src = await counting('refused');
+  try {
+    const { server, url } = await fakeDestination(async (ch) => {
+      await ch.expect(FrameType.Hello);
+      ch.abort('this destination speaks another protocol');
+    });
+    await t.throwsAsync(src.vmm.sendMigration({ destination_url: url }), { message: /refused the migration: .*another protocol/ });
+    server.close();
+    t.is(src.vmm.state.vm.status, 'Running');
+    t.deepEqual(src.migrationEvents(), [], 'nothing started, nothing to report');
+    await migratesAfterwards(t, src);
+  } finally {
+    await src.vmm.shutdownVmm();
+  }
+});
+
+test.serial('source: the connection dropped in the middle: the guest runs on here and can migrate again', async (t) => {
+  const src = await counting('dropped');
+  try {
+    const { server, url } = await fakeDestination(async (ch, socket) => {
+      await ch.expect(FrameType.Hello);
+      await ch.sendJson(FrameType.Accept, {});
+      await ch.expect(FrameType.Config);
+      await ch.expect(FrameType.State);
+      await ch.expect(FrameType.Memory);
+      socket.destroy();
+    });
+    await src.vmm.sendMigration({ destination_url: url });
+    await sourceKeptItsGuest(t, src, /destination|connection/);
+    server.close();
+    await migratesAfterwards(t, src);
+  } finally {
+    await src.vmm.shutdownVmm();
+  }
+});
+
+test.serial('source: a destination that never confirms Ready is given up after the timeout (Cancel)', async (t) => {
+  const src = await counting('timeout-cancel');
+  try {
+    const { server, url } = await fakeDestination(async (ch) => {
+      await ch.expect(FrameType.Hello);
+      await ch.sendJson(FrameType.Accept, {});
+      for (;;) await ch.next(); // takes everything, answers nothing
+    });
+    await src.vmm.sendMigration({ destination_url: url, timeout_s: 1, timeout_strategy: 'Cancel' });
+    await sourceKeptItsGuest(t, src, /timed out after 1 s/);
+    server.close();
+    await migratesAfterwards(t, src);
+  } finally {
+    await src.vmm.shutdownVmm();
+  }
+});
+
+test.serial('source: past the timeout with Ignore, the migration finishes anyway', async (t) => {
+  const src = await counting('timeout-ignore');
+  const { dst, url, result } = await receiving();
+  // A link slow enough that the first round alone outlasts the timeout.
+  const link = await slowLink(url, 32 << 10);
+  try {
+    await src.vmm.sendMigration({ destination_url: link.url, timeout_s: 1, timeout_strategy: 'Ignore' });
+    t.is(await result, 'received');
+    await waitUntil('the source has finished', () => src.vmm.migrationProgress()?.phase !== 'completing');
+    const p = src.vmm.migrationProgress()!;
+    t.is(p.phase, 'finished');
+    t.true(p.elapsed_ms > 1000, `took ${p.elapsed_ms} ms, longer than the 1 s timeout`);
+    t.is(dst.vmm.state.vm.status, 'Running');
+  } finally {
+    link.server.close();
+    await src.vmm.shutdownVmm();
+    await dst.vmm.shutdownVmm();
+  }
+});
+
+test.serial('cancel and a second send-migration while one runs: refused, then cancelled on both sides', async (t) => {
+  const src = await counting('cancel');
+  const { dst, url, result } = await receiving();
+  const link = await slowLink(url, 64 << 10);
+  try {
+    await src.vmm.sendMigration({ destination_url: link.url });
+    await t.throwsAsync(src.vmm.sendMigration({ destination_url: url }), { message: /already in progress/ });
+    await sleep(300);
+    src.vmm.cancelMigration();
+    await sourceKeptItsGuest(t, src, /cancelled by the client/);
+    t.throws(() => src.vmm.cancelMigration(), { message: /no migration is in progress/ });
+    link.server.close();
+    await destinationRecovered(t, dst, result, /cancelled by the client|closed/);
+  } finally {
+    await src.vmm.shutdownVmm();
+    await dst.vmm.shutdownVmm();
+  }
+});
+
+/** A migration side in a child process, and a promise for the first line matching `re`. */
+function child(args: string[]): { proc: ChildProcess; line: (re: RegExp) => Promise<void> } {
+  const proc = spawn(process.execPath, [path.join(__dirname, '..', 'support', 'migration-child.js'), ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  proc.stdout!.on('data', (c: Buffer) => (out += c.toString()));
+  const line = (re: RegExp) => waitUntil(`the child printed ${re}`, () => re.test(out), 30_000);
+  return { proc, line };
+}
+
+test.serial('the destination killed (SIGKILL) in the middle: the guest runs on at the source, which can migrate again', async (t) => {
+  const src = await counting('dst-killed');
+  const url = tcpUrl();
+  const dst = child(['receive', url]);
+  try {
+    await dst.line(/READY/);
+    const link = await slowLink(url, 32 << 10);
+    await src.vmm.sendMigration({ destination_url: link.url });
+    await sleep(500);
+    dst.proc.kill('SIGKILL');
+    await sourceKeptItsGuest(t, src, /destination|connection/);
+    link.server.close();
+    await migratesAfterwards(t, src);
+  } finally {
+    dst.proc.kill('SIGKILL');
+    await src.vmm.shutdownVmm();
+  }
+});
+
+test.serial('the source killed (SIGKILL) in the middle: the destination discards it all and can receive again', async (t) => {
+  const { dst, url, result } = await receiving();
+  const link = await slowLink(url, 32 << 10);
+  const src = child(['send', link.url, await buildTinyKernel(), path.join(tmp, 'src-killed.serial')]);
+  try {
+    await src.line(/STARTED/);
+    await waitUntil('the destination is receiving', () => dst.migrationEvents().includes(MigrationEvents.ReceiveStarted));
+    src.proc.kill('SIGKILL');
+    link.server.close();
+    await destinationRecovered(t, dst, result, /source|closed/);
+  } finally {
+    src.proc.kill('SIGKILL');
+  }
+});
