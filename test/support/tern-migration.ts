@@ -7,7 +7,6 @@ import fs from 'node:fs';
 import { TernClient } from '../../src/api/client';
 import type { GuestProcess } from '../linux/guest-process';
 import { readMonitorFile, type MonitorRecord } from './monitor-file';
-import { waitForFileText } from './processes';
 
 export interface TernEnd {
   vm: GuestProcess;
@@ -81,9 +80,17 @@ export async function migrate(source: TernEnd, destination: TernEnd, req: Migrat
   );
   try {
     // The destination reports that it listens; an early answer to receive-migration is a refusal.
-    const ready = waitForFileText(destination.monitor, /"migration-receive-ready"/, 60_000).then(() => null);
-    const early = await Promise.race([ready, receive]);
-    if (early) return failed(early.status, early.body);
+    let settled = false;
+    void receive.then(() => (settled = true));
+    const listenEnd = Date.now() + 60_000;
+    while (!settled && !migrationEvents(destination.monitor).slice(dstEventsBefore).some((e) => e.event === 'migration-receive-ready')) {
+      if (Date.now() > listenEnd) return failed(0, 'the destination did not report migration-receive-ready within 60 s');
+      await sleep(50);
+    }
+    if (settled) {
+      const early = await receive;
+      return failed(early.status, early.body);
+    }
 
     const sentAt = Date.now();
     const body: Record<string, unknown> = { destination_url: req.destinationUrl };
