@@ -88,13 +88,13 @@ export function recordTickArrivals(vm: GuestProcess, arrivals: Map<number, numbe
   });
 }
 
-/** The largest interval (ms) between consecutive TICKs arriving at the host within [from, to]. */
+/** The largest interval (ms) between consecutive TICKs arriving at the host that began within [from, to]. */
 export function largestArrivalGapMs(arrivals: Map<number, number>, from: number, to: number): number {
   const counts = [...arrivals.keys()].sort((a, b) => a - b);
   let largest = 0;
   for (let i = 1; i < counts.length; i++) {
     const [a, b] = [arrivals.get(counts[i - 1])!, arrivals.get(counts[i])!];
-    if (b >= from && a <= to) largest = Math.max(largest, b - a);
+    if (a >= from && a <= to) largest = Math.max(largest, b - a);
   }
   return largest;
 }

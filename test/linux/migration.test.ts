@@ -41,22 +41,23 @@ let current: Running | undefined;
 const arrivals = new Map<number, number>();
 let port = 4270;
 
-function startTern(label: string, host: Host | null, args: string[]): GuestProcess {
+/** `continues`: the transcript this VMM's console will continue (read at its first output). */
+function startTern(label: string, host: Host | null, args: string[], continues: () => string = () => ''): GuestProcess {
   const prefix = host && hosts ? hosts.exec(host) : [];
   const argv = [...prefix, process.execPath, TERN_CLI, ...args];
   const vm = new GuestProcess(argv[0], argv.slice(1));
-  recordTickArrivals(vm, arrivals, () => transcript);
+  recordTickArrivals(vm, arrivals, continues);
   vm.exited.then((x) => {
     if (x.code !== 0) process.stderr.write(`${label}: exited ${String(x.code)} ${String(x.signal)}; stderr tail: ${vm.stderr.slice(-1500)}\n`);
   }, () => {});
   return vm;
 }
 
-async function startDestination(label: string, host: Host | null): Promise<Running> {
+async function startDestination(label: string, host: Host | null, source: Running): Promise<Running> {
   const socket = path.join(work, `${label}.sock`);
   const monitor = path.join(work, `${label}.events`);
   // -v: a source logs its downtime as it finishes (it exits at once, so it cannot be asked).
-  const vm = startTern(label, host, ['--api-socket', `path=${socket}`, '--event-monitor', `path=${monitor}`, '-v']);
+  const vm = startTern(label, host, ['--api-socket', `path=${socket}`, '--event-monitor', `path=${monitor}`, '-v'], () => transcript + source.vm.output);
   await waitForPath(socket, 60_000);
   return { label, vm, socket, monitor };
 }
@@ -125,7 +126,7 @@ function checkEvents(t: ExecutionContext, o: MigrationOutcome, label: string): v
 async function hop(t: ExecutionContext, label: string, to: Host, url: string, local = false): Promise<void> {
   const source = current;
   if (!source || source.vm.child.exitCode !== null) throw new Error(`${label}: no running guest (an earlier migration failed)`);
-  const destination = await startDestination(label, to);
+  const destination = await startDestination(label, to, source);
   const o = await migrate(source, destination, { receiverUrl: url, destinationUrl: url, local });
   t.is(o.sendStatus, 204, `${label}: vm.send-migration: ${o.sendBody}`);
   t.is(o.receiveStatus, 204, `${label}: vm.receive-migration: ${o.receiveBody}\ndestination stderr: ${destination.vm.stderr.slice(-1500)}`);

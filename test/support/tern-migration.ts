@@ -54,6 +54,16 @@ export interface MigrationOutcome {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** `p`, or `fallback` after ms; the timer goes when p settles (a pending one would keep a test process alive). */
+async function within<T>(p: Promise<T>, ms: number, fallback: T): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([p, new Promise<T>((r) => (timer = setTimeout(() => r(fallback), ms)))]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 const migrationEvents = (file: string): MonitorRecord[] =>
   fs.existsSync(file) ? readMonitorFile(file).filter((e) => e.event.startsWith('migration-')) : [];
 
@@ -111,8 +121,8 @@ export async function migrate(source: TernEnd, destination: TernEnd, req: Migrat
         await sleep(100);
       }
     }
-    const received = sent.status === 204 ? await Promise.race([receive, sleep(limit).then(() => ({ status: 0, body: 'no answer' }))]) : { status: 0, body: 'not sent' };
-    if (sent.status === 204 && sourceExit === null) await Promise.race([source.vm.exited.then((x) => (sourceExit = x)), sleep(30_000)]);
+    const received = sent.status === 204 ? await within(receive, limit, { status: 0, body: 'no answer' }) : { status: 0, body: 'not sent' };
+    if (sent.status === 204 && sourceExit === null) sourceExit = await within(source.vm.exited, 30_000, null);
     return {
       sourceReport: finishedReport(source.vm.stderr),
       sendStatus: sent.status,
