@@ -53,12 +53,18 @@ void CloseAll(const std::vector<int>& fds) {
   for (int fd : fds) close(fd);
 }
 
-void ThrowTimeout(Napi::Env env, const std::string& what, uint64_t timeoutMs) {
-  Napi::Error e = Napi::Error::New(env, what + " timed out after " + std::to_string(timeoutMs) + " ms");
-  e.Set("code", Napi::String::New(env, "ETIMEDOUT"));
-  e.Set("errno", Napi::Number::New(env, ETIMEDOUT));
-  e.Set("syscall", Napi::String::New(env, what));
+// An error shaped like ErrnoError's (code, errno, syscall) for failures that are not one
+// system call's errno: a timeout, a peer that hung up, a message with too many descriptors.
+void ThrowCoded(Napi::Env env, const std::string& message, int err, const char* syscall) {
+  Napi::Error e = Napi::Error::New(env, message);
+  e.Set("code", Napi::String::New(env, ErrnoName(err)));
+  e.Set("errno", Napi::Number::New(env, err));
+  e.Set("syscall", Napi::String::New(env, syscall));
   e.ThrowAsJavaScriptException();
+}
+
+void ThrowTimeout(Napi::Env env, const char* syscall, uint64_t timeoutMs) {
+  ThrowCoded(env, std::string(syscall) + " timed out after " + std::to_string(timeoutMs) + " ms", ETIMEDOUT, syscall);
 }
 
 // sendWithFds(socketFd, data, fds, timeoutMs)
@@ -200,24 +206,24 @@ Napi::Value RecvWithFds(const Napi::CallbackInfo& info) {
     }
     if (msg.msg_flags & MSG_CTRUNC) {
       return fail([&] {
-        ThrowError(env, "recvWithFds: the control data was truncated (more descriptors than " + std::to_string(kMaxFds) +
+        ThrowCoded(env, "recvWithFds: the control data was truncated (more descriptors than " + std::to_string(kMaxFds) +
                             " or another control message); every descriptor received was closed",
-                   "EMSGSIZE");
+                   EMSGSIZE, "recvmsg");
       });
     }
     if (received.size() > maxFds) {
       size_t count = received.size();
       return fail([&] {
-        ThrowError(env, "recvWithFds: the peer sent " + std::to_string(count) + " descriptors, at most " +
+        ThrowCoded(env, "recvWithFds: the peer sent " + std::to_string(count) + " descriptors, at most " +
                             std::to_string(maxFds) + " were allowed; every descriptor received was closed",
-                   "EMSGSIZE");
+                   EMSGSIZE, "recvmsg");
       });
     }
     if (n == 0) {
       return fail([&] {
-        ThrowError(env, "recvWithFds: the peer closed the connection after " + std::to_string(got) + " of " +
+        ThrowCoded(env, "recvWithFds: the peer closed the connection after " + std::to_string(got) + " of " +
                             std::to_string(length) + " bytes",
-                   "ECONNRESET");
+                   ECONNRESET, "recvmsg");
       });
     }
     got += static_cast<size_t>(n);

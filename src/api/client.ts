@@ -2,13 +2,26 @@
 // endpoint, errors as TernApiError carrying the server's message chain, and the live event
 // stream as an Observable. It loads nothing from the VMM side (no native addon, no store).
 import http from 'node:http';
-import { Observable } from 'rxjs';
-import type { ConsoleConfig, SerialConfig, TernEvent, VmConfig, VmCounters, VmInfo, VmmPingResponse } from './schema';
+import { Observable, filter } from 'rxjs';
+import type { MigrationProgress } from '../migration/migration-options';
+import {
+  isMigrationEvent,
+  type ConsoleConfig,
+  type MigrationEvent,
+  type ReceiveMigrationData,
+  type SendMigrationData,
+  type SerialConfig,
+  type TernEvent,
+  type VmConfig,
+  type VmCounters,
+  type VmInfo,
+  type VmmPingResponse,
+} from './schema';
 
 export interface TernClientOptions {
   /** path of the VMM's API socket */
   socketPath: string;
-  /** per-request timeout in ms (default 30 s; 0 = none). Not applied to events(). */
+  /** per-request timeout in ms (default 30 s; 0 = none). Not applied to events() or receiveMigration(). */
   timeoutMs?: number;
 }
 
@@ -34,6 +47,8 @@ export interface RawReply {
 export interface EventsOptions {
   /** replay journaled events with a larger seq first (the SSE Last-Event-ID) */
   afterSeq?: number;
+  /** called once the VMM has accepted the stream: every event from then on will be delivered */
+  opened?: () => void;
 }
 
 /** The chain of an error body; anything else becomes a one-line chain. */
@@ -59,8 +74,8 @@ export class TernClient {
     this.timeoutMs = o.timeoutMs ?? 30_000;
   }
 
-  /** Send one request to /api/v1/<endpoint>; resolves with any status. */
-  request(method: 'GET' | 'PUT', endpoint: string, body?: unknown): Promise<RawReply> {
+  /** Send one request to /api/v1/<endpoint>; resolves with any status. `timeoutMs` overrides the client's. */
+  request(method: 'GET' | 'PUT', endpoint: string, body?: unknown, timeoutMs = this.timeoutMs): Promise<RawReply> {
     // strings and buffers go as they are (tern-remote create sends the file untouched)
     const payload =
       body === undefined ? undefined : Buffer.isBuffer(body) ? body : Buffer.from(typeof body === 'string' ? body : JSON.stringify(body));
@@ -76,7 +91,7 @@ export class TernClient {
             Accept: 'application/json',
             ...(payload && { 'Content-Type': 'application/json', 'Content-Length': payload.length }),
           },
-          timeout: this.timeoutMs || undefined,
+          timeout: timeoutMs || undefined,
         },
         (res) => {
           const chunks: Buffer[] = [];
@@ -85,14 +100,14 @@ export class TernClient {
           res.on('error', reject);
         },
       );
-      req.on('timeout', () => req.destroy(new Error(`${endpoint}: no reply within ${this.timeoutMs} ms`)));
+      req.on('timeout', () => req.destroy(new Error(`${endpoint}: no reply within ${timeoutMs} ms`)));
       req.on('error', reject);
       req.end(payload);
     });
   }
 
-  private async call(method: 'GET' | 'PUT', endpoint: string, body?: unknown): Promise<Buffer> {
-    const r = await this.request(method, endpoint, body);
+  private async call(method: 'GET' | 'PUT', endpoint: string, body?: unknown, timeoutMs?: number): Promise<Buffer> {
+    const r = await this.request(method, endpoint, body, timeoutMs);
     if (r.status < 200 || r.status > 299) throw new TernApiError(r.status, chainOf(r.body), endpoint);
     return r.body;
   }
@@ -180,6 +195,39 @@ export class TernClient {
   }
 
   /**
+   * Start sending the VM to a VMM that is receiving (destination_url: tcp:HOST:PORT or
+   * unix:/path). Resolves once the migration has started; follow it with migrationEvents()
+   * or migrationProgress(). A null tls_dir means none, as ch-remote writes it.
+   */
+  sendMigration(data: Omit<SendMigrationData, 'tls_dir'> & { tls_dir?: string | null }): Promise<void> {
+    return this.put('vm.send-migration', data);
+  }
+
+  /**
+   * Receive a VM (only when this VMM has none). Resolves when the VM runs here, which can take
+   * as long as the sender's timeout_s: the client's per-request timeout does not apply.
+   * Rejects with the VMM's reasons when the migration failed.
+   */
+  async receiveMigration(data: ReceiveMigrationData): Promise<void> {
+    await this.call('PUT', 'vm.receive-migration', data, 0);
+  }
+
+  /** The migration in progress or the last one (Tern's); TernApiError 404 if there was none. */
+  migrationProgress(): Promise<MigrationProgress> {
+    return this.getJson('vm.migration-progress');
+  }
+
+  /** Cancel the migration in progress on this side (Tern's); TernApiError 404 if none runs. */
+  cancelMigration(): Promise<void> {
+    return this.put('vm.migration-cancel');
+  }
+
+  /** events(), only the migration events, typed. */
+  migrationEvents(opts: EventsOptions = {}): Observable<MigrationEvent> {
+    return this.events(opts).pipe(filter(isMigrationEvent));
+  }
+
+  /**
    * The VMM's events as they happen (GET /api/v1/vmm.events, Server-Sent Events). Completes
    * when the VMM ends the stream (vmm.shutdown); unsubscribing closes the connection.
    */
@@ -202,6 +250,7 @@ export class TernClient {
           res.on('end', () => subscriber.error(new TernApiError(res.statusCode ?? 0, chainOf(Buffer.concat(chunks)), 'vmm.events')));
           return;
         }
+        opts.opened?.();
         res.setEncoding('utf8');
         let buffer = '';
         res.on('data', (text: string) => {

@@ -5,7 +5,16 @@
 import fs from 'node:fs';
 import type { Logger } from 'pino';
 import type { Subscription } from 'rxjs';
-import { GuestEvents, VmEvents, VmmEvents, type GuestPanicPayload, type Store, type StoreEvent } from '../state';
+import {
+  GuestEvents,
+  MigrationEvents,
+  VmEvents,
+  VmmEvents,
+  type GuestPanicPayload,
+  type MigrationIterationPayload,
+  type Store,
+  type StoreEvent,
+} from '../state';
 import { openOwnFile } from './host-file';
 import type { TernEvent } from './schema';
 
@@ -29,10 +38,22 @@ export const MONITOR_EVENT_NAMES: Readonly<Record<string, { source: string; even
   [VmEvents.Restoring]: { source: 'vm', event: 'restoring' },
   [VmEvents.Restored]: { source: 'vm', event: 'restored' },
   [GuestEvents.Panic]: { source: 'guest', event: 'panic' },
+  // Cloud Hypervisor reports no reason with migration-failed: clients read it from
+  // vm.migration-progress.
+  [MigrationEvents.Started]: { source: 'vm', event: 'migration-started' },
+  [MigrationEvents.MemoryIteration]: { source: 'vm', event: 'migration-memory-iteration' },
+  [MigrationEvents.Finished]: { source: 'vm', event: 'migration-finished' },
+  [MigrationEvents.Failed]: { source: 'vm', event: 'migration-failed' },
+  [MigrationEvents.ReceiveReady]: { source: 'vm', event: 'migration-receive-ready' },
+  [MigrationEvents.ReceiveStarted]: { source: 'vm', event: 'migration-receive-started' },
+  [MigrationEvents.ReceiveFinished]: { source: 'vm', event: 'migration-receive-finished' },
+  [MigrationEvents.ReceiveFailed]: { source: 'vm', event: 'migration-receive-failed' },
 };
 
 function propertiesOf(ev: StoreEvent): Record<string, string> | null {
   if (ev.type === GuestEvents.Panic) return { event: String((ev.payload as GuestPanicPayload)?.event ?? 'panic') };
+  // the round number, as Cloud Hypervisor's "id" (a string, like every property)
+  if (ev.type === MigrationEvents.MemoryIteration) return { id: String((ev.payload as MigrationIterationPayload)?.id ?? 0) };
   return null;
 }
 

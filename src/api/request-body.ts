@@ -2,7 +2,9 @@
 // Hypervisor deserializes with serde, which rejects wrong types, treats null as "not given",
 // ignores fields it does not know and stops at 128 levels of nesting; Tern does the same, so
 // what the store keeps is exactly the contract's VmConfig.
-import { TypeCompiler } from '@sinclair/typebox/compiler';
+import type { TSchema } from '@sinclair/typebox';
+import { TypeCompiler, type TypeCheck } from '@sinclair/typebox/compiler';
+import type { ValueError } from '@sinclair/typebox/value';
 import { Value } from '@sinclair/typebox/value';
 import { jsonNestingDepth } from '../util/host-file';
 import { ApiError } from './errors';
@@ -60,20 +62,35 @@ function firstDuplicate(values: string[]): string | undefined {
   return undefined;
 }
 
+/** One schema problem; for a contract enum, the values it takes, spelled as the contract spells them. */
+function describeProblem(err: ValueError): string {
+  const options = (err.schema as { anyOf?: { const?: unknown }[] }).anyOf;
+  const literals = options?.every((o) => typeof o.const === 'string') ? options.map((o) => JSON.stringify(o.const)) : undefined;
+  return `${err.path || '/'}: ${literals ? `must be one of ${literals.join(', ')}` : err.message}`;
+}
+
+/**
+ * Check a parsed body against a contract schema: 400 naming the first few problems, else the
+ * body with the fields the schema does not know removed (serde ignores them too).
+ */
+export function checkBody<T extends TSchema>(checker: TypeCheck<T>, schema: T, name: string, body: unknown): unknown {
+  if (!checker.Check(body)) {
+    const problems: string[] = [];
+    for (const err of checker.Errors(body)) {
+      problems.push(describeProblem(err));
+      if (problems.length >= MAX_REPORTED) break;
+    }
+    throw invalid(`it is not a ${name}`, ...problems);
+  }
+  return Value.Clean(schema, body);
+}
+
 /**
  * Check a parsed vm.create body against the contract: 400 for a wrong shape or type, 409 for
  * two devices with one id (or one VFIO path). Returns the config with unknown fields removed.
  */
 export function checkVmConfig(body: unknown): VmConfig {
-  if (!vmConfigChecker.Check(body)) {
-    const problems: string[] = [];
-    for (const err of vmConfigChecker.Errors(body)) {
-      problems.push(`${err.path || '/'}: ${err.message}`);
-      if (problems.length >= MAX_REPORTED) break;
-    }
-    throw invalid('it is not a VmConfig', ...problems);
-  }
-  const config = Value.Clean(VmConfigSchema, body) as VmConfig;
+  const config = checkBody(vmConfigChecker, VmConfigSchema, 'VmConfig', body) as VmConfig;
   const dupId = firstDuplicate(deviceIds(config));
   if (dupId !== undefined) throw new ApiError(409, ['The VM configuration is not valid', `device id '${dupId}' is used more than once`]);
   const dupPath = firstDuplicate((config.devices ?? []).flatMap((d) => (d.path === undefined ? [] : [d.path])));

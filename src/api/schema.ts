@@ -3,6 +3,7 @@
 // Schema the server checks request bodies with. Field names and types follow the contract;
 // integer formats become ranges, because serde rejects an out-of-range u8 and so do we.
 import { Type, type Static, type TSchema } from '@sinclair/typebox';
+import { CPU_PROFILES } from '../boot/cpu-profile';
 
 const Int = (min?: number, max?: number) =>
   Type.Integer({ ...(min !== undefined && { minimum: min }), ...(max !== undefined && { maximum: max }) });
@@ -53,6 +54,8 @@ export const CpusConfigSchema = Type.Object({
   affinity: Opt(Type.Array(Type.Object({ vcpu: U32(), host_cpus: Type.Array(U32()) }))),
   features: Opt(Type.Object({ amx: Opt(Bool()) })),
   core_scheduling: Opt(Enum('Vm', 'Vcpu', 'Off')),
+  /** Tern's own: the contract has no CPU profile field (src/boot/cpu-profile.ts) */
+  tern_profile: Opt(Enum(...CPU_PROFILES)),
 });
 
 export const MemoryZoneConfigSchema = Type.Object({
@@ -301,3 +304,65 @@ export interface TernEvent {
 
 /** An error reply's body: messages, outermost first. */
 export type ApiErrorBody = string[];
+
+// ---- live migration ---------------------------------------------------------------------------
+
+/** Cloud Hypervisor's limit for SendMigrationData.connections */
+export const MAX_MIGRATION_CONNECTIONS = 128;
+
+export const TimeoutStrategySchema = Enum('Cancel', 'Ignore');
+export const MigrationModeSchema = Enum('Precopy', 'Postcopy');
+
+/** The body of vm.send-migration. */
+export const SendMigrationDataSchema = Type.Object({
+  destination_url: Str(),
+  local: Opt(Bool()),
+  /**
+   * Not in the 0.3.0 document, but Cloud Hypervisor's SendMigrationData has it and ch-remote
+   * always sends it (false unless asked): typed here so that `true` can be refused.
+   */
+  preserve_source: Opt(Bool()),
+  downtime_ms: Opt(Int(1, Number.MAX_SAFE_INTEGER)),
+  timeout_s: Opt(Int(1, Number.MAX_SAFE_INTEGER)),
+  timeout_strategy: Opt(TimeoutStrategySchema),
+  connections: Opt(Int(1, MAX_MIGRATION_CONNECTIONS)),
+  tls_dir: Opt(Str()),
+  memory_mode: Opt(MigrationModeSchema),
+});
+
+export const VmMemoryZoneUpdateDataSchema = Type.Object({ id: Type.String({ minLength: 1 }), host_numa_node: U32() });
+
+/** The body of vm.receive-migration. */
+export const ReceiveMigrationDataSchema = Type.Object({
+  receiver_url: Str(),
+  tls_dir: Opt(Str()),
+  memory_mode: Opt(MigrationModeSchema),
+  zone_updates: Opt(Type.Array(VmMemoryZoneUpdateDataSchema)),
+});
+
+export type TimeoutStrategy = Static<typeof TimeoutStrategySchema>;
+export type MigrationMode = Static<typeof MigrationModeSchema>;
+export type SendMigrationData = Static<typeof SendMigrationDataSchema>;
+export type ReceiveMigrationData = Static<typeof ReceiveMigrationDataSchema>;
+
+/** Cloud Hypervisor's migration events (source "vm"), in the order a migration reports them. */
+export const MIGRATION_EVENT_NAMES = [
+  'migration-started',
+  'migration-memory-iteration',
+  'migration-finished',
+  'migration-failed',
+  'migration-receive-ready',
+  'migration-receive-started',
+  'migration-receive-finished',
+  'migration-receive-failed',
+] as const;
+export type MigrationEventName = (typeof MIGRATION_EVENT_NAMES)[number];
+
+/** A migration event as the monitor and vmm.events report it. */
+export type MigrationEvent =
+  | (TernEvent & { source: 'vm'; event: 'migration-memory-iteration'; properties: { id: string } })
+  | (TernEvent & { source: 'vm'; event: Exclude<MigrationEventName, 'migration-memory-iteration'>; properties: null });
+
+export function isMigrationEvent(e: TernEvent): e is MigrationEvent {
+  return e.source === 'vm' && (MIGRATION_EVENT_NAMES as readonly string[]).includes(e.event);
+}

@@ -74,7 +74,14 @@ interface Endpoint {
 const put = (run: (api: VmmApi) => Promise<void>): Endpoint => ({ method: 'PUT', body: false, run });
 const get = (run: (api: VmmApi) => unknown): Endpoint => ({ method: 'GET', body: false, run });
 
-/** Paths implemented now; migration and hotplug answer as unknown paths. */
+/**
+ * Paths implemented now; hotplug answers as an unknown path. vm.migration-progress and
+ * vm.migration-cancel are Tern's additions. vm.receive-migration is answered when the
+ * migration ends, which may be long after requestTimeoutMs: that limit covers receiving a
+ * request, and a connection waiting for its reply is never idle (see busy()), so the reply
+ * is capped by the migration itself (its timeouts, vm.migration-cancel) and by VmmApi
+ * holding one receive at a time.
+ */
 export const ENDPOINTS: Readonly<Record<string, Endpoint>> = {
   'vmm.ping': get((a) => a.ping()),
   'vmm.shutdown': put((a) => a.shutdownVmm()),
@@ -90,6 +97,10 @@ export const ENDPOINTS: Readonly<Record<string, Endpoint>> = {
   'vm.power-button': put((a) => a.powerButton()),
   'vm.info': get((a) => a.info()),
   'vm.counters': get((a) => a.counters()),
+  'vm.send-migration': { method: 'PUT', body: true, run: (a, body) => a.sendMigration(body) },
+  'vm.receive-migration': { method: 'PUT', body: true, run: (a, body) => a.receiveMigration(body) },
+  'vm.migration-progress': get((a) => a.migrationProgress()),
+  'vm.migration-cancel': { method: 'PUT', body: false, run: (a) => a.cancelMigration() },
 };
 
 /** Tern's addition: Server-Sent Events carrying what the event monitor writes. */
@@ -184,8 +195,8 @@ export class ApiServer {
         requestTimeout: limits.requestTimeoutMs,
         headersTimeout: limits.requestTimeoutMs,
         keepAliveTimeout: limits.idleTimeoutMs,
-        // how often Node looks for requests past requestTimeout
-        connectionsCheckingInterval: Math.max(10, Math.min(1000, limits.requestTimeoutMs / 4)),
+        // how often Node looks for requests past requestTimeout (Node takes whole ms only)
+        connectionsCheckingInterval: Math.max(10, Math.min(1000, Math.floor(limits.requestTimeoutMs / 4))),
         // Cloud Hypervisor's clients need not send Host (HTTP/1.1 says they should; a UNIX
         // socket has no virtual hosts to pick from).
         requireHostHeader: false,

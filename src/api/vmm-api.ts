@@ -8,12 +8,30 @@ import { DEBUG_PORT_KIND, SERIAL_KIND } from '../devices';
 import { VmEvents, assertVmTransition, type RootState } from '../state';
 import { TERN_VERSION } from '../version';
 import type { Vmm } from '../vmm/vmm';
+import type { MigrationProgress } from '../migration/migration-options';
 import { ApiError, toApiError } from './errors';
-import { checkVmConfig } from './request-body';
-import { ConsoleConfigSchema, SerialConfigSchema, type VmConfig, type VmCounters, type VmInfo, type VmmPingResponse } from './schema';
+import { parseMigrationUrl } from './migration-url';
+import { checkBody, checkVmConfig } from './request-body';
+import {
+  ConsoleConfigSchema,
+  ReceiveMigrationDataSchema,
+  SendMigrationDataSchema,
+  SerialConfigSchema,
+  type ReceiveMigrationData,
+  type SendMigrationData,
+  type VmConfig,
+  type VmCounters,
+  type VmInfo,
+  type VmmPingResponse,
+} from './schema';
 
 const serialChecker = TypeCompiler.Compile(SerialConfigSchema);
 const consoleChecker = TypeCompiler.Compile(ConsoleConfigSchema);
+const sendMigrationChecker = TypeCompiler.Compile(SendMigrationDataSchema);
+const receiveMigrationChecker = TypeCompiler.Compile(ReceiveMigrationDataSchema);
+
+/** phases after which a migration is over: nothing is left to cancel */
+const ENDED_PHASES: ReadonlySet<MigrationProgress['phase']> = new Set(['finished', 'failed']);
 
 /** Device-state fields reported by vm.counters, per device kind: counter name -> state field. */
 const DEVICE_COUNTERS: Readonly<Record<string, Readonly<Record<string, string>>>> = {
@@ -47,7 +65,33 @@ function noVm(outer: string): ApiError {
   return new ApiError(404, [outer, 'no VM has been created']);
 }
 
+/** A migration body's URL checked, or a 400 saying what is wrong with it. */
+function checkMigrationUrl(outer: string, field: string, url: string): void {
+  try {
+    parseMigrationUrl(url);
+  } catch (e) {
+    throw invalidBody(outer, `${field} ${(e as Error).message}`);
+  }
+}
+
+/** What the contract lets a client ask and Tern cannot do: 400, before anything starts. */
+function unsupported(outer: string, why: string): ApiError {
+  return new ApiError(400, [outer, 'The request asks for what Tern does not support', why]);
+}
+
+function checkMemoryMode(outer: string, mode: string | undefined): void {
+  if (mode !== undefined && mode !== 'Precopy') {
+    throw unsupported(outer, `memory_mode "${mode}": Tern migrates memory before the VM moves ("Precopy") only`);
+  }
+}
+
 export class VmmApi {
+  /**
+   * A vm.receive-migration request holds its connection until the migration ends; one at a
+   * time, so a client cannot pin connections with receives the VMM would refuse anyway.
+   */
+  private receiving = false;
+
   constructor(readonly vmm: Vmm) {}
 
   private get state(): RootState {
@@ -145,6 +189,85 @@ export class VmmApi {
         ...hostEnds,
       }),
     );
+  }
+
+  /**
+   * vm.send-migration: body is a SendMigrationData. Answers once the migration has started
+   * (connected, handshake accepted); how it ends is told by the migration events and
+   * vm.migration-progress.
+   */
+  async sendMigration(body: unknown): Promise<void> {
+    const outer = 'The migration could not be started';
+    let data: SendMigrationData;
+    try {
+      data = checkBody(sendMigrationChecker, SendMigrationDataSchema, 'SendMigrationData', body) as SendMigrationData;
+    } catch (e) {
+      throw toApiError(e, outer);
+    }
+    checkMigrationUrl(outer, 'destination_url', data.destination_url);
+    if (data.connections !== undefined && data.connections > 1) {
+      throw unsupported(outer, `connections ${data.connections}: Tern migrates over one connection, give 1 (or leave it out)`);
+    }
+    if (data.tls_dir !== undefined) throw unsupported(outer, 'tls_dir: Tern has no TLS for migration; use a unix: socket or a trusted network');
+    checkMemoryMode(outer, data.memory_mode);
+    if (data.local && !data.destination_url.startsWith('unix:')) {
+      throw unsupported(outer, 'local: memory can only be handed over as file descriptors on a unix: socket');
+    }
+    if (data.preserve_source) throw unsupported(outer, 'preserve_source: the source VM is stopped once the destination runs it');
+    await this.run(outer, () =>
+      this.vmm.sendMigration({
+        destination_url: data.destination_url,
+        local: data.local,
+        downtime_ms: data.downtime_ms,
+        timeout_s: data.timeout_s,
+        timeout_strategy: data.timeout_strategy,
+      }),
+    );
+  }
+
+  /**
+   * vm.receive-migration: body is a ReceiveMigrationData. Answers when the migration has
+   * ended, which can take as long as the sender's timeout_s: the server does not time the
+   * reply out. A client that goes away does not cancel it (vm.migration-cancel does).
+   */
+  async receiveMigration(body: unknown): Promise<void> {
+    const outer = 'The migration could not be received';
+    let data: ReceiveMigrationData;
+    try {
+      data = checkBody(receiveMigrationChecker, ReceiveMigrationDataSchema, 'ReceiveMigrationData', body) as ReceiveMigrationData;
+    } catch (e) {
+      throw toApiError(e, outer);
+    }
+    checkMigrationUrl(outer, 'receiver_url', data.receiver_url);
+    if (data.tls_dir !== undefined) throw unsupported(outer, 'tls_dir: Tern has no TLS for migration; use a unix: socket or a trusted network');
+    checkMemoryMode(outer, data.memory_mode);
+    if (data.zone_updates?.length) throw unsupported(outer, 'zone_updates: Tern has no memory zones to move to other NUMA nodes');
+    if (this.receiving) throw new ApiError(500, [outer, 'a migration is already being received']);
+    this.receiving = true;
+    try {
+      await this.run(outer, () => this.vmm.receiveMigration({ receiver_url: data.receiver_url }));
+    } finally {
+      this.receiving = false;
+    }
+  }
+
+  /** vm.migration-progress (Tern's): the migration in progress, or the last one. */
+  migrationProgress(): MigrationProgress {
+    const progress = this.vmm.migrationProgress();
+    if (!progress) throw new ApiError(404, ['The migration progress is not available', 'no migration has been started']);
+    return progress;
+  }
+
+  /** vm.migration-cancel (Tern's): either side; 404 when no migration is in progress. */
+  cancelMigration(): void {
+    const outer = 'The migration could not be cancelled';
+    const progress = this.vmm.migrationProgress();
+    if (!progress || ENDED_PHASES.has(progress.phase)) throw new ApiError(404, [outer, 'no migration is in progress']);
+    try {
+      this.vmm.cancelMigration();
+    } catch (e) {
+      throw toApiError(e, outer);
+    }
   }
 
   shutdownVmm(): Promise<void> {

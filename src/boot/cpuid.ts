@@ -4,6 +4,7 @@
 // 4, 0xB/0x1F on Intel; 0x80000008, 0x8000001D/1E and 0xB on AMD).
 
 import type { CpuidEntry } from '../native/kvm';
+import { applyCpuProfile, type CpuProfile } from './cpu-profile';
 
 /** kvm_cpuid_entry2.flags: the index (ECX subleaf) is significant. */
 export const KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1;
@@ -32,6 +33,12 @@ export interface CpuidOptions {
    * LAPIC but leaves it out of KVM_GET_SUPPORTED_CPUID; set when KVM_CAP_TSC_DEADLINE_TIMER.
    */
   tscDeadline?: boolean;
+  /**
+   * Reduce the features to a named baseline (src/boot/cpu-profile.ts) so hosts sharing it can
+   * exchange the guest; 'host' or absent: everything KVM supports. Throws
+   * CpuProfileUnavailableError when this host lacks a feature of the baseline.
+   */
+  profile?: CpuProfile;
 }
 
 /** Bits needed to hold IDs 0..n-1 (0 for n = 1). */
@@ -100,16 +107,17 @@ export function buildCpuid(
   if (!Number.isInteger(vcpuId) || vcpuId < 0 || vcpuId >= vcpuCount) {
     throw new RangeError(`vCPU id ${vcpuId} outside 0..${vcpuCount - 1}`);
   }
-  const vendor = cpuVendor(supported);
+  const table = opts.profile ? applyCpuProfile(supported, opts.profile) : supported;
+  const vendor = cpuVendor(table);
   const coreShift = idBits(vcpuCount);
   const addressable = 1 << coreShift;
-  const maxBasic = supported.find((e) => e.function === 0)?.eax ?? 0;
+  const maxBasic = table.find((e) => e.function === 0)?.eax ?? 0;
 
   const out: CpuidEntry[] = [];
   let sawLeafB = false;
   let sawLeaf1F = false;
 
-  for (const src of supported) {
+  for (const src of table) {
     const e: CpuidEntry = { ...src };
     switch (e.function) {
       case 0x1: {

@@ -7,6 +7,8 @@ export * from './bzimage';
 export * from './acpi';
 export * as aml from './aml';
 export * from './cpuid';
+export * from './cpu-features';
+export * from './cpu-profile';
 export * from './msrs';
 export * from './vcpu-init';
 export * from './reset-vector';

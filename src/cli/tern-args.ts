@@ -1,5 +1,6 @@
 // Command-line arguments of `tern`, in Cloud Hypervisor's spelling: `--option k=v,k=v`.
 // The result is a VmConfig (when boot options were given) plus the VMM-level settings.
+import { CPU_PROFILES, isCpuProfile } from '../boot/cpu-profile';
 import { ConsoleConfig, ConsoleMode, CpusConfig, MemoryConfig, VmConfig } from '../config/vm-config';
 import type { SeccompMode } from '../native/kvm';
 import { OptionError, parseInteger, parseKeyValues, parseOnOff, parseSize } from './option-values';
@@ -91,7 +92,7 @@ const HANDLERS: Record<string, Handler> = {
   '--cmdline': vmOption((v, a) => (a.vm.payload.cmdline = v)),
   '--firmware': vmOption((v, a) => (a.vm.payload.firmware = v)),
   '--cpus': vmOption((v, a) => {
-    const kv = parseKeyValues('--cpus', v, ['boot', 'max', 'topology', 'kvm_hyperv', 'max_phys_bits', 'affinity', 'features', 'nested']);
+    const kv = parseKeyValues('--cpus', v, ['boot', 'max', 'topology', 'kvm_hyperv', 'max_phys_bits', 'affinity', 'features', 'nested', 'profile']);
     const boot = kv.boot !== undefined ? parseInteger('--cpus', 'boot', kv.boot, 1, 254) : 1;
     const max = kv.max !== undefined ? parseInteger('--cpus', 'max', kv.max, 1, 254) : boot;
     if (max < boot) throw new OptionError('--cpus', `max=${max} is smaller than boot=${boot}`);
@@ -99,6 +100,10 @@ const HANDLERS: Record<string, Handler> = {
     if (kv.kvm_hyperv !== undefined) cpus.kvm_hyperv = parseOnOff('--cpus', 'kvm_hyperv', kv.kvm_hyperv);
     if (kv.max_phys_bits !== undefined) cpus.max_phys_bits = parseInteger('--cpus', 'max_phys_bits', kv.max_phys_bits, 32, 52);
     if (kv.nested !== undefined) cpus.nested = parseOnOff('--cpus', 'nested', kv.nested);
+    if (kv.profile !== undefined) {
+      if (!isCpuProfile(kv.profile)) throw new OptionError('--cpus', `profile="${kv.profile}" is not one of ${CPU_PROFILES.join(', ')}`);
+      cpus.tern_profile = kv.profile;
+    }
     a.vm.cpus = cpus;
   }),
   '--memory': vmOption((v, a) => {
@@ -212,7 +217,9 @@ export const TERN_USAGE = `Usage: tern [OPTIONS]
   --kernel PATH            Linux kernel: ELF vmlinux with a PVH note, or bzImage
   --initramfs PATH         initramfs image
   --cmdline STRING         kernel command line
-  --cpus boot=N[,max=M]    vCPUs
+  --cpus boot=N[,max=M][,profile=NAME]
+                           vCPUs; profile: the CPU features the guest sees, reduced to a
+                           baseline hosts share (x86-64, x86-64-v2, -v3, -v4; default host)
   --memory size=SIZE[,shared=on|off]
   --serial off|null|tty|file=PATH     16550A UART at 0x3f8 (default null)
   --serial-file-max SIZE   cap of the serial file; output beyond it is dropped (default 64M)

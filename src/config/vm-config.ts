@@ -1,5 +1,6 @@
 // The VM configuration, shaped exactly like Cloud Hypervisor's VmConfig (API 0.3.0), so the
 // same JSON is accepted by `vm.create`, written as a snapshot's config.json and built by the CLI.
+import type { CpuProfile } from '../boot/cpu-profile';
 
 export type ConsoleMode = 'Off' | 'Pty' | 'Tty' | 'File' | 'Socket' | 'Null';
 
@@ -16,6 +17,11 @@ export interface CpusConfig {
   max_phys_bits?: number;
   kvm_hyperv?: boolean;
   nested?: boolean;
+  /**
+   * Tern's own field (Cloud Hypervisor's API has no CPU profile): the baseline the guest's
+   * CPUID is reduced to, src/boot/cpu-profile.ts. Absent: 'host'.
+   */
+  tern_profile?: CpuProfile;
 }
 
 export interface MemoryConfig {

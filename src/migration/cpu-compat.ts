@@ -48,6 +48,28 @@ function ignoredBits(word: FeatureWord): number {
 }
 
 /**
+ * AMD CPUs repeat leaf 1 EDX's bits 0-9, 12-17, 23 and 24 in 0x80000001 EDX, and KVM reports the
+ * copies only on AMD hosts. A guest learns those features from leaf 1 (Linux keeps no separate
+ * flag for a copy), so a copy counts as provided when the host has the leaf 1 original.
+ */
+const AMD_LEAF1_EDX_ALIASES = 0x0183_f3ff;
+const LEAF1_EDX_WORD = FEATURE_WORDS.find((w) => w.leaf === 0x1 && w.register === 'edx')!;
+
+function providedBits(hostCpuid: readonly CpuidEntry[], word: FeatureWord): number {
+  const own = featureWordValue(hostCpuid, word);
+  if (word.leaf !== 0x8000_0001 || word.register !== 'edx') return own;
+  return (own | (featureWordValue(hostCpuid, LEAF1_EDX_WORD) & AMD_LEAF1_EDX_ALIASES)) >>> 0;
+}
+
+/** A copied bit is named after its leaf 1 original. */
+function bitName(word: FeatureWord, bit: number): string {
+  if (word.leaf === 0x8000_0001 && word.register === 'edx' && AMD_LEAF1_EDX_ALIASES & (1 << bit) && !word.names[bit]) {
+    return featureName(LEAF1_EDX_WORD, bit);
+  }
+  return featureName(word, bit);
+}
+
+/**
  * Performance-monitoring counters and their controls, which a guest may carry and this host's
  * KVM may not list. They are harmless to drop: KVM lists as many counters as the host's PMU
  * has, so hosts of one fleet often differ here, and a counter that is not restored only loses
@@ -100,10 +122,10 @@ export function cpuCompatProblems(input: CpuCompatInput): CpuProblem[] {
 
   for (const word of FEATURE_WORDS) {
     if (!findCpuidEntry(guestCpuid, word.leaf, word.subleaf)) continue;
-    const missing = (featureWordValue(guestCpuid, word) & ~featureWordValue(hostCpuid, word) & ~ignoredBits(word)) >>> 0;
+    const missing = (featureWordValue(guestCpuid, word) & ~providedBits(hostCpuid, word) & ~ignoredBits(word)) >>> 0;
     for (let bit = 0; bit < 32; bit++) {
       if (!(missing & (1 << bit))) continue;
-      const name = featureName(word, bit);
+      const name = bitName(word, bit);
       problems.push({
         kind: 'feature',
         name,

@@ -13,13 +13,6 @@ export const PREAMBLE_BYTES = 32;
 const MAGIC = 'TERNMIGR';
 export const MAX_MEMORY_FDS = 64;
 
-interface FdPassing {
-  sendWithFds(socketFd: number, data: Uint8Array, fds: number[], timeoutMs: number): void;
-  recvWithFds(socketFd: number, length: number, maxFds: number, timeoutMs: number): { data: Buffer; fds: number[] };
-}
-
-const fdPassing = (): FdPassing => native() as unknown as FdPassing;
-
 function socketFd(socket: net.Socket): number {
   const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
   if (typeof fd !== 'number' || fd < 0) throw new Error('the migration socket has no file descriptor');
@@ -31,12 +24,28 @@ export function sendPreamble(socket: net.Socket, protocol: number, fds: readonly
   b.write(MAGIC, 0, 'latin1');
   b.writeUInt32LE(protocol, 8);
   b.writeUInt32LE(fds.length, 12);
-  fdPassing().sendWithFds(socketFd(socket), b, [...fds], timeoutMs);
+  native().sendWithFds(socketFd(socket), b, [...fds], timeoutMs);
 }
 
-/** Read the preamble off a connection accepted paused; the fds are the caller's to close. */
-export function receivePreamble(socket: net.Socket, timeoutMs: number): { protocol: number; fds: number[] } {
-  const { data, fds } = fdPassing().recvWithFds(socketFd(socket), PREAMBLE_BYTES, MAX_MEMORY_FDS, timeoutMs);
+/**
+ * Read the preamble off a connection accepted paused; the fds are the caller's to close. The
+ * JavaScript thread never blocks on it: each try takes the preamble only if it has arrived
+ * (the source sends it whole, in one sendmsg), otherwise it waits a little and tries again.
+ */
+export async function receivePreamble(socket: net.Socket, timeoutMs: number): Promise<{ protocol: number; fds: number[] }> {
+  const fd = socketFd(socket);
+  const deadline = Date.now() + timeoutMs;
+  let got: { data: Buffer; fds: number[] } | undefined;
+  for (let wait = 1; !got; wait = Math.min(50, wait * 2)) {
+    try {
+      got = native().recvWithFds(fd, PREAMBLE_BYTES, MAX_MEMORY_FDS, 0);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ETIMEDOUT') throw new MigrationProtocolError(`reading the preamble failed: ${(e as Error).message}`);
+      if (Date.now() >= deadline) throw new MigrationProtocolError(`the source sent no preamble within ${timeoutMs / 1000} s`);
+      await new Promise((r) => setTimeout(r, wait));
+    }
+  }
+  const { data, fds } = got;
   const closeAll = () => fds.forEach((fd) => native().closeFd(fd));
   if (data.toString('latin1', 0, 8) !== MAGIC) {
     closeAll();

@@ -9,7 +9,7 @@ import type { Logger } from 'pino';
 import type { VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import { native, type CpuidEntry } from '../native/kvm';
-import { applyStatePatches, decodeVcpuState, migrationEvents, type RamRegionState, type RootState, type StatePatch, type Store } from '../state';
+import { applyStatePatches, decodeVcpuState, migrationEvents, upgradeState, validateState, type RamRegionState, type RootState, type StatePatch, type Store } from '../state';
 import { FrameChannel } from './frame-channel';
 import { FrameType, MigrationProtocolError, frameJson } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, checkHello, type Hello } from './handshake';
@@ -120,7 +120,7 @@ export class MigrationReceiver {
       // One source per receive: nobody else gets in while this one is handled.
       this.server.close();
       if (address.kind === 'unix') {
-        const pre = receivePreamble(socket, PREAMBLE_TIMEOUT_MS);
+        const pre = await receivePreamble(socket, PREAMBLE_TIMEOUT_MS);
         this.fds = pre.fds;
         if (pre.protocol !== MIGRATION_PROTOCOL_VERSION) {
           throw new MigrationProtocolError(`protocol version ${pre.protocol} is not supported (this VMM speaks ${MIGRATION_PROTOCOL_VERSION})`);
@@ -189,6 +189,14 @@ export class MigrationReceiver {
     let shadow: unknown = frameJson(await ch.expect(FrameType.State));
     if (typeof shadow !== 'object' || shadow === null || Array.isArray(shadow)) throw error('State frame: not an object');
     if ((shadow as { schemaVersion?: unknown }).schemaVersion !== hello.schemaVersion) throw error('State frame: its schema version is not the one the handshake announced');
+    // Check the state as it arrives, so a bad one is refused before any memory moves; this
+    // also readies the validators, so the final check, made while the guest is paused
+    // at the source, takes a fraction of a millisecond instead of compiling them then.
+    try {
+      validateState(upgradeState(shadow));
+    } catch (e) {
+      throw error(`State frame: ${errorText(e)}`);
+    }
 
     for (;;) {
       const f = await ch.next();
@@ -196,6 +204,7 @@ export class MigrationReceiver {
         if (hello.local) throw error('Memory frame in a local migration');
         applyMemoryFrame(this.machine.memory, f.payload);
       } else if (f.type === FrameType.Round || f.type === FrameType.Final) {
+        if (f.type === FrameType.Final) this.vm.log.debug({ bytes: f.payload.length }, 'migration: final state arrived');
         const body = frameJson(f);
         try {
           shadow = applyStatePatches(shadow, checkPatches(body, FrameType[f.type]));

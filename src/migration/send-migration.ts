@@ -74,6 +74,7 @@ export class MigrationSender {
   private machineAtStart?: SourceMachine;
   /** the state the destination has, as of the last frame sent */
   private sentState?: RootState;
+  private builder?: MemoryFrameBuilder;
   downtimeMs?: number;
   /** settles when the migration ended: true = the destination runs the VM */
   done?: Promise<boolean>;
@@ -312,7 +313,9 @@ export class MigrationSender {
 
   /** Fill Memory frames through `fill` and send them; returns pages and bytes sent. */
   private async sendPages(fill: (b: MemoryFrameBuilder, flush: () => Promise<void>) => Promise<void>): Promise<{ pages: number; bytes: number }> {
-    const b = new MemoryFrameBuilder();
+    // One builder for the whole migration: its 16 MiB buffer is not allocated again in the pause.
+    const b = (this.builder ??= new MemoryFrameBuilder());
+    const pagesBefore = b.pages;
     const before = this.channel!.bytesWritten;
     const flush = async () => {
       if (!b.empty) await this.channel!.send(FrameType.Memory, b.take());
@@ -320,7 +323,7 @@ export class MigrationSender {
     };
     await fill(b, flush);
     await flush();
-    return { pages: b.pages, bytes: this.channel!.bytesWritten - before };
+    return { pages: b.pages - pagesBefore, bytes: this.channel!.bytesWritten - before };
   }
 
   /**

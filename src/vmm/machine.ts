@@ -2,7 +2,6 @@
 // vCPU threads, and the wiring from vCPU exits to device events. The machine itself holds
 // only host resources (file descriptors, threads, mappings); every piece of VM and device
 // state is in the store.
-import fs from 'node:fs';
 import type { Logger } from 'pino';
 import {
   KVM_IDENTITY_MAP_ADDRESS,
@@ -29,16 +28,13 @@ import {
   type Serial16550aState,
   type AnyDeviceState,
 } from '../devices';
-import { GuestMemory, GuestRegion } from '../memory/guest-memory';
+import type { GuestMemory } from '../memory/guest-memory';
 import { checkVcpuFitsHost } from '../migration/cpu-compat';
-import { SnapshotError, copyMemoryRange, openMemoryFile, verifyRangeInRam, type MemoryRange } from '../migration/snapshot';
 import {
   native,
-  readMsrs,
   writeMsrs,
   type CpuidEntry,
   type NativeKvm,
-  type NativeVcpu,
   type NativeVm,
   type SeccompMode,
   type VcpuExit,
@@ -50,7 +46,6 @@ import {
   encodeVcpuState,
   kvmEvents,
   vcpuEvents,
-  type RamRegionState,
   type RootState,
   type Store,
 } from '../state';
@@ -58,14 +53,13 @@ import { HostFileError, readRegularFile } from '../util/host-file';
 import type { GuestLog } from '../util/guest-log';
 import { openConsoleSink, type ConsoleSink } from './console-sink';
 import { dispatchIoExit } from './io-exit';
+import { stopForEffect, stopForExit, type MachineStop } from './exit-stop';
+import { createRam, incomingRam, snapshotRam, type GuestRam, type IncomingRam, type SnapshotRam } from './guest-ram';
+import { readVcpuState, writeVcpuState } from './vcpu-state';
 import { VcpuRunner } from './vcpu-runner';
 
-/** Why a machine stopped running on its own. */
-export type MachineStop =
-  | { reason: 'poweroff'; source: string }
-  | { reason: 'reset'; source: string }
-  | { reason: 'panic'; source: string }
-  | { reason: 'fatal'; message: string };
+export type { MachineStop };
+
 
 export interface MachineOptions {
   store: Store<RootState>;
@@ -84,24 +78,11 @@ export interface MachineOptions {
   incoming?: MachineIncoming;
 }
 
-export interface MachineIncoming {
-  /** the RAM layout the source announced */
-  regions: readonly RamRegionState[];
-  /** a local migration's memfds, one per region, mapped shared: the source's RAM itself */
-  fds?: readonly number[];
-}
+export type MachineIncoming = IncomingRam;
 
-export interface MachineRestore {
+export interface MachineRestore extends SnapshotRam {
   /** the saved store state (vm, vcpus, kvm, devices); the store itself is not read */
   state: RootState;
-  memoryPath: string;
-  ranges: readonly MemoryRange[];
-  /** per-range checksums a copy restore verifies (absent for a format-1 snapshot) */
-  rangeChecksums?: readonly string[];
-  /** copy: read RAM in now; ondemand: map the file copy-on-write, pages load on first touch */
-  mode: 'copy' | 'ondemand';
-  /** ondemand: touch every page now */
-  prefault?: boolean;
 }
 
 const SERIAL_ID = PLATFORM_SERIAL_ID;
@@ -117,13 +98,6 @@ function readPayloadFile(path: string, what: string, maxBytes: number): Buffer {
   } catch (e) {
     throw new Error(`cannot read ${what} ${e instanceof HostFileError ? e.message : `${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`}`);
   }
-}
-
-/** Read one byte of every page so the file-backed mapping is populated now. */
-function prefault(region: GuestRegion): void {
-  let sink = 0;
-  for (let off = 0; off < region.size; off += 4096) sink ^= region.view(off, 1)![0];
-  void sink;
 }
 
 export class Machine {
@@ -160,29 +134,18 @@ export class Machine {
         // their first use, long after a restore that seemed to work.
         const vcpu0 = opts.restore.state.vcpus.saved['0'];
         if (vcpu0) checkVcpuFitsHost(this.kvm, decodeVcpuState(vcpu0));
-        this.memory = this.restoreMemory(opts.restore);
+        this.memory = this.useRam(snapshotRam(this.vm, opts.restore));
         this.buildFromState(opts.restore.state);
         return;
       }
       if (opts.incoming) {
-        this.memory = this.incomingMemory(opts.incoming);
+        this.memory = this.useRam(incomingRam(this.vm, opts.incoming));
         return;
       }
       const config = withDefaults(store.getState().vm.config as VmConfig);
 
       const layout = ramRegions(config.memory.size);
-      const regions = layout.map((r, slot) => {
-        const info = this.vm.addMemorySlot({ slot, guestAddress: BigInt(r.guestAddress), size: r.size, name: 'tern-ram' });
-        this.slotFds[slot] = info.fd;
-        return new GuestRegion({
-          guestAddress: r.guestAddress,
-          size: r.size,
-          chunks: info.chunks!,
-          chunkSize: info.chunkSize,
-          dirtyBitmap: this.vm.vmmDirtyBitmap(slot),
-        });
-      });
-      this.memory = new GuestMemory(regions);
+      this.memory = this.useRam(createRam(this.vm, layout));
       store.dispatch(memoryEvents.regionsCreated(layout));
 
       const payload = config.payload;
@@ -197,6 +160,7 @@ export class Machine {
         kernelName: payload.kernel,
         initramfsName: payload.initramfs,
         supportedCpuid: this.kvm.supportedCpuid(),
+        cpuidOptions: { profile: config.cpus.tern_profile },
         // The DSDT describes the devices this VM has, each in its own words.
         acpi: { devices: devicesAcpi(devices) },
       });
@@ -252,78 +216,10 @@ export class Machine {
     }
   }
 
-  /**
-   * Guest RAM of a restored machine: the slots recorded in the saved state, so the guest sees
-   * the physical map it was saved with; memory-ranges must hold exactly those.
-   */
-  private restoreMemory(r: MachineRestore): GuestMemory {
-    // readSnapshot checked the table against the state; the file is opened anew, so check
-    // again that it is a regular file long enough for every range (a mapping past its end
-    // would fault the VMM at the guest's first touch).
-    const { fd, size } = openMemoryFile(r.memoryPath);
-    try {
-      const end = Math.max(...r.ranges.map((x) => x.fileOffset + x.length));
-      if (size < end) throw new SnapshotError(`${r.memoryPath}: file is ${size} bytes, shorter than its range table needs (${end})`);
-      const regions = r.ranges.map((range, slot) => {
-        const ondemand = r.mode === 'ondemand';
-        const info = this.vm.addMemorySlot({
-          slot,
-          guestAddress: BigInt(range.guestAddress),
-          size: range.length,
-          name: 'tern-ram',
-          // An ondemand restore does not touch RAM from JS: no ArrayBuffers (and no GC) yet.
-          deferChunks: true,
-          ...(ondemand ? { fromFd: fd, fileOffset: range.fileOffset, privateMap: true } : {}),
-        });
-        this.slotFds[slot] = info.fd;
-        if (ondemand) this.sharedRam = false;
-        const region = new GuestRegion({
-          guestAddress: range.guestAddress,
-          size: range.length,
-          chunks: () => this.vm.memoryChunks(slot),
-          chunkSize: info.chunkSize,
-          dirtyBitmap: this.vm.vmmDirtyBitmap(slot),
-        });
-        if (!ondemand) copyMemoryRange(r.memoryPath, fd, range, slot, region, r.rangeChecksums?.[slot]);
-        else if (r.prefault) {
-          // Every page is touched now anyway: hashing them as they come costs CPU only.
-          const sum = r.rangeChecksums?.[slot];
-          if (sum === undefined) prefault(region);
-          else verifyRangeInRam(r.memoryPath, range, slot, region, sum);
-        }
-        return region;
-      });
-      return new GuestMemory(regions);
-    } finally {
-      fs.closeSync(fd);
-    }
-  }
-
-  /**
-   * RAM of a migration destination: new zeroed memfds the stream fills, or (local migration)
-   * the source's own memfds mapped shared, so no byte of RAM is copied.
-   */
-  private incomingMemory(inc: MachineIncoming): GuestMemory {
-    if (inc.fds && inc.fds.length !== inc.regions.length) throw new Error(`${inc.fds.length} memory fds for ${inc.regions.length} RAM regions`);
-    const regions = inc.regions.map((r, slot) => {
-      const info = this.vm.addMemorySlot({
-        slot,
-        guestAddress: BigInt(r.guestAddress),
-        size: r.size,
-        name: 'tern-ram',
-        deferChunks: true,
-        ...(inc.fds ? { fromFd: inc.fds[slot], fileOffset: 0 } : {}),
-      });
-      this.slotFds[slot] = info.fd;
-      return new GuestRegion({
-        guestAddress: r.guestAddress,
-        size: r.size,
-        chunks: () => this.vm.memoryChunks(slot),
-        chunkSize: info.chunkSize,
-        dirtyBitmap: this.vm.vmmDirtyBitmap(slot),
-      });
-    });
-    return new GuestMemory(regions);
+  private useRam(ram: GuestRam): GuestMemory {
+    this.slotFds.push(...ram.slotFds);
+    this.sharedRam = ram.shared;
+    return ram.memory;
   }
 
   /** A migration destination: build the vCPUs, devices' host ends and KVM state from the received state. */
@@ -378,24 +274,8 @@ export class Machine {
       if (!saved) throw new Error(`the saved state has no vCPU ${id}`);
       const s = decodeVcpuState(saved);
       const vcpu = this.vm.createVcpu(id);
-      // CPUID first: it decides which MSRs and xsave features KVM accepts.
-      vcpu.setCpuid(s.cpuid);
+      writeVcpuState(vcpu, s, this.opts.log);
       this.cpuids[id] = s.cpuid;
-      vcpu.setSregs(s.sregs);
-      vcpu.setRegs(s.regs);
-      vcpu.setFpu(s.fpu);
-      vcpu.setXsave(s.xsave);
-      vcpu.setXcrs(s.xcrs);
-      vcpu.setLapic(s.lapic);
-      // Every MSR this KVM takes is set, the ones it rejects are skipped (a destination whose
-      // KVM lacks one of the source's): one line per vCPU names them all.
-      const { set, rejected } = writeMsrs(vcpu, s.msrs);
-      if (rejected.length > 0) {
-        this.opts.log.warn({ vcpu: id, set, wanted: s.msrs.length, rejected: rejected.map((i) => `0x${i.toString(16)}`) }, 'KVM rejected saved MSRs');
-      }
-      vcpu.setVcpuEvents(s.vcpuEvents);
-      vcpu.setDebugRegs(s.debugRegs);
-      vcpu.setMpState(s.mpState);
       this.runners.push(new VcpuRunner(vcpu, (vid, exit) => this.onExit(vid, exit), this.opts.seccomp));
     }
   }
@@ -442,31 +322,12 @@ export class Machine {
       }
       case 'hlt':
         return; // with the in-kernel LAPIC, HLT is handled by KVM; nothing to do
-      case 'shutdown':
-        // A triple fault: what a PC does then is reset, and Linux relies on it as a last resort.
-        this.reportStop({ reason: 'reset', source: `vcpu${vcpu} triple fault` });
+      default: {
+        const stop = stopForExit(vcpu, exit);
+        if (!stop) return;
+        this.reportStop(stop);
         return 'stop';
-      case 'system_event':
-        // KVM_SYSTEM_EVENT_SHUTDOWN = 1, RESET = 2, CRASH = 3
-        if (exit.type === 2) this.reportStop({ reason: 'reset', source: 'system event' });
-        else if (exit.type === 1) this.reportStop({ reason: 'poweroff', source: 'system event' });
-        else if (exit.type === 3) this.reportStop({ reason: 'panic', source: 'kvm crash system event' });
-        else this.reportStop({ reason: 'fatal', message: `guest crash (system event ${exit.type})` });
-        return 'stop';
-      case 'fail_entry':
-        this.reportStop({ reason: 'fatal', message: `vCPU ${vcpu}: KVM entry failed, hardware reason 0x${exit.reason.toString(16)}` });
-        return 'stop';
-      case 'internal_error':
-        this.reportStop({ reason: 'fatal', message: `vCPU ${vcpu}: KVM internal error, suberror ${exit.suberror}` });
-        return 'stop';
-      case 'error':
-        this.reportStop({ reason: 'fatal', message: `vCPU ${vcpu}: ${exit.message}` });
-        return 'stop';
-      case 'unknown':
-        this.reportStop({ reason: 'fatal', message: `vCPU ${vcpu}: unhandled KVM exit reason ${exit.reason}` });
-        return 'stop';
-      default:
-        return;
+      }
     }
   }
 
@@ -484,10 +345,8 @@ export class Machine {
           this.vm.irqLine(e.gsi, e.level);
           break;
         case 'vm.reset':
-          this.reportStop({ reason: 'reset', source: e.source });
-          break;
         case 'vm.poweroff':
-          this.reportStop({ reason: 'poweroff', source: e.source });
+          this.reportStop(stopForEffect(e)!);
           break;
         case 'vm.sleep':
           this.opts.guestLog.warn('sleep-state', { state: e.state, source: e.source }, 'guest asked for a sleep state Tern does not implement');
@@ -522,7 +381,7 @@ export class Machine {
     const clock = this.vm.getClock();
     const msrIndices = this.kvm.msrIndexList();
     for (const r of this.runners) {
-      this.opts.store.dispatch(vcpuEvents.stateSaved(r.vcpu.id, encodeVcpuState(this.readVcpuState(r.vcpu, msrIndices))));
+      this.opts.store.dispatch(vcpuEvents.stateSaved(r.vcpu.id, encodeVcpuState(readVcpuState(r.vcpu, msrIndices, this.cpuids[r.vcpu.id] ?? []))));
     }
     this.opts.store.dispatch(
       kvmEvents.stateSaved({
@@ -551,24 +410,6 @@ export class Machine {
     }
     for (const r of this.runners) r.resume();
     this.console!.resumeInput();
-  }
-
-  private readVcpuState(vcpu: NativeVcpu, msrIndices: number[]) {
-    // KVM_KVMCLOCK_CTRL tells the guest the pause was the host's doing (no soft-lockup report).
-    vcpu.kvmclockCtrl();
-    return {
-      regs: vcpu.getRegs(),
-      sregs: vcpu.getSregs(),
-      fpu: vcpu.getFpu(),
-      msrs: readMsrs(vcpu, msrIndices).entries,
-      xsave: vcpu.getXsave(),
-      xcrs: vcpu.getXcrs(),
-      lapic: vcpu.getLapic(),
-      vcpuEvents: vcpu.getVcpuEvents(),
-      debugRegs: vcpu.getDebugRegs(),
-      mpState: vcpu.getMpState(),
-      cpuid: this.cpuids[vcpu.id] ?? [],
-    };
   }
 
   /** Stop every vCPU thread and wait for them. */

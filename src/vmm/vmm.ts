@@ -8,7 +8,8 @@ import type { MigrationProgress, ReceiveMigrationOptions, SendMigrationOptions }
 import { MigrationReceiver } from '../migration/receive-migration';
 import { MigrationError, MigrationSender } from '../migration/send-migration';
 import { SnapshotError, readSnapshot, snapshotDirFromUrl, writeSnapshot } from '../migration/snapshot';
-import type { SeccompMode } from '../native/kvm';
+import { cpuCompatProblems } from '../migration/cpu-compat';
+import { native, type CpuidEntry, type SeccompMode } from '../native/kvm';
 import { createStore, vmConfigProblems, vmEvents, vmmEvents, type GuestStop, type RootState, type Store, type VmStatus } from '../state';
 import { guestLog, type GuestLog } from '../util/guest-log';
 import { TERN_VERSION } from '../version';
@@ -289,6 +290,7 @@ export class Vmm {
   async receiveMigration(opts: ReceiveMigrationOptions): Promise<void> {
     if (this.migration?.active) throw new MigrationError('a migration is already in progress');
     if (this.state.vm.status !== 'NotCreated') throw new MigrationError(`a VM already exists here (${this.state.vm.status})`);
+    let host: { cpuid: CpuidEntry[]; msrIndices: number[] } | undefined;
     const receiver = new MigrationReceiver(
       {
         store: this.store,
@@ -305,7 +307,12 @@ export class Vmm {
           });
           return m;
         },
-        cpuProblems: (cpuid, msrIndices) => hostCpuProblems(cpuid, msrIndices),
+        // Asked at the handshake and again while the guest is paused at the source: this
+        // host's answer is read from KVM once.
+        cpuProblems: (cpuid, msrIndices) => {
+          host ??= hostCpu();
+          return cpuCompatProblems({ guestCpuid: cpuid, guestMsrIndices: msrIndices, hostCpuid: host.cpuid, hostMsrIndices: host.msrIndices }).map((p) => p.message);
+        },
         install: (m, state) => this.serialize(() => this.installMigratedVm(m as Machine, state)),
       },
       opts,
@@ -474,6 +481,16 @@ export class Vmm {
   }
 }
 
+/** The CPUID this host's KVM can give a guest and the MSRs it keeps. */
+function hostCpu(): { cpuid: CpuidEntry[]; msrIndices: number[] } {
+  const kvm = native().openKvm();
+  try {
+    return { cpuid: kvm.supportedCpuid(), msrIndices: kvm.msrIndexList() };
+  } finally {
+    kvm.close();
+  }
+}
+
 function guestStopFor(stop: MachineStop): GuestStop {
   switch (stop.reason) {
     case 'reset':
@@ -490,9 +507,3 @@ function errorMessage(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
-// PLACEHOLDER-CPU: replaced by the CPU compatibility check
-function hostCpuProblems(cpuid: readonly unknown[], msrIndices: readonly number[]): string[] {
-  void cpuid;
-  void msrIndices;
-  return [];
-}

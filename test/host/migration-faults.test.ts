@@ -14,6 +14,7 @@ import type { VmConfig } from '../../src/config/vm-config';
 import { MigrationEvents, type MigrationFailedPayload, type StoreEvent } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
+import { pausedState } from '../unit/snapshot-fixture';
 import { FrameType, connectAsSource, encodeFrame, fakeDestination, helloFor, slowLink } from '../support/migration-peer';
 import { sleep, waitUntil } from './harness';
 import { TINY_KERNEL_MAGIC, TinyKernelStatus, buildTinyKernel } from './tiny-kernel';
@@ -158,17 +159,29 @@ test.serial('destination: a state schema newer than its own is refused at the ha
 test.serial('destination: pages outside the announced RAM are refused', async (t) => {
   const { dst, url, result } = await receiving();
   const { channel } = await connectAsSource(url);
-  await channel.sendJson(FrameType.Hello, helloFor([{ guestAddress: 0, size: 1 << 20 }]));
+  const state = pausedState(); // a valid state with 2 MiB of RAM
+  await channel.sendJson(FrameType.Hello, helloFor(state.memory.regions));
   await channel.expect(FrameType.Accept);
+  await channel.sendJson(FrameType.Config, state.vm.config);
+  await channel.sendJson(FrameType.State, state);
   const rec = Buffer.alloc(16 + 4096, 0x55);
-  rec.writeBigUInt64LE(BigInt(1 << 20), 0);
+  rec.writeBigUInt64LE(BigInt(state.memory.regions[0].size), 0); // the page just past the end
   rec.writeUInt32LE(1, 8);
   rec.writeUInt32LE(0, 12);
-  // Memory is only taken after the config and state; send them first, minimal and unchecked yet.
-  await channel.sendJson(FrameType.Config, { payload: { kernel: '/nonexistent' } });
-  await channel.sendJson(FrameType.State, { schemaVersion: helloFor([]).schemaVersion });
   await channel.send(FrameType.Memory, rec);
   await destinationRecovered(t, dst, result, /outside guest RAM/);
+});
+
+test.serial('destination: a state that fails its schema is refused when it arrives', async (t) => {
+  const { dst, url, result } = await receiving();
+  const { channel } = await connectAsSource(url);
+  const state = structuredClone(pausedState()) as any;
+  await channel.sendJson(FrameType.Hello, helloFor(state.memory.regions));
+  await channel.expect(FrameType.Accept);
+  await channel.sendJson(FrameType.Config, state.vm.config);
+  state.vm.bootCount = 'many';
+  await channel.sendJson(FrameType.State, state);
+  await destinationRecovered(t, dst, result, /State frame: .*bootCount/);
 });
 
 test.serial('source: a destination that refuses the handshake leaves the VM untouched', async (t) => {

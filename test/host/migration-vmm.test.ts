@@ -13,6 +13,7 @@ import { readSnapshot } from '../../src/migration/snapshot';
 import { MigrationEvents, ROOT_SCHEMA_VERSION } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
+import { fitSavedVcpusToHost } from '../support/snapshot-edit';
 import { FrameType, connectAsSource, helloFor, sendAllPages } from '../support/migration-peer';
 import { unpackSchema2 } from '../unit/snapshot-fixture';
 import { waitUntil } from './harness';
@@ -128,6 +129,7 @@ test.serial('a source that sends a schema-2 state: upgraded on arrival, and the 
   unpackSchema2(dir);
   const raw = JSON.parse(fs.readFileSync(path.join(dir, 'state.json'), 'utf8'));
   t.is(raw.schema_version, 2);
+  fitSavedVcpusToHost(raw.state);
   const config = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8'));
   const snap = readSnapshot(dir);
   const file = fs.readFileSync(snap.memoryPath);
@@ -165,6 +167,68 @@ test.serial('a source that sends a schema-2 state: upgraded on arrival, and the 
     t.is(count, 6, 'the fixture was saved after COUNT 5 (six lines from COUNT 0)');
     await dst.resume();
     await waitUntil('the guest counts on', () => guestCount(dst) >= count + 2);
+  } finally {
+    await dst.shutdownVmm();
+  }
+});
+
+test.serial('local migration over a UNIX socket hands the RAM over as memfds: no page is copied', async (t) => {
+  const { vmm: src, serial } = await bootCounting('local', { memory: { size: 64 << 20, shared: true } });
+  const dst = new Vmm({ log: silentLogger() });
+  const dstEvents = eventTypes(dst);
+  try {
+    const url = `unix:${path.join(tmp, 'local.sock')}`;
+    const received = dst.receiveMigration({ receiver_url: url });
+    await waitUntil('the destination listens', () => dstEvents.includes(MigrationEvents.ReceiveReady));
+    await src.sendMigration({ destination_url: url, local: true });
+    await received;
+    await waitUntil('the source has let the VM go', () => src.state.vm.status === 'Shutdown');
+    t.is(dst.state.vm.status, 'Running');
+    const after = guestCount(dst);
+    await waitUntil('the guest counts on at the destination', () => guestCount(dst) >= after + 3);
+    const counts = countsIn(fs.readFileSync(serial, 'utf8'));
+    counts.forEach((c, i) => i > 0 && t.is(c, counts[i - 1] + 1, `COUNT ${counts[i - 1]} is followed by ${c}`));
+    const p = src.migrationProgress()!;
+    t.is(p.phase, 'finished');
+    t.true(p.local);
+    // The state and a few frames; guest RAM (with the kernel and its page tables in it) never went.
+    t.true(p.bytes_transferred < 256 << 10, `${p.bytes_transferred} bytes sent`);
+  } finally {
+    await src.shutdownVmm();
+    await dst.shutdownVmm();
+  }
+});
+
+test.serial('local migration is refused before anything moves without memory shared=on, or over TCP', async (t) => {
+  const { vmm: src } = await bootCounting('local-refused');
+  try {
+    await t.throwsAsync(src.sendMigration({ destination_url: `unix:${path.join(tmp, 'nobody.sock')}`, local: true }), { message: /memory shared=on/ });
+    await t.throwsAsync(src.sendMigration({ destination_url: tcpUrl(), local: true }), { message: /unix: URL/ });
+    t.is(src.state.vm.status, 'Running');
+  } finally {
+    await src.shutdownVmm();
+  }
+});
+
+test.serial('a destination whose CPU lacks a feature the guest was given refuses at the handshake, naming it', async (t) => {
+  const dst = new Vmm({ log: silentLogger() });
+  const dstEvents = eventTypes(dst);
+  try {
+    const url = tcpUrl();
+    const received = dst.receiveMigration({ receiver_url: url }).catch((e: Error) => e);
+    await waitUntil('the destination listens', () => dstEvents.includes(MigrationEvents.ReceiveReady));
+    const { channel } = await connectAsSource(url);
+    // Leaf 7 with every feature bit set: no real host has them all (avx512f among them).
+    const cpuid = [
+      { function: 0, index: 0, flags: 0, eax: 7, ebx: 0, ecx: 0, edx: 0 },
+      { function: 7, index: 0, flags: 1, eax: 0, ebx: 0xffffffff, ecx: 0, edx: 0 },
+    ];
+    await channel.sendJson(FrameType.Hello, helloFor([{ guestAddress: 0, size: 64 << 20 }], { cpuid }));
+    await t.throwsAsync(channel.expect(FrameType.Accept), { message: /cannot run the guest's CPU: .*feature/ });
+    const r = await received;
+    t.true(r instanceof Error);
+    t.regex((r as Error).message, /avx512f/);
+    t.is(dst.state.vm.status, 'NotCreated');
   } finally {
     await dst.shutdownVmm();
   }

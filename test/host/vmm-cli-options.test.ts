@@ -6,6 +6,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { waitForFileText } from '../support/processes';
 
+import { CPU_PROFILES, CpuProfileUnavailableError, applyCpuProfile, type CpuProfile } from '../../src/boot/cpu-profile';
+import { native } from '../../src/native/kvm';
 import type { GuestProcess } from '../linux/guest-process';
 import { GUEST_SOURCES, sleep } from './harness';
 import { TINY_KERNEL_BANNER, buildTinyKernel, countsIn, startTern, startTinyVm } from './tiny-kernel';
@@ -184,5 +186,58 @@ test('a file that is not a kernel exits 1 with an error naming the path', async 
     t.true(plain[0].includes(notKernel), plain[0]);
   } finally {
     vm.kill();
+  }
+});
+
+/** The profiles this host's KVM can give a guest, and the first one it cannot (if any). */
+function hostProfiles(): { offered: CpuProfile[]; lacking?: { profile: CpuProfile; missing: readonly string[] } } {
+  const kvm = native().openKvm();
+  try {
+    const supported = kvm.supportedCpuid();
+    const offered: CpuProfile[] = [];
+    for (const profile of CPU_PROFILES) {
+      try {
+        applyCpuProfile(supported, profile);
+        offered.push(profile);
+      } catch (e) {
+        if (!(e instanceof CpuProfileUnavailableError)) throw e;
+        return { offered, lacking: { profile, missing: e.missing } };
+      }
+    }
+    return { offered };
+  } finally {
+    kvm.close();
+  }
+}
+
+test('--cpus profile: the highest profile this host offers boots and runs; the next one exits 1 naming what the host lacks', async (t) => {
+  const { offered, lacking } = hostProfiles();
+  t.true(offered.includes('x86-64'), 'every x86-64 host offers the baseline');
+  const best = offered[offered.length - 1];
+  const vm = await startTinyVm(['--cpus', `boot=1,profile=${best}`]);
+  try {
+    await vm.waitFor(/^COUNT 2\n/m, T);
+    t.true(countsIn(vm.output).length >= 2, `${best} boots`);
+  } finally {
+    vm.kill();
+    await vm.exited;
+  }
+  if (!lacking) {
+    t.log('this host offers every profile: no refusal to check');
+    return;
+  }
+  const refused = await startTinyVm(['--cpus', `boot=1,profile=${lacking.profile}`]);
+  try {
+    const { code } = await refused.exit(T);
+    t.is(code, 1, refused.stderr);
+    const plain = refused.stderr.split('\n').filter((l) => l.startsWith('tern: '));
+    t.is(plain.length, 1, refused.stderr);
+    t.true(
+      plain[0].endsWith(`CPU profile ${lacking.profile} needs features this host's CPU or KVM lacks: ${lacking.missing.join(', ')}`),
+      plain[0],
+    );
+    t.notRegex(refused.output, new RegExp(TINY_KERNEL_BANNER), 'nothing ran');
+  } finally {
+    refused.kill();
   }
 });

@@ -7,6 +7,8 @@ import path from 'node:path';
 
 import { EventMonitor, MONITOR_EVENT_NAMES, formatMonitorEvent, toTernEvent } from '../../src/api/event-monitor';
 import { HostFileError } from '../../src/api/host-file';
+import { MIGRATION_EVENT_NAMES, isMigrationEvent } from '../../src/api/schema';
+import { migrationEvents } from '../../src/state/migration-events';
 import type { EventTimestamp } from '../../src/state/clock';
 import { createStore } from '../../src/state/store';
 import { VmEvents, vmEvents } from '../../src/state/slices/vm';
@@ -81,6 +83,44 @@ test('the monitor writes the store events it maps, in order, with their timestam
     ],
   );
   t.is(text, events.map((e) => formatMonitorEvent(e)).join(''), 'byte for byte the monitor format');
+});
+
+test('migration events are written under Cloud Hypervisor\'s names, the memory round as its "id" property', (t) => {
+  const store = createStore({ clock: steppingClock() });
+  const file = path.join(dir, 'migration-events.json');
+  const monitor = EventMonitor.open(store, { path: file });
+  store.dispatch(migrationEvents.receiveReady({ receiver_url: 'tcp:0.0.0.0:6000' }));
+  store.dispatch(migrationEvents.receiveStarted({ receiver_url: 'tcp:0.0.0.0:6000' }));
+  store.dispatch(migrationEvents.receiveFailed({ reason: 'the source went away' }));
+  store.dispatch(migrationEvents.receiveFinished(null));
+  store.dispatch(migrationEvents.started({ destination_url: 'tcp:dest:6000', local: false }));
+  store.dispatch(migrationEvents.memoryIteration({ id: 0, pages: 1000, bytes: 4096000 }));
+  store.dispatch(migrationEvents.memoryIteration({ id: 12, pages: 3, bytes: 12288 }));
+  store.dispatch(migrationEvents.failed({ reason: 'timed out' }));
+  store.dispatch(migrationEvents.finished({ downtime_ms: 40, total_ms: 900, bytes: 4096, iterations: 2 }));
+  monitor.close();
+  const events = fs
+    .readFileSync(file, 'utf8')
+    .split('\n\n')
+    .filter(Boolean)
+    .map((b) => JSON.parse(b) as { source: string; event: string; properties: unknown });
+  t.deepEqual(
+    events.map((e) => [e.source, e.event, e.properties]),
+    [
+      ['vm', 'migration-receive-ready', null],
+      ['vm', 'migration-receive-started', null],
+      ['vm', 'migration-receive-failed', null],
+      ['vm', 'migration-receive-finished', null],
+      ['vm', 'migration-started', null],
+      ['vm', 'migration-memory-iteration', { id: '0' }],
+      ['vm', 'migration-memory-iteration', { id: '12' }],
+      ['vm', 'migration-failed', null],
+      ['vm', 'migration-finished', null],
+    ],
+  );
+  t.true(events.every((e) => isMigrationEvent(e as never)));
+  const mapped = Object.values(MONITOR_EVENT_NAMES).filter((n) => n.event.startsWith('migration-')).map((n) => n.event);
+  t.deepEqual(mapped.sort(), [...MIGRATION_EVENT_NAMES].sort(), 'the client\'s list of migration events is the monitor\'s');
 });
 
 test('the monitor writes to an inherited fd and leaves it open', (t) => {

@@ -34,6 +34,15 @@ test('bad UTF-8 and malformed JSON are 400', (t) => {
   t.is(statusOf(() => parse('')), 400);
 });
 
+test("checkVmConfig: cpus.tern_profile is kept when it names a profile, 400 otherwise; Cloud Hypervisor's cpus.profile is ignored", (t) => {
+  const cpus = { boot_vcpus: 1, max_vcpus: 1 };
+  const base = { payload: { kernel: '/k' } };
+  t.deepEqual(checkVmConfig({ ...base, cpus: { ...cpus, tern_profile: 'x86-64-v2' } }), { ...base, cpus: { ...cpus, tern_profile: 'x86-64-v2' } });
+  t.is(statusOf(() => checkVmConfig({ ...base, cpus: { ...cpus, tern_profile: 'skylake' } })), 400);
+  t.is(statusOf(() => checkVmConfig({ ...base, cpus: { ...cpus, tern_profile: 3 } })), 400);
+  t.deepEqual(checkVmConfig({ ...base, cpus: { ...cpus, profile: 'sapphire-rapids' } }), { ...base, cpus });
+});
+
 test('checkVmConfig: types per the contract, unknown fields dropped, ids unique across device lists', (t) => {
   const base = { payload: { kernel: '/k' } };
   t.deepEqual(checkVmConfig({ ...base, extra: 1, disks: [{ path: '/d', bogus: true }] }), { ...base, disks: [{ path: '/d' }] });

@@ -40,10 +40,18 @@ test("--seccomp takes Cloud Hypervisor's true|false|log; the filter is on by def
   t.is(parseTernArgs(['--api-socket', 'path=/tmp/x.sock', '--seccomp', 'log']).seccomp, 'log');
 });
 
+test('--cpus profile=NAME picks the CPU profile the guest boots with', (t) => {
+  const a = parseTernArgs(['--kernel', 'k', '--cpus', 'boot=2,profile=x86-64-v3']);
+  t.deepEqual(a.vm?.cpus, { boot_vcpus: 2, max_vcpus: 2, tern_profile: 'x86-64-v3' });
+  t.is(parseTernArgs(['--kernel', 'k', '--cpus', 'profile=host']).vm?.cpus?.tern_profile, 'host');
+  t.false('tern_profile' in parseTernArgs(['--kernel', 'k', '--cpus', 'boot=1']).vm!.cpus!, 'absent unless given');
+});
+
 for (const [argv, fragment] of [
   [['--frobnicate'], '--frobnicate: unknown option'],
   [['--kernel', 'k', '--cpus', 'boot=two'], '--cpus: boot="two" is not a whole number'],
   [['--kernel', 'k', '--cpus', 'boot=4,max=2'], '--cpus: max=2 is smaller than boot=4'],
+  [['--kernel', 'k', '--cpus', 'profile=skylake'], '--cpus: profile="skylake" is not one of host, x86-64, x86-64-v2, x86-64-v3, x86-64-v4'],
   [['--kernel', 'k', '--memory', 'size=12Q'], '--memory: size="12Q" is not a size'],
   [['--kernel', 'k', '--memory', 'size=512M,colour=blue'], '--memory: unknown parameter "colour"'],
   [['--kernel', 'k', '--serial', 'telepathy'], '--serial: "telepathy" is not one of'],

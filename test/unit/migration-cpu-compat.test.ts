@@ -47,6 +47,15 @@ test('an Intel guest on the AMD host: every missing feature named, and the leave
 test('an AMD guest on the Intel host lacks the extended leaves up to 0x80000021', (t) => {
   const problems = cpuCompatProblems(input(buildCpuid(AMD_EPYC_NESTED, 0, 1), INTEL_XEON));
   t.deepEqual(problems.filter((p) => p.kind === 'leaf').map((p) => p.message), ['max extended leaf 0x80000021: this host\'s KVM reports 0x80000008']);
+  // AMD repeats leaf 1 EDX in 0x80000001 EDX; Intel's KVM reports only the originals, which the
+  // guest reads. AMD's own bits there still count.
+  const ext = problems.filter((p) => p.message.includes('leaf 0x80000001.0 edx'));
+  t.deepEqual(ext.map((p) => p.name), ['mmxext', 'fxsr_opt']);
+  const noFpu = INTEL_XEON.map((e) => (e.function === 1 ? { ...e, edx: (e.edx & ~1) >>> 0 } : e));
+  t.true(
+    cpuCompatProblems(input(buildCpuid(AMD_EPYC_NESTED, 0, 1), noFpu)).some((p) => p.message === 'feature fpu (leaf 0x80000001.0 edx bit 0)'),
+    'a copy whose original the host lacks is named after it',
+  );
 });
 
 test('a feature bit without a name is reported by its position; named ones with both', (t) => {

@@ -125,6 +125,7 @@ test('more descriptors than allowed: refused, and every one received is closed',
     const before = openFds();
     const err = t.throws(() => native().recvWithFds(p.serverFd, 2, 2, 1000));
     t.is((err as NodeJS.ErrnoException).code, 'EMSGSIZE');
+    t.is((err as NodeJS.ErrnoException).syscall, 'recvmsg');
     t.regex(err!.message, /sent 3 descriptors, at most 2/);
     t.deepEqual(openFds(), before, 'no received descriptor is left open');
   } finally {
@@ -144,6 +145,7 @@ test('the peer hanging up mid-message is an error that names how far it got', as
     const before = openFds();
     const err = t.throws(() => native().recvWithFds(p.serverFd, 10, 4, 1000));
     t.is((err as NodeJS.ErrnoException).code, 'ECONNRESET');
+    t.is((err as NodeJS.ErrnoException).errno, 104);
     t.regex(err!.message, /closed the connection after 3 of 10 bytes/);
     t.deepEqual(openFds(), before, 'the descriptor that came with the first bytes is closed');
   } finally {
