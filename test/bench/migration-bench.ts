@@ -61,6 +61,8 @@ interface Measured {
   hostGapMs: number;
   /** largest interval the guest's 10 ms ticker saw around the migration */
   guestGapMs: number;
+  /** tern: the largest auto-converge throttle its progress showed (percent of vCPU time taken) */
+  throttleMaxPercent?: number;
   /** counter faults across the migration (none expected) */
   faults: string[];
   error?: string;
@@ -142,6 +144,7 @@ async function benchTern(work: string, c: Case): Promise<Measured> {
       downtimeMs: reported(o, 'downtime_ms', 'downtime'),
       bytes: (o.destinationProgress?.bytes_transferred as number | undefined) ?? reported(o, 'bytes_transferred'),
       rounds: o.sourceEvents.filter((e) => e.event === 'migration-memory-iteration').length,
+      throttleMaxPercent: Math.max(0, ...o.progress.map((p) => Number(p.throttle_percent) || 0)),
       ...side,
       ...(o.sourceExit?.code !== 0 && { error: `the source VMM did not exit cleanly: ${JSON.stringify(o.sourceExit)}` }),
     };
@@ -229,6 +232,7 @@ function table(results: { c: Case; tern?: Measured; qemu?: Measured }[]): string
     row('largest interval seen by the guest\'s 10 ms ticker', (m) => m.guestGapMs, fmtMs);
     row('bytes sent (QEMU: RAM)', (m) => m.bytes, fmtMiB);
     row('memory rounds (QEMU: dirty syncs)', (m) => m.rounds, fmtN);
+    row('largest auto-converge throttle (tern, % of vCPU time)', (m) => m.throttleMaxPercent, fmtN);
   }
   return rows.join('\n');
 }
