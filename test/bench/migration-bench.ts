@@ -87,7 +87,8 @@ function progressLog(prefix: string): (vm: GuestProcess) => GuestProcess {
 
 /** Until the workload runs (its file written once) and the counters have a few seconds of history. */
 async function waitRunning(vm: GuestProcess, c: Case): Promise<void> {
-  await vm.waitFor(c.fileMiB > 0 ? /^WFILLED\r?$/m : /^TICK 1 /m, BOOT_TIMEOUT);
+  // (a whole TICK line: its count is read next)
+  await vm.waitFor(c.fileMiB > 0 ? /^WFILLED\r?$/m : /^TICK 1 \d+\.\d+\r?\n/m, BOOT_TIMEOUT);
   const ticks = ticksIn(vm.output);
   await vm.waitFor(new RegExp(`^TICK ${ticks[ticks.length - 1].count + 30} `, 'm'), BOOT_TIMEOUT);
 }
