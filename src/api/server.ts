@@ -203,6 +203,10 @@ export class ApiServer {
       },
       (req, res) => this.handle(req, res),
     );
+    // A client that half-closes its end after sending its request (as `nc -N` or a script
+    // with shutdown(SHUT_WR) does) still gets the reply, however long the call takes (a
+    // migration, a snapshot): Node otherwise drops the request when the client's FIN arrives.
+    (this.server as http.Server & { httpAllowHalfOpen: boolean }).httpAllowHalfOpen = true;
     // Silence on a socket: Node asks here before closing it.
     this.server.timeout = limits.idleTimeoutMs;
     this.server.on('timeout', (socket: Socket) => this.onIdle(socket));
@@ -552,6 +556,9 @@ export class ApiServer {
     // Events may be minutes apart: a stream is not idle. It is dropped instead when it falls
     // behind (MAX_STREAM_BACKLOG).
     req.socket.setTimeout(0);
+    // A stream has nothing more to read from its client: the client's FIN means it has gone
+    // (the server lets other calls' clients half-close and still get their reply).
+    req.socket.once('end', () => res.destroy());
     // Not chunked either: the stream is the rest of the connection, readable as plain text.
     res.useChunkedEncodingByDefault = false;
     res.writeHead(200, '', [...replyHeaders(false, null), 'Content-Type', 'text/event-stream', 'Cache-Control', 'no-cache']);

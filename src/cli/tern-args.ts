@@ -68,9 +68,13 @@ function socketTarget(option: string, value: string): SocketTarget {
 /** keys whose values are strings in the API's device configs, whatever they look like */
 const STRING_KEYS = new Set(['id', 'path', 'file', 'socket', 'tag', 'tap', 'ip', 'mask', 'mac', 'host_mac', 'serial', 'src', 'vhost_socket', 'vhost_mode', 'rate_limit_group']);
 
-/** Generic device list entry: stored as given (numbers and on/off typed), used by later devices. */
-function deviceEntry(option: string, value: string): Record<string, unknown> {
-  const out: Record<string, unknown> = {};
+/**
+ * Generic device list entry: stored as given (numbers and on/off typed). Typed as the config
+ * entry it stands for, but unchecked until vm.create's validator checks the whole config
+ * (the CLI creates its VM through the same call as the API).
+ */
+function deviceEntry<T = Record<string, unknown>>(option: string, value: string, defaults: Record<string, unknown> = {}): T {
+  const out: Record<string, unknown> = { ...defaults };
   for (const part of value.split(',')) {
     const eq = part.indexOf('=');
     if (eq <= 0) throw new OptionError(option, `expected key=value, got "${part}"`);
@@ -78,7 +82,7 @@ function deviceEntry(option: string, value: string): Record<string, unknown> {
     const v = part.slice(eq + 1);
     out[k] = STRING_KEYS.has(k) ? v : v === 'on' ? true : v === 'off' ? false : /^\d+$/.test(v) ? Number(v) : v;
   }
-  return out;
+  return out as T;
 }
 
 const vmOption = (fn: Handler): Handler => (value, acc) => {
@@ -122,7 +126,7 @@ const HANDLERS: Record<string, Handler> = {
   '--disk': vmOption((v, a) => (a.vm.disks = [...(a.vm.disks ?? []), deviceEntry('--disk', v)])),
   '--net': vmOption((v, a) => (a.vm.net = [...(a.vm.net ?? []), deviceEntry('--net', v)])),
   // Cloud Hypervisor's CLI defaults for the fields its API requires
-  '--fs': vmOption((v, a) => (a.vm.fs = [...(a.vm.fs ?? []), { num_queues: 1, queue_size: 1024, ...deviceEntry('--fs', v) }])),
+  '--fs': vmOption((v, a) => (a.vm.fs = [...(a.vm.fs ?? []), deviceEntry('--fs', v, { num_queues: 1, queue_size: 1024 })])),
   '--pmem': vmOption((v, a) => (a.vm.pmem = [...(a.vm.pmem ?? []), deviceEntry('--pmem', v)])),
   '--device': vmOption((v, a) => (a.vm.devices = [...(a.vm.devices ?? []), deviceEntry('--device', v)])),
   '--rng': vmOption((v, a) => (a.vm.rng = { src: '/dev/urandom', ...deviceEntry('--rng', v) })),

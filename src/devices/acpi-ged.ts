@@ -11,6 +11,7 @@
 // The ACPI table builder imports the constants below, so the DSDT and the device agree.
 import { Type } from '@sinclair/typebox';
 import * as aml from '../boot/aml';
+import { eventCreator } from '../state/slice';
 import { Count, DeviceId, Exact, IntIn, U8 } from '../state/state-schema';
 import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
@@ -72,8 +73,10 @@ export function acpiGedDevice(opts: { id?: string; gsi?: number } = {}): DeviceI
 }
 
 /** The input event for a press on device `id`. */
+const powerButtonPressed = eventCreator<null>(AcpiGedEvents.PowerButtonPressed);
+
 export function powerButtonPressedEvent(id = 'ged0') {
-  return { type: AcpiGedEvents.PowerButtonPressed, payload: null, source: id };
+  return powerButtonPressed(null, id);
 }
 
 const NO_EFFECTS = Object.freeze([]) as unknown as Effect[];

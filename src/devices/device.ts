@@ -45,6 +45,8 @@ export function data32(access: IoAccess): number {
 export type Effect =
   /** bytes the guest sent out through a console device */
   | { type: 'console.output'; device: string; bytes: number[] }
+  /** the guest took input from a console device: it has room for more of what the host holds */
+  | { type: 'console.input-room'; device: string }
   /** an edge on a legacy interrupt line (GSI) */
   | { type: 'irq.pulse'; gsi: number }
   /** drive a level-triggered interrupt line */

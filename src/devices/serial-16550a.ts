@@ -7,6 +7,7 @@
 // when that level rises.
 import { Type } from '@sinclair/typebox';
 import * as aml from '../boot/aml';
+import { eventCreator } from '../state/slice';
 import { Count, DeviceId, Exact, IntIn, U8 } from '../state/state-schema';
 import { type Effect, type IoAccess, type TransitionResult, data32 } from './device';
 import {
@@ -49,13 +50,16 @@ export interface SerialOutputDroppedPayload {
 }
 
 /** The event recording that `bytes` of device `id`'s output were dropped on the host side. */
+const outputDropped = eventCreator<SerialOutputDroppedPayload>(SerialEvents.OutputDropped);
+const inputReceived = eventCreator<SerialInputPayload>(SerialEvents.InputReceived);
+
 export function serialOutputDroppedEvent(id: string, bytes: number) {
-  return { type: SerialEvents.OutputDropped, payload: { bytes } as SerialOutputDroppedPayload, source: id };
+  return outputDropped({ bytes }, id);
 }
 
 /** The event for host bytes typed into serial device `id` (dispatch it on the store). */
 export function serialInputEvent(id: string, bytes: number[] | Uint8Array) {
-  return { type: SerialEvents.InputReceived, payload: { bytes: Array.from(bytes) } as SerialInputPayload, source: id };
+  return inputReceived({ bytes: Array.from(bytes) }, id);
 }
 
 // Register offsets
@@ -287,10 +291,11 @@ function read(s: Serial16550aState, offset: number): TransitionResult<Serial1655
     case RBR_THR_DLL: {
       if (dlab) return { state: s, effects: NO_EFFECTS, value: s.dll };
       if (s.rx.length === 0) return { state: s, effects: NO_EFFECTS, value: 0 };
-      // Popping can only lower the interrupt level, so no edge to report.
+      // Popping can only lower the interrupt level, so no edge to report; the room it makes
+      // is for the console's held input.
       const n = copySerialState(s);
       n.rx = s.rx.slice(1);
-      return { state: n, effects: NO_EFFECTS, value: s.rx[0] };
+      return { state: n, effects: [{ type: 'console.input-room', device: s.id }], value: s.rx[0] };
     }
     case IER_DLM:
       return { state: s, effects: NO_EFFECTS, value: dlab ? s.dlm : s.ier };

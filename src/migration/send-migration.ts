@@ -36,7 +36,8 @@ export interface SourceMachine {
   cpuFacts(): { cpuid: CpuidEntry[]; msrIndices: number[] };
   /** park the vCPUs and save their state (and KVM's) into the store */
   pause(): Promise<void>;
-  resume(): void;
+  /** run the vCPUs again; restoreClock (default true) sets kvmclock back to the pause's */
+  resume(opts?: { restoreClock?: boolean }): void;
   throttle(percent: number): void;
 }
 
@@ -231,7 +232,14 @@ export class MigrationSender {
         const pausedAt = Date.now();
         if (!wasPaused) {
           machine.throttle(0);
-          await machine.pause();
+          try {
+            await machine.pause();
+          } catch (e) {
+            // Some vCPUs may be parked: let them all run on, with the guest's own clock (the
+            // saved one may be an earlier pause's).
+            machine.resume({ restoreClock: false });
+            throw e;
+          }
           paused = true;
         }
         const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - pausedAt }, 'migration: final round');
@@ -338,7 +346,6 @@ export class MigrationSender {
     let sent = await this.sendPages((b, flush) => addAllNonZeroPages(b, machine.memory, flush));
     await this.sendPatches(FrameType.Round, { iteration: 0 });
     this.vm.store.dispatch(migrationEvents.memoryIteration({ id: 0, pages: sent.pages, bytes: sent.bytes }));
-    let lastDirty = Infinity;
     for (;;) {
       machine = this.checkMachine();
       const bitmaps = machine.dirtyBitmaps();
@@ -350,14 +357,14 @@ export class MigrationSender {
       this.bytesRemaining = dirty;
       const estimateMs = (dirty / Math.max(1, this.linkRate)) * 1000;
       if (estimateMs <= this.opts.downtime_ms || this.forceFinal || this.iteration + 1 >= MAX_ROUNDS) return bitmaps;
-      // Auto-converge: the guest dirties memory about as fast as the link carries it, so the
-      // rounds would not shrink; take vCPU time away from it, more each round it persists.
-      if (this.iteration >= 1 && dirty > 0.9 * lastDirty && this.throttlePercent < THROTTLE_MAX) {
+      // Auto-converge: in the round just sent the guest dirtied more than half of what the
+      // link carried, so the rounds would shrink slowly or not at all; take vCPU time away
+      // from it, a step more each round this persists (round 0, the full copy, says nothing).
+      if (this.iteration >= 1 && dirty > 0.5 * sent.bytes && this.throttlePercent < THROTTLE_MAX) {
         this.throttlePercent = Math.min(THROTTLE_MAX, this.throttlePercent + THROTTLE_STEP);
         machine.throttle(this.throttlePercent);
         this.vm.log.info({ throttle_percent: this.throttlePercent, dirty_rate: Math.round(this.dirtyRate), link_rate: Math.round(this.linkRate) }, 'migration: throttling the vCPUs to converge');
       }
-      lastDirty = dirty;
       this.iteration++;
       roundStart = now;
       sent = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush));

@@ -7,44 +7,33 @@
 // next snapshot into the same directory can tell the leftovers of a killed writer (removed)
 // from a writer still at work (refused).
 //
-// memory-ranges layout (little-endian):
-//   header, padded to a whole number of 4 KiB pages:
-//     0  magic "TERNMEMR"       8  u32 format version (1)   12 u32 page size (4096)
-//     16 u32 range count        20 u32 header bytes          24 u64 file length
-//     32 range table, 24 bytes each: u64 guest address, u64 length, u64 file offset
-//   then each range's bytes at its page-aligned file offset, in table order. All-zero pages
-//   are never written (holes read as zeros), so the file is sparse and a MAP_PRIVATE mapping
-//   of [offset, offset+length) is the range's exact contents.
-//
-// Integrity (snapshot format 2): state.json's `memory` records the SHA-256 of the whole header
-// (range table included) and one SHA-256 per range over its non-zero pages (see RangeHasher).
-// Every restore checks the header's; a copy restore checks each range's as it reads it. An
-// ondemand restore maps the file and does not read it, so it checks the header only: checking
-// the ranges would mean reading all of guest RAM up front, which is what ondemand avoids. With
-// prefault it touches every page anyway, and then checks the ranges too.
-// Format-1 snapshots (older builds) carry no memory checksums and are accepted without them.
+// The memory-ranges file itself (layout, checksums) is memory-ranges.ts.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { checkVmConfig } from '../api/request-body';
 import type { VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import { native } from '../native/kvm';
-import {
-  TernStateError,
-  rootSchemaVersionOf,
-  upgradeState,
-  validateState,
-  vmConfigProblems,
-  type RootState,
-} from '../state';
-import { HostFileError, openRegularFile, parseJsonFile, readRegularFile } from '../util/host-file';
+import type { RootState } from '../state';
+import { HostFileError, parseJsonFile, readRegularFile } from '../util/host-file';
 import { canonicalJson } from './canonical-json';
+import {
+  defaultWrite,
+  readMemoryRanges,
+  sha256,
+  writeMemoryFile,
+  writeWhole,
+  type MemoryChecksums,
+  type MemoryRange,
+  type PositionalWrite,
+} from './memory-ranges';
+import { SnapshotError } from './snapshot-error';
 import { checkSavedConfig, checkSavedState } from './saved-vm';
 
-export { canonicalJson };
+export { canonicalJson, SnapshotError };
+export * from './memory-ranges';
 
 export const SNAPSHOT_CONFIG_FILE = 'config.json';
 export const SNAPSHOT_STATE_FILE = 'state.json';
@@ -59,35 +48,7 @@ export const MAX_STATE_BYTES = 64 << 20;
 /** JSON nesting the reader accepts (the API's limit; a real state is far shallower) */
 const MAX_JSON_DEPTH = 128;
 
-const MEM_MAGIC = 'TERNMEMR';
-const MEM_FORMAT_VERSION = 1;
-const PAGE = 4096;
-const HEADER_FIXED = 32;
-const RANGE_ENTRY = 24;
-const MAX_RANGES = 1024;
-/** bytes copied per write/read call */
-const IO_BLOCK = 1 << 20;
 const PARTIAL = '.partial-';
-
-export class SnapshotError extends TernStateError {
-  constructor(message: string) {
-    super('SnapshotFailed', message);
-  }
-}
-
-export interface MemoryRange {
-  guestAddress: number;
-  length: number;
-  fileOffset: number;
-}
-
-/** state.json's record of memory-ranges (format 2). */
-export interface MemoryChecksums {
-  /** "sha256:<hex>" of the memory file's header, range table included */
-  header: string;
-  /** one per range, in table order (RangeHasher) */
-  ranges: string[];
-}
 
 /** The state.json envelope. */
 export interface SnapshotStateFile {
@@ -115,144 +76,8 @@ export function snapshotDirFromUrl(url: unknown, what: string): string {
   return p;
 }
 
-const sha256 = (data: crypto.BinaryLike): string => `sha256:${crypto.createHash('sha256').update(data).digest('hex')}`;
-
 export function stateChecksum(state: unknown): string {
   return sha256(canonicalJson(state));
-}
-
-/**
- * SHA-256 of one range's non-zero pages, fed in increasing page order: each maximal run of
- * non-zero pages hashes as [u64 first page][its bytes][u64 page after it]. Zero pages are not
- * hashed, so it does not matter whether one is stored as a hole or as zeros, and a reader that
- * visits only the file's data extents computes the same value as the writer that saw them all.
- */
-export class RangeHasher {
-  private readonly hash = crypto.createHash('sha256');
-  /** the page after the open run, or -1 */
-  private runEnd = -1;
-
-  private marker(page: number): void {
-    const b = Buffer.alloc(8);
-    b.writeBigUInt64LE(BigInt(page));
-    this.hash.update(b);
-  }
-
-  private close(): void {
-    if (this.runEnd >= 0) this.marker(this.runEnd);
-    this.runEnd = -1;
-  }
-
-  /** `block` starts at page `firstPage` of the range; zero[i] is 1 where its page i is all zero. */
-  feed(firstPage: number, block: Uint8Array, zero: Uint8Array): void {
-    let pending = -1; // first page in block of bytes not yet hashed
-    const flush = (to: number) => {
-      if (pending >= 0) this.hash.update(block.subarray(pending * PAGE, Math.min(to * PAGE, block.length)));
-      pending = -1;
-    };
-    for (let p = 0; p < zero.length; p++) {
-      const page = firstPage + p;
-      if (zero[p] === 1) {
-        flush(p);
-        this.close();
-        continue;
-      }
-      if (this.runEnd !== page) {
-        flush(p);
-        this.close();
-        this.marker(page);
-      }
-      if (pending < 0) pending = p;
-      this.runEnd = page + 1;
-    }
-    flush(zero.length);
-  }
-
-  digest(): string {
-    this.close();
-    return `sha256:${this.hash.digest('hex')}`;
-  }
-}
-
-function headerBytes(ranges: number): number {
-  return Math.ceil((HEADER_FIXED + RANGE_ENTRY * ranges) / PAGE) * PAGE;
-}
-
-/** Lay out the regions of `memory` in a memory-ranges file. */
-export function planMemoryRanges(regions: readonly { guestAddress: number; size: number }[]): { ranges: MemoryRange[]; fileLength: number } {
-  let offset = headerBytes(regions.length);
-  const ranges = regions.map((r) => {
-    const range = { guestAddress: r.guestAddress, length: r.size, fileOffset: offset };
-    offset += Math.ceil(r.size / PAGE) * PAGE;
-    return range;
-  });
-  return { ranges, fileLength: offset };
-}
-
-function encodeHeader(ranges: readonly MemoryRange[], fileLength: number): Buffer {
-  const b = Buffer.alloc(headerBytes(ranges.length));
-  b.write(MEM_MAGIC, 0, 'latin1');
-  b.writeUInt32LE(MEM_FORMAT_VERSION, 8);
-  b.writeUInt32LE(PAGE, 12);
-  b.writeUInt32LE(ranges.length, 16);
-  b.writeUInt32LE(b.length, 20);
-  b.writeBigUInt64LE(BigInt(fileLength), 24);
-  ranges.forEach((r, i) => {
-    const at = HEADER_FIXED + i * RANGE_ENTRY;
-    b.writeBigUInt64LE(BigInt(r.guestAddress), at);
-    b.writeBigUInt64LE(BigInt(r.length), at + 8);
-    b.writeBigUInt64LE(BigInt(r.fileOffset), at + 16);
-  });
-  return b;
-}
-
-/** pwrite(2) as fs.writeSync: bytes written, which may be fewer than asked. */
-export type PositionalWrite = (fd: number, buffer: Uint8Array, offset: number, length: number, position: number) => number;
-
-const defaultWrite: PositionalWrite = (fd, buffer, offset, length, position) => fs.writeSync(fd, buffer, offset, length, position);
-
-/** Write all `length` bytes or throw: a short write (a full disk) never passes silently. */
-function writeWhole(write: PositionalWrite, fd: number, file: string, buffer: Uint8Array, offset: number, length: number, position: number): void {
-  for (let done = 0; done < length;) {
-    const n = write(fd, buffer, offset + done, length - done, position + done);
-    if (!(n > 0)) throw new SnapshotError(`${file}: short write, ${done} of ${length} bytes at offset ${position} (is the disk full?)`);
-    done += n;
-  }
-}
-
-/** Write guest RAM; returns the bytes of data written (non-zero pages) and the checksums. */
-function writeMemoryFile(fd: number, file: string, memory: GuestMemory, write: PositionalWrite): { written: number; checksums: MemoryChecksums } {
-  const { ranges, fileLength } = planMemoryRanges(memory.regions);
-  const header = encodeHeader(ranges, fileLength);
-  writeWhole(write, fd, file, header, 0, header.length, 0);
-  const addon = native();
-  let written = 0;
-  const rangeSums = memory.regions.map((region, i) => {
-    const base = ranges[i].fileOffset;
-    const hasher = new RangeHasher();
-    for (let off = 0; off < region.size; off += IO_BLOCK) {
-      const len = Math.min(IO_BLOCK, region.size - off);
-      const block = region.view(off, len) ?? region.read(off, len);
-      const zero = addon.zeroPages(block);
-      hasher.feed(off / PAGE, block, zero);
-      // Runs of non-zero pages are written; zero pages are skipped, leaving holes.
-      let run = -1;
-      for (let p = 0; p <= zero.length; p++) {
-        const isZero = p === zero.length || zero[p] === 1;
-        if (!isZero && run < 0) run = p;
-        if (isZero && run >= 0) {
-          const start = run * PAGE;
-          const end = Math.min(p * PAGE, len);
-          writeWhole(write, fd, file, block, start, end - start, base + off + start);
-          written += end - start;
-          run = -1;
-        }
-      }
-    }
-    return hasher.digest();
-  });
-  fs.ftruncateSync(fd, fileLength);
-  return { written, checksums: { header: sha256(header), ranges: rangeSums } };
 }
 
 function fsyncDir(dir: string): void {
@@ -423,125 +248,6 @@ function readJson(file: string, maxBytes: number): unknown {
   } catch (e) {
     if (e instanceof HostFileError) throw new SnapshotError(e.message);
     throw e;
-  }
-}
-
-/** Open memory-ranges for reading: regular file, not a symlink (fd and size). */
-export function openMemoryFile(file: string): { fd: number; size: number } {
-  try {
-    return openRegularFile(file);
-  } catch (e) {
-    if (e instanceof HostFileError) throw new SnapshotError(e.message);
-    throw e;
-  }
-}
-
-/**
- * Read and check a memory-ranges file's header and table against the file's real size, and
- * against `headerChecksum` when the snapshot recorded one.
- */
-export function readMemoryRanges(file: string, headerChecksum?: string): MemoryRange[] {
-  const { fd, size } = openMemoryFile(file);
-  try {
-    const fixed = Buffer.alloc(HEADER_FIXED);
-    if (fs.readSync(fd, fixed, 0, HEADER_FIXED, 0) < HEADER_FIXED) {
-      throw new SnapshotError(`${file}: truncated header (${size} bytes)`);
-    }
-    if (fixed.toString('latin1', 0, 8) !== MEM_MAGIC) throw new SnapshotError(`${file}: not a memory-ranges file (bad magic)`);
-    const version = fixed.readUInt32LE(8);
-    if (version !== MEM_FORMAT_VERSION) throw new SnapshotError(`${file}: format version ${version} is not the supported ${MEM_FORMAT_VERSION}`);
-    if (fixed.readUInt32LE(12) !== PAGE) throw new SnapshotError(`${file}: page size ${fixed.readUInt32LE(12)} is not ${PAGE}`);
-    const count = fixed.readUInt32LE(16);
-    const hdr = fixed.readUInt32LE(20);
-    if (count === 0 || count > MAX_RANGES || hdr !== headerBytes(count)) throw new SnapshotError(`${file}: corrupt range table header (${count} ranges, ${hdr} header bytes)`);
-    const declared = Number(fixed.readBigUInt64LE(24));
-    const header = Buffer.alloc(hdr);
-    if (fs.readSync(fd, header, 0, hdr, 0) < hdr) throw new SnapshotError(`${file}: truncated range table`);
-    if (headerChecksum !== undefined && sha256(header) !== headerChecksum) {
-      throw new SnapshotError(`${file}: its header and range table fail the checksum recorded in ${SNAPSHOT_STATE_FILE}`);
-    }
-    const table = header.subarray(HEADER_FIXED);
-    const ranges: MemoryRange[] = [];
-    let end = hdr;
-    for (let i = 0; i < count; i++) {
-      const r = {
-        guestAddress: Number(table.readBigUInt64LE(i * RANGE_ENTRY)),
-        length: Number(table.readBigUInt64LE(i * RANGE_ENTRY + 8)),
-        fileOffset: Number(table.readBigUInt64LE(i * RANGE_ENTRY + 16)),
-      };
-      const safe = Number.isSafeInteger(r.guestAddress) && Number.isSafeInteger(r.length) && Number.isSafeInteger(r.fileOffset + r.length);
-      if (!safe || r.guestAddress % PAGE || r.length % PAGE || r.fileOffset % PAGE || r.length === 0 || r.fileOffset < end) {
-        throw new SnapshotError(`${file}: range ${i} is not page-aligned or overlaps the one before it`);
-      }
-      end = r.fileOffset + r.length;
-      ranges.push(r);
-    }
-    if (declared !== end) throw new SnapshotError(`${file}: header says ${declared} bytes but its ranges end at ${end}`);
-    if (size < end) throw new SnapshotError(`${file}: file is ${size} bytes, shorter than its range table needs (${end})`);
-    return ranges;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** Where a range's bytes go: a view of `len` bytes at `offset` inside the range. */
-export interface RangeTarget {
-  view(offset: number, len: number): Uint8Array | undefined;
-}
-
-/**
- * Copy one range of an open memory-ranges file into `target`, reading only the file's data
- * extents (lseek SEEK_DATA/SEEK_HOLE): holes are zero pages, and fresh guest RAM is already
- * zero, so they cost neither a read nor resident memory. With `checksum` (format 2) the bytes
- * read are hashed as they arrive and a mismatch is refused, naming the range.
- */
-export function copyMemoryRange(file: string, fd: number, range: MemoryRange, index: number, target: RangeTarget, checksum?: string): void {
-  const addon = native();
-  const hasher = checksum === undefined ? undefined : new RangeHasher();
-  const end = range.fileOffset + range.length;
-  const where = `range ${index} (guest 0x${range.guestAddress.toString(16)})`;
-  for (let pos = range.fileOffset; pos < end;) {
-    const found = addon.seekData(fd, pos);
-    if (found < 0 || found >= end) break;
-    // Extents of a file system with blocks smaller than a page: widen to whole pages.
-    const data = Math.max(range.fileOffset, found - (found % PAGE));
-    const hole = Math.min(Math.ceil(addon.seekHole(fd, found) / PAGE) * PAGE, end);
-    for (let p = data; p < hole;) {
-      const off = p - range.fileOffset;
-      // Blocks never cross a 1 MiB boundary, so never a RAM chunk's either.
-      const len = Math.min(IO_BLOCK - (off % IO_BLOCK), hole - p);
-      const view = target.view(off, len);
-      if (!view) throw new SnapshotError(`${file}: ${where} does not fit the guest RAM it is restored into`);
-      for (let done = 0; done < len;) {
-        const got = fs.readSync(fd, view, done, len - done, p + done);
-        if (got === 0) throw new SnapshotError(`${file}: ends at ${p + done}, inside ${where}`);
-        done += got;
-      }
-      hasher?.feed(off / PAGE, view, addon.zeroPages(view));
-      p += len;
-    }
-    pos = hole;
-  }
-  if (hasher && hasher.digest() !== checksum) {
-    throw new SnapshotError(`${file}: ${where} fails the checksum recorded in ${SNAPSHOT_STATE_FILE} (truncated or altered)`);
-  }
-}
-
-/**
- * Check a range already in guest RAM against its checksum, reading every page of it: for an
- * ondemand restore with prefault, which touches every page anyway.
- */
-export function verifyRangeInRam(file: string, range: MemoryRange, index: number, target: RangeTarget, checksum: string): void {
-  const addon = native();
-  const hasher = new RangeHasher();
-  for (let off = 0; off < range.length; off += IO_BLOCK) {
-    const len = Math.min(IO_BLOCK, range.length - off);
-    const view = target.view(off, len);
-    if (!view) throw new SnapshotError(`${file}: range ${index} does not fit the guest RAM it is restored into`);
-    hasher.feed(off / PAGE, view, addon.zeroPages(view));
-  }
-  if (hasher.digest() !== checksum) {
-    throw new SnapshotError(`${file}: range ${index} (guest 0x${range.guestAddress.toString(16)}) fails the checksum recorded in ${SNAPSHOT_STATE_FILE} (truncated or altered)`);
   }
 }
 

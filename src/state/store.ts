@@ -19,7 +19,7 @@ import {
   rootSlices,
 } from './root';
 import { validateState } from './serialize';
-import type { EventInput, Slice, StoreEvent } from './slice';
+import { eventCreator, type EventInput, type Slice, type StoreEvent } from './slice';
 
 export const StoreEvents = {
   /** the whole state was replaced (restore from a snapshot, incoming migration) */
@@ -29,6 +29,8 @@ export const StoreEvents = {
 export interface StateReplacedPayload<S = unknown> {
   state: S;
 }
+
+const stateReplaced = eventCreator<StateReplacedPayload>(StoreEvents.StateReplaced);
 
 export interface DispatchResult {
   /** effects for the VMM to carry out, in slice order */
@@ -215,7 +217,7 @@ function buildStore<M extends SliceMap>(options: StoreOptions<M>): Store<StateOf
     getState: () => state,
     dispatch,
     replaceState: (s: S, source?: string) =>
-      dispatch({ type: StoreEvents.StateReplaced, payload: { state: s }, source: source ?? defaultSource }),
+      dispatch(stateReplaced({ state: s }, source ?? defaultSource)),
     state$: stateSubject.asObservable().pipe(distinctUntilChanged()),
     events$: eventSubject.asObservable(),
     patches$: patchSubject.asObservable(),

@@ -4,7 +4,8 @@
 // KVM with dirty logging on and gets the VMM-side dirty bitmap its writers mark.
 import fs from 'node:fs';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
-import { SnapshotError, copyMemoryRange, openMemoryFile, verifyRangeInRam, type MemoryRange } from '../migration/snapshot';
+import { copyMemoryRange, openMemoryFile, verifyRangeInRam, type MemoryRange } from '../migration/memory-ranges';
+import { SnapshotError } from '../migration/snapshot-error';
 import type { NativeVm } from '../native/kvm';
 import type { RamRegionState } from '../state';
 

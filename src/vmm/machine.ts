@@ -18,7 +18,6 @@ import {
   devicesAcpi,
   platformDevices,
   powerButtonPressedEvent,
-  COM1_BASE,
   PLATFORM_GED_ID,
   PLATFORM_SERIAL_ID,
   serialInputEvent,
@@ -316,8 +315,6 @@ export class Machine {
       case 'mmio': {
         const r = dispatchIoExit(this.opts.store, exit, Date.now() * 1e6);
         if (r.effects.length) this.runEffects(r.effects);
-        // The guest reading its receive buffer makes room for held console input.
-        if (exit.kind === 'io' && exit.direction === 'in' && exit.port === COM1_BASE) this.console!.offerHeldInput();
         return r.value;
       }
       case 'hlt':
@@ -336,6 +333,9 @@ export class Machine {
       switch (e.type) {
         case 'console.output':
           this.console!.write(e.bytes);
+          break;
+        case 'console.input-room':
+          this.console!.offerHeldInput();
           break;
         case 'irq.pulse':
           this.vm.irqLine(e.gsi, 1);

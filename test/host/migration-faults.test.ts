@@ -19,6 +19,9 @@ import { FrameType, connectAsSource, encodeFrame, fakeDestination, helloFor, slo
 import { sleep, waitUntil } from './harness';
 import { TINY_KERNEL_MAGIC, TinyKernelStatus, buildTinyKernel } from './tiny-kernel';
 
+// Generous: in the nested lab a tiny guest and both VMMs run on an emulated CPU.
+const until = (what: string, cond: () => boolean, ms = 30_000): Promise<void> => waitUntil(what, cond, ms);
+
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-migration-faults-'));
 process.on('exit', () => fs.rmSync(tmp, { recursive: true, force: true }));
 
@@ -52,17 +55,17 @@ async function counting(name: string): Promise<Side> {
   const side = new Side(vmm);
   await vmm.create(cfg);
   await vmm.boot();
-  await waitUntil('the guest has initialised', () => vmm.guestMemory()!.readU32(TinyKernelStatus.MAGIC) === TINY_KERNEL_MAGIC);
+  await until('the guest has initialised', () => vmm.guestMemory()!.readU32(TinyKernelStatus.MAGIC) === TINY_KERNEL_MAGIC);
   return side;
 }
 
 /** The source kept its guest: Running and counting, with a migration-failed saying `why`. */
 async function sourceKeptItsGuest(t: ExecutionContext, src: Side, why: RegExp): Promise<void> {
-  await waitUntil('the source reports the failure', () => src.migrationEvents().includes(MigrationEvents.Failed), 30_000);
+  await until('the source reports the failure', () => src.migrationEvents().includes(MigrationEvents.Failed), 30_000);
   t.regex(src.lastFailure(MigrationEvents.Failed) ?? '', why);
   t.is(src.vmm.state.vm.status, 'Running');
   const c = guestCount(src.vmm);
-  await waitUntil('the guest counts on at the source', () => guestCount(src.vmm) >= c + 2);
+  await until('the guest counts on at the source', () => guestCount(src.vmm) >= c + 2);
   t.is(src.vmm.migrationProgress()?.phase, 'failed');
 }
 
@@ -72,12 +75,12 @@ async function migratesAfterwards(t: ExecutionContext, src: Side): Promise<void>
   try {
     const url = tcpUrl();
     const received = dst.vmm.receiveMigration({ receiver_url: url });
-    await waitUntil('the destination listens', () => dst.migrationEvents().includes(MigrationEvents.ReceiveReady));
+    await until('the destination listens', () => dst.migrationEvents().includes(MigrationEvents.ReceiveReady));
     await src.vmm.sendMigration({ destination_url: url });
     await received;
     t.is(dst.vmm.state.vm.status, 'Running');
     const c = guestCount(dst.vmm);
-    await waitUntil('the guest counts on at the destination', () => guestCount(dst.vmm) >= c + 2);
+    await until('the guest counts on at the destination', () => guestCount(dst.vmm) >= c + 2);
   } finally {
     await dst.vmm.shutdownVmm();
   }
@@ -91,7 +94,7 @@ async function receiving(): Promise<{ dst: Side; url: string; result: Promise<un
     () => 'received',
     (e: Error) => e,
   );
-  await waitUntil('the destination listens', () => dst.migrationEvents().includes(MigrationEvents.ReceiveReady));
+  await until('the destination listens', () => dst.migrationEvents().includes(MigrationEvents.ReceiveReady));
   return { dst, url, result };
 }
 
@@ -107,7 +110,7 @@ async function destinationRecovered(t: ExecutionContext, dst: Side, result: Prom
   try {
     const url = tcpUrl();
     const again = dst.vmm.receiveMigration({ receiver_url: url });
-    await waitUntil('the destination listens again', () => dst.migrationEvents().filter((e) => e === MigrationEvents.ReceiveReady).length === 2);
+    await until('the destination listens again', () => dst.migrationEvents().filter((e) => e === MigrationEvents.ReceiveReady).length === 2);
     await src.vmm.sendMigration({ destination_url: url });
     await again;
     t.is(dst.vmm.state.vm.status, 'Running');
@@ -246,7 +249,7 @@ test.serial('source: past the timeout with Ignore, the migration finishes anyway
   try {
     await src.vmm.sendMigration({ destination_url: link.url, timeout_s: 1, timeout_strategy: 'Ignore' });
     t.is(await result, 'received');
-    await waitUntil('the source has finished', () => src.vmm.migrationProgress()?.phase !== 'completing');
+    await until('the source has finished', () => src.vmm.migrationProgress()?.phase !== 'completing');
     const p = src.vmm.migrationProgress()!;
     t.is(p.phase, 'finished');
     t.true(p.elapsed_ms > 1000, `took ${p.elapsed_ms} ms, longer than the 1 s timeout`);
@@ -282,7 +285,7 @@ function child(args: string[]): { proc: ChildProcess; line: (re: RegExp) => Prom
   const proc = spawn(process.execPath, [path.join(__dirname, '..', 'support', 'migration-child.js'), ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
   proc.stdout!.on('data', (c: Buffer) => (out += c.toString()));
-  const line = (re: RegExp) => waitUntil(`the child printed ${re}`, () => re.test(out), 30_000);
+  const line = (re: RegExp) => until(`the child printed ${re}`, () => re.test(out), 30_000);
   return { proc, line };
 }
 
@@ -311,11 +314,42 @@ test.serial('the source killed (SIGKILL) in the middle: the destination discards
   const src = child(['send', link.url, await buildTinyKernel(), path.join(tmp, 'src-killed.serial')]);
   try {
     await src.line(/STARTED/);
-    await waitUntil('the destination is receiving', () => dst.migrationEvents().includes(MigrationEvents.ReceiveStarted));
+    await until('the destination is receiving', () => dst.migrationEvents().includes(MigrationEvents.ReceiveStarted));
     src.proc.kill('SIGKILL');
     link.server.close();
     await destinationRecovered(t, dst, result, /source|closed/);
   } finally {
     src.proc.kill('SIGKILL');
+  }
+});
+
+test.serial('a paused source whose migration fails stays paused, and migrates paused afterwards', async (t) => {
+  const src = await counting('paused-dropped');
+  try {
+    await src.vmm.pause();
+    const count = guestCount(src.vmm);
+    const { server, url } = await fakeDestination(async (ch, socket) => {
+      await ch.expect(FrameType.Hello);
+      await ch.sendJson(FrameType.Accept, {});
+      await ch.expect(FrameType.Config);
+      socket.destroy();
+    });
+    await src.vmm.sendMigration({ destination_url: url });
+    await until('the source reports the failure', () => src.migrationEvents().includes(MigrationEvents.Failed));
+    server.close();
+    t.is(src.vmm.state.vm.status, 'Paused');
+    await sleep(500);
+    t.is(guestCount(src.vmm), count, 'the guest did not run');
+    const { dst, url: again, result } = await receiving();
+    try {
+      await src.vmm.sendMigration({ destination_url: again });
+      t.is(await result, 'received');
+      t.is(dst.vmm.state.vm.status, 'Paused');
+      t.is(guestCount(dst.vmm), count);
+    } finally {
+      await dst.vmm.shutdownVmm();
+    }
+  } finally {
+    await src.vmm.shutdownVmm();
   }
 });

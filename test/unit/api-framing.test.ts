@@ -215,3 +215,19 @@ test.serial('tern-remote restore sends the contract spelling of memory_restore_m
 });
 
 contractTest(test, recorder, 'api-framing', ['GET vmm.ping', 'PUT vm.delete', 'PUT vmm.ping', 'GET vm.info', 'GET vm.counters', 'PUT vm.create']);
+
+test.serial('a client that half-closes after its request still gets the reply of a call that takes a while', async (t) => {
+  // A receive waits for a source; cancelling it from another connection ends it with a 500.
+  const url = `unix:${path.join(tempDir('tern-halfclose-'), 'mig.sock')}`;
+  const body = JSON.stringify({ receiver_url: url });
+  const exchange = rawExchange(
+    rig.socket,
+    `PUT /api/v1/vm.receive-migration HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
+    { end: true, timeoutMs: 10_000 },
+  );
+  for (let i = 0; i < 100 && (await rig.client.request('GET', 'vm.migration-progress')).status !== 200; i++) await new Promise((r) => setTimeout(r, 50));
+  t.is((await rig.client.request('PUT', 'vm.migration-cancel')).status, 204);
+  const { data, timedOut } = await exchange;
+  t.false(timedOut);
+  t.regex(data.toString('latin1'), /^HTTP\/1\.1 500 \r\n[\s\S]*cancelled by the client/);
+});

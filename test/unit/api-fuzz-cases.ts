@@ -115,6 +115,24 @@ export function generate(seed: number): Case[] {
     const body = JSON.stringify(rand() < 0.7 ? wrongShapeConfig() : randomJson());
     return { bytes: request('PUT', '/api/v1/vm.create', ['Content-Type: application/json'], body), complete: true, method: 'PUT', endpoint: 'vm.create' };
   });
+  add('migration bodies of wrong shapes', 200, () => {
+    // Never a valid body: a migration must not start (or listen) because of a fuzz case.
+    const endpoint = pick(['vm.send-migration', 'vm.receive-migration']);
+    const key = endpoint === 'vm.send-migration' ? 'destination_url' : 'receiver_url';
+    const badUrl = pick<unknown>([
+      null, 7, true, [], {}, '', 'tcp:', 'tcp:host', 'tcp:host:0', 'tcp:host:99999', 'tcp::1:80', 'unix:', 'unix:relative/path',
+      `udp:h:1`, `file:///tmp/x`, `tcp:${randomBytes(1 + int(20)).toString('hex')}`, `unix:/${'a'.repeat(200)}`, randomJson(),
+    ]);
+    const body = pick([
+      () => ({ [key]: badUrl }),
+      () => ({ [key]: badUrl, downtime_ms: randomJson(), timeout_strategy: pick(['cancel', 'CANCEL', 'Abort', 1]) }),
+      () => ({ [key]: 'tcp:127.0.0.1:1', ...(endpoint === 'vm.send-migration' ? { timeout_s: pick([0, -1, 1.5, '10', null]) } : { memory_mode: pick(['precopy', 'Postcopy', 0]) }) }),
+      () => ({ [key]: 'tcp:127.0.0.1:1', tls_dir: '/etc' }),
+      () => ({ [key]: badUrl, extra_field: randomJson() }),
+      () => randomJson(),
+    ])();
+    return { bytes: request('PUT', `/api/v1/${endpoint}`, ['Content-Type: application/json'], JSON.stringify(body) ?? 'null'), complete: true, method: 'PUT', endpoint };
+  });
   add('not JSON', 100, () => {
     const body = pick(['{', '{"payload":', 'null,', "{'a':1}", '{"a":1}}', '\u0000', 'NaN', '[1,]', '{"a":01}']) + (rand() < 0.3 ? randomBytes(int(40)).toString('latin1') : '');
     return { bytes: request('PUT', '/api/v1/vm.create', [], body), complete: true, method: 'PUT', endpoint: 'vm.create' };
@@ -144,7 +162,7 @@ export function generate(seed: number): Case[] {
   });
   add('unknown path', 250, () => {
     const p = pick([
-      () => `/api/v1/${pick(['vm.send-migration', 'vm.receive-migration', 'vm.resize', 'vm.add-net', 'vm.nmi', 'vm.coredump'])}`,
+      () => `/api/v1/${pick(['vm.resize', 'vm.add-net', 'vm.nmi', 'vm.coredump', 'vm.add-fs', 'vm.remove-device'])}`,
       () => `/api/v2/vmm.ping`,
       () => `/api/v1/${randomBytes(1 + int(30)).toString('hex')}`,
       () => `/${'../'.repeat(int(10))}etc/passwd`,

@@ -331,3 +331,13 @@ test('a write-read cycle never mutates the input state', (t) => {
   serialInput(s0, { bytes: [1, 2] });
   t.deepEqual(s0, copy);
 });
+
+test('the guest taking a received byte tells the console there is room for held input; an empty read does not', (t) => {
+  const h = uart();
+  input(h, [0x61]);
+  h.take();
+  t.is(h.in(RBR), 0x61);
+  t.deepEqual(h.take(), [{ type: 'console.input-room', device: 'serial0' }]);
+  t.is(h.in(RBR), 0);
+  t.deepEqual(h.take(), [], 'nothing was taken, so no room was made');
+});

@@ -1,7 +1,7 @@
 // A store with every slice populated the way a running VM would populate it.
 import type { VmConfig } from '../../src/config/vm-config';
 import {
-  SerialEvents,
+  serialInputEvent,
   acpiGedDevice,
   acpiPmDevice,
   cmosDevice,
@@ -90,7 +90,7 @@ export function populatedStore(opts: StoreOptions<RootSlices> = {}) {
   store.dispatch(vmEvents.booted());
   dispatchIo(store, pio('write', 0x3f9, 0x01)); // serial IER: RX interrupt
   dispatchIo(store, pio('write', 0x3f8, 0x41)); // 'A' to the console
-  store.dispatch(deviceEvents.input('serial0', SerialEvents.InputReceived, { bytes: [0x6c, 0x73, 0x0a] }));
+  store.dispatch(serialInputEvent('serial0', [0x6c, 0x73, 0x0a]));
   dispatchIo(store, pio('write', 0x64, 0xaa)); // i8042 self test
   dispatchIo(store, pio('write', 0x70, 0x8f)); // CMOS index 0x0f, NMI masked
   dispatchIo(store, pio('write', 0x71, 0x00));

@@ -8,7 +8,7 @@ import type { BusRangeSpec, DeviceInstance, DeviceModel, DeviceStateBase } from 
 import { withKey } from '../copy';
 import { DeviceConflictError, SchemaVersionError, UnknownDeviceError } from '../errors';
 import { assertJsonSafe } from '../json';
-import { type Handler, type PureHandler, type StoreEvent, createSlice, pure } from '../slice';
+import { type Handler, type PureHandler, type StoreEvent, createSlice, eventCreator, pure } from '../slice';
 import { DeviceId, Exact, IntIn, InvalidStateError, checkSchema } from '../state-schema';
 import { VmEvents } from './vm';
 
@@ -130,14 +130,11 @@ export const devicesSlice = createSlice({
   },
 });
 
+const deviceAdded = eventCreator<DeviceAddedPayload>(DeviceEvents.Added);
+const deviceRemoved = eventCreator<DeviceRemovedPayload>(DeviceEvents.Removed);
+
 export const deviceEvents = {
   /** Add a device built by one of the device constructors (serialDevice(), cmosDevice(), ...). */
-  added: (device: DeviceInstance<AnyDeviceState>, source = 'vmm') => ({
-    type: DeviceEvents.Added,
-    payload: { state: device.state, ranges: device.ranges } as DeviceAddedPayload,
-    source,
-  }),
-  removed: (id: string, source = 'vmm') => ({ type: DeviceEvents.Removed, payload: { id } as DeviceRemovedPayload, source }),
-  /** Host input for a device, e.g. serialInput: type SerialEvents.InputReceived, payload {bytes}. */
-  input: <P>(deviceId: string, type: string, payload: P) => ({ type, payload, source: deviceId }),
+  added: (device: DeviceInstance<AnyDeviceState>, source = 'vmm') => deviceAdded({ state: device.state, ranges: device.ranges }, source),
+  removed: (id: string, source = 'vmm') => deviceRemoved({ id }, source),
 };

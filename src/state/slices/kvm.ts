@@ -5,7 +5,7 @@ import { Type } from '@sinclair/typebox';
 import { TernStateError } from '../errors';
 import { Base64, Exact, HexU64, IntIn, U32 } from '../state-schema';
 import { assertJsonSafe } from '../json';
-import { createSlice, pure } from '../slice';
+import { createSlice, eventCreator, pure } from '../slice';
 import { VmEvents } from './vm';
 
 export const KVM_SCHEMA_VERSION = 1;
@@ -71,6 +71,8 @@ export const kvmSlice = createSlice({
   },
 });
 
+const kvmStateSaved = eventCreator<SavedKvmState>(KvmEvents.StateSaved);
+
 export const kvmEvents = {
-  stateSaved: (state: SavedKvmState, source = 'vmm') => ({ type: KvmEvents.StateSaved, payload: state, source }),
+  stateSaved: (state: SavedKvmState, source = 'vmm') => kvmStateSaved(state, source),
 };

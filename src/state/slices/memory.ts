@@ -4,7 +4,7 @@
 import { Type } from '@sinclair/typebox';
 import { TernStateError } from '../errors';
 import { Count, Exact, IntIn } from '../state-schema';
-import { createSlice, pure } from '../slice';
+import { createSlice, eventCreator, pure } from '../slice';
 import { VmEvents } from './vm';
 
 export const MEMORY_SCHEMA_VERSION = 1;
@@ -62,10 +62,9 @@ export const memorySlice = createSlice({
   },
 });
 
+const regionsCreated = eventCreator<{ regions: RamRegionState[] }>(MemoryEvents.RegionsCreated);
+
 export const memoryEvents = {
-  regionsCreated: (regions: readonly RamRegionState[], source = 'vmm') => ({
-    type: MemoryEvents.RegionsCreated,
-    payload: { regions: regions.map((r) => ({ guestAddress: r.guestAddress, size: r.size })) },
-    source,
-  }),
+  regionsCreated: (regions: readonly RamRegionState[], source = 'vmm') =>
+    regionsCreated({ regions: regions.map((r) => ({ guestAddress: r.guestAddress, size: r.size })) }, source),
 };

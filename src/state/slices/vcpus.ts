@@ -6,7 +6,7 @@ import { REGS_KEYS } from '../codec';
 import { TernStateError } from '../errors';
 import { Base64, Exact, HexU64, IntIn, U16, U32, U8 } from '../state-schema';
 import { assertJsonSafe } from '../json';
-import { createSlice, pure } from '../slice';
+import { createSlice, eventCreator, pure } from '../slice';
 import { VmEvents } from './vm';
 
 export const VCPUS_SCHEMA_VERSION = 1;
@@ -73,10 +73,8 @@ export const vcpusSlice = createSlice({
   },
 });
 
+const vcpuStateSaved = eventCreator<VcpuStateSavedPayload>(VcpuEvents.StateSaved);
+
 export const vcpuEvents = {
-  stateSaved: (id: number, state: SavedVcpuState, source = 'cpu') => ({
-    type: VcpuEvents.StateSaved,
-    payload: { id, state } as VcpuStateSavedPayload,
-    source,
-  }),
+  stateSaved: (id: number, state: SavedVcpuState, source = 'cpu') => vcpuStateSaved({ id, state }, source),
 };

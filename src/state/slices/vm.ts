@@ -13,7 +13,7 @@ import { InvalidTransitionError, InvalidVmConfigError, TernStateError } from '..
 import { assertJsonSafe } from '../json';
 import { Type } from '@sinclair/typebox';
 import { VmConfigSchema } from '../../api/schema';
-import { createSlice } from '../slice';
+import { createSlice, eventCreator } from '../slice';
 import { Count, Exact, IntIn } from '../state-schema';
 
 // 2: guestStop
@@ -297,28 +297,33 @@ export const vmSlice = createSlice({
   },
 });
 
+/** A lifecycle event with no payload, from `source` (default the VMM). */
+function lifecycle(type: VmEventType) {
+  const create = eventCreator<null>(type);
+  return (source = 'vmm') => create(null, source);
+}
+const vmCreated = eventCreator<VmCreatedPayload>(VmEvents.Created);
+const vmOperationFailed = eventCreator<VmOperationFailedPayload>(VmEvents.OperationFailed);
+const vmGuestStopRequested = eventCreator<GuestStop>(VmEvents.GuestStopRequested);
+
 /** Event creators for the VM lifecycle. */
 export const vmEvents = {
-  created: (config: VmConfig, source = 'vmm') => ({ type: VmEvents.Created, payload: { config }, source }),
-  booting: (source = 'vmm') => ({ type: VmEvents.Booting, payload: null, source }),
-  booted: (source = 'vmm') => ({ type: VmEvents.Booted, payload: null, source }),
-  pausing: (source = 'vmm') => ({ type: VmEvents.Pausing, payload: null, source }),
-  paused: (source = 'vmm') => ({ type: VmEvents.Paused, payload: null, source }),
-  resuming: (source = 'vmm') => ({ type: VmEvents.Resuming, payload: null, source }),
-  resumed: (source = 'vmm') => ({ type: VmEvents.Resumed, payload: null, source }),
-  rebooting: (source = 'vmm') => ({ type: VmEvents.Rebooting, payload: null, source }),
-  rebooted: (source = 'vmm') => ({ type: VmEvents.Rebooted, payload: null, source }),
-  shutdown: (source = 'vmm') => ({ type: VmEvents.Shutdown, payload: null, source }),
-  deleted: (source = 'vmm') => ({ type: VmEvents.Deleted, payload: null, source }),
-  operationFailed: (message: string, status?: VmStatus, source = 'vmm') => ({
-    type: VmEvents.OperationFailed,
-    payload: (status ? { message, status } : { message }) as VmOperationFailedPayload,
-    source,
-  }),
-  guestStopRequested: (stop: GuestStop, source = 'vm') => ({ type: VmEvents.GuestStopRequested, payload: stop, source }),
-  powerButtonPressed: (source = 'vmm') => ({ type: VmEvents.PowerButtonPressed, payload: null, source }),
-  snapshotting: (source = 'vmm') => ({ type: VmEvents.Snapshotting, payload: null, source }),
-  snapshotted: (source = 'vmm') => ({ type: VmEvents.Snapshotted, payload: null, source }),
-  restoring: (source = 'vmm') => ({ type: VmEvents.Restoring, payload: null, source }),
-  restored: (source = 'vmm') => ({ type: VmEvents.Restored, payload: null, source }),
+  created: (config: VmConfig, source = 'vmm') => vmCreated({ config }, source),
+  booting: lifecycle(VmEvents.Booting),
+  booted: lifecycle(VmEvents.Booted),
+  pausing: lifecycle(VmEvents.Pausing),
+  paused: lifecycle(VmEvents.Paused),
+  resuming: lifecycle(VmEvents.Resuming),
+  resumed: lifecycle(VmEvents.Resumed),
+  rebooting: lifecycle(VmEvents.Rebooting),
+  rebooted: lifecycle(VmEvents.Rebooted),
+  shutdown: lifecycle(VmEvents.Shutdown),
+  deleted: lifecycle(VmEvents.Deleted),
+  operationFailed: (message: string, status?: VmStatus, source = 'vmm') => vmOperationFailed(status ? { message, status } : { message }, source),
+  guestStopRequested: (stop: GuestStop, source = 'vm') => vmGuestStopRequested(stop, source),
+  powerButtonPressed: lifecycle(VmEvents.PowerButtonPressed),
+  snapshotting: lifecycle(VmEvents.Snapshotting),
+  snapshotted: lifecycle(VmEvents.Snapshotted),
+  restoring: lifecycle(VmEvents.Restoring),
+  restored: lifecycle(VmEvents.Restored),
 };
