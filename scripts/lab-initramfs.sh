@@ -14,9 +14,10 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 FIX=${TERN_FIXTURES:-/var/cache/tern/fixtures}
 LAB=$FIX/lab
 # kvm-amd needs ccp (SEV) and kvm, kvm needs irqbypass; 9p needs netfs and
-# fscache; virtio_ring goes before virtio. The resolver orders them.
+# fscache; virtio_ring goes before virtio. The resolver orders them. veth joins the network
+# namespaces that play two hosts in the migration tests.
 LAB_MODULES="irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev
-  virtio_pci netfs fscache 9pnet 9pnet_virtio 9p"
+  virtio_pci netfs fscache 9pnet 9pnet_virtio 9p veth"
 
 bash "$here/guest-fixtures.sh"
 

@@ -8,6 +8,7 @@ const REPO = path.resolve(__dirname, '..', '..', '..');
 const BENCHES: Record<string, string> = {
   boot: 'dist/test/bench/boot-bench.js',
   snapshot: 'dist/test/bench/snapshot-bench.js',
+  migration: 'dist/test/bench/migration-bench.js',
 };
 
 async function main(): Promise<void> {

@@ -11,6 +11,8 @@ if (!script) {
 runInLab({
   script,
   timeoutMs: Number(process.env.TERN_LAB_TIMEOUT_MS ?? 30 * 60_000),
+  // TERN_LAB_MEM_MIB: more lab RAM for jobs whose guests need it (the default is lab.ts's).
+  memMiB: process.env.TERN_LAB_MEM_MIB ? Number(process.env.TERN_LAB_MEM_MIB) : undefined,
   cwd: path.resolve(__dirname, '..', '..', '..'),
   env: { TERN_FIXTURES: process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures' },
   onOutput: (c) => process.stdout.write(c),

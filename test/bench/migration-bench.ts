@@ -1,0 +1,278 @@
+// Live migration benchmark, run where /dev/kvm can boot Linux (inside the lab): the same
+// kernel, initramfs, RAM, vCPUs and guest workload (scripts/guest/migration-workload) migrated
+// by tern (vm.receive-migration / vm.send-migration) and by QEMU 7.2 (-incoming tcp:... on the
+// destination, `migrate` over QMP on the source), both over TCP on the lab's loopback:
+//   - an idle 1 GiB guest (counters only);
+//   - a dirtying 1 GiB guest (a 256 MiB tmpfs file rewritten from /dev/urandom without pause);
+//   - tern's local migration (memory handed over as file descriptors) at 512 MiB and 2 GiB.
+// Per migration: total time and downtime as each VMM reports them (QEMU: query-migrate's
+// total-time and downtime), bytes sent, the largest gap between the guest's 100 ms counter lines
+// as they reached the host (the pause as an observer of the console sees it, both VMMs' consoles
+// included), and the largest interval the guest's own 10 ms ticker saw (its clock's view).
+// QEMU's downtime limit is set to tern's default (300 ms) and its bandwidth limit lifted
+// (max-bandwidth 100 GiB/s; its default caps the link), so both run under the same rules.
+// The QEMU machine is microvm, as in the other benchmarks: same-version live migration is
+// supported there (its documentation excludes only migration across QEMU versions).
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { microvmCommand } from '../lab/qemu-peer';
+import { GuestProcess, fixture } from '../linux/guest-process';
+import { counterFaults, gapsIn, largestArrivalGapMs, recordTickArrivals, ticksIn, workloadCmdline } from '../linux/migration-workload';
+import { monitorSeconds } from '../support/monitor-file';
+import { waitForPath } from '../support/processes';
+import { QmpClient } from '../support/qmp-client';
+import { migrate, reported } from '../support/tern-migration';
+
+const MIB = 1024 * 1024;
+const CPUS = 2;
+const DOWNTIME_LIMIT_MS = 300;
+const QEMU_MAX_BANDWIDTH = 100 * 1024 * MIB;
+const BOOT_TIMEOUT = 10 * 60_000;
+const MIGRATION_TIMEOUT = 15 * 60_000;
+const DIRTY_FILE_MIB = 256;
+/** TERN_BENCH_MIGRATION_VMMS=qemu (or tern) runs one side only. */
+const VMMS = (process.env.TERN_BENCH_MIGRATION_VMMS ?? 'tern,qemu').split(',');
+/** TERN_BENCH_MIGRATION_CASES: a comma list of case names (default all). */
+const CASES = process.env.TERN_BENCH_MIGRATION_CASES?.split(',');
+
+interface Case {
+  name: string;
+  memMiB: number;
+  fileMiB: number;
+  /** tern only: memory as file descriptors over a UNIX socket */
+  local?: boolean;
+}
+
+const ALL_CASES: Case[] = [
+  { name: 'idle-1g', memMiB: 1024, fileMiB: 0 },
+  { name: 'dirty-1g', memMiB: 1024, fileMiB: DIRTY_FILE_MIB },
+  { name: 'local-512m', memMiB: 512, fileMiB: DIRTY_FILE_MIB, local: true },
+  { name: 'local-2g', memMiB: 2048, fileMiB: DIRTY_FILE_MIB, local: true },
+];
+
+interface Measured {
+  totalMs?: number;
+  downtimeMs?: number;
+  bytes?: number;
+  rounds?: number;
+  /** largest interval between 100 ms counter lines reaching the host, around the migration */
+  hostGapMs: number;
+  /** largest interval the guest's 10 ms ticker saw around the migration */
+  guestGapMs: number;
+  /** tern: the largest auto-converge throttle its progress showed (percent of vCPU time taken) */
+  throttleMaxPercent?: number;
+  /** counter faults across the migration (none expected) */
+  faults: string[];
+  error?: string;
+}
+
+const elapsed = (t0: number) => Date.now() - t0;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+let port = 4370;
+
+function progressLog(prefix: string): (vm: GuestProcess) => GuestProcess {
+  return (vm) => {
+    let pending = '';
+    vm.child.stdout.on('data', (d: Buffer) => {
+      pending += d.toString('latin1').replace(/\r/g, '');
+      const lines = pending.split('\n');
+      pending = lines.pop()!;
+      for (const l of lines) if (/^(WFILLED|TERN-GUEST|Kernel panic|rcu:|watchdog:)/.test(l)) process.stdout.write(`  [${prefix}] ${l}\n`);
+    });
+    return vm;
+  };
+}
+
+/** Until the workload runs (its file written once) and the counters have a few seconds of history. */
+async function waitRunning(vm: GuestProcess, c: Case): Promise<void> {
+  // (a whole TICK line: its count is read next)
+  await vm.waitFor(c.fileMiB > 0 ? /^WFILLED\r?$/m : /^TICK 1 \d+\.\d+\r?\n/m, BOOT_TIMEOUT);
+  const ticks = ticksIn(vm.output);
+  await vm.waitFor(new RegExp(`^TICK ${ticks[ticks.length - 1].count + 30} `, 'm'), BOOT_TIMEOUT);
+}
+
+/** Wait for 3 s of counter lines at the destination; the guest side of the measurement. */
+async function guestSide(src: GuestProcess, dst: GuestProcess, srcFrom: number, arrivals: Map<number, number>, from: number, to: number): Promise<Pick<Measured, 'hostGapMs' | 'guestGapMs' | 'faults'>> {
+  const before = ticksIn(src.output);
+  const last = before[before.length - 1]?.count ?? 0;
+  await dst.waitFor(new RegExp(`^TICK ${last + 30} `, 'm'), 120_000);
+  const whole = src.output + dst.output;
+  // GAP lines printed from the send on, up to the third one after the cut.
+  const gaps = [...gapsIn(src.output.slice(srcFrom)), ...gapsIn(dst.output).slice(0, 3)];
+  return {
+    hostGapMs: largestArrivalGapMs(arrivals, from, to + 2000),
+    guestGapMs: gaps.length ? Math.max(...gaps) : NaN,
+    faults: counterFaults(ticksIn(whole)),
+  };
+}
+
+async function benchTern(work: string, c: Case): Promise<Measured> {
+  const arrivals = new Map<number, number>();
+  const tern = (label: string, args: string[]) => {
+    const vm = progressLog(`tern ${c.name} ${label}`)(GuestProcess.tern(args));
+    return vm;
+  };
+  const srcSock = path.join(work, 'src.sock');
+  const dstSock = path.join(work, 'dst.sock');
+  const srcMon = path.join(work, 'src.events');
+  const dstMon = path.join(work, 'dst.events');
+  const src = tern('source', [
+    '--kernel', fixture('bzImage'), '--initramfs', fixture('initramfs.img'), '--cmdline', workloadCmdline(c.fileMiB),
+    '--cpus', `boot=${CPUS}`, '--memory', `size=${c.memMiB}M${c.local ? ',shared=on' : ''}`, '--serial', 'tty',
+    '--api-socket', `path=${srcSock}`, '--event-monitor', `path=${srcMon}`, '-v',
+  ]);
+  recordTickArrivals(src, arrivals);
+  let dst: GuestProcess | undefined;
+  try {
+    await waitRunning(src, c);
+    await waitForPath(srcSock);
+    dst = tern('destination', ['--api-socket', `path=${dstSock}`, '--event-monitor', `path=${dstMon}`, '-v']);
+    recordTickArrivals(dst, arrivals, () => src.output);
+    await waitForPath(dstSock, 60_000);
+    const url = c.local ? `unix:${path.join(work, 'migration.sock')}` : `tcp:127.0.0.1:${port++}`;
+    const srcFrom = src.output.length;
+    const o = await migrate({ vm: src, socket: srcSock, monitor: srcMon }, { vm: dst, socket: dstSock, monitor: dstMon }, { receiverUrl: url, destinationUrl: url, local: c.local, timeoutMs: MIGRATION_TIMEOUT });
+    if (o.sendStatus !== 204 || o.receiveStatus !== 204) {
+      return { hostGapMs: NaN, guestGapMs: NaN, faults: [], error: `send ${o.sendStatus} ${o.sendBody.trim()}; receive ${o.receiveStatus} ${o.receiveBody.trim()}` };
+    }
+    const started = o.sourceEvents.find((e) => e.event === 'migration-started');
+    const finished = o.sourceEvents.find((e) => e.event === 'migration-finished');
+    const side = await guestSide(src, dst, srcFrom, arrivals, o.sentAt, o.receivedAt);
+    return {
+      totalMs: reported(o, 'total_ms') ?? (started && finished ? (monitorSeconds(finished) - monitorSeconds(started)) * 1000 : undefined),
+      downtimeMs: reported(o, 'downtime_ms', 'downtime'),
+      bytes: (o.destinationProgress?.bytes_transferred as number | undefined) ?? reported(o, 'bytes_transferred'),
+      rounds: o.sourceEvents.filter((e) => e.event === 'migration-memory-iteration').length,
+      throttleMaxPercent: Math.max(0, ...o.progress.map((p) => Number(p.throttle_percent) || 0)),
+      ...side,
+      ...(o.sourceExit?.code !== 0 && { error: `the source VMM did not exit cleanly: ${JSON.stringify(o.sourceExit)}` }),
+    };
+  } finally {
+    for (const vm of [src, dst]) {
+      vm?.kill();
+      await vm?.exited;
+    }
+  }
+}
+
+interface QemuMigrateInfo {
+  status?: string;
+  'error-desc'?: string;
+  'total-time'?: number;
+  downtime?: number;
+  ram?: { transferred?: number; 'dirty-sync-count'?: number };
+}
+
+async function benchQemu(work: string, c: Case): Promise<Measured> {
+  const arrivals = new Map<number, number>();
+  const base = microvmCommand({ kernel: fixture('bzImage'), initrd: fixture('initramfs.img'), cmdline: workloadCmdline(c.fileMiB), cpus: CPUS, memMiB: c.memMiB });
+  const srcQmp = path.join(work, 'src.qmp');
+  const dstQmp = path.join(work, 'dst.qmp');
+  const src = progressLog(`qemu ${c.name} source`)(new GuestProcess(base.file, [...base.args, '-qmp', `unix:${srcQmp},server=on,wait=off`]));
+  recordTickArrivals(src, arrivals);
+  let dst: GuestProcess | undefined;
+  const url = `tcp:127.0.0.1:${port++}`;
+  try {
+    await waitRunning(src, c);
+    dst = progressLog(`qemu ${c.name} destination`)(new GuestProcess(base.file, [...base.args, '-incoming', url, '-qmp', `unix:${dstQmp},server=on,wait=off`]));
+    recordTickArrivals(dst, arrivals, () => src.output);
+    const dq = await QmpClient.connect(dstQmp);
+    dq.close(); // listening once QMP answers
+    const q = await QmpClient.connect(srcQmp);
+    let info: QemuMigrateInfo = {};
+    const srcFrom = src.output.length;
+    const sentAt = Date.now();
+    try {
+      await q.execute('migrate-set-parameters', { 'downtime-limit': DOWNTIME_LIMIT_MS, 'max-bandwidth': QEMU_MAX_BANDWIDTH });
+      await q.execute('migrate', { uri: url });
+      for (;;) {
+        info = (await q.execute('query-migrate')) as QemuMigrateInfo;
+        if (info.status === 'completed') break;
+        if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`QEMU migrate ${info.status}: ${info['error-desc'] ?? ''}`);
+        if (elapsed(sentAt) > MIGRATION_TIMEOUT) throw new Error(`QEMU migrate still ${info.status} after ${MIGRATION_TIMEOUT} ms`);
+        await sleep(50);
+      }
+    } finally {
+      q.close();
+    }
+    const doneAt = Date.now();
+    const side = await guestSide(src, dst, srcFrom, arrivals, sentAt, doneAt);
+    return {
+      totalMs: info['total-time'],
+      downtimeMs: info.downtime,
+      bytes: info.ram?.transferred,
+      rounds: info.ram?.['dirty-sync-count'],
+      ...side,
+    };
+  } finally {
+    for (const vm of [src, dst]) {
+      vm?.kill();
+      await vm?.exited;
+    }
+  }
+}
+
+const fmtMs = (v?: number) => (v === undefined || Number.isNaN(v) ? '-' : v >= 10_000 ? `${(v / 1000).toFixed(1)} s` : `${v.toFixed(0)} ms`);
+const fmtMiB = (v?: number) => (v === undefined ? '-' : `${(v / MIB).toFixed(0)} MiB`);
+const fmtN = (v?: number) => (v === undefined ? '-' : String(v));
+const ratio = (a?: number, b?: number) => (a === undefined || b === undefined || !b || Number.isNaN(a) || Number.isNaN(b) ? '' : (a / b).toFixed(2));
+
+function table(results: { c: Case; tern?: Measured; qemu?: Measured }[]): string {
+  const rows = ['| metric | guest | tern | QEMU | tern/QEMU |', '|---|---|---|---|---|'];
+  for (const { c, tern, qemu } of results) {
+    const g = `${c.name} (${c.memMiB} MiB${c.fileMiB ? `, ${c.fileMiB} MiB rewritten` : ', idle'}${c.local ? ', tern local fds' : ''})`;
+    const row = (metric: string, f: (m: Measured) => number | undefined, fmt: (v?: number) => string) => {
+      const [a, b] = [tern && !tern.error ? f(tern) : undefined, qemu && !qemu.error ? f(qemu) : undefined];
+      rows.push(`| ${metric} | ${g} | ${tern?.error ? 'failed' : fmt(a)} | ${c.local ? 'n/a' : qemu?.error ? 'failed' : fmt(b)} | ${ratio(a, b)} |`);
+    };
+    row('total time (VMM-reported)', (m) => m.totalMs, fmtMs);
+    row('downtime (VMM-reported)', (m) => m.downtimeMs, fmtMs);
+    row('largest gap between 100 ms counter lines at the host', (m) => m.hostGapMs, fmtMs);
+    row('largest interval seen by the guest\'s 10 ms ticker', (m) => m.guestGapMs, fmtMs);
+    row('bytes sent (QEMU: RAM)', (m) => m.bytes, fmtMiB);
+    row('memory rounds (QEMU: dirty syncs)', (m) => m.rounds, fmtN);
+    row('largest auto-converge throttle (tern, % of vCPU time)', (m) => m.throttleMaxPercent, fmtN);
+  }
+  return rows.join('\n');
+}
+
+async function main(): Promise<void> {
+  // The lab boots with its loopback interface down (it has no network at all).
+  if (process.env.TERN_LAB === '1') execFileSync('ip', ['link', 'set', 'lo', 'up']);
+  const cases = ALL_CASES.filter((c) => !CASES || CASES.includes(c.name));
+  const results: { c: Case; tern?: Measured; qemu?: Measured }[] = [];
+  let failed = false;
+  for (const c of cases) {
+    const r: { c: Case; tern?: Measured; qemu?: Measured } = { c };
+    for (const vmm of VMMS) {
+      if (vmm === 'qemu' && c.local) continue;
+      const work = fs.mkdtempSync(path.join(os.tmpdir(), `tern-migbench-${vmm}-`));
+      process.stdout.write(`migration bench: ${c.name} under ${vmm}\n`);
+      try {
+        r[vmm as 'tern' | 'qemu'] = vmm === 'tern' ? await benchTern(work, c) : await benchQemu(work, c);
+      } catch (e) {
+        r[vmm as 'tern' | 'qemu'] = { hostGapMs: NaN, guestGapMs: NaN, faults: [], error: (e as Error).message.slice(0, 2000) };
+      } finally {
+        fs.rmSync(work, { recursive: true, force: true });
+      }
+      const m = r[vmm as 'tern' | 'qemu']!;
+      if (m.error) failed = true;
+      if (m.faults.length) failed = true;
+      process.stdout.write(`  ${vmm} ${c.name}: ${m.error ? `FAILED: ${m.error}` : JSON.stringify(m)}\n`);
+    }
+    results.push(r);
+  }
+  process.stdout.write(`\nMIGRATION-BENCH-TABLE (one migration each)\n${table(results)}\n`);
+  process.stdout.write(
+    `guest: Debian bzImage, ${CPUS} vCPUs, busybox initramfs, scripts/guest/migration-workload; tern and QEMU microvm over TCP on the lab's loopback; ` +
+      `QEMU set to tern's default downtime limit (downtime-limit ${DOWNTIME_LIMIT_MS} ms) and to max-bandwidth ${QEMU_MAX_BANDWIDTH / MIB / 1024} GiB/s (its default limits the link)\n`,
+  );
+  process.exit(failed ? 1 : 0);
+}
+
+main().catch((e) => {
+  process.stderr.write(`migration bench: ${(e as Error).stack}\n`);
+  process.exit(1);
+});
