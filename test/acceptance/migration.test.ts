@@ -16,11 +16,11 @@ import path from 'node:path';
 import { TernClient } from '../../src/api/client';
 import { waitForPath } from '../support/processes';
 import { migrate, reported, type MigrationOutcome, type TernEnd } from '../support/tern-migration';
-import { GuestProcess, TERN_CLI, fixture } from './guest-process';
+import { GuestProcess, TERN_CLI, fixture } from '../linux/guest-process';
 import {
   WORKLOAD_CHUNK_MIB, around, counterFaults, largestArrivalGapMs, lastWrites, recordTickArrivals, sumsIn, ticksIn, workloadCmdline,
-} from './migration-workload';
-import { createTwoHosts, type Host, type TwoHosts } from './two-hosts';
+} from '../linux/migration-workload';
+import { createTwoHosts, type Host, type TwoHosts } from '../linux/two-hosts';
 
 const FILE_MIB = 256;
 const CHUNKS = FILE_MIB / WORKLOAD_CHUNK_MIB;
