@@ -16,11 +16,12 @@ import {
   IapcBootArch,
   buildDsdtAml,
   buildMadt,
+  buildMcfg,
   buildSdt,
   byteSum,
   writeAcpiTables,
 } from '../../src/boot/acpi';
-import { ACPI_TABLES_END, ACPI_TABLES_START, IOAPIC_ADDRESS, LAPIC_ADDRESS, RSDP_ADDRESS } from '../../src/boot/layout';
+import { ACPI_TABLES_END, ACPI_TABLES_START, IOAPIC_ADDRESS, LAPIC_ADDRESS, PCI_ECAM_START, RSDP_ADDRESS } from '../../src/boot/layout';
 import { BootError } from '../../src/boot/errors';
 import { GuestMemory } from '../../src/memory/guest-memory';
 import { MiB, memoryOf, run, tempDir, which } from './boot-helpers';
@@ -348,4 +349,32 @@ function extract(mem: GuestMemory, tables: AcpiTables, dir: string): string[] {
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test('MCFG: the PCI segment\'s ECAM window for segment 0, bus 0 only, checksummed', (t) => {
+  const { mem, tables } = tablesIn(1);
+  const m = tableBytes(mem, tables, 'MCFG');
+  t.is(byteSum(m), 0);
+  t.is(m.readUInt32LE(4), 36 + 8 + 16, 'one allocation');
+  t.is(m[8], 1, 'revision');
+  t.is(m.readBigUInt64LE(36), 0n, 'reserved');
+  t.is(Number(m.readBigUInt64LE(44)), PCI_ECAM_START);
+  t.is(m.readUInt16LE(52), 0, 'segment 0');
+  t.is(m[54], 0, 'start bus');
+  t.is(m[55], 0, 'end bus');
+  t.is(m.readUInt32LE(56), 0);
+  t.throws(() => buildMcfg([{ base: PCI_ECAM_START + 0x1000, segment: 0, startBus: 0, endBus: 0 }]), { message: /invalid MCFG/ });
+});
+
+test('address space descriptors: WordBusNumber, WordIO, DWordMemory and QWordMemory encode min, max and length', (t) => {
+  t.deepEqual([...aml.AddressResource.wordBusNumber(0, 1)], [0x88, 13, 0, 2, 0x0c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+  t.deepEqual([...aml.AddressResource.wordIo(0xc000, 0x4000)], [0x88, 13, 0, 1, 0x0c, 3, 0, 0, 0x00, 0xc0, 0xff, 0xff, 0, 0, 0x00, 0x40]);
+  const d = Buffer.from(aml.AddressResource.dwordMemory(0xc000_0000, 0x2800_0000));
+  t.deepEqual([d[0], d.readUInt16LE(1), d[3], d[4], d[5]], [0x87, 23, 0, 0x0c, 1]);
+  t.deepEqual([d.readUInt32LE(10), d.readUInt32LE(14), d.readUInt32LE(22)], [0xc000_0000, 0xe7ff_ffff, 0x2800_0000]);
+  const q = Buffer.from(aml.AddressResource.qwordMemory(0x1_0000_0000, 64 * 2 ** 30));
+  t.deepEqual([q[0], q.readUInt16LE(1), q.length], [0x8a, 43, 46]);
+  t.deepEqual([q.readBigUInt64LE(14), q.readBigUInt64LE(22), q.readBigUInt64LE(38)], [0x1_0000_0000n, 0x10_ffff_ffffn, 0x10_0000_0000n]);
+  t.throws(() => aml.AddressResource.wordIo(0xf000, 0x2000), { instanceOf: aml.AmlError });
+  t.throws(() => aml.AddressResource.dwordMemory(0xf000_0000, 0x2000_0000), { instanceOf: aml.AmlError });
 });
