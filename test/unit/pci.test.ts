@@ -14,6 +14,7 @@ import {
   PciStatus,
   type MsixLayout,
   type MsixState,
+  type PciFunctionModelSpec,
   type PciFunctionRegistry,
   type PciFunctionState,
   type PciSegmentState,
@@ -49,7 +50,7 @@ interface TestFnState extends PciFunctionState {
 }
 
 /** A function with every BAR kind: BAR0 mem32 (MSI-X), BAR1 I/O, BAR2 mem64, BAR4 mem64 prefetchable 8 GiB. */
-const testFn = definePciFunction<TestFnState>({
+const testFnSpec: PciFunctionModelSpec<TestFnState> = {
   kind: 'test-fn',
   layout: {
     vendorId: 0x1af4,
@@ -86,7 +87,8 @@ const testFn = definePciFunction<TestFnState>({
     const r = msixConfigChanged(after.msix, before.config, after.config, MSIX);
     return { state: r.msix === after.msix ? after : { ...after, msix: r.msix }, effects: [] };
   },
-});
+};
+const testFn = definePciFunction(testFnSpec);
 
 const REGISTRY: PciFunctionRegistry = { ...pciFunctionModels, [testFn.kind]: testFn };
 const TEST_SLOT = pciSlot(3, 0);
@@ -391,4 +393,16 @@ test('every VM\'s platform has the PCI segment with the host bridge, owning the 
       ['mmio', 0x1_c000_0000, 64 * 2 ** 30],
     ],
   );
+});
+
+test('layouts a function model cannot have are refused when it is defined', (t) => {
+  const base = testFn.layout;
+  const bars = (b: typeof base.bars) => () => definePciFunction({ ...testFnSpec, layout: { ...base, bars: b } });
+  t.throws(bars([{ kind: 'mem64', size: 0x1000 }, { kind: 'io', size: 4 }, null, null, null, null]), { message: /next slot free/ });
+  t.throws(bars([{ kind: 'mem32', size: 0x1800 }, null, null, null, null, null]), { message: /memory size/ });
+  t.throws(bars([{ kind: 'io', size: 512 }, null, null, null, null, null]), { message: /I\/O size/ });
+  t.throws(bars([null, null, null, null, null]), { message: /6 BAR slots/ });
+  t.throws(() => definePciFunction({ ...testFnSpec, layout: { ...base, capabilities: [{ id: 9, offset: 0x50, body: [4, 0] }, msixCapability(MSIX)] } }), { message: /overlap/ });
+  t.throws(() => msixCapability({ ...MSIX, pbaOffset: 0x20 }), { message: /overlap/ });
+  t.throws(() => msixCapability({ ...MSIX, vectors: 0 }), { instanceOf: RangeError });
 });

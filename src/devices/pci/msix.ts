@@ -73,6 +73,7 @@ export const msixPbaSize = (l: MsixLayout) => Math.ceil(l.vectors / 64) * 8;
 export function msixCapability(l: MsixLayout): PciCapabilitySpec {
   if (!Number.isInteger(l.vectors) || l.vectors < 1 || l.vectors > MSIX_MAX_VECTORS) throw new RangeError(`MSI-X vector count ${l.vectors}`);
   if (l.tableOffset % 8 !== 0 || l.pbaOffset % 8 !== 0) throw new RangeError('MSI-X table and PBA offsets must be 8-byte aligned');
+  if (l.tableOffset < l.pbaOffset + msixPbaSize(l) && l.pbaOffset < l.tableOffset + msixTableSize(l)) throw new RangeError('MSI-X table and PBA overlap');
   const control = l.vectors - 1;
   const table = (l.tableOffset | l.bar) >>> 0;
   const pba = (l.pbaOffset | l.bar) >>> 0;
@@ -214,7 +215,7 @@ export function msixBarAccess(s: MsixState, config: readonly number[], l: MsixLa
   let msix = s;
   const lo = data32(access);
   msix = writeTableDword(msix, first, lo);
-  if (access.size === 8) msix = writeTableDword(msix, first + 1, Number(BigInt.asUintN(32, access.data as bigint >> 32n)));
+  if (access.size === 8) msix = writeTableDword(msix, first + 1, Number(BigInt.asUintN(32, (access.data as bigint) >> 32n)));
   if (msix === s) return none;
   const vector = first >> 2;
   // Unmasking a vector with its pending bit set sends the message now.
