@@ -6,6 +6,7 @@ import { Type } from '@sinclair/typebox';
 import type { IoAccess, TransitionResult } from '../../src/devices/device';
 import {
   MSIX_VECTOR_MASKED,
+  PCI_SEGMENT_ID,
   PCI_CONFIG_ADDRESS_PORT,
   PCI_CONFIG_DATA_PORT,
   PCI_IO_WINDOW,
@@ -38,6 +39,7 @@ import {
 import { platformDevices } from '../../src/devices';
 import { PCI_ECAM_START, PCI_MMIO32_START, pciMmio64Window } from '../../src/boot/layout';
 import { deepFreeze } from '../../src/state/json';
+import { createStore, deviceEvents, validateState, vmEvents } from '../../src/state';
 import { Exact, U32 } from '../../src/state/state-schema';
 
 const MSIX: MsixLayout = { capOffset: 0x50, vectors: 3, bar: 0, tableOffset: 0, pbaOffset: 0x800 };
@@ -405,4 +407,22 @@ test('layouts a function model cannot have are refused when it is defined', (t) 
   t.throws(() => definePciFunction({ ...testFnSpec, layout: { ...base, capabilities: [{ id: 9, offset: 0x50, body: [4, 0] }, msixCapability(MSIX)] } }), { message: /overlap/ });
   t.throws(() => msixCapability({ ...MSIX, pbaOffset: 0x20 }), { message: /overlap/ });
   t.throws(() => msixCapability({ ...MSIX, vectors: 0 }), { instanceOf: RangeError });
+});
+
+test('restore refuses a saved segment whose host bridge claims another identity or whose config space is cut short', (t) => {
+  const store = createStore();
+  store.dispatch(vmEvents.created({ payload: { kernel: '/k' }, memory: { size: 64 << 20 } } as never));
+  for (const d of platformDevices({ memorySize: 64 << 20, serial: false })) store.dispatch(deviceEvents.added(d));
+  const saved = JSON.parse(JSON.stringify(store.getState()));
+  t.notThrows(() => validateState(saved));
+  const bridge = saved.devices.instances[PCI_SEGMENT_ID].functions['00.0'];
+  const tampered = (fn: unknown, slot = '00.0') => {
+    const s = JSON.parse(JSON.stringify(saved));
+    s.devices.instances[PCI_SEGMENT_ID].functions[slot] = fn;
+    return s;
+  };
+  t.throws(() => validateState(tampered({ ...bridge, config: [0x1111_8086, ...bridge.config.slice(1)] })), { message: /00\.0\/config\/0: read-only bits/ });
+  t.throws(() => validateState(tampered({ ...bridge, config: bridge.config.slice(1) })), { message: /functions\/00\.0/ });
+  t.throws(() => validateState(tampered({ ...bridge, kind: 'virtio-blk' }, '05.0')), { message: /05\.0: unknown PCI function kind 'virtio-blk'/ });
+  t.throws(() => validateState(tampered(bridge, '20.0')), { message: /functions/ }, 'no device 0x20 on a bus');
 });

@@ -218,8 +218,10 @@ export const PciSegmentStateSchema = Exact({
   schemaVersion: IntIn(PCI_SEGMENT_SCHEMA_VERSION, PCI_SEGMENT_SCHEMA_VERSION),
   configAddress: U32(),
   // Each function is then checked against its own model's schema (checkState).
+  // additionalProperties false: a key the slot pattern does not match is refused, not ignored.
   functions: Type.Record(Type.String({ pattern: SLOT_PATTERN }), Type.Object({ kind: Type.String(), config: Type.Array(U32()) }), {
     maxProperties: 256,
+    additionalProperties: false,
   }),
 });
 
