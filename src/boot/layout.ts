@@ -139,7 +139,7 @@ export function ramRegions(memorySize: number): RamRegion[] {
 /**
  * The firmware memory map the guest sees. The whole of low RAM is backed by one slot,
  * but 0x9fc00..0x100000 is reported as not usable: EBDA/VGA/BIOS area, and the ACPI
- * tables at 0xe0000 as ACPI data so the kernel keeps them.
+ * tables at 0xe0000 as ACPI data so the kernel keeps them. The PCI ECAM window is reserved.
  */
 export function e820Map(memorySize: number): E820Entry[] {
   validateMemorySize(memorySize);
@@ -152,6 +152,9 @@ export function e820Map(memorySize: number): E820Entry[] {
   if (low > HIGH_MEMORY_START) {
     map.push({ addr: HIGH_MEMORY_START, size: low - HIGH_MEMORY_START, type: E820Type.RAM });
   }
+  // ECAM is reserved in the firmware map as well as in ACPI: Linux's early MMCONFIG check
+  // looks only here, and without a reservation it would put other resources on top of it.
+  map.push({ addr: PCI_ECAM_START, size: PCI_ECAM_SIZE, type: E820Type.RESERVED });
   if (memorySize > low) map.push({ addr: HIGH_RAM_START, size: memorySize - low, type: E820Type.RAM });
   return map;
 }

@@ -71,16 +71,18 @@ test('the MMIO hole holds the IOAPIC, LAPIC and KVM private pages, and no RAM', 
   }
 });
 
-test('e820: RAM, reserved EBDA..0xe0000, ACPI data 0xe0000..1 MiB, RAM above', (t) => {
+test('e820: RAM, reserved EBDA..0xe0000, ACPI data 0xe0000..1 MiB, RAM above, the PCI ECAM reserved', (t) => {
   t.deepEqual(e820Map(512 * MiB), [
     { addr: 0, size: 0x9fc00, type: E820Type.RAM },
     { addr: 0x9fc00, size: 0xe0000 - 0x9fc00, type: E820Type.RESERVED },
     { addr: 0xe0000, size: 0x20000, type: E820Type.ACPI },
     { addr: 0x100000, size: 512 * MiB - 0x100000, type: E820Type.RAM },
+    { addr: 0xe8000000, size: MiB, type: E820Type.RESERVED },
   ]);
   const big = e820Map(6 * GiB);
   t.deepEqual(big.slice(3), [
     { addr: 0x100000, size: 3 * GiB - 0x100000, type: E820Type.RAM },
+    { addr: 0xe8000000, size: MiB, type: E820Type.RESERVED },
     { addr: 4 * GiB, size: 3 * GiB, type: E820Type.RAM },
   ]);
   t.is(EBDA_START, 0x9fc00);
