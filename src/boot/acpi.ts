@@ -240,6 +240,32 @@ export function buildMadt(opts: MadtOptions): Uint8Array {
   return buildSdt('APIC', 5, Uint8Array.from(parts));
 }
 
+/** One ECAM window of an MCFG table: a segment's buses from startBus to endBus at `base`. */
+export interface McfgAllocation {
+  base: number;
+  segment: number;
+  startBus: number;
+  endBus: number;
+}
+
+/**
+ * MCFG (PCI Firmware Specification 3.x, 4.1.2): 8 reserved bytes, then one 16-byte entry per
+ * ECAM window. The base is that of bus 0 of the segment even when startBus is not 0.
+ */
+export function buildMcfg(allocations: readonly McfgAllocation[]): Uint8Array {
+  const body = new Uint8Array(8 + 16 * allocations.length);
+  const dv = new DataView(body.buffer);
+  allocations.forEach((a, i) => {
+    if (a.startBus < 0 || a.endBus > 255 || a.startBus > a.endBus || a.base % (1 << 20) !== 0) throw new Error('invalid MCFG allocation');
+    const off = 8 + 16 * i;
+    dv.setBigUint64(off, BigInt(a.base), true);
+    dv.setUint16(off + 8, a.segment, true);
+    dv.setUint8(off + 10, a.startBus);
+    dv.setUint8(off + 11, a.endBus);
+  });
+  return buildSdt('MCFG', 1, body);
+}
+
 export interface DsdtOptions {
   /**
    * The VM's devices, each described by its own module (devicesAcpi()): the DSDT holds what
@@ -298,7 +324,8 @@ export interface AcpiTables {
 export function writeAcpiTables(mem: GuestMemory, config: AcpiConfig): AcpiTables {
   const dsdtBytes = buildDsdt(config);
   const madtBytes = buildMadt({ vcpuCount: config.vcpuCount, ioapicId: config.ioapicId });
-  const extras = config.extraTables ?? [];
+  // Tables the devices bring (a PCI segment's MCFG) come first, then the caller's.
+  const extras = [...(config.devices ?? []).flatMap((d) => d.tables ?? []), ...(config.extraTables ?? [])];
   for (const e of extras) {
     if (e.length < SDT_HEADER_SIZE || byteSum(e) !== 0) throw new Error('extra ACPI table is not a checksummed SDT');
   }

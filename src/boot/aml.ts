@@ -448,6 +448,61 @@ export const Resource = {
   },
 };
 
+/** Address space descriptor resource types (ACPI 6.5, 6.4.3.5). */
+export const AddressSpaceType = { Memory: 0, Io: 1, BusNumber: 2 } as const;
+
+/** Memory caching types of an address space descriptor's _MEM field. */
+export const MemoryCaching = { NonCacheable: 0, Cacheable: 1, WriteCombining: 2, Prefetchable: 3 } as const;
+
+/** What an address space descriptor carries beyond its numbers; defaults fit a bridge's window. */
+export interface AddressSpaceFlags {
+  /** ResourceProducer (a bridge's window, default) or ResourceConsumer */
+  consumer?: boolean;
+  /** type-specific flags byte (memory: _RW | _MEM << 1; I/O: _RNG) */
+  typeFlags?: number;
+}
+
+/** Address space fields in order: granularity, minimum, maximum, translation offset, length. */
+function addressSpace(
+  tag: number,
+  bytes: 2 | 4 | 8,
+  type: number,
+  flags: AddressSpaceFlags,
+  min: number | bigint,
+  length: number | bigint,
+): Uint8Array {
+  const lo = BigInt(min);
+  const len = BigInt(length);
+  const limit = 1n << BigInt(8 * bytes);
+  if (len < 1n || lo < 0n || lo + len > limit) {
+    throw new AmlError(`address space 0x${lo.toString(16)}+0x${len.toString(16)} does not fit ${bytes}-byte fields`);
+  }
+  const field = (v: bigint) => Array.from({ length: bytes }, (_, i) => Number((v >> BigInt(8 * i)) & 0xffn));
+  // General flags: MinFixed and MaxFixed (the window is exactly this range), positive decode.
+  const general = (flags.consumer ? 0x01 : 0) | 0x04 | 0x08;
+  const body = [type, general, flags.typeFlags ?? 0, ...field(0n), ...field(lo), ...field(lo + len - 1n), ...field(0n), ...field(len)];
+  return Uint8Array.from([tag, ...u16le(body.length), ...body]);
+}
+
+export const AddressResource = {
+  /** WordBusNumber(ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, first, last, 0, count) */
+  wordBusNumber(first: number, count: number, flags: AddressSpaceFlags = {}): Uint8Array {
+    return addressSpace(0x88, 2, AddressSpaceType.BusNumber, flags, first, count);
+  },
+  /** WordIO(..., EntireRange, 0, min, min + length - 1, 0, length) */
+  wordIo(min: number, length: number, flags: AddressSpaceFlags = {}): Uint8Array {
+    return addressSpace(0x88, 2, AddressSpaceType.Io, { typeFlags: 3, ...flags }, min, length);
+  },
+  /** DWordMemory(..., NonCacheable, ReadWrite, 0, min, min + length - 1, 0, length) */
+  dwordMemory(min: number, length: number, flags: AddressSpaceFlags = {}): Uint8Array {
+    return addressSpace(0x87, 4, AddressSpaceType.Memory, { typeFlags: 1, ...flags }, min, length);
+  },
+  /** QWordMemory(..., NonCacheable, ReadWrite, 0, min, min + length - 1, 0, length) */
+  qwordMemory(min: number | bigint, length: number | bigint, flags: AddressSpaceFlags = {}): Uint8Array {
+    return addressSpace(0x8a, 8, AddressSpaceType.Memory, { typeFlags: 1, ...flags }, min, length);
+  },
+};
+
 /** ResourceTemplate(){ descriptors } — a Buffer ending with an End Tag (checksum 0: not checked). */
 export function resourceTemplate(descriptors: readonly Uint8Array[]): AmlCode {
   return buffer(concat([...descriptors, Uint8Array.of(0x79, 0x00)]));

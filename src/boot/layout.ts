@@ -12,8 +12,12 @@
 //   0x000e_0000  ACPI tables (RSDP first, where a legacy scan finds it) .. 0x100000
 //   0x0010_0000  bzImage protected-mode kernel; ELF kernels load at their p_paddr
 //   ...          initramfs, as high as the kernel's limits allow
-//   0xc000_0000  32-bit MMIO hole (PCI, IOAPIC 0xfec00000, LAPIC 0xfee00000) .. 4 GiB
+//   0xc000_0000  32-bit MMIO hole .. 4 GiB:
+//     0xc000_0000  PCI 32-bit BAR window .. 0xe800_0000
+//     0xe800_0000  PCI ECAM (config space of bus 0, 1 MiB)
+//     0xfec0_0000  IOAPIC, 0xfee0_0000 LAPIC
 //   0x1_0000_0000 RAM above 4 GiB (whatever did not fit below the hole)
+//   above RAM    PCI 64-bit BAR window (1 GiB aligned)
 
 import { GuestAddress, PAGE_SIZE } from '../memory/guest-memory';
 import { BootError } from './errors';
@@ -27,6 +31,19 @@ export const MMIO_HOLE_START: GuestAddress = 0xc000_0000;
 export const MMIO_HOLE_END: GuestAddress = 0x1_0000_0000;
 /** RAM that does not fit below the hole continues here. */
 export const HIGH_RAM_START: GuestAddress = 0x1_0000_0000;
+
+/**
+ * Where PCI functions' 32-bit memory BARs go: the bottom of the hole up to the ECAM window,
+ * the same split Cloud Hypervisor uses, clear of the IOAPIC/LAPIC pages and the KVM pages.
+ */
+export const PCI_MMIO32_START: GuestAddress = MMIO_HOLE_START;
+export const PCI_MMIO32_SIZE = 0xe800_0000 - MMIO_HOLE_START;
+/** ECAM (PCIe enhanced configuration access): 4 KiB per function, 1 MiB per bus; bus 0 only. */
+export const PCI_ECAM_START: GuestAddress = 0xe800_0000;
+export const PCI_ECAM_BUSES = 1;
+export const PCI_ECAM_SIZE = PCI_ECAM_BUSES * MiB;
+/** Size of the 64-bit BAR window above RAM: room for large BARs, well inside 39 physical address bits. */
+export const PCI_MMIO64_SIZE = 64 * GiB;
 
 export const IOAPIC_ADDRESS: GuestAddress = 0xfec0_0000;
 export const IOAPIC_SIZE = 0x1000;
@@ -122,7 +139,7 @@ export function ramRegions(memorySize: number): RamRegion[] {
 /**
  * The firmware memory map the guest sees. The whole of low RAM is backed by one slot,
  * but 0x9fc00..0x100000 is reported as not usable: EBDA/VGA/BIOS area, and the ACPI
- * tables at 0xe0000 as ACPI data so the kernel keeps them.
+ * tables at 0xe0000 as ACPI data so the kernel keeps them. The PCI ECAM window is reserved.
  */
 export function e820Map(memorySize: number): E820Entry[] {
   validateMemorySize(memorySize);
@@ -135,8 +152,19 @@ export function e820Map(memorySize: number): E820Entry[] {
   if (low > HIGH_MEMORY_START) {
     map.push({ addr: HIGH_MEMORY_START, size: low - HIGH_MEMORY_START, type: E820Type.RAM });
   }
+  // ECAM is reserved in the firmware map as well as in ACPI: Linux's early MMCONFIG check
+  // looks only here, and without a reservation it would put other resources on top of it.
+  map.push({ addr: PCI_ECAM_START, size: PCI_ECAM_SIZE, type: E820Type.RESERVED });
   if (memorySize > low) map.push({ addr: HIGH_RAM_START, size: memorySize - low, type: E820Type.RAM });
   return map;
+}
+
+/** The 64-bit BAR window of a VM with `memorySize` bytes of RAM: from the first GiB above its RAM. */
+export function pciMmio64Window(memorySize: number): { start: GuestAddress; size: number } {
+  validateMemorySize(memorySize);
+  const low = lowRamEnd(memorySize);
+  const ramEnd = memorySize > low ? HIGH_RAM_START + (memorySize - low) : HIGH_RAM_START;
+  return { start: alignUp(ramEnd, GiB), size: PCI_MMIO64_SIZE };
 }
 
 export function alignUp(v: number, align: number): number {

@@ -6,6 +6,7 @@ import { cmosModel, type CmosRtcState } from './cmos-rtc';
 import { acpiPmModel, type AcpiPmState } from './acpi-pm';
 import { debugPortModel, type DebugPortState } from './debug-port';
 import { acpiGedModel, type AcpiGedState } from './acpi-ged';
+import { pciSegmentModel, type PciSegmentState } from './pci/segment';
 
 export * from './device';
 export * from './model';
@@ -17,9 +18,10 @@ export * from './acpi-pm';
 export * from './debug-port';
 export * from './acpi-ged';
 export * from './platform';
+export * from './pci/index';
 
 /** Every device slice the devices map may hold. */
-export type AnyDeviceState = Serial16550aState | I8042State | CmosRtcState | AcpiPmState | DebugPortState | AcpiGedState;
+export type AnyDeviceState = Serial16550aState | I8042State | CmosRtcState | AcpiPmState | DebugPortState | AcpiGedState | PciSegmentState;
 
 export const deviceModels: Readonly<Record<string, DeviceModel<any>>> = Object.freeze({
   [serialModel.kind]: serialModel,
@@ -28,6 +30,7 @@ export const deviceModels: Readonly<Record<string, DeviceModel<any>>> = Object.f
   [acpiPmModel.kind]: acpiPmModel,
   [debugPortModel.kind]: debugPortModel,
   [acpiGedModel.kind]: acpiGedModel,
+  [pciSegmentModel.kind]: pciSegmentModel,
 });
 
 export function deviceModel(kind: string): DeviceModel<DeviceStateBase> | undefined {

@@ -63,6 +63,8 @@ export interface DeviceAcpi {
   root?: AmlCode[];
   /** the FADT IA-PC boot flag the device stands for: an 8042 to probe, a CMOS RTC to use */
   legacy?: 'i8042' | 'rtc';
+  /** complete tables of its own (a PCI segment's MCFG), listed in the XSDT */
+  tables?: Uint8Array[];
 }
 
 /**

@@ -1,4 +1,4 @@
-// The legacy platform devices of every Tern VM, from its config: what the machine attaches
+// The platform devices of every Tern VM, from its config: what the machine attaches
 // to the buses and what the DSDT describes, so the two cannot disagree.
 import { acpiGedDevice } from './acpi-ged';
 import { acpiPmDevice } from './acpi-pm';
@@ -7,13 +7,14 @@ import { debugPortDevice } from './debug-port';
 import { i8042Device } from './i8042';
 import type { AnyDeviceState } from './index';
 import type { DeviceInstance } from './model';
+import { pciSegmentDevice } from './pci/segment';
 import { serialDevice } from './serial-16550a';
 
 export const PLATFORM_SERIAL_ID = 'serial0';
 export const PLATFORM_GED_ID = 'ged0';
 
 export interface PlatformOptions {
-  /** guest RAM in bytes (the CMOS reports it) */
+  /** guest RAM in bytes (the CMOS reports it; the PCI 64-bit window starts above it) */
   memorySize: number;
   /** a 16550A at COM1; false for --serial off */
   serial: boolean;
@@ -26,6 +27,8 @@ export function platformDevices(opts: PlatformOptions): DeviceInstance<AnyDevice
     acpiPmDevice(),
     acpiGedDevice({ id: PLATFORM_GED_ID }),
     debugPortDevice(),
+    // PCI segment 0 with its host bridge at 00:00.0; PCI devices become its functions.
+    pciSegmentDevice({ memorySize: opts.memorySize }),
   ];
   if (opts.serial) devices.unshift(serialDevice({ id: PLATFORM_SERIAL_ID }));
   return devices;

@@ -7,9 +7,10 @@ import { vcpusSlice } from './slices/vcpus';
 import { vmSlice } from './slices/vm';
 import type { Slice, SliceStateOf } from './slice';
 
-// 2: added the kvm slice; 3: added the memory slice; 4: vm.guestStop; 5: serial txDropped
+// 2: added the kvm slice; 3: added the memory slice; 4: vm.guestStop; 5: serial txDropped;
+// 6: the pci-segment device kind
 // (upgrade.ts lifts older states)
-export const ROOT_SCHEMA_VERSION = 5;
+export const ROOT_SCHEMA_VERSION = 6;
 
 export type SliceMap = Readonly<Record<string, Slice<string, any, any>>>;
 

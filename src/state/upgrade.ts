@@ -21,6 +21,11 @@ export const STATE_UPGRADES: Readonly<Record<number, StateUpgrade>> = Object.fre
   3: (s: Readonly<Json>) => ({ ...s, schemaVersion: 4, vm: { ...(s.vm as Json), schemaVersion: 2, guestStop: null } }),
   // 4 -> 5: serial device 2 counts output the host dropped; nothing was counted before.
   4: (s: Readonly<Json>) => ({ ...s, schemaVersion: 5, devices: withSerialTxDropped(s.devices as Json) }),
+  // 5 -> 6: VMs get a PCI segment (device kind 'pci-segment'), which schema-5 builds do not
+  // know, hence the new version. A schema-5 VM keeps the devices it had: its guest booted
+  // with ACPI tables that describe no PCI bridge and has never probed one, so restore adds
+  // none; its next boot (a guest reset) gets the segment like any new VM.
+  5: (s: Readonly<Json>) => ({ ...s, schemaVersion: 6 }),
 });
 
 function withSerialTxDropped(devices: Json): Json {

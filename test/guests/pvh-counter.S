@@ -16,6 +16,8 @@
  *   s  print "STATUS count=<n> ticks=<n> rxirqs=<n>" (the status block below)
  *   e  print "ECHO <next byte>"
  *   z  ask 1000 times for ACPI sleep state S1 (SLP_TYP=1|SLP_EN to 0x600), print "SLEPT"
+ *   c  read PCI 00:00.0's ID and class dwords through 0xcf8/0xcfc and its ID dword through
+ *      ECAM at 0xe8000000 (paging is off: a plain load), print "PCI <id> <class> <ecam id>"
  * Other bytes are ignored.
  *
  * Status block in RAM (read by tests; test/host/tiny-kernel.ts names the offsets):
@@ -197,6 +199,8 @@ handle_byte:
 	je	do_status
 	cmp	$'z', %al
 	je	do_sleep_requests
+	cmp	$'c', %al
+	je	do_pci
 	cmp	$'e', %al
 	jne	1f
 	movb	$1, echo_pending
@@ -229,6 +233,34 @@ do_sleep_requests:
 	jnz	1b
 	mov	$msg_slept, %ebx
 	jmp	puts
+
+do_pci:
+	mov	$msg_pci, %ebx
+	call	puts
+	mov	$0x80000000, %eax
+	call	pci_config_read
+	call	putdec
+	mov	$' ', %al
+	call	putc
+	mov	$0x80000008, %eax
+	call	pci_config_read
+	call	putdec
+	mov	$' ', %al
+	call	putc
+	mov	0xe8000000, %eax
+	call	putdec
+	mov	$'\n', %al
+	jmp	putc
+
+/* %eax = CONFIG_ADDRESS -> %eax = the CONFIG_DATA dword. */
+pci_config_read:
+	push	%edx
+	mov	$0xcf8, %dx
+	outl	%eax, %dx
+	mov	$0xcfc, %dx
+	inl	%dx, %eax
+	pop	%edx
+	ret
 
 do_i8042_reset:
 	mov	$0x64, %dx
@@ -433,6 +465,7 @@ msg_echo:	.asciz	"ECHO "
 msg_dirty:	.asciz	"DIRTY "
 msg_exc:	.asciz	"EXCEPTION "
 msg_slept:	.asciz	"SLEPT\n"
+msg_pci:	.asciz	"PCI "
 msg_status:	.asciz	"STATUS count="
 msg_ticks:	.asciz	" ticks="
 msg_rxirqs:	.asciz	" rxirqs="

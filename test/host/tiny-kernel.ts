@@ -43,6 +43,8 @@ export const TinyKernelCommand = {
   ECHO: 'e',
   /** asks 1000 times for sleep state S1 (which Tern refuses), then prints "SLEPT" */
   SLEEP_REQUESTS: 'z',
+  /** prints "PCI <id> <class> <ecam id>": 00:00.0's dwords 0 and 8 through 0xcf8/0xcfc, dword 0 through ECAM */
+  PCI_HOST_BRIDGE: 'c',
 } as const;
 
 export const TINY_KERNEL_BANNER = 'TINY-KERNEL-BOOT';

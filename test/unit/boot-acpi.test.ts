@@ -16,11 +16,12 @@ import {
   IapcBootArch,
   buildDsdtAml,
   buildMadt,
+  buildMcfg,
   buildSdt,
   byteSum,
   writeAcpiTables,
 } from '../../src/boot/acpi';
-import { ACPI_TABLES_END, ACPI_TABLES_START, IOAPIC_ADDRESS, LAPIC_ADDRESS, RSDP_ADDRESS } from '../../src/boot/layout';
+import { ACPI_TABLES_END, ACPI_TABLES_START, IOAPIC_ADDRESS, LAPIC_ADDRESS, PCI_ECAM_START, RSDP_ADDRESS } from '../../src/boot/layout';
 import { BootError } from '../../src/boot/errors';
 import { GuestMemory } from '../../src/memory/guest-memory';
 import { MiB, memoryOf, run, tempDir, which } from './boot-helpers';
@@ -65,7 +66,7 @@ test('every table checksums to zero and lies inside the ACPI window', (t) => {
   const { mem, tables } = tablesIn(4);
   t.deepEqual(
     tables.tables.map((x) => x.signature),
-    ['RSD PTR ', 'XSDT', 'FACP', 'APIC', 'DSDT'],
+    ['RSD PTR ', 'XSDT', 'FACP', 'APIC', 'DSDT', 'MCFG'],
   );
   for (const tb of tables.tables) {
     const bytes = mem.read(tb.address, tb.length);
@@ -77,14 +78,15 @@ test('every table checksums to zero and lies inside the ACPI window', (t) => {
   t.true(tables.end <= ACPI_TABLES_END);
 });
 
-test('XSDT lists FADT and MADT', (t) => {
+test('XSDT lists FADT, MADT and the PCI segment\'s MCFG', (t) => {
   const { mem, tables } = tablesIn(1);
   const x = tableBytes(mem, tables, 'XSDT');
   t.is(x.toString('latin1', 0, 4), 'XSDT');
   t.is(x[8], 1);
-  t.is(x.length, 36 + 16);
+  t.is(x.length, 36 + 24);
   t.is(Number(x.readBigUInt64LE(36)), tables.fadt);
   t.is(Number(x.readBigUInt64LE(44)), tables.madt);
+  t.is(Number(x.readBigUInt64LE(52)), tables.tables.find((tb) => tb.signature === 'MCFG')!.address);
 });
 
 test('FADT rev 6: hardware-reduced, reset register and sleep registers at the ACPI PM ports', (t) => {
@@ -208,9 +210,11 @@ test('extra SDTs are placed and listed; a full window is an error', (t) => {
   const mcfg = buildSdt('MCFG', 1, new Uint8Array(44));
   const { mem, tables } = tablesIn(1, { extraTables: [mcfg] });
   const x = tableBytes(mem, tables, 'XSDT');
-  t.is(x.length, 36 + 24);
-  const at = Number(x.readBigUInt64LE(52));
+  t.is(x.length, 36 + 32);
+  // The devices' own tables come first (the PCI segment's MCFG), then the caller's.
+  const at = Number(x.readBigUInt64LE(60));
   t.is(Buffer.from(mem.read(at, 4)).toString('latin1'), 'MCFG');
+  t.is(at, tables.tables[tables.tables.length - 1].address);
   t.throws(() => tablesIn(1, { extraTables: [buildSdt('HUGE', 1, new Uint8Array(0x20000))] }), { instanceOf: BootError });
   const bad = new Uint8Array(mcfg);
   bad[20] ^= 1;
@@ -284,6 +288,19 @@ function extract(mem: GuestMemory, tables: AcpiTables, dir: string): string[] {
     t.regex(dsdt, /OperationRegion \(GDRG, SystemIO, 0x0610, One\)/);
     t.regex(dsdt, /Field \(GDRG, ByteAcc, NoLock, Preserve\)\s*\{\s*GDST,\s+8/);
     t.regex(dsdt, /Method \(_EVT, 1, Serialized\)[\s\S]*?Arg0 == 0x09[\s\S]*?Local0 = GDST[\s\S]*?GDST = Local0[\s\S]*?Local0 & One[\s\S]*?Notify \(\\_SB\.PWRB, 0x80\)/);
+    // PCI segment 0: the root bridge Linux binds (PNP0A08, PCI0 on segment 0 bus 0), its
+    // windows, the ECAM reserved as a motherboard resource, and the MCFG pointing at it.
+    t.regex(dsdt, /Device \(PCI0\)\s*\{\s*Name \(_HID, EisaId \("PNP0A08"\)[\s\S]*?Name \(_CID, EisaId \("PNP0A03"\)[\s\S]*?Name \(_SEG, Zero\)[\s\S]*?Name \(_BBN, Zero\)/);
+    t.regex(dsdt, /WordBusNumber \(ResourceProducer, MinFixed, MaxFixed, PosDecode,\s*0x0000,\s*\/\/ Granularity\s*0x0000,\s*\/\/ Range Minimum\s*0x0000,\s*\/\/ Range Maximum\s*0x0000,\s*\/\/ Translation Offset\s*0x0001,/);
+    t.regex(dsdt, /IO \(Decode16,\s*0x0CF8,\s*\/\/ Range Minimum\s*0x0CF8,\s*\/\/ Range Maximum\s*0x01,\s*\/\/ Alignment\s*0x08,/);
+    t.regex(dsdt, /WordIO \(ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange,\s*0x0000,[^\n]*\s*0xC000,[^\n]*\s*0xFFFF,/);
+    t.regex(dsdt, /DWordMemory \(ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,\s*0x00000000,[^\n]*\s*0xC0000000,[^\n]*\s*0xE7FFFFFF,/);
+    // 64 MiB of RAM ends below 4 GiB: the 64-bit window starts at 4 GiB.
+    t.regex(dsdt, /QWordMemory \(ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,\s*0x0000000000000000,[^\n]*\s*0x0000000100000000,[^\n]*\s*0x00000010FFFFFFFF,/);
+    t.regex(dsdt, /Device \(MRES\)\s*\{\s*Name \(_HID, EisaId \("PNP0C02"\)[\s\S]*?Memory32Fixed \(ReadOnly,\s*0xE8000000,\s*\/\/ Address Base\s*0x00100000,/);
+    const mcfg = dsl['mcfg.dat'];
+    t.regex(mcfg, /Signature : "MCFG"/);
+    t.regex(mcfg, /Base Address : 00000000E8000000\s+\[[^\]]+\]\s+Segment Group Number : 0000\s+\[[^\]]+\]\s+Start Bus Number : 00\s+\[[^\]]+\]\s+End Bus Number : 00/);
     t.notRegex(dsdt, /External \(/, 'every name resolves');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
@@ -295,13 +312,15 @@ function extract(mem: GuestMemory, tables: AcpiTables, dir: string): string[] {
   try {
     const { mem, tables } = tablesIn(2);
     const files = extract(mem, tables, dir).filter((f) => f !== 'xsdt.dat');
-    const r = run(acpiexec!, ['-b', 'evaluate \\_S5; evaluate \\_SB.COM1._CRS; evaluate \\_SB.PS2K._HID', ...files], dir);
+    const r = run(acpiexec!, ['-b', 'evaluate \\_S5; evaluate \\_SB.COM1._CRS; evaluate \\_SB.PS2K._HID; evaluate \\_SB.PCI0._CRS', ...files], dir);
     const out = r.stdout + r.stderr;
     t.is(r.status, 0, out);
     t.regex(out, /1 ACPI AML tables successfully acquired and loaded/);
     t.regex(out, /\[Package\] Contains 4 Elements:\s+\[Integer\] = 0000000000000005\s+\[Integer\] = 0000000000000005\s+\[Integer\] = 0000000000000000\s+\[Integer\] = 0000000000000000/);
     t.regex(out, /47 01 F8 03 F8 03 01 08 89 06 00 03 01 04 00 00/);
     t.regex(out, /\[Integer\] = 000000000303D041/, "EisaId(PNP0303)");
+    // PCI0's resources: WordBusNumber 0..0, then IO(0xcf8, 8).
+    t.regex(out, /88 0D 00 02 0C 00 00 00 00 00 00 00 00 00 01 00\s+\/\/[^\n]*\n\s*0010: 47 01 F8 0C F8 0C 01 08/);
     t.notRegex(out, /AE_[A-Z_]+ /, 'no ACPICA exceptions');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
@@ -330,4 +349,32 @@ function extract(mem: GuestMemory, tables: AcpiTables, dir: string): string[] {
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test('MCFG: the PCI segment\'s ECAM window for segment 0, bus 0 only, checksummed', (t) => {
+  const { mem, tables } = tablesIn(1);
+  const m = tableBytes(mem, tables, 'MCFG');
+  t.is(byteSum(m), 0);
+  t.is(m.readUInt32LE(4), 36 + 8 + 16, 'one allocation');
+  t.is(m[8], 1, 'revision');
+  t.is(m.readBigUInt64LE(36), 0n, 'reserved');
+  t.is(Number(m.readBigUInt64LE(44)), PCI_ECAM_START);
+  t.is(m.readUInt16LE(52), 0, 'segment 0');
+  t.is(m[54], 0, 'start bus');
+  t.is(m[55], 0, 'end bus');
+  t.is(m.readUInt32LE(56), 0);
+  t.throws(() => buildMcfg([{ base: PCI_ECAM_START + 0x1000, segment: 0, startBus: 0, endBus: 0 }]), { message: /invalid MCFG/ });
+});
+
+test('address space descriptors: WordBusNumber, WordIO, DWordMemory and QWordMemory encode min, max and length', (t) => {
+  t.deepEqual([...aml.AddressResource.wordBusNumber(0, 1)], [0x88, 13, 0, 2, 0x0c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+  t.deepEqual([...aml.AddressResource.wordIo(0xc000, 0x4000)], [0x88, 13, 0, 1, 0x0c, 3, 0, 0, 0x00, 0xc0, 0xff, 0xff, 0, 0, 0x00, 0x40]);
+  const d = Buffer.from(aml.AddressResource.dwordMemory(0xc000_0000, 0x2800_0000));
+  t.deepEqual([d[0], d.readUInt16LE(1), d[3], d[4], d[5]], [0x87, 23, 0, 0x0c, 1]);
+  t.deepEqual([d.readUInt32LE(10), d.readUInt32LE(14), d.readUInt32LE(22)], [0xc000_0000, 0xe7ff_ffff, 0x2800_0000]);
+  const q = Buffer.from(aml.AddressResource.qwordMemory(0x1_0000_0000, 64 * 2 ** 30));
+  t.deepEqual([q[0], q.readUInt16LE(1), q.length], [0x8a, 43, 46]);
+  t.deepEqual([q.readBigUInt64LE(14), q.readBigUInt64LE(22), q.readBigUInt64LE(38)], [0x1_0000_0000n, 0x10_ffff_ffffn, 0x10_0000_0000n]);
+  t.throws(() => aml.AddressResource.wordIo(0xf000, 0x2000), { instanceOf: aml.AmlError });
+  t.throws(() => aml.AddressResource.dwordMemory(0xf000_0000, 0x2000_0000), { instanceOf: aml.AmlError });
 });

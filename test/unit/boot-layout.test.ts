@@ -16,6 +16,10 @@ import {
   MMIO_HOLE_END,
   MMIO_HOLE_START,
   MiB,
+  PCI_ECAM_SIZE,
+  PCI_ECAM_START,
+  PCI_MMIO32_SIZE,
+  PCI_MMIO32_START,
   PVH_MEMMAP_ADDRESS,
   PVH_MEMMAP_MAX_ENTRIES,
   PVH_MODLIST_ADDRESS,
@@ -24,6 +28,7 @@ import {
   ZERO_PAGE_ADDRESS,
   e820Map,
   lowRamEnd,
+  pciMmio64Window,
   ramRegions,
 } from '../../src/boot/layout';
 import { BootError } from '../../src/boot/errors';
@@ -66,16 +71,18 @@ test('the MMIO hole holds the IOAPIC, LAPIC and KVM private pages, and no RAM', 
   }
 });
 
-test('e820: RAM, reserved EBDA..0xe0000, ACPI data 0xe0000..1 MiB, RAM above', (t) => {
+test('e820: RAM, reserved EBDA..0xe0000, ACPI data 0xe0000..1 MiB, RAM above, the PCI ECAM reserved', (t) => {
   t.deepEqual(e820Map(512 * MiB), [
     { addr: 0, size: 0x9fc00, type: E820Type.RAM },
     { addr: 0x9fc00, size: 0xe0000 - 0x9fc00, type: E820Type.RESERVED },
     { addr: 0xe0000, size: 0x20000, type: E820Type.ACPI },
     { addr: 0x100000, size: 512 * MiB - 0x100000, type: E820Type.RAM },
+    { addr: 0xe8000000, size: MiB, type: E820Type.RESERVED },
   ]);
   const big = e820Map(6 * GiB);
   t.deepEqual(big.slice(3), [
     { addr: 0x100000, size: 3 * GiB - 0x100000, type: E820Type.RAM },
+    { addr: 0xe8000000, size: MiB, type: E820Type.RESERVED },
     { addr: 4 * GiB, size: 3 * GiB, type: E820Type.RAM },
   ]);
   t.is(EBDA_START, 0x9fc00);
@@ -128,4 +135,19 @@ test('the reset vector holds code that writes the ACPI reset register, inside th
   // mov dx, 0x602 / mov al, 6 / out dx, al / hlt / jmp back to hlt
   t.deepEqual(Array.from(code), [0xba, 0x02, 0x06, 0xb0, 0x06, 0xee, 0xf4, 0xeb, 0xfd]);
   t.true(RESET_VECTOR_ADDRESS >= ACPI_TABLES_START && RESET_VECTOR_ADDRESS + code.length <= ACPI_TABLES_END);
+});
+
+test('PCI windows: the 32-bit BAR window and ECAM sit in the hole below the IOAPIC; the 64-bit window starts above RAM', (t) => {
+  t.is(PCI_MMIO32_START, MMIO_HOLE_START);
+  t.is(PCI_MMIO32_START + PCI_MMIO32_SIZE, PCI_ECAM_START, 'BARs end where ECAM starts');
+  t.is(PCI_ECAM_SIZE, MiB, 'bus 0: 32 devices x 8 functions x 4 KiB');
+  t.true(PCI_ECAM_START % MiB === 0 && PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_ADDRESS);
+  for (const a of [KVM_TSS_ADDRESS, KVM_IDENTITY_MAP_ADDRESS]) t.true(a >= PCI_ECAM_START + PCI_ECAM_SIZE);
+  t.deepEqual(pciMmio64Window(64 * MiB), { start: HIGH_RAM_START, size: 64 * GiB });
+  t.deepEqual(pciMmio64Window(6 * GiB), { start: 7 * GiB, size: 64 * GiB }, '3 GiB above 4 GiB ends at 7 GiB');
+  t.deepEqual(pciMmio64Window(6 * GiB + 4096).start, 8 * GiB, 'the next GiB boundary');
+  for (const size of [64 * MiB, 3 * GiB, 6 * GiB + 4096, 16 * GiB]) {
+    const w = pciMmio64Window(size);
+    for (const r of ramRegions(size)) t.true(r.guestAddress + r.size <= w.start, `${size}: RAM below the window`);
+  }
 });

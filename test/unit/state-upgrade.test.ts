@@ -6,11 +6,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 
 import { canonicalJson, stateChecksum } from '../../src/migration/snapshot';
+import { platformDevices } from '../../src/devices';
 import {
   ROOT_SCHEMA_VERSION,
   STATE_UPGRADES,
   createStore,
   deserializeState,
+  deviceEvents,
   kvmInitialState,
   upgradeState,
   validateState,
@@ -77,4 +79,24 @@ test('schema 2 -> 3 gives a paused schema-2 VM the RAM layout schema-2 builds us
   ]);
   const created = { ...env.state, vm: { ...env.state.vm, status: 'Created' } };
   t.deepEqual((STATE_UPGRADES[2](created).memory as { regions: unknown }).regions, []);
+});
+
+test('schema 5 -> 6: a schema-5 VM keeps the devices it had, with no PCI segment, and validates; schema-5 builds refuse a schema-6 state', (t) => {
+  const env = JSON.parse(fs.readFileSync(SCHEMA2_SNAPSHOT_STATE, 'utf8'));
+  const v5 = upgradeState(env.state, 5);
+  t.is(v5.schemaVersion, 5);
+  const up = STATE_UPGRADES[5](v5);
+  t.is(up.schemaVersion, 6);
+  const kinds = (s: Record<string, unknown>) => Object.values((s.devices as { instances: Record<string, { kind: string }> }).instances).map((d) => d.kind).sort();
+  t.deepEqual(kinds(up), kinds(v5), 'restore adds no device the guest was never told of');
+  t.false(kinds(up).includes('pci-segment'));
+  t.notThrows(() => validateState(up));
+  // A VM of this build has the segment; a build that reads schema 5 refuses it by version.
+  const store = createStore();
+  store.dispatch(vmEvents.created({ payload: { kernel: '/k' }, memory: { size: 64 << 20 } } as never));
+  for (const d of platformDevices({ memorySize: 64 << 20, serial: true })) store.dispatch(deviceEvents.added(d));
+  const now = JSON.parse(JSON.stringify(store.getState()));
+  t.true(kinds(now).includes('pci-segment'));
+  t.notThrows(() => validateState(now));
+  t.throws(() => upgradeState(now, 5), { message: /schemaVersion 6 is newer than this build's 5/ });
 });
