@@ -8,6 +8,8 @@ import { native, writeMsrs, type MsrEntry } from '../../src/native/kvm';
 const IA32_SYSENTER_CS = 0x174;
 const IA32_SYSENTER_ESP = 0x175;
 const IA32_SYSENTER_EIP = 0x176;
+// SYSENTER_ESP/EIP values fit in 32 bits: KVM keeps only the low half on AMD CPUs, whose
+// SYSENTER MSRs are 32-bit.
 const IA32_CR_PAT = 0x277;
 /** Indices no KVM implements (unused, reserved ranges). */
 const NO_SUCH_MSR_A = 0x0000_2fff;
@@ -36,14 +38,14 @@ test('MSRs after a rejected one are still set, and the rejected indices are repo
     const entries: MsrEntry[] = [
       { index: IA32_SYSENTER_CS, data: 0x10n },
       { index: NO_SUCH_MSR_A, data: 1n },
-      { index: IA32_SYSENTER_ESP, data: 0xffff_8000_1234_5000n },
-      { index: IA32_SYSENTER_EIP, data: 0xffff_8000_0abc_d000n },
+      { index: IA32_SYSENTER_ESP, data: 0x1234_5000n },
+      { index: IA32_SYSENTER_EIP, data: 0x0abc_d000n },
       { index: NO_SUCH_MSR_B, data: 1n },
       { index: IA32_CR_PAT, data: 0x0007_0406_0007_0406n },
     ];
     // What KVM_SET_MSRS itself does: it stops at the first MSR it rejects.
     t.is(m.vcpu.setMsrs(entries), 1);
-    t.not(m.vcpu.getMsrs([IA32_SYSENTER_ESP])[0].data, 0xffff_8000_1234_5000n, 'one call leaves the rest unset');
+    t.not(m.vcpu.getMsrs([IA32_SYSENTER_ESP])[0].data, 0x1234_5000n, 'one call leaves the rest unset');
 
     t.deepEqual(writeMsrs(m.vcpu, entries), { set: 4, rejected: [NO_SUCH_MSR_A, NO_SUCH_MSR_B] });
     const back = m.vcpu.getMsrs([IA32_SYSENTER_CS, IA32_SYSENTER_ESP, IA32_SYSENTER_EIP, IA32_CR_PAT]);
@@ -51,8 +53,8 @@ test('MSRs after a rejected one are still set, and the rejected indices are repo
       back.map((e) => [e.index, e.data]),
       [
         [IA32_SYSENTER_CS, 0x10n],
-        [IA32_SYSENTER_ESP, 0xffff_8000_1234_5000n],
-        [IA32_SYSENTER_EIP, 0xffff_8000_0abc_d000n],
+        [IA32_SYSENTER_ESP, 0x1234_5000n],
+        [IA32_SYSENTER_EIP, 0x0abc_d000n],
         [IA32_CR_PAT, 0x0007_0406_0007_0406n],
       ],
     );
