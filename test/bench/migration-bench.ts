@@ -13,7 +13,6 @@
 // (max-bandwidth 100 GiB/s; its default caps the link), so both run under the same rules.
 // The QEMU machine is microvm, as in the other benchmarks: same-version live migration is
 // supported there (its documentation excludes only migration across QEMU versions).
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -239,8 +238,6 @@ function table(results: { c: Case; tern?: Measured; qemu?: Measured }[]): string
 }
 
 async function main(): Promise<void> {
-  // The lab boots with its loopback interface down (it has no network at all).
-  if (process.env.TERN_LAB === '1') execFileSync('ip', ['link', 'set', 'lo', 'up']);
   const cases = ALL_CASES.filter((c) => !CASES || CASES.includes(c.name));
   const results: { c: Case; tern?: Measured; qemu?: Measured }[] = [];
   let failed = false;
