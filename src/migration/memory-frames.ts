@@ -70,6 +70,21 @@ export class MemoryFrameBuilder {
   }
 }
 
+/** How long page scanning may hold the JavaScript thread before it lets other work run. */
+const SLICE_MS = 4;
+let sliceStart = Date.now();
+
+/**
+ * Let the event loop run when this slice of scanning has taken SLICE_MS: the vCPUs' port and
+ * MMIO exits (the guest's console, its timer-driven devices) are served on this thread, and a
+ * guest must not stall while gigabytes of its RAM are scanned for the next frame.
+ */
+async function yieldNow(): Promise<void> {
+  if (Date.now() - sliceStart < SLICE_MS) return;
+  await new Promise<void>((r) => setImmediate(r));
+  sliceStart = Date.now();
+}
+
 /** [offset, offset+len) of a region as one view, or a copy when it spans chunks. */
 function regionBytes(region: GuestRegion, offset: number, len: number): Uint8Array {
   return region.view(offset, len) ?? region.read(offset, len);
@@ -89,6 +104,7 @@ async function addPages(
 ): Promise<void> {
   const { zeroPages } = native();
   for (let p = firstPage; p < firstPage + count; ) {
+    await yieldNow();
     const n = Math.min(SCAN_PAGES, firstPage + count - p);
     const bytes = regionBytes(region, p * PAGE, n * PAGE);
     const zero = zeroPages(bytes);
@@ -133,6 +149,7 @@ export async function addDirtyPages(
     const bits = bitmaps[r];
     const pages = region.size / PAGE;
     for (let p = 0; p < pages; ) {
+      if ((p & 0xffff) === 0) await yieldNow();
       if (bits[p >> 3] === 0 && (p & 7) === 0) {
         p += 8;
         continue;
