@@ -13,7 +13,7 @@ import { native, type CpuidEntry, type SeccompMode } from '../native/kvm';
 import { createStore, vmConfigProblems, vmEvents, vmmEvents, type GuestStop, type RootState, type Store, type VmStatus } from '../state';
 import { guestLog, type GuestLog } from '../util/guest-log';
 import { TERN_VERSION } from '../version';
-import { Machine, type MachineStop } from './machine';
+import { Machine, type MachineOptions, type MachineStop } from './machine';
 
 /** Reading guest RAM without the means to change it. */
 export type GuestMemoryReader = Pick<GuestMemory, 'size' | 'read' | 'readU8' | 'readU16' | 'readU32' | 'readU64'>;
@@ -236,16 +236,9 @@ export class Vmm {
         const snap = readSnapshot(snapshotDirFromUrl(opts.source_url, 'source_url'));
         let state = snap.state;
         state = withHostEnds(state, opts);
-        const m = new Machine({
-          store: this.store,
-          log: this.log,
-          seccomp: this.opts.seccomp,
-          guestLog: this.guestLog,
-          serialFileMaxBytes: this.opts.serialFileMaxBytes,
-          onStop: (s) => this.onMachineStop(m, s),
+        machine = this.newMachine({
           restore: { state, memoryPath: snap.memoryPath, ranges: snap.ranges, rangeChecksums: snap.rangeChecksums, mode, prefault: opts.prefault },
         });
-        machine = m;
         this.log.info({ dir: snap.dir, mode, fromSchema: snap.storedSchemaVersion }, 'VM restored from snapshot');
         this.store.replaceState({ ...state, vm: { ...state.vm, pending: 'Restoring' } } as RootState);
       } catch (e) {
@@ -295,18 +288,7 @@ export class Vmm {
       {
         store: this.store,
         log: this.log,
-        prepare: (regions, fds) => {
-          const m: Machine = new Machine({
-            store: this.store,
-            log: this.log,
-            seccomp: this.opts.seccomp,
-            guestLog: this.guestLog,
-            serialFileMaxBytes: this.opts.serialFileMaxBytes,
-            onStop: (s) => this.onMachineStop(m, s),
-            incoming: { regions, fds },
-          });
-          return m;
-        },
+        prepare: (regions, fds) => this.newMachine({ incoming: { regions, fds } }),
         // Asked at the handshake and again while the guest is paused at the source: this
         // host's answer is read from KVM once.
         cpuProblems: (cpuid, msrIndices) => {
@@ -413,15 +395,22 @@ export class Vmm {
     await this.serialize(() => this.destroyMachine());
   }
 
-  private startMachine(): void {
-    const machine = new Machine({
+  /** A machine of this VMM: a boot (no extra options), a restore or a migration destination. */
+  private newMachine(extra: Pick<MachineOptions, 'restore' | 'incoming'>): Machine {
+    const m: Machine = new Machine({
       store: this.store,
       log: this.log,
       seccomp: this.opts.seccomp,
       guestLog: this.guestLog,
       serialFileMaxBytes: this.opts.serialFileMaxBytes,
-      onStop: (s) => this.onMachineStop(machine, s),
+      onStop: (s) => this.onMachineStop(m, s),
+      ...extra,
     });
+    return m;
+  }
+
+  private startMachine(): void {
+    const machine = this.newMachine({});
     this.machine = machine;
     machine.start();
   }

@@ -44,6 +44,18 @@ function dirtyingGuest(perRound: number): SourceMachine & { throttles: number[] 
   };
 }
 
+/** A destination that takes every frame and completes the protocol. */
+function completingDestination() {
+  return fakeDestination(async (ch) => {
+    await ch.expect(FrameType.Hello);
+    await ch.sendJson(FrameType.Accept, {});
+    for (let f = await ch.next(); f.type !== FrameType.Complete; f = await ch.next());
+    await ch.sendJson(FrameType.Ready, {});
+    await ch.expect(FrameType.Commit);
+    await ch.sendJson(FrameType.Running, {});
+  });
+}
+
 function runningStore() {
   const store = createStore();
   const s = pausedState();
@@ -52,14 +64,7 @@ function runningStore() {
 }
 
 test('a guest dirtying faster than the link is throttled step by step until the rest fits the downtime', async (t) => {
-  const { server, url } = await fakeDestination(async (ch) => {
-    await ch.expect(FrameType.Hello);
-    await ch.sendJson(FrameType.Accept, {});
-    for (let f = await ch.next(); f.type !== FrameType.Complete; f = await ch.next());
-    await ch.sendJson(FrameType.Ready, {});
-    await ch.expect(FrameType.Commit);
-    await ch.sendJson(FrameType.Running, {});
-  });
+  const { server, url } = await completingDestination();
   const guest = dirtyingGuest(4096); // 16 MiB a round
   const store = runningStore();
   const iterations: number[] = [];
@@ -86,14 +91,7 @@ test('a guest dirtying faster than the link is throttled step by step until the 
 });
 
 test('a guest the link keeps up with is never throttled and goes in few rounds', async (t) => {
-  const { server, url } = await fakeDestination(async (ch) => {
-    await ch.expect(FrameType.Hello);
-    await ch.sendJson(FrameType.Accept, {});
-    for (let f = await ch.next(); f.type !== FrameType.Complete; f = await ch.next());
-    await ch.sendJson(FrameType.Ready, {});
-    await ch.expect(FrameType.Commit);
-    await ch.sendJson(FrameType.Running, {});
-  });
+  const { server, url } = await completingDestination();
   const guest = dirtyingGuest(16); // 64 KiB a round
   const sender = new MigrationSender({ store: runningStore(), log: silentLogger(), machine: () => guest, exclusive: (fn) => fn() }, { destination_url: url });
   try {
