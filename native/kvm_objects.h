@@ -46,6 +46,7 @@ struct MemSlot {
   int fd = -1;
   std::shared_ptr<HostMapping> mapping;
   std::shared_ptr<DirtyBitmap> vmmDirty;
+  bool dirtyLogging = false;  // KVM_MEM_LOG_DIRTY_PAGES set on the slot
   Napi::Reference<Napi::ArrayBuffer> vmmDirtyBuffer;  // created on first vmmDirtyBitmap()
   Napi::Reference<Napi::Array> chunks;                 // the RAM's ArrayBuffers, made once
 };
@@ -67,6 +68,7 @@ class Vm : public Napi::ObjectWrap<Vm> {
   Napi::Value SetIdentityMapAddr(const Napi::CallbackInfo& info);
   Napi::Value AddMemorySlot(const Napi::CallbackInfo& info);
   Napi::Value GetDirtyBitmap(const Napi::CallbackInfo& info);
+  Napi::Value SetDirtyLogging(const Napi::CallbackInfo& info);
   Napi::Value VmmDirtyBitmap(const Napi::CallbackInfo& info);
   Napi::Value MemoryChunks(const Napi::CallbackInfo& info);
   Napi::Value IrqLine(const Napi::CallbackInfo& info);

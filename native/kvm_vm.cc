@@ -228,6 +228,7 @@ Napi::Function Vm::Define(Napi::Env env) {
                          InstanceMethod<&Vm::Guarded<&Vm::SetIdentityMapAddr>>("setIdentityMapAddr"),
                          InstanceMethod<&Vm::Guarded<&Vm::AddMemorySlot>>("addMemorySlot"),
                          InstanceMethod<&Vm::Guarded<&Vm::GetDirtyBitmap>>("getDirtyBitmap"),
+                         InstanceMethod<&Vm::Guarded<&Vm::SetDirtyLogging>>("setDirtyLogging"),
                          InstanceMethod<&Vm::Guarded<&Vm::VmmDirtyBitmap>>("vmmDirtyBitmap"),
                          InstanceMethod<&Vm::Guarded<&Vm::MemoryChunks>>("memoryChunks"),
                          InstanceMethod<&Vm::Guarded<&Vm::IrqLine>>("irqLine"),
@@ -354,7 +355,9 @@ Napi::Value Vm::AddMemorySlot(const Napi::CallbackInfo& info) {
   }
   kvm_userspace_memory_region region{};
   region.slot = slot;
-  region.flags = KVM_MEM_LOG_DIRTY_PAGES;
+  // Dirty logging starts off: it keeps KVM from mapping guest RAM with large pages and costs
+  // a write fault per page after each read of the log; a migration turns it on for its rounds.
+  region.flags = 0;
   region.guest_phys_addr = gpa;
   region.memory_size = ro.size;
   region.userspace_addr = reinterpret_cast<uint64_t>(ram.mapping->base());
@@ -399,11 +402,37 @@ MemSlot* Vm::FindSlot(Napi::Env env, const Napi::Value& v) {
   return it->second.get();
 }
 
+// setDirtyLogging(slot, on): KVM starts (or stops) logging the slot's writes. Turning it on
+// write-protects the slot, so the log that follows holds every page written from here on.
+Napi::Value Vm::SetDirtyLogging(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!CheckOpen(env)) return env.Undefined();
+  MemSlot* s = FindSlot(env, info.Length() ? info[0] : env.Undefined());
+  if (!s) return env.Undefined();
+  bool on = info.Length() > 1 && info[1].ToBoolean().Value();
+  kvm_userspace_memory_region region{};
+  region.slot = s->slot;
+  region.flags = on ? KVM_MEM_LOG_DIRTY_PAGES : 0;
+  region.guest_phys_addr = s->guestAddress;
+  region.memory_size = s->size;
+  region.userspace_addr = reinterpret_cast<uint64_t>(s->mapping->base());
+  if (IoctlRetry(fd_, KVM_SET_USER_MEMORY_REGION, &region) < 0) {
+    ThrowErrno(env, "KVM_SET_USER_MEMORY_REGION", errno);
+    return env.Undefined();
+  }
+  s->dirtyLogging = on;
+  return env.Undefined();
+}
+
 Napi::Value Vm::GetDirtyBitmap(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!CheckOpen(env)) return env.Undefined();
   MemSlot* s = FindSlot(env, info.Length() ? info[0] : env.Undefined());
   if (!s) return env.Undefined();
+  if (!s->dirtyLogging) {
+    ThrowError(env, "getDirtyBitmap: dirty logging is off for slot " + std::to_string(s->slot), "EINVAL");
+    return env.Undefined();
+  }
   DirtyBitmap& vmm = *s->vmmDirty;
   std::vector<uint64_t> words(vmm.wordCount(), 0);
   kvm_dirty_log log{};

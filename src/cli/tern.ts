@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // `tern`: parse Cloud Hypervisor-style options, then create and boot the VM through the same
 // operations the HTTP API runs (VmmApi), so both paths check and record things identically.
+import { PerformanceObserver } from 'node:perf_hooks';
 import { ApiError } from '../api/errors';
 import { EventMonitor } from '../api/event-monitor';
 import { ApiServer } from '../api/server';
@@ -42,6 +43,7 @@ async function main(): Promise<void> {
     fail('error: nothing to run: give --kernel (and friends) or --api-socket', 2);
   }
   const log: Logger = createLogger({ verbosity: args.verbosity, logFile: args.logFile });
+  if (log.isLevelEnabled('debug')) logLongGcPauses(log);
   const vmm = new Vmm({ log, seccomp: args.seccomp, serialFileMaxBytes: args.serialFileMaxBytes });
   const api = new VmmApi(vmm);
 
@@ -130,3 +132,18 @@ main().catch((e) => {
   process.stderr.write(`tern: internal error: ${(e as Error).stack ?? e}\n`);
   process.exit(1);
 });
+
+/**
+ * Debug: every garbage-collection pause of 5 ms or more, as a line of its own. The VMM's work
+ * (device exits, a migration's pause) runs on this one thread, so a long collection is a stall
+ * that the other lines cannot explain.
+ */
+function logLongGcPauses(log: Logger): void {
+  const observer = new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) {
+      if (e.duration >= 5) log.debug({ gc_ms: Math.round(e.duration), gc_kind: (e as unknown as { detail?: { kind?: number } }).detail?.kind }, 'garbage collection');
+    }
+  });
+  observer.observe({ entryTypes: ['gc'] });
+}
+

@@ -3,6 +3,8 @@
 // the region's VMM-side dirty bitmap (injected per region, not global), so the dirty set the
 // native side reports is KVM's log OR what the VMM itself wrote.
 
+import fs from 'node:fs';
+
 /** A guest physical address. Plain number: guest RAM stays far below 2^53. */
 export type GuestAddress = number;
 
@@ -17,6 +19,13 @@ export interface GuestRegionInit {
   chunkSize: number;
   /** VMM-side dirty bitmap, one bit per page; omitted = writes are not tracked. */
   dirtyBitmap?: Uint8Array;
+  /**
+   * Where the backing may hold non-zero bytes, as [start, end, ...] offsets (the memfd's data,
+   * its holes read as zero); undefined when unknown. Omitted = anywhere.
+   */
+  dataRanges?: () => number[] | undefined;
+  /** a file the region is a shared mapping of, from its offset 0: bulk writes go through it */
+  backingFd?: number;
 }
 
 export class GuestMemoryError extends Error {
@@ -33,6 +42,8 @@ export class GuestRegion {
   private readonly chunkSource: ArrayBuffer[] | (() => ArrayBuffer[]);
   private readonly chunkSize: number;
   private readonly dirty?: Uint8Array;
+  private readonly dataRangesOf?: () => number[] | undefined;
+  private readonly backingFd?: number;
 
   constructor(init: GuestRegionInit) {
     this.guestAddress = init.guestAddress;
@@ -40,6 +51,28 @@ export class GuestRegion {
     this.chunkSource = init.chunks;
     this.chunkSize = init.chunkSize;
     this.dirty = init.dirtyBitmap;
+    this.dataRangesOf = init.dataRanges;
+    this.backingFd = init.backingFd;
+  }
+
+  /**
+   * Page-aligned [start, end) offsets outside which the region is known to be all zero, in
+   * order: a scan for non-zero pages reads only these (reading an untouched memfd page would
+   * allocate it). The whole region when the backing cannot tell.
+   */
+  populatedRanges(): [number, number][] {
+    const flat = this.dataRangesOf?.();
+    if (!flat) return [[0, this.size]];
+    const out: [number, number][] = [];
+    for (let i = 0; i + 1 < flat.length; i += 2) {
+      const start = Math.floor(flat[i] / PAGE_SIZE) * PAGE_SIZE;
+      const end = Math.min(this.size, Math.ceil(flat[i + 1] / PAGE_SIZE) * PAGE_SIZE);
+      if (end <= start) continue;
+      const last = out[out.length - 1];
+      if (last && start <= last[1]) last[1] = Math.max(last[1], end);
+      else out.push([start, end]);
+    }
+    return out;
   }
 
   private get chunks(): Uint8Array[] {
@@ -80,6 +113,21 @@ export class GuestRegion {
 
   write(offset: number, data: Uint8Array): void {
     this.forEachSpan(offset, data.length, (chunk, start, n, done) => chunk.set(data.subarray(done, done + n), start));
+    this.markDirty(offset, data.length);
+  }
+
+  /**
+   * write() for bulk data, such as all of RAM arriving in a migration: through the backing file
+   * (pwrite) when there is one, so the kernel fills the pages without a page fault for each.
+   */
+  writeBulk(offset: number, data: Uint8Array): void {
+    if (this.backingFd === undefined) return this.write(offset, data);
+    if (offset < 0 || offset + data.length > this.size) throw new GuestMemoryError(`bulk write 0x${offset.toString(16)}+${data.length} outside the region`);
+    for (let done = 0; done < data.length; ) {
+      const n = fs.writeSync(this.backingFd, data, done, data.length - done, offset + done);
+      if (n <= 0) throw new GuestMemoryError(`short write into guest RAM at 0x${(offset + done).toString(16)}`);
+      done += n;
+    }
     this.markDirty(offset, data.length);
   }
 

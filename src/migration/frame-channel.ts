@@ -2,7 +2,7 @@
 // link slows the sender instead of filling the VMM's memory), next() yields the peer's frames
 // in order. A peer's Abort frame, a frame that fails verification, the peer going away and a
 // silence longer than the idle limit all end the channel with an error saying which.
-import type net from 'node:net';
+import net from 'node:net';
 import { FrameDecoder, FrameType, MigrationProtocolError, encodeJsonFrame, frameHeader, frameJson, type Frame } from './frames';
 import { TernStateError } from '../state/errors';
 
@@ -15,6 +15,29 @@ export class MigrationPeerError extends TernStateError {
 
 /** caps what a peer can make us hold before we consume it */
 const MAX_BUFFERED_BYTES = 128 << 20;
+/** a receiving side's read size: all of RAM comes this way, and Node's own reads are 64 KiB */
+const LARGE_READ_BYTES = 4 << 20;
+
+/**
+ * The same connection as a socket that reads up to LARGE_READ_BYTES at a time into one buffer
+ * (net.Socket's onread), handing each read to `onChunk` as a copy. A connection accepted by a
+ * net.Server cannot be given onread, so its handle moves to a new Socket; the accepted one,
+ * which must be paused and untouched, is left without a handle.
+ */
+function withLargeReads(accepted: net.Socket, onChunk: (chunk: Buffer) => boolean): net.Socket {
+  const handle = (accepted as unknown as { _handle?: unknown })._handle;
+  if (!handle || !accepted.isPaused()) throw new Error('withLargeReads: needs a paused, freshly accepted socket');
+  (accepted as unknown as { _handle?: unknown })._handle = null;
+  const buffer = Buffer.allocUnsafe(LARGE_READ_BYTES);
+  return new net.Socket({
+    handle,
+    readable: true,
+    writable: true,
+    allowHalfOpen: accepted.allowHalfOpen,
+    pauseOnCreate: true,
+    onread: { buffer, callback: (n: number, buf: Uint8Array) => onChunk(Buffer.from(buf.subarray(0, n))) },
+  } as net.SocketConstructorOpts);
+}
 
 export class FrameChannel {
   private readonly decoder = new FrameDecoder();
@@ -25,11 +48,25 @@ export class FrameChannel {
   bytesRead = 0;
   bytesWritten = 0;
 
+  readonly socket: net.Socket;
+
+  /**
+   * `largeReads`: the connection was just accepted and is paused; read it in large pieces (the
+   * receiving side of a migration). The channel's `socket` is then a new one: resume that.
+   */
   constructor(
-    readonly socket: net.Socket,
-    private readonly opts: { idleTimeoutMs: number; peer: string },
+    socket: net.Socket,
+    private readonly opts: { idleTimeoutMs: number; peer: string; largeReads?: boolean },
   ) {
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    if (opts.largeReads) {
+      socket = withLargeReads(socket, (chunk) => {
+        this.onData(chunk);
+        return !this.overfull();
+      });
+    } else {
+      socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    }
+    this.socket = socket;
     socket.on('end', () => this.fail(new MigrationPeerError(`the ${opts.peer} closed the connection`, true)));
     socket.on('error', (e: NodeJS.ErrnoException) =>
       this.fail(new MigrationPeerError(`connection to the ${opts.peer} failed: ${e.code ?? e.message}`, e.code === 'ECONNRESET' || e.code === 'EPIPE')),
@@ -64,8 +101,12 @@ export class FrameChannel {
       this.fail(e as Error);
       return;
     }
-    if (this.decoder.pendingBytes + this.frames.reduce((n, f) => n + f.payload.length, 0) > MAX_BUFFERED_BYTES) this.socket.pause();
+    if (this.overfull()) this.socket.pause();
     this.deliver();
+  }
+
+  private overfull(): boolean {
+    return this.decoder.pendingBytes + this.frames.reduce((n, f) => n + f.payload.length, 0) > MAX_BUFFERED_BYTES;
   }
 
   private deliver(): void {
@@ -106,11 +147,13 @@ export class FrameChannel {
     return f;
   }
 
-  private write(buf: Uint8Array): Promise<void> {
+  /** `flushed`: resolve only once the kernel has taken all of `buf`, so the caller may reuse it. */
+  private write(buf: Uint8Array, flushed = false): Promise<void> {
     if (this.error) return Promise.reject(this.error);
     this.bytesWritten += buf.length;
     return new Promise((resolve, reject) => {
-      const ok = this.socket.write(buf, (e) => (e ? reject(new MigrationPeerError(`sending to the ${this.opts.peer} failed: ${(e as NodeJS.ErrnoException).code ?? e.message}`)) : undefined));
+      const ok = this.socket.write(buf, (e) => (e ? reject(new MigrationPeerError(`sending to the ${this.opts.peer} failed: ${(e as NodeJS.ErrnoException).code ?? e.message}`)) : flushed && resolve()));
+      if (flushed) return;
       if (ok) resolve();
       else {
         // Wait until the kernel took the backlog, or the connection ended.
@@ -129,6 +172,12 @@ export class FrameChannel {
   async send(type: FrameType, payload: Uint8Array = Buffer.alloc(0)): Promise<void> {
     await this.write(frameHeader(type, payload));
     if (payload.length) await this.write(payload);
+  }
+
+  /** send(), resolving once the kernel has the whole payload: the caller may then overwrite it. */
+  async sendFlushed(type: FrameType, payload: Uint8Array): Promise<void> {
+    await this.write(frameHeader(type, payload));
+    await this.write(payload, true);
   }
 
   sendJson(type: FrameType, value: unknown): Promise<void> {

@@ -162,22 +162,26 @@ export function writeMemoryFile(fd: number, file: string, memory: GuestMemory, w
   const rangeSums = memory.regions.map((region, i) => {
     const base = ranges[i].fileOffset;
     const hasher = new RangeHasher();
-    for (let off = 0; off < region.size; off += IO_BLOCK) {
-      const len = Math.min(IO_BLOCK, region.size - off);
-      const block = region.view(off, len) ?? region.read(off, len);
-      const zero = addon.zeroPages(block);
-      hasher.feed(off / PAGE, block, zero);
-      // Runs of non-zero pages are written; zero pages are skipped, leaving holes.
-      let run = -1;
-      for (let p = 0; p <= zero.length; p++) {
-        const isZero = p === zero.length || zero[p] === 1;
-        if (!isZero && run < 0) run = p;
-        if (isZero && run >= 0) {
-          const start = run * PAGE;
-          const end = Math.min(p * PAGE, len);
-          writeWhole(write, fd, file, block, start, end - start, base + off + start);
-          written += end - start;
-          run = -1;
+    // Pages the guest never touched are holes in its memfd: not read (that would allocate
+    // them), not hashed (zero pages never are), left as holes in the file.
+    for (const [from, to] of region.populatedRanges()) {
+      for (let off = from; off < to; off += IO_BLOCK) {
+        const len = Math.min(IO_BLOCK, to - off);
+        const block = region.view(off, len) ?? region.read(off, len);
+        const zero = addon.zeroPages(block);
+        hasher.feed(off / PAGE, block, zero);
+        // Runs of non-zero pages are written; zero pages are skipped, leaving holes.
+        let run = -1;
+        for (let p = 0; p <= zero.length; p++) {
+          const isZero = p === zero.length || zero[p] === 1;
+          if (!isZero && run < 0) run = p;
+          if (isZero && run >= 0) {
+            const start = run * PAGE;
+            const end = Math.min(p * PAGE, len);
+            writeWhole(write, fd, file, block, start, end - start, base + off + start);
+            written += end - start;
+            run = -1;
+          }
         }
       }
     }

@@ -6,7 +6,7 @@
 // from that state and the received RAM. Any failure discards it all; the VMM can receive again.
 import type net from 'node:net';
 import type { Logger } from 'pino';
-import type { VmConfig } from '../config/vm-config';
+import { withDefaults, type VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import { native, type CpuidEntry } from '../native/kvm';
 import { applyStatePatches, decodeVcpuState, migrationEvents, upgradeState, validateState, type RamRegionState, type RootState, type StatePatch, type Store } from '../state';
@@ -23,6 +23,8 @@ import { MigrationError, errorText } from './send-migration';
 /** A machine being received into: RAM first, the rest once the state is complete. */
 export interface IncomingMachine {
   readonly memory: GuestMemory;
+  /** create the vCPUs now, while the source still runs the guest (their state comes at the end) */
+  prepareVcpus(count: number): void;
   completeIncoming(state: RootState): void;
   destroy(): Promise<void>;
 }
@@ -126,8 +128,8 @@ export class MigrationReceiver {
           throw new MigrationProtocolError(`protocol version ${pre.protocol} is not supported (this VMM speaks ${MIGRATION_PROTOCOL_VERSION})`);
         }
       }
-      this.channel = new FrameChannel(socket, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source' });
-      socket.resume();
+      this.channel = new FrameChannel(socket, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: true });
+      this.channel.socket.resume();
       await this.receiveVm();
     } catch (e) {
       const reason = this.cancelled ?? errorText(e);
@@ -186,6 +188,9 @@ export class MigrationReceiver {
     this.vm.log.info({ source: hello.tern, local: hello.local, schema: hello.schemaVersion }, 'receiving a migration');
 
     const config: VmConfig = checkSavedConfig(frameJson(await ch.expect(FrameType.Config)), 'the migrated VM config', error);
+    // The final state must carry this same config (checked at Complete), so its vCPUs can exist
+    // already: creating them is work the guest's pause does not wait for.
+    this.machine.prepareVcpus(withDefaults(config).cpus.boot_vcpus);
     let shadow: unknown = frameJson(await ch.expect(FrameType.State));
     if (typeof shadow !== 'object' || shadow === null || Array.isArray(shadow)) throw error('State frame: not an object');
     if ((shadow as { schemaVersion?: unknown }).schemaVersion !== hello.schemaVersion) throw error('State frame: its schema version is not the one the handshake announced');
@@ -198,11 +203,15 @@ export class MigrationReceiver {
       throw error(`State frame: ${errorText(e)}`);
     }
 
+    let roundStart = performance.now();
+    let applyMs = 0;
     for (;;) {
       const f = await ch.next();
       if (f.type === FrameType.Memory) {
         if (hello.local) throw error('Memory frame in a local migration');
+        const t = performance.now();
         applyMemoryFrame(this.machine.memory, f.payload);
+        applyMs += performance.now() - t;
       } else if (f.type === FrameType.Round || f.type === FrameType.Final) {
         if (f.type === FrameType.Final) this.vm.log.debug({ bytes: f.payload.length }, 'migration: final state arrived');
         const body = frameJson(f);
@@ -211,7 +220,13 @@ export class MigrationReceiver {
         } catch (e) {
           throw error(`${FrameType[f.type]} frame: its state patches do not apply (${errorText(e)})`);
         }
-        if (f.type === FrameType.Round) this.iteration++;
+        if (f.type === FrameType.Round) {
+          // (where a round's time goes: writing pages into RAM here, or waiting for the source)
+          this.vm.log.debug({ round: this.iteration, ms: Math.round(performance.now() - roundStart), apply_ms: Math.round(applyMs) }, 'migration: round received');
+          this.iteration++;
+          roundStart = performance.now();
+          applyMs = 0;
+        }
       } else if (f.type === FrameType.Complete) {
         break;
       } else {
@@ -222,13 +237,17 @@ export class MigrationReceiver {
     const completeAt = Date.now();
     const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - completeAt }, 'migration: building the VM');
     const { state } = checkSavedState(shadow, { config, statuses: ['Running', 'Paused'], where: 'the migrated state', configWhere: 'the migrated VM config' }, error);
+    mark('state validated');
     const layout = state.memory.regions;
     if (layout.length !== hello.regions.length || layout.some((r, i) => r.guestAddress !== hello.regions[i].guestAddress || r.size !== hello.regions[i].size)) {
       throw error('the migrated state\'s RAM regions differ from the ones the handshake announced');
     }
     // The handshake checked the CPU the source announced; the saved vCPU state is what will be set.
     const vcpu0 = decodeVcpuState(state.vcpus.saved['0']);
-    const cpuProblems = this.vm.cpuProblems(vcpu0.cpuid, vcpu0.msrs.map((m) => m.index));
+    const announcedMsrs = new Set(hello.msrIndices);
+    // (the usual case costs no second check: the very CPUID and MSRs the handshake accepted)
+    const asAnnounced = sameCpuid(vcpu0.cpuid, hello.cpuid) && vcpu0.msrs.every((m) => announcedMsrs.has(m.index));
+    const cpuProblems = asAnnounced ? [] : this.vm.cpuProblems(vcpu0.cpuid, vcpu0.msrs.map((m) => m.index));
     if (cpuProblems.length) throw new MigrationError(`this host cannot run the guest's CPU: ${cpuProblems.join('; ')}`);
     mark('state checked');
     this.machine.completeIncoming(state);
@@ -253,4 +272,14 @@ export class MigrationReceiver {
     this.vm.log.info({ status: state.vm.status, rounds: this.iteration, bytes: ch.bytesRead }, 'migration received');
     this.vm.store.dispatch(migrationEvents.receiveFinished(null));
   }
+}
+
+function sameCpuid(a: readonly CpuidEntry[], b: readonly CpuidEntry[]): boolean {
+  return (
+    a.length === b.length &&
+    a.every((x, i) => {
+      const y = b[i];
+      return x.function === y.function && x.index === y.index && x.flags === y.flags && x.eax === y.eax && x.ebx === y.ebx && x.ecx === y.ecx && x.edx === y.edx;
+    })
+  );
 }

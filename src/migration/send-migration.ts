@@ -17,7 +17,7 @@ import { TERN_VERSION } from '../version';
 import { FrameChannel, MigrationPeerError } from './frame-channel';
 import { FrameType } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, type Hello } from './handshake';
-import { MemoryFrameBuilder, PAGE, addAllNonZeroPages, addDirtyPages, countDirtyPages } from './memory-frames';
+import { MemoryFrameBuilder, PAGE, addAllNonZeroPages, addDirtyPages, countDirtyPages, unionBitmaps } from './memory-frames';
 import { MIGRATION_DEFAULTS, type MigrationPhase, type MigrationProgress, type SendMigrationOptions } from './migration-options';
 import { connectMigration, describeAddress, parseMigrationUrl } from './migration-url';
 import { sendPreamble } from './preamble';
@@ -31,6 +31,8 @@ export class MigrationError extends TernStateError {
 /** What the sender needs of the running VM. */
 export interface SourceMachine {
   readonly memory: GuestMemory;
+  /** KVM's dirty log on or off (on only while memory rounds need it) */
+  dirtyLogging(on: boolean): void;
   dirtyBitmaps(): Uint8Array[];
   memoryFds(): number[] | undefined;
   cpuFacts(): { cpuid: CpuidEntry[]; msrIndices: number[] };
@@ -246,7 +248,8 @@ export class MigrationSender {
         mark('paused');
         if (!this.opts.local) {
           const last = machine.dirtyBitmaps();
-          const bitmaps = pending ? last.map((b, i) => b.map((v, j) => v | pending![i][j])) : last;
+          mark('dirty log read');
+          const bitmaps = pending ? unionBitmaps(last, pending) : last;
           const pages = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush));
           this.vm.store.dispatch(migrationEvents.memoryIteration({ id: ++this.iteration, pages: pages.pages, bytes: pages.bytes }));
           mark('last pages sent');
@@ -288,6 +291,13 @@ export class MigrationSender {
         }
       }
       this.machineAtStart?.throttle(0);
+      if (!this.opts.local && this.vm.machine() === this.machineAtStart) {
+        try {
+          this.machineAtStart?.dirtyLogging(false);
+        } catch (again) {
+          this.vm.log.warn({ err: again }, 'could not stop the dirty log after the failed migration');
+        }
+      }
       return this.fail(reason);
     } finally {
       clearTimeout(this.timeoutTimer);
@@ -325,13 +335,20 @@ export class MigrationSender {
     const b = (this.builder ??= new MemoryFrameBuilder());
     const pagesBefore = b.pages;
     const before = this.channel!.bytesWritten;
+    const started = performance.now();
+    let sendingMs = 0;
     const flush = async () => {
-      if (!b.empty) await this.channel!.send(FrameType.Memory, b.take());
+      const t = performance.now();
+      if (!b.empty) await this.channel!.sendFlushed(FrameType.Memory, b.take());
+      sendingMs += performance.now() - t;
       if (this.cancelled) throw new MigrationError(this.cancelled);
     };
     await fill(b, flush);
     await flush();
-    return { pages: b.pages - pagesBefore, bytes: this.channel!.bytesWritten - before };
+    const pages = b.pages - pagesBefore;
+    // (where a round's time goes: scanning and copying here, or waiting for the link to take it)
+    this.vm.log.debug({ pages, ms: Math.round(performance.now() - started), sending_ms: Math.round(sendingMs) }, 'migration: pages sent');
+    return { pages, bytes: this.channel!.bytesWritten - before };
   }
 
   /**
@@ -341,7 +358,8 @@ export class MigrationSender {
   private async memoryRounds(): Promise<Uint8Array[]> {
     let machine = this.checkMachine();
     this.phase = 'memory';
-    machine.dirtyBitmaps(); // start the log afresh: round 0 sends everything
+    machine.dirtyLogging(true);
+    machine.dirtyBitmaps(); // start the log afresh (the VMM's bitmap too): round 0 sends everything
     let roundStart = Date.now();
     let sent = await this.sendPages((b, flush) => addAllNonZeroPages(b, machine.memory, flush));
     await this.sendPatches(FrameType.Round, { iteration: 0 });

@@ -193,6 +193,12 @@ export interface NativeVm {
    * of byte i>>3 is page i.
    */
   getDirtyBitmap(slot: number): Uint8Array;
+  /**
+   * KVM_MEM_LOG_DIRTY_PAGES on or off for `slot` (off when a slot is added: logging forces
+   * small pages and write faults, so only a migration turns it on). getDirtyBitmap throws
+   * while it is off.
+   */
+  setDirtyLogging(slot: number, on: boolean): void;
   /** The VMM-side bitmap of `slot` itself, shared with native code, for TypeScript writers to mark. */
   vmmDirtyBitmap(slot: number): Uint8Array;
   irqLine(irq: number, level: 0 | 1): void;

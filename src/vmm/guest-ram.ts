@@ -1,12 +1,12 @@
 // Guest RAM for a machine, in its three origins: new memfds for a boot, a snapshot's
 // memory-ranges file (read in, or mapped copy-on-write on demand), and a migration's (new
-// memfds the stream fills, or the source's own memfds handed over). Each slot is registered with
-// KVM with dirty logging on and gets the VMM-side dirty bitmap its writers mark.
+// memfds the stream fills, or the source's own memfds handed over). Each slot gets the VMM-side
+// dirty bitmap its writers mark; KVM's dirty log stays off until a migration turns it on.
 import fs from 'node:fs';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
 import { copyMemoryRange, openMemoryFile, verifyRangeInRam, type MemoryRange } from '../migration/memory-ranges';
 import { SnapshotError } from '../migration/snapshot-error';
-import type { NativeVm } from '../native/kvm';
+import { native, type NativeVm } from '../native/kvm';
 import type { RamRegionState } from '../state';
 
 export interface GuestRam {
@@ -35,8 +35,28 @@ export interface IncomingRam {
   fds?: readonly number[];
 }
 
-function region(vm: NativeVm, slot: number, guestAddress: number, size: number, info: { chunks?: ArrayBuffer[]; chunkSize: number }): GuestRegion {
+/**
+ * [start, end, ...]: where the file behind a shared mapping holds data (lseek SEEK_DATA/SEEK_HOLE).
+ * A memfd page the guest never touched is a hole and reads as zero.
+ */
+export function fileDataRanges(fd: number, size: number): number[] {
+  const { seekData, seekHole } = native();
+  const out: number[] = [];
+  for (let at = 0; at < size; ) {
+    const data = seekData(fd, at);
+    if (data < 0 || data >= size) break;
+    const hole = Math.min(seekHole(fd, data), size);
+    out.push(data, hole);
+    at = hole;
+  }
+  return out;
+}
+
+/** `backingFd`: a file the slot maps shared from its offset 0 (not a snapshot's, which is private) */
+function region(vm: NativeVm, slot: number, guestAddress: number, size: number, info: { chunks?: ArrayBuffer[]; chunkSize: number }, backingFd?: number): GuestRegion {
   return new GuestRegion({
+    backingFd,
+    ...(backingFd !== undefined && { dataRanges: () => fileDataRanges(backingFd, size) }),
     guestAddress,
     size,
     // Deferred chunks: a restore need not touch RAM from JS, and V8 runs a full GC on first sight.
@@ -52,7 +72,7 @@ export function createRam(vm: NativeVm, layout: readonly RamRegionState[]): Gues
   const regions = layout.map((r, slot) => {
     const info = vm.addMemorySlot({ slot, guestAddress: BigInt(r.guestAddress), size: r.size, name: 'tern-ram' });
     slotFds[slot] = info.fd;
-    return region(vm, slot, r.guestAddress, r.size, info);
+    return region(vm, slot, r.guestAddress, r.size, info, info.fd);
   });
   return { memory: new GuestMemory(regions), slotFds, shared: true };
 }
@@ -122,7 +142,8 @@ export function incomingRam(vm: NativeVm, inc: IncomingRam): GuestRam {
       ...(inc.fds ? { fromFd: inc.fds[slot], fileOffset: 0 } : {}),
     });
     slotFds[slot] = info.fd;
-    return region(vm, slot, r.guestAddress, r.size, info);
+    // (the stream's pages are written through the memfd: no page fault for each)
+    return region(vm, slot, r.guestAddress, r.size, info, info.fd);
   });
   return { memory: new GuestMemory(regions), slotFds, shared: true };
 }

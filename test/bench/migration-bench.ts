@@ -14,8 +14,10 @@
 // The QEMU machine is microvm, as in the other benchmarks: same-version live migration is
 // supported there (its documentation excludes only migration across QEMU versions).
 import fs from 'node:fs';
+import { SourceMap } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { microvmCommand } from '../lab/qemu-peer';
 import { GuestProcess, fixture } from '../linux/guest-process';
 import { counterFaults, gapsIn, largestArrivalGapMs, recordTickArrivals, ticksIn, workloadCmdline } from '../linux/migration-workload';
@@ -33,6 +35,8 @@ const MIGRATION_TIMEOUT = 15 * 60_000;
 const DIRTY_FILE_MIB = 256;
 /** TERN_BENCH_MIGRATION_VMMS=qemu (or tern) runs one side only. */
 const VMMS = (process.env.TERN_BENCH_MIGRATION_VMMS ?? 'tern,qemu').split(',');
+/** TERN_BENCH_MIGRATION_PROFILE=1: profile both tern processes and print where their time went. */
+const PROFILE = process.env.TERN_BENCH_MIGRATION_PROFILE === '1';
 /** TERN_BENCH_MIGRATION_CASES: a comma list of case names (default all). */
 const CASES = process.env.TERN_BENCH_MIGRATION_CASES?.split(',');
 
@@ -107,10 +111,102 @@ async function guestSide(src: GuestProcess, dst: GuestProcess, srcFrom: number, 
   };
 }
 
+interface CpuProfile {
+  nodes: { id: number; callFrame: { functionName: string; url: string; lineNumber: number; columnNumber: number }; children?: number[] }[];
+  samples: number[];
+  timeDeltas: number[];
+}
+
+/** The functions a V8 CPU profile (--cpu-prof) spent most time in, by self time. */
+function profileSummary(label: string, dir: string): string {
+  let files: string[] = [];
+  try {
+    files = fs.readdirSync(dir).filter((f) => f.endsWith('.cpuprofile'));
+  } catch {
+    /* the process wrote none */
+  }
+  if (!files.length) return `  ${label}: no CPU profile written\n`;
+  const p = JSON.parse(fs.readFileSync(path.join(dir, files[0]), 'utf8')) as CpuProfile;
+  const byId = new Map(p.nodes.map((n) => [n.id, n]));
+  const self = new Map<string, number>();
+  // The CLI is one bundled file: name each function by its place in the sources.
+  const maps = new Map<string, SourceMap | undefined>();
+  const mapFor = (url: string) => {
+    if (!maps.has(url)) {
+      try {
+        maps.set(url, new SourceMap(JSON.parse(fs.readFileSync(`${fileURLToPath(url)}.map`, 'utf8'))));
+      } catch {
+        maps.set(url, undefined);
+      }
+    }
+    return maps.get(url);
+  };
+  let total = 0;
+  p.samples.forEach((id, i) => {
+    const f = byId.get(id)!.callFrame;
+    const entry = (f.url.startsWith('file:') ? mapFor(f.url)?.findEntry(f.lineNumber, f.columnNumber) : undefined) as { originalSource?: string; originalLine?: number } | undefined;
+    const where = entry?.originalSource !== undefined && entry.originalLine !== undefined ? `${entry.originalSource.replace(/^.*?(node_modules|src)\//, '$1/')}:${entry.originalLine + 1}` : `${path.basename(f.url)}:${f.lineNumber + 1}`;
+    const key = `${f.functionName || '(anonymous)'} ${where}`;
+    const us = p.timeDeltas[i] ?? 0;
+    self.set(key, (self.get(key) ?? 0) + us);
+    total += us;
+  });
+  const top = [...self.entries()].sort((a, b) => b[1] - a[1]).slice(0, 25);
+  return `  ${label} CPU profile, ${(total / 1000).toFixed(0)} ms sampled; self time:\n${top.map(([k, us]) => `    ${(us / 1000).toFixed(0).padStart(7)} ms  ${k}`).join('\n')}\n`;
+}
+
+/** A VMM's per-round debug lines (`msg`), their fields only. */
+function roundLines(log: string, msg: string): string {
+  const out: string[] = [];
+  for (const line of log.split('\n')) {
+    if (!line.includes(`"msg":"${msg}"`)) continue;
+    try {
+      const { level: _l, time: _t, pid: _p, name: _n, msg: _m, ...fields } = JSON.parse(line) as Record<string, unknown>;
+      out.push(JSON.stringify(fields));
+    } catch {
+      /* a line cut short */
+    }
+  }
+  return out.join(' ') || '-';
+}
+
+/**
+ * The steps of the pause as a VMM's debug log times them ("paused 0 ms, last pages sent 12 ms,
+ * ..."), with the garbage collections that fell inside it.
+ */
+function pauseSteps(log: string): string {
+  const lines: Record<string, unknown>[] = [];
+  for (const line of log.split('\n')) {
+    if (!/"msg":"(migration: final round|migration: building the VM|vCPUs paused and their state saved|garbage collection)"/.test(line)) continue;
+    try {
+      lines.push(JSON.parse(line) as Record<string, unknown>);
+    } catch {
+      /* a line cut short */
+    }
+  }
+  const steps = lines.filter((l) => l.step !== undefined);
+  if (!steps.length) return '-';
+  const from = Number(steps[0].time) - Number(steps[0].ms);
+  const to = Number(steps[steps.length - 1].time);
+  const out: string[] = [];
+  for (const l of lines) {
+    const at = Number(l.time);
+    if (l.step !== undefined) out.push(`${String(l.step)} ${String(l.ms)} ms`);
+    else if (l.gc_ms !== undefined && at >= from && at <= to + 1) out.push(`[gc ${String(l.gc_ms)} ms at ${at - from}]`);
+    else if (l.parked_ms !== undefined && at >= from && at <= to) {
+      const { parked_ms, saved_ms, read_ms, encode_ms, dispatch_ms } = l;
+      out.push(`[vCPUs parked ${String(parked_ms)}, saved ${String(saved_ms)} (read ${String(read_ms)}, encode ${String(encode_ms)}, dispatch ${String(dispatch_ms)})]`);
+    }
+  }
+  return out.join(', ');
+}
+
 async function benchTern(work: string, c: Case): Promise<Measured> {
   const arrivals = new Map<number, number>();
+  const profiles = (label: string) => path.join(work, `profile-${label}`);
   const tern = (label: string, args: string[]) => {
-    const vm = progressLog(`tern ${c.name} ${label}`)(GuestProcess.tern(args));
+    const nodeArgs = PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profiles(label)}`] : [];
+    const vm = progressLog(`tern ${c.name} ${label}`)(GuestProcess.tern(args, nodeArgs));
     return vm;
   };
   const srcSock = path.join(work, 'src.sock');
@@ -120,14 +216,14 @@ async function benchTern(work: string, c: Case): Promise<Measured> {
   const src = tern('source', [
     '--kernel', fixture('bzImage'), '--initramfs', fixture('initramfs.img'), '--cmdline', workloadCmdline(c.fileMiB),
     '--cpus', `boot=${CPUS}`, '--memory', `size=${c.memMiB}M${c.local ? ',shared=on' : ''}`, '--serial', 'tty',
-    '--api-socket', `path=${srcSock}`, '--event-monitor', `path=${srcMon}`, '-v',
+    '--api-socket', `path=${srcSock}`, '--event-monitor', `path=${srcMon}`, '-vv',
   ]);
   recordTickArrivals(src, arrivals);
   let dst: GuestProcess | undefined;
   try {
     await waitRunning(src, c);
     await waitForPath(srcSock);
-    dst = tern('destination', ['--api-socket', `path=${dstSock}`, '--event-monitor', `path=${dstMon}`, '-v']);
+    dst = tern('destination', ['--api-socket', `path=${dstSock}`, '--event-monitor', `path=${dstMon}`, '-vv']);
     recordTickArrivals(dst, arrivals, () => src.output);
     await waitForPath(dstSock, 60_000);
     const url = c.local ? `unix:${path.join(work, 'migration.sock')}` : `tcp:127.0.0.1:${port++}`;
@@ -139,6 +235,13 @@ async function benchTern(work: string, c: Case): Promise<Measured> {
     const started = o.sourceEvents.find((e) => e.event === 'migration-started');
     const finished = o.sourceEvents.find((e) => e.event === 'migration-finished');
     const side = await guestSide(src, dst, srcFrom, arrivals, o.sentAt, o.receivedAt);
+    process.stdout.write(`  tern ${c.name} pause, source: ${pauseSteps(src.stderr)}\n  tern ${c.name} pause, destination: ${pauseSteps(dst.stderr)}\n`);
+    process.stdout.write(`  tern ${c.name} rounds, source: ${roundLines(src.stderr, 'migration: pages sent')}\n  tern ${c.name} rounds, destination: ${roundLines(dst.stderr, 'migration: round received')}\n`);
+    if (started) {
+      const t0 = monitorSeconds(started);
+      const timeline = o.sourceEvents.map((e) => `${e.event.replace('migration-', '')} ${((monitorSeconds(e) - t0) * 1000).toFixed(0)}`).join(', ');
+      process.stdout.write(`  tern ${c.name} source events (ms from start): ${timeline}\n`);
+    }
     return {
       totalMs: reported(o, 'total_ms') ?? (started && finished ? (monitorSeconds(finished) - monitorSeconds(started)) * 1000 : undefined),
       downtimeMs: reported(o, 'downtime_ms', 'downtime'),
@@ -150,9 +253,15 @@ async function benchTern(work: string, c: Case): Promise<Measured> {
     };
   } finally {
     for (const vm of [src, dst]) {
+      // SIGTERM first, so that Node writes its profile on the way out
+      if (PROFILE && vm && vm.child.exitCode === null) {
+        vm.child.kill('SIGTERM');
+        await Promise.race([vm.exited, sleep(30_000)]);
+      }
       vm?.kill();
       await vm?.exited;
     }
+    if (PROFILE) for (const label of ['source', 'destination']) process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label)));
   }
 }
 

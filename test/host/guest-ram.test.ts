@@ -7,6 +7,7 @@ import test from 'ava';
 import { GuestMemory, GuestRegion } from '../../src/memory/guest-memory';
 import { native } from '../../src/native/kvm';
 import { buildGuest, createTestVm, runVcpu } from './harness';
+import { fileDataRanges } from '../../src/vmm/guest-ram';
 
 const GiB = 1024 * 1024 * 1024;
 
@@ -16,6 +17,7 @@ test('a slot larger than 1 GiB is split into 1 GiB chunks in address order', (t)
   try {
     const size = 2 * GiB + 8192;
     const slot = vm.addMemorySlot({ slot: 0, guestAddress: 0x1_0000_0000n, size, name: 'big' });
+    vm.setDirtyLogging(0, true);
     t.is(slot.chunkSize, GiB);
     t.deepEqual(slot.chunks!.map((c) => c.byteLength), [GiB, GiB, 8192]);
     const mem = new GuestMemory([
@@ -55,6 +57,32 @@ test('deferChunks leaves the ArrayBuffers out; memoryChunks makes them once, ove
     const region = new GuestRegion({ guestAddress: 0, size: 2 * 1024 * 1024, chunks: () => vm.memoryChunks(0), chunkSize: slot.chunkSize });
     t.deepEqual([...region.read(0x2000, 4)], [0x0d, 0xf0, 0xed, 0xfe]);
     t.throws(() => vm.memoryChunks(7), { message: /slot/ });
+  } finally {
+    vm.close();
+    kvm.close();
+  }
+});
+
+test('the memfd\'s data ranges name the pages written and leave pages never touched out, without touching them', (t) => {
+  const kvm = native().openKvm();
+  const vm = kvm.createVm();
+  const MiB = 1024 * 1024;
+  try {
+    const size = 64 * MiB;
+    const slot = vm.addMemorySlot({ slot: 0, guestAddress: 0n, size, name: 'sparse' });
+    t.deepEqual(fileDataRanges(slot.fd, size), [], 'new RAM is one hole');
+    const region = new GuestRegion({ guestAddress: 0, size, chunks: slot.chunks!, chunkSize: slot.chunkSize, dataRanges: () => fileDataRanges(slot.fd, size) });
+    region.write(5 * MiB + 10, Uint8Array.of(1));
+    region.write(40 * MiB, Uint8Array.of(2));
+    const ranges = region.populatedRanges();
+    const covered = (at: number) => ranges.some(([s, e]) => at >= s && at < e);
+    t.true(covered(5 * MiB + 10) && covered(40 * MiB), 'both written pages');
+    t.false(covered(20 * MiB), 'a page never written');
+    // (a host with huge shmem pages may report whole 2 MiB pages)
+    t.true(ranges.reduce((n, [s, e]) => n + (e - s), 0) <= 4 * MiB);
+    t.true(ranges.every(([s, e]) => s % 4096 === 0 && e % 4096 === 0 && e <= size));
+    // Asking did not allocate anything: the untouched part is still a hole.
+    t.deepEqual(region.populatedRanges(), ranges);
   } finally {
     vm.close();
     kvm.close();

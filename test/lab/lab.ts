@@ -138,6 +138,9 @@ function jobText(opts: LabOptions): string {
   return `cd ${shq(cwd)} || exit 97\n${exports}\n${opts.script}\n`;
 }
 
+/** Extra kernel arguments for the lab's own kernel (TERN_LAB_KERNEL_ARGS overrides). */
+const LAB_KERNEL_ARGS = process.env.TERN_LAB_KERNEL_ARGS ?? '';
+
 /** QEMU arguments of the lab VM (ENVIRONMENT.md's command line, plus -monitor none, -no-reboot, -nic none). */
 export function labQemuArgs(o: {
   kernel: string;
@@ -163,7 +166,8 @@ export function labQemuArgs(o: {
     '-nographic', '-monitor', 'none', '-serial', 'stdio', '-no-reboot', '-nic', 'none',
     ...(o.jobSocket ? ['-chardev', `socket,id=job,path=${o.jobSocket}`, '-serial', 'chardev:job'] : []),
     '-kernel', o.kernel, '-initrd', o.initramfs,
-    '-append', `console=ttyS0 panic=-1 quiet tern.job=${o.job} tern.nonce=${o.nonce}` + (o.keeper ? ` maxcpus=1 tern.keeper=${o.keeper}` : ''),
+    '-append',
+    `console=ttyS0 panic=-1 quiet ${LAB_KERNEL_ARGS} tern.job=${o.job} tern.nonce=${o.nonce}` + (o.keeper ? ` maxcpus=1 tern.keeper=${o.keeper}` : ''),
     '-virtfs', 'local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap',
   ];
 }

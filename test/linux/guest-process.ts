@@ -28,8 +28,9 @@ export class GuestProcess {
     this.exited = new Promise((resolve) => this.child.on('exit', (code, signal) => resolve({ code, signal })));
   }
 
-  static tern(args: string[]): GuestProcess {
-    return new GuestProcess(process.execPath, [TERN_CLI, ...args]);
+  /** `nodeArgs`: options for Node itself (a benchmark's --cpu-prof) */
+  static tern(args: string[], nodeArgs: string[] = []): GuestProcess {
+    return new GuestProcess(process.execPath, [...nodeArgs, TERN_CLI, ...args]);
   }
 
   private check(): void {

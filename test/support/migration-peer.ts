@@ -31,7 +31,7 @@ export async function connectAsSource(url: string): Promise<{ socket: net.Socket
 export async function sendAllPages(channel: FrameChannel, memory: GuestMemory): Promise<void> {
   const b = new MemoryFrameBuilder();
   const flush = async () => {
-    if (!b.empty) await channel.send(FrameType.Memory, b.take());
+    if (!b.empty) await channel.sendFlushed(FrameType.Memory, b.take());
   };
   await addAllNonZeroPages(b, memory, flush);
   await flush();

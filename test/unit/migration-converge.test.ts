@@ -23,11 +23,17 @@ function dirtyingGuest(perRound: number): SourceMachine & { throttles: number[] 
   new Uint8Array(buf).fill(0x5a);
   const memory = new GuestMemory([new GuestRegion({ guestAddress: 0, size: RAM, chunks: [buf], chunkSize: RAM })]);
   let throttle = 0;
+  let logging = false;
   const throttles: number[] = [];
   return {
     memory,
     throttles,
+    dirtyLogging(on: boolean) {
+      logging = on;
+    },
     dirtyBitmaps() {
+      // as KVM: no log to read unless the sender turned it on
+      if (!logging) throw new Error('dirty logging is off');
       const bits = new Uint8Array(RAM / PAGE / 8);
       const n = throttle >= 80 ? 0 : Math.round(perRound * (1 - throttle / 100));
       for (let p = 0; p < n; p++) bits[p >> 3] |= 1 << (p & 7);
