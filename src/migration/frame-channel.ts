@@ -20,11 +20,12 @@ const LARGE_READ_BYTES = 4 << 20;
 
 /**
  * The same connection as a socket that reads up to LARGE_READ_BYTES at a time into one buffer
- * (net.Socket's onread), handing each read to `onChunk` as a copy. A connection accepted by a
+ * (net.Socket's onread), handing each read to `onChunk`, which must copy what it keeps before it
+ * returns (the buffer is read into again). A connection accepted by a
  * net.Server cannot be given onread, so its handle moves to a new Socket; the accepted one,
  * which must be paused and untouched, is left without a handle.
  */
-function withLargeReads(accepted: net.Socket, onChunk: (chunk: Buffer) => boolean): net.Socket {
+function withLargeReads(accepted: net.Socket, onChunk: (chunk: Uint8Array) => boolean): net.Socket {
   const handle = (accepted as unknown as { _handle?: unknown })._handle;
   if (!handle || !accepted.isPaused()) throw new Error('withLargeReads: needs a paused, freshly accepted socket');
   (accepted as unknown as { _handle?: unknown })._handle = null;
@@ -35,7 +36,7 @@ function withLargeReads(accepted: net.Socket, onChunk: (chunk: Buffer) => boolea
     writable: true,
     allowHalfOpen: accepted.allowHalfOpen,
     pauseOnCreate: true,
-    onread: { buffer, callback: (n: number, buf: Uint8Array) => onChunk(Buffer.from(buf.subarray(0, n))) },
+    onread: { buffer, callback: (n: number, buf: Uint8Array) => onChunk(buf.subarray(0, n)) },
   } as net.SocketConstructorOpts);
 }
 
@@ -85,7 +86,8 @@ export class FrameChannel {
     this.idleTimer.unref();
   }
 
-  private onData(chunk: Buffer): void {
+  /** (the decoder copies what it keeps: `chunk` may be a read buffer used again) */
+  private onData(chunk: Uint8Array): void {
     if (this.error) return;
     this.bytesRead += chunk.length;
     this.armIdle();

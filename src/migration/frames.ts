@@ -103,49 +103,61 @@ export function frameJson(frame: Frame): unknown {
 /**
  * Splits a byte stream into verified frames. push() takes bytes as they arrive and returns the
  * frames completed so far; it throws MigrationProtocolError at the first bad header or CRC.
+ * It copies what it keeps, once, into the frame's own payload buffer (sized from the header,
+ * whose length the type's cap bounds), so the caller may reuse the buffer it pushed.
  */
 export class FrameDecoder {
-  private chunks: Buffer[] = [];
-  private buffered = 0;
+  private readonly head = Buffer.alloc(FRAME_HEADER_BYTES);
+  private headUsed = 0;
   private header?: { type: FrameType; length: number; crc: number; raw: Buffer };
+  private payload?: Buffer;
+  private payloadUsed = 0;
   private failed = false;
 
   /** bytes held waiting for the rest of a frame */
   get pendingBytes(): number {
-    return this.buffered;
+    return this.headUsed + this.payloadUsed;
   }
 
-  private take(n: number): Buffer {
-    const all = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks, this.buffered);
-    this.buffered -= n;
-    this.chunks = this.buffered > 0 ? [all.subarray(n)] : [];
-    return all.subarray(0, n);
+  private parseHeader(): void {
+    const raw = Buffer.from(this.head);
+    this.headUsed = 0;
+    const magic = raw.readUInt32LE(0);
+    if (magic !== FRAME_MAGIC) throw new MigrationProtocolError(`bad frame magic 0x${magic.toString(16)}`);
+    const type = raw.readUInt16LE(4) as FrameType;
+    if (!(type in MAX_PAYLOAD)) throw new MigrationProtocolError(`unknown frame type ${type}`);
+    if (raw.readUInt16LE(6) !== 0) throw new MigrationProtocolError(`${FrameType[type]} frame: reserved header bits set`);
+    const length = raw.readUInt32LE(8);
+    if (length > MAX_PAYLOAD[type]) throw new MigrationProtocolError(`${FrameType[type]} frame announces ${length} bytes, more than its cap of ${MAX_PAYLOAD[type]}`);
+    this.header = { type, length, crc: raw.readUInt32LE(12), raw };
+    this.payload = Buffer.allocUnsafe(length);
+    this.payloadUsed = 0;
   }
 
-  push(chunk: Buffer): Frame[] {
+  push(chunk: Uint8Array): Frame[] {
     if (this.failed) throw new MigrationProtocolError('the stream was already refused');
-    this.chunks.push(chunk);
-    this.buffered += chunk.length;
     const out: Frame[] = [];
     try {
-      for (;;) {
+      for (let at = 0; at < chunk.length; ) {
         if (!this.header) {
-          if (this.buffered < FRAME_HEADER_BYTES) break;
-          const raw = this.take(FRAME_HEADER_BYTES);
-          const magic = raw.readUInt32LE(0);
-          if (magic !== FRAME_MAGIC) throw new MigrationProtocolError(`bad frame magic 0x${magic.toString(16)}`);
-          const type = raw.readUInt16LE(4) as FrameType;
-          if (!(type in MAX_PAYLOAD)) throw new MigrationProtocolError(`unknown frame type ${type}`);
-          if (raw.readUInt16LE(6) !== 0) throw new MigrationProtocolError(`${FrameType[type]} frame: reserved header bits set`);
-          const length = raw.readUInt32LE(8);
-          if (length > MAX_PAYLOAD[type]) throw new MigrationProtocolError(`${FrameType[type]} frame announces ${length} bytes, more than its cap of ${MAX_PAYLOAD[type]}`);
-          this.header = { type, length, crc: raw.readUInt32LE(12), raw };
+          const n = Math.min(FRAME_HEADER_BYTES - this.headUsed, chunk.length - at);
+          this.head.set(chunk.subarray(at, at + n), this.headUsed);
+          this.headUsed += n;
+          at += n;
+          if (this.headUsed < FRAME_HEADER_BYTES) break;
+          this.parseHeader();
         }
-        const h = this.header;
-        if (this.buffered < h.length) break;
-        const payload = h.length ? this.take(h.length) : Buffer.alloc(0);
+        const h = this.header!;
+        const payload = this.payload!;
+        const n = Math.min(h.length - this.payloadUsed, chunk.length - at);
+        payload.set(chunk.subarray(at, at + n), this.payloadUsed);
+        this.payloadUsed += n;
+        at += n;
+        if (this.payloadUsed < h.length) break;
         if (frameCrc(h.raw, payload) !== h.crc) throw new MigrationProtocolError(`${FrameType[h.type]} frame: checksum mismatch`);
         this.header = undefined;
+        this.payload = undefined;
+        this.payloadUsed = 0;
         out.push({ type: h.type, payload });
       }
     } catch (e) {
@@ -157,6 +169,6 @@ export class FrameDecoder {
 
   /** The stream ended: anything held is a truncated frame. */
   end(): void {
-    if (this.header || this.buffered) throw new MigrationProtocolError('the stream ended inside a frame (truncated)');
+    if (this.header || this.headUsed) throw new MigrationProtocolError('the stream ended inside a frame (truncated)');
   }
 }

@@ -2,7 +2,7 @@
 // itself. A state loaded from outside (restore, migration) is checked against them before it
 // may enter a store, so a crafted field (`rx: null`) is refused at restore with the slice and
 // field named, instead of failing at the guest's first access.
-import { Type, type TSchema } from '@sinclair/typebox';
+import { FormatRegistry, Type, type TSchema } from '@sinclair/typebox';
 import { TypeCompiler, type TypeCheck } from '@sinclair/typebox/compiler';
 import { TernStateError } from './errors';
 
@@ -15,8 +15,13 @@ export const U32 = (): TSchema => IntIn(0, 0xffff_ffff);
 export const Count = (): TSchema => IntIn(0, Number.MAX_SAFE_INTEGER);
 /** a 64-bit value in the store's hex form (codec.ts) */
 export const HexU64 = (): TSchema => Type.String({ pattern: '^-?0x[0-9a-f]{1,16}$' });
+// Canonical base64 (what Buffer writes), checked natively: a regular expression over the few
+// KiB of an xsave area is compiled the first time it meets one, which is inside a migration's
+// pause on the destination.
+FormatRegistry.Set('base64', (s) => Buffer.from(s, 'base64').toString('base64') === s);
+
 /** base64 of a raw kernel structure; capped, as the largest (xsave) is a few KiB */
-export const Base64 = (maxLength = 1 << 20): TSchema => Type.String({ pattern: '^[A-Za-z0-9+/]*={0,2}$', maxLength });
+export const Base64 = (maxLength = 1 << 20): TSchema => Type.String({ format: 'base64', maxLength });
 /** a device id, the key of a device in the devices slice */
 export const DeviceId = (): TSchema => Type.String({ minLength: 1, maxLength: 256 });
 /** an object with exactly these fields */

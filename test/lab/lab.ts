@@ -138,8 +138,16 @@ function jobText(opts: LabOptions): string {
   return `cd ${shq(cwd)} || exit 97\n${exports}\n${opts.script}\n`;
 }
 
-/** Extra kernel arguments for the lab's own kernel (TERN_LAB_KERNEL_ARGS overrides). */
-const LAB_KERNEL_ARGS = process.env.TERN_LAB_KERNEL_ARGS ?? '';
+/**
+ * Extra kernel arguments for the lab's own kernel (TERN_LAB_KERNEL_ARGS overrides).
+ * mitigations=off: with the default speculation mitigations (retpolines, SRSO return thunks,
+ * IBPB on VM exits, all emulated instruction by instruction) the lab kernel panicked with a
+ * corrupted kernel stack in most heavy migration benchmark runs (stack guard page hit in
+ * exc_page_fault, "corrupted stack end detected inside scheduler", once with RIP in
+ * __svm_vcpu_run); without them none of the runs since has. The lab only stands in for
+ * hardware; its own hardening protects nothing.
+ */
+const LAB_KERNEL_ARGS = process.env.TERN_LAB_KERNEL_ARGS ?? 'mitigations=off';
 
 /** QEMU arguments of the lab VM (ENVIRONMENT.md's command line, plus -monitor none, -no-reboot, -nic none). */
 export function labQemuArgs(o: {
