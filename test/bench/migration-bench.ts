@@ -252,6 +252,11 @@ async function benchTern(work: string, c: Case): Promise<Measured> {
       ...(o.sourceExit?.code !== 0 && { error: `the source VMM did not exit cleanly: ${JSON.stringify(o.sourceExit)}` }),
     };
   } finally {
+    // What went wrong in either VMM, if anything: its warnings and errors, and guest resets.
+    for (const [label, vm] of [['source', src], ['destination', dst]] as const) {
+      const notable = (vm?.stderr ?? '').split('\n').filter((l) => /"level":(4|5|6)\d|"msg":"guest reset/.test(l));
+      if (notable.length) process.stdout.write(`  tern ${c.name} ${label} warnings:\n${notable.slice(0, 20).map((l) => `    ${l.slice(0, 400)}`).join('\n')}\n`);
+    }
     for (const vm of [src, dst]) {
       // SIGTERM first, so that Node writes its profile on the way out
       if (PROFILE && vm && vm.child.exitCode === null) {

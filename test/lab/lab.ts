@@ -139,15 +139,12 @@ function jobText(opts: LabOptions): string {
 }
 
 /**
- * Extra kernel arguments for the lab's own kernel (TERN_LAB_KERNEL_ARGS overrides).
- * mitigations=off: with the default speculation mitigations (retpolines, SRSO return thunks,
- * IBPB on VM exits, all emulated instruction by instruction) the lab kernel panicked with a
- * corrupted kernel stack in most heavy migration benchmark runs (stack guard page hit in
- * exc_page_fault, "corrupted stack end detected inside scheduler", once with RIP in
- * __svm_vcpu_run); without them none of the runs since has. The lab only stands in for
- * hardware; its own hardening protects nothing.
+ * Extra arguments for the lab's own kernel, to compare its settings (TERN_LAB_KERNEL_ARGS, for
+ * example "mitigations=off"). None by default: heavy migration benchmark runs panic the lab's
+ * kernel now and then (a task's stack guard page hit in exc_page_fault, "corrupted stack end
+ * detected inside scheduler") with the default mitigations and with mitigations=off alike.
  */
-const LAB_KERNEL_ARGS = process.env.TERN_LAB_KERNEL_ARGS ?? 'mitigations=off';
+const LAB_KERNEL_ARGS = process.env.TERN_LAB_KERNEL_ARGS ?? '';
 
 /** QEMU arguments of the lab VM (ENVIRONMENT.md's command line, plus -monitor none, -no-reboot, -nic none). */
 export function labQemuArgs(o: {
