@@ -355,9 +355,9 @@ Napi::Value Vm::AddMemorySlot(const Napi::CallbackInfo& info) {
   }
   kvm_userspace_memory_region region{};
   region.slot = slot;
-  // Dirty logging starts off: it keeps KVM from mapping guest RAM with large pages and costs
-  // a write fault per page after each read of the log; a migration turns it on for its rounds.
-  region.flags = 0;
+  // Dirty logging starts on: guest RAM is a memfd mapped in 4 KiB pages, so it costs no large
+  // pages, and a migration's log covers every write from the slot's creation on.
+  region.flags = KVM_MEM_LOG_DIRTY_PAGES;
   region.guest_phys_addr = gpa;
   region.memory_size = ro.size;
   region.userspace_addr = reinterpret_cast<uint64_t>(ram.mapping->base());
@@ -374,6 +374,7 @@ Napi::Value Vm::AddMemorySlot(const Napi::CallbackInfo& info) {
   s->size = ro.size;
   s->fd = ram.fd;
   s->mapping = ram.mapping;
+  s->dirtyLogging = true;
   s->vmmDirty = std::make_shared<DirtyBitmap>(ro.size >> 12);
 
   Napi::Object res = Napi::Object::New(env);

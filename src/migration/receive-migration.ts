@@ -9,7 +9,19 @@ import type { Logger } from 'pino';
 import { withDefaults, type VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import { native, type CpuidEntry } from '../native/kvm';
-import { applyStatePatches, decodeVcpuState, migrationEvents, upgradeState, validateState, type RamRegionState, type RootState, type StatePatch, type Store } from '../state';
+import {
+  applyStatePatches,
+  decodeVcpuState,
+  migrationEvents,
+  upgradeState,
+  validateState,
+  type RamRegionState,
+  type RootState,
+  type SavedKvmState,
+  type SavedVcpuState,
+  type StatePatch,
+  type Store,
+} from '../state';
 import { FrameChannel } from './frame-channel';
 import { FrameType, MigrationProtocolError, frameJson } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, checkHello, type Hello } from './handshake';
@@ -25,6 +37,8 @@ export interface IncomingMachine {
   readonly memory: GuestMemory;
   /** create the vCPUs now, while the source still runs the guest (their state comes at the end) */
   prepareVcpus(count: number): void;
+  /** what its new vCPUs and KVM objects would save (after prepareVcpus) */
+  sampleSavedState(): { vcpus: Record<string, SavedVcpuState>; kvm: SavedKvmState };
   completeIncoming(state: RootState): void;
   destroy(): Promise<void>;
 }
@@ -173,6 +187,22 @@ export class MigrationReceiver {
     await m?.destroy().catch((err) => this.vm.log.error({ err }, 'releasing the half-received VM failed'));
   }
 
+  /**
+   * Run the final checks once on a state as complete as the final one will be (this machine's
+   * own new vCPUs and KVM objects stand in for the saved ones): the code they run is compiled
+   * now, while the source still runs the guest, and not in the pause. Only a rehearsal: what
+   * it finds is logged, never held against the source.
+   */
+  private rehearseFinalChecks(state: RootState): void {
+    try {
+      const sample = this.machine!.sampleSavedState();
+      validateState({ ...state, vcpus: { ...state.vcpus, saved: sample.vcpus }, kvm: { ...state.kvm, saved: sample.kvm } });
+      for (const v of Object.values(sample.vcpus)) decodeVcpuState(v);
+    } catch (e) {
+      this.vm.log.debug({ err: e }, 'migration: the rehearsal of the final checks failed');
+    }
+  }
+
   private async receiveVm(): Promise<void> {
     const ch = this.channel!;
     const error = (m: string) => new MigrationProtocolError(m);
@@ -197,11 +227,14 @@ export class MigrationReceiver {
     // Check the state as it arrives, so a bad one is refused before any memory moves; this
     // also readies the validators, so the final check, made while the guest is paused
     // at the source, takes a fraction of a millisecond instead of compiling them then.
+    let upgraded: RootState;
     try {
-      validateState(upgradeState(shadow));
+      upgraded = upgradeState(shadow) as RootState;
+      validateState(upgraded);
     } catch (e) {
       throw error(`State frame: ${errorText(e)}`);
     }
+    this.rehearseFinalChecks(upgraded);
 
     let roundStart = performance.now();
     let applyMs = 0;

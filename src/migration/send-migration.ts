@@ -31,7 +31,7 @@ export class MigrationError extends TernStateError {
 /** What the sender needs of the running VM. */
 export interface SourceMachine {
   readonly memory: GuestMemory;
-  /** KVM's dirty log on or off (on only while memory rounds need it) */
+  /** KVM's dirty log on or off (the memory rounds make sure it is on) */
   dirtyLogging(on: boolean): void;
   dirtyBitmaps(): Uint8Array[];
   memoryFds(): number[] | undefined;
@@ -291,13 +291,6 @@ export class MigrationSender {
         }
       }
       this.machineAtStart?.throttle(0);
-      if (!this.opts.local && this.vm.machine() === this.machineAtStart) {
-        try {
-          this.machineAtStart?.dirtyLogging(false);
-        } catch (again) {
-          this.vm.log.warn({ err: again }, 'could not stop the dirty log after the failed migration');
-        }
-      }
       return this.fail(reason);
     } finally {
       clearTimeout(this.timeoutTimer);

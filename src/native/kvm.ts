@@ -194,9 +194,8 @@ export interface NativeVm {
    */
   getDirtyBitmap(slot: number): Uint8Array;
   /**
-   * KVM_MEM_LOG_DIRTY_PAGES on or off for `slot` (off when a slot is added: logging forces
-   * small pages and write faults, so only a migration turns it on). getDirtyBitmap throws
-   * while it is off.
+   * KVM_MEM_LOG_DIRTY_PAGES on or off for `slot` (on when a slot is added). getDirtyBitmap
+   * throws while it is off.
    */
   setDirtyLogging(slot: number, on: boolean): void;
   /** The VMM-side bitmap of `slot` itself, shared with native code, for TypeScript writers to mark. */

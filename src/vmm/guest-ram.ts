@@ -1,7 +1,7 @@
 // Guest RAM for a machine, in its three origins: new memfds for a boot, a snapshot's
 // memory-ranges file (read in, or mapped copy-on-write on demand), and a migration's (new
-// memfds the stream fills, or the source's own memfds handed over). Each slot gets the VMM-side
-// dirty bitmap its writers mark; KVM's dirty log stays off until a migration turns it on.
+// memfds the stream fills, or the source's own memfds handed over). Each slot is registered with
+// KVM with dirty logging on and gets the VMM-side dirty bitmap its writers mark.
 import fs from 'node:fs';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
 import { copyMemoryRange, openMemoryFile, verifyRangeInRam, type MemoryRange } from '../migration/memory-ranges';

@@ -48,6 +48,8 @@ import {
   kvmEvents,
   vcpuEvents,
   type RootState,
+  type SavedKvmState,
+  type SavedVcpuState,
   type Store,
 } from '../state';
 import { HostFileError, readRegularFile } from '../util/host-file';
@@ -237,6 +239,28 @@ export class Machine {
     return ram.memory;
   }
 
+  private kvmState(clock: { clock: bigint; flags: number }): SavedKvmState {
+    return {
+      irqchips: [0, 1, 2].map((chip) => this.vm.getIrqchip(chip)),
+      pit: this.vm.getPit2(),
+      clock: `0x${clock.clock.toString(16)}`,
+      clockFlags: clock.flags,
+    };
+  }
+
+  /**
+   * A migration destination, after prepareVcpus(): the state its own new vCPUs and KVM objects
+   * would save, in the store's form. Checking and decoding it while the source still runs the
+   * guest compiles the code (validators, codecs) that the pause then runs on the real state.
+   */
+  sampleSavedState(): { vcpus: Record<string, SavedVcpuState>; kvm: SavedKvmState } {
+    const vcpu = this.earlyVcpus[0];
+    if (!this.opts.incoming || !vcpu) throw new Error('sampleSavedState() is for a migration destination with its vCPUs created');
+    // (not noteReadableMsrs: this vCPU has no CPUID yet, and would read fewer than the real ones)
+    const state = encodeVcpuState(readVcpuState(vcpu, this.kvm.msrIndexList(), this.kvm.supportedCpuid()));
+    return { vcpus: Object.fromEntries(this.earlyVcpus.map((_, id) => [String(id), state])), kvm: this.kvmState(this.vm.getClock()) };
+  }
+
   /** A migration destination: create the vCPUs before their state arrives. */
   prepareVcpus(count: number): void {
     if (!this.opts.incoming || this.console) throw new Error('prepareVcpus() is for a migration destination, before completeIncoming()');
@@ -260,7 +284,7 @@ export class Machine {
     return this.sharedRam ? [...this.slotFds] : undefined;
   }
 
-  /** Start or stop KVM's dirty log on every RAM slot (a migration's rounds need it, nothing else). */
+  /** Start or stop KVM's dirty log on every RAM slot (on from the start; a migration's rounds need it). */
   dirtyLogging(on: boolean): void {
     this.memory.regions.forEach((_, slot) => this.vm.setDirtyLogging(slot, on));
   }
@@ -424,14 +448,7 @@ export class Machine {
       encodeMs += t3 - t2;
       dispatchMs += performance.now() - t3;
     }
-    this.opts.store.dispatch(
-      kvmEvents.stateSaved({
-        irqchips: [0, 1, 2].map((chip) => this.vm.getIrqchip(chip)),
-        pit: this.vm.getPit2(),
-        clock: `0x${clock.clock.toString(16)}`,
-        clockFlags: clock.flags,
-      }),
-    );
+    this.opts.store.dispatch(kvmEvents.stateSaved(this.kvmState(clock)));
     // (a migration's downtime starts here: where the pause's time goes)
     this.opts.log.debug(
       { parked_ms: Math.round(parked - t0), saved_ms: Math.round(performance.now() - parked), read_ms: Math.round(readMs), encode_ms: Math.round(encodeMs), dispatch_ms: Math.round(dispatchMs) },
