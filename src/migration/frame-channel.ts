@@ -23,11 +23,12 @@ const LARGE_READ_BYTES = 4 << 20;
  * (net.Socket's onread), handing each read to `onChunk`, which must copy what it keeps before it
  * returns (the buffer is read into again). A connection accepted by a
  * net.Server cannot be given onread, so its handle moves to a new Socket; the accepted one,
- * which must be paused and untouched, is left without a handle.
+ * which must be paused and untouched, is left without a handle. Undefined when the socket has
+ * no handle to move (a Node that keeps it elsewhere): the caller reads it as it is.
  */
-function withLargeReads(accepted: net.Socket, onChunk: (chunk: Uint8Array) => boolean): net.Socket {
+function withLargeReads(accepted: net.Socket, onChunk: (chunk: Uint8Array) => boolean): net.Socket | undefined {
   const handle = (accepted as unknown as { _handle?: unknown })._handle;
-  if (!handle || !accepted.isPaused()) throw new Error('withLargeReads: needs a paused, freshly accepted socket');
+  if (!handle || !accepted.isPaused()) return undefined;
   (accepted as unknown as { _handle?: unknown })._handle = null;
   const buffer = Buffer.allocUnsafe(LARGE_READ_BYTES);
   return new net.Socket({
@@ -59,14 +60,14 @@ export class FrameChannel {
     socket: net.Socket,
     private readonly opts: { idleTimeoutMs: number; peer: string; largeReads?: boolean },
   ) {
-    if (opts.largeReads) {
-      socket = withLargeReads(socket, (chunk) => {
-        this.onData(chunk);
-        return !this.overfull();
-      });
-    } else {
-      socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    }
+    const large = opts.largeReads
+      ? withLargeReads(socket, (chunk) => {
+          this.onData(chunk);
+          return !this.overfull();
+        })
+      : undefined;
+    if (large) socket = large;
+    else socket.on('data', (chunk: Buffer) => this.onData(chunk));
     this.socket = socket;
     socket.on('end', () => this.fail(new MigrationPeerError(`the ${opts.peer} closed the connection`, true)));
     socket.on('error', (e: NodeJS.ErrnoException) =>
