@@ -31,6 +31,8 @@ export interface LabSessionResult {
 // END marker carries a per-run nonce.
 const begin = (nonce: string) => new RegExp(`^TERN-TEST-BEGIN ${nonce} (\\d+) `);
 const end = (nonce: string) => new RegExp(`^TERN-TEST-END ${nonce} (\\d+) (\\d+) `);
+// A file of a parallel lane prints its TAP only when it ends: this marker heads that output.
+const tapFollows = (nonce: string) => new RegExp(`^TERN-TEST-TAP ${nonce} (\\d+) `);
 
 /**
  * The lab job. Files of a parallel tier (kvm) run two at a time, each lane taking the next file
@@ -58,7 +60,7 @@ function jobScript(files: TestFile[], nonce: string, avaTimeout: string, paralle
     '    i=$(take); [ "$i" -lt "${#pfile[@]}" ] || return 0',
     `    say "TERN-TEST-BEGIN ${nonce} \${pk[$i]} \${pfile[$i]}"`,
     `    ${ava} --serial "\${pfile[$i]}" > "$work/$i.tap" 2>&1; st=$?`,
-    `    flock "$work/lock" sh -c 'cat "$1"; echo "TERN-TEST-END ${nonce} $2 $3 $4"' _ "$work/$i.tap" "\${pk[$i]}" "$st" "\${pfile[$i]}"`,
+    `    flock "$work/lock" sh -c 'echo "TERN-TEST-TAP ${nonce} $2 $4"; cat "$1"; echo "TERN-TEST-END ${nonce} $2 $3 $4"' _ "$work/$i.tap" "\${pk[$i]}" "$st" "\${pfile[$i]}"`,
     '  done',
     '}',
     'lane & lane & wait',
@@ -90,12 +92,19 @@ async function oneBoot(files: TestFile[], opts: LabSessionOptions, nonce: string
   let partial = '';
   const beginRe = begin(nonce);
   const endRe = end(nonce);
+  const tapRe = tapFollows(nonce);
   const onLine = (line: string) => {
     const b = beginRe.exec(line);
     if (b && files[Number(b[1])]) {
       running.add(Number(b[1]));
       since = '';
       opts.onFileStart?.(files[Number(b[1])]);
+      return;
+    }
+    const o = tapRe.exec(line);
+    if (o && running.has(Number(o[1]))) {
+      since = '';
+      opts.onFileOutput?.(files[Number(o[1])]);
       return;
     }
     const e = endRe.exec(line);
@@ -153,6 +162,8 @@ export interface LabSessionOptions {
   onLine?: (line: string) => void;
   onConsole?: (line: string) => void;
   onFileStart?: (f: TestFile) => void;
+  /** A file of a parallel tier ended: its whole output follows (a serial file's streams after onFileStart). */
+  onFileOutput?: (f: TestFile) => void;
   onFileEnd?: (r: FileResult) => void;
   /** What boots the lab (runInLab; a test passes its own to play a lab that freezes). */
   runLab?: (o: LabOptions) => Promise<LabResult>;

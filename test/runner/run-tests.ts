@@ -150,7 +150,9 @@ async function main(): Promise<void> {
         env: { TERN_FIXTURES: fixturesDir(), ...(process.env.CI !== undefined ? { CI: process.env.CI } : {}) },
         onLine: (l) => print(l),
         onConsole: (l) => print(`lab console: ${l}`),
-        onFileStart: (f) => print(`# ${f.tier}: ${f.file}`),
+        // Two kvm files run at once, each printing when it ends: name the file its output is from.
+        onFileStart: (f) => print(`# ${f.tier}: ${f.file} started`),
+        onFileOutput: (f) => print(`# ${f.tier}: output of ${f.file}`),
         onFileEnd: (r) => print(`# ${r.file}: ${countsLine(r.counts)}`),
         onFreezeEvidence: (cpus) => print(`lab: the frozen lab's CPUs, from QEMU's monitor:\n${cpus}`),
         onBootFailed: (why, remaining) => print(`\nlab: ${why}; running the ${remaining.length} unfinished files in a fresh lab boot`),

@@ -104,13 +104,17 @@ test('lab session: the real job script runs files two at a time and then one at 
     { tier: 'linux', file: 'dist/test/unit/i8042.test.js' },
   ];
   const started: string[] = [];
+  const output: string[] = [];
   const r = await runInLabSession(files, {
     cwd: REPO, timeoutMs: 120_000, avaTimeout: '1m', parallelTiers: ['kvm'],
     onFileStart: (f) => started.push(f.file),
+    onFileOutput: (f) => output.push(f.file),
   }, nonce);
   t.is(r.results.length, 5);
   t.deepEqual(started.slice().sort(), files.map((f) => f.file).sort());
   t.is(started[4], files[4].file, 'the serial tier starts after the parallel lanes');
+  // Each parallel file's output is announced when it comes (after the other lane's start line).
+  t.deepEqual(output.slice().sort(), files.slice(0, 4).map((f) => f.file).sort());
   for (const f of r.results) {
     t.is(f.counts.failed, 0, f.tap);
     t.true(f.counts.passed > 0, f.file);
