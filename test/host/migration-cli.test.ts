@@ -43,7 +43,14 @@ async function migrate(t: import('ava').ExecutionContext, name: string, opts: { 
     // the source's last (the pause may have cut one line in two).
     const after = countsIn(dst.output);
     t.true(after[0] === last + 1 || after[0] === last + 2, `source ended at COUNT ${last}, destination went on at ${after[0]}`);
-    after.forEach((c, i) => i > 0 && t.is(c, after[i - 1] + 1));
+    const broken = after.findIndex((c, i) => i > 0 && c !== after[i - 1] + 1);
+    if (broken > 0) {
+      // What a broken sequence looked like, for the run's log: the consoles and each VMM's log.
+      await new Promise((r) => setTimeout(r, 2000));
+      t.log(`source console (tail):\n${src.output.slice(-600)}\nsource log (tail):\n${src.stderr.slice(-3000)}`);
+      t.log(`destination console:\n${dst.output.slice(-2500)}\ndestination log (tail):\n${dst.stderr.slice(-4000)}`);
+    }
+    t.is(broken, -1, `the destination's COUNT lines go up by one: ${after.join(' ')}`);
     const events = fs.readFileSync(monitor, 'utf8');
     for (const e of ['migration-started', 'migration-finished']) t.true(events.includes(`"event": "${e}"`), e);
     // A local migration hands RAM over: it has no memory rounds.
