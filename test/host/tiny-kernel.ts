@@ -70,14 +70,17 @@ export function buildTinyKernel(): Promise<string> {
   return built;
 }
 
-/** The COUNT values printed in `output`, in order. */
+/**
+ * The COUNT values of the whole lines in `output`, in order. Console output arrives a few bytes
+ * at a time: a last line still being printed ("COUNT 1" of "COUNT 130") is not a count.
+ */
 export function countsIn(output: string): number[] {
-  return [...output.matchAll(/^COUNT (\d+)$/gm)].map((m) => Number(m[1]));
+  return [...output.matchAll(/^COUNT (\d+)\n/gm)].map((m) => Number(m[1]));
 }
 
 /** The last STATUS line in `output`, parsed. */
 export function lastStatus(output: string): { count: number; ticks: number; rxirqs: number } | undefined {
-  const all = [...output.matchAll(/^STATUS count=(\d+) ticks=(\d+) rxirqs=(\d+)$/gm)];
+  const all = [...output.matchAll(/^STATUS count=(\d+) ticks=(\d+) rxirqs=(\d+)\n/gm)];
   const m = all[all.length - 1];
   return m && { count: Number(m[1]), ticks: Number(m[2]), rxirqs: Number(m[3]) };
 }

@@ -142,8 +142,8 @@ test.serial('bytes put in the UART through the store reach the guest by polling;
     // Dispatched straight to the store, the byte raises no interrupt: the guest's
     // per-tick LSR poll must find it.
     vmm.store.dispatch(serialInputEvent('serial0', [0x64]));
-    await waitUntil('the guest answers DIRTY', () => /^DIRTY \d+$/m.test(fs.readFileSync(cfg.serial.file, 'latin1')));
-    const n = Number(/^DIRTY (\d+)$/m.exec(fs.readFileSync(cfg.serial.file, 'latin1'))![1]);
+    await waitUntil('the guest answers DIRTY', () => /^DIRTY \d+\n/m.test(fs.readFileSync(cfg.serial.file, 'latin1')));
+    const n = Number(/^DIRTY (\d+)\n/m.exec(fs.readFileSync(cfg.serial.file, 'latin1'))![1]);
     const mem = vmm.guestMemory()!;
     for (let page = 0; page < TINY_KERNEL_DIRTY_PAGES; page++) {
       const v = mem.readU32(TINY_KERNEL_DIRTY_BASE + page * 4096);
