@@ -37,6 +37,8 @@ export enum FrameType {
   Running = 11,
   /** either way: the sender gives up, with the reason (JSON) */
   Abort = 12,
+  /** destination → source: the State frame is checked and the final checks rehearsed; pause when ready */
+  Prepared = 13,
 }
 
 /** Largest payload per type; a header announcing more is refused before its payload is read. */
@@ -53,6 +55,7 @@ const MAX_PAYLOAD: Record<FrameType, number> = {
   [FrameType.Commit]: 0,
   [FrameType.Running]: 64 << 10,
   [FrameType.Abort]: 64 << 10,
+  [FrameType.Prepared]: 64 << 10,
 };
 
 export class MigrationProtocolError extends TernStateError {

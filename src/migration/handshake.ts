@@ -5,8 +5,8 @@ import type { CpuidEntry } from '../native/kvm';
 import { ROOT_SCHEMA_VERSION, STATE_UPGRADES, type RamRegionState } from '../state';
 import { MigrationProtocolError } from './frames';
 
-/** 1: this framing and these frames */
-export const MIGRATION_PROTOCOL_VERSION = 1;
+/** 1: this framing and these frames; 2: the destination answers the State frame with Prepared */
+export const MIGRATION_PROTOCOL_VERSION = 2;
 
 export interface Hello {
   protocol: number;

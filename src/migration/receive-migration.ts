@@ -193,14 +193,31 @@ export class MigrationReceiver {
    * now, while the source still runs the guest, and not in the pause. Only a rehearsal: what
    * it finds is logged, never held against the source.
    */
-  private rehearseFinalChecks(state: RootState): void {
+  private rehearseFinalChecks(state: RootState, config: VmConfig, hello: Hello): void {
     try {
       const sample = this.machine!.sampleSavedState();
-      validateState({ ...state, vcpus: { ...state.vcpus, saved: sample.vcpus }, kvm: { ...state.kvm, saved: sample.kvm } });
-      for (const v of Object.values(sample.vcpus)) decodeVcpuState(v);
+      this.finalChecks({ ...state, vcpus: { ...state.vcpus, saved: sample.vcpus }, kvm: { ...state.kvm, saved: sample.kvm } }, config, hello);
     } catch (e) {
       this.vm.log.debug({ err: e }, 'migration: the rehearsal of the final checks failed');
     }
+  }
+
+  /** The checks of the final state before the VM is built from it; returns it validated. */
+  private finalChecks(shadow: unknown, config: VmConfig, hello: Hello): RootState {
+    const error = (m: string) => new MigrationProtocolError(m);
+    const { state } = checkSavedState(shadow, { config, statuses: ['Running', 'Paused'], where: 'the migrated state', configWhere: 'the migrated VM config' }, error);
+    const layout = state.memory.regions;
+    if (layout.length !== hello.regions.length || layout.some((r, i) => r.guestAddress !== hello.regions[i].guestAddress || r.size !== hello.regions[i].size)) {
+      throw error('the migrated state\'s RAM regions differ from the ones the handshake announced');
+    }
+    // The handshake checked the CPU the source announced; the saved vCPU state is what will be set.
+    const vcpu0 = decodeVcpuState(state.vcpus.saved['0']);
+    const announcedMsrs = new Set(hello.msrIndices);
+    // (the usual case costs no second check: the very CPUID and MSRs the handshake accepted)
+    const asAnnounced = sameCpuid(vcpu0.cpuid, hello.cpuid) && vcpu0.msrs.every((m) => announcedMsrs.has(m.index));
+    const cpuProblems = asAnnounced ? [] : this.vm.cpuProblems(vcpu0.cpuid, vcpu0.msrs.map((m) => m.index));
+    if (cpuProblems.length) throw new MigrationError(`this host cannot run the guest's CPU: ${cpuProblems.join('; ')}`);
+    return state;
   }
 
   private async receiveVm(): Promise<void> {
@@ -234,7 +251,10 @@ export class MigrationReceiver {
     } catch (e) {
       throw error(`State frame: ${errorText(e)}`);
     }
-    this.rehearseFinalChecks(upgraded);
+    this.rehearseFinalChecks(upgraded, config, hello);
+    // The source pauses the guest only after this: the rehearsal above is work its pause
+    // would otherwise wait for (a local migration has no memory rounds to hide it behind).
+    await ch.sendJson(FrameType.Prepared, {});
 
     let roundStart = performance.now();
     let applyMs = 0;
@@ -269,19 +289,7 @@ export class MigrationReceiver {
 
     const completeAt = Date.now();
     const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - completeAt }, 'migration: building the VM');
-    const { state } = checkSavedState(shadow, { config, statuses: ['Running', 'Paused'], where: 'the migrated state', configWhere: 'the migrated VM config' }, error);
-    mark('state validated');
-    const layout = state.memory.regions;
-    if (layout.length !== hello.regions.length || layout.some((r, i) => r.guestAddress !== hello.regions[i].guestAddress || r.size !== hello.regions[i].size)) {
-      throw error('the migrated state\'s RAM regions differ from the ones the handshake announced');
-    }
-    // The handshake checked the CPU the source announced; the saved vCPU state is what will be set.
-    const vcpu0 = decodeVcpuState(state.vcpus.saved['0']);
-    const announcedMsrs = new Set(hello.msrIndices);
-    // (the usual case costs no second check: the very CPUID and MSRs the handshake accepted)
-    const asAnnounced = sameCpuid(vcpu0.cpuid, hello.cpuid) && vcpu0.msrs.every((m) => announcedMsrs.has(m.index));
-    const cpuProblems = asAnnounced ? [] : this.vm.cpuProblems(vcpu0.cpuid, vcpu0.msrs.map((m) => m.index));
-    if (cpuProblems.length) throw new MigrationError(`this host cannot run the guest's CPU: ${cpuProblems.join('; ')}`);
+    const state = this.finalChecks(shadow, config, hello);
     mark('state checked');
     this.machine.completeIncoming(state);
     mark('machine built');

@@ -226,6 +226,9 @@ export class MigrationSender {
 
       let pending: Uint8Array[] | undefined;
       if (!this.opts.local) pending = await this.memoryRounds();
+      // The destination has checked the state and readied its final checks (during the memory
+      // rounds, it has long since): the pause does not wait for that work.
+      await ch.expect(FrameType.Prepared);
 
       this.phase = 'final';
       const ok = await this.vm.exclusive(async () => {

@@ -158,6 +158,7 @@ test.serial('a source that sends a schema-2 state: upgraded on arrival, and the 
     await channel.expect(FrameType.Accept);
     await channel.sendJson(FrameType.Config, config);
     await channel.sendJson(FrameType.State, raw.state);
+    await channel.expect(FrameType.Prepared);
     await sendAllPages(channel, memory);
     await channel.sendJson(FrameType.Final, { patches: [] });
     await channel.send(FrameType.Complete);

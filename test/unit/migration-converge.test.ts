@@ -55,6 +55,9 @@ function completingDestination() {
   return fakeDestination(async (ch) => {
     await ch.expect(FrameType.Hello);
     await ch.sendJson(FrameType.Accept, {});
+    await ch.expect(FrameType.Config);
+    await ch.expect(FrameType.State);
+    await ch.sendJson(FrameType.Prepared, {});
     for (let f = await ch.next(); f.type !== FrameType.Complete; f = await ch.next());
     await ch.sendJson(FrameType.Ready, {});
     await ch.expect(FrameType.Commit);
