@@ -31,6 +31,7 @@ import { describeAddress, listenMigration, parseMigrationUrl } from './migration
 import { receivePreamble } from './preamble';
 import { checkSavedConfig, checkSavedState } from './saved-vm';
 import { MigrationError, errorText } from './send-migration';
+import { monotonicMicros } from '../util/monotonic';
 
 /** A machine being received into: RAM first, the rest once the state is complete. */
 export interface IncomingMachine {
@@ -266,7 +267,7 @@ export class MigrationReceiver {
         applyMemoryFrame(this.machine.memory, f.payload);
         applyMs += performance.now() - t;
       } else if (f.type === FrameType.Round || f.type === FrameType.Final) {
-        if (f.type === FrameType.Final) this.vm.log.debug({ bytes: f.payload.length }, 'migration: final state arrived');
+        if (f.type === FrameType.Final) this.vm.log.debug({ bytes: f.payload.length, at_us: monotonicMicros() }, 'migration: final state arrived');
         const body = frameJson(f);
         try {
           shadow = applyStatePatches(shadow, checkPatches(body, FrameType[f.type]));
@@ -288,7 +289,7 @@ export class MigrationReceiver {
     }
 
     const completeAt = Date.now();
-    const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - completeAt }, 'migration: building the VM');
+    const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - completeAt, at_us: monotonicMicros() }, 'migration: building the VM');
     const state = this.finalChecks(shadow, config, hello);
     mark('state checked');
     this.machine.completeIncoming(state);

@@ -21,6 +21,7 @@ import { MemoryFrameBuilder, PAGE, addAllNonZeroPages, addDirtyPages, countDirty
 import { MIGRATION_DEFAULTS, type MigrationPhase, type MigrationProgress, type SendMigrationOptions } from './migration-options';
 import { connectMigration, describeAddress, parseMigrationUrl } from './migration-url';
 import { sendPreamble } from './preamble';
+import { monotonicMicros } from '../util/monotonic';
 
 export class MigrationError extends TernStateError {
   constructor(message: string) {
@@ -247,7 +248,7 @@ export class MigrationSender {
           }
           paused = true;
         }
-        const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - pausedAt }, 'migration: final round');
+        const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - pausedAt, at_us: monotonicMicros() }, 'migration: final round');
         mark('paused');
         if (!this.opts.local) {
           const last = machine.dirtyBitmaps();

@@ -113,12 +113,41 @@ async function guestSide(src: GuestProcess, dst: GuestProcess, srcFrom: number, 
 
 interface CpuProfile {
   nodes: { id: number; callFrame: { functionName: string; url: string; lineNumber: number; columnNumber: number }; children?: number[] }[];
+  /** monotonic clock, microseconds (the clock of the VMMs' at_us log fields) */
+  startTime: number;
   samples: number[];
   timeDeltas: number[];
 }
 
-/** The functions a V8 CPU profile (--cpu-prof) spent most time in, by self time. */
-function profileSummary(label: string, dir: string): string {
+/**
+ * The pause as one VMM's debug log places it on the monotonic clock (at_us): the source's from
+ * the moment it paused the guest, the destination's from the final state's arrival, each to
+ * its last step.
+ */
+function pauseWindow(log: string): { fromUs: number; toUs: number } | undefined {
+  let fromUs = Infinity;
+  let toUs = -Infinity;
+  for (const line of log.split('\n')) {
+    if (!/"msg":"migration: (final round|building the VM|final state arrived)"/.test(line)) continue;
+    try {
+      const f = JSON.parse(line) as { at_us?: number; ms?: number; step?: string };
+      if (typeof f.at_us !== 'number') continue;
+      // a source step's ms counts from the pause; a destination step's from Complete
+      const start = line.includes('final round') ? f.at_us - (f.ms ?? 0) * 1000 : f.at_us;
+      fromUs = Math.min(fromUs, start);
+      toUs = Math.max(toUs, f.at_us);
+    } catch {
+      /* a line cut short */
+    }
+  }
+  return fromUs < toUs ? { fromUs, toUs } : undefined;
+}
+
+/**
+ * The functions a V8 CPU profile (--cpu-prof) spent most time in, by self time; with `window`,
+ * only the samples inside it (the pause).
+ */
+function profileSummary(label: string, dir: string, window?: { fromUs: number; toUs: number }): string {
   let files: string[] = [];
   try {
     files = fs.readdirSync(dir).filter((f) => f.endsWith('.cpuprofile'));
@@ -142,7 +171,10 @@ function profileSummary(label: string, dir: string): string {
     return maps.get(url);
   };
   let total = 0;
+  let at = p.startTime;
   p.samples.forEach((id, i) => {
+    at += p.timeDeltas[i] ?? 0;
+    if (window && (at < window.fromUs || at > window.toUs)) return;
     const f = byId.get(id)!.callFrame;
     const entry = (f.url.startsWith('file:') ? mapFor(f.url)?.findEntry(f.lineNumber, f.columnNumber) : undefined) as { originalSource?: string; originalLine?: number } | undefined;
     const where = entry?.originalSource !== undefined && entry.originalLine !== undefined ? `${entry.originalSource.replace(/^.*?(node_modules|src)\//, '$1/')}:${entry.originalLine + 1}` : `${path.basename(f.url)}:${f.lineNumber + 1}`;
@@ -152,7 +184,8 @@ function profileSummary(label: string, dir: string): string {
     total += us;
   });
   const top = [...self.entries()].sort((a, b) => b[1] - a[1]).slice(0, 25);
-  return `  ${label} CPU profile, ${(total / 1000).toFixed(0)} ms sampled; self time:\n${top.map(([k, us]) => `    ${(us / 1000).toFixed(0).padStart(7)} ms  ${k}`).join('\n')}\n`;
+  const what = window ? `in the pause (${((window.toUs - window.fromUs) / 1000).toFixed(0)} ms)` : 'in all';
+  return `  ${label} CPU profile, ${(total / 1000).toFixed(0)} ms sampled ${what}; self time:\n${top.map(([k, us]) => `    ${(us / 1000).toFixed(0).padStart(7)} ms  ${k}`).join('\n')}\n`;
 }
 
 /** A VMM's per-round debug lines (`msg`), their fields only. */
@@ -266,7 +299,13 @@ async function benchTern(work: string, c: Case): Promise<Measured> {
       vm?.kill();
       await vm?.exited;
     }
-    if (PROFILE) for (const label of ['source', 'destination']) process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label)));
+    if (PROFILE) {
+      for (const [label, vm] of [['source', src], ['destination', dst]] as const) {
+        process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label)));
+        const window = pauseWindow(vm?.stderr ?? '');
+        if (window) process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label), window));
+      }
+    }
   }
 }
 
