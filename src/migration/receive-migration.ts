@@ -10,7 +10,7 @@ import { withDefaults, type VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import { native, type CpuidEntry } from '../native/kvm';
 import {
-  applyStatePatches,
+  applyStatePatchesInPlace,
   decodeVcpuState,
   migrationEvents,
   upgradeState,
@@ -270,7 +270,7 @@ export class MigrationReceiver {
         if (f.type === FrameType.Final) this.vm.log.debug({ bytes: f.payload.length, at_us: monotonicMicros() }, 'migration: final state arrived');
         const body = frameJson(f);
         try {
-          shadow = applyStatePatches(shadow, checkPatches(body, FrameType[f.type]));
+          shadow = applyStatePatchesInPlace(shadow, checkPatches(body, FrameType[f.type]));
         } catch (e) {
           throw error(`${FrameType[f.type]} frame: its state patches do not apply (${errorText(e)})`);
         }

@@ -2,6 +2,7 @@
 // migration code can stream what changed between two states and apply it on the other side.
 // diffState walks only what differs: unchanged subtrees share references in an immutable
 // store, so the cost follows the size of the change, not of the state.
+import { applyPatch, type Operation } from 'fast-json-patch';
 import { applyPatches, enablePatches, produceWithPatches, type Draft, type Patch } from 'immer';
 
 enablePatches();
@@ -54,6 +55,25 @@ export function diffState<S>(prev: S, next: S): StatePatch[] {
 /** Apply patches (from diffState, produceStateWithPatches or the store) to a frozen state. */
 export function applyStatePatches<S>(state: S, patches: readonly StatePatch[]): S {
   return applyPatches(state as object, patches as Patch[]) as S;
+}
+
+/**
+ * Apply patches to a plain JSON document that nobody else holds (a migration destination's
+ * shadow of the source's state, parsed from the stream), changing it in place: no copy, no
+ * freeze of what the patches bring, which for the final patch (every vCPU's saved state) is
+ * most of the state. Each operation is checked against the document (a path that does not
+ * resolve, an index out of range) and none may touch __proto__; on an error the document is
+ * left part-patched, so a caller discards it. Returns the document, a new one only if a patch
+ * replaced the root.
+ */
+export function applyStatePatchesInPlace<S>(doc: S, patches: readonly StatePatch[]): S {
+  const ops = patches.map((p) => ({ op: p.op, path: jsonPointer(p.path), value: p.value }) as Operation);
+  return applyPatch(doc, ops, true, true, true).newDocument;
+}
+
+/** An immer path as an RFC 6901 JSON pointer. */
+function jsonPointer(path: readonly (string | number)[]): string {
+  return path.map((k) => `/${String(k).replace(/~/g, '~0').replace(/\//g, '~1')}`).join('');
 }
 
 /** immer's produceWithPatches, for code that edits state outside the store. */

@@ -170,15 +170,26 @@ function profileSummary(label: string, dir: string, window?: { fromUs: number; t
     }
     return maps.get(url);
   };
+  const parent = new Map<number, number>();
+  for (const n of p.nodes) for (const c of n.children ?? []) parent.set(c, n.id);
+  const nameOf = (id: number) => {
+    const f = byId.get(id)!.callFrame;
+    const entry = (f.url.startsWith('file:') ? mapFor(f.url)?.findEntry(f.lineNumber, f.columnNumber) : undefined) as { originalSource?: string; originalLine?: number } | undefined;
+    const where = entry?.originalSource !== undefined && entry.originalLine !== undefined ? `${entry.originalSource.replace(/^.*?(node_modules|src)\//, '$1/')}:${entry.originalLine + 1}` : `${path.basename(f.url)}:${f.lineNumber + 1}`;
+    return `${f.functionName || '(anonymous)'} ${where}`;
+  };
+  // In the pause, each function is named with its callers (three up): what ran it matters there.
+  const keyOf = (id: number) => {
+    const chain = [nameOf(id)];
+    for (let up = parent.get(id); window && up !== undefined && chain.length < 4 && byId.get(up)!.callFrame.functionName !== '(root)'; up = parent.get(up)) chain.push(nameOf(up));
+    return chain.join(' < ');
+  };
   let total = 0;
   let at = p.startTime;
   p.samples.forEach((id, i) => {
     at += p.timeDeltas[i] ?? 0;
     if (window && (at < window.fromUs || at > window.toUs)) return;
-    const f = byId.get(id)!.callFrame;
-    const entry = (f.url.startsWith('file:') ? mapFor(f.url)?.findEntry(f.lineNumber, f.columnNumber) : undefined) as { originalSource?: string; originalLine?: number } | undefined;
-    const where = entry?.originalSource !== undefined && entry.originalLine !== undefined ? `${entry.originalSource.replace(/^.*?(node_modules|src)\//, '$1/')}:${entry.originalLine + 1}` : `${path.basename(f.url)}:${f.lineNumber + 1}`;
-    const key = `${f.functionName || '(anonymous)'} ${where}`;
+    const key = keyOf(id);
     const us = p.timeDeltas[i] ?? 0;
     self.set(key, (self.get(key) ?? 0) + us);
     total += us;

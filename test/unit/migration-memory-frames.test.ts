@@ -69,3 +69,15 @@ test('a later round sends exactly the pages of the union of its dirty bitmaps', 
     t.true(dstRegion.read(p * PAGE, PAGE).every((v) => v === want), `page ${p}`);
   }
 });
+
+test('the union of two bitmaps is every bit of either, whatever their length and alignment', (t) => {
+  for (const length of [1, 3, 4, 33, 4096 + 7]) {
+    const a = Uint8Array.from({ length }, (_, i) => (i * 37) & 0xff);
+    // `b` starts one byte into its buffer, as a view of a larger read can
+    const b = new Uint8Array(length + 1).subarray(1);
+    b.forEach((_, i) => (b[i] = (i * 91 + 5) & 0xff));
+    const [u] = unionBitmaps([a], [b]);
+    t.deepEqual([...u], [...a].map((x, i) => x | b[i]), `length ${length}`);
+    t.deepEqual([...a], Array.from({ length }, (_, i) => (i * 37) & 0xff), 'the inputs are left as they were');
+  }
+});

@@ -70,6 +70,8 @@ test('non-JSON values are refused with their path', (t) => {
     const e = t.throws(() => assertJsonSafe(value), { instanceOf: NotJsonSafeError });
     t.is(e?.path, path);
   }
+  const e = t.throws(() => assertJsonSafe({ msrs: [{ data: 1n }] }, '/vcpus/saved/0'), { instanceOf: NotJsonSafeError });
+  t.is(e?.path, '/vcpus/saved/0/msrs/0/data', 'a path given is the prefix of the one reported');
   t.true(isJsonSafe({ a: [1, 'x', null, true, { b: [] }] }));
   t.true(isJsonSafe(Object.create(null)));
 });

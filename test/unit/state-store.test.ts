@@ -5,7 +5,7 @@ import { i8042Device } from '../../src/devices/i8042';
 import type { EventTimestamp } from '../../src/state/clock';
 import { DeviceConflictError, UnknownDeviceError } from '../../src/state/errors';
 import { dispatchIo, ioEvent } from '../../src/state/io';
-import { applyStatePatches, diffState, produceStateWithPatches, type StatePatchSet } from '../../src/state/patches';
+import { applyStatePatches, applyStatePatchesInPlace, diffState, produceStateWithPatches, type StatePatch, type StatePatchSet } from '../../src/state/patches';
 import { Type } from '@sinclair/typebox';
 import { createSlice, pure, type EventInput, type StoreEvent } from '../../src/state/slice';
 import { BusEvents } from '../../src/state/slices/bus';
@@ -195,6 +195,32 @@ test('diffState + applyStatePatches between arbitrary states', (t) => {
   });
   t.deepEqual(applyStatePatches(b, patches), next);
   t.deepEqual(applyStatePatches(next, inverse), b);
+});
+
+test('patches applied in place to a parsed copy give what immer gives; bad paths and __proto__ are refused', (t) => {
+  const a = populatedStore().getState();
+  const b = createStore().getState();
+  const parsed = (s: unknown) => JSON.parse(JSON.stringify(s));
+  // (a migration destination's shadow: the wire's copies of both the state and the patches)
+  t.deepEqual(applyStatePatchesInPlace(parsed(a), parsed(diffState(a, b))), applyStatePatches(a, diffState(a, b)));
+  t.deepEqual(applyStatePatchesInPlace(parsed(b), parsed(diffState(b, a))), a);
+  const arrays = { list: [1, 2, 3], 'odd/key~': { x: 1 } };
+  const ops: StatePatch[] = [
+    { op: 'add', path: ['list', 1], value: 9 },
+    { op: 'remove', path: ['list', 0] },
+    { op: 'replace', path: ['odd/key~', 'x'], value: 2 },
+  ];
+  t.deepEqual(applyStatePatchesInPlace(parsed(arrays), ops), applyStatePatches(arrays, ops));
+  t.deepEqual(applyStatePatchesInPlace(parsed(arrays), [{ op: 'replace', path: [], value: { whole: true } }]), { whole: true });
+  for (const bad of [
+    { op: 'replace', path: ['missing', 'x'], value: 1 },
+    { op: 'remove', path: ['list', 7] },
+    { op: 'add', path: ['list', 9], value: 1 },
+    { op: 'add', path: ['__proto__', 'polluted'], value: 1 },
+  ] as StatePatch[]) {
+    t.throws(() => applyStatePatchesInPlace(parsed(arrays), [bad]), undefined, JSON.stringify(bad));
+  }
+  t.is(({} as Record<string, unknown>).polluted, undefined);
 });
 
 test('replaceState swaps the whole tree as a recorded event', (t) => {
