@@ -23,6 +23,7 @@ import {
   type Store,
 } from '../state';
 import { FrameChannel } from './frame-channel';
+import { PauseSteps } from './pause-steps';
 import { FrameType, MigrationProtocolError, frameJson } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, checkHello, type Hello } from './handshake';
 import { applyMemoryFrame } from './memory-frames';
@@ -31,7 +32,6 @@ import { describeAddress, listenMigration, parseMigrationUrl } from './migration
 import { receivePreamble } from './preamble';
 import { checkSavedConfig, checkSavedState } from './saved-vm';
 import { MigrationError, errorText } from './send-migration';
-import { monotonicMicros } from '../util/monotonic';
 
 /** A machine being received into: RAM first, the rest once the state is complete. */
 export interface IncomingMachine {
@@ -257,6 +257,7 @@ export class MigrationReceiver {
     // would otherwise wait for (a local migration has no memory rounds to hide it behind).
     await ch.sendJson(FrameType.Prepared, {});
 
+    let steps: PauseSteps | undefined;
     let roundStart = performance.now();
     let applyMs = 0;
     for (;;) {
@@ -267,13 +268,15 @@ export class MigrationReceiver {
         applyMemoryFrame(this.machine.memory, f.payload);
         applyMs += performance.now() - t;
       } else if (f.type === FrameType.Round || f.type === FrameType.Final) {
-        if (f.type === FrameType.Final) this.vm.log.debug({ bytes: f.payload.length, at_us: monotonicMicros() }, 'migration: final state arrived');
+        // (the source's guest is paused from here on: the steps time what this side does of it)
+        if (f.type === FrameType.Final) steps = new PauseSteps();
         const body = frameJson(f);
         try {
           shadow = applyStatePatchesInPlace(shadow, checkPatches(body, FrameType[f.type]));
         } catch (e) {
           throw error(`${FrameType[f.type]} frame: its state patches do not apply (${errorText(e)})`);
         }
+        if (f.type === FrameType.Final) steps?.note({ final_bytes: f.payload.length });
         if (f.type === FrameType.Round) {
           // (where a round's time goes: writing pages into RAM here, or waiting for the source)
           this.vm.log.debug({ round: this.iteration, ms: Math.round(performance.now() - roundStart), apply_ms: Math.round(applyMs) }, 'migration: round received');
@@ -288,18 +291,28 @@ export class MigrationReceiver {
       }
     }
 
-    const completeAt = Date.now();
-    const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - completeAt, at_us: monotonicMicros() }, 'migration: building the VM');
+    try {
+      await this.buildAndRun(ch, shadow, config, hello, steps);
+    } finally {
+      steps?.log(this.vm.log, 'destination');
+    }
+  }
+
+  /** Complete arrived: check the final state, build the VM, and run it once the source commits. */
+  private async buildAndRun(ch: FrameChannel, shadow: unknown, config: VmConfig, hello: Hello, steps: PauseSteps | undefined): Promise<void> {
+    const machine = this.machine;
+    if (!machine) throw new Error('no machine to build the migrated VM in');
+    const mark = (step: string) => steps?.mark(step);
+    mark('complete received');
     const state = this.finalChecks(shadow, config, hello);
     mark('state checked');
-    this.machine.completeIncoming(state);
+    machine.completeIncoming(state);
     mark('machine built');
     await ch.sendJson(FrameType.Ready, {});
     await ch.expect(FrameType.Commit);
     mark('committed');
     // The source has given the VM up: from here it is ours to run, whatever happens to the link.
     this.phase = 'finished';
-    const machine = this.machine;
     this.machine = undefined;
     try {
       await this.vm.install(machine, state);

@@ -14,14 +14,15 @@ import type { CpuidEntry } from '../native/kvm';
 import { diffState, migrationEvents, type RootState, type Store } from '../state';
 import { TernStateError } from '../state/errors';
 import { TERN_VERSION } from '../version';
+import type { PauseTiming } from '../vmm/machine';
 import { FrameChannel, MigrationPeerError } from './frame-channel';
 import { FrameType } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, type Hello } from './handshake';
 import { MemoryFrameBuilder, PAGE, addAllNonZeroPages, addDirtyPages, countDirtyPages, unionBitmaps } from './memory-frames';
 import { MIGRATION_DEFAULTS, type MigrationPhase, type MigrationProgress, type SendMigrationOptions } from './migration-options';
 import { connectMigration, describeAddress, parseMigrationUrl } from './migration-url';
+import { PauseSteps } from './pause-steps';
 import { sendPreamble } from './preamble';
-import { monotonicMicros } from '../util/monotonic';
 
 export class MigrationError extends TernStateError {
   constructor(message: string) {
@@ -37,8 +38,8 @@ export interface SourceMachine {
   dirtyBitmaps(): Uint8Array[];
   memoryFds(): number[] | undefined;
   cpuFacts(): { cpuid: CpuidEntry[]; msrIndices: number[] };
-  /** park the vCPUs and save their state (and KVM's) into the store */
-  pause(): Promise<void>;
+  /** park the vCPUs and save their state (and KVM's) into the store; resolves to where the time went */
+  pause(): Promise<PauseTiming>;
   /** run the vCPUs again; restoreClock (default true) sets kvmclock back to the pause's */
   resume(opts?: { restoreClock?: boolean }): void;
   throttle(percent: number): void;
@@ -219,6 +220,7 @@ export class MigrationSender {
     const ch = this.channel!;
     let paused = false;
     let wasPaused = false;
+    let steps: PauseSteps | undefined;
     try {
       const state = this.vm.store.getState();
       await ch.sendJson(FrameType.Config, state.vm.config);
@@ -236,10 +238,11 @@ export class MigrationSender {
         const machine = this.checkMachine();
         wasPaused = this.vm.store.getState().vm.status === 'Paused';
         const pausedAt = Date.now();
+        steps = new PauseSteps();
         if (!wasPaused) {
           machine.throttle(0);
           try {
-            await machine.pause();
+            steps.note({ vcpus: await machine.pause() });
           } catch (e) {
             // Some vCPUs may be parked: let them all run on, with the guest's own clock (the
             // saved one may be an earlier pause's).
@@ -248,7 +251,7 @@ export class MigrationSender {
           }
           paused = true;
         }
-        const mark = (step: string) => this.vm.log.debug({ step, ms: Date.now() - pausedAt, at_us: monotonicMicros() }, 'migration: final round');
+        const mark = (step: string) => steps?.mark(step);
         mark('paused');
         if (!this.opts.local) {
           const last = machine.dirtyBitmaps();
@@ -257,6 +260,7 @@ export class MigrationSender {
           const pages = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush));
           this.vm.store.dispatch(migrationEvents.memoryIteration({ id: ++this.iteration, pages: pages.pages, bytes: pages.bytes }));
           mark('last pages sent');
+          steps.note({ last_pages: pages.pages, last_sending_ms: pages.sending_ms });
         }
         await this.sendPatches(FrameType.Final, {});
         await ch.send(FrameType.Complete);
@@ -297,6 +301,7 @@ export class MigrationSender {
       this.machineAtStart?.throttle(0);
       return this.fail(reason);
     } finally {
+      steps?.log(this.vm.log, 'source');
       clearTimeout(this.timeoutTimer);
     }
   }
@@ -326,8 +331,11 @@ export class MigrationSender {
     return false;
   }
 
-  /** Fill Memory frames through `fill` and send them; returns pages and bytes sent. */
-  private async sendPages(fill: (b: MemoryFrameBuilder, flush: () => Promise<void>) => Promise<void>): Promise<{ pages: number; bytes: number }> {
+  /**
+   * Fill Memory frames through `fill` and send them; returns pages and bytes sent, and where the
+   * time went (`ms` in all, `sending_ms` of it waiting for the link to take the frames).
+   */
+  private async sendPages(fill: (b: MemoryFrameBuilder, flush: () => Promise<void>) => Promise<void>): Promise<{ pages: number; bytes: number; ms: number; sending_ms: number }> {
     // One builder for the whole migration: its 16 MiB buffer is not allocated again in the pause.
     const b = (this.builder ??= new MemoryFrameBuilder());
     const pagesBefore = b.pages;
@@ -342,10 +350,12 @@ export class MigrationSender {
     };
     await fill(b, flush);
     await flush();
-    const pages = b.pages - pagesBefore;
-    // (where a round's time goes: scanning and copying here, or waiting for the link to take it)
-    this.vm.log.debug({ pages, ms: Math.round(performance.now() - started), sending_ms: Math.round(sendingMs) }, 'migration: pages sent');
-    return { pages, bytes: this.channel!.bytesWritten - before };
+    return { pages: b.pages - pagesBefore, bytes: this.channel!.bytesWritten - before, ms: Math.round(performance.now() - started), sending_ms: Math.round(sendingMs) };
+  }
+
+  /** (where a round's time goes: scanning and copying here, or waiting for the link to take it) */
+  private logRound(sent: { pages: number; ms: number; sending_ms: number }): void {
+    this.vm.log.debug({ pages: sent.pages, ms: sent.ms, sending_ms: sent.sending_ms }, 'migration: pages sent');
   }
 
   /**
@@ -359,6 +369,7 @@ export class MigrationSender {
     machine.dirtyBitmaps(); // start the log afresh (the VMM's bitmap too): round 0 sends everything
     let roundStart = Date.now();
     let sent = await this.sendPages((b, flush) => addAllNonZeroPages(b, machine.memory, flush));
+    this.logRound(sent);
     await this.sendPatches(FrameType.Round, { iteration: 0 });
     this.vm.store.dispatch(migrationEvents.memoryIteration({ id: 0, pages: sent.pages, bytes: sent.bytes }));
     for (;;) {
@@ -383,6 +394,7 @@ export class MigrationSender {
       this.iteration++;
       roundStart = now;
       sent = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush));
+      this.logRound(sent);
       await this.sendPatches(FrameType.Round, { iteration: this.iteration });
       this.vm.store.dispatch(migrationEvents.memoryIteration({ id: this.iteration, pages: sent.pages, bytes: sent.bytes }));
     }

@@ -145,7 +145,7 @@ export class Vmm {
       this.store.dispatch(vmEvents.pausing());
       const machine = this.liveMachine();
       try {
-        await machine.pause();
+        this.log.debug(await machine.pause(), 'vCPUs paused and their state saved');
       } catch (e) {
         // Let the vCPUs run on, without the clock of some earlier pause; if even that fails,
         // the VM cannot go on.

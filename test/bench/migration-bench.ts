@@ -119,28 +119,37 @@ interface CpuProfile {
   timeDeltas: number[];
 }
 
-/**
- * The pause as one VMM's debug log places it on the monotonic clock (at_us): the source's from
- * the moment it paused the guest, the destination's from the final state's arrival, each to
- * its last step.
- */
-function pauseWindow(log: string): { fromUs: number; toUs: number } | undefined {
-  let fromUs = Infinity;
-  let toUs = -Infinity;
+/** The fields of the JSON log lines of `log` whose msg is `msg`. */
+function logLines(log: string, msg: RegExp): Record<string, unknown>[] {
+  const out: Record<string, unknown>[] = [];
   for (const line of log.split('\n')) {
-    if (!/"msg":"migration: (final round|building the VM|final state arrived)"/.test(line)) continue;
+    if (!msg.test(line)) continue;
     try {
-      const f = JSON.parse(line) as { at_us?: number; ms?: number; step?: string };
-      if (typeof f.at_us !== 'number') continue;
-      // a source step's ms counts from the pause; a destination step's from Complete
-      const start = line.includes('final round') ? f.at_us - (f.ms ?? 0) * 1000 : f.at_us;
-      fromUs = Math.min(fromUs, start);
-      toUs = Math.max(toUs, f.at_us);
+      out.push(JSON.parse(line) as Record<string, unknown>);
     } catch {
       /* a line cut short */
     }
   }
-  return fromUs < toUs ? { fromUs, toUs } : undefined;
+  return out;
+}
+
+/** A VMM's "migration: pause steps" line: its steps, and the pause on the monotonic clock and in epoch ms. */
+function pauseStepsOf(log: string): { steps: { step: string; ms: number }[]; fromUs: number; toUs: number; fromMs: number; vcpus?: Record<string, number> } | undefined {
+  const l = logLines(log, /"msg":"migration: pause steps"/).pop();
+  if (!l || !Array.isArray(l.steps)) return undefined;
+  const fromUs = Number(l.from_us);
+  const toUs = Number(l.to_us);
+  // (the line is written when the pause is over: its time is the pause's end)
+  return { steps: l.steps as { step: string; ms: number }[], fromUs, toUs, fromMs: Number(l.time) - (toUs - fromUs) / 1000, vcpus: l.vcpus as Record<string, number> | undefined };
+}
+
+/**
+ * The pause on the monotonic clock, as a VMM logged it: the source's from the moment it paused
+ * the guest, the destination's from the final state's arrival, each to its last step.
+ */
+function pauseWindow(log: string): { fromUs: number; toUs: number } | undefined {
+  const p = pauseStepsOf(log);
+  return p && p.fromUs < p.toUs ? { fromUs: p.fromUs, toUs: p.toUs } : undefined;
 }
 
 /**
@@ -219,29 +228,21 @@ function roundLines(log: string, msg: string): string {
  * ..."), with the garbage collections that fell inside it.
  */
 function pauseSteps(log: string): string {
-  const lines: Record<string, unknown>[] = [];
-  for (const line of log.split('\n')) {
-    if (!/"msg":"(migration: final round|migration: building the VM|vCPUs paused and their state saved|garbage collection)"/.test(line)) continue;
-    try {
-      lines.push(JSON.parse(line) as Record<string, unknown>);
-    } catch {
-      /* a line cut short */
-    }
-  }
-  const steps = lines.filter((l) => l.step !== undefined);
-  if (!steps.length) return '-';
-  const from = Number(steps[0].time) - Number(steps[0].ms);
-  const to = Number(steps[steps.length - 1].time);
+  const p = pauseStepsOf(log);
+  if (!p) return '-';
   const out: string[] = [];
-  for (const l of lines) {
-    const at = Number(l.time);
-    if (l.step !== undefined) out.push(`${String(l.step)} ${String(l.ms)} ms`);
-    else if (l.gc_ms !== undefined && at >= from && at <= to + 1) out.push(`[gc ${String(l.gc_ms)} ms at ${at - from}]`);
-    else if (l.parked_ms !== undefined && at >= from && at <= to) {
-      const { parked_ms, saved_ms, read_ms, encode_ms, dispatch_ms } = l;
-      out.push(`[vCPUs parked ${String(parked_ms)}, saved ${String(saved_ms)} (read ${String(read_ms)}, encode ${String(encode_ms)}, dispatch ${String(dispatch_ms)})]`);
-    }
+  if (p.vcpus) {
+    const { parked_ms, saved_ms, read_ms, encode_ms, dispatch_ms } = p.vcpus;
+    out.push(`[vCPUs parked ${parked_ms}, saved ${saved_ms} (read ${read_ms}, encode ${encode_ms}, dispatch ${dispatch_ms})]`);
   }
+  const gcs = logLines(log, /"msg":"garbage collection"/).map((g) => ({ at: Number(g.time) - p.fromMs, ms: Number(g.gc_ms) }));
+  const end = (p.toUs - p.fromUs) / 1000;
+  let g = 0;
+  for (const s of p.steps) {
+    for (; g < gcs.length && gcs[g].at <= s.ms; g++) if (gcs[g].at >= 0) out.push(`[gc ${gcs[g].ms} ms at ${Math.round(gcs[g].at)}]`);
+    out.push(`${s.step} ${s.ms} ms`);
+  }
+  for (; g < gcs.length && gcs[g].at <= end + 1; g++) if (gcs[g].at >= 0) out.push(`[gc ${gcs[g].ms} ms at ${Math.round(gcs[g].at)}]`);
   return out.join(', ');
 }
 

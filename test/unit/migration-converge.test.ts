@@ -41,7 +41,7 @@ function dirtyingGuest(perRound: number): SourceMachine & { throttles: number[] 
     },
     memoryFds: () => undefined,
     cpuFacts: () => ({ cpuid: [], msrIndices: [] }),
-    pause: async () => undefined,
+    pause: async () => ({ parked_ms: 0, saved_ms: 0, read_ms: 0, encode_ms: 0, dispatch_ms: 0 }),
     resume: () => undefined,
     throttle(percent: number) {
       throttle = percent;
