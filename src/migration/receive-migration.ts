@@ -197,7 +197,9 @@ export class MigrationReceiver {
   private rehearseFinalChecks(state: RootState, config: VmConfig, hello: Hello): void {
     try {
       const sample = this.machine!.sampleSavedState();
-      this.finalChecks({ ...state, vcpus: { ...state.vcpus, saved: sample.vcpus }, kvm: { ...state.kvm, saved: sample.kvm } }, config, hello);
+      // (a copy: the checks freeze what they pass, and the shadow still takes the rounds' patches)
+      const copy = structuredClone(state);
+      this.finalChecks({ ...copy, vcpus: { ...copy.vcpus, saved: sample.vcpus }, kvm: { ...copy.kvm, saved: sample.kvm } }, config, hello);
     } catch (e) {
       this.vm.log.debug({ err: e }, 'migration: the rehearsal of the final checks failed');
     }

@@ -6,7 +6,7 @@
 // will set into KVM.
 import { checkVmConfig } from '../api/request-body';
 import type { VmConfig } from '../config/vm-config';
-import { rootSchemaVersionOf, upgradeState, validateState, vmConfigProblems, type RootState, type VmStatus } from '../state';
+import { rootSchemaVersionOf, upgradeState, validateAndFreezeState, vmConfigProblems, type RootState, type VmStatus } from '../state';
 import { canonicalJson } from './canonical-json';
 
 export type ErrorFactory = (message: string) => Error;
@@ -49,9 +49,8 @@ export function checkSavedState(
     if (opts.declaredSchema !== undefined && opts.declaredSchema !== stored) {
       throw error(`schema_version ${String(opts.declaredSchema)} differs from the state's ${stored}`);
     }
-    const upgraded = upgradeState(raw);
-    validateState(upgraded);
-    state = upgraded as RootState;
+    // (frozen: the store takes this very state, and need not check it again)
+    state = validateAndFreezeState(upgradeState(raw)) as RootState;
   } catch (e) {
     throw error(`${where}: ${(e as Error).message}`);
   }

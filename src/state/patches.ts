@@ -2,7 +2,7 @@
 // migration code can stream what changed between two states and apply it on the other side.
 // diffState walks only what differs: unchanged subtrees share references in an immutable
 // store, so the cost follows the size of the change, not of the state.
-import { applyPatch, type Operation } from 'fast-json-patch';
+import { applyPatch, type Operation, type Validator } from 'fast-json-patch';
 import { applyPatches, enablePatches, produceWithPatches, type Draft, type Patch } from 'immer';
 
 enablePatches();
@@ -68,8 +68,21 @@ export function applyStatePatches<S>(state: S, patches: readonly StatePatch[]): 
  */
 export function applyStatePatchesInPlace<S>(doc: S, patches: readonly StatePatch[]): S {
   const ops = patches.map((p) => ({ op: p.op, path: jsonPointer(p.path), value: p.value }) as Operation);
-  return applyPatch(doc, ops, true, true, true).newDocument;
+  return applyPatch(doc, ops, pathResolves, true, true).newDocument;
 }
+
+/**
+ * fast-json-patch's check of an operation against the document, given the longest prefix of
+ * its path that exists: replace and remove need the whole path, add its parent. (Its default
+ * check also walks every value looking for `undefined`, which JSON cannot hold: with the vCPU
+ * states in the final patch, that walk was most of the cost.) Array indices out of range are
+ * refused by the library itself.
+ */
+const pathResolves: Validator<unknown> = (op, _index, _doc, existing) => {
+  if (existing === op.path) return;
+  if (op.op === 'add' && op.path.split('/').length === existing.split('/').length + 1) return;
+  throw new Error(`${op.op} ${op.path}: the path does not resolve`);
+};
 
 /** An immer path as an RFC 6901 JSON pointer. */
 function jsonPointer(path: readonly (string | number)[]): string {

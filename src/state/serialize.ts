@@ -15,10 +15,34 @@ export function validateState<M extends SliceMap>(
   }
   const root = state as Record<string, unknown>;
   if (root.schemaVersion !== rootSchemaVersion) throw new SchemaVersionError('root', root.schemaVersion, rootSchemaVersion);
-  for (const [key, slice] of Object.entries(slices)) slice.validate(root[key]);
+  for (const [key, slice] of Object.entries(slices)) {
+    const value = root[key];
+    if (typeof value === 'object' && value !== null && checkedSlices.get(value) === slice) continue;
+    slice.validate(value);
+    assertJsonSafe(value, `/${key}`);
+  }
   const extra = Object.keys(root).filter((k) => k !== 'schemaVersion' && !Object.hasOwn(slices, k));
   if (extra.length) throw new TypeError(`state has unknown slices: ${extra.join(', ')}`);
-  assertJsonSafe(state);
+}
+
+// Slice values that passed validateAndFreezeState, with the slice that checked them: frozen, so
+// unchanged since, and a state that shares them (the migrated state the store takes once the
+// final checks passed) is not checked twice.
+const checkedSlices = new WeakMap<object, unknown>();
+
+/** validateState, then deep-freeze the state; its slices count as checked from then on. */
+export function validateAndFreezeState<M extends SliceMap>(
+  state: unknown,
+  slices: M = rootSlices as unknown as M,
+  rootSchemaVersion = ROOT_SCHEMA_VERSION,
+): StateOf<M> {
+  validateState(state, slices, rootSchemaVersion);
+  const frozen = deepFreeze(state) as Record<string, unknown>;
+  for (const [key, slice] of Object.entries(slices)) {
+    const value = frozen[key];
+    if (typeof value === 'object' && value !== null) checkedSlices.set(value, slice);
+  }
+  return frozen as StateOf<M>;
 }
 
 export function serializeState(state: unknown, space?: number): string {
@@ -30,9 +54,7 @@ export function serializeState(state: unknown, space?: number): string {
 export function deserializeState(json: string): RootState;
 export function deserializeState<M extends SliceMap>(json: string, slices: M, rootSchemaVersion?: number): StateOf<M>;
 export function deserializeState(json: string, slices: SliceMap = rootSlices, rootSchemaVersion = ROOT_SCHEMA_VERSION): unknown {
-  const state: unknown = JSON.parse(json);
-  validateState(state, slices, rootSchemaVersion);
-  return deepFreeze(state);
+  return validateAndFreezeState(JSON.parse(json), slices, rootSchemaVersion);
 }
 
 export type { RootState };

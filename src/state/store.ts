@@ -7,7 +7,7 @@ import { BehaviorSubject, Observable, Subject, distinctUntilChanged } from 'rxjs
 import type { Effect } from '../devices/device';
 import { type EventClock, vmmClock } from './clock';
 import { recordCopier } from './copy';
-import { assertJsonSafe, deepFreeze } from './json';
+import { assertJsonSafe } from './json';
 import { type StatePatchSet, diffState } from './patches';
 import {
   ROOT_SCHEMA_VERSION,
@@ -18,7 +18,7 @@ import {
   initialStateOf,
   rootSlices,
 } from './root';
-import { validateState } from './serialize';
+import { validateAndFreezeState } from './serialize';
 import { eventCreator, type EventInput, type Slice, type StoreEvent } from './slice';
 
 export const StoreEvents = {
@@ -119,8 +119,7 @@ function buildStore<M extends SliceMap>(options: StoreOptions<M>): Store<StateOf
 
   let state: S;
   if (options.preloadedState !== undefined) {
-    validateState(options.preloadedState, slices, rootVersion);
-    state = deepFreeze(options.preloadedState);
+    state = validateAndFreezeState(options.preloadedState, slices, rootVersion) as S;
   } else {
     state = initialStateOf(slices, rootVersion);
   }
@@ -182,9 +181,9 @@ function buildStore<M extends SliceMap>(options: StoreOptions<M>): Store<StateOf
     const event = makeEvent(input);
     if (event.type === StoreEvents.StateReplaced) {
       const replacement = (event.payload as StateReplacedPayload)?.state;
-      validateState(replacement, slices, rootVersion);
+      const next = validateAndFreezeState(replacement, slices, rootVersion) as S;
       const prev = state;
-      commit(event, prev, deepFreeze(replacement as S));
+      commit(event, prev, next);
       return { effects: NO_EFFECTS, seq: event.seq };
     }
     const prev = state;

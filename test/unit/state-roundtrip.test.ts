@@ -5,7 +5,7 @@ import { NotJsonSafeError, SchemaVersionError } from '../../src/state/errors';
 import { dispatchIo } from '../../src/state/io';
 import { assertJsonSafe, isJsonSafe } from '../../src/state/json';
 import { ROOT_SCHEMA_VERSION, type RootState, initialRootState } from '../../src/state/root';
-import { deserializeState, serializeState } from '../../src/state/serialize';
+import { deserializeState, serializeState, validateAndFreezeState, validateState } from '../../src/state/serialize';
 import { InvalidStateError } from '../../src/state/state-schema';
 import { createStore } from '../../src/state/store';
 import { nativeVcpu, pio, populatedStore } from './state-fixtures';
@@ -74,6 +74,18 @@ test('non-JSON values are refused with their path', (t) => {
   t.is(e?.path, '/vcpus/saved/0/msrs/0/data', 'a path given is the prefix of the one reported');
   t.true(isJsonSafe({ a: [1, 'x', null, true, { b: [] }] }));
   t.true(isJsonSafe(Object.create(null)));
+});
+
+test('a state checked and frozen shares its slices with later states; a changed slice is still checked', (t) => {
+  const checked = validateAndFreezeState(JSON.parse(serializeState(populatedStore().getState())) as unknown);
+  t.true(Object.isFrozen(checked.devices) && Object.isFrozen(checked.vcpus.saved));
+  // the migrated state as the store takes it: the checked slices, one of them replaced
+  t.notThrows(() => validateState({ ...checked, vm: { ...checked.vm, pending: null } }));
+  const bad = { ...checked, vm: { ...checked.vm, bootCount: -1 } };
+  t.throws(() => validateState(bad), { instanceOf: InvalidStateError });
+  t.throws(() => validateState({ ...checked, devices: { ...checked.devices, bogus: 1 } }));
+  t.throws(() => validateState({ ...checked, vm: 'not a slice' }));
+  t.throws(() => validateState({ ...checked, extra: {} }), { message: /unknown slices: extra/ });
 });
 
 test('a snapshot with another schema version is refused', (t) => {

@@ -215,6 +215,9 @@ test('patches applied in place to a parsed copy give what immer gives; bad paths
   for (const bad of [
     { op: 'replace', path: ['missing', 'x'], value: 1 },
     { op: 'remove', path: ['list', 7] },
+    { op: 'remove', path: ['list', 3] },
+    { op: 'replace', path: ['list', 3], value: 1 },
+    { op: 'add', path: ['missing', 'deeper', 'x'], value: 1 },
     { op: 'add', path: ['list', 9], value: 1 },
     { op: 'add', path: ['__proto__', 'polluted'], value: 1 },
   ] as StatePatch[]) {
