@@ -1010,6 +1010,7 @@ Napi::Value Vcpu::Start(const Napi::CallbackInfo& info) {
   }
   SeccompMode mode = SeccompMode::kTrap;
   bool probe = false;
+  bool parked = false;
   if (info.Length() > 1 && !info[1].IsUndefined()) {
     if (!info[1].IsObject()) {
       ThrowTypeError(env, "start: options must be an object");
@@ -1022,6 +1023,7 @@ Napi::Value Vcpu::Start(const Napi::CallbackInfo& info) {
       return env.Undefined();
     }
     probe = o.Get("probeForbiddenSyscall").ToBoolean().Value();
+    parked = o.Get("parked").ToBoolean().Value();
     if (env.IsExceptionPending()) return env.Undefined();
   }
   {
@@ -1041,7 +1043,8 @@ Napi::Value Vcpu::Start(const Napi::CallbackInfo& info) {
   core_->tsfn = ExitTsfn::New(env, info[0].As<Napi::Function>(), "tern-vcpu", 0, 1, nullptr);
   if (env.IsExceptionPending()) return env.Undefined();
   core_->stopReq = false;
-  core_->pauseReq = false;
+  // Set before the thread exists, so that it parks before its first KVM_RUN.
+  core_->pauseReq = parked;
   core_->SetImmediateExit(0);
   std::lock_guard<std::mutex> lk(core_->mu);
   core_->state = VState::Running;

@@ -41,6 +41,8 @@ export interface IncomingMachine {
   /** what its new vCPUs and KVM objects would save (after prepareVcpus) */
   sampleSavedState(): { vcpus: Record<string, SavedVcpuState>; kvm: SavedKvmState };
   completeIncoming(state: RootState): void;
+  /** start the vCPU threads parked: after Commit, running the guest is only waking them */
+  startParked(): Promise<void>;
   destroy(): Promise<void>;
 }
 
@@ -309,6 +311,7 @@ export class MigrationReceiver {
     const state = this.finalChecks(shadow, config, hello);
     mark('state checked');
     machine.completeIncoming(state);
+    await machine.startParked();
     mark('machine built');
     await ch.sendJson(FrameType.Ready, {});
     await ch.expect(FrameType.Commit);

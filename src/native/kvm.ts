@@ -87,6 +87,12 @@ export interface VcpuStartOptions {
    * before its first KVM_RUN, and reports the outcome as a 'probe' exit.
    */
   probeForbiddenSyscall?: boolean;
+  /**
+   * The thread parks (reporting 'paused') before its first KVM_RUN, until resume(): a migration
+   * destination creates its threads before the source gives the VM up, so that running the
+   * guest afterwards is only waking them.
+   */
+  parked?: boolean;
 }
 
 /**

@@ -129,6 +129,8 @@ export class Machine {
   private throttleTimer?: NodeJS.Timeout;
   private stopReported = false;
   private started = false;
+  /** the console's host input goes to the UART (from the first run of the vCPUs on) */
+  private consoleInput = false;
   /** undefined for a restored machine: nothing was loaded */
   readonly plan?: BootPlan;
   /** the CPUID each vCPU was given, saved with its state */
@@ -349,8 +351,25 @@ export class Machine {
 
   start(): void {
     this.started = true;
-    this.console!.onInput((bytes) => this.acceptConsoleInput(bytes));
+    this.takeConsoleInput();
     for (const r of this.runners) r.start();
+  }
+
+  /**
+   * A migration destination, once its VM is built: the vCPU threads start and wait parked
+   * before their first KVM_RUN (thread creation and seccomp setup are then done before the
+   * source gives the VM up); resume() wakes them. Console input waits for resume() too.
+   */
+  async startParked(): Promise<void> {
+    if (this.started) throw new Error('startParked() is for a machine whose vCPUs have not started');
+    this.started = true;
+    await Promise.all(this.runners.map((r) => r.startParked()));
+  }
+
+  private takeConsoleInput(): void {
+    if (this.consoleInput) return;
+    this.consoleInput = true;
+    this.console!.onInput((bytes) => this.acceptConsoleInput(bytes));
   }
 
   /** Press the ACPI power button: the GED latches the event and raises its interrupt. */
@@ -478,6 +497,7 @@ export class Machine {
       this.start();
       return;
     }
+    this.takeConsoleInput();
     for (const r of this.runners) r.resume();
     this.console!.resumeInput();
   }

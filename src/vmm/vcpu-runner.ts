@@ -26,6 +26,17 @@ export class VcpuRunner {
   }
 
   start(): void {
+    this.startThread(false);
+  }
+
+  /** Start the thread parked before its first KVM_RUN; resolves once it has parked. resume() runs it. */
+  startParked(): Promise<void> {
+    const parked = new Promise<void>((r) => (this.pausedResolve = r));
+    this.startThread(true);
+    return Promise.race([parked, this.stopped]);
+  }
+
+  private startThread(parked: boolean): void {
     this.started = true;
     this.running = true;
     this.vcpu.start((exit) => {
@@ -41,7 +52,7 @@ export class VcpuRunner {
         return;
       }
       return this.route(this.vcpu.id, exit);
-    }, { seccomp: this.seccomp });
+    }, { seccomp: this.seccomp, parked });
   }
 
   /** Kick the thread out of KVM_RUN and wait until it has parked. */

@@ -224,3 +224,35 @@ test('VcpuRunner: a pause after the vCPU was already parked by a request of its 
     vm.close();
   }
 });
+
+test('VcpuRunner: a vCPU started parked runs no guest instruction until resumed, then runs and pauses as usual', async (t) => {
+  const { vm } = spinVm();
+  const runner = new VcpuRunner(vm.vcpu, () => undefined);
+  try {
+    const before = vm.vcpu.getRegs();
+    await runner.startParked();
+    await sleep(200);
+    // Parked before its first KVM_RUN: state is readable and exactly as set.
+    t.deepEqual(vm.vcpu.getRegs(), before, 'not one instruction ran');
+    runner.resume();
+    await sleep(100);
+    t.is(await Promise.race([runner.pause().then(() => 'paused'), sleep(10_000).then(() => 'hung')]), 'paused');
+    t.true(vm.vcpu.getRegs().rax > before.rax, 'after resume() the guest ran');
+  } finally {
+    vm.mem.writeU8(FLAG, 1);
+    runner.resume();
+    await runner.stop();
+    vm.close();
+  }
+});
+
+test('VcpuRunner: a vCPU parked before its first run stops cleanly', async (t) => {
+  const { vm } = spinVm();
+  const runner = new VcpuRunner(vm.vcpu, () => undefined);
+  try {
+    await runner.startParked();
+    t.is(await Promise.race([runner.stop().then(() => 'stopped'), sleep(10_000).then(() => 'hung')]), 'stopped');
+  } finally {
+    vm.close();
+  }
+});
