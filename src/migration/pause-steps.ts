@@ -2,14 +2,13 @@
 // during the pause and logged in one line once it is over: writing log lines inside it made
 // the pause it measured longer.
 import type { Logger } from 'pino';
-import { monotonicMicros } from '../util/monotonic';
 
 export class PauseSteps {
   private readonly start = performance.now();
   /** the monotonic clock at the start, the clock of V8's CPU profiles (the bench lines them up) */
   private readonly fromUs = monotonicMicros();
   private readonly steps: { step: string; ms: number }[] = [];
-  private extra: Record<string, unknown> = {};
+  private readonly extra: Record<string, unknown> = {};
 
   /** `step` is done now. */
   mark(step: string): void {
@@ -26,4 +25,9 @@ export class PauseSteps {
     if (!this.steps.length) return;
     log.debug({ side, steps: this.steps.splice(0), ...this.extra, from_us: this.fromUs, to_us: monotonicMicros() }, 'migration: pause steps');
   }
+}
+
+/** The monotonic clock in microseconds, the clock V8's CPU profiles use. */
+function monotonicMicros(): number {
+  return Number(process.hrtime.bigint() / 1000n);
 }

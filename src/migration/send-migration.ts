@@ -238,11 +238,11 @@ export class MigrationSender {
         const machine = this.checkMachine();
         wasPaused = this.vm.store.getState().vm.status === 'Paused';
         const pausedAt = Date.now();
-        steps = new PauseSteps();
+        const pause = (steps = new PauseSteps());
         if (!wasPaused) {
           machine.throttle(0);
           try {
-            steps.note({ vcpus: await machine.pause() });
+            pause.note({ vcpus: await machine.pause() });
           } catch (e) {
             // Some vCPUs may be parked: let them all run on, with the guest's own clock (the
             // saved one may be an earlier pause's).
@@ -251,7 +251,7 @@ export class MigrationSender {
           }
           paused = true;
         }
-        const mark = (step: string) => steps?.mark(step);
+        const mark = (step: string) => pause.mark(step);
         mark('paused');
         if (!this.opts.local) {
           const last = machine.dirtyBitmaps();
@@ -260,7 +260,7 @@ export class MigrationSender {
           const pages = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush));
           this.vm.store.dispatch(migrationEvents.memoryIteration({ id: ++this.iteration, pages: pages.pages, bytes: pages.bytes }));
           mark('last pages sent');
-          steps.note({ last_pages: pages.pages, last_sending_ms: pages.sending_ms });
+          pause.note({ last_pages: pages.pages, last_sending_ms: pages.sending_ms });
         }
         await this.sendPatches(FrameType.Final, {});
         await ch.send(FrameType.Complete);

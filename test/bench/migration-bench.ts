@@ -113,7 +113,7 @@ async function guestSide(src: GuestProcess, dst: GuestProcess, srcFrom: number, 
 
 interface CpuProfile {
   nodes: { id: number; callFrame: { functionName: string; url: string; lineNumber: number; columnNumber: number }; children?: number[] }[];
-  /** monotonic clock, microseconds (the clock of the VMMs' at_us log fields) */
+  /** monotonic clock, microseconds (the clock of the pause-steps line's from_us and to_us) */
   startTime: number;
   samples: number[];
   timeDeltas: number[];
@@ -210,17 +210,8 @@ function profileSummary(label: string, dir: string, window?: { fromUs: number; t
 
 /** A VMM's per-round debug lines (`msg`), their fields only. */
 function roundLines(log: string, msg: string): string {
-  const out: string[] = [];
-  for (const line of log.split('\n')) {
-    if (!line.includes(`"msg":"${msg}"`)) continue;
-    try {
-      const { level: _l, time: _t, pid: _p, name: _n, msg: _m, ...fields } = JSON.parse(line) as Record<string, unknown>;
-      out.push(JSON.stringify(fields));
-    } catch {
-      /* a line cut short */
-    }
-  }
-  return out.join(' ') || '-';
+  const lines = logLines(log, new RegExp(`"msg":"${msg}"`)).map(({ level: _l, time: _t, pid: _p, name: _n, msg: _m, ...fields }) => JSON.stringify(fields));
+  return lines.join(' ') || '-';
 }
 
 /**

@@ -247,4 +247,3 @@ function connectionsTo(socketPath: string): number {
       return f[5] === '03' && f[7] === socketPath;
     }).length;
 }
-
