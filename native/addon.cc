@@ -1,7 +1,8 @@
-// Module entry: openKvm plus the eventfd and fd-passing helpers.
+// Module entry: openKvm plus the eventfd, eventfd-watcher and fd-passing helpers.
 #include <napi.h>
 
 #include "common.h"
+#include "eventfd_watcher.h"
 #include "fd_passing.h"
 #include "fd_util.h"
 #include "page_scan.h"
@@ -17,6 +18,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData<AddonData>(data);
   exports.Set("openKvm", Napi::Function::New(env, Guarded<Kvm::Open>, "openKvm"));
   InitFdUtil(env, exports);
+  InitEventfdWatcher(env, exports);
   InitFdPassing(env, exports);
   InitPageScan(env, exports);
   return exports;

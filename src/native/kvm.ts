@@ -230,8 +230,36 @@ export interface NativeKvm {
   close(): void;
 }
 
+/**
+ * A native thread that waits on eventfds (ioeventfd doorbells) for JavaScript. Holds the event
+ * loop open while it watches at least one fd; idle or closed, it does not. A watcher that is
+ * garbage-collected closes itself: keep a reference while it should report.
+ */
+export interface NativeEventfdWatcher {
+  /**
+   * Start watching `fd`, an eventfd made with EFD_NONBLOCK (a blocking one is refused, code
+   * 'EINVAL'). Throws code 'EEXIST' when it is already watched, 'EBADF' after close().
+   */
+  add(fd: number): void;
+  /**
+   * Stop watching `fd`: once this returns the callback hears nothing more of it, not even
+   * counts already read. Does nothing for an fd that is not watched. Call it before closing fd.
+   */
+  remove(fd: number): void;
+  /** Stop and join the thread and let the event loop go. Idempotent. */
+  close(): void;
+}
+
 export interface NativeAddon {
   openKvm(path?: string): NativeKvm;
+  /**
+   * Watch eventfds on a native thread. callback(fd, count) runs on the JavaScript thread with
+   * the sum of the counter values read since the fd was last reported (at most
+   * Number.MAX_SAFE_INTEGER): counts coalesce, at most one call per fd per delivery. With
+   * `error` set, the fd is no longer watched: reading it failed (code 'EIO': not an eventfd),
+   * or the callback threw for it (the thrown value is error.cause).
+   */
+  watchEventfds(callback: (fd: number, count: number, error?: Error) => void): NativeEventfdWatcher;
   /** eventfd(2); flags default to EventFdFlags.CLOEXEC | EventFdFlags.NONBLOCK. */
   eventfd(initial?: number, flags?: number): number;
   /** read the 8-byte counter of an eventfd; null if it would block (EFD_NONBLOCK) */
