@@ -15,6 +15,7 @@ import {
   type Store,
   type StoreEvent,
 } from '../state';
+import { VirtioEvents, type VirtioDevicePayload } from '../devices/virtio/transport';
 import { openOwnFile } from './host-file';
 import type { TernEvent } from './schema';
 
@@ -48,12 +49,15 @@ export const MONITOR_EVENT_NAMES: Readonly<Record<string, { source: string; even
   [MigrationEvents.ReceiveStarted]: { source: 'vm', event: 'migration-receive-started' },
   [MigrationEvents.ReceiveFinished]: { source: 'vm', event: 'migration-receive-finished' },
   [MigrationEvents.ReceiveFailed]: { source: 'vm', event: 'migration-receive-failed' },
+  [VirtioEvents.Activated]: { source: 'virtio-device', event: 'activated' },
+  [VirtioEvents.Reset]: { source: 'virtio-device', event: 'reset' },
 };
 
 function propertiesOf(ev: StoreEvent): Record<string, string> | null {
   if (ev.type === GuestEvents.Panic) return { event: String((ev.payload as GuestPanicPayload)?.event ?? 'panic') };
   // the round number, as Cloud Hypervisor's "id" (a string, like every property)
   if (ev.type === MigrationEvents.MemoryIteration) return { id: String((ev.payload as MigrationIterationPayload)?.id ?? 0) };
+  if (ev.type === VirtioEvents.Activated || ev.type === VirtioEvents.Reset) return { id: String((ev.payload as VirtioDevicePayload)?.device ?? '') };
   return null;
 }
 

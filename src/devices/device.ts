@@ -58,7 +58,19 @@ export type Effect =
   /** the guest entered a sleep state the VMM does not implement */
   | { type: 'vm.sleep'; source: string; state: number }
   /** firmware/kernel boot progress code on the debug port */
-  | { type: 'boot.progress'; code: number };
+  | { type: 'boot.progress'; code: number }
+  /** a PCI function sends MSI-X `vector` now (its route is in KVM's GSI routing) */
+  | { type: 'msi.send'; device: string; vector: number }
+  /** a function's MSI-X table or enable bits changed: KVM's GSI routing is rebuilt from the store */
+  | { type: 'msi.routes-changed'; device: string }
+  /** a function's command register or BARs changed: what it decodes, and its doorbells, moved */
+  | { type: 'pci.bars-changed'; device: string }
+  /** a virtio driver set DRIVER_OK: the host serves the device's queues from now on */
+  | { type: 'virtio.activated'; device: string }
+  /** a virtio driver reset the device */
+  | { type: 'virtio.reset'; device: string }
+  /** a queue doorbell that reached the VMM as an exit rather than through its ioeventfd */
+  | { type: 'virtio.notify'; device: string; queue: number };
 
 export interface TransitionResult<S> {
   state: S;

@@ -9,6 +9,7 @@ import type { AnyDeviceState } from './index';
 import type { DeviceInstance } from './model';
 import { pciSegmentDevice } from './pci/segment';
 import { serialDevice } from './serial-16550a';
+import type { PciFunctionState } from './pci/function';
 
 export const PLATFORM_SERIAL_ID = 'serial0';
 export const PLATFORM_GED_ID = 'ged0';
@@ -18,6 +19,8 @@ export interface PlatformOptions {
   memorySize: number;
   /** a 16550A at COM1; false for --serial off */
   serial: boolean;
+  /** PCI functions besides the host bridge, by slot (the virtio devices, placed) */
+  pciFunctions?: Record<string, PciFunctionState>;
 }
 
 export function platformDevices(opts: PlatformOptions): DeviceInstance<AnyDeviceState>[] {
@@ -28,7 +31,7 @@ export function platformDevices(opts: PlatformOptions): DeviceInstance<AnyDevice
     acpiGedDevice({ id: PLATFORM_GED_ID }),
     debugPortDevice(),
     // PCI segment 0 with its host bridge at 00:00.0; PCI devices become its functions.
-    pciSegmentDevice({ memorySize: opts.memorySize }),
+    pciSegmentDevice({ memorySize: opts.memorySize, functions: opts.pciFunctions }),
   ];
   if (opts.serial) devices.unshift(serialDevice({ id: PLATFORM_SERIAL_ID }));
   return devices;

@@ -6,6 +6,8 @@ export interface MonitorRecord {
   timestamp: { secs: number; nanos: number };
   source: string;
   event: string;
+  /** string properties ("id" of a device or a memory round), or null */
+  properties: Record<string, string> | null;
 }
 
 /** Every complete event in the file; the last one may be half written while the VMM runs. */

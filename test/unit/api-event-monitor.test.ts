@@ -6,6 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 
 import { EventMonitor, MONITOR_EVENT_NAMES, formatMonitorEvent, toTernEvent } from '../../src/api/event-monitor';
+import { virtioEvents } from '../../src/devices/virtio/transport';
 import { HostFileError } from '../../src/api/host-file';
 import { MIGRATION_EVENT_NAMES, isMigrationEvent } from '../../src/api/schema';
 import { migrationEvents } from '../../src/state/migration-events';
@@ -50,6 +51,20 @@ test('every lifecycle event Cloud Hypervisor reports has a mapping', (t) => {
     toTernEvent({ seq: 1, timestamp: { secs: 1, nanos: 2 }, source: 'vm', type: GuestEvents.Panic, payload: { event: 'crash_loaded' } }),
     { timestamp: { secs: 1, nanos: 2 }, source: 'guest', event: 'panic', properties: { event: 'crash_loaded' } },
   );
+});
+
+test('virtio devices report "activated" and "reset" with their id, as Cloud Hypervisor\'s virtio-device source does', (t) => {
+  const at = { seq: 1, timestamp: { secs: 2, nanos: 0 } };
+  t.deepEqual(toTernEvent({ ...at, ...virtioEvents.activated('pci0', '__rng'), source: 'pci0' }), {
+    timestamp: at.timestamp,
+    source: 'virtio-device',
+    event: 'activated',
+    properties: { id: '__rng' },
+  });
+  t.deepEqual(toTernEvent({ ...at, ...virtioEvents.reset('pci0', '_disk0'), source: 'pci0' })?.properties, { id: '_disk0' });
+  t.is(toTernEvent({ ...at, ...virtioEvents.reset('pci0', '_disk0'), source: 'pci0' })?.event, 'reset');
+  // What the VMM records for its own bookkeeping is not reported.
+  t.is(toTernEvent({ ...at, ...virtioEvents.queueServed('pci0', '__rng', { queue: 0, nextAvail: 1, nextUsed: 1, interrupt: true }), source: 'pci0' }), null);
 });
 
 test('the monitor writes the store events it maps, in order, with their timestamps, to a path', (t) => {

@@ -36,6 +36,11 @@ export interface PciFunctionModel<F extends PciFunctionState = PciFunctionState>
   barAccess?(fn: F, bar: number, offset: number, access: IoAccess): TransitionResult<F>;
   /** the guest changed the configuration space (from `before`): MSI-X enable and the like */
   configWritten?(before: F, after: F): TransitionResult<F>;
+  /**
+   * Host-side inputs by event type (a queue served, a device broken by its driver), each
+   * applied to the function whose device id the payload names.
+   */
+  inputs?: Readonly<Record<string, (fn: F, payload: any) => TransitionResult<F>>>;
 }
 
 export interface PciFunctionModelSpec<F extends PciFunctionState> {

@@ -33,6 +33,7 @@ import {
 import { PCI_ECAM_FUNCTION_SIZE, configAccessValid, pciBarRegions, pciConfigRead, pciConfigWrite } from './config-space';
 import type { PciFunctionModel, PciFunctionRegistry, PciFunctionState } from './function';
 import { PCI_HOST_BRIDGE_KIND, pciHostBridgeModel } from './host-bridge';
+import { virtioRngModel } from '../virtio/rng';
 
 export const PCI_SEGMENT_KIND = 'pci-segment' as const;
 export const PCI_SEGMENT_SCHEMA_VERSION = 1;
@@ -52,6 +53,7 @@ const CONFIG_ADDRESS_MASK = 0x80ff_fffc;
 /** Function models a segment may hold. Virtio functions join here. */
 export const pciFunctionModels: PciFunctionRegistry = Object.freeze({
   [PCI_HOST_BRIDGE_KIND]: pciHostBridgeModel,
+  [virtioRngModel.kind]: virtioRngModel,
 });
 
 export interface PciSegmentState extends DeviceStateBase {
@@ -212,6 +214,34 @@ export function pciSegmentTransitionWith(registry: PciFunctionRegistry) {
 
 export const pciSegmentTransition = pciSegmentTransitionWith(pciFunctionModels);
 
+/** The slot of the function whose device id is `id` (a virtio device's `id=`), if any. */
+export function pciSlotOfDevice(state: PciSegmentState, id: string): string | undefined {
+  for (const [slot, fn] of Object.entries(state.functions)) if ((fn as { id?: unknown }).id === id) return slot;
+  return undefined;
+}
+
+/**
+ * The segment's host-side inputs: every function model's, each routed to the function the
+ * payload's `device` names. An input for a device the segment does not hold, or of another
+ * kind, is refused (the event is not recorded).
+ */
+export function pciSegmentInputsWith(registry: PciFunctionRegistry): Record<string, (state: PciSegmentState, payload: { device: string }) => TransitionResult<PciSegmentState>> {
+  const out: Record<string, (state: PciSegmentState, payload: { device: string }) => TransitionResult<PciSegmentState>> = {};
+  for (const model of Object.values(registry)) {
+    for (const type of Object.keys(model.inputs ?? {})) {
+      out[type] = (state, payload) => {
+        const slot = typeof payload?.device === 'string' ? pciSlotOfDevice(state, payload.device) : undefined;
+        const fn = slot === undefined ? undefined : state.functions[slot];
+        const input = fn && Object.hasOwn(registry, fn.kind) ? registry[fn.kind].inputs?.[type] : undefined;
+        if (!fn || !input) throw new RangeError(`no PCI device '${String(payload?.device).slice(0, 64)}' takes ${type}`);
+        const r = input(fn, payload);
+        return { state: r.state === fn ? state : withFunction(state, slot!, r.state), effects: r.effects };
+      };
+    }
+  }
+  return out;
+}
+
 export const PciSegmentStateSchema = Exact({
   kind: Type.Literal(PCI_SEGMENT_KIND),
   id: DeviceId(),
@@ -293,7 +323,7 @@ export const pciSegmentModel: DeviceModel<PciSegmentState> = {
   events: deviceAccessEventTypes(PCI_SEGMENT_LABEL),
   transition: pciSegmentTransition,
   stateSchema: PciSegmentStateSchema,
-  inputs: {},
+  inputs: pciSegmentInputsWith(pciFunctionModels),
   acpi: pciSegmentAcpi,
   checkState: pciSegmentCheckWith(pciFunctionModels),
 };

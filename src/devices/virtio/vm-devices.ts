@@ -1,0 +1,39 @@
+// The virtio devices a VM config asks for, as PCI functions placed on segment 0: a slot each
+// from 01.0 on, in a fixed order, and BAR 0 assigned in the 32-bit window as firmware would,
+// so a kernel booted directly (no firmware) finds its devices already placed inside the root
+// bridge's window and keeps them there. Same config, same placement: a restored or migrated
+// VM's functions are where the guest left them.
+import type { VmConfig } from '../../config/vm-config';
+import { PCI_MMIO32_SIZE, PCI_MMIO32_START, alignUp } from '../../boot/layout';
+import { PciBarBits } from '../pci/config-space';
+import type { PciFunctionState } from '../pci/function';
+import { pciSlot } from '../pci/segment';
+import { VIRTIO_RNG_QUEUE_SIZE, virtioRngModel } from './rng';
+import { VirtioBar, type VirtioFunctionState } from './transport';
+
+/** Cloud Hypervisor's id of its entropy device, which a config without `rng.id` gets. */
+export const DEFAULT_RNG_ID = '__rng';
+
+/** The virtio functions of `config`, in slot order. */
+export function virtioFunctionsOf(config: VmConfig): VirtioFunctionState[] {
+  const out: VirtioFunctionState[] = [];
+  if (config.rng) out.push(virtioRngModel.create(config.rng.id ?? DEFAULT_RNG_ID, {}, [VIRTIO_RNG_QUEUE_SIZE]));
+  return out;
+}
+
+/** `functions` on slots 01.0, 02.0, ..., each BAR 0 at the next free aligned address of the 32-bit window. */
+export function placeVirtioFunctions(functions: readonly VirtioFunctionState[]): Record<string, PciFunctionState> {
+  if (functions.length > 31) throw new RangeError(`${functions.length} PCI devices: segment 0 has room for 31`);
+  const out: Record<string, PciFunctionState> = {};
+  let next = PCI_MMIO32_START;
+  functions.forEach((fn, i) => {
+    const base = alignUp(next, VirtioBar.SIZE);
+    if (base + VirtioBar.SIZE > PCI_MMIO32_START + PCI_MMIO32_SIZE) throw new RangeError('the PCI 32-bit window is full');
+    next = base + VirtioBar.SIZE;
+    const config = fn.config.slice();
+    config[4 + VirtioBar.INDEX] = (base | PciBarBits.MEM_TYPE_64) >>> 0;
+    config[5 + VirtioBar.INDEX] = 0;
+    out[pciSlot(i + 1, 0)] = { ...fn, config };
+  });
+  return out;
+}
