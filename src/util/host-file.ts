@@ -126,3 +126,29 @@ export function jsonNestingDepth(text: string, max = Infinity): number {
   }
   return deepest;
 }
+
+/**
+ * A source of entropy named by the config (`--rng src=`): opened for reading without following
+ * a final symlink and without blocking, and only a character device (/dev/urandom) or a regular
+ * file; reads from it never wait.
+ */
+export function openEntropySource(file: string): number {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
+  } catch (e) {
+    throw new HostFileError(file, openFault(e));
+  }
+  let fault: string | undefined;
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isCharacterDevice() && !st.isFile()) fault = 'is neither a character device nor a regular file';
+  } catch (e) {
+    fault = `cannot be examined (${(e as NodeJS.ErrnoException).code ?? 'unknown error'})`;
+  }
+  if (fault !== undefined) {
+    fs.closeSync(fd);
+    throw new HostFileError(file, fault);
+  }
+  return fd;
+}

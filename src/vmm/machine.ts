@@ -28,6 +28,9 @@ import {
   type AnyDeviceState,
 } from '../devices';
 import type { GuestMemory } from '../memory/guest-memory';
+import { PCI_SEGMENT_ID, pciFunctionModels, type PciSegmentState } from '../devices/pci';
+import { placeVirtioFunctions, virtioFunctionsOf } from '../devices/virtio/vm-devices';
+import { virtioEvents } from '../devices/virtio/transport';
 import { checkVcpuFitsHost } from '../migration/cpu-compat';
 import {
   native,
@@ -60,6 +63,9 @@ import { stopForEffect, stopForExit, type MachineStop } from './exit-stop';
 import { createRam, incomingRam, snapshotRam, type GuestRam, type IncomingRam, type SnapshotRam } from './guest-ram';
 import { readVcpuState, writeVcpuState } from './vcpu-state';
 import { VcpuRunner } from './vcpu-runner';
+import { MsiRouting } from './msi-routing';
+import { VirtioQueues } from './virtio-queues';
+import { virtioWorkers } from './virtio-workers';
 
 export type { MachineStop };
 
@@ -135,6 +141,10 @@ export class Machine {
   readonly plan?: BootPlan;
   /** the CPUID each vCPU was given, saved with its state */
   private readonly cpuids: CpuidEntry[][] = [];
+  /** MSI-X routes and irqfds of the PCI functions */
+  private msi?: MsiRouting;
+  /** the virtio devices' doorbells and queue serving */
+  private virtio?: VirtioQueues;
 
   constructor(private readonly opts: MachineOptions) {
     const { store } = opts;
@@ -168,7 +178,11 @@ export class Machine {
 
       const payload = config.payload;
       if (!payload.kernel) throw new Error('the VM config has no payload.kernel');
-      const devices = platformDevices({ memorySize: config.memory.size, serial: config.serial.mode !== 'Off' });
+      const devices = platformDevices({
+        memorySize: config.memory.size,
+        serial: config.serial.mode !== 'Off',
+        pciFunctions: placeVirtioFunctions(virtioFunctionsOf(config)),
+      });
       this.plan = loadKernel(this.memory, {
         kernel: readPayloadFile(payload.kernel, 'kernel', config.memory.size),
         initramfs: payload.initramfs ? readPayloadFile(payload.initramfs, 'initramfs', config.memory.size) : undefined,
@@ -187,6 +201,7 @@ export class Machine {
 
       this.attachDevices(devices);
       this.console = this.openConsole(config.serial);
+      this.attachPciHost(config);
       this.createVcpus();
     } catch (e) {
       this.release();
@@ -285,9 +300,34 @@ export class Machine {
   }
 
   private buildFromState(state: RootState): void {
-    this.console = this.openConsole(withDefaults(state.vm.config as VmConfig).serial);
+    const config = withDefaults(state.vm.config as VmConfig);
+    this.console = this.openConsole(config.serial);
     this.restoreVcpus(state);
     this.restoreVmState(state);
+    // (the store takes this state only once the machine is built: the functions come from it)
+    this.attachPciHost(config, state.devices.instances[PCI_SEGMENT_ID] as PciSegmentState | undefined);
+  }
+
+  /**
+   * The host side of the PCI functions in the store: MSI-X routes and irqfds as the guest
+   * programmed them, queue doorbells where their BARs decode, and the devices' workers.
+   */
+  private attachPciHost(config: VmConfig, segment = this.pciSegment()): void {
+    this.msi = new MsiRouting(this.vm, pciFunctionModels);
+    this.msi.sync(segment);
+    this.virtio = new VirtioQueues({
+      store: this.opts.store,
+      vm: this.vm,
+      memory: this.memory,
+      guestLog: this.opts.guestLog,
+      workers: virtioWorkers(config),
+      runEffects: (effects) => this.runEffects(effects),
+    });
+    this.virtio.syncDoorbells(segment);
+  }
+
+  private pciSegment(): PciSegmentState | undefined {
+    return this.opts.store.getState().devices.instances[PCI_SEGMENT_ID] as PciSegmentState | undefined;
   }
 
   /** Each RAM slot's memfd, for a local migration; undefined when RAM is not shareable. */
@@ -353,6 +393,7 @@ export class Machine {
     this.started = true;
     this.takeConsoleInput();
     for (const r of this.runners) r.start();
+    this.virtio?.start();
   }
 
   /**
@@ -433,6 +474,27 @@ export class Machine {
           break;
         case 'boot.progress':
           break; // recorded in the store by the debug port's event
+        case 'msi.routes-changed':
+          this.msi!.sync(this.pciSegment());
+          break;
+        case 'msi.send':
+          this.msi!.send(e.device, e.vector);
+          break;
+        case 'pci.bars-changed':
+          this.virtio!.syncDoorbells();
+          break;
+        case 'virtio.notify':
+          this.virtio!.notify(e.device, e.queue);
+          break;
+        case 'virtio.activated':
+          this.opts.store.dispatch(virtioEvents.activated(PCI_SEGMENT_ID, e.device));
+          // Buffers the driver posted before DRIVER_OK are served now.
+          this.virtio!.serveAll();
+          break;
+        case 'virtio.reset':
+          // The transport state is back to power-on: nothing is served until DRIVER_OK.
+          this.opts.store.dispatch(virtioEvents.reset(PCI_SEGMENT_ID, e.device));
+          break;
       }
     }
   }
@@ -454,6 +516,9 @@ export class Machine {
   async pause(): Promise<PauseTiming> {
     this.throttle(0);
     this.console!.pauseInput();
+    // Queues are served on this thread in whole batches: from here on none is, so the device
+    // state saved below is final.
+    this.virtio?.pause();
     const t0 = performance.now();
     await Promise.all(this.runners.map((r) => r.pause()));
     const parked = performance.now();
@@ -500,6 +565,7 @@ export class Machine {
     this.takeConsoleInput();
     for (const r of this.runners) r.resume();
     this.console!.resumeInput();
+    this.virtio?.start();
   }
 
   /** Stop every vCPU thread and wait for them. */
@@ -516,6 +582,8 @@ export class Machine {
 
   private release(): void {
     this.console?.close();
+    this.virtio?.close();
+    this.msi?.close();
     for (const vcpu of new Set([...this.runners.map((r) => r.vcpu), ...this.earlyVcpus])) {
       try {
         vcpu.close();

@@ -18,7 +18,14 @@
  *   z  ask 1000 times for ACPI sleep state S1 (SLP_TYP=1|SLP_EN to 0x600), print "SLEPT"
  *   c  read PCI 00:00.0's ID and class dwords through 0xcf8/0xcfc and its ID dword through
  *      ECAM at 0xe8000000 (paging is off: a plain load), print "PCI <id> <class> <ecam id>"
+ *   m  run the mailbox at 0x310000 (what a test needs a driver to do: configuration and BAR
+ *      accesses, queue doorbells): u32 count (at most 64) at 0x310000, then 16-byte entries
+ *      from 0x310010 {u32 op, u32 address, u32 value, u32 result}, op 1/2/3 = write 8/16/32
+ *      bits of value, op 4 = read 32 bits into result; then print "MBOX <count>"
  * Other bytes are ignored.
+ *
+ * MSI vectors 0x40..0x47 count their interrupts at 0x300020 + 4 * (vector - 0x40): a test
+ * programs a device's MSI-X table with address 0xfee00000 and data 0x40 + n.
  *
  * Status block in RAM (read by tests; test/host/tiny-kernel.ts names the offsets):
  *   0x300000 u32 COUNT lines printed so far
@@ -50,6 +57,11 @@
 	.set	ST_TICKS, STATUS + 4
 	.set	ST_RXIRQ, STATUS + 8
 	.set	ST_MAGIC, STATUS + 12
+	.set	MSI_COUNTS, STATUS + 0x20
+	.set	VEC_MSI_BASE, 0x40
+	.set	MSI_VECTORS, 8
+	.set	MBOX, 0x310000
+	.set	MBOX_MAX, 64
 	.set	TINY_MAGIC, 0x594e4954
 	.set	DIRTY_BASE, 0x400000
 	.set	DIRTY_PAGES, 256
@@ -201,6 +213,8 @@ handle_byte:
 	je	do_sleep_requests
 	cmp	$'c', %al
 	je	do_pci
+	cmp	$'m', %al
+	je	do_mailbox
 	cmp	$'e', %al
 	jne	1f
 	movb	$1, echo_pending
@@ -248,6 +262,48 @@ do_pci:
 	mov	$' ', %al
 	call	putc
 	mov	0xe8000000, %eax
+	call	putdec
+	mov	$'\n', %al
+	jmp	putc
+
+/* The mailbox's accesses, in order. Keeps %esi and %edi (the main loop's tick snapshot). */
+do_mailbox:
+	push	%esi
+	push	%edi
+	mov	MBOX, %ecx
+	cmp	$MBOX_MAX, %ecx
+	jbe	1f
+	mov	$MBOX_MAX, %ecx
+1:	mov	$MBOX + 16, %esi
+	test	%ecx, %ecx
+	jz	8f
+2:	mov	(%esi), %eax
+	mov	4(%esi), %edi
+	mov	8(%esi), %edx
+	cmp	$1, %eax
+	jne	3f
+	movb	%dl, (%edi)
+	jmp	7f
+3:	cmp	$2, %eax
+	jne	4f
+	movw	%dx, (%edi)
+	jmp	7f
+4:	cmp	$3, %eax
+	jne	5f
+	movl	%edx, (%edi)
+	jmp	7f
+5:	cmp	$4, %eax
+	jne	7f
+	mov	(%edi), %eax
+	mov	%eax, 12(%esi)
+7:	add	$16, %esi
+	dec	%ecx
+	jnz	2b
+8:	pop	%edi
+	pop	%esi
+	mov	$msg_mbox, %ebx
+	call	puts
+	mov	MBOX, %eax
 	call	putdec
 	mov	$'\n', %al
 	jmp	putc
@@ -390,6 +446,13 @@ setup_idt:
 	mov	$VEC_SPURIOUS, %ecx
 	mov	$spurious_isr, %eax
 	call	set_gate
+	mov	$VEC_MSI_BASE, %ecx
+	mov	$msi_entries, %eax
+3:	call	set_gate
+	add	$8, %eax
+	inc	%ecx
+	cmp	$VEC_MSI_BASE + MSI_VECTORS, %ecx
+	jne	3b
 	ret
 
 /* gate %ecx -> handler %eax: 32-bit interrupt gate, DPL 0, selector 0x08 */
@@ -436,6 +499,26 @@ iret_same_ring:
 	popfl
 	ret
 
+/* One 8-byte entry point per MSI vector: count the interrupt, end it. */
+	.balign	8
+msi_entries:
+	.set	vec, 0
+	.rept	MSI_VECTORS
+	.balign	8
+	push	$vec
+	jmp	msi_common
+	.set	vec, vec + 1
+	.endr
+
+msi_common:
+	push	%eax
+	mov	4(%esp), %eax
+	incl	MSI_COUNTS(, %eax, 4)
+	movl	$0, LAPIC_EOI
+	pop	%eax
+	add	$4, %esp
+	jmp	iret_same_ring
+
 /* One 8-byte entry point per exception vector: push the vector, report it, stop. */
 	.balign	8
 exc_entries:
@@ -466,6 +549,7 @@ msg_dirty:	.asciz	"DIRTY "
 msg_exc:	.asciz	"EXCEPTION "
 msg_slept:	.asciz	"SLEPT\n"
 msg_pci:	.asciz	"PCI "
+msg_mbox:	.asciz	"MBOX "
 msg_status:	.asciz	"STATUS count="
 msg_ticks:	.asciz	" ticks="
 msg_rxirqs:	.asciz	" rxirqs="

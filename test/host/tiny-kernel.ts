@@ -45,7 +45,18 @@ export const TinyKernelCommand = {
   SLEEP_REQUESTS: 'z',
   /** prints "PCI <id> <class> <ecam id>": 00:00.0's dwords 0 and 8 through 0xcf8/0xcfc, dword 0 through ECAM */
   PCI_HOST_BRIDGE: 'c',
+  /** runs the mailbox (TINY_KERNEL_MAILBOX), prints "MBOX <count>" */
+  MAILBOX: 'm',
 } as const;
+
+/** The mailbox: u32 count, then 16-byte entries {op, address, value, result} from +16. */
+export const TINY_KERNEL_MAILBOX = 0x31_0000;
+export const TINY_KERNEL_MAILBOX_MAX = 64;
+export const MailboxOp = { WRITE8: 1, WRITE16: 2, WRITE32: 3, READ32: 4 } as const;
+/** MSI vectors the kernel takes, and where it counts each one's interrupts (u32 each). */
+export const TINY_KERNEL_MSI_VECTOR_BASE = 0x40;
+export const TINY_KERNEL_MSI_VECTORS = 8;
+export const TINY_KERNEL_MSI_COUNTS = 0x30_0020;
 
 export const TINY_KERNEL_BANNER = 'TINY-KERNEL-BOOT';
 /** Lines per second of the COUNT loop (one per LAPIC timer tick). */

@@ -1,0 +1,250 @@
+// The host side of a VM's virtio devices: the queue doorbells (ioeventfds at each queue's
+// notify address, placed where BAR 0 decodes now), and serving the queues the store says are
+// live. Serving reads the queue's rings and cursors from the store, hands each chain to the
+// device's worker, writes the used ring through GuestMemory (so every page the device writes
+// is in the VMM dirty bitmap), and records the new cursors in the store with one event per
+// batch. A queue is served only while the vCPUs run: at a pause nothing is in flight, and a
+// snapshot or migration never holds half a request.
+import type { GuestLog } from '../util/guest-log';
+import type { Effect } from '../devices/device';
+import { PCI_SEGMENT_ID, pciBarRegions, pciFunctionModels, type PciSegmentState } from '../devices/pci';
+import {
+  VirtioBar,
+  VirtioFeature,
+  virtioEvents,
+  hasFeature,
+  ringAddress,
+  virtioLive,
+  type VirtioFunctionModel,
+  type VirtioFunctionState,
+} from '../devices/virtio/transport';
+import {
+  VirtqueueError,
+  availableCount,
+  popChain,
+  publishAvailEvent,
+  pushUsed,
+  queueRingsProblem,
+  shouldInterrupt,
+  type DescriptorChain,
+  type QueueRings,
+} from '../devices/virtio/virtqueue';
+import type { GuestMemory } from '../memory/guest-memory';
+import { EventFdFlags, native, type NativeEventfdWatcher, type NativeVm } from '../native/kvm';
+import type { RootState, Store } from '../state';
+
+/** What serves a device's requests on the host. */
+export interface VirtioDeviceWorker {
+  /** serves one chain of queue `queue`; returns the bytes it wrote into the chain's writable buffers */
+  chain(queue: number, chain: DescriptorChain, memory: GuestMemory): number;
+  close?(): void;
+}
+
+export interface VirtioQueuesOptions {
+  store: Store<RootState>;
+  vm: NativeVm;
+  memory: GuestMemory;
+  /** lines a guest can trigger (a broken queue) */
+  guestLog: GuestLog;
+  /** the device workers by device id */
+  workers: ReadonlyMap<string, VirtioDeviceWorker>;
+  /** runs the effects of the events this dispatches (MSI-X messages) */
+  runEffects: (effects: readonly Effect[]) => void;
+}
+
+/** Chains served per queue before other work gets the thread: the rest is served next turn. */
+const CHAINS_PER_TURN = 1024;
+
+interface Doorbell {
+  fd: number;
+  address: number;
+  device: string;
+  queue: number;
+}
+
+export class VirtioQueues {
+  private readonly doorbells = new Map<string, Doorbell>();
+  private readonly byFd = new Map<number, Doorbell>();
+  private watcher?: NativeEventfdWatcher;
+  private running = false;
+  private readonly again = new Set<string>();
+  private againScheduled = false;
+
+  constructor(private readonly opts: VirtioQueuesOptions) {}
+
+  private segment(): PciSegmentState | undefined {
+    return this.opts.store.getState().devices.instances[PCI_SEGMENT_ID] as PciSegmentState | undefined;
+  }
+
+  private virtioFunctions(seg = this.segment()): { fn: VirtioFunctionState; model: VirtioFunctionModel<unknown> }[] {
+    if (!seg) return [];
+    const out: { fn: VirtioFunctionState; model: VirtioFunctionModel<unknown> }[] = [];
+    for (const fn of Object.values(seg.functions)) {
+      const model = pciFunctionModels[fn.kind] as VirtioFunctionModel<unknown> | undefined;
+      if (model && 'type' in model) out.push({ fn: fn as VirtioFunctionState, model });
+    }
+    return out;
+  }
+
+  /**
+   * Put each queue's doorbell ioeventfd where its function's BAR 0 decodes now, and take away
+   * those of BARs that moved or stopped decoding (the guest writing BARs, a reset).
+   * `segment`: the functions, when the store does not hold them yet (a machine built from
+   * saved state before the store takes it).
+   */
+  syncDoorbells(segment = this.segment()): void {
+    const wanted = new Map<string, { address: number; device: string; queue: number }>();
+    for (const { fn, model } of this.virtioFunctions(segment)) {
+      const bar = pciBarRegions(fn.config, model.layout).find((r) => r.bar === VirtioBar.INDEX && r.space === 'mmio');
+      if (!bar) continue;
+      fn.virtio.queues.forEach((_, queue) => {
+        const address = bar.base + VirtioBar.NOTIFY + queue * VirtioBar.NOTIFY_MULTIPLIER;
+        wanted.set(`${fn.id}/${queue}/${address}`, { address, device: fn.id, queue });
+      });
+    }
+    for (const [key, d] of this.doorbells) if (!wanted.has(key)) this.removeDoorbell(key, d);
+    for (const [key, w] of wanted) if (!this.doorbells.has(key)) this.addDoorbell(key, w);
+  }
+
+  private addDoorbell(key: string, w: { address: number; device: string; queue: number }): void {
+    this.watcher ??= native().watchEventfds((fd) => this.rung(fd));
+    const fd = native().eventfd(0, EventFdFlags.NONBLOCK | EventFdFlags.CLOEXEC);
+    try {
+      // Linux writes the queue index as 16 bits; another width exits to the VMM and is served the same.
+      this.opts.vm.ioeventfd(fd, BigInt(w.address), 2);
+      this.watcher.add(fd);
+    } catch (e) {
+      native().closeFd(fd);
+      throw e;
+    }
+    const d = { fd, ...w };
+    this.doorbells.set(key, d);
+    this.byFd.set(fd, d);
+  }
+
+  private removeDoorbell(key: string, d: Doorbell): void {
+    this.watcher?.remove(d.fd);
+    try {
+      this.opts.vm.ioeventfd(d.fd, BigInt(d.address), 2, { deassign: true });
+    } finally {
+      native().closeFd(d.fd);
+      this.doorbells.delete(key);
+      this.byFd.delete(d.fd);
+    }
+  }
+
+  private rung(fd: number): void {
+    const d = this.byFd.get(fd);
+    if (d) this.notify(d.device, d.queue);
+  }
+
+  /** The driver rang queue `queue` of `device` (through its ioeventfd or an exit). */
+  notify(device: string, queue: number): void {
+    if (this.running) this.serve(device, queue);
+  }
+
+  /** The vCPUs run (a boot, a resume, a restored or migrated VM): serve what was posted meanwhile. */
+  start(): void {
+    this.running = true;
+    this.serveAll();
+  }
+
+  /** The vCPUs are parked: nothing is served until start(). */
+  pause(): void {
+    this.running = false;
+  }
+
+  /** Every enabled queue of every live device. */
+  serveAll(): void {
+    for (const { fn } of this.virtioFunctions()) {
+      if (!virtioLive(fn.virtio)) continue;
+      fn.virtio.queues.forEach((q, i) => q.enabled && this.serve(fn.id, i));
+    }
+  }
+
+  private serve(device: string, queue: number): void {
+    const seg = this.segment();
+    const fn = seg && (Object.values(seg.functions).find((f) => (f as VirtioFunctionState).id === device) as VirtioFunctionState | undefined);
+    const q = fn?.virtio.queues[queue];
+    const worker = this.opts.workers.get(device);
+    if (!fn || !q || !worker || !q.enabled || !virtioLive(fn.virtio)) return;
+    const { memory, store } = this.opts;
+    const desc = ringAddress(q.desc);
+    const avail = ringAddress(q.driver);
+    const used = ringAddress(q.device);
+    try {
+      if (desc === null || avail === null || used === null) throw new VirtqueueError(`queue ${queue}: a ring address above 2^53`);
+      const rings: QueueRings = {
+        size: q.size,
+        desc,
+        avail,
+        used,
+        eventIdx: hasFeature(fn.virtio.driverFeatures, VirtioFeature.RING_EVENT_IDX),
+        indirect: hasFeature(fn.virtio.driverFeatures, VirtioFeature.RING_INDIRECT_DESC),
+      };
+      const problem = queueRingsProblem(memory, rings);
+      if (problem) throw new VirtqueueError(`queue ${queue}: ${problem}`);
+      let c = { nextAvail: q.nextAvail, nextUsed: q.nextUsed };
+      let served = 0;
+      for (;;) {
+        while (served < CHAINS_PER_TURN) {
+          const popped = popChain(memory, rings, c);
+          if (!popped) break;
+          const written = worker.chain(queue, popped.chain, memory);
+          c = pushUsed(memory, rings, popped.cursors, popped.chain.head, written);
+          served++;
+        }
+        if (served >= CHAINS_PER_TURN) {
+          this.serveLater(device, queue);
+          break;
+        }
+        // With EVENT_IDX the driver kicks only when it passes avail_event: publish it, then
+        // look again for buffers posted before it could see the new value.
+        if (!rings.eventIdx) break;
+        publishAvailEvent(memory, rings, c);
+        if (availableCount(memory, rings, c) === 0) break;
+      }
+      if (c.nextAvail === q.nextAvail && c.nextUsed === q.nextUsed) return;
+      const interrupt = shouldInterrupt(memory, rings, q.nextUsed, c.nextUsed);
+      const r = store.dispatch(virtioEvents.queueServed(PCI_SEGMENT_ID, device, { queue, nextAvail: c.nextAvail, nextUsed: c.nextUsed, interrupt }));
+      this.opts.runEffects(r.effects);
+    } catch (e) {
+      if (!(e instanceof VirtqueueError)) throw e;
+      // A driver that broke its queue breaks its own device, nothing else: the device needs a
+      // reset, and the guest's other devices and queues go on.
+      this.opts.guestLog.warn(`virtio-needs-reset:${device}`, { device, queue, reason: e.message }, 'virtio device needs a reset: its driver broke a queue');
+      const r = store.dispatch(virtioEvents.needsReset(PCI_SEGMENT_ID, device, e.message));
+      this.opts.runEffects(r.effects);
+    }
+  }
+
+  private serveLater(device: string, queue: number): void {
+    this.again.add(`${device}\u0000${queue}`);
+    if (this.againScheduled) return;
+    this.againScheduled = true;
+    setImmediate(() => {
+      this.againScheduled = false;
+      const keys = [...this.again];
+      this.again.clear();
+      for (const k of keys) {
+        const [d, q] = k.split('\u0000');
+        this.notify(d, Number(q));
+      }
+    });
+  }
+
+  /** Take every doorbell away and stop the watcher and the workers. */
+  close(): void {
+    this.running = false;
+    for (const [key, d] of [...this.doorbells]) {
+      try {
+        this.removeDoorbell(key, d);
+      } catch {
+        /* the KVM VM may be gone already */
+      }
+    }
+    this.watcher?.close();
+    this.watcher = undefined;
+    for (const w of this.opts.workers.values()) w.close?.();
+  }
+}

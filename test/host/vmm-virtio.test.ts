@@ -1,0 +1,282 @@
+// A virtio device through the real VMM and KVM, with the tiny kernel as the driver: the test
+// lays out the rings in guest RAM as a driver would, and the guest does what only the guest
+// can (configuration and BAR accesses, MSI-X programming, the queue doorbell, which KVM turns
+// into an ioeventfd signal). The device answers through its MSI-X vector (an irqfd), and the
+// guest counts the interrupt. A hostile driver breaks only its own device.
+import test, { type ExecutionContext } from 'ava';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+import type { VmConfig } from '../../src/config/vm-config';
+import { PCI_ECAM_START } from '../../src/boot/layout';
+import { PCI_SEGMENT_ID, type PciSegmentState } from '../../src/devices/pci';
+import { serialInputEvent } from '../../src/devices/serial-16550a';
+import { CommonCfg, VirtioBar, VirtioEvents, VirtioStatus, type VirtioFunctionState } from '../../src/devices/virtio/transport';
+import { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../src/devices/virtio/virtqueue';
+import type { GuestMemory } from '../../src/memory/guest-memory';
+import { silentLogger } from '../../src/util/log';
+import { Vmm } from '../../src/vmm/vmm';
+import { waitUntil } from './harness';
+import {
+  MailboxOp,
+  TINY_KERNEL_MAGIC,
+  TINY_KERNEL_MAILBOX,
+  TINY_KERNEL_MSI_COUNTS,
+  TINY_KERNEL_MSI_VECTOR_BASE,
+  TinyKernelCommand,
+  TinyKernelStatus,
+  buildTinyKernel,
+} from './tiny-kernel';
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-vmm-virtio-'));
+process.on('exit', () => fs.rmSync(tmp, { recursive: true, force: true }));
+
+const RAM = 64 << 20;
+/** Where the test's driver keeps its queue: descriptor table, avail ring, used ring, buffers. */
+const DESC = 0x50_0000;
+const AVAIL = 0x50_1000;
+const USED = 0x50_2000;
+const BUF = 0x51_0000;
+const QUEUE_SIZE = 16;
+const ECAM_SLOT1 = PCI_ECAM_START + (1 << 15);
+const RNG = '__rng';
+
+type Op = { op: number; addr: number; value?: number };
+
+/** The tiny kernel as a virtio driver, through its mailbox. */
+class TinyDriver {
+  private mailboxes = 0;
+  constructor(
+    readonly vmm: Vmm,
+    private readonly serialFile: string,
+  ) {}
+
+  get mem(): GuestMemory {
+    return this.vmm.guestMemory() as unknown as GuestMemory;
+  }
+
+  get fn(): VirtioFunctionState {
+    const seg = this.vmm.state.devices.instances[PCI_SEGMENT_ID] as PciSegmentState;
+    return Object.values(seg.functions).find((f) => (f as VirtioFunctionState).id === RNG) as VirtioFunctionState;
+  }
+
+  get bar(): number {
+    return (this.fn.config[4] & ~0xf) >>> 0;
+  }
+
+  msiCount(vector: number): number {
+    return this.mem.readU32(TINY_KERNEL_MSI_COUNTS + 4 * vector);
+  }
+
+  /** Run `ops` in the guest; resolves with each op's result (reads) once the guest printed MBOX. */
+  async run(ops: Op[]): Promise<number[]> {
+    const mem = this.mem;
+    mem.writeU32(TINY_KERNEL_MAILBOX, ops.length);
+    ops.forEach((o, i) => {
+      const at = TINY_KERNEL_MAILBOX + 16 + 16 * i;
+      mem.writeU32(at, o.op);
+      mem.writeU32(at + 4, o.addr);
+      mem.writeU32(at + 8, o.value ?? 0);
+      mem.writeU32(at + 12, 0);
+    });
+    const want = ++this.mailboxes;
+    this.vmm.store.dispatch(serialInputEvent('serial0', Buffer.from(TinyKernelCommand.MAILBOX, 'latin1')));
+    await waitUntil(`mailbox ${want} done`, () => [...fs.readFileSync(this.serialFile, 'latin1').matchAll(/^MBOX \d+\n/gm)].length >= want, 30_000);
+    return ops.map((_, i) => mem.readU32(TINY_KERNEL_MAILBOX + 16 + 16 * i + 12));
+  }
+
+  common(reg: number, value: number, size: 1 | 2 | 4): Op {
+    return { op: size === 1 ? MailboxOp.WRITE8 : size === 2 ? MailboxOp.WRITE16 : MailboxOp.WRITE32, addr: this.bar + VirtioBar.COMMON + reg, value };
+  }
+
+  /** Linux's bring-up: memory decoding, MSI-X with vectors 0 (config) and 1 (queue), features, one queue, DRIVER_OK. */
+  async bringUp(): Promise<void> {
+    const s = VirtioStatus;
+    const table = (v: number): Op[] => {
+      const e = this.bar + VirtioBar.MSIX_TABLE + 16 * v;
+      return [
+        { op: MailboxOp.WRITE32, addr: e, value: 0xfee0_0000 },
+        { op: MailboxOp.WRITE32, addr: e + 4, value: 0 },
+        { op: MailboxOp.WRITE32, addr: e + 8, value: TINY_KERNEL_MSI_VECTOR_BASE + v },
+        { op: MailboxOp.WRITE32, addr: e + 12, value: 0 },
+      ];
+    };
+    // Fresh rings before the queue is enabled, as a driver allocates them: both indices at 0.
+    this.mem.fill(AVAIL, 0x1000);
+    this.mem.fill(USED, 0x1000);
+    this.posted = 0;
+    const [status] = await this.run([
+      { op: MailboxOp.WRITE16, addr: ECAM_SLOT1 + 4, value: 0x6 },
+      { op: MailboxOp.WRITE16, addr: ECAM_SLOT1 + 0x42, value: 0x8000 },
+      ...table(0),
+      ...table(1),
+      this.common(CommonCfg.DEVICE_STATUS, 0, 1),
+      this.common(CommonCfg.DEVICE_STATUS, s.ACKNOWLEDGE | s.DRIVER, 1),
+      this.common(CommonCfg.DRIVER_FEATURE_SELECT, 1, 4),
+      this.common(CommonCfg.DRIVER_FEATURE, 1, 4),
+      this.common(CommonCfg.DRIVER_FEATURE_SELECT, 0, 4),
+      this.common(CommonCfg.DRIVER_FEATURE, 0, 4),
+      this.common(CommonCfg.DEVICE_STATUS, s.ACKNOWLEDGE | s.DRIVER | s.FEATURES_OK, 1),
+      this.common(CommonCfg.CONFIG_MSIX_VECTOR, 0, 2),
+      this.common(CommonCfg.QUEUE_SELECT, 0, 2),
+      this.common(CommonCfg.QUEUE_SIZE, QUEUE_SIZE, 2),
+      this.common(CommonCfg.QUEUE_MSIX_VECTOR, 1, 2),
+      this.common(CommonCfg.QUEUE_DESC, DESC, 4),
+      this.common(CommonCfg.QUEUE_DESC + 4, 0, 4),
+      this.common(CommonCfg.QUEUE_DRIVER, AVAIL, 4),
+      this.common(CommonCfg.QUEUE_DRIVER + 4, 0, 4),
+      this.common(CommonCfg.QUEUE_DEVICE, USED, 4),
+      this.common(CommonCfg.QUEUE_DEVICE + 4, 0, 4),
+      this.common(CommonCfg.QUEUE_ENABLE, 1, 2),
+      this.common(CommonCfg.DEVICE_STATUS, s.ACKNOWLEDGE | s.DRIVER | s.FEATURES_OK | s.DRIVER_OK, 1),
+      { op: MailboxOp.READ32, addr: this.bar + VirtioBar.COMMON + CommonCfg.DEVICE_STATUS },
+    ]).then((r) => r.slice(-1));
+    if ((status & 0xff) !== 0x0f) throw new Error(`device status after bring-up: 0x${status.toString(16)}`);
+  }
+
+  posted = 0;
+  /** queue interrupts the guest had taken when the last post rang the doorbell */
+  irqsBeforePost = 0;
+
+  /** Post a chain of descriptors `descs` (written at index `first` on), then ring the doorbell. */
+  async post(descs: { addr: number; len: number; flags: number; next?: number }[], first = 0): Promise<void> {
+    const mem = this.mem;
+    descs.forEach((d, i) => {
+      const at = DESC + 16 * (first + i);
+      mem.writeU64(at, BigInt(d.addr));
+      mem.writeU32(at + 8, d.len);
+      mem.writeU16(at + 12, d.flags);
+      mem.writeU16(at + 14, d.next ?? 0);
+    });
+    mem.writeU16(AVAIL + 4 + 2 * (this.posted % QUEUE_SIZE), first);
+    this.posted++;
+    mem.writeU16(AVAIL + 2, this.posted & 0xffff);
+    this.irqsBeforePost = this.msiCount(1);
+    await this.run([{ op: MailboxOp.WRITE16, addr: this.bar + VirtioBar.NOTIFY, value: 0 }]);
+  }
+
+  usedIdx(): number {
+    return this.mem.readU16(USED + 2);
+  }
+}
+
+async function bootWithRng(name: string): Promise<{ vmm: Vmm; driver: TinyDriver; serialFile: string }> {
+  const serialFile = path.join(tmp, `${name}.serial`);
+  const cfg: VmConfig = {
+    payload: { kernel: await buildTinyKernel(), cmdline: 'virtio' },
+    cpus: { boot_vcpus: 1, max_vcpus: 1 },
+    memory: { size: RAM },
+    serial: { mode: 'File', file: serialFile },
+    rng: { src: '/dev/urandom' },
+  };
+  const vmm = new Vmm({ log: silentLogger() });
+  await vmm.create(cfg);
+  await vmm.boot();
+  const mem = () => vmm.guestMemory()!;
+  await waitUntil('the guest runs', () => mem().readU32(TinyKernelStatus.MAGIC) === TINY_KERNEL_MAGIC && mem().readU32(TinyKernelStatus.COUNT) >= 1, 30_000);
+  return { vmm, driver: new TinyDriver(vmm, serialFile), serialFile };
+}
+
+async function expectServed(t: ExecutionContext, d: TinyDriver, usedIdx: number, bytes: number): Promise<void> {
+  await waitUntil(`used.idx reaches ${usedIdx}`, () => d.usedIdx() === usedIdx, 10_000);
+  const elem = USED + 4 + 8 * ((usedIdx - 1) % QUEUE_SIZE);
+  t.is(d.mem.readU32(elem + 4), bytes, 'the used element says how much the device wrote');
+  await waitUntil('the queue interrupt reaches the guest', () => d.msiCount(1) > d.irqsBeforePost, 10_000);
+}
+
+test.serial('virtio-rng served through ioeventfd and irqfd: entropy in the buffer, the used ring advanced, MSI-X vector 1 taken by the guest', async (t) => {
+  const { vmm, driver } = await bootWithRng('served');
+  try {
+    await driver.bringUp();
+    t.like(driver.fn.virtio, { status: 0x0f });
+    t.true(vmm.store.journal().some((e) => e.type === VirtioEvents.Activated), 'activated is an event');
+    driver.mem.fill(BUF, 4096);
+    await driver.post([{ addr: BUF, len: 4096, flags: VIRTQ_DESC_F_WRITE }]);
+    await expectServed(t, driver, 1, 4096);
+    t.true(driver.mem.read(BUF, 4096).some((b) => b !== 0), 'entropy, not the zeros the driver left');
+    t.like(driver.fn.virtio.queues[0], { nextAvail: 1, nextUsed: 1 }, 'the cursors are in the store');
+    // The doorbell went through its ioeventfd: KVM consumed the write, the VMM saw no exit for it.
+    const doorbell = driver.bar + VirtioBar.NOTIFY;
+    const writesTo = (address: number) => vmm.store.journal().filter((e) => e.type === '[PCI Segment] Register Written' && (e.payload as { offset?: number })?.offset === address);
+    t.is(writesTo(doorbell).length, 0, 'no doorbell exit');
+    t.true(writesTo(driver.bar + VirtioBar.COMMON + CommonCfg.QUEUE_ENABLE).length > 0, '(while the common registers did exit)');
+    // A chain of two buffers is filled across both.
+    driver.mem.fill(BUF, 8192);
+    await driver.post([
+      { addr: BUF, len: 100, flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, next: 3 },
+      { addr: BUF + 4096, len: 200, flags: VIRTQ_DESC_F_WRITE },
+    ], 2);
+    await expectServed(t, driver, 2, 300);
+    t.true(driver.mem.read(BUF + 4096, 200).some((b) => b !== 0));
+    t.true(driver.mem.read(BUF + 4096 + 200, 100).every((b) => b === 0), 'nothing past the buffer');
+  } finally {
+    await vmm.close();
+  }
+});
+
+test.serial('a hostile driver breaks only its device: needs-reset with a config interrupt, the guest runs on, a reset brings the device back', async (t) => {
+  const { vmm, driver, serialFile } = await bootWithRng('hostile');
+  try {
+    const broken: [string, () => Promise<void>][] = [
+      ['a buffer outside guest RAM', () => driver.post([{ addr: RAM + 0x1000, len: 16, flags: VIRTQ_DESC_F_WRITE }])],
+      ['a buffer running past the end of RAM', () => driver.post([{ addr: RAM - 8, len: 16, flags: VIRTQ_DESC_F_WRITE }])],
+      ['a chain that loops', () => driver.post([
+        { addr: BUF, len: 16, flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, next: 1 },
+        { addr: BUF, len: 16, flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, next: 0 },
+      ])],
+      ['a next index past the queue', () => driver.post([{ addr: BUF, len: 16, flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, next: 999 }])],
+      ['a zero-length buffer', () => driver.post([{ addr: BUF, len: 0, flags: VIRTQ_DESC_F_WRITE }])],
+      ['a huge length', () => driver.post([{ addr: BUF, len: 0xffff_ffff, flags: VIRTQ_DESC_F_WRITE }])],
+    ];
+    for (const [what, post] of broken) {
+      await driver.bringUp();
+      const configIrqs = driver.msiCount(0);
+      const counting = vmm.guestMemory()!.readU32(TinyKernelStatus.COUNT);
+      await post();
+      await waitUntil(`${what}: the device needs a reset`, () => (driver.fn.virtio.status & VirtioStatus.DEVICE_NEEDS_RESET) !== 0, 10_000);
+      await waitUntil(`${what}: the configuration interrupt reaches the guest`, () => driver.msiCount(0) > configIrqs, 10_000);
+      t.is(driver.usedIdx(), 0, `${what}: nothing was used`);
+      await waitUntil(`${what}: the guest keeps counting`, () => vmm.guestMemory()!.readU32(TinyKernelStatus.COUNT) > counting + 1, 10_000);
+    }
+    t.is(vmm.store.journal().filter((e) => e.type === VirtioEvents.NeedsReset).length, broken.length, 'one needs-reset event per broken queue');
+    // A doorbell for a queue the device does not have changes nothing.
+    await driver.bringUp();
+    await driver.run([{ op: MailboxOp.WRITE16, addr: driver.bar + VirtioBar.NOTIFY + 4 * 7, value: 7 }]);
+    t.is(driver.fn.virtio.status, 0x0f);
+    // After all that, the device works again from a reset.
+    await driver.post([{ addr: BUF, len: 64, flags: VIRTQ_DESC_F_WRITE }]);
+    await expectServed(t, driver, 1, 64);
+    t.regex(fs.readFileSync(serialFile, 'latin1'), /COUNT \d+\n/);
+  } finally {
+    await vmm.close();
+  }
+});
+
+test.serial('snapshot and restore carry the device: the restored VM serves the next request where the first left off', async (t) => {
+  const { vmm, driver } = await bootWithRng('snapshot');
+  const snap = path.join(tmp, 'snap');
+  let restored: Vmm | undefined;
+  try {
+    await driver.bringUp();
+    await driver.post([{ addr: BUF, len: 512, flags: VIRTQ_DESC_F_WRITE }]);
+    await expectServed(t, driver, 1, 512);
+    await vmm.pause();
+    fs.mkdirSync(snap);
+    await vmm.snapshot(`file://${snap}`);
+    const saved = driver.fn;
+    await vmm.close();
+
+    restored = new Vmm({ log: silentLogger() });
+    await restored.restore({ source_url: `file://${snap}`, resume: true, serial: { mode: 'File', file: path.join(tmp, 'restored.serial') } });
+    const again = new TinyDriver(restored, path.join(tmp, 'restored.serial'));
+    t.deepEqual(again.fn, saved, 'the device state restored is the state saved');
+    again.posted = 1;
+    await again.post([{ addr: BUF, len: 256, flags: VIRTQ_DESC_F_WRITE }], 1);
+    await expectServed(t, again, 2, 256);
+    t.like(again.fn.virtio.queues[0], { nextAvail: 2, nextUsed: 2 });
+  } finally {
+    await vmm.close().catch(() => undefined);
+    await restored?.close();
+  }
+});
