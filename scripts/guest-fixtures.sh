@@ -26,7 +26,7 @@ FIX=${TERN_FIXTURES:-/var/cache/tern/fixtures}
 # virtio, netfs before fscache, ...). virtio_mmio is what QEMU microvm uses.
 # button and evdev carry the ACPI power button to busybox acpid.
 GUEST_MODULES="virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-  virtio_blk virtio_net virtio_console virtio_rng netfs fscache 9pnet 9pnet_virtio 9p button evdev ${TERN_GUEST_EXTRA_MODULES:-}"
+  virtio_blk virtio_net virtio_console virtio_rng crc32c_generic crc16 mbcache jbd2 ext4 netfs fscache 9pnet 9pnet_virtio 9p button evdev ${TERN_GUEST_EXTRA_MODULES:-}"
 
 log() { echo "guest-fixtures: $*" >&2; }
 die() { log "error: $*"; exit 1; }

@@ -85,6 +85,19 @@ function deviceEntry<T = Record<string, unknown>>(option: string, value: string,
   return out as T;
 }
 
+/** The command line spells image types in lower case (image_type=qcow2), the API as the contract's enum (Qcow2). */
+const IMAGE_TYPES: Record<string, string> = { raw: 'Raw', qcow2: 'Qcow2', fixed_vhd: 'FixedVhd', vhdx: 'Vhdx', unknown: 'Unknown' };
+
+function diskEntry(value: string): Record<string, unknown> {
+  const disk = deviceEntry('--disk', value);
+  if (typeof disk.image_type === 'string') {
+    const t = IMAGE_TYPES[disk.image_type.toLowerCase()];
+    if (!t) throw new OptionError('--disk', `image_type=${disk.image_type}: expected one of ${Object.keys(IMAGE_TYPES).join(', ')}`);
+    disk.image_type = t;
+  }
+  return disk;
+}
+
 const vmOption = (fn: Handler): Handler => (value, acc) => {
   acc.vmOptionSeen = true;
   fn(value, acc);
@@ -123,7 +136,7 @@ const HANDLERS: Record<string, Handler> = {
   }),
   '--serial': vmOption((v, a) => (a.vm.serial = consoleConfig('--serial', v))),
   '--console': vmOption((v, a) => (a.vm.console = consoleConfig('--console', v))),
-  '--disk': vmOption((v, a) => (a.vm.disks = [...(a.vm.disks ?? []), deviceEntry('--disk', v)])),
+  '--disk': vmOption((v, a) => (a.vm.disks = [...(a.vm.disks ?? []), diskEntry(v)])),
   '--net': vmOption((v, a) => (a.vm.net = [...(a.vm.net ?? []), deviceEntry('--net', v)])),
   // Cloud Hypervisor's CLI defaults for the fields its API requires
   '--fs': vmOption((v, a) => (a.vm.fs = [...(a.vm.fs ?? []), deviceEntry('--fs', v, { num_queues: 1, queue_size: 1024 })])),
@@ -170,6 +183,9 @@ const FLAGS: Record<string, (a: Accumulator) => void> = {
 
 export const TERN_OPTIONS = [...Object.keys(HANDLERS), ...Object.keys(FLAGS)];
 
+/** Options that describe one device each and may repeat. */
+const LIST_OPTIONS = new Set(['--disk', '--net', '--fs', '--pmem', '--device', '--user-device', '--vdpa']);
+
 export function parseTernArgs(argv: string[]): TernArgs {
   const acc: Accumulator = {
     vm: { payload: {} },
@@ -194,6 +210,9 @@ export function parseTernArgs(argv: string[]): TernArgs {
     const value = inline ?? argv[++i];
     if (value === undefined) throw new OptionError(arg, 'needs a value');
     handler(value, acc);
+    // Like Cloud Hypervisor's, a list option takes several values after one flag:
+    // `--disk path=a path=b` is `--disk path=a --disk path=b`.
+    if (LIST_OPTIONS.has(arg) && inline === undefined) while (i + 1 < argv.length && !argv[i + 1].startsWith('-')) handler(argv[++i], acc);
   }
   if (acc.args.restore && acc.vmOptionSeen) {
     // Only the consoles' host ends may be chosen anew; the rest comes from the snapshot.

@@ -38,6 +38,8 @@ export interface IncomingMachine {
   readonly memory: GuestMemory;
   /** create the vCPUs now, while the source still runs the guest (their state comes at the end) */
   prepareVcpus(count: number): void;
+  /** open the host ends of the VM's devices (disk images, an entropy source) from its config */
+  openBackends(config: VmConfig): Promise<void>;
   /** what its new vCPUs and KVM objects would save (after prepareVcpus) */
   sampleSavedState(): { vcpus: Record<string, SavedVcpuState>; kvm: SavedKvmState };
   completeIncoming(state: RootState): void;
@@ -243,6 +245,8 @@ export class MigrationReceiver {
     // The final state must carry this same config (checked at Complete), so its vCPUs can exist
     // already: creating them is work the guest's pause does not wait for.
     this.machine.prepareVcpus(withDefaults(config).cpus.boot_vcpus);
+    // Disk images open now, not while the guest is paused: opening one takes I/O.
+    await this.machine.openBackends(config);
     let shadow: unknown = frameJson(await ch.expect(FrameType.State));
     if (typeof shadow !== 'object' || shadow === null || Array.isArray(shadow)) throw error('State frame: not an object');
     if ((shadow as { schemaVersion?: unknown }).schemaVersion !== hello.schemaVersion) throw error('State frame: its schema version is not the one the handshake announced');

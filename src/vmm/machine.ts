@@ -65,7 +65,7 @@ import { readVcpuState, writeVcpuState } from './vcpu-state';
 import { VcpuRunner } from './vcpu-runner';
 import { MsiRouting } from './msi-routing';
 import { VirtioQueues } from './virtio-queues';
-import { virtioWorkers } from './virtio-workers';
+import { checkBackendsFit, openDeviceBackends, type DeviceBackends } from './device-backends';
 
 export type { MachineStop };
 
@@ -85,6 +85,11 @@ export interface MachineOptions {
   seccomp?: SeccompMode;
   /** a migration destination: RAM only, filled by the stream; completeIncoming() builds the rest */
   incoming?: MachineIncoming;
+  /**
+   * The host ends of the VM's virtio devices, opened from its config (a migration destination
+   * opens them with openBackends() once the config has arrived). The machine closes them.
+   */
+  backends?: DeviceBackends;
 }
 
 export type MachineIncoming = IncomingRam;
@@ -145,9 +150,11 @@ export class Machine {
   private msi?: MsiRouting;
   /** the virtio devices' doorbells and queue serving */
   private virtio?: VirtioQueues;
+  private backends?: DeviceBackends;
 
   constructor(private readonly opts: MachineOptions) {
     const { store } = opts;
+    this.backends = opts.backends;
     this.kvm = native().openKvm();
     try {
       this.vm = this.kvm.createVm();
@@ -181,7 +188,7 @@ export class Machine {
       const devices = platformDevices({
         memorySize: config.memory.size,
         serial: config.serial.mode !== 'Off',
-        pciFunctions: placeVirtioFunctions(virtioFunctionsOf(config)),
+        pciFunctions: placeVirtioFunctions(virtioFunctionsOf(config, { diskSizes: new Map([...(this.backends?.disks ?? [])].map(([id, d]) => [id, d.size])) })),
       });
       this.plan = loadKernel(this.memory, {
         kernel: readPayloadFile(payload.kernel, 'kernel', config.memory.size),
@@ -201,10 +208,12 @@ export class Machine {
 
       this.attachDevices(devices);
       this.console = this.openConsole(config.serial);
-      this.attachPciHost(config);
+      this.attachPciHost();
       this.createVcpus();
     } catch (e) {
       this.release();
+      // The backends were handed over with the options: they are the machine's to close.
+      this.backends?.close().catch((err) => opts.log.error({ err }, 'closing the device backends failed'));
       throw e;
     }
   }
@@ -293,6 +302,12 @@ export class Machine {
     for (let id = this.earlyVcpus.length; id < count; id++) this.earlyVcpus.push(this.vm.createVcpu(id));
   }
 
+  /** A migration destination: open the host ends of the devices once the VM's config arrived. */
+  async openBackends(config: VmConfig): Promise<void> {
+    if (!this.opts.incoming || this.console || this.backends) throw new Error('openBackends() is for a migration destination, once, before completeIncoming()');
+    this.backends = await openDeviceBackends(config, this.opts.log);
+  }
+
   /** A migration destination: build the vCPUs, devices' host ends and KVM state from the received state. */
   completeIncoming(state: RootState): void {
     if (!this.opts.incoming || this.console) throw new Error('completeIncoming() is for a migration destination, once');
@@ -305,14 +320,15 @@ export class Machine {
     this.restoreVcpus(state);
     this.restoreVmState(state);
     // (the store takes this state only once the machine is built: the functions come from it)
-    this.attachPciHost(config, state.devices.instances[PCI_SEGMENT_ID] as PciSegmentState | undefined);
+    this.attachPciHost(state.devices.instances[PCI_SEGMENT_ID] as PciSegmentState | undefined);
   }
 
   /**
    * The host side of the PCI functions in the store: MSI-X routes and irqfds as the guest
    * programmed them, queue doorbells where their BARs decode, and the devices' workers.
    */
-  private attachPciHost(config: VmConfig, segment = this.pciSegment()): void {
+  private attachPciHost(segment = this.pciSegment()): void {
+    if (segment) checkBackendsFit(segment, this.backends);
     this.msi = new MsiRouting(this.vm, pciFunctionModels);
     this.msi.sync(segment);
     this.virtio = new VirtioQueues({
@@ -320,7 +336,7 @@ export class Machine {
       vm: this.vm,
       memory: this.memory,
       guestLog: this.opts.guestLog,
-      workers: virtioWorkers(config),
+      workers: this.backends?.workers ?? new Map(),
       runEffects: (effects) => this.runEffects(effects),
     });
     this.virtio.syncDoorbells(segment);
@@ -492,7 +508,9 @@ export class Machine {
           this.virtio!.serveAll();
           break;
         case 'virtio.reset':
-          // The transport state is back to power-on: nothing is served until DRIVER_OK.
+          // The transport state is back to power-on: nothing is served until DRIVER_OK, and
+          // requests still in flight finish without touching the new queues.
+          this.virtio!.deviceReset(e.device);
           this.opts.store.dispatch(virtioEvents.reset(PCI_SEGMENT_ID, e.device));
           break;
       }
@@ -521,6 +539,8 @@ export class Machine {
     this.virtio?.pause();
     const t0 = performance.now();
     await Promise.all(this.runners.map((r) => r.pause()));
+    // Requests in flight finish (their used elements and cursors go in) before anything is saved.
+    await this.virtio?.drain();
     const parked = performance.now();
     // kvmclock first, as close as possible to the moment the vCPUs stopped: the guest's TSC is
     // saved with its vCPU, and every millisecond between the two reads would be guest time
@@ -577,12 +597,17 @@ export class Machine {
   /** Stop the vCPUs and release every host resource. */
   async destroy(): Promise<void> {
     await this.stop();
-    this.release();
+    // Disk requests in flight finish before their images close.
+    await this.virtio?.close().catch((err) => this.opts.log.error({ err }, 'stopping the virtio queues failed'));
+    try {
+      this.release();
+    } finally {
+      await this.backends?.close();
+    }
   }
 
   private release(): void {
     this.console?.close();
-    this.virtio?.close();
     this.msi?.close();
     for (const vcpu of new Set([...this.runners.map((r) => r.vcpu), ...this.earlyVcpus])) {
       try {

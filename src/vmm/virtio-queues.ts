@@ -3,8 +3,10 @@
 // live. Serving reads the queue's rings and cursors from the store, hands each chain to the
 // device's worker, writes the used ring through GuestMemory (so every page the device writes
 // is in the VMM dirty bitmap), and records the new cursors in the store with one event per
-// batch. A queue is served only while the vCPUs run: at a pause nothing is in flight, and a
-// snapshot or migration never holds half a request.
+// batch. A worker may finish a chain later (disk I/O): the chain is then in flight, and its
+// completion writes the used ring and records the cursor. A queue is served only while the
+// vCPUs run, and a pause waits for every request in flight: a snapshot or migration never
+// holds half a request.
 import type { GuestLog } from '../util/guest-log';
 import type { Effect } from '../devices/device';
 import { PCI_SEGMENT_ID, pciBarRegions, pciFunctionModels, type PciSegmentState } from '../devices/pci';
@@ -35,9 +37,12 @@ import type { RootState, Store } from '../state';
 
 /** What serves a device's requests on the host. */
 export interface VirtioDeviceWorker {
-  /** serves one chain of queue `queue`; returns the bytes it wrote into the chain's writable buffers */
-  chain(queue: number, chain: DescriptorChain, memory: GuestMemory): number;
-  close?(): void;
+  /**
+   * Serves one chain of queue `queue` of the device `fn` (its state now); returns the bytes it
+   * wrote into the chain's writable buffers, or a promise of them when the work takes I/O.
+   * Throwing a VirtqueueError (synchronously) says the driver broke the queue.
+   */
+  chain(fn: VirtioFunctionState, queue: number, chain: DescriptorChain, memory: GuestMemory): number | Promise<number>;
 }
 
 export interface VirtioQueuesOptions {
@@ -69,6 +74,13 @@ export class VirtioQueues {
   private running = false;
   private readonly again = new Set<string>();
   private againScheduled = false;
+  /** chains handed to workers and not finished yet */
+  private readonly inFlight = new Set<Promise<void>>();
+  /**
+   * Per device, how many times its driver reset it (or it needed a reset): a request that
+   * finishes after one belongs to a queue that is gone, and must not touch the new one.
+   */
+  private readonly epochs = new Map<string, number>();
 
   constructor(private readonly opts: VirtioQueuesOptions) {}
 
@@ -149,9 +161,19 @@ export class VirtioQueues {
     this.serveAll();
   }
 
-  /** The vCPUs are parked: nothing is served until start(). */
+  /** Nothing new is served until start(); requests in flight still finish (see drain()). */
   pause(): void {
     this.running = false;
+  }
+
+  /** Resolves once no request is in flight (after pause(): the device state is then final). */
+  async drain(): Promise<void> {
+    while (this.inFlight.size) await Promise.all([...this.inFlight]);
+  }
+
+  /** The driver reset `device`: requests still in flight finish without touching its new queues. */
+  deviceReset(device: string): void {
+    this.epochs.set(device, (this.epochs.get(device) ?? 0) + 1);
   }
 
   /** Every enabled queue of every live device. */
@@ -162,36 +184,49 @@ export class VirtioQueues {
     }
   }
 
-  private serve(device: string, queue: number): void {
+  /** The live device `device`, its queue `queue` and where its rings are; undefined when it is not served now. */
+  private liveQueue(device: string, queue: number): { fn: VirtioFunctionState; q: VirtioFunctionState['virtio']['queues'][number]; rings: QueueRings } | undefined {
     const seg = this.segment();
     const fn = seg && (Object.values(seg.functions).find((f) => (f as VirtioFunctionState).id === device) as VirtioFunctionState | undefined);
     const q = fn?.virtio.queues[queue];
-    const worker = this.opts.workers.get(device);
-    if (!fn || !q || !worker || !q.enabled || !virtioLive(fn.virtio)) return;
-    const { memory, store } = this.opts;
+    if (!fn || !q || !q.enabled || !virtioLive(fn.virtio)) return undefined;
     const desc = ringAddress(q.desc);
     const avail = ringAddress(q.driver);
     const used = ringAddress(q.device);
+    if (desc === null || avail === null || used === null) throw new VirtqueueError(`queue ${queue}: a ring address above 2^53`);
+    const rings: QueueRings = {
+      size: q.size,
+      desc,
+      avail,
+      used,
+      eventIdx: hasFeature(fn.virtio.driverFeatures, VirtioFeature.RING_EVENT_IDX),
+      indirect: hasFeature(fn.virtio.driverFeatures, VirtioFeature.RING_INDIRECT_DESC),
+    };
+    const problem = queueRingsProblem(this.opts.memory, rings);
+    if (problem) throw new VirtqueueError(`queue ${queue}: ${problem}`);
+    return { fn, q, rings };
+  }
+
+  private serve(device: string, queue: number): void {
+    const worker = this.opts.workers.get(device);
+    if (!worker) return;
+    const { memory } = this.opts;
     try {
-      if (desc === null || avail === null || used === null) throw new VirtqueueError(`queue ${queue}: a ring address above 2^53`);
-      const rings: QueueRings = {
-        size: q.size,
-        desc,
-        avail,
-        used,
-        eventIdx: hasFeature(fn.virtio.driverFeatures, VirtioFeature.RING_EVENT_IDX),
-        indirect: hasFeature(fn.virtio.driverFeatures, VirtioFeature.RING_INDIRECT_DESC),
-      };
-      const problem = queueRingsProblem(memory, rings);
-      if (problem) throw new VirtqueueError(`queue ${queue}: ${problem}`);
+      const live = this.liveQueue(device, queue);
+      if (!live) return;
+      const { fn, q, rings } = live;
       let c = { nextAvail: q.nextAvail, nextUsed: q.nextUsed };
       let served = 0;
       for (;;) {
         while (served < CHAINS_PER_TURN) {
           const popped = popChain(memory, rings, c);
           if (!popped) break;
-          const written = worker.chain(queue, popped.chain, memory);
-          c = pushUsed(memory, rings, popped.cursors, popped.chain.head, written);
+          const written = worker.chain(fn, queue, popped.chain, memory);
+          if (typeof written === 'number') c = pushUsed(memory, rings, popped.cursors, popped.chain.head, written);
+          else {
+            c = popped.cursors;
+            this.track(device, queue, popped.chain.head, written);
+          }
           served++;
         }
         if (served >= CHAINS_PER_TURN) {
@@ -205,17 +240,54 @@ export class VirtioQueues {
         if (availableCount(memory, rings, c) === 0) break;
       }
       if (c.nextAvail === q.nextAvail && c.nextUsed === q.nextUsed) return;
-      const interrupt = shouldInterrupt(memory, rings, q.nextUsed, c.nextUsed);
-      const r = store.dispatch(virtioEvents.queueServed(PCI_SEGMENT_ID, device, { queue, nextAvail: c.nextAvail, nextUsed: c.nextUsed, interrupt }));
-      this.opts.runEffects(r.effects);
+      this.record(device, queue, rings, q.nextUsed, c);
     } catch (e) {
-      if (!(e instanceof VirtqueueError)) throw e;
-      // A driver that broke its queue breaks its own device, nothing else: the device needs a
-      // reset, and the guest's other devices and queues go on.
-      this.opts.guestLog.warn(`virtio-needs-reset:${device}`, { device, queue, reason: e.message }, 'virtio device needs a reset: its driver broke a queue');
-      const r = store.dispatch(virtioEvents.needsReset(PCI_SEGMENT_ID, device, e.message));
-      this.opts.runEffects(r.effects);
+      this.broken(device, queue, e);
     }
+  }
+
+  /** Record the queue's new cursors; an interrupt when the driver asked to hear of used buffers. */
+  private record(device: string, queue: number, rings: QueueRings, usedBefore: number, c: { nextAvail: number; nextUsed: number }): void {
+    const interrupt = c.nextUsed !== usedBefore && shouldInterrupt(this.opts.memory, rings, usedBefore, c.nextUsed);
+    const r = this.opts.store.dispatch(virtioEvents.queueServed(PCI_SEGMENT_ID, device, { queue, nextAvail: c.nextAvail, nextUsed: c.nextUsed, interrupt }));
+    this.opts.runEffects(r.effects);
+  }
+
+  /**
+   * A driver that broke its queue breaks its own device, nothing else: the device needs a
+   * reset, and the guest's other devices and queues go on. Anything else is the VMM's fault.
+   */
+  private broken(device: string, queue: number, e: unknown): void {
+    if (!(e instanceof VirtqueueError)) throw e;
+    this.opts.guestLog.warn(`virtio-needs-reset:${device}`, { device, queue, reason: e.message }, 'virtio device needs a reset: its driver broke a queue');
+    this.deviceReset(device);
+    const r = this.opts.store.dispatch(virtioEvents.needsReset(PCI_SEGMENT_ID, device, e.message));
+    this.opts.runEffects(r.effects);
+  }
+
+  /** A chain a worker finishes later: when it does, its used element goes in (unless the queue is gone meanwhile). */
+  private track(device: string, queue: number, head: number, written: Promise<number>): void {
+    const epoch = this.epochs.get(device) ?? 0;
+    const done: Promise<void> = written
+      .then(
+        (bytes) => {
+          if ((this.epochs.get(device) ?? 0) !== epoch) return;
+          try {
+            const live = this.liveQueue(device, queue);
+            if (!live) return;
+            const before = { nextAvail: live.q.nextAvail, nextUsed: live.q.nextUsed };
+            this.record(device, queue, live.rings, before.nextUsed, pushUsed(this.opts.memory, live.rings, before, head, bytes));
+          } catch (e) {
+            this.broken(device, queue, e);
+          }
+        },
+        (e: unknown) => {
+          // A worker reports request failures in the request's status; a rejection is a fault of its own.
+          this.opts.guestLog.error(`virtio-worker:${device}`, { device, queue, err: e }, 'a virtio request failed in the VMM');
+        },
+      )
+      .finally(() => this.inFlight.delete(done));
+    this.inFlight.add(done);
   }
 
   private serveLater(device: string, queue: number): void {
@@ -233,9 +305,10 @@ export class VirtioQueues {
     });
   }
 
-  /** Take every doorbell away and stop the watcher and the workers. */
-  close(): void {
+  /** Wait for requests in flight, then take every doorbell away and stop the watcher. */
+  async close(): Promise<void> {
     this.running = false;
+    await this.drain();
     for (const [key, d] of [...this.doorbells]) {
       try {
         this.removeDoorbell(key, d);
@@ -245,6 +318,5 @@ export class VirtioQueues {
     }
     this.watcher?.close();
     this.watcher = undefined;
-    for (const w of this.opts.workers.values()) w.close?.();
   }
 }

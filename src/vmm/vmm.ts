@@ -14,6 +14,7 @@ import { createStore, vmConfigProblems, vmEvents, vmmEvents, type GuestStop, typ
 import { guestLog, type GuestLog } from '../util/guest-log';
 import { TERN_VERSION } from '../version';
 import { Machine, type MachineOptions, type MachineStop } from './machine';
+import { openDeviceBackends } from './device-backends';
 
 /** Reading guest RAM without the means to change it. */
 export type GuestMemoryReader = Pick<GuestMemory, 'size' | 'read' | 'readU8' | 'readU16' | 'readU32' | 'readU64'>;
@@ -102,7 +103,7 @@ export class Vmm {
     return this.serialize(async () => {
       this.store.dispatch(vmEvents.booting());
       try {
-        this.startMachine();
+        await this.startMachine();
       } catch (e) {
         await this.destroyMachine();
         this.store.dispatch(vmEvents.operationFailed(errorMessage(e)));
@@ -130,7 +131,7 @@ export class Vmm {
     this.store.dispatch(vmEvents.rebooting(source));
     try {
       await this.destroyMachine();
-      this.startMachine();
+      await this.startMachine();
     } catch (e) {
       // The old machine is gone and no new one runs: the VM is shut down, and says so.
       await this.destroyMachine();
@@ -238,6 +239,7 @@ export class Vmm {
         state = withHostEnds(state, opts);
         machine = this.newMachine({
           restore: { state, memoryPath: snap.memoryPath, ranges: snap.ranges, rangeChecksums: snap.rangeChecksums, mode, prefault: opts.prefault },
+          backends: await openDeviceBackends(state.vm.config as VmConfig, this.log),
         });
         this.log.info({ dir: snap.dir, mode, fromSchema: snap.storedSchemaVersion }, 'VM restored from snapshot');
         this.store.replaceState({ ...state, vm: { ...state.vm, pending: 'Restoring' } } as RootState);
@@ -396,7 +398,7 @@ export class Vmm {
   }
 
   /** A machine of this VMM: a boot (no extra options), a restore or a migration destination. */
-  private newMachine(extra: Pick<MachineOptions, 'restore' | 'incoming'>): Machine {
+  private newMachine(extra: Pick<MachineOptions, 'restore' | 'incoming' | 'backends'>): Machine {
     const m: Machine = new Machine({
       store: this.store,
       log: this.log,
@@ -409,8 +411,10 @@ export class Vmm {
     return m;
   }
 
-  private startMachine(): void {
-    const machine = this.newMachine({});
+  /** Boot: the devices' host ends open first (disk images take I/O), then the machine is built from the config. */
+  private async startMachine(): Promise<void> {
+    const backends = await openDeviceBackends(this.state.vm.config as VmConfig, this.log);
+    const machine = this.newMachine({ backends });
     this.machine = machine;
     machine.start();
   }

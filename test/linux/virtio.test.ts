@@ -1,6 +1,8 @@
 // Lab tier: virtio devices on PCI under a real Debian kernel. The guest's own virtio_pci driver
 // finds the functions, negotiates, sets up its queues with MSI-X, and reads through them.
 import test from 'ava';
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -47,6 +49,72 @@ test.serial('virtio-rng: the guest finds the PCI function, its hwrng gives 1 MiB
     t.regex(out, /virtio\d+-(config|requests)/, 'MSI-X vectors of the device in /proc/interrupts');
     const events = readMonitorFile(monitor).map((e) => `${e.source}:${e.event}:${e.properties?.id ?? ''}`);
     t.true(events.includes('virtio-device:activated:__rng'), events.join(' '));
+  } finally {
+    vm.kill();
+  }
+});
+
+const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+const md5 = (b: Uint8Array) => createHash('md5').update(b).digest('hex');
+
+// The guest mounts the ext4 disk and writes to it, checks the read-only disk refuses writes,
+// and writes raw data to the qcow2 disk, reading it back past its page cache.
+const DISK_PROBE = [
+  'mkdir -p /mnt/d',
+  'mount -t ext4 /dev/vda /mnt/d && echo hello-from-tern > /mnt/d/hello.txt && head -c 4194304 /dev/urandom > /mnt/d/blob && echo "BLOB $(md5sum /mnt/d/blob | cut -c1-32)" && umount /mnt/d && echo EXT4-DONE',
+  'echo "VDA-SERIAL $(cat /sys/block/vda/serial)"',
+  'echo "VDB-RO $(cat /sys/block/vdb/ro)"',
+  'echo "VDB-SUM $(md5sum /dev/vdb | cut -c1-32)"',
+  'dd if=/dev/zero of=/dev/vdb bs=512 count=1 2>/dev/null; echo "VDB-WRITE $?"',
+  'head -c 8388608 /dev/urandom > /tmp/x; echo "QC-SUM $(md5sum /tmp/x | cut -c1-32)"',
+  'dd if=/tmp/x of=/dev/vdc bs=1M 2>/dev/null; sync; echo 3 > /proc/sys/vm/drop_caches',
+  'echo "QC-BACK $(head -c 8388608 /dev/vdc | md5sum | cut -c1-32)"',
+].join('; ');
+
+test.serial('virtio-blk: an ext4 raw disk, a read-only disk and a qcow2 disk, written by the guest and checked by the host', async (t) => {
+  const raw = path.join(tmp, 'raw.img');
+  const ro = path.join(tmp, 'ro.img');
+  const qcow = path.join(tmp, 'disk.qcow2');
+  fs.writeFileSync(raw, Buffer.alloc(0));
+  fs.truncateSync(raw, 64 * MIB);
+  sh('mkfs.ext4', ['-q', '-F', raw]);
+  const roBytes = Buffer.alloc(8 * MIB);
+  for (let i = 0; i < roBytes.length; i += 4) roBytes.writeUInt32LE(i * 2654435761 >>> 0, i);
+  fs.writeFileSync(ro, roBytes);
+  sh('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, '64M']);
+
+  const vm = GuestProcess.tern([
+    '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'),
+    '--cmdline', guestCmdline({ cmd: DISK_PROBE }),
+    '--cpus', 'boot=1', '--memory', 'size=256M', '--serial', 'tty',
+    '--disk', `path=${raw},serial=tern-raw-0`, `path=${ro},readonly=on`, `path=${qcow},image_type=qcow2`,
+  ]);
+  try {
+    const { code } = await vm.exit(BOOT_TIMEOUT);
+    const out = vm.output;
+    t.is(code, 0, `${out.slice(-3000)}\n${vm.stderr.slice(-2000)}`);
+    t.regex(out, /^EXT4-DONE\r?$/m, out.slice(-3000));
+    t.regex(out, /^VDA-SERIAL tern-raw-0\r?$/m, 'GET_ID answers the serial');
+    // The host sees what the guest wrote, and the file system is clean.
+    t.is(sh('debugfs', ['-R', 'cat /hello.txt', raw]).trim(), 'hello-from-tern');
+    const dumped = path.join(tmp, 'blob');
+    sh('debugfs', ['-R', `dump /blob ${dumped}`, raw]);
+    t.is(md5(fs.readFileSync(dumped)), /^BLOB ([0-9a-f]{32})/m.exec(out)?.[1] ?? 'no BLOB line');
+    t.notThrows(() => sh('fsck.ext4', ['-n', '-f', raw]), 'fsck finds nothing');
+    // The read-only disk reads as the host wrote it, refuses the guest's write, and is unchanged.
+    t.regex(out, /^VDB-RO 1\r?$/m);
+    t.is(/^VDB-SUM ([0-9a-f]{32})/m.exec(out)?.[1], md5(roBytes));
+    t.regex(out, /^VDB-WRITE [1-9]\d*\r?$/m, 'dd to the read-only disk fails');
+    t.is(md5(fs.readFileSync(ro)), md5(roBytes));
+    // The qcow2 image holds what the guest wrote and qemu-img finds it clean.
+    const qcSum = /^QC-SUM ([0-9a-f]{32})/m.exec(out)?.[1] ?? 'no QC-SUM line';
+    t.is(/^QC-BACK ([0-9a-f]{32})/m.exec(out)?.[1], qcSum, 'the guest reads back what it wrote');
+    const check = JSON.parse(sh('qemu-img', ['check', '--output=json', qcow])) as { corruptions?: number; leaks?: number; 'check-errors'?: number };
+    t.is(check.corruptions ?? 0, 0);
+    t.is(check['check-errors'] ?? 0, 0);
+    const converted = path.join(tmp, 'qcow.raw');
+    sh('qemu-img', ['convert', '-O', 'raw', qcow, converted]);
+    t.is(md5(fs.readFileSync(converted).subarray(0, 8 * MIB)), qcSum, 'qemu-img reads the guest\'s data from the qcow2 image');
   } finally {
     vm.kill();
   }

@@ -78,3 +78,14 @@ test("--no-shutdown is Cloud Hypervisor's flag: off unless given", (t) => {
   t.falsy(parseTernArgs(['--api-socket', 'path=/tmp/x.sock']).noShutdown);
   t.true(parseTernArgs(['--api-socket', 'path=/tmp/x.sock', '--no-shutdown']).noShutdown);
 });
+
+test('--disk takes several disks after one flag, as Cloud Hypervisor does, and spells image_type as the contract', (t) => {
+  const a = parseTernArgs(['--kernel', 'k', '--disk', 'path=/a.img,readonly=on', 'path=/b.qcow2,image_type=qcow2,num_queues=2', '--disk', 'path=/c.img', '--rng', 'src=/dev/urandom']);
+  t.deepEqual(a.vm?.disks, [
+    { path: '/a.img', readonly: true },
+    { path: '/b.qcow2', image_type: 'Qcow2', num_queues: 2 },
+    { path: '/c.img' },
+  ]);
+  t.deepEqual(a.vm?.rng, { src: '/dev/urandom' });
+  t.throws(() => parseTernArgs(['--kernel', 'k', '--disk', 'path=/a,image_type=vmdk']), { message: /image_type=vmdk/ });
+});

@@ -33,6 +33,7 @@ import {
 import { PCI_ECAM_FUNCTION_SIZE, configAccessValid, pciBarRegions, pciConfigRead, pciConfigWrite } from './config-space';
 import type { PciFunctionModel, PciFunctionRegistry, PciFunctionState } from './function';
 import { PCI_HOST_BRIDGE_KIND, pciHostBridgeModel } from './host-bridge';
+import { virtioBlockModel } from '../virtio/block';
 import { virtioRngModel } from '../virtio/rng';
 
 export const PCI_SEGMENT_KIND = 'pci-segment' as const;
@@ -54,6 +55,7 @@ const CONFIG_ADDRESS_MASK = 0x80ff_fffc;
 export const pciFunctionModels: PciFunctionRegistry = Object.freeze({
   [PCI_HOST_BRIDGE_KIND]: pciHostBridgeModel,
   [virtioRngModel.kind]: virtioRngModel,
+  [virtioBlockModel.kind]: virtioBlockModel,
 });
 
 export interface PciSegmentState extends DeviceStateBase {

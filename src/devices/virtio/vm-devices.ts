@@ -3,20 +3,44 @@
 // so a kernel booted directly (no firmware) finds its devices already placed inside the root
 // bridge's window and keeps them there. Same config, same placement: a restored or migrated
 // VM's functions are where the guest left them.
+import type { DiskConfig } from '../../api/schema';
 import type { VmConfig } from '../../config/vm-config';
 import { PCI_MMIO32_SIZE, PCI_MMIO32_START, alignUp } from '../../boot/layout';
 import { PciBarBits } from '../pci/config-space';
 import type { PciFunctionState } from '../pci/function';
 import { pciSlot } from '../pci/segment';
+import { SECTOR_SIZE, VIRTIO_BLK_DEFAULT_QUEUE_SIZE, VIRTIO_BLK_ID_BYTES, virtioBlockModel } from './block';
 import { VIRTIO_RNG_QUEUE_SIZE, virtioRngModel } from './rng';
 import { VirtioBar, type VirtioFunctionState } from './transport';
 
 /** Cloud Hypervisor's id of its entropy device, which a config without `rng.id` gets. */
 export const DEFAULT_RNG_ID = '__rng';
 
-/** The virtio functions of `config`, in slot order. */
-export function virtioFunctionsOf(config: VmConfig): VirtioFunctionState[] {
+/** Cloud Hypervisor's ids of disks given none: _disk0, _disk1, ... by their place in the list. */
+export function diskIdOf(disk: DiskConfig, index: number): string {
+  return disk.id ?? `_disk${index}`;
+}
+
+/** What only the host ends know: each disk image's size in bytes, by device id. */
+export interface BackendFacts {
+  diskSizes: ReadonlyMap<string, number>;
+}
+
+/** The virtio functions of `config`, in slot order: the disks, then the entropy device. */
+export function virtioFunctionsOf(config: VmConfig, facts: BackendFacts = { diskSizes: new Map() }): VirtioFunctionState[] {
   const out: VirtioFunctionState[] = [];
+  (config.disks ?? []).forEach((disk, index) => {
+    const id = diskIdOf(disk, index);
+    const size = facts.diskSizes.get(id);
+    if (size === undefined) throw new Error(`disk '${id}' has no image open`);
+    const queues = disk.num_queues ?? 1;
+    const queueSize = disk.queue_size ?? VIRTIO_BLK_DEFAULT_QUEUE_SIZE;
+    // Like Cloud Hypervisor, a disk without a serial answers GET_ID with its id.
+    const serial = (disk.serial ?? id).replace(/[^\x20-\x7e]/g, '?').slice(0, VIRTIO_BLK_ID_BYTES);
+    out.push(
+      virtioBlockModel.create(id, { capacity: Math.floor(size / SECTOR_SIZE), readonly: disk.readonly ?? false, serial, numQueues: queues }, new Array(queues).fill(queueSize)),
+    );
+  });
   if (config.rng) out.push(virtioRngModel.create(config.rng.id ?? DEFAULT_RNG_ID, {}, [VIRTIO_RNG_QUEUE_SIZE]));
   return out;
 }
