@@ -4,7 +4,7 @@
 // Nothing here keeps VM state: every answer is read from the store when it is asked for.
 import { TypeCompiler } from '@sinclair/typebox/compiler';
 import { withDefaults, type ConsoleConfig as StoredConsoleConfig, type VmConfig as StoredVmConfig } from '../config/vm-config';
-import { DEBUG_PORT_KIND, SERIAL_KIND } from '../devices';
+import { DEBUG_PORT_KIND, PCI_SEGMENT_KIND, SERIAL_KIND, type PciSegmentState } from '../devices';
 import { VmEvents, assertVmTransition, type RootState } from '../state';
 import { TERN_VERSION } from '../version';
 import type { Vmm } from '../vmm/vmm';
@@ -302,6 +302,13 @@ export class VmmApi {
         mmio_unhandled_writes: bus.unhandled.mmio.writes,
       },
     };
+    // PCI functions with counters of their own (virtio devices) answer by their device ids.
+    for (const inst of Object.values(devices.instances)) {
+      if (inst.kind !== PCI_SEGMENT_KIND) continue;
+      for (const fn of Object.values((inst as PciSegmentState).functions) as { id?: unknown; counters?: Record<string, number> }[]) {
+        if (typeof fn.id === 'string' && fn.counters) counters[fn.id] = { ...fn.counters };
+      }
+    }
     for (const [id, inst] of Object.entries(devices.instances)) {
       const fields = DEVICE_COUNTERS[inst.kind];
       if (!fields) continue;

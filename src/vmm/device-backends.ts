@@ -26,7 +26,7 @@ import { VirtqueueError, readFromChain, writeToChain, type DescriptorChain } fro
 import { diskIdOf, DEFAULT_RNG_ID } from '../devices/virtio/vm-devices';
 import type { GuestMemory } from '../memory/guest-memory';
 import { openEntropySource } from '../util/host-file';
-import type { VirtioDeviceWorker } from './virtio-queues';
+import type { ChainResult, VirtioDeviceWorker } from './virtio-queues';
 
 export interface DeviceBackends {
   /** each device's worker, by device id */
@@ -42,7 +42,7 @@ export function entropyWorker(fd: number): VirtioDeviceWorker {
   return {
     chain(_fn, _queue, chain, memory) {
       const want = Math.min(chain.writableBytes, VIRTIO_RNG_MAX_REQUEST);
-      if (want === 0) return 0;
+      if (want === 0) return { written: 0 };
       const buf = Buffer.allocUnsafe(want);
       let got = 0;
       try {
@@ -51,7 +51,7 @@ export function entropyWorker(fd: number): VirtioDeviceWorker {
         // A source with nothing to give right now (EAGAIN) gives nothing this time.
         got = 0;
       }
-      return writeToChain(memory, chain, buf.subarray(0, got));
+      return { written: writeToChain(memory, chain, buf.subarray(0, got)) };
     },
   };
 }
@@ -65,15 +65,15 @@ export function entropyWorker(fd: number): VirtioDeviceWorker {
  */
 export function blockWorker(image: DiskImage, log: Logger): VirtioDeviceWorker {
   return {
-    chain(fn: VirtioFunctionState, _queue: number, chain: DescriptorChain, memory: GuestMemory): Promise<number> {
+    chain(fn: VirtioFunctionState, _queue: number, chain: DescriptorChain, memory: GuestMemory): Promise<ChainResult> {
       if (chain.writableBytes < 1) throw new VirtqueueError('a block request with no status byte');
       const device = fn.device as VirtioBlockDevice;
       const statusAt = chain.writableBytes - 1;
-      const finish = (status: number, dataBytes = 0): number => {
+      const finish = (status: number, dataBytes = 0, counters?: Record<string, number>): ChainResult => {
         writeToChain(memory, chain, Uint8Array.of(status), statusAt);
-        return dataBytes + 1;
+        return counters ? { written: dataBytes + 1, counters } : { written: dataBytes + 1 };
       };
-      let work: () => Promise<number>;
+      let work: () => Promise<ChainResult>;
       try {
         const header = parseBlkHeader(readFromChain(memory, chain, 16));
         const payload = () => readFromChain(memory, chain, chain.readableBytes - 16, 16);
@@ -87,7 +87,7 @@ export function blockWorker(image: DiskImage, log: Logger): VirtioDeviceWorker {
               const buf = new Uint8Array(range.length);
               await image.read(range.offset, buf);
               writeToChain(memory, chain, buf);
-              return finish(VirtioBlkStatus.OK, range.length);
+              return finish(VirtioBlkStatus.OK, range.length, { read_bytes: range.length, read_ops: 1 });
             };
             break;
           }
@@ -97,7 +97,7 @@ export function blockWorker(image: DiskImage, log: Logger): VirtioDeviceWorker {
             const data = payload();
             work = async () => {
               await image.write(range.offset, data);
-              return finish(VirtioBlkStatus.OK);
+              return finish(VirtioBlkStatus.OK, 0, { write_bytes: range.length, write_ops: 1 });
             };
             break;
           }

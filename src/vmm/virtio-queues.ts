@@ -42,7 +42,20 @@ export interface VirtioDeviceWorker {
    * wrote into the chain's writable buffers, or a promise of them when the work takes I/O.
    * Throwing a VirtqueueError (synchronously) says the driver broke the queue.
    */
-  chain(fn: VirtioFunctionState, queue: number, chain: DescriptorChain, memory: GuestMemory): number | Promise<number>;
+  chain(fn: VirtioFunctionState, queue: number, chain: DescriptorChain, memory: GuestMemory): ChainResult | Promise<ChainResult>;
+}
+
+/** What serving a chain came to: the bytes written into its writable buffers, and what it adds to the device's counters. */
+export interface ChainResult {
+  written: number;
+  counters?: Record<string, number>;
+}
+
+function sumCounters(into: Record<string, number> | undefined, add: Record<string, number> | undefined): Record<string, number> | undefined {
+  if (!add) return into;
+  const out = into ?? {};
+  for (const [k, v] of Object.entries(add)) out[k] = (out[k] ?? 0) + v;
+  return out;
 }
 
 export interface VirtioQueuesOptions {
@@ -217,15 +230,18 @@ export class VirtioQueues {
       const { fn, q, rings } = live;
       let c = { nextAvail: q.nextAvail, nextUsed: q.nextUsed };
       let served = 0;
+      let counters: Record<string, number> | undefined;
       for (;;) {
         while (served < CHAINS_PER_TURN) {
           const popped = popChain(memory, rings, c);
           if (!popped) break;
-          const written = worker.chain(fn, queue, popped.chain, memory);
-          if (typeof written === 'number') c = pushUsed(memory, rings, popped.cursors, popped.chain.head, written);
-          else {
+          const result = worker.chain(fn, queue, popped.chain, memory);
+          if ('then' in result) {
             c = popped.cursors;
-            this.track(device, queue, popped.chain.head, written);
+            this.track(device, queue, popped.chain.head, result);
+          } else {
+            c = pushUsed(memory, rings, popped.cursors, popped.chain.head, result.written);
+            counters = sumCounters(counters, result.counters);
           }
           served++;
         }
@@ -240,16 +256,17 @@ export class VirtioQueues {
         if (availableCount(memory, rings, c) === 0) break;
       }
       if (c.nextAvail === q.nextAvail && c.nextUsed === q.nextUsed) return;
-      this.record(device, queue, rings, q.nextUsed, c);
+      this.record(device, queue, rings, q.nextUsed, c, counters);
     } catch (e) {
       this.broken(device, queue, e);
     }
   }
 
   /** Record the queue's new cursors; an interrupt when the driver asked to hear of used buffers. */
-  private record(device: string, queue: number, rings: QueueRings, usedBefore: number, c: { nextAvail: number; nextUsed: number }): void {
+  private record(device: string, queue: number, rings: QueueRings, usedBefore: number, c: { nextAvail: number; nextUsed: number }, counters?: Record<string, number>): void {
     const interrupt = c.nextUsed !== usedBefore && shouldInterrupt(this.opts.memory, rings, usedBefore, c.nextUsed);
-    const r = this.opts.store.dispatch(virtioEvents.queueServed(PCI_SEGMENT_ID, device, { queue, nextAvail: c.nextAvail, nextUsed: c.nextUsed, interrupt }));
+    const served = { queue, nextAvail: c.nextAvail, nextUsed: c.nextUsed, interrupt, ...(counters ? { counters } : {}) };
+    const r = this.opts.store.dispatch(virtioEvents.queueServed(PCI_SEGMENT_ID, device, served));
     this.opts.runEffects(r.effects);
   }
 
@@ -266,17 +283,17 @@ export class VirtioQueues {
   }
 
   /** A chain a worker finishes later: when it does, its used element goes in (unless the queue is gone meanwhile). */
-  private track(device: string, queue: number, head: number, written: Promise<number>): void {
+  private track(device: string, queue: number, head: number, result: Promise<ChainResult>): void {
     const epoch = this.epochs.get(device) ?? 0;
-    const done: Promise<void> = written
+    const done: Promise<void> = result
       .then(
-        (bytes) => {
+        ({ written, counters }) => {
           if ((this.epochs.get(device) ?? 0) !== epoch) return;
           try {
             const live = this.liveQueue(device, queue);
             if (!live) return;
             const before = { nextAvail: live.q.nextAvail, nextUsed: live.q.nextUsed };
-            this.record(device, queue, live.rings, before.nextUsed, pushUsed(this.opts.memory, live.rings, before, head, bytes));
+            this.record(device, queue, live.rings, before.nextUsed, pushUsed(this.opts.memory, live.rings, before, head, written), counters);
           } catch (e) {
             this.broken(device, queue, e);
           }

@@ -9,6 +9,7 @@ const BENCHES: Record<string, string> = {
   boot: 'dist/test/bench/boot-bench.js',
   snapshot: 'dist/test/bench/snapshot-bench.js',
   migration: 'dist/test/bench/migration-bench.js',
+  block: 'dist/test/bench/block-bench.js',
 };
 
 async function main(): Promise<void> {

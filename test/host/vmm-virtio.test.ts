@@ -39,18 +39,23 @@ const AVAIL = 0x50_1000;
 const USED = 0x50_2000;
 const BUF = 0x51_0000;
 const QUEUE_SIZE = 16;
-const ECAM_SLOT1 = PCI_ECAM_START + (1 << 15);
 const RNG = '__rng';
 
 type Op = { op: number; addr: number; value?: number };
 
-/** The tiny kernel as a virtio driver, through its mailbox. */
+/** The tiny kernel as a virtio driver of device `id` at slot `slot`.0, through its mailbox. */
 class TinyDriver {
   private mailboxes = 0;
   constructor(
     readonly vmm: Vmm,
     private readonly serialFile: string,
+    private readonly id = RNG,
+    private readonly slot = 1,
   ) {}
+
+  private get ecam(): number {
+    return PCI_ECAM_START + (this.slot << 15);
+  }
 
   get mem(): GuestMemory {
     return this.vmm.guestMemory() as unknown as GuestMemory;
@@ -58,7 +63,7 @@ class TinyDriver {
 
   get fn(): VirtioFunctionState {
     const seg = this.vmm.state.devices.instances[PCI_SEGMENT_ID] as PciSegmentState;
-    return Object.values(seg.functions).find((f) => (f as VirtioFunctionState).id === RNG) as VirtioFunctionState;
+    return Object.values(seg.functions).find((f) => (f as VirtioFunctionState).id === this.id) as VirtioFunctionState;
   }
 
   get bar(): number {
@@ -107,8 +112,8 @@ class TinyDriver {
     this.mem.fill(USED, 0x1000);
     this.posted = 0;
     const [status] = await this.run([
-      { op: MailboxOp.WRITE16, addr: ECAM_SLOT1 + 4, value: 0x6 },
-      { op: MailboxOp.WRITE16, addr: ECAM_SLOT1 + 0x42, value: 0x8000 },
+      { op: MailboxOp.WRITE16, addr: this.ecam + 4, value: 0x6 },
+      { op: MailboxOp.WRITE16, addr: this.ecam + 0x42, value: 0x8000 },
       ...table(0),
       ...table(1),
       this.common(CommonCfg.DEVICE_STATUS, 0, 1),
@@ -161,14 +166,14 @@ class TinyDriver {
   }
 }
 
-async function bootWithRng(name: string): Promise<{ vmm: Vmm; driver: TinyDriver; serialFile: string }> {
+async function bootWithRng(name: string, devices: Partial<VmConfig> = { rng: { src: '/dev/urandom' } }): Promise<{ vmm: Vmm; driver: TinyDriver; serialFile: string }> {
   const serialFile = path.join(tmp, `${name}.serial`);
   const cfg: VmConfig = {
     payload: { kernel: await buildTinyKernel(), cmdline: 'virtio' },
     cpus: { boot_vcpus: 1, max_vcpus: 1 },
     memory: { size: RAM },
     serial: { mode: 'File', file: serialFile },
-    rng: { src: '/dev/urandom' },
+    ...devices,
   };
   const vmm = new Vmm({ log: silentLogger() });
   await vmm.create(cfg);
@@ -278,5 +283,58 @@ test.serial('snapshot and restore carry the device: the restored VM serves the n
   } finally {
     await vmm.close().catch(() => undefined);
     await restored?.close();
+  }
+});
+
+test.serial('virtio-blk through KVM: a write reaches the image, a read brings it back, GET_ID answers, the counters count', async (t) => {
+  const image = path.join(tmp, 'disk.img');
+  fs.writeFileSync(image, Buffer.alloc(1 << 20, 0x11), { mode: 0o600 });
+  const { vmm, serialFile } = await bootWithRng('block', { disks: [{ path: image, serial: 'tiny-disk' }] });
+  const disk = new TinyDriver(vmm, serialFile, '_disk0', 1);
+  const HDR = 0x52_0000;
+  const DATA = 0x52_1000;
+  const STATUS = 0x52_3000;
+  const header = (type: number, sector: number) => {
+    const b = new Uint8Array(16);
+    new DataView(b.buffer).setUint32(0, type, true);
+    new DataView(b.buffer).setBigUint64(8, BigInt(sector), true);
+    disk.mem.write(HDR, b);
+    disk.mem.writeU8(STATUS, 0xff);
+  };
+  try {
+    await disk.bringUp();
+    const data = Uint8Array.from({ length: 1024 }, (_, i) => (i * 13) & 0xff);
+    disk.mem.write(DATA, data);
+    header(1, 2);
+    await disk.post([
+      { addr: HDR, len: 16, flags: VIRTQ_DESC_F_NEXT, next: 1 },
+      { addr: DATA, len: 1024, flags: VIRTQ_DESC_F_NEXT, next: 2 },
+      { addr: STATUS, len: 1, flags: VIRTQ_DESC_F_WRITE },
+    ]);
+    await expectServed(t, disk, 1, 1);
+    t.is(disk.mem.readU8(STATUS), 0, 'status OK');
+    t.deepEqual(new Uint8Array(fs.readFileSync(image).subarray(1024, 2048)), data, 'the image holds the guest\'s sectors 2 and 3');
+
+    disk.mem.fill(DATA, 1024);
+    header(0, 2);
+    await disk.post([
+      { addr: HDR, len: 16, flags: VIRTQ_DESC_F_NEXT, next: 4 },
+      { addr: DATA, len: 1024, flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, next: 5 },
+      { addr: STATUS, len: 1, flags: VIRTQ_DESC_F_WRITE },
+    ], 3);
+    await expectServed(t, disk, 2, 1025);
+    t.deepEqual(disk.mem.read(DATA, 1024), data, 'read back');
+
+    header(8, 0);
+    await disk.post([
+      { addr: HDR, len: 16, flags: VIRTQ_DESC_F_NEXT, next: 7 },
+      { addr: DATA, len: 20, flags: VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, next: 8 },
+      { addr: STATUS, len: 1, flags: VIRTQ_DESC_F_WRITE },
+    ], 6);
+    await expectServed(t, disk, 3, 21);
+    t.is(Buffer.from(disk.mem.read(DATA, 9)).toString('latin1'), 'tiny-disk');
+    t.deepEqual(disk.fn.counters, { write_bytes: 1024, write_ops: 1, read_bytes: 1024, read_ops: 1 });
+  } finally {
+    await vmm.close();
   }
 });

@@ -53,7 +53,9 @@ export interface MicrovmOptions {
   qemu?: string;
   /** Accelerator (default kvm). */
   accel?: string;
-  /** Extra microvm machine properties, e.g. ['acpi=off']. */
+  /** The machine type (default microvm; q35 where a peer needs a full PCI host bridge). */
+  machine?: string;
+  /** Extra machine properties, e.g. ['acpi=off']. */
   machineOptions?: string[];
   /** Appended verbatim, e.g. devices. */
   extraArgs?: string[];
@@ -73,7 +75,7 @@ export interface Command {
  * guest reboot or triple fault end QEMU instead of looping.
  */
 export function microvmCommand(o: MicrovmOptions): Command {
-  const machine = ['microvm', ...(o.machineOptions ?? [])].join(',');
+  const machine = [o.machine ?? 'microvm', ...(o.machineOptions ?? [])].join(',');
   const args = [
     '-M', machine, '-accel', o.accel ?? 'kvm',
     '-m', String(o.memMiB ?? 512), '-smp', String(o.cpus ?? 1),

@@ -11,6 +11,7 @@ import {
   VirtioBlkFeature,
   VirtioBlkStatus,
   VirtioBlkType,
+  blkSegMax,
   virtioBlockConfigBytes,
   virtioBlockFeatures,
   virtioBlockModel,
@@ -26,14 +27,15 @@ import { tmpDir } from './block-helpers';
 const dir = tmpDir();
 test.after.always(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-const DISK: VirtioBlockDevice = { capacity: 2048, readonly: false, serial: 'tern-disk-0', numQueues: 1 };
+const DISK: VirtioBlockDevice = { capacity: 2048, readonly: false, serial: 'tern-disk-0', numQueues: 1, segMax: blkSegMax(128) };
 
 test('the configuration structure and features say what the disk is', (t) => {
   const c = new DataView(virtioBlockConfigBytes({ ...DISK, numQueues: 4 }).buffer);
   t.is(c.getBigUint64(0, true), 2048n, 'capacity in sectors');
   t.is(c.getUint32(0x14, true), 512, 'blk_size');
   t.is(c.getUint16(0x22, true), 4, 'num_queues');
-  t.true(c.getUint32(0x0c, true) > 0, 'seg_max');
+  t.is(c.getUint32(0x0c, true), 126, 'seg_max: a request of seg_max + 2 descriptors fits a queue of 128');
+  t.is(blkSegMax(64), 62);
   const has = (f: bigint, bit: number) => ((f >> BigInt(bit)) & 1n) === 1n;
   const rw = virtioBlockFeatures(DISK);
   t.true(has(rw, VirtioBlkFeature.FLUSH) && has(rw, VirtioBlkFeature.DISCARD) && has(rw, VirtioBlkFeature.WRITE_ZEROES));
@@ -91,8 +93,8 @@ test('a read fills the guest buffers in order across segments; the used length c
   const d = await disk();
   try {
     const r = request(VirtioBlkType.IN, 3, { readLen: [512, 1024] });
-    const written = await d.worker.chain(d.fn, 0, r.chain, r.mem);
-    t.is(written, 1536 + 1);
+    const done = await d.worker.chain(d.fn, 0, r.chain, r.mem);
+    t.deepEqual(done, { written: 1536 + 1, counters: { read_bytes: 1536, read_ops: 1 } }, 'the used length counts data and status');
     t.is(r.status(), VirtioBlkStatus.OK);
     const want = fs.readFileSync(d.file).subarray(3 * 512, 3 * 512 + 1536);
     t.deepEqual(Buffer.concat([r.mem.read(0x10000, 512), r.mem.read(0x10000 + 512 + 0x1000, 1024)]), want);
@@ -106,7 +108,7 @@ test('a write reaches the image; flush, write-zeroes and discard succeed; GET_ID
   try {
     const data = new Uint8Array(1024).fill(0x5a);
     const w = request(VirtioBlkType.OUT, 10, { data });
-    t.is(await d.worker.chain(d.fn, 0, w.chain, w.mem), 1);
+    t.deepEqual(await d.worker.chain(d.fn, 0, w.chain, w.mem), { written: 1, counters: { write_bytes: 1024, write_ops: 1 } });
     t.is(w.status(), VirtioBlkStatus.OK);
     t.deepEqual(fs.readFileSync(d.file).subarray(10 * 512, 11 * 512 + 512), Buffer.from(data));
 
@@ -123,7 +125,7 @@ test('a write reaches the image; flush, write-zeroes and discard succeed; GET_ID
     t.true(fs.readFileSync(d.file).subarray(10 * 512, 12 * 512).every((b) => b === 0));
 
     const id = request(VirtioBlkType.GET_ID, 0, { readLen: [20] });
-    t.is(await d.worker.chain(d.fn, 0, id.chain, id.mem), 21);
+    t.is((await d.worker.chain(d.fn, 0, id.chain, id.mem)).written, 21);
     t.is(Buffer.from(id.mem.read(0x10000, 20)).toString('latin1'), 'tern-disk-0'.padEnd(20, '\0'));
   } finally {
     await d.close();
@@ -148,9 +150,9 @@ test('requests the disk cannot carry out get their status, and the image is unto
       ['write-zeroes on a read-only disk', ro, request(VirtioBlkType.WRITE_ZEROES, 0, { payload: new Uint8Array(16) }), VirtioBlkStatus.IOERR],
     ];
     for (const [what, target, r, status] of cases) {
-      const written = await target.worker.chain(target.fn, 0, r.chain, r.mem);
+      const done = await target.worker.chain(target.fn, 0, r.chain, r.mem);
       t.is(r.status(), status, what);
-      t.is(written, 1, `${what}: only the status is written`);
+      t.deepEqual(done, { written: 1 }, `${what}: only the status is written, nothing counted`);
     }
     t.deepEqual(fs.readFileSync(d.file), before);
     // No status byte: the driver broke the queue, which is not the disk's to answer.

@@ -17,8 +17,14 @@ export const VIRTIO_BLK_MAX_QUEUES = 32;
 export const VIRTIO_BLK_ID_BYTES = 20;
 /** Data a request may carry at most; the device tells the driver through seg_max and size_max. */
 export const VIRTIO_BLK_MAX_REQUEST = 4 << 20;
-/** Buffers per request (seg_max); the two for the header and the status come on top. */
-export const VIRTIO_BLK_SEG_MAX = 128;
+/**
+ * Buffers per request at most (seg_max); the header and the status take two more. A chain may
+ * be no longer than its queue (2.7.5.3.1), and Linux builds requests of seg_max + 2
+ * descriptors: a disk offers seg_max = its queue size - 2, up to this.
+ */
+export const VIRTIO_BLK_SEG_MAX = 126;
+/** The smallest queue a disk takes: room for a request of a few buffers. */
+export const VIRTIO_BLK_MIN_QUEUE_SIZE = 8;
 /** Bytes per buffer (size_max). */
 export const VIRTIO_BLK_SIZE_MAX = 1 << 20;
 /** Ranges per discard or write-zeroes request, and sectors per range. */
@@ -58,6 +64,13 @@ export interface VirtioBlockDevice {
   serial: string;
   /** the number of request queues the device offers */
   numQueues: number;
+  /** buffers per request the driver may use (seg_max): below the queue size */
+  segMax: number;
+}
+
+/** seg_max for queues of `queueSize`: a request of seg_max + 2 descriptors must fit one. */
+export function blkSegMax(queueSize: number): number {
+  return Math.min(VIRTIO_BLK_SEG_MAX, queueSize - 2);
 }
 
 const bit = (n: number) => 1n << BigInt(n);
@@ -76,7 +89,7 @@ export function virtioBlockConfigBytes(d: VirtioBlockDevice): Uint8Array {
   const v = new DataView(b.buffer);
   v.setBigUint64(0x00, BigInt(d.capacity), true);
   v.setUint32(0x08, VIRTIO_BLK_SIZE_MAX, true);
-  v.setUint32(0x0c, VIRTIO_BLK_SEG_MAX, true);
+  v.setUint32(0x0c, d.segMax, true);
   v.setUint32(0x14, SECTOR_SIZE, true);
   v.setUint16(0x22, d.numQueues, true);
   v.setUint32(0x24, VIRTIO_BLK_MAX_RANGE_SECTORS, true);
@@ -100,6 +113,7 @@ export const virtioBlockModel = defineVirtioFunction<VirtioBlockDevice>({
     readonly: Type.Boolean(),
     serial: Type.String({ maxLength: VIRTIO_BLK_ID_BYTES, pattern: '^[\\x20-\\x7e]*$' }),
     numQueues: IntIn(1, VIRTIO_BLK_MAX_QUEUES),
+    segMax: IntIn(1, VIRTIO_BLK_SEG_MAX),
   }),
   features: virtioBlockFeatures,
   configBytes: virtioBlockConfigBytes,

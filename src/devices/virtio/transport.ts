@@ -8,7 +8,7 @@
 import { Type } from '@sinclair/typebox';
 import type { TSchema } from '@sinclair/typebox';
 import { eventCreator } from '../../state/slice';
-import { Exact, IntIn, U16, U32, U8 } from '../../state/state-schema';
+import { Count, Exact, IntIn, U16, U32, U8 } from '../../state/state-schema';
 import { allOnes } from '../bus';
 import { type Effect, type IoAccess, type TransitionResult, data32 } from '../device';
 import { PciCapId, PciConfigSchema, type PciCapabilitySpec, type PciFunctionLayout } from '../pci/config-space';
@@ -141,6 +141,8 @@ export interface VirtioFunctionState<D = unknown> extends PciFunctionState {
   msix: MsixState;
   virtio: VirtioTransportState;
   device: D;
+  /** what the host did for the device (vm.counters: read_bytes, write_ops, ...), since it was created */
+  counters: Record<string, number>;
 }
 
 /** What a device type brings to the transport. */
@@ -459,6 +461,7 @@ export function defineVirtioFunction<D>(type: VirtioDeviceType<D>): VirtioFuncti
       msix: msixStateSchema(msix),
       virtio: virtioTransportSchema(type.maxQueues),
       device: type.deviceSchema,
+      counters: Type.Record(Type.String({ pattern: '^[a-z_]{1,32}$' }), Count(), { maxProperties: 16, additionalProperties: false }),
     }),
     checkState: (fn) => msixStateProblem(fn.msix, msix) ?? virtioTransportProblem(fn.virtio, type, fn.device) ?? type.checkDevice?.(fn.device) ?? null,
     barAccess,
@@ -487,6 +490,7 @@ export function defineVirtioFunction<D>(type: VirtioDeviceType<D>): VirtioFuncti
         msix: msixInitialState(msix),
         virtio: virtioTransportInitial(type.features(device) | TRANSPORT_FEATURES, queueSizes),
         device,
+        counters: {},
       };
     },
   };
@@ -584,13 +588,26 @@ export interface VirtioQueueServed {
   nextAvail: number;
   nextUsed: number;
   interrupt: boolean;
+  /** what the requests served add to the device's counters */
+  counters?: Record<string, number>;
+}
+
+function addCounters(current: Record<string, number>, add: Record<string, number> | undefined): Record<string, number> {
+  if (!add) return current;
+  const out = { ...current };
+  for (const [k, v] of Object.entries(add)) {
+    if (!/^[a-z_]{1,32}$/.test(k) || !Number.isSafeInteger(v) || v < 0) throw new RangeError(`counter ${k.slice(0, 32)}: ${v}`);
+    out[k] = (out[k] ?? 0) + v;
+  }
+  return out;
 }
 
 export function virtioQueueServed<D>(model: VirtioFunctionModel<D>, fn: VirtioFunctionState<D>, p: VirtioQueueServed): VirtioTransition<D> {
   const q = Number.isInteger(p?.queue) ? fn.virtio.queues[p.queue] : undefined;
   if (!q) throw new RangeError(`${fn.id}: no queue ${String(p?.queue)}`);
   if (!Number.isInteger(p.nextAvail) || !Number.isInteger(p.nextUsed)) throw new TypeError(`${fn.id}: queue cursors must be integers`);
-  const moved = q.nextAvail !== p.nextAvail || q.nextUsed !== p.nextUsed ? withQueue(fn, p.queue, { ...q, nextAvail: p.nextAvail & 0xffff, nextUsed: p.nextUsed & 0xffff }) : fn;
+  let moved = q.nextAvail !== p.nextAvail || q.nextUsed !== p.nextUsed ? withQueue(fn, p.queue, { ...q, nextAvail: p.nextAvail & 0xffff, nextUsed: p.nextUsed & 0xffff }) : fn;
+  if (p.counters && Object.keys(p.counters).length) moved = { ...moved, counters: addCounters(moved.counters, p.counters) };
   return p.interrupt ? virtioSignal(model, moved, q.vector, VirtioIsr.QUEUE) : { fn: moved, effects: NO_EFFECTS };
 }
 

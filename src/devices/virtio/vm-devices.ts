@@ -9,7 +9,7 @@ import { PCI_MMIO32_SIZE, PCI_MMIO32_START, alignUp } from '../../boot/layout';
 import { PciBarBits } from '../pci/config-space';
 import type { PciFunctionState } from '../pci/function';
 import { pciSlot } from '../pci/segment';
-import { SECTOR_SIZE, VIRTIO_BLK_DEFAULT_QUEUE_SIZE, VIRTIO_BLK_ID_BYTES, virtioBlockModel } from './block';
+import { SECTOR_SIZE, VIRTIO_BLK_DEFAULT_QUEUE_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_MIN_QUEUE_SIZE, blkSegMax, virtioBlockModel } from './block';
 import { VIRTIO_RNG_QUEUE_SIZE, virtioRngModel } from './rng';
 import { VirtioBar, type VirtioFunctionState } from './transport';
 
@@ -35,10 +35,11 @@ export function virtioFunctionsOf(config: VmConfig, facts: BackendFacts = { disk
     if (size === undefined) throw new Error(`disk '${id}' has no image open`);
     const queues = disk.num_queues ?? 1;
     const queueSize = disk.queue_size ?? VIRTIO_BLK_DEFAULT_QUEUE_SIZE;
+    if (queueSize < VIRTIO_BLK_MIN_QUEUE_SIZE) throw new RangeError(`disk '${id}': queue_size ${queueSize} is below ${VIRTIO_BLK_MIN_QUEUE_SIZE}`);
     // Like Cloud Hypervisor, a disk without a serial answers GET_ID with its id.
     const serial = (disk.serial ?? id).replace(/[^\x20-\x7e]/g, '?').slice(0, VIRTIO_BLK_ID_BYTES);
     out.push(
-      virtioBlockModel.create(id, { capacity: Math.floor(size / SECTOR_SIZE), readonly: disk.readonly ?? false, serial, numQueues: queues }, new Array(queues).fill(queueSize)),
+      virtioBlockModel.create(id, { capacity: Math.floor(size / SECTOR_SIZE), readonly: disk.readonly ?? false, serial, numQueues: queues, segMax: blkSegMax(queueSize) }, new Array(queues).fill(queueSize)),
     );
   });
   if (config.rng) out.push(virtioRngModel.create(config.rng.id ?? DEFAULT_RNG_ID, {}, [VIRTIO_RNG_QUEUE_SIZE]));
