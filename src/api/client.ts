@@ -138,6 +138,11 @@ export class TernClient {
     return this.put('vm.create', config);
   }
 
+  /** Add a disk to a VM that is not running (cold add): it is there from the next boot. */
+  addDisk(disk: NonNullable<VmConfig['disks']>[number]): Promise<void> {
+    return this.put('vm.add-disk', disk);
+  }
+
   /** Snapshot the paused VM into a new directory (destination_url: file:///DIR). */
   snapshot(destinationUrl: string): Promise<void> {
     return this.put('vm.snapshot', { destination_url: destinationUrl });

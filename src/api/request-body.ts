@@ -44,7 +44,8 @@ export function parseJsonBody(raw: Buffer): unknown {
 }
 
 /** Every device id in a config, with where it was found. */
-function deviceIds(c: VmConfig): string[] {
+/** The ids a config gives its devices explicitly. */
+export function deviceIds(c: VmConfig): string[] {
   const ids: (string | undefined)[] = [];
   const lists = [c.disks, c.net, c.fs, c.pmem, c.devices, c.user_devices, c.vdpa, c.generic_vhost_user] as
     | ({ id?: string }[] | undefined)[];

@@ -11,12 +11,15 @@ import type { Vmm } from '../vmm/vmm';
 import type { MigrationProgress } from '../migration/migration-options';
 import { ApiError, toApiError } from './errors';
 import { parseMigrationUrl } from './migration-url';
-import { checkBody, checkVmConfig } from './request-body';
+import { checkBody, checkVmConfig, deviceIds as deviceIdsOf } from './request-body';
+import { diskIdOf } from '../devices/virtio/vm-devices';
 import {
   ConsoleConfigSchema,
+  DiskConfigSchema,
   ReceiveMigrationDataSchema,
   SendMigrationDataSchema,
   SerialConfigSchema,
+  type DiskConfig,
   type ReceiveMigrationData,
   type SendMigrationData,
   type VmConfig,
@@ -26,6 +29,7 @@ import {
 } from './schema';
 
 const serialChecker = TypeCompiler.Compile(SerialConfigSchema);
+const diskConfigChecker = TypeCompiler.Compile(DiskConfigSchema);
 const consoleChecker = TypeCompiler.Compile(ConsoleConfigSchema);
 const sendMigrationChecker = TypeCompiler.Compile(SendMigrationDataSchema);
 const receiveMigrationChecker = TypeCompiler.Compile(ReceiveMigrationDataSchema);
@@ -116,6 +120,30 @@ export class VmmApi {
 
   boot(): Promise<void> {
     return this.run('The VM could not be booted', () => this.vmm.boot());
+  }
+
+  /**
+   * vm.add-disk. Tern adds disks cold only (204): to a VM that is created or shut down, for its
+   * next boot. A running VM's disks are fixed (500, as any action its state does not allow).
+   */
+  async addDisk(body: unknown): Promise<void> {
+    const outer = 'The disk could not be added to the VM';
+    let disk: DiskConfig;
+    try {
+      disk = checkBody(diskConfigChecker, DiskConfigSchema, 'DiskConfig', body) as DiskConfig;
+    } catch (e) {
+      throw toApiError(e, outer);
+    }
+    const { vm } = this.state;
+    if (vm.status === 'NotCreated') throw new ApiError(404, [outer, 'no VM has been created']);
+    if (vm.status === 'Running' || vm.status === 'Paused') throw new ApiError(500, [outer, `the VM is ${vm.status}: Tern adds disks to a VM that is not running only (no hot-plug)`]);
+    const config = vm.config as VmConfig;
+    const disks = [...(config.disks ?? []), disk];
+    // Ids as the VM will have them: a disk without one is _diskN by its place in the list.
+    const taken = new Set([...deviceIdsOf(config), ...(config.disks ?? []).map((d, i) => diskIdOf(d, i))]);
+    const id = diskIdOf(disk, disks.length - 1);
+    if (taken.has(id)) throw new ApiError(409, [outer, `a device with id '${id}' already exists`]);
+    await this.run(outer, () => this.vmm.addDisk(disk));
   }
 
   shutdown(): Promise<void> {

@@ -88,7 +88,8 @@ function deviceEntry<T = Record<string, unknown>>(option: string, value: string,
 /** The command line spells image types in lower case (image_type=qcow2), the API as the contract's enum (Qcow2). */
 const IMAGE_TYPES: Record<string, string> = { raw: 'Raw', qcow2: 'Qcow2', fixed_vhd: 'FixedVhd', vhdx: 'Vhdx', unknown: 'Unknown' };
 
-function diskEntry(value: string): Record<string, unknown> {
+/** A disk in `--disk` (and ch-remote add-disk) syntax: path=P[,readonly=on][,image_type=qcow2]... */
+export function diskEntry(value: string): Record<string, unknown> {
   const disk = deviceEntry('--disk', value);
   if (typeof disk.image_type === 'string') {
     const t = IMAGE_TYPES[disk.image_type.toLowerCase()];

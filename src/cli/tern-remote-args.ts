@@ -5,6 +5,7 @@ import { MAX_MIGRATION_CONNECTIONS, type ReceiveMigrationData, type SendMigratio
 import { MIGRATION_DEFAULTS } from '../migration/migration-options';
 import { TERN_VERSION } from '../version';
 import { parseKeyValues } from './option-values';
+import { diskEntry } from './tern-args';
 
 type Command = { method: 'GET' | 'PUT'; endpoint: string; about: string };
 
@@ -20,6 +21,7 @@ export const COMMANDS: Readonly<Record<string, Command>> = {
   reboot: { method: 'PUT', endpoint: 'vm.reboot', about: 'reboot the VM' },
   shutdown: { method: 'PUT', endpoint: 'vm.shutdown', about: 'stop the VM (it can boot again)' },
   'power-button': { method: 'PUT', endpoint: 'vm.power-button', about: 'press the ACPI power button' },
+  'add-disk': { method: 'PUT', endpoint: 'vm.add-disk', about: 'add a disk to the VM before it boots: path=P[,readonly=on][,image_type=qcow2][,id=ID]...' },
   snapshot: { method: 'PUT', endpoint: 'vm.snapshot', about: 'snapshot the paused VM into file:///DIR (a new directory)' },
   restore: { method: 'PUT', endpoint: 'vm.restore', about: 'restore a VM: source_url=file:///DIR[,resume=on][,prefault=on][,memory_restore_mode=copy|ondemand]' },
   'send-migration': { method: 'PUT', endpoint: 'vm.send-migration', about: 'send the VM, showing progress until it ended (with --no-wait, return once it started)' },
@@ -32,13 +34,14 @@ export const COMMANDS: Readonly<Record<string, Command>> = {
 
 const ARG_NAMES: Record<string, string> = {
   create: 'create [FILE|-]',
+  'add-disk': 'add-disk DISK',
   snapshot: 'snapshot URL',
   restore: 'restore CONFIG',
   'send-migration': 'send-migration CONFIG',
   'receive-migration': 'receive-migration CONFIG',
 };
 /** commands that need their argument */
-const NEEDS_ARG = new Set(['snapshot', 'restore', 'send-migration', 'receive-migration']);
+const NEEDS_ARG = new Set(['add-disk', 'snapshot', 'restore', 'send-migration', 'receive-migration']);
 /**
  * Command flags: `--local` is the send-migration flag of ch-remote before its option string
  * (`send-migration --local unix:/PATH`); `--wait` and `--no-wait` are Tern's.
@@ -149,6 +152,15 @@ function checkUrl(command: string, key: string, url: string): void {
 }
 
 const RESTORE_MODES: Record<string, string> = { copy: 'Copy', ondemand: 'OnDemand' };
+
+/** ch-remote's `add-disk path=...,readonly=on` as a DiskConfig body: the syntax of `--disk`. */
+export function addDiskBody(arg: string): Record<string, unknown> {
+  try {
+    return diskEntry(arg);
+  } catch (e) {
+    throw new RemoteUsageError((e as Error).message);
+  }
+}
 
 /** ch-remote's `restore source_url=...,prefault=on` as a RestoreConfig body. */
 export function restoreBody(arg: string): Record<string, unknown> {

@@ -14,6 +14,7 @@ import {
   COMMANDS,
   RemoteUsageError,
   TERN_REMOTE_USAGE,
+  addDiskBody,
   parseTernRemoteArgs,
   receiveMigrationBody,
   restoreBody,
@@ -67,6 +68,8 @@ function requestBody(command: string, arg: string | undefined, flags: ReadonlySe
   switch (command) {
     case 'create':
       return readConfig(arg);
+    case 'add-disk':
+      return addDiskBody(arg!);
     case 'snapshot':
       return { destination_url: arg };
     case 'restore':

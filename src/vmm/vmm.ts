@@ -99,6 +99,14 @@ export class Vmm {
     });
   }
 
+  /** Cold add (vm.add-disk on a VM that is not running): the disk joins the config; the next boot opens it. */
+  addDisk(disk: NonNullable<VmConfig['disks']>[number]): Promise<void> {
+    return this.serialize(() => {
+      this.refuseWhileReceiving();
+      this.store.dispatch(vmEvents.diskAdded(disk));
+    });
+  }
+
   boot(): Promise<void> {
     return this.serialize(async () => {
       this.store.dispatch(vmEvents.booting());

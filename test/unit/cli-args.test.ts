@@ -1,6 +1,7 @@
 import test from 'ava';
 import { parseTernArgs } from '../../src/cli/tern-args';
 import { OptionError } from '../../src/cli/option-values';
+import { RemoteUsageError, addDiskBody, parseTernRemoteArgs } from '../../src/cli/tern-remote-args';
 
 test('the issue example parses into a VmConfig', (t) => {
   const a = parseTernArgs([
@@ -88,4 +89,12 @@ test('--disk takes several disks after one flag, as Cloud Hypervisor does, and s
   ]);
   t.deepEqual(a.vm?.rng, { src: '/dev/urandom' });
   t.throws(() => parseTernArgs(['--kernel', 'k', '--disk', 'path=/a,image_type=vmdk']), { message: /image_type=vmdk/ });
+});
+
+test("tern-remote add-disk takes ch-remote's disk syntax and needs it", (t) => {
+  const a = parseTernRemoteArgs(['--api-socket', '/run/t.sock', 'add-disk', 'path=/d.qcow2,readonly=on,image_type=qcow2,id=data']);
+  t.like(a, { kind: 'run', command: 'add-disk', arg: 'path=/d.qcow2,readonly=on,image_type=qcow2,id=data' });
+  t.deepEqual(addDiskBody('path=/d.qcow2,readonly=on,image_type=qcow2,id=data'), { path: '/d.qcow2', readonly: true, image_type: 'Qcow2', id: 'data' });
+  t.throws(() => parseTernRemoteArgs(['--api-socket', '/run/t.sock', 'add-disk']), { message: /add-disk needs an argument/ });
+  t.throws(() => addDiskBody('readonly'), { instanceOf: RemoteUsageError });
 });

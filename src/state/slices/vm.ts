@@ -73,12 +73,18 @@ export const VmEvents = {
   /** restore starts with no VM; the saved state then replaces the store's, still Restoring */
   Restoring: '[VM] Restoring',
   Restored: '[VM] Restored',
+  /** a disk joined the config of a VM that is not running (vm.add-disk's cold add) */
+  DiskAdded: '[VM] Disk Added',
 } as const;
 
 export type VmEventType = (typeof VmEvents)[keyof typeof VmEvents];
 
 export interface VmCreatedPayload {
   config: VmConfig;
+}
+
+export interface VmDiskAddedPayload {
+  disk: NonNullable<VmConfig['disks']>[number];
 }
 
 export interface VmOperationFailedPayload {
@@ -113,6 +119,8 @@ const CREATED: readonly VmStatus[] = ['Created', 'Running', 'Paused', 'Shutdown'
 /** The lifecycle state machine: which events each (status, pending) accepts. */
 export const VM_LIFECYCLE: Readonly<Record<VmEventType, Rule>> = {
   [VmEvents.Created]: { from: ['NotCreated'], pending: null },
+  // A running VM would need the disk hot-plugged: only a VM that is not running takes one.
+  [VmEvents.DiskAdded]: { from: ['Created', 'Shutdown'], pending: null },
   [VmEvents.Booting]: { from: ['Created', 'Shutdown'], pending: null },
   [VmEvents.Booted]: { from: ['Created', 'Shutdown'], pending: 'Booting' },
   [VmEvents.Pausing]: { from: ['Running'], pending: null },
@@ -246,6 +254,13 @@ export const vmSlice = createSlice({
       // A private copy: the caller's object is not frozen into the store.
       vm.config = JSON.parse(JSON.stringify(payload.config)) as VmConfig;
     },
+    [VmEvents.DiskAdded]: (vm, payload: VmDiskAddedPayload) => {
+      assertVmTransition(vm, VmEvents.DiskAdded);
+      const config = { ...vm.config, disks: [...(vm.config?.disks ?? []), JSON.parse(JSON.stringify(payload?.disk ?? null))] } as VmConfig;
+      const problems = vmConfigProblems(config);
+      if (problems.length) throw new InvalidVmConfigError(problems);
+      vm.config = config;
+    },
     [VmEvents.Booting]: begin(VmEvents.Booting, 'Booting'),
     [VmEvents.Booted]: complete(VmEvents.Booted, 'Running', 'bootCount'),
     [VmEvents.Pausing]: begin(VmEvents.Pausing, 'Pausing'),
@@ -305,6 +320,7 @@ function lifecycle(type: VmEventType) {
 const vmCreated = eventCreator<VmCreatedPayload>(VmEvents.Created);
 const vmOperationFailed = eventCreator<VmOperationFailedPayload>(VmEvents.OperationFailed);
 const vmGuestStopRequested = eventCreator<GuestStop>(VmEvents.GuestStopRequested);
+const vmDiskAdded = eventCreator<VmDiskAddedPayload>(VmEvents.DiskAdded);
 
 /** Event creators for the VM lifecycle. */
 export const vmEvents = {
@@ -326,4 +342,5 @@ export const vmEvents = {
   snapshotted: lifecycle(VmEvents.Snapshotted),
   restoring: lifecycle(VmEvents.Restoring),
   restored: lifecycle(VmEvents.Restored),
+  diskAdded: (disk: VmDiskAddedPayload['disk'], source = 'vmm') => vmDiskAdded({ disk }, source),
 };
