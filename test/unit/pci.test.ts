@@ -423,6 +423,8 @@ test('restore refuses a saved segment whose host bridge claims another identity 
   };
   t.throws(() => validateState(tampered({ ...bridge, config: [0x1111_8086, ...bridge.config.slice(1)] })), { message: /00\.0\/config\/0: read-only bits/ });
   t.throws(() => validateState(tampered({ ...bridge, config: bridge.config.slice(1) })), { message: /functions\/00\.0/ });
-  t.throws(() => validateState(tampered({ ...bridge, kind: 'virtio-blk' }, '05.0')), { message: /05\.0: unknown PCI function kind 'virtio-blk'/ });
+  t.throws(() => validateState(tampered({ ...bridge, kind: 'sound-card' }, '05.0')), { message: /05\.0: unknown PCI function kind 'sound-card'/ });
+  // A known kind whose fields are not that kind's is refused by its own schema.
+  t.throws(() => validateState(tampered({ ...bridge, kind: 'virtio-blk' }, '05.0')), { message: /05\.0: virtio-blk field / });
   t.throws(() => validateState(tampered(bridge, '20.0')), { message: /functions/ }, 'no device 0x20 on a bus');
 });
