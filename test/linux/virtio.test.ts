@@ -165,7 +165,9 @@ test.serial('snapshot and restore of a guest writing to its disk: the loop goes 
     const after = dwIn(restored.output);
     t.true(after[0] <= last + 1, `the loop continues where it was (${last} before, ${after[0]} first after)`);
     t.deepEqual(after, after.map((_, i) => after[0] + i), 'and counts on without a gap');
-    restored.type('p=$(cat /tmp/loop.pid); kill $p; while kill -0 $p 2>/dev/null; do sleep 0.1; done; umount /mnt/d && echo UMOUNT-OK; poweroff -f\n');
+    // The loop's last command (head, sync, sleep) may outlive it for a moment and keep the
+    // file system busy: unmount is tried again until it is free.
+    restored.type('p=$(cat /tmp/loop.pid); kill $p; while kill -0 $p 2>/dev/null; do sleep 0.1; done; for n in 1 2 3 4 5 6 7 8 9 10; do umount /mnt/d 2>/dev/null && echo UMOUNT-OK && break; sleep 0.5; done; poweroff -f\n');
     await restored.waitFor(/^UMOUNT-OK\r?$/m, BOOT_TIMEOUT);
     await restored.exit(BOOT_TIMEOUT);
   } finally {
