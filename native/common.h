@@ -36,6 +36,10 @@ void ThrowErrno(Napi::Env env, const std::string& what, int err);
 void ThrowError(Napi::Env env, const std::string& message, const char* code = nullptr);
 void ThrowTypeError(Napi::Env env, const std::string& message);
 
+// What a JavaScript callback threw, as a message (its .message, or the value as a string;
+// `fallback` when neither can be had), leaving no exception pending.
+std::string DescribeException(Napi::Env env, const Napi::Error& e, const std::string& fallback);
+
 std::string Base64Encode(const void* data, size_t len);
 // Returns false on malformed input.
 bool Base64Decode(const std::string& in, std::vector<uint8_t>* out);

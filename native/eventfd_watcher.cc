@@ -270,20 +270,6 @@ bool CallCallback(Napi::Env env, Napi::Function fn, const std::vector<napi_value
   return CanRunJs(env);
 }
 
-std::string DescribeException(Napi::Env env, const Napi::Error& e) {
-  Napi::Value v = e.Value();
-  std::string out = "exception in the eventfd callback";
-  if (v.IsObject()) {
-    Napi::Value msg = v.As<Napi::Object>().Get("message");
-    if (!env.IsExceptionPending() && msg.IsString()) out = msg.As<Napi::String>().Utf8Value();
-  } else if (!v.IsEmpty() && !v.IsSymbol()) {
-    Napi::String s = v.ToString();
-    if (!env.IsExceptionPending()) out = s.Utf8Value();
-  }
-  if (env.IsExceptionPending()) env.GetAndClearPendingException();
-  return out;
-}
-
 Napi::Value FailureError(Napi::Env env, const Delivery& d) {
   if (d.shortRead >= 0) {
     Napi::Error e = Napi::Error::New(env, "eventfd read: short read of " + std::to_string(d.shortRead) +
@@ -338,7 +324,7 @@ void WatcherCore::Deliver(Napi::Env env, Napi::Function fn) {
 // error's cause. Nothing is left pending, so the process does not die of an uncaught exception
 // raised on a libuv callback it cannot attribute. Returns false when JavaScript can no longer run.
 bool WatcherCore::CallbackThrew(Napi::Env env, Napi::Function fn, const Delivery& d, const Napi::Error& thrown) {
-  std::string message = DescribeException(env, thrown);
+  std::string message = DescribeException(env, thrown, "exception in the eventfd callback");
   Forget(d.fd, d.gen);
   if (d.failed || closed) return true;
   Napi::Error e = Napi::Error::New(env, "eventfd callback for fd " + std::to_string(d.fd) + " threw: " + message +

@@ -45,6 +45,20 @@ void ThrowError(Napi::Env env, const std::string& message, const char* code) {
   e.ThrowAsJavaScriptException();
 }
 
+std::string DescribeException(Napi::Env env, const Napi::Error& e, const std::string& fallback) {
+  Napi::Value v = e.Value();
+  std::string out = fallback;
+  if (v.IsObject()) {
+    Napi::Value msg = v.As<Napi::Object>().Get("message");
+    if (!env.IsExceptionPending() && msg.IsString()) out = msg.As<Napi::String>().Utf8Value();
+  } else if (!v.IsEmpty() && !v.IsSymbol()) {
+    Napi::String s = v.ToString();
+    if (!env.IsExceptionPending()) out = s.Utf8Value();
+  }
+  if (env.IsExceptionPending()) env.GetAndClearPendingException();
+  return out;
+}
+
 void ThrowTypeError(Napi::Env env, const std::string& message) {
   Napi::TypeError::New(env, message).ThrowAsJavaScriptException();
 }

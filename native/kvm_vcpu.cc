@@ -177,20 +177,6 @@ static Napi::Object BuildExit(Napi::Env env, const ExitMsg& m) {
   return o;
 }
 
-static std::string DescribeException(Napi::Env env, const Napi::Error& e) {
-  Napi::Value v = e.Value();
-  std::string out = "exception in vCPU exit handler";
-  if (v.IsObject()) {
-    Napi::Value msg = v.As<Napi::Object>().Get("message");
-    if (!env.IsExceptionPending() && msg.IsString()) out = msg.As<Napi::String>().Utf8Value();
-  } else if (!v.IsEmpty() && !v.IsSymbol()) {
-    Napi::String s = v.ToString();
-    if (!env.IsExceptionPending()) out = s.Utf8Value();
-  }
-  if (env.IsExceptionPending()) env.GetAndClearPendingException();
-  return out;
-}
-
 static void Finish(ExitMsg* m) {
   if (m->owned) {
     delete m;
@@ -207,7 +193,7 @@ static void Finish(ExitMsg* m) {
 // The handler failed (threw, or returned what no register can hold): it gets one 'error'
 // exit naming the fault, then the vCPU stops.
 static void HandlerFailed(Napi::Env env, Napi::Function fn, ExitMsg* m) {
-  std::string message = DescribeException(env, env.GetAndClearPendingException());
+  std::string message = DescribeException(env, env.GetAndClearPendingException(), "exception in vCPU exit handler");
   m->stop = true;
   if (m->kind != ExitMsg::kStopped && m->kind != ExitMsg::kError) {
     ExitMsg err;
