@@ -132,7 +132,7 @@ export class VirtioQueues {
   }
 
   private addDoorbell(key: string, w: { address: number; device: string; queue: number }): void {
-    this.watcher ??= native().watchEventfds((fd) => this.rung(fd));
+    this.watcher ??= native().watchEventfds((fd, _count, error) => this.rung(fd, error));
     const fd = native().eventfd(0, EventFdFlags.NONBLOCK | EventFdFlags.CLOEXEC);
     try {
       // Linux writes the queue index as 16 bits; another width exits to the VMM and is served the same.
@@ -158,9 +158,22 @@ export class VirtioQueues {
     }
   }
 
-  private rung(fd: number): void {
+  /**
+   * A doorbell rang. What goes wrong serving it is the VMM's fault (a driver's is a needs-reset):
+   * it is logged here, since the watcher would otherwise stop watching the doorbell.
+   */
+  private rung(fd: number, error?: Error): void {
     const d = this.byFd.get(fd);
-    if (d) this.notify(d.device, d.queue);
+    if (!d) return;
+    if (error) {
+      this.opts.guestLog.error(`virtio-doorbell:${d.device}`, { device: d.device, queue: d.queue, err: error }, 'a virtio doorbell stopped working');
+      return;
+    }
+    try {
+      this.notify(d.device, d.queue);
+    } catch (e) {
+      this.opts.guestLog.error(`virtio-serve:${d.device}`, { device: d.device, queue: d.queue, err: e }, 'serving a virtio queue failed');
+    }
   }
 
   /** The driver rang queue `queue` of `device` (through its ioeventfd or an exit). */
