@@ -18,6 +18,7 @@ import {
   parseBlkRanges,
   type VirtioBlockDevice,
   VIRTIO_BLK_KIND,
+  VIRTIO_BLK_MAX_RANGE_BYTES,
 } from '../devices/virtio/block';
 import type { PciSegmentState } from '../devices/pci';
 import { VIRTIO_RNG_KIND, VIRTIO_RNG_MAX_REQUEST } from '../devices/virtio/rng';
@@ -84,7 +85,8 @@ export function blockWorker(image: DiskImage, log: Logger): VirtioDeviceWorker {
           case VirtioBlkType.IN: {
             const range = blkDataRange(device, header.sector, statusAt);
             work = async () => {
-              const buf = new Uint8Array(range.length);
+              // Not zeroed: the image read fills it whole, or fails and it is dropped.
+              const buf = Buffer.allocUnsafe(range.length);
               await image.read(range.offset, buf);
               writeToChain(memory, chain, buf);
               return finish(VirtioBlkStatus.OK, range.length, { read_bytes: range.length, read_ops: 1 });
@@ -118,6 +120,8 @@ export function blockWorker(image: DiskImage, log: Logger): VirtioDeviceWorker {
           case VirtioBlkType.DISCARD:
           case VirtioBlkType.WRITE_ZEROES: {
             refuseReadonly();
+            // The guest decides how long the chain is: its size is checked before it is copied.
+            if (chain.readableBytes - 16 > VIRTIO_BLK_MAX_RANGE_BYTES) throw new VirtioBlkRequestError(VirtioBlkStatus.IOERR, `range list of ${chain.readableBytes - 16} bytes`);
             const ranges = parseBlkRanges(device, payload(), header.type);
             const zero = header.type === VirtioBlkType.WRITE_ZEROES;
             work = async () => {

@@ -9,7 +9,7 @@
 // holds half a request.
 import type { GuestLog } from '../util/guest-log';
 import type { Effect } from '../devices/device';
-import { PCI_SEGMENT_ID, pciBarRegions, pciFunctionModels, type PciSegmentState } from '../devices/pci';
+import { PCI_SEGMENT_ID, pciBarRegions, pciFunctionModels, pciSlotOfDevice, type PciSegmentState } from '../devices/pci';
 import {
   VirtioBar,
   VirtioFeature,
@@ -213,7 +213,8 @@ export class VirtioQueues {
   /** The live device `device`, its queue `queue` and where its rings are; undefined when it is not served now. */
   private liveQueue(device: string, queue: number): { fn: VirtioFunctionState; q: VirtioFunctionState['virtio']['queues'][number]; rings: QueueRings } | undefined {
     const seg = this.segment();
-    const fn = seg && (Object.values(seg.functions).find((f) => (f as VirtioFunctionState).id === device) as VirtioFunctionState | undefined);
+    const slot = seg && pciSlotOfDevice(seg, device);
+    const fn = slot === undefined ? undefined : (seg!.functions[slot] as VirtioFunctionState);
     const q = fn?.virtio.queues[queue];
     if (!fn || !q || !q.enabled || !virtioLive(fn.virtio)) return undefined;
     const desc = ringAddress(q.desc);

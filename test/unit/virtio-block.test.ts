@@ -155,6 +155,15 @@ test('requests the disk cannot carry out get their status, and the image is unto
       t.deepEqual(done, { written: 1 }, `${what}: only the status is written, nothing counted`);
     }
     t.deepEqual(fs.readFileSync(d.file), before);
+    // A range list the guest claims is 1 GiB long is refused by its length, before anything is copied.
+    const huge = request(VirtioBlkType.DISCARD, 0, { payload: new Uint8Array(16) });
+    huge.chain.readable[1].len = 1 << 30;
+    huge.chain.readableBytes = 16 + (1 << 30);
+    t.deepEqual(await d.worker.chain(d.fn, 0, huge.chain, huge.mem), { written: 1 });
+    t.is(huge.status(), VirtioBlkStatus.IOERR);
+    const seventeen = request(VirtioBlkType.WRITE_ZEROES, 0, { payload: new Uint8Array(17 * 16) });
+    await d.worker.chain(d.fn, 0, seventeen.chain, seventeen.mem);
+    t.is(seventeen.status(), VirtioBlkStatus.IOERR, 'more ranges than the device offers');
     // No status byte: the driver broke the queue, which is not the disk's to answer.
     const bad = request(VirtioBlkType.IN, 0, { readLen: [], noStatus: true });
     t.throws(() => d.worker.chain(d.fn, 0, bad.chain, bad.mem), { instanceOf: VirtqueueError });

@@ -159,6 +159,9 @@ export function blkDataRange(d: VirtioBlockDevice, sector: number, length: numbe
   return { offset: sector * SECTOR_SIZE, length };
 }
 
+/** Bytes a discard or write-zeroes range list may have: checked before the list is copied out of the guest. */
+export const VIRTIO_BLK_MAX_RANGE_BYTES = VIRTIO_BLK_MAX_RANGES * 16;
+
 /** The ranges of a discard or write-zeroes payload, each checked against the disk. */
 export function parseBlkRanges(d: VirtioBlockDevice, payload: Uint8Array, type: number): VirtioBlkRange[] {
   if (payload.length === 0 || payload.length % 16 !== 0) throw new VirtioBlkRequestError(VirtioBlkStatus.IOERR, `range list of ${payload.length} bytes`);
