@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 F=${TERN_FIXTURES:-/var/cache/tern/fixtures}
 if grep -qwE 'vmx|svm' /proc/cpuinfo; then
   exec node dist/bin/tern.js --kernel "$F/vmlinux" --initramfs "$F/initramfs.img" \
-    --cmdline "console=ttyS0 quiet" --cpus boot=2 --memory size=512M --serial tty
+    --cmdline "console=ttyS0 quiet" --cpus boot=2 --memory size=512M --serial tty --console off
 fi
 echo "boot-default-guest: no vmx/svm on this CPU; booting inside the lab (non-interactive)" >&2
 exec node dist/test/lab/run-in-lab.js "node dist/bin/tern.js --kernel $F/vmlinux --initramfs $F/initramfs.img \
   --cmdline 'console=ttyS0 quiet tern.cmd=\"uname -a; nproc; free -m; cat /proc/cmdline\"' \
-  --cpus boot=2 --memory size=512M --serial tty"
+  --cpus boot=2 --memory size=512M --serial tty --console off"

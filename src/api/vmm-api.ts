@@ -3,7 +3,7 @@
 // here, so a VM started with --kernel is created and booted exactly as vm.create + vm.boot do.
 // Nothing here keeps VM state: every answer is read from the store when it is asked for.
 import { TypeCompiler } from '@sinclair/typebox/compiler';
-import { withDefaults, type ConsoleConfig as StoredConsoleConfig, type VmConfig as StoredVmConfig } from '../config/vm-config';
+import { doubleTtyProblem, withDefaults, type ConsoleConfig as StoredConsoleConfig, type VmConfig as StoredVmConfig } from '../config/vm-config';
 import { DEBUG_PORT_KIND, PCI_SEGMENT_KIND, SERIAL_KIND, type PciSegmentState } from '../devices';
 import { VmEvents, assertVmTransition, type RootState } from '../state';
 import { TERN_VERSION } from '../version';
@@ -112,6 +112,9 @@ export class VmmApi {
     let config: VmConfig;
     try {
       config = checkVmConfig(body);
+      // A new VM only: a snapshot from before the console existed may name the tty twice.
+      const tty = doubleTtyProblem(config);
+      if (tty) throw new ApiError(400, ['The VM configuration is not valid', tty]);
     } catch (e) {
       throw toApiError(e, outer);
     }

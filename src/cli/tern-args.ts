@@ -1,7 +1,7 @@
 // Command-line arguments of `tern`, in Cloud Hypervisor's spelling: `--option k=v,k=v`.
 // The result is a VmConfig (when boot options were given) plus the VMM-level settings.
 import { CPU_PROFILES, isCpuProfile } from '../boot/cpu-profile';
-import { ConsoleConfig, ConsoleMode, CpusConfig, MemoryConfig, VmConfig } from '../config/vm-config';
+import { ConsoleConfig, ConsoleMode, CpusConfig, MemoryConfig, VmConfig, doubleTtyProblem } from '../config/vm-config';
 import type { SeccompMode } from '../native/kvm';
 import { OptionError, parseInteger, parseKeyValues, parseOnOff, parseSize } from './option-values';
 
@@ -229,6 +229,8 @@ export function parseTernArgs(argv: string[]): TernArgs {
     if (!acc.vm.payload.kernel && !acc.vm.payload.firmware) {
       throw new OptionError('--kernel', 'a VM needs --kernel (or --firmware)');
     }
+    const tty = doubleTtyProblem(acc.vm);
+    if (tty) throw new OptionError('--serial', `${tty} (add --console off)`);
     acc.args.vm = acc.vm as VmConfig;
   }
   if (acc.args.restore && acc.args.vm) {
@@ -247,7 +249,8 @@ export const TERN_USAGE = `Usage: tern [OPTIONS]
   --memory size=SIZE[,shared=on|off]
   --serial off|null|tty|file=PATH     16550A UART at 0x3f8 (default null)
   --serial-file-max SIZE   cap of the serial file; output beyond it is dropped (default 64M)
-  --console off|null|tty|file=PATH    virtio console (accepted; device not yet built)
+  --console off|null|tty|file=PATH    virtio console, the guest's hvc0 (default tty;
+                           off with --serial tty: one tty, one device)
   --api-socket path=PATH|fd=N         HTTP API on a UNIX socket
   --event-monitor path=PATH|fd=N      event stream, one JSON object per event
   --no-shutdown            a guest that powers off leaves the VMM running (VM state Shutdown),

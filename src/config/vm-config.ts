@@ -20,3 +20,13 @@ export function withDefaults(config: VmConfig): VmConfig & { cpus: CpusConfig; m
     console: config.console ?? { mode: 'Tty' },
   };
 }
+
+/**
+ * Cloud Hypervisor's rule: one tty, one device reading it. Serial Tty with the console left at
+ * its default (Tty) is refused too, so such a config says `console: Off` (`--console off`).
+ */
+export function doubleTtyProblem(config: Pick<VmConfig, 'serial' | 'console'>): string | null {
+  const serial = config.serial?.mode ?? 'Null';
+  const console = config.console?.mode ?? 'Tty';
+  return serial === 'Tty' && console === 'Tty' ? 'Console mode tty specified for both serial and console' : null;
+}

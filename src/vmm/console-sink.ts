@@ -46,6 +46,8 @@ export interface ConsoleSinkOptions {
   onDropped?: (bytes: number) => void;
   /** where conditions the guest's output causes are logged */
   log?: GuestLog;
+  /** the device, in messages (default 'serial') */
+  device?: string;
 }
 
 export interface ConsoleOutputOptions extends ConsoleSinkOptions {
@@ -187,24 +189,36 @@ export class ConsoleOutput {
   }
 }
 
+/**
+ * The terminal size a console in `config` offers its guest: the host terminal's, when the
+ * console is on the tty and stdout is one; none otherwise.
+ */
+export function terminalSize(config: SerialConfig | undefined): { cols: number; rows: number } | undefined {
+  if ((config?.mode ?? 'Tty') !== 'Tty' || !process.stdout.isTTY) return undefined;
+  const cols = process.stdout.columns;
+  const rows = process.stdout.rows;
+  return cols > 0 && rows > 0 && cols <= 0xffff && rows <= 0xffff ? { cols, rows } : undefined;
+}
+
 export function openConsoleSink(config: SerialConfig, opts: ConsoleSinkOptions = {}): ConsoleSink {
+  const device = opts.device ?? 'serial';
   switch (config.mode) {
     case 'Off':
     case 'Null':
       return { write() {}, onInput() {}, offerHeldInput() {}, pauseInput() {}, resumeInput() {}, close() {} };
     case 'File': {
-      if (!config.file) throw new ConsoleConfigError('serial file mode needs a file path');
+      if (!config.file) throw new ConsoleConfigError(`${device} file mode needs a file path`);
       // The path may come from a snapshot: append only to a regular file (created 0600),
       // never through a symlink, never to a FIFO or device.
       let opened: { fd: number; size: number };
       try {
         opened = openAppendFile(config.file);
       } catch (e) {
-        throw new ConsoleConfigError(`serial file ${e instanceof HostFileError ? e.message : (e as Error).message}`);
+        throw new ConsoleConfigError(`${device} file ${e instanceof HostFileError ? e.message : (e as Error).message}`);
       }
       const { fd, size } = opened;
       const max = opts.maxFileBytes ?? SERIAL_FILE_DEFAULT_MAX_BYTES;
-      const w = new ConsoleOutput(fd, { ...opts, name: 'serial file', room: Math.max(0, max - size), maxFileBytes: max });
+      const w = new ConsoleOutput(fd, { ...opts, name: `${device} file`, room: Math.max(0, max - size), maxFileBytes: max });
       return {
         write: (b) => w.write(b),
         onInput() {},
@@ -277,6 +291,6 @@ export function openConsoleSink(config: SerialConfig, opts: ConsoleSinkOptions =
       };
     }
     default:
-      throw new ConsoleConfigError(`serial mode ${config.mode} is not supported yet (use tty, file=PATH, null or off)`);
+      throw new ConsoleConfigError(`${device} mode ${config.mode} is not supported yet (use tty, file=PATH, null or off)`);
   }
 }

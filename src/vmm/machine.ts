@@ -12,7 +12,7 @@ import {
   type BootPlan,
 } from '../boot';
 import { longModeSregs, protectedMode32Sregs } from '../boot/x86/long-mode';
-import { withDefaults, type SerialConfig, type VmConfig } from '../config/vm-config';
+import { doubleTtyProblem, withDefaults, type SerialConfig, type VmConfig } from '../config/vm-config';
 import type { Effect } from '../devices/device';
 import {
   devicesAcpi,
@@ -28,7 +28,8 @@ import {
   type AnyDeviceState,
 } from '../devices';
 import type { GuestMemory } from '../memory/guest-memory';
-import { PCI_SEGMENT_ID, pciFunctionModels, type PciSegmentState } from '../devices/pci';
+import { PCI_SEGMENT_ID, pciFunctionModels, pciSlotOfDevice, type PciSegmentState } from '../devices/pci';
+import { VIRTIO_CONSOLE_ID } from '../devices/virtio/console';
 import { placeVirtioFunctions, virtioFunctionsOf } from '../devices/virtio/vm-devices';
 import { virtioEvents } from '../devices/virtio/transport';
 import { checkVcpuFitsHost } from '../migration/cpu-compat';
@@ -65,6 +66,8 @@ import { readVcpuState, writeVcpuState } from './vcpu-state';
 import { VcpuRunner } from './vcpu-runner';
 import { MsiRouting } from './msi-routing';
 import { VirtioQueues } from './virtio-queues';
+import { consoleWorker } from './console-worker';
+import { ConsoleConfigError, terminalSize } from './console-sink';
 import { checkBackendsFit, openDeviceBackends, type DeviceBackends } from './device-backends';
 
 export type { MachineStop };
@@ -133,6 +136,10 @@ export class Machine {
   /** a migration destination's vCPUs, created before their state arrived */
   private readonly earlyVcpus: NativeVcpu[] = [];
   private console?: ConsoleSink;
+  /** the virtio console's host end (hvc0), when the VM has one */
+  private hvc?: ConsoleSink;
+  /** hvc0's host input goes to its receive queue (from the first run of the vCPUs on) */
+  private hvcInput = false;
   /** each RAM slot's memfd (valid until release) */
   private readonly slotFds: number[] = [];
   /** RAM is memfds mapped shared (not a private mapping of a snapshot file) */
@@ -188,7 +195,9 @@ export class Machine {
       const devices = platformDevices({
         memorySize: config.memory.size,
         serial: config.serial.mode !== 'Off',
-        pciFunctions: placeVirtioFunctions(virtioFunctionsOf(config, { diskSizes: new Map([...(this.backends?.disks ?? [])].map(([id, d]) => [id, d.size])) })),
+        pciFunctions: placeVirtioFunctions(
+          virtioFunctionsOf(config, { diskSizes: new Map([...(this.backends?.disks ?? [])].map(([id, d]) => [id, d.size])), consoleSize: terminalSize(config.console) }),
+        ),
       });
       this.plan = loadKernel(this.memory, {
         kernel: readPayloadFile(payload.kernel, 'kernel', config.memory.size),
@@ -208,7 +217,7 @@ export class Machine {
 
       this.attachDevices(devices);
       this.console = this.openConsole(config.serial);
-      this.attachPciHost();
+      this.attachPciHost(config);
       this.createVcpus();
     } catch (e) {
       this.release();
@@ -226,6 +235,21 @@ export class Machine {
       onDropped: (bytes) => {
         if (this.opts.store.getState().devices.instances[SERIAL_ID]) this.opts.store.dispatch(serialOutputDroppedEvent(SERIAL_ID, bytes));
       },
+    });
+  }
+
+  /**
+   * The virtio console's host end. A guest that has the device always gets one: a restore
+   * that turns the console Off keeps the guest's hvc0 and discards what it writes.
+   */
+  private openHvc(config: VmConfig): ConsoleSink {
+    const tty = doubleTtyProblem(config);
+    if (tty) throw new ConsoleConfigError(tty);
+    const console = config.console ?? { mode: 'Tty' };
+    return openConsoleSink(console.mode === 'Off' ? { mode: 'Null' } : console, {
+      device: 'console',
+      maxFileBytes: this.opts.serialFileMaxBytes,
+      log: this.opts.guestLog,
     });
   }
 
@@ -320,23 +344,28 @@ export class Machine {
     this.restoreVcpus(state);
     this.restoreVmState(state);
     // (the store takes this state only once the machine is built: the functions come from it)
-    this.attachPciHost(state.devices.instances[PCI_SEGMENT_ID] as PciSegmentState | undefined);
+    this.attachPciHost(config, state.devices.instances[PCI_SEGMENT_ID] as PciSegmentState | undefined);
   }
 
   /**
    * The host side of the PCI functions in the store: MSI-X routes and irqfds as the guest
    * programmed them, queue doorbells where their BARs decode, and the devices' workers.
    */
-  private attachPciHost(segment = this.pciSegment()): void {
+  private attachPciHost(config: VmConfig, segment = this.pciSegment()): void {
     if (segment) checkBackendsFit(segment, this.backends);
     this.msi = new MsiRouting(this.vm, pciFunctionModels);
     this.msi.sync(segment);
+    const workers = new Map(this.backends?.workers ?? []);
+    if (segment && pciSlotOfDevice(segment, VIRTIO_CONSOLE_ID) !== undefined) {
+      this.hvc = this.openHvc(config);
+      workers.set(VIRTIO_CONSOLE_ID, consoleWorker(this.hvc));
+    }
     this.virtio = new VirtioQueues({
       store: this.opts.store,
       vm: this.vm,
       memory: this.memory,
       guestLog: this.opts.guestLog,
-      workers: this.backends?.workers ?? new Map(),
+      workers,
       runEffects: (effects) => this.runEffects(effects),
     });
     this.virtio.syncDoorbells(segment);
@@ -410,6 +439,7 @@ export class Machine {
     this.takeConsoleInput();
     for (const r of this.runners) r.start();
     this.virtio?.start();
+    this.takeHvcInput();
   }
 
   /**
@@ -427,6 +457,13 @@ export class Machine {
     if (this.consoleInput) return;
     this.consoleInput = true;
     this.console!.onInput((bytes) => this.acceptConsoleInput(bytes));
+  }
+
+  /** hvc0's input goes into its receive queue while the queues are served. */
+  private takeHvcInput(): void {
+    if (this.hvcInput || !this.hvc) return;
+    this.hvcInput = true;
+    this.hvc.onInput((bytes) => this.virtio?.offerInput(VIRTIO_CONSOLE_ID, bytes) ?? 0);
   }
 
   /** Press the ACPI power button: the GED latches the event and raises its interrupt. */
@@ -534,6 +571,7 @@ export class Machine {
   async pause(): Promise<PauseTiming> {
     this.throttle(0);
     this.console!.pauseInput();
+    this.hvc?.pauseInput();
     // Queues are served on this thread in whole batches: from here on none is, so the device
     // state saved below is final.
     this.virtio?.pause();
@@ -586,6 +624,9 @@ export class Machine {
     for (const r of this.runners) r.resume();
     this.console!.resumeInput();
     this.virtio?.start();
+    // After the queues: held input goes into the receive buffers the guest left.
+    this.takeHvcInput();
+    this.hvc?.resumeInput();
   }
 
   /** Stop every vCPU thread and wait for them. */
@@ -608,6 +649,7 @@ export class Machine {
 
   private release(): void {
     this.console?.close();
+    this.hvc?.close();
     this.msi?.close();
     for (const vcpu of new Set([...this.runners.map((r) => r.vcpu), ...this.earlyVcpus])) {
       try {

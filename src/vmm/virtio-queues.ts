@@ -43,6 +43,18 @@ export interface VirtioDeviceWorker {
    * Throwing a VirtqueueError (synchronously) says the driver broke the queue.
    */
   chain(fn: VirtioFunctionState, queue: number, chain: DescriptorChain, memory: GuestMemory): ChainResult | Promise<ChainResult>;
+  /**
+   * Whether the device has work for a chain of `queue` now (default: always). A queue whose
+   * buffers wait for the host (a console's receive queue) keeps them until it has.
+   */
+  ready?(queue: number): boolean;
+  /** The driver rang `queue`'s doorbell: a device whose buffers wait for the host hears of new ones first. */
+  buffersPosted?(queue: number): void;
+  /**
+   * Host input for the device: `serve(queue)` serves that queue now; returns how many bytes
+   * the guest took (the rest is the caller's to keep).
+   */
+  offerInput?(bytes: Uint8Array, serve: (queue: number) => void): number;
 }
 
 /** What serving a chain came to: the bytes written into its writable buffers, and what it adds to the device's counters. */
@@ -178,7 +190,19 @@ export class VirtioQueues {
 
   /** The driver rang queue `queue` of `device` (through its ioeventfd or an exit). */
   notify(device: string, queue: number): void {
-    if (this.running) this.serve(device, queue);
+    if (!this.running) return;
+    this.opts.workers.get(device)?.buffersPosted?.(queue);
+    this.serve(device, queue);
+  }
+
+  /**
+   * Host input for `device` (a console's keystrokes): served into its queue now, while the
+   * vCPUs run; returns the bytes the guest had buffers for.
+   */
+  offerInput(device: string, bytes: Uint8Array): number {
+    const worker = this.opts.workers.get(device);
+    if (!this.running || !worker?.offerInput) return 0;
+    return worker.offerInput(bytes, (queue) => this.serve(device, queue));
   }
 
   /** The vCPUs run (a boot, a resume, a restored or migrated VM): serve what was posted meanwhile. */
@@ -246,7 +270,12 @@ export class VirtioQueues {
       let served = 0;
       let counters: Record<string, number> | undefined;
       for (;;) {
+        let waiting = false;
         while (served < CHAINS_PER_TURN) {
+          if (worker.ready && !worker.ready(queue)) {
+            waiting = true;
+            break;
+          }
           const popped = popChain(memory, rings, c);
           if (!popped) break;
           const result = worker.chain(fn, queue, popped.chain, memory);
@@ -265,7 +294,8 @@ export class VirtioQueues {
         }
         // With EVENT_IDX the driver kicks only when it passes avail_event: publish it, then
         // look again for buffers posted before it could see the new value.
-        if (!rings.eventIdx) break;
+        // Buffers left for the host (waiting) need no kick: avail_event moves once they are used.
+        if (!rings.eventIdx || waiting) break;
         publishAvailEvent(memory, rings, c);
         if (availableCount(memory, rings, c) === 0) break;
       }

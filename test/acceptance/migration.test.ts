@@ -71,7 +71,7 @@ test.before(async (t) => {
     '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'), '--cmdline', workloadCmdline(FILE_MIB),
     // shared=on: the last migration hands memory over as file descriptors; the config travels
     // with the VM, so every VMM on the way has it.
-    '--cpus', 'boot=2', '--memory', 'size=512M,shared=on', '--serial', 'tty',
+    '--cpus', 'boot=2', '--memory', 'size=512M,shared=on', '--serial', 'tty', '--console', 'off',
     '--api-socket', `path=${socket}`, '--event-monitor', `path=${monitor}`, '-v',
   ]);
   current = { label: 'boot', vm, socket, monitor };

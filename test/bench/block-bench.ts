@@ -38,7 +38,7 @@ function parse(output: string): number[] {
 
 async function runTern(kernel: string, initrd: string, cmdline: string, image: string, profileDir: string): Promise<number[]> {
   const vm = GuestProcess.tern(
-    ['--kernel', kernel, '--initramfs', initrd, '--cmdline', cmdline, '--cpus', 'boot=1', '--memory', `size=${MEM_MIB}M`, '--serial', 'tty', '--disk', `path=${image}`],
+    ['--kernel', kernel, '--initramfs', initrd, '--cmdline', cmdline, '--cpus', 'boot=1', '--memory', `size=${MEM_MIB}M`, '--serial', 'tty', '--console', 'off', '--disk', `path=${image}`],
     PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : [],
   );
   try {

@@ -55,7 +55,7 @@ async function main(): Promise<void> {
   const cmdline = guestCmdline({ cmd: 'true' });
   const qemu = microvmCommand({ kernel, initrd, cmdline, cpus: CPUS, memMiB: MEM_MIB });
   const tern = [TERN, '--kernel', kernel, '--initramfs', initrd, '--cmdline', cmdline,
-    '--cpus', `boot=${CPUS}`, '--memory', `size=${MEM_MIB}M`, '--serial', 'tty'];
+    '--cpus', `boot=${CPUS}`, '--memory', `size=${MEM_MIB}M`, '--serial', 'tty', '--console', 'off'];
   const results: Record<'tern' | 'qemu', Sample[]> = { tern: [], qemu: [] };
   for (let i = 0; i < RUNS; i++) {
     // Alternate so drift in the emulated machine hits both sides alike.

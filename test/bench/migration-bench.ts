@@ -186,7 +186,7 @@ async function benchTern(work: string, c: Case): Promise<Measured> {
   const dstMon = path.join(work, 'dst.events');
   const src = tern('source', [
     '--kernel', fixture('bzImage'), '--initramfs', fixture('initramfs.img'), '--cmdline', workloadCmdline(c.fileMiB),
-    '--cpus', `boot=${CPUS}`, '--memory', `size=${c.memMiB}M${c.local ? ',shared=on' : ''}`, '--serial', 'tty',
+    '--cpus', `boot=${CPUS}`, '--memory', `size=${c.memMiB}M${c.local ? ',shared=on' : ''}`, '--serial', 'tty', '--console', 'off',
     '--api-socket', `path=${srcSock}`, '--event-monitor', `path=${srcMon}`, '-vv',
   ]);
   recordTickArrivals(src, arrivals);

@@ -37,7 +37,7 @@ async function main(): Promise<void> {
       for (let i = 0; i < RUNS; i++) {
         for (const mode of ['copy', 'ondemand'] as const) {
           const monitor = path.join(work, `${mode}-${i}.events`);
-          const r = await startTern(['--restore', `source_url=file://${snap},resume=on,memory_restore_mode=${mode}`, '--serial', 'tty', '--event-monitor', `path=${monitor}`]);
+          const r = await startTern(['--restore', `source_url=file://${snap},resume=on,memory_restore_mode=${mode}`, '--serial', 'tty', '--console', 'off', '--event-monitor', `path=${monitor}`]);
           try {
             await r.waitFor(/^COUNT \d+\n/m, T);
           } finally {

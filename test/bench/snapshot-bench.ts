@@ -91,7 +91,7 @@ async function benchTern(work: string, memMiB: number, r: Partial<SizeResult>): 
   const socket = path.join(work, 'tern.sock');
   const vm = echoConsole(GuestProcess.tern([
     '--kernel', fixture('bzImage'), '--initramfs', fixture('initramfs.img'), '--cmdline', cmdlineFor(),
-    '--cpus', 'boot=1', '--memory', `size=${memMiB}M`, '--serial', 'tty', '--api-socket', `path=${socket}`,
+    '--cpus', 'boot=1', '--memory', `size=${memMiB}M`, '--serial', 'tty', '--console', 'off', '--api-socket', `path=${socket}`,
   ]), `tern ${memMiB}M`);
   const snap = path.join(work, 'tern-snap');
   try {
@@ -119,7 +119,7 @@ async function benchTern(work: string, memMiB: number, r: Partial<SizeResult>): 
       const monitor = path.join(work, `restore-${mode}-${i}.events`);
       const { ms, vm: restored } = await timeToRunning(() => GuestProcess.tern([
         '--restore', `source_url=file://${snap},resume=on,memory_restore_mode=${mode}`,
-        '--serial', 'tty', '--event-monitor', `path=${monitor}`,
+        '--serial', 'tty', '--console', 'off', '--event-monitor', `path=${monitor}`,
       ]));
       restored.kill();
       await restored.exited;

@@ -51,6 +51,7 @@ test.serial('tern waits on its API socket; tern-remote drives a guest; with --no
       cpus: { boot_vcpus: 1, max_vcpus: 1 },
       memory: { size: 64 << 20 },
       serial: { mode: 'Tty' },
+      console: { mode: 'Off' },
     };
     const created = await runTernRemote(socket, ['create', '-'], JSON.stringify(config));
     t.is(created.code, 0, created.stderr);
@@ -125,6 +126,7 @@ test.serial('as in Cloud Hypervisor, a guest poweroff ends a VMM with an API soc
       cpus: { boot_vcpus: 1, max_vcpus: 1 },
       memory: { size: 64 << 20 },
       serial: { mode: 'Tty' },
+      console: { mode: 'Off' },
     };
     t.is((await runTernRemote(socket, ['create', '-'], JSON.stringify(config))).code, 0);
     t.is((await runTernRemote(socket, ['boot'])).code, 0);

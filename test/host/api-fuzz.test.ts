@@ -38,6 +38,7 @@ test.before(async () => {
     cpus: { boot_vcpus: 1, max_vcpus: 1 },
     memory: { size: 64 << 20 },
     serial: { mode: 'File', file: serialFile },
+    console: { mode: 'Off' },
   });
   await client.boot();
 });

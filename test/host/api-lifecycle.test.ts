@@ -51,6 +51,7 @@ test.serial('create, boot, pause, resume, reboot, shutdown, boot again, delete: 
     cpus: { boot_vcpus: 1, max_vcpus: 1 },
     memory: { size: 64 << 20 },
     serial: { mode: 'File', file: serialFile },
+    console: { mode: 'Off' },
   });
   t.is(create.status, 204, create.body.toString());
   await expectStatus(t, 'PUT', 'vm.boot', 204);

@@ -50,6 +50,7 @@ async function counting(name: string): Promise<Side> {
     cpus: { boot_vcpus: 1, max_vcpus: 1 },
     memory: { size: 64 << 20 },
     serial: { mode: 'File', file: path.join(tmp, `${name}.serial`) },
+    console: { mode: 'Off' },
   };
   const vmm = new Vmm({ log: silentLogger() });
   const side = new Side(vmm);

@@ -34,6 +34,7 @@ async function config(name: string, extra: Partial<VmConfig> = {}): Promise<VmCo
     cpus: { boot_vcpus: 2, max_vcpus: 2 },
     memory: { size: 64 << 20 },
     serial: { mode: 'File', file: path.join(tmp, `${name}.serial`) },
+    console: { mode: 'Off' },
     ...extra,
   };
 }

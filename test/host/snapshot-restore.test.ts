@@ -62,7 +62,7 @@ interface Snapshot {
 }
 
 async function restoreAndCheck(t: import('ava').ExecutionContext, { snap, last, cut }: Snapshot, extra = ''): Promise<void> {
-  const vm: GuestProcess = await startTern(['--restore', `source_url=${url(snap)},resume=on${extra}`, '--serial', 'tty']);
+  const vm: GuestProcess = await startTern(['--restore', `source_url=${url(snap)},resume=on${extra}`, '--serial', 'tty', '--console', 'off']);
   try {
     await vm.waitFor(new RegExp(`^COUNT ${last + 2}\\n`, 'm'), T);
     const counts = countsIn(cut + vm.output);
@@ -137,7 +137,7 @@ async function corruptCase(t: import('ava').ExecutionContext, name: string, brea
   fs.cpSync(snap, d, { recursive: true });
   breakIt(d);
   const before = fs.readdirSync(d).sort();
-  const vm = await startTern(['--restore', `source_url=${url(d)},resume=on`, '--serial', 'tty']);
+  const vm = await startTern(['--restore', `source_url=${url(d)},resume=on`, '--serial', 'tty', '--console', 'off']);
   const { code } = await vm.exit(T);
   t.is(code, 1, `${name}: exit code; stderr ${vm.stderr}`);
   t.regex(vm.stderr, expected, name);

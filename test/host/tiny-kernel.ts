@@ -146,7 +146,7 @@ export async function startTinyVm(args: string[] = [], opts: { cmdline?: string 
   return startTern([
     '--kernel', await buildTinyKernel(),
     '--cmdline', opts.cmdline ?? 'tiny',
-    '--cpus', 'boot=1', '--memory', 'size=64M', '--serial', 'tty',
+    '--cpus', 'boot=1', '--memory', 'size=64M', '--serial', 'tty', '--console', 'off',
     ...args,
   ]);
 }

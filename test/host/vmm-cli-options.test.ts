@@ -160,7 +160,7 @@ for (const [what, args, re] of BAD_OPTIONS) {
 
 test('a missing kernel file exits 1 with an error naming the path', async (t) => {
   const missing = path.join(tmp, 'no-such-dir', 'vmlinux');
-  const vm = await startTern(['--kernel', missing, '--memory', 'size=64M', '--serial', 'tty']);
+  const vm = await startTern(['--kernel', missing, '--memory', 'size=64M', '--serial', 'tty', '--console', 'off']);
   try {
     const { code } = await vm.exit(T);
     t.is(code, 1, vm.stderr);
@@ -176,7 +176,7 @@ test('a missing kernel file exits 1 with an error naming the path', async (t) =>
 
 test('a file that is not a kernel exits 1 with an error naming the path', async (t) => {
   const notKernel = path.join(GUEST_SOURCES, 'pvh-counter.ld');
-  const vm = await startTern(['--kernel', notKernel, '--memory', 'size=64M', '--serial', 'tty']);
+  const vm = await startTern(['--kernel', notKernel, '--memory', 'size=64M', '--serial', 'tty', '--console', 'off']);
   try {
     const { code } = await vm.exit(T);
     t.is(code, 1, vm.stderr);

@@ -30,6 +30,7 @@ async function config(name: string, kernel?: string): Promise<VmConfig & { seria
     cpus: { boot_vcpus: 1, max_vcpus: 1 },
     memory: { size: 64 << 20 },
     serial: { mode: 'File', file: path.join(tmp, `${name}.serial`) },
+    console: { mode: 'Off' },
   };
 }
 

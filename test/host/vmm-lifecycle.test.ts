@@ -30,6 +30,7 @@ async function config(name: string, vcpus: number): Promise<VmConfig & { serial:
     cpus: { boot_vcpus: vcpus, max_vcpus: vcpus },
     memory: { size: 64 << 20 },
     serial: { mode: 'File', file: path.join(tmp, `${name}.serial`) },
+    console: { mode: 'Off' },
   };
 }
 

@@ -22,6 +22,7 @@ test.serial('a guest reading 00:00.0 through 0xcf8/0xcfc and ECAM finds the host
     cpus: { boot_vcpus: 1, max_vcpus: 1 },
     memory: { size: 64 << 20 },
     serial: { mode: 'File', file: path.join(tmp, 'pci.serial') },
+    console: { mode: 'Off' },
   };
   const vmm = new Vmm({ log: silentLogger() });
   try {

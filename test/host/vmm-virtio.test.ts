@@ -176,6 +176,7 @@ async function bootWithRng(name: string, devices: Partial<VmConfig> = { rng: { s
     cpus: { boot_vcpus: 1, max_vcpus: 1 },
     memory: { size: RAM },
     serial: { mode: 'File', file: serialFile },
+    console: { mode: 'Off' },
     ...devices,
   };
   const vmm = new Vmm({ log: silentLogger() });

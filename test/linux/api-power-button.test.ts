@@ -34,7 +34,7 @@ test.serial(title, async (t) => {
   const monitor = path.join(dir, 'events.json');
   const vm = GuestProcess.tern([
     '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'), '--cmdline', cmdline,
-    '--memory', 'size=256M', '--serial', 'tty', '--api-socket', socket, '--event-monitor', `path=${monitor}`, '--no-shutdown',
+    '--memory', 'size=256M', '--serial', 'tty', '--console', 'off', '--api-socket', socket, '--event-monitor', `path=${monitor}`, '--no-shutdown',
   ]);
   const client = new TernClient(socket);
   try {

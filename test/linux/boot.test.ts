@@ -63,7 +63,7 @@ for (const kernel of ['vmlinux', 'bzImage']) {
   test.serial(`${kernel}: 2 vCPUs and 512M reach userspace, match QEMU's MemTotal, poweroff exits 0`, async (t) => {
     const { vm, code } = await runToExit(t, [
       '--kernel', fixture(kernel), '--initramfs', fixture('initramfs.img'),
-      '--cmdline', guestCmdline({ cmd: PROBE }), '--cpus', 'boot=2', '--memory', 'size=512M', '--serial', 'tty',
+      '--cmdline', guestCmdline({ cmd: PROBE }), '--cpus', 'boot=2', '--memory', 'size=512M', '--serial', 'tty', '--console', 'off',
     ]);
     try {
       t.is(code, 0, vm.stderr.slice(-2000));
@@ -101,7 +101,7 @@ async function typeUntil(vm: GuestProcess, line: string, answer: RegExp, from: n
 test.serial('the serial console answers what the user types; reboot -f boots again; poweroff -f exits 0', async (t) => {
   const vm = GuestProcess.tern([
     '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'),
-    '--cmdline', guestCmdline(), '--cpus', 'boot=1', '--memory', 'size=256M', '--serial', 'tty',
+    '--cmdline', guestCmdline(), '--cpus', 'boot=1', '--memory', 'size=256M', '--serial', 'tty', '--console', 'off',
   ]);
   try {
     await vm.waitFor(/TERN-GUEST-USERSPACE/, BOOT_TIMEOUT);
@@ -123,7 +123,7 @@ test.serial('the serial console answers what the user types; reboot -f boots aga
 test.serial('SIGTERM shuts a running guest down cleanly with exit code 0', async (t) => {
   const vm = GuestProcess.tern([
     '--kernel', fixture('bzImage'), '--initramfs', fixture('initramfs.img'),
-    '--cmdline', guestCmdline(), '--memory', 'size=256M', '--serial', 'tty', '-v',
+    '--cmdline', guestCmdline(), '--memory', 'size=256M', '--serial', 'tty', '--console', 'off', '-v',
   ]);
   try {
     await vm.waitFor(/TERN-GUEST-USERSPACE/, BOOT_TIMEOUT);

@@ -52,7 +52,7 @@ async function bootAndSnapshot(t: ExecutionContext, work: string): Promise<Snaps
     // One vCPU: in the nested lab a 2-vCPU guest has now and then stalled its second CPU (an
     // RCU stall report) and a 2-vCPU QEMU peer once never reached userspace, which would make
     // this long run flaky; restore of several vCPUs is covered on the host tier.
-    '--cpus', 'boot=1', '--memory', 'size=256M', '--serial', 'tty', '--api-socket', `path=${socket}`,
+    '--cpus', 'boot=1', '--memory', 'size=256M', '--serial', 'tty', '--console', 'off', '--api-socket', `path=${socket}`,
   ]);
   try {
     await vm.waitFor(/^CNT 20 /m, BOOT_TIMEOUT);
@@ -82,7 +82,7 @@ async function restoreAndCheck(t: ExecutionContext, snap: Snapshot, work: string
   const started = Date.now();
   const vm = GuestProcess.tern([
     '--restore', `source_url=file://${snap.dir},resume=on,memory_restore_mode=${mode}`,
-    '--serial', 'tty', '--event-monitor', `path=${monitor}`, '-v',
+    '--serial', 'tty', '--console', 'off', '--event-monitor', `path=${monitor}`, '-v',
   ]);
   try {
     const before = ticksIn(snap.before);

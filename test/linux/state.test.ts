@@ -26,6 +26,7 @@ test('a booted Linux guest: pause stops it, the store round-trips through JSON, 
       cpus: { boot_vcpus: 2, max_vcpus: 2 },
       memory: { size: 256 * 1024 * 1024 },
       serial: { mode: 'File', file: serial },
+      console: { mode: 'Off' },
     });
     await vmm.boot();
     await waitForFileText(serial, /TICK-3\b/, 180_000);

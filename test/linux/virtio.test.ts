@@ -41,7 +41,7 @@ test.serial('virtio-rng: the guest finds the PCI function, its hwrng gives 1 MiB
   const vm = GuestProcess.tern([
     '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'),
     '--cmdline', guestCmdline({ cmd: RNG_PROBE }),
-    '--cpus', CPUS, '--memory', 'size=256M', '--serial', 'tty',
+    '--cpus', CPUS, '--memory', 'size=256M', '--serial', 'tty', '--console', 'off',
     '--rng', 'src=/dev/urandom', '--event-monitor', `path=${monitor}`,
   ]);
   try {
@@ -95,7 +95,7 @@ test.serial('virtio-blk: an ext4 raw disk, a read-only disk and a qcow2 disk, wr
   const vm = GuestProcess.tern([
     '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'),
     '--cmdline', guestCmdline({ cmd: DISK_PROBE }),
-    '--cpus', CPUS, '--memory', 'size=256M', '--serial', 'tty',
+    '--cpus', CPUS, '--memory', 'size=256M', '--serial', 'tty', '--console', 'off',
     '--disk', `path=${raw},serial=tern-raw-0`, `path=${ro},readonly=on`, `path=${qcow},image_type=qcow2`,
   ]);
   try {
@@ -130,12 +130,45 @@ test.serial('virtio-blk: an ext4 raw disk, a read-only disk and a qcow2 disk, wr
 });
 
 
+// hvc0 carries a shell: the serial port writes to a file, the console is tern's own stdin and
+// stdout, and what is typed there reaches the guest's shell on hvc0 and is answered there.
+const HVC_SHELL = 'echo "HVC-DEV $(cat /sys/class/tty/hvc0/dev)"; echo HVC-READY > /dev/hvc0; exec sh -i </dev/hvc0 >/dev/hvc0 2>&1';
+
+test.serial('virtio-console: a shell on hvc0 answers what is typed on the console, the serial port writes elsewhere', async (t) => {
+  const serial = path.join(tmp, 'hvc.serial');
+  const vm = GuestProcess.tern([
+    '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'), '--cmdline', guestCmdline({ cmd: HVC_SHELL }),
+    '--cpus', CPUS, '--memory', 'size=256M', '--serial', `file=${serial}`, '--console', 'tty',
+  ]);
+  try {
+    await vm.waitFor(/HVC-READY/, BOOT_TIMEOUT);
+    vm.type('echo "HVC-$((6*7))"\n');
+    await vm.waitFor(/HVC-42/, 60_000);
+    // More input at once than one receive buffer holds (Linux posts them a page each): ten
+    // lines of 1000 bytes into a file, ended by Ctrl-D, all arrive.
+    // (typed once cat runs, so the shell's line editor reads none of it)
+    const from = vm.output.length;
+    vm.type('echo "CAT-$((1+1))"; cat > /tmp/in; echo "LEN-$(wc -c < /tmp/in)"\n');
+    await vm.waitFor(/CAT-2/, 60_000, from);
+    vm.type(`${'x'.repeat(999)}\n`.repeat(10) + '\x04');
+    await vm.waitFor(/LEN-10000/, 60_000);
+    vm.type('poweroff -f\n');
+    const { code } = await vm.exit(BOOT_TIMEOUT);
+    t.is(code, 0);
+    const serialText = fs.readFileSync(serial, 'latin1');
+    t.regex(serialText, /HVC-DEV \d+:\d+/, 'the guest registered hvc0; ttyS0 wrote to the serial file');
+    t.notRegex(vm.output, /TERN-GUEST-USERSPACE/, 'the serial port\'s output is not on the console');
+  } finally {
+    vm.kill();
+  }
+});
+
 // A loop that writes (and syncs) a file on the ext4 disk every 100 ms and says so on the
 // console, with entropy from the hwrng in each write: both devices have requests in flight
 // when the VM is paused. The shell stays on the console for what comes after.
 const DISK_LOOP =
   'mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && ' +
-  '(i=0; while :; do i=$((i+1)); head -c 4096 /dev/hwrng > /mnt/d/w.$((i % 8)); echo $i >> /mnt/d/log; sync; echo "DW $i"; sleep 0.1; done) & ' +
+  '(i=0; while :; do i=$((i+1)); head -c 4096 /dev/hwrng > /mnt/d/w.$((i % 8)); echo $i >> /mnt/d/log; sync; echo "DW $i"; echo "HV $i" > /dev/hvc0; sleep 0.1; done) & ' +
   'echo $! > /tmp/loop.pid; exec sh -i';
 
 const dwIn = (out: string) => [...out.matchAll(/^DW (\d+)\r?\n/gm)].map((m) => Number(m[1]));
@@ -147,7 +180,8 @@ test.serial('snapshot and restore of a guest writing to its disk: the loop goes 
   sh('mkfs.ext4', ['-q', '-F', image]);
   const socket = path.join(tmp, 'loop.sock');
   const snap = path.join(tmp, 'loop-snap');
-  const devices = ['--disk', `path=${image}`, '--rng', 'src=/dev/urandom'];
+  const hvcFile = path.join(tmp, 'loop.hvc');
+  const devices = ['--disk', `path=${image}`, '--rng', 'src=/dev/urandom', '--console', `file=${hvcFile}`];
   const vm = GuestProcess.tern([
     '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'), '--cmdline', guestCmdline({ cmd: DISK_LOOP }),
     '--cpus', CPUS, '--memory', 'size=256M', '--serial', 'tty', '--api-socket', `path=${socket}`, ...devices,
@@ -166,6 +200,7 @@ test.serial('snapshot and restore of a guest writing to its disk: the loop goes 
     await vm.exited;
   }
   // The VMM is gone (SIGKILL, its image lock with it); a new one takes the VM from the snapshot.
+  // (the console keeps the snapshot's file: hvc0 goes on writing to it)
   const restored = GuestProcess.tern(['--restore', `source_url=file://${snap},resume=on`, '--serial', 'tty']);
   try {
     const last = before[before.length - 1];
@@ -182,6 +217,10 @@ test.serial('snapshot and restore of a guest writing to its disk: the loop goes 
     restored.kill();
   }
   t.notThrows(() => sh('fsck.ext4', ['-n', '-f', image]), 'fsck finds nothing');
+  // hvc0 wrote the same count to its file before and after the restore, with no gap.
+  const hv = [...fs.readFileSync(hvcFile, 'latin1').matchAll(/^HV (\d+)$/gm)].map((m) => Number(m[1]));
+  t.true(hv.length > before!.length, `hvc0 lines after the restore too (${hv.length})`);
+  t.deepEqual(hv, hv.map((_, i) => hv[0] + i), 'hvc0 counts on without a gap across the restore');
   const log = sh('debugfs', ['-R', 'cat /log', image]).trim().split('\n').map(Number);
   t.deepEqual(log, log.map((_, i) => i + 1), 'the log on disk holds every iteration once, in order');
 });

@@ -22,6 +22,7 @@ async function main(): Promise<void> {
     cpus: { boot_vcpus: 1, max_vcpus: 1 },
     memory: { size: 64 << 20 },
     serial: { mode: 'File', file: serial },
+    console: { mode: 'Off' },
   });
   await vmm.boot();
   await new Promise((r) => setTimeout(r, 500));

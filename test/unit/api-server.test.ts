@@ -93,7 +93,8 @@ test.serial('no VM yet: info, boot, pause, resume, shutdown, reboot, power-butto
 const contract = Contract.load();
 /** the contract's enums Tern takes in vm.create, and a config that uses each value */
 const VM_CONFIG_ENUMS: Record<string, (v: string) => Record<string, unknown>> = {
-  ConsoleMode: (v) => ({ serial: { mode: v }, console: { mode: v } }),
+  // (one tty for one device: the console is Off when the serial port takes the tty)
+  ConsoleMode: (v) => ({ serial: { mode: v }, console: { mode: v === 'Tty' ? 'Off' : v } }),
   CoreSchedulingMode: (v) => ({ cpus: { boot_vcpus: 1, max_vcpus: 1, core_scheduling: v } }),
   ImageType: (v) => ({ disks: [{ path: '/d', image_type: v }] }),
   LockGranularity: (v) => ({ disks: [{ path: '/d', lock_granularity: v }] }),
@@ -112,6 +113,9 @@ const OTHER_ENUMS = ['VmState', 'MemoryRestoreMode', 'MigrationMode', 'TimeoutSt
       await rig.call('PUT', 'vm.delete');
     }
   }
+  const r = await rig.call('PUT', 'vm.create', { payload: { kernel: '/k' }, serial: { mode: 'Tty' }, console: { mode: 'Tty' } });
+  t.is(r.status, 400, 'the tty named for both the serial port and the console');
+  t.regex(r.body.toString(), /Console mode tty specified for both serial and console/);
 });
 
 test.serial('vm.restore takes memory_restore_mode in the contract spelling (Copy, OnDemand) and in lowercase', async (t) => {

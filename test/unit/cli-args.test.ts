@@ -6,14 +6,25 @@ import { RemoteUsageError, addDiskBody, parseTernRemoteArgs } from '../../src/cl
 test('the issue example parses into a VmConfig', (t) => {
   const a = parseTernArgs([
     '--kernel', 'vmlinux', '--initramfs', 'initrd.img', '--cmdline', 'console=ttyS0',
-    '--cpus', 'boot=2', '--memory', 'size=512M', '--serial', 'tty',
+    '--cpus', 'boot=2', '--memory', 'size=512M', '--serial', 'tty', '--console', 'off',
   ]);
   t.deepEqual(a.vm, {
     payload: { kernel: 'vmlinux', initramfs: 'initrd.img', cmdline: 'console=ttyS0' },
     cpus: { boot_vcpus: 2, max_vcpus: 2 },
     memory: { size: 512 * 1024 * 1024 },
     serial: { mode: 'Tty' },
+    console: { mode: 'Off' },
   });
+});
+
+test('one tty, one device: --serial tty with the console left on the tty is refused, as Cloud Hypervisor refuses it', (t) => {
+  const base = ['--kernel', 'vmlinux', '--serial', 'tty'];
+  const e = t.throws(() => parseTernArgs(base), { instanceOf: OptionError });
+  t.regex(e!.message, /Console mode tty specified for both serial and console/);
+  t.throws(() => parseTernArgs([...base, '--console', 'tty']), { instanceOf: OptionError });
+  for (const console of ['off', 'null', 'file=/tmp/hvc.log']) t.notThrows(() => parseTernArgs([...base, '--console', console]), console);
+  // The console alone on the tty is Cloud Hypervisor's default.
+  t.notThrows(() => parseTernArgs(['--kernel', 'vmlinux']));
 });
 
 test('k=v lists, quoted values, --opt=value and file serial', (t) => {

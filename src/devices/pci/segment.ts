@@ -34,6 +34,7 @@ import { PCI_ECAM_FUNCTION_SIZE, configAccessValid, pciBarRegions, pciConfigRead
 import type { PciFunctionModel, PciFunctionRegistry, PciFunctionState } from './function';
 import { PCI_HOST_BRIDGE_KIND, pciHostBridgeModel } from './host-bridge';
 import { virtioBlockModel } from '../virtio/block';
+import { virtioConsoleModel } from '../virtio/console';
 import { virtioRngModel } from '../virtio/rng';
 
 export const PCI_SEGMENT_KIND = 'pci-segment' as const;
@@ -56,6 +57,7 @@ export const pciFunctionModels: PciFunctionRegistry = Object.freeze({
   [PCI_HOST_BRIDGE_KIND]: pciHostBridgeModel,
   [virtioRngModel.kind]: virtioRngModel,
   [virtioBlockModel.kind]: virtioBlockModel,
+  [virtioConsoleModel.kind]: virtioConsoleModel,
 });
 
 export interface PciSegmentState extends DeviceStateBase {

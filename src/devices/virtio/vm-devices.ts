@@ -10,6 +10,7 @@ import { PciBarBits } from '../pci/config-space';
 import type { PciFunctionState } from '../pci/function';
 import { pciSlot } from '../pci/segment';
 import { SECTOR_SIZE, VIRTIO_BLK_DEFAULT_QUEUE_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_MIN_QUEUE_SIZE, blkSegMax, virtioBlockModel } from './block';
+import { VIRTIO_CONSOLE_ID, VIRTIO_CONSOLE_QUEUE_SIZE, virtioConsoleModel } from './console';
 import { VIRTIO_RNG_QUEUE_SIZE, virtioRngModel } from './rng';
 import { VirtioBar, type VirtioFunctionState } from './transport';
 
@@ -21,12 +22,18 @@ export function diskIdOf(disk: DiskConfig, index: number): string {
   return disk.id ?? `_disk${index}`;
 }
 
-/** What only the host ends know: each disk image's size in bytes, by device id. */
+/** What only the host ends know: each disk image's size in bytes, by device id; the console's terminal size. */
 export interface BackendFacts {
   diskSizes: ReadonlyMap<string, number>;
+  consoleSize?: { cols: number; rows: number };
 }
 
-/** The virtio functions of `config`, in slot order: the disks, then the entropy device. */
+/** Whether `config` gives the guest a virtio console (hvc0): any console mode but Off, as in Cloud Hypervisor. */
+export function hasVirtioConsole(config: VmConfig): boolean {
+  return (config.console?.mode ?? 'Tty') !== 'Off';
+}
+
+/** The virtio functions of `config`, in slot order: the disks, the entropy device, the console. */
 export function virtioFunctionsOf(config: VmConfig, facts: BackendFacts = { diskSizes: new Map() }): VirtioFunctionState[] {
   const out: VirtioFunctionState[] = [];
   (config.disks ?? []).forEach((disk, index) => {
@@ -43,6 +50,10 @@ export function virtioFunctionsOf(config: VmConfig, facts: BackendFacts = { disk
     );
   });
   if (config.rng) out.push(virtioRngModel.create(config.rng.id ?? DEFAULT_RNG_ID, {}, [VIRTIO_RNG_QUEUE_SIZE]));
+  if (hasVirtioConsole(config)) {
+    const size = facts.consoleSize ?? { cols: 0, rows: 0 };
+    out.push(virtioConsoleModel.create(VIRTIO_CONSOLE_ID, { cols: size.cols, rows: size.rows }, [VIRTIO_CONSOLE_QUEUE_SIZE, VIRTIO_CONSOLE_QUEUE_SIZE]));
+  }
   return out;
 }
 
