@@ -101,6 +101,9 @@ export class VirtioQueues {
   private againScheduled = false;
   /** chains handed to workers and not finished yet */
   private readonly inFlight = new Set<Promise<void>>();
+  /** chains finished and not yet in their used rings, by queue (flushed once per turn) */
+  private readonly completed = new Map<string, { device: string; queue: number; epoch: number; used: { head: number; written: number; counters?: Record<string, number> }[] }>();
+  private flushScheduled = false;
   /**
    * Per device, how many times its driver reset it (or it needed a reset): a request that
    * finishes after one belongs to a queue that is gone, and must not touch the new one.
@@ -219,6 +222,7 @@ export class VirtioQueues {
   /** Resolves once no request is in flight (after pause(): the device state is then final). */
   async drain(): Promise<void> {
     while (this.inFlight.size) await Promise.all([...this.inFlight]);
+    this.flushCompleted();
   }
 
   /** The driver reset `device`: requests still in flight finish without touching its new queues. */
@@ -326,20 +330,25 @@ export class VirtioQueues {
     this.opts.runEffects(r.effects);
   }
 
-  /** A chain a worker finishes later: when it does, its used element goes in (unless the queue is gone meanwhile). */
+  /**
+   * A chain a worker finishes later. Its used element goes in with the others finished in the
+   * same turn: one store event and at most one interrupt per queue per turn, however many
+   * requests the turn completed (unless the queue is gone meanwhile).
+   */
   private track(device: string, queue: number, head: number, result: Promise<ChainResult>): void {
     const epoch = this.epochs.get(device) ?? 0;
     const done: Promise<void> = result
       .then(
         ({ written, counters }) => {
-          if ((this.epochs.get(device) ?? 0) !== epoch) return;
-          try {
-            const live = this.liveQueue(device, queue);
-            if (!live) return;
-            const before = { nextAvail: live.q.nextAvail, nextUsed: live.q.nextUsed };
-            this.record(device, queue, live.rings, before.nextUsed, pushUsed(this.opts.memory, live.rings, before, head, written), counters);
-          } catch (e) {
-            this.broken(device, queue, e);
+          const key = `${device}\u0000${queue}`;
+          let batch = this.completed.get(key);
+          // (a reset between two completions: the older one belongs to a queue that is gone)
+          if (!batch || batch.epoch < epoch) this.completed.set(key, (batch = { device, queue, epoch, used: [] }));
+          else if (batch.epoch > epoch) return;
+          batch.used.push({ head, written, counters });
+          if (!this.flushScheduled) {
+            this.flushScheduled = true;
+            setImmediate(() => this.flushCompleted());
           }
         },
         (e: unknown) => {
@@ -349,6 +358,29 @@ export class VirtioQueues {
       )
       .finally(() => this.inFlight.delete(done));
     this.inFlight.add(done);
+  }
+
+  /** Put the used elements of the chains finished since the last flush in, queue by queue. */
+  private flushCompleted(): void {
+    this.flushScheduled = false;
+    const batches = [...this.completed.values()];
+    this.completed.clear();
+    for (const { device, queue, epoch, used } of batches) {
+      if ((this.epochs.get(device) ?? 0) !== epoch) continue;
+      try {
+        const live = this.liveQueue(device, queue);
+        if (!live) continue;
+        let c = { nextAvail: live.q.nextAvail, nextUsed: live.q.nextUsed };
+        let counters: Record<string, number> | undefined;
+        for (const u of used) {
+          c = pushUsed(this.opts.memory, live.rings, c, u.head, u.written);
+          counters = sumCounters(counters, u.counters);
+        }
+        this.record(device, queue, live.rings, live.q.nextUsed, c, counters);
+      } catch (e) {
+        this.broken(device, queue, e);
+      }
+    }
   }
 
   private serveLater(device: string, queue: number): void {
