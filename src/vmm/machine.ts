@@ -34,6 +34,7 @@ import { placeVirtioFunctions, virtioFunctionsOf } from '../devices/virtio/vm-de
 import { virtioEvents } from '../devices/virtio/transport';
 import { checkVcpuFitsHost } from '../migration/cpu-compat';
 import {
+  KvmCap,
   native,
   readMsrs,
   writeMsrs,
@@ -208,7 +209,9 @@ export class Machine {
         kernelName: payload.kernel,
         initramfsName: payload.initramfs,
         supportedCpuid: this.kvm.supportedCpuid(),
-        cpuidOptions: { profile: config.cpus.tern_profile },
+        // KVM's LAPIC emulates the TSC-deadline timer but leaves it out of the supported CPUID;
+        // a guest without it falls back to the LAPIC's one-shot timer, as QEMU's would not.
+        cpuidOptions: { profile: config.cpus.tern_profile, tscDeadline: this.kvm.checkExtension(KvmCap.TSC_DEADLINE_TIMER) > 0 },
         // The DSDT describes the devices this VM has, each in its own words.
         acpi: { devices: devicesAcpi(devices) },
       });

@@ -18,7 +18,7 @@ function nprocOf(output: string): number {
   return Number(m[1]);
 }
 
-const PROBE = 'echo NPROC=$(nproc); grep MemTotal /proc/meminfo';
+const PROBE = 'echo NPROC=$(nproc); grep MemTotal /proc/meminfo; echo "TSCDL=$(grep -c tsc_deadline_timer /proc/cpuinfo)"; echo "CLOCKEVENT=$(cat /sys/devices/system/clockevents/clockevent0/current_device)"';
 
 /**
  * MemTotal of the same guest under QEMU. QEMU is the reference here, not the product under
@@ -69,6 +69,9 @@ for (const kernel of ['vmlinux', 'bzImage']) {
       t.is(code, 0, vm.stderr.slice(-2000));
       t.regex(vm.output, /TERN-GUEST-USERSPACE/);
       t.is(nprocOf(vm.output), 2);
+      // KVM emulates the TSC-deadline timer without listing it: the guest is told, as QEMU's is.
+      t.regex(vm.output, /^TSCDL=2\r?$/m, 'both vCPUs offer tsc_deadline_timer');
+      t.regex(vm.output, /^CLOCKEVENT=lapic-deadline\r?$/m, 'and the guest times with it');
       const ours = memTotalKiB(vm.output);
       peerMemTotal ??= qemuMemTotal(2, 512, (m) => t.log(m));
       const peer = await peerMemTotal;
