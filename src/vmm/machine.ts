@@ -209,8 +209,9 @@ export class Machine {
         kernelName: payload.kernel,
         initramfsName: payload.initramfs,
         supportedCpuid: this.kvm.supportedCpuid(),
-        // KVM's LAPIC emulates the TSC-deadline timer but leaves it out of the supported CPUID;
-        // a guest without it falls back to the LAPIC's one-shot timer, as QEMU's would not.
+        // KVM's LAPIC emulates the TSC-deadline timer but leaves it out of the supported CPUID:
+        // the guest is told here, as QEMU and Cloud Hypervisor tell theirs (without it, Linux
+        // falls back to the LAPIC's one-shot timer).
         cpuidOptions: { profile: config.cpus.tern_profile, tscDeadline: this.kvm.checkExtension(KvmCap.TSC_DEADLINE_TIMER) > 0 },
         // The DSDT describes the devices this VM has, each in its own words.
         acpi: { devices: devicesAcpi(devices) },
