@@ -30,6 +30,8 @@ export const API_ROOT = '/api/v1';
 export const MAX_BODY_BYTES = 4 << 20;
 /** Node's default; a request with more header bytes gets a 400 */
 export const MAX_HEADER_BYTES = 16 << 10;
+/** How long a connection whose request was malformed may stay open after its error reply. */
+const ERROR_LINGER_MS = 5_000;
 /** an SSE subscriber this far behind is dropped rather than buffered without bound */
 const MAX_STREAM_BACKLOG = 1 << 20;
 /** bodies this small are never refused for the budget, so vm.create works during a flood */
@@ -181,6 +183,8 @@ export class ApiServer {
   private readonly server: http.Server;
   private readonly limits: ApiLimits;
   private readonly connections = new Map<Socket, Connection>();
+  /** sockets whose malformed request got its error reply */
+  private readonly answeredWithError = new WeakSet<Socket>();
   private readonly streams = new Set<{ res: http.ServerResponse; sub: Subscription }>();
   /** request body bytes held (or promised by Content-Length) across all connections */
   private bodyBytes = 0;
@@ -352,6 +356,10 @@ export class ApiServer {
   }
 
   private onClientError(err: NodeJS.ErrnoException, socket: Socket): void {
+    // Node's parser raises the error again for every chunk and for the end that follow a
+    // malformed request; the reply is already on its way (end() flushes it, then closes), and
+    // destroying the socket now would drop it whenever it could not be written at once.
+    if (this.answeredWithError.has(socket)) return;
     if (err.code === 'ECONNRESET' || !socket.writable || socket.destroyed) {
       socket.destroy();
       return;
@@ -363,7 +371,10 @@ export class ApiServer {
         : timedOut
           ? 'the request was not completed in time'
           : `malformed HTTP request (${err.code ?? err.message})`;
+    this.answeredWithError.add(socket);
     socket.end(rawErrorReply(timedOut ? new ApiError(408, ['Request timeout', why]) : badRequest(why)));
+    // A client that goes on sending instead of ending holds the connection this long at most.
+    setTimeout(() => socket.destroy(), ERROR_LINGER_MS).unref();
   }
 
   // Synchronous where it can be: most calls (ping, info, counters) need no I/O, and every
