@@ -297,9 +297,11 @@ export class VirtioQueues {
           break;
         }
         // With EVENT_IDX the driver kicks only when it passes avail_event: publish it, then
-        // look again for buffers posted before it could see the new value.
-        // Buffers left for the host (waiting) need no kick: avail_event moves once they are used.
-        if (!rings.eventIdx || waiting) break;
+        // look again for buffers posted before it could see the new value. Buffers left for
+        // the host (waiting) need no kick while some remain; once none do, the next ones must
+        // be heard of, or input held for them would wait for a kick that never comes.
+        if (!rings.eventIdx) break;
+        if (waiting && availableCount(memory, rings, c) > 0) break;
         publishAvailEvent(memory, rings, c);
         if (availableCount(memory, rings, c) === 0) break;
       }
