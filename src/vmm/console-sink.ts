@@ -10,12 +10,12 @@
 // limit; none of them stops the VM. A reader that is not ready (EAGAIN) is waited for with a
 // timer that backs off, never by retrying in a loop.
 import fs from 'node:fs';
-import { SerialConfig } from '../config/vm-config';
+import { type ConsoleConfig, SerialConfig } from '../config/vm-config';
 import type { GuestLog } from '../util/guest-log';
 import { HostFileError, openAppendFile } from '../util/host-file';
 
 export interface ConsoleSink {
-  write(bytes: number[]): void;
+  write(bytes: Iterable<number>): void;
   /**
    * Host-side input (tty mode). The callback gets raw bytes and returns how many the device
    * took; the rest is held here, and reading stops, until offerHeldInput() finds room. A paste
@@ -79,7 +79,7 @@ export class ConsoleOutput {
     this.room = opts.room ?? Number.POSITIVE_INFINITY;
   }
 
-  write(bytes: number[]): void {
+  write(bytes: Iterable<number>): void {
     for (const b of bytes) this.batch.push(b);
     this.schedule();
   }
@@ -107,7 +107,7 @@ export class ConsoleOutput {
     if (this.closed) return this.drop(batch.length);
     const fits = Math.max(0, Math.min(batch.length, this.room, OUTPUT_MAX_PENDING_BYTES - this.pendingBytes));
     if (fits < batch.length) {
-      const why = fits >= this.room ? 'the serial file is at its size cap' : 'the console reader is not keeping up';
+      const why = fits >= this.room ? `the ${this.opts.name} is at its size cap` : 'the console reader is not keeping up';
       this.opts.log?.warn(`console-drop:${this.opts.name}`, { output: this.opts.name, cap: this.opts.maxFileBytes }, `${why}: guest output dropped`);
       this.drop(batch.length - fits);
     }
@@ -193,8 +193,8 @@ export class ConsoleOutput {
  * The terminal size a console in `config` offers its guest: the host terminal's, when the
  * console is on the tty and stdout is one; none otherwise.
  */
-export function terminalSize(config: SerialConfig | undefined): { cols: number; rows: number } | undefined {
-  if ((config?.mode ?? 'Tty') !== 'Tty' || !process.stdout.isTTY) return undefined;
+export function terminalSize(config: ConsoleConfig): { cols: number; rows: number } | undefined {
+  if (config.mode !== 'Tty' || !process.stdout.isTTY) return undefined;
   const cols = process.stdout.columns;
   const rows = process.stdout.rows;
   return cols > 0 && rows > 0 && cols <= 0xffff && rows <= 0xffff ? { cols, rows } : undefined;

@@ -20,7 +20,7 @@ export function consoleWorker(sink: ConsoleSink): VirtioDeviceWorker {
       if (queue === VirtioConsoleQueue.TRANSMIT) {
         // Device-writable buffers in a transmit chain are the driver's mistake: nothing is written to them.
         const bytes = readFromChain(memory, chain, VIRTIO_CONSOLE_MAX_CHAIN_BYTES);
-        if (bytes.length) sink.write(Array.from(bytes));
+        if (bytes.length) sink.write(bytes);
         const counters: Record<string, number> = { tx_bytes: bytes.length };
         if (chain.readableBytes > bytes.length) counters.tx_dropped = chain.readableBytes - bytes.length;
         return { written: 0, counters };

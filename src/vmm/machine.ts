@@ -12,7 +12,7 @@ import {
   type BootPlan,
 } from '../boot';
 import { longModeSregs, protectedMode32Sregs } from '../boot/x86/long-mode';
-import { doubleTtyProblem, withDefaults, type SerialConfig, type VmConfig } from '../config/vm-config';
+import { doubleTtyProblem, withDefaults, type ConsoleConfig, type SerialConfig, type VmConfig } from '../config/vm-config';
 import type { Effect } from '../devices/device';
 import {
   devicesAcpi,
@@ -246,11 +246,10 @@ export class Machine {
    * The virtio console's host end. A guest that has the device always gets one: a restore
    * that turns the console Off keeps the guest's hvc0 and discards what it writes.
    */
-  private openHvc(config: VmConfig): ConsoleSink {
+  private openHvc(config: VmConfig & { console: ConsoleConfig }): ConsoleSink {
     const tty = doubleTtyProblem(config);
     if (tty) throw new ConsoleConfigError(tty);
-    const console = config.console ?? { mode: 'Tty' };
-    return openConsoleSink(console.mode === 'Off' ? { mode: 'Null' } : console, {
+    return openConsoleSink(config.console.mode === 'Off' ? { mode: 'Null' } : config.console, {
       device: 'console',
       maxFileBytes: this.opts.serialFileMaxBytes,
       log: this.opts.guestLog,
@@ -355,7 +354,7 @@ export class Machine {
    * The host side of the PCI functions in the store: MSI-X routes and irqfds as the guest
    * programmed them, queue doorbells where their BARs decode, and the devices' workers.
    */
-  private attachPciHost(config: VmConfig, segment = this.pciSegment()): void {
+  private attachPciHost(config: VmConfig & { console: ConsoleConfig }, segment = this.pciSegment()): void {
     if (segment) checkBackendsFit(segment, this.backends);
     this.msi = new MsiRouting(this.vm, pciFunctionModels);
     this.msi.sync(segment);

@@ -34,11 +34,12 @@ test('any console mode but Off gives the guest an hvc0, after the disks and the 
   t.deepEqual(Object.keys(placeVirtioFunctions(fns)), ['01.0', '02.0']);
 });
 
-function fakeSink(): ConsoleSink & { out: number[]; offered: number } {
+/** A sink that keeps what it is given and counts offers of held input. */
+function recordingSink(): ConsoleSink & { out: number[]; offered: number } {
   const s = {
     out: [] as number[],
     offered: 0,
-    write: (b: number[]) => void s.out.push(...b),
+    write: (b: Iterable<number>) => void s.out.push(...b),
     onInput() {},
     offerHeldInput: () => void s.offered++,
     pauseInput() {},
@@ -61,7 +62,7 @@ test('transmitted bytes go to the sink in order; a chain past the cap is cut and
   const mem = anonymousGuestMemory([{ guestAddress: 0, size: 1 << 20 }]);
   mem.write(0x1000, Buffer.from('hello '));
   mem.write(0x2000, Buffer.from('world\n'));
-  const sink = fakeSink();
+  const sink = recordingSink();
   const w = consoleWorker(sink);
   const r = w.chain(fn, VirtioConsoleQueue.TRANSMIT, chainOf([{ addr: 0x1000, len: 6 }, { addr: 0x2000, len: 6 }], []), mem) as ChainResult;
   t.is(Buffer.from(sink.out).toString(), 'hello world\n');
@@ -74,7 +75,7 @@ test('transmitted bytes go to the sink in order; a chain past the cap is cut and
 
 test('host input fills the posted receive buffers; what does not fit is left to the caller; no input, no buffer used', (t) => {
   const mem = anonymousGuestMemory([{ guestAddress: 0, size: 1 << 20 }]);
-  const sink = fakeSink();
+  const sink = recordingSink();
   const w = consoleWorker(sink);
   t.false(w.ready!(VirtioConsoleQueue.RECEIVE), 'nothing to give: the guest keeps its buffers');
   // Two posted buffers of 4 bytes each; serving pops them while the worker is ready.

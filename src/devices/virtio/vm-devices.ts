@@ -4,7 +4,7 @@
 // bridge's window and keeps them there. Same config, same placement: a restored or migrated
 // VM's functions are where the guest left them.
 import type { DiskConfig } from '../../api/schema';
-import type { VmConfig } from '../../config/vm-config';
+import { DEFAULT_CONSOLE_MODE, type VmConfig } from '../../config/vm-config';
 import { PCI_MMIO32_SIZE, PCI_MMIO32_START, alignUp } from '../../boot/layout';
 import { PciBarBits } from '../pci/config-space';
 import type { PciFunctionState } from '../pci/function';
@@ -30,7 +30,7 @@ export interface BackendFacts {
 
 /** Whether `config` gives the guest a virtio console (hvc0): any console mode but Off, as in Cloud Hypervisor. */
 export function hasVirtioConsole(config: VmConfig): boolean {
-  return (config.console?.mode ?? 'Tty') !== 'Off';
+  return (config.console?.mode ?? DEFAULT_CONSOLE_MODE) !== 'Off';
 }
 
 /** The virtio functions of `config`, in slot order: the disks, the entropy device, the console. */
