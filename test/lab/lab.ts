@@ -27,7 +27,7 @@ export interface LabOptions {
   timeoutMs: number;
   /** Lab vCPUs (default 2). */
   smp?: number;
-  /** Lab memory in MiB (default 3072). */
+  /** Lab memory in MiB (default LAB_DEFAULT_MEM_MIB). */
   memMiB?: number;
   /** The job's output as it comes (\r removed). */
   onOutput?: (chunk: string) => void;
@@ -102,7 +102,11 @@ export const LAB_DEFAULT_SMP = 2;
 
 /** Started by the lab's init on one CPU (TERN_LAB_KEEPER=0: not started, for comparisons). */
 const KVM_KEEPER = path.join(__dirname, 'kvm-keeper.js');
-export const LAB_DEFAULT_MEM_MIB = 3072;
+/**
+ * Room for the heaviest file, the migration acceptance run: two VMMs with 512 MiB guests side
+ * by side, each guest filling a 256 MiB tmpfs file. QEMU allocates the lab's RAM as it is used.
+ */
+export const LAB_DEFAULT_MEM_MIB = 6144;
 
 /** True when this machine's CPU exposes VMX or SVM, i.e. /dev/kvm can boot Linux here. */
 export function hostHasHardwareVirt(cpuinfo?: string): boolean {

@@ -16,11 +16,11 @@ import path from 'node:path';
 import { TernClient } from '../../src/api/client';
 import { waitForPath } from '../support/processes';
 import { migrate, reported, type MigrationOutcome, type TernEnd } from '../support/tern-migration';
-import { GuestProcess, TERN_CLI, fixture } from '../linux/guest-process';
+import { GuestProcess, TERN_CLI, fixture } from './guest-process';
 import {
   WORKLOAD_CHUNK_MIB, around, counterFaults, largestArrivalGapMs, lastWrites, recordTickArrivals, sumsIn, ticksIn, workloadCmdline,
-} from '../linux/migration-workload';
-import { createTwoHosts, type Host, type TwoHosts } from '../linux/two-hosts';
+} from './migration-workload';
+import { createTwoHosts, type Host, type TwoHosts } from './two-hosts';
 
 const FILE_MIB = 256;
 const CHUNKS = FILE_MIB / WORKLOAD_CHUNK_MIB;
@@ -71,7 +71,11 @@ test.before(async (t) => {
     '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'), '--cmdline', workloadCmdline(FILE_MIB),
     // shared=on: the last migration hands memory over as file descriptors; the config travels
     // with the VM, so every VMM on the way has it.
-    '--cpus', 'boot=2', '--memory', 'size=512M,shared=on', '--serial', 'tty', '--console', 'off',
+    // A fleet CPU profile, as virtio.test.ts uses and for the same reason: in the nested lab, a
+    // guest given the host's whole CPUID under this load brought down the lab's own kernel (see
+    // the README's lab section), and under the profile it did not. Migrating between hosts is
+    // what the profiles are for.
+    '--cpus', 'boot=2,profile=x86-64-v2', '--memory', 'size=512M,shared=on', '--serial', 'tty', '--console', 'off',
     '--api-socket', `path=${socket}`, '--event-monitor', `path=${monitor}`, '-v',
   ]);
   current = { label: 'boot', vm, socket, monitor };
@@ -110,10 +114,11 @@ async function checkFile(t: ExecutionContext, vm: GuestProcess, label: string): 
   await vm.waitFor(/^WSTARTED\r?$/m, GUEST_TIMEOUT, from);
 }
 
-function checkEvents(t: ExecutionContext, o: MigrationOutcome, label: string): void {
+function checkEvents(t: ExecutionContext, o: MigrationOutcome, label: string, local: boolean): void {
   const src = o.sourceEvents.map((e) => `${e.source}:${e.event}`);
   t.is(src[0], 'vm:migration-started', `${label}: source events ${src.join(' ')}`);
-  t.true(src.includes('vm:migration-memory-iteration'), `${label}: the source reports memory rounds`);
+  // A local migration hands memory over whole, as file descriptors: it has no memory rounds.
+  t.is(src.includes('vm:migration-memory-iteration'), !local, `${label}: the source reports memory rounds unless local: ${src.join(' ')}`);
   t.is(src[src.length - 1], 'vm:migration-finished', `${label}: source events ${src.join(' ')}`);
   t.false(src.includes('vm:migration-failed'));
   t.deepEqual(
@@ -158,7 +163,7 @@ async function hop(t: ExecutionContext, label: string, to: Host, url: string, lo
   const client = new TernClient(destination.socket);
   const info = await client.info().finally(() => client.close());
   t.is(info.state, 'Running', `${label}: the destination reports the VM running`);
-  checkEvents(t, o, label);
+  checkEvents(t, o, label, local);
   await checkFile(t, vm, label);
 
   const downtime = reported(o, 'downtime_ms');
