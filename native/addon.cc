@@ -1,6 +1,7 @@
-// Module entry: openKvm plus the eventfd, eventfd-watcher and fd-passing helpers.
+// Module entry: openKvm plus the eventfd, eventfd-watcher, fd-passing and block-queue helpers.
 #include <napi.h>
 
+#include "block_queue.h"
 #include "common.h"
 #include "eventfd_watcher.h"
 #include "fd_passing.h"
@@ -21,6 +22,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitEventfdWatcher(env, exports);
   InitFdPassing(env, exports);
   InitPageScan(env, exports);
+  InitBlockQueue(env, exports);
   return exports;
 }
 

@@ -19,6 +19,7 @@ struct AddonData {
   Napi::FunctionReference kvmCtor;
   Napi::FunctionReference vmCtor;
   Napi::FunctionReference vcpuCtor;
+  Napi::FunctionReference blockQueueCtor;
 };
 
 inline AddonData* GetAddonData(Napi::Env env) { return env.GetInstanceData<AddonData>(); }

@@ -319,6 +319,7 @@ export class VmmApi {
 
   counters(): VmCounters {
     const outer = 'The VM counters are not available';
+    this.vmm.collectDeviceCounters();
     const { vm, bus, devices } = this.state;
     // 500 with no VM too: Cloud Hypervisor answers "not running" whether or not one was created,
     // and the contract lists no 404 here.

@@ -16,6 +16,12 @@ export interface DiskImage {
   readonly readonly: boolean;
   /** Stable identifier of the image file (at most 20 ASCII bytes, virtio-blk's GET_ID). */
   readonly id: string;
+  /**
+   * The file a native queue worker may read and write directly, guest offset = file offset:
+   * a raw image without direct=on (O_DIRECT would need aligned guest buffers). Undefined for
+   * other images, which their own code serves.
+   */
+  readonly rawFd?: number;
   /** Fill `into` with the bytes at `offset`. */
   read(offset: number, into: Uint8Array): Promise<void>;
   write(offset: number, data: Uint8Array): Promise<void>;

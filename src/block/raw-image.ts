@@ -22,6 +22,10 @@ export class RawImage implements DiskImage {
     this.id = file.id;
   }
 
+  get rawFd(): number | undefined {
+    return this.file.direct || this.closed ? undefined : this.file.fd;
+  }
+
   private check(offset: number, length: number, writing: boolean): void {
     if (this.closed) throw new DiskImageError(`disk image ${this.file.path}: closed`);
     checkRange(this.size, offset, length, writing, this.readonly);

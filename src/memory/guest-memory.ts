@@ -9,7 +9,6 @@ import fs from 'node:fs';
 export type GuestAddress = number;
 
 export const PAGE_SIZE = 4096;
-const PAGE_SHIFT = 12;
 
 export interface GuestRegionInit {
   guestAddress: GuestAddress;
@@ -147,11 +146,17 @@ export class GuestRegion {
     return this.chunks[c].subarray(inChunk, inChunk + len);
   }
 
+  /** Atomically: native queue workers mark bits of the same bytes from their threads. */
   markDirty(offset: number, len: number): void {
     if (!this.dirty || len <= 0) return;
-    const first = offset >> PAGE_SHIFT;
-    const last = (offset + len - 1) >> PAGE_SHIFT;
-    for (let p = first; p <= last; p++) this.dirty[p >> 3] |= 1 << (p & 7);
+    const first = Math.floor(offset / PAGE_SIZE);
+    const last = Math.floor((offset + len - 1) / PAGE_SIZE);
+    for (let p = first; p <= last; p++) Atomics.or(this.dirty, p >> 3, 1 << (p & 7));
+  }
+
+  /** The region's host mapping and dirty bitmap, for a native worker that reads and writes it. */
+  hostRange(): { guestAddress: GuestAddress; chunks: ArrayBuffer[]; dirty?: Uint8Array } {
+    return { guestAddress: this.guestAddress, chunks: this.chunks.map((c) => c.buffer as ArrayBuffer), ...(this.dirty ? { dirty: this.dirty } : {}) };
   }
 }
 

@@ -250,8 +250,66 @@ export interface NativeEventfdWatcher {
   close(): void;
 }
 
+/** Guest RAM as a native queue worker sees it: one entry per region (GuestRegion.hostRange). */
+export interface NativeRamRange {
+  guestAddress: number;
+  /** the region's host mapping, in order (adjacent chunks continue each other) */
+  chunks: ArrayBuffer[];
+  /** the region's VMM-side dirty bitmap, one bit per page; the worker marks what it writes */
+  dirty?: Uint8Array;
+}
+
+/** What serveBlockQueue needs: the queue as the store has it, its fds, and the disk. */
+export interface NativeBlockQueueOptions {
+  memory: NativeRamRange[];
+  size: number;
+  desc: number;
+  avail: number;
+  used: number;
+  eventIdx: boolean;
+  indirect: boolean;
+  nextAvail: number;
+  nextUsed: number;
+  /** the queue's doorbell (its ioeventfd): the worker reads it */
+  kickFd: number;
+  /** the queue's MSI-X vector's irqfd: the worker writes it */
+  interruptFd: number;
+  /** a raw image, opened without O_DIRECT */
+  imageFd: number;
+  /** the disk's size in sectors */
+  capacity: number;
+  readonly: boolean;
+  /** what GET_ID answers (at most 20 bytes are used) */
+  id: string;
+}
+
+/** What a block request queue's requests add to its disk's counters (vm.counters' names). */
+export interface BlockQueueCounters {
+  read_bytes: number;
+  read_ops: number;
+  write_bytes: number;
+  write_ops: number;
+}
+
+/** A virtio-blk queue served by a native thread (native/block_queue.cc). */
+export interface NativeBlockQueue {
+  /**
+   * End the thread after the request it is doing; returns the queue's cursors and what was
+   * counted since the last takeCounters(). Idempotent (later calls count nothing).
+   */
+  stop(): { nextAvail: number; nextUsed: number; counters: BlockQueueCounters };
+  /** What was counted since the last call (the thread goes on). */
+  takeCounters(): BlockQueueCounters;
+}
+
 export interface NativeAddon {
   openKvm(path?: string): NativeKvm;
+  /**
+   * Serve a virtio-blk request queue on a native thread until stop(). `onBroken(reason)` runs
+   * on the JavaScript thread when the driver broke the queue: the thread has stopped serving.
+   * Throws when the options are malformed or the rings are not inside `memory`.
+   */
+  serveBlockQueue(options: NativeBlockQueueOptions, onBroken: (reason: string) => void): NativeBlockQueue;
   /**
    * Watch eventfds on a native thread. callback(fd, count) runs on the JavaScript thread with
    * the sum of the counter values read since the fd was last reported (at most

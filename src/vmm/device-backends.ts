@@ -27,7 +27,7 @@ import { VirtqueueError, readFromChain, writeToChain, type DescriptorChain } fro
 import { diskIdOf, DEFAULT_RNG_ID } from '../devices/virtio/vm-devices';
 import type { GuestMemory } from '../memory/guest-memory';
 import { openEntropySource } from '../util/host-file';
-import type { ChainResult, VirtioDeviceWorker } from './virtio-queues';
+import type { ChainResult, NativeDisk, VirtioDeviceWorker } from './virtio-queues';
 
 export interface DeviceBackends {
   /** each device's worker, by device id */
@@ -59,13 +59,20 @@ export function entropyWorker(fd: number): VirtioDeviceWorker {
 
 /**
  * virtio-blk: a request is a 16-byte header (device-readable), data, and a status byte (the
- * last device-writable byte). The header and any data to write are copied out when the chain
+ * last device-writable byte). A raw image without O_DIRECT is served by native threads
+ * (nativeDisk, native/block_queue.cc, with the same checks); this serves the others. The header and any data to write are copied out when the chain
  * is taken; the I/O runs on libuv's thread pool; read data and the status go into the guest's
  * buffers when it is done. A request the disk cannot carry out gets its status (IOERR,
  * UNSUPP); only a chain with no room for a status breaks the queue.
  */
 export function blockWorker(image: DiskImage, log: Logger): VirtioDeviceWorker {
   return {
+    nativeDisk(fn: VirtioFunctionState): NativeDisk | undefined {
+      const imageFd = image.rawFd;
+      if (imageFd === undefined) return undefined;
+      const device = fn.device as VirtioBlockDevice;
+      return { imageFd, capacity: device.capacity, readonly: device.readonly, id: device.serial };
+    },
     chain(fn: VirtioFunctionState, _queue: number, chain: DescriptorChain, memory: GuestMemory): Promise<ChainResult> {
       if (chain.writableBytes < 1) throw new VirtqueueError('a block request with no status byte');
       const device = fn.device as VirtioBlockDevice;

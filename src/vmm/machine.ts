@@ -370,6 +370,7 @@ export class Machine {
       guestLog: this.opts.guestLog,
       workers,
       runEffects: (effects) => this.runEffects(effects),
+      irqfdOf: (device, vector) => this.msi?.irqfd(device, vector),
     });
     this.virtio.syncDoorbells(segment);
   }
@@ -531,7 +532,11 @@ export class Machine {
         case 'boot.progress':
           break; // recorded in the store by the debug port's event
         case 'msi.routes-changed':
+          // Native queue threads write irqfds: they stop before a route goes away, and start
+          // again where the new routes allow.
+          this.virtio?.routesChanging();
           this.msi!.sync(this.pciSegment());
+          this.virtio?.serveAll();
           break;
         case 'msi.send':
           this.msi!.send(e.device, e.vector);
@@ -630,6 +635,11 @@ export class Machine {
     // After the queues: held input goes into the receive buffers the guest left.
     this.takeHvcInput();
     this.hvc?.resumeInput();
+  }
+
+  /** Bring what the devices' native threads counted into the store, for vm.counters. */
+  collectDeviceCounters(): void {
+    this.virtio?.collectCounters();
   }
 
   /** Stop every vCPU thread and wait for them. */

@@ -93,6 +93,11 @@ export class MsiRouting {
     }
   }
 
+  /** The irqfd of vector `vector` of device `id`, once sync() has given it one. */
+  irqfd(id: string, vector: number): number | undefined {
+    return this.vectors.get(id)?.fds[vector];
+  }
+
   /** Send vector `vector` of device `id` (the store said it is live and its route is in place). */
   send(id: string, vector: number): void {
     const fd = this.vectors.get(id)?.fds[vector];

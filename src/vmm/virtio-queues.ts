@@ -7,10 +7,21 @@
 // completion writes the used ring and records the cursor. A queue is served only while the
 // vCPUs run, and a pause waits for every request in flight: a snapshot or migration never
 // holds half a request.
+//
+// A queue whose worker can name a native server for it (a raw disk's request queues) is served
+// by a native thread instead (native/block_queue.cc): the doorbell goes to that thread and the
+// interrupt comes from it, so neither waits for this thread. The store keeps the cursors it had
+// when the thread started; stopping the thread (a pause, a reset, a change of MSI-X routes, a
+// doorbell that moves) records the cursors it reached, so a snapshot or migration, which pause
+// first, always has them. A queue is handed to a thread only while its MSI-X vector can be
+// delivered (enabled, unmasked), since the thread's irqfd has no route otherwise: every change
+// of routes stops the threads first and starts them again afterwards.
 import type { GuestLog } from '../util/guest-log';
 import type { Effect } from '../devices/device';
 import { PCI_SEGMENT_ID, pciBarRegions, pciFunctionModels, pciSlotOfDevice, type PciSegmentState } from '../devices/pci';
+import { msixRoutes } from '../devices/pci/msix';
 import {
+  VIRTIO_MSI_NO_VECTOR,
   VirtioBar,
   VirtioFeature,
   virtioEvents,
@@ -32,7 +43,7 @@ import {
   type QueueRings,
 } from '../devices/virtio/virtqueue';
 import type { GuestMemory } from '../memory/guest-memory';
-import { EventFdFlags, native, type NativeEventfdWatcher, type NativeVm } from '../native/kvm';
+import { EventFdFlags, native, type BlockQueueCounters, type NativeBlockQueue, type NativeEventfdWatcher, type NativeVm } from '../native/kvm';
 import type { RootState, Store } from '../state';
 
 /** What serves a device's requests on the host. */
@@ -55,6 +66,21 @@ export interface VirtioDeviceWorker {
    * the guest took (the rest is the caller's to keep).
    */
   offerInput?(bytes: Uint8Array, serve: (queue: number) => void): number;
+  /**
+   * The disk a native thread may serve `fn`'s request queues from, when its image allows it
+   * (a raw image without O_DIRECT); undefined: this worker serves every chain itself.
+   */
+  nativeDisk?(fn: VirtioFunctionState): NativeDisk | undefined;
+}
+
+/** A disk as native/block_queue.cc serves it. */
+export interface NativeDisk {
+  imageFd: number;
+  /** sectors */
+  capacity: number;
+  readonly: boolean;
+  /** what GET_ID answers */
+  id: string;
 }
 
 /** What serving a chain came to: the bytes written into its writable buffers, and what it adds to the device's counters. */
@@ -80,6 +106,8 @@ export interface VirtioQueuesOptions {
   workers: ReadonlyMap<string, VirtioDeviceWorker>;
   /** runs the effects of the events this dispatches (MSI-X messages) */
   runEffects: (effects: readonly Effect[]) => void;
+  /** the irqfd of MSI-X vector `vector` of `device`, if it has one */
+  irqfdOf?: (device: string, vector: number) => number | undefined;
 }
 
 /** Chains served per queue before other work gets the thread: the rest is served next turn. */
@@ -109,6 +137,10 @@ export class VirtioQueues {
    * finishes after one belongs to a queue that is gone, and must not touch the new one.
    */
   private readonly epochs = new Map<string, number>();
+  /** queues served by native threads, by `device\0queue` */
+  private readonly nativeQueues = new Map<string, { device: string; queue: number; doorbell: Doorbell; handle: NativeBlockQueue }>();
+  /** chains of each queue handed to workers and not finished yet, by `device\0queue` */
+  private readonly pendingChains = new Map<string, number>();
 
   constructor(private readonly opts: VirtioQueuesOptions) {}
 
@@ -163,6 +195,7 @@ export class VirtioQueues {
   }
 
   private removeDoorbell(key: string, d: Doorbell): void {
+    this.stopNative(queueKey(d.device, d.queue));
     this.watcher?.remove(d.fd);
     try {
       this.opts.vm.ioeventfd(d.fd, BigInt(d.address), 2, { deassign: true });
@@ -194,6 +227,9 @@ export class VirtioQueues {
   /** The driver rang queue `queue` of `device` (through its ioeventfd or an exit). */
   notify(device: string, queue: number): void {
     if (!this.running) return;
+    const n = this.nativeQueues.get(queueKey(device, queue));
+    // (a doorbell rung through an exit, not its ioeventfd: the thread hears of it the same way)
+    if (n) return native().eventfdWrite(n.doorbell.fd, 1n);
     this.opts.workers.get(device)?.buffersPosted?.(queue);
     this.serve(device, queue);
   }
@@ -217,6 +253,7 @@ export class VirtioQueues {
   /** Nothing new is served until start(); requests in flight still finish (see drain()). */
   pause(): void {
     this.running = false;
+    this.stopAllNative();
   }
 
   /** Resolves once no request is in flight (after pause(): the device state is then final). */
@@ -228,10 +265,27 @@ export class VirtioQueues {
   /** The driver reset `device`: requests still in flight finish without touching its new queues. */
   deviceReset(device: string): void {
     this.epochs.set(device, (this.epochs.get(device) ?? 0) + 1);
+    // The store's queues are back at power-on: the threads' cursors belong to queues that are gone.
+    for (const [key, n] of [...this.nativeQueues]) if (n.device === device) this.stopNative(key, { keepCursors: false });
+  }
+
+  /**
+   * MSI-X routes are about to change (the guest masked, unmasked or reprogrammed a vector):
+   * native threads stop first, so none raises an interrupt on a route that is gone. Serving
+   * starts them again where the new routes allow.
+   */
+  routesChanging(): void {
+    this.stopAllNative();
+  }
+
+  /** Move what native threads counted into the store (vm.counters reads it there). */
+  collectCounters(): void {
+    for (const n of this.nativeQueues.values()) this.recordCounters(n.device, n.queue, n.handle.takeCounters());
   }
 
   /** Every enabled queue of every live device. */
   serveAll(): void {
+    if (!this.running) return;
     for (const { fn } of this.virtioFunctions()) {
       if (!virtioLive(fn.virtio)) continue;
       fn.virtio.queues.forEach((q, i) => q.enabled && this.serve(fn.id, i));
@@ -270,6 +324,7 @@ export class VirtioQueues {
       const live = this.liveQueue(device, queue);
       if (!live) return;
       const { fn, q, rings } = live;
+      if (this.startNative(worker, fn, queue, rings)) return;
       let c = { nextAvail: q.nextAvail, nextUsed: q.nextUsed };
       let served = 0;
       let counters: Record<string, number> | undefined;
@@ -339,10 +394,11 @@ export class VirtioQueues {
    */
   private track(device: string, queue: number, head: number, result: Promise<ChainResult>): void {
     const epoch = this.epochs.get(device) ?? 0;
+    const key = queueKey(device, queue);
+    this.pendingChains.set(key, (this.pendingChains.get(key) ?? 0) + 1);
     const done: Promise<void> = result
       .then(
         ({ written, counters }) => {
-          const key = `${device}\u0000${queue}`;
           let batch = this.completed.get(key);
           // (a reset between two completions: the older one belongs to a queue that is gone)
           if (!batch || batch.epoch < epoch) this.completed.set(key, (batch = { device, queue, epoch, used: [] }));
@@ -358,7 +414,12 @@ export class VirtioQueues {
           this.opts.guestLog.error(`virtio-worker:${device}`, { device, queue, err: e }, 'a virtio request failed in the VMM');
         },
       )
-      .finally(() => this.inFlight.delete(done));
+      .finally(() => {
+        this.inFlight.delete(done);
+        const left = (this.pendingChains.get(key) ?? 1) - 1;
+        if (left > 0) this.pendingChains.set(key, left);
+        else this.pendingChains.delete(key);
+      });
     this.inFlight.add(done);
   }
 
@@ -386,7 +447,7 @@ export class VirtioQueues {
   }
 
   private serveLater(device: string, queue: number): void {
-    this.again.add(`${device}\u0000${queue}`);
+    this.again.add(queueKey(device, queue));
     if (this.againScheduled) return;
     this.againScheduled = true;
     setImmediate(() => {
@@ -400,9 +461,100 @@ export class VirtioQueues {
     });
   }
 
+  /**
+   * Hand queue `queue` of `fn` to a native thread, when its worker names a native server for
+   * it, its vector can be delivered, and no chain of it is still with the JavaScript worker
+   * (its completion will write the used ring, once flushed). True when a thread serves it now.
+   */
+  private startNative(worker: VirtioDeviceWorker, fn: VirtioFunctionState, queue: number, rings: QueueRings): boolean {
+    const key = queueKey(fn.id, queue);
+    if (this.nativeQueues.has(key)) return true;
+    // (a chain finished but not yet flushed into the used ring counts as still with the worker:
+    // the thread would fill the used slot the flush is about to write)
+    if (!this.running || !worker.nativeDisk || this.pendingChains.has(key) || this.completed.has(key)) return false;
+    const disk = worker.nativeDisk(fn);
+    const q = fn.virtio.queues[queue];
+    const doorbell = [...this.doorbells.values()].find((d) => d.device === fn.id && d.queue === queue);
+    const model = pciFunctionModels[fn.kind] as VirtioFunctionModel<unknown>;
+    if (!disk || !doorbell || q.vector === VIRTIO_MSI_NO_VECTOR || q.vector >= model.msixLayout.vectors) return false;
+    if (msixRoutes(fn.msix, fn.config, model.msixLayout)[q.vector].masked) return false;
+    const interruptFd = this.opts.irqfdOf?.(fn.id, q.vector);
+    if (interruptFd === undefined) return false;
+    this.watcher?.remove(doorbell.fd);
+    let handle: NativeBlockQueue;
+    try {
+      handle = native().serveBlockQueue(
+        {
+          memory: this.opts.memory.regions.map((r) => r.hostRange()),
+          ...rings,
+          nextAvail: q.nextAvail,
+          nextUsed: q.nextUsed,
+          kickFd: doorbell.fd,
+          interruptFd,
+          ...disk,
+        },
+        (reason) => this.nativeBroken(key, reason),
+      );
+    } catch (e) {
+      this.watcher?.add(doorbell.fd);
+      throw e;
+    }
+    this.nativeQueues.set(key, { device: fn.id, queue, doorbell, handle });
+    return true;
+  }
+
+  /** A native thread found its queue broken: it has stopped; the device needs a reset. */
+  private nativeBroken(key: string, reason: string): void {
+    const n = this.nativeQueues.get(key);
+    if (!n) return;
+    this.stopNative(key);
+    this.broken(n.device, n.queue, new VirtqueueError(reason));
+  }
+
+  /**
+   * Stop the native thread serving `key`, if one does: its cursors (unless the queue was reset
+   * meanwhile) and its counts go into the store, and its doorbell back to the watcher.
+   */
+  private stopNative(key: string, opts: { keepCursors: boolean } = { keepCursors: true }): void {
+    const n = this.nativeQueues.get(key);
+    if (!n) return;
+    this.nativeQueues.delete(key);
+    const end = n.handle.stop();
+    if (this.byFd.get(n.doorbell.fd) === n.doorbell) this.watcher?.add(n.doorbell.fd);
+    const live = this.liveQueueState(n.device, n.queue);
+    if (!live) return;
+    const cursors = opts.keepCursors ? { nextAvail: end.nextAvail, nextUsed: end.nextUsed } : { nextAvail: live.nextAvail, nextUsed: live.nextUsed };
+    const counters = countersOf(end.counters);
+    if (cursors.nextAvail === live.nextAvail && cursors.nextUsed === live.nextUsed && !counters) return;
+    // The thread raised every interrupt its requests called for: none is owed here.
+    const served = { queue: n.queue, ...cursors, interrupt: false, ...(counters ? { counters } : {}) };
+    this.opts.store.dispatch(virtioEvents.queueServed(PCI_SEGMENT_ID, n.device, served));
+  }
+
+  private stopAllNative(): void {
+    for (const key of [...this.nativeQueues.keys()]) this.stopNative(key);
+  }
+
+  /** The store's state of queue `queue` of `device`, whether or not the device is live. */
+  private liveQueueState(device: string, queue: number): { nextAvail: number; nextUsed: number } | undefined {
+    const seg = this.segment();
+    const slot = seg && pciSlotOfDevice(seg, device);
+    const fn = slot === undefined ? undefined : (seg!.functions[slot] as VirtioFunctionState);
+    return fn?.virtio.queues[queue];
+  }
+
+  /** Counts a native thread gathered, into the store, with the cursors the store has. */
+  private recordCounters(device: string, queue: number, c: BlockQueueCounters): void {
+    const counters = countersOf(c);
+    const q = counters && this.liveQueueState(device, queue);
+    if (!q) return;
+    this.opts.store.dispatch(virtioEvents.queueServed(PCI_SEGMENT_ID, device, { queue, nextAvail: q.nextAvail, nextUsed: q.nextUsed, interrupt: false, counters: counters! }));
+  }
+
   /** Wait for requests in flight, then take every doorbell away and stop the watcher. */
   async close(): Promise<void> {
     this.running = false;
+    this.stopAllNative();
     await this.drain();
     for (const [key, d] of [...this.doorbells]) {
       try {
@@ -414,4 +566,13 @@ export class VirtioQueues {
     this.watcher?.close();
     this.watcher = undefined;
   }
+}
+
+const queueKey = (device: string, queue: number): string => `${device}\u0000${queue}`;
+
+/** The non-zero counts, or undefined when there are none. */
+function countersOf(c: BlockQueueCounters): Record<string, number> | undefined {
+  const out: Record<string, number> = {};
+  for (const [k, v] of Object.entries(c)) if (v > 0) out[k] = v;
+  return Object.keys(out).length ? out : undefined;
 }

@@ -86,6 +86,11 @@ export class Vmm {
     return this.machine?.memory;
   }
 
+  /** Bring what the devices counted on native threads into the store (before reading vm.counters). */
+  collectDeviceCounters(): void {
+    this.machine?.collectDeviceCounters();
+  }
+
   private serialize<T>(action: () => Promise<T> | T): Promise<T> {
     const run = this.queue.then(action, action);
     this.queue = run.catch(() => undefined);

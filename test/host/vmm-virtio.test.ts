@@ -347,6 +347,11 @@ test.serial('virtio-blk through KVM: a write reaches the image, a read brings it
     ], 6);
     await expectServed(t, disk, 3, 21);
     t.is(Buffer.from(disk.mem.read(DATA, 9)).toString('latin1'), 'tiny-disk');
+    // A raw image's queue is served on a native thread: the JavaScript thread saw none of it.
+    const servedEvents = () => vmm.store.journal().filter((e) => e.type === VirtioEvents.QueueServed && (e.payload as { device?: string }).device === '_disk0').length;
+    t.is(servedEvents(), 0, 'no request went through the JavaScript thread');
+    // vm.counters gathers what the thread counted
+    vmm.collectDeviceCounters();
     t.deepEqual(disk.fn.counters, { write_bytes: 1024, write_ops: 1, read_bytes: 1024, read_ops: 1 });
 
     // Four reads in flight at once, one doorbell: each lands in its own buffer with its status,
@@ -376,8 +381,19 @@ test.serial('virtio-blk through KVM: a write reaches the image, a read brings it
       t.is(disk.mem.readU8(STATUS + i), 0, `status of read ${i}`);
       t.deepEqual(disk.mem.read(DATA + 512 * i, 512), new Uint8Array(image4.subarray(512 * sector, 512 * sector + 512)), `sector ${sector}`);
     });
+    // The thread stops at a pause and its cursors go into the store, where a snapshot finds them.
+    await vmm.pause();
     t.like(disk.fn.virtio.queues[0], { nextAvail: 7, nextUsed: 7 }, 'the cursors are in the store');
     t.is(disk.fn.counters.read_ops, 5);
+    await vmm.resume();
+
+    // A hostile chain on the native thread breaks the disk alone, as on the JavaScript side.
+    const configIrqs = disk.msiCount(0);
+    await disk.post([{ addr: RAM + 0x1000, len: 512, flags: VIRTQ_DESC_F_WRITE }], 9);
+    await waitUntil('the disk needs a reset', () => (disk.fn.virtio.status & VirtioStatus.DEVICE_NEEDS_RESET) !== 0, 10_000);
+    await waitUntil('the configuration interrupt reaches the guest', () => disk.msiCount(0) > configIrqs, 10_000);
+    t.is(disk.usedIdx(), 7, 'the broken chain was not used');
+    t.regex(String((vmm.store.journal().find((e) => e.type === VirtioEvents.NeedsReset)?.payload as { reason?: string })?.reason), /not inside guest RAM/);
   } finally {
     await vmm.close();
   }
