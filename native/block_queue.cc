@@ -364,9 +364,7 @@ uint8_t BlockQueue::Read(const Chain& c, uint64_t sector, uint64_t len) {
   std::vector<iovec> iov;
   ChainIovecs(c.writable, 0, len, &iov);
   if (!TransferAll(disk_.fd, iov, sector * kSector, false)) return kIoErr;
-  for (uint64_t skip = 0, i = 0; i < c.writable.size() && skip < len; skip += c.writable[i++].len) {
-    mem_.MarkDirty(c.writable[i].addr, std::min<uint64_t>(c.writable[i].len, len - skip));
-  }
+  MarkChainDirty(mem_, c.writable, 0, len);
   counters_.readBytes += len;
   counters_.readOps++;
   return kOk;

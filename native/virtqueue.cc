@@ -2,6 +2,7 @@
 // little-endian and so is the host.
 #include "virtqueue.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace tern {
@@ -186,7 +187,12 @@ bool SplitQueue::ShouldInterrupt(uint16_t usedBefore) const {
   return (Load16(q_.avail) & kAvailNoInterrupt) == 0;
 }
 
-uint64_t ChainIovecs(const std::vector<ChainBuffer>& buffers, uint64_t offset, uint64_t len, std::vector<iovec>* out) {
+namespace {
+
+// fn(buffer, offset in it, bytes, bytes before) for each piece of `buffers` from byte `offset`
+// on, `len` bytes at most, in order; returns the bytes covered.
+template <typename F>
+uint64_t ForEachPiece(const std::vector<ChainBuffer>& buffers, uint64_t offset, uint64_t len, F fn) {
   uint64_t skip = offset, done = 0;
   for (const ChainBuffer& b : buffers) {
     if (done >= len) break;
@@ -195,39 +201,32 @@ uint64_t ChainIovecs(const std::vector<ChainBuffer>& buffers, uint64_t offset, u
       continue;
     }
     uint64_t n = std::min<uint64_t>(b.len - skip, len - done);
-    out->push_back({b.host + skip, static_cast<size_t>(n)});
+    fn(b, skip, n, done);
     done += n;
     skip = 0;
   }
   return done;
+}
+
+}  // namespace
+
+uint64_t ChainIovecs(const std::vector<ChainBuffer>& buffers, uint64_t offset, uint64_t len, std::vector<iovec>* out) {
+  return ForEachPiece(buffers, offset, len, [&](const ChainBuffer& b, uint64_t at, uint64_t n, uint64_t) { out->push_back({b.host + at, static_cast<size_t>(n)}); });
 }
 
 uint64_t CopyFromChain(const std::vector<ChainBuffer>& buffers, uint64_t offset, void* to, uint64_t len) {
-  std::vector<iovec> iov;
-  uint64_t done = 0;
-  ChainIovecs(buffers, offset, len, &iov);
-  for (const iovec& v : iov) {
-    memcpy(static_cast<uint8_t*>(to) + done, v.iov_base, v.iov_len);
-    done += v.iov_len;
-  }
-  return done;
+  return ForEachPiece(buffers, offset, len, [&](const ChainBuffer& b, uint64_t at, uint64_t n, uint64_t done) { memcpy(static_cast<uint8_t*>(to) + done, b.host + at, n); });
 }
 
 uint64_t CopyToChain(const GuestRamMap& mem, const std::vector<ChainBuffer>& buffers, uint64_t offset, const void* from, uint64_t len) {
-  uint64_t skip = offset, done = 0;
-  for (const ChainBuffer& b : buffers) {
-    if (done >= len) break;
-    if (skip >= b.len) {
-      skip -= b.len;
-      continue;
-    }
-    uint64_t n = std::min<uint64_t>(b.len - skip, len - done);
-    memcpy(b.host + skip, static_cast<const uint8_t*>(from) + done, n);
-    mem.MarkDirty(b.addr + skip, n);
-    done += n;
-    skip = 0;
-  }
-  return done;
+  return ForEachPiece(buffers, offset, len, [&](const ChainBuffer& b, uint64_t at, uint64_t n, uint64_t done) {
+    memcpy(b.host + at, static_cast<const uint8_t*>(from) + done, n);
+    mem.MarkDirty(b.addr + at, n);
+  });
+}
+
+void MarkChainDirty(const GuestRamMap& mem, const std::vector<ChainBuffer>& buffers, uint64_t offset, uint64_t len) {
+  ForEachPiece(buffers, offset, len, [&](const ChainBuffer& b, uint64_t at, uint64_t n, uint64_t) { mem.MarkDirty(b.addr + at, n); });
 }
 
 }  // namespace tern

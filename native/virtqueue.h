@@ -96,6 +96,8 @@ class SplitQueue {
 uint64_t ChainIovecs(const std::vector<ChainBuffer>& buffers, uint64_t offset, uint64_t len, std::vector<iovec>* out);
 // Copy `len` bytes of `buffers` from byte `offset` into `to`; returns the bytes copied.
 uint64_t CopyFromChain(const std::vector<ChainBuffer>& buffers, uint64_t offset, void* to, uint64_t len);
+// Mark the pages of `len` bytes of `buffers` from byte `offset` on dirty (after the device wrote them).
+void MarkChainDirty(const GuestRamMap& mem, const std::vector<ChainBuffer>& buffers, uint64_t offset, uint64_t len);
 // Copy `len` bytes into `buffers` from byte `offset` on (pages marked dirty); returns the bytes copied.
 uint64_t CopyToChain(const GuestRamMap& mem, const std::vector<ChainBuffer>& buffers, uint64_t offset, const void* from, uint64_t len);
 
