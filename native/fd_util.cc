@@ -1,4 +1,4 @@
-// errno -> JS Error, base64, value conversion, and the eventfd helpers.
+// errno -> JS Error, base64, value conversion, the eventfd helpers and pseudo-terminals.
 #include "fd_util.h"
 
 #include <errno.h>
@@ -10,6 +10,7 @@
 #include <sys/eventfd.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
+#include <termios.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -142,6 +143,45 @@ static Napi::Value EventFd(const Napi::CallbackInfo& info) {
 }
 
 static bool FdArg(const Napi::CallbackInfo& info, size_t i, int* fd) { return ArgFd(info, i, "fd", fd); }
+
+// A new pseudo-terminal for a console in pty mode: its master (non-blocking, close-on-exec),
+// the path of its slave, which the user opens, and an fd of the slave that the VMM keeps open:
+// without one, the master's reads fail (EIO) whenever no user has the slave open, and the slave
+// is set raw, since data written to the master passes through the slave's line discipline (an
+// echo would send the guest's output back to it as input).
+static Napi::Value OpenPty(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    ThrowErrno(env, "posix_openpt", errno);
+    return env.Undefined();
+  }
+  char name[128];
+  const char* failed = nullptr;
+  int slave = -1;
+  struct termios t;
+  if (grantpt(fd) < 0) failed = "grantpt";
+  else if (unlockpt(fd) < 0) failed = "unlockpt";
+  else if (ptsname_r(fd, name, sizeof name) != 0) failed = "ptsname_r";
+  else if ((slave = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK | O_NOFOLLOW)) < 0) failed = "open";
+  else if (tcgetattr(slave, &t) < 0) failed = "tcgetattr";
+  else {
+    cfmakeraw(&t);
+    if (tcsetattr(slave, TCSANOW, &t) < 0) failed = "tcsetattr";
+  }
+  if (failed) {
+    int err = errno;
+    if (slave >= 0) close(slave);
+    close(fd);
+    ThrowErrno(env, failed, err);
+    return env.Undefined();
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("fd", Napi::Number::New(env, fd));
+  out.Set("path", Napi::String::New(env, name));
+  out.Set("slaveFd", Napi::Number::New(env, slave));
+  return out;
+}
 
 static Napi::Value EventFdRead(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -315,6 +355,7 @@ void InitFdUtil(Napi::Env env, Napi::Object exports) {
   exports.Set("eventfdRead", Napi::Function::New(env, Guarded<EventFdRead>, "eventfdRead"));
   exports.Set("eventfdWrite", Napi::Function::New(env, Guarded<EventFdWrite>, "eventfdWrite"));
   exports.Set("closeFd", Napi::Function::New(env, Guarded<CloseFd>, "closeFd"));
+  exports.Set("openPty", Napi::Function::New(env, Guarded<OpenPty>, "openPty"));
   exports.Set("flock", Napi::Function::New(env, Guarded<Flock>, "flock"));
   exports.Set("fallocate", Napi::Function::New(env, Guarded<Fallocate>, "fallocate"));
   exports.Set("alignedBuffer", Napi::Function::New(env, Guarded<AlignedBuffer>, "alignedBuffer"));

@@ -309,6 +309,10 @@ export class VmmApi {
     const vm = this.state.vm;
     if (vm.status === 'NotCreated' || vm.config === null) throw noVm('The VM information is not available');
     const config = withDefaults(vm.config);
+    // A console in pty mode reports its pseudo-terminal as its file, as Cloud Hypervisor's does.
+    const pty = this.vmm.ptyPaths();
+    if (pty.serial && config.serial.mode === 'Pty') config.serial = { ...config.serial, file: pty.serial };
+    if (pty.console && config.console.mode === 'Pty') config.console = { ...config.console, file: pty.console };
     return {
       config: config as unknown as VmConfig,
       state: vm.status,

@@ -325,6 +325,12 @@ export interface NativeAddon {
   eventfdWrite(fd: number, value: bigint): void;
   closeFd(fd: number): void;
   /**
+   * A new pseudo-terminal: its master (non-blocking, close-on-exec), its slave's path
+   * (/dev/pts/N), which a user opens to reach the console, and an fd of the slave, set raw,
+   * for the caller to keep open while it uses the master (else reads fail when no user has it).
+   */
+  openPty(): { fd: number; path: string; slaveFd: number };
+  /**
    * flock(2). Exclusive unless exclusive: false; unlock: true releases. Returns false only when
    * nonblocking and another open file description holds a conflicting lock.
    */

@@ -10,14 +10,18 @@
 // limit; none of them stops the VM. A reader that is not ready (EAGAIN) is waited for with a
 // timer that backs off, never by retrying in a loop.
 import fs from 'node:fs';
+import tty from 'node:tty';
 import { type ConsoleConfig, SerialConfig } from '../config/vm-config';
+import { native } from '../native/kvm';
 import type { GuestLog } from '../util/guest-log';
 import { HostFileError, openAppendFile } from '../util/host-file';
 
 export interface ConsoleSink {
+  /** the pseudo-terminal's slave, for a console in pty mode */
+  readonly path?: string;
   write(bytes: Iterable<number>): void;
   /**
-   * Host-side input (tty mode). The callback gets raw bytes and returns how many the device
+   * Host-side input (tty and pty modes). The callback gets raw bytes and returns how many the device
    * took; the rest is held here, and reading stops, until offerHeldInput() finds room. A paste
    * longer than the UART's buffer therefore waits for the guest instead of being dropped.
    */
@@ -231,66 +235,97 @@ export function openConsoleSink(config: SerialConfig, opts: ConsoleSinkOptions =
         },
       };
     }
-    case 'Tty': {
-      const w = new ConsoleOutput(1, { ...opts, name: 'stdout' });
-      const stdin = process.stdin;
-      let listener: ((d: Buffer) => void) | undefined;
-      let deliver: ((bytes: Uint8Array) => number) | undefined;
-      // Bytes read from stdin that the device has not taken yet.
-      let held: Uint8Array | null = null;
-      let vmPaused = false;
-      const readIfReady = () => {
-        if (listener && !held && !vmPaused) stdin.resume();
-      };
-      const offer = (bytes: Uint8Array) => {
-        const taken = deliver!(bytes);
-        held = taken < bytes.length ? bytes.subarray(taken) : null;
-        if (held) stdin.pause();
-      };
-      return {
-        write: (b) => w.write(b),
-        onInput(cb) {
-          // Raw mode so the guest gets every key, Ctrl-C included, as a serial line would.
-          if (stdin.isTTY) stdin.setRawMode(true);
-          deliver = cb;
-          listener = (d: Buffer) => {
-            // stdin may still emit a chunk it had buffered when it was paused.
-            if (held) {
-              const both = new Uint8Array(held.length + d.length);
-              both.set(held);
-              both.set(d, held.length);
-              held = both;
-              stdin.pause();
-              return;
-            }
-            offer(new Uint8Array(d));
-          };
-          stdin.on('data', listener);
-          stdin.resume();
+    case 'Tty':
+      return terminalSink(1, process.stdin, { ...opts, name: 'stdout' });
+    case 'Pty': {
+      // A new pseudo-terminal per VMM (a restored VM gets a new one too): the user opens its
+      // slave, whose path is logged and shown by vm.info.
+      const pty = native().openPty();
+      let input: tty.ReadStream;
+      try {
+        input = new tty.ReadStream(pty.fd);
+      } catch (e) {
+        native().closeFd(pty.fd);
+        native().closeFd(pty.slaveFd);
+        throw e;
+      }
+      // (a read error is not the guest's to see, and must not end the VMM)
+      input.on('error', (err) => opts.log?.warn(`${device}-pty`, { device, err: err.message }, 'reading the console pty failed'));
+      return terminalSink(pty.fd, input, { ...opts, name: `${device} pty` }, {
+        path: pty.path,
+        close: () => {
+          input.destroy(); // closes the master
+          native().closeFd(pty.slaveFd);
         },
-        offerHeldInput() {
-          if (!held || vmPaused) return;
-          offer(held);
-          readIfReady();
-        },
-        pauseInput: () => {
-          vmPaused = true;
-          stdin.pause();
-        },
-        resumeInput: () => {
-          vmPaused = false;
-          if (held) offer(held);
-          readIfReady();
-        },
-        close() {
-          w.close();
-          if (listener) stdin.off('data', listener);
-          if (stdin.isTTY) stdin.setRawMode(false);
-          stdin.pause();
-        },
-      };
+      });
     }
     default:
-      throw new ConsoleConfigError(`${device} mode ${config.mode} is not supported yet (use tty, file=PATH, null or off)`);
+      throw new ConsoleConfigError(`${device} mode ${config.mode} is not supported yet (use tty, pty, file=PATH, null or off)`);
   }
+}
+
+/**
+ * A terminal's end of a console: output to `outFd`, input from `input` in raw mode (the guest
+ * gets every key, Ctrl-C included, as a serial line would). Input the device has no room for
+ * is held, and reading stops, until offerHeldInput() finds room; a paused VM leaves input in
+ * the host's buffer.
+ */
+function terminalSink(outFd: number, input: NodeJS.ReadStream | tty.ReadStream, opts: ConsoleOutputOptions, own: { path?: string; close?: () => void } = {}): ConsoleSink {
+  const w = new ConsoleOutput(outFd, opts);
+  let listener: ((d: Buffer) => void) | undefined;
+  let deliver: ((bytes: Uint8Array) => number) | undefined;
+  // Bytes read that the device has not taken yet.
+  let held: Uint8Array | null = null;
+  let vmPaused = false;
+  const readIfReady = () => {
+    if (listener && !held && !vmPaused) input.resume();
+  };
+  const offer = (bytes: Uint8Array) => {
+    const taken = deliver!(bytes);
+    held = taken < bytes.length ? bytes.subarray(taken) : null;
+    if (held) input.pause();
+  };
+  return {
+    ...(own.path ? { path: own.path } : {}),
+    write: (b) => w.write(b),
+    onInput(cb) {
+      if (input.isTTY) input.setRawMode(true);
+      deliver = cb;
+      listener = (d: Buffer) => {
+        // The stream may still emit a chunk it had buffered when it was paused.
+        if (held) {
+          const both = new Uint8Array(held.length + d.length);
+          both.set(held);
+          both.set(d, held.length);
+          held = both;
+          input.pause();
+          return;
+        }
+        offer(new Uint8Array(d));
+      };
+      input.on('data', listener);
+      input.resume();
+    },
+    offerHeldInput() {
+      if (!held || vmPaused) return;
+      offer(held);
+      readIfReady();
+    },
+    pauseInput: () => {
+      vmPaused = true;
+      input.pause();
+    },
+    resumeInput: () => {
+      vmPaused = false;
+      if (held) offer(held);
+      readIfReady();
+    },
+    close() {
+      w.close();
+      if (listener) input.off('data', listener);
+      if (input.isTTY) input.setRawMode(false);
+      input.pause();
+      own.close?.();
+    },
+  };
 }

@@ -233,13 +233,20 @@ export class Machine {
 
   /** The serial console's host end; what it drops is counted on the serial device. */
   private openConsole(serial: SerialConfig): ConsoleSink {
-    return openConsoleSink(serial, {
+    const sink = openConsoleSink(serial, {
       maxFileBytes: this.opts.serialFileMaxBytes,
       log: this.opts.guestLog,
       onDropped: (bytes) => {
         if (this.opts.store.getState().devices.instances[SERIAL_ID]) this.opts.store.dispatch(serialOutputDroppedEvent(SERIAL_ID, bytes));
       },
     });
+    if (sink.path) this.opts.log.info({ device: 'serial', pty: sink.path }, 'serial console on a pseudo-terminal');
+    return sink;
+  }
+
+  /** The pseudo-terminals the consoles in pty mode opened (vm.info shows them as their files). */
+  ptyPaths(): { serial?: string; console?: string } {
+    return { ...(this.console?.path ? { serial: this.console.path } : {}), ...(this.hvc?.path ? { console: this.hvc.path } : {}) };
   }
 
   /**
@@ -249,11 +256,13 @@ export class Machine {
   private openHvc(config: VmConfig & { console: ConsoleConfig }): ConsoleSink {
     const tty = doubleTtyProblem(config);
     if (tty) throw new ConsoleConfigError(tty);
-    return openConsoleSink(config.console.mode === 'Off' ? { mode: 'Null' } : config.console, {
+    const sink = openConsoleSink(config.console.mode === 'Off' ? { mode: 'Null' } : config.console, {
       device: 'console',
       maxFileBytes: this.opts.serialFileMaxBytes,
       log: this.opts.guestLog,
     });
+    if (sink.path) this.opts.log.info({ device: 'console', pty: sink.path }, 'virtio console on a pseudo-terminal');
+    return sink;
   }
 
   /** (Re)attach the platform devices: a boot starts from power-on device state. */

@@ -86,6 +86,11 @@ export class Vmm {
     return this.machine?.memory;
   }
 
+  /** The pseudo-terminals of consoles in pty mode, while a machine runs. */
+  ptyPaths(): { serial?: string; console?: string } {
+    return this.machine?.ptyPaths() ?? {};
+  }
+
   /** Bring what the devices counted on native threads into the store (before reading vm.counters). */
   collectDeviceCounters(): void {
     this.machine?.collectDeviceCounters();

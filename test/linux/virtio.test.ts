@@ -163,6 +163,49 @@ test.serial('virtio-console: a shell on hvc0 answers what is typed on the consol
   }
 });
 
+/** Read the pty slave `fd` (non-blocking) until `re` matches what came; returns all of it. */
+async function readPtyUntil(fd: number, re: RegExp, timeoutMs: number): Promise<string> {
+  let text = '';
+  const buf = Buffer.alloc(4096);
+  const deadline = Date.now() + timeoutMs;
+  while (!re.test(text)) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${re} on the pty; read so far: ${JSON.stringify(text.slice(-500))}`);
+    try {
+      text += buf.subarray(0, fs.readSync(fd, buf)).toString('latin1');
+    } catch {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+  return text;
+}
+
+test.serial('virtio-console on a pty: vm.info names the pseudo-terminal, and a shell on hvc0 answers through it', async (t) => {
+  const socket = path.join(tmp, 'pty.sock');
+  const vm = GuestProcess.tern([
+    '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'), '--cmdline', guestCmdline({ cmd: HVC_SHELL }),
+    '--cpus', CPUS, '--memory', 'size=256M', '--serial', 'tty', '--console', 'pty', '--api-socket', `path=${socket}`,
+  ]);
+  let slave: number | undefined;
+  try {
+    await vm.waitFor(/HVC-DEV/, BOOT_TIMEOUT);
+    await waitForPath(socket);
+    const info = JSON.parse(await ternRemote(socket, 'info')) as { config: { console: { mode: string; file?: string } } };
+    t.is(info.config.console.mode, 'Pty');
+    t.regex(info.config.console.file ?? '', /^\/dev\/pts\/\d+$/, 'vm.info gives the pty as the console\'s file');
+    slave = fs.openSync(info.config.console.file!, fs.constants.O_RDWR | fs.constants.O_NOCTTY | fs.constants.O_NONBLOCK);
+    // (HVC-READY was written before the slave was opened: the pty kept it)
+    await readPtyUntil(slave, /HVC-READY/, 60_000);
+    fs.writeSync(slave, 'echo "PTY-$((6*7))"\n');
+    await readPtyUntil(slave, /PTY-42/, 60_000);
+    fs.writeSync(slave, 'poweroff -f\n');
+    const { code } = await vm.exit(BOOT_TIMEOUT);
+    t.is(code, 0);
+  } finally {
+    if (slave !== undefined) fs.closeSync(slave);
+    vm.kill();
+  }
+});
+
 // A loop that writes (and syncs) a file on the ext4 disk every 100 ms and says so on the
 // console, with entropy from the hwrng in each write: both devices have requests in flight
 // when the VM is paused. The shell stays on the console for what comes after.

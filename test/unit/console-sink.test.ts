@@ -156,3 +156,34 @@ test('output waiting for a reader is bounded; what does not fit is dropped and c
     fs.closeSync(reader);
   }
 });
+
+test('a pty console: the guest output reaches whoever opens the slave, what they type reaches the guest, nothing echoes back', async (t) => {
+  const sink = openConsoleSink({ mode: 'Pty' }, { device: 'console' });
+  t.teardown(() => sink.close());
+  t.regex(sink.path ?? '', /^\/dev\/pts\/\d+$/);
+  const got: number[] = [];
+  sink.onInput((bytes) => {
+    got.push(...bytes);
+    return bytes.length;
+  });
+  // Output written before anyone opened the slave waits in the pty for its reader.
+  sink.write(Buffer.from('early\n'));
+  const slave = fs.openSync(sink.path!, fs.constants.O_RDWR | fs.constants.O_NOCTTY | fs.constants.O_NONBLOCK);
+  t.teardown(() => fs.closeSync(slave));
+  sink.write(Buffer.from('login: '));
+  let seen = '';
+  const buf = Buffer.alloc(256);
+  const deadline = Date.now() + 5000;
+  while (!seen.includes('login: ') && Date.now() < deadline) {
+    try {
+      const n = fs.readSync(slave, buf);
+      seen += buf.subarray(0, n).toString('latin1');
+    } catch {
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  }
+  t.is(seen, 'early\nlogin: ', 'the slave reads the output unchanged (raw: no \\r added)');
+  fs.writeSync(slave, 'root\r');
+  while (got.length < 5 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+  t.is(Buffer.from(got).toString('latin1'), 'root\r', 'the typed bytes, unchanged, and not the output echoed back');
+});
