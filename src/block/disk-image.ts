@@ -31,6 +31,13 @@ export interface DiskImage {
   discard(offset: number, length: number): Promise<void>;
   /** The range reads as zeroes afterwards. */
   writeZeroes(offset: number, length: number): Promise<void>;
+  /**
+   * Let the image's lock go while keeping it open: a paused migration source hands a writable
+   * image to a destination on the same host. takeLock() takes it again.
+   */
+  releaseLock(): void;
+  /** Take the image's lock (shared when read-only); throws a DiskImageError when another process holds it. */
+  takeLock(): void;
   /** Waits for operations in progress, then releases the file and its lock. */
   close(): Promise<void>;
 }

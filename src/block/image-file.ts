@@ -27,7 +27,12 @@ function openFault(code: string | undefined): string {
   return `cannot be opened (${code ?? 'unknown error'})`;
 }
 
-export function openImageFile(path: string, opts: { readonly: boolean; direct: boolean }): ImageFile {
+/**
+ * Open an image file. `lock: false` leaves it unlocked (a migration destination on the same
+ * host, where the source holds the lock until it hands the image over): lockImageFile takes
+ * the lock later.
+ */
+export function openImageFile(path: string, opts: { readonly: boolean; direct: boolean; lock?: boolean }): ImageFile {
   let fd: number;
   try {
     fd = fs.openSync(path, (opts.readonly ? O_RDONLY : O_RDWR) | O_NOFOLLOW | O_NONBLOCK | (opts.direct ? O_DIRECT : 0));
@@ -39,11 +44,10 @@ export function openImageFile(path: string, opts: { readonly: boolean; direct: b
     if (st.isBlockDevice()) throw new DiskImageError(`disk image ${path}: is a block device; only regular files are supported`);
     if (!st.isFile()) throw new DiskImageError(`disk image ${path}: is not a regular file`);
     const size = st.size;
-    if (!native().flock(fd, { exclusive: !opts.readonly, nonblocking: true })) {
-      throw new DiskImageError(`disk image ${path}: locked by another process (${opts.readonly ? 'it is being written' : 'it is in use'})`);
-    }
     const id = `${st.dev}${st.rdev}${st.ino}`.slice(0, 20);
-    return { path, fd, size, readonly: opts.readonly, direct: opts.direct, id };
+    const file = { path, fd, size, readonly: opts.readonly, direct: opts.direct, id };
+    if (opts.lock ?? true) lockImageFile(file);
+    return file;
   } catch (e) {
     fs.closeSync(fd);
     if (e instanceof DiskImageError) throw e;
@@ -98,6 +102,18 @@ export async function writeAt(file: ImageFile, data: Uint8Array, pos: number): P
 
 export function syncFile(file: ImageFile): Promise<void> {
   return new Promise((resolve, reject) => fs.fsync(file.fd, (err) => (err ? reject(ioError(file, 'fsync', 0, err)) : resolve())));
+}
+
+/** Take the file's lock: shared for a read-only image, exclusive otherwise; throws when another process holds a conflicting one. */
+export function lockImageFile(file: ImageFile): void {
+  if (!native().flock(file.fd, { exclusive: !file.readonly, nonblocking: true })) {
+    throw new DiskImageError(`disk image ${file.path}: locked by another process (${file.readonly ? 'it is being written' : 'it is in use'})`);
+  }
+}
+
+/** Let the file's lock go (a migration source handing the image over); the file stays open. */
+export function unlockImageFile(file: ImageFile): void {
+  native().flock(file.fd, { unlock: true });
 }
 
 export function closeImageFile(file: ImageFile): void {

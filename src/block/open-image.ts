@@ -3,7 +3,7 @@
 import path from 'node:path';
 import { native } from '../native/kvm';
 import { DiskImageError, type DiskImage } from './disk-image';
-import { closeImageFile, openImageFile, readAt, type ImageFile } from './image-file';
+import { closeImageFile, lockImageFile, openImageFile, readAt, type ImageFile } from './image-file';
 import { parseQcow2Header, QCOW2_MAGIC, qcow2HeaderBytes } from './qcow2-header';
 import { Qcow2Image } from './qcow2-image';
 import { RawImage } from './raw-image';
@@ -17,6 +17,13 @@ export interface OpenDiskImageOptions {
   direct?: boolean;
   /** Skip probing. A raw image a guest may write should be opened as 'raw': a guest could write a qcow2 header into it. */
   format?: 'raw' | 'qcow2';
+  /**
+   * A migration destination: a writable raw image is opened without its lock, which takeLock()
+   * takes once the source has handed it over (on the same host the source holds it until
+   * then). A qcow2 image is locked at once: its tables are read now, and must not be read
+   * while another process may still change them.
+   */
+  deferLock?: boolean;
 }
 
 async function probe(file: ImageFile): Promise<'raw' | 'qcow2'> {
@@ -27,14 +34,15 @@ async function probe(file: ImageFile): Promise<'raw' | 'qcow2'> {
 }
 
 export function openDiskImage(file: string, opts: OpenDiskImageOptions = {}): Promise<DiskImage> {
-  return openAt(file, { readonly: opts.readonly ?? false, direct: opts.direct ?? false, format: opts.format }, 0);
+  return openAt(file, { readonly: opts.readonly ?? false, direct: opts.direct ?? false, format: opts.format, deferLock: opts.deferLock ?? false }, 0);
 }
 
-async function openAt(file: string, opts: { readonly: boolean; direct: boolean; format?: 'raw' | 'qcow2' }, depth: number): Promise<DiskImage> {
-  const f = openImageFile(file, opts);
+async function openAt(file: string, opts: { readonly: boolean; direct: boolean; format?: 'raw' | 'qcow2'; deferLock?: boolean }, depth: number): Promise<DiskImage> {
+  const f = openImageFile(file, { ...opts, lock: !opts.deferLock });
   try {
     const format = opts.format ?? (await probe(f));
     if (format === 'raw') return new RawImage(f);
+    if (opts.deferLock) lockImageFile(f);
     if (f.direct) throw new DiskImageError(`disk image ${file}: direct=on is supported for raw images only`);
     const first = Buffer.alloc(Math.min(f.size, 104));
     await readAt(f, first, 0);

@@ -8,7 +8,7 @@ import zlib from 'node:zlib';
 import { native } from '../native/kvm';
 import { InFlight } from './in-flight';
 import { checkRange, DiskImageError, type DiskImage } from './disk-image';
-import { closeImageFile, readAt, syncFile, writeAt, type ImageFile } from './image-file';
+import { closeImageFile, lockImageFile, unlockImageFile, readAt, syncFile, writeAt, type ImageFile } from './image-file';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, Qcow2DamageError, type Qcow2Header } from './qcow2-header';
 import { Qcow2Refcounts } from './qcow2-refcounts';
 import { SerialQueue } from './serial-queue';
@@ -365,6 +365,14 @@ export class Qcow2Image implements DiskImage {
     if (m.kind === 'zero' && !(m.entry & OFFSET_MASK)) return;
     await this.setL2Entry(vc, entry);
     if (m.kind !== 'unallocated') await this.free(m.entry);
+  }
+
+  releaseLock(): void {
+    unlockImageFile(this.file);
+  }
+
+  takeLock(): void {
+    lockImageFile(this.file);
   }
 
   async close(): Promise<void> {

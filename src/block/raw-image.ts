@@ -3,7 +3,7 @@
 import { native } from '../native/kvm';
 import { InFlight } from './in-flight';
 import { checkRange, DiskImageError, type DiskImage } from './disk-image';
-import { closeImageFile, readAt, syncFile, writeAt, type ImageFile } from './image-file';
+import { closeImageFile, lockImageFile, unlockImageFile, readAt, syncFile, writeAt, type ImageFile } from './image-file';
 
 export const DIRECT_ALIGNMENT = 512;
 const CHUNK = 1 << 20;
@@ -98,6 +98,14 @@ export class RawImage implements DiskImage {
     for (let done = 0; done < length; done += zeros.length) {
       await this.write(offset + done, zeros.subarray(0, Math.min(zeros.length, length - done)));
     }
+  }
+
+  releaseLock(): void {
+    unlockImageFile(this.file);
+  }
+
+  takeLock(): void {
+    lockImageFile(this.file);
   }
 
   async close(): Promise<void> {

@@ -43,6 +43,8 @@ export interface IncomingMachine {
   /** what its new vCPUs and KVM objects would save (after prepareVcpus) */
   sampleSavedState(): { vcpus: Record<string, SavedVcpuState>; kvm: SavedKvmState };
   completeIncoming(state: RootState): void;
+  /** take the disk images' locks, which the source let go before it sent Complete */
+  takeDiskLocks(): void;
   /** start the vCPU threads parked: after Commit, running the guest is only waking them */
   startParked(): Promise<void>;
   destroy(): Promise<void>;
@@ -314,6 +316,8 @@ export class MigrationReceiver {
     mark('complete received');
     const state = this.finalChecks(shadow, config, hello);
     mark('state checked');
+    // (a disk another process still holds fails the migration here, and the source resumes)
+    machine.takeDiskLocks();
     machine.completeIncoming(state);
     await machine.startParked();
     mark('machine built');

@@ -43,6 +43,10 @@ export interface SourceMachine {
   /** run the vCPUs again; restoreClock (default true) sets kvmclock back to the pause's */
   resume(opts?: { restoreClock?: boolean }): void;
   throttle(percent: number): void;
+  /** let the disk images' locks go (paused, before the last state goes) */
+  releaseDiskLocks(): void;
+  /** take them again (the migration failed); throws while another process holds one */
+  takeDiskLocks(): void;
 }
 
 export interface SourceVm {
@@ -55,6 +59,8 @@ export interface SourceVm {
 }
 
 const CONNECT_TIMEOUT_MS = 10_000;
+/** how long a failed migration's source waits for the destination to let its disks' locks go */
+const RETAKE_LOCKS_MS = 5000;
 /** how long the destination may take to answer (it builds the VM before Ready) */
 const PEER_IDLE_MS = 60_000;
 const MAX_ROUNDS = 30;
@@ -220,6 +226,7 @@ export class MigrationSender {
     const ch = this.channel!;
     let paused = false;
     let wasPaused = false;
+    let locksReleased = false;
     let steps: PauseSteps | undefined;
     try {
       const state = this.vm.store.getState();
@@ -262,6 +269,9 @@ export class MigrationSender {
           mark('last pages sent');
           pause.note({ last_pages: pages.pages, last_sending_ms: pages.sending_ms });
         }
+        // The destination may be on this host: it takes the images' locks once Complete came.
+        machine.releaseDiskLocks();
+        locksReleased = true;
         await this.sendPatches(FrameType.Final, {});
         await ch.send(FrameType.Complete);
         mark('state sent');
@@ -291,6 +301,7 @@ export class MigrationSender {
     } catch (e) {
       const reason = this.cancelled ?? errorText(e);
       ch.abort(reason);
+      if (locksReleased && !this.committed) await this.retakeDiskLocks(this.machineAtStart!);
       if (paused && !this.committed) {
         try {
           this.machineAtStart!.resume();
@@ -303,6 +314,27 @@ export class MigrationSender {
     } finally {
       steps?.log(this.vm.log, 'source');
       clearTimeout(this.timeoutTimer);
+    }
+  }
+
+  /**
+   * The migration failed after the images' locks were let go: take them back before the guest
+   * writes again. A destination that took them lets them go as it discards the VM; it is given
+   * a few seconds, and after that the guest runs on with the lock still missing (logged).
+   */
+  private async retakeDiskLocks(machine: SourceMachine): Promise<void> {
+    const deadline = Date.now() + RETAKE_LOCKS_MS;
+    for (;;) {
+      try {
+        machine.takeDiskLocks();
+        return;
+      } catch (e) {
+        if (Date.now() >= deadline) {
+          this.vm.log.error({ err: errorText(e) }, 'a disk image lock could not be taken back after the failed migration');
+          return;
+        }
+        await new Promise((r) => setTimeout(r, 50));
+      }
     }
   }
 

@@ -36,6 +36,10 @@ export interface DeviceBackends {
   readonly disks: ReadonlyMap<string, DiskImage>;
   /** release everything (the machine has drained its requests first) */
   close(): Promise<void>;
+  /** Let the disks' locks go, images kept open (a paused migration source hands them over). */
+  releaseLocks(): void;
+  /** Take every disk's lock; throws when another process holds one (those taken stay taken). */
+  takeLocks(): void;
 }
 
 /** virtio-rng: each request's writable buffers filled from the entropy source, up to VIRTIO_RNG_MAX_REQUEST bytes. */
@@ -153,8 +157,12 @@ export function blockWorker(image: DiskImage, log: Logger): VirtioDeviceWorker {
   };
 }
 
-/** Open the host end of every virtio device in `config`; whatever opened is closed again if one fails. */
-export async function openDeviceBackends(config: VmConfig, log: Logger): Promise<DeviceBackends> {
+/**
+ * Open the host end of every virtio device in `config`; whatever opened is closed again if one
+ * fails. `deferLocks` (a migration destination): raw images open without their locks, for
+ * takeLocks() once the source has handed them over.
+ */
+export async function openDeviceBackends(config: VmConfig, log: Logger, opts: { deferLocks?: boolean } = {}): Promise<DeviceBackends> {
   const workers = new Map<string, VirtioDeviceWorker>();
   const disks = new Map<string, DiskImage>();
   const fds: number[] = [];
@@ -168,7 +176,7 @@ export async function openDeviceBackends(config: VmConfig, log: Logger): Promise
     for (const [index, disk] of (config.disks ?? []).entries()) {
       if (!disk.path) throw new DiskImageError(`disk ${index}: a path is needed (vhost-user disks are not supported)`);
       const format = disk.image_type === 'Qcow2' ? 'qcow2' : disk.image_type === 'Raw' ? 'raw' : undefined;
-      const image = await openDiskImage(disk.path, { readonly: disk.readonly ?? false, direct: disk.direct ?? false, format });
+      const image = await openDiskImage(disk.path, { readonly: disk.readonly ?? false, direct: disk.direct ?? false, format, deferLock: opts.deferLocks });
       const id = diskIdOf(disk, index);
       disks.set(id, image);
       if (image.size % SECTOR_SIZE !== 0) log.warn({ disk: id, size: image.size }, 'disk image size is not whole sectors: the last partial sector is not visible');
@@ -183,7 +191,13 @@ export async function openDeviceBackends(config: VmConfig, log: Logger): Promise
     await close();
     throw e;
   }
-  return { workers, disks, close };
+  return {
+    workers,
+    disks,
+    close,
+    releaseLocks: () => disks.forEach((d) => d.releaseLock()),
+    takeLocks: () => disks.forEach((d) => d.takeLock()),
+  };
 }
 
 /**

@@ -341,7 +341,22 @@ export class Machine {
   /** A migration destination: open the host ends of the devices once the VM's config arrived. */
   async openBackends(config: VmConfig): Promise<void> {
     if (!this.opts.incoming || this.console || this.backends) throw new Error('openBackends() is for a migration destination, once, before completeIncoming()');
-    this.backends = await openDeviceBackends(config, this.opts.log);
+    // A source on this host holds its images' locks until it hands them over (takeDiskLocks).
+    this.backends = await openDeviceBackends(config, this.opts.log, { deferLocks: true });
+  }
+
+  /**
+   * A migration: the source, paused, lets its disk images' locks go before it sends the last
+   * state, and the destination takes them before it says it is ready; a source whose migration
+   * failed takes them back before its guest runs again. So two VMMs on one host never both
+   * write an image, and a VM with a writable disk can still move to a new VMM on its host.
+   */
+  releaseDiskLocks(): void {
+    this.backends?.releaseLocks();
+  }
+
+  takeDiskLocks(): void {
+    this.backends?.takeLocks();
   }
 
   /** A migration destination: build the vCPUs, devices' host ends and KVM state from the received state. */

@@ -269,14 +269,18 @@ test.serial('snapshot and restore of a guest writing to its disk: the loop goes 
 });
 
 // The devices migrate with the store: a guest reading its hwrng and writing its hvc0 in a loop,
-// with a read-only disk, moves to a VMM started with only its API socket. (A writable image
-// cannot be shared by two VMMs on one host: the source holds its lock until it exits.)
+// with a read-only disk it checksums and a writable one it writes a sector to each time, moves
+// to a VMM started with only its API socket on the same host: the source hands the writable
+// image's lock over while the guest is paused.
 const RNG_LOOP =
-  '(i=0; while :; do i=$((i+1)); head -c 4096 /dev/hwrng > /tmp/r; echo "MG $i $(md5sum < /dev/vda | cut -c1-8)"; echo "HV $i" > /dev/hvc0; sleep 0.1; done) & exec sh -i';
+  '(i=0; while :; do i=$((i+1)); head -c 4096 /dev/hwrng > /tmp/r; printf "WR %08d\\n" $i | dd of=/dev/vdb bs=512 seek=$i conv=sync,fsync 2>/dev/null; ' +
+  'echo "MG $i $(md5sum < /dev/vda | cut -c1-8)"; echo "HV $i" > /dev/hvc0; sleep 0.1; done) & exec sh -i';
 
-test.serial('live migration of a guest with its entropy device, console and disk: the loop goes on at the destination, every device serving', async (t) => {
+test.serial('live migration of a guest with its entropy device, console and disks: the loop goes on at the destination, every device serving', async (t) => {
   const ro = path.join(tmp, 'mig-ro.img');
   fs.writeFileSync(ro, Buffer.alloc(1 * MIB, 0x5a));
+  const rw = path.join(tmp, 'mig-rw.img');
+  fs.writeFileSync(rw, Buffer.alloc(4 * MIB));
   const hvcFile = path.join(tmp, 'mig.hvc');
   const srcSock = path.join(tmp, 'mig-src.sock');
   const dstSock = path.join(tmp, 'mig-dst.sock');
@@ -284,7 +288,7 @@ test.serial('live migration of a guest with its entropy device, console and disk
   const src = GuestProcess.tern([
     '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'), '--cmdline', guestCmdline({ cmd: RNG_LOOP }),
     '--cpus', CPUS, '--memory', 'size=256M', '--serial', 'tty', '--api-socket', `path=${srcSock}`,
-    '--rng', 'src=/dev/urandom', '--console', `file=${hvcFile}`, '--disk', `path=${ro},readonly=on`,
+    '--rng', 'src=/dev/urandom', '--console', `file=${hvcFile}`, '--disk', `path=${ro},readonly=on`, '--disk', `path=${rw}`,
   ]);
   const dst = GuestProcess.tern(['--api-socket', `path=${dstSock}`]);
   try {
@@ -307,6 +311,10 @@ test.serial('live migration of a guest with its entropy device, console and disk
     t.deepEqual(hv, hv.map((_, i) => 1 + i), 'hvc0 counts without a gap across the migration');
     dst.type('poweroff -f\n');
     t.is((await dst.exit(BOOT_TIMEOUT)).code, 0);
+    // Every iteration the console showed wrote its sector first, at the source or the destination.
+    const image = fs.readFileSync(rw);
+    const missing = counts.filter((i) => image.subarray(512 * i, 512 * i + 12).toString('latin1') !== `WR ${String(i).padStart(8, '0')}\n`);
+    t.deepEqual(missing, [], 'the writable disk holds the sector of every iteration, before and after the move');
   } finally {
     src.kill();
     dst.kill();

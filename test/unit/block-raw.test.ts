@@ -1,6 +1,7 @@
 // Raw images: what may be opened, the locks that keep two VMMs off one image, O_DIRECT, and
 // discard/zeroing.
 import test from 'ava';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { DiskImageError } from '../../src/block/disk-image';
@@ -49,6 +50,28 @@ test('raw: a second writer is refused while one holds the image; two read-only o
   const again = await openDiskImage(file);
   await again.close();
   fs.rmSync(dir, { recursive: true });
+});
+
+test('raw: a migration hands the lock over: the destination opens without it and takes it once the source lets it go', async (t) => {
+  const dir = tmpDir();
+  t.teardown(() => fs.rmSync(dir, { recursive: true }));
+  const file = rawImage(dir, Buffer.alloc(65536));
+  const source = await openDiskImage(file);
+  const destination = await openDiskImage(file, { deferLock: true });
+  t.throws(() => destination.takeLock(), { instanceOf: DiskImageError, message: /locked by another process/ }, 'not while the source holds it');
+  source.releaseLock();
+  destination.takeLock();
+  t.throws(() => source.takeLock(), { message: /locked by another process/ }, 'the source cannot take it back while the destination holds it');
+  await t.throwsAsync(openDiskImage(file), { message: /locked by another process/ }, 'nor can a third VMM open it');
+  await destination.close();
+  source.takeLock();
+  await source.close();
+  // a qcow2 image reads its tables at open: it takes its lock then, even for a destination
+  const q = path.join(dir, 'disk.qcow2');
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', q, '1M']);
+  const holder = await openDiskImage(q);
+  await t.throwsAsync(openDiskImage(q, { deferLock: true }), { message: /locked by another process/ });
+  await holder.close();
 });
 
 test('raw: symlinks, directories and FIFOs are refused', async (t) => {

@@ -43,6 +43,8 @@ function dirtyingGuest(perRound: number): SourceMachine & { throttles: number[] 
     cpuFacts: () => ({ cpuid: [], msrIndices: [] }),
     pause: async () => ({ parked_ms: 0, saved_ms: 0, read_ms: 0, encode_ms: 0, dispatch_ms: 0 }),
     resume: () => undefined,
+    releaseDiskLocks: () => undefined,
+    takeDiskLocks: () => undefined,
     throttle(percent: number) {
       throttle = percent;
       throttles.push(percent);
