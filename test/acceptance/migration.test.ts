@@ -16,11 +16,11 @@ import path from 'node:path';
 import { TernClient } from '../../src/api/client';
 import { waitForPath } from '../support/processes';
 import { migrate, reported, type MigrationOutcome, type TernEnd } from '../support/tern-migration';
-import { GuestProcess, TERN_CLI, fixture } from './guest-process';
+import { GuestProcess, TERN_CLI, fixture } from '../linux/guest-process';
 import {
   WORKLOAD_CHUNK_MIB, around, counterFaults, largestArrivalGapMs, lastWrites, recordTickArrivals, sumsIn, ticksIn, workloadCmdline,
-} from './migration-workload';
-import { createTwoHosts, type Host, type TwoHosts } from './two-hosts';
+} from '../linux/migration-workload';
+import { createTwoHosts, type Host, type TwoHosts } from '../linux/two-hosts';
 
 const FILE_MIB = 256;
 const CHUNKS = FILE_MIB / WORKLOAD_CHUNK_MIB;
@@ -72,8 +72,8 @@ test.before(async (t) => {
     // shared=on: the last migration hands memory over as file descriptors; the config travels
     // with the VM, so every VMM on the way has it.
     // A fleet CPU profile, as virtio.test.ts uses and for the same reason: in the nested lab, a
-    // guest given the host's whole CPUID under this load brought down the lab's own kernel (see
-    // the README's lab section), and under the profile it did not. Migrating between hosts is
+    // guest given the host's whole CPUID under this load brought down the lab's own kernel in
+    // most runs; under the profile, less often (see the README). Migrating between hosts is
     // what the profiles are for.
     '--cpus', 'boot=2,profile=x86-64-v2', '--memory', 'size=512M,shared=on', '--serial', 'tty', '--console', 'off',
     '--api-socket', `path=${socket}`, '--event-monitor', `path=${monitor}`, '-v',
