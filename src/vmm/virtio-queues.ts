@@ -521,11 +521,11 @@ export class VirtioQueues {
     this.nativeQueues.delete(key);
     const end = n.handle.stop();
     if (this.byFd.get(n.doorbell.fd) === n.doorbell) this.watcher?.add(n.doorbell.fd);
-    const live = this.liveQueueState(n.device, n.queue);
-    if (!live) return;
-    const cursors = opts.keepCursors ? { nextAvail: end.nextAvail, nextUsed: end.nextUsed } : { nextAvail: live.nextAvail, nextUsed: live.nextUsed };
+    const stored = this.queueState(n.device, n.queue);
+    if (!stored) return;
+    const cursors = opts.keepCursors ? { nextAvail: end.nextAvail, nextUsed: end.nextUsed } : { nextAvail: stored.nextAvail, nextUsed: stored.nextUsed };
     const counters = countersOf(end.counters);
-    if (cursors.nextAvail === live.nextAvail && cursors.nextUsed === live.nextUsed && !counters) return;
+    if (cursors.nextAvail === stored.nextAvail && cursors.nextUsed === stored.nextUsed && !counters) return;
     // The thread raised every interrupt its requests called for: none is owed here.
     const served = { queue: n.queue, ...cursors, interrupt: false, ...(counters ? { counters } : {}) };
     this.opts.store.dispatch(virtioEvents.queueServed(PCI_SEGMENT_ID, n.device, served));
@@ -536,7 +536,7 @@ export class VirtioQueues {
   }
 
   /** The store's state of queue `queue` of `device`, whether or not the device is live. */
-  private liveQueueState(device: string, queue: number): { nextAvail: number; nextUsed: number } | undefined {
+  private queueState(device: string, queue: number): { nextAvail: number; nextUsed: number } | undefined {
     const seg = this.segment();
     const slot = seg && pciSlotOfDevice(seg, device);
     const fn = slot === undefined ? undefined : (seg!.functions[slot] as VirtioFunctionState);
@@ -546,9 +546,9 @@ export class VirtioQueues {
   /** Counts a native thread gathered, into the store, with the cursors the store has. */
   private recordCounters(device: string, queue: number, c: BlockQueueCounters): void {
     const counters = countersOf(c);
-    const q = counters && this.liveQueueState(device, queue);
-    if (!q) return;
-    this.opts.store.dispatch(virtioEvents.queueServed(PCI_SEGMENT_ID, device, { queue, nextAvail: q.nextAvail, nextUsed: q.nextUsed, interrupt: false, counters: counters! }));
+    const q = this.queueState(device, queue);
+    if (!counters || !q) return;
+    this.opts.store.dispatch(virtioEvents.queueServed(PCI_SEGMENT_ID, device, { queue, nextAvail: q.nextAvail, nextUsed: q.nextUsed, interrupt: false, counters }));
   }
 
   /** Wait for requests in flight, then take every doorbell away and stop the watcher. */
