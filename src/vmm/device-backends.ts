@@ -62,8 +62,17 @@ export function entropyWorker(fd: number): VirtioDeviceWorker {
 }
 
 /**
+ * Native disk queue threads are opt-in (TERN_NATIVE_BLOCK_QUEUES=1) until an intermittent
+ * stall of a Linux guest's disk loop in the nested lab is explained: the JavaScript worker
+ * serves every disk by default.
+ */
+export function nativeBlockQueuesEnabled(): boolean {
+  return process.env.TERN_NATIVE_BLOCK_QUEUES === '1';
+}
+
+/**
  * virtio-blk: a request is a 16-byte header (device-readable), data, and a status byte (the
- * last device-writable byte). A raw image without O_DIRECT is served by native threads
+ * last device-writable byte). A raw image without O_DIRECT may be served by native threads
  * (nativeDisk, native/block_queue.cc, with the same checks); this serves the others. The header and any data to write are copied out when the chain
  * is taken; the I/O runs on libuv's thread pool; read data and the status go into the guest's
  * buffers when it is done. A request the disk cannot carry out gets its status (IOERR,
@@ -73,7 +82,7 @@ export function blockWorker(image: DiskImage, log: Logger): VirtioDeviceWorker {
   return {
     nativeDisk(fn: VirtioFunctionState): NativeDisk | undefined {
       const imageFd = image.rawFd;
-      if (imageFd === undefined) return undefined;
+      if (imageFd === undefined || !nativeBlockQueuesEnabled()) return undefined;
       const device = fn.device as VirtioBlockDevice;
       return { imageFd, capacity: device.capacity, readonly: device.readonly, id: device.serial };
     },

@@ -558,9 +558,11 @@ export class Machine {
         case 'msi.routes-changed':
           // Native queue threads write irqfds: they stop before a route goes away, and start
           // again where the new routes allow.
-          this.virtio?.routesChanging();
-          this.msi!.sync(this.pciSegment());
-          this.virtio?.serveAll();
+          {
+            const stopped = this.virtio?.routesChanging() ?? false;
+            this.msi!.sync(this.pciSegment());
+            if (stopped) this.virtio!.serveAll();
+          }
           break;
         case 'msi.send':
           this.msi!.send(e.device, e.vector);

@@ -272,10 +272,12 @@ export class VirtioQueues {
   /**
    * MSI-X routes are about to change (the guest masked, unmasked or reprogrammed a vector):
    * native threads stop first, so none raises an interrupt on a route that is gone. Serving
-   * starts them again where the new routes allow.
+   * starts them again where the new routes allow. True when a thread was stopped.
    */
-  routesChanging(): void {
+  routesChanging(): boolean {
+    const any = this.nativeQueues.size > 0;
     this.stopAllNative();
+    return any;
   }
 
   /** Move what native threads counted into the store (vm.counters reads it there). */
