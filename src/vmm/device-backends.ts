@@ -79,10 +79,12 @@ export function nativeBlockQueuesEnabled(): boolean {
  * UNSUPP); only a chain with no room for a status breaks the queue.
  */
 export function blockWorker(image: DiskImage, log: Logger): VirtioDeviceWorker {
+  // (read once: the queues ask on every doorbell)
+  const nativeQueues = nativeBlockQueuesEnabled();
   return {
     nativeDisk(fn: VirtioFunctionState): NativeDisk | undefined {
       const imageFd = image.rawFd;
-      if (imageFd === undefined || !nativeBlockQueuesEnabled()) return undefined;
+      if (imageFd === undefined || !nativeQueues) return undefined;
       const device = fn.device as VirtioBlockDevice;
       return { imageFd, capacity: device.capacity, readonly: device.readonly, id: device.serial };
     },
