@@ -31,7 +31,7 @@
 #include <vector>
 
 #include "common.h"
-#include "virtqueue.h"
+#include "queue_thread.h"
 
 namespace tern {
 
@@ -105,7 +105,7 @@ class BlockQueue : public Napi::ObjectWrap<BlockQueue> {
   }
 
   explicit BlockQueue(const Napi::CallbackInfo& info) : Napi::ObjectWrap<BlockQueue>(info) {}
-  ~BlockQueue() override { Join(); }
+  ~BlockQueue() override { t_.Join(); }
 
   TERN_GUARDED_METHODS(BlockQueue)
 
@@ -121,186 +121,65 @@ class BlockQueue : public Napi::ObjectWrap<BlockQueue> {
   uint8_t Read(const Chain& c, uint64_t sector, uint64_t len);
   uint8_t Write(const Chain& c, uint64_t sector, uint64_t len);
   uint8_t Ranges(const Chain& c, uint32_t type);
-  void Broken(const std::string& reason);
-  void Join() {
-    if (thread_.joinable()) {
-      stopReq_.store(true);
-      uint64_t one = 1;
-      ssize_t ignored = write(stopFd_, &one, 8);
-      (void)ignored;
-      thread_.join();
-    }
-    if (tsfnLive_) {
-      tsfn_.Release();
-      tsfnLive_ = false;
-    }
-    if (stopFd_ >= 0) close(stopFd_);
-    stopFd_ = -1;
-    keep_.clear();
-  }
   Napi::Value CountersObject(Napi::Env env);
   Napi::Value Stop(const Napi::CallbackInfo& info);
   Napi::Value TakeCounters(const Napi::CallbackInfo& info) { return CountersObject(info.Env()); }
 
-  GuestRamMap mem_;
-  std::unique_ptr<SplitQueue> queue_;
+  QueueThread t_;
   Disk disk_;
-  int kickFd_ = -1, interruptFd_ = -1, stopFd_ = -1;
-  std::thread thread_;
-  std::atomic<bool> stopReq_{false};
   Counters counters_;
-  Napi::ThreadSafeFunction tsfn_;
-  bool tsfnLive_ = false;
-  std::vector<Napi::ObjectReference> keep_;  // the guest RAM buffers, alive while the thread runs
 };
 
-bool GetBool(Napi::Object o, const char* key, bool* out) {
-  Napi::Value v = o.Get(key);
-  if (!v.IsBoolean()) {
-    ThrowTypeError(o.Env(), std::string("serveBlockQueue: ") + key + " must be a boolean");
-    return false;
-  }
-  *out = v.As<Napi::Boolean>().Value();
-  return true;
-}
-
 bool BlockQueue::Start(Napi::Env env, Napi::Object o, Napi::Function onBroken) {
-  Napi::Value memory = o.Get("memory");
-  if (!memory.IsArray()) return ThrowTypeError(env, "serveBlockQueue: memory must be an array"), false;
-  Napi::Array regions = memory.As<Napi::Array>();
-  for (uint32_t i = 0; i < regions.Length(); i++) {
-    Napi::Value rv = regions.Get(i);
-    if (!rv.IsObject()) return ThrowTypeError(env, "serveBlockQueue: a memory region must be an object"), false;
-    Napi::Object r = rv.As<Napi::Object>();
-    uint64_t base;
-    if (!GetUint(r, "guestAddress", (1ull << 53) - 1, &base)) return false;
-    Napi::Value cv = r.Get("chunks");
-    if (!cv.IsArray()) return ThrowTypeError(env, "serveBlockQueue: chunks must be an array of ArrayBuffers"), false;
-    uint8_t* dirty = nullptr;
-    size_t dirtyBytes = 0;
-    Napi::Value dv = r.Get("dirty");
-    if (dv.IsTypedArray() && dv.As<Napi::TypedArray>().TypedArrayType() == napi_uint8_array) {
-      Napi::Uint8Array d = dv.As<Napi::Uint8Array>();
-      dirty = d.Data();
-      dirtyBytes = d.ByteLength();
-      keep_.push_back(Napi::Persistent(d.As<Napi::Object>()));
-    } else if (!dv.IsUndefined() && !dv.IsNull()) {
-      return ThrowTypeError(env, "serveBlockQueue: dirty must be a Uint8Array"), false;
-    }
-    Napi::Array chunks = cv.As<Napi::Array>();
-    uint64_t offset = 0;
-    for (uint32_t c = 0; c < chunks.Length(); c++) {
-      Napi::Value b = chunks.Get(c);
-      if (!b.IsArrayBuffer()) return ThrowTypeError(env, "serveBlockQueue: chunks must be an array of ArrayBuffers"), false;
-      Napi::ArrayBuffer ab = b.As<Napi::ArrayBuffer>();
-      // The dirty bitmap counts pages from the region's start: a chunk starts on a whole byte of it.
-      if (offset % (4096 * 8) != 0) return ThrowError(env, "serveBlockQueue: a chunk does not start on a dirty-bitmap byte"), false;
-      RamRange rr;
-      rr.guestAddress = base + offset;
-      rr.size = ab.ByteLength();
-      rr.host = static_cast<uint8_t*>(ab.Data());
-      size_t skip = static_cast<size_t>(offset / (4096 * 8));
-      if (dirty && skip < dirtyBytes) {
-        rr.dirty = dirty + skip;
-        rr.dirtyBytes = dirtyBytes - skip;
-      }
-      mem_.Add(rr);
-      keep_.push_back(Napi::Persistent(ab.As<Napi::Object>()));
-      offset += ab.ByteLength();
-    }
-  }
-  QueueConfig q;
-  uint64_t v;
-  if (!GetUint(o, "size", 32768, &v)) return false;
-  q.size = static_cast<uint32_t>(v);
-  if (!GetUint(o, "desc", (1ull << 53) - 1, &q.desc) || !GetUint(o, "avail", (1ull << 53) - 1, &q.avail) || !GetUint(o, "used", (1ull << 53) - 1, &q.used)) return false;
-  if (!GetBool(o, "eventIdx", &q.eventIdx) || !GetBool(o, "indirect", &q.indirect)) return false;
-  uint16_t nextAvail = 0, nextUsed = 0;
-  if (!GetField(o, "nextAvail", &nextAvail) || !GetField(o, "nextUsed", &nextUsed)) return false;
-  uint32_t kick = 0, irq = 0, image = 0;
-  if (!GetField(o, "kickFd", &kick) || !GetField(o, "interruptFd", &irq) || !GetField(o, "imageFd", &image)) return false;
-  if (kick > INT_MAX || irq > INT_MAX || image > INT_MAX) return ThrowError(env, "serveBlockQueue: a file descriptor out of range"), false;
-  kickFd_ = static_cast<int>(kick);
-  interruptFd_ = static_cast<int>(irq);
+  if (!t_.Parse(env, o, "serveBlockQueue")) return false;
+  uint32_t image = 0;
+  if (!GetField(o, "imageFd", &image)) return false;
+  if (image > INT_MAX) return ThrowError(env, "serveBlockQueue: a file descriptor out of range"), false;
   disk_.fd = static_cast<int>(image);
-  if (!GetUint(o, "capacity", (1ull << 53) - 1, &disk_.capacity) || !GetBool(o, "readonly", &disk_.readonly)) return false;
+  if (!GetUint(o, "capacity", (1ull << 53) - 1, &disk_.capacity) || !GetBool(o, "serveBlockQueue", "readonly", &disk_.readonly)) return false;
   Napi::Value id = o.Get("id");
   if (!id.IsString()) return ThrowTypeError(env, "serveBlockQueue: id must be a string"), false;
   disk_.id = id.As<Napi::String>().Utf8Value().substr(0, kIdBytes);
 
-  queue_ = std::make_unique<SplitQueue>(mem_, q, nextAvail, nextUsed);
-  std::string problem = queue_->RingsProblem();
-  if (!problem.empty()) return ThrowError(env, "serveBlockQueue: " + problem), false;
-  stopFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (stopFd_ < 0) return ThrowErrno(env, "eventfd", errno), false;
-  tsfn_ = Napi::ThreadSafeFunction::New(env, onBroken, "tern block queue", 0, 1);
-  tsfn_.Unref(env);
-  tsfnLive_ = true;
-  thread_ = std::thread([this] { Run(); });
-  return true;
-}
-
-void BlockQueue::Broken(const std::string& reason) {
-  auto* msg = new std::string(reason);
-  if (tsfn_.NonBlockingCall(msg, [](Napi::Env env, Napi::Function fn, std::string* m) {
-        std::string s = *m;
-        delete m;
-        if (env != nullptr && fn) fn.Call({Napi::String::New(env, s)});
-      }) != napi_ok) {
-    delete msg;
-  }
+  return t_.Launch(env, onBroken, "tern block queue", [this] { Run(); });
 }
 
 void BlockQueue::Run() noexcept {
   if (!Serve()) return;
-  pollfd fds[2] = {{kickFd_, POLLIN, 0}, {stopFd_, POLLIN, 0}};
-  while (!stopReq_.load()) {
-    int n = poll(fds, 2, -1);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Broken(std::string("the doorbell cannot be watched: ") + strerror(errno));
-    }
-    if (fds[1].revents) return;
-    if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL)) return Broken("the doorbell failed");
-    uint64_t count;
-    ssize_t ignored = read(kickFd_, &count, 8);  // nonblocking; a spurious wake-up reads nothing
-    (void)ignored;
+  bool ignored;
+  while (t_.Wait(-1, 0, &ignored)) {
     if (!Serve()) return;
   }
 }
 
 bool BlockQueue::Serve() {
-  uint16_t usedBefore = queue_->nextUsed();
+  uint16_t usedBefore = t_.queue->nextUsed();
   Chain chain;
   std::string err;
   bool ok = true;
   for (;;) {
-    while (!stopReq_.load()) {
-      if (!queue_->Pop(&chain, &err)) break;
+    while (!t_.stopping()) {
+      if (!t_.queue->Pop(&chain, &err)) break;
       int64_t written = Handle(chain, &err);
       if (written < 0) break;
-      queue_->PushUsed(chain.head, static_cast<uint32_t>(written));
+      t_.queue->PushUsed(chain.head, static_cast<uint32_t>(written));
     }
     if (!err.empty()) {
       ok = false;
       break;
     }
-    if (stopReq_.load() || !queue_->eventIdx()) break;
+    if (t_.stopping() || !t_.queue->eventIdx()) break;
     // Publish avail_event, then look again for chains posted before the driver could see it.
-    queue_->PublishAvailEvent();
-    int n = queue_->Available(&err);
+    t_.queue->PublishAvailEvent();
+    int n = t_.queue->Available(&err);
     if (n < 0) {
       ok = false;
       break;
     }
     if (n == 0) break;
   }
-  if (queue_->ShouldInterrupt(usedBefore)) {
-    uint64_t one = 1;
-    ssize_t ignored = write(interruptFd_, &one, 8);
-    (void)ignored;
-  }
-  if (!ok) Broken(err);
+  t_.InterruptIfDue(usedBefore);
+  if (!ok) t_.Broken(err);
   return ok;
 }
 
@@ -339,7 +218,7 @@ int64_t BlockQueue::Handle(const Chain& c, std::string* err) {
       case kGetId: {
         uint8_t id[kIdBytes] = {0};
         memcpy(id, disk_.id.data(), std::min<size_t>(disk_.id.size(), kIdBytes));
-        data = CopyToChain(mem_, c.writable, 0, id, std::min<uint64_t>(statusAt, kIdBytes));
+        data = CopyToChain(t_.mem, c.writable, 0, id, std::min<uint64_t>(statusAt, kIdBytes));
         break;
       }
       case kDiscard:
@@ -350,7 +229,7 @@ int64_t BlockQueue::Handle(const Chain& c, std::string* err) {
         status = kUnsupp;
     }
   }
-  CopyToChain(mem_, c.writable, statusAt, &status, 1);
+  CopyToChain(t_.mem, c.writable, statusAt, &status, 1);
   return static_cast<int64_t>(data + 1);
 }
 
@@ -364,7 +243,7 @@ uint8_t BlockQueue::Read(const Chain& c, uint64_t sector, uint64_t len) {
   std::vector<iovec> iov;
   ChainIovecs(c.writable, 0, len, &iov);
   if (!TransferAll(disk_.fd, iov, sector * kSector, false)) return kIoErr;
-  MarkChainDirty(mem_, c.writable, 0, len);
+  MarkChainDirty(t_.mem, c.writable, 0, len);
   counters_.readBytes += len;
   counters_.readOps++;
   return kOk;
@@ -422,10 +301,10 @@ Napi::Value BlockQueue::CountersObject(Napi::Env env) {
 // gathered since the last takeCounters(). Later calls return the same cursors and no counts.
 Napi::Value BlockQueue::Stop(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Join();
+  t_.Join();
   Napi::Object out = Napi::Object::New(env);
-  out.Set("nextAvail", Napi::Number::New(env, queue_ ? queue_->nextAvail() : 0));
-  out.Set("nextUsed", Napi::Number::New(env, queue_ ? queue_->nextUsed() : 0));
+  out.Set("nextAvail", Napi::Number::New(env, t_.queue ? t_.queue->nextAvail() : 0));
+  out.Set("nextUsed", Napi::Number::New(env, t_.queue ? t_.queue->nextUsed() : 0));
   out.Set("counters", CountersObject(env));
   return out;
 }
