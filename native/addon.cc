@@ -2,6 +2,8 @@
 #include <napi.h>
 
 #include "block_queue.h"
+#include "net_queue.h"
+#include "tap.h"
 #include "common.h"
 #include "eventfd_watcher.h"
 #include "fd_passing.h"
@@ -23,6 +25,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitFdPassing(env, exports);
   InitPageScan(env, exports);
   InitBlockQueue(env, exports);
+  InitNetQueue(env, exports);
+  InitTap(env, exports);
   return exports;
 }
 

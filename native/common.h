@@ -20,6 +20,7 @@ struct AddonData {
   Napi::FunctionReference vmCtor;
   Napi::FunctionReference vcpuCtor;
   Napi::FunctionReference blockQueueCtor;
+  Napi::FunctionReference netQueueCtor;
 };
 
 inline AddonData* GetAddonData(Napi::Env env) { return env.GetInstanceData<AddonData>(); }

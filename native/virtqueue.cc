@@ -162,7 +162,7 @@ bool SplitQueue::Pop(Chain* out, std::string* err) {
   return true;
 }
 
-void SplitQueue::PushUsed(uint16_t head, uint32_t written) {
+void SplitQueue::PushUsed(uint16_t head, uint32_t written, bool publish) {
   uint64_t elem = q_.used + 4 + kUsedElemSize * (nextUsed_ % q_.size);
   uint8_t* p = mem_.Translate(elem, kUsedElemSize);
   uint32_t id = head;
@@ -170,11 +170,17 @@ void SplitQueue::PushUsed(uint16_t head, uint32_t written) {
   memcpy(p + 4, &written, 4);
   mem_.MarkDirty(elem, kUsedElemSize);
   nextUsed_++;
-  Store16(q_.used + 2, nextUsed_);
+  if (publish) PublishUsed();
 }
 
-void SplitQueue::PublishAvailEvent() {
-  if (q_.eventIdx) Store16(q_.used + 4 + kUsedElemSize * q_.size, nextAvail_);
+void SplitQueue::PublishUsed() { Store16(q_.used + 2, nextUsed_); }
+
+uint16_t SplitQueue::AvailIndex() const { return Load16(q_.avail + 2); }
+
+void SplitQueue::PublishAvailEvent() { PublishAvailEvent(nextAvail_); }
+
+void SplitQueue::PublishAvailEvent(uint16_t at) {
+  if (q_.eventIdx) Store16(q_.used + 4 + kUsedElemSize * q_.size, at);
 }
 
 bool SplitQueue::ShouldInterrupt(uint16_t usedBefore) const {

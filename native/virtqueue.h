@@ -73,10 +73,19 @@ class SplitQueue {
   int Available(std::string* err) const;
   // Take the next chain into *out: true when there was one; false with *err set when it is broken.
   bool Pop(Chain* out, std::string* err);
-  // Hand a chain back, `written` bytes of it written by the device.
-  void PushUsed(uint16_t head, uint32_t written);
-  // With EVENT_IDX: ask for a kick at the next chain the driver makes available.
+  // Hand a chain back, `written` bytes of it written by the device. Without `publish`, the
+  // driver sees it only at the next PublishUsed() (a frame spread over several chains is
+  // handed back whole).
+  void PushUsed(uint16_t head, uint32_t written, bool publish = true);
+  void PublishUsed();
+  // Give back the chains taken since the cursor was `nextAvail` and not used: taken again later.
+  void Rewind(uint16_t nextAvail) { nextAvail_ = nextAvail; }
+  // The driver's available index now.
+  uint16_t AvailIndex() const;
+  // With EVENT_IDX: ask for a kick at the next chain the driver makes available after `at`
+  // (default: after the ones taken).
   void PublishAvailEvent();
+  void PublishAvailEvent(uint16_t at);
   // Whether the driver wants an interrupt for what was used since `usedBefore`.
   bool ShouldInterrupt(uint16_t usedBefore) const;
   uint16_t nextAvail() const { return nextAvail_; }

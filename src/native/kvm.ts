@@ -259,8 +259,8 @@ export interface NativeRamRange {
   dirty?: Uint8Array;
 }
 
-/** What serveBlockQueue needs: the queue as the store has it, its fds, and the disk. */
-export interface NativeBlockQueueOptions {
+/** What every native queue server needs: the queue as the store has it, and its fds. */
+export interface NativeQueueOptions {
   memory: NativeRamRange[];
   size: number;
   desc: number;
@@ -274,6 +274,10 @@ export interface NativeBlockQueueOptions {
   kickFd: number;
   /** the queue's MSI-X vector's irqfd: the worker writes it */
   interruptFd: number;
+}
+
+/** What serveBlockQueue needs besides the queue: the disk. */
+export interface NativeBlockQueueOptions extends NativeQueueOptions {
   /** a raw image, opened without O_DIRECT */
   imageFd: number;
   /** the disk's size in sectors */
@@ -291,16 +295,39 @@ export interface BlockQueueCounters {
   write_ops: number;
 }
 
-/** A virtio-blk queue served by a native thread (native/block_queue.cc). */
-export interface NativeBlockQueue {
+/** What serveNetQueue needs besides the queue: its tap and what the guest negotiated. */
+export interface NativeNetQueueOptions extends NativeQueueOptions {
+  /** the queue pair's tap fd (nonblocking, with a 12-byte virtio-net header) */
+  tapFd: number;
+  /** a receive queue (else a transmit queue) */
+  receive: boolean;
+  /** VIRTIO_NET_F_MRG_RXBUF was negotiated */
+  mergeable: boolean;
+}
+
+/** What a net queue's frames add to its device's counters (vm.counters' names). */
+export interface NetQueueCounters {
+  rx_bytes: number;
+  rx_frames: number;
+  rx_dropped: number;
+  tx_bytes: number;
+  tx_frames: number;
+  tx_dropped: number;
+}
+
+/** A virtqueue served by a native thread (native/block_queue.cc, native/net_queue.cc). */
+export interface NativeQueueServer<C = Record<string, number>> {
   /**
    * End the thread after the request it is doing; returns the queue's cursors and what was
    * counted since the last takeCounters(). Idempotent (later calls count nothing).
    */
-  stop(): { nextAvail: number; nextUsed: number; counters: BlockQueueCounters };
+  stop(): { nextAvail: number; nextUsed: number; counters: C };
   /** What was counted since the last call (the thread goes on). */
-  takeCounters(): BlockQueueCounters;
+  takeCounters(): C;
 }
+
+export type NativeBlockQueue = NativeQueueServer<BlockQueueCounters>;
+export type NativeNetQueue = NativeQueueServer<NetQueueCounters>;
 
 export interface NativeAddon {
   openKvm(path?: string): NativeKvm;
@@ -310,6 +337,17 @@ export interface NativeAddon {
    * Throws when the options are malformed or the rings are not inside `memory`.
    */
   serveBlockQueue(options: NativeBlockQueueOptions, onBroken: (reason: string) => void): NativeBlockQueue;
+  /** A virtio-net queue served by a native thread against a tap (native/net_queue.cc). */
+  serveNetQueue(options: NativeNetQueueOptions, onBroken: (reason: string) => void): NativeNetQueue;
+  /**
+   * `queues` nonblocking fds of tap `name` (created if it does not exist; `%d` in the name is
+   * numbered by the kernel), each with a 12-byte virtio-net header; the name it has.
+   */
+  openTap(name: string, queues: number): { name: string; fds: number[] };
+  /** TUNSETOFFLOAD: the TUN_F_* offloads the guest takes. */
+  tapSetOffload(fd: number, flags: number): void;
+  /** The host side of an interface: IPv4 address and mask, MAC, MTU, link up. */
+  configureInterface(name: string, settings: { ip?: string; mask?: string; mac?: number[]; mtu?: number; up?: boolean }): void;
   /**
    * Watch eventfds on a native thread. callback(fd, count) runs on the JavaScript thread with
    * the sum of the counter values read since the fd was last reported (at most

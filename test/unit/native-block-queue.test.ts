@@ -11,6 +11,7 @@ import { VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../src/devices/virtio/
 import { anonymousGuestMemory, type GuestMemory } from '../../src/memory/guest-memory';
 import { EventFdFlags, native, type NativeBlockQueue } from '../../src/native/kvm';
 import { tmpDir } from './block-helpers';
+import { ringDriver, until, type RingDriver } from './ring-driver';
 
 const dir = tmpDir();
 test.after.always(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -22,7 +23,7 @@ const USED = 0x2000;
 const RAM = 1 << 20;
 const SECTORS = 2048;
 
-interface Driver {
+interface Driver extends RingDriver {
   mem: GuestMemory;
   dirty: Uint8Array;
   kick: number;
@@ -31,12 +32,6 @@ interface Driver {
   fd: number;
   queue: NativeBlockQueue;
   broken: string[];
-  nextDesc: number;
-  availIdx: number;
-  /** post a chain of [addr, len, writable] buffers (and ring the doorbell unless kick is false); returns its head */
-  post(buffers: [number, number, boolean][], kick?: boolean): number;
-  usedIdx(): number;
-  used(i: number): { id: number; len: number };
   close(): void;
 }
 
@@ -78,27 +73,7 @@ function start(t: { teardown(fn: () => void): void }, opts: { readonly?: boolean
     fd,
     queue,
     broken,
-    nextDesc: 0,
-    availIdx: 0,
-    post(buffers, kick = true) {
-      const head = d.nextDesc;
-      buffers.forEach(([addr, len, writable], i) => {
-        const at = DESC + 16 * ((head + i) % SIZE);
-        mem.writeU64(at, BigInt(addr));
-        mem.writeU32(at + 8, len);
-        const last = i === buffers.length - 1;
-        mem.writeU16(at + 12, (last ? 0 : VIRTQ_DESC_F_NEXT) | (writable ? VIRTQ_DESC_F_WRITE : 0));
-        mem.writeU16(at + 14, (head + i + 1) % SIZE);
-      });
-      d.nextDesc = (d.nextDesc + buffers.length) % SIZE;
-      mem.writeU16(AVAIL + 4 + 2 * (d.availIdx % SIZE), head);
-      d.availIdx = (d.availIdx + 1) & 0xffff;
-      mem.writeU16(AVAIL + 2, d.availIdx);
-      if (kick) native().eventfdWrite(kickFd, 1n);
-      return head;
-    },
-    usedIdx: () => mem.readU16(USED + 2),
-    used: (i) => ({ id: mem.readU32(USED + 4 + 8 * (i % SIZE)), len: mem.readU32(USED + 8 + 8 * (i % SIZE)) }),
+    ...ringDriver(mem, { size: SIZE, desc: DESC, avail: AVAIL, used: USED }, kickFd),
     close() {
       queue.stop();
       native().closeFd(kickFd);
@@ -108,14 +83,6 @@ function start(t: { teardown(fn: () => void): void }, opts: { readonly?: boolean
   };
   t.teardown(() => d.close());
   return d;
-}
-
-async function until(what: string, cond: () => boolean): Promise<void> {
-  const deadline = Date.now() + 5000;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 2));
-  }
 }
 
 function header(type: number, sector: number): Uint8Array {

@@ -1,0 +1,174 @@
+// Tap devices: open (or create) a tap with a virtio-net header on every queue, set the
+// offloads the guest accepted, and give the host side an address, a MAC, an MTU and a link.
+// The VMM decides all of that (src/vmm/net-backend.ts); this only makes the system calls.
+#include "tap.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/if.h>
+#include <linux/if_tun.h>
+#include <net/if_arp.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace tern {
+
+namespace {
+
+constexpr int kVnetHeaderBytes = 12;  // struct virtio_net_hdr_v1
+constexpr uint32_t kMaxQueues = 256;
+
+// The interface name in `v` (a string shorter than IFNAMSIZ), into ifr.ifr_name.
+bool IfName(Napi::Env env, Napi::Value v, const char* fn, ifreq* ifr) {
+  if (!v.IsString()) return ThrowTypeError(env, std::string(fn) + ": the interface name must be a string"), false;
+  std::string name = v.As<Napi::String>().Utf8Value();
+  if (name.empty() || name.size() >= IFNAMSIZ || name.find('/') != std::string::npos) {
+    ThrowError(env, std::string(fn) + ": an interface name is 1 to " + std::to_string(IFNAMSIZ - 1) + " bytes without '/'", "EINVAL");
+    return false;
+  }
+  memset(ifr, 0, sizeof *ifr);
+  memcpy(ifr->ifr_name, name.data(), name.size());
+  return true;
+}
+
+// openTap(name, queues): `queues` file descriptors of the tap `name` (created when it does not
+// exist; a name with %d lets the kernel number it), each nonblocking with a 12-byte
+// virtio_net_hdr_v1 on every frame. Returns {name, fds}.
+Napi::Value OpenTap(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  ifreq ifr;
+  if (!IfName(env, info[0], "openTap", &ifr)) return env.Undefined();
+  uint32_t queues;
+  if (!ArgField(info, 1, "queues", &queues)) return env.Undefined();
+  if (queues < 1 || queues > kMaxQueues) {
+    ThrowError(env, "openTap: queues must be 1 to " + std::to_string(kMaxQueues), "EINVAL");
+    return env.Undefined();
+  }
+  short flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+  if (queues > 1) flags |= IFF_MULTI_QUEUE;
+  std::vector<int> fds;
+  auto fail = [&](const char* what, int err) {
+    for (int fd : fds) close(fd);
+    ThrowErrno(env, what, err);
+    return env.Undefined();
+  };
+  for (uint32_t i = 0; i < queues; i++) {
+    int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return fail("open /dev/net/tun", errno);
+    fds.push_back(fd);
+    ifr.ifr_flags = flags;
+    if (IoctlRetry(fd, TUNSETIFF, &ifr) < 0) return fail("TUNSETIFF", errno);
+    int hdr = kVnetHeaderBytes;
+    if (IoctlRetry(fd, TUNSETVNETHDRSZ, &hdr) < 0) return fail("TUNSETVNETHDRSZ", errno);
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("name", Napi::String::New(env, std::string(ifr.ifr_name, strnlen(ifr.ifr_name, IFNAMSIZ))));
+  Napi::Array arr = Napi::Array::New(env, fds.size());
+  for (size_t i = 0; i < fds.size(); i++) arr.Set(static_cast<uint32_t>(i), Napi::Number::New(env, fds[i]));
+  out.Set("fds", arr);
+  return out;
+}
+
+// tapSetOffload(fd, flags): TUNSETOFFLOAD with TUN_F_* flags (what the guest accepts).
+Napi::Value TapSetOffload(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  uint32_t flags;
+  if (!ArgFd(info, 0, "fd", &fd) || !ArgField(info, 1, "flags", &flags)) return env.Undefined();
+  if (IoctlRetry(fd, TUNSETOFFLOAD, reinterpret_cast<void*>(static_cast<unsigned long>(flags))) < 0) ThrowErrno(env, "TUNSETOFFLOAD", errno);
+  return env.Undefined();
+}
+
+bool Inet4(Napi::Env env, Napi::Value v, const char* what, sockaddr* out) {
+  if (!v.IsString()) return ThrowTypeError(env, std::string("configureInterface: ") + what + " must be a string"), false;
+  sockaddr_in sin;
+  memset(&sin, 0, sizeof sin);
+  sin.sin_family = AF_INET;
+  if (inet_pton(AF_INET, v.As<Napi::String>().Utf8Value().c_str(), &sin.sin_addr) != 1) {
+    return ThrowError(env, std::string("configureInterface: ") + what + " is not an IPv4 address", "EINVAL"), false;
+  }
+  memcpy(out, &sin, sizeof sin);
+  return true;
+}
+
+// configureInterface(name, {ip?, mask?, mac?: number[6], mtu?, up?}): the host side of a tap.
+Napi::Value ConfigureInterface(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  ifreq ifr;
+  if (!IfName(env, info[0], "configureInterface", &ifr)) return env.Undefined();
+  if (!info[1].IsObject()) {
+    ThrowTypeError(env, "configureInterface(name, settings)");
+    return env.Undefined();
+  }
+  Napi::Object o = info[1].As<Napi::Object>();
+  int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (s < 0) {
+    ThrowErrno(env, "socket", errno);
+    return env.Undefined();
+  }
+  auto call = [&](unsigned long req, const char* what) {
+    if (IoctlRetry(s, req, &ifr) == 0) return true;
+    int err = errno;
+    close(s);
+    ThrowErrno(env, std::string(what) + " " + ifr.ifr_name, err);
+    return false;
+  };
+  auto bail = [&]() {
+    close(s);
+    return env.Undefined();
+  };
+  if (o.Has("ip") && !o.Get("ip").IsUndefined()) {
+    if (!Inet4(env, o.Get("ip"), "ip", &ifr.ifr_addr)) return bail();
+    if (!call(SIOCSIFADDR, "SIOCSIFADDR")) return env.Undefined();
+  }
+  if (o.Has("mask") && !o.Get("mask").IsUndefined()) {
+    if (!Inet4(env, o.Get("mask"), "mask", &ifr.ifr_netmask)) return bail();
+    if (!call(SIOCSIFNETMASK, "SIOCSIFNETMASK")) return env.Undefined();
+  }
+  if (o.Has("mac") && !o.Get("mac").IsUndefined()) {
+    Napi::Value mv = o.Get("mac");
+    if (!mv.IsArray() || mv.As<Napi::Array>().Length() != 6) {
+      ThrowTypeError(env, "configureInterface: mac must be 6 bytes");
+      return bail();
+    }
+    ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+    for (uint32_t i = 0; i < 6; i++) {
+      uint64_t b;
+      if (!ToUint(env, mv.As<Napi::Array>().Get(i), "a MAC byte", 255, &b)) return bail();
+      ifr.ifr_hwaddr.sa_data[i] = static_cast<char>(b);
+    }
+    if (!call(SIOCSIFHWADDR, "SIOCSIFHWADDR")) return env.Undefined();
+  }
+  if (o.Has("mtu") && !o.Get("mtu").IsUndefined()) {
+    uint64_t mtu;
+    if (!GetUint(o, "mtu", 65535, &mtu)) return bail();
+    ifr.ifr_mtu = static_cast<int>(mtu);
+    if (!call(SIOCSIFMTU, "SIOCSIFMTU")) return env.Undefined();
+  }
+  if (o.Get("up").ToBoolean().Value()) {
+    if (!call(SIOCGIFFLAGS, "SIOCGIFFLAGS")) return env.Undefined();
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (!call(SIOCSIFFLAGS, "SIOCSIFFLAGS")) return env.Undefined();
+  }
+  close(s);
+  return env.Undefined();
+}
+
+}  // namespace
+
+void InitTap(Napi::Env env, Napi::Object exports) {
+  exports.Set("openTap", Napi::Function::New(env, Guarded<OpenTap>, "openTap"));
+  exports.Set("tapSetOffload", Napi::Function::New(env, Guarded<TapSetOffload>, "tapSetOffload"));
+  exports.Set("configureInterface", Napi::Function::New(env, Guarded<ConfigureInterface>, "configureInterface"));
+}
+
+}  // namespace tern

@@ -1,0 +1,188 @@
+// The native virtio-net queue threads against a real tap, without KVM: guest RAM is plain
+// memory, the doorbell and the interrupt are eventfds. The test plays the guest's driver and
+// the host's network stack plays the peer: a frame the "guest" transmits reaches a host UDP
+// socket; a datagram the host sends to the guest's address makes the kernel ask for its MAC
+// (ARP), and that request is what the guest receives.
+import test from 'ava';
+import dgram from 'node:dgram';
+import fs from 'node:fs';
+import { anonymousGuestMemory, type GuestMemory } from '../../src/memory/guest-memory';
+import { EventFdFlags, native, type NativeNetQueue } from '../../src/native/kvm';
+import { ringDriver, until, type RingDriver } from './ring-driver';
+
+const SIZE = 16;
+const RING = { size: SIZE, desc: 0x0, avail: 0x1000, used: 0x2000 };
+const RAM = 1 << 20;
+const BUF = 0x10000;
+const HOST_MAC = [0x02, 0x74, 0x65, 0x72, 0x6e, 0x01];
+const GUEST_MAC = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+let subnet = 40 + (process.pid % 150);
+/** A tap of its own for each test, up, with host address 10.213.N.1/24; closing its fds removes it. */
+function tap(t: { teardown(fn: () => void): void }, opts: { up?: boolean } = {}): { name: string; fd: number; host: string; guest: string } {
+  const n = subnet++;
+  const { name, fds } = native().openTap(`tnt${process.pid % 10000}x${n}`, 1);
+  t.teardown(() => native().closeFd(fds[0]));
+  const host = `10.213.${n}.1`;
+  // (no IPv6 on it: its router and neighbour solicitations would be frames the tests did not ask for)
+  const v6 = `/proc/sys/net/ipv6/conf/${name}/disable_ipv6`;
+  if (fs.existsSync(v6)) fs.writeFileSync(v6, '1');
+  native().configureInterface(name, { ip: host, mask: '255.255.255.0', mac: HOST_MAC, up: opts.up ?? true });
+  return { name, fd: fds[0], host, guest: `10.213.${n}.2` };
+}
+
+interface Queue extends RingDriver {
+  mem: GuestMemory;
+  dirty: Uint8Array;
+  kick: number;
+  irq: number;
+  queue: NativeNetQueue;
+  broken: string[];
+}
+
+function serve(t: { teardown(fn: () => void): void }, tapFd: number, receive: boolean, opts: { mergeable?: boolean; eventIdx?: boolean } = {}): Queue {
+  const mem = anonymousGuestMemory([{ guestAddress: 0, size: RAM }]);
+  const kick = native().eventfd(0, EventFdFlags.NONBLOCK | EventFdFlags.CLOEXEC);
+  const irq = native().eventfd(0, EventFdFlags.NONBLOCK | EventFdFlags.CLOEXEC);
+  const broken: string[] = [];
+  const range = mem.regions[0].hostRange();
+  const queue = native().serveNetQueue(
+    { memory: [range], ...RING, eventIdx: opts.eventIdx ?? false, indirect: false, nextAvail: 0, nextUsed: 0, kickFd: kick, interruptFd: irq, tapFd, receive, mergeable: opts.mergeable ?? true },
+    (reason) => broken.push(reason),
+  );
+  t.teardown(() => {
+    queue.stop();
+    native().closeFd(kick);
+    native().closeFd(irq);
+  });
+  return { mem, dirty: range.dirty!, kick, irq, queue, broken, ...ringDriver(mem, RING, kick) };
+}
+
+const ipv4Sum = (b: Buffer) => {
+  let s = 0;
+  for (let i = 0; i < b.length; i += 2) s += b.readUInt16BE(i);
+  while (s > 0xffff) s = (s & 0xffff) + (s >>> 16);
+  return ~s & 0xffff;
+};
+
+/** An Ethernet frame with a UDP datagram from the guest to `dst`:`port` (UDP checksum 0: none). */
+function udpFrame(src: string, dst: string, port: number, payload: Buffer): Buffer {
+  const ip = Buffer.alloc(20);
+  ip.writeUInt8(0x45, 0);
+  ip.writeUInt16BE(20 + 8 + payload.length, 2);
+  ip.writeUInt8(64, 8);
+  ip.writeUInt8(17, 9);
+  src.split('.').forEach((o, i) => ip.writeUInt8(Number(o), 12 + i));
+  dst.split('.').forEach((o, i) => ip.writeUInt8(Number(o), 16 + i));
+  ip.writeUInt16BE(ipv4Sum(ip), 10);
+  const udp = Buffer.alloc(8);
+  udp.writeUInt16BE(40000, 0);
+  udp.writeUInt16BE(port, 2);
+  udp.writeUInt16BE(8 + payload.length, 4);
+  return Buffer.concat([Buffer.from(HOST_MAC), Buffer.from(GUEST_MAC), Buffer.from([0x08, 0x00]), ip, udp, payload]);
+}
+
+async function listen(t: { teardown(fn: () => void): void }, address: string): Promise<{ port: number; got: Buffer[] }> {
+  const sock = dgram.createSocket('udp4');
+  const got: Buffer[] = [];
+  sock.on('message', (m) => got.push(m));
+  await new Promise<void>((r) => sock.bind(0, address, r));
+  t.teardown(() => sock.close());
+  return { port: sock.address().port, got };
+}
+
+test('a transmitted frame reaches the host through the tap, is counted, and its chain is used with an interrupt', async (t) => {
+  const nic = tap(t);
+  const q = serve(t, nic.fd, false);
+  const peer = await listen(t, nic.host);
+  const payload = Buffer.from('hello from the guest');
+  const frame = udpFrame(nic.guest, nic.host, peer.port, payload);
+  q.mem.write(BUF, new Uint8Array(12)); // virtio_net_hdr_v1: no offload
+  q.mem.write(BUF + 0x100, frame);
+  // header and frame in separate buffers, the frame itself split: one writev
+  q.post([[BUF, 12, false], [BUF + 0x100, 20, false], [BUF + 0x114, frame.length - 20, false]]);
+  await until('the chain to be used', () => q.usedIdx() === 1);
+  t.deepEqual(q.used(0), { id: 0, len: 0 });
+  t.not(native().eventfdRead(q.irq), null, 'an interrupt');
+  await until('the datagram to arrive', () => peer.got.length === 1);
+  t.deepEqual(peer.got[0], payload);
+  t.deepEqual(q.queue.stop(), { nextAvail: 1, nextUsed: 1, counters: { rx_bytes: 0, rx_frames: 0, rx_dropped: 0, tx_bytes: frame.length, tx_frames: 1, tx_dropped: 0 } });
+  t.deepEqual(q.broken, []);
+});
+
+test('a tap that is down drops what the guest sends, as a NIC without link does, and the queue goes on', async (t) => {
+  const nic = tap(t, { up: false });
+  const q = serve(t, nic.fd, false);
+  q.mem.write(BUF + 0x100, udpFrame(nic.guest, nic.host, 9, Buffer.from('x')));
+  q.post([[BUF, 12, false], [BUF + 0x100, 60, false]]);
+  q.post([[BUF, 12, false], [BUF + 0x100, 60, false]]);
+  await until('both chains to be used', () => q.usedIdx() === 2);
+  t.like(q.queue.stop().counters, { tx_frames: 0, tx_dropped: 2 });
+  t.deepEqual(q.broken, []);
+});
+
+/** Make the host send a datagram to the guest's address: the kernel first asks for its MAC (an ARP request on the tap). */
+function provokeArp(nic: { guest: string }): void {
+  const s = dgram.createSocket('udp4');
+  s.send(Buffer.from('?'), 9, nic.guest, () => s.close());
+}
+
+function isArpRequestFor(frame: Buffer, ip: string): boolean {
+  return frame.readUInt16BE(12) === 0x0806 && frame.readUInt16BE(20) === 1 && frame.subarray(38, 42).join('.') === ip;
+}
+
+test('a received frame fills the guest buffers: mergeable, over as many chains as it needs, handed back together with num_buffers', async (t) => {
+  const nic = tap(t);
+  const q = serve(t, nic.fd, true, { mergeable: true });
+  // An ARP request is 42 bytes; with its 12-byte header it needs two 40-byte buffers.
+  q.post([[BUF, 40, true]]);
+  q.post([[BUF + 0x100, 40, true]]);
+  q.post([[BUF + 0x200, 40, true]]);
+  q.dirty.fill(0);
+  provokeArp(nic);
+  await until('a frame to be received', () => q.usedIdx() >= 2);
+  t.deepEqual([q.used(0), q.used(1)], [{ id: 0, len: 40 }, { id: 1, len: 14 }], 'the frame is spread over two chains');
+  t.is(q.mem.readU16(BUF + 10), 2, 'num_buffers in the first header');
+  const frame = Buffer.concat([Buffer.from(q.mem.read(BUF + 12, 28)), Buffer.from(q.mem.read(BUF + 0x100, 14))]);
+  t.true(isArpRequestFor(frame, nic.guest), frame.toString('hex'));
+  t.deepEqual([...frame.subarray(6, 12)], HOST_MAC, 'from the host side of the tap');
+  t.not(native().eventfdRead(q.irq), null, 'an interrupt');
+  t.true((q.dirty[Math.floor(BUF / 4096) >> 3] & (1 << (Math.floor(BUF / 4096) & 7))) !== 0, 'the page the frame landed in is dirty');
+  const end = q.queue.stop();
+  t.is(end.nextAvail, 2, 'the third chain stays available');
+  t.like(end.counters, { rx_frames: 1, rx_bytes: 42 });
+  t.deepEqual(q.broken, []);
+});
+
+test('without guest buffers the tap is not read: the frame waits in the tap and arrives once a buffer is posted', async (t) => {
+  const nic = tap(t);
+  const q = serve(t, nic.fd, true, { mergeable: false, eventIdx: true });
+  provokeArp(nic);
+  await new Promise((r) => setTimeout(r, 200));
+  t.is(q.usedIdx(), 0);
+  t.is(q.availEvent(), 0, 'avail_event asks for a kick at the first buffer');
+  q.post([[BUF, 2048, true]]);
+  await until('the frame to be received', () => q.usedIdx() === 1);
+  t.is(q.used(0).len, 12 + 42);
+  t.is(q.mem.readU16(BUF + 10), 1, 'num_buffers is 1 without mergeable buffers');
+  t.true(isArpRequestFor(Buffer.from(q.mem.read(BUF + 12, 42)), nic.guest));
+  t.deepEqual(q.broken, []);
+});
+
+test('hostile chains break the queue with the reason: a short header, an oversized frame, a readable receive buffer, a buffer outside RAM', async (t) => {
+  const cases: [string, boolean, [number, number, boolean][], RegExp][] = [
+    ['short header', false, [[BUF, 8, false]], /shorter than the 12-byte virtio-net header/],
+    ['oversized frame', false, [[BUF, 12, false], [BUF + 0x100, 70000, false]], /more than 65550/],
+    ['readable receive buffer', true, [[BUF, 64, false], [BUF + 0x100, 2048, true]], /device-readable buffer/],
+    ['outside RAM', false, [[RAM + 0x1000, 64, false]], /not inside guest RAM/],
+  ];
+  for (const [what, receive, chain, reason] of cases) {
+    const nic = tap(t);
+    const q = serve(t, nic.fd, receive);
+    q.post(chain);
+    if (receive) provokeArp(nic);
+    await until(`${what} to be reported`, () => q.broken.length > 0);
+    t.regex(q.broken[0], reason, what);
+    t.is(q.usedIdx(), 0, `${what}: nothing used`);
+  }
+});
