@@ -15,9 +15,9 @@ FIX=${TERN_FIXTURES:-/var/cache/tern/fixtures}
 LAB=$FIX/lab
 # kvm-amd needs ccp (SEV) and kvm, kvm needs irqbypass; 9p needs netfs and
 # fscache; virtio_ring goes before virtio. The resolver orders them. veth joins the network
-# namespaces that play two hosts in the migration tests.
+# namespaces that play two hosts in the migration tests; tun gives the guests' net cards taps.
 LAB_MODULES="irqbypass kvm ccp kvm-amd virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev
-  virtio_pci netfs fscache 9pnet 9pnet_virtio 9p veth"
+  virtio_pci netfs fscache 9pnet 9pnet_virtio 9p veth tun"
 
 bash "$here/guest-fixtures.sh"
 

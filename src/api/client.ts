@@ -143,6 +143,11 @@ export class TernClient {
     return this.put('vm.add-disk', disk);
   }
 
+  /** Add a net card to a VM that is not running (cold add): its tap opens at the next boot. */
+  addNet(net: NonNullable<VmConfig['net']>[number]): Promise<void> {
+    return this.put('vm.add-net', net);
+  }
+
   /** Snapshot the paused VM into a new directory (destination_url: file:///DIR). */
   snapshot(destinationUrl: string): Promise<void> {
     return this.put('vm.snapshot', { destination_url: destinationUrl });

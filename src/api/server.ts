@@ -100,6 +100,7 @@ export const ENDPOINTS: Readonly<Record<string, Endpoint>> = {
   'vm.info': get((a) => a.info()),
   'vm.counters': get((a) => a.counters()),
   'vm.add-disk': { method: 'PUT', body: true, run: (a, body) => a.addDisk(body) },
+  'vm.add-net': { method: 'PUT', body: true, run: (a, body) => a.addNet(body) },
   'vm.send-migration': { method: 'PUT', body: true, run: (a, body) => a.sendMigration(body) },
   'vm.receive-migration': { method: 'PUT', body: true, run: (a, body) => a.receiveMigration(body) },
   'vm.migration-progress': get((a) => a.migrationProgress()),

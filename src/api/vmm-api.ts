@@ -12,14 +12,17 @@ import type { MigrationProgress } from '../migration/migration-options';
 import { ApiError, toApiError } from './errors';
 import { parseMigrationUrl } from './migration-url';
 import { checkBody, checkVmConfig, deviceIds as deviceIdsOf } from './request-body';
-import { diskIdOf } from '../devices/virtio/vm-devices';
+import { diskIdOf, netIdOf } from '../devices/virtio/vm-devices';
+import { netConfigProblem } from '../config/net-config';
 import {
   ConsoleConfigSchema,
   DiskConfigSchema,
+  NetConfigSchema,
   ReceiveMigrationDataSchema,
   SendMigrationDataSchema,
   SerialConfigSchema,
   type DiskConfig,
+  type NetConfig,
   type ReceiveMigrationData,
   type SendMigrationData,
   type VmConfig,
@@ -30,6 +33,7 @@ import {
 
 const serialChecker = TypeCompiler.Compile(SerialConfigSchema);
 const diskConfigChecker = TypeCompiler.Compile(DiskConfigSchema);
+const netConfigChecker = TypeCompiler.Compile(NetConfigSchema);
 const consoleChecker = TypeCompiler.Compile(ConsoleConfigSchema);
 const sendMigrationChecker = TypeCompiler.Compile(SendMigrationDataSchema);
 const receiveMigrationChecker = TypeCompiler.Compile(ReceiveMigrationDataSchema);
@@ -115,6 +119,8 @@ export class VmmApi {
       // A new VM only: a snapshot from before the console existed may name the tty twice.
       const tty = doubleTtyProblem(config);
       if (tty) throw new ApiError(400, ['The VM configuration is not valid', tty]);
+      const net = (config.net ?? []).map((n, i) => netConfigProblem(n, netIdOf(n, i))).find((p) => p !== null);
+      if (net) throw new ApiError(400, ['The VM configuration is not valid', net]);
     } catch (e) {
       throw toApiError(e, outer);
     }
@@ -147,6 +153,28 @@ export class VmmApi {
     const id = diskIdOf(disk, disks.length - 1);
     if (taken.has(id)) throw new ApiError(409, [outer, `a device with id '${id}' already exists`]);
     await this.run(outer, () => this.vmm.addDisk(disk));
+  }
+
+  /** vm.add-net: cold add only, as vm.add-disk (a card's tap opens when the VM boots). */
+  async addNet(body: unknown): Promise<void> {
+    const outer = 'The net device could not be added to the VM';
+    let net: NetConfig;
+    try {
+      net = checkBody(netConfigChecker, NetConfigSchema, 'NetConfig', body) as NetConfig;
+    } catch (e) {
+      throw toApiError(e, outer);
+    }
+    const { vm } = this.state;
+    if (vm.status === 'NotCreated') throw new ApiError(404, [outer, 'no VM has been created']);
+    if (vm.status === 'Running' || vm.status === 'Paused') throw new ApiError(500, [outer, `the VM is ${vm.status}: Tern adds net devices to a VM that is not running only (no hot-plug)`]);
+    const config = vm.config as VmConfig;
+    const nets = [...(config.net ?? []), net];
+    const taken = new Set([...deviceIdsOf(config), ...(config.net ?? []).map((n, i) => netIdOf(n, i))]);
+    const id = netIdOf(net, nets.length - 1);
+    if (taken.has(id)) throw new ApiError(409, [outer, `a device with id '${id}' already exists`]);
+    const problem = netConfigProblem(net, id);
+    if (problem) throw new ApiError(400, [outer, problem]);
+    await this.run(outer, () => this.vmm.addNet(net));
   }
 
   shutdown(): Promise<void> {

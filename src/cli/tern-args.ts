@@ -73,7 +73,7 @@ const STRING_KEYS = new Set(['id', 'path', 'file', 'socket', 'tag', 'tap', 'ip',
  * entry it stands for, but unchecked until vm.create's validator checks the whole config
  * (the CLI creates its VM through the same call as the API).
  */
-function deviceEntry<T = Record<string, unknown>>(option: string, value: string, defaults: Record<string, unknown> = {}): T {
+export function deviceEntry<T = Record<string, unknown>>(option: string, value: string, defaults: Record<string, unknown> = {}): T {
   const out: Record<string, unknown> = { ...defaults };
   for (const part of value.split(',')) {
     const eq = part.indexOf('=');

@@ -5,7 +5,7 @@ import { MAX_MIGRATION_CONNECTIONS, type ReceiveMigrationData, type SendMigratio
 import { MIGRATION_DEFAULTS } from '../migration/migration-options';
 import { TERN_VERSION } from '../version';
 import { parseKeyValues } from './option-values';
-import { diskEntry } from './tern-args';
+import { deviceEntry, diskEntry } from './tern-args';
 
 type Command = { method: 'GET' | 'PUT'; endpoint: string; about: string };
 
@@ -22,6 +22,7 @@ export const COMMANDS: Readonly<Record<string, Command>> = {
   shutdown: { method: 'PUT', endpoint: 'vm.shutdown', about: 'stop the VM (it can boot again)' },
   'power-button': { method: 'PUT', endpoint: 'vm.power-button', about: 'press the ACPI power button' },
   'add-disk': { method: 'PUT', endpoint: 'vm.add-disk', about: 'add a disk to the VM before it boots: path=P[,readonly=on][,image_type=qcow2][,id=ID]...' },
+  'add-net': { method: 'PUT', endpoint: 'vm.add-net', about: 'add a net device to the VM before it boots: tap=NAME[,ip=A,mask=M][,mac=MAC][,host_mac=MAC][,mtu=N][,id=ID]...' },
   snapshot: { method: 'PUT', endpoint: 'vm.snapshot', about: 'snapshot the paused VM into file:///DIR (a new directory)' },
   restore: { method: 'PUT', endpoint: 'vm.restore', about: 'restore a VM: source_url=file:///DIR[,resume=on][,prefault=on][,memory_restore_mode=copy|ondemand]' },
   'send-migration': { method: 'PUT', endpoint: 'vm.send-migration', about: 'send the VM, showing progress until it ended (with --no-wait, return once it started)' },
@@ -35,13 +36,14 @@ export const COMMANDS: Readonly<Record<string, Command>> = {
 const ARG_NAMES: Record<string, string> = {
   create: 'create [FILE|-]',
   'add-disk': 'add-disk DISK',
+  'add-net': 'add-net NET',
   snapshot: 'snapshot URL',
   restore: 'restore CONFIG',
   'send-migration': 'send-migration CONFIG',
   'receive-migration': 'receive-migration CONFIG',
 };
 /** commands that need their argument */
-const NEEDS_ARG = new Set(['add-disk', 'snapshot', 'restore', 'send-migration', 'receive-migration']);
+const NEEDS_ARG = new Set(['add-disk', 'add-net', 'snapshot', 'restore', 'send-migration', 'receive-migration']);
 /**
  * Command flags: `--local` is the send-migration flag of ch-remote before its option string
  * (`send-migration --local unix:/PATH`); `--wait` and `--no-wait` are Tern's.
@@ -157,6 +159,15 @@ const RESTORE_MODES: Record<string, string> = { copy: 'Copy', ondemand: 'OnDeman
 export function addDiskBody(arg: string): Record<string, unknown> {
   try {
     return diskEntry(arg);
+  } catch (e) {
+    throw new RemoteUsageError((e as Error).message);
+  }
+}
+
+/** ch-remote's `add-net tap=...,mac=...` as a NetConfig body: the syntax of `--net`. */
+export function addNetBody(arg: string): Record<string, unknown> {
+  try {
+    return deviceEntry('--net', arg);
   } catch (e) {
     throw new RemoteUsageError((e as Error).message);
   }

@@ -15,6 +15,7 @@ import {
   RemoteUsageError,
   TERN_REMOTE_USAGE,
   addDiskBody,
+  addNetBody,
   parseTernRemoteArgs,
   receiveMigrationBody,
   restoreBody,
@@ -70,6 +71,8 @@ function requestBody(command: string, arg: string | undefined, flags: ReadonlySe
       return readConfig(arg);
     case 'add-disk':
       return addDiskBody(arg!);
+    case 'add-net':
+      return addNetBody(arg!);
     case 'snapshot':
       return { destination_url: arg };
     case 'restore':

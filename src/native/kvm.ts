@@ -288,12 +288,12 @@ export interface NativeBlockQueueOptions extends NativeQueueOptions {
 }
 
 /** What a block request queue's requests add to its disk's counters (vm.counters' names). */
-export interface BlockQueueCounters {
+export type BlockQueueCounters = {
   read_bytes: number;
   read_ops: number;
   write_bytes: number;
   write_ops: number;
-}
+};
 
 /** What serveNetQueue needs besides the queue: its tap and what the guest negotiated. */
 export interface NativeNetQueueOptions extends NativeQueueOptions {
@@ -306,14 +306,14 @@ export interface NativeNetQueueOptions extends NativeQueueOptions {
 }
 
 /** What a net queue's frames add to its device's counters (vm.counters' names). */
-export interface NetQueueCounters {
+export type NetQueueCounters = {
   rx_bytes: number;
   rx_frames: number;
   rx_dropped: number;
   tx_bytes: number;
   tx_frames: number;
   tx_dropped: number;
-}
+};
 
 /** A virtqueue served by a native thread (native/block_queue.cc, native/net_queue.cc). */
 export interface NativeQueueServer<C = Record<string, number>> {

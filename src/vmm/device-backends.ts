@@ -1,5 +1,5 @@
 // The host ends of a VM's virtio devices, opened from its config before its machine is built
-// (opening a disk image takes I/O): an entropy source, disk images. They hold host resources
+// (opening a disk image takes I/O): an entropy source, disk images, taps. They hold host resources
 // only; what the guest sees of each device is in the store. Each device gets a worker that
 // serves its requests.
 import fs from 'node:fs';
@@ -21,19 +21,23 @@ import {
   VIRTIO_BLK_MAX_RANGE_BYTES,
 } from '../devices/virtio/block';
 import type { PciSegmentState } from '../devices/pci';
+import { VIRTIO_NET_KIND, type VirtioNetDevice } from '../devices/virtio/net';
 import { VIRTIO_RNG_KIND, VIRTIO_RNG_MAX_REQUEST } from '../devices/virtio/rng';
 import type { VirtioFunctionState } from '../devices/virtio/transport';
 import { VirtqueueError, readFromChain, writeToChain, type DescriptorChain } from '../devices/virtio/virtqueue';
 import { diskIdOf, DEFAULT_RNG_ID } from '../devices/virtio/vm-devices';
 import type { GuestMemory } from '../memory/guest-memory';
 import { openEntropySource } from '../util/host-file';
-import type { ChainResult, NativeDisk, VirtioDeviceWorker } from './virtio-queues';
+import { NetConfigError, openNetBackend, type NetBackend } from './net-backend';
+import type { ChainResult, NativeQueueSpec, VirtioDeviceWorker } from './virtio-queues';
 
 export interface DeviceBackends {
   /** each device's worker, by device id */
   readonly workers: ReadonlyMap<string, VirtioDeviceWorker>;
   /** the disks' images by device id (their sizes give the disks' capacities) */
   readonly disks: ReadonlyMap<string, DiskImage>;
+  /** the net cards' taps by device id (with the MACs the cards get) */
+  readonly nets: ReadonlyMap<string, NetBackend>;
   /** release everything (the machine has drained its requests first) */
   close(): Promise<void>;
   /** Let the disks' locks go, images kept open (a paused migration source hands them over). */
@@ -73,7 +77,7 @@ export function nativeBlockQueuesEnabled(): boolean {
 /**
  * virtio-blk: a request is a 16-byte header (device-readable), data, and a status byte (the
  * last device-writable byte). A raw image without O_DIRECT may be served by native threads
- * (nativeDisk, native/block_queue.cc, with the same checks); this serves the others. The header and any data to write are copied out when the chain
+ * (nativeQueue, native/block_queue.cc, with the same checks); this serves the others. The header and any data to write are copied out when the chain
  * is taken; the I/O runs on libuv's thread pool; read data and the status go into the guest's
  * buffers when it is done. A request the disk cannot carry out gets its status (IOERR,
  * UNSUPP); only a chain with no room for a status breaks the queue.
@@ -82,11 +86,11 @@ export function blockWorker(image: DiskImage, log: Logger): VirtioDeviceWorker {
   // (read once: the queues ask on every doorbell)
   const nativeQueues = nativeBlockQueuesEnabled();
   return {
-    nativeDisk(fn: VirtioFunctionState): NativeDisk | undefined {
+    nativeQueue(fn: VirtioFunctionState): NativeQueueSpec | undefined {
       const imageFd = image.rawFd;
       if (imageFd === undefined || !nativeQueues) return undefined;
       const device = fn.device as VirtioBlockDevice;
-      return { imageFd, capacity: device.capacity, readonly: device.readonly, id: device.serial };
+      return { kind: 'block', disk: { imageFd, capacity: device.capacity, readonly: device.readonly, id: device.serial } };
     },
     chain(fn: VirtioFunctionState, _queue: number, chain: DescriptorChain, memory: GuestMemory): Promise<ChainResult> {
       if (chain.writableBytes < 1) throw new VirtqueueError('a block request with no status byte');
@@ -176,9 +180,12 @@ export function blockWorker(image: DiskImage, log: Logger): VirtioDeviceWorker {
 export async function openDeviceBackends(config: VmConfig, log: Logger, opts: { deferLocks?: boolean } = {}): Promise<DeviceBackends> {
   const workers = new Map<string, VirtioDeviceWorker>();
   const disks = new Map<string, DiskImage>();
+  const nets = new Map<string, NetBackend>();
   const fds: number[] = [];
   const close = async () => {
     for (const fd of fds.splice(0)) fs.closeSync(fd);
+    for (const n of nets.values()) n.close();
+    nets.clear();
     const images = [...disks.values()];
     disks.clear();
     await Promise.all(images.map((i) => i.close()));
@@ -193,6 +200,11 @@ export async function openDeviceBackends(config: VmConfig, log: Logger, opts: { 
       if (image.size % SECTOR_SIZE !== 0) log.warn({ disk: id, size: image.size }, 'disk image size is not whole sectors: the last partial sector is not visible');
       workers.set(id, blockWorker(image, log));
     }
+    for (const [index, net] of (config.net ?? []).entries()) {
+      const backend = openNetBackend(net, index, log);
+      nets.set(backend.id, backend);
+      workers.set(backend.id, backend.worker);
+    }
     if (config.rng) {
       const fd = openEntropySource(config.rng.src);
       fds.push(fd);
@@ -205,6 +217,7 @@ export async function openDeviceBackends(config: VmConfig, log: Logger, opts: { 
   return {
     workers,
     disks,
+    nets,
     close,
     releaseLocks: () => disks.forEach((d) => d.releaseLock()),
     takeLocks: () => disks.forEach((d) => d.takeLock()),
@@ -226,6 +239,11 @@ export function checkBackendsFit(segment: PciSegmentState, backends: DeviceBacke
         throw new DiskImageError(`disk '${fn.id}': the image has ${Math.floor(image.size / SECTOR_SIZE)} sectors, the guest's disk had ${device.capacity}`);
       }
       if (image.readonly && !device.readonly) throw new DiskImageError(`disk '${fn.id}': the image is open read-only, the guest's disk is writable`);
+    } else if (fn.kind === VIRTIO_NET_KIND) {
+      const tap = backends?.nets.get(fn.id);
+      if (!tap) throw new NetConfigError(`net device '${fn.id}' has no tap: the config does not name it`);
+      const pairs = (fn.device as VirtioNetDevice).queuePairs;
+      if (tap.fds.length !== pairs) throw new NetConfigError(`net device '${fn.id}': the config gives ${tap.fds.length} queue pairs, the guest's card had ${pairs}`);
     } else if (fn.kind === VIRTIO_RNG_KIND && !backends?.workers.has(fn.id)) {
       throw new Error(`entropy device '${fn.id}' has no source: the config does not name one`);
     }

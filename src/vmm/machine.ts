@@ -197,7 +197,11 @@ export class Machine {
         memorySize: config.memory.size,
         serial: config.serial.mode !== 'Off',
         pciFunctions: placeVirtioFunctions(
-          virtioFunctionsOf(config, { diskSizes: new Map([...(this.backends?.disks ?? [])].map(([id, d]) => [id, d.size])), consoleSize: terminalSize(config.console) }),
+          virtioFunctionsOf(config, {
+            diskSizes: new Map([...(this.backends?.disks ?? [])].map(([id, d]) => [id, d.size])),
+            netMacs: new Map([...(this.backends?.nets ?? [])].map(([id, n]) => [id, n.mac])),
+            consoleSize: terminalSize(config.console),
+          }),
         ),
       });
       this.plan = loadKernel(this.memory, {

@@ -43,7 +43,7 @@ import {
   type QueueRings,
 } from '../devices/virtio/virtqueue';
 import type { GuestMemory } from '../memory/guest-memory';
-import { EventFdFlags, native, type BlockQueueCounters, type NativeBlockQueue, type NativeEventfdWatcher, type NativeVm } from '../native/kvm';
+import { EventFdFlags, native, type NativeEventfdWatcher, type NativeQueueOptions, type NativeQueueServer, type NativeVm } from '../native/kvm';
 import type { RootState, Store } from '../state';
 
 /** What serves a device's requests on the host. */
@@ -67,11 +67,14 @@ export interface VirtioDeviceWorker {
    */
   offerInput?(bytes: Uint8Array, serve: (queue: number) => void): number;
   /**
-   * The disk a native thread may serve `fn`'s request queues from, when its image allows it
-   * (a raw image without O_DIRECT); undefined: this worker serves every chain itself.
+   * How a native thread may serve queue `queue` of `fn` (a raw disk's request queue, a net
+   * card's receive or transmit queue); undefined: this worker serves its chains itself.
    */
-  nativeDisk?(fn: VirtioFunctionState): NativeDisk | undefined;
+  nativeQueue?(fn: VirtioFunctionState, queue: number): NativeQueueSpec | undefined;
 }
+
+/** What a native thread serves a queue with: a disk (native/block_queue.cc) or a tap (native/net_queue.cc). */
+export type NativeQueueSpec = { kind: 'block'; disk: NativeDisk } | { kind: 'net'; tapFd: number; receive: boolean; mergeable: boolean };
 
 /** A disk as native/block_queue.cc serves it. */
 export interface NativeDisk {
@@ -138,7 +141,7 @@ export class VirtioQueues {
    */
   private readonly epochs = new Map<string, number>();
   /** queues served by native threads, by `device\0queue` */
-  private readonly nativeQueues = new Map<string, { device: string; queue: number; doorbell: Doorbell; handle: NativeBlockQueue }>();
+  private readonly nativeQueues = new Map<string, { device: string; queue: number; doorbell: Doorbell; handle: NativeQueueServer }>();
   /** chains of each queue handed to workers and not finished yet, by `device\0queue` */
   private readonly pendingChains = new Map<string, number>();
 
@@ -473,30 +476,31 @@ export class VirtioQueues {
     if (this.nativeQueues.has(key)) return true;
     // (a chain finished but not yet flushed into the used ring counts as still with the worker:
     // the thread would fill the used slot the flush is about to write)
-    if (!this.running || !worker.nativeDisk || this.pendingChains.has(key) || this.completed.has(key)) return false;
-    const disk = worker.nativeDisk(fn);
+    if (!this.running || !worker.nativeQueue || this.pendingChains.has(key) || this.completed.has(key)) return false;
+    const spec = worker.nativeQueue(fn, queue);
     const q = fn.virtio.queues[queue];
     const doorbell = [...this.doorbells.values()].find((d) => d.device === fn.id && d.queue === queue);
     const model = pciFunctionModels[fn.kind] as VirtioFunctionModel<unknown>;
-    if (!disk || !doorbell || q.vector === VIRTIO_MSI_NO_VECTOR || q.vector >= model.msixLayout.vectors) return false;
+    if (!spec || !doorbell || q.vector === VIRTIO_MSI_NO_VECTOR || q.vector >= model.msixLayout.vectors) return false;
     if (msixRoutes(fn.msix, fn.config, model.msixLayout)[q.vector].masked) return false;
     const interruptFd = this.opts.irqfdOf?.(fn.id, q.vector);
     if (interruptFd === undefined) return false;
     this.watcher?.remove(doorbell.fd);
-    let handle: NativeBlockQueue;
+    let handle: NativeQueueServer;
+    const onBroken = (reason: string) => this.nativeBroken(key, reason);
     try {
-      handle = native().serveBlockQueue(
-        {
-          memory: this.opts.memory.regions.map((r) => r.hostRange()),
-          ...rings,
-          nextAvail: q.nextAvail,
-          nextUsed: q.nextUsed,
-          kickFd: doorbell.fd,
-          interruptFd,
-          ...disk,
-        },
-        (reason) => this.nativeBroken(key, reason),
-      );
+      const options: NativeQueueOptions = {
+        memory: this.opts.memory.regions.map((r) => r.hostRange()),
+        ...rings,
+        nextAvail: q.nextAvail,
+        nextUsed: q.nextUsed,
+        kickFd: doorbell.fd,
+        interruptFd,
+      };
+      handle =
+        spec.kind === 'block'
+          ? native().serveBlockQueue({ ...options, ...spec.disk }, onBroken)
+          : native().serveNetQueue({ ...options, tapFd: spec.tapFd, receive: spec.receive, mergeable: spec.mergeable }, onBroken);
     } catch (e) {
       this.watcher?.add(doorbell.fd);
       throw e;
@@ -546,7 +550,7 @@ export class VirtioQueues {
   }
 
   /** Counts a native thread gathered, into the store, with the cursors the store has. */
-  private recordCounters(device: string, queue: number, c: BlockQueueCounters): void {
+  private recordCounters(device: string, queue: number, c: Record<string, number>): void {
     const counters = countersOf(c);
     const q = this.queueState(device, queue);
     if (!counters || !q) return;
@@ -573,7 +577,7 @@ export class VirtioQueues {
 const queueKey = (device: string, queue: number): string => `${device}\u0000${queue}`;
 
 /** The non-zero counts, or undefined when there are none. */
-function countersOf(c: BlockQueueCounters): Record<string, number> | undefined {
+function countersOf(c: Record<string, number>): Record<string, number> | undefined {
   const out: Record<string, number> = {};
   for (const [k, v] of Object.entries(c)) if (v > 0) out[k] = v;
   return Object.keys(out).length ? out : undefined;

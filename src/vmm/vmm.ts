@@ -117,6 +117,14 @@ export class Vmm {
     });
   }
 
+  /** Cold add (vm.add-net on a VM that is not running): the card joins the config; the next boot opens its tap. */
+  addNet(net: NonNullable<VmConfig['net']>[number]): Promise<void> {
+    return this.serialize(() => {
+      this.refuseWhileReceiving();
+      this.store.dispatch(vmEvents.netAdded(net));
+    });
+  }
+
   boot(): Promise<void> {
     return this.serialize(async () => {
       this.store.dispatch(vmEvents.booting());

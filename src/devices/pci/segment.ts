@@ -35,6 +35,7 @@ import type { PciFunctionModel, PciFunctionRegistry, PciFunctionState } from './
 import { PCI_HOST_BRIDGE_KIND, pciHostBridgeModel } from './host-bridge';
 import { virtioBlockModel } from '../virtio/block';
 import { virtioConsoleModel } from '../virtio/console';
+import { virtioNetModel } from '../virtio/net';
 import { virtioRngModel } from '../virtio/rng';
 
 export const PCI_SEGMENT_KIND = 'pci-segment' as const;
@@ -58,6 +59,7 @@ export const pciFunctionModels: PciFunctionRegistry = Object.freeze({
   [virtioRngModel.kind]: virtioRngModel,
   [virtioBlockModel.kind]: virtioBlockModel,
   [virtioConsoleModel.kind]: virtioConsoleModel,
+  [virtioNetModel.kind]: virtioNetModel,
 });
 
 export interface PciSegmentState extends DeviceStateBase {

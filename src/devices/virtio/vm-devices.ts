@@ -3,7 +3,7 @@
 // so a kernel booted directly (no firmware) finds its devices already placed inside the root
 // bridge's window and keeps them there. Same config, same placement: a restored or migrated
 // VM's functions are where the guest left them.
-import type { DiskConfig } from '../../api/schema';
+import type { DiskConfig, NetConfig } from '../../api/schema';
 import { DEFAULT_CONSOLE_MODE, type VmConfig } from '../../config/vm-config';
 import { PCI_MMIO32_SIZE, PCI_MMIO32_START, alignUp } from '../../boot/layout';
 import { PciBarBits } from '../pci/config-space';
@@ -11,6 +11,7 @@ import type { PciFunctionState } from '../pci/function';
 import { pciSlot } from '../pci/segment';
 import { SECTOR_SIZE, VIRTIO_BLK_DEFAULT_QUEUE_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_MIN_QUEUE_SIZE, blkSegMax, virtioBlockModel } from './block';
 import { VIRTIO_CONSOLE_ID, VIRTIO_CONSOLE_QUEUE_SIZE, virtioConsoleModel } from './console';
+import { VIRTIO_NET_DEFAULT_QUEUE_SIZE, VIRTIO_NET_DEFAULT_QUEUES, virtioNetModel } from './net';
 import { VIRTIO_RNG_QUEUE_SIZE, virtioRngModel } from './rng';
 import { VirtioBar, type VirtioFunctionState } from './transport';
 
@@ -22,9 +23,18 @@ export function diskIdOf(disk: DiskConfig, index: number): string {
   return disk.id ?? `_disk${index}`;
 }
 
-/** What only the host ends know: each disk image's size in bytes, by device id; the console's terminal size. */
+/** Cloud Hypervisor's ids of net devices given none: _net0, _net1, ... by their place in the list. */
+export function netIdOf(net: NetConfig, index: number): string {
+  return net.id ?? `_net${index}`;
+}
+
+/**
+ * What only the host ends know: each disk image's size in bytes, by device id; each net
+ * card's MAC (the config's, or one chosen when its tap was opened); the console's terminal size.
+ */
 export interface BackendFacts {
   diskSizes: ReadonlyMap<string, number>;
+  netMacs?: ReadonlyMap<string, number[]>;
   consoleSize?: { cols: number; rows: number };
 }
 
@@ -33,7 +43,7 @@ export function hasVirtioConsole(config: VmConfig): boolean {
   return (config.console?.mode ?? DEFAULT_CONSOLE_MODE) !== 'Off';
 }
 
-/** The virtio functions of `config`, in slot order: the disks, the entropy device, the console. */
+/** The virtio functions of `config`, in slot order: the disks, the net cards, the entropy device, the console. */
 export function virtioFunctionsOf(config: VmConfig, facts: BackendFacts = { diskSizes: new Map() }): VirtioFunctionState[] {
   const out: VirtioFunctionState[] = [];
   (config.disks ?? []).forEach((disk, index) => {
@@ -48,6 +58,14 @@ export function virtioFunctionsOf(config: VmConfig, facts: BackendFacts = { disk
     out.push(
       virtioBlockModel.create(id, { capacity: Math.floor(size / SECTOR_SIZE), readonly: disk.readonly ?? false, serial, numQueues: queues, segMax: blkSegMax(queueSize) }, new Array(queues).fill(queueSize)),
     );
+  });
+  (config.net ?? []).forEach((net, index) => {
+    const id = netIdOf(net, index);
+    const mac = facts.netMacs?.get(id);
+    if (!mac) throw new Error(`net device '${id}' has no tap open`);
+    const queues = net.num_queues ?? VIRTIO_NET_DEFAULT_QUEUES;
+    const offloads = { csum: net.offload_csum ?? true, tso: net.offload_tso ?? true, ufo: net.offload_ufo ?? true };
+    out.push(virtioNetModel.create(id, { mac, mtu: net.mtu ?? 0, queuePairs: queues / 2, offloads }, new Array(queues).fill(net.queue_size ?? VIRTIO_NET_DEFAULT_QUEUE_SIZE)));
   });
   if (config.rng) out.push(virtioRngModel.create(config.rng.id ?? DEFAULT_RNG_ID, {}, [VIRTIO_RNG_QUEUE_SIZE]));
   if (hasVirtioConsole(config)) {

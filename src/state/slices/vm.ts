@@ -75,6 +75,8 @@ export const VmEvents = {
   Restored: '[VM] Restored',
   /** a disk joined the config of a VM that is not running (vm.add-disk's cold add) */
   DiskAdded: '[VM] Disk Added',
+  /** a net card joined the config of a VM that is not running (vm.add-net's cold add) */
+  NetAdded: '[VM] Net Added',
 } as const;
 
 export type VmEventType = (typeof VmEvents)[keyof typeof VmEvents];
@@ -85,6 +87,10 @@ export interface VmCreatedPayload {
 
 export interface VmDiskAddedPayload {
   disk: NonNullable<VmConfig['disks']>[number];
+}
+
+export interface VmNetAddedPayload {
+  net: NonNullable<VmConfig['net']>[number];
 }
 
 export interface VmOperationFailedPayload {
@@ -121,6 +127,7 @@ export const VM_LIFECYCLE: Readonly<Record<VmEventType, Rule>> = {
   [VmEvents.Created]: { from: ['NotCreated'], pending: null },
   // A running VM would need the disk hot-plugged: only a VM that is not running takes one.
   [VmEvents.DiskAdded]: { from: ['Created', 'Shutdown'], pending: null },
+  [VmEvents.NetAdded]: { from: ['Created', 'Shutdown'], pending: null },
   [VmEvents.Booting]: { from: ['Created', 'Shutdown'], pending: null },
   [VmEvents.Booted]: { from: ['Created', 'Shutdown'], pending: 'Booting' },
   [VmEvents.Pausing]: { from: ['Running'], pending: null },
@@ -207,6 +214,14 @@ export const vmInitialState = (): VmSliceState => ({
 
 type Draft = VmSliceState; // handlers below mutate an immer draft of this
 
+/** A cold add: `entry` (a copy) at the end of the config's `list`, the whole config checked again. */
+function addToConfigList(vm: Draft, list: 'disks' | 'net', entry: unknown): void {
+  const config = { ...vm.config, [list]: [...(vm.config?.[list] ?? []), JSON.parse(JSON.stringify(entry ?? null))] } as VmConfig;
+  const problems = vmConfigProblems(config);
+  if (problems.length) throw new InvalidVmConfigError(problems);
+  vm.config = config;
+}
+
 function begin(type: VmEventType, op: VmPending) {
   return (vm: Draft) => {
     assertVmTransition(vm, type);
@@ -256,10 +271,11 @@ export const vmSlice = createSlice({
     },
     [VmEvents.DiskAdded]: (vm, payload: VmDiskAddedPayload) => {
       assertVmTransition(vm, VmEvents.DiskAdded);
-      const config = { ...vm.config, disks: [...(vm.config?.disks ?? []), JSON.parse(JSON.stringify(payload?.disk ?? null))] } as VmConfig;
-      const problems = vmConfigProblems(config);
-      if (problems.length) throw new InvalidVmConfigError(problems);
-      vm.config = config;
+      addToConfigList(vm, 'disks', payload?.disk);
+    },
+    [VmEvents.NetAdded]: (vm, payload: VmNetAddedPayload) => {
+      assertVmTransition(vm, VmEvents.NetAdded);
+      addToConfigList(vm, 'net', payload?.net);
     },
     [VmEvents.Booting]: begin(VmEvents.Booting, 'Booting'),
     [VmEvents.Booted]: complete(VmEvents.Booted, 'Running', 'bootCount'),
@@ -321,6 +337,7 @@ const vmCreated = eventCreator<VmCreatedPayload>(VmEvents.Created);
 const vmOperationFailed = eventCreator<VmOperationFailedPayload>(VmEvents.OperationFailed);
 const vmGuestStopRequested = eventCreator<GuestStop>(VmEvents.GuestStopRequested);
 const vmDiskAdded = eventCreator<VmDiskAddedPayload>(VmEvents.DiskAdded);
+const vmNetAdded = eventCreator<VmNetAddedPayload>(VmEvents.NetAdded);
 
 /** Event creators for the VM lifecycle. */
 export const vmEvents = {
@@ -343,4 +360,5 @@ export const vmEvents = {
   restoring: lifecycle(VmEvents.Restoring),
   restored: lifecycle(VmEvents.Restored),
   diskAdded: (disk: VmDiskAddedPayload['disk'], source = 'vmm') => vmDiskAdded({ disk }, source),
+  netAdded: (net: VmNetAddedPayload['net'], source = 'vmm') => vmNetAdded({ net }, source),
 };

@@ -1,0 +1,56 @@
+// vm.add-net through the real API socket: a cold add joins the VM's config (204); 400 for a
+// body that is not a NetConfig or a card Tern cannot give (bad MAC, IPv6 host address, more
+// queue pairs than it has), 404 without a VM, 409 for an id already taken (also a default
+// _netN one). vm.create refuses such cards the same way. Every reply is checked against the
+// OpenAPI document.
+import test from 'ava';
+import { ReplyRecorder, bodyJson, contractTest, startApi, tempDir, type ApiRig } from './api-harness';
+
+const recorder = new ReplyRecorder();
+const dir = tempDir('tern-api-add-net-');
+let rig: ApiRig;
+
+test.before(async () => {
+  rig = await startApi(recorder, dir);
+});
+test.after.always(async () => {
+  await rig?.close();
+});
+
+test.serial('vm.add-net adds net devices to a created VM; bad bodies, impossible cards, no VM and taken ids are refused', async (t) => {
+  t.is((await rig.call('PUT', 'vm.add-net', { tap: 'tap0' })).status, 404, 'no VM yet');
+  const badCreate = await rig.call('PUT', 'vm.create', { payload: { kernel: '/boot/vmlinux' }, net: [{ tap: 'tap0', mac: '01:00:5e:00:00:01' }] });
+  t.is(badCreate.status, 400, 'vm.create refuses a multicast MAC');
+  t.regex(badCreate.body.toString(), /multicast/);
+  t.is((await rig.call('PUT', 'vm.create', { payload: { kernel: '/boot/vmlinux' }, net: [{ tap: 'tap0' }] })).status, 204);
+
+  const added = await rig.call('PUT', 'vm.add-net', { tap: 'tap1', ip: '192.168.250.1', mask: '255.255.255.0', mac: '52:54:00:00:00:02' });
+  t.is(added.status, 204, added.body.toString());
+  t.is((await rig.call('PUT', 'vm.add-net', { tap: 'tap2', id: 'uplink' })).status, 204);
+  const info = bodyJson(await rig.call('GET', 'vm.info')) as { config: { net: { tap: string; id?: string; mac?: string }[] } };
+  t.deepEqual(
+    info.config.net.map((n) => [n.tap, n.id, n.mac]),
+    [
+      ['tap0', undefined, undefined],
+      ['tap1', undefined, '52:54:00:00:00:02'],
+      ['tap2', 'uplink', undefined],
+    ],
+  );
+
+  t.is((await rig.call('PUT', 'vm.add-net', { tap: 'x', id: 'uplink' })).status, 409, 'an explicit id already used');
+  t.is((await rig.call('PUT', 'vm.add-net', { tap: 'x', id: '_net0' })).status, 409, 'the first card is _net0 though it names no id');
+  for (const [body, why] of [
+    [{ tap: 7 }, 'tap must be a string'],
+    [{ tap: 'x', mac: 'not-a-mac' }, 'a MAC that is not one'],
+    [{ tap: 'x', ip: 'fd00::1' }, 'an IPv6 host address'],
+    [{ tap: 'x', num_queues: 4 }, 'more than one queue pair'],
+    [{ tap: 'x', queue_size: 100 }, 'a queue size that is no power of two'],
+    [{ tap: 'x', vhost_user: true }, 'vhost-user'],
+  ] as const) {
+    t.is((await rig.call('PUT', 'vm.add-net', body)).status, 400, why);
+  }
+  const after = bodyJson(await rig.call('GET', 'vm.info')) as { config: { net: unknown[] } };
+  t.is(after.config.net.length, 3, 'refused cards left the config as it was');
+});
+
+contractTest(test, recorder, 'api-add-net', ['PUT vm.add-net', 'PUT vm.create', 'GET vm.info']);
