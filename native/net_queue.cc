@@ -68,9 +68,9 @@ class NetQueue : public Napi::ObjectWrap<NetQueue> {
   void Run() noexcept;
   Turn Transmit();
   Turn Receive();
-  // Put the held frame into the guest's chains; false with *noRoom when they are too few, or
-  // with *err when one is broken.
-  bool Deliver(bool* noRoom, std::string* err);
+  // Put the held frame into the guest's chains; false with *noRoom when they are too few (all
+  // the driver had made available when it looked), or with *err when one is broken.
+  bool Deliver(bool* noRoom, uint16_t* lookedAt, std::string* err);
   Napi::Value CountersObject(Napi::Env env);
   Napi::Value Stop(const Napi::CallbackInfo& info);
   Napi::Value TakeCounters(const Napi::CallbackInfo& info) { return CountersObject(info.Env()); }
@@ -170,7 +170,7 @@ NetQueue::Turn NetQueue::Transmit() {
   return turn;
 }
 
-bool NetQueue::Deliver(bool* noRoom, std::string* err) {
+bool NetQueue::Deliver(bool* noRoom, uint16_t* lookedAt, std::string* err) {
   SplitQueue& q = *t_.queue;
   uint16_t start = q.nextAvail();
   std::vector<Chain> chains;
@@ -191,6 +191,7 @@ bool NetQueue::Deliver(bool* noRoom, std::string* err) {
   if (chains.empty() || (mergeable_ && room < frameLen_)) {
     q.Rewind(start);
     *noRoom = true;
+    *lookedAt = static_cast<uint16_t>(chains.size());
     return false;
   }
   // Without mergeable buffers a frame larger than its chain is cut to it (the guest posted
@@ -223,6 +224,7 @@ NetQueue::Turn NetQueue::Receive() {
   Turn turn = Turn::kMore;
   for (int n = 0; n < kFramesPerTurn && !t_.stopping(); n++) {
     bool noRoom = false;
+    uint16_t lookedAt = 0;  // chains past nextAvail found too few for the frame
     if (frameLen_ == 0) {
       // Nothing is read from the tap while the guest has no buffer at all.
       int avail = q.Available(&err);
@@ -245,12 +247,16 @@ NetQueue::Turn NetQueue::Receive() {
         frameLen_ = static_cast<size_t>(r);
       }
     }
-    if (frameLen_ > 0 && !Deliver(&noRoom, &err) && !err.empty()) break;
+    if (frameLen_ > 0 && !Deliver(&noRoom, &lookedAt, &err) && !err.empty()) break;
     if (noRoom) {
       turn = Turn::kWaitKick;
       if (!q.eventIdx()) break;
-      // Ask for a kick at the driver's next buffer, then look again for one posted meanwhile.
-      uint16_t seen = q.AvailIndex();
+      // Every chain up to nextAvail was taken into account (Deliver gave back the ones it
+      // could not fill a frame with): ask for a kick at the driver's next buffer, then look
+      // again for one posted meanwhile. (Publishing an index read later would skip buffers
+      // posted in between: the driver would not kick for them, and nothing else would wake
+      // this thread.)
+      uint16_t seen = static_cast<uint16_t>(q.nextAvail() + lookedAt);
       q.PublishAvailEvent(seen);
       if (q.AvailIndex() == seen) break;
       turn = Turn::kMore;
@@ -282,11 +288,7 @@ Napi::Value NetQueue::Stop(const Napi::CallbackInfo& info) {
     counters_.rxDropped++;
     frameLen_ = 0;
   }
-  Napi::Object out = Napi::Object::New(env);
-  out.Set("nextAvail", Napi::Number::New(env, t_.queue ? t_.queue->nextAvail() : 0));
-  out.Set("nextUsed", Napi::Number::New(env, t_.queue ? t_.queue->nextUsed() : 0));
-  out.Set("counters", CountersObject(env));
-  return out;
+  return t_.StopResult(env, CountersObject(env));
 }
 
 Napi::Value ServeNetQueue(const Napi::CallbackInfo& info) {
