@@ -302,11 +302,7 @@ Napi::Value BlockQueue::CountersObject(Napi::Env env) {
 Napi::Value BlockQueue::Stop(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   t_.Join();
-  Napi::Object out = Napi::Object::New(env);
-  out.Set("nextAvail", Napi::Number::New(env, t_.queue ? t_.queue->nextAvail() : 0));
-  out.Set("nextUsed", Napi::Number::New(env, t_.queue ? t_.queue->nextUsed() : 0));
-  out.Set("counters", CountersObject(env));
-  return out;
+  return t_.StopResult(env, CountersObject(env));
 }
 
 Napi::Value ServeBlockQueue(const Napi::CallbackInfo& info) {

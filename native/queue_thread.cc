@@ -144,6 +144,14 @@ void QueueThread::InterruptIfDue(uint16_t usedBefore) {
   (void)ignored;
 }
 
+Napi::Object QueueThread::StopResult(Napi::Env env, Napi::Value counters) const {
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("nextAvail", Napi::Number::New(env, queue ? queue->nextAvail() : 0));
+  out.Set("nextUsed", Napi::Number::New(env, queue ? queue->nextUsed() : 0));
+  out.Set("counters", counters);
+  return out;
+}
+
 void QueueThread::Broken(const std::string& reason) {
   auto* msg = new std::string(reason);
   if (tsfn_.NonBlockingCall(msg, [](Napi::Env env, Napi::Function fn, std::string* m) {

@@ -39,6 +39,8 @@ class QueueThread {
   void InterruptIfDue(uint16_t usedBefore);
   // The driver broke the queue (or the host end failed): JavaScript hears `reason`.
   void Broken(const std::string& reason);
+  // What stop() returns: {nextAvail, nextUsed, counters} (the thread has been joined).
+  Napi::Object StopResult(Napi::Env env, Napi::Value counters) const;
 
   GuestRamMap mem;
   std::unique_ptr<SplitQueue> queue;

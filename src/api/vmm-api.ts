@@ -143,16 +143,21 @@ export class VmmApi {
     } catch (e) {
       throw toApiError(e, outer);
     }
-    const { vm } = this.state;
-    if (vm.status === 'NotCreated') throw new ApiError(404, [outer, 'no VM has been created']);
-    if (vm.status === 'Running' || vm.status === 'Paused') throw new ApiError(500, [outer, `the VM is ${vm.status}: Tern adds disks to a VM that is not running only (no hot-plug)`]);
-    const config = vm.config as VmConfig;
+    const config = this.coldAddTarget(outer, 'disks');
     const disks = [...(config.disks ?? []), disk];
     // Ids as the VM will have them: a disk without one is _diskN by its place in the list.
     const taken = new Set([...deviceIdsOf(config), ...(config.disks ?? []).map((d, i) => diskIdOf(d, i))]);
     const id = diskIdOf(disk, disks.length - 1);
     if (taken.has(id)) throw new ApiError(409, [outer, `a device with id '${id}' already exists`]);
     await this.run(outer, () => this.vmm.addDisk(disk));
+  }
+
+  /** The config a cold add joins: 404 without a VM, 500 for a running or paused one (no hot-plug). */
+  private coldAddTarget(outer: string, what: string): VmConfig {
+    const { vm } = this.state;
+    if (vm.status === 'NotCreated') throw new ApiError(404, [outer, 'no VM has been created']);
+    if (vm.status === 'Running' || vm.status === 'Paused') throw new ApiError(500, [outer, `the VM is ${vm.status}: Tern adds ${what} to a VM that is not running only (no hot-plug)`]);
+    return vm.config as VmConfig;
   }
 
   /** vm.add-net: cold add only, as vm.add-disk (a card's tap opens when the VM boots). */
@@ -164,10 +169,7 @@ export class VmmApi {
     } catch (e) {
       throw toApiError(e, outer);
     }
-    const { vm } = this.state;
-    if (vm.status === 'NotCreated') throw new ApiError(404, [outer, 'no VM has been created']);
-    if (vm.status === 'Running' || vm.status === 'Paused') throw new ApiError(500, [outer, `the VM is ${vm.status}: Tern adds net devices to a VM that is not running only (no hot-plug)`]);
-    const config = vm.config as VmConfig;
+    const config = this.coldAddTarget(outer, 'net devices');
     const nets = [...(config.net ?? []), net];
     const taken = new Set([...deviceIdsOf(config), ...(config.net ?? []).map((n, i) => netIdOf(n, i))]);
     const id = netIdOf(net, nets.length - 1);
