@@ -8,9 +8,9 @@
 // vCPUs run, and a pause waits for every request in flight: a snapshot or migration never
 // holds half a request.
 //
-// A queue whose worker can name a native server for it (a raw disk's request queues) is served
-// by a native thread instead (native/block_queue.cc): the doorbell goes to that thread and the
-// interrupt comes from it, so neither waits for this thread. The store keeps the cursors it had
+// A queue whose worker can name a native server for it (a raw disk's request queues, a net
+// card's queues) is served by a native thread instead (native/block_queue.cc,
+// native/net_queue.cc): the doorbell goes to that thread and the interrupt comes from it, so neither waits for this thread. The store keeps the cursors it had
 // when the thread started; stopping the thread (a pause, a reset, a change of MSI-X routes, a
 // doorbell that moves) records the cursors it reached, so a snapshot or migration, which pause
 // first, always has them. A queue is handed to a thread only while its MSI-X vector can be
@@ -144,6 +144,12 @@ export class VirtioQueues {
   private readonly nativeQueues = new Map<string, { device: string; queue: number; doorbell: Doorbell; handle: NativeQueueServer }>();
   /** chains of each queue handed to workers and not finished yet, by `device\0queue` */
   private readonly pendingChains = new Map<string, number>();
+  /**
+   * Queues a native thread should serve that wait for their vector to be deliverable (a net
+   * card's, which nothing else serves): a change of routes must look at them again, or a
+   * receive queue whose driver has posted all its buffers would wait for a kick that never comes.
+   */
+  private readonly awaitingThread = new Set<string>();
 
   constructor(private readonly opts: VirtioQueuesOptions) {}
 
@@ -268,6 +274,7 @@ export class VirtioQueues {
   /** The driver reset `device`: requests still in flight finish without touching its new queues. */
   deviceReset(device: string): void {
     this.epochs.set(device, (this.epochs.get(device) ?? 0) + 1);
+    for (const key of [...this.awaitingThread]) if (key.startsWith(`${device}\u0000`)) this.awaitingThread.delete(key);
     // The store's queues are back at power-on: the threads' cursors belong to queues that are gone.
     for (const [key, n] of [...this.nativeQueues]) if (n.device === device) this.stopNative(key, { keepCursors: false });
   }
@@ -278,7 +285,7 @@ export class VirtioQueues {
    * starts them again where the new routes allow. True when a thread was stopped.
    */
   routesChanging(): boolean {
-    const any = this.nativeQueues.size > 0;
+    const any = this.nativeQueues.size > 0 || this.awaitingThread.size > 0;
     this.stopAllNative();
     return any;
   }
@@ -481,10 +488,16 @@ export class VirtioQueues {
     const q = fn.virtio.queues[queue];
     const doorbell = [...this.doorbells.values()].find((d) => d.device === fn.id && d.queue === queue);
     const model = pciFunctionModels[fn.kind] as VirtioFunctionModel<unknown>;
-    if (!spec || !doorbell || q.vector === VIRTIO_MSI_NO_VECTOR || q.vector >= model.msixLayout.vectors) return false;
-    if (msixRoutes(fn.msix, fn.config, model.msixLayout)[q.vector].masked) return false;
-    const interruptFd = this.opts.irqfdOf?.(fn.id, q.vector);
-    if (interruptFd === undefined) return false;
+    if (!spec || !doorbell) return false;
+    const interruptFd =
+      q.vector === VIRTIO_MSI_NO_VECTOR || q.vector >= model.msixLayout.vectors || msixRoutes(fn.msix, fn.config, model.msixLayout)[q.vector].masked
+        ? undefined
+        : this.opts.irqfdOf?.(fn.id, q.vector);
+    if (interruptFd === undefined) {
+      this.awaitingThread.add(key);
+      return false;
+    }
+    this.awaitingThread.delete(key);
     this.watcher?.remove(doorbell.fd);
     let handle: NativeQueueServer;
     const onBroken = (reason: string) => this.nativeBroken(key, reason);
