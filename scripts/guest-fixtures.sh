@@ -10,8 +10,8 @@
 #   initramfs.img   gzip'ed newc cpio: static busybox, virtio/9p/ACPI button/
 #                   evdev modules, /init, acpid's power-button handler, the
 #                   migration tests' workload (/bin/migration-workload) and
-#                   the disk benchmark (/bin/blkbench, built static from
-#                   guest/blkbench.c)
+#                   the disk and network benchmarks (/bin/blkbench and
+#                   /bin/netbench, built static from guest/*.c)
 #   busybox         the static busybox used
 #   kernel.env      KERNEL_PACKAGE, KERNEL_VERSION, KERNEL_RELEASE
 # Env: TERN_FIXTURES, TERN_GUEST_EXTRA_MODULES (more module names to add).
@@ -55,7 +55,7 @@ flock 9
 bb=/bin/busybox
 is_static_elf "$bb" || bb=  # taken from the busybox-static package below
 self_hash=$(cat "${BASH_SOURCE[0]}" "$here/lib/kmods.sh" "$here/lib/initramfs.sh" "$here/guest/init" \
-  "$here/guest/acpi-power-button" "$here/guest/migration-workload" "$here/guest/blkbench.c" | sha256sum | cut -c1-16)
+  "$here/guest/acpi-power-button" "$here/guest/migration-workload" "$here/guest/blkbench.c" "$here/guest/netbench.c" | sha256sum | cut -c1-16)
 outputs_ok() {
   [ -s "$FIX/bzImage" ] && [ -s "$FIX/vmlinux" ] && [ -s "$FIX/initramfs.img" ] && [ -d "$FIX/modules" ]
 }
@@ -149,8 +149,9 @@ ir_busybox_root "$root" "$bb"
 install -m 0755 "$here/guest/init" "$root/init"
 install -D -m 0755 "$here/guest/acpi-power-button" "$root/etc/acpi/PWRF/00000080"
 install -m 0755 "$here/guest/migration-workload" "$root/bin/migration-workload"
-# The disk benchmark runs in the guest: built static, as the initramfs has no libraries.
+# The benchmarks run in the guest: built static, as the initramfs has no libraries.
 gcc -O2 -static -pthread -o "$root/bin/blkbench" "$here/guest/blkbench.c" || die "cannot build blkbench (gcc, libc6-dev)"
+gcc -O2 -static -o "$root/bin/netbench" "$here/guest/netbench.c" || die "cannot build netbench (gcc, libc6-dev)"
 printf '%s\n' 'export PS1="tern# "' > "$root/etc/profile"
 ir_add_modules "$root" "$work/kernel/lib/modules/$krel" $GUEST_MODULES
 ir_pack "$root" "$work/initramfs.img"

@@ -10,6 +10,7 @@ const BENCHES: Record<string, string> = {
   snapshot: 'dist/test/bench/snapshot-bench.js',
   migration: 'dist/test/bench/migration-bench.js',
   block: 'dist/test/bench/block-bench.js',
+  net: 'dist/test/bench/net-bench.js',
 };
 
 async function main(): Promise<void> {

@@ -1,0 +1,138 @@
+// Network benchmark, run where /dev/kvm can boot Linux (inside the lab): the same guest moves
+// TCP traffic over virtio-net-pci on a tap under tern and under QEMU (vhost off, so both
+// VMMs move every frame themselves), alternating. In the guest, netbench streams to the host,
+// takes a stream from it, and bounces one byte at a time (request/response); this process is
+// the host's end: a sink, a source and an echo on the tap's address. Reports medians and the
+// ratio tern/QEMU (higher is better).
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
+import { GuestProcess } from '../linux/guest-process';
+import { native } from '../../src/native/kvm';
+import { median } from './median';
+
+const FIXTURES = process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures';
+const RUNS = Number(process.env.TERN_BENCH_NET_RUNS ?? process.env.TERN_BENCH_RUNS ?? 3);
+const SECONDS = Number(process.env.TERN_BENCH_NET_SECONDS ?? 5);
+const MEM_MIB = 512;
+const TIMEOUT_MS = 600_000;
+const TAP = 'tbench0';
+const HOST_IP = '192.168.251.1';
+const GUEST_IP = '192.168.251.2';
+const GUEST_MAC = '52:54:00:be:4e:01';
+const PORTS = { send: 5101, recv: 5102, rr: 5103 } as const;
+
+/** What the guest runs, one netbench line each. */
+const JOBS: { name: string; mode: keyof typeof PORTS; metric: 'MiBps' | 'tps' }[] = [
+  { name: 'TCP guest to host', mode: 'send', metric: 'MiBps' },
+  { name: 'TCP host to guest', mode: 'recv', metric: 'MiBps' },
+  { name: 'TCP request/response, 1 byte', mode: 'rr', metric: 'tps' },
+];
+
+function parse(output: string): number[] {
+  return JOBS.map((j) => {
+    const m = new RegExp(`^NETBENCH ${j.mode} .*${j.metric}=([\\d.]+)`, 'm').exec(output);
+    if (!m) throw new Error(`no result for ${j.name} in:\n${output.slice(-2000)}`);
+    return Number(m[1]);
+  });
+}
+
+/** The host's end: a sink for `send`, a source for `recv`, an echo for `rr`. */
+async function hostEnd(): Promise<() => void> {
+  const chunk = Buffer.alloc(1 << 16, 0xa5);
+  const servers = [
+    net.createServer((s) => {
+      s.on('data', () => {});
+      s.on('error', () => {});
+    }),
+    net.createServer((s) => {
+      s.on('error', () => {});
+      const pump = () => {
+        while (!s.destroyed && s.write(chunk));
+      };
+      s.on('drain', pump);
+      pump();
+    }),
+    net.createServer((s) => {
+      s.setNoDelay(true);
+      s.on('data', (d) => s.write(d));
+      s.on('error', () => {});
+    }),
+  ];
+  const ports = [PORTS.send, PORTS.recv, PORTS.rr];
+  // (0.0.0.0: the tap and its address come and go with each VMM)
+  await Promise.all(servers.map((srv, i) => new Promise<void>((resolve) => srv.listen(ports[i], '0.0.0.0', resolve))));
+  return () => servers.forEach((s) => s.close());
+}
+
+async function runTern(kernel: string, initrd: string, cmdline: string): Promise<number[]> {
+  const vm = GuestProcess.tern([
+    '--kernel', kernel, '--initramfs', initrd, '--cmdline', cmdline, '--cpus', 'boot=1', '--memory', `size=${MEM_MIB}M`, '--serial', 'tty', '--console', 'off',
+    '--net', `tap=${TAP},ip=${HOST_IP},mask=255.255.255.0,mac=${GUEST_MAC}`,
+  ]);
+  try {
+    const { code } = await vm.exit(TIMEOUT_MS);
+    if (code !== 0) throw new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);
+    return parse(vm.output);
+  } finally {
+    vm.kill();
+  }
+}
+
+/** QEMU makes its own tap; its host address is set once the tap exists (the guest's netbench retries meanwhile). */
+async function runQemu(kernel: string, initrd: string, cmdline: string): Promise<number[]> {
+  const cmd = microvmCommand({
+    kernel,
+    initrd,
+    cmdline,
+    cpus: 1,
+    memMiB: MEM_MIB,
+    machine: 'q35',
+    extraArgs: ['-netdev', `tap,id=n0,ifname=${TAP},script=no,downscript=no,vhost=off`, '-device', `virtio-net-pci,netdev=n0,mac=${GUEST_MAC}`],
+  });
+  const run = runPeer(cmd, TIMEOUT_MS);
+  const end = Date.now() + 60_000;
+  while (!fs.existsSync(`/sys/class/net/${TAP}`)) {
+    if (Date.now() > end) break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  if (fs.existsSync(`/sys/class/net/${TAP}`)) native().configureInterface(TAP, { ip: HOST_IP, mask: '255.255.255.0', up: true });
+  const r = await run;
+  if (r.guestStatus !== 0) throw new Error(`QEMU guest ended with ${r.guestStatus}: ${r.output.slice(-2000)}\n${r.stderr.slice(-1000)}`);
+  return parse(r.output);
+}
+
+async function main(): Promise<void> {
+  const kernel = path.join(FIXTURES, 'vmlinux');
+  const initrd = path.join(FIXTURES, 'initramfs.img');
+  const cmd = [
+    `ifconfig eth0 ${GUEST_IP} netmask 255.255.255.0 up`,
+    ...JOBS.map((j) => `netbench ${j.mode} ${HOST_IP} ${PORTS[j.mode]} ${SECONDS}`),
+  ].join('; ');
+  const cmdline = guestCmdline({ cmd });
+  const stop = await hostEnd();
+  const results: Record<'tern' | 'qemu', number[][]> = { tern: [], qemu: [] };
+  try {
+    for (let i = 0; i < RUNS; i++) {
+      results.tern.push(await runTern(kernel, initrd, cmdline));
+      process.stdout.write(`net run ${i + 1}/${RUNS}: tern ${results.tern[i].join(' ')}\n`);
+      results.qemu.push(await runQemu(kernel, initrd, cmdline));
+      process.stdout.write(`net run ${i + 1}/${RUNS}: qemu ${results.qemu[i].join(' ')}\n`);
+    }
+  } finally {
+    stop();
+  }
+  process.stdout.write(`\nvirtio-net-pci on a tap (QEMU: vhost=off), 1 vCPU guest, ${SECONDS} s per job, median of ${RUNS}\n`);
+  process.stdout.write('| job | tern | QEMU 7.2 | ratio |\n|---|---|---|---|\n');
+  JOBS.forEach((j, k) => {
+    const ours = median(results.tern.map((r) => r[k]));
+    const peer = median(results.qemu.map((r) => r[k]));
+    process.stdout.write(`| ${j.name} | ${ours.toFixed(1)} ${j.metric} | ${peer.toFixed(1)} ${j.metric} | ${(ours / peer).toFixed(2)} |\n`);
+  });
+}
+
+main().catch((e) => {
+  process.stderr.write(`net bench: ${(e as Error).stack ?? e}\n`);
+  process.exit(1);
+});
