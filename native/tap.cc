@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <string>
@@ -42,7 +43,11 @@ bool IfName(Napi::Env env, Napi::Value v, const char* fn, ifreq* ifr) {
 
 // openTap(name, queues): `queues` file descriptors of the tap `name` (created when it does not
 // exist; a name with %d lets the kernel number it), each nonblocking with a 12-byte
-// virtio_net_hdr_v1 on every frame. Returns {name, fds}.
+// virtio_net_hdr_v1 on every frame. Returns {name, fds, multiQueue}.
+//
+// Taps are multi-queue even for one queue: a second VMM on this host (a local migration, a
+// restore while the first still runs) can then open queues of the same tap, where a
+// single-queue tap answers EBUSY. A tap someone made single-queue is opened as it is.
 Napi::Value OpenTap(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   ifreq ifr;
@@ -53,8 +58,7 @@ Napi::Value OpenTap(const Napi::CallbackInfo& info) {
     ThrowError(env, "openTap: queues must be 1 to " + std::to_string(kMaxQueues), "EINVAL");
     return env.Undefined();
   }
-  short flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-  if (queues > 1) flags |= IFF_MULTI_QUEUE;
+  short flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE;
   std::vector<int> fds;
   auto fail = [&](const char* what, int err) {
     for (int fd : fds) close(fd);
@@ -66,7 +70,14 @@ Napi::Value OpenTap(const Napi::CallbackInfo& info) {
     if (fd < 0) return fail("open /dev/net/tun", errno);
     fds.push_back(fd);
     ifr.ifr_flags = flags;
-    if (IoctlRetry(fd, TUNSETIFF, &ifr) < 0) return fail("TUNSETIFF", errno);
+    int r = IoctlRetry(fd, TUNSETIFF, &ifr);
+    if (r < 0 && errno == EINVAL && queues == 1) {
+      // (an existing single-queue tap: the flags must match its own)
+      flags &= ~IFF_MULTI_QUEUE;
+      ifr.ifr_flags = flags;
+      r = IoctlRetry(fd, TUNSETIFF, &ifr);
+    }
+    if (r < 0) return fail("TUNSETIFF", errno);
     int hdr = kVnetHeaderBytes;
     if (IoctlRetry(fd, TUNSETVNETHDRSZ, &hdr) < 0) return fail("TUNSETVNETHDRSZ", errno);
   }
@@ -75,7 +86,56 @@ Napi::Value OpenTap(const Napi::CallbackInfo& info) {
   Napi::Array arr = Napi::Array::New(env, fds.size());
   for (size_t i = 0; i < fds.size(); i++) arr.Set(static_cast<uint32_t>(i), Napi::Number::New(env, fds[i]));
   out.Set("fds", arr);
+  out.Set("multiQueue", Napi::Boolean::New(env, (flags & IFF_MULTI_QUEUE) != 0));
   return out;
+}
+
+// adoptTap(fd): a tap opened by someone else (fd= of --net, or passed over the API socket),
+// made ready as openTap makes its own: it must be a tap with a virtio-net header (that flag
+// cannot be added after TUNSETIFF); it is made nonblocking and given the 12-byte header.
+// Returns {name, multiQueue, fd}: fd is a close-on-exec duplicate the caller owns, so a card
+// can close its queues at shutdown and adopt the same tap again at the next boot.
+Napi::Value AdoptTap(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!ArgFd(info, 0, "fd", &fd)) return env.Undefined();
+  struct stat st;
+  if (fstat(fd, &st) < 0) return ThrowErrno(env, "fstat", errno), env.Undefined();
+  ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  if (!S_ISCHR(st.st_mode) || IoctlRetry(fd, TUNGETIFF, &ifr) < 0) {
+    ThrowError(env, "adoptTap: the file descriptor is not a tap", "EINVAL");
+    return env.Undefined();
+  }
+  if ((ifr.ifr_flags & (IFF_TAP | IFF_TUN)) != IFF_TAP || !(ifr.ifr_flags & IFF_NO_PI) || !(ifr.ifr_flags & IFF_VNET_HDR)) {
+    ThrowError(env, "adoptTap: the tap was not opened with IFF_TAP, IFF_NO_PI and IFF_VNET_HDR", "EINVAL");
+    return env.Undefined();
+  }
+  int fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return ThrowErrno(env, "fcntl", errno), env.Undefined();
+  int hdr = kVnetHeaderBytes;
+  if (IoctlRetry(fd, TUNSETVNETHDRSZ, &hdr) < 0) return ThrowErrno(env, "TUNSETVNETHDRSZ", errno), env.Undefined();
+  int dup = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+  if (dup < 0) return ThrowErrno(env, "fcntl F_DUPFD_CLOEXEC", errno), env.Undefined();
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("name", Napi::String::New(env, std::string(ifr.ifr_name, strnlen(ifr.ifr_name, IFNAMSIZ))));
+  out.Set("multiQueue", Napi::Boolean::New(env, (ifr.ifr_flags & IFF_MULTI_QUEUE) != 0));
+  out.Set("fd", Napi::Number::New(env, dup));
+  return out;
+}
+
+// tapSetQueue(fd, attached): attach or detach one queue of a multi-queue tap (TUNSETQUEUE); the
+// kernel steers received frames only to attached queues. A queue already so is left as it is.
+Napi::Value TapSetQueue(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd;
+  if (!ArgFd(info, 0, "fd", &fd)) return env.Undefined();
+  if (!info[1].IsBoolean()) return ThrowTypeError(env, "tapSetQueue: attached must be a boolean"), env.Undefined();
+  ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  ifr.ifr_flags = info[1].As<Napi::Boolean>().Value() ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE;
+  if (IoctlRetry(fd, TUNSETQUEUE, &ifr) < 0 && errno != EINVAL) ThrowErrno(env, "TUNSETQUEUE", errno);
+  return env.Undefined();
 }
 
 // tapSetOffload(fd, flags): TUNSETOFFLOAD with TUN_F_* flags (what the guest accepts).
@@ -167,6 +227,8 @@ Napi::Value ConfigureInterface(const Napi::CallbackInfo& info) {
 
 void InitTap(Napi::Env env, Napi::Object exports) {
   exports.Set("openTap", Napi::Function::New(env, Guarded<OpenTap>, "openTap"));
+  exports.Set("adoptTap", Napi::Function::New(env, Guarded<AdoptTap>, "adoptTap"));
+  exports.Set("tapSetQueue", Napi::Function::New(env, Guarded<TapSetQueue>, "tapSetQueue"));
   exports.Set("tapSetOffload", Napi::Function::New(env, Guarded<TapSetOffload>, "tapSetOffload"));
   exports.Set("configureInterface", Napi::Function::New(env, Guarded<ConfigureInterface>, "configureInterface"));
 }

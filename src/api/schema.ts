@@ -125,6 +125,9 @@ export const NetConfigSchema = Type.Object({
   vhost_user: Opt(Bool()),
   vhost_socket: Opt(Str()),
   vhost_mode: Opt(Str()),
+  // Taps this process holds, one per queue pair (Cloud Hypervisor's NetConfig has them too).
+  // Only the command line gives them: numbers in an API body or a saved config are dropped.
+  fds: Opt(Type.Array(I32(), { maxItems: 16 })),
   ...pciCommon,
   rate_limiter_config: Opt(RateLimiterConfigSchema),
   offload_tso: Opt(Bool()),

@@ -13,7 +13,9 @@ import { ApiError, toApiError } from './errors';
 import { parseMigrationUrl } from './migration-url';
 import { checkBody, checkVmConfig, deviceIds as deviceIdsOf } from './request-body';
 import { diskIdOf, netIdOf } from '../devices/virtio/vm-devices';
-import { netConfigProblem } from '../config/net-config';
+import { netConfigProblem, withoutHeldFds } from '../config/net-config';
+import { native } from '../native/kvm';
+import { adoptTaps } from '../vmm/net-backend';
 import {
   ConsoleConfigSchema,
   DiskConfigSchema,
@@ -110,12 +112,16 @@ export class VmmApi {
     return { build_version: `v${TERN_VERSION}`, version: TERN_VERSION, pid: process.pid, features: [...TERN_FEATURES] };
   }
 
-  /** vm.create: `body` is parsed JSON, checked here against the contract before the store sees it. */
-  async create(body: unknown): Promise<void> {
+  /**
+   * vm.create: `body` is parsed JSON, checked here against the contract before the store sees
+   * it. Tap fds in it count only from the command line (`heldFds`): this process holds those,
+   * and each card is named after the tap they are queues of. An API client's are dropped.
+   */
+  async create(body: unknown, opts: { heldFds?: boolean } = {}): Promise<void> {
     const outer = 'The VM could not be created';
     let config: VmConfig;
     try {
-      config = checkVmConfig(body);
+      config = this.netFdsTaken(checkVmConfig(body), opts.heldFds ?? false);
       // A new VM only: a snapshot from before the console existed may name the tty twice.
       const tty = doubleTtyProblem(config);
       if (tty) throw new ApiError(400, ['The VM configuration is not valid', tty]);
@@ -125,6 +131,29 @@ export class VmmApi {
       throw toApiError(e, outer);
     }
     await this.run(outer, () => this.vmm.create(config as StoredVmConfig));
+  }
+
+  /** A new config's cards with fds: named after their taps when this process holds them, without the fds otherwise. */
+  private netFdsTaken(config: VmConfig, held: boolean): VmConfig {
+    if (!held) {
+      const without = withoutHeldFds(config);
+      if (without !== config) this.vmm.log.warn('tap fds in an API request are ignored: only the command line can hand taps over');
+      return without;
+    }
+    const net = (config.net ?? []).map((n, i) => {
+      if (!n.fds) return n;
+      const id = netIdOf(n, i);
+      const problem = netConfigProblem(n, id);
+      if (problem) throw new ApiError(400, ['The VM configuration is not valid', problem]);
+      try {
+        const tap = adoptTaps(n.fds, id);
+        tap.fds.forEach((fd) => native().closeFd(fd));
+        return { ...n, tap: tap.name };
+      } catch (e) {
+        throw new ApiError(400, ['The VM configuration is not valid', (e as Error).message]);
+      }
+    });
+    return config.net ? { ...config, net } : config;
   }
 
   boot(): Promise<void> {
@@ -166,6 +195,11 @@ export class VmmApi {
     let net: NetConfig;
     try {
       net = checkBody(netConfigChecker, NetConfigSchema, 'NetConfig', body) as NetConfig;
+      // (taps come over this socket only with SCM_RIGHTS, which Tern does not take yet)
+      if (net.fds !== undefined) {
+        this.vmm.log.warn('tap fds in an API request are ignored: only the command line can hand taps over');
+        net = withoutHeldFds({ net: [net] }).net![0];
+      }
     } catch (e) {
       throw toApiError(e, outer);
     }

@@ -9,7 +9,7 @@ export class OptionError extends Error {
 }
 
 /** Split on commas that are not inside quotes or brackets. */
-function splitTopLevel(input: string): string[] {
+export function splitTopLevel(input: string): string[] {
   const parts: string[] = [];
   let depth = 0;
   let quoted = false;
@@ -91,6 +91,21 @@ export function parseInteger(option: string, key: string, value: string, min = 0
   const n = Number(value);
   if (n < min || n > max) throw new OptionError(option, `${key}=${value} is out of range ${min}..${max}`);
   return n;
+}
+
+/** An integer list as Cloud Hypervisor writes one: `3`, `[3,7]`, `[3-5,9]` (ranges inclusive). */
+export function parseIntegerList(option: string, key: string, value: string, min = 0, max = Number.MAX_SAFE_INTEGER, maxItems = 256): number[] {
+  const out: number[] = [];
+  for (const item of value.trim().replace(/^\[/, '').replace(/\]$/, '').split(',')) {
+    const m = /^(\d+)(?:-(\d+))?$/.exec(item.trim());
+    if (!m) throw new OptionError(option, `${key}=${value}: "${item}" is not an integer or a range a-b`);
+    const from = parseInteger(option, key, m[1], min, max);
+    const to = m[2] === undefined ? from : parseInteger(option, key, m[2], min, max);
+    if (to < from) throw new OptionError(option, `${key}=${value}: the range ${item} runs backwards`);
+    if (out.length + (to - from + 1) > maxItems) throw new OptionError(option, `${key}=${value}: more than ${maxItems} items`);
+    for (let v = from; v <= to; v++) out.push(v);
+  }
+  return out;
 }
 
 export function parseOnOff(option: string, key: string, value: string): boolean {

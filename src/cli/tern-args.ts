@@ -3,7 +3,7 @@
 import { CPU_PROFILES, isCpuProfile } from '../boot/cpu-profile';
 import { ConsoleConfig, ConsoleMode, CpusConfig, MemoryConfig, VmConfig, doubleTtyProblem } from '../config/vm-config';
 import type { SeccompMode } from '../native/kvm';
-import { OptionError, parseInteger, parseKeyValues, parseOnOff, parseSize } from './option-values';
+import { OptionError, parseInteger, parseIntegerList, parseKeyValues, parseOnOff, parseSize, splitTopLevel } from './option-values';
 
 export interface SocketTarget {
   path?: string;
@@ -75,7 +75,13 @@ const STRING_KEYS = new Set(['id', 'path', 'file', 'socket', 'tag', 'tap', 'ip',
  */
 export function deviceEntry<T = Record<string, unknown>>(option: string, value: string, defaults: Record<string, unknown> = {}): T {
   const out: Record<string, unknown> = { ...defaults };
-  for (const part of value.split(',')) {
+  let parts: string[];
+  try {
+    parts = splitTopLevel(value);
+  } catch (e) {
+    throw new OptionError(option, `${(e as Error).message} in "${value}"`);
+  }
+  for (const part of parts) {
     const eq = part.indexOf('=');
     if (eq <= 0) throw new OptionError(option, `expected key=value, got "${part}"`);
     const k = part.slice(0, eq);
@@ -83,6 +89,19 @@ export function deviceEntry<T = Record<string, unknown>>(option: string, value: 
     out[k] = STRING_KEYS.has(k) ? v : v === 'on' ? true : v === 'off' ? false : /^\d+$/.test(v) ? Number(v) : v;
   }
   return out as T;
+}
+
+/**
+ * A net card in `--net` (and ch-remote add-net) syntax. `fd=3` or `fd=[3,7]` names taps this
+ * process already holds, one per queue pair (the config's `fds`).
+ */
+export function netEntry(value: string): Record<string, unknown> {
+  const net = deviceEntry('--net', value);
+  if (net.fd !== undefined) {
+    net.fds = parseIntegerList('--net', 'fd', String(net.fd), 0, 0x7fff_ffff, 16);
+    delete net.fd;
+  }
+  return net;
 }
 
 /** The command line spells image types in lower case (image_type=qcow2), the API as the contract's enum (Qcow2). */
@@ -138,7 +157,7 @@ const HANDLERS: Record<string, Handler> = {
   '--serial': vmOption((v, a) => (a.vm.serial = consoleConfig('--serial', v))),
   '--console': vmOption((v, a) => (a.vm.console = consoleConfig('--console', v))),
   '--disk': vmOption((v, a) => (a.vm.disks = [...(a.vm.disks ?? []), diskEntry(v)])),
-  '--net': vmOption((v, a) => (a.vm.net = [...(a.vm.net ?? []), deviceEntry('--net', v)])),
+  '--net': vmOption((v, a) => (a.vm.net = [...(a.vm.net ?? []), netEntry(v)])),
   // Cloud Hypervisor's CLI defaults for the fields its API requires
   '--fs': vmOption((v, a) => (a.vm.fs = [...(a.vm.fs ?? []), deviceEntry('--fs', v, { num_queues: 1, queue_size: 1024 })])),
   '--pmem': vmOption((v, a) => (a.vm.pmem = [...(a.vm.pmem ?? []), deviceEntry('--pmem', v)])),

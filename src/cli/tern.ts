@@ -118,7 +118,7 @@ async function main(): Promise<void> {
   }
   if (args.vm) {
     try {
-      await api.create(args.vm);
+      await api.create(args.vm, { heldFds: true });
       await api.boot();
     } catch (e) {
       log.error({ err: e }, 'VM failed to start');

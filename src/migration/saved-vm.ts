@@ -8,6 +8,7 @@ import { checkVmConfig } from '../api/request-body';
 import type { VmConfig } from '../config/vm-config';
 import { rootSchemaVersionOf, upgradeState, validateAndFreezeState, vmConfigProblems, type RootState, type VmStatus } from '../state';
 import { canonicalJson } from './canonical-json';
+import { withoutHeldFds } from '../config/net-config';
 
 export type ErrorFactory = (message: string) => Error;
 
@@ -66,5 +67,8 @@ export function checkSavedState(
   for (let id = 0; id < vcpus; id++) {
     if (!Object.hasOwn(state.vcpus.saved, String(id))) throw error(`${where}: the saved state has no vCPU ${id}`);
   }
+  // The saving process's tap fds are not this one's: its cards open their taps by name.
+  const config = withoutHeldFds(state.vm.config as VmConfig);
+  if (config !== state.vm.config) state = Object.freeze({ ...state, vm: Object.freeze({ ...state.vm, config: Object.freeze(config) }) }) as RootState;
   return { state, storedSchemaVersion: stored };
 }

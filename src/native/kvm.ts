@@ -341,9 +341,18 @@ export interface NativeAddon {
   serveNetQueue(options: NativeNetQueueOptions, onBroken: (reason: string) => void): NativeNetQueue;
   /**
    * `queues` nonblocking fds of tap `name` (created if it does not exist; `%d` in the name is
-   * numbered by the kernel), each with a 12-byte virtio-net header; the name it has.
+   * numbered by the kernel), each with a 12-byte virtio-net header; the name it has. The tap
+   * is multi-queue unless it already existed as a single-queue one.
    */
-  openTap(name: string, queues: number): { name: string; fds: number[] };
+  openTap(name: string, queues: number): { name: string; fds: number[]; multiQueue: boolean };
+  /**
+   * A tap fd opened elsewhere (fd=, SCM_RIGHTS), made ready like openTap's: it must have been
+   * opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR (EINVAL otherwise). Its interface's name, and
+   * a close-on-exec duplicate of `fd` the caller owns (`fd` itself stays as it was).
+   */
+  adoptTap(fd: number): { name: string; multiQueue: boolean; fd: number };
+  /** TUNSETQUEUE: attach or detach one queue of a multi-queue tap (no error when it already is). */
+  tapSetQueue(fd: number, attached: boolean): void;
   /** TUNSETOFFLOAD: the TUN_F_* offloads the guest takes. */
   tapSetOffload(fd: number, flags: number): void;
   /** The host side of an interface: IPv4 address and mask, MAC, MTU, link up. */

@@ -21,7 +21,7 @@ import {
   VIRTIO_BLK_MAX_RANGE_BYTES,
 } from '../devices/virtio/block';
 import type { PciSegmentState } from '../devices/pci';
-import { VIRTIO_NET_KIND, type VirtioNetDevice } from '../devices/virtio/net';
+import { VIRTIO_NET_KIND, formatMac, type VirtioNetDevice } from '../devices/virtio/net';
 import { VIRTIO_RNG_KIND, VIRTIO_RNG_MAX_REQUEST } from '../devices/virtio/rng';
 import type { VirtioFunctionState } from '../devices/virtio/transport';
 import { VirtqueueError, readFromChain, writeToChain, type DescriptorChain } from '../devices/virtio/virtqueue';
@@ -244,6 +244,8 @@ export function checkBackendsFit(segment: PciSegmentState, backends: DeviceBacke
       if (!tap) throw new NetConfigError(`net device '${fn.id}' has no tap: the config does not name it`);
       const pairs = (fn.device as VirtioNetDevice).queuePairs;
       if (tap.fds.length !== pairs) throw new NetConfigError(`net device '${fn.id}': the config gives ${tap.fds.length} queue pairs, the guest's card had ${pairs}`);
+      const mac = (fn.device as VirtioNetDevice).mac;
+      if (tap.macGiven && formatMac(tap.mac) !== formatMac(mac)) throw new NetConfigError(`net device '${fn.id}': the config gives MAC ${formatMac(tap.mac)}, the guest's card had ${formatMac(mac)}`);
     } else if (fn.kind === VIRTIO_RNG_KIND && !backends?.workers.has(fn.id)) {
       throw new Error(`entropy device '${fn.id}' has no source: the config does not name one`);
     }

@@ -6,12 +6,22 @@ import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { NetConfig } from '../api/schema';
 import { netConfigProblem } from '../config/net-config';
-import { VIRTIO_NET_DEFAULT_QUEUES, VirtioNetFeature, parseMac, randomMac, tunOffloadsFor } from '../devices/virtio/net';
+import {
+  VIRTIO_NET_CTRL_MAX_BYTES,
+  VIRTIO_NET_DEFAULT_QUEUES,
+  VirtioNetFeature,
+  activePairsOf,
+  parseMac,
+  randomMac,
+  tunOffloadsFor,
+  virtioNetControl,
+  type VirtioNetDevice,
+} from '../devices/virtio/net';
 import { featureBits, hasFeature, type VirtioFunctionState } from '../devices/virtio/transport';
-import { VirtqueueError } from '../devices/virtio/virtqueue';
+import { VirtqueueError, readFromChain, writeToChain } from '../devices/virtio/virtqueue';
 import { netIdOf } from '../devices/virtio/vm-devices';
 import { native } from '../native/kvm';
-import type { VirtioDeviceWorker } from './virtio-queues';
+import type { ChainResult, VirtioDeviceWorker } from './virtio-queues';
 
 /** A tap Tern creates for a card whose config names none: the kernel numbers it. */
 export const DEFAULT_TAP_NAME = 'vmtap%d';
@@ -26,6 +36,8 @@ export interface NetBackend {
   fds: number[];
   /** the card's MAC */
   mac: number[];
+  /** whether the config gave it (else it is a random one) */
+  macGiven: boolean;
   worker: VirtioDeviceWorker;
   close(): void;
 }
@@ -39,45 +51,106 @@ export function openNetBackend(net: NetConfig, index: number, log: Logger): NetB
   const problem = netConfigProblem(net, id);
   if (problem) throw new NetConfigError(problem);
   const pairs = (net.num_queues ?? VIRTIO_NET_DEFAULT_QUEUES) / 2;
-  let tap: { name: string; fds: number[] };
-  try {
-    tap = native().openTap(net.tap ?? DEFAULT_TAP_NAME, pairs);
-  } catch (e) {
-    throw new NetConfigError(`net device '${id}': the tap '${net.tap ?? DEFAULT_TAP_NAME}' cannot be opened: ${(e as Error).message}`);
+  let tap: { name: string; fds: number[]; multiQueue: boolean };
+  if (net.fds) {
+    tap = adoptTaps(net.fds, id);
+  } else {
+    try {
+      tap = native().openTap(net.tap ?? DEFAULT_TAP_NAME, pairs);
+    } catch (e) {
+      throw new NetConfigError(`net device '${id}': the tap '${net.tap ?? DEFAULT_TAP_NAME}' cannot be opened: ${(e as Error).message}`);
+    }
   }
   const close = () => tap.fds.forEach((fd) => native().closeFd(fd));
   try {
-    native().configureInterface(tap.name, {
+    const settings = {
       ip: net.ip,
       mask: net.ip !== undefined ? (net.mask ?? '255.255.255.0') : net.mask,
       mac: net.host_mac !== undefined ? parseMac(net.host_mac)! : undefined,
       mtu: net.mtu,
-      up: true,
-    });
+    };
+    // A tap handed over by its creator is set up by it: only what the config asks is changed.
+    if (!net.fds) native().configureInterface(tap.name, { ...settings, up: true });
+    else if (Object.values(settings).some((v) => v !== undefined)) native().configureInterface(tap.name, settings);
   } catch (e) {
     close();
     throw new NetConfigError(`net device '${id}': the tap '${tap.name}' cannot be set up: ${(e as Error).message}`);
   }
   const mac = net.mac !== undefined ? parseMac(net.mac)! : randomMac(randomBytes);
+  // A queue no thread reads yet takes no frames: on a tap another VMM also has queues of (the
+  // source of a local migration), frames go to that one's until this guest runs.
+  if (tap.multiQueue) for (const fd of tap.fds) native().tapSetQueue(fd, false);
   log.info({ device: id, tap: tap.name, queuePairs: pairs }, 'net device on a tap');
-  return { id, tap: tap.name, fds: tap.fds, mac, worker: netWorker(id, tap.fds, log), close };
+  return { id, tap: tap.name, fds: tap.fds, mac, macGiven: net.mac !== undefined, worker: netWorker(id, tap.fds, log, { detached: tap.multiQueue }), close };
 }
 
 /**
- * virtio-net's worker: its queues are served by native threads only (queue 2n receives and
- * 2n+1 transmits on pair n's tap fd). A queue no thread may serve yet (its vector masked)
- * waits; frames wait in the tap meanwhile.
+ * Taps this process was given (`fds` of the config, one per queue pair): duplicates of them,
+ * checked to be queues of one tap with a virtio-net header. Throws NetConfigError.
  */
-export function netWorker(id: string, fds: readonly number[], log: Logger): VirtioDeviceWorker {
+export function adoptTaps(fds: readonly number[], id: string): { name: string; fds: number[]; multiQueue: boolean } {
+  const taken: { name: string; multiQueue: boolean; fd: number }[] = [];
+  const fail = (why: string): never => {
+    taken.forEach((t) => native().closeFd(t.fd));
+    throw new NetConfigError(`net device '${id}': ${why}`);
+  };
+  for (const fd of fds) {
+    try {
+      taken.push(native().adoptTap(fd));
+    } catch (e) {
+      fail(`fd ${fd} cannot be used: ${(e as Error).message}`);
+    }
+  }
+  if (new Set(taken.map((t) => t.name)).size > 1) fail(`its fds are queues of different taps (${[...new Set(taken.map((t) => t.name))].join(', ')})`);
+  if (taken.length > 1 && !taken[0].multiQueue) fail(`its fds belong to '${taken[0].name}', which is not a multi-queue tap`);
+  return { name: taken[0].name, fds: taken.map((t) => t.fd), multiQueue: taken[0].multiQueue };
+}
+
+/**
+ * virtio-net's worker. Queue 2n receives and 2n+1 transmits on pair n's tap fd, served by
+ * native threads only; a queue no thread may serve yet (its vector masked) waits, and frames
+ * wait in the tap meanwhile. A card with several pairs has a control queue after them, served
+ * here: the driver says there how many pairs it uses. On a multi-queue tap (`detached`: its
+ * queues start detached) the pairs in use are attached as their threads start, so the kernel
+ * steers no frame to a queue the guest does not read.
+ */
+export function netWorker(id: string, fds: readonly number[], log: Logger, opts: { detached: boolean } = { detached: false }): VirtioDeviceWorker {
   let offloadWarned = false;
+  const controlQueue = fds.length > 1 ? 2 * fds.length : undefined;
+  // Which tap queues are attached now: host state that follows the card's active pairs.
+  // Changed only while the card's threads are stopped.
+  const attached = fds.map(() => !opts.detached);
+  const attachActive = (device: VirtioNetDevice) => {
+    if (!opts.detached) return;
+    const active = activePairsOf(device);
+    fds.forEach((fd, pair) => {
+      if (attached[pair] === pair < active) return;
+      try {
+        native().tapSetQueue(fd, pair < active);
+        attached[pair] = pair < active;
+      } catch (e) {
+        log.warn({ device: id, pair, err: (e as Error).message }, 'the tap refused to attach or detach a queue');
+      }
+    });
+  };
   return {
-    ready: () => false,
-    chain() {
-      throw new VirtqueueError('a net queue is served by its native thread only');
+    ready: (queue) => queue === controlQueue,
+    chain(fn, queue, chain, memory): ChainResult {
+      if (queue !== controlQueue) throw new VirtqueueError('a net queue is served by its native thread only');
+      if (chain.writableBytes < 1) throw new VirtqueueError('a control command has no room for its ack');
+      const { device, ack } = virtioNetControl(fn.device as VirtioNetDevice, readFromChain(memory, chain, VIRTIO_NET_CTRL_MAX_BYTES));
+      writeToChain(memory, chain, Uint8Array.of(ack));
+      if (device !== fn.device) log.info({ device: id, activePairs: activePairsOf(device) }, 'the driver set how many queue pairs it uses');
+      return { written: 1, ...(device !== fn.device ? { device } : {}) };
     },
     nativeQueue(fn: VirtioFunctionState, queue: number) {
       const fd = fds[Math.floor(queue / 2)];
-      if (fd === undefined) return undefined;
+      if (fd === undefined || queue === controlQueue) return undefined;
+      const device = fn.device as VirtioNetDevice;
+      attachActive(device);
+      const receive = queue % 2 === 0;
+      // A pair the driver does not use has no tap queue to read: its buffers wait.
+      if (receive && Math.floor(queue / 2) >= activePairsOf(device) && controlQueue !== undefined) return undefined;
       try {
         // What the tap may hand the guest follows what the driver accepted.
         native().tapSetOffload(fd, tunOffloadsFor(featureBits(fn.virtio.driverFeatures)));
@@ -85,7 +158,7 @@ export function netWorker(id: string, fds: readonly number[], log: Logger): Virt
         if (!offloadWarned) log.warn({ device: id, err: (e as Error).message }, 'the tap refused the offloads: the guest gets plain frames');
         offloadWarned = true;
       }
-      return { kind: 'net', tapFd: fd, receive: queue % 2 === 0, mergeable: hasFeature(fn.virtio.driverFeatures, VirtioNetFeature.MRG_RXBUF) };
+      return { kind: 'net', tapFd: fd, receive, mergeable: hasFeature(fn.virtio.driverFeatures, VirtioNetFeature.MRG_RXBUF) };
     },
   };
 }

@@ -90,6 +90,11 @@ export interface NativeDisk {
 export interface ChainResult {
   written: number;
   counters?: Record<string, number>;
+  /**
+   * The device's own state after this chain, when the chain changed it (a net card's control
+   * command). Only a chain served at once may: it goes into the store with the cursors.
+   */
+  device?: unknown;
 }
 
 function sumCounters(into: Record<string, number> | undefined, add: Record<string, number> | undefined): Record<string, number> | undefined {
@@ -290,6 +295,13 @@ export class VirtioQueues {
     return any;
   }
 
+  /** Stop `device`'s native threads and serve its queues again: they start as its state now says. */
+  private restartNative(device: string): void {
+    for (const [key, n] of [...this.nativeQueues]) if (n.device === device) this.stopNative(key);
+    const fn = this.virtioFunctions().find((f) => f.fn.id === device)?.fn;
+    fn?.virtio.queues.forEach((q, i) => q.enabled && this.serve(device, i));
+  }
+
   /** Move what native threads counted into the store (vm.counters reads it there). */
   collectCounters(): void {
     for (const n of this.nativeQueues.values()) this.recordCounters(n.device, n.queue, n.handle.takeCounters());
@@ -335,11 +347,13 @@ export class VirtioQueues {
     try {
       const live = this.liveQueue(device, queue);
       if (!live) return;
-      const { fn, q, rings } = live;
+      const { q, rings } = live;
+      let fn = live.fn;
       if (this.startNative(worker, fn, queue, rings)) return;
       let c = { nextAvail: q.nextAvail, nextUsed: q.nextUsed };
       let served = 0;
       let counters: Record<string, number> | undefined;
+      let deviceState: unknown;
       for (;;) {
         let waiting = false;
         while (served < CHAINS_PER_TURN) {
@@ -356,6 +370,8 @@ export class VirtioQueues {
           } else {
             c = pushUsed(memory, rings, popped.cursors, popped.chain.head, result.written);
             counters = sumCounters(counters, result.counters);
+            // (the next chain of the batch sees what this one changed)
+            if (result.device !== undefined) fn = { ...fn, device: (deviceState = result.device) };
           }
           served++;
         }
@@ -373,16 +389,18 @@ export class VirtioQueues {
         if (availableCount(memory, rings, c) === 0) break;
       }
       if (c.nextAvail === q.nextAvail && c.nextUsed === q.nextUsed) return;
-      this.record(device, queue, rings, q.nextUsed, c, counters);
+      this.record(device, queue, rings, q.nextUsed, c, counters, deviceState);
+      // What the device's threads serve may follow its state (a card's active pairs).
+      if (deviceState !== undefined) this.restartNative(device);
     } catch (e) {
       this.broken(device, queue, e);
     }
   }
 
   /** Record the queue's new cursors; an interrupt when the driver asked to hear of used buffers. */
-  private record(device: string, queue: number, rings: QueueRings, usedBefore: number, c: { nextAvail: number; nextUsed: number }, counters?: Record<string, number>): void {
+  private record(device: string, queue: number, rings: QueueRings, usedBefore: number, c: { nextAvail: number; nextUsed: number }, counters?: Record<string, number>, deviceState?: unknown): void {
     const interrupt = c.nextUsed !== usedBefore && shouldInterrupt(this.opts.memory, rings, usedBefore, c.nextUsed);
-    const served = { queue, nextAvail: c.nextAvail, nextUsed: c.nextUsed, interrupt, ...(counters ? { counters } : {}) };
+    const served = { queue, nextAvail: c.nextAvail, nextUsed: c.nextUsed, interrupt, ...(counters ? { counters } : {}), ...(deviceState !== undefined ? { deviceState } : {}) };
     const r = this.opts.store.dispatch(virtioEvents.queueServed(PCI_SEGMENT_ID, device, served));
     this.opts.runEffects(r.effects);
   }

@@ -1,10 +1,14 @@
-// Lab tier: virtio-net on a tap under a real Debian kernel, through a snapshot and a restore.
-// Tern creates the tap and gives its host side an address; the guest's virtio_net driver brings
-// up eth0, pings the host and streams numbered lines to a server in this test over TCP; the VMM
-// is snapshotted and killed (its tap goes with it), a new one restores the guest and makes the
-// tap again, and the same connection goes on. (The 100 MiB transfers in each direction are in
-// test/acceptance/net.test.ts, `npm run test:net-lab`.)
+// Lab tier: virtio-net on a tap under a real Debian kernel, through a snapshot, a restore and a
+// live migration on this host. Tern creates a two-pair tap and gives its host side an address;
+// the guest (two vCPUs, so its driver enables both pairs) brings up eth0, pings the host and
+// streams numbered lines to a server in this test over TCP, while the host sends datagrams
+// from many ports, which the tap spreads over its queues. The VMM is snapshotted and killed
+// (its tap goes with it), a new one restores the guest and makes the tap again, and migrates it
+// to a third VMM that opens the same tap beside it; the one connection goes on throughout.
+// (The 100 MiB transfers in each direction are in test/acceptance/net.test.ts,
+// `npm run test:net-lab`.)
 import test from 'ava';
+import dgram from 'node:dgram';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -15,7 +19,7 @@ import { GUEST_IP, GUEST_MAC, HOST_IP, TAP, listenOn, tcpServer } from './net-pe
 
 const BOOT_TIMEOUT = 240_000;
 /** As in virtio.test.ts: the lab's emulated SVM is steadier with a CPU profile under heavy interrupt load. */
-const CPUS = 'boot=1,profile=x86-64-v2';
+const CPUS = 'boot=2,profile=x86-64-v2';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-linux-net-'));
 process.on('exit', () => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -29,11 +33,37 @@ const STREAM_PROBE = [
   `i=0; while :; do i=$((i+1)); echo "T $i"; sleep 0.2; done | nc ${HOST_IP} ${STREAM}`,
 ].join('; ');
 
-test.serial('snapshot and restore of a guest with a net card: the new VMM makes the tap again and the guest\'s TCP connection to the host goes on', async (t) => {
+/** The card's state in a snapshot: its active pairs and each queue's used index. */
+function cardInSnapshot(dir: string): { activePairs?: number; used: number[] } {
+  const env = JSON.parse(fs.readFileSync(path.join(dir, 'state.json'), 'utf8')) as { state: { devices: { instances: Record<string, { functions?: Record<string, unknown> }> } } };
+  const fns = Object.values(env.state.devices.instances).flatMap((d) => Object.values(d.functions ?? {})) as {
+    kind: string;
+    device: { activePairs?: number };
+    virtio: { queues: { nextUsed: number }[] };
+  }[];
+  const card = fns.find((f) => f.kind === 'virtio-net');
+  if (!card) throw new Error('no virtio-net function in the snapshot');
+  return { activePairs: card.device.activePairs, used: card.virtio.queues.map((q) => q.nextUsed) };
+}
+
+/** Datagrams to the guest from `flows` source ports: the tap picks a queue per flow. */
+async function datagramsFromPorts(flows: number): Promise<void> {
+  for (let i = 0; i < flows; i++) {
+    const s = dgram.createSocket('udp4');
+    await new Promise<void>((resolve) => s.bind(41000 + i, HOST_IP, () => resolve()));
+    for (let k = 0; k < 4; k++) await new Promise<void>((resolve) => s.send(Buffer.from(`flow ${i}`), 9, GUEST_IP, () => resolve()));
+    s.close();
+  }
+}
+
+test.serial('a two-pair card through snapshot, restore and a local live migration: both pairs carry frames, the new VMMs open the tap again, the guest\'s TCP connection goes on', async (t) => {
   const socket = path.join(tmp, 'stream.sock');
+  const restoredSock = path.join(tmp, 'restored.sock');
+  const dstSock = path.join(tmp, 'dst.sock');
+  const url = `unix:${path.join(tmp, 'mig.stream')}`;
   const snap = path.join(tmp, 'stream-snap');
   // host_mac: the tap made again has the MAC the guest's ARP cache holds.
-  const netArg = `tap=${TAP},ip=${HOST_IP},mask=255.255.255.0,mac=${GUEST_MAC},host_mac=${HOST_MAC}`;
+  const netArg = `tap=${TAP},ip=${HOST_IP},mask=255.255.255.0,mac=${GUEST_MAC},host_mac=${HOST_MAC},num_queues=4`;
   const vm = GuestProcess.tern([
     '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'), '--cmdline', guestCmdline({ cmd: STREAM_PROBE }),
     '--cpus', CPUS, '--memory', 'size=256M', '--serial', 'tty', '--console', 'off', '--api-socket', `path=${socket}`, '--net', netArg,
@@ -52,22 +82,43 @@ test.serial('snapshot and restore of a guest with a net card: the new VMM makes 
       await new Promise((r) => setTimeout(r, 100));
     }
   };
+  const linesOn = async (what: string, more: number) => {
+    const now = counts();
+    const last = now[now.length - 1];
+    await until(`line ${last + more} ${what}`, () => counts().some((n) => n >= last + more), BOOT_TIMEOUT);
+  };
   let restored: GuestProcess | undefined;
+  let dst: GuestProcess | undefined;
   try {
     await vm.waitFor(/^NET-READY\r?$/m, BOOT_TIMEOUT);
     await listenOn(server, STREAM);
     vm.type('go\n');
     await until('10 lines from the guest', () => counts().length >= 10, BOOT_TIMEOUT);
+    await datagramsFromPorts(16);
     await waitForPath(socket);
     await ternRemote(socket, 'pause');
     await ternRemote(socket, 'snapshot', `file://${snap}`);
     vm.kill();
     await vm.exited;
-    const before = counts();
+    const card = cardInSnapshot(snap);
+    t.is(card.activePairs, 2, 'the driver enabled both pairs on the control queue');
+    t.true(card.used[0] > 0 && card.used[2] > 0, `both receive queues took frames (used: ${card.used.join(', ')})`);
+    t.log(`queues' used indexes at the snapshot: ${card.used.join(', ')}`);
     t.false(fs.existsSync(`/sys/class/net/${TAP}`), 'the tap went with the VMM');
-    restored = GuestProcess.tern(['--restore', `source_url=file://${snap},resume=on`, '--serial', 'tty']);
-    const last = before[before.length - 1];
-    await until(`line ${last + 20} after the restore`, () => counts().some((n) => n >= last + 20), BOOT_TIMEOUT);
+
+    restored = GuestProcess.tern(['--restore', `source_url=file://${snap},resume=on`, '--serial', 'tty', '--api-socket', `path=${restoredSock}`]);
+    await linesOn('after the restore', 20);
+
+    dst = GuestProcess.tern(['--api-socket', `path=${dstSock}`, '--serial', 'tty']);
+    await waitForPath(dstSock);
+    await waitForPath(restoredSock);
+    const received = ternRemote(dstSock, 'receive-migration', url);
+    await waitForPath(url.slice('unix:'.length));
+    await ternRemote(restoredSock, 'send-migration', url);
+    await received;
+    t.is((await restored.exit(BOOT_TIMEOUT)).code, 0, 'the source VMM exits once the destination runs the guest');
+    await linesOn('after the migration', 20);
+
     const all = counts();
     t.deepEqual(all, all.map((_, i) => 1 + i), 'the guest\'s lines arrive in order, none lost, none twice');
     t.is(connections, 1, 'over the one TCP connection it had before the snapshot');
@@ -75,5 +126,6 @@ test.serial('snapshot and restore of a guest with a net card: the new VMM makes 
     server.close();
     vm.kill();
     restored?.kill();
+    dst?.kill();
   }
 });

@@ -4,6 +4,9 @@
 // _netN one). vm.create refuses such cards the same way. Every reply is checked against the
 // OpenAPI document.
 import test from 'ava';
+import { ApiError } from '../../src/api/errors';
+import { VmmApi } from '../../src/api/vmm-api';
+import { native } from '../../src/native/kvm';
 import { ReplyRecorder, bodyJson, contractTest, startApi, tempDir, type ApiRig } from './api-harness';
 
 const recorder = new ReplyRecorder();
@@ -43,7 +46,8 @@ test.serial('vm.add-net adds net devices to a created VM; bad bodies, impossible
     [{ tap: 7 }, 'tap must be a string'],
     [{ tap: 'x', mac: 'not-a-mac' }, 'a MAC that is not one'],
     [{ tap: 'x', ip: 'fd00::1' }, 'an IPv6 host address'],
-    [{ tap: 'x', num_queues: 4 }, 'more than one queue pair'],
+    [{ tap: 'x', num_queues: 3 }, 'an odd number of queues'],
+    [{ tap: 'x', num_queues: 18 }, 'more queue pairs than a card has'],
     [{ tap: 'x', queue_size: 100 }, 'a queue size that is no power of two'],
     [{ tap: 'x', vhost_user: true }, 'vhost-user'],
   ] as const) {
@@ -54,3 +58,31 @@ test.serial('vm.add-net adds net devices to a created VM; bad bodies, impossible
 });
 
 contractTest(test, recorder, 'api-add-net', ['PUT vm.add-net', 'PUT vm.create', 'GET vm.info']);
+
+test.serial('tap fds: taken from the command line (the card is named after its tap), dropped from API bodies, refused when they are no tap', async (t) => {
+  await rig.call('PUT', 'vm.delete');
+  const { name, fds } = native().openTap(`tfd${process.pid % 100000}`, 1);
+  t.teardown(() => native().closeFd(fds[0]));
+  const kernel = { payload: { kernel: '/boot/vmlinux' } };
+
+  t.is((await rig.call('PUT', 'vm.create', { ...kernel, net: [{ fds: [0] }] })).status, 204, 'an API body\'s fds are ignored');
+  const fromApi = bodyJson(await rig.call('GET', 'vm.info')) as { config: { net: { fds?: number[]; tap?: string }[] } };
+  t.deepEqual(fromApi.config.net, [{}]);
+  t.is((await rig.call('PUT', 'vm.add-net', { fds: [1], id: 'other' })).status, 204);
+  t.deepEqual((bodyJson(await rig.call('GET', 'vm.info')) as typeof fromApi).config.net[1], { id: 'other' });
+  await rig.call('PUT', 'vm.delete');
+
+  const api = new VmmApi(rig.vmm);
+  await api.create({ ...kernel, net: [{ fds: [fds[0]] }] }, { heldFds: true });
+  const held = bodyJson(await rig.call('GET', 'vm.info')) as typeof fromApi;
+  t.deepEqual(held.config.net, [{ fds: [fds[0]], tap: name }]);
+  await rig.call('PUT', 'vm.delete');
+
+  const efd = native().eventfd(0);
+  t.teardown(() => native().closeFd(efd));
+  const notTap = await t.throwsAsync(api.create({ ...kernel, net: [{ fds: [efd] }] }, { heldFds: true }));
+  t.like(notTap, { status: 400 });
+  t.regex((notTap as ApiError).chain.join(' '), new RegExp(`fd ${efd} cannot be used: .*not a tap`));
+  await t.throwsAsync(api.create({ ...kernel, net: [{ fds: [fds[0]], num_queues: 4 }] }, { heldFds: true }), { message: /1 fds for 4 queues/ });
+  t.is(rig.vmm.state.vm.status, 'NotCreated');
+});

@@ -109,3 +109,16 @@ test("tern-remote add-disk takes ch-remote's disk syntax and needs it", (t) => {
   t.throws(() => parseTernRemoteArgs(['--api-socket', '/run/t.sock', 'add-disk']), { message: /add-disk needs an argument/ });
   t.throws(() => addDiskBody('readonly'), { instanceOf: RemoteUsageError });
 });
+
+test('--net fd= names taps this process holds, one per queue pair, in Cloud Hypervisor\'s integer-list syntax', (t) => {
+  const a = parseTernArgs(['--kernel', 'k', '--console', 'off', '--net', 'mac=de:ad:be:ef:12:34,fd=[3,7],num_queues=4', 'fd=9', '--net', 'fd=[10-12],num_queues=6']);
+  t.deepEqual(
+    a.vm!.net!.map((n) => [n.fds, n.num_queues, n.mac]),
+    [
+      [[3, 7], 4, 'de:ad:be:ef:12:34'],
+      [[9], undefined, undefined],
+      [[10, 11, 12], 6, undefined],
+    ],
+  );
+  for (const bad of ['fd=x', 'fd=[3,', 'fd=[5-3]', 'fd=[-1]']) t.throws(() => parseTernArgs(['--kernel', 'k', '--console', 'off', '--net', bad]), { instanceOf: OptionError }, bad);
+});

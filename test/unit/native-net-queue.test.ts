@@ -19,16 +19,16 @@ const GUEST_MAC = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
 let subnet = 40 + (process.pid % 150);
 /** A tap of its own for each test, up, with host address 10.213.N.1/24; closing its fds removes it. */
-function tap(t: { teardown(fn: () => void): void }, opts: { up?: boolean } = {}): { name: string; fd: number; host: string; guest: string } {
+function tap(t: { teardown(fn: () => void): void }, opts: { up?: boolean; queues?: number } = {}): { name: string; fd: number; fds: number[]; host: string; guest: string } {
   const n = subnet++;
-  const { name, fds } = native().openTap(`tnt${process.pid % 10000}x${n}`, 1);
-  t.teardown(() => native().closeFd(fds[0]));
+  const { name, fds } = native().openTap(`tnt${process.pid % 10000}x${n}`, opts.queues ?? 1);
+  t.teardown(() => fds.forEach((fd) => native().closeFd(fd)));
   const host = `10.213.${n}.1`;
   // (no IPv6 on it: its router and neighbour solicitations would be frames the tests did not ask for)
   const v6 = `/proc/sys/net/ipv6/conf/${name}/disable_ipv6`;
   if (fs.existsSync(v6)) fs.writeFileSync(v6, '1');
   native().configureInterface(name, { ip: host, mask: '255.255.255.0', mac: HOST_MAC, up: opts.up ?? true });
-  return { name, fd: fds[0], host, guest: `10.213.${n}.2` };
+  return { name, fd: fds[0], fds, host, guest: `10.213.${n}.2` };
 }
 
 interface Queue extends RingDriver {
@@ -185,4 +185,55 @@ test('hostile chains break the queue with the reason: a short header, an oversiz
     t.regex(q.broken[0], reason, what);
     t.is(q.usedIdx(), 0, `${what}: nothing used`);
   }
+});
+
+/** The next frame on tap fd `fd` within 2 s; null when none came. */
+async function frameOn(fd: number): Promise<Buffer | null> {
+  const buf = Buffer.alloc(2048);
+  for (let i = 0; i < 200; i++) {
+    try {
+      const n = fs.readSync(fd, buf);
+      return buf.subarray(12, n); // (after the virtio-net header)
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') throw e;
+    }
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  return null;
+}
+
+test('a multi-queue tap steers frames only to its attached queues: a card\'s unused pairs get none', async (t) => {
+  const nic = tap(t, { queues: 2 });
+  native().tapSetQueue(nic.fds[0], false);
+  native().tapSetQueue(nic.fds[0], false); // (again: no error, it already is)
+  provokeArp(nic);
+  const first = await frameOn(nic.fds[1]);
+  t.true(first !== null && isArpRequestFor(first, nic.guest), 'the one attached queue gets the ARP request');
+  native().tapSetQueue(nic.fds[0], true);
+  native().tapSetQueue(nic.fds[1], false);
+  provokeArp({ guest: nic.guest.replace(/\.2$/, '.3') });
+  const second = await frameOn(nic.fds[0]);
+  t.true(second !== null && isArpRequestFor(second, nic.guest.replace(/\.2$/, '.3')), 'and after the swap, the other');
+});
+
+test('a tap opened elsewhere is adopted when it has a virtio-net header; anything else is refused', (t) => {
+  const nic = tap(t);
+  const adopted = native().adoptTap(nic.fd);
+  t.like(adopted, { name: nic.name, multiQueue: true });
+  t.not(adopted.fd, nic.fd, 'the caller gets a duplicate of its own');
+  native().closeFd(adopted.fd);
+  const again = native().adoptTap(nic.fd);
+  t.is(again.name, nic.name, 'the tap is still there after the duplicate closed');
+  native().closeFd(again.fd);
+  const efd = native().eventfd(0, EventFdFlags.CLOEXEC);
+  t.teardown(() => native().closeFd(efd));
+  t.throws(() => native().adoptTap(efd), { message: /not a tap/ });
+  t.throws(() => native().adoptTap(-1));
+});
+
+test('taps are opened multi-queue, so a second VMM on the host (a local migration\'s destination) can open the same one', (t) => {
+  const nic = tap(t);
+  const second = native().openTap(nic.name, 1);
+  t.teardown(() => second.fds.forEach((fd) => native().closeFd(fd)));
+  t.like(second, { name: nic.name, multiQueue: true });
 });

@@ -11,14 +11,22 @@ import {
   parseMac,
   randomMac,
   tunOffloadsFor,
+  VirtioNetCtrl,
+  activePairsOf,
   virtioNetConfigBytes,
+  virtioNetControl,
   virtioNetFeatures,
   virtioNetModel,
   type VirtioNetDevice,
 } from '../../src/devices/virtio/net';
 import { placeVirtioFunctions, virtioFunctionsOf } from '../../src/devices/virtio/vm-devices';
-import { featureWords, type VirtioFunctionState } from '../../src/devices/virtio/transport';
-import { netWorker } from '../../src/vmm/net-backend';
+import { featureWords, virtioQueueServed, type VirtioFunctionState } from '../../src/devices/virtio/transport';
+import type { DescriptorChain } from '../../src/devices/virtio/virtqueue';
+import { anonymousGuestMemory } from '../../src/memory/guest-memory';
+import type { ChainResult } from '../../src/vmm/virtio-queues';
+import { pciSegmentInitialState } from '../../src/devices/pci/segment';
+import { checkBackendsFit, type DeviceBackends } from '../../src/vmm/device-backends';
+import { netWorker, type NetBackend } from '../../src/vmm/net-backend';
 
 const bit = (b: number) => 1n << BigInt(b);
 const card = (o: Partial<VirtioNetDevice> = {}): VirtioNetDevice => ({ mac: [0x52, 0x54, 0, 1, 2, 3], mtu: 0, queuePairs: 1, offloads: { csum: true, tso: true, ufo: true }, ...o });
@@ -84,4 +92,86 @@ test('the worker gives each queue to a native thread: even queues receive, odd t
   t.deepEqual(w.nativeQueue?.(fn, 1), { kind: 'net', tapFd: -1, receive: false, mergeable: false });
   t.is(w.nativeQueue?.(fn, 2), undefined, 'no pair 1');
   t.false(w.ready?.(0) ?? true, 'nothing is served on the JavaScript thread');
+});
+
+const pairsSet = (pairs: number) => Uint8Array.of(VirtioNetCtrl.MQ, VirtioNetCtrl.MQ_VQ_PAIRS_SET, pairs & 0xff, pairs >> 8);
+
+test('a card with several pairs offers the control queue and multiqueue, and has a queue for it after the pairs', (t) => {
+  t.is(virtioNetFeatures(card()) & (bit(F.CTRL_VQ) | bit(F.MQ)), 0n, 'one pair: no control queue, as cards had before');
+  t.is(virtioNetFeatures(card({ queuePairs: 2 })) & (bit(F.CTRL_VQ) | bit(F.MQ)), bit(F.CTRL_VQ) | bit(F.MQ));
+  t.is(new DataView(virtioNetConfigBytes(card({ queuePairs: 3 })).buffer).getUint16(8, true), 3, 'max_virtqueue_pairs');
+  const fns = virtioFunctionsOf({ payload: { kernel: '/k' }, net: [{ tap: 'a', num_queues: 4, queue_size: 512 }] }, { diskSizes: new Map(), netMacs: new Map([['_net0', [2, 0, 0, 0, 0, 1]]]) });
+  t.deepEqual(fns[0].virtio.queues.map((q) => q.maxSize), [512, 512, 512, 512, 512], 'two pairs and the control queue');
+  t.is(virtioNetModel.checkState?.(fns[0] as never) ?? null, null);
+});
+
+test('control commands: VQ_PAIRS_SET within 1..max is taken; any other pair count or command is refused and changes nothing', (t) => {
+  const d = card({ queuePairs: 4 });
+  t.is(activePairsOf(d), 1, 'one pair until the driver says more');
+  const two = virtioNetControl(d, pairsSet(2));
+  t.is(two.ack, VirtioNetCtrl.OK);
+  t.is(activePairsOf(two.device), 2);
+  t.is(virtioNetControl(two.device, pairsSet(2)).device, two.device, 'the same count changes nothing');
+  for (const [req, why] of [
+    [pairsSet(0), 'no pair'],
+    [pairsSet(5), 'more pairs than the card has'],
+    [pairsSet(0x102), 'a count whose low byte alone would fit'],
+    [Uint8Array.of(VirtioNetCtrl.MQ, VirtioNetCtrl.MQ_VQ_PAIRS_SET, 2), 'data cut short'],
+    [Uint8Array.of(0, 0, 1), 'a receive-mode command (not offered)'],
+    [Uint8Array.of(), 'nothing at all'],
+  ] as const) {
+    const r = virtioNetControl(d, req);
+    t.is(r.ack, VirtioNetCtrl.ERR, why);
+    t.is(r.device, d, why);
+  }
+  t.deepEqual(virtioNetModel.type.resetDevice?.(two.device), d, 'a reset forgets the pairs the driver enabled');
+});
+
+test('the active pairs are the card\'s state: recorded with the control queue\'s cursors, and checked', (t) => {
+  const fn = virtioNetModel.create('_net0', card({ queuePairs: 2 }), [256, 256, 256, 256, 256]);
+  const served = virtioQueueServed(virtioNetModel, fn, { queue: 4, nextAvail: 1, nextUsed: 1, interrupt: false, deviceState: { ...fn.device, activePairs: 2 } });
+  t.is(served.fn.device.activePairs, 2);
+  t.is(served.fn.virtio.queues[4].nextUsed, 1);
+  t.throws(() => virtioQueueServed(virtioNetModel, fn, { queue: 4, nextAvail: 1, nextUsed: 1, interrupt: false, deviceState: { ...fn.device, activePairs: 3 } }), { message: /3 active queue pairs of 2/ });
+  t.throws(() => virtioQueueServed(virtioNetModel, fn, { queue: 4, nextAvail: 1, nextUsed: 1, interrupt: false, deviceState: { ...fn.device, mac: 'x' } }), { message: /device state field \/mac/ });
+});
+
+const chainOf = (readable: { addr: number; len: number }[], writable: { addr: number; len: number }[]): DescriptorChain => ({
+  head: 0,
+  readable,
+  writable,
+  readableBytes: readable.reduce((n, s) => n + s.len, 0),
+  writableBytes: writable.reduce((n, s) => n + s.len, 0),
+});
+
+test('the worker serves the control queue itself: the ack goes into the chain, the new state comes back; data queues of unused pairs wait', (t) => {
+  const mem = anonymousGuestMemory([{ guestAddress: 0, size: 1 << 20 }]);
+  const w = netWorker('_net0', [-1, -2], pino({ level: 'silent' }));
+  const fn = virtioNetModel.create('_net0', card({ queuePairs: 2 }), [256, 256, 256, 256, 256]) as VirtioFunctionState;
+  t.true(w.ready!(4), 'the control queue is served on the JavaScript thread');
+  t.false(w.ready!(0));
+  mem.write(0x1000, Uint8Array.of(VirtioNetCtrl.MQ, VirtioNetCtrl.MQ_VQ_PAIRS_SET));
+  mem.write(0x2000, Uint8Array.of(2, 0));
+  mem.write(0x3000, Uint8Array.of(0xee));
+  const r = w.chain(fn, 4, chainOf([{ addr: 0x1000, len: 2 }, { addr: 0x2000, len: 2 }], [{ addr: 0x3000, len: 1 }]), mem) as ChainResult;
+  t.is(r.written, 1);
+  t.is(mem.read(0x3000, 1)[0], VirtioNetCtrl.OK);
+  t.is((r.device as VirtioNetDevice).activePairs, 2);
+  t.throws(() => w.chain(fn, 4, chainOf([{ addr: 0x1000, len: 4 }], []), mem), { message: /no room for its ack/ });
+  t.throws(() => w.chain(fn, 1, chainOf([{ addr: 0x1000, len: 4 }], []), mem), { message: /native thread only/ });
+  // (fds -1 and -2: the tap calls fail, which the worker logs and lives with)
+  t.is(w.nativeQueue?.(fn, 4), undefined, 'no thread for the control queue');
+  t.is(w.nativeQueue?.(fn, 2), undefined, 'pair 1 does not receive until the driver enables it');
+  t.like(w.nativeQueue?.(fn, 3), { kind: 'net', tapFd: -2, receive: false });
+  t.like(w.nativeQueue?.({ ...fn, device: r.device }, 2), { kind: 'net', tapFd: -2, receive: true });
+});
+
+test('a restored card must fit its tap: as many pairs, and the MAC its config gives if it gives one', (t) => {
+  const fn = virtioNetModel.create('_net0', card({ queuePairs: 2 }), [256, 256, 256, 256, 256]);
+  const segment = pciSegmentInitialState({ functions: { '01.0': fn } });
+  const backends = (tap: Partial<NetBackend>) => ({ nets: new Map([['_net0', { id: '_net0', tap: 't', fds: [-1, -2], mac: [2, 0, 0, 0, 0, 9], macGiven: false, ...tap } as NetBackend]]) }) as unknown as DeviceBackends;
+  t.notThrows(() => checkBackendsFit(segment, backends({})), 'no MAC in the config: the card keeps its own');
+  t.notThrows(() => checkBackendsFit(segment, backends({ mac: card().mac, macGiven: true })));
+  t.throws(() => checkBackendsFit(segment, backends({ macGiven: true })), { message: /config gives MAC 02:00:00:00:00:09, the guest's card had 52:54:00:01:02:03/ });
+  t.throws(() => checkBackendsFit(segment, backends({ fds: [-1] })), { message: /1 queue pairs, the guest's card had 2/ });
 });

@@ -33,7 +33,14 @@ export const VirtioNetFeature = {
   HOST_UFO: 14,
   MRG_RXBUF: 15,
   STATUS: 16,
+  CTRL_VQ: 17,
+  MQ: 22,
 } as const;
+
+/** The control queue's command classes and acks (5.1.6.5); Tern implements multiqueue's only. */
+export const VirtioNetCtrl = { MQ: 4, MQ_VQ_PAIRS_SET: 0, OK: 0, ERR: 1 } as const;
+/** A control command: class and command bytes, then its data (VQ_PAIRS_SET: a le16). */
+export const VIRTIO_NET_CTRL_MAX_BYTES = 64;
 
 /** Status field bits: the link is up. */
 export const VIRTIO_NET_S_LINK_UP = 1;
@@ -47,6 +54,11 @@ export interface VirtioNetDevice {
   /** the MTU the guest is told (VIRTIO_NET_F_MTU); 0: none */
   mtu: number;
   queuePairs: number;
+  /**
+   * how many pairs the driver has enabled (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET); only those
+   * receive. Absent: one, as after a reset (states saved before cards had several pairs).
+   */
+  activePairs?: number;
   /** which offloads are offered: checksums, TCP segmentation, UDP fragmentation (both ways) */
   offloads: { csum: boolean; tso: boolean; ufo: boolean };
 }
@@ -61,12 +73,36 @@ export function virtioNetFeatures(d: VirtioNetDevice): bigint {
   const F = VirtioNetFeature;
   let f = bit(F.MAC) | bit(F.STATUS) | bit(F.MRG_RXBUF);
   if (d.mtu > 0) f |= bit(F.MTU);
+  // Several pairs need the control queue, where the driver says how many it uses.
+  if (d.queuePairs > 1) f |= bit(F.CTRL_VQ) | bit(F.MQ);
   if (d.offloads.csum) {
     f |= bit(F.CSUM) | bit(F.GUEST_CSUM);
     if (d.offloads.tso) f |= bit(F.HOST_TSO4) | bit(F.HOST_TSO6) | bit(F.GUEST_TSO4) | bit(F.GUEST_TSO6);
     if (d.offloads.ufo) f |= bit(F.HOST_UFO) | bit(F.GUEST_UFO);
   }
   return f;
+}
+
+/** Queues of a card: a receive and a transmit queue per pair, then the control queue when it has several pairs. */
+export const virtioNetQueueCount = (queuePairs: number): number => 2 * queuePairs + (queuePairs > 1 ? 1 : 0);
+
+/** The control queue's index; undefined for a single-pair card, which has none. */
+export const virtioNetControlQueue = (d: VirtioNetDevice): number | undefined => (d.queuePairs > 1 ? 2 * d.queuePairs : undefined);
+
+/** How many pairs receive now. */
+export const activePairsOf = (d: VirtioNetDevice): number => Math.min(d.activePairs ?? 1, d.queuePairs);
+
+/**
+ * A command on the control queue (class, command, data): the card after it and the ack. Only
+ * VQ_PAIRS_SET is known (5.1.6.5.5); a pair count outside 1..max, or any other command, is
+ * refused with ERR and changes nothing.
+ */
+export function virtioNetControl(d: VirtioNetDevice, request: Uint8Array): { device: VirtioNetDevice; ack: number } {
+  const refused = { device: d, ack: VirtioNetCtrl.ERR };
+  if (request.length < 2 || request[0] !== VirtioNetCtrl.MQ || request[1] !== VirtioNetCtrl.MQ_VQ_PAIRS_SET || request.length < 4) return refused;
+  const pairs = request[2] | (request[3] << 8);
+  if (pairs < 1 || pairs > d.queuePairs) return refused;
+  return { device: pairs === activePairsOf(d) ? d : { ...d, activePairs: pairs }, ack: VirtioNetCtrl.OK };
 }
 
 /** struct virtio_net_config: mac, status (link up), max_virtqueue_pairs, mtu. */
@@ -107,20 +143,33 @@ export function randomMac(random: (n: number) => Uint8Array): number[] {
   return mac;
 }
 
+/** What the schema cannot say about a card. */
+function virtioNetProblem(d: VirtioNetDevice): string | null {
+  if ((d.mac[0] & 1) !== 0) return `MAC ${formatMac(d.mac)} is a multicast address`;
+  if (d.mtu !== 0 && d.mtu < VIRTIO_NET_MIN_MTU) return `MTU ${d.mtu} is below ${VIRTIO_NET_MIN_MTU}`;
+  if (d.activePairs !== undefined && d.activePairs > d.queuePairs) return `${d.activePairs} active queue pairs of ${d.queuePairs}`;
+  return null;
+}
+
 export const virtioNetModel = defineVirtioFunction<VirtioNetDevice>({
   kind: VIRTIO_NET_KIND,
   virtioId: VIRTIO_ID_NET,
   // Network controller, Ethernet: what drivers expect of a virtio NIC.
   classCode: 0x02_00_00,
+  // One per data queue and the configuration's: drivers give the control queue none (Linux
+  // asks for no interrupt from it), and cards made before it existed keep their MSI-X table.
   vectors: 2 * VIRTIO_NET_MAX_QUEUE_PAIRS + 1,
-  maxQueues: Math.min(2 * VIRTIO_NET_MAX_QUEUE_PAIRS, VIRTIO_MAX_QUEUES),
+  maxQueues: Math.min(virtioNetQueueCount(VIRTIO_NET_MAX_QUEUE_PAIRS), VIRTIO_MAX_QUEUES),
   deviceSchema: Exact({
     mac: Type.Array(IntIn(0, 255), { minItems: 6, maxItems: 6 }),
     mtu: IntIn(0, VIRTIO_NET_MAX_MTU),
     queuePairs: IntIn(1, VIRTIO_NET_MAX_QUEUE_PAIRS),
+    activePairs: Type.Optional(IntIn(1, VIRTIO_NET_MAX_QUEUE_PAIRS)),
     offloads: Exact({ csum: Type.Boolean(), tso: Type.Boolean(), ufo: Type.Boolean() }),
   }),
-  checkDevice: (d) => ((d.mac[0] & 1) !== 0 ? `MAC ${formatMac(d.mac)} is a multicast address` : d.mtu !== 0 && d.mtu < VIRTIO_NET_MIN_MTU ? `MTU ${d.mtu} is below ${VIRTIO_NET_MIN_MTU}` : null),
+  checkDevice: virtioNetProblem,
   features: virtioNetFeatures,
   configBytes: virtioNetConfigBytes,
+  // A reset device uses one pair until its driver enables more (5.1.6.5.5).
+  resetDevice: ({ activePairs: _, ...d }) => d,
 });

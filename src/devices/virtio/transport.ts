@@ -8,7 +8,7 @@
 import { Type } from '@sinclair/typebox';
 import type { TSchema } from '@sinclair/typebox';
 import { eventCreator } from '../../state/slice';
-import { Count, Exact, IntIn, U16, U32, U8 } from '../../state/state-schema';
+import { Count, Exact, IntIn, U16, U32, U8, checkSchema } from '../../state/state-schema';
 import { allOnes } from '../bus';
 import { type Effect, type IoAccess, type TransitionResult, data32 } from '../device';
 import { PciCapId, PciConfigSchema, type PciCapabilitySpec, type PciFunctionLayout } from '../pci/config-space';
@@ -165,6 +165,8 @@ export interface VirtioDeviceType<D> {
   configWrite?(device: D, offset: number, size: number, value: number): D;
   /** what the schema cannot say about `device` */
   checkDevice?(device: D): string | null;
+  /** the device's own state after the driver resets it (default: unchanged) */
+  resetDevice?(device: D): D;
 }
 
 export const TRANSPORT_FEATURES = (1n << BigInt(VirtioFeature.VERSION_1)) | (1n << BigInt(VirtioFeature.RING_EVENT_IDX)) | (1n << BigInt(VirtioFeature.RING_INDIRECT_DESC));
@@ -322,7 +324,7 @@ export function defineVirtioFunction<D>(type: VirtioDeviceType<D>): VirtioFuncti
   const vectorOk = (v: number) => v < type.vectors;
 
   const reset = (fn: VirtioFunctionState<D>): VirtioFunctionState<D> =>
-    withVirtio(fn, { ...virtioTransportInitial(type.features(fn.device) | TRANSPORT_FEATURES, fn.virtio.queues.map((q) => q.maxSize)), configGeneration: fn.virtio.configGeneration });
+    withVirtio(type.resetDevice ? { ...fn, device: type.resetDevice(fn.device) } : fn, { ...virtioTransportInitial(type.features(fn.device) | TRANSPORT_FEATURES, fn.virtio.queues.map((q) => q.maxSize)), configGeneration: fn.virtio.configGeneration });
 
   function writeStatus(fn: VirtioFunctionState<D>, value: number): VirtioTransition<D> {
     const v = fn.virtio;
@@ -590,6 +592,8 @@ export interface VirtioQueueServed {
   interrupt: boolean;
   /** what the requests served add to the device's counters */
   counters?: Record<string, number>;
+  /** the device's own state after these requests, when they changed it (a net card's control commands) */
+  deviceState?: unknown;
 }
 
 function addCounters(current: Record<string, number>, add: Record<string, number> | undefined): Record<string, number> {
@@ -608,6 +612,12 @@ export function virtioQueueServed<D>(model: VirtioFunctionModel<D>, fn: VirtioFu
   if (!Number.isInteger(p.nextAvail) || !Number.isInteger(p.nextUsed)) throw new TypeError(`${fn.id}: queue cursors must be integers`);
   let moved = q.nextAvail !== p.nextAvail || q.nextUsed !== p.nextUsed ? withQueue(fn, p.queue, { ...q, nextAvail: p.nextAvail & 0xffff, nextUsed: p.nextUsed & 0xffff }) : fn;
   if (p.counters && Object.keys(p.counters).length) moved = { ...moved, counters: addCounters(moved.counters, p.counters) };
+  if (p.deviceState !== undefined) {
+    checkSchema(model.type.deviceSchema, p.deviceState, `${fn.id}: device state`);
+    const problem = model.type.checkDevice?.(p.deviceState as D);
+    if (problem) throw new RangeError(`${fn.id}: ${problem}`);
+    moved = { ...moved, device: p.deviceState as D };
+  }
   return p.interrupt ? virtioSignal(model, moved, q.vector, VirtioIsr.QUEUE) : { fn: moved, effects: NO_EFFECTS };
 }
 

@@ -11,7 +11,7 @@ import type { PciFunctionState } from '../pci/function';
 import { pciSlot } from '../pci/segment';
 import { SECTOR_SIZE, VIRTIO_BLK_DEFAULT_QUEUE_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_MIN_QUEUE_SIZE, blkSegMax, virtioBlockModel } from './block';
 import { VIRTIO_CONSOLE_ID, VIRTIO_CONSOLE_QUEUE_SIZE, virtioConsoleModel } from './console';
-import { VIRTIO_NET_DEFAULT_QUEUE_SIZE, VIRTIO_NET_DEFAULT_QUEUES, virtioNetModel } from './net';
+import { VIRTIO_NET_DEFAULT_QUEUE_SIZE, VIRTIO_NET_DEFAULT_QUEUES, virtioNetModel, virtioNetQueueCount } from './net';
 import { VIRTIO_RNG_QUEUE_SIZE, virtioRngModel } from './rng';
 import { VirtioBar, type VirtioFunctionState } from './transport';
 
@@ -65,7 +65,9 @@ export function virtioFunctionsOf(config: VmConfig, facts: BackendFacts = { disk
     if (!mac) throw new Error(`net device '${id}' has no tap open`);
     const queues = net.num_queues ?? VIRTIO_NET_DEFAULT_QUEUES;
     const offloads = { csum: net.offload_csum ?? true, tso: net.offload_tso ?? true, ufo: net.offload_ufo ?? true };
-    out.push(virtioNetModel.create(id, { mac, mtu: net.mtu ?? 0, queuePairs: queues / 2, offloads }, new Array(queues).fill(net.queue_size ?? VIRTIO_NET_DEFAULT_QUEUE_SIZE)));
+    // (the control queue, when the card has one, is as large as the others, as in Cloud Hypervisor)
+    const queueSizes = new Array(virtioNetQueueCount(queues / 2)).fill(net.queue_size ?? VIRTIO_NET_DEFAULT_QUEUE_SIZE);
+    out.push(virtioNetModel.create(id, { mac, mtu: net.mtu ?? 0, queuePairs: queues / 2, offloads }, queueSizes));
   });
   if (config.rng) out.push(virtioRngModel.create(config.rng.id ?? DEFAULT_RNG_ID, {}, [VIRTIO_RNG_QUEUE_SIZE]));
   if (hasVirtioConsole(config)) {
