@@ -66,12 +66,11 @@ export function entropyWorker(fd: number): VirtioDeviceWorker {
 }
 
 /**
- * Native disk queue threads are opt-in (TERN_NATIVE_BLOCK_QUEUES=1) until an intermittent
- * stall of a Linux guest's disk loop in the nested lab is explained: the JavaScript worker
- * serves every disk by default.
+ * Raw disks are served by native queue threads unless TERN_NATIVE_BLOCK_QUEUES=0 asks for the
+ * JavaScript worker (which serves qcow2 and direct=on images in any case).
  */
 export function nativeBlockQueuesEnabled(): boolean {
-  return process.env.TERN_NATIVE_BLOCK_QUEUES === '1';
+  return process.env.TERN_NATIVE_BLOCK_QUEUES !== '0';
 }
 
 /**

@@ -301,9 +301,7 @@ test.serial('snapshot and restore carry the device: the restored VM serves the n
 });
 
 test.serial('virtio-blk through KVM: a write reaches the image, a read brings it back, GET_ID answers, the counters count', async (t) => {
-  // the raw image served by native queue threads (opt-in)
-  process.env.TERN_NATIVE_BLOCK_QUEUES = '1';
-  t.teardown(() => delete process.env.TERN_NATIVE_BLOCK_QUEUES);
+  // (the raw image is served by native queue threads, as raw images are by default)
   const image = path.join(tmp, 'disk.img');
   fs.writeFileSync(image, Buffer.alloc(1 << 20, 0x11), { mode: 0o600 });
   const { vmm, serialFile } = await bootWithRng('block', { disks: [{ path: image, serial: 'tiny-disk' }] });
