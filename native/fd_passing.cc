@@ -242,9 +242,60 @@ Napi::Value RecvWithFds(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// peekFds(socketFd, maxFds) -> null | { bytes, fds }: the descriptors sent with the first
+// bytes waiting on the socket, without taking those bytes (MSG_PEEK; the kernel gives this
+// process its own copies of the descriptors, and whoever reads the bytes later without room
+// for control data gets none). null: nothing has arrived yet; bytes 0: the peer closed. More
+// than maxFds descriptors, or truncated control data, is an error, with every one closed.
+Napi::Value PeekFds(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int sock;
+  uint64_t maxFds;
+  if (!ArgFd(info, 0, "peekFds: socketFd", &sock)) return env.Undefined();
+  if (!ArgUint(info, 1, "peekFds: maxFds", kMaxFds, &maxFds)) return env.Undefined();
+  uint8_t byte;
+  iovec iov{&byte, 1};
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * (kMaxFds + 1)), 0);
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.data();
+  msg.msg_controllen = control.size();
+  ssize_t n;
+  do n = recvmsg(sock, &msg, MSG_PEEK | MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  while (n < 0 && errno == EINTR);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return env.Null();
+  if (n < 0) return ThrowErrno(env, "recvmsg", errno), env.Undefined();
+  std::vector<int> received;
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS || c->cmsg_len < CMSG_LEN(0)) continue;
+    size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < count; i++) {
+      int fd;
+      memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+      received.push_back(fd);
+    }
+  }
+  if ((msg.msg_flags & MSG_CTRUNC) || received.size() > maxFds) {
+    size_t count = received.size();
+    CloseAll(received);
+    ThrowCoded(env, "peekFds: the peer sent " + std::to_string(count) + " descriptors or truncated control data, at most " + std::to_string(maxFds) + " are taken; every one was closed",
+               EMSGSIZE, "recvmsg");
+    return env.Undefined();
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("bytes", Napi::Number::New(env, static_cast<double>(n)));
+  Napi::Array fdArr = Napi::Array::New(env, received.size());
+  for (size_t i = 0; i < received.size(); i++) fdArr.Set(static_cast<uint32_t>(i), Napi::Number::New(env, received[i]));
+  out.Set("fds", fdArr);
+  if (env.IsExceptionPending()) CloseAll(received);
+  return out;
+}
+
 }  // namespace
 
 void InitFdPassing(Napi::Env env, Napi::Object exports) {
+  exports.Set("peekFds", Napi::Function::New(env, Guarded<PeekFds>, "peekFds"));
   exports.Set("sendWithFds", Napi::Function::New(env, Guarded<SendWithFds>, "sendWithFds"));
   exports.Set("recvWithFds", Napi::Function::New(env, Guarded<RecvWithFds>, "recvWithFds"));
 }

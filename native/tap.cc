@@ -160,7 +160,44 @@ bool Inet4(Napi::Env env, Napi::Value v, const char* what, sockaddr* out) {
   return true;
 }
 
-// configureInterface(name, {ip?, mask?, mac?: number[6], mtu?, up?}): the host side of a tap.
+// struct in6_ifreq of linux/ipv6.h, whose header clashes with glibc's netinet/in.h.
+struct In6Ifreq {
+  in6_addr addr;
+  uint32_t prefixlen;
+  int ifindex;
+};
+
+// An IPv6 address with its prefix length on interface `name` (SIOCSIFADDR on an AF_INET6
+// socket). Throws and returns false on failure.
+bool AddInet6(Napi::Env env, const ifreq& named, Napi::Value ip, uint64_t prefix) {
+  if (!ip.IsString()) return ThrowTypeError(env, "configureInterface: ip6 must be a string"), false;
+  In6Ifreq req;
+  memset(&req, 0, sizeof req);
+  if (inet_pton(AF_INET6, ip.As<Napi::String>().Utf8Value().c_str(), &req.addr) != 1) {
+    return ThrowError(env, "configureInterface: ip6 is not an IPv6 address", "EINVAL"), false;
+  }
+  req.prefixlen = static_cast<uint32_t>(prefix);
+  int s = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (s < 0) return ThrowErrno(env, "socket AF_INET6", errno), false;
+  ifreq ifr = named;
+  if (IoctlRetry(s, SIOCGIFINDEX, &ifr) < 0) {
+    int err = errno;
+    close(s);
+    return ThrowErrno(env, std::string("SIOCGIFINDEX ") + named.ifr_name, err), false;
+  }
+  req.ifindex = ifr.ifr_ifindex;
+  // (an address the interface already has is what was asked for)
+  if (IoctlRetry(s, SIOCSIFADDR, &req) < 0 && errno != EEXIST) {
+    int err = errno;
+    close(s);
+    return ThrowErrno(env, std::string("SIOCSIFADDR (IPv6) ") + named.ifr_name, err), false;
+  }
+  close(s);
+  return true;
+}
+
+// configureInterface(name, {ip?, mask?, ip6?, prefix6?, mac?: number[6], mtu?, up?}): the
+// host side of a tap (an IPv4 address and mask, and/or an IPv6 address and prefix length).
 Napi::Value ConfigureInterface(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   ifreq ifr;
@@ -220,6 +257,11 @@ Napi::Value ConfigureInterface(const Napi::CallbackInfo& info) {
     if (!call(SIOCSIFFLAGS, "SIOCSIFFLAGS")) return env.Undefined();
   }
   close(s);
+  if (o.Has("ip6") && !o.Get("ip6").IsUndefined()) {
+    uint64_t prefix = 64;
+    if (o.Has("prefix6") && !o.Get("prefix6").IsUndefined() && !GetUint(o, "prefix6", 128, &prefix)) return env.Undefined();
+    AddInet6(env, ifr, o.Get("ip6"), prefix);
+  }
   return env.Undefined();
 }
 

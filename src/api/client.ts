@@ -2,6 +2,7 @@
 // endpoint, errors as TernApiError carrying the server's message chain, and the live event
 // stream as an Observable. It loads nothing from the VMM side (no native addon, no store).
 import http from 'node:http';
+import { requestWithFds } from './fd-request';
 import { Observable, filter } from 'rxjs';
 import type { MigrationProgress } from '../migration/migration-options';
 import {
@@ -143,9 +144,15 @@ export class TernClient {
     return this.put('vm.add-disk', disk);
   }
 
-  /** Add a net card to a VM that is not running (cold add): its tap opens at the next boot. */
-  addNet(net: NonNullable<VmConfig['net']>[number]): Promise<void> {
-    return this.put('vm.add-net', net);
+  /**
+   * Add a net card to a VM that is not running (cold add): its tap opens at the next boot.
+   * `fds`: taps of this process to hand over (one per queue pair), sent with the request as
+   * SCM_RIGHTS, as ch-remote sends `fd=`; the VMM gets its own copies.
+   */
+  async addNet(net: NonNullable<VmConfig['net']>[number], fds: readonly number[] = []): Promise<void> {
+    if (!fds.length) return this.put('vm.add-net', net);
+    const r = await requestWithFds(this.socketPath, 'PUT', 'vm.add-net', net, fds, this.timeoutMs);
+    if (r.status < 200 || r.status > 299) throw new TernApiError(r.status, chainOf(r.body), 'vm.add-net');
   }
 
   /** Snapshot the paused VM into a new directory (destination_url: file:///DIR). */

@@ -70,8 +70,14 @@ interface Endpoint {
   method: Method;
   /** whether the request carries a JSON body (vm.create) or must carry none */
   body: boolean;
-  run(api: VmmApi, body: unknown): Promise<unknown> | unknown;
+  /** whether it takes the descriptors sent with the request (SCM_RIGHTS); others' are closed */
+  takesFds?: true;
+  /** `fds`: the descriptors sent with the request, when takesFds: the endpoint's to keep or close */
+  run(api: VmmApi, body: unknown, fds: number[]): Promise<unknown> | unknown;
 }
+
+/** The most descriptors a request may bring (taps for one card: one per queue pair). */
+const MAX_REQUEST_FDS = 16;
 
 const put = (run: (api: VmmApi) => Promise<void>): Endpoint => ({ method: 'PUT', body: false, run });
 const get = (run: (api: VmmApi) => unknown): Endpoint => ({ method: 'GET', body: false, run });
@@ -100,7 +106,7 @@ export const ENDPOINTS: Readonly<Record<string, Endpoint>> = {
   'vm.info': get((a) => a.info()),
   'vm.counters': get((a) => a.counters()),
   'vm.add-disk': { method: 'PUT', body: true, run: (a, body) => a.addDisk(body) },
-  'vm.add-net': { method: 'PUT', body: true, run: (a, body) => a.addNet(body) },
+  'vm.add-net': { method: 'PUT', body: true, takesFds: true, run: (a, body, fds) => a.addNet(body, fds) },
   'vm.send-migration': { method: 'PUT', body: true, run: (a, body) => a.sendMigration(body) },
   'vm.receive-migration': { method: 'PUT', body: true, run: (a, body) => a.receiveMigration(body) },
   'vm.migration-progress': get((a) => a.migrationProgress()),
@@ -178,6 +184,11 @@ interface Connection {
   streaming: boolean;
   /** requests received and not yet answered (pipelined ones are handled before earlier replies are out) */
   pending: number;
+  /**
+   * Descriptors sent with the connection's first bytes (SCM_RIGHTS, as ch-remote sends taps
+   * with add-net), until its first request takes them; closed with the connection otherwise.
+   */
+  fds: number[];
 }
 
 export class ApiServer {
@@ -226,9 +237,57 @@ export class ApiServer {
     // their place and passes on only the sockets it admits, so a refused one is never parsed.
     const attachParser = this.server.listeners('connection') as ((socket: Socket) => void)[];
     this.server.removeAllListeners('connection');
+    // Node reads a socket without room for control data, and the kernel then drops descriptors
+    // sent with the bytes: a new connection waits unread until its first bytes are there, and
+    // the descriptors that came with them are taken first (MSG_PEEK leaves the bytes to Node).
+    (this.server as http.Server & { pauseOnConnect: boolean }).pauseOnConnect = true;
     this.server.on('connection', (socket: Socket) => {
-      if (this.admit(socket)) for (const l of attachParser) l.call(this.server, socket);
+      if (!this.admit(socket)) return;
+      this.takeFdsThen(socket, () => {
+        for (const l of attachParser) l.call(this.server, socket);
+        socket.resume();
+      });
     });
+  }
+
+  /**
+   * Wait (without reading) until the connection's first bytes arrive, keep the descriptors sent
+   * with them, then `go`. A peer silent for the idle timeout is closed, as an idle one is.
+   */
+  private takeFdsThen(socket: Socket, go: () => void): void {
+    const fd = (socket as Socket & { _handle?: { fd?: number } })._handle?.fd;
+    const started = Date.now();
+    let spins = 0;
+    const look = (): void => {
+      if (socket.destroyed) return;
+      let got: { bytes: number; fds: number[] } | null = null;
+      try {
+        got = fd === undefined || fd < 0 ? { bytes: 0, fds: [] } : native().peekFds(fd, MAX_REQUEST_FDS);
+      } catch (e) {
+        this.opts.log.warn({ err: (e as Error).message }, 'API connection sent descriptors that were refused');
+        got = { bytes: 0, fds: [] };
+      }
+      if (got === null) {
+        if (Date.now() - started >= this.limits.idleTimeoutMs) return this.drop(socket);
+        // (the first looks come at once: clients send their request right after connecting)
+        if (spins++ < 8) setImmediate(look);
+        else setTimeout(look, Math.min(50, spins));
+        return;
+      }
+      const c = this.connections.get(socket);
+      if (c && got?.fds.length) {
+        c.fds = got.fds;
+        socket.once('close', () => this.closeFds(c));
+      } else {
+        got?.fds.forEach((f) => native().closeFd(f));
+      }
+      go();
+    };
+    look();
+  }
+
+  private closeFds(c: Connection): void {
+    for (const f of c.fds.splice(0)) native().closeFd(f);
   }
 
   /**
@@ -326,7 +385,7 @@ export class ApiServer {
         return false;
       }
     }
-    this.connections.set(socket, { streaming: false, pending: 0 });
+    this.connections.set(socket, { streaming: false, pending: 0, fds: [] });
     socket.once('close', () => this.connections.delete(socket));
     return true;
   }
@@ -433,7 +492,18 @@ export class ApiServer {
       throw badRequest(`${path} accepts ${endpoint.method} only, not ${req.method}`);
     }
     const run = (raw: Buffer | null): Promise<void> | undefined => {
-      const result = endpoint.run(this.opts.api, endpoint.body ? parseJsonBody(raw!) : undefined);
+      // (descriptors go to the request they came with: the connection's first)
+      const c = this.connections.get(req.socket);
+      const fds = c ? c.fds.splice(0) : [];
+      let body: unknown;
+      try {
+        if (!endpoint.takesFds) fds.splice(0).forEach((f) => native().closeFd(f));
+        body = endpoint.body ? parseJsonBody(raw!) : undefined;
+      } catch (e) {
+        fds.forEach((f) => native().closeFd(f));
+        throw e;
+      }
+      const result = endpoint.run(this.opts.api, body, fds);
       if (result instanceof Promise) return result.then((r) => this.answer(name!, res, req, r));
       this.answer(name!, res, req, result);
       return undefined;

@@ -145,13 +145,7 @@ export class VmmApi {
       const id = netIdOf(n, i);
       const problem = netConfigProblem(n, id);
       if (problem) throw new ApiError(400, ['The VM configuration is not valid', problem]);
-      try {
-        const tap = adoptTaps(n.fds, id);
-        tap.fds.forEach((fd) => native().closeFd(fd));
-        return { ...n, tap: tap.name };
-      } catch (e) {
-        throw new ApiError(400, ['The VM configuration is not valid', (e as Error).message]);
-      }
+      return this.namedAfterTap(n, id, 'The VM configuration is not valid');
     });
     return config.net ? { ...config, net } : config;
   }
@@ -189,17 +183,32 @@ export class VmmApi {
     return vm.config as VmConfig;
   }
 
-  /** vm.add-net: cold add only, as vm.add-disk (a card's tap opens when the VM boots). */
-  async addNet(body: unknown): Promise<void> {
+  /**
+   * vm.add-net: cold add only, as vm.add-disk (a card's tap opens when the VM boots). `fds`:
+   * taps the client sent with the request (SCM_RIGHTS, as ch-remote sends `fd=`), one per
+   * queue pair; this takes them, and closes them unless the card is added. fd numbers in the
+   * body are the client's, not this process's, and are dropped.
+   */
+  async addNet(body: unknown, fds: number[] = []): Promise<void> {
     const outer = 'The net device could not be added to the VM';
+    let added = false;
+    try {
+      await this.addNetWith(outer, body, fds);
+      added = true;
+    } finally {
+      if (!added) fds.forEach((fd) => native().closeFd(fd));
+    }
+  }
+
+  private async addNetWith(outer: string, body: unknown, fds: number[]): Promise<void> {
     let net: NetConfig;
     try {
       net = checkBody(netConfigChecker, NetConfigSchema, 'NetConfig', body) as NetConfig;
-      // (taps come over this socket only with SCM_RIGHTS, which Tern does not take yet)
       if (net.fds !== undefined) {
-        this.vmm.log.warn('tap fds in an API request are ignored: only the command line can hand taps over');
+        this.vmm.log.warn('tap fd numbers in an API body are ignored: taps come with the request (SCM_RIGHTS)');
         net = withoutHeldFds({ net: [net] }).net![0];
       }
+      if (fds.length) net = { ...net, fds: [...fds] };
     } catch (e) {
       throw toApiError(e, outer);
     }
@@ -210,7 +219,19 @@ export class VmmApi {
     if (taken.has(id)) throw new ApiError(409, [outer, `a device with id '${id}' already exists`]);
     const problem = netConfigProblem(net, id);
     if (problem) throw new ApiError(400, [outer, problem]);
+    if (net.fds) net = this.namedAfterTap(net, id, outer);
     await this.run(outer, () => this.vmm.addNet(net));
+  }
+
+  /** A card on taps this process holds, named after the tap they are queues of (400 when they are no such taps). */
+  private namedAfterTap(net: NetConfig, id: string, outer: string): NetConfig {
+    try {
+      const tap = adoptTaps(net.fds!, id);
+      tap.fds.forEach((fd) => native().closeFd(fd));
+      return { ...net, tap: tap.name };
+    } catch (e) {
+      throw new ApiError(400, [outer, (e as Error).message]);
+    }
   }
 
   shutdown(): Promise<void> {

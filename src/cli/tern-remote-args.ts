@@ -5,7 +5,7 @@ import { MAX_MIGRATION_CONNECTIONS, type ReceiveMigrationData, type SendMigratio
 import { MIGRATION_DEFAULTS } from '../migration/migration-options';
 import { TERN_VERSION } from '../version';
 import { parseKeyValues } from './option-values';
-import { deviceEntry, diskEntry } from './tern-args';
+import { deviceEntry, diskEntry, netEntry } from './tern-args';
 
 type Command = { method: 'GET' | 'PUT'; endpoint: string; about: string };
 
@@ -165,9 +165,10 @@ export function addDiskBody(arg: string): Record<string, unknown> {
 }
 
 /** ch-remote's `add-net tap=...,mac=...` as a NetConfig body: the syntax of `--net`. */
+/** ch-remote's `add-net` argument as a NetConfig; `fds` (from `fd=`) are this process's taps, sent with the request, not in it. */
 export function addNetBody(arg: string): Record<string, unknown> {
   try {
-    return deviceEntry('--net', arg);
+    return netEntry(arg);
   } catch (e) {
     throw new RemoteUsageError((e as Error).message);
   }

@@ -8,6 +8,7 @@
 import fs from 'node:fs';
 import http from 'node:http';
 import { TernApiError, TernClient } from '../api/client';
+import { requestWithFds } from '../api/fd-request';
 import { formatMonitorEvent } from '../api/event-monitor';
 import { followMigration } from './migration-follow';
 import {
@@ -131,9 +132,16 @@ async function main(): Promise<void> {
     return;
   }
   const { method, endpoint } = COMMANDS[command];
+  // add-net fd=...: the taps go with the request (SCM_RIGHTS), as ch-remote sends them.
+  let fds: number[] = [];
+  if (command === 'add-net' && Array.isArray((body as { fds?: number[] }).fds)) {
+    const { fds: taps, ...rest } = body as { fds: number[] };
+    fds = taps;
+    body = rest;
+  }
   let reply;
   try {
-    reply = await client.request(method, endpoint, body);
+    reply = fds.length ? await requestWithFds(socket, 'PUT', endpoint, body, fds, 60_000) : await client.request(method, endpoint, body);
   } catch (e) {
     reportTransportError(socket, e);
   } finally {

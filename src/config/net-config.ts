@@ -1,6 +1,6 @@
 // What a net card's config may ask: checked when a VM is created or a card added (400 with the
 // reason), and again when its tap is opened.
-import { isIPv4 } from 'node:net';
+import { isIP, isIPv4, isIPv6 } from 'node:net';
 import type { NetConfig } from '../api/schema';
 import { VIRTIO_NET_DEFAULT_QUEUE_SIZE, VIRTIO_NET_DEFAULT_QUEUES, VIRTIO_NET_MAX_MTU, VIRTIO_NET_MAX_QUEUE_PAIRS, VIRTIO_NET_MIN_MTU, parseMac } from '../devices/virtio/net';
 
@@ -23,10 +23,33 @@ export function netConfigProblem(net: NetConfig, id: string): string | null {
   if (net.mac !== undefined && (parseMac(net.mac)![0] & 1) !== 0) return `net device '${id}': mac '${net.mac}' is a multicast address`;
   if (net.host_mac !== undefined && !parseMac(net.host_mac)) return `net device '${id}': host_mac '${net.host_mac}' is not a MAC address`;
   if (net.mtu !== undefined && (net.mtu < VIRTIO_NET_MIN_MTU || net.mtu > VIRTIO_NET_MAX_MTU)) return `net device '${id}': mtu ${net.mtu} is not from ${VIRTIO_NET_MIN_MTU} to ${VIRTIO_NET_MAX_MTU}`;
-  for (const [key, v] of [['ip', net.ip], ['mask', net.mask]] as const) {
-    if (v !== undefined && !isIPv4(v)) return `net device '${id}': ${key} '${v}' is not an IPv4 address (IPv6 host addresses are not supported yet)`;
+  if (net.ip !== undefined && !isIP(net.ip)) return `net device '${id}': ip '${net.ip}' is not an IPv4 or IPv6 address`;
+  if (net.ip !== undefined && isIPv6(net.ip)) {
+    if (net.mask !== undefined && ipv6PrefixLength(net.mask) === null) return `net device '${id}': mask '${net.mask}' is not an IPv6 netmask, as an IPv6 ip needs`;
+  } else if (net.mask !== undefined && (!isIPv4(net.mask) || ipv4PrefixLength(net.mask) === null)) {
+    return `net device '${id}': mask '${net.mask}' is not an IPv4 netmask`;
   }
   return null;
+}
+
+/** The prefix length of a netmask written as an address (ones, then zeros); null when it is not one. */
+function prefixLength(bytes: number[]): number | null {
+  const bits = bytes.map((b) => b.toString(2).padStart(8, '0')).join('');
+  return /^1*0*$/.test(bits) ? bits.indexOf('0') === -1 ? bits.length : bits.indexOf('0') : null;
+}
+
+export function ipv4PrefixLength(mask: string): number | null {
+  return isIPv4(mask) ? prefixLength(mask.split('.').map(Number)) : null;
+}
+
+/** "ffff:ffff:ffff:ffff::" is 64. */
+export function ipv6PrefixLength(mask: string): number | null {
+  if (!isIPv6(mask) || mask.includes('.')) return null;
+  const [head, tail] = mask.includes('::') ? mask.split('::') : [mask, undefined];
+  const h = head ? head.split(':') : [];
+  const t = tail ? tail.split(':') : [];
+  const groups = [...h, ...new Array(8 - h.length - t.length).fill('0'), ...t].map((g) => parseInt(g, 16));
+  return prefixLength(groups.flatMap((g) => [g >> 8, g & 0xff]));
 }
 
 /**

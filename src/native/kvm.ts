@@ -355,8 +355,8 @@ export interface NativeAddon {
   tapSetQueue(fd: number, attached: boolean): void;
   /** TUNSETOFFLOAD: the TUN_F_* offloads the guest takes. */
   tapSetOffload(fd: number, flags: number): void;
-  /** The host side of an interface: IPv4 address and mask, MAC, MTU, link up. */
-  configureInterface(name: string, settings: { ip?: string; mask?: string; mac?: number[]; mtu?: number; up?: boolean }): void;
+  /** The host side of an interface: IPv4 address and mask, IPv6 address and prefix length (default 64), MAC, MTU, link up. */
+  configureInterface(name: string, settings: { ip?: string; mask?: string; ip6?: string; prefix6?: number; mac?: number[]; mtu?: number; up?: boolean }): void;
   /**
    * Watch eventfds on a native thread. callback(fd, count) runs on the JavaScript thread with
    * the sum of the counter values read since the fd was last reported (at most
@@ -415,6 +415,12 @@ export interface NativeAddon {
    * The returned fds are the caller's to close.
    */
   recvWithFds(socketFd: number, length: number, maxFds: number, timeoutMs: number): { data: Buffer; fds: number[] };
+  /**
+   * The descriptors sent with the first bytes waiting on a stream socket, without taking the
+   * bytes (MSG_PEEK): null when nothing has arrived, bytes 0 when the peer closed. More than
+   * `maxFds` is an error (EMSGSIZE), every one closed.
+   */
+  peekFds(socketFd: number, maxFds: number): { bytes: number; fds: number[] } | null;
 }
 
 /** The most descriptors sendWithFds/recvWithFds carry in one message. */

@@ -5,7 +5,8 @@
 import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { NetConfig } from '../api/schema';
-import { netConfigProblem } from '../config/net-config';
+import { isIPv6 } from 'node:net';
+import { ipv6PrefixLength, netConfigProblem } from '../config/net-config';
 import {
   VIRTIO_NET_CTRL_MAX_BYTES,
   VIRTIO_NET_DEFAULT_QUEUES,
@@ -63,9 +64,9 @@ export function openNetBackend(net: NetConfig, index: number, log: Logger): NetB
   }
   const close = () => tap.fds.forEach((fd) => native().closeFd(fd));
   try {
+    const v6 = net.ip !== undefined && isIPv6(net.ip);
     const settings = {
-      ip: net.ip,
-      mask: net.ip !== undefined ? (net.mask ?? '255.255.255.0') : net.mask,
+      ...(v6 ? { ip6: net.ip, prefix6: net.mask !== undefined ? ipv6PrefixLength(net.mask)! : 64 } : { ip: net.ip, mask: net.ip !== undefined ? (net.mask ?? '255.255.255.0') : net.mask }),
       mac: net.host_mac !== undefined ? parseMac(net.host_mac)! : undefined,
       mtu: net.mtu,
     };

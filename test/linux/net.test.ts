@@ -109,7 +109,7 @@ test.serial('a two-pair card through snapshot, restore and a local live migratio
     restored = GuestProcess.tern(['--restore', `source_url=file://${snap},resume=on`, '--serial', 'tty', '--api-socket', `path=${restoredSock}`]);
     await linesOn('after the restore', 20);
 
-    dst = GuestProcess.tern(['--api-socket', `path=${dstSock}`, '--serial', 'tty']);
+    dst = GuestProcess.tern(['--api-socket', `path=${dstSock}`]);
     await waitForPath(dstSock);
     await waitForPath(restoredSock);
     const received = ternRemote(dstSock, 'receive-migration', url);

@@ -4,9 +4,13 @@
 // _netN one). vm.create refuses such cards the same way. Every reply is checked against the
 // OpenAPI document.
 import test from 'ava';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
 import { ApiError } from '../../src/api/errors';
+import { requestWithFds } from '../../src/api/fd-request';
 import { VmmApi } from '../../src/api/vmm-api';
 import { native } from '../../src/native/kvm';
+import { TERN_REMOTE } from '../support/processes';
 import { ReplyRecorder, bodyJson, contractTest, startApi, tempDir, type ApiRig } from './api-harness';
 
 const recorder = new ReplyRecorder();
@@ -45,7 +49,8 @@ test.serial('vm.add-net adds net devices to a created VM; bad bodies, impossible
   for (const [body, why] of [
     [{ tap: 7 }, 'tap must be a string'],
     [{ tap: 'x', mac: 'not-a-mac' }, 'a MAC that is not one'],
-    [{ tap: 'x', ip: 'fd00::1' }, 'an IPv6 host address'],
+    [{ tap: 'x', ip: 'fd00::1', mask: '255.255.255.0' }, 'an IPv6 host address with an IPv4 mask'],
+    [{ tap: 'x', ip: '192.168.1.1', mask: '255.0.255.0' }, 'a mask that is no netmask'],
     [{ tap: 'x', num_queues: 3 }, 'an odd number of queues'],
     [{ tap: 'x', num_queues: 18 }, 'more queue pairs than a card has'],
     [{ tap: 'x', queue_size: 100 }, 'a queue size that is no power of two'],
@@ -85,4 +90,40 @@ test.serial('tap fds: taken from the command line (the card is named after its t
   t.regex((notTap as ApiError).chain.join(' '), new RegExp(`fd ${efd} cannot be used: .*not a tap`));
   await t.throwsAsync(api.create({ ...kernel, net: [{ fds: [fds[0]], num_queues: 4 }] }, { heldFds: true }), { message: /1 fds for 4 queues/ });
   t.is(rig.vmm.state.vm.status, 'NotCreated');
+});
+
+const openFds = () => fs.readdirSync('/proc/self/fd').length;
+
+test.serial('taps handed over with vm.add-net (SCM_RIGHTS, as ch-remote sends fd=): the card is named after the tap; descriptors no endpoint takes are closed', async (t) => {
+  await rig.call('PUT', 'vm.delete');
+  const { name, fds } = native().openTap(`tsc${process.pid % 100000}`, 1);
+  t.teardown(() => native().closeFd(fds[0]));
+  t.is((await rig.call('PUT', 'vm.create', { payload: { kernel: '/boot/vmlinux' } })).status, 204);
+
+  await rig.client.addNet({ id: 'handed' }, [fds[0]]);
+  const info = bodyJson(await rig.call('GET', 'vm.info')) as { config: { net: { id?: string; tap?: string; fds?: number[] }[] } };
+  t.like(info.config.net[0], { id: 'handed', tap: name });
+  t.is(info.config.net[0].fds?.length, 1, 'the VMM holds its own copy of the tap');
+  t.not(info.config.net[0].fds![0], fds[0]);
+
+  // ch-remote's way: tern-remote sends the tap it inherited as fd 3.
+  const child = spawn(process.execPath, [TERN_REMOTE, '--api-socket', rig.socket, 'add-net', 'fd=3,id=scripted'], { stdio: ['ignore', 'pipe', 'pipe', fds[0]] });
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  t.is(await new Promise<number | null>((r) => child.on('exit', r)), 0, stderr);
+  const after = bodyJson(await rig.call('GET', 'vm.info')) as typeof info;
+  t.like(after.config.net[1], { id: 'scripted', tap: name });
+
+  const efd = native().eventfd(0);
+  t.teardown(() => native().closeFd(efd));
+  const before = openFds();
+  const refused = await t.throwsAsync(rig.client.addNet({ id: 'notap' }, [efd]));
+  t.like(refused, { status: 400 });
+  t.regex((refused as Error).message, /not a tap/);
+  const pinged = await requestWithFds(rig.socket, 'GET', 'vmm.ping', undefined, [efd, efd], 10_000);
+  t.is(pinged.status, 200, 'an endpoint that takes no descriptors answers as ever');
+  // (the server runs in this process: what it received and did not keep is closed again)
+  await new Promise((r) => setTimeout(r, 100));
+  t.is(openFds(), before, 'every descriptor the VMM was sent and did not keep is closed');
+  t.is((bodyJson(await rig.call('GET', 'vm.info')) as typeof info).config.net.length, 2);
 });

@@ -237,3 +237,14 @@ test('taps are opened multi-queue, so a second VMM on the host (a local migratio
   t.teardown(() => second.fds.forEach((fd) => native().closeFd(fd)));
   t.like(second, { name: nic.name, multiQueue: true });
 });
+
+test('the host side of a tap can have an IPv6 address with its prefix length', (t) => {
+  const { name, fds } = native().openTap(`tn6${process.pid % 10000}x${subnet++}`, 1);
+  t.teardown(() => native().closeFd(fds[0]));
+  native().configureInterface(name, { ip6: 'fd00:7465:726e::1', prefix6: 80, up: true });
+  // /proc/net/if_inet6: address (32 hex digits), ifindex, prefix length (hex), scope, flags, name
+  const line = fs.readFileSync('/proc/net/if_inet6', 'utf8').split('\n').find((l) => l.trim().endsWith(` ${name}`) && l.startsWith('fd007465726e'));
+  t.truthy(line, 'the address is on the tap');
+  t.is(parseInt(line!.trim().split(/\s+/)[2], 16), 80);
+  t.throws(() => native().configureInterface(name, { ip6: 'not-an-address' }), { message: /not an IPv6 address/ });
+});

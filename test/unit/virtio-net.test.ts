@@ -24,6 +24,7 @@ import { featureWords, virtioQueueServed, type VirtioFunctionState } from '../..
 import type { DescriptorChain } from '../../src/devices/virtio/virtqueue';
 import { anonymousGuestMemory } from '../../src/memory/guest-memory';
 import type { ChainResult } from '../../src/vmm/virtio-queues';
+import { ipv4PrefixLength, ipv6PrefixLength, netConfigProblem } from '../../src/config/net-config';
 import { pciSegmentInitialState } from '../../src/devices/pci/segment';
 import { checkBackendsFit, type DeviceBackends } from '../../src/vmm/device-backends';
 import { netWorker, type NetBackend } from '../../src/vmm/net-backend';
@@ -174,4 +175,15 @@ test('a restored card must fit its tap: as many pairs, and the MAC its config gi
   t.notThrows(() => checkBackendsFit(segment, backends({ mac: card().mac, macGiven: true })));
   t.throws(() => checkBackendsFit(segment, backends({ macGiven: true })), { message: /config gives MAC 02:00:00:00:00:09, the guest's card had 52:54:00:01:02:03/ });
   t.throws(() => checkBackendsFit(segment, backends({ fds: [-1] })), { message: /1 queue pairs, the guest's card had 2/ });
+});
+
+test('a card\'s host address may be IPv4 with an IPv4 netmask or IPv6 with an IPv6 one', (t) => {
+  t.is(netConfigProblem({ tap: 't', ip: '192.168.1.1', mask: '255.255.254.0' }, 'n'), null);
+  t.is(netConfigProblem({ tap: 't', ip: 'fd00::1', mask: 'ffff:ffff:ffff:ffff::' }, 'n'), null);
+  t.is(netConfigProblem({ tap: 't', ip: 'fd00::1' }, 'n'), null, 'prefix 64 when no mask is given');
+  t.regex(netConfigProblem({ tap: 't', ip: 'fd00::1', mask: '255.255.255.0' }, 'n') ?? '', /not an IPv6 netmask/);
+  t.regex(netConfigProblem({ tap: 't', ip: '10.0.0.1', mask: 'ffff::' }, 'n') ?? '', /not an IPv4 netmask/);
+  t.regex(netConfigProblem({ tap: 't', ip: 'host.example' }, 'n') ?? '', /not an IPv4 or IPv6 address/);
+  t.deepEqual([ipv4PrefixLength('255.255.255.0'), ipv4PrefixLength('255.255.255.255'), ipv4PrefixLength('0.0.0.0'), ipv4PrefixLength('255.0.255.0')], [24, 32, 0, null]);
+  t.deepEqual([ipv6PrefixLength('ffff:ffff:ffff:ffff::'), ipv6PrefixLength('ffff:ff80::'), ipv6PrefixLength('::'), ipv6PrefixLength('ffff::ffff')], [64, 25, 0, null]);
 });
