@@ -89,7 +89,8 @@ async function runQemu(kernel: string, initrd: string, cmdline: string): Promise
     cpus: 1,
     memMiB: MEM_MIB,
     machine: 'q35',
-    extraArgs: ['-netdev', `tap,id=n0,ifname=${TAP},script=no,downscript=no,vhost=off`, '-device', `virtio-net-pci,netdev=n0,mac=${GUEST_MAC}`],
+    // (-cpu host: the guest sees the CPU it sees under tern, whose default profile is the host's)
+    extraArgs: ['-cpu', 'host', '-netdev', `tap,id=n0,ifname=${TAP},script=no,downscript=no,vhost=off`, '-device', `virtio-net-pci,netdev=n0,mac=${GUEST_MAC}`],
   });
   const run = runPeer(cmd, TIMEOUT_MS);
   const end = Date.now() + 60_000;

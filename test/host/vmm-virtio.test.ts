@@ -4,6 +4,7 @@
 // into an ioeventfd signal). The device answers through its MSI-X vector (an irqfd), and the
 // guest counts the interrupt. A hostile driver breaks only its own device.
 import test, { type ExecutionContext } from 'ava';
+import dgram from 'node:dgram';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -96,8 +97,12 @@ class TinyDriver {
     return { op: size === 1 ? MailboxOp.WRITE8 : size === 2 ? MailboxOp.WRITE16 : MailboxOp.WRITE32, addr: this.bar + VirtioBar.COMMON + reg, value };
   }
 
-  /** Linux's bring-up: memory decoding, MSI-X with vectors 0 (config) and 1 (queue), features, one queue, DRIVER_OK. */
-  async bringUp(ring: { size?: number; desc?: number } = {}): Promise<void> {
+  /** the queue bringUp set up (post rings its doorbell) */
+  queue = 0;
+
+  /** Linux's bring-up: memory decoding, MSI-X with vectors 0 (config) and 1 (queue), features, one queue (`queue`, default 0), DRIVER_OK. */
+  async bringUp(ring: { size?: number; desc?: number; queue?: number } = {}): Promise<void> {
+    this.queue = ring.queue ?? 0;
     const s = VirtioStatus;
     const table = (v: number): Op[] => {
       const e = this.bar + VirtioBar.MSIX_TABLE + 16 * v;
@@ -125,7 +130,7 @@ class TinyDriver {
       this.common(CommonCfg.DRIVER_FEATURE, 0, 4),
       this.common(CommonCfg.DEVICE_STATUS, s.ACKNOWLEDGE | s.DRIVER | s.FEATURES_OK, 1),
       this.common(CommonCfg.CONFIG_MSIX_VECTOR, 0, 2),
-      this.common(CommonCfg.QUEUE_SELECT, 0, 2),
+      this.common(CommonCfg.QUEUE_SELECT, this.queue, 2),
       this.common(CommonCfg.QUEUE_SIZE, ring.size ?? QUEUE_SIZE, 2),
       this.common(CommonCfg.QUEUE_MSIX_VECTOR, 1, 2),
       this.common(CommonCfg.QUEUE_DESC, ring.desc ?? DESC, 4),
@@ -168,7 +173,8 @@ class TinyDriver {
     }
     mem.writeU16(AVAIL + 2, this.posted & 0xffff);
     this.irqsBeforePost = this.msiCount(1);
-    await this.run([{ op: MailboxOp.WRITE16, addr: this.bar + VirtioBar.NOTIFY, value: 0 }]);
+    // (each queue's notify offset is its index: its doorbell is 4 bytes after the previous one's)
+    await this.run([{ op: MailboxOp.WRITE16, addr: this.bar + VirtioBar.NOTIFY + 4 * this.queue, value: this.queue }]);
   }
 
   usedIdx(): number {
@@ -193,6 +199,58 @@ async function bootWithRng(name: string, devices: Partial<VmConfig> = { rng: { s
   await waitUntil('the guest runs', () => mem().readU32(TinyKernelStatus.MAGIC) === TINY_KERNEL_MAGIC && mem().readU32(TinyKernelStatus.COUNT) >= 1, 30_000);
   return { vmm, driver: new TinyDriver(vmm, serialFile), serialFile };
 }
+
+test.serial('a hostile driver breaks only its net card: short headers, oversized frames, buffers outside RAM and readable receive buffers each need a reset; the tap, the VMM and the entropy device go on', async (t) => {
+  const tap = `tkvm${process.pid % 10000}`;
+  const hostIp = '10.214.7.1';
+  const { vmm, serialFile } = await bootWithRng('hostile-net', { rng: { src: '/dev/urandom' }, net: [{ tap, ip: hostIp, mask: '255.255.255.0', mac: '52:54:00:00:00:07' }] });
+  try {
+    // Functions are placed in config order: the card (after any disks) at 01.0, the rng at 02.0.
+    const net = new TinyDriver(vmm, serialFile, '_net0', 1);
+    const rng = new TinyDriver(vmm, serialFile, RNG, 2);
+    rng.mailboxes = net.mailboxes = 0;
+    const arp = () => {
+      const s = dgram.createSocket('udp4');
+      s.send(Buffer.from('?'), 9, '10.214.7.2', () => s.close());
+    };
+    const R = 0; // readable (device reads)
+    const cases: [string, number, () => Promise<void>][] = [
+      ['a transmit chain shorter than the virtio-net header', 1, () => net.post([{ addr: BUF, len: 8, flags: R }])],
+      ['a transmitted frame over 64 KiB', 1, () => net.post([{ addr: BUF, len: 70_000, flags: R }])],
+      ['a transmit buffer outside guest RAM', 1, () => net.post([{ addr: RAM + 0x1000, len: 64, flags: R }])],
+      ['a receive chain the device cannot write', 0, async () => {
+        await net.post([{ addr: BUF, len: 2048, flags: R }]);
+        arp(); // (the host asks for the guest's MAC: a frame for the receive queue)
+      }],
+    ];
+    let broken = 0;
+    for (const [what, queue, post] of cases) {
+      const configIrqs = net.msiCount(0);
+      // (both drivers share the mailbox count: keep them in step)
+      rng.mailboxes = net.mailboxes;
+      await net.bringUp({ queue });
+      const counting = vmm.guestMemory()!.readU32(TinyKernelStatus.COUNT);
+      await post();
+      await waitUntil(`${what}: the card needs a reset`, () => (net.fn.virtio.status & VirtioStatus.DEVICE_NEEDS_RESET) !== 0, 10_000);
+      await waitUntil(`${what}: the configuration interrupt reaches the guest`, () => net.msiCount(0) > configIrqs, 10_000);
+      broken++;
+      t.is(net.usedIdx(), 0, `${what}: nothing was used`);
+      await waitUntil(`${what}: the guest keeps counting`, () => vmm.guestMemory()!.readU32(TinyKernelStatus.COUNT) > counting + 1, 10_000);
+    }
+    const resets = vmm.store.journal().filter((e) => e.type === VirtioEvents.NeedsReset) as unknown as { payload: { device: string; reason: string } }[];
+    t.is(resets.length, broken);
+    t.true(resets.every((e) => e.payload.device === '_net0'));
+    t.log(resets.map((e) => e.payload.reason).join(' | '));
+    t.true(fs.existsSync(`/sys/class/net/${tap}`), 'the tap is still there');
+    // The other device serves as ever.
+    rng.mailboxes = net.mailboxes;
+    await rng.bringUp();
+    await rng.post([{ addr: BUF, len: 64, flags: VIRTQ_DESC_F_WRITE }]);
+    await expectServed(t, rng, 1, 64);
+  } finally {
+    await vmm.close();
+  }
+});
 
 async function expectServed(t: ExecutionContext, d: TinyDriver, usedIdx: number, bytes: number): Promise<void> {
   await waitUntil(`used.idx reaches ${usedIdx}`, () => d.usedIdx() === usedIdx, 10_000);
