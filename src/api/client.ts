@@ -161,8 +161,9 @@ export class TernClient {
   }
 
   /**
-   * Restore a VM from a snapshot directory (only when the VMM has no VM). `serial` and
-   * `console` (Tern's additions) choose the consoles' host ends instead of the snapshot's.
+   * Restore a VM from a snapshot directory (only when the VMM has no VM). `serial`, `console`
+   * and `net` (Tern's additions) choose the consoles' host ends and the cards' taps instead of
+   * the snapshot's.
    */
   restore(config: {
     source_url: string;
@@ -171,6 +172,8 @@ export class TernClient {
     memory_restore_mode?: 'Copy' | 'OnDemand' | 'copy' | 'ondemand';
     serial?: SerialConfig;
     console?: ConsoleConfig;
+    /** the tap each card opens instead of the one its snapshot names */
+    net?: { id: string; tap: string }[];
   }): Promise<void> {
     return this.put('vm.restore', config);
   }

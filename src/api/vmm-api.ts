@@ -95,6 +95,18 @@ function checkMemoryMode(outer: string, mode: string | undefined): void {
   }
 }
 
+/** vm.restore's `net` (Tern's addition): which card opens which tap; null when malformed. */
+function restoredTaps(v: unknown): { id: string; tap: string }[] | null {
+  if (!Array.isArray(v) || v.length > 16) return null;
+  const ok = v.every(
+    (e) =>
+      typeof e === 'object' && e !== null && Object.keys(e).sort().join(',') === 'id,tap' &&
+      typeof e.id === 'string' && e.id.length >= 1 && e.id.length <= 256 &&
+      typeof e.tap === 'string' && Buffer.byteLength(e.tap) >= 1 && Buffer.byteLength(e.tap) <= 15 && !e.tap.includes('/'),
+  );
+  return ok ? (v as { id: string; tap: string }[]).map(({ id, tap }) => ({ id, tap })) : null;
+}
+
 export class VmmApi {
   /**
    * A vm.receive-migration request holds its connection until the migration ends; one at a
@@ -296,6 +308,9 @@ export class VmmApi {
       if (!checker.Check(b[k])) throw invalidBody(outer, `${k} must be a ${k === 'serial' ? 'SerialConfig' : 'ConsoleConfig'}`);
       hostEnds[k] = b[k] as StoredConsoleConfig;
     }
+    // ... and the tap each card opens: [{id, tap}].
+    const net = b.net == null ? undefined : restoredTaps(b.net);
+    if (net === null) throw invalidBody(outer, 'net must be a list of {"id": ..., "tap": ...} (at most 16; a tap name is 1 to 15 bytes without "/")');
     await this.run(outer, () =>
       this.vmm.restore({
         source_url: b.source_url as string,
@@ -303,6 +318,7 @@ export class VmmApi {
         resume: (b.resume as boolean | null) ?? undefined,
         memory_restore_mode: restoreMode,
         ...hostEnds,
+        ...(net && { net }),
       }),
     );
   }

@@ -19,6 +19,8 @@ export interface RestoreArgs {
   serial?: ConsoleConfig;
   /** --console given with --restore: the same for the virtio console */
   console?: ConsoleConfig;
+  /** --net id=ID,tap=NAME given with --restore: the tap a restored card opens instead of its saved one */
+  net?: { id: string; tap: string }[];
 }
 
 export interface TernArgs {
@@ -235,11 +237,12 @@ export function parseTernArgs(argv: string[]): TernArgs {
     if (LIST_OPTIONS.has(arg) && inline === undefined) while (i + 1 < argv.length && !argv[i + 1].startsWith('-')) handler(argv[++i], acc);
   }
   if (acc.args.restore && acc.vmOptionSeen) {
-    // Only the consoles' host ends may be chosen anew; the rest comes from the snapshot.
-    const { payload, serial, console, ...rest } = acc.vm;
-    if ((serial || console) && Object.keys(payload).length === 0 && Object.keys(rest).length === 0) {
+    // Only host ends may be chosen anew (the consoles', the cards' taps); the rest comes from the snapshot.
+    const { payload, serial, console, net, ...rest } = acc.vm;
+    if ((serial || console || net) && Object.keys(payload).length === 0 && Object.keys(rest).length === 0) {
       if (serial) acc.args.restore.serial = serial;
       if (console) acc.args.restore.console = console;
+      if (net) acc.args.restore.net = net.map(restoredTap);
       acc.vmOptionSeen = false;
     }
   }
@@ -256,6 +259,15 @@ export function parseTernArgs(argv: string[]): TernArgs {
     throw new OptionError('--restore', 'cannot be combined with boot options (--kernel, --cpus, ...)');
   }
   return acc.args;
+}
+
+/** A --net given with --restore: which card (id=) opens which tap (tap=), nothing else. */
+function restoredTap(net: Record<string, unknown>): { id: string; tap: string } {
+  const keys = Object.keys(net).sort().join(',');
+  if (keys !== 'id,tap' || typeof net.id !== 'string' || typeof net.tap !== 'string') {
+    throw new OptionError('--net', 'with --restore, --net takes id=ID,tap=NAME only: the tap a restored card opens');
+  }
+  return { id: net.id, tap: net.tap };
 }
 
 export const TERN_USAGE = `Usage: tern [OPTIONS]

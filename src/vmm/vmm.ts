@@ -1,6 +1,7 @@
 // The VMM: one store, at most one VM. Every lifecycle action is an event checked by the
 // store's state machine first, so the CLI, the API and the guest itself (poweroff, reset)
 // all go through the same path and the same rules.
+import { netIdOf } from '../devices/virtio/vm-devices';
 import type { Logger } from 'pino';
 import type { ConsoleConfig, VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
@@ -29,6 +30,8 @@ export interface RestoreOptions {
   serial?: ConsoleConfig;
   /** the same for the virtio console */
   console?: ConsoleConfig;
+  /** the tap each named card opens instead of the one its snapshot names (Tern's addition) */
+  net?: { id: string; tap: string }[];
 }
 
 /**
@@ -36,7 +39,7 @@ export interface RestoreOptions {
  * own choices stay otherwise; they passed vm.create's checks in readSnapshot, and a serial
  * file is opened only as a regular file, never through a symlink, created 0600.
  */
-function withHostEnds(state: RootState, opts: Pick<RestoreOptions, 'serial' | 'console'>): RootState {
+function withHostEnds(state: RootState, opts: Pick<RestoreOptions, 'serial' | 'console' | 'net'>): RootState {
   const config = state.vm.config!;
   if (opts.serial) {
     const was = config.serial?.mode ?? 'Null';
@@ -45,7 +48,13 @@ function withHostEnds(state: RootState, opts: Pick<RestoreOptions, 'serial' | 'c
       throw new SnapshotError(`the serial port cannot be switched ${was === 'Off' ? 'on' : 'off'} on restore`);
     }
   }
-  const next = { ...config, ...(opts.serial && { serial: opts.serial }), ...(opts.console && { console: opts.console }) };
+  let net = config.net;
+  for (const o of opts.net ?? []) {
+    const at = (net ?? []).findIndex((n, i) => netIdOf(n, i) === o.id);
+    if (at < 0) throw new SnapshotError(`restore: the snapshot has no net device '${o.id}'`);
+    net = net!.map((n, i) => (i === at ? { ...n, tap: o.tap } : n));
+  }
+  const next = { ...config, ...(opts.serial && { serial: opts.serial }), ...(opts.console && { console: opts.console }), ...(net && { net }) };
   const problems = vmConfigProblems(next);
   if (problems.length) throw new SnapshotError(`restore: ${problems.join('; ')}`);
   return { ...state, vm: { ...state.vm, config: next } } as RootState;

@@ -9,7 +9,7 @@ import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
 // (microvmCommand builds any machine type's command line; the peer here is q35)
 import { GuestProcess } from '../linux/guest-process';
 import { profileSummary } from './cpu-profile';
-import { median } from './median';
+import { printRatios, sideBySide, type SideBySideResults } from './side-by-side';
 
 const FIXTURES = process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures';
 const RUNS = Number(process.env.TERN_BENCH_BLOCK_RUNS ?? process.env.TERN_BENCH_RUNS ?? 3);
@@ -78,26 +78,19 @@ async function main(): Promise<void> {
   for (let i = 0; i < IMAGE_MIB; i++) fs.writeSync(fd, chunk);
   fs.closeSync(fd);
   const cmdline = guestCmdline({ cmd: JOBS.map((j) => `blkbench /dev/vda ${j.args}`).join('; ') });
-  const results: Record<'tern' | 'qemu', number[][]> = { tern: [], qemu: [] };
+  let results: SideBySideResults;
   try {
-    for (let i = 0; i < RUNS; i++) {
-      const profileDir = path.join(dir, `profile-${i}`);
-      results.tern.push(await runTern(kernel, initrd, cmdline, image, profileDir));
-      process.stdout.write(`block run ${i + 1}/${RUNS}: tern ${results.tern[i].join(' ')}\n`);
-      if (PROFILE) process.stdout.write(profileSummary(`tern run ${i + 1}`, profileDir));
-      results.qemu.push(await runQemu(kernel, initrd, cmdline, image));
-      process.stdout.write(`block run ${i + 1}/${RUNS}: qemu ${results.qemu[i].join(' ')}\n`);
-    }
+    results = await sideBySide(
+      'block',
+      RUNS,
+      (i) => runTern(kernel, initrd, cmdline, image, path.join(dir, `profile-${i}`)),
+      () => runQemu(kernel, initrd, cmdline, image),
+      (i) => PROFILE && process.stdout.write(profileSummary(`tern run ${i + 1}`, path.join(dir, `profile-${i}`))),
+    );
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
-  process.stdout.write(`\nvirtio-blk, ${IMAGE_MIB} MiB raw image on the lab's tmpfs, guest O_DIRECT, ${SECONDS} s per job, median of ${RUNS}\n`);
-  process.stdout.write('| job | tern | QEMU 7.2 | ratio |\n|---|---|---|---|\n');
-  JOBS.forEach((j, k) => {
-    const ours = median(results.tern.map((r) => r[k]));
-    const peer = median(results.qemu.map((r) => r[k]));
-    process.stdout.write(`| ${j.name} | ${ours.toFixed(1)} ${j.metric} | ${peer.toFixed(1)} ${j.metric} | ${(ours / peer).toFixed(2)} |\n`);
-  });
+  printRatios(`virtio-blk, ${IMAGE_MIB} MiB raw image on the lab's tmpfs, guest O_DIRECT, ${SECONDS} s per job, median of ${RUNS}`, JOBS, results);
 }
 
 main().catch((e) => {

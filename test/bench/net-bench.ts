@@ -10,7 +10,7 @@ import path from 'node:path';
 import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
 import { GuestProcess } from '../linux/guest-process';
 import { native } from '../../src/native/kvm';
-import { median } from './median';
+import { printRatios, sideBySide, type SideBySideResults } from './side-by-side';
 
 const FIXTURES = process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures';
 const RUNS = Number(process.env.TERN_BENCH_NET_RUNS ?? process.env.TERN_BENCH_RUNS ?? 3);
@@ -113,24 +113,13 @@ async function main(): Promise<void> {
   ].join('; ');
   const cmdline = guestCmdline({ cmd });
   const stop = await hostEnd();
-  const results: Record<'tern' | 'qemu', number[][]> = { tern: [], qemu: [] };
+  let results: SideBySideResults;
   try {
-    for (let i = 0; i < RUNS; i++) {
-      results.tern.push(await runTern(kernel, initrd, cmdline));
-      process.stdout.write(`net run ${i + 1}/${RUNS}: tern ${results.tern[i].join(' ')}\n`);
-      results.qemu.push(await runQemu(kernel, initrd, cmdline));
-      process.stdout.write(`net run ${i + 1}/${RUNS}: qemu ${results.qemu[i].join(' ')}\n`);
-    }
+    results = await sideBySide('net', RUNS, () => runTern(kernel, initrd, cmdline), () => runQemu(kernel, initrd, cmdline));
   } finally {
     stop();
   }
-  process.stdout.write(`\nvirtio-net-pci on a tap (QEMU: vhost=off), 1 vCPU guest, ${SECONDS} s per job, median of ${RUNS}\n`);
-  process.stdout.write('| job | tern | QEMU 7.2 | ratio |\n|---|---|---|---|\n');
-  JOBS.forEach((j, k) => {
-    const ours = median(results.tern.map((r) => r[k]));
-    const peer = median(results.qemu.map((r) => r[k]));
-    process.stdout.write(`| ${j.name} | ${ours.toFixed(1)} ${j.metric} | ${peer.toFixed(1)} ${j.metric} | ${(ours / peer).toFixed(2)} |\n`);
-  });
+  printRatios(`virtio-net-pci on a tap (QEMU: vhost=off), 1 vCPU guest, ${SECONDS} s per job, median of ${RUNS}`, JOBS, results);
 }
 
 main().catch((e) => {

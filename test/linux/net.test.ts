@@ -3,8 +3,8 @@
 // the guest (two vCPUs, so its driver enables both pairs) brings up eth0, pings the host and
 // streams numbered lines to a server in this test over TCP, while the host sends datagrams
 // from many ports, which the tap spreads over its queues. The VMM is snapshotted and killed
-// (its tap goes with it), a new one restores the guest and makes the tap again, and migrates it
-// to a third VMM that opens the same tap beside it; the one connection goes on throughout.
+// (its tap goes with it), a new one restores the guest on a tap the restore names, and migrates
+// it to a third VMM that opens the same tap beside it; the one connection goes on throughout.
 // (The 100 MiB transfers in each direction are in test/acceptance/net.test.ts,
 // `npm run test:net-lab`.)
 import test from 'ava';
@@ -25,6 +25,7 @@ const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-linux-net-'));
 process.on('exit', () => fs.rmSync(tmp, { recursive: true, force: true }));
 
 const STREAM = 5003;
+const RESTORED_TAP = 'terntap1';
 const HOST_MAC = '02:74:65:72:6e:02';
 const STREAM_PROBE = [
   `ifconfig eth0 ${GUEST_IP} netmask 255.255.255.0 up`,
@@ -106,8 +107,10 @@ test.serial('a two-pair card through snapshot, restore and a local live migratio
     t.log(`queues' used indexes at the snapshot: ${card.used.join(', ')}`);
     t.false(fs.existsSync(`/sys/class/net/${TAP}`), 'the tap went with the VMM');
 
-    restored = GuestProcess.tern(['--restore', `source_url=file://${snap},resume=on`, '--serial', 'tty', '--api-socket', `path=${restoredSock}`]);
+    // The restoring client picks the tap (a host setting): the card opens it, with the config's address and MACs.
+    restored = GuestProcess.tern(['--restore', `source_url=file://${snap},resume=on`, '--serial', 'tty', '--api-socket', `path=${restoredSock}`, '--net', `id=_net0,tap=${RESTORED_TAP}`]);
     await linesOn('after the restore', 20);
+    t.true(fs.existsSync(`/sys/class/net/${RESTORED_TAP}`), 'the restored card is on the tap the restore named');
 
     dst = GuestProcess.tern(['--api-socket', `path=${dstSock}`]);
     await waitForPath(dstSock);

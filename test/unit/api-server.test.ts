@@ -138,6 +138,14 @@ test.serial('vm.restore takes memory_restore_mode in the contract spelling (Copy
     t.is(r.status, 400, String(mode));
     isErrorChain(t, r, /memory_restore_mode must be one of "Copy", "OnDemand"/);
   }
+  // Tern's addition: the tap each restored card opens.
+  const taps = await rig.call('PUT', 'vm.restore', { source_url: `file://${dir}/none`, net: [{ id: '_net0', tap: 'tap7' }] });
+  t.is(taps.status, 500, 'taken: it gets as far as reading the snapshot');
+  for (const net of [{ id: '_net0', tap: 'tap7' }, [{ id: '_net0' }], [{ id: '_net0', tap: 'a/b' }], [{ id: '_net0', tap: 'x'.repeat(16) }], [{ id: '', tap: 't' }], [{ id: 'n', tap: 't', mac: '52:54:00:00:00:01' }]]) {
+    const r = await rig.call('PUT', 'vm.restore', { source_url: `file://${dir}/none`, net });
+    t.is(r.status, 400, JSON.stringify(net));
+    isErrorChain(t, r, /net must be a list of/);
+  }
   t.is(rig.vmm.state.vm.status, 'NotCreated');
 });
 

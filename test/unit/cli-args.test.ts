@@ -122,3 +122,11 @@ test('--net fd= names taps this process holds, one per queue pair, in Cloud Hype
   );
   for (const bad of ['fd=x', 'fd=[3,', 'fd=[5-3]', 'fd=[-1]']) t.throws(() => parseTernArgs(['--kernel', 'k', '--console', 'off', '--net', bad]), { instanceOf: OptionError }, bad);
 });
+
+test('--net with --restore names the tap a restored card opens, and nothing else', (t) => {
+  const a = parseTernArgs(['--restore', 'source_url=file:///s', '--net', 'id=_net0,tap=tap9', 'id=up,tap=tap10']);
+  t.deepEqual(a.restore?.net, [{ id: '_net0', tap: 'tap9' }, { id: 'up', tap: 'tap10' }]);
+  t.is(a.vm, null);
+  t.throws(() => parseTernArgs(['--restore', 'source_url=file:///s', '--net', 'tap=tap9']), { message: /id=ID,tap=NAME only/ });
+  t.throws(() => parseTernArgs(['--restore', 'source_url=file:///s', '--net', 'id=_net0,tap=tap9,mac=52:54:00:00:00:01']), { message: /id=ID,tap=NAME only/ });
+});

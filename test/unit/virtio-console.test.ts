@@ -6,11 +6,11 @@ import test from 'ava';
 import { VIRTIO_CONSOLE_ID, VIRTIO_CONSOLE_MAX_CHAIN_BYTES, VirtioConsoleQueue, virtioConsoleConfigBytes, virtioConsoleFeatures, virtioConsoleModel } from '../../src/devices/virtio/console';
 import { hasVirtioConsole, placeVirtioFunctions, virtioFunctionsOf } from '../../src/devices/virtio/vm-devices';
 import type { VirtioFunctionState } from '../../src/devices/virtio/transport';
-import type { DescriptorChain } from '../../src/devices/virtio/virtqueue';
 import { anonymousGuestMemory } from '../../src/memory/guest-memory';
 import { consoleWorker } from '../../src/vmm/console-worker';
 import type { ConsoleSink } from '../../src/vmm/console-sink';
 import type { ChainResult } from '../../src/vmm/virtio-queues';
+import { chainOf } from './chain-of';
 
 test('the device offers its terminal size when it has one, and Cloud Hypervisor\'s id', (t) => {
   const c = new DataView(virtioConsoleConfigBytes({ cols: 132, rows: 43 }).buffer);
@@ -50,13 +50,6 @@ function recordingSink(): ConsoleSink & { out: number[]; offered: number } {
 }
 
 const fn = virtioConsoleModel.create(VIRTIO_CONSOLE_ID, { cols: 0, rows: 0 }, [256, 256]) as VirtioFunctionState;
-const chainOf = (readable: { addr: number; len: number }[], writable: { addr: number; len: number }[]): DescriptorChain => ({
-  head: 0,
-  readable,
-  writable,
-  readableBytes: readable.reduce((n, s) => n + s.len, 0),
-  writableBytes: writable.reduce((n, s) => n + s.len, 0),
-});
 
 test('transmitted bytes go to the sink in order; a chain past the cap is cut and counted', (t) => {
   const mem = anonymousGuestMemory([{ guestAddress: 0, size: 1 << 20 }]);

@@ -21,13 +21,13 @@ import {
 } from '../../src/devices/virtio/net';
 import { placeVirtioFunctions, virtioFunctionsOf } from '../../src/devices/virtio/vm-devices';
 import { featureWords, virtioQueueServed, type VirtioFunctionState } from '../../src/devices/virtio/transport';
-import type { DescriptorChain } from '../../src/devices/virtio/virtqueue';
 import { anonymousGuestMemory } from '../../src/memory/guest-memory';
 import type { ChainResult } from '../../src/vmm/virtio-queues';
 import { ipv4PrefixLength, ipv6PrefixLength, netConfigProblem } from '../../src/config/net-config';
 import { pciSegmentInitialState } from '../../src/devices/pci/segment';
 import { checkBackendsFit, type DeviceBackends } from '../../src/vmm/device-backends';
 import { netWorker, type NetBackend } from '../../src/vmm/net-backend';
+import { chainOf } from './chain-of';
 
 const bit = (b: number) => 1n << BigInt(b);
 const card = (o: Partial<VirtioNetDevice> = {}): VirtioNetDevice => ({ mac: [0x52, 0x54, 0, 1, 2, 3], mtu: 0, queuePairs: 1, offloads: { csum: true, tso: true, ufo: true }, ...o });
@@ -137,13 +137,6 @@ test('the active pairs are the card\'s state: recorded with the control queue\'s
   t.throws(() => virtioQueueServed(virtioNetModel, fn, { queue: 4, nextAvail: 1, nextUsed: 1, interrupt: false, deviceState: { ...fn.device, mac: 'x' } }), { message: /device state field \/mac/ });
 });
 
-const chainOf = (readable: { addr: number; len: number }[], writable: { addr: number; len: number }[]): DescriptorChain => ({
-  head: 0,
-  readable,
-  writable,
-  readableBytes: readable.reduce((n, s) => n + s.len, 0),
-  writableBytes: writable.reduce((n, s) => n + s.len, 0),
-});
 
 test('the worker serves the control queue itself: the ack goes into the chain, the new state comes back; data queues of unused pairs wait', (t) => {
   const mem = anonymousGuestMemory([{ guestAddress: 0, size: 1 << 20 }]);
