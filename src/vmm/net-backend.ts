@@ -73,14 +73,14 @@ export function openNetBackend(net: NetConfig, index: number, log: Logger): NetB
     // A tap handed over by its creator is set up by it: only what the config asks is changed.
     if (!net.fds) native().configureInterface(tap.name, { ...settings, up: true });
     else if (Object.values(settings).some((v) => v !== undefined)) native().configureInterface(tap.name, settings);
+    // A queue no thread reads yet takes no frames: on a tap another VMM also has queues of (the
+    // source of a local migration), frames go to that one's until this guest runs.
+    if (tap.multiQueue) for (const fd of tap.fds) native().tapSetQueue(fd, false);
   } catch (e) {
     close();
     throw new NetConfigError(`net device '${id}': the tap '${tap.name}' cannot be set up: ${(e as Error).message}`);
   }
   const mac = net.mac !== undefined ? parseMac(net.mac)! : randomMac(randomBytes);
-  // A queue no thread reads yet takes no frames: on a tap another VMM also has queues of (the
-  // source of a local migration), frames go to that one's until this guest runs.
-  if (tap.multiQueue) for (const fd of tap.fds) native().tapSetQueue(fd, false);
   log.info({ device: id, tap: tap.name, queuePairs: pairs }, 'net device on a tap');
   return { id, tap: tap.name, fds: tap.fds, mac, macGiven: net.mac !== undefined, worker: netWorker(id, tap.fds, log, { detached: tap.multiQueue }), close };
 }
@@ -142,7 +142,7 @@ export function netWorker(id: string, fds: readonly number[], log: Logger, opts:
       const { device, ack } = virtioNetControl(fn.device as VirtioNetDevice, readFromChain(memory, chain, VIRTIO_NET_CTRL_MAX_BYTES));
       writeToChain(memory, chain, Uint8Array.of(ack));
       if (device !== fn.device) log.info({ device: id, activePairs: activePairsOf(device) }, 'the driver set how many queue pairs it uses');
-      return { written: 1, ...(device !== fn.device ? { device } : {}) };
+      return { written: 1, ...(device !== fn.device ? { deviceState: device } : {}) };
     },
     nativeQueue(fn: VirtioFunctionState, queue: number) {
       const fd = fds[Math.floor(queue / 2)];

@@ -94,7 +94,7 @@ export interface ChainResult {
    * The device's own state after this chain, when the chain changed it (a net card's control
    * command). Only a chain served at once may: it goes into the store with the cursors.
    */
-  device?: unknown;
+  deviceState?: unknown;
 }
 
 function sumCounters(into: Record<string, number> | undefined, add: Record<string, number> | undefined): Record<string, number> | undefined {
@@ -371,7 +371,7 @@ export class VirtioQueues {
             c = pushUsed(memory, rings, popped.cursors, popped.chain.head, result.written);
             counters = sumCounters(counters, result.counters);
             // (the next chain of the batch sees what this one changed)
-            if (result.device !== undefined) fn = { ...fn, device: (deviceState = result.device) };
+            if (result.deviceState !== undefined) fn = { ...fn, device: (deviceState = result.deviceState) };
           }
           served++;
         }

@@ -150,14 +150,14 @@ test('the worker serves the control queue itself: the ack goes into the chain, t
   const r = w.chain(fn, 4, chainOf([{ addr: 0x1000, len: 2 }, { addr: 0x2000, len: 2 }], [{ addr: 0x3000, len: 1 }]), mem) as ChainResult;
   t.is(r.written, 1);
   t.is(mem.read(0x3000, 1)[0], VirtioNetCtrl.OK);
-  t.is((r.device as VirtioNetDevice).activePairs, 2);
+  t.is((r.deviceState as VirtioNetDevice).activePairs, 2);
   t.throws(() => w.chain(fn, 4, chainOf([{ addr: 0x1000, len: 4 }], []), mem), { message: /no room for its ack/ });
   t.throws(() => w.chain(fn, 1, chainOf([{ addr: 0x1000, len: 4 }], []), mem), { message: /native thread only/ });
   // (fds -1 and -2: the tap calls fail, which the worker logs and lives with)
   t.is(w.nativeQueue?.(fn, 4), undefined, 'no thread for the control queue');
   t.is(w.nativeQueue?.(fn, 2), undefined, 'pair 1 does not receive until the driver enables it');
   t.like(w.nativeQueue?.(fn, 3), { kind: 'net', tapFd: -2, receive: false });
-  t.like(w.nativeQueue?.({ ...fn, device: r.device }, 2), { kind: 'net', tapFd: -2, receive: true });
+  t.like(w.nativeQueue?.({ ...fn, device: r.deviceState }, 2), { kind: 'net', tapFd: -2, receive: true });
 });
 
 test('a restored card must fit its tap: as many pairs, and the MAC its config gives if it gives one', (t) => {
