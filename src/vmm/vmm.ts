@@ -396,8 +396,18 @@ export class Vmm {
       this.store.dispatch(vmEvents.shutdown());
       await this.destroyMachine();
     }
+    const held = new Set((this.state.vm.config?.net ?? []).flatMap((n) => n.fds ?? []));
     this.store.dispatch(vmEvents.deleted());
     await this.destroyMachine();
+    // Taps handed over for the VM's cards (fd=, SCM_RIGHTS) were the VM's: a client that creates
+    // and deletes VMs must not pile up descriptors.
+    for (const fd of held) {
+      try {
+        native().closeFd(fd);
+      } catch (e) {
+        this.log.warn({ fd, err: (e as Error).message }, 'a tap handed over for a deleted VM could not be closed');
+      }
+    }
   }
 
   /** Record that the VMM is up; call once its subscribers (event monitor, API) are attached. */

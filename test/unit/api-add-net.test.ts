@@ -64,6 +64,17 @@ test.serial('vm.add-net adds net devices to a created VM; bad bodies, impossible
 
 contractTest(test, recorder, 'api-add-net', ['PUT vm.add-net', 'PUT vm.create', 'GET vm.info']);
 
+/** How many of this process's descriptors are tap queues. */
+function tunFds(): number {
+  return fs.readdirSync('/proc/self/fd').filter((fd) => {
+    try {
+      return fs.readlinkSync(`/proc/self/fd/${fd}`) === '/dev/net/tun';
+    } catch {
+      return false;
+    }
+  }).length;
+}
+
 test.serial('tap fds: taken from the command line (the card is named after its tap), dropped from API bodies, refused when they are no tap', async (t) => {
   await rig.call('PUT', 'vm.delete');
   const { name, fds } = native().openTap(`tfd${process.pid % 100000}`, 1);
@@ -78,10 +89,14 @@ test.serial('tap fds: taken from the command line (the card is named after its t
   await rig.call('PUT', 'vm.delete');
 
   const api = new VmmApi(rig.vmm);
-  await api.create({ ...kernel, net: [{ fds: [fds[0]] }] }, { heldFds: true });
+  // (as tern is given its taps: a descriptor of its own, which the VM's deletion closes)
+  const inherited = native().adoptTap(fds[0]).fd;
+  await api.create({ ...kernel, net: [{ fds: [inherited] }] }, { heldFds: true });
   const held = bodyJson(await rig.call('GET', 'vm.info')) as typeof fromApi;
-  t.deepEqual(held.config.net, [{ fds: [fds[0]], tap: name }]);
+  t.deepEqual(held.config.net, [{ fds: [inherited], tap: name }]);
+  const taps = tunFds();
   await rig.call('PUT', 'vm.delete');
+  t.is(tunFds(), taps - 1, 'deleting the VM closed the tap it was given');
 
   const efd = native().eventfd(0);
   t.teardown(() => native().closeFd(efd));
@@ -126,4 +141,7 @@ test.serial('taps handed over with vm.add-net (SCM_RIGHTS, as ch-remote sends fd
   await new Promise((r) => setTimeout(r, 100));
   t.is(openFds(), before, 'every descriptor the VMM was sent and did not keep is closed');
   t.is((bodyJson(await rig.call('GET', 'vm.info')) as typeof info).config.net.length, 2);
+  const withCards = tunFds();
+  await rig.call('PUT', 'vm.delete');
+  t.is(tunFds(), withCards - 2, 'deleting the VM closed the two taps handed over for its cards');
 });
