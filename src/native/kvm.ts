@@ -11,6 +11,7 @@
 //   `code` is the errno name (e.g. 'EINVAL').
 import fs from 'node:fs';
 import path from 'node:path';
+import { createRequire } from 'node:module';
 
 export interface CpuidEntry {
   function: number;
@@ -485,8 +486,9 @@ export function native(): NativeAddon {
       path.join(root, 'build', 'Release', 'tern_native.node'),
     );
     const file = process.env.TERN_NATIVE_ADDON ?? candidates.find((f) => fs.existsSync(f)) ?? candidates[0];
-    // eslint-disable-next-line @typescript-eslint/no-var-requires
-    cached = require(file) as NativeAddon;
+    // (createRequire: a CLI started from a V8 startup snapshot has a require that loads only
+    // Node's built-in modules)
+    cached = createRequire(file)(file) as NativeAddon;
   }
   return cached;
 }
