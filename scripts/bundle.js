@@ -25,3 +25,81 @@ for (const e of entries) {
   });
   fs.chmodSync(path.join(root, 'dist', 'bin', `${e.name}.js`), 0o755);
 }
+
+// tern's V8 startup snapshot: the whole CLI loaded and initialised once, here, so that a VMM
+// starts by deserialising a heap instead of compiling and running its modules (start-up is
+// what serverless users of a VMM measure). dist/bin/tern, the command on the PATH, starts from
+// it when it was built by the very node binary that runs it, and from tern.js otherwise.
+const bin = path.join(root, 'dist', 'bin');
+const snapshotEntry = path.join(root, 'dist', 'src', 'cli', 'tern-snapshot.js');
+if (fs.existsSync(snapshotEntry)) buildTernSnapshot();
+
+function buildTernSnapshot() {
+  const entry = path.join(bin, 'tern-snapshot.js');
+  const blob = path.join(bin, 'tern.blob');
+  const stamp = path.join(bin, 'tern.blob.node');
+  for (const f of [blob, stamp]) fs.rmSync(f, { force: true });
+  esbuild.buildSync({
+    entryPoints: [snapshotEntry],
+    outfile: entry,
+    bundle: true,
+    platform: 'node',
+    target: 'node20',
+    minify: true,
+    keepNames: true,
+    logLevel: 'warning',
+    // While a snapshot is built, node:http cannot even load (Node 20): the bundle's require of
+    // it returns a stand-in that loads the module on first use, after the snapshot started.
+    banner: {
+      js: `const __ternRequire = ((real) => {
+  const later = new Set(['http', 'node:http', 'https', 'node:https']);
+  return (id) => {
+    if (!later.has(id)) return real(id);
+    let m;
+    const load = () => (m ??= real(id));
+    return new Proxy({}, {
+      get: (_, k) => (k === '__esModule' ? undefined : load()[k]),
+      has: (_, k) => k in load(),
+      ownKeys: () => Reflect.ownKeys(load()),
+      getOwnPropertyDescriptor: (_, k) => { const d = Object.getOwnPropertyDescriptor(load(), k); if (d) d.configurable = true; return d; },
+    });
+  };
+})(require);
+(function (require, exports) {`,
+    },
+    footer: { js: '})(__ternRequire, {});' },
+  });
+  const r = require('node:child_process').spawnSync(process.execPath, ['--snapshot-blob', blob, '--build-snapshot', entry], {
+    cwd: bin,
+    encoding: 'utf8',
+    // (Node warns that some built-in modules are not verified in snapshots: the tests are)
+    env: { ...process.env, NODE_NO_WARNINGS: '1' },
+  });
+  if (r.status !== 0 || !fs.existsSync(blob)) {
+    process.stderr.write(`bundle: no startup snapshot (tern starts from tern.js): ${(r.stderr || r.error?.message || '').trim().split('\n').slice(-3).join(' | ')}\n`);
+    fs.rmSync(blob, { force: true });
+  } else {
+    const st = fs.statSync(fs.realpathSync(process.execPath));
+    fs.writeFileSync(stamp, `${fs.realpathSync(process.execPath)} ${st.size} ${Math.floor(st.mtimeMs / 1000)}\n`);
+  }
+  const launcher = path.join(bin, 'tern');
+  fs.writeFileSync(
+    launcher,
+    `#!/bin/sh
+# tern: the VMM, started from its V8 startup snapshot (tern.blob) when the node binary on the
+# PATH is the one that built it, and from the plain bundle (tern.js) otherwise.
+bin=$(dirname "$(readlink -f "$0")")
+node=$(command -v node) || { echo "tern: node is not on the PATH" >&2; exit 127; }
+if [ -r "$bin/tern.blob" ] && [ -r "$bin/tern.blob.node" ]; then
+  node=$(readlink -f "$node")
+  read -r built < "$bin/tern.blob.node"
+  if [ "$built" = "$node $(stat -c '%s %Y' "$node")" ]; then
+    exec "$node" --snapshot-blob "$bin/tern.blob" "$bin/tern.js" "$@"
+  fi
+fi
+exec "$node" "$bin/tern.js" "$@"
+`,
+    { mode: 0o755 },
+  );
+  fs.chmodSync(launcher, 0o755);
+}

@@ -29,6 +29,6 @@ bash scripts/guest-fixtures.sh
 # `tern` and `tern-remote` on the PATH, as the README's examples call them.
 bindir="$(npm prefix -g)/bin"
 mkdir -p "$bindir"
-for cli in tern tern-remote; do
-  ln -sfn "$PWD/dist/bin/$cli.js" "$bindir/$cli"
-done
+# tern through its launcher (it starts from the startup snapshot when it can), tern-remote as it is
+ln -sfn "$PWD/dist/bin/tern" "$bindir/tern"
+ln -sfn "$PWD/dist/bin/tern-remote.js" "$bindir/tern-remote"

@@ -1,6 +1,7 @@
-#!/usr/bin/env node
 // `tern`: parse Cloud Hypervisor-style options, then create and boot the VM through the same
 // operations the HTTP API runs (VmmApi), so both paths check and record things identically.
+// Loading this module only defines the CLI; runTern() runs it (from the plain bundle, or from a
+// V8 startup snapshot that holds every module already loaded: see tern-snapshot.ts).
 import { PerformanceObserver } from 'node:perf_hooks';
 import { ApiError } from '../api/errors';
 import { EventMonitor } from '../api/event-monitor';
@@ -128,10 +129,13 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((e) => {
-  process.stderr.write(`tern: internal error: ${(e as Error).stack ?? e}\n`);
-  process.exit(1);
-});
+/** Run the CLI on this process's arguments. */
+export function runTern(): void {
+  main().catch((e) => {
+    process.stderr.write(`tern: internal error: ${(e as Error).stack ?? e}\n`);
+    process.exit(1);
+  });
+}
 
 /**
  * Debug: every garbage-collection pause of 5 ms or more, as a line of its own. The VMM's work

@@ -1,0 +1,98 @@
+// `tern` as installed starts from its V8 startup snapshot: the VMM it starts serves the API,
+// logs as itself (its own pid, the time now), creates a VM and shuts down; and where the
+// snapshot was built by another node binary, the same launcher starts the plain bundle.
+import test from 'ava';
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import http from 'node:http';
+import os from 'node:os';
+import path from 'node:path';
+
+const REPO = path.resolve(__dirname, '..', '..', '..');
+const BIN = path.join(REPO, 'dist', 'bin');
+
+function request(socket: string, method: string, p: string, body?: unknown): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const data = body === undefined ? '' : JSON.stringify(body);
+    const req = http.request({ socketPath: socket, method, path: `/api/v1/${p}`, headers: { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(data) } }, (res) => {
+      let out = '';
+      res.on('data', (d) => (out += d));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: out }));
+    });
+    req.on('error', reject);
+    req.end(data);
+  });
+}
+
+async function startTern(launcher: string, env: NodeJS.ProcessEnv = process.env): Promise<{ child: ChildProcess; socket: string; dir: string; stderr: () => string; exited: Promise<number | null> }> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-cli-'));
+  const socket = path.join(dir, 'api.sock');
+  const child = spawn(launcher, ['-v', '--api-socket', `path=${socket}`], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (d) => (stderr += d));
+  const exited = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
+  for (let i = 0; i < 1000 && !fs.existsSync(socket) && child.exitCode === null; i++) await new Promise((r) => setTimeout(r, 10));
+  return { child, socket, dir, stderr: () => stderr, exited };
+}
+
+test.serial('tern started from its startup snapshot serves the API, logs as itself and shuts down', async (t) => {
+  t.true(fs.existsSync(path.join(BIN, 'tern.blob')), 'the build made a startup snapshot');
+  const before = Date.now();
+  const vmm = await startTern(path.join(BIN, 'tern'));
+  try {
+    const cmdline = fs.readFileSync(`/proc/${vmm.child.pid}/cmdline`, 'utf8').split('\0');
+    t.true(cmdline.includes('--snapshot-blob'), `started from the snapshot: ${cmdline.join(' ')}`);
+    const ping = await request(vmm.socket, 'GET', 'vmm.ping');
+    t.is(ping.status, 200, ping.body);
+    t.regex(JSON.parse(ping.body).version, /^\d+\.\d+\.\d+/);
+    // The contract's checks (compiled into the snapshot) still refuse a bad body...
+    const bad = await request(vmm.socket, 'PUT', 'vm.create', { cpus: { boot_vcpus: 'two' } });
+    t.is(bad.status, 400, bad.body);
+    // ...and take a good one.
+    const created = await request(vmm.socket, 'PUT', 'vm.create', { payload: { kernel: '/nonexistent/vmlinux' }, memory: { size: 64 << 20 } });
+    t.is(created.status, 204, created.body);
+    const info = await request(vmm.socket, 'GET', 'vm.info');
+    t.is(info.status, 200, info.body);
+    t.is(JSON.parse(info.body).state, 'Created');
+    const down = await request(vmm.socket, 'PUT', 'vmm.shutdown');
+    t.is(down.status, 204, down.body);
+    t.is(await vmm.exited, 0, vmm.stderr());
+    // Its log lines are its own: this process's pid, this moment's time (not the build's).
+    const lines = vmm
+      .stderr()
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => JSON.parse(l) as { pid: number; time: number; msg: string });
+    t.true(lines.some((l) => l.msg === 'HTTP API listening'), vmm.stderr());
+    for (const l of lines) {
+      t.is(l.pid, vmm.child.pid!);
+      t.true(l.time >= before && l.time <= Date.now(), `log time ${l.time}`);
+    }
+  } finally {
+    vmm.child.kill('SIGKILL');
+    fs.rmSync(vmm.dir, { recursive: true, force: true });
+  }
+});
+
+test.serial('a snapshot built by another node binary is not used: the launcher starts the plain bundle', async (t) => {
+  const copy = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-bin-'));
+  try {
+    for (const f of ['tern', 'tern.js', 'tern.blob']) fs.copyFileSync(path.join(BIN, f), path.join(copy, f));
+    fs.chmodSync(path.join(copy, 'tern'), 0o755);
+    fs.writeFileSync(path.join(copy, 'tern.blob.node'), '/usr/local/bin/some-other-node 123 456\n');
+    const vmm = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
+    try {
+      const cmdline = fs.readFileSync(`/proc/${vmm.child.pid}/cmdline`, 'utf8').split('\0');
+      t.false(cmdline.includes('--snapshot-blob'), cmdline.join(' '));
+      t.true(cmdline.includes(path.join(copy, 'tern.js')), cmdline.join(' '));
+      t.is((await request(vmm.socket, 'GET', 'vmm.ping')).status, 200);
+      await request(vmm.socket, 'PUT', 'vmm.shutdown');
+      t.is(await vmm.exited, 0, vmm.stderr());
+    } finally {
+      vmm.child.kill('SIGKILL');
+      fs.rmSync(vmm.dir, { recursive: true, force: true });
+    }
+  } finally {
+    fs.rmSync(copy, { recursive: true, force: true });
+  }
+});
