@@ -11,6 +11,7 @@ const BENCHES: Record<string, string> = {
   migration: 'dist/test/bench/migration-bench.js',
   block: 'dist/test/bench/block-bench.js',
   net: 'dist/test/bench/net-bench.js',
+  startup: 'dist/test/bench/startup-bench.js',
 };
 
 async function main(): Promise<void> {
