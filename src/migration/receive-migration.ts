@@ -36,8 +36,8 @@ import { MigrationError, errorText } from './send-migration';
 /** A machine being received into: RAM first, the rest once the state is complete. */
 export interface IncomingMachine {
   readonly memory: GuestMemory;
-  /** create the vCPUs now, while the source still runs the guest (their state comes at the end) */
-  prepareVcpus(count: number): void;
+  /** create the vCPUs and park their threads now, while the source still runs the guest (their state comes at the end) */
+  prepareVcpus(count: number): Promise<void>;
   /** open the host ends of the VM's devices (disk images, an entropy source) from its config */
   openBackends(config: VmConfig): Promise<void>;
   /** what its new vCPUs and KVM objects would save (after prepareVcpus) */
@@ -246,8 +246,8 @@ export class MigrationReceiver {
     const config: VmConfig = checkSavedConfig(frameJson(await ch.expect(FrameType.Config)), 'the migrated VM config', error);
     // The final state must carry this same config (checked at Complete), so its vCPUs can exist
     // already: creating them is work the guest's pause does not wait for.
-    this.machine.prepareVcpus(withDefaults(config).cpus.boot_vcpus);
-    // Disk images open now, not while the guest is paused: opening one takes I/O.
+    await this.machine.prepareVcpus(withDefaults(config).cpus.boot_vcpus);
+    // Disk images and consoles open now, not while the guest is paused: opening one takes I/O.
     await this.machine.openBackends(config);
     let shadow: unknown = frameJson(await ch.expect(FrameType.State));
     if (typeof shadow !== 'object' || shadow === null || Array.isArray(shadow)) throw error('State frame: not an object');

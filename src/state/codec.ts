@@ -187,7 +187,13 @@ function copyCpuid(entries: readonly CpuidEntry[], what: string): CpuidEntry[] {
   });
 }
 
-export function encodeVcpuState(s: NativeVcpuState): SavedVcpuState {
+/** A vCPU's CPUID in the store's form (plain entries, each field checked). */
+export function encodeCpuid(entries: readonly CpuidEntry[]): CpuidEntry[] {
+  return copyCpuid(entries, 'cpuid');
+}
+
+/** `cpuid`: the CPUID already in the store's form (encodeCpuid), taken as it is. */
+export function encodeVcpuState(s: NativeVcpuState, cpuid?: CpuidEntry[]): SavedVcpuState {
   return {
     regs: encodeRegs(s.regs),
     sregs: encodeSregs(s.sregs),
@@ -199,7 +205,7 @@ export function encodeVcpuState(s: NativeVcpuState): SavedVcpuState {
     vcpuEvents: s.vcpuEvents,
     debugRegs: s.debugRegs,
     mpState: s.mpState,
-    cpuid: copyCpuid(s.cpuid, 'cpuid'),
+    cpuid: cpuid ?? encodeCpuid(s.cpuid),
   };
 }
 

@@ -49,6 +49,7 @@ import {
   decodeVcpuState,
   deviceEvents,
   memoryEvents,
+  encodeCpuid,
   encodeVcpuState,
   kvmEvents,
   vcpuEvents,
@@ -136,6 +137,8 @@ export class Machine {
   private readableMsrs?: number[];
   /** a migration destination's vCPUs, created before their state arrived */
   private readonly earlyVcpus: NativeVcpu[] = [];
+  /** their threads, started parked before the state arrived (restoreVcpus takes them over) */
+  private readonly earlyRunners: VcpuRunner[] = [];
   private console?: ConsoleSink;
   /** the virtio console's host end (hvc0), when the VM has one */
   private hvc?: ConsoleSink;
@@ -154,6 +157,13 @@ export class Machine {
   readonly plan?: BootPlan;
   /** the CPUID each vCPU was given, saved with its state */
   private readonly cpuids: CpuidEntry[][] = [];
+  /**
+   * The same in the store's form, made once: a vCPU's CPUID never changes while it lives, so a
+   * pause (a migration's, inside the guest's downtime) neither copies nor diffs it again.
+   */
+  private readonly cpuidsJson: CpuidEntry[][] = [];
+  /** a migration destination's machine has been built from the final state */
+  private incomingBuilt = false;
   /** MSI-X routes and irqfds of the PCI functions */
   private msi?: MsiRouting;
   /** the virtio devices' doorbells and queue serving */
@@ -336,17 +346,30 @@ export class Machine {
     return { vcpus: Object.fromEntries(this.earlyVcpus.map((_, id) => [String(id), state])), kvm: this.kvmState(this.vm.getClock()) };
   }
 
-  /** A migration destination: create the vCPUs before their state arrives. */
-  prepareVcpus(count: number): void {
-    if (!this.opts.incoming || this.console) throw new Error('prepareVcpus() is for a migration destination, before completeIncoming()');
-    for (let id = this.earlyVcpus.length; id < count; id++) this.earlyVcpus.push(this.vm.createVcpu(id));
+  /**
+   * A migration destination: create the vCPUs before their state arrives, and start their
+   * threads parked before their first KVM_RUN (a parked vCPU takes its state like an idle
+   * one). Thread creation and seccomp set-up are then not part of the guest's pause.
+   */
+  async prepareVcpus(count: number): Promise<void> {
+    if (!this.opts.incoming || this.incomingBuilt) throw new Error('prepareVcpus() is for a migration destination, before completeIncoming()');
+    for (let id = this.earlyVcpus.length; id < count; id++) {
+      const vcpu = this.vm.createVcpu(id);
+      this.earlyVcpus.push(vcpu);
+      this.earlyRunners.push(new VcpuRunner(vcpu, (vid, exit) => this.onExit(vid, exit), this.opts.seccomp));
+    }
+    await Promise.all(this.earlyRunners.filter((r) => !r.hasStarted).map((r) => r.startParked()));
   }
 
-  /** A migration destination: open the host ends of the devices once the VM's config arrived. */
+  /**
+   * A migration destination: open the host ends of the devices (disk images, the consoles)
+   * once the VM's config arrived, not while the guest is paused: opening them takes I/O.
+   */
   async openBackends(config: VmConfig): Promise<void> {
-    if (!this.opts.incoming || this.console || this.backends) throw new Error('openBackends() is for a migration destination, once, before completeIncoming()');
+    if (!this.opts.incoming || this.incomingBuilt || this.backends) throw new Error('openBackends() is for a migration destination, once, before completeIncoming()');
     // A source on this host holds its images' locks until it hands them over (takeDiskLocks).
     this.backends = await openDeviceBackends(config, this.opts.log, { deferLocks: true });
+    this.console = this.openConsole(withDefaults(config).serial);
   }
 
   /**
@@ -365,13 +388,15 @@ export class Machine {
 
   /** A migration destination: build the vCPUs, devices' host ends and KVM state from the received state. */
   completeIncoming(state: RootState): void {
-    if (!this.opts.incoming || this.console) throw new Error('completeIncoming() is for a migration destination, once');
+    if (!this.opts.incoming || this.incomingBuilt) throw new Error('completeIncoming() is for a migration destination, once');
+    this.incomingBuilt = true;
     this.buildFromState(state);
   }
 
   private buildFromState(state: RootState): void {
     const config = withDefaults(state.vm.config as VmConfig);
-    this.console = this.openConsole(config.serial);
+    // (a migration destination opened it with the config, ahead of the state)
+    this.console ??= this.openConsole(config.serial);
     this.restoreVcpus(state);
     this.restoreVmState(state);
     // (the store takes this state only once the machine is built: the functions come from it)
@@ -451,11 +476,13 @@ export class Machine {
       const saved = state.vcpus.saved[String(id)];
       if (!saved) throw new Error(`the saved state has no vCPU ${id}`);
       const s = decodeVcpuState(saved);
-      const vcpu = this.earlyVcpus[id] ?? this.vm.createVcpu(id);
-      writeVcpuState(vcpu, s, this.opts.log);
+      // (a migration destination's vCPUs exist already, their threads started and parked)
+      const runner = this.earlyRunners[id] ?? new VcpuRunner(this.vm.createVcpu(id), (vid, exit) => this.onExit(vid, exit), this.opts.seccomp);
+      writeVcpuState(runner.vcpu, s, this.opts.log);
       this.cpuids[id] = s.cpuid;
-      this.noteReadableMsrs(vcpu);
-      this.runners.push(new VcpuRunner(vcpu, (vid, exit) => this.onExit(vid, exit), this.opts.seccomp));
+      this.cpuidsJson[id] = saved.cpuid;
+      this.noteReadableMsrs(runner.vcpu);
+      this.runners.push(runner);
     }
   }
 
@@ -482,7 +509,7 @@ export class Machine {
   async startParked(): Promise<void> {
     if (this.started) throw new Error('startParked() is for a machine whose vCPUs have not started');
     this.started = true;
-    await Promise.all(this.runners.map((r) => r.startParked()));
+    await Promise.all(this.runners.filter((r) => !r.hasStarted).map((r) => r.startParked()));
   }
 
   private takeConsoleInput(): void {
@@ -628,9 +655,10 @@ export class Machine {
     let dispatchMs = 0;
     for (const r of this.runners) {
       const t1 = performance.now();
-      const raw = readVcpuState(r.vcpu, msrIndices, this.cpuids[r.vcpu.id] ?? []);
+      const id = r.vcpu.id;
+      const raw = readVcpuState(r.vcpu, msrIndices, this.cpuids[id] ?? []);
       const t2 = performance.now();
-      const encoded = encodeVcpuState(raw);
+      const encoded = encodeVcpuState(raw, (this.cpuidsJson[id] ??= encodeCpuid(raw.cpuid)));
       const t3 = performance.now();
       this.opts.store.dispatch(vcpuEvents.stateSaved(r.vcpu.id, encoded));
       readMs += t2 - t1;
@@ -675,7 +703,7 @@ export class Machine {
   /** Stop every vCPU thread and wait for them. */
   async stop(): Promise<void> {
     this.throttle(0);
-    await Promise.all(this.runners.map((r) => r.stop()));
+    await Promise.all([...new Set([...this.runners, ...this.earlyRunners])].map((r) => r.stop()));
   }
 
   /** Stop the vCPUs and release every host resource. */
@@ -703,6 +731,7 @@ export class Machine {
     }
     this.runners.length = 0;
     this.earlyVcpus.length = 0;
+    this.earlyRunners.length = 0;
     try {
       this.vm?.close();
     } finally {

@@ -78,6 +78,11 @@ export class VcpuRunner {
     return this.stopped;
   }
 
+  /** its thread was started (and may have ended since) */
+  get hasStarted(): boolean {
+    return this.started;
+  }
+
   get isRunning(): boolean {
     return this.running;
   }
