@@ -80,20 +80,22 @@ function buildTernSnapshot() {
     fs.rmSync(blob, { force: true });
   } else {
     const st = fs.statSync(fs.realpathSync(process.execPath));
-    fs.writeFileSync(stamp, `${fs.realpathSync(process.execPath)} ${st.size} ${Math.floor(st.mtimeMs / 1000)}\n`);
+    // The snapshot holds this directory (where the addon is found from) and only loads into
+    // this node binary: the launcher uses it only where both still hold.
+    fs.writeFileSync(stamp, `${fs.realpathSync(bin)} ${fs.realpathSync(process.execPath)} ${st.size} ${Math.floor(st.mtimeMs / 1000)}\n`);
   }
   const launcher = path.join(bin, 'tern');
   fs.writeFileSync(
     launcher,
     `#!/bin/sh
-# tern: the VMM, started from its V8 startup snapshot (tern.blob) when the node binary on the
-# PATH is the one that built it, and from the plain bundle (tern.js) otherwise.
+# tern: the VMM, started from its V8 startup snapshot (tern.blob) when it was built here by the
+# node binary on the PATH, and from the plain bundle (tern.js) otherwise.
 bin=$(dirname "$(readlink -f "$0")")
 node=$(command -v node) || { echo "tern: node is not on the PATH" >&2; exit 127; }
 if [ -r "$bin/tern.blob" ] && [ -r "$bin/tern.blob.node" ]; then
   node=$(readlink -f "$node")
   read -r built < "$bin/tern.blob.node"
-  if [ "$built" = "$node $(stat -c '%s %Y' "$node")" ]; then
+  if [ "$built" = "$bin $node $(stat -c '%s %Y' "$node")" ]; then
     exec "$node" --snapshot-blob "$bin/tern.blob" "$bin/tern.js" "$@"
   fi
 fi

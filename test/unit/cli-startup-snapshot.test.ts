@@ -74,12 +74,13 @@ test.serial('tern started from its startup snapshot serves the API, logs as itse
   }
 });
 
-test.serial('a snapshot built by another node binary is not used: the launcher starts the plain bundle', async (t) => {
+test.serial('a snapshot built elsewhere or by another node binary is not used: the launcher starts the plain bundle', async (t) => {
   const copy = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-bin-'));
   try {
-    for (const f of ['tern', 'tern.js', 'tern.blob']) fs.copyFileSync(path.join(BIN, f), path.join(copy, f));
+    // A moved build: its stamp names the directory it was built in.
+    for (const f of ['tern', 'tern.js', 'tern.blob', 'tern.blob.node']) fs.copyFileSync(path.join(BIN, f), path.join(copy, f));
     fs.chmodSync(path.join(copy, 'tern'), 0o755);
-    fs.writeFileSync(path.join(copy, 'tern.blob.node'), '/usr/local/bin/some-other-node 123 456\n');
+    t.true(fs.readFileSync(path.join(copy, 'tern.blob.node'), 'utf8').startsWith(`${fs.realpathSync(BIN)} `));
     const vmm = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
     try {
       const cmdline = fs.readFileSync(`/proc/${vmm.child.pid}/cmdline`, 'utf8').split('\0');
@@ -91,6 +92,17 @@ test.serial('a snapshot built by another node binary is not used: the launcher s
     } finally {
       vmm.child.kill('SIGKILL');
       fs.rmSync(vmm.dir, { recursive: true, force: true });
+    }
+    // Built here, but by another node binary.
+    fs.writeFileSync(path.join(copy, 'tern.blob.node'), `${fs.realpathSync(copy)} /usr/local/bin/some-other-node 123 456\n`);
+    const other = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
+    try {
+      t.false(fs.readFileSync(`/proc/${other.child.pid}/cmdline`, 'utf8').split('\0').includes('--snapshot-blob'));
+      await request(other.socket, 'PUT', 'vmm.shutdown');
+      t.is(await other.exited, 0, other.stderr());
+    } finally {
+      other.child.kill('SIGKILL');
+      fs.rmSync(other.dir, { recursive: true, force: true });
     }
   } finally {
     fs.rmSync(copy, { recursive: true, force: true });
