@@ -150,4 +150,3 @@ function logLongGcPauses(log: Logger): void {
   });
   observer.observe({ entryTypes: ['gc'] });
 }
-

@@ -135,9 +135,10 @@ export class Machine {
   private readonly runners: VcpuRunner[] = [];
   /** the MSRs a pause saves: KVM's list less those this VM's vCPUs cannot read */
   private readableMsrs?: number[];
-  /** a migration destination's vCPUs, created before their state arrived */
-  private readonly earlyVcpus: NativeVcpu[] = [];
-  /** their threads, started parked before the state arrived (restoreVcpus takes them over) */
+  /**
+   * A migration destination's vCPUs, created and their threads started parked before their
+   * state arrived (restoreVcpus takes them over).
+   */
   private readonly earlyRunners: VcpuRunner[] = [];
   private console?: ConsoleSink;
   /** the virtio console's host end (hvc0), when the VM has one */
@@ -339,11 +340,11 @@ export class Machine {
    * guest compiles the code (validators, codecs) that the pause then runs on the real state.
    */
   sampleSavedState(): { vcpus: Record<string, SavedVcpuState>; kvm: SavedKvmState } {
-    const vcpu = this.earlyVcpus[0];
+    const vcpu = this.earlyRunners[0]?.vcpu;
     if (!this.opts.incoming || !vcpu) throw new Error('sampleSavedState() is for a migration destination with its vCPUs created');
     // (not noteReadableMsrs: this vCPU has no CPUID yet, and would read fewer than the real ones)
     const state = encodeVcpuState(readVcpuState(vcpu, this.kvm.msrIndexList(), this.kvm.supportedCpuid()));
-    return { vcpus: Object.fromEntries(this.earlyVcpus.map((_, id) => [String(id), state])), kvm: this.kvmState(this.vm.getClock()) };
+    return { vcpus: Object.fromEntries(this.earlyRunners.map((_, id) => [String(id), state])), kvm: this.kvmState(this.vm.getClock()) };
   }
 
   /**
@@ -353,10 +354,8 @@ export class Machine {
    */
   async prepareVcpus(count: number): Promise<void> {
     if (!this.opts.incoming || this.incomingBuilt) throw new Error('prepareVcpus() is for a migration destination, before completeIncoming()');
-    for (let id = this.earlyVcpus.length; id < count; id++) {
-      const vcpu = this.vm.createVcpu(id);
-      this.earlyVcpus.push(vcpu);
-      this.earlyRunners.push(new VcpuRunner(vcpu, (vid, exit) => this.onExit(vid, exit), this.opts.seccomp));
+    for (let id = this.earlyRunners.length; id < count; id++) {
+      this.earlyRunners.push(new VcpuRunner(this.vm.createVcpu(id), (vid, exit) => this.onExit(vid, exit), this.opts.seccomp));
     }
     await Promise.all(this.earlyRunners.filter((r) => !r.hasStarted).map((r) => r.startParked()));
   }
@@ -722,7 +721,7 @@ export class Machine {
     this.console?.close();
     this.hvc?.close();
     this.msi?.close();
-    for (const vcpu of new Set([...this.runners.map((r) => r.vcpu), ...this.earlyVcpus])) {
+    for (const vcpu of new Set([...this.runners, ...this.earlyRunners].map((r) => r.vcpu))) {
       try {
         vcpu.close();
       } catch {
@@ -730,7 +729,6 @@ export class Machine {
       }
     }
     this.runners.length = 0;
-    this.earlyVcpus.length = 0;
     this.earlyRunners.length = 0;
     try {
       this.vm?.close();
