@@ -9,6 +9,7 @@
 #include "fd_passing.h"
 #include "fd_util.h"
 #include "page_scan.h"
+#include "xxh64.h"
 #include "kvm_objects.h"
 
 namespace tern {
@@ -24,6 +25,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitEventfdWatcher(env, exports);
   InitFdPassing(env, exports);
   InitPageScan(env, exports);
+  InitXxh64(env, exports);
   InitBlockQueue(env, exports);
   InitNetQueue(env, exports);
   InitTap(env, exports);

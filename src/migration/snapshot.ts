@@ -21,6 +21,7 @@ import { HostFileError, parseJsonFile, readRegularFile } from '../util/host-file
 import { canonicalJson } from './canonical-json';
 import {
   defaultWrite,
+  isChecksum,
   readMemoryRanges,
   sha256,
   writeMemoryFile,
@@ -38,8 +39,11 @@ export * from './memory-ranges';
 export const SNAPSHOT_CONFIG_FILE = 'config.json';
 export const SNAPSHOT_STATE_FILE = 'state.json';
 export const SNAPSHOT_MEMORY_FILE = 'memory-ranges';
-/** 2: state.json records memory checksums; 1: it does not (still read) */
-export const SNAPSHOT_FORMAT_VERSION = 2;
+/**
+ * 3: state.json records memory checksums, XXH64 per range; 2: SHA-256 per range; 1: no memory
+ * checksums. All three are read.
+ */
+export const SNAPSHOT_FORMAT_VERSION = 3;
 const OLDEST_SNAPSHOT_FORMAT = 1;
 
 /** caps on what a restore reads into memory before checking it */
@@ -174,7 +178,7 @@ interface PartialFile {
  * Write a complete snapshot into `dir`: a missing directory is created, an existing one must
  * hold no snapshot. On failure no snapshot file and no temporary file of this attempt is left.
  */
-export function writeSnapshot(input: WriteSnapshotInput): { memoryBytes: number } {
+export async function writeSnapshot(input: WriteSnapshotInput): Promise<{ memoryBytes: number }> {
   const { dir } = input;
   const write = input.write ?? defaultWrite;
   const files: PartialFile[] = [];
@@ -187,18 +191,18 @@ export function writeSnapshot(input: WriteSnapshotInput): { memoryBytes: number 
     native().flock(f.fd);
     return f;
   };
-  const writeText = (name: string, text: string): void => {
+  const writeText = async (name: string, text: string): Promise<void> => {
     const f = open(name);
     const b = Buffer.from(text);
-    writeWhole(write, f.fd, name, b, 0, b.length, 0);
+    await writeWhole(write, f.fd, name, b, 0, b.length, 0);
     fs.fsyncSync(f.fd);
   };
   try {
     created = prepareDestination(dir);
     removeOldPartialDirs(dir);
-    writeText(SNAPSHOT_CONFIG_FILE, `${JSON.stringify(input.config, null, 2)}\n`);
+    await writeText(SNAPSHOT_CONFIG_FILE, `${JSON.stringify(input.config, null, 2)}\n`);
     const mem = open(SNAPSHOT_MEMORY_FILE);
-    const { written, checksums } = writeMemoryFile(mem.fd, SNAPSHOT_MEMORY_FILE, input.memory, write);
+    const { written, checksums } = await writeMemoryFile(mem.fd, SNAPSHOT_MEMORY_FILE, input.memory, write);
     fs.fsyncSync(mem.fd);
     const envelope: SnapshotStateFile = {
       tern_snapshot_version: SNAPSHOT_FORMAT_VERSION,
@@ -207,7 +211,7 @@ export function writeSnapshot(input: WriteSnapshotInput): { memoryBytes: number 
       memory: checksums,
       state: input.state,
     };
-    writeText(SNAPSHOT_STATE_FILE, `${JSON.stringify(envelope)}\n`);
+    await writeText(SNAPSHOT_STATE_FILE, `${JSON.stringify(envelope)}\n`);
     // state.json last: until it is in place the directory is no snapshot.
     for (const f of files) {
       native().renameNoReplace(f.tmp, path.join(dir, f.name));
@@ -251,9 +255,6 @@ function readJson(file: string, maxBytes: number): unknown {
   }
 }
 
-function isChecksum(v: unknown): v is string {
-  return typeof v === 'string' && /^sha256:[0-9a-f]{64}$/.test(v);
-}
 
 /** Read, verify and upgrade a snapshot directory. Throws SnapshotError naming the file and fault. */
 export function readSnapshot(dir: string): LoadedSnapshot {
@@ -275,11 +276,14 @@ export function readSnapshot(dir: string): LoadedSnapshot {
   if (typeof env.checksum !== 'string') throw new SnapshotError(`${stateFile}: no checksum`);
   const actual = stateChecksum(env.state);
   if (actual !== env.checksum) throw new SnapshotError(`${stateFile}: checksum mismatch (the state does not hash to the recorded checksum)`);
-  // Format 1 had no memory checksums; from format 2 on they are required.
+  // Format 1 had no memory checksums; from format 2 on they are required, each range's of the
+  // kind its format names.
   let memorySums: MemoryChecksums | undefined;
   if (format >= 2) {
     const m = env.memory;
-    if (typeof m !== 'object' || m === null || !isChecksum(m.header) || !Array.isArray(m.ranges) || !m.ranges.every(isChecksum)) {
+    const kind = format === 2 ? 'sha256' : 'xxh64';
+    const valid = (v: unknown) => isChecksum(v, kind);
+    if (typeof m !== 'object' || m === null || !isChecksum(m.header, 'sha256') || !Array.isArray(m.ranges) || !m.ranges.every(valid)) {
       throw new SnapshotError(`${stateFile}: no valid memory checksums`);
     }
     memorySums = m;

@@ -393,6 +393,11 @@ export interface NativeAddon {
   alignedBuffer(size: number): ArrayBuffer;
   /** One byte per 4 KiB page of `view` (the last may be partial): 1 where the page is all zero. */
   zeroPages(view: Uint8Array): Uint8Array;
+  /** a fresh XXH64 state (seed 0), held in the returned buffer */
+  xxh64Init(): Uint8Array;
+  xxh64Update(state: Uint8Array, data: Uint8Array): void;
+  /** the hash of everything fed so far, 16 lowercase hex digits */
+  xxh64Digest(state: Uint8Array): string;
   /** lseek(fd, offset, SEEK_DATA): start of the next data at or after offset; -1 if none. */
   seekData(fd: number, offset: number): number;
   /** lseek(fd, offset, SEEK_HOLE): start of the next hole at or after offset (EOF counts). */

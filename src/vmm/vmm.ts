@@ -239,14 +239,14 @@ export class Vmm {
    * On any failure nothing is left at the destination and the VM stays Paused.
    */
   snapshot(destinationUrl: string): Promise<void> {
-    return this.serialize(() => {
+    return this.serialize(async () => {
       this.store.dispatch(vmEvents.snapshotting());
       try {
         const dir = snapshotDirFromUrl(destinationUrl, 'destination_url');
         const state = this.store.getState();
         // The saved VM is simply Paused: the snapshot in progress is not part of it.
         const saved = { ...state, vm: { ...state.vm, pending: null } } as RootState;
-        const { memoryBytes } = writeSnapshot({ dir, config: state.vm.config as VmConfig, state: saved, memory: this.liveMachine().memory });
+        const { memoryBytes } = await writeSnapshot({ dir, config: state.vm.config as VmConfig, state: saved, memory: this.liveMachine().memory });
         this.log.info({ dir, memoryBytes }, 'snapshot written');
       } catch (e) {
         this.store.dispatch(vmEvents.operationFailed(errorMessage(e)));

@@ -11,6 +11,8 @@ import { upgradeState, validateState, type RootState } from '../../src/state';
 
 export const REPO = path.resolve(__dirname, '..', '..', '..');
 export const SCHEMA2_FIXTURE = path.join(REPO, 'test', 'fixtures', 'snapshot-schema2');
+/** a snapshot of snapshotInput()'s VM written by a build of snapshot format 2 (SHA-256 range checksums) */
+export const FORMAT2_FIXTURE = path.join(REPO, 'test', 'fixtures', 'snapshot-format2');
 export const RAM = 2 << 20;
 const PAGE = 4096;
 
@@ -52,9 +54,14 @@ export function emptyRegion(size = RAM): GuestRegion {
   return new GuestRegion({ guestAddress: 0, size, chunks: [new ArrayBuffer(size)], chunkSize: size });
 }
 
-/** The schema-2 fixture unpacked into `dir` (its memory is kept gzipped in the repository). */
-export function unpackSchema2(dir: string): void {
+/** A fixture snapshot unpacked into `dir` (its memory is kept gzipped in the repository). */
+export function unpackFixture(fixture: string, dir: string): void {
   fs.mkdirSync(dir, { recursive: true });
-  for (const f of ['config.json', 'state.json']) fs.copyFileSync(path.join(SCHEMA2_FIXTURE, f), path.join(dir, f));
-  fs.writeFileSync(path.join(dir, 'memory-ranges'), zlib.gunzipSync(fs.readFileSync(path.join(SCHEMA2_FIXTURE, 'memory-ranges.gz'))));
+  for (const f of ['config.json', 'state.json']) fs.copyFileSync(path.join(fixture, f), path.join(dir, f));
+  fs.writeFileSync(path.join(dir, 'memory-ranges'), zlib.gunzipSync(fs.readFileSync(path.join(fixture, 'memory-ranges.gz'))));
+}
+
+/** The schema-2 fixture unpacked into `dir`. */
+export function unpackSchema2(dir: string): void {
+  unpackFixture(SCHEMA2_FIXTURE, dir);
 }
