@@ -3,9 +3,20 @@
 // is read once.
 const path = require('node:path');
 const fs = require('node:fs');
+const { spawnSync } = require('node:child_process');
 const esbuild = require('esbuild');
 
 const root = path.resolve(__dirname, '..');
+
+/**
+ * Shell that sets $cpu to the CPU's feature flags (the first `flags` line of /proc/cpuinfo),
+ * with no process started: the launcher runs it on every start, the build to write the stamp.
+ */
+const CPU_FLAGS_SH = `cpu=
+while read -r key rest; do
+  if [ "$key" = flags ]; then cpu=$rest; break; fi
+done < /proc/cpuinfo`;
+
 const entries = ['tern', 'tern-remote']
   .map((name) => ({ name, file: path.join(root, 'dist', 'src', 'cli', `${name}.js`) }))
   .filter((e) => fs.existsSync(e.file));
@@ -69,7 +80,7 @@ function buildTernSnapshot() {
     },
     footer: { js: '})(__ternRequire, {});' },
   });
-  const r = require('node:child_process').spawnSync(process.execPath, ['--snapshot-blob', blob, '--build-snapshot', entry], {
+  const r = spawnSync(process.execPath, ['--snapshot-blob', blob, '--build-snapshot', entry], {
     cwd: bin,
     encoding: 'utf8',
     // (Node warns that some built-in modules are not verified in snapshots: the tests are)
@@ -81,21 +92,25 @@ function buildTernSnapshot() {
   } else {
     const st = fs.statSync(fs.realpathSync(process.execPath));
     // The snapshot holds this directory (where the addon is found from) and only loads into
-    // this node binary: the launcher uses it only where both still hold.
-    fs.writeFileSync(stamp, `${fs.realpathSync(bin)} ${fs.realpathSync(process.execPath)} ${st.size} ${Math.floor(st.mtimeMs / 1000)}\n`);
+    // this node binary on a CPU with these features (V8 compiled its code for them, and refuses
+    // the snapshot elsewhere): the launcher uses it only where all three still hold.
+    const cpu = spawnSync('sh', ['-c', `${CPU_FLAGS_SH}\nprintf '%s' "$cpu"`], { encoding: 'utf8' }).stdout;
+    fs.writeFileSync(stamp, `${fs.realpathSync(bin)} ${fs.realpathSync(process.execPath)} ${st.size} ${Math.floor(st.mtimeMs / 1000)}\n${cpu}\n`);
   }
   const launcher = path.join(bin, 'tern');
   fs.writeFileSync(
     launcher,
     `#!/bin/sh
 # tern: the VMM, started from its V8 startup snapshot (tern.blob) when it was built here by the
-# node binary on the PATH, and from the plain bundle (tern.js) otherwise.
+# node binary on the PATH on a CPU with the same features, and from the plain bundle (tern.js)
+# otherwise.
 bin=$(dirname "$(readlink -f "$0")")
 node=$(command -v node) || { echo "tern: node is not on the PATH" >&2; exit 127; }
 if [ -r "$bin/tern.blob" ] && [ -r "$bin/tern.blob.node" ]; then
   node=$(readlink -f "$node")
-  read -r built < "$bin/tern.blob.node"
-  if [ "$built" = "$bin $node $(stat -c '%s %Y' "$node")" ]; then
+  { read -r built; read -r built_cpu; } < "$bin/tern.blob.node"
+${CPU_FLAGS_SH.replace(/^/gm, '  ')}
+  if [ "$built" = "$bin $node $(stat -c '%s %Y' "$node")" ] && [ "$built_cpu" = "$cpu" ]; then
     exec "$node" --snapshot-blob "$bin/tern.blob" "$bin/tern.js" "$@"
   fi
 fi

@@ -74,7 +74,7 @@ test.serial('tern started from its startup snapshot serves the API, logs as itse
   }
 });
 
-test.serial('a snapshot built elsewhere or by another node binary is not used: the launcher starts the plain bundle', async (t) => {
+test.serial('a snapshot built elsewhere, by another node binary or on a CPU with other features is not used: the launcher starts the plain bundle', async (t) => {
   const copy = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-bin-'));
   try {
     // A moved build: its stamp names the directory it was built in.
@@ -93,16 +93,36 @@ test.serial('a snapshot built elsewhere or by another node binary is not used: t
       vmm.child.kill('SIGKILL');
       fs.rmSync(vmm.dir, { recursive: true, force: true });
     }
-    // Built here, but by another node binary.
-    fs.writeFileSync(path.join(copy, 'tern.blob.node'), `${fs.realpathSync(copy)} /usr/local/bin/some-other-node 123 456\n`);
-    const other = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
+    // Built here, but by another node binary; or by this one on a CPU with other features
+    // (V8 refuses such a snapshot, and node would exit instead of starting).
+    const node = fs.realpathSync(process.execPath);
+    const st = fs.statSync(node);
+    const here = `${fs.realpathSync(copy)} ${node} ${st.size} ${Math.floor(st.mtimeMs / 1000)}`;
+    const cpu = fs.readFileSync(path.join(BIN, 'tern.blob.node'), 'utf8').split('\n')[1];
+    t.regex(cpu, /^: .*\bsse2\b/, 'the stamp records the CPU feature flags');
+    for (const stamp of [`${fs.realpathSync(copy)} /usr/local/bin/some-other-node 123 456\n${cpu}\n`, `${here}\n: fpu sse sse2\n`]) {
+      fs.writeFileSync(path.join(copy, 'tern.blob.node'), stamp);
+      const other = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
+      try {
+        t.false(fs.readFileSync(`/proc/${other.child.pid}/cmdline`, 'utf8').split('\0').includes('--snapshot-blob'), stamp);
+        await request(other.socket, 'PUT', 'vmm.shutdown');
+        t.is(await other.exited, 0, other.stderr());
+      } finally {
+        other.child.kill('SIGKILL');
+        fs.rmSync(other.dir, { recursive: true, force: true });
+      }
+    }
+    // The same stamp with this CPU's flags: the snapshot is used (so the check above is the CPU's).
+    fs.writeFileSync(path.join(copy, 'tern.blob.node'), `${here}\n${cpu}\n`);
+    const same = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
     try {
-      t.false(fs.readFileSync(`/proc/${other.child.pid}/cmdline`, 'utf8').split('\0').includes('--snapshot-blob'));
-      await request(other.socket, 'PUT', 'vmm.shutdown');
-      t.is(await other.exited, 0, other.stderr());
+      t.true(fs.readFileSync(`/proc/${same.child.pid}/cmdline`, 'utf8').split('\0').includes('--snapshot-blob'));
+      t.is((await request(same.socket, 'GET', 'vmm.ping')).status, 200);
+      await request(same.socket, 'PUT', 'vmm.shutdown');
+      t.is(await same.exited, 0, same.stderr());
     } finally {
-      other.child.kill('SIGKILL');
-      fs.rmSync(other.dir, { recursive: true, force: true });
+      same.child.kill('SIGKILL');
+      fs.rmSync(same.dir, { recursive: true, force: true });
     }
   } finally {
     fs.rmSync(copy, { recursive: true, force: true });
