@@ -217,12 +217,13 @@ const BLOCKS_IN_FLIGHT = 8;
  * at the disk's speed rather than at the disk's and the checksum's added together. It returns
  * (or throws) only when no write of it is still running.
  */
-export async function writeMemoryFile(fd: number, file: string, memory: GuestMemory, write: PositionalWrite = defaultWrite): Promise<{ written: number; checksums: MemoryChecksums }> {
+export async function writeMemoryFile(fd: number, file: string, memory: GuestMemory, write: PositionalWrite = defaultWrite): Promise<{ written: number; extents: number; checksums: MemoryChecksums }> {
   const { ranges, fileLength } = planMemoryRanges(memory.regions);
   const header = encodeHeader(ranges, fileLength);
   await writeWhole(write, fd, file, header, 0, header.length, 0);
   const addon = native();
   let written = 0;
+  let extents = 0;
   // Each block's writes, settled: the first failure is kept and thrown once nothing runs.
   const inFlight: Promise<void>[] = [];
   let failure: { error: unknown } | undefined;
@@ -256,6 +257,7 @@ export async function writeMemoryFile(fd: number, file: string, memory: GuestMem
               const end = Math.min(p * PAGE, len);
               writes.push(writeWhole(write, fd, file, block, start, end - start, base + off + start));
               written += end - start;
+              extents++;
               run = -1;
             }
           }
@@ -271,7 +273,7 @@ export async function writeMemoryFile(fd: number, file: string, memory: GuestMem
   }
   if (failure) throw failure.error;
   fs.ftruncateSync(fd, fileLength);
-  return { written, checksums: { header: sha256(header), ranges: rangeSums } };
+  return { written, extents, checksums: { header: sha256(header), ranges: rangeSums } };
 }
 
 /** Open memory-ranges for reading: regular file, not a symlink (fd and size). */

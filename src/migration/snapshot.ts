@@ -178,7 +178,7 @@ interface PartialFile {
  * Write a complete snapshot into `dir`: a missing directory is created, an existing one must
  * hold no snapshot. On failure no snapshot file and no temporary file of this attempt is left.
  */
-export async function writeSnapshot(input: WriteSnapshotInput): Promise<{ memoryBytes: number }> {
+export async function writeSnapshot(input: WriteSnapshotInput): Promise<{ memoryBytes: number; memoryExtents: number; memoryMs: number }> {
   const { dir } = input;
   const write = input.write ?? defaultWrite;
   const files: PartialFile[] = [];
@@ -202,8 +202,10 @@ export async function writeSnapshot(input: WriteSnapshotInput): Promise<{ memory
     removeOldPartialDirs(dir);
     await writeText(SNAPSHOT_CONFIG_FILE, `${JSON.stringify(input.config, null, 2)}\n`);
     const mem = open(SNAPSHOT_MEMORY_FILE);
-    const { written, checksums } = await writeMemoryFile(mem.fd, SNAPSHOT_MEMORY_FILE, input.memory, write);
+    const t0 = performance.now();
+    const { written, extents, checksums } = await writeMemoryFile(mem.fd, SNAPSHOT_MEMORY_FILE, input.memory, write);
     fs.fsyncSync(mem.fd);
+    const memoryMs = performance.now() - t0;
     const envelope: SnapshotStateFile = {
       tern_snapshot_version: SNAPSHOT_FORMAT_VERSION,
       schema_version: input.state.schemaVersion,
@@ -219,7 +221,7 @@ export async function writeSnapshot(input: WriteSnapshotInput): Promise<{ memory
     }
     fsyncDir(dir);
     if (created) fsyncDir(path.dirname(dir));
-    return { memoryBytes: written };
+    return { memoryBytes: written, memoryExtents: extents, memoryMs };
   } catch (e) {
     for (const f of files) fs.rmSync(f.renamed ? path.join(dir, f.name) : f.tmp, { force: true });
     if (created) fs.rmSync(dir, { recursive: true, force: true });

@@ -12,6 +12,7 @@ const BENCHES: Record<string, string> = {
   block: 'dist/test/bench/block-bench.js',
   net: 'dist/test/bench/net-bench.js',
   startup: 'dist/test/bench/startup-bench.js',
+  'idle-memory': 'dist/test/bench/idle-memory-bench.js',
 };
 
 async function main(): Promise<void> {
@@ -25,6 +26,7 @@ async function main(): Promise<void> {
     // A 2 GiB guest and its snapshot both live in the lab's RAM (its only writable file
     // systems are tmpfs).
     memMiB: Number(process.env.TERN_BENCH_LAB_MEM_MIB ?? 6144),
+    preallocRam: true,
     cwd: REPO,
     // The lab starts from a clean environment: pass the fixtures and every TERN_BENCH_* knob.
     env: {

@@ -1,7 +1,8 @@
 // Snapshot/restore benchmark, run where /dev/kvm can boot Linux (inside the lab). For each
 // guest size the guest first fills most of its RAM (a tmpfs file of non-zero data), then:
 //   tern: vm.pause, vm.snapshot to a directory; restore with --restore in copy and ondemand
-//         mode, each into a new process;
+//         mode, each into a new process started as users start tern (the launcher, which uses
+//         the startup snapshot where it was built);
 //   QEMU: stop, migrate "exec:cat > FILE"; restore with -incoming "exec:cat FILE".
 // Reported side by side: snapshot time, snapshot size on disk against the guest's memory in
 // use, process start to the guest running again, and tern's own restore time (the monitor's
@@ -91,7 +92,7 @@ async function benchTern(work: string, memMiB: number, r: Partial<SizeResult>): 
   const socket = path.join(work, 'tern.sock');
   const vm = echoConsole(GuestProcess.tern([
     '--kernel', fixture('bzImage'), '--initramfs', fixture('initramfs.img'), '--cmdline', cmdlineFor(),
-    '--cpus', 'boot=1', '--memory', `size=${memMiB}M`, '--serial', 'tty', '--console', 'off', '--api-socket', `path=${socket}`,
+    '--cpus', 'boot=1', '--memory', `size=${memMiB}M`, '--serial', 'tty', '--console', 'off', '--api-socket', `path=${socket}`, '-v',
   ]), `tern ${memMiB}M`);
   const snap = path.join(work, 'tern-snap');
   try {
@@ -103,6 +104,11 @@ async function benchTern(work: string, memMiB: number, r: Partial<SizeResult>): 
       const t0 = process.hrtime.bigint();
       await client.snapshot(`file://${snap}`);
       r.snapshotMs = { tern: elapsedMs(t0), qemu: 0 };
+      const written = vm.stderr.split('\n').find((l) => l.includes('"snapshot written"'));
+      if (written) {
+        const w = JSON.parse(written) as { memory_bytes: number; memory_extents: number; memory_ms: number; total_ms: number };
+        process.stdout.write(`  tern ${memMiB} MiB snapshot: ${w.total_ms} ms in the VMM, ${w.memory_ms} ms of it guest RAM (${mib(w.memory_bytes)} in ${w.memory_extents} extents)\n`);
+      }
     } finally {
       client.close();
     }
@@ -117,7 +123,7 @@ async function benchTern(work: string, memMiB: number, r: Partial<SizeResult>): 
     const vmmMs: number[] = [];
     for (let i = 0; i < RESTORES; i++) {
       const monitor = path.join(work, `restore-${mode}-${i}.events`);
-      const { ms, vm: restored } = await timeToRunning(() => GuestProcess.tern([
+      const { ms, vm: restored } = await timeToRunning(() => GuestProcess.ternLauncher([
         '--restore', `source_url=file://${snap},resume=on,memory_restore_mode=${mode}`,
         '--serial', 'tty', '--console', 'off', '--event-monitor', `path=${monitor}`,
       ]));

@@ -29,6 +29,8 @@ export interface LabOptions {
   smp?: number;
   /** Lab memory in MiB (default LAB_DEFAULT_MEM_MIB). */
   memMiB?: number;
+  /** Back all lab RAM with host memory before it boots (labQemuArgs says why). */
+  preallocRam?: boolean;
   /** The job's output as it comes (\r removed). */
   onOutput?: (chunk: string) => void;
   /** Working directory of the script (default process.cwd()). */
@@ -164,12 +166,19 @@ export function labQemuArgs(o: {
   jobSocket?: string;
   /** kvm-keeper.js to start on one CPU before the others come up (kvm-keeper.ts says why). */
   keeper?: string;
+  /**
+   * Back all lab RAM with host memory before the lab boots (-mem-prealloc), for benchmarks: the
+   * first touch of a lab page otherwise costs a host page fault that whichever measurement
+   * touches it first pays, and one that reuses freed pages does not.
+   */
+  preallocRam?: boolean;
 }): string[] {
   return [
     ...(o.qmp ? ['-qmp', `unix:${o.qmp},server=on,wait=off`] : []),
     // TERN_LAB_ACCEL and TERN_LAB_CPU exist to compare TCG modes and CPU models (freeze-rate.ts).
     '-M', 'q35', '-accel', process.env.TERN_LAB_ACCEL ?? 'tcg', '-cpu', process.env.TERN_LAB_CPU ?? 'EPYC,+svm',
     '-smp', String(o.smp ?? LAB_DEFAULT_SMP), '-m', String(o.memMiB ?? LAB_DEFAULT_MEM_MIB),
+    ...(o.preallocRam ? ['-mem-prealloc'] : []),
     // -nographic alone would put the monitor on stdio too, and QEMU refuses
     // two users of stdio; -nic none drops the default NIC and its iPXE ROM.
     '-nographic', '-monitor', 'none', '-serial', 'stdio', '-no-reboot', '-nic', 'none',
@@ -261,7 +270,7 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
 
   const qmp = path.join(fx.jobsDir, `${nonce}.qmp`);
   const keeper = process.env.TERN_LAB_KEEPER === '0' || !existsSync(KVM_KEEPER) ? undefined : KVM_KEEPER;
-  const args = labQemuArgs({ kernel: fx.kernel, initramfs: fx.initramfs, job, nonce, smp: opts.smp, memMiB: opts.memMiB, qmp, jobSocket, keeper });
+  const args = labQemuArgs({ kernel: fx.kernel, initramfs: fx.initramfs, job, nonce, smp: opts.smp, memMiB: opts.memMiB, preallocRam: opts.preallocRam, qmp, jobSocket, keeper });
   // One lab at a time per machine (flock on the fixtures' lab/.run.lock):
   // two TCG labs on a small host starve each other into timeouts and make
   // timings meaningless. The timeout counts from when this run gets the lock.

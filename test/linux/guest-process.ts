@@ -8,6 +8,8 @@ import { REPO } from '../support/processes';
 
 export { REPO };
 export const TERN_CLI = path.join(REPO, 'dist', 'bin', 'tern.js');
+/** the `tern` users run: starts from the startup snapshot where it was built for this node */
+export const TERN_LAUNCHER = path.join(REPO, 'dist', 'bin', 'tern');
 
 export const fixture = (name: string): string => path.join(FIXTURES, name);
 
@@ -31,6 +33,11 @@ export class GuestProcess {
   /** `nodeArgs`: options for Node itself (a benchmark's --cpu-prof) */
   static tern(args: string[], nodeArgs: string[] = []): GuestProcess {
     return new GuestProcess(process.execPath, [...nodeArgs, TERN_CLI, ...args]);
+  }
+
+  /** `tern ARGS` as users start it (the launcher), for benchmarks of process start-up. */
+  static ternLauncher(args: string[]): GuestProcess {
+    return new GuestProcess(TERN_LAUNCHER, args);
   }
 
   private check(): void {

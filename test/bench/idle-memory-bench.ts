@@ -1,0 +1,119 @@
+// `npm run bench -- idle-memory` (or `node dist/test/bench/idle-memory-bench.js` on any host
+// whose /dev/kvm runs the tiny kernel): what one more idle VM costs the host. N VMMs (default
+// 10) each run the tiny kernel in a 512 MiB guest, all at once; tern is started as users start
+// it (`dist/bin/tern`, from its startup snapshot), QEMU 7.2 as `-M microvm` with the same
+// kernel and serial port. Once all N run, each process's mappings are read from
+// /proc/PID/smaps, guest RAM excluded: its unique set (pages only it maps: what one more VMM
+// adds), its resident set, and the shared rest (the node or qemu executable and libraries,
+// paid once however many VMMs run).
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { buildTinyKernel } from '../host/tiny-kernel';
+import { median } from './median';
+import { vmmMemory, type VmmMemory } from './process-memory';
+
+const REPO = path.resolve(__dirname, '..', '..', '..');
+const VMS = Number(process.env.TERN_BENCH_IDLE_VMS ?? 10);
+const MEM_MIB = 512;
+/** how long the VMMs idle, all running, before they are measured */
+const SETTLE_MS = 3000;
+const START_TIMEOUT_MS = 120_000;
+
+interface Vmm {
+  name: string;
+  argv: (kernel: string, socket: string) => [string, ...string[]];
+}
+
+const VMMS: Vmm[] = [
+  {
+    name: 'tern',
+    argv: (kernel, socket) => [path.join(REPO, 'dist', 'bin', 'tern'), '--kernel', kernel, '--cmdline', 'tiny', '--cpus', 'boot=1',
+      '--memory', `size=${MEM_MIB}M`, '--serial', 'tty', '--console', 'off', '--api-socket', `path=${socket}`],
+  },
+  {
+    name: 'qemu',
+    argv: (kernel, socket) => ['qemu-system-x86_64', '-accel', 'kvm', '-M', 'microvm', '-smp', '1', '-m', `${MEM_MIB}M`,
+      '-nodefaults', '-no-user-config', '-display', 'none', '-serial', 'stdio', '-kernel', kernel, '-append', 'tiny',
+      '-qmp', `unix:${socket},server=on,wait=off`],
+  },
+];
+
+/** Start one VMM and resolve once its guest has printed a few counts. */
+function startRunning(argv: [string, ...string[]]): Promise<ChildProcess> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    const timer = setTimeout(() => fail(new Error(`${path.basename(argv[0])} did not run its guest in time:\n${out.slice(-1000)}`)), START_TIMEOUT_MS);
+    const fail = (e: Error) => {
+      clearTimeout(timer);
+      child.kill('SIGKILL');
+      reject(e);
+    };
+    const onData = (d: Buffer) => {
+      out = (out + d.toString('latin1')).slice(-4000);
+      if (/^COUNT 3\r?\n/m.test(out)) {
+        clearTimeout(timer);
+        child.stdout!.off('data', onData);
+        // Keep draining the serial output, as a user's terminal would.
+        child.stdout!.resume();
+        resolve(child);
+      }
+    };
+    child.stdout!.on('data', onData);
+    child.stderr!.on('data', (d: Buffer) => (out = (out + d.toString('latin1')).slice(-4000)));
+    child.on('exit', (code, signal) => fail(new Error(`${path.basename(argv[0])} exited (${code ?? signal}) before its guest ran:\n${out.slice(-1000)}`)));
+  });
+}
+
+async function measureVmm(vmm: Vmm, kernel: string, work: string): Promise<VmmMemory[]> {
+  const children: ChildProcess[] = [];
+  try {
+    for (let i = 0; i < VMS; i++) children.push(await startRunning(vmm.argv(kernel, path.join(work, `${vmm.name}-${i}.sock`))));
+    await new Promise((r) => setTimeout(r, SETTLE_MS));
+    return children.map((c) => vmmMemory(c.pid!, MEM_MIB * 1024));
+  } finally {
+    for (const c of children) c.kill('SIGKILL');
+    await Promise.all(children.map((c) => (c.exitCode === null && c.signalCode === null ? new Promise((r) => c.once('exit', r)) : undefined)));
+  }
+}
+
+const mib = (kib: number) => `${(kib / 1024).toFixed(1)} MiB`;
+
+async function main(): Promise<void> {
+  const kernel = await buildTinyKernel();
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-idle-memory-'));
+  const results: Record<string, VmmMemory[]> = {};
+  try {
+    for (const vmm of VMMS) {
+      results[vmm.name] = await measureVmm(vmm, kernel, work);
+      const m = results[vmm.name];
+      process.stdout.write(`${vmm.name}: ${VMS} VMMs, unique ${m.map((x) => (x.ussKiB / 1024).toFixed(1)).join(', ')} MiB\n`);
+    }
+  } finally {
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+  const med = (name: string, f: (m: VmmMemory) => number) => median(results[name].map(f));
+  const rows = [
+    `| per VMM, guest RAM excluded (median of ${VMS} running at once) | tern | QEMU microvm | tern/QEMU |`,
+    '|---|---|---|---|',
+  ];
+  const row = (label: string, f: (m: VmmMemory) => number) => {
+    const t = med('tern', f);
+    const q = med('qemu', f);
+    rows.push(`| ${label} | ${mib(t)} | ${mib(q)} | ${(t / q).toFixed(2)} |`);
+  };
+  row('unique set (USS): what one more idle VM costs', (m) => m.ussKiB);
+  row('proportional set (PSS)', (m) => m.pssKiB);
+  row('resident set (RSS)', (m) => m.rssKiB);
+  row('shared with other processes (RSS - USS)', (m) => m.rssKiB - m.ussKiB);
+  row('of which the executable (node, qemu-system-x86_64)', (m) => m.executableRssKiB);
+  process.stdout.write(`\nIDLE-MEMORY-BENCH-TABLE\n${rows.join('\n')}\n`);
+  process.stdout.write(`guest: the tiny kernel (a 10 Hz counter on the serial port), 1 vCPU, ${MEM_MIB} MiB; ${VMS} VMMs of each kind\n`);
+}
+
+main().catch((e) => {
+  process.stderr.write(`idle-memory bench: ${(e as Error).stack}\n`);
+  process.exit(1);
+});
