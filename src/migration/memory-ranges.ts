@@ -342,14 +342,19 @@ export interface RangeTarget {
 /**
  * Copy one range of an open memory-ranges file into `target`, reading only the file's data
  * extents (lseek SEEK_DATA/SEEK_HOLE): holes are zero pages, and fresh guest RAM is already
- * zero, so they cost neither a read nor resident memory. With `checksum` (format 2) the bytes
+ * zero, so they cost neither a read nor resident memory. With `checksum` (format 2 on) the bytes
  * read are hashed as they arrive and a mismatch is refused, naming the range.
+ *
+ * With `ramFd` (the file backing the target, a memfd, at the range's offsets) the bytes go into
+ * it by pwrite from a reused buffer instead of being read into the mapping: reading into fresh
+ * RAM faults in and zeroes every page first, which costs more than the copy itself.
  */
-export function copyMemoryRange(file: string, fd: number, range: MemoryRange, index: number, target: RangeTarget, checksum?: string): void {
+export function copyMemoryRange(file: string, fd: number, range: MemoryRange, index: number, target: RangeTarget, checksum?: string, ramFd?: number): void {
   const addon = native();
   const hasher = checksum === undefined ? undefined : RangeHasher.matching(checksum);
   const end = range.fileOffset + range.length;
   const where = `range ${index} (guest 0x${range.guestAddress.toString(16)})`;
+  const bounce = ramFd === undefined ? undefined : Buffer.allocUnsafe(IO_BLOCK);
   for (let pos = range.fileOffset; pos < end;) {
     const found = addon.seekData(fd, pos);
     if (found < 0 || found >= end) break;
@@ -360,14 +365,21 @@ export function copyMemoryRange(file: string, fd: number, range: MemoryRange, in
       const off = p - range.fileOffset;
       // Blocks never cross a 1 MiB boundary, so never a RAM chunk's either.
       const len = Math.min(IO_BLOCK - (off % IO_BLOCK), hole - p);
-      const view = target.view(off, len);
-      if (!view) throw new SnapshotError(`${file}: ${where} does not fit the guest RAM it is restored into`);
+      const view = bounce ? bounce.subarray(0, len) : target.view(off, len);
+      if (!view || off + len > range.length) throw new SnapshotError(`${file}: ${where} does not fit the guest RAM it is restored into`);
       for (let done = 0; done < len;) {
         const got = fs.readSync(fd, view, done, len - done, p + done);
         if (got === 0) throw new SnapshotError(`${file}: ends at ${p + done}, inside ${where}`);
         done += got;
       }
       hasher?.feed(off / PAGE, view, addon.zeroPages(view));
+      if (bounce) {
+        for (let done = 0; done < len;) {
+          const n = fs.writeSync(ramFd!, view, done, len - done, off + done);
+          if (!(n > 0)) throw new SnapshotError(`guest RAM of ${where}: short write at ${off + done}`);
+          done += n;
+        }
+      }
       p += len;
     }
     pos = hole;
