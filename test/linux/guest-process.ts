@@ -18,7 +18,9 @@ export class GuestProcess {
   output = '';
   stderr = '';
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-  private waiters: { re: RegExp; from: number; resolve: (m: RegExpMatchArray) => void }[] = [];
+  private waiters: { re: RegExp; from: number; resolve: (m: RegExpMatchArray) => void; reject: (e: Error) => void }[] = [];
+  /** set once the process has exited and its output is all read */
+  private closed?: string;
 
   constructor(command: string, args: string[], opts: { env?: NodeJS.ProcessEnv } = {}) {
     this.child = spawn(command, args, { env: { ...process.env, ...opts.env }, stdio: 'pipe' });
@@ -28,6 +30,17 @@ export class GuestProcess {
     });
     this.child.stderr.on('data', (d: Buffer) => (this.stderr += d.toString()));
     this.exited = new Promise((resolve) => this.child.on('exit', (code, signal) => resolve({ code, signal })));
+    // A process that exits can print nothing more: whoever still waits for output fails now,
+    // with what it printed, instead of at its timeout.
+    this.child.on('close', (code, signal) => {
+      this.closed = `exited (${code ?? signal})`;
+      for (const w of this.waiters) w.reject(this.failure(`${this.closed} before printing ${w.re}`));
+      this.waiters = [];
+    });
+  }
+
+  private failure(what: string): Error {
+    return new Error(`${what}; output so far:\n${this.output.slice(-3000)}\nstderr:\n${this.stderr.slice(-3000)}`);
   }
 
   /** `nodeArgs`: options for Node itself (a benchmark's --cpu-prof) */
@@ -51,11 +64,28 @@ export class GuestProcess {
   /** Wait for `re` to appear in the console output after position `from` (default: anywhere). */
   waitFor(re: RegExp, timeoutMs: number, from = 0): Promise<RegExpMatchArray> {
     return new Promise((resolve, reject) => {
+      const waiter = {
+        re,
+        from,
+        resolve: (m: RegExpMatchArray) => {
+          clearTimeout(timer);
+          resolve(m);
+        },
+        reject: (e: Error) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      };
       const timer = setTimeout(() => {
-        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${re}; output so far:\n${this.output.slice(-3000)}\nstderr:\n${this.stderr.slice(-3000)}`));
+        this.waiters = this.waiters.filter((w) => w !== waiter);
+        reject(this.failure(`timed out after ${timeoutMs} ms waiting for ${re}`));
       }, timeoutMs);
-      this.waiters.push({ re, from, resolve: (m) => { clearTimeout(timer); resolve(m); } });
+      this.waiters.push(waiter);
       this.check();
+      if (this.closed && this.waiters.includes(waiter)) {
+        this.waiters = this.waiters.filter((w) => w !== waiter);
+        waiter.reject(this.failure(`${this.closed} before printing ${re}`));
+      }
     });
   }
 
