@@ -60,6 +60,11 @@ export type RangeChecksumKind = 'xxh64' | 'sha256';
 /** the range checksum this build writes */
 export const RANGE_CHECKSUM: RangeChecksumKind = 'xxh64';
 
+/** The kind of range checksum a snapshot of `format` (2 or later) records. */
+export function rangeChecksumKindOf(format: number): RangeChecksumKind {
+  return format === 2 ? 'sha256' : RANGE_CHECKSUM;
+}
+
 const CHECKSUM_FORMS: Record<RangeChecksumKind, RegExp> = { xxh64: /^xxh64:[0-9a-f]{16}$/, sha256: /^sha256:[0-9a-f]{64}$/ };
 
 /** Whether `v` is a well-formed checksum of `kind` ("kind:hex"). */
@@ -334,27 +339,28 @@ export function readMemoryRanges(file: string, headerChecksum?: string): MemoryR
   }
 }
 
-/** Where a range's bytes go: a view of `len` bytes at `offset` inside the range. */
+/** Guest RAM a range is checked in: a view of `len` bytes at `offset` inside the range. */
 export interface RangeTarget {
   view(offset: number, len: number): Uint8Array | undefined;
 }
 
 /**
- * Copy one range of an open memory-ranges file into `target`, reading only the file's data
- * extents (lseek SEEK_DATA/SEEK_HOLE): holes are zero pages, and fresh guest RAM is already
- * zero, so they cost neither a read nor resident memory. With `checksum` (format 2 on) the bytes
- * read are hashed as they arrive and a mismatch is refused, naming the range.
+ * Copy one range of an open memory-ranges file into `ramFd`, the file behind the guest RAM it
+ * is restored into (a memfd, at the range's own offsets), reading only the file's data extents
+ * (lseek SEEK_DATA/SEEK_HOLE): holes are zero pages, and fresh guest RAM is already zero, so
+ * they cost neither a read nor resident memory. With `checksum` (format 2 on) the bytes read
+ * are hashed as they arrive and a mismatch is refused, naming the range.
  *
- * With `ramFd` (the file backing the target, a memfd, at the range's offsets) the bytes go into
- * it by pwrite from a reused buffer instead of being read into the mapping: reading into fresh
- * RAM faults in and zeroes every page before copying into it (10-30% slower in the lab).
+ * The bytes go into the memfd by pwrite from one reused buffer, not by reading into the RAM
+ * mapping: that would fault in and zero every page before copying into it (10-30% slower in
+ * the lab).
  */
-export function copyMemoryRange(file: string, fd: number, range: MemoryRange, index: number, target: RangeTarget, checksum?: string, ramFd?: number): void {
+export function copyMemoryRange(file: string, fd: number, range: MemoryRange, index: number, ramFd: number, checksum?: string): void {
   const addon = native();
   const hasher = checksum === undefined ? undefined : RangeHasher.matching(checksum);
   const end = range.fileOffset + range.length;
   const where = `range ${index} (guest 0x${range.guestAddress.toString(16)})`;
-  const bounce = ramFd === undefined ? undefined : Buffer.allocUnsafe(IO_BLOCK);
+  const buffer = Buffer.allocUnsafe(IO_BLOCK);
   for (let pos = range.fileOffset; pos < end;) {
     const found = addon.seekData(fd, pos);
     if (found < 0 || found >= end) break;
@@ -363,22 +369,18 @@ export function copyMemoryRange(file: string, fd: number, range: MemoryRange, in
     const hole = Math.min(Math.ceil(addon.seekHole(fd, found) / PAGE) * PAGE, end);
     for (let p = data; p < hole;) {
       const off = p - range.fileOffset;
-      // Blocks never cross a 1 MiB boundary, so never a RAM chunk's either.
       const len = Math.min(IO_BLOCK - (off % IO_BLOCK), hole - p);
-      const view = bounce ? bounce.subarray(0, len) : target.view(off, len);
-      if (!view || off + len > range.length) throw new SnapshotError(`${file}: ${where} does not fit the guest RAM it is restored into`);
+      const block = buffer.subarray(0, len);
       for (let done = 0; done < len;) {
-        const got = fs.readSync(fd, view, done, len - done, p + done);
+        const got = fs.readSync(fd, block, done, len - done, p + done);
         if (got === 0) throw new SnapshotError(`${file}: ends at ${p + done}, inside ${where}`);
         done += got;
       }
-      hasher?.feed(off / PAGE, view, addon.zeroPages(view));
-      if (bounce) {
-        for (let done = 0; done < len;) {
-          const n = fs.writeSync(ramFd!, view, done, len - done, off + done);
-          if (!(n > 0)) throw new SnapshotError(`guest RAM of ${where}: short write at ${off + done}`);
-          done += n;
-        }
+      hasher?.feed(off / PAGE, block, addon.zeroPages(block));
+      for (let done = 0; done < len;) {
+        const n = fs.writeSync(ramFd, block, done, len - done, off + done);
+        if (!(n > 0)) throw new SnapshotError(`guest RAM of ${where}: short write at ${off + done}`);
+        done += n;
       }
       p += len;
     }

@@ -22,6 +22,7 @@ import { canonicalJson } from './canonical-json';
 import {
   defaultWrite,
   isChecksum,
+  rangeChecksumKindOf,
   readMemoryRanges,
   sha256,
   writeMemoryFile,
@@ -257,7 +258,6 @@ function readJson(file: string, maxBytes: number): unknown {
   }
 }
 
-
 /** Read, verify and upgrade a snapshot directory. Throws SnapshotError naming the file and fault. */
 export function readSnapshot(dir: string): LoadedSnapshot {
   if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new SnapshotError(`snapshot ${dir}: no such directory`);
@@ -283,7 +283,7 @@ export function readSnapshot(dir: string): LoadedSnapshot {
   let memorySums: MemoryChecksums | undefined;
   if (format >= 2) {
     const m = env.memory;
-    const kind = format === 2 ? 'sha256' : 'xxh64';
+    const kind = rangeChecksumKindOf(format);
     const valid = (v: unknown) => isChecksum(v, kind);
     if (typeof m !== 'object' || m === null || !isChecksum(m.header, 'sha256') || !Array.isArray(m.ranges) || !m.ranges.every(valid)) {
       throw new SnapshotError(`${stateFile}: no valid memory checksums`);

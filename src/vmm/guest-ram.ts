@@ -109,7 +109,7 @@ export function snapshotRam(vm: NativeVm, r: SnapshotRam): GuestRam {
       });
       slotFds[slot] = info.fd;
       const reg = region(vm, slot, range.guestAddress, range.length, info);
-      if (!ondemand) copyMemoryRange(r.memoryPath, fd, range, slot, reg, r.rangeChecksums?.[slot], info.fd);
+      if (!ondemand) copyMemoryRange(r.memoryPath, fd, range, slot, info.fd, r.rangeChecksums?.[slot]);
       else if (r.prefault) {
         // Every page is touched now anyway: hashing them as they come costs CPU only.
         const sum = r.rangeChecksums?.[slot];

@@ -1,20 +1,19 @@
 // `npm run bench -- idle-memory` (or `node dist/test/bench/idle-memory-bench.js` on any host
 // whose /dev/kvm runs the tiny kernel): what one more idle VM costs the host. N VMMs (default
 // 10) each run the tiny kernel in a 512 MiB guest, all at once; tern is started as users start
-// it (`dist/bin/tern`, from its startup snapshot), QEMU 7.2 as `-M microvm` with the same
+// it (`dist/bin/tern`, the launcher), QEMU 7.2 as `-M microvm` with the same
 // kernel and serial port. Once all N run, each process's mappings are read from
 // /proc/PID/smaps, guest RAM excluded: its unique set (pages only it maps: what one more VMM
 // adds), its resident set, and the shared rest (the node or qemu executable and libraries,
 // paid once however many VMMs run).
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { buildTinyKernel } from '../host/tiny-kernel';
+import { GuestProcess, TERN_LAUNCHER } from '../linux/guest-process';
 import { median } from './median';
 import { vmmMemory, type VmmMemory } from './process-memory';
 
-const REPO = path.resolve(__dirname, '..', '..', '..');
 const VMS = Number(process.env.TERN_BENCH_IDLE_VMS ?? 10);
 const MEM_MIB = 512;
 /** how long the VMMs idle, all running, before they are measured */
@@ -29,7 +28,7 @@ interface Vmm {
 const VMMS: Vmm[] = [
   {
     name: 'tern',
-    argv: (kernel, socket) => [path.join(REPO, 'dist', 'bin', 'tern'), '--kernel', kernel, '--cmdline', 'tiny', '--cpus', 'boot=1',
+    argv: (kernel, socket) => [TERN_LAUNCHER, '--kernel', kernel, '--cmdline', 'tiny', '--cpus', 'boot=1',
       '--memory', `size=${MEM_MIB}M`, '--serial', 'tty', '--console', 'off', '--api-socket', `path=${socket}`],
   },
   {
@@ -40,42 +39,20 @@ const VMMS: Vmm[] = [
   },
 ];
 
-/** Start one VMM and resolve once its guest has printed a few counts. */
-function startRunning(argv: [string, ...string[]]): Promise<ChildProcess> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    const timer = setTimeout(() => fail(new Error(`${path.basename(argv[0])} did not run its guest in time:\n${out.slice(-1000)}`)), START_TIMEOUT_MS);
-    const fail = (e: Error) => {
-      clearTimeout(timer);
-      child.kill('SIGKILL');
-      reject(e);
-    };
-    const onData = (d: Buffer) => {
-      out = (out + d.toString('latin1')).slice(-4000);
-      if (/^COUNT 3\r?\n/m.test(out)) {
-        clearTimeout(timer);
-        child.stdout!.off('data', onData);
-        // Keep draining the serial output, as a user's terminal would.
-        child.stdout!.resume();
-        resolve(child);
-      }
-    };
-    child.stdout!.on('data', onData);
-    child.stderr!.on('data', (d: Buffer) => (out = (out + d.toString('latin1')).slice(-4000)));
-    child.on('exit', (code, signal) => fail(new Error(`${path.basename(argv[0])} exited (${code ?? signal}) before its guest ran:\n${out.slice(-1000)}`)));
-  });
-}
-
 async function measureVmm(vmm: Vmm, kernel: string, work: string): Promise<VmmMemory[]> {
-  const children: ChildProcess[] = [];
+  const vms: GuestProcess[] = [];
   try {
-    for (let i = 0; i < VMS; i++) children.push(await startRunning(vmm.argv(kernel, path.join(work, `${vmm.name}-${i}.sock`))));
+    for (let i = 0; i < VMS; i++) {
+      const [file, ...args] = vmm.argv(kernel, path.join(work, `${vmm.name}-${i}.sock`));
+      const vm = new GuestProcess(file, args);
+      vms.push(vm);
+      await vm.waitFor(/^COUNT 3\r?\n/m, START_TIMEOUT_MS);
+    }
     await new Promise((r) => setTimeout(r, SETTLE_MS));
-    return children.map((c) => vmmMemory(c.pid!, MEM_MIB * 1024));
+    return vms.map((vm) => vmmMemory(vm.child.pid!, MEM_MIB * 1024));
   } finally {
-    for (const c of children) c.kill('SIGKILL');
-    await Promise.all(children.map((c) => (c.exitCode === null && c.signalCode === null ? new Promise((r) => c.once('exit', r)) : undefined)));
+    for (const vm of vms) vm.kill();
+    await Promise.all(vms.map((vm) => vm.exited));
   }
 }
 
