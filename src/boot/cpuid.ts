@@ -182,3 +182,14 @@ export function buildCpuid(
   if (!sawLeafB && maxBasic >= 0xb) out.push(...topologyLeaf(0xb, vcpuId, vcpuCount));
   return out;
 }
+
+/** Whether two CPUIDs are entry for entry the same. */
+export function sameCpuid(a: readonly CpuidEntry[], b: readonly CpuidEntry[]): boolean {
+  return (
+    a.length === b.length &&
+    a.every((x, i) => {
+      const y = b[i];
+      return x.function === y.function && x.index === y.index && x.flags === y.flags && x.eax === y.eax && x.ebx === y.ebx && x.ecx === y.ecx && x.edx === y.edx;
+    })
+  );
+}

@@ -82,8 +82,9 @@ let sliceStart = Date.now();
  * MMIO exits (the guest's console, its timer-driven devices) are served on this thread, and a
  * guest must not stall while gigabytes of its RAM are scanned for the next frame.
  */
-async function yieldNow(): Promise<void> {
-  if (Date.now() - sliceStart < SLICE_MS) return;
+async function yieldNow(paused: boolean): Promise<void> {
+  // (a paused guest makes no exits to serve: the final round keeps the thread and ends sooner)
+  if (paused || Date.now() - sliceStart < SLICE_MS) return;
   await new Promise<void>((r) => setImmediate(r));
   sliceStart = Date.now();
 }
@@ -104,10 +105,11 @@ async function addPages(
   count: number,
   skipZero: boolean,
   flush: () => Promise<void>,
+  paused = false,
 ): Promise<void> {
   const { zeroPages } = native();
   for (let p = firstPage; p < firstPage + count; ) {
-    await yieldNow();
+    await yieldNow(paused);
     const n = Math.min(SCAN_PAGES, firstPage + count - p);
     const bytes = regionBytes(region, p * PAGE, n * PAGE);
     const zero = zeroPages(bytes);
@@ -142,12 +144,16 @@ export async function addAllNonZeroPages(b: MemoryFrameBuilder, memory: GuestMem
   }
 }
 
-/** A later round: the pages set in each region's dirty bitmap (one bit per page). */
+/**
+ * A later round: the pages set in each region's dirty bitmap (one bit per page). `paused`: the
+ * guest is paused (the final round), so the scan never gives the thread up.
+ */
 export async function addDirtyPages(
   b: MemoryFrameBuilder,
   memory: GuestMemory,
   bitmaps: readonly Uint8Array[],
   flush: () => Promise<void>,
+  paused = false,
 ): Promise<void> {
   for (let r = 0; r < memory.regions.length; r++) {
     const region = memory.regions[r];
@@ -156,7 +162,7 @@ export async function addDirtyPages(
     // (whole zero words are skipped 32 pages at a time: an idle guest's final round is mostly them)
     const words = bits.byteOffset % 4 === 0 ? new Uint32Array(bits.buffer, bits.byteOffset, bits.byteLength >> 2) : new Uint32Array(0);
     for (let p = 0; p < pages; ) {
-      if ((p & 0xffff) === 0) await yieldNow();
+      if ((p & 0xffff) === 0) await yieldNow(paused);
       if ((p & 31) === 0 && p >> 5 < words.length && words[p >> 5] === 0) {
         p += 32;
         continue;
@@ -171,7 +177,7 @@ export async function addDirtyPages(
       }
       let q = p + 1;
       while (q < pages && bits[q >> 3] & (1 << (q & 7))) q++;
-      await addPages(b, region, p, q - p, false, flush);
+      await addPages(b, region, p, q - p, false, flush, paused);
       p = q;
     }
   }

@@ -6,6 +6,7 @@
 // from that state and the received RAM. Any failure discards it all; the VMM can receive again.
 import type net from 'node:net';
 import type { Logger } from 'pino';
+import { sameCpuid } from '../boot/cpuid';
 import { withDefaults, type VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import { native, type CpuidEntry } from '../native/kvm';
@@ -42,6 +43,8 @@ export interface IncomingMachine {
   openBackends(config: VmConfig): Promise<void>;
   /** what its new vCPUs and KVM objects would save (after prepareVcpus) */
   sampleSavedState(): { vcpus: Record<string, SavedVcpuState>; kvm: SavedKvmState };
+  /** set a sampled vCPU state back through the restore path, with the CPUID the source announced (Machine.rehearseRestore) */
+  rehearseRestore(sample: SavedVcpuState, cpuid: readonly CpuidEntry[]): void;
   completeIncoming(state: RootState): void;
   /** take the disk images' locks, which the source let go before it sent Complete */
   takeDiskLocks(): void;
@@ -203,6 +206,7 @@ export class MigrationReceiver {
   private rehearseFinalChecks(state: RootState, config: VmConfig, hello: Hello): void {
     try {
       const sample = this.machine!.sampleSavedState();
+      this.machine!.rehearseRestore(sample.vcpus['0'], hello.cpuid);
       // (a copy: the checks freeze what they pass, and the shadow still takes the rounds' patches)
       const copy = structuredClone(state);
       this.finalChecks({ ...copy, vcpus: { ...copy.vcpus, saved: sample.vcpus }, kvm: { ...copy.kvm, saved: sample.kvm } }, config, hello);
@@ -340,14 +344,4 @@ export class MigrationReceiver {
     this.vm.log.info({ status: state.vm.status, rounds: this.iteration, bytes: ch.bytesRead }, 'migration received');
     this.vm.store.dispatch(migrationEvents.receiveFinished(null));
   }
-}
-
-function sameCpuid(a: readonly CpuidEntry[], b: readonly CpuidEntry[]): boolean {
-  return (
-    a.length === b.length &&
-    a.every((x, i) => {
-      const y = b[i];
-      return x.function === y.function && x.index === y.index && x.flags === y.flags && x.eax === y.eax && x.ebx === y.ebx && x.ecx === y.ecx && x.edx === y.edx;
-    })
-  );
 }

@@ -16,7 +16,7 @@ import { TernStateError } from '../state/errors';
 import { TERN_VERSION } from '../version';
 import type { PauseTiming } from '../vmm/machine';
 import { FrameChannel, MigrationPeerError } from './frame-channel';
-import { FrameType } from './frames';
+import { FrameType, encodeJsonFrame } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, type Hello } from './handshake';
 import { MemoryFrameBuilder, PAGE, addAllNonZeroPages, addDirtyPages, countDirtyPages, unionBitmaps } from './memory-frames';
 import { MIGRATION_DEFAULTS, type MigrationPhase, type MigrationProgress, type SendMigrationOptions } from './migration-options';
@@ -47,6 +47,8 @@ export interface SourceMachine {
   releaseDiskLocks(): void;
   /** take them again (the migration failed); throws while another process holds one */
   takeDiskLocks(): void;
+  /** run the pause's saving code on stand-in state; returns the state it would leave (Machine.rehearseSave) */
+  rehearseSave?(state: RootState): RootState;
 }
 
 export interface SourceVm {
@@ -64,6 +66,13 @@ const RETAKE_LOCKS_MS = 5000;
 /** how long the destination may take to answer (it builds the VM before Ready) */
 const PEER_IDLE_MS = 60_000;
 const MAX_ROUNDS = 30;
+/**
+ * A last round this small (1 MiB) is not worth another round to shrink: the pause's fixed work
+ * (saving and building the vCPUs and devices) outweighs sending it.
+ */
+const SMALL_LAST_ROUND_PAGES = 256;
+/** At most this many rounds are added beyond the one that fits the downtime (see worthAnotherRound). */
+const MAX_SHRINKING_ROUNDS = 3;
 const THROTTLE_STEP = 20;
 const THROTTLE_MAX = 90;
 
@@ -73,6 +82,8 @@ export class MigrationSender {
   private readonly startedAt = Date.now();
   private phase: MigrationPhase = 'handshake';
   private iteration = 0;
+  /** rounds sent only to shrink the last one (worthAnotherRound) */
+  private shrinkingRounds = 0;
   private bytesRemaining = 0;
   private dirtyRate = 0;
   private linkRate = 0;
@@ -236,6 +247,7 @@ export class MigrationSender {
 
       let pending: Uint8Array[] | undefined;
       if (!this.opts.local) pending = await this.memoryRounds();
+      await this.rehearsePause();
       // The destination has checked the state and readied its final checks (during the memory
       // rounds, it has long since): the pause does not wait for that work.
       await ch.expect(FrameType.Prepared);
@@ -264,7 +276,7 @@ export class MigrationSender {
           const last = machine.dirtyBitmaps();
           mark('dirty log read');
           const bitmaps = pending ? unionBitmaps(last, pending) : last;
-          const pages = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush));
+          const pages = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush, true));
           this.vm.store.dispatch(migrationEvents.memoryIteration({ id: ++this.iteration, pages: pages.pages, bytes: pages.bytes }));
           mark('last pages sent');
           pause.note({ last_pages: pages.pages, last_sending_ms: pages.sending_ms });
@@ -385,6 +397,40 @@ export class MigrationSender {
     return { pages: b.pages - pagesBefore, bytes: this.channel!.bytesWritten - before, ms: Math.round(performance.now() - started), sending_ms: Math.round(sendingMs) };
   }
 
+  /**
+   * Run the code of the coming pause once while the guest still runs, on stand-in data: the
+   * save (SourceMachine.rehearseSave), the last round's page scan (over empty bitmaps: nothing
+   * is found or sent) and the final state patch (encoded, not sent). Code that runs once per
+   * migration is otherwise compiled inside the pause, and where the CPU is slow (an emulated
+   * one most of all) that was a large part of it. Only a rehearsal: a failure is logged.
+   */
+  private async rehearsePause(): Promise<void> {
+    try {
+      const machine = this.checkMachine();
+      const after = machine.rehearseSave?.(this.vm.store.getState());
+      if (after) encodeJsonFrame(FrameType.Final, { patches: diffState(this.sentState!, after) });
+      if (!this.opts.local) {
+        const empty = machine.memory.regions.map((r) => new Uint8Array(Math.ceil(r.size / PAGE / 8)));
+        await addDirtyPages((this.builder ??= new MemoryFrameBuilder()), machine.memory, unionBitmaps(empty, empty), async () => undefined, true);
+      }
+    } catch (e) {
+      if (e instanceof MigrationError) throw e;
+      this.vm.log.debug({ err: e }, 'migration: the rehearsal of the pause failed');
+    }
+  }
+
+  /**
+   * What is left fits the downtime, but would one more round make the pause shorter still? It
+   * would when the guest dirtied at most half of what the round just sent (the next round is
+   * shorter, and dirties less again) and what is left is more than a small last round. An idle
+   * guest leaves thousands of pages dirty behind the long first round, and sending them inside
+   * the pause was most of that pause; a guest that dirties as fast as the link goes finishes
+   * as soon as it fits, as before.
+   */
+  private worthAnotherRound(dirtyPages: number, sentPages: number): boolean {
+    return dirtyPages > SMALL_LAST_ROUND_PAGES && dirtyPages * 2 <= sentPages && this.shrinkingRounds < MAX_SHRINKING_ROUNDS;
+  }
+
   /** (where a round's time goes: scanning and copying here, or waiting for the link to take it) */
   private logRound(sent: { pages: number; ms: number; sending_ms: number }): void {
     this.vm.log.debug({ pages: sent.pages, ms: sent.ms, sending_ms: sent.sending_ms }, 'migration: pages sent');
@@ -414,7 +460,12 @@ export class MigrationSender {
       this.dirtyRate = dirty / seconds;
       this.bytesRemaining = dirty;
       const estimateMs = (dirty / Math.max(1, this.linkRate)) * 1000;
-      if (estimateMs <= this.opts.downtime_ms || this.forceFinal || this.iteration + 1 >= MAX_ROUNDS) return bitmaps;
+      this.vm.log.debug({ round: this.iteration, dirty_pages: dirty / PAGE, estimate_ms: Math.round(estimateMs) }, 'migration: dirty after the round');
+      if (this.forceFinal || this.iteration + 1 >= MAX_ROUNDS) return bitmaps;
+      if (estimateMs <= this.opts.downtime_ms) {
+        if (!this.worthAnotherRound(dirty / PAGE, sent.pages)) return bitmaps;
+        this.shrinkingRounds++;
+      }
       // Auto-converge: in the round just sent the guest dirtied more than half of what the
       // link carried, so the rounds would shrink slowly or not at all; take vCPU time away
       // from it, a step more each round this persists (round 0, the full copy, says nothing).

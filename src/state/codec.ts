@@ -175,6 +175,29 @@ export interface SavedVcpuState {
 }
 
 const OPAQUE_KEYS = ['xsave', 'xcrs', 'lapic', 'vcpuEvents', 'debugRegs'] as const;
+
+/**
+ * A vCPU state of the right shape with every value zero (and `msrIndices` as its MSRs): what a
+ * rehearsal of the save path encodes while the real vCPUs still run and cannot be read.
+ */
+export function standInVcpuState(msrIndices: readonly number[]): NativeVcpuState {
+  const segment = () => ({ base: 0n, ...Object.fromEntries(SEGMENT_NUMBER_KEYS.map((k) => [k, 0])) }) as Segment;
+  const sregs = {
+    ...Object.fromEntries(SEGMENT_NAMES.map((k) => [k, segment()])),
+    ...Object.fromEntries(DTABLE_NAMES.map((k) => [k, { base: 0n, limit: 0 }])),
+    ...Object.fromEntries(SREGS_BIGINT_KEYS.map((k) => [k, 0n])),
+    interrupt_bitmap: [0n, 0n, 0n, 0n],
+  } as unknown as Sregs;
+  return {
+    regs: Object.fromEntries(REGS_KEYS.map((k) => [k, 0n])) as unknown as Regs,
+    sregs,
+    fpu: { ...Object.fromEntries(FPU_NUMBER_KEYS.map((k) => [k, 0])), last_ip: 0n, last_dp: 0n, registers: '' } as Fpu,
+    msrs: msrIndices.map((index) => ({ index, data: 0n })),
+    ...(Object.fromEntries(OPAQUE_KEYS.map((k) => [k, ''])) as Record<(typeof OPAQUE_KEYS)[number], string>),
+    mpState: 0,
+    cpuid: [],
+  };
+}
 const CPUID_KEYS = ['function', 'index', 'flags', 'eax', 'ebx', 'ecx', 'edx'] as const satisfies readonly (keyof CpuidEntry)[];
 
 function copyCpuid(entries: readonly CpuidEntry[], what: string): CpuidEntry[] {

@@ -11,6 +11,7 @@ import {
   ramRegions,
   type BootPlan,
 } from '../boot';
+import { sameCpuid } from '../boot/cpuid';
 import { longModeSregs, protectedMode32Sregs } from '../boot/x86/long-mode';
 import { doubleTtyProblem, withDefaults, type ConsoleConfig, type SerialConfig, type VmConfig } from '../config/vm-config';
 import type { Effect } from '../devices/device';
@@ -46,12 +47,14 @@ import {
   type VcpuExit,
 } from '../native/kvm';
 import {
+  createStore,
   decodeVcpuState,
   deviceEvents,
   memoryEvents,
   encodeCpuid,
   encodeVcpuState,
   kvmEvents,
+  standInVcpuState,
   vcpuEvents,
   type RootState,
   type SavedKvmState,
@@ -59,6 +62,7 @@ import {
   type Store,
 } from '../state';
 import { HostFileError, readRegularFile } from '../util/host-file';
+import { silentLogger } from '../util/log';
 import type { GuestLog } from '../util/guest-log';
 import { openConsoleSink, type ConsoleSink } from './console-sink';
 import { dispatchIoExit } from './io-exit';
@@ -135,6 +139,8 @@ export class Machine {
   private readonly runners: VcpuRunner[] = [];
   /** the MSRs a pause saves: KVM's list less those this VM's vCPUs cannot read */
   private readableMsrs?: number[];
+  /** the CPUID readableMsrs was found with ahead of the state (rehearseRestore) */
+  private readableMsrsCpuid?: readonly CpuidEntry[];
   /**
    * A migration destination's vCPUs, created and their threads started parked before their
    * state arrived (restoreVcpus takes them over).
@@ -348,6 +354,21 @@ export class Machine {
   }
 
   /**
+   * A migration destination, after prepareVcpus(): set vCPU 0's sampled state back into it
+   * through the restore path (decoding, every KVM setter) with the CPUID the source announced,
+   * and find which MSRs a vCPU with that CPUID can read. Both would otherwise run for the first
+   * time inside the pause. The vCPU has not run, and the final state overwrites all of it.
+   */
+  rehearseRestore(sample: SavedVcpuState, cpuid: readonly CpuidEntry[]): void {
+    const vcpu = this.earlyRunners[0]?.vcpu;
+    if (!this.opts.incoming || this.incomingBuilt || !vcpu) throw new Error('rehearseRestore() is for a migration destination with its vCPUs created');
+    // (the sample was read before this vCPU had a CPUID: what the announced one refuses is no news)
+    writeVcpuState(vcpu, { ...decodeVcpuState(sample), cpuid: [...cpuid] }, silentLogger());
+    this.readableMsrs = readMsrs(vcpu, this.kvm.msrIndexList()).entries.map((e) => e.index);
+    this.readableMsrsCpuid = cpuid;
+  }
+
+  /**
    * A migration destination: create the vCPUs before their state arrives, and start their
    * threads parked before their first KVM_RUN (a parked vCPU takes its state like an idle
    * one). Thread creation and seccomp set-up are then not part of the guest's pause.
@@ -477,6 +498,8 @@ export class Machine {
       const s = decodeVcpuState(saved);
       // (a migration destination's vCPUs exist already, their threads started and parked)
       const runner = this.earlyRunners[id] ?? new VcpuRunner(this.vm.createVcpu(id), (vid, exit) => this.onExit(vid, exit), this.opts.seccomp);
+      // (MSRs found readable ahead of the state, with the CPUID the source announced, hold for this one)
+      if (id === 0 && this.readableMsrsCpuid && !sameCpuid(s.cpuid, this.readableMsrsCpuid)) this.readableMsrs = undefined;
       writeVcpuState(runner.vcpu, s, this.opts.log);
       this.cpuids[id] = s.cpuid;
       this.cpuidsJson[id] = saved.cpuid;
@@ -668,6 +691,24 @@ export class Machine {
     // (a migration's downtime starts here: where the pause's time goes; the caller logs it
     // once the guest runs again, so that writing the line is not part of the pause)
     return { parked_ms: Math.round(parked - t0), saved_ms: Math.round(performance.now() - parked), read_ms: Math.round(readMs), encode_ms: Math.round(encodeMs), dispatch_ms: Math.round(dispatchMs) };
+  }
+
+  /**
+   * A migration source, before its pause: run what the pause runs after reading the vCPUs
+   * (encoding each one's state, the store's reducers taking it and KVM's) on stand-in vCPU
+   * state in a scratch store, so that this code is compiled while the guest still runs and not
+   * inside its pause. Returns the state such a pause would leave, for the caller to rehearse
+   * its own part with. Only KVM's VM-wide state is read; the VM and the store are untouched.
+   */
+  rehearseSave(state: RootState): RootState {
+    const scratch = createStore({ preloadedState: state, journalSize: 0 });
+    const standIn = standInVcpuState(this.readableMsrs ?? this.kvm.msrIndexList());
+    for (const r of this.runners) {
+      const id = r.vcpu.id;
+      scratch.dispatch(vcpuEvents.stateSaved(id, encodeVcpuState(standIn, (this.cpuidsJson[id] ??= encodeCpuid(this.cpuids[id] ?? [])))));
+    }
+    scratch.dispatch(kvmEvents.stateSaved(this.kvmState(this.vm.getClock())));
+    return scratch.getState();
   }
 
   /**

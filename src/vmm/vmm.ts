@@ -345,7 +345,8 @@ export class Vmm {
   /** The received VM becomes this VMM's, running unless it was paused at the source. */
   private async installMigratedVm(machine: Machine, state: RootState): Promise<void> {
     if (this.state.vm.status !== 'NotCreated') throw new MigrationError(`a VM was created here during the migration (${this.state.vm.status})`);
-    this.store.replaceState({ ...state, vm: { ...state.vm, pending: null } } as RootState, 'migration');
+    // (the state passed the final checks: unless a new vm slice must be made, none is checked again)
+    this.store.replaceState(state.vm.pending === null ? state : ({ ...state, vm: { ...state.vm, pending: null } } as RootState), 'migration');
     this.machine = machine;
     if (state.vm.status !== 'Running') return;
     try {

@@ -4,6 +4,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import pino from 'pino';
 
 import {
   RFLAGS_FIXED,
@@ -223,4 +224,11 @@ export async function waitUntil(what: string, cond: () => boolean, timeoutMs = 1
     if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting until ${what}`);
     await sleep(20);
   }
+}
+
+/** A pino logger (at `level`) whose lines are kept, parsed. */
+export function capturingLogger(level: pino.Level = 'info'): { log: pino.Logger; lines: { msg: string; level: number; suppressed?: number; [k: string]: unknown }[] } {
+  const lines: { msg: string; level: number; suppressed?: number }[] = [];
+  const log = pino({ level }, { write: (s: string) => void lines.push(JSON.parse(s)) });
+  return { log, lines };
 }

@@ -6,7 +6,6 @@ import test from 'ava';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import pino from 'pino';
 
 import { ACPI_TABLES_END, ACPI_TABLES_START } from '../../src/boot/layout';
 import type { VmConfig } from '../../src/config/vm-config';
@@ -18,7 +17,7 @@ import { stateChecksum } from '../../src/migration/snapshot';
 import { InvalidTransitionError, VmEvents } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
-import { sleep, waitUntil } from './harness';
+import { capturingLogger, sleep, waitUntil } from './harness';
 import { TINY_KERNEL_MAGIC, TinyKernelCommand, TinyKernelStatus, buildTinyKernel } from './tiny-kernel';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-guest-faults-'));
@@ -41,13 +40,6 @@ const guestReady = (vmm: Vmm): boolean =>
 
 function send(vmm: Vmm, command: string): void {
   vmm.store.dispatch(serialInputEvent('serial0', Buffer.from(command, 'latin1')));
-}
-
-/** A pino logger whose lines are kept, parsed. */
-function capturingLogger(): { log: pino.Logger; lines: { msg: string; level: number; suppressed?: number }[] } {
-  const lines: { msg: string; level: number; suppressed?: number }[] = [];
-  const log = pino({ level: 'info' }, { write: (s: string) => void lines.push(JSON.parse(s)) });
-  return { log, lines };
 }
 
 test.serial('1000 guest sleep requests log a few rate-limited lines, not one per exit', async (t) => {

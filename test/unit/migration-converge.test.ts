@@ -18,13 +18,15 @@ const RAM = 64 << 20;
  * A guest dirtying `perRound` pages between two reads of the log, fewer as it is throttled,
  * and none once 80% of its time is taken (its dirtying loop starved).
  */
-function dirtyingGuest(perRound: number): SourceMachine & { throttles: number[] } {
+function dirtyingGuest(perRound: number | number[]): SourceMachine & { throttles: number[] } {
   const buf = new ArrayBuffer(RAM);
   new Uint8Array(buf).fill(0x5a);
   const memory = new GuestMemory([new GuestRegion({ guestAddress: 0, size: RAM, chunks: [buf], chunkSize: RAM })]);
   let throttle = 0;
   let logging = false;
   const throttles: number[] = [];
+  // (a list: the pages dirtied before each read of the log in turn, the first read included)
+  const reads = typeof perRound === 'number' ? undefined : [...perRound];
   return {
     memory,
     throttles,
@@ -35,7 +37,7 @@ function dirtyingGuest(perRound: number): SourceMachine & { throttles: number[] 
       // as KVM: no log to read unless the sender turned it on
       if (!logging) throw new Error('dirty logging is off');
       const bits = new Uint8Array(RAM / PAGE / 8);
-      const n = throttle >= 80 ? 0 : Math.round(perRound * (1 - throttle / 100));
+      const n = reads ? (reads.shift() ?? 0) : throttle >= 80 ? 0 : Math.round((perRound as number) * (1 - throttle / 100));
       for (let p = 0; p < n; p++) bits[p >> 3] |= 1 << (p & 7);
       return [bits];
     },
@@ -110,6 +112,30 @@ test('a guest the link keeps up with is never throttled and goes in few rounds',
     t.true(await sender.done!);
     t.deepEqual(guest.throttles.filter((x) => x > 0), []);
     t.true(sender.progress().iteration <= 2);
+  } finally {
+    server.close();
+  }
+});
+
+test('a guest whose rounds shrink gets more rounds while they halve, so the pause sends a small last round', async (t) => {
+  const { server, url } = await completingDestination();
+  // The log read at the start (dropped: round 0 sends everything), then after rounds 0, 1 and 2,
+  // then in the pause. 4096 pages fit the default downtime on any link here, so they alone
+  // would once have been sent inside the pause.
+  const guest = dirtyingGuest([5000, 4096, 1024, 100, 10]);
+  const store = runningStore();
+  const rounds: { id: number; pages: number }[] = [];
+  store.events$.subscribe((e) => e.type === MigrationEvents.MemoryIteration && rounds.push(e.payload as { id: number; pages: number }));
+  const sender = new MigrationSender({ store, log: silentLogger(), machine: () => guest, exclusive: (fn) => fn() }, { destination_url: url });
+  try {
+    await sender.start();
+    t.true(await sender.done!);
+    t.deepEqual(
+      rounds.map((r) => r.pages),
+      [RAM / PAGE, 4096, 1024, 100],
+      'rounds 1 and 2 went while the guest ran; the pause sent the 100 pages left (the 10 of its own read among them)',
+    );
+    t.deepEqual(guest.throttles.filter((x) => x > 0), []);
   } finally {
     server.close();
   }
