@@ -67,10 +67,14 @@ interface Measured {
   throttleMaxPercent?: number;
   /** counter faults across the migration (none expected) */
   faults: string[];
+  /** the guest's GAP lines from the send on, source and destination (gapLines) */
+  gapLines?: string;
   error?: string;
 }
 
 const elapsed = (t0: number) => Date.now() - t0;
+/** A failure's text without the VMM's garbage-collection lines, which bury what went wrong. */
+const withoutGcLines = (text: string) => text.replace(/^.*"msg":"garbage collection".*\n/gm, '');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 let port = 4370;
 
@@ -96,7 +100,14 @@ async function waitRunning(vm: GuestProcess, c: Case): Promise<void> {
 }
 
 /** Wait for 3 s of counter lines at the destination; the guest side of the measurement. */
-async function guestSide(src: GuestProcess, dst: GuestProcess, srcFrom: number, arrivals: Map<number, number>, from: number, to: number): Promise<Pick<Measured, 'hostGapMs' | 'guestGapMs' | 'faults'>> {
+async function guestSide(
+  src: GuestProcess,
+  dst: GuestProcess,
+  srcFrom: number,
+  arrivals: Map<number, number>,
+  from: number,
+  to: number,
+): Promise<Pick<Measured, 'hostGapMs' | 'guestGapMs' | 'faults' | 'gapLines'>> {
   const before = ticksIn(src.output);
   const last = before[before.length - 1]?.count ?? 0;
   await dst.waitFor(new RegExp(`^TICK ${last + 30} `, 'm'), 120_000);
@@ -107,7 +118,16 @@ async function guestSide(src: GuestProcess, dst: GuestProcess, srcFrom: number, 
     hostGapMs: largestArrivalGapMs(arrivals, from, to + 2000),
     guestGapMs: gaps.length ? Math.max(...gaps) : NaN,
     faults: counterFaults(ticksIn(whole)),
+    gapLines: `source ${gapLines(src.output.slice(srcFrom))} | destination ${gapLines(dst.output, 3)}`,
   };
+}
+
+/**
+ * The guest's GAP lines as "ms@uptime": which second of the migration the largest interval fell
+ * in (while the rounds ran at the source, or across the pause, the destination's first).
+ */
+function gapLines(text: string, max = Infinity): string {
+  return [...text.matchAll(/^GAP (\d+) (\d+\.\d+)\r?$/gm)].slice(0, max).map((m) => `${m[1]}@${m[2]}`).join(' ') || '-';
 }
 
 /** The fields of the JSON log lines of `log` whose msg is `msg`. */
@@ -125,13 +145,23 @@ function logLines(log: string, msg: RegExp): Record<string, unknown>[] {
 }
 
 /** A VMM's "migration: pause steps" line: its steps, and the pause on the monotonic clock and in epoch ms. */
-function pauseStepsOf(log: string): { steps: { step: string; ms: number }[]; fromUs: number; toUs: number; fromMs: number; vcpus?: Record<string, number> } | undefined {
+function pauseStepsOf(
+  log: string,
+): { steps: { step: string; ms: number }[]; fromUs: number; toUs: number; fromMs: number; vcpus?: Record<string, number>; lastPages?: number; lastSendingMs?: number } | undefined {
   const l = logLines(log, /"msg":"migration: pause steps"/).pop();
   if (!l || !Array.isArray(l.steps)) return undefined;
   const fromUs = Number(l.from_us);
   const toUs = Number(l.to_us);
   // (the line is written when the pause is over: its time is the pause's end)
-  return { steps: l.steps as { step: string; ms: number }[], fromUs, toUs, fromMs: Number(l.time) - (toUs - fromUs) / 1000, vcpus: l.vcpus as Record<string, number> | undefined };
+  return {
+    steps: l.steps as { step: string; ms: number }[],
+    fromUs,
+    toUs,
+    fromMs: Number(l.time) - (toUs - fromUs) / 1000,
+    vcpus: l.vcpus as Record<string, number> | undefined,
+    lastPages: l.last_pages as number | undefined,
+    lastSendingMs: l.last_sending_ms as number | undefined,
+  };
 }
 
 /**
@@ -141,6 +171,20 @@ function pauseStepsOf(log: string): { steps: { step: string; ms: number }[]; fro
 function pauseWindow(log: string): { fromUs: number; toUs: number } | undefined {
   const p = pauseStepsOf(log);
   return p && p.fromUs < p.toUs ? { fromUs: p.fromUs, toUs: p.toUs } : undefined;
+}
+
+/**
+ * A VMM's garbage collections of 10 ms or more in the 5 s after its pause ended ("ms at +N"):
+ * the JavaScript thread serves the guest's console, so a long one is a stall the guest sees.
+ */
+function gcAfterPause(log: string): string {
+  const p = pauseStepsOf(log);
+  if (!p) return '-';
+  const end = p.fromMs + (p.toUs - p.fromUs) / 1000;
+  const gcs = logLines(log, /"msg":"garbage collection"/)
+    .map((g) => ({ at: Number(g.time) - end, ms: Number(g.gc_ms) }))
+    .filter((g) => g.at >= 0 && g.at <= 5000 && g.ms >= 10);
+  return gcs.map((g) => `${g.ms} ms at +${Math.round(g.at)}`).join(', ') || 'none';
 }
 
 /** A VMM's per-round debug lines (`msg`), their fields only. */
@@ -166,7 +210,7 @@ function pauseSteps(log: string): string {
   let g = 0;
   for (const s of p.steps) {
     for (; g < gcs.length && gcs[g].at <= s.ms; g++) if (gcs[g].at >= 0) out.push(`[gc ${gcs[g].ms} ms at ${Math.round(gcs[g].at)}]`);
-    out.push(`${s.step} ${s.ms} ms`);
+    out.push(`${s.step} ${s.ms} ms${s.step === 'last pages sent' && p.lastPages !== undefined ? ` (${p.lastPages} pages, ${p.lastSendingMs} ms of it sending)` : ''}`);
   }
   for (; g < gcs.length && gcs[g].at <= end + 1; g++) if (gcs[g].at >= 0) out.push(`[gc ${gcs[g].ms} ms at ${Math.round(gcs[g].at)}]`);
   return out.join(', ');
@@ -207,7 +251,8 @@ async function benchTern(work: string, c: Case): Promise<Measured> {
     const finished = o.sourceEvents.find((e) => e.event === 'migration-finished');
     const side = await guestSide(src, dst, srcFrom, arrivals, o.sentAt, o.receivedAt);
     process.stdout.write(`  tern ${c.name} pause, source: ${pauseSteps(src.stderr)}\n  tern ${c.name} pause, destination: ${pauseSteps(dst.stderr)}\n`);
-    process.stdout.write(`  tern ${c.name} rounds, source: ${roundLines(src.stderr, 'migration: pages sent')}\n  tern ${c.name} rounds, destination: ${roundLines(dst.stderr, 'migration: round received')}\n`);
+    process.stdout.write(`  tern ${c.name} garbage collections in the 5 s after the pause, destination: ${gcAfterPause(dst.stderr)}\n`);
+    process.stdout.write(`  tern ${c.name} rounds, source: ${roundLines(src.stderr, 'migration: pages sent')}\n  tern ${c.name} dirty after each round, source: ${roundLines(src.stderr, 'migration: dirty after the round')}\n  tern ${c.name} rounds, destination: ${roundLines(dst.stderr, 'migration: round received')}\n`);
     if (started) {
       const t0 = monitorSeconds(started);
       const timeline = o.sourceEvents.map((e) => `${e.event.replace('migration-', '')} ${((monitorSeconds(e) - t0) * 1000).toFixed(0)}`).join(', ');
@@ -341,7 +386,7 @@ async function main(): Promise<void> {
       try {
         r[vmm as 'tern' | 'qemu'] = vmm === 'tern' ? await benchTern(work, c) : await benchQemu(work, c);
       } catch (e) {
-        r[vmm as 'tern' | 'qemu'] = { hostGapMs: NaN, guestGapMs: NaN, faults: [], error: (e as Error).message.slice(0, 2000) };
+        r[vmm as 'tern' | 'qemu'] = { hostGapMs: NaN, guestGapMs: NaN, faults: [], error: withoutGcLines((e as Error).message).slice(-6000) };
       } finally {
         fs.rmSync(work, { recursive: true, force: true });
       }
