@@ -7,7 +7,7 @@ import { BehaviorSubject, Observable, Subject, distinctUntilChanged } from 'rxjs
 import type { Effect } from '../devices/device';
 import { type EventClock, vmmClock } from './clock';
 import { recordCopier } from './copy';
-import { assertJsonSafe } from './json';
+import { assertJsonSafe, deepFreeze } from './json';
 import { type StatePatchSet, diffState } from './patches';
 import {
   ROOT_SCHEMA_VERSION,
@@ -45,6 +45,12 @@ export interface StoreOptions<M extends SliceMap> {
   slices?: M;
   /** start from this state (e.g. deserializeState output) instead of the initial one */
   preloadedState?: StateOf<M>;
+  /**
+   * preloadedState is another store's state, every slice made by its reducers or checked
+   * there: it is frozen, not checked again (checking compiles every slice's validator, work a
+   * scratch copy of a live store must not cost).
+   */
+  preloadedFromStore?: boolean;
   /** how many recent events the journal keeps (default 1024; 0 disables it) */
   journalSize?: number;
   clock?: EventClock;
@@ -119,7 +125,7 @@ function buildStore<M extends SliceMap>(options: StoreOptions<M>): Store<StateOf
 
   let state: S;
   if (options.preloadedState !== undefined) {
-    state = validateAndFreezeState(options.preloadedState, slices, rootVersion) as S;
+    state = (options.preloadedFromStore ? deepFreeze(options.preloadedState) : validateAndFreezeState(options.preloadedState, slices, rootVersion)) as S;
   } else {
     state = initialStateOf(slices, rootVersion);
   }

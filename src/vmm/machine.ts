@@ -205,7 +205,7 @@ export class Machine {
       const config = withDefaults(store.getState().vm.config as VmConfig);
 
       const layout = ramRegions(config.memory.size);
-      this.memory = this.useRam(createRam(this.vm, layout));
+      this.memory = this.useRam(createRam(this.vm, layout, config.memory.thp));
       store.dispatch(memoryEvents.regionsCreated(layout));
 
       const payload = config.payload;
@@ -457,7 +457,7 @@ export class Machine {
     return this.sharedRam ? [...this.slotFds] : undefined;
   }
 
-  /** Start or stop KVM's dirty log on every RAM slot (on from the start; a migration's rounds need it). */
+  /** Start or stop KVM's dirty log on every RAM slot (off from the start: a migration turns it on for its rounds). */
   dirtyLogging(on: boolean): void {
     this.memory.regions.forEach((_, slot) => this.vm.setDirtyLogging(slot, on));
   }
@@ -701,7 +701,7 @@ export class Machine {
    * its own part with. Only KVM's VM-wide state is read; the VM and the store are untouched.
    */
   rehearseSave(state: RootState): RootState {
-    const scratch = createStore({ preloadedState: state, journalSize: 0 });
+    const scratch = createStore({ preloadedState: state, preloadedFromStore: true, journalSize: 0 });
     const standIn = standInVcpuState(this.readableMsrs ?? this.kvm.msrIndexList());
     for (const r of this.runners) {
       const id = r.vcpu.id;

@@ -285,3 +285,19 @@ test('device events for a missing or mismatched device are refused', (t) => {
   t.is(store.getState().bus.pio.length, 2);
   t.is(store.journal().at(-1)?.type, DeviceEvents.Removed);
 });
+
+// A migration source rehearses its pause in a scratch store made from its live state: that copy
+// must not check every slice again (in a VMM that never loaded a state, that compiles every
+// validator, on the thread that serves the running guest).
+test('a store preloaded from another store\'s state takes it as it is; any other preloaded state is checked', (t) => {
+  const live = populatedStore().getState();
+  const broken = { ...live, vm: { ...live.vm, status: 'Dancing' } } as unknown as typeof live;
+  t.throws(() => createStore({ preloadedState: broken }));
+  const scratch = createStore({ preloadedState: broken, preloadedFromStore: true });
+  t.is(scratch.getState().vm.status as string, 'Dancing');
+  t.true(Object.isFrozen(scratch.getState()));
+  const copy = createStore({ preloadedState: live, preloadedFromStore: true });
+  copy.dispatch(vmEvents.pausing());
+  t.is(copy.getState().vm.pending, 'Pausing', 'the copy runs the same reducers');
+  t.is(live.vm.pending, null, 'and leaves the state it was made from alone');
+});
