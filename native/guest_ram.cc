@@ -53,6 +53,8 @@ bool CreateGuestRam(const RamOptions& opts, GuestRam* out, std::string* failedCa
     close(fd);
     return false;
   }
+  // Only advice: a kernel without transparent huge pages (EINVAL) maps 4 KiB pages as before.
+  if (opts.hugePages && !opts.privateMap) (void)madvise(p, opts.size, MADV_HUGEPAGE);
   out->fd = fd;
   out->mapping = std::make_shared<HostMapping>(static_cast<uint8_t*>(p), opts.size);
   return true;

@@ -32,6 +32,9 @@ struct RamOptions {
   int fromFd = -1;        // map this fd instead of creating a memfd
   uint64_t fileOffset = 0;
   bool privateMap = false;
+  // madvise(MADV_HUGEPAGE) on a shared mapping: the kernel backs it with 2 MiB pages where its
+  // shmem_enabled setting allows (advise and up), and KVM can then map the guest in 2 MiB pages.
+  bool hugePages = false;
 };
 
 struct GuestRam {

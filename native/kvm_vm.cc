@@ -331,6 +331,10 @@ Napi::Value Vm::AddMemorySlot(const Napi::CallbackInfo& info) {
   Napi::Value name = o.Get("name");
   if (name.IsString()) ro.name = name.As<Napi::String>().Utf8Value();
   ro.privateMap = o.Get("privateMap").ToBoolean().Value();
+  ro.hugePages = o.Get("hugePages").ToBoolean().Value();
+  // (default on: the caller may start without the log, which also lets KVM map large pages)
+  Napi::Value logOpt = o.Get("dirtyLogging");
+  bool dirtyLogging = logOpt.IsUndefined() || logOpt.ToBoolean().Value();
   // Each ArrayBuffer over guest RAM counts as external memory to V8, and the first ones make
   // it run a full GC: a restore that does not touch RAM from JS defers them to memoryChunks().
   bool deferChunks = o.Get("deferChunks").ToBoolean().Value();
@@ -355,9 +359,8 @@ Napi::Value Vm::AddMemorySlot(const Napi::CallbackInfo& info) {
   }
   kvm_userspace_memory_region region{};
   region.slot = slot;
-  // Dirty logging starts on: guest RAM is a memfd mapped in 4 KiB pages, so it costs no large
-  // pages, and a migration's log covers every write from the slot's creation on.
-  region.flags = KVM_MEM_LOG_DIRTY_PAGES;
+  // While KVM logs a slot's writes it maps the slot in 4 KiB pages only.
+  region.flags = dirtyLogging ? KVM_MEM_LOG_DIRTY_PAGES : 0;
   region.guest_phys_addr = gpa;
   region.memory_size = ro.size;
   region.userspace_addr = reinterpret_cast<uint64_t>(ram.mapping->base());
@@ -374,7 +377,7 @@ Napi::Value Vm::AddMemorySlot(const Napi::CallbackInfo& info) {
   s->size = ro.size;
   s->fd = ram.fd;
   s->mapping = ram.mapping;
-  s->dirtyLogging = true;
+  s->dirtyLogging = dirtyLogging;
   s->vmmDirty = std::make_shared<DirtyBitmap>(ro.size >> 12);
 
   Napi::Object res = Napi::Object::New(env);

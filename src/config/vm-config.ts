@@ -13,12 +13,12 @@ export const DEFAULT_SERIAL_MODE = 'Null' satisfies ConsoleMode;
 export const DEFAULT_CONSOLE_MODE = 'Tty' satisfies ConsoleMode;
 
 /** Fill in Cloud Hypervisor's defaults so every consumer sees a complete config. */
-export function withDefaults(config: VmConfig): VmConfig & { cpus: CpusConfig; memory: MemoryConfig; serial: SerialConfig; console: ConsoleConfig } {
+export function withDefaults(config: VmConfig): VmConfig & { cpus: CpusConfig; memory: MemoryConfig & { thp: boolean }; serial: SerialConfig; console: ConsoleConfig } {
   const boot = config.cpus?.boot_vcpus ?? 1;
   return {
     ...config,
     cpus: { ...config.cpus, boot_vcpus: boot, max_vcpus: config.cpus?.max_vcpus ?? boot },
-    memory: { ...config.memory, size: config.memory?.size ?? DEFAULT_MEMORY_SIZE, shared: config.memory?.shared ?? false },
+    memory: { ...config.memory, size: config.memory?.size ?? DEFAULT_MEMORY_SIZE, shared: config.memory?.shared ?? false, thp: config.memory?.thp ?? true },
     serial: config.serial ?? { mode: DEFAULT_SERIAL_MODE },
     console: config.console ?? { mode: DEFAULT_CONSOLE_MODE },
   };

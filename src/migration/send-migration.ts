@@ -322,10 +322,25 @@ export class MigrationSender {
         }
       }
       this.machineAtStart?.throttle(0);
+      this.stopDirtyLogging();
       return this.fail(reason);
     } finally {
       steps?.log(this.vm.log, 'source');
       clearTimeout(this.timeoutTimer);
+    }
+  }
+
+  /**
+   * The migration failed: KVM stops logging the guest's writes (while it logs a slot it maps
+   * it in 4 KiB pages only), as before the migration. A machine that is gone needs nothing.
+   */
+  private stopDirtyLogging(): void {
+    const m = this.vm.machine();
+    if (!m || m !== this.machineAtStart || this.opts.local) return;
+    try {
+      m.dirtyLogging(false);
+    } catch (e) {
+      this.vm.log.warn({ err: e }, 'could not stop the dirty log after the failed migration');
     }
   }
 

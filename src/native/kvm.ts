@@ -181,14 +181,16 @@ export interface NativeVm {
   setIdentityMapAddr(addr: bigint): void;
   /**
    * Back [guestAddress, guestAddress+size) with a new memfd mapped MAP_SHARED, register it
-   * as KVM slot `slot` with KVM_MEM_LOG_DIRTY_PAGES. `name` labels the memfd.
-   * `fromFd` maps an existing memfd/file instead (restore, fd passing); `privateMap`
-   * maps it MAP_PRIVATE (copy-on-write, lazy). size and guestAddress must be multiples of
-   * 4096; a slot number already added here throws EEXIST.
+   * as KVM slot `slot`, with KVM_MEM_LOG_DIRTY_PAGES unless `dirtyLogging` is false. `name`
+   * labels the memfd. `fromFd` maps an existing memfd/file instead (restore, fd passing);
+   * `privateMap` maps it MAP_PRIVATE (copy-on-write, lazy). `hugePages` advises the kernel to
+   * back a shared mapping with transparent huge pages (MADV_HUGEPAGE). size and guestAddress
+   * must be multiples of 4096; a slot number already added here throws EEXIST.
    */
   addMemorySlot(opts: {
     slot: number; guestAddress: bigint; size: number; name?: string;
     fromFd?: number; fileOffset?: number; privateMap?: boolean;
+    dirtyLogging?: boolean; hugePages?: boolean;
     /** leave out `chunks` (see memoryChunks): V8 runs a full GC when it first sees them */
     deferChunks?: boolean;
   }): MemorySlotInfo;
@@ -201,8 +203,8 @@ export interface NativeVm {
    */
   getDirtyBitmap(slot: number): Uint8Array;
   /**
-   * KVM_MEM_LOG_DIRTY_PAGES on or off for `slot` (on when a slot is added). getDirtyBitmap
-   * throws while it is off.
+   * KVM_MEM_LOG_DIRTY_PAGES on or off for `slot` (addMemorySlot's `dirtyLogging`, on unless
+   * it said otherwise). getDirtyBitmap throws while it is off.
    */
   setDirtyLogging(slot: number, on: boolean): void;
   /** The VMM-side bitmap of `slot` itself, shared with native code, for TypeScript writers to mark. */

@@ -1,7 +1,9 @@
 // Guest RAM for a machine, in its three origins: new memfds for a boot, a snapshot's
 // memory-ranges file (read in, or mapped copy-on-write on demand), and a migration's (new
 // memfds the stream fills, or the source's own memfds handed over). Each slot is registered with
-// KVM with dirty logging on and gets the VMM-side dirty bitmap its writers mark.
+// KVM without dirty logging (a migration turns it on for its rounds: while KVM logs a slot it
+// maps it in 4 KiB pages only), advised to use transparent huge pages unless the config says
+// thp=off, and gets the VMM-side dirty bitmap its writers mark.
 import fs from 'node:fs';
 import { GuestMemory, GuestRegion } from '../memory/guest-memory';
 import { copyMemoryRange, openMemoryFile, verifyRangeInRam, type MemoryRange } from '../migration/memory-ranges';
@@ -26,6 +28,8 @@ export interface SnapshotRam {
   mode: 'copy' | 'ondemand';
   /** ondemand: touch every page now */
   prefault?: boolean;
+  /** the saved config's memory.thp (a copy restore's new memfds) */
+  hugePages: boolean;
 }
 
 export interface IncomingRam {
@@ -34,6 +38,12 @@ export interface IncomingRam {
   /** a local migration's memfds, one per region, mapped shared: the source's RAM itself */
   fds?: readonly number[];
 }
+
+/**
+ * A migration destination's RAM is made before the config arrives: it takes memory.thp's
+ * default (on), as a VMM whose config said thp=off is rare and loses nothing by it.
+ */
+const INCOMING_HUGE_PAGES = true;
 
 /**
  * [start, end, ...]: where the file behind a shared mapping holds data (lseek SEEK_DATA/SEEK_HOLE).
@@ -66,11 +76,14 @@ function region(vm: NativeVm, slot: number, guestAddress: number, size: number, 
   });
 }
 
-/** New, zeroed RAM for a boot. */
-export function createRam(vm: NativeVm, layout: readonly RamRegionState[]): GuestRam {
+/** How every slot is registered: no dirty log until a migration asks; huge pages as configured. */
+const slotDefaults = (hugePages: boolean) => ({ name: 'tern-ram', dirtyLogging: false, hugePages });
+
+/** New, zeroed RAM for a boot; `hugePages`: the config's memory.thp. */
+export function createRam(vm: NativeVm, layout: readonly RamRegionState[], hugePages: boolean): GuestRam {
   const slotFds: number[] = [];
   const regions = layout.map((r, slot) => {
-    const info = vm.addMemorySlot({ slot, guestAddress: BigInt(r.guestAddress), size: r.size, name: 'tern-ram' });
+    const info = vm.addMemorySlot({ slot, guestAddress: BigInt(r.guestAddress), size: r.size, ...slotDefaults(hugePages) });
     slotFds[slot] = info.fd;
     return region(vm, slot, r.guestAddress, r.size, info, info.fd);
   });
@@ -103,7 +116,7 @@ export function snapshotRam(vm: NativeVm, r: SnapshotRam): GuestRam {
         slot,
         guestAddress: BigInt(range.guestAddress),
         size: range.length,
-        name: 'tern-ram',
+        ...slotDefaults(r.hugePages),
         deferChunks: true,
         ...(ondemand ? { fromFd: fd, fileOffset: range.fileOffset, privateMap: true } : {}),
       });
@@ -137,7 +150,7 @@ export function incomingRam(vm: NativeVm, inc: IncomingRam): GuestRam {
       slot,
       guestAddress: BigInt(r.guestAddress),
       size: r.size,
-      name: 'tern-ram',
+      ...slotDefaults(INCOMING_HUGE_PAGES),
       deferChunks: true,
       ...(inc.fds ? { fromFd: inc.fds[slot], fileOffset: 0 } : {}),
     });

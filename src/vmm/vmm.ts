@@ -3,7 +3,7 @@
 // all go through the same path and the same rules.
 import { netIdOf } from '../devices/virtio/vm-devices';
 import type { Logger } from 'pino';
-import type { ConsoleConfig, VmConfig } from '../config/vm-config';
+import { withDefaults, type ConsoleConfig, type VmConfig } from '../config/vm-config';
 import type { GuestMemory } from '../memory/guest-memory';
 import type { MigrationProgress, ReceiveMigrationOptions, SendMigrationOptions } from '../migration/migration-options';
 import { MigrationReceiver } from '../migration/receive-migration';
@@ -275,7 +275,15 @@ export class Vmm {
         let state = snap.state;
         state = withHostEnds(state, opts);
         machine = this.newMachine({
-          restore: { state, memoryPath: snap.memoryPath, ranges: snap.ranges, rangeChecksums: snap.rangeChecksums, mode, prefault: opts.prefault },
+          restore: {
+            state,
+            memoryPath: snap.memoryPath,
+            ranges: snap.ranges,
+            rangeChecksums: snap.rangeChecksums,
+            mode,
+            prefault: opts.prefault,
+            hugePages: withDefaults(state.vm.config as VmConfig).memory.thp,
+          },
           backends: await openDeviceBackends(state.vm.config as VmConfig, this.log),
         });
         this.log.info({ dir: snap.dir, mode, fromSchema: snap.storedSchemaVersion }, 'VM restored from snapshot');

@@ -232,3 +232,27 @@ export function capturingLogger(level: pino.Level = 'info'): { log: pino.Logger;
   const log = pino({ level }, { write: (s: string) => void lines.push(JSON.parse(s)) });
   return { log, lines };
 }
+
+/** The VmFlags of this process's mapping of `fd` (a memfd), from /proc/self/smaps. */
+export function vmFlagsOfMemfd(fd: number): string[] {
+  // (the fd's link and the mapping's name are both "/memfd:NAME (deleted)")
+  const target = fs.readlinkSync(`/proc/self/fd/${fd}`);
+  const [m] = mappingsNamed(target);
+  if (!m) throw new Error(`no mapping of ${target}`);
+  return m.flags;
+}
+
+/**
+ * This process's mappings named `name` (as smaps names it): address range and VmFlags. A
+ * mapping outlives its VM until V8 collects the ArrayBuffers over it.
+ */
+export function mappingsNamed(name: string): { range: string; flags: string[] }[] {
+  const lines = fs.readFileSync('/proc/self/smaps', 'utf8').split('\n');
+  const out: { range: string; flags: string[] }[] = [];
+  lines.forEach((l, at) => {
+    if (!/^[0-9a-f]+-[0-9a-f]+ /.test(l) || !l.endsWith(` ${name}`)) return;
+    const flags = lines.slice(at + 1).find((x) => x.startsWith('VmFlags:'))!;
+    out.push({ range: l.split(' ')[0], flags: flags.slice('VmFlags:'.length).trim().split(/\s+/) });
+  });
+  return out;
+}

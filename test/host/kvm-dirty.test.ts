@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import test from 'ava';
 
 import { PDPT_ADDRESS, PD_ADDRESS, PML4_ADDRESS } from '../../src/boot/x86/long-mode';
-import { buildGuest, createTestVm, dirtyPages, runVcpu } from './harness';
+import { buildGuest, createTestVm, dirtyPages, runVcpu, vmFlagsOfMemfd } from './harness';
 
 const PAGE = 4096;
 /** The guest's page-table pages (PML4, PDPT, first page directory), which its CPU walks. */
@@ -138,6 +138,24 @@ test('the dirty log is on from the start, and can be turned off and on again', (
     vm.mem.writeU8(0x123 * PAGE, 1);
     t.true(dirtyPages(vm.vm.getDirtyBitmap(0)).includes(0x123));
     t.throws(() => vm.vm.setDirtyLogging(7, true), { message: /no memory slot 7/ });
+  } finally {
+    vm.close();
+  }
+});
+
+test('a slot may start without the dirty log, and asks for transparent huge pages only when told', (t) => {
+  const vm = createTestVm({ ring: 3 });
+  try {
+    const plain = vm.vm.addMemorySlot({ slot: 1, guestAddress: 0x1_0000_0000n, size: 4 << 20, name: 'tern-test-plain', dirtyLogging: false });
+    const huge = vm.vm.addMemorySlot({ slot: 2, guestAddress: 0x2_0000_0000n, size: 4 << 20, name: 'tern-test-huge', dirtyLogging: false, hugePages: true });
+    // No log until asked for: KVM may then map the slot in large pages.
+    t.throws(() => vm.vm.getDirtyBitmap(1), { message: /dirty logging is off for slot 1/ });
+    vm.vm.setDirtyLogging(1, true);
+    t.deepEqual(dirtyPages(vm.vm.getDirtyBitmap(1)), []);
+    // MADV_HUGEPAGE shows as the mapping's "hg" flag, whatever the host's shmem_enabled.
+    t.true(vmFlagsOfMemfd(huge.fd).includes('hg'));
+    t.false(vmFlagsOfMemfd(plain.fd).includes('hg'));
+    t.false(vmFlagsOfMemfd(vm.slot.fd).includes('hg'));
   } finally {
     vm.close();
   }

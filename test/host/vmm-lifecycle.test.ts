@@ -10,7 +10,7 @@ import { type Serial16550aState, serialInputEvent } from '../../src/devices/seri
 import { InvalidTransitionError, VmEvents, decodeU64 } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
-import { sleep, waitUntil } from './harness';
+import { mappingsNamed, sleep, waitUntil } from './harness';
 import {
   TINY_KERNEL_DIRTY_BASE,
   TINY_KERNEL_DIRTY_PAGES,
@@ -154,5 +154,26 @@ test.serial('bytes put in the UART through the store reach the guest by polling;
     t.is(mem.readU32(TinyKernelStatus.RX_IRQS), 0, 'no RX interrupt was raised');
   } finally {
     await vmm.close();
+  }
+});
+
+// Guest RAM asks for transparent huge pages (MADV_HUGEPAGE, the mapping's "hg" flag) unless the
+// config says thp=off, as in Cloud Hypervisor; whether the host grants them is its shmem_enabled.
+test.serial('guest RAM is advised to use transparent huge pages, unless the config says thp=off', async (t) => {
+  const ram = () => mappingsNamed('/memfd:tern-ram (deleted)');
+  for (const thp of [undefined, true, false]) {
+    const cfg = await config(`thp-${String(thp)}`, 1);
+    const vmm = new Vmm({ log: silentLogger() });
+    // (earlier VMs' mappings may linger until their ArrayBuffers are collected)
+    const before = new Set(ram().map((m) => m.range));
+    try {
+      await vmm.create({ ...cfg, memory: { size: 64 << 20, ...(thp !== undefined && { thp }) } });
+      await vmm.boot();
+      const mine = ram().filter((m) => !before.has(m.range));
+      t.is(mine.length, 1, `thp=${String(thp)}: one RAM mapping, not ${JSON.stringify(mine)}`);
+      t.is(mine[0].flags.includes('hg'), thp !== false, `thp=${String(thp)}: VmFlags ${mine[0].flags.join(' ')}`);
+    } finally {
+      await vmm.shutdownVmm();
+    }
   }
 });

@@ -18,7 +18,7 @@ const RAM = 64 << 20;
  * A guest dirtying `perRound` pages between two reads of the log, fewer as it is throttled,
  * and none once 80% of its time is taken (its dirtying loop starved).
  */
-function dirtyingGuest(perRound: number | number[]): SourceMachine & { throttles: number[] } {
+function dirtyingGuest(perRound: number | number[]): SourceMachine & { throttles: number[]; logging: () => boolean } {
   const buf = new ArrayBuffer(RAM);
   new Uint8Array(buf).fill(0x5a);
   const memory = new GuestMemory([new GuestRegion({ guestAddress: 0, size: RAM, chunks: [buf], chunkSize: RAM })]);
@@ -30,6 +30,7 @@ function dirtyingGuest(perRound: number | number[]): SourceMachine & { throttles
   return {
     memory,
     throttles,
+    logging: () => logging,
     dirtyLogging(on: boolean) {
       logging = on;
     },
@@ -136,6 +137,30 @@ test('a guest whose rounds shrink gets more rounds while they halve, so the paus
       'rounds 1 and 2 went while the guest ran; the pause sent the 100 pages left (the 10 of its own read among them)',
     );
     t.deepEqual(guest.throttles.filter((x) => x > 0), []);
+  } finally {
+    server.close();
+  }
+});
+
+test('a migration that fails during its rounds turns the dirty log off again', async (t) => {
+  // (a destination that goes away after the first round: the sender fails and the guest runs on)
+  const { server, url } = await fakeDestination(async (ch) => {
+    await ch.expect(FrameType.Hello);
+    await ch.sendJson(FrameType.Accept, {});
+    await ch.expect(FrameType.Config);
+    await ch.expect(FrameType.State);
+    await ch.sendJson(FrameType.Prepared, {});
+    for (let f = await ch.next(); f.type !== FrameType.Round; f = await ch.next());
+    ch.abort('the destination gives up');
+  });
+  const guest = dirtyingGuest(4096);
+  const sender = new MigrationSender({ store: runningStore(), log: silentLogger(), machine: () => guest, exclusive: (fn) => fn() }, { destination_url: url, downtime_ms: 1 });
+  try {
+    await sender.start();
+    t.false(await sender.done!);
+    t.is(sender.progress().phase, 'failed');
+    // While KVM logs a slot it maps it in 4 KiB pages only: a guest that stays here runs without.
+    t.false(guest.logging());
   } finally {
     server.close();
   }
