@@ -73,6 +73,18 @@ interface Measured {
 }
 
 const elapsed = (t0: number) => Date.now() - t0;
+/**
+ * The host's transparent huge pages now (anonymous, and shared memory such as tern's memfd RAM,
+ * allocated and mapped by PMD): whether a VMM's guest RAM got 2 MiB pages, which KVM can map
+ * whole.
+ */
+function hugePagesNow(): string {
+  const info = fs.readFileSync('/proc/meminfo', 'utf8');
+  return ['AnonHugePages', 'ShmemHugePages', 'ShmemPmdMapped']
+    .map((k) => `${k} ${Math.round(Number(new RegExp(`^${k}:\\s+(\\d+) kB`, 'm').exec(info)?.[1] ?? NaN) / 1024)} MiB`)
+    .join(', ');
+}
+
 /** A failure's text without the VMM's garbage-collection lines, which bury what went wrong. */
 const withoutGcLines = (text: string) => text.replace(/^.*"msg":"garbage collection".*\n/gm, '');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -250,6 +262,7 @@ async function benchTern(work: string, c: Case): Promise<Measured> {
     const started = o.sourceEvents.find((e) => e.event === 'migration-started');
     const finished = o.sourceEvents.find((e) => e.event === 'migration-finished');
     const side = await guestSide(src, dst, srcFrom, arrivals, o.sentAt, o.receivedAt);
+    process.stdout.write(`  tern ${c.name} huge pages with the guest running at the destination: ${hugePagesNow()}\n`);
     process.stdout.write(`  tern ${c.name} pause, source: ${pauseSteps(src.stderr)}\n  tern ${c.name} pause, destination: ${pauseSteps(dst.stderr)}\n`);
     process.stdout.write(`  tern ${c.name} garbage collections in the 5 s after the pause, destination: ${gcAfterPause(dst.stderr)}\n`);
     process.stdout.write(`  tern ${c.name} rounds, source: ${roundLines(src.stderr, 'migration: pages sent')}\n  tern ${c.name} dirty after each round, source: ${roundLines(src.stderr, 'migration: dirty after the round')}\n  tern ${c.name} rounds, destination: ${roundLines(dst.stderr, 'migration: round received')}\n`);
@@ -334,6 +347,7 @@ async function benchQemu(work: string, c: Case): Promise<Measured> {
     }
     const doneAt = Date.now();
     const side = await guestSide(src, dst, srcFrom, arrivals, sentAt, doneAt);
+    process.stdout.write(`  qemu ${c.name} huge pages with the guest running at the destination: ${hugePagesNow()}\n`);
     return {
       totalMs: info['total-time'],
       downtimeMs: info.downtime,
