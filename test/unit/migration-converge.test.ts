@@ -8,6 +8,7 @@ import { GuestMemory, GuestRegion } from '../../src/memory/guest-memory';
 import { MigrationSender, type SourceMachine } from '../../src/migration/send-migration';
 import { MigrationEvents, createStore, type RootState } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
+import type { FrameChannel } from '../../src/migration/frame-channel';
 import { FrameType, fakeDestination } from '../support/migration-peer';
 import { pausedState } from './snapshot-fixture';
 
@@ -55,14 +56,19 @@ function dirtyingGuest(perRound: number | number[]): SourceMachine & { throttles
   };
 }
 
+/** A destination's part up to the memory rounds: accept, take config and state, say Prepared. */
+async function acceptUpToRounds(ch: FrameChannel): Promise<void> {
+  await ch.expect(FrameType.Hello);
+  await ch.sendJson(FrameType.Accept, {});
+  await ch.expect(FrameType.Config);
+  await ch.expect(FrameType.State);
+  await ch.sendJson(FrameType.Prepared, {});
+}
+
 /** A destination that takes every frame and completes the protocol. */
 function completingDestination() {
   return fakeDestination(async (ch) => {
-    await ch.expect(FrameType.Hello);
-    await ch.sendJson(FrameType.Accept, {});
-    await ch.expect(FrameType.Config);
-    await ch.expect(FrameType.State);
-    await ch.sendJson(FrameType.Prepared, {});
+    await acceptUpToRounds(ch);
     for (let f = await ch.next(); f.type !== FrameType.Complete; f = await ch.next());
     await ch.sendJson(FrameType.Ready, {});
     await ch.expect(FrameType.Commit);
@@ -145,11 +151,7 @@ test('a guest whose rounds shrink gets more rounds while they halve, so the paus
 test('a migration that fails during its rounds turns the dirty log off again', async (t) => {
   // (a destination that goes away after the first round: the sender fails and the guest runs on)
   const { server, url } = await fakeDestination(async (ch) => {
-    await ch.expect(FrameType.Hello);
-    await ch.sendJson(FrameType.Accept, {});
-    await ch.expect(FrameType.Config);
-    await ch.expect(FrameType.State);
-    await ch.sendJson(FrameType.Prepared, {});
+    await acceptUpToRounds(ch);
     for (let f = await ch.next(); f.type !== FrameType.Round; f = await ch.next());
     ch.abort('the destination gives up');
   });
