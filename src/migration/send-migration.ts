@@ -247,6 +247,9 @@ export class MigrationSender {
 
       let pending: Uint8Array[] | undefined;
       if (!this.opts.local) pending = await this.memoryRounds();
+      // (right before the pause, not before the rounds: V8 drops the bytecode of functions left
+      // unused across the rounds' many collections, and the pages the guest dirties meanwhile go
+      // in the final round with the rest)
       await this.rehearsePause();
       // The destination has checked the state and readied its final checks (during the memory
       // rounds, it has long since): the pause does not wait for that work.

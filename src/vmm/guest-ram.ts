@@ -40,8 +40,8 @@ export interface IncomingRam {
 }
 
 /**
- * A migration destination's RAM is made before the config arrives: it takes memory.thp's
- * default (on), as a VMM whose config said thp=off is rare and loses nothing by it.
+ * A migration destination's RAM is made before the config arrives, so it takes memory.thp's
+ * default (on): a migrated VM whose config says thp=off is still advised huge pages here.
  */
 const INCOMING_HUGE_PAGES = true;
 
