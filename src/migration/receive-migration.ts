@@ -272,6 +272,7 @@ export class MigrationReceiver {
     await ch.sendJson(FrameType.Prepared, {});
 
     let steps: PauseSteps | undefined;
+    let built: RootState | undefined;
     let roundStart = performance.now();
     let applyMs = 0;
     for (;;) {
@@ -281,6 +282,8 @@ export class MigrationReceiver {
         const t = performance.now();
         applyMemoryFrame(this.machine.memory, f.payload);
         applyMs += performance.now() - t;
+      } else if (built && (f.type === FrameType.Round || f.type === FrameType.Final)) {
+        throw error(`${FrameType[f.type]} frame after the Final frame`);
       } else if (f.type === FrameType.Round || f.type === FrameType.Final) {
         // (the source's guest is paused from here on: the steps time what this side does of it)
         if (f.type === FrameType.Final) steps = new PauseSteps();
@@ -290,8 +293,12 @@ export class MigrationReceiver {
         } catch (e) {
           throw error(`${FrameType[f.type]} frame: its state patches do not apply (${errorText(e)})`);
         }
-        if (f.type === FrameType.Final) steps?.note({ final_bytes: f.payload.length });
-        if (f.type === FrameType.Round) {
+        if (f.type === FrameType.Final) {
+          steps?.note({ final_bytes: f.payload.length });
+          // The last pages follow the final state: the VM is built from it while they arrive
+          // (building touches no guest RAM), and the source scans and sends them meanwhile.
+          built = await this.build(shadow, config, hello, steps);
+        } else {
           // (where a round's time goes: writing pages into RAM here, or waiting for the source)
           this.vm.log.debug({ round: this.iteration, ms: Math.round(performance.now() - roundStart), apply_ms: Math.round(applyMs) }, 'migration: round received');
           this.iteration++;
@@ -306,25 +313,33 @@ export class MigrationReceiver {
     }
 
     try {
-      await this.buildAndRun(ch, shadow, config, hello, steps);
+      if (!built) throw error('Complete frame before the Final frame');
+      steps?.mark('complete received');
+      await this.run(ch, built, steps);
     } finally {
       steps?.log(this.vm.log, 'destination');
     }
   }
 
-  /** Complete arrived: check the final state, build the VM, and run it once the source commits. */
-  private async buildAndRun(ch: FrameChannel, shadow: unknown, config: VmConfig, hello: Hello, steps: PauseSteps | undefined): Promise<void> {
+  /** The Final frame arrived: check the final state and build the VM from it (its vCPUs stay parked). */
+  private async build(shadow: unknown, config: VmConfig, hello: Hello, steps: PauseSteps | undefined): Promise<RootState> {
     const machine = this.machine;
     if (!machine) throw new Error('no machine to build the migrated VM in');
-    const mark = (step: string) => steps?.mark(step);
-    mark('complete received');
     const state = this.finalChecks(shadow, config, hello);
-    mark('state checked');
-    // (a disk another process still holds fails the migration here, and the source resumes)
+    steps?.mark('state checked');
+    // (the source let the images go before it sent the final state; a disk another process
+    // still holds fails the migration here, and the source resumes)
     machine.takeDiskLocks();
     machine.completeIncoming(state);
     await machine.startParked();
-    mark('machine built');
+    steps?.mark('machine built');
+    return state;
+  }
+
+  /** Complete arrived (every page is in RAM): tell the source, and run the VM once it commits. */
+  private async run(ch: FrameChannel, state: RootState, steps: PauseSteps | undefined): Promise<void> {
+    const machine = this.machine!;
+    const mark = (step: string) => steps?.mark(step);
     await ch.sendJson(FrameType.Ready, {});
     await ch.expect(FrameType.Commit);
     mark('committed');

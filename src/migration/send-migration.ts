@@ -275,21 +275,25 @@ export class MigrationSender {
         }
         const mark = (step: string) => pause.mark(step);
         mark('paused');
-        if (!this.opts.local) {
-          const last = machine.dirtyBitmaps();
-          mark('dirty log read');
+        const last = this.opts.local ? undefined : machine.dirtyBitmaps();
+        mark('dirty log read');
+        // The destination may be on this host: it takes the images' locks once the final state came.
+        machine.releaseDiskLocks();
+        locksReleased = true;
+        // The final state goes before the last pages: the destination builds the VM from it
+        // while this side scans and sends them.
+        await this.sendPatches(FrameType.Final, {});
+        mark('state sent');
+        if (last) {
           const bitmaps = pending ? unionBitmaps(last, pending) : last;
           const pages = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush, true));
+          // (no state changes with it: the final state is sent already)
           this.vm.store.dispatch(migrationEvents.memoryIteration({ id: ++this.iteration, pages: pages.pages, bytes: pages.bytes }));
           mark('last pages sent');
           pause.note({ last_pages: pages.pages, last_sending_ms: pages.sending_ms });
         }
-        // The destination may be on this host: it takes the images' locks once Complete came.
-        machine.releaseDiskLocks();
-        locksReleased = true;
-        await this.sendPatches(FrameType.Final, {});
         await ch.send(FrameType.Complete);
-        mark('state sent');
+        mark('complete sent');
         this.phase = 'completing';
         await ch.expect(FrameType.Ready);
         mark('destination ready');

@@ -134,14 +134,12 @@ test.serial('a paused guest arrives paused with RAM identical to the source, and
   }
 });
 
-// A source running an older build sends a schema-2 state (before the memory slice): the
-// destination lifts it with the same upgraders as a restore, and the guest continues. The
-// source here is the schema-2 snapshot fixture (a real saved VM) spoken frame by frame.
-test.serial('a source that sends a schema-2 state: upgraded on arrival, and the guest continues', async (t) => {
-  const dir = path.join(tmp, 'schema2');
+/** The schema-2 snapshot fixture (a real saved VM) as a source speaks it, frame by frame. */
+function schema2Source(name: string): { config: unknown; state: any; memory: GuestMemory; regions: { guestAddress: number; size: number }[] } {
+  const dir = path.join(tmp, name);
   unpackSchema2(dir);
   const raw = JSON.parse(fs.readFileSync(path.join(dir, 'state.json'), 'utf8'));
-  t.is(raw.schema_version, 2);
+  if (raw.schema_version !== 2) throw new Error('the fixture is not a schema-2 state');
   fitSavedVcpusToHost(raw.state);
   const config = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8'));
   const snap = readSnapshot(dir);
@@ -153,36 +151,87 @@ test.serial('a source that sends a schema-2 state: upgraded on arrival, and the 
       return new GuestRegion({ guestAddress: r.guestAddress, size: r.length, chunks: [buf], chunkSize: r.length });
     }),
   );
-  const regions = snap.ranges.map((r) => ({ guestAddress: r.guestAddress, size: r.length }));
+  return { config, state: raw.state, memory, regions: snap.ranges.map((r) => ({ guestAddress: r.guestAddress, size: r.length })) };
+}
 
+/** A destination listening, and a connection to it as a source, handshake, config and state sent. */
+async function receivingFrom(src: ReturnType<typeof schema2Source>): Promise<{ dst: Vmm; received: Promise<unknown>; channel: Awaited<ReturnType<typeof connectAsSource>>['channel'] }> {
   const dst = new Vmm({ log: silentLogger() });
   const dstEvents = eventTypes(dst);
+  const url = tcpUrl();
+  const received = dst.receiveMigration({ receiver_url: url }).then(
+    () => 'received',
+    (e: Error) => e,
+  );
+  await until('the destination listens', () => dstEvents.includes(MigrationEvents.ReceiveReady));
+  const { channel } = await connectAsSource(url);
+  await channel.sendJson(FrameType.Hello, helloFor(src.regions, { schemaVersion: 2 }));
+  await channel.expect(FrameType.Accept);
+  await channel.sendJson(FrameType.Config, src.config);
+  await channel.sendJson(FrameType.State, src.state);
+  await channel.expect(FrameType.Prepared);
+  return { dst, received, channel };
+}
+
+// A source running an older build sends a schema-2 state (before the memory slice), and its
+// last pages before the final state: the destination lifts the state with the same upgraders as
+// a restore, and the guest continues.
+test.serial('a source that sends a schema-2 state: upgraded on arrival, and the guest continues', async (t) => {
+  const src = schema2Source('schema2');
+  const { dst, received, channel } = await receivingFrom(src);
   try {
-    const url = tcpUrl();
-    const received = dst.receiveMigration({ receiver_url: url });
-    await until('the destination listens', () => dstEvents.includes(MigrationEvents.ReceiveReady));
-    const { channel } = await connectAsSource(url);
-    await channel.sendJson(FrameType.Hello, helloFor(regions, { schemaVersion: 2 }));
-    await channel.expect(FrameType.Accept);
-    await channel.sendJson(FrameType.Config, config);
-    await channel.sendJson(FrameType.State, raw.state);
-    await channel.expect(FrameType.Prepared);
-    await sendAllPages(channel, memory);
+    await sendAllPages(channel, src.memory);
     await channel.sendJson(FrameType.Final, { patches: [] });
     await channel.send(FrameType.Complete);
     await channel.expect(FrameType.Ready);
     await channel.send(FrameType.Commit);
     await channel.expect(FrameType.Running);
-    await received;
+    t.is(await received, 'received');
     t.is(dst.state.schemaVersion, ROOT_SCHEMA_VERSION);
     t.is(dst.state.vm.status, 'Paused', 'the fixture was saved paused');
-    t.deepEqual(dst.state.memory.regions, regions);
+    t.deepEqual(dst.state.memory.regions, src.regions);
     const count = guestCount(dst);
     t.is(count, 6, 'the fixture was saved after COUNT 5 (six lines from COUNT 0)');
     await dst.resume();
     await until('the guest counts on', () => guestCount(dst) >= count + 2);
   } finally {
     await dst.shutdownVmm();
+  }
+});
+
+// This build's order: the final state first, so the destination builds the VM while the last
+// pages arrive. The guest must still see every page, and a state frame after the final one is
+// refused.
+test.serial('the last pages may follow the final state; a Round after it is refused', async (t) => {
+  const src = schema2Source('final-first');
+  const first = await receivingFrom(src);
+  try {
+    await first.channel.sendJson(FrameType.Final, { patches: [] });
+    await sendAllPages(first.channel, src.memory);
+    await first.channel.send(FrameType.Complete);
+    await first.channel.expect(FrameType.Ready);
+    await first.channel.send(FrameType.Commit);
+    await first.channel.expect(FrameType.Running);
+    t.is(await first.received, 'received');
+    const count = guestCount(first.dst);
+    t.is(count, 6, 'every page arrived after the VM was built');
+    await first.dst.resume();
+    await until('the guest counts on', () => guestCount(first.dst) >= count + 2);
+  } finally {
+    await first.dst.shutdownVmm();
+  }
+
+  const second = await receivingFrom(src);
+  try {
+    await second.channel.sendJson(FrameType.Final, { patches: [] });
+    await second.channel.sendJson(FrameType.Round, { patches: [] }).catch(() => undefined);
+    const r = await second.received;
+    t.true(r instanceof Error);
+    t.regex((r as Error).message, /Round frame after the Final frame/);
+    t.is(second.dst.state.vm.status, 'NotCreated');
+    t.is(second.dst.guestMemory(), undefined, 'the half-built VM was discarded');
+  } finally {
+    await second.dst.shutdownVmm();
   }
 });
 
