@@ -16,9 +16,9 @@ export interface CpuProfile {
 
 /**
  * The functions a V8 CPU profile (--cpu-prof) spent most time in, by self time; with `window`,
- * only the samples inside it (the pause).
+ * only the samples inside it (the pause, or the time right after it), named by `window.what`.
  */
-export function profileSummary(label: string, dir: string, window?: { fromUs: number; toUs: number }): string {
+export function profileSummary(label: string, dir: string, window?: { fromUs: number; toUs: number; what?: string }): string {
   let files: string[] = [];
   try {
     files = fs.readdirSync(dir).filter((f) => f.endsWith('.cpuprofile'));
@@ -66,7 +66,7 @@ export function profileSummary(label: string, dir: string, window?: { fromUs: nu
     total += us;
   });
   const top = [...self.entries()].sort((a, b) => b[1] - a[1]).slice(0, 25);
-  const what = window ? `in the pause (${((window.toUs - window.fromUs) / 1000).toFixed(0)} ms)` : 'in all';
+  const what = window ? `${window.what ?? 'in the pause'} (${((window.toUs - window.fromUs) / 1000).toFixed(0)} ms)` : 'in all';
   return `  ${label} CPU profile, ${(total / 1000).toFixed(0)} ms sampled ${what}; self time:\n${top.map(([k, us]) => `    ${(us / 1000).toFixed(0).padStart(7)} ms  ${k}`).join('\n')}\n`;
 }
 

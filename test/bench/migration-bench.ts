@@ -300,6 +300,10 @@ async function benchTern(work: string, c: Case): Promise<Measured> {
         process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label)));
         const window = pauseWindow(vm?.stderr ?? '');
         if (window) process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label), window));
+        // (a guest that stalls after it resumed: whether the destination's JavaScript thread was busy then)
+        if (window && label === 'destination') {
+          process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label), { fromUs: window.toUs, toUs: window.toUs + 2e6, what: 'in the 2 s after the pause' }));
+        }
       }
     }
   }
