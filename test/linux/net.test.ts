@@ -5,6 +5,8 @@
 // from many ports, which the tap spreads over its queues. The VMM is snapshotted and killed
 // (its tap goes with it), a new one restores the guest on a tap the restore names, and migrates
 // it to a third VMM that opens the same tap beside it; the one connection goes on throughout.
+// A second guest migrates with its card over TCP from one network namespace to another (two
+// "hosts"): the receiving host makes the tap again, and the guest reaches that host over it.
 // (The 100 MiB transfers in each direction are in test/acceptance/net.test.ts,
 // `npm run test:net-lab`.)
 import test from 'ava';
@@ -13,8 +15,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { guestCmdline } from '../lab/qemu-peer';
+import { execFileSync } from 'node:child_process';
 import { ternRemote, waitForPath } from '../support/processes';
-import { GuestProcess, fixture } from './guest-process';
+import { GuestProcess, TERN_CLI, fixture } from './guest-process';
+import { migrate } from '../support/tern-migration';
+import { createTwoHosts } from './two-hosts';
 import { GUEST_IP, GUEST_MAC, HOST_IP, TAP, listenOn, tcpServer } from './net-peer';
 
 const BOOT_TIMEOUT = 240_000;
@@ -130,5 +135,67 @@ test.serial('a two-pair card through snapshot, restore and a local live migratio
     vm.kill();
     restored?.kill();
     dst?.kill();
+  }
+});
+
+// Between hosts: the destination's host has its own network stack, where no tap of the card's
+// name exists; the card's config (tap, host address, host MAC) travels with the VM, and the
+// destination makes the tap again there. The guest pings the host's tap address all along.
+test.serial('a guest with a card migrates over TCP to another host: the tap is made again there, and the guest reaches that host through it', async (t) => {
+  const hosts = createTwoHosts();
+  const end = (label: string) => ({ socket: path.join(tmp, `hosts-${label}.sock`), monitor: path.join(tmp, `hosts-${label}.events`) });
+  const pinger = [
+    `ifconfig eth0 ${GUEST_IP} netmask 255.255.255.0 up`,
+    `i=0; while :; do i=$((i+1)); if ping -c 1 -W 2 ${HOST_IP} >/dev/null; then echo "P $i ok"; else echo "P $i lost"; fi; sleep 0.3; done`,
+  ].join('; ');
+  const inHost = (h: typeof hosts.a, e: ReturnType<typeof end>, args: string[]) =>
+    new GuestProcess(hosts.exec(h)[0], [...hosts.exec(h).slice(1), process.execPath, TERN_CLI, ...args, '--api-socket', `path=${e.socket}`, '--event-monitor', `path=${e.monitor}`]);
+  const tapIn = (h: typeof hosts.a) => {
+    try {
+      return execFileSync('ip', ['-n', h.netns, '-o', '-4', 'addr', 'show', 'dev', TAP], { stdio: ['ignore', 'pipe', 'pipe'] }).toString();
+    } catch {
+      return ''; // no such device
+    }
+  };
+  const hostAddress = new RegExp(`inet ${HOST_IP.replace(/\./g, '\\.')}/24`);
+  const pings = (output: string) => [...output.matchAll(/^P (\d+) (ok|lost)\r?$/gm)].map((m) => ({ n: Number(m[1]), ok: m[2] === 'ok' }));
+  const srcEnd = end('src');
+  const dstEnd = end('dst');
+  const src = inHost(hosts.a, srcEnd, [
+    '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'), '--cmdline', guestCmdline({ cmd: pinger }),
+    '--cpus', CPUS, '--memory', 'size=256M', '--serial', 'tty', '--console', 'off',
+    '--net', `tap=${TAP},ip=${HOST_IP},mask=255.255.255.0,mac=${GUEST_MAC},host_mac=${HOST_MAC}`,
+  ]);
+  let dst: GuestProcess | undefined;
+  try {
+    await src.waitFor(/^P \d+ ok\r?$/m, BOOT_TIMEOUT);
+    t.regex(tapIn(hosts.a), hostAddress, 'the source host has the tap');
+    t.is(tapIn(hosts.b), '', 'the destination host has no such tap yet');
+    dst = inHost(hosts.b, dstEnd, []);
+    await waitForPath(dstEnd.socket, 60_000);
+    await waitForPath(srcEnd.socket);
+    const url = `tcp:${hosts.b.address}:4290`;
+    const o = await migrate({ vm: src, ...srcEnd }, { vm: dst, ...dstEnd }, { receiverUrl: url, destinationUrl: url, timeoutMs: BOOT_TIMEOUT });
+    t.is(o.sendStatus, 204, o.sendBody);
+    t.is(o.receiveStatus, 204, `${o.receiveBody}\ndestination stderr: ${dst.stderr.slice(-1500)}`);
+    t.is((await src.exit(BOOT_TIMEOUT)).code, 0, 'the source VMM exits once the destination runs the guest');
+    t.is(tapIn(hosts.a), '', 'the tap the source made went with it');
+    t.regex(tapIn(hosts.b), hostAddress, 'the destination made the tap again, with the host address');
+    const last = Math.max(...pings(src.output).map((p) => p.n));
+    // Five pings answered by the new host, numbered after the ones the source saw.
+    const deadline = Date.now() + BOOT_TIMEOUT;
+    while (pings(dst.output).filter((p) => p.ok).length < 5) {
+      if (Date.now() > deadline) break;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    const after = pings(dst.output);
+    t.true(after.length > 0 && after[0].n > last, `the guest went on counting where it was (${last} at the source, ${after[0]?.n} first here)`);
+    t.true(after.filter((p) => p.ok).length >= 5, `the guest's pings reach the new host: ${JSON.stringify(after.slice(0, 12))}; console: ${dst.output.slice(-500)}`);
+  } finally {
+    src.kill();
+    dst?.kill();
+    await src.exited;
+    await dst?.exited;
+    hosts.remove();
   }
 });
