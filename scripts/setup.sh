@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(build-essential python3 qemu-system-x86 qemu-utils busybox-static cpio xz-utils gzip acpica-tools binutils e2fsprogs libxxhash-dev)
+APT_PACKAGES=(build-essential python3 qemu-system-x86 qemu-utils busybox-static cpio xz-utils gzip acpica-tools binutils e2fsprogs libxxhash-dev iproute2)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
