@@ -276,7 +276,7 @@ export class MigrationSender {
         const mark = (step: string) => pause.mark(step);
         mark('paused');
         const last = this.opts.local ? undefined : machine.dirtyBitmaps();
-        mark('dirty log read');
+        if (last) mark('dirty log read');
         // The destination may be on this host: it takes the images' locks once the final state came.
         machine.releaseDiskLocks();
         locksReleased = true;
