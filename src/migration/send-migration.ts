@@ -427,18 +427,25 @@ export class MigrationSender {
    * one most of all) that was a large part of it. Only a rehearsal: a failure is logged.
    */
   private async rehearsePause(): Promise<void> {
+    const started = performance.now();
     try {
+      // (the guest still runs and this thread serves its exits: each part lets them through after it)
+      const between = () => new Promise<void>((r) => setImmediate(r));
       const machine = this.checkMachine();
       const after = machine.rehearseSave?.(this.vm.store.getState());
+      await between();
       if (after) encodeJsonFrame(FrameType.Final, { patches: diffState(this.sentState!, after) });
+      await between();
       if (!this.opts.local) {
         const empty = machine.memory.regions.map((r) => new Uint8Array(Math.ceil(r.size / PAGE / 8)));
-        await addDirtyPages((this.builder ??= new MemoryFrameBuilder()), machine.memory, unionBitmaps(empty, empty), async () => undefined, true);
+        await addDirtyPages((this.builder ??= new MemoryFrameBuilder()), machine.memory, unionBitmaps(empty, empty), async () => undefined);
       }
     } catch (e) {
       if (e instanceof MigrationError) throw e;
       this.vm.log.debug({ err: e }, 'migration: the rehearsal of the pause failed');
     }
+    // (it holds the thread that serves the running guest's exits: the guest may see it)
+    this.vm.log.debug({ ms: Math.round(performance.now() - started) }, 'migration: pause rehearsed');
   }
 
   /**
