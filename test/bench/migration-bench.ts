@@ -265,6 +265,8 @@ async function benchTern(work: string, c: Case): Promise<Measured> {
     process.stdout.write(`  tern ${c.name} huge pages with the guest running at the destination: ${hugePagesNow()}\n`);
     process.stdout.write(`  tern ${c.name} pause, source: ${pauseSteps(src.stderr)}\n  tern ${c.name} pause, destination: ${pauseSteps(dst.stderr)}\n`);
     process.stdout.write(`  tern ${c.name} garbage collections in the 5 s after the pause, destination: ${gcAfterPause(dst.stderr)}\n`);
+    const rehearsed = logLines(src.stderr, /"msg":"migration: pause rehearsed"/)[0];
+    process.stdout.write(`  tern ${c.name} the source's rehearsal of its pause, just before it: ${rehearsed ? `${String(rehearsed.ms)} ms` : '-'}\n`);
     process.stdout.write(`  tern ${c.name} rounds, source: ${roundLines(src.stderr, 'migration: pages sent')}\n  tern ${c.name} dirty after each round, source: ${roundLines(src.stderr, 'migration: dirty after the round')}\n  tern ${c.name} rounds, destination: ${roundLines(dst.stderr, 'migration: round received')}\n`);
     if (started) {
       const t0 = monitorSeconds(started);
@@ -341,7 +343,12 @@ async function benchQemu(work: string, c: Case): Promise<Measured> {
       await q.execute('migrate', { uri: url });
       for (;;) {
         info = (await q.execute('query-migrate')) as QemuMigrateInfo;
-        if (info.status === 'completed') break;
+        if (info.status === 'completed') {
+          // As a tern (or Cloud Hypervisor) source does by itself: the source VMM ends once the
+          // VM runs at the destination, and its teardown shares this host with the guest.
+          await q.execute('quit').catch(() => undefined);
+          break;
+        }
         if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`QEMU migrate ${info.status}: ${info['error-desc'] ?? ''}`);
         if (elapsed(sentAt) > MIGRATION_TIMEOUT) throw new Error(`QEMU migrate still ${info.status} after ${MIGRATION_TIMEOUT} ms`);
         await sleep(50);
