@@ -155,8 +155,10 @@ function schema2Source(name: string): { config: unknown; state: any; memory: Gue
 }
 
 /** A destination listening, and a connection to it as a source, handshake, config and state sent. */
-async function receivingFrom(src: ReturnType<typeof schema2Source>): Promise<{ dst: Vmm; received: Promise<unknown>; channel: Awaited<ReturnType<typeof connectAsSource>>['channel'] }> {
-  const dst = new Vmm({ log: silentLogger() });
+async function receivingFrom(
+  src: ReturnType<typeof schema2Source>,
+  dst = new Vmm({ log: silentLogger() }),
+): Promise<{ dst: Vmm; received: Promise<unknown>; channel: Awaited<ReturnType<typeof connectAsSource>>['channel'] }> {
   const dstEvents = eventTypes(dst);
   const url = tcpUrl();
   const received = dst.receiveMigration({ receiver_url: url }).then(
@@ -202,7 +204,7 @@ test.serial('a source that sends a schema-2 state: upgraded on arrival, and the 
 // This build's order: the final state first, so the destination builds the VM while the last
 // pages arrive. The guest must still see every page, and a state frame after the final one is
 // refused.
-test.serial('the last pages may follow the final state; a Round after it is refused', async (t) => {
+test.serial('the last pages may follow the final state; a Round after it is refused, and a source gone after it leaves nothing behind', async (t) => {
   const src = schema2Source('final-first');
   const first = await receivingFrom(src);
   try {
@@ -230,6 +232,24 @@ test.serial('the last pages may follow the final state; a Round after it is refu
     t.regex((r as Error).message, /Round frame after the Final frame/);
     t.is(second.dst.state.vm.status, 'NotCreated');
     t.is(second.dst.guestMemory(), undefined, 'the half-built VM was discarded');
+
+    // A source gone after the final state (the VM built here, its last pages not yet in): the
+    // destination discards it, and receives the VM whole the next time.
+    const third = await receivingFrom(src, second.dst);
+    await third.channel.sendJson(FrameType.Final, { patches: [] });
+    third.channel.socket.destroy();
+    const dropped = await third.received;
+    t.true(dropped instanceof Error, 'the receive failed');
+    t.is(second.dst.state.vm.status, 'NotCreated');
+    const fourth = await receivingFrom(src, second.dst);
+    await fourth.channel.sendJson(FrameType.Final, { patches: [] });
+    await sendAllPages(fourth.channel, src.memory);
+    await fourth.channel.send(FrameType.Complete);
+    await fourth.channel.expect(FrameType.Ready);
+    await fourth.channel.send(FrameType.Commit);
+    await fourth.channel.expect(FrameType.Running);
+    t.is(await fourth.received, 'received');
+    t.is(guestCount(second.dst), 6, 'the VM received after the dropped one has every page');
   } finally {
     await second.dst.shutdownVmm();
   }
