@@ -175,6 +175,20 @@ async function receivingFrom(
   return { dst, received, channel };
 }
 
+/**
+ * The rest of a migration after Prepared: the final state and every page (in this build's order,
+ * the final state first, or as earlier builds sent them, the pages first), then the handover.
+ */
+async function finishMigration(channel: Awaited<ReturnType<typeof connectAsSource>>['channel'], memory: GuestMemory, order: 'final-first' | 'pages-first'): Promise<void> {
+  if (order === 'pages-first') await sendAllPages(channel, memory);
+  await channel.sendJson(FrameType.Final, { patches: [] });
+  if (order === 'final-first') await sendAllPages(channel, memory);
+  await channel.send(FrameType.Complete);
+  await channel.expect(FrameType.Ready);
+  await channel.send(FrameType.Commit);
+  await channel.expect(FrameType.Running);
+}
+
 // A source running an older build sends a schema-2 state (before the memory slice), and its
 // last pages before the final state: the destination lifts the state with the same upgraders as
 // a restore, and the guest continues.
@@ -182,12 +196,7 @@ test.serial('a source that sends a schema-2 state: upgraded on arrival, and the 
   const src = schema2Source('schema2');
   const { dst, received, channel } = await receivingFrom(src);
   try {
-    await sendAllPages(channel, src.memory);
-    await channel.sendJson(FrameType.Final, { patches: [] });
-    await channel.send(FrameType.Complete);
-    await channel.expect(FrameType.Ready);
-    await channel.send(FrameType.Commit);
-    await channel.expect(FrameType.Running);
+    await finishMigration(channel, src.memory, 'pages-first');
     t.is(await received, 'received');
     t.is(dst.state.schemaVersion, ROOT_SCHEMA_VERSION);
     t.is(dst.state.vm.status, 'Paused', 'the fixture was saved paused');
@@ -208,12 +217,7 @@ test.serial('the last pages may follow the final state; a Round after it is refu
   const src = schema2Source('final-first');
   const first = await receivingFrom(src);
   try {
-    await first.channel.sendJson(FrameType.Final, { patches: [] });
-    await sendAllPages(first.channel, src.memory);
-    await first.channel.send(FrameType.Complete);
-    await first.channel.expect(FrameType.Ready);
-    await first.channel.send(FrameType.Commit);
-    await first.channel.expect(FrameType.Running);
+    await finishMigration(first.channel, src.memory, 'final-first');
     t.is(await first.received, 'received');
     const count = guestCount(first.dst);
     t.is(count, 6, 'every page arrived after the VM was built');
@@ -242,12 +246,7 @@ test.serial('the last pages may follow the final state; a Round after it is refu
     t.true(dropped instanceof Error, 'the receive failed');
     t.is(second.dst.state.vm.status, 'NotCreated');
     const fourth = await receivingFrom(src, second.dst);
-    await fourth.channel.sendJson(FrameType.Final, { patches: [] });
-    await sendAllPages(fourth.channel, src.memory);
-    await fourth.channel.send(FrameType.Complete);
-    await fourth.channel.expect(FrameType.Ready);
-    await fourth.channel.send(FrameType.Commit);
-    await fourth.channel.expect(FrameType.Running);
+    await finishMigration(fourth.channel, src.memory, 'final-first');
     t.is(await fourth.received, 'received');
     t.is(guestCount(second.dst), 6, 'the VM received after the dropped one has every page');
   } finally {
