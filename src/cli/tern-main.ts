@@ -2,6 +2,7 @@
 // operations the HTTP API runs (VmmApi), so both paths check and record things identically.
 // Loading this module only defines the CLI; runTern() runs it (from the plain bundle, or from a
 // V8 startup snapshot that holds every module already loaded: see tern-snapshot.ts).
+import os from 'node:os';
 import { PerformanceObserver } from 'node:perf_hooks';
 import { ApiError } from '../api/errors';
 import { EventMonitor } from '../api/event-monitor';
@@ -83,7 +84,17 @@ async function main(): Promise<void> {
     if (ev.type === GuestEvents.Panic) failure = `guest panic (${(ev.payload as GuestPanicPayload).detail ?? 'panic'})`;
     else if (ev.type === VmmEvents.VmFailed) failure = (ev.payload as VmFailedPayload).message;
     // The VM runs at the migration's destination now: this VMM's work is done, as in Cloud Hypervisor.
-    else if (ev.type === MigrationEvents.Finished) void exit(0, 'VM migrated');
+    else if (ev.type === MigrationEvents.Finished) {
+      // Releasing the VM (its RAM, its KVM objects) is work for the kernel that a destination
+      // on this host (a local migration, an upgrade in place) must not wait behind: its guest
+      // runs now, and this process's teardown yields the CPU to it.
+      try {
+        os.setPriority(19);
+      } catch {
+        /* not allowed: tear down at the usual priority */
+      }
+      void exit(0, 'VM migrated');
+    }
     else if (ev.type === VmEvents.Shutdown && ev.source === 'vm' && !args.noShutdown) {
       void exit(failure ? 1 : 0, failure ? `VM failed: ${failure}` : 'guest powered off');
     } else if (ev.type === VmEvents.OperationFailed && (ev.payload as VmOperationFailedPayload).status === 'Shutdown' && !args.apiSocket) {
