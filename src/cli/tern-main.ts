@@ -87,7 +87,8 @@ async function main(): Promise<void> {
     else if (ev.type === MigrationEvents.Finished) {
       // Releasing the VM (its RAM, its KVM objects) is work for the kernel that a destination
       // on this host (a local migration, an upgrade in place) must not wait behind: its guest
-      // runs now, and this process's teardown yields the CPU to it.
+      // runs now. (Linux sets this on the calling thread only: the JavaScript thread, which
+      // releases the VM and ends the process; the vCPU threads have stopped by then.)
       try {
         os.setPriority(19);
       } catch {
