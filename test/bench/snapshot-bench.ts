@@ -7,7 +7,7 @@
 // Reported side by side: snapshot time, snapshot size on disk against the guest's memory in
 // use, process start to the guest running again, and tern's own restore time (the monitor's
 // restoring -> restored events). Snapshot speed is also put against the speed of plainly
-// writing the same bytes to the same file system.
+// writing the same bytes to the same file system, measured between the snapshots.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -21,6 +21,7 @@ import { median } from './median';
 
 const SIZES_MIB = (process.env.TERN_BENCH_SNAPSHOT_SIZES ?? '512,2048').split(',').map(Number);
 const RESTORES = Number(process.env.TERN_BENCH_RESTORES ?? 3);
+const SNAPSHOTS = Math.max(2, Number(process.env.TERN_BENCH_SNAPSHOTS ?? 3));
 const FILL_TIMEOUT = 15 * 60_000;
 const RUNNING_TIMEOUT = 5 * 60_000;
 const MIB = 1024 * 1024;
@@ -101,14 +102,32 @@ async function benchTern(work: string, memMiB: number, r: Partial<SizeResult>): 
     const client = new TernClient({ socketPath: socket, timeoutMs: 10 * 60_000 });
     try {
       await client.pause();
-      const t0 = process.hrtime.bigint();
-      await client.snapshot(`file://${snap}`);
-      r.snapshotMs = { tern: elapsedMs(t0), qemu: 0 };
-      const written = vm.stderr.split('\n').find((l) => l.includes('"snapshot written"'));
-      if (written) {
-        const w = JSON.parse(written) as { memory_bytes: number; memory_extents: number; memory_ms: number; total_ms: number };
-        process.stdout.write(`  tern ${memMiB} MiB snapshot: ${w.total_ms} ms in the VMM, ${w.memory_ms} ms of it guest RAM (${mib(w.memory_bytes)} in ${w.memory_extents} extents)\n`);
+      // Several snapshots of the same paused VM, each followed by a plain write of as many
+      // bytes to the same file system: the ratio is taken from neighbours, so it does not
+      // carry the lab's drift between the start and the end of a run.
+      const ms: number[] = [];
+      const plainMBps: number[] = [];
+      for (let i = 0; i < SNAPSHOTS; i++) {
+        const dir = i === SNAPSHOTS - 1 ? snap : `${snap}-${i}`;
+        const t0 = process.hrtime.bigint();
+        await client.snapshot(`file://${dir}`);
+        ms.push(elapsedMs(t0));
+        const bytes = allocatedBytes(dir);
+        // (each plain write goes between two snapshots, the last one kept for the restores:
+        // the lab's tmpfs has no room for a 2 GiB guest's snapshot and its plain copy at once)
+        if (dir !== snap) {
+          fs.rmSync(dir, { recursive: true, force: true });
+          plainMBps.push(diskWriteMBps(work, bytes));
+        }
+        const written = vm.stderr.split('\n').filter((l) => l.includes('"snapshot written"'))[i];
+        if (written) {
+          const w = JSON.parse(written) as { memory_bytes: number; memory_extents: number; memory_ms: number; total_ms: number };
+          const plain = dir !== snap ? `; a plain write of ${mib(bytes)} after it: ${plainMBps[i].toFixed(0)} MB/s` : '';
+          process.stdout.write(`  tern ${memMiB} MiB snapshot #${i + 1}: ${ms[i].toFixed(0)} ms, ${w.total_ms} ms in the VMM, ${w.memory_ms} ms of it guest RAM (${mib(w.memory_bytes)} in ${w.memory_extents} extents)${plain}\n`);
+        }
       }
+      r.snapshotMs = { tern: median(ms), qemu: 0 };
+      r.diskWriteMBps = median(plainMBps);
     } finally {
       client.close();
     }
@@ -254,13 +273,12 @@ async function main(): Promise<void> {
       process.stdout.write(`snapshot bench: ${memMiB} MiB guest\n`);
       await benchTern(work, memMiB, r);
       await benchQemu(work, memMiB, r as SizeResult);
-      r.diskWriteMBps = diskWriteMBps(work, r.snapshotBytes!.tern);
       results.push(r as SizeResult);
     } finally {
       fs.rmSync(work, { recursive: true, force: true });
     }
   }
-  process.stdout.write(`\nSNAPSHOT-BENCH-TABLE (medians of ${RESTORES} restores)\n${table(results)}\n`);
+  process.stdout.write(`\nSNAPSHOT-BENCH-TABLE (medians of ${SNAPSHOTS} snapshots and ${RESTORES} restores)\n${table(results)}\n`);
   process.stdout.write('guest: Debian bzImage, 1 vCPU, busybox initramfs; 4/5 of the memory available after boot filled with a tmpfs file; files on the lab\'s tmpfs\n');
 }
 
