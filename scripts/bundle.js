@@ -40,16 +40,32 @@ for (const e of entries) {
 // tern's V8 startup snapshot: the whole CLI loaded and initialised once, here, so that a VMM
 // starts by deserialising a heap instead of compiling and running its modules (start-up is
 // what serverless users of a VMM measure). dist/bin/tern, the command on the PATH, starts from
-// it when it was built by the very node binary that runs it, and from tern.js otherwise.
+// the snapshot built by the very node binary that runs it on a CPU with the same features, and
+// from tern.js where there is none. A snapshot only loads on the kind of CPU it was built on,
+// so each kind has its own (tern.<key>.blob): a build shared by machines of two kinds (a host
+// and a VM on it, or a fleet on one file system) gets one for the other kind with
+// `node scripts/bundle.js --startup-snapshot`, run there; it leaves the bundles as they are.
 const bin = path.join(root, 'dist', 'bin');
 const snapshotEntry = path.join(root, 'dist', 'src', 'cli', 'tern-snapshot.js');
-if (fs.existsSync(snapshotEntry)) buildTernSnapshot();
+const snapshotOnly = process.argv.includes('--startup-snapshot');
+if (snapshotOnly) {
+  if (!fs.existsSync(path.join(bin, 'tern-snapshot.js'))) {
+    process.stderr.write('bundle: --startup-snapshot needs a full build first (npm run build)\n');
+    process.exit(1);
+  }
+  process.exit(buildTernSnapshot() ? 0 : 1);
+}
+if (fs.existsSync(snapshotEntry)) {
+  bundleSnapshotEntry();
+  // A new bundle makes every snapshot of the old one stale, whatever CPU it was built for.
+  for (const f of fs.readdirSync(bin)) if (/^tern(\..*)?\.blob(\.node)?(\.tmp-\d+)?$/.test(f)) fs.rmSync(path.join(bin, f), { force: true });
+  buildTernSnapshot();
+  writeLauncher();
+}
 
-function buildTernSnapshot() {
+/** The snapshot's entry: the CLI bundled with a require that defers node:http. */
+function bundleSnapshotEntry() {
   const entry = path.join(bin, 'tern-snapshot.js');
-  const blob = path.join(bin, 'tern.blob');
-  const stamp = path.join(bin, 'tern.blob.node');
-  for (const f of [blob, stamp]) fs.rmSync(f, { force: true });
   esbuild.buildSync({
     entryPoints: [snapshotEntry],
     outfile: entry,
@@ -80,40 +96,70 @@ function buildTernSnapshot() {
     },
     footer: { js: '})(__ternRequire, {});' },
   });
-  const r = spawnSync(process.execPath, ['--snapshot-blob', blob, '--build-snapshot', entry], {
+}
+
+/** This CPU's flags (the launcher's own reading of /proc/cpuinfo, so the two always agree). */
+function cpuFlags() {
+  return spawnSync('sh', ['-c', `${CPU_FLAGS_SH}\nprintf '%s' "$cpu"`], { encoding: 'utf8' }).stdout;
+}
+
+/**
+ * Build the startup snapshot for this node binary and this CPU's features, beside those built
+ * for other kinds of CPU; written under temporary names and renamed, so a launcher starting
+ * meanwhile sees the old pair or the new one. Returns whether there is one.
+ */
+function buildTernSnapshot() {
+  const entry = path.join(bin, 'tern-snapshot.js');
+  const cpu = cpuFlags();
+  const key = require('node:crypto').createHash('sha256').update(cpu).digest('hex').slice(0, 16);
+  const blob = path.join(bin, `tern.${key}.blob`);
+  const stamp = `${blob}.node`;
+  const tmp = (f) => `${f}.tmp-${process.pid}`;
+  for (const f of [stamp, blob]) fs.rmSync(f, { force: true });
+  const r = spawnSync(process.execPath, ['--snapshot-blob', tmp(blob), '--build-snapshot', entry], {
     cwd: bin,
     encoding: 'utf8',
     // (Node warns that some built-in modules are not verified in snapshots: the tests are)
     env: { ...process.env, NODE_NO_WARNINGS: '1' },
   });
-  if (r.status !== 0 || !fs.existsSync(blob)) {
+  if (r.status !== 0 || !fs.existsSync(tmp(blob))) {
     process.stderr.write(`bundle: no startup snapshot (tern starts from tern.js): ${(r.stderr || r.error?.message || '').trim().split('\n').slice(-3).join(' | ')}\n`);
-    fs.rmSync(blob, { force: true });
-  } else {
-    const st = fs.statSync(fs.realpathSync(process.execPath));
-    // The snapshot holds this directory (where the addon is found from) and only loads into
-    // this node binary on a CPU with these features (V8 compiled its code for them, and refuses
-    // the snapshot elsewhere): the launcher uses it only where all three still hold.
-    const cpu = spawnSync('sh', ['-c', `${CPU_FLAGS_SH}\nprintf '%s' "$cpu"`], { encoding: 'utf8' }).stdout;
-    fs.writeFileSync(stamp, `${fs.realpathSync(bin)} ${fs.realpathSync(process.execPath)} ${st.size} ${Math.floor(st.mtimeMs / 1000)}\n${cpu}\n`);
+    fs.rmSync(tmp(blob), { force: true });
+    return false;
   }
+  const st = fs.statSync(fs.realpathSync(process.execPath));
+  // The snapshot holds this directory (where the addon is found from) and only loads into
+  // this node binary on a CPU with these features (V8 compiled its code for them, and refuses
+  // the snapshot elsewhere): the launcher uses it only where all three still hold.
+  fs.writeFileSync(tmp(stamp), `${fs.realpathSync(bin)} ${fs.realpathSync(process.execPath)} ${st.size} ${Math.floor(st.mtimeMs / 1000)}\n${cpu}\n`);
+  fs.renameSync(tmp(blob), blob);
+  fs.renameSync(tmp(stamp), stamp);
+  return true;
+}
+
+function writeLauncher() {
   const launcher = path.join(bin, 'tern');
   fs.writeFileSync(
     launcher,
     `#!/bin/sh
-# tern: the VMM, started from its V8 startup snapshot (tern.blob) when it was built here by the
-# node binary on the PATH on a CPU with the same features, and from the plain bundle (tern.js)
-# otherwise.
+# tern: the VMM, started from a V8 startup snapshot (tern.KEY.blob) built here by the node
+# binary on the PATH on a CPU with the same features, and from the plain bundle (tern.js)
+# where there is none.
 bin=$(dirname "$(readlink -f "$0")")
 node=$(command -v node) || { echo "tern: node is not on the PATH" >&2; exit 127; }
-if [ -r "$bin/tern.blob" ] && [ -r "$bin/tern.blob.node" ]; then
-  node=$(readlink -f "$node")
-  { read -r built; read -r built_cpu; } < "$bin/tern.blob.node"
-${CPU_FLAGS_SH.replace(/^/gm, '  ')}
-  if [ "$built" = "$bin $node $(stat -c '%s %Y' "$node")" ] && [ "$built_cpu" = "$cpu" ]; then
-    exec "$node" --snapshot-blob "$bin/tern.blob" "$bin/tern.js" "$@"
+here=
+for stamp in "$bin"/tern.*.blob.node; do
+  [ -r "$stamp" ] && [ -r "\${stamp%.node}" ] || continue
+  if [ -z "$here" ]; then
+    node=$(readlink -f "$node")
+    here="$bin $node $(stat -c '%s %Y' "$node")"
+${CPU_FLAGS_SH.replace(/^/gm, '    ')}
   fi
-fi
+  { read -r built; read -r built_cpu; } < "$stamp"
+  if [ "$built" = "$here" ] && [ "$built_cpu" = "$cpu" ]; then
+    exec "$node" --snapshot-blob "\${stamp%.node}" "$bin/tern.js" "$@"
+  fi
+done
 exec "$node" "$bin/tern.js" "$@"
 `,
     { mode: 0o755 },

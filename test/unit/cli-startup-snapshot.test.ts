@@ -1,6 +1,7 @@
 // `tern` as installed starts from its V8 startup snapshot: the VMM it starts serves the API,
 // logs as itself (its own pid, the time now), creates a VM and shuts down; and where the
-// snapshot was built by another node binary, the same launcher starts the plain bundle.
+// snapshot was built by another node binary, the same launcher starts the plain bundle; where
+// snapshots for several kinds of CPU lie side by side, it starts from this CPU's.
 import test from 'ava';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
@@ -10,6 +11,13 @@ import path from 'node:path';
 
 const REPO = path.resolve(__dirname, '..', '..', '..');
 const BIN = path.join(REPO, 'dist', 'bin');
+
+/** The startup snapshot the build made for this CPU: [blob, stamp] file names in BIN. */
+function builtSnapshot(): [string, string] {
+  const stamps = fs.readdirSync(BIN).filter((f) => /^tern\.[0-9a-f]{16}\.blob\.node$/.test(f));
+  if (stamps.length !== 1) throw new Error(`expected one startup snapshot in ${BIN}, found ${stamps.join(', ') || 'none'}`);
+  return [stamps[0].slice(0, -'.node'.length), stamps[0]];
+}
 
 function request(socket: string, method: string, p: string, body?: unknown): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
@@ -36,7 +44,8 @@ async function startTern(launcher: string, env: NodeJS.ProcessEnv = process.env)
 }
 
 test.serial('tern started from its startup snapshot serves the API, logs as itself and shuts down', async (t) => {
-  t.true(fs.existsSync(path.join(BIN, 'tern.blob')), 'the build made a startup snapshot');
+  const [blob] = builtSnapshot();
+  t.true(fs.existsSync(path.join(BIN, blob)), 'the build made a startup snapshot');
   const before = Date.now();
   const vmm = await startTern(path.join(BIN, 'tern'));
   try {
@@ -74,13 +83,14 @@ test.serial('tern started from its startup snapshot serves the API, logs as itse
   }
 });
 
-test.serial('a snapshot built elsewhere, by another node binary or on a CPU with other features is not used: the launcher starts the plain bundle', async (t) => {
+test.serial('a snapshot built elsewhere, by another node binary or on a CPU with other features is not used: the launcher starts the plain bundle, or this CPU\'s snapshot beside it', async (t) => {
   const copy = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-bin-'));
   try {
     // A moved build: its stamp names the directory it was built in.
-    for (const f of ['tern', 'tern.js', 'tern.blob', 'tern.blob.node']) fs.copyFileSync(path.join(BIN, f), path.join(copy, f));
+    const [blob, stampFile] = builtSnapshot();
+    for (const f of ['tern', 'tern.js', blob, stampFile]) fs.copyFileSync(path.join(BIN, f), path.join(copy, f));
     fs.chmodSync(path.join(copy, 'tern'), 0o755);
-    t.true(fs.readFileSync(path.join(copy, 'tern.blob.node'), 'utf8').startsWith(`${fs.realpathSync(BIN)} `));
+    t.true(fs.readFileSync(path.join(copy, stampFile), 'utf8').startsWith(`${fs.realpathSync(BIN)} `));
     const vmm = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
     try {
       const cmdline = fs.readFileSync(`/proc/${vmm.child.pid}/cmdline`, 'utf8').split('\0');
@@ -98,10 +108,10 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
     const node = fs.realpathSync(process.execPath);
     const st = fs.statSync(node);
     const here = `${fs.realpathSync(copy)} ${node} ${st.size} ${Math.floor(st.mtimeMs / 1000)}`;
-    const cpu = fs.readFileSync(path.join(BIN, 'tern.blob.node'), 'utf8').split('\n')[1];
+    const cpu = fs.readFileSync(path.join(BIN, stampFile), 'utf8').split('\n')[1];
     t.regex(cpu, /^: .*\bsse2\b/, 'the stamp records the CPU feature flags');
     for (const stamp of [`${fs.realpathSync(copy)} /usr/local/bin/some-other-node 123 456\n${cpu}\n`, `${here}\n: fpu sse sse2\n`]) {
-      fs.writeFileSync(path.join(copy, 'tern.blob.node'), stamp);
+      fs.writeFileSync(path.join(copy, stampFile), stamp);
       const other = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
       try {
         t.false(fs.readFileSync(`/proc/${other.child.pid}/cmdline`, 'utf8').split('\0').includes('--snapshot-blob'), stamp);
@@ -112,11 +122,18 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
         fs.rmSync(other.dir, { recursive: true, force: true });
       }
     }
-    // The same stamp with this CPU's flags: the snapshot is used (so the check above is the CPU's).
-    fs.writeFileSync(path.join(copy, 'tern.blob.node'), `${here}\n${cpu}\n`);
+    // The same stamp with this CPU's flags: the snapshot is used (so the check above is the
+    // CPU's), and it is picked from among those built for other kinds of CPU beside it (each
+    // a blob that no node could load: were one of them tried, the VMM would not start).
+    fs.writeFileSync(path.join(copy, stampFile), `${here}\n${cpu}\n`);
+    for (const other of ['0000000000000000', 'ffffffffffffffff']) {
+      fs.writeFileSync(path.join(copy, `tern.${other}.blob`), 'not a snapshot');
+      fs.writeFileSync(path.join(copy, `tern.${other}.blob.node`), `${here}\n: fpu sse sse2 ${other}\n`);
+    }
     const same = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
     try {
-      t.true(fs.readFileSync(`/proc/${same.child.pid}/cmdline`, 'utf8').split('\0').includes('--snapshot-blob'));
+      const cmdline = fs.readFileSync(`/proc/${same.child.pid}/cmdline`, 'utf8').split('\0');
+      t.is(cmdline[cmdline.indexOf('--snapshot-blob') + 1], path.join(fs.realpathSync(copy), blob));
       t.is((await request(same.socket, 'GET', 'vmm.ping')).status, 200);
       await request(same.socket, 'PUT', 'vmm.shutdown');
       t.is(await same.exited, 0, same.stderr());
