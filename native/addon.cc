@@ -1,4 +1,4 @@
-// Module entry: openKvm plus the eventfd, eventfd-watcher, fd-passing and block-queue helpers.
+// Module entry: openKvm plus the eventfd, eventfd-watcher, fd-passing, file-writing and block-queue helpers.
 #include <napi.h>
 
 #include "block_queue.h"
@@ -9,6 +9,7 @@
 #include "fd_passing.h"
 #include "fd_util.h"
 #include "page_scan.h"
+#include "pwrite_runs.h"
 #include "xxh64.h"
 #include "kvm_objects.h"
 
@@ -25,6 +26,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitEventfdWatcher(env, exports);
   InitFdPassing(env, exports);
   InitPageScan(env, exports);
+  InitPwriteRuns(env, exports);
   InitXxh64(env, exports);
   InitBlockQueue(env, exports);
   InitNetQueue(env, exports);

@@ -164,7 +164,7 @@ export interface WriteSnapshotInput {
   config: VmConfig;
   state: RootState;
   memory: GuestMemory;
-  /** the positional write used for every file (default fs.writeSync); tests inject short writes */
+  /** the positional write used for every file instead of the default ones; tests inject short writes and crashes */
   write?: PositionalWrite;
 }
 
@@ -204,7 +204,7 @@ export async function writeSnapshot(input: WriteSnapshotInput): Promise<{ memory
     await writeText(SNAPSHOT_CONFIG_FILE, `${JSON.stringify(input.config, null, 2)}\n`);
     const mem = open(SNAPSHOT_MEMORY_FILE);
     const t0 = performance.now();
-    const { written, extents, checksums } = await writeMemoryFile(mem.fd, SNAPSHOT_MEMORY_FILE, input.memory, write);
+    const { written, extents, checksums } = await writeMemoryFile(mem.fd, SNAPSHOT_MEMORY_FILE, input.memory, input.write);
     fs.fsyncSync(mem.fd);
     const memoryMs = performance.now() - t0;
     const envelope: SnapshotStateFile = {

@@ -395,6 +395,12 @@ export interface NativeAddon {
   alignedBuffer(size: number): ArrayBuffer;
   /** One byte per 4 KiB page of `view` (the last may be partial): 1 where the page is all zero. */
   zeroPages(view: Uint8Array): Uint8Array;
+  /**
+   * Write runs of `view` ([offset in view, length, file position] triples) with pwrite(2), as
+   * one task on libuv's thread pool; resolves to the bytes written (fewer only if a write wrote
+   * nothing), rejects with the errno of a failed write.
+   */
+  pwriteRuns(fd: number, view: Uint8Array, runs: Float64Array): Promise<number>;
   /** a fresh XXH64 state (seed 0), held in the returned buffer */
   xxh64Init(): Uint8Array;
   xxh64Update(state: Uint8Array, data: Uint8Array): void;
