@@ -36,6 +36,8 @@ const DIRTY_FILE_MIB = 256;
 const VMMS = (process.env.TERN_BENCH_MIGRATION_VMMS ?? 'tern,qemu').split(',');
 /** TERN_BENCH_MIGRATION_PROFILE=1: profile both tern processes and print where their time went. */
 const PROFILE = process.env.TERN_BENCH_MIGRATION_PROFILE === '1';
+/** Extra options for node in every tern process (TERN_BENCH_NODE_ARGS, space-separated): V8 flags to compare. */
+const NODE_ARGS = (process.env.TERN_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
 /** TERN_BENCH_MIGRATION_CASES: a comma list of case names (default all). */
 const CASES = process.env.TERN_BENCH_MIGRATION_CASES?.split(',');
 
@@ -232,7 +234,7 @@ async function benchTern(work: string, c: Case): Promise<Measured> {
   const arrivals = new Map<number, number>();
   const profiles = (label: string) => path.join(work, `profile-${label}`);
   const tern = (label: string, args: string[]) => {
-    const nodeArgs = PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profiles(label)}`] : [];
+    const nodeArgs = [...NODE_ARGS, ...(PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profiles(label)}`] : [])];
     const vm = progressLog(`tern ${c.name} ${label}`)(GuestProcess.tern(args, nodeArgs));
     return vm;
   };
