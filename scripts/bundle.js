@@ -21,7 +21,10 @@ const entries = ['tern', 'tern-remote']
   .map((name) => ({ name, file: path.join(root, 'dist', 'src', 'cli', `${name}.js`) }))
   .filter((e) => fs.existsSync(e.file));
 
-for (const e of entries) {
+// (--startup-snapshot: only this machine's snapshot of the bundles already built)
+const snapshotOnly = process.argv.includes('--startup-snapshot');
+
+for (const e of snapshotOnly ? [] : entries) {
   esbuild.buildSync({
     entryPoints: [e.file],
     outfile: path.join(root, 'dist', 'bin', `${e.name}.js`),
@@ -45,9 +48,11 @@ for (const e of entries) {
 // so each kind has its own (tern.<key>.blob): a build shared by machines of two kinds (a host
 // and a VM on it, or a fleet on one file system) gets one for the other kind with
 // `node scripts/bundle.js --startup-snapshot`, run there; it leaves the bundles as they are.
+// Where the build is read-only to the machine (a shared install), TERN_STARTUP_SNAPSHOT_DIR
+// names a directory of the machine's own for those snapshots, which the launcher then
+// searches first.
 const bin = path.join(root, 'dist', 'bin');
 const snapshotEntry = path.join(root, 'dist', 'src', 'cli', 'tern-snapshot.js');
-const snapshotOnly = process.argv.includes('--startup-snapshot');
 if (snapshotOnly) {
   if (!fs.existsSync(path.join(bin, 'tern-snapshot.js'))) {
     process.stderr.write('bundle: --startup-snapshot needs a full build first (npm run build)\n');
@@ -112,7 +117,9 @@ function buildTernSnapshot() {
   const entry = path.join(bin, 'tern-snapshot.js');
   const cpu = cpuFlags();
   const key = require('node:crypto').createHash('sha256').update(cpu).digest('hex').slice(0, 16);
-  const blob = path.join(bin, `tern.${key}.blob`);
+  const dir = process.env.TERN_STARTUP_SNAPSHOT_DIR || bin;
+  fs.mkdirSync(dir, { recursive: true });
+  const blob = path.join(dir, `tern.${key}.blob`);
   const stamp = `${blob}.node`;
   const tmp = (f) => `${f}.tmp-${process.pid}`;
   for (const f of [stamp, blob]) fs.rmSync(f, { force: true });
@@ -127,11 +134,16 @@ function buildTernSnapshot() {
     fs.rmSync(tmp(blob), { force: true });
     return false;
   }
-  const st = fs.statSync(fs.realpathSync(process.execPath));
-  // The snapshot holds this directory (where the addon is found from) and only loads into
-  // this node binary on a CPU with these features (V8 compiled its code for them, and refuses
-  // the snapshot elsewhere): the launcher uses it only where all three still hold.
-  fs.writeFileSync(tmp(stamp), `${fs.realpathSync(bin)} ${fs.realpathSync(process.execPath)} ${st.size} ${Math.floor(st.mtimeMs / 1000)}\n${cpu}\n`);
+  const sizeAndTime = (f) => {
+    const st = fs.statSync(f);
+    return `${st.size} ${Math.floor(st.mtimeMs / 1000)}`;
+  };
+  // The snapshot holds this directory (where the addon is found from) and this bundle, and
+  // only loads into this node binary on a CPU with these features (V8 compiled its code for
+  // them, and refuses the snapshot elsewhere): the launcher uses it only where all of these
+  // still hold (a snapshot kept outside the build outlives the bundle it was made of).
+  const node = fs.realpathSync(process.execPath);
+  fs.writeFileSync(tmp(stamp), `${fs.realpathSync(bin)} ${node} ${sizeAndTime(node)} ${sizeAndTime(entry)}\n${cpu}\n`);
   fs.renameSync(tmp(blob), blob);
   fs.renameSync(tmp(stamp), stamp);
   return true;
@@ -142,17 +154,18 @@ function writeLauncher() {
   fs.writeFileSync(
     launcher,
     `#!/bin/sh
-# tern: the VMM, started from a V8 startup snapshot (tern.KEY.blob) built here by the node
-# binary on the PATH on a CPU with the same features, and from the plain bundle (tern.js)
-# where there is none.
+# tern: the VMM, started from a V8 startup snapshot (tern.KEY.blob, in $TERN_STARTUP_SNAPSHOT_DIR
+# or beside this script) built of this bundle by the node binary on the PATH on a CPU with the
+# same features, and from the plain bundle (tern.js) where there is none.
 bin=$(dirname "$(readlink -f "$0")")
 node=$(command -v node) || { echo "tern: node is not on the PATH" >&2; exit 127; }
 here=
-for stamp in "$bin"/tern.*.blob.node; do
+for stamp in \${TERN_STARTUP_SNAPSHOT_DIR:+"$TERN_STARTUP_SNAPSHOT_DIR"/tern.*.blob.node} "$bin"/tern.*.blob.node; do
   [ -r "$stamp" ] && [ -r "\${stamp%.node}" ] || continue
   if [ -z "$here" ]; then
     node=$(readlink -f "$node")
-    here="$bin $node $(stat -c '%s %Y' "$node")"
+    here="$bin $node $(stat --printf '%s %Y ' "$node" "$bin/tern-snapshot.js")"
+    here=\${here% }
 ${CPU_FLAGS_SH.replace(/^/gm, '    ')}
   fi
   { read -r built; read -r built_cpu; } < "$stamp"

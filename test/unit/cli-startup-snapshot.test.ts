@@ -32,6 +32,24 @@ function request(socket: string, method: string, p: string, body?: unknown): Pro
   });
 }
 
+/** `SIZE MTIME` of a file, as a stamp records it. */
+function sizeAndTime(file: string): string {
+  const st = fs.statSync(file);
+  return `${st.size} ${Math.floor(st.mtimeMs / 1000)}`;
+}
+
+/** The first line of a stamp made for the launcher in `bin` by this node binary. */
+function stampLine(bin: string): string {
+  const node = fs.realpathSync(process.execPath);
+  return `${fs.realpathSync(bin)} ${node} ${sizeAndTime(node)} ${sizeAndTime(path.join(bin, 'tern-snapshot.js'))}`;
+}
+
+/** Give a copied file the original's times. */
+function copyTimes(copy: string, file: string): void {
+  const st = fs.statSync(path.join(BIN, file));
+  fs.utimesSync(path.join(copy, file), st.atime, st.mtime);
+}
+
 async function startTern(launcher: string, env: NodeJS.ProcessEnv = process.env): Promise<{ child: ChildProcess; socket: string; dir: string; stderr: () => string; exited: Promise<number | null> }> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-cli-'));
   const socket = path.join(dir, 'api.sock');
@@ -88,7 +106,8 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
   try {
     // A moved build: its stamp names the directory it was built in.
     const [blob, stampFile] = builtSnapshot();
-    for (const f of ['tern', 'tern.js', blob, stampFile]) fs.copyFileSync(path.join(BIN, f), path.join(copy, f));
+    for (const f of ['tern', 'tern.js', 'tern-snapshot.js', blob, stampFile]) fs.copyFileSync(path.join(BIN, f), path.join(copy, f));
+    copyTimes(copy, 'tern-snapshot.js');
     fs.chmodSync(path.join(copy, 'tern'), 0o755);
     t.true(fs.readFileSync(path.join(copy, stampFile), 'utf8').startsWith(`${fs.realpathSync(BIN)} `));
     const vmm = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
@@ -105,9 +124,7 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
     }
     // Built here, but by another node binary; or by this one on a CPU with other features
     // (V8 refuses such a snapshot, and node would exit instead of starting).
-    const node = fs.realpathSync(process.execPath);
-    const st = fs.statSync(node);
-    const here = `${fs.realpathSync(copy)} ${node} ${st.size} ${Math.floor(st.mtimeMs / 1000)}`;
+    const here = stampLine(copy);
     const cpu = fs.readFileSync(path.join(BIN, stampFile), 'utf8').split('\n')[1];
     t.regex(cpu, /^: .*\bsse2\b/, 'the stamp records the CPU feature flags');
     for (const stamp of [`${fs.realpathSync(copy)} /usr/local/bin/some-other-node 123 456\n${cpu}\n`, `${here}\n: fpu sse sse2\n`]) {
@@ -143,5 +160,42 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
     }
   } finally {
     fs.rmSync(copy, { recursive: true, force: true });
+  }
+});
+
+test.serial('a startup snapshot kept outside a read-only build (TERN_STARTUP_SNAPSHOT_DIR) is used, and not once the bundle it was made of changed', async (t) => {
+  const copy = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-bin-'));
+  const own = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-own-'));
+  try {
+    // The build: no snapshot in it. The machine's own directory: this CPU's, made for it.
+    const [blob, stampFile] = builtSnapshot();
+    for (const f of ['tern', 'tern.js', 'tern-snapshot.js']) fs.copyFileSync(path.join(BIN, f), path.join(copy, f));
+    fs.chmodSync(path.join(copy, 'tern'), 0o755);
+    copyTimes(copy, 'tern-snapshot.js');
+    fs.copyFileSync(path.join(BIN, blob), path.join(own, blob));
+    const cpu = fs.readFileSync(path.join(BIN, stampFile), 'utf8').split('\n')[1];
+    fs.writeFileSync(path.join(own, stampFile), `${stampLine(copy)}\n${cpu}\n`);
+    const env = { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node'), TERN_STARTUP_SNAPSHOT_DIR: own };
+    const blobUsed = async (): Promise<string | undefined> => {
+      const vmm = await startTern(path.join(copy, 'tern'), env);
+      try {
+        const cmdline = fs.readFileSync(`/proc/${vmm.child.pid}/cmdline`, 'utf8').split('\0');
+        t.is((await request(vmm.socket, 'GET', 'vmm.ping')).status, 200);
+        await request(vmm.socket, 'PUT', 'vmm.shutdown');
+        t.is(await vmm.exited, 0, vmm.stderr());
+        return cmdline.includes('--snapshot-blob') ? cmdline[cmdline.indexOf('--snapshot-blob') + 1] : undefined;
+      } finally {
+        vmm.child.kill('SIGKILL');
+        fs.rmSync(vmm.dir, { recursive: true, force: true });
+      }
+    };
+    t.is(await blobUsed(), path.join(own, blob));
+    // A new build of the bundle (here: the same bytes, a new time) makes that snapshot stale.
+    const later = new Date(Date.now() + 5000);
+    fs.utimesSync(path.join(copy, 'tern-snapshot.js'), later, later);
+    t.is(await blobUsed(), undefined, 'a snapshot of another bundle is not used');
+  } finally {
+    fs.rmSync(copy, { recursive: true, force: true });
+    fs.rmSync(own, { recursive: true, force: true });
   }
 });
