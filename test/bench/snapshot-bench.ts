@@ -21,6 +21,8 @@ import { median } from './median';
 
 const SIZES_MIB = (process.env.TERN_BENCH_SNAPSHOT_SIZES ?? '512,2048').split(',').map(Number);
 const RESTORES = Number(process.env.TERN_BENCH_RESTORES ?? 3);
+/** The memory the second plain write reads from: more pages than a TLB holds, as guest RAM has. */
+const SOURCE_MIB = 256;
 const SNAPSHOTS = Math.max(2, Number(process.env.TERN_BENCH_SNAPSHOTS ?? 3));
 const FILL_TIMEOUT = 15 * 60_000;
 const RUNNING_TIMEOUT = 5 * 60_000;
@@ -87,6 +89,7 @@ interface SizeResult {
   restoreMs: { ternCopy: number; ternOndemand: number; qemu: number };
   ternVmmRestoreMs: { copy: number; ondemand: number };
   diskWriteMBps: number;
+  memoryWriteMBps: number;
 }
 
 async function benchTern(work: string, memMiB: number, r: Partial<SizeResult>): Promise<void> {
@@ -102,11 +105,16 @@ async function benchTern(work: string, memMiB: number, r: Partial<SizeResult>): 
     const client = new TernClient({ socketPath: socket, timeoutMs: 10 * 60_000 });
     try {
       await client.pause();
-      // Several snapshots of the same paused VM, each followed by a plain write of as many
-      // bytes to the same file system: the ratio is taken from neighbours, so it does not
-      // carry the lab's drift between the start and the end of a run.
+      // Several snapshots of the same paused VM with plain writes of as many bytes to the same
+      // file system between them: the ratio is taken from neighbours, so it does not carry the
+      // lab's drift between the start and the end of a run.
       const ms: number[] = [];
       const plainMBps: number[] = [];
+      const fromMemoryMBps: number[] = [];
+      // A first write to the lab's tmpfs after the guest filled its RAM runs slower than the
+      // ones after it, whoever writes: one plain write of the guest's memory in use, not
+      // counted, goes first, so the first snapshot is not the one to pay for it.
+      process.stdout.write(`  ${memMiB} MiB: a plain write of ${mib(r.usedBytes.tern)} before the snapshots (not counted): ${diskWriteMBps(work, r.usedBytes.tern).toFixed(0)} MB/s\n`);
       for (let i = 0; i < SNAPSHOTS; i++) {
         const dir = i === SNAPSHOTS - 1 ? snap : `${snap}-${i}`;
         const t0 = process.hrtime.bigint();
@@ -118,16 +126,18 @@ async function benchTern(work: string, memMiB: number, r: Partial<SizeResult>): 
         if (dir !== snap) {
           fs.rmSync(dir, { recursive: true, force: true });
           plainMBps.push(diskWriteMBps(work, bytes));
+          fromMemoryMBps.push(diskWriteMBps(work, bytes, SOURCE_MIB));
         }
         const written = vm.stderr.split('\n').filter((l) => l.includes('"snapshot written"'))[i];
         if (written) {
           const w = JSON.parse(written) as { memory_bytes: number; memory_extents: number; memory_ms: number; total_ms: number };
-          const plain = dir !== snap ? `; a plain write of ${mib(bytes)} after it: ${plainMBps[i].toFixed(0)} MB/s` : '';
+          const plain = dir !== snap ? `; plain writes of ${mib(bytes)} after it: ${plainMBps[i].toFixed(0)} MB/s from 1 MiB, ${fromMemoryMBps[i].toFixed(0)} MB/s from ${SOURCE_MIB} MiB of memory` : '';
           process.stdout.write(`  tern ${memMiB} MiB snapshot #${i + 1}: ${ms[i].toFixed(0)} ms, ${w.total_ms} ms in the VMM, ${w.memory_ms} ms of it guest RAM (${mib(w.memory_bytes)} in ${w.memory_extents} extents)${plain}\n`);
         }
       }
       r.snapshotMs = { tern: median(ms), qemu: 0 };
       r.diskWriteMBps = median(plainMBps);
+      r.memoryWriteMBps = median(fromMemoryMBps);
     } finally {
       client.close();
     }
@@ -225,14 +235,19 @@ async function benchQemu(work: string, memMiB: number, r: SizeResult): Promise<v
   fs.rmSync(file, { force: true });
 }
 
-/** MB/s of writing `bytes` of non-zero data in 1 MiB blocks to `dir`, then fsync. */
-function diskWriteMBps(dir: string, bytes: number): number {
+/**
+ * MB/s of writing `bytes` of non-zero data in 1 MiB blocks to `dir`, then fsync: the disk's own
+ * speed from one 1 MiB buffer, or, from a buffer of `sourceMiB` written over and over, the
+ * speed of writing out that much memory (a snapshot reads each page of guest RAM once; a
+ * 1 MiB buffer stays in the CPU's caches and TLB, so this shows what reading memory costs).
+ */
+function diskWriteMBps(dir: string, bytes: number, sourceMiB = 1): number {
   const file = path.join(dir, 'disk-speed');
-  const block = Buffer.alloc(MIB, 0x5a);
+  const source = Buffer.alloc(sourceMiB * MIB, 0x5a);
   const fd = fs.openSync(file, 'w');
   const t0 = process.hrtime.bigint();
   try {
-    for (let done = 0; done < bytes; done += MIB) fs.writeSync(fd, block, 0, Math.min(MIB, bytes - done));
+    for (let done = 0; done < bytes; done += MIB) fs.writeSync(fd, source, (done / MIB % sourceMiB) * MIB, Math.min(MIB, bytes - done));
     fs.fsyncSync(fd);
   } finally {
     fs.closeSync(fd);
@@ -258,6 +273,7 @@ function table(results: SizeResult[]): string {
       `| restore, process start to guest running: tern ondemand | ${g} | ${sec(r.restoreMs.ternOndemand)} | ${sec(r.restoreMs.qemu)} | ${ratio(r.restoreMs.ternOndemand, r.restoreMs.qemu)} |`,
       `| tern restore in the VMM (restoring -> restored): copy / ondemand | ${g} | ${r.ternVmmRestoreMs.copy.toFixed(1)} ms / ${r.ternVmmRestoreMs.ondemand.toFixed(1)} ms | | |`,
       `| snapshot speed / plain write speed of the same bytes | ${g} | ${ratio(r.snapshotBytes.tern / MIB / (r.snapshotMs.tern / 1000), r.diskWriteMBps)} (disk ${r.diskWriteMBps.toFixed(0)} MB/s) | | |`,
+      `| snapshot speed / plain write of as many bytes from ${SOURCE_MIB} MiB of memory | ${g} | ${ratio(r.snapshotBytes.tern / MIB / (r.snapshotMs.tern / 1000), r.memoryWriteMBps)} (${r.memoryWriteMBps.toFixed(0)} MB/s) | | |`,
       `| snapshot size / guest memory in use | ${g} | ${ratio(r.snapshotBytes.tern, r.usedBytes.tern)} | ${ratio(r.snapshotBytes.qemu, r.usedBytes.qemu)} | |`,
     );
   }
