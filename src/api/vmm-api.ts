@@ -15,7 +15,7 @@ import { checkBody, checkVmConfig, deviceIds as deviceIdsOf } from './request-bo
 import { diskIdOf, netIdOf } from '../devices/virtio/vm-devices';
 import { netConfigProblem, withoutHeldFds } from '../config/net-config';
 import { native } from '../native/kvm';
-import { adoptTaps } from '../vmm/net-backend';
+import { adoptTaps, restoredCardsOnTaps } from '../vmm/net-backend';
 import {
   ConsoleConfigSchema,
   DiskConfigSchema,
@@ -105,6 +105,25 @@ function restoredTaps(v: unknown): { id: string; tap: string }[] | null {
       typeof e.tap === 'string' && Buffer.byteLength(e.tap) >= 1 && Buffer.byteLength(e.tap) <= 15 && !e.tap.includes('/'),
   );
   return ok ? (v as { id: string; tap: string }[]).map(({ id, tap }) => ({ id, tap })) : null;
+}
+
+/**
+ * vm.restore's `net_fds` (Cloud Hypervisor's list of RestoredNetConfig): for each card, how many
+ * of the taps sent with the request (SCM_RIGHTS, in the list's order) are its queues. fd numbers
+ * in the body are the client's, and are ignored, as Cloud Hypervisor ignores them. Null when
+ * malformed.
+ */
+function restoredNetFds(v: unknown): { id: string; num_fds: number }[] | null {
+  if (!Array.isArray(v) || v.length > 16) return null;
+  const ok = v.every(
+    (e) =>
+      typeof e === 'object' && e !== null && !Array.isArray(e) && Object.keys(e).every((k) => k === 'id' || k === 'num_fds' || k === 'fds') &&
+      typeof e.id === 'string' && e.id.length >= 1 && e.id.length <= 256 &&
+      (e.num_fds === undefined || (Number.isInteger(e.num_fds) && e.num_fds >= 0 && e.num_fds <= 16)),
+  );
+  if (!ok) return null;
+  const out = (v as { id: string; num_fds?: number }[]).map(({ id, num_fds }) => ({ id, num_fds: num_fds ?? 0 }));
+  return new Set(out.map((e) => e.id)).size === out.length ? out : null;
 }
 
 export class VmmApi {
@@ -287,8 +306,21 @@ export class VmmApi {
     await this.run(outer, () => this.vmm.snapshot(b.destination_url as string));
   }
 
-  /** vm.restore: body is a RestoreConfig; only when no VM exists. */
-  async restore(body: unknown): Promise<void> {
+  /**
+   * vm.restore: body is a RestoreConfig; only when no VM exists. `fds`: taps sent with the
+   * request for `net_fds`; the restored VM holds them, and they are closed if it is not restored.
+   */
+  async restore(body: unknown, fds: number[] = []): Promise<void> {
+    let restored = false;
+    try {
+      await this.restoreWith(body, fds);
+      restored = true;
+    } finally {
+      if (!restored) fds.forEach((fd) => native().closeFd(fd));
+    }
+  }
+
+  private async restoreWith(body: unknown, fds: number[]): Promise<void> {
     const outer = 'The VM could not be restored';
     const b = objectBody(body, outer);
     if (typeof b.source_url !== 'string') throw invalidBody(outer, 'source_url must be a string');
@@ -309,8 +341,21 @@ export class VmmApi {
       hostEnds[k] = b[k] as StoredConsoleConfig;
     }
     // ... and the tap each card opens: [{id, tap}].
-    const net = b.net == null ? undefined : restoredTaps(b.net);
-    if (net === null) throw invalidBody(outer, 'net must be a list of {"id": ..., "tap": ...} (at most 16; a tap name is 1 to 15 bytes without "/")');
+    const named = b.net == null ? undefined : restoredTaps(b.net);
+    if (named === null) throw invalidBody(outer, 'net must be a list of {"id": ..., "tap": ...} (at most 16; a tap name is 1 to 15 bytes without "/")');
+    // ... and, as Cloud Hypervisor's net_fds, taps sent with the request.
+    const handed = b.net_fds == null ? [] : restoredNetFds(b.net_fds);
+    if (handed === null) throw invalidBody(outer, 'net_fds must be a list of {"id": ..., "num_fds": N} with distinct ids (at most 16, N at most 16)');
+    const expected = handed.reduce((n, e) => n + e.num_fds, 0);
+    if (expected !== fds.length) throw invalidBody(outer, `net_fds names ${expected} descriptors, the request came with ${fds.length}`);
+    let at = 0;
+    const withFds = handed.map((e) => ({ id: e.id, fds: fds.slice(at, (at += e.num_fds)) }));
+    let net: { id: string; tap: string; fds?: number[] }[];
+    try {
+      net = [...(named ?? []), ...restoredCardsOnTaps(withFds, named)];
+    } catch (err) {
+      throw new ApiError(400, [outer, (err as Error).message]);
+    }
     await this.run(outer, () =>
       this.vmm.restore({
         source_url: b.source_url as string,
@@ -318,7 +363,7 @@ export class VmmApi {
         resume: (b.resume as boolean | null) ?? undefined,
         memory_restore_mode: restoreMode,
         ...hostEnds,
-        ...(net && { net }),
+        ...(net.length ? { net } : {}),
       }),
     );
   }

@@ -108,6 +108,26 @@ export function parseIntegerList(option: string, key: string, value: string, min
   return out;
 }
 
+/**
+ * Cloud Hypervisor's list of ids with integer lists, `[net0@[3,4],net1@[5]]` (net_fds).
+ */
+export function parseIdIntegerLists(option: string, key: string, value: string, maxItems = 16): { id: string; values: number[] }[] {
+  const v = value.trim();
+  if (!v.startsWith('[') || !v.endsWith(']')) throw new OptionError(option, `${key}=${value} must be a list [ID@[N,...],...]`);
+  let items: string[];
+  try {
+    items = splitTopLevel(v.slice(1, -1));
+  } catch (e) {
+    throw new OptionError(option, `${key}=${value}: ${(e as Error).message}`);
+  }
+  if (items.length > maxItems) throw new OptionError(option, `${key}=${value}: more than ${maxItems} items`);
+  return items.map((item) => {
+    const at = item.lastIndexOf('@[');
+    if (at < 1 || !item.endsWith(']')) throw new OptionError(option, `${key}=${value}: "${item}" is not ID@[N,...]`);
+    return { id: item.slice(0, at), values: parseIntegerList(option, key, item.slice(at + 1), 0, 0x7fff_ffff, maxItems) };
+  });
+}
+
 export function parseOnOff(option: string, key: string, value: string): boolean {
   if (value === 'on' || value === 'true') return true;
   if (value === 'off' || value === 'false') return false;

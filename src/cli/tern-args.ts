@@ -3,7 +3,7 @@
 import { CPU_PROFILES, isCpuProfile } from '../boot/cpu-profile';
 import { ConsoleConfig, ConsoleMode, CpusConfig, MemoryConfig, VmConfig, doubleTtyProblem } from '../config/vm-config';
 import type { SeccompMode } from '../native/kvm';
-import { OptionError, parseInteger, parseIntegerList, parseKeyValues, parseOnOff, parseSize, splitTopLevel } from './option-values';
+import { OptionError, parseIdIntegerLists, parseInteger, parseIntegerList, parseKeyValues, parseOnOff, parseSize, splitTopLevel } from './option-values';
 
 export interface SocketTarget {
   path?: string;
@@ -21,6 +21,8 @@ export interface RestoreArgs {
   console?: ConsoleConfig;
   /** --net id=ID,tap=NAME given with --restore: the tap a restored card opens instead of its saved one */
   net?: { id: string; tap: string }[];
+  /** net_fds=[ID@[FD,...],...]: taps this process holds, the queues of a restored card */
+  netFds?: { id: string; fds: number[] }[];
 }
 
 export interface TernArgs {
@@ -177,7 +179,7 @@ const HANDLERS: Record<string, Handler> = {
   },
   '--serial-file-max': (v, a) => (a.args.serialFileMaxBytes = parseSize('--serial-file-max', 'size', v)),
   '--restore': (v, a) => {
-    const kv = parseKeyValues('--restore', v, ['source_url', 'resume', 'prefault', 'memory_restore_mode'], 'source_url');
+    const kv = parseKeyValues('--restore', v, ['source_url', 'resume', 'prefault', 'memory_restore_mode', 'net_fds'], 'source_url');
     if (!kv.source_url) throw new OptionError('--restore', 'needs source_url=file:///DIR');
     const r: RestoreArgs = { source_url: kv.source_url };
     if (kv.resume !== undefined) r.resume = parseOnOff('--restore', 'resume', kv.resume);
@@ -188,6 +190,7 @@ const HANDLERS: Record<string, Handler> = {
       }
       r.memory_restore_mode = kv.memory_restore_mode;
     }
+    if (kv.net_fds !== undefined) r.netFds = parseIdIntegerLists('--restore', 'net_fds', kv.net_fds).map(({ id, values }) => ({ id, fds: values }));
     a.args.restore = r;
   },
 };
@@ -287,7 +290,9 @@ export const TERN_USAGE = `Usage: tern [OPTIONS]
   --no-shutdown            a guest that powers off leaves the VMM running (VM state Shutdown),
                            for an API client to boot it again
   --restore source_url=file:///DIR[,resume=on][,memory_restore_mode=copy|ondemand][,prefault=on]
-                           (--serial and --console may be given with it)
+            [,net_fds=[ID@[FD,...],...]]
+                           (--serial, --console and --net id=ID,tap=NAME may be given with it;
+                           net_fds: taps tern inherited, a restored card's queues)
   --log-file PATH          pino JSON log (default stderr)
   --seccomp true|false|log vCPU threads' seccomp filter: a forbidden system call ends the
                            process (true, default), is only logged by the kernel (log), or

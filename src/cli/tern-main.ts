@@ -12,6 +12,7 @@ import { OptionError } from './option-values';
 import { parseTernArgs, TERN_USAGE, type TernArgs } from './tern-args';
 import { createLogger, type Logger } from '../util/log';
 import { Vmm } from '../vmm/vmm';
+import { restoredCardsOnTaps } from '../vmm/net-backend';
 import { GuestEvents, MigrationEvents, VmEvents, VmmEvents, type GuestPanicPayload, type VmFailedPayload, type VmOperationFailedPayload } from '../state';
 import { TERN_VERSION } from '../version';
 
@@ -122,7 +123,10 @@ async function main(): Promise<void> {
   }
   if (args.restore) {
     try {
-      await vmm.restore(args.restore);
+      const { netFds, ...restore } = args.restore;
+      // (taps this process was given: the restored VM holds them; a restore that fails exits)
+      if (netFds) restore.net = [...(restore.net ?? []), ...restoredCardsOnTaps(netFds, restore.net)];
+      await vmm.restore(restore);
     } catch (e) {
       log.error({ err: e }, 'VM failed to restore');
       process.stderr.write(`tern: error: restore: ${describeError(e)}\n`);

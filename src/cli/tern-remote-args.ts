@@ -4,7 +4,7 @@ import { parseMigrationUrl } from '../api/migration-url';
 import { MAX_MIGRATION_CONNECTIONS, type ReceiveMigrationData, type SendMigrationData } from '../api/schema';
 import { MIGRATION_DEFAULTS } from '../migration/migration-options';
 import { TERN_VERSION } from '../version';
-import { parseKeyValues } from './option-values';
+import { parseIdIntegerLists, parseKeyValues, splitTopLevel } from './option-values';
 import { deviceEntry, diskEntry, netEntry } from './tern-args';
 
 type Command = { method: 'GET' | 'PUT'; endpoint: string; about: string };
@@ -24,7 +24,7 @@ export const COMMANDS: Readonly<Record<string, Command>> = {
   'add-disk': { method: 'PUT', endpoint: 'vm.add-disk', about: 'add a disk to the VM before it boots: path=P[,readonly=on][,image_type=qcow2][,id=ID]...' },
   'add-net': { method: 'PUT', endpoint: 'vm.add-net', about: 'add a net device to the VM before it boots: tap=NAME[,ip=A,mask=M][,mac=MAC][,host_mac=MAC][,mtu=N][,id=ID]...' },
   snapshot: { method: 'PUT', endpoint: 'vm.snapshot', about: 'snapshot the paused VM into file:///DIR (a new directory)' },
-  restore: { method: 'PUT', endpoint: 'vm.restore', about: 'restore a VM: source_url=file:///DIR[,resume=on][,prefault=on][,memory_restore_mode=copy|ondemand]' },
+  restore: { method: 'PUT', endpoint: 'vm.restore', about: 'restore a VM: source_url=file:///DIR[,resume=on][,prefault=on][,memory_restore_mode=copy|ondemand][,net_fds=[ID@[FD,...],...]]' },
   'send-migration': { method: 'PUT', endpoint: 'vm.send-migration', about: 'send the VM, showing progress until it ended (with --no-wait, return once it started)' },
   'receive-migration': { method: 'PUT', endpoint: 'vm.receive-migration', about: 'receive a VM; returns once it runs here' },
   'migration-progress': { method: 'GET', endpoint: 'vm.migration-progress', about: 'the migration in progress, or the last one, as JSON (Tern only)' },
@@ -174,10 +174,38 @@ export function addNetBody(arg: string): Record<string, unknown> {
   }
 }
 
-/** ch-remote's `restore source_url=...,prefault=on` as a RestoreConfig body. */
+/**
+ * Cloud Hypervisor's `net_fds=[net0@[3,4],net1@[5]]`: for each card, descriptors of this
+ * process that are its tap's queues.
+ */
+export function parseNetFds(v: string): { id: string; fds: number[] }[] {
+  try {
+    return parseIdIntegerLists('restore', 'net_fds', v).map(({ id, values }) => ({ id, fds: values }));
+  } catch (e) {
+    throw new RemoteUsageError((e as Error).message);
+  }
+}
+
+/**
+ * A restore body's taps, taken out to go with the request (SCM_RIGHTS) in net_fds order, as
+ * ch-remote sends them: each entry keeps its count, its fd numbers become null.
+ */
+export function takeRestoreFds(body: Record<string, unknown>): { body: Record<string, unknown>; fds: number[] } {
+  if (!Array.isArray(body.net_fds)) return { body, fds: [] };
+  const entries = body.net_fds as { id: string; num_fds: number; fds: number[] | null }[];
+  return { body: { ...body, net_fds: entries.map((e) => ({ ...e, fds: null })) }, fds: entries.flatMap((e) => e.fds ?? []) };
+}
+
+/** ch-remote's `restore source_url=...,prefault=on[,net_fds=[ID@[FD,...]]]` as a RestoreConfig body. */
 export function restoreBody(arg: string): Record<string, unknown> {
   const body: Record<string, unknown> = {};
-  for (const part of arg.split(',')) {
+  let parts: string[];
+  try {
+    parts = splitTopLevel(arg);
+  } catch (e) {
+    throw new RemoteUsageError(`restore: ${(e as Error).message} in "${arg}"`);
+  }
+  for (const part of parts) {
     const eq = part.indexOf('=');
     const k = eq < 0 ? 'source_url' : part.slice(0, eq);
     const v = eq < 0 ? part : part.slice(eq + 1);
@@ -190,6 +218,8 @@ export function restoreBody(arg: string): Record<string, unknown> {
     } else if (k === 'resume' || k === 'prefault') {
       if (v !== 'on' && v !== 'off' && v !== 'true' && v !== 'false') throw new RemoteUsageError(`restore: ${k}=${v} must be on or off`);
       body[k] = v === 'on' || v === 'true';
+    } else if (k === 'net_fds') {
+      body[k] = parseNetFds(v).map(({ id, fds }) => ({ id, num_fds: fds.length, fds }));
     } else throw new RemoteUsageError(`restore: unknown key ${k}`);
   }
   if (!body.source_url) throw new RemoteUsageError('restore needs source_url=file:///DIR');

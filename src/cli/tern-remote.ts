@@ -20,6 +20,7 @@ import {
   parseTernRemoteArgs,
   receiveMigrationBody,
   restoreBody,
+  takeRestoreFds,
   sendMigrationBody,
   type ChRemoteSendBody,
   type RemoteArgs,
@@ -132,16 +133,20 @@ async function main(): Promise<void> {
     return;
   }
   const { method, endpoint } = COMMANDS[command];
-  // add-net fd=...: the taps go with the request (SCM_RIGHTS), as ch-remote sends them.
+  // add-net fd=... and restore net_fds=...: the taps go with the request (SCM_RIGHTS), as
+  // ch-remote sends them.
   let fds: number[] = [];
   if (command === 'add-net' && Array.isArray((body as { fds?: number[] }).fds)) {
     const { fds: taps, ...rest } = body as { fds: number[] };
     fds = taps;
     body = rest;
+  } else if (command === 'restore') {
+    ({ body, fds } = takeRestoreFds(body as Record<string, unknown>));
   }
   let reply;
   try {
-    reply = fds.length ? await requestWithFds(socket, 'PUT', endpoint, body, fds, 60_000) : await client.request(method, endpoint, body);
+    // (a restore takes as long as its copy of guest RAM: a day, the longest a request may wait)
+    reply = fds.length ? await requestWithFds(socket, 'PUT', endpoint, body, fds, command === 'restore' ? 86_400_000 : 60_000) : await client.request(method, endpoint, body);
   } catch (e) {
     reportTransportError(socket, e);
   } finally {

@@ -108,6 +108,22 @@ export function adoptTaps(fds: readonly number[], id: string): { name: string; f
 }
 
 /**
+ * A restore's cards on taps handed to this process (net_fds: each card's queues): for each, the
+ * tap the card is named after and its fds, which the restored VM then holds. A card also named
+ * in `named` (the taps chosen by name) is refused. Throws NetConfigError; closes no fd given.
+ */
+export function restoredCardsOnTaps(handed: readonly { id: string; fds: number[] }[], named: readonly { id: string }[] = []): { id: string; tap: string; fds: number[] }[] {
+  return handed
+    .filter((e) => e.fds.length)
+    .map((e) => {
+      if (named.some((n) => n.id === e.id)) throw new NetConfigError(`net device '${e.id}' is given both in net and in net_fds`);
+      const tap = adoptTaps(e.fds, e.id);
+      tap.fds.forEach((fd) => native().closeFd(fd));
+      return { id: e.id, tap: tap.name, fds: e.fds };
+    });
+}
+
+/**
  * virtio-net's worker. Queue 2n receives and 2n+1 transmits on pair n's tap fd, served by
  * native threads only; a queue no thread may serve yet (its vector masked) waits, and frames
  * wait in the tap meanwhile. A card with several pairs has a control queue after them, served

@@ -30,8 +30,11 @@ export interface RestoreOptions {
   serial?: ConsoleConfig;
   /** the same for the virtio console */
   console?: ConsoleConfig;
-  /** the tap each named card opens instead of the one its snapshot names (Tern's addition) */
-  net?: { id: string; tap: string }[];
+  /**
+   * the tap each named card opens instead of the one its snapshot names (Tern's addition), or,
+   * with `fds` (net_fds), the queues of that tap handed to this process, which the VM then holds
+   */
+  net?: { id: string; tap: string; fds?: number[] }[];
 }
 
 /**
@@ -52,7 +55,7 @@ function withHostEnds(state: RootState, opts: Pick<RestoreOptions, 'serial' | 'c
   for (const o of opts.net ?? []) {
     const at = (net ?? []).findIndex((n, i) => netIdOf(n, i) === o.id);
     if (at < 0) throw new SnapshotError(`restore: the snapshot has no net device '${o.id}'`);
-    net = net!.map((n, i) => (i === at ? { ...n, tap: o.tap } : n));
+    net = net!.map((n, i) => (i === at ? { ...n, tap: o.tap, ...(o.fds && { fds: o.fds }) } : n));
   }
   const next = { ...config, ...(opts.serial && { serial: opts.serial }), ...(opts.console && { console: opts.console }), ...(net && { net }) };
   const problems = vmConfigProblems(next);

@@ -2,8 +2,10 @@
 // snapshotted, its VMM killed with SIGKILL, and new VMMs restored from the directory alone
 // continue the guest's counter (serial COUNT lines and the RAM status block) where it stopped.
 // Also: the memory file is sparse, a corrupt snapshot gives its error and exit 1, and
-// the API refuses a snapshot of a running VM and a restore over an existing VM.
+// the API refuses a snapshot of a running VM and a restore over an existing VM; a card restored
+// with a tap handed over (net_fds, SCM_RIGHTS) runs on that tap.
 import test from 'ava';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import zlib from 'node:zlib';
@@ -11,9 +13,9 @@ import zlib from 'node:zlib';
 import { TernApiError, TernClient } from '../../src/api/client';
 import { buildCpuid } from '../../src/boot/cpuid';
 import { KvmCap, native } from '../../src/native/kvm';
-import { REPO, runTernRemote, waitForPath } from '../support/processes';
+import { REPO, TERN_REMOTE, runTernRemote, waitForPath } from '../support/processes';
 import { editState, fitSavedVcpusToHost } from '../support/snapshot-edit';
-import type { GuestProcess } from '../linux/guest-process';
+import { GuestProcess, TERN_CLI } from '../linux/guest-process';
 import { tempDir } from '../unit/api-harness';
 import { sleep } from './harness';
 import { countsIn, lastCount, lastStatus, startTern, startTinyVm } from './tiny-kernel';
@@ -263,4 +265,68 @@ test.serial('a snapshot from a schema-2 build restores through the upgrade regis
   editState(snap, (env) => fitSavedVcpusToHost(env.state));
   await restoreAndCheck(t, { snap, last: SCHEMA2_LAST_COUNT, cut: '' });
   t.deepEqual(fs.readdirSync(snap).sort(), ['config.json', 'memory-ranges', 'state.json'], 'the old snapshot is read, never rewritten');
+});
+
+/** The tap names of the tun descriptors process `pid` holds (from /proc/PID/fdinfo's iff line). */
+function tapsHeldBy(pid: number): string[] {
+  const names: string[] = [];
+  for (const fd of fs.readdirSync(`/proc/${pid}/fdinfo`)) {
+    try {
+      const m = /^iff:\s*(\S+)/m.exec(fs.readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
+      if (m) names.push(m[1]);
+    } catch {
+      /* closed meanwhile */
+    }
+  }
+  return names;
+}
+
+test.serial('a card restored with a tap handed over (ch-remote restore net_fds=[id@[fd]], SCM_RIGHTS) runs on that tap; a wrong count is refused', async (t) => {
+  const saved = `tsr${process.pid % 10000}a`;
+  const { snap, last } = await makeSnapshot('net', ['--net', `tap=${saved},id=uplink,mac=52:54:00:12:34:56`]);
+  // The tap the restoring side hands over, as Kata or libvirt would: opened by the parent.
+  const handed = native().openTap(`tsr${process.pid % 10000}b`, 1);
+  t.teardown(() => handed.fds.forEach((fd) => native().closeFd(fd)));
+  const socket = path.join(dir, 'net-restore.sock');
+  const vm = await startTern(['--api-socket', `path=${socket}`]);
+  try {
+    await waitForPath(socket);
+    const restore = (arg: string) =>
+      new Promise<{ code: number | null; stderr: string }>((resolve) => {
+        const child = spawn(process.execPath, [TERN_REMOTE, '--api-socket', socket, 'restore', arg], { stdio: ['ignore', 'pipe', 'pipe', handed.fds[0]] });
+        let stderr = '';
+        child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+        child.on('close', (code) => resolve({ code, stderr }));
+      });
+    const wrongCount = await restore(`source_url=${url(snap)},net_fds=[uplink@[3,3]]`);
+    t.not(wrongCount.code, 0);
+    t.regex(wrongCount.stderr, /net device 'uplink': 2 fds for 2 queues: one tap fd per queue pair/, 'two fds for a card of one queue pair');
+    const r = await restore(`source_url=${url(snap)},resume=on,net_fds=[uplink@[3]]`);
+    t.is(r.code, 0, r.stderr);
+    await vm.waitFor(new RegExp(`^COUNT ${last + 2}\\n`, 'm'), T);
+    const client = new TernClient({ socketPath: socket, timeoutMs: 30_000 });
+    try {
+      const info = (await client.info()) as unknown as { config: { net: { id: string; tap: string; mac: string }[] } };
+      t.like(info.config.net[0], { id: 'uplink', tap: handed.name, mac: '52:54:00:12:34:56' });
+    } finally {
+      client.close();
+    }
+    const held = tapsHeldBy(vm.child.pid!);
+    t.true(held.includes(handed.name), `the restored VMM holds the handed tap: ${held.join(', ')}`);
+    t.false(held.includes(saved), 'and not the tap the snapshot names');
+  } finally {
+    vm.kill();
+    await vm.exited;
+  }
+  // The command line's way: tern inherits the tap as its fd 3 (--restore ...,net_fds=[uplink@[3]]).
+  const cli = new GuestProcess(process.execPath, [TERN_CLI, '--restore', `source_url=${url(snap)},resume=on,net_fds=[uplink@[3]]`, '--serial', 'tty', '--console', 'off'], { passFds: [handed.fds[0]] });
+  try {
+    await cli.waitFor(new RegExp(`^COUNT ${last + 2}\\n`, 'm'), T);
+    const held = tapsHeldBy(cli.child.pid!);
+    t.true(held.includes(handed.name), `tern --restore with net_fds holds the handed tap: ${held.join(', ')}`);
+    t.false(held.includes(saved));
+  } finally {
+    cli.kill();
+    await cli.exited;
+  }
 });

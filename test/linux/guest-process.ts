@@ -22,8 +22,9 @@ export class GuestProcess {
   /** set once the process has exited and its output is all read */
   private closed?: string;
 
-  constructor(command: string, args: string[], opts: { env?: NodeJS.ProcessEnv } = {}) {
-    this.child = spawn(command, args, { env: { ...process.env, ...opts.env }, stdio: 'pipe' });
+  /** `passFds`: descriptors of this process the child gets as its fds 3, 4, ... */
+  constructor(command: string, args: string[], opts: { env?: NodeJS.ProcessEnv; passFds?: number[] } = {}) {
+    this.child = spawn(command, args, { env: { ...process.env, ...opts.env }, stdio: ['pipe', 'pipe', 'pipe', ...(opts.passFds ?? [])] }) as ChildProcessWithoutNullStreams;
     this.child.stdout.on('data', (d: Buffer) => {
       this.output += d.toString('latin1');
       this.check();

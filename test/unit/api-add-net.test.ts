@@ -145,3 +145,33 @@ test.serial('taps handed over with vm.add-net (SCM_RIGHTS, as ch-remote sends fd
   await rig.call('PUT', 'vm.delete');
   t.is(tunFds(), withCards - 2, 'deleting the VM closed the two taps handed over for its cards');
 });
+
+test.serial('vm.restore net_fds: the descriptors sent must be as many as it names, and taps; refused ones are closed', async (t) => {
+  await rig.call('PUT', 'vm.delete');
+  const { fds } = native().openTap(`trf${process.pid % 100000}`, 1);
+  t.teardown(() => native().closeFd(fds[0]));
+  const efd = native().eventfd(0);
+  t.teardown(() => native().closeFd(efd));
+  const source_url = `file://${dir}/no-snapshot`;
+  const before = openFds();
+  for (const [body, sent, why] of [
+    [{ source_url, net_fds: [{ id: 'net0', num_fds: 2 }] }, [fds[0]], /net_fds names 2 descriptors, the request came with 1/],
+    [{ source_url, net_fds: [{ id: 'net0', num_fds: 1 }] }, [], /net_fds names 1 descriptors, the request came with 0/],
+    [{ source_url, net_fds: [{ id: 'net0', num_fds: 1 }, { id: 'net0', num_fds: 1 }] }, [fds[0], fds[0]], /distinct ids/],
+    [{ source_url, net_fds: [{ id: 'net0', num_fds: -1 }] }, [], /net_fds must be a list/],
+    [{ source_url, net_fds: 'net0@[3]' }, [fds[0]], /net_fds must be a list/],
+    [{ source_url, net_fds: [{ id: 'net0', num_fds: 1 }] }, [efd], /not a tap/],
+    [{ source_url, net: [{ id: 'net0', tap: 'tapx' }], net_fds: [{ id: 'net0', num_fds: 1 }] }, [fds[0]], /given both in net and in net_fds/],
+  ] as const) {
+    const r = await requestWithFds(rig.socket, 'PUT', 'vm.restore', body, sent, 10_000);
+    t.is(r.status, 400, JSON.stringify(body));
+    t.regex(r.body.toString(), why);
+  }
+  // A good list, for a snapshot that is not there: the restore fails, and the tap goes with it.
+  const r = await requestWithFds(rig.socket, 'PUT', 'vm.restore', { source_url, net_fds: [{ id: 'net0', num_fds: 1, fds: [99] }] }, [fds[0]], 10_000);
+  t.is(r.status, 500, r.body.toString());
+  // (the server runs in this process: what it received and did not keep is closed again)
+  await new Promise((res) => setTimeout(res, 100));
+  t.is(openFds(), before, 'every descriptor sent with a refused or failed restore is closed');
+  t.is(rig.vmm.state.vm.status, 'NotCreated');
+});

@@ -1,7 +1,7 @@
 import test from 'ava';
 import { parseTernArgs } from '../../src/cli/tern-args';
 import { OptionError } from '../../src/cli/option-values';
-import { RemoteUsageError, addDiskBody, parseTernRemoteArgs } from '../../src/cli/tern-remote-args';
+import { RemoteUsageError, addDiskBody, parseTernRemoteArgs, restoreBody, takeRestoreFds } from '../../src/cli/tern-remote-args';
 
 test('the issue example parses into a VmConfig', (t) => {
   const a = parseTernArgs([
@@ -129,4 +129,36 @@ test('--net with --restore names the tap a restored card opens, and nothing else
   t.is(a.vm, null);
   t.throws(() => parseTernArgs(['--restore', 'source_url=file:///s', '--net', 'tap=tap9']), { message: /id=ID,tap=NAME only/ });
   t.throws(() => parseTernArgs(['--restore', 'source_url=file:///s', '--net', 'id=_net0,tap=tap9,mac=52:54:00:00:00:01']), { message: /id=ID,tap=NAME only/ });
+});
+
+test('tern-remote restore takes ch-remote\'s net_fds=[ID@[FD,...],...]: counts in the body, the descriptors sent beside it', (t) => {
+  const body = restoreBody('source_url=file:///s,net_fds=[net0@[3,4],up@[5]],resume=on');
+  t.deepEqual(body, {
+    source_url: 'file:///s',
+    resume: true,
+    net_fds: [
+      { id: 'net0', num_fds: 2, fds: [3, 4] },
+      { id: 'up', num_fds: 1, fds: [5] },
+    ],
+  });
+  // as ch-remote sends it: the fd numbers out of the body, in net_fds order, with the request
+  t.deepEqual(takeRestoreFds(body), {
+    body: { source_url: 'file:///s', resume: true, net_fds: [{ id: 'net0', num_fds: 2, fds: null }, { id: 'up', num_fds: 1, fds: null }] },
+    fds: [3, 4, 5],
+  });
+  t.deepEqual(takeRestoreFds({ source_url: 'file:///s' }), { body: { source_url: 'file:///s' }, fds: [] });
+  for (const bad of ['net_fds=net0@[3]', 'net_fds=[net0]', 'net_fds=[@[3]]', 'net_fds=[net0@[x]]', 'net_fds=[net0@[3]', 'net_fds=[net0@3]']) {
+    t.throws(() => restoreBody(`source_url=file:///s,${bad}`), { instanceOf: RemoteUsageError }, bad);
+  }
+});
+
+test('--restore net_fds=[ID@[FD,...],...] names taps tern holds as a restored card\'s queues', (t) => {
+  const a = parseTernArgs(['--restore', 'source_url=file:///s,net_fds=[uplink@[3,4],_net1@[5]]']);
+  t.deepEqual(a.restore?.netFds, [
+    { id: 'uplink', fds: [3, 4] },
+    { id: '_net1', fds: [5] },
+  ]);
+  for (const bad of ['net_fds=uplink@[3]', 'net_fds=[uplink]', 'net_fds=[uplink@[-1]]', 'net_fds=[uplink@[3]']) {
+    t.throws(() => parseTernArgs(['--restore', `source_url=file:///s,${bad}`]), { message: /--restore/ }, bad);
+  }
 });
