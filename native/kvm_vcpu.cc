@@ -1059,13 +1059,18 @@ Napi::Value Vcpu::RequestPause(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// Returns whether it woke a parked thread (whose 'paused' report JavaScript may not have taken yet).
 Napi::Value Vcpu::Resume(const Napi::CallbackInfo& info) {
+  bool woke = false;
   {
     std::lock_guard<std::mutex> lk(core_->mu);
-    if (core_->state == VState::Parked) core_->state = VState::Running;
+    if (core_->state == VState::Parked) {
+      core_->state = VState::Running;
+      woke = true;
+    }
   }
   core_->cv.notify_all();
-  return info.Env().Undefined();
+  return Napi::Boolean::New(info.Env(), woke);
 }
 
 Napi::Value Vcpu::Stop(const Napi::CallbackInfo& info) {

@@ -142,8 +142,8 @@ export interface NativeVcpu {
    * instruction, reports 'paused' and parks. No-op when parked or not running.
    */
   requestPause(): void;
-  /** Let a parked thread run again. */
-  resume(): void;
+  /** Let a parked thread run again; true if it was parked (its 'paused' report may still be on its way). */
+  resume(): boolean;
   /** End the thread (kicks it if running); it reports 'stopped'. Idempotent. */
   stop(): void;
   /** Close the vCPU fd and unmap kvm_run; throws EBUSY unless the thread has stopped. */

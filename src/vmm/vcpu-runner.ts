@@ -16,6 +16,8 @@ export class VcpuRunner {
    * then resolve at once, since the thread will not report 'paused' again.
    */
   private parked = false;
+  /** 'paused' reports still to come of parks a resume() ended before they arrived */
+  private staleParkReports = 0;
 
   constructor(
     readonly vcpu: NativeVcpu,
@@ -46,6 +48,13 @@ export class VcpuRunner {
         return;
       }
       if (exit.kind === 'paused') {
+        if (this.staleParkReports > 0) {
+          // The report of a park that a resume() has already ended: the thread runs. A pause
+          // waiting meanwhile asks again, and resolves on the report of the park it gets.
+          this.staleParkReports--;
+          if (this.pausedResolve) this.vcpu.requestPause();
+          return;
+        }
         this.parked = true;
         this.pausedResolve?.();
         this.pausedResolve = undefined;
@@ -64,8 +73,11 @@ export class VcpuRunner {
   }
 
   resume(): void {
+    // A thread that parked without this side having taken its report yet (the throttle parks
+    // and resumes on timers, the JavaScript thread may be busy in between): that report, when
+    // it comes, is of a park already over, and must not mark the thread parked.
+    if (this.vcpu.resume() && !this.parked) this.staleParkReports++;
     this.parked = false;
-    this.vcpu.resume();
   }
 
   /** End the thread; resolves once it has reported 'stopped'. */

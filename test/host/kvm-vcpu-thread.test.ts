@@ -256,3 +256,32 @@ test('VcpuRunner: a vCPU parked before its first run stops cleanly', async (t) =
     vm.close();
   }
 });
+
+test('VcpuRunner: a resume that overtakes the report of a park (as auto-converge\'s throttle does) leaves no stale parked state: the next pause waits for the thread', async (t) => {
+  const { vm } = spinVm();
+  const runner = new VcpuRunner(vm.vcpu, () => undefined);
+  const block = new Int32Array(new SharedArrayBuffer(4));
+  try {
+    runner.start();
+    await sleep(50);
+    for (let i = 0; i < 10; i++) {
+      // What the throttle does each period: park the thread, resume it a moment later; here the
+      // resume comes while this thread is too busy to have taken the thread's 'paused' report.
+      vm.vcpu.requestPause();
+      Atomics.wait(block, 0, 0, 20);
+      runner.resume();
+      await sleep(5);
+      // A pause now (a migration's final one) must wait until the thread has parked again.
+      const outcome = await Promise.race([runner.pause().then(() => 'paused'), sleep(5000).then(() => 'hung')]);
+      t.is(outcome, 'paused', `round ${i}`);
+      t.notThrows(() => vm.vcpu.getRegs(), `round ${i}: the vCPU is parked, its state readable`);
+      runner.resume();
+      await sleep(5);
+    }
+  } finally {
+    vm.mem.writeU8(FLAG, 1);
+    runner.resume();
+    await runner.stop();
+    vm.close();
+  }
+});
