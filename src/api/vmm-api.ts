@@ -15,7 +15,7 @@ import { checkBody, checkVmConfig, deviceIds as deviceIdsOf } from './request-bo
 import { diskIdOf, netIdOf } from '../devices/virtio/vm-devices';
 import { netConfigProblem, withoutHeldFds } from '../config/net-config';
 import { native } from '../native/kvm';
-import { adoptTaps, restoredCardsOnTaps } from '../vmm/net-backend';
+import { restoredCardsOnTaps, tapNameOf } from '../vmm/net-backend';
 import {
   ConsoleConfigSchema,
   DiskConfigSchema,
@@ -257,9 +257,7 @@ export class VmmApi {
   /** A card on taps this process holds, named after the tap they are queues of (400 when they are no such taps). */
   private namedAfterTap(net: NetConfig, id: string, outer: string): NetConfig {
     try {
-      const tap = adoptTaps(net.fds!, id);
-      tap.fds.forEach((fd) => native().closeFd(fd));
-      return { ...net, tap: tap.name };
+      return { ...net, tap: tapNameOf(net.fds!, id) };
     } catch (e) {
       throw new ApiError(400, [outer, (e as Error).message]);
     }

@@ -117,10 +117,19 @@ export function restoredCardsOnTaps(handed: readonly { id: string; fds: number[]
     .filter((e) => e.fds.length)
     .map((e) => {
       if (named.some((n) => n.id === e.id)) throw new NetConfigError(`net device '${e.id}' is given both in net and in net_fds`);
-      const tap = adoptTaps(e.fds, e.id);
-      tap.fds.forEach((fd) => native().closeFd(fd));
-      return { id: e.id, tap: tap.name, fds: e.fds };
+      return { id: e.id, tap: tapNameOf(e.fds, e.id), fds: e.fds };
     });
+}
+
+/**
+ * The name of the tap that `fds` (given to this process) are queues of, checked as adoptTaps
+ * checks them; the card they are for is named after it and opens them when it starts. Throws
+ * NetConfigError; the fds stay open.
+ */
+export function tapNameOf(fds: readonly number[], id: string): string {
+  const tap = adoptTaps(fds, id);
+  tap.fds.forEach((fd) => native().closeFd(fd));
+  return tap.name;
 }
 
 /**
