@@ -118,7 +118,9 @@ function buildTernSnapshot() {
   const cpu = cpuFlags();
   const key = require('node:crypto').createHash('sha256').update(cpu).digest('hex').slice(0, 16);
   const dir = process.env.TERN_STARTUP_SNAPSHOT_DIR || bin;
-  fs.mkdirSync(dir, { recursive: true });
+  // (a directory of the machine's own is only this user's to write: the launcher runs what is
+  // in it, and ignores one that is not)
+  if (dir !== bin) fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const blob = path.join(dir, `tern.${key}.blob`);
   const stamp = `${blob}.node`;
   const tmp = (f) => `${f}.tmp-${process.pid}`;
@@ -160,7 +162,16 @@ function writeLauncher() {
 bin=$(dirname "$(readlink -f "$0")")
 node=$(command -v node) || { echo "tern: node is not on the PATH" >&2; exit 127; }
 here=
-for stamp in \${TERN_STARTUP_SNAPSHOT_DIR:+"$TERN_STARTUP_SNAPSHOT_DIR"/tern.*.blob.node} "$bin"/tern.*.blob.node; do
+# A snapshot directory of the machine's own counts only if this user owns it and nobody else
+# may write to it: what is in it runs as this user.
+own=
+if [ -n "$TERN_STARTUP_SNAPSHOT_DIR" ] && [ -d "$TERN_STARTUP_SNAPSHOT_DIR" ] && [ -O "$TERN_STARTUP_SNAPSHOT_DIR" ]; then
+  case $(stat -c %a "$TERN_STARTUP_SNAPSHOT_DIR") in
+    *[2367]? | *[2367]) ;;
+    *) own=$TERN_STARTUP_SNAPSHOT_DIR ;;
+  esac
+fi
+for stamp in \${own:+"$own"/tern.*.blob.node} "$bin"/tern.*.blob.node; do
   [ -r "$stamp" ] && [ -r "\${stamp%.node}" ] || continue
   if [ -z "$here" ]; then
     node=$(readlink -f "$node")

@@ -163,7 +163,7 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
   }
 });
 
-test.serial('a startup snapshot kept outside a read-only build (TERN_STARTUP_SNAPSHOT_DIR) is used, and not once the bundle it was made of changed', async (t) => {
+test.serial('a startup snapshot kept outside a read-only build (TERN_STARTUP_SNAPSHOT_DIR) is used; not from a directory others may write to, nor once the bundle it was made of changed', async (t) => {
   const copy = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-bin-'));
   const own = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-own-'));
   try {
@@ -189,6 +189,13 @@ test.serial('a startup snapshot kept outside a read-only build (TERN_STARTUP_SNA
         fs.rmSync(vmm.dir, { recursive: true, force: true });
       }
     };
+    t.is(await blobUsed(), path.join(own, blob));
+    // A directory others may write to is not the machine's own: what is in it is not run.
+    for (const mode of [0o770, 0o707]) {
+      fs.chmodSync(own, mode);
+      t.is(await blobUsed(), undefined, `a snapshot directory of mode ${mode.toString(8)} is ignored`);
+    }
+    fs.chmodSync(own, 0o700);
     t.is(await blobUsed(), path.join(own, blob));
     // A new build of the bundle (here: the same bytes, a new time) makes that snapshot stale.
     const later = new Date(Date.now() + 5000);
