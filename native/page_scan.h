@@ -4,7 +4,7 @@
 
 namespace tern {
 
-// Registers zeroPages on `exports`.
+// Registers zeroPages and dirtyRuns on `exports`.
 void InitPageScan(Napi::Env env, Napi::Object exports);
 
 }  // namespace tern

@@ -18,7 +18,7 @@ import type { PauseTiming } from '../vmm/machine';
 import { FrameChannel, MigrationPeerError } from './frame-channel';
 import { FrameType, encodeJsonFrame } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, type Hello } from './handshake';
-import { MemoryFrameBuilder, PAGE, addAllNonZeroPages, addDirtyPages, countDirtyPages, unionBitmaps } from './memory-frames';
+import { MemoryFrameBuilder, PAGE, addAllNonZeroPages, addDirtyPages, countDirtyPages } from './memory-frames';
 import { MIGRATION_DEFAULTS, type MigrationPhase, type MigrationProgress, type SendMigrationOptions } from './migration-options';
 import { connectMigration, describeAddress, parseMigrationUrl } from './migration-url';
 import { PauseSteps } from './pause-steps';
@@ -276,6 +276,7 @@ export class MigrationSender {
         const mark = (step: string) => pause.mark(step);
         mark('paused');
         const last = this.opts.local ? undefined : machine.dirtyBitmaps();
+        let lastPages: { pages: number; bytes: number; sending_ms: number } | undefined;
         if (last) mark('dirty log read');
         // The destination may be on this host: it takes the images' locks once the final state came.
         machine.releaseDiskLocks();
@@ -285,15 +286,16 @@ export class MigrationSender {
         await this.sendPatches(FrameType.Final, {});
         mark('state sent');
         if (last) {
-          const bitmaps = pending ? unionBitmaps(last, pending) : last;
-          const pages = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush, true));
-          // (no state changes with it: the final state is sent already)
-          this.vm.store.dispatch(migrationEvents.memoryIteration({ id: ++this.iteration, pages: pages.pages, bytes: pages.bytes }));
+          const bitmaps = pending ? [last, pending] : [last];
+          lastPages = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush, true));
           mark('last pages sent');
-          pause.note({ last_pages: pages.pages, last_sending_ms: pages.sending_ms });
+          pause.note({ last_pages: lastPages.pages, last_sending_ms: lastPages.sending_ms });
         }
         await ch.send(FrameType.Complete);
         mark('complete sent');
+        // (no state changes with it, the final state is sent already; and the event's subscribers
+        // run while the destination takes the last pages, not before they go)
+        if (lastPages) this.vm.store.dispatch(migrationEvents.memoryIteration({ id: ++this.iteration, pages: lastPages.pages, bytes: lastPages.bytes }));
         this.phase = 'completing';
         await ch.expect(FrameType.Ready);
         mark('destination ready');
@@ -438,7 +440,7 @@ export class MigrationSender {
       await between();
       if (!this.opts.local) {
         const empty = machine.memory.regions.map((r) => new Uint8Array(Math.ceil(r.size / PAGE / 8)));
-        await addDirtyPages((this.builder ??= new MemoryFrameBuilder()), machine.memory, unionBitmaps(empty, empty), async () => undefined);
+        await addDirtyPages((this.builder ??= new MemoryFrameBuilder()), machine.memory, [empty, empty], async () => undefined);
       }
     } catch (e) {
       if (e instanceof MigrationError) throw e;
@@ -505,7 +507,7 @@ export class MigrationSender {
       }
       this.iteration++;
       roundStart = now;
-      sent = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush));
+      sent = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, [bitmaps], flush));
       this.logRound(sent);
       await this.sendPatches(FrameType.Round, { iteration: this.iteration });
       this.vm.store.dispatch(migrationEvents.memoryIteration({ id: this.iteration, pages: sent.pages, bytes: sent.bytes }));

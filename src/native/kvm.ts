@@ -396,6 +396,11 @@ export interface NativeAddon {
   /** One byte per 4 KiB page of `view` (the last may be partial): 1 where the page is all zero. */
   zeroPages(view: Uint8Array): Uint8Array;
   /**
+   * The runs of pages below `pages` set in any of `bitmaps` (bit p&7 of byte p>>3, as KVM's
+   * dirty log): [firstPage, count] pairs. Each bitmap must cover `pages`.
+   */
+  dirtyRuns(pages: number, bitmaps: readonly Uint8Array[]): Uint32Array;
+  /**
    * Write runs of `view` ([offset in view, length, file position] triples) with pwrite(2), as
    * one task on libuv's thread pool; resolves to the bytes written (fewer only if a write wrote
    * nothing), rejects with the errno of a failed write.

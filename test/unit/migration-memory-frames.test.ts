@@ -1,9 +1,11 @@
 // Round 0 of a migration: only the parts of RAM the backing says hold data are read, and what
-// is sent lands byte for byte in the destination's RAM.
+// is sent lands byte for byte in the destination's RAM; a later round sends the pages its dirty
+// bitmaps mark, found natively (dirtyRuns).
 import test from 'ava';
 
 import { GuestMemory, GuestRegion } from '../../src/memory/guest-memory';
-import { MemoryFrameBuilder, addAllNonZeroPages, addDirtyPages, applyMemoryFrame, unionBitmaps } from '../../src/migration/memory-frames';
+import { MemoryFrameBuilder, addAllNonZeroPages, addDirtyPages, applyMemoryFrame } from '../../src/migration/memory-frames';
+import { native } from '../../src/native/kvm';
 
 const PAGE = 4096;
 
@@ -44,7 +46,7 @@ test('round 0 reads only the populated ranges and the destination gets exactly t
   t.true([0, 2, 5, 100, 199, 201, 255].every(untouched));
 });
 
-test('a later round sends exactly the pages of the union of its dirty bitmaps', async (t) => {
+test('a later round sends exactly the pages set in either of its dirty bitmaps, each once', async (t) => {
   const pages = 8 * 32 + 5; // a bitmap that does not end on a word
   const src = region(pages * PAGE, 0);
   for (let p = 0; p < pages; p++) src.fill(p * PAGE, PAGE, (p % 250) + 1);
@@ -54,7 +56,8 @@ test('a later round sends exactly the pages of the union of its dirty bitmaps', 
     return b;
   };
   const dirty = [0, 31, 32, 63, 64, 100, 200, pages - 1];
-  const bitmaps = unionBitmaps([bitmap(0, 31, 32, 100)], [bitmap(63, 64, 200, pages - 1)]);
+  // (32 and 100 are in both: the final round's last pages and the round before's overlap)
+  const bitmaps = [[bitmap(0, 31, 32, 100)], [bitmap(32, 63, 64, 100, 200, pages - 1)]];
   const b = new MemoryFrameBuilder();
   const frames: Buffer[] = [];
   await addDirtyPages(b, new GuestMemory([src]), bitmaps, async () => {
@@ -70,14 +73,32 @@ test('a later round sends exactly the pages of the union of its dirty bitmaps', 
   }
 });
 
-test('the union of two bitmaps is every bit of either, whatever their length and alignment', (t) => {
-  for (const length of [1, 3, 4, 33, 4096 + 7]) {
-    const a = Uint8Array.from({ length }, (_, i) => (i * 37) & 0xff);
+test('dirtyRuns: the runs of pages set in any bitmap, below the page count, whatever the bitmaps\' alignment', (t) => {
+  const { dirtyRuns } = native();
+  for (const pages of [1, 7, 8, 9, 64, 4096 * 8 + 5]) {
+    const bytes = Math.ceil(pages / 8) + 2; // bits past `pages` are set too, and must be ignored
+    const a = Uint8Array.from({ length: bytes }, (_, i) => (i * 37) & 0xff);
     // `b` starts one byte into its buffer, as a view of a larger read can
-    const b = new Uint8Array(length + 1).subarray(1);
-    b.forEach((_, i) => (b[i] = (i * 91 + 5) & 0xff));
-    const [u] = unionBitmaps([a], [b]);
-    t.deepEqual([...u], [...a].map((x, i) => x | b[i]), `length ${length}`);
-    t.deepEqual([...a], Array.from({ length }, (_, i) => (i * 37) & 0xff), 'the inputs are left as they were');
+    const b = new Uint8Array(bytes + 1).subarray(1);
+    b.forEach((_, i) => (b[i] = (i * 91 + 5) & 0xc3));
+    const want: number[] = [];
+    for (let p = 0; p < pages; ) {
+      const set = (q: number) => ((a[q >> 3] | b[q >> 3]) >> (q & 7)) & 1;
+      if (!set(p)) {
+        p++;
+        continue;
+      }
+      let q = p + 1;
+      while (q < pages && set(q)) q++;
+      want.push(p, q - p);
+      p = q;
+    }
+    t.deepEqual([...dirtyRuns(pages, [a, b])], want, `${pages} pages`);
   }
+  t.deepEqual([...dirtyRuns(64, [new Uint8Array(8)])], [], 'nothing set, no runs');
+  t.deepEqual([...dirtyRuns(16, [Uint8Array.of(0xff, 0xff)])], [0, 16], 'all set, one run');
+  t.deepEqual([...dirtyRuns(16, [])], [], 'no bitmaps, no runs');
+  t.throws(() => dirtyRuns(17, [new Uint8Array(2)]), { instanceOf: RangeError }, 'a bitmap shorter than its pages');
+  t.throws(() => dirtyRuns(1.5, [new Uint8Array(2)]), { instanceOf: RangeError });
+  t.throws(() => dirtyRuns(8, [new Uint16Array(1) as unknown as Uint8Array]), { instanceOf: TypeError });
 });
