@@ -342,14 +342,15 @@ export class Machine {
 
   /**
    * A migration destination, after prepareVcpus(): the state its own new vCPUs and KVM objects
-   * would save, in the store's form. Checking and decoding it while the source still runs the
+   * would save, in the store's form, recording `cpuid` (the source's, so the checks of it take
+   * the path the real state's will). Checking and decoding it while the source still runs the
    * guest compiles the code (validators, codecs) that the pause then runs on the real state.
    */
-  sampleSavedState(): { vcpus: Record<string, SavedVcpuState>; kvm: SavedKvmState } {
+  sampleSavedState(cpuid: readonly CpuidEntry[]): { vcpus: Record<string, SavedVcpuState>; kvm: SavedKvmState } {
     const vcpu = this.earlyRunners[0]?.vcpu;
     if (!this.opts.incoming || !vcpu) throw new Error('sampleSavedState() is for a migration destination with its vCPUs created');
     // (not noteReadableMsrs: this vCPU has no CPUID yet, and would read fewer than the real ones)
-    const state = encodeVcpuState(readVcpuState(vcpu, this.kvm.msrIndexList(), this.kvm.supportedCpuid()));
+    const state = encodeVcpuState(readVcpuState(vcpu, this.kvm.msrIndexList(), [...cpuid]));
     return { vcpus: Object.fromEntries(this.earlyRunners.map((_, id) => [String(id), state])), kvm: this.kvmState(this.vm.getClock()) };
   }
 
@@ -407,44 +408,62 @@ export class Machine {
   }
 
   /** A migration destination: build the vCPUs, devices' host ends and KVM state from the received state. */
-  completeIncoming(state: RootState): void {
+  completeIncoming(state: RootState, mark?: (step: string) => void): void {
     if (!this.opts.incoming || this.incomingBuilt) throw new Error('completeIncoming() is for a migration destination, once');
     this.incomingBuilt = true;
-    this.buildFromState(state);
+    this.buildFromState(state, mark);
   }
 
-  private buildFromState(state: RootState): void {
+  /** `mark`: told as each part is done (a migration's pause steps). */
+  private buildFromState(state: RootState, mark?: (step: string) => void): void {
     const config = withDefaults(state.vm.config as VmConfig);
     // (a migration destination opened it with the config, ahead of the state)
     this.console ??= this.openConsole(config.serial);
     this.restoreVcpus(state);
+    mark?.('vCPUs set');
     this.restoreVmState(state);
+    mark?.('irqchips set');
     // (the store takes this state only once the machine is built: the functions come from it)
     this.attachPciHost(config, state.devices.instances[PCI_SEGMENT_ID] as PciSegmentState | undefined);
   }
 
   /**
+   * A migration destination, after openBackends(): attach the PCI functions' host side as the
+   * state received so far has them (checked, not yet final). Each doorbell's ioeventfd costs
+   * KVM a wait for its readers (an SRCU grace period), which the emulated lab stretched to
+   * tens of milliseconds in all; the final state's build then only changes what moved since.
+   * Nothing runs on them before the VM is started: no vCPU rings a doorbell, no queue serves.
+   */
+  prepareDevices(state: RootState, config: VmConfig): void {
+    if (!this.opts.incoming || this.incomingBuilt) throw new Error('prepareDevices() is for a migration destination, before completeIncoming()');
+    this.attachPciHost(withDefaults(config), state.devices.instances[PCI_SEGMENT_ID] as PciSegmentState | undefined);
+  }
+
+  /**
    * The host side of the PCI functions in the store: MSI-X routes and irqfds as the guest
-   * programmed them, queue doorbells where their BARs decode, and the devices' workers.
+   * programmed them, queue doorbells where their BARs decode, and the devices' workers. Once
+   * attached (prepareDevices), a second call brings routes and doorbells up to `segment`.
    */
   private attachPciHost(config: VmConfig & { console: ConsoleConfig }, segment = this.pciSegment()): void {
     if (segment) checkBackendsFit(segment, this.backends);
-    this.msi = new MsiRouting(this.vm, pciFunctionModels);
+    this.msi ??= new MsiRouting(this.vm, pciFunctionModels);
     this.msi.sync(segment);
-    const workers = new Map(this.backends?.workers ?? []);
-    if (segment && pciSlotOfDevice(segment, VIRTIO_CONSOLE_ID) !== undefined) {
-      this.hvc = this.openHvc(config);
-      workers.set(VIRTIO_CONSOLE_ID, consoleWorker(this.hvc));
+    if (!this.virtio) {
+      const workers = new Map(this.backends?.workers ?? []);
+      if (segment && pciSlotOfDevice(segment, VIRTIO_CONSOLE_ID) !== undefined) {
+        this.hvc = this.openHvc(config);
+        workers.set(VIRTIO_CONSOLE_ID, consoleWorker(this.hvc));
+      }
+      this.virtio = new VirtioQueues({
+        store: this.opts.store,
+        vm: this.vm,
+        memory: this.memory,
+        guestLog: this.opts.guestLog,
+        workers,
+        runEffects: (effects) => this.runEffects(effects),
+        irqfdOf: (device, vector) => this.msi?.irqfd(device, vector),
+      });
     }
-    this.virtio = new VirtioQueues({
-      store: this.opts.store,
-      vm: this.vm,
-      memory: this.memory,
-      guestLog: this.opts.guestLog,
-      workers,
-      runEffects: (effects) => this.runEffects(effects),
-      irqfdOf: (device, vector) => this.msi?.irqfd(device, vector),
-    });
     this.virtio.syncDoorbells(segment);
   }
 
