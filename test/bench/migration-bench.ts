@@ -40,6 +40,8 @@ const PROFILE = process.env.TERN_BENCH_MIGRATION_PROFILE === '1';
 const NODE_ARGS = (process.env.TERN_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
 /** TERN_BENCH_MIGRATION_CASES: a comma list of case names (default all). */
 const CASES = process.env.TERN_BENCH_MIGRATION_CASES?.split(',');
+/** TERN_BENCH_MIGRATION_REPEAT: migrations of each case per VMM, tern's and QEMU's taking turns; the table gives medians. */
+const REPEAT = Math.max(1, Number(process.env.TERN_BENCH_MIGRATION_REPEAT ?? 1) || 1);
 
 interface Case {
   name: string;
@@ -381,13 +383,21 @@ const fmtMiB = (v?: number) => (v === undefined ? '-' : `${(v / MIB).toFixed(0)}
 const fmtN = (v?: number) => (v === undefined ? '-' : String(v));
 const ratio = (a?: number, b?: number) => (a === undefined || b === undefined || !b || Number.isNaN(a) || Number.isNaN(b) ? '' : (a / b).toFixed(2));
 
-function table(results: { c: Case; tern?: Measured; qemu?: Measured }[]): string {
+/** The median of the runs that did not fail; undefined when none has the value. */
+function median(runs: Measured[], f: (m: Measured) => number | undefined): number | undefined {
+  const v = runs.filter((m) => !m.error).map(f).filter((x): x is number => x !== undefined && !Number.isNaN(x)).sort((a, b) => a - b);
+  if (!v.length) return undefined;
+  return v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2;
+}
+
+function table(results: CaseResults[]): string {
   const rows = ['| metric | guest | tern | QEMU | tern/QEMU |', '|---|---|---|---|---|'];
   for (const { c, tern, qemu } of results) {
     const g = `${c.name} (${c.memMiB} MiB${c.fileMiB ? `, ${c.fileMiB} MiB rewritten` : ', idle'}${c.local ? ', tern local fds' : ''})`;
+    const cell = (runs: Measured[], v: number | undefined, fmt: (v?: number) => string) => (runs.length && runs.every((m) => m.error) ? 'failed' : fmt(v));
     const row = (metric: string, f: (m: Measured) => number | undefined, fmt: (v?: number) => string) => {
-      const [a, b] = [tern && !tern.error ? f(tern) : undefined, qemu && !qemu.error ? f(qemu) : undefined];
-      rows.push(`| ${metric} | ${g} | ${tern?.error ? 'failed' : fmt(a)} | ${c.local ? 'n/a' : qemu?.error ? 'failed' : fmt(b)} | ${ratio(a, b)} |`);
+      const [a, b] = [median(tern, f), median(qemu, f)];
+      rows.push(`| ${metric} | ${g} | ${cell(tern, a, fmt)} | ${c.local ? 'n/a' : cell(qemu, b, fmt)} | ${ratio(a, b)} |`);
     };
     row('total time (VMM-reported)', (m) => m.totalMs, fmtMs);
     row('downtime (VMM-reported)', (m) => m.downtimeMs, fmtMs);
@@ -400,31 +410,40 @@ function table(results: { c: Case; tern?: Measured; qemu?: Measured }[]): string
   return rows.join('\n');
 }
 
+interface CaseResults {
+  c: Case;
+  tern: Measured[];
+  qemu: Measured[];
+}
+
 async function main(): Promise<void> {
   const cases = ALL_CASES.filter((c) => !CASES || CASES.includes(c.name));
-  const results: { c: Case; tern?: Measured; qemu?: Measured }[] = [];
+  const results: CaseResults[] = [];
   let failed = false;
   for (const c of cases) {
-    const r: { c: Case; tern?: Measured; qemu?: Measured } = { c };
-    for (const vmm of VMMS) {
-      if (vmm === 'qemu' && c.local) continue;
-      const work = fs.mkdtempSync(path.join(os.tmpdir(), `tern-migbench-${vmm}-`));
-      process.stdout.write(`migration bench: ${c.name} under ${vmm}\n`);
-      try {
-        r[vmm as 'tern' | 'qemu'] = vmm === 'tern' ? await benchTern(work, c) : await benchQemu(work, c);
-      } catch (e) {
-        r[vmm as 'tern' | 'qemu'] = { hostGapMs: NaN, guestGapMs: NaN, faults: [], error: withoutGcLines((e as Error).message).slice(-6000) };
-      } finally {
-        fs.rmSync(work, { recursive: true, force: true });
+    const r: CaseResults = { c, tern: [], qemu: [] };
+    for (let run = 1; run <= REPEAT; run++) {
+      for (const vmm of VMMS) {
+        if (vmm === 'qemu' && c.local) continue;
+        const work = fs.mkdtempSync(path.join(os.tmpdir(), `tern-migbench-${vmm}-`));
+        process.stdout.write(`migration bench: ${c.name} under ${vmm}${REPEAT > 1 ? `, run ${run} of ${REPEAT}` : ''}\n`);
+        let m: Measured;
+        try {
+          m = vmm === 'tern' ? await benchTern(work, c) : await benchQemu(work, c);
+        } catch (e) {
+          m = { hostGapMs: NaN, guestGapMs: NaN, faults: [], error: withoutGcLines((e as Error).message).slice(-6000) };
+        } finally {
+          fs.rmSync(work, { recursive: true, force: true });
+        }
+        r[vmm as 'tern' | 'qemu'].push(m);
+        if (m.error) failed = true;
+        if (m.faults.length) failed = true;
+        process.stdout.write(`  ${vmm} ${c.name}: ${m.error ? `FAILED: ${m.error}` : JSON.stringify(m)}\n`);
       }
-      const m = r[vmm as 'tern' | 'qemu']!;
-      if (m.error) failed = true;
-      if (m.faults.length) failed = true;
-      process.stdout.write(`  ${vmm} ${c.name}: ${m.error ? `FAILED: ${m.error}` : JSON.stringify(m)}\n`);
     }
     results.push(r);
   }
-  process.stdout.write(`\nMIGRATION-BENCH-TABLE (one migration each)\n${table(results)}\n`);
+  process.stdout.write(`\nMIGRATION-BENCH-TABLE (${REPEAT > 1 ? `median of ${REPEAT} migrations each` : 'one migration each'})\n${table(results)}\n`);
   process.stdout.write(
     `guest: Debian bzImage, ${CPUS} vCPUs, busybox initramfs, scripts/guest/migration-workload; tern and QEMU microvm over TCP on the lab's loopback; ` +
       `QEMU set to tern's default downtime limit (downtime-limit ${DOWNTIME_LIMIT_MS} ms) and to max-bandwidth ${QEMU_MAX_BANDWIDTH / MIB / 1024} GiB/s (its default limits the link)\n`,
