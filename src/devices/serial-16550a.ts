@@ -71,10 +71,6 @@ const MCR = 4;
 const LSR = 5;
 const MSR = 6;
 const SCR = 7;
-/** Register offsets the guest's console driver uses most (a byte out, the status it polls). */
-export const UART_THR = RBR_THR_DLL;
-export const UART_IIR = IIR_FCR;
-export const UART_LSR = LSR;
 
 // IER
 export const IER_RDA = 0x01;

@@ -14,7 +14,6 @@ import {
   applyStatePatchesInPlace,
   decodeVcpuState,
   migrationEvents,
-  rehearseConsoleIo,
   upgradeState,
   validateState,
   type RamRegionState,
@@ -93,8 +92,6 @@ function checkPatches(raw: unknown, where: string): StatePatch[] {
 
 /** Runs of the final checks while the state is new (rehearseFinalChecks), before any memory moves. */
 const FINAL_CHECK_REHEARSALS = 10;
-/** Console UART accesses served on a throwaway store before the VM runs here (rehearseConsoleIo). */
-const CONSOLE_IO_REHEARSALS = 200;
 
 export class MigrationReceiver {
   private phase: MigrationPhase = 'listening';
@@ -287,11 +284,6 @@ export class MigrationReceiver {
     // (the state was checked just now; the final state's build brings these up to date)
     this.machine.prepareDevices(upgraded, config);
     await this.rehearseFinalChecks(upgraded, config, hello, FINAL_CHECK_REHEARSALS);
-    // (in parts: the memory frames queued meanwhile are not kept waiting for all of it)
-    for (let i = 0; i < CONSOLE_IO_REHEARSALS; i += 50) {
-      rehearseConsoleIo(upgraded, 50);
-      await new Promise<void>((r) => setImmediate(r));
-    }
     // The source pauses the guest only after this: the rehearsal above is work its pause
     // would otherwise wait for (a local migration has no memory rounds to hide it behind).
     await ch.sendJson(FrameType.Prepared, {});

@@ -8,8 +8,7 @@ import { deviceModels } from '../devices/index';
 import type { RootState } from './root';
 import { eventCreator, type EventCreator, type EventInput } from './slice';
 import { BusEvents } from './slices/bus';
-import { SERIAL_KIND, UART_IIR, UART_LSR, UART_THR } from '../devices/serial-16550a';
-import { createStore, type DispatchResult, type Store } from './store';
+import type { DispatchResult, Store } from './store';
 
 export type { BusAccess };
 
@@ -39,23 +38,4 @@ export function ioEvent(state: Pick<RootState, 'bus' | 'devices'>, access: BusAc
 /** Route and dispatch one guest access. */
 export function dispatchIo(store: Store<RootState>, access: BusAccess): DispatchResult {
   return store.dispatch(ioEvent(store.getState(), access));
-}
-
-/**
- * Serve `rounds` of a console UART's usual accesses (a byte written, the line and interrupt
- * status read) on a throwaway store holding a copy of `state`, whose effects are dropped. A
- * migration destination runs this while memory arrives: it has never served a guest exit, and
- * V8 would otherwise compile the path every console byte takes while the guest waits on it.
- */
-export function rehearseConsoleIo(state: RootState, rounds: number): void {
-  const uart = state.bus.pio.find((r) => state.devices.instances[r.device]?.kind === SERIAL_KIND && r.deviceOffset === 0);
-  if (!uart) return;
-  const store = createStore({ preloadedState: structuredClone(state), preloadedFromStore: true });
-  const access = (direction: 'read' | 'write', offset: number, data: number) =>
-    dispatchIo(store, { space: 'pio', direction, address: uart.base + offset, size: 1, data, nowNs: Date.now() * 1e6 });
-  for (let i = 0; i < rounds; i++) {
-    access('write', UART_THR, 0x2e);
-    access('read', UART_LSR, 0);
-    access('read', UART_IIR, 0);
-  }
 }

@@ -4,7 +4,7 @@ import { serialDevice, serialInputEvent } from '../../src/devices/serial-16550a'
 import { i8042Device } from '../../src/devices/i8042';
 import type { EventTimestamp } from '../../src/state/clock';
 import { DeviceConflictError, UnknownDeviceError } from '../../src/state/errors';
-import { dispatchIo, ioEvent, rehearseConsoleIo } from '../../src/state/io';
+import { dispatchIo, ioEvent } from '../../src/state/io';
 import { applyStatePatches, applyStatePatchesInPlace, diffState, produceStateWithPatches, type StatePatch, type StatePatchSet } from '../../src/state/patches';
 import { Type } from '@sinclair/typebox';
 import { createSlice, pure, type EventInput, type StoreEvent } from '../../src/state/slice';
@@ -300,16 +300,4 @@ test('a store preloaded from another store\'s state takes it as it is; any other
   copy.dispatch(vmEvents.pausing());
   t.is(copy.getState().vm.pending, 'Pausing', 'the copy runs the same reducers');
   t.is(live.vm.pending, null, 'and leaves the state it was made from alone');
-});
-
-test('rehearseConsoleIo serves the UART on a copy: the state it was given and its store stay as they were', (t) => {
-  const store = populatedStore();
-  const events: StoreEvent[] = [];
-  store.events$.subscribe((e) => events.push(e));
-  // (not frozen: a migration destination's shadow state is a plain parsed object)
-  const state = structuredClone(store.getState());
-  const before = structuredClone(state);
-  rehearseConsoleIo(state, 20);
-  t.deepEqual(state, before, 'the bytes it wrote were counted on the copy only');
-  t.deepEqual(events, [], 'nothing reached the real store');
 });
