@@ -4,6 +4,7 @@
 // native side reports is KVM's log OR what the VMM itself wrote.
 
 import fs from 'node:fs';
+import { native } from '../native/kvm';
 
 /** A guest physical address. Plain number: guest RAM stays far below 2^53. */
 export type GuestAddress = number;
@@ -128,6 +129,30 @@ export class GuestRegion {
       done += n;
     }
     this.markDirty(offset, data.length);
+  }
+
+  /**
+   * writeBulk() of several spans of `data` at once, `runs` being [offset in data, length, offset
+   * in the region] triples: through the backing file as one task on libuv's thread pool, so
+   * the JavaScript thread goes on meanwhile (a migration destination reads the next frame).
+   * `data` must not change until the promise settles; the caller orders overlapping writes.
+   */
+  async writeBulkRuns(data: Uint8Array, runs: Float64Array): Promise<void> {
+    let total = 0;
+    for (let i = 0; i + 2 < runs.length; i += 3) {
+      const [from, len, at] = [runs[i], runs[i + 1], runs[i + 2]];
+      if (from < 0 || len < 0 || from + len > data.length || at < 0 || at + len > this.size) {
+        throw new GuestMemoryError(`bulk write 0x${at.toString(16)}+${len} outside the region or its data`);
+      }
+      total += len;
+    }
+    if (this.backingFd === undefined) {
+      for (let i = 0; i + 2 < runs.length; i += 3) this.write(runs[i + 2], data.subarray(runs[i], runs[i] + runs[i + 1]));
+      return;
+    }
+    for (let i = 0; i + 2 < runs.length; i += 3) this.markDirty(runs[i + 2], runs[i + 1]);
+    const written = await native().pwriteRuns(this.backingFd, data, runs);
+    if (written !== total) throw new GuestMemoryError(`short write into guest RAM (${written} of ${total} bytes)`);
   }
 
   fill(offset: number, len: number, value = 0): void {

@@ -27,7 +27,7 @@ import { FrameChannel } from './frame-channel';
 import { PauseSteps } from './pause-steps';
 import { FrameType, MigrationProtocolError, frameJson } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, checkHello, type Hello } from './handshake';
-import { applyMemoryFrame } from './memory-frames';
+import { MemoryFrameWriter } from './memory-frames';
 import type { MigrationPhase, MigrationProgress, ReceiveMigrationOptions } from './migration-options';
 import { describeAddress, listenMigration, parseMigrationUrl } from './migration-url';
 import { receivePreamble } from './preamble';
@@ -101,6 +101,8 @@ export class MigrationReceiver {
   private machine?: IncomingMachine;
   private fds: number[] = [];
   private iteration = 0;
+  /** writes the Memory frames into RAM behind the reading of the next ones */
+  private ramWriter?: MemoryFrameWriter;
   /** the state this machine's own vCPUs and KVM objects would save (rehearseFinalChecks) */
   private sample?: { vcpus: Record<string, SavedVcpuState>; kvm: SavedKvmState };
   private error?: string;
@@ -199,6 +201,8 @@ export class MigrationReceiver {
   }
 
   private async discard(): Promise<void> {
+    // (RAM writes still running use the machine's memfds: they end before it is released)
+    await this.ramWriter?.drain().catch(() => undefined);
     const m = this.machine;
     this.machine = undefined;
     await m?.destroy().catch((err) => this.vm.log.error({ err }, 'releasing the half-received VM failed'));
@@ -291,14 +295,14 @@ export class MigrationReceiver {
     let steps: PauseSteps | undefined;
     let built: RootState | undefined;
     let roundStart = performance.now();
-    let applyMs = 0;
+    let ramWaitMs = 0;
     for (;;) {
       const f = await ch.next();
       if (f.type === FrameType.Memory) {
         if (hello.local) throw error('Memory frame in a local migration');
         const t = performance.now();
-        applyMemoryFrame(this.machine.memory, f.payload);
-        applyMs += performance.now() - t;
+        await (this.ramWriter ??= new MemoryFrameWriter(this.machine.memory)).add(f.payload);
+        ramWaitMs += performance.now() - t;
       } else if (built && (f.type === FrameType.Round || f.type === FrameType.Final)) {
         throw error(`${FrameType[f.type]} frame after the Final frame`);
       } else if (f.type === FrameType.Round || f.type === FrameType.Final) {
@@ -317,13 +321,13 @@ export class MigrationReceiver {
           // (building touches no guest RAM), and the source scans and sends them meanwhile.
           built = await this.build(shadow, config, hello, steps);
         } else {
-          // (where a round's time goes: writing pages into RAM here, or waiting for the source)
-          this.vm.log.debug({ round: this.iteration, ms: Math.round(performance.now() - roundStart), apply_ms: Math.round(applyMs) }, 'migration: round received');
+          // (where a round's time goes: waiting to write pages into RAM here, or waiting for the source)
+          this.vm.log.debug({ round: this.iteration, ms: Math.round(performance.now() - roundStart), ram_wait_ms: Math.round(ramWaitMs) }, 'migration: round received');
           // (each round may be the last before the pause: the checks stay compiled, on the state as it now is)
           await this.rehearseFinalChecks(shadow, config, hello, 1);
           this.iteration++;
           roundStart = performance.now();
-          applyMs = 0;
+          ramWaitMs = 0;
         }
       } else if (f.type === FrameType.Complete) {
         break;
@@ -335,6 +339,8 @@ export class MigrationReceiver {
     try {
       if (!built) throw error('Complete frame before the Final frame');
       steps?.mark('complete received');
+      await this.ramWriter?.drain();
+      steps?.mark('pages written');
       await this.run(ch, built, steps);
     } finally {
       steps?.log(this.vm.log, 'destination');

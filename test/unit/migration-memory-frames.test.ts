@@ -1,10 +1,14 @@
 // Round 0 of a migration: only the parts of RAM the backing says hold data are read, and what
 // is sent lands byte for byte in the destination's RAM; a later round sends the pages its dirty
 // bitmaps mark, found natively (dirtyRuns).
-import test from 'ava';
+import test, { type ExecutionContext } from 'ava';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 
 import { GuestMemory, GuestRegion } from '../../src/memory/guest-memory';
-import { MemoryFrameBuilder, addAllNonZeroPages, addDirtyPages, applyMemoryFrame } from '../../src/migration/memory-frames';
+import { MemoryFrameBuilder, MemoryFrameWriter, addAllNonZeroPages, addDirtyPages } from '../../src/migration/memory-frames';
+import { MigrationProtocolError } from '../../src/migration/frames';
 import { native } from '../../src/native/kvm';
 
 const PAGE = 4096;
@@ -38,7 +42,10 @@ test('round 0 reads only the populated ranges and the destination gets exactly t
 
   const dstRegion = region(size, 0);
   const dst = new GuestMemory([dstRegion]);
-  const pages = frames.reduce((n, f) => n + applyMemoryFrame(dst, f), 0);
+  const writer = new MemoryFrameWriter(dst);
+  let pages = 0;
+  for (const f of frames) pages += await writer.add(f);
+  await writer.drain();
   t.is(pages, 3);
   const sent = (p: number) => dstRegion.read(p * PAGE, PAGE).every((v) => v === 0x5a);
   const untouched = (p: number) => dstRegion.read(p * PAGE, PAGE).every((v) => v === 0);
@@ -66,7 +73,11 @@ test('a later round sends exactly the pages set in either of its dirty bitmaps, 
   if (!b.empty) frames.push(Buffer.from(b.take()));
   const dstRegion = region(pages * PAGE, 0);
   const dst = new GuestMemory([dstRegion]);
-  t.is(frames.reduce((n, f) => n + applyMemoryFrame(dst, f), 0), dirty.length);
+  const writer = new MemoryFrameWriter(dst);
+  let written = 0;
+  for (const f of frames) written += await writer.add(f);
+  await writer.drain();
+  t.is(written, dirty.length);
   for (let p = 0; p < pages; p++) {
     const want = dirty.includes(p) ? (p % 250) + 1 : 0;
     t.true(dstRegion.read(p * PAGE, PAGE).every((v) => v === want), `page ${p}`);
@@ -101,4 +112,46 @@ test('dirtyRuns: the runs of pages set in any bitmap, below the page count, what
   t.throws(() => dirtyRuns(17, [new Uint8Array(2)]), { instanceOf: RangeError }, 'a bitmap shorter than its pages');
   t.throws(() => dirtyRuns(1.5, [new Uint8Array(2)]), { instanceOf: RangeError });
   t.throws(() => dirtyRuns(8, [new Uint16Array(1) as unknown as Uint8Array]), { instanceOf: TypeError });
+});
+
+/** A region whose bulk writes go to a file (as a memfd's do), read back from that file. */
+function fileRegion(t: ExecutionContext, pages: number, flags = 'w+'): { region: GuestRegion; page(p: number): Buffer } {
+  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'tern-frames-')), 'ram');
+  const fd = fs.openSync(file, flags === 'r' ? 'w+' : flags);
+  fs.ftruncateSync(fd, pages * PAGE);
+  const backingFd = flags === 'r' ? (fs.closeSync(fd), fs.openSync(file, 'r')) : fd;
+  t.teardown(() => fs.closeSync(backingFd));
+  const region = new GuestRegion({ guestAddress: 0x10_0000, size: pages * PAGE, chunks: [new ArrayBuffer(pages * PAGE)], chunkSize: pages * PAGE, backingFd });
+  return { region, page: (p) => fs.readFileSync(file).subarray(p * PAGE, (p + 1) * PAGE) };
+}
+
+function frameOf(records: [page: number, fill: number][]): Buffer {
+  const b = new MemoryFrameBuilder();
+  for (const [p, fill] of records) b.addData(0x10_0000 + p * PAGE, new Uint8Array(PAGE).fill(fill));
+  return Buffer.from(b.take());
+}
+
+test('the frame writer writes through the backing file, and a page sent again lands after its earlier copy', async (t) => {
+  const { region, page } = fileRegion(t, 8);
+  const writer = new MemoryFrameWriter(new GuestMemory([region]), 1);
+  // (one page rewritten in each of many frames, more than may wait at once: only the last copy may remain)
+  for (let round = 1; round <= 20; round++) t.is(await writer.add(frameOf([[2, round], [5, 100 + round]])), 2);
+  await writer.drain();
+  t.true(page(2).every((v) => v === 20), 'page 2 holds the last round\'s copy');
+  t.true(page(5).every((v) => v === 120), 'page 5 holds the last round\'s copy');
+  t.true(page(0).every((v) => v === 0), 'a page never sent stays zero');
+});
+
+test('the frame writer refuses a frame outside RAM before writing it, and reports a failed write at the next frame or drain', async (t) => {
+  const { region, page } = fileRegion(t, 4);
+  const writer = new MemoryFrameWriter(new GuestMemory([region]));
+  await t.throwsAsync(writer.add(frameOf([[1, 7], [4, 7]])), { instanceOf: MigrationProtocolError });
+  await writer.drain();
+  t.true(page(1).every((v) => v === 0), 'nothing of the refused frame was written');
+
+  const ro = fileRegion(t, 4, 'r');
+  const failing = new MemoryFrameWriter(new GuestMemory([ro.region]));
+  await failing.add(frameOf([[1, 7]])).catch(() => undefined);
+  await t.throwsAsync(failing.drain(), { message: /EBADF/ });
+  await t.throwsAsync(failing.add(frameOf([[2, 7]])), { message: /EBADF/ }, 'and every frame after it');
 });
