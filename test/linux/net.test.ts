@@ -7,7 +7,8 @@
 // it to a third VMM that opens the same tap beside it; the one connection goes on throughout.
 // A second guest migrates with its card over TCP from one network namespace to another (two
 // "hosts"): the receiving host makes the tap again, and the guest reaches that host over it.
-// (The 100 MiB transfers in each direction are in net-transfer.test.ts.)
+// (The 100 MiB transfers in each direction are in test/acceptance/net.test.ts,
+// `npm run test:net-lab`.)
 import test from 'ava';
 import dgram from 'node:dgram';
 import fs from 'node:fs';

@@ -1,15 +1,17 @@
-// Lab tier: virtio-net on a tap under a real Debian kernel, moving bulk data. Tern creates the
-// tap and gives its host side an address; the guest's virtio_net driver brings up eth0, pings
-// the host, and moves 100 MiB each way over TCP to servers in this test, which compare
-// checksums; the card counts the bytes.
+// Acceptance (lab): virtio-net on a tap under a real Debian kernel. Tern creates the tap and
+// gives its host side an address; the guest's virtio_net driver brings up eth0, pings the host,
+// and moves 100 MiB each way over TCP to servers in this test, which compare checksums; the
+// card counts the bytes. Not in npm test: in one of seven lab runs the guest kernel took a
+// double fault in its exception entry with a user stack (the nested lab's emulated SVM, as in
+// the migration acceptance run); `npm run test:net-lab` runs it.
 import test from 'ava';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { guestCmdline } from '../lab/qemu-peer';
 import { ternRemote, waitForPath } from '../support/processes';
-import { GuestProcess, fixture } from './guest-process';
-import { GUEST_IP, GUEST_MAC, HOST_IP, TAP, receiver, sender, within } from './net-peer';
+import { GuestProcess, fixture } from '../linux/guest-process';
+import { GUEST_IP, GUEST_MAC, HOST_IP, TAP, receiver, sender, within } from '../linux/net-peer';
 
 const BOOT_TIMEOUT = 240_000;
 const TRANSFER_TIMEOUT = 180_000;
