@@ -56,7 +56,13 @@ test.serial('virtio-net: the guest pings the tap, moves 100 MiB each way over TC
     vm.type('go\n');
     const started = Date.now();
     // (the guest's nc may be done while its last bytes are still on the way: they get a while more)
-    const got = await Promise.race([toHost.done, vm.waitFor(/^TOHOST-DONE\r?$/m, TRANSFER_TIMEOUT).then(() => within(toHost.done, 60_000, 'the last bytes from the guest', vm))]);
+    const got = await Promise.race([toHost.done, vm.waitFor(/^TOHOST-DONE\r?$/m, TRANSFER_TIMEOUT).then(() => within(toHost.done, 60_000, 'the last bytes from the guest', vm))]).catch(
+      async (e: unknown) => {
+        // (a transfer that stalls: what the card had moved by then tells which side stopped)
+        t.log(`counters when the transfer to the host gave up: ${await ternRemote(socket, 'counters').catch((c: unknown) => String(c))}`);
+        throw e;
+      },
+    );
     t.log(`guest to host: ${((Date.now() - started) / 1000).toFixed(1)} s`);
     t.is(got.bytes, SIZE, 'guest to host: every byte arrived');
     t.is(got.md5, /^TOHOST-SUM ([0-9a-f]{32})/m.exec(vm.output)?.[1] ?? 'no TOHOST-SUM line', 'guest to host: the checksum matches');
