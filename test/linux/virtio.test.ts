@@ -25,18 +25,21 @@ const MIB = 1024 * 1024;
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-linux-virtio-'));
 process.on('exit', () => fs.rmSync(tmp, { recursive: true, force: true }));
 
-// What the guest checks: the PCI function Linux found, the hwrng it registered, 1 MiB read
-// whole, and two reads that differ and do not compress (entropy, not a constant).
+// What the guest checks: the PCI function Linux found, the hwrng it registered, 64 KiB read
+// whole, and two reads that differ and do not compress (entropy, not a constant). Linux asks
+// for 64 bytes per request, one kick and one interrupt each: a MiB is 16,384 round trips,
+// 31 to 55 s in the nested lab (QEMU's: 7 to 12 s), and one CI run spent this test's whole
+// 240 s in it. A few thousand round trips show the device works as well.
 const RNG_PROBE = [
   'for d in /sys/bus/pci/devices/*; do echo "PCIDEV $(cat $d/vendor) $(cat $d/device) $(basename $(readlink $d/driver 2>/dev/null) 2>/dev/null)"; done',
   'echo "RNGCUR $(cat /sys/class/misc/hw_random/rng_current)"',
-  'echo "RNGBYTES $(head -c 1048576 /dev/hwrng | wc -c)"',
+  'echo "RNGBYTES $(head -c 65536 /dev/hwrng | wc -c)"',
   'echo "RNGSUMS $(head -c 4096 /dev/hwrng | md5sum | cut -c1-32) $(head -c 4096 /dev/hwrng | md5sum | cut -c1-32)"',
   'echo "RNGGZ $(head -c 65536 /dev/hwrng | gzip -c | wc -c)"',
   'grep -i virtio /proc/interrupts | head -4',
 ].join('; ');
 
-test.serial('virtio-rng: the guest finds the PCI function, its hwrng gives 1 MiB of entropy, the monitor reports the activation', async (t) => {
+test.serial('virtio-rng: the guest finds the PCI function, its hwrng gives 64 KiB of entropy, the monitor reports the activation', async (t) => {
   const monitor = path.join(tmp, 'rng.events');
   const vm = GuestProcess.tern([
     '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'),
@@ -50,7 +53,7 @@ test.serial('virtio-rng: the guest finds the PCI function, its hwrng gives 1 MiB
     const out = vm.output;
     t.regex(out, /^PCIDEV 0x1af4 0x1044 virtio-pci\r?$/m, 'Linux bound virtio-pci to the entropy device');
     t.regex(out, /^RNGCUR virtio_rng\.0\r?$/m);
-    t.is(Number(/^RNGBYTES (\d+)/m.exec(out)?.[1]), MIB, 'all of 1 MiB read');
+    t.is(Number(/^RNGBYTES (\d+)/m.exec(out)?.[1]), 64 * 1024, 'all of 64 KiB read');
     const sums = /^RNGSUMS ([0-9a-f]{32}) ([0-9a-f]{32})/m.exec(out);
     t.truthy(sums, out.slice(-2000));
     t.not(sums![1], sums![2], 'two reads differ');
