@@ -104,6 +104,15 @@ async function main(): Promise<void> {
       void exit(1, `VM failed: ${(ev.payload as VmOperationFailedPayload).message}`);
     }
   });
+  // SIGUSR2 logs a picture of the machine (vCPU threads, console UART, virtio queues from the
+  // device's and the driver's side), for a guest that seems stuck; the VM runs on.
+  process.on('SIGUSR2', () => {
+    try {
+      log.warn({ health: vmm.health() }, 'health report');
+    } catch (e) {
+      log.error({ err: e }, 'the health report failed');
+    }
+  });
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
     process.on(sig, () => void exit(0, sig));
   }

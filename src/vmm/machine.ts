@@ -24,6 +24,7 @@ import {
   serialInputEvent,
   serialInputRoom,
   serialOutputDroppedEvent,
+  serialIir,
   type DeviceInstance,
   type Serial16550aState,
   type AnyDeviceState,
@@ -71,7 +72,7 @@ import { createRam, incomingRam, snapshotRam, type GuestRam, type IncomingRam, t
 import { readVcpuState, writeVcpuState } from './vcpu-state';
 import { VcpuRunner } from './vcpu-runner';
 import { MsiRouting } from './msi-routing';
-import { VirtioQueues } from './virtio-queues';
+import { VirtioQueues, type QueueHealth } from './virtio-queues';
 import { consoleWorker } from './console-worker';
 import { ConsoleConfigError, terminalSize } from './console-sink';
 import { checkBackendsFit, openDeviceBackends, type DeviceBackends } from './device-backends';
@@ -121,6 +122,13 @@ function readPayloadFile(path: string, what: string, maxBytes: number): Buffer {
   } catch (e) {
     throw new Error(`cannot read ${what} ${e instanceof HostFileError ? e.message : `${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`}`);
   }
+}
+
+/** What Machine.health() reports. */
+export interface MachineHealth {
+  vcpus: { id: number; thread: string; exits: number; lastExitMsAgo: number | null }[];
+  serial?: { ier: number; iir: number; threPending: boolean; rxQueued: number; txBytes: number };
+  queues: QueueHealth[];
 }
 
 /** Where a pause's time went, in ms: parking the vCPUs, then saving their state (of which reading it from KVM, encoding it for the store, and recording it). */
@@ -175,6 +183,9 @@ export class Machine {
   private msi?: MsiRouting;
   /** the virtio devices' doorbells and queue serving */
   private virtio?: VirtioQueues;
+  /** per vCPU id: the exits handed to this thread, and when the last one came (health()) */
+  private readonly exitCounts: number[] = [];
+  private readonly lastExitAt: number[] = [];
   private backends?: DeviceBackends;
 
   constructor(private readonly opts: MachineOptions) {
@@ -584,10 +595,13 @@ export class Machine {
   }
 
   private onExit(vcpu: number, exit: VcpuExit): number | bigint | 'stop' | void {
+    const now = Date.now();
+    this.exitCounts[vcpu] = (this.exitCounts[vcpu] ?? 0) + 1;
+    this.lastExitAt[vcpu] = now;
     switch (exit.kind) {
       case 'io':
       case 'mmio': {
-        const r = dispatchIoExit(this.opts.store, exit, Date.now() * 1e6);
+        const r = dispatchIoExit(this.opts.store, exit, now * 1e6);
         if (r.effects.length) this.runEffects(r.effects);
         return r.value;
       }
@@ -752,6 +766,24 @@ export class Machine {
     // After the queues: held input goes into the receive buffers the guest left.
     this.takeHvcInput();
     this.hvc?.resumeInput();
+  }
+
+  /**
+   * A picture of the running machine for when its guest seems stuck: each vCPU thread's state
+   * and exits (a vCPU that has made none for long is spinning or halted in the guest), the
+   * console UART's interrupt state, and every virtio queue from both sides.
+   */
+  health(): MachineHealth {
+    const now = Date.now();
+    const serial = this.opts.store.getState().devices.instances[SERIAL_ID] as Serial16550aState | undefined;
+    return {
+      vcpus: this.runners.map((r) => {
+        const id = r.vcpu.id;
+        return { id, thread: r.threadState, exits: this.exitCounts[id] ?? 0, lastExitMsAgo: this.lastExitAt[id] === undefined ? null : now - this.lastExitAt[id] };
+      }),
+      ...(serial && { serial: { ier: serial.ier, iir: serialIir(serial), threPending: serial.threPending, rxQueued: serial.rx.length, txBytes: serial.txBytes } }),
+      queues: this.virtio?.health() ?? [],
+    };
   }
 
   /** Bring what the devices' native threads counted into the store, for vm.counters. */

@@ -98,4 +98,11 @@ export class VcpuRunner {
   get isRunning(): boolean {
     return this.running;
   }
+
+  /** For a health report: what the thread is doing, as far as this side knows. */
+  get threadState(): 'not started' | 'running' | 'parked' | 'stopped' {
+    if (!this.started) return 'not started';
+    if (!this.running) return 'stopped';
+    return this.parked ? 'parked' : 'running';
+  }
 }

@@ -19,7 +19,7 @@
 import type { GuestLog } from '../util/guest-log';
 import type { Effect } from '../devices/device';
 import { PCI_SEGMENT_ID, pciBarRegions, pciFunctionModels, pciSlotOfDevice, type PciSegmentState } from '../devices/pci';
-import { msixRoutes } from '../devices/pci/msix';
+import { msixControl, msixRoutes } from '../devices/pci/msix';
 import {
   VIRTIO_MSI_NO_VECTOR,
   VirtioBar,
@@ -75,6 +75,28 @@ export interface VirtioDeviceWorker {
 
 /** What a native thread serves a queue with: a disk (native/block_queue.cc) or a tap (native/net_queue.cc). */
 export type NativeQueueSpec = { kind: 'block'; disk: NativeDisk } | { kind: 'net'; tapFd: number; receive: boolean; mergeable: boolean };
+
+/** One enabled queue as VirtioQueues.health() sees it (ring fields null where RAM holds no ring). */
+export interface QueueHealth {
+  device: string;
+  queue: number;
+  live: boolean;
+  status: number;
+  /** who serves it: a native thread, this thread, or a native thread once its vector can be delivered */
+  served: 'native' | 'js' | 'awaiting-vector';
+  nextAvail: number;
+  nextUsed: number;
+  inFlight: number;
+  availIdx: number | null;
+  usedEvent: number | null;
+  usedIdx: number | null;
+  availEvent: number | null;
+  vector: number;
+  vectorMasked: boolean | null;
+  vectorPending: boolean;
+  msixEnabled: boolean;
+  functionMasked: boolean;
+}
 
 /** A disk as native/block_queue.cc serves it. */
 export interface NativeDisk {
@@ -586,6 +608,56 @@ export class VirtioQueues {
     const q = this.queueState(device, queue);
     if (!counters || !q) return;
     this.opts.store.dispatch(virtioEvents.queueServed(PCI_SEGMENT_ID, device, { queue, nextAvail: q.nextAvail, nextUsed: q.nextUsed, interrupt: false, counters }));
+  }
+
+  /**
+   * What each queue looks like now, from both sides: the store's cursors (a native thread's
+   * are those it started from), the ring fields in guest RAM, and the vector's MSI-X state.
+   * For a health report when a guest seems stuck: a driver waiting on a request the device
+   * never took shows avail.idx past the cursors; one waiting on an interrupt shows used.idx
+   * past used_event.
+   */
+  health(): QueueHealth[] {
+    const out: QueueHealth[] = [];
+    const mem = this.opts.memory;
+    const field = (addr: number): number | null => {
+      try {
+        return mem.readU16(addr);
+      } catch {
+        return null;
+      }
+    };
+    for (const { fn, model } of this.virtioFunctions()) {
+      const routes = msixRoutes(fn.msix, fn.config, model.msixLayout);
+      const { enabled: msixEnabled, functionMasked } = msixControl(fn.config, model.msixLayout);
+      fn.virtio.queues.forEach((q, queue) => {
+        if (!q.enabled) return;
+        const key = queueKey(fn.id, queue);
+        const avail = ringAddress(q.driver);
+        const used = ringAddress(q.device);
+        const vectorPending = q.vector < model.msixLayout.vectors ? ((fn.msix.pending[q.vector >> 5] ?? 0) >>> (q.vector & 31)) & 1 : 0;
+        out.push({
+          device: fn.id,
+          queue,
+          live: virtioLive(fn.virtio),
+          status: fn.virtio.status,
+          served: this.nativeQueues.has(key) ? 'native' : this.awaitingThread.has(key) ? 'awaiting-vector' : 'js',
+          nextAvail: q.nextAvail,
+          nextUsed: q.nextUsed,
+          inFlight: this.pendingChains.get(key) ?? 0,
+          availIdx: avail === null ? null : field(avail + 2),
+          usedEvent: avail === null ? null : field(avail + 4 + 2 * q.size),
+          usedIdx: used === null ? null : field(used + 2),
+          availEvent: used === null ? null : field(used + 4 + 8 * q.size),
+          vector: q.vector,
+          vectorMasked: routes[q.vector]?.masked ?? null,
+          vectorPending: vectorPending === 1,
+          msixEnabled,
+          functionMasked,
+        });
+      });
+    }
+    return out;
   }
 
   /** Wait for requests in flight, then take every doorbell away and stop the watcher. */

@@ -14,7 +14,7 @@ import { native, type CpuidEntry, type SeccompMode } from '../native/kvm';
 import { createStore, vmConfigProblems, vmEvents, vmmEvents, type GuestStop, type RootState, type Store, type VmStatus } from '../state';
 import { guestLog, type GuestLog } from '../util/guest-log';
 import { TERN_VERSION } from '../version';
-import { Machine, type MachineOptions, type MachineStop } from './machine';
+import { Machine, type MachineHealth, type MachineOptions, type MachineStop } from './machine';
 import { openDeviceBackends } from './device-backends';
 
 /** Reading guest RAM without the means to change it. */
@@ -101,6 +101,11 @@ export class Vmm {
   /** The pseudo-terminals of consoles in pty mode, while a machine runs. */
   ptyPaths(): { serial?: string; console?: string } {
     return this.machine?.ptyPaths() ?? {};
+  }
+
+  /** The VM's status and, while a machine exists, Machine.health(): for a guest that seems stuck. */
+  health(): { status: string } & Partial<MachineHealth> {
+    return { status: this.store.getState().vm.status, ...this.machine?.health() };
   }
 
   /** Bring what the devices counted on native threads into the store (before reading vm.counters). */

@@ -43,6 +43,31 @@ test('boots, echoes the command line byte for byte, counts, and powers off with 
   }
 });
 
+test('SIGUSR2 logs a health report (vCPU threads and exits, the UART) and the guest counts on', async (t) => {
+  const vm = await startTinyVm();
+  try {
+    await vm.waitFor(/^COUNT 2\n/m, T);
+    const from = vm.stderr.length;
+    vm.child.kill('SIGUSR2');
+    for (let i = 0; i < 100 && !vm.stderr.slice(from).includes('"health report"'); i++) await sleep(50);
+    const line = vm.stderr.slice(from).split('\n').find((l) => l.includes('"health report"'));
+    t.truthy(line, `a health report on stderr: ${vm.stderr.slice(from, from + 500)}`);
+    const { health } = JSON.parse(line!) as { health: { status: string; vcpus: { id: number; thread: string; exits: number; lastExitMsAgo: number }[]; serial: { txBytes: number; ier: number }; queues: unknown[] } };
+    t.is(health.status, 'Running');
+    t.is(health.vcpus.length, 1);
+    t.like(health.vcpus[0], { id: 0, thread: 'running' });
+    t.true(health.vcpus[0].exits > 10, `the vCPU's exits are counted: ${health.vcpus[0].exits}`);
+    t.true(health.vcpus[0].lastExitMsAgo >= 0 && health.vcpus[0].lastExitMsAgo < 10_000);
+    t.true(health.serial.txBytes >= vm.output.length, 'the UART counted what it sent');
+    t.deepEqual(health.queues, [], 'no virtio device, no queue');
+    const counted = vm.output.length;
+    await vm.waitFor(/^COUNT 5\n/m, T, counted);
+    await powerOff(vm);
+  } finally {
+    vm.kill();
+  }
+});
+
 test('typed bytes reach the guest through the 16550A RX interrupt: e+x echoes "ECHO x"', async (t) => {
   const vm = await startTinyVm();
   try {

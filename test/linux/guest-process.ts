@@ -21,6 +21,8 @@ export class GuestProcess {
   private waiters: { re: RegExp; from: number; resolve: (m: RegExpMatchArray) => void; reject: (e: Error) => void }[] = [];
   /** set once the process has exited and its output is all read */
   private closed?: string;
+  /** a tern VMM: asked for its health report (SIGUSR2) before a wait fails on its timeout */
+  private healthReports = false;
 
   /** `passFds`: descriptors of this process the child gets as its fds 3, 4, ... */
   constructor(command: string, args: string[], opts: { env?: NodeJS.ProcessEnv; passFds?: number[] } = {}) {
@@ -41,12 +43,29 @@ export class GuestProcess {
   }
 
   private failure(what: string): Error {
-    return new Error(`${what}; output so far:\n${this.output.slice(-3000)}\nstderr:\n${this.stderr.slice(-3000)}`);
+    // (a health report is one long line: the stderr tail keeps room for it)
+    return new Error(`${what}; output so far:\n${this.output.slice(-3000)}\nstderr:\n${this.stderr.slice(-12000)}`);
   }
 
   /** `nodeArgs`: options for Node itself (a benchmark's --cpu-prof) */
   static tern(args: string[], nodeArgs: string[] = []): GuestProcess {
-    return new GuestProcess(process.execPath, [...nodeArgs, TERN_CLI, ...args]);
+    const p = new GuestProcess(process.execPath, [...nodeArgs, TERN_CLI, ...args]);
+    p.healthReports = true;
+    return p;
+  }
+
+  /**
+   * A wait timed out: a tern VMM logs its health report on stderr first (vCPU threads, console
+   * UART, virtio queues), so the failure tells a stuck device from a stuck guest.
+   */
+  private async timedOut(what: string): Promise<Error> {
+    if (this.healthReports && this.child.exitCode === null && this.child.signalCode === null) {
+      const before = this.stderr.length;
+      this.child.kill('SIGUSR2');
+      for (let i = 0; i < 40 && !this.stderr.slice(before).includes('"health report"'); i++) await new Promise((r) => setTimeout(r, 50));
+      if (!this.stderr.slice(before).includes('"health report"')) this.stderr += '\n(no health report within 2 s: the VMM\'s JavaScript thread is busy or stuck)\n';
+    }
+    return this.failure(what);
   }
 
   /** `tern ARGS` as users start it (the launcher), for benchmarks of process start-up. */
@@ -79,7 +98,7 @@ export class GuestProcess {
       };
       const timer = setTimeout(() => {
         this.waiters = this.waiters.filter((w) => w !== waiter);
-        reject(this.failure(`timed out after ${timeoutMs} ms waiting for ${re}`));
+        void this.timedOut(`timed out after ${timeoutMs} ms waiting for ${re}`).then(reject);
       }, timeoutMs);
       this.waiters.push(waiter);
       this.check();
@@ -97,7 +116,7 @@ export class GuestProcess {
   async exit(timeoutMs: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`process did not exit within ${timeoutMs} ms; output:\n${this.output.slice(-3000)}\nstderr:\n${this.stderr.slice(-3000)}`)), timeoutMs);
+      timer = setTimeout(() => void this.timedOut(`process did not exit within ${timeoutMs} ms`).then(reject), timeoutMs);
     });
     try {
       return await Promise.race([this.exited, timeout]);
