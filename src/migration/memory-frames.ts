@@ -77,14 +77,15 @@ export class MemoryFrameBuilder {
 const SLICE_MS = 4;
 let sliceStart = Date.now();
 
+/** This slice of scanning has taken SLICE_MS (never while the guest is paused). */
+const sliceOver = (paused: boolean): boolean => !paused && Date.now() - sliceStart >= SLICE_MS;
+
 /**
- * Let the event loop run when this slice of scanning has taken SLICE_MS: the vCPUs' port and
- * MMIO exits (the guest's console, its timer-driven devices) are served on this thread, and a
- * guest must not stall while gigabytes of its RAM are scanned for the next frame.
+ * Let the event loop run: the vCPUs' port and MMIO exits (the guest's console, its timer-driven
+ * devices) are served on this thread, and a guest must not stall while gigabytes of its RAM
+ * are scanned for the next frame.
  */
-async function yieldNow(paused: boolean): Promise<void> {
-  // (a paused guest makes no exits to serve: the final round keeps the thread and ends sooner)
-  if (paused || Date.now() - sliceStart < SLICE_MS) return;
+async function yieldNow(): Promise<void> {
   await new Promise<void>((r) => setImmediate(r));
   sliceStart = Date.now();
 }
@@ -95,36 +96,27 @@ function regionBytes(region: GuestRegion, offset: number, len: number): Uint8Arr
 }
 
 /**
- * Feed the pages [firstPage, firstPage+count) of `region` to the builder: non-zero runs as data,
- * zero runs as zero records unless `skipZero` (round 0). Calls `flush` whenever the frame is full.
+ * Feed the pages [p, end) of `region` to the builder, synchronously: non-zero runs as data,
+ * zero runs as zero records unless `skipZero` (round 0). Returns the first page not fed: `end`,
+ * or earlier when the frame is full (`full`) or the scanning slice is over.
  */
-async function addPages(
-  b: MemoryFrameBuilder,
-  region: GuestRegion,
-  firstPage: number,
-  count: number,
-  skipZero: boolean,
-  flush: () => Promise<void>,
-  paused = false,
-): Promise<void> {
+function feedPages(b: MemoryFrameBuilder, region: GuestRegion, p: number, end: number, skipZero: boolean, paused: boolean): { next: number; full: boolean } {
   const { zeroPages } = native();
-  for (let p = firstPage; p < firstPage + count; ) {
-    await yieldNow(paused);
-    const n = Math.min(SCAN_PAGES, firstPage + count - p);
+  while (p < end) {
+    const n = Math.min(SCAN_PAGES, end - p);
     const bytes = regionBytes(region, p * PAGE, n * PAGE);
     const zero = zeroPages(bytes);
     for (let i = 0; i < n; ) {
       let j = i;
       while (j < n && zero[j] === zero[i]) j++;
-      const gpa = region.guestAddress + (p + i) * PAGE;
       if (zero[i] === 1) {
         if (!skipZero) {
-          if (!b.fits(0)) await flush();
-          b.addZero(gpa, j - i);
+          if (!b.fits(0)) return { next: p + i, full: true };
+          b.addZero(region.guestAddress + (p + i) * PAGE, j - i);
         }
       } else {
         for (let k = i; k < j; ) {
-          if (!b.fits(1)) await flush();
+          if (!b.fits(1)) return { next: p + k, full: true };
           const room = Math.floor((MEMORY_FRAME_DATA_BYTES - b.dataBytes) / PAGE);
           const take = Math.max(1, Math.min(j - k, room));
           b.addData(region.guestAddress + (p + k) * PAGE, bytes.subarray(k * PAGE, (k + take) * PAGE));
@@ -134,14 +126,48 @@ async function addPages(
       i = j;
     }
     p += n;
+    if (p < end && sliceOver(paused)) break;
+  }
+  return { next: p, full: false };
+}
+
+/**
+ * Feed each range [first, first+count) of `region` to the builder, calling `flush` whenever the
+ * frame is full. The only awaits are flushes and, while the guest runs, the end of each
+ * scanning slice: the final round, with the guest paused, goes through its pages (often
+ * hundreds of short runs) without a turn of the event loop per run, which in the pause was
+ * time the guest waited for.
+ */
+async function addRanges(
+  b: MemoryFrameBuilder,
+  region: GuestRegion,
+  ranges: Iterable<readonly [first: number, count: number]>,
+  skipZero: boolean,
+  flush: () => Promise<void>,
+  paused: boolean,
+): Promise<void> {
+  for (const [first, count] of ranges) {
+    const end = first + count;
+    for (let p = first; p < end; ) {
+      const fed = feedPages(b, region, p, end, skipZero, paused);
+      p = fed.next;
+      if (fed.full) await flush();
+      else if (sliceOver(paused)) await yieldNow();
+    }
   }
 }
 
 /** Round 0: every page of guest RAM that is not all zero (pages never written are not even read). */
 export async function addAllNonZeroPages(b: MemoryFrameBuilder, memory: GuestMemory, flush: () => Promise<void>): Promise<void> {
   for (const region of memory.regions) {
-    for (const [start, end] of region.populatedRanges()) await addPages(b, region, start / PAGE, (end - start) / PAGE, true, flush);
+    const ranges = region.populatedRanges().map(([start, end]) => [start / PAGE, (end - start) / PAGE] as const);
+    await addRanges(b, region, ranges, true, flush, false);
   }
+}
+
+/** The runs [first, count, first, count, ...] as pairs. */
+function* pairs(runs: ArrayLike<number>): Generator<readonly [number, number]> {
+  for (let i = 0; i < runs.length; i += 2) yield [runs[i], runs[i + 1]];
 }
 
 /**
@@ -162,10 +188,7 @@ export async function addDirtyPages(
     // (natively: in JavaScript the scan of an idle 1 GiB guest's bitmaps, its pages nearly all
     // clean, took longer than sending the few dirty ones, in the pause)
     const runs = dirtyRuns(region.size / PAGE, bitmapSets.map((set) => set[r]));
-    for (let i = 0; i < runs.length; i += 2) {
-      await yieldNow(paused);
-      await addPages(b, region, runs[i], runs[i + 1], false, flush, paused);
-    }
+    await addRanges(b, region, pairs(runs), false, flush, paused);
   }
 }
 

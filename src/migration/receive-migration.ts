@@ -12,7 +12,6 @@ import type { GuestMemory } from '../memory/guest-memory';
 import { native, type CpuidEntry } from '../native/kvm';
 import {
   applyStatePatchesInPlace,
-  decodeVcpuState,
   migrationEvents,
   upgradeState,
   validateState,
@@ -243,7 +242,9 @@ export class MigrationReceiver {
       throw error('the migrated state\'s RAM regions differ from the ones the handshake announced');
     }
     // The handshake checked the CPU the source announced; the saved vCPU state is what will be set.
-    const vcpu0 = decodeVcpuState(state.vcpus.saved['0']);
+    // (its CPUID entries and MSR indices are plain numbers the schema has checked: the rest of
+    // the vCPU state need not be decoded for this, inside the pause)
+    const vcpu0 = state.vcpus.saved['0'];
     const announcedMsrs = new Set(hello.msrIndices);
     // (the usual case costs no second check: the very CPUID and MSRs the handshake accepted)
     const asAnnounced = sameCpuid(vcpu0.cpuid, hello.cpuid) && vcpu0.msrs.every((m) => announcedMsrs.has(m.index));

@@ -84,6 +84,49 @@ test('a later round sends exactly the pages set in either of its dirty bitmaps, 
   }
 });
 
+test('the final round, guest paused: frames split where they fill (data bytes or record count), zero pages go as records, and the scan keeps the thread', async (t) => {
+  // 1100 scattered single pages (more records than a frame holds), half of them zero, then a
+  // run of 4200 data pages (more than a frame's 16 MiB).
+  const pages = 2 * 1100 + 4200;
+  const src = region(pages * PAGE, 0);
+  const want = new Uint8Array(pages);
+  const bits = new Uint8Array(Math.ceil(pages / 8));
+  const mark = (p: number, v: number) => {
+    bits[p >> 3] |= 1 << (p & 7);
+    want[p] = v;
+    if (v) src.fill(p * PAGE, PAGE, v);
+  };
+  for (let i = 0; i < 1100; i++) mark(2 * i, i % 2 ? 0 : (i % 200) + 1);
+  for (let p = 2200; p < pages; p++) mark(p, (p % 7) + 1);
+  const dstRegion = region(pages * PAGE, 0xee);
+  for (let p = 0; p < pages; p++) if (!(bits[p >> 3] & (1 << (p & 7)))) dstRegion.fill(p * PAGE, PAGE, 0);
+  const b = new MemoryFrameBuilder();
+  const frames: Buffer[] = [];
+  let immediateRan = false;
+  setImmediate(() => (immediateRan = true));
+  await addDirtyPages(
+    b,
+    new GuestMemory([src]),
+    [[bits]],
+    async () => {
+      if (!b.empty) frames.push(Buffer.from(b.take()));
+    },
+    true,
+  );
+  t.false(immediateRan, 'the scan with the guest paused never gave the thread up');
+  if (!b.empty) frames.push(Buffer.from(b.take()));
+  t.true(frames.length >= 3, `${frames.length} frames`);
+  t.true(frames.every((f) => f.length <= (17 << 20)), 'every frame under the cap');
+  const writer = new MemoryFrameWriter(new GuestMemory([dstRegion]));
+  let written = 0;
+  for (const f of frames) written += await writer.add(f);
+  await writer.drain();
+  t.is(written, 1100 + 4200, 'each page once');
+  let wrong = 0;
+  for (let p = 0; p < pages; p++) if (!dstRegion.read(p * PAGE, PAGE).every((v) => v === want[p])) wrong++;
+  t.is(wrong, 0, 'every page as the source had it, zero pages zeroed');
+});
+
 test('dirtyRuns: the runs of pages set in any bitmap, below the page count, whatever the bitmaps\' alignment', (t) => {
   const { dirtyRuns } = native();
   for (const pages of [1, 7, 8, 9, 64, 4096 * 8 + 5]) {
