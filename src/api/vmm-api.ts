@@ -383,7 +383,7 @@ export class VmmApi {
     if (data.connections !== undefined && data.connections > 1) {
       throw unsupported(outer, `connections ${data.connections}: Tern migrates over one connection, give 1 (or leave it out)`);
     }
-    if (data.tls_dir !== undefined) throw unsupported(outer, 'tls_dir: Tern has no TLS for migration; use a unix: socket or a trusted network');
+    if (data.tls_dir !== undefined && !data.destination_url.startsWith('tcp:')) throw unsupported(outer, 'tls_dir: TLS is for tcp: URLs only');
     checkMemoryMode(outer, data.memory_mode);
     if (data.local && !data.destination_url.startsWith('unix:')) {
       throw unsupported(outer, 'local: memory can only be handed over as file descriptors on a unix: socket');
@@ -396,6 +396,7 @@ export class VmmApi {
         downtime_ms: data.downtime_ms,
         timeout_s: data.timeout_s,
         timeout_strategy: data.timeout_strategy,
+        ...(data.tls_dir !== undefined && { tls_dir: data.tls_dir }),
       }),
     );
   }
@@ -414,13 +415,13 @@ export class VmmApi {
       throw toApiError(e, outer);
     }
     checkMigrationUrl(outer, 'receiver_url', data.receiver_url);
-    if (data.tls_dir !== undefined) throw unsupported(outer, 'tls_dir: Tern has no TLS for migration; use a unix: socket or a trusted network');
+    if (data.tls_dir !== undefined && !data.receiver_url.startsWith('tcp:')) throw unsupported(outer, 'tls_dir: TLS is for tcp: URLs only');
     checkMemoryMode(outer, data.memory_mode);
     if (data.zone_updates?.length) throw unsupported(outer, 'zone_updates: Tern has no memory zones to move to other NUMA nodes');
     if (this.receiving) throw new ApiError(500, [outer, 'a migration is already being received']);
     this.receiving = true;
     try {
-      await this.run(outer, () => this.vmm.receiveMigration({ receiver_url: data.receiver_url }));
+      await this.run(outer, () => this.vmm.receiveMigration({ receiver_url: data.receiver_url, ...(data.tls_dir !== undefined && { tls_dir: data.tls_dir }) }));
     } finally {
       this.receiving = false;
     }

@@ -14,11 +14,15 @@ export interface SendMigrationOptions {
   timeout_s?: number;
   /** at the timeout: Cancel gives up, Ignore pauses and finishes whatever the downtime */
   timeout_strategy?: TimeoutStrategy;
+  /** TLS over tcp: URLs: ca-cert.pem, client-cert.pem and client-key.pem (migration-tls.ts) */
+  tls_dir?: string;
 }
 
 export interface ReceiveMigrationOptions {
   /** tcp:ADDRESS:PORT or unix:/path */
   receiver_url: string;
+  /** TLS over tcp: URLs: ca-cert.pem, server-cert.pem and server-key.pem (migration-tls.ts) */
+  tls_dir?: string;
 }
 
 export const MIGRATION_DEFAULTS = {

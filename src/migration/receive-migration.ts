@@ -23,6 +23,7 @@ import {
   type Store,
 } from '../state';
 import { FrameChannel } from './frame-channel';
+import { loadTlsDir, tlsServer } from './migration-tls';
 import { PauseSteps } from './pause-steps';
 import { FrameType, MigrationProtocolError, frameJson } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, checkHello, type Hello } from './handshake';
@@ -147,12 +148,17 @@ export class MigrationReceiver {
   async receive(): Promise<void> {
     try {
       const address = parseMigrationUrl(this.opts.receiver_url, 'receiver_url');
+      if (this.opts.tls_dir !== undefined && address.kind !== 'tcp') throw new MigrationError('TLS (tls_dir) is for tcp: URLs only');
+      // (read and checked before listening: a bad directory fails the request at once)
+      const tlsMaterial = this.opts.tls_dir !== undefined ? loadTlsDir(this.opts.tls_dir, 'server') : undefined;
       this.server = await listenMigration(address);
       this.vm.store.dispatch(migrationEvents.receiveReady({ receiver_url: this.opts.receiver_url }));
       this.vm.log.info({ url: describeAddress(address) }, 'waiting for a migration');
-      const socket = await this.accept();
+      let socket = await this.accept();
       // One source per receive: nobody else gets in while this one is handled.
       this.server.close();
+      // (a source that fails the TLS handshake fails the receive, as any broken source does)
+      if (tlsMaterial) socket = await tlsServer(socket, tlsMaterial);
       if (address.kind === 'unix') {
         const pre = await receivePreamble(socket, PREAMBLE_TIMEOUT_MS);
         this.fds = pre.fds;
@@ -160,7 +166,8 @@ export class MigrationReceiver {
           throw new MigrationProtocolError(`protocol version ${pre.protocol} is not supported (this VMM speaks ${MIGRATION_PROTOCOL_VERSION})`);
         }
       }
-      this.channel = new FrameChannel(socket, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: true });
+      // (TLS reads through its own socket: the large reads are for the plain connection's handle)
+      this.channel = new FrameChannel(socket, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !tlsMaterial });
       this.channel.socket.resume();
       await this.receiveVm();
     } catch (e) {

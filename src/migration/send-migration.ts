@@ -21,6 +21,7 @@ import { MIGRATION_PROTOCOL_VERSION, type Hello } from './handshake';
 import { MemoryFrameBuilder, PAGE, addAllNonZeroPages, addDirtyPages, countDirtyPages } from './memory-frames';
 import { MIGRATION_DEFAULTS, type MigrationPhase, type MigrationProgress, type SendMigrationOptions } from './migration-options';
 import { connectMigration, describeAddress, parseMigrationUrl } from './migration-url';
+import { loadTlsDir, tlsClient } from './migration-tls';
 import { PauseSteps } from './pause-steps';
 import { sendPreamble } from './preamble';
 
@@ -77,7 +78,7 @@ const THROTTLE_STEP = 20;
 const THROTTLE_MAX = 90;
 
 export class MigrationSender {
-  readonly opts: Required<SendMigrationOptions>;
+  readonly opts: Required<Omit<SendMigrationOptions, 'tls_dir'>> & Pick<SendMigrationOptions, 'tls_dir'>;
   private channel?: FrameChannel;
   private readonly startedAt = Date.now();
   private phase: MigrationPhase = 'handshake';
@@ -111,6 +112,7 @@ export class MigrationSender {
       downtime_ms: opts.downtime_ms ?? MIGRATION_DEFAULTS.downtime_ms,
       timeout_s: opts.timeout_s ?? MIGRATION_DEFAULTS.timeout_s,
       timeout_strategy: opts.timeout_strategy ?? MIGRATION_DEFAULTS.timeout_strategy,
+      ...(opts.tls_dir !== undefined && { tls_dir: opts.tls_dir }),
     };
   }
 
@@ -169,6 +171,9 @@ export class MigrationSender {
     const machine = this.vm.machine();
     if (!machine) throw new MigrationError('the VM has no machine');
     this.machineAtStart = machine;
+    if (o.tls_dir !== undefined && address.kind !== 'tcp') throw new MigrationError('TLS (tls_dir) is for tcp: URLs only');
+    // (read and checked before anything connects: a bad directory fails the request itself)
+    const tlsMaterial = o.tls_dir !== undefined ? loadTlsDir(o.tls_dir, 'client') : undefined;
     let fds: number[] = [];
     if (o.local) {
       if (address.kind !== 'unix') throw new MigrationError('a local migration goes over a unix: URL');
@@ -177,7 +182,8 @@ export class MigrationSender {
       if (!memFds) throw new MigrationError('this VM\'s RAM is a private mapping of a snapshot file and cannot be handed over; restore it with memory_restore_mode copy');
       fds = memFds;
     }
-    const socket = await connectMigration(address, CONNECT_TIMEOUT_MS);
+    let socket = await connectMigration(address, CONNECT_TIMEOUT_MS);
+    if (tlsMaterial && address.kind === 'tcp') socket = await tlsClient(socket, address.host, tlsMaterial);
     const channel = new FrameChannel(socket, { idleTimeoutMs: PEER_IDLE_MS, peer: 'destination' });
     this.channel = channel;
     try {

@@ -125,11 +125,11 @@ test.serial('vm.send-migration: malformed bodies and wrong spellings are 400 and
   t.deepEqual(stub.sends, []);
 });
 
-test.serial('vm.send-migration: what Tern cannot do (connections > 1, tls_dir, Postcopy, local over tcp, preserve_source) is 400', async (t) => {
+test.serial('vm.send-migration: what Tern cannot do (connections > 1, TLS over unix:, Postcopy, local over tcp, preserve_source) is 400', async (t) => {
   const cases: [Record<string, unknown>, RegExp][] = [
     [{ destination_url: 'tcp:d:1', connections: 2 }, /connections 2: Tern migrates over one connection/],
     [{ destination_url: 'tcp:d:1', connections: 128 }, /connections 128/],
-    [{ destination_url: 'tcp:d:1', tls_dir: '/etc/tls' }, /tls_dir: Tern has no TLS/],
+    [{ destination_url: 'unix:/m.sock', tls_dir: '/etc/tls' }, /tls_dir: TLS is for tcp: URLs only/],
     [{ destination_url: 'tcp:d:1', memory_mode: 'Postcopy' }, /memory_mode "Postcopy"/],
     [{ destination_url: 'tcp:d:1', local: true }, /local: .*unix: socket/],
     [{ destination_url: 'unix:/m.sock', local: true, preserve_source: true }, /preserve_source/],
@@ -142,6 +142,9 @@ test.serial('vm.send-migration: what Tern cannot do (connections > 1, tls_dir, P
   }
   t.deepEqual(stub.sends, []);
   t.is((await rig.call('PUT', 'vm.send-migration', { destination_url: 'tcp:d:1', connections: 1, memory_mode: 'Precopy' })).status, 204);
+  // TLS over tcp: goes to the VMM with its directory
+  t.is((await rig.call('PUT', 'vm.send-migration', { destination_url: 'tcp:d:1', tls_dir: '/etc/tern/tls' })).status, 204);
+  t.is((stub.sends[stub.sends.length - 1] as { tls_dir?: string }).tls_dir, '/etc/tern/tls');
 });
 
 test.serial('migration URLs: tcp:HOST:PORT and unix:/abs/path only, anything else a 400 naming the URL', async (t) => {
@@ -168,16 +171,18 @@ test.serial('vm.receive-migration: 204 when the Vmm has received the VM, 500 wit
   const ok = await rig.call('PUT', 'vm.receive-migration', '{"receiver_url":"tcp:0.0.0.0:6000","tls_dir":null,"memory_mode":"Precopy","vfio_fds":null,"zone_updates":[]}');
   t.is(ok.status, 204, ok.body.toString());
   t.deepEqual(stub.receives, [{ receiver_url: 'tcp:0.0.0.0:6000' }]);
+  t.is((await rig.call('PUT', 'vm.receive-migration', { receiver_url: 'tcp:0.0.0.0:6000', tls_dir: '/etc/tern/tls' })).status, 204);
+  t.deepEqual(stub.receives.pop(), { receiver_url: 'tcp:0.0.0.0:6000', tls_dir: '/etc/tern/tls' });
   stub.receiveResult = () => Promise.reject(new Error('the source closed the connection after 3 memory rounds'));
   const failed = await rig.call('PUT', 'vm.receive-migration', { receiver_url: 'unix:/run/mig.sock' });
   t.is(failed.status, 500);
   t.deepEqual(chain(failed), ['The migration could not be received', 'the source closed the connection after 3 memory rounds']);
 });
 
-test.serial('vm.receive-migration: tls_dir, Postcopy, zone updates and wrong spellings are 400 and receive nothing', async (t) => {
+test.serial('vm.receive-migration: TLS over unix:, Postcopy, zone updates and wrong spellings are 400 and receive nothing', async (t) => {
   const cases: [unknown, RegExp][] = [
     [{}, /receiver_url/],
-    [{ receiver_url: 'unix:/m.sock', tls_dir: '/etc/tls' }, /tls_dir: Tern has no TLS/],
+    [{ receiver_url: 'unix:/m.sock', tls_dir: '/etc/tls' }, /tls_dir: TLS is for tcp: URLs only/],
     [{ receiver_url: 'unix:/m.sock', memory_mode: 'Postcopy' }, /memory_mode "Postcopy"/],
     [{ receiver_url: 'unix:/m.sock', memory_mode: 'PRECOPY' }, /must be one of "Precopy", "Postcopy"/],
     [{ receiver_url: 'unix:/m.sock', zone_updates: [{ id: 'mem0', host_numa_node: 1 }] }, /zone_updates: Tern has no memory zones/],
