@@ -80,11 +80,12 @@ function bundleSnapshotEntry() {
     minify: true,
     keepNames: true,
     logLevel: 'warning',
-    // While a snapshot is built, node:http cannot even load (Node 20): the bundle's require of
-    // it returns a stand-in that loads the module on first use, after the snapshot started.
+    // While a snapshot is built, node:http cannot even load (Node 20), nor node:tls be held in
+    // it (its OpenSSL bindings are no references a snapshot can keep): the bundle's require of
+    // them returns a stand-in that loads the module on first use, after the snapshot started.
     banner: {
       js: `const __ternRequire = ((real) => {
-  const later = new Set(['http', 'node:http', 'https', 'node:https']);
+  const later = new Set(['http', 'node:http', 'https', 'node:https', 'tls', 'node:tls']);
   return (id) => {
     if (!later.has(id)) return real(id);
     let m;

@@ -23,13 +23,13 @@ import {
   type Store,
 } from '../state';
 import { FrameChannel } from './frame-channel';
-import { loadTlsDir, tlsServer } from './migration-tls';
+import { loadTlsDir, tlsServer, type TlsMaterial } from './migration-tls';
 import { PauseSteps } from './pause-steps';
-import { FrameType, MigrationProtocolError, frameJson } from './frames';
+import { CHECKSUM_NAMES, FrameType, MigrationProtocolError, frameJson } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, checkHello, type Hello } from './handshake';
 import { MemoryFrameWriter } from './memory-frames';
 import type { MigrationPhase, MigrationProgress, ReceiveMigrationOptions } from './migration-options';
-import { describeAddress, listenMigration, parseMigrationUrl } from './migration-url';
+import { describeAddress, listenMigration, parseMigrationUrl, type MigrationAddress } from './migration-url';
 import { receivePreamble } from './preamble';
 import { checkSavedConfig, checkSavedState } from './saved-vm';
 import { MigrationError, errorText } from './send-migration';
@@ -146,11 +146,20 @@ export class MigrationReceiver {
 
   /** Listen, receive one VM, build it. Resolves when it runs here; rejects after discarding it all. */
   async receive(): Promise<void> {
+    // What the request itself gets wrong (the URL, a TLS directory this side cannot use) fails
+    // it before anything listens or is reported: no migration was received, nor begun.
+    let address: MigrationAddress;
+    let tlsMaterial: TlsMaterial | undefined;
     try {
-      const address = parseMigrationUrl(this.opts.receiver_url, 'receiver_url');
+      address = parseMigrationUrl(this.opts.receiver_url, 'receiver_url');
       if (this.opts.tls_dir !== undefined && address.kind !== 'tcp') throw new MigrationError('TLS (tls_dir) is for tcp: URLs only');
-      // (read and checked before listening: a bad directory fails the request at once)
-      const tlsMaterial = this.opts.tls_dir !== undefined ? loadTlsDir(this.opts.tls_dir, 'server') : undefined;
+      tlsMaterial = this.opts.tls_dir !== undefined ? loadTlsDir(this.opts.tls_dir, 'server') : undefined;
+    } catch (e) {
+      this.phase = 'failed';
+      this.error = errorText(e);
+      throw e;
+    }
+    try {
       this.server = await listenMigration(address);
       this.vm.store.dispatch(migrationEvents.receiveReady({ receiver_url: this.opts.receiver_url }));
       this.vm.log.info({ url: describeAddress(address) }, 'waiting for a migration');
@@ -270,7 +279,8 @@ export class MigrationReceiver {
     if (problems.length) throw new MigrationError(`this host cannot run the guest's CPU: ${problems.join('; ')}`);
     this.machine = this.vm.prepare(hello.regions, hello.local ? this.fds : undefined);
     this.closeFds(); // the slots hold their own duplicates
-    await ch.sendJson(FrameType.Accept, { protocol: MIGRATION_PROTOCOL_VERSION });
+    // (the checksums beyond CRC-32 this side reads: the source may use them from here on)
+    await ch.sendJson(FrameType.Accept, { protocol: MIGRATION_PROTOCOL_VERSION, checksums: Object.values(CHECKSUM_NAMES) });
     this.vm.store.dispatch(migrationEvents.receiveStarted({ receiver_url: this.opts.receiver_url }));
     this.vm.log.info({ source: hello.tern, local: hello.local, schema: hello.schemaVersion }, 'receiving a migration');
 

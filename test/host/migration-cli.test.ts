@@ -3,6 +3,7 @@
 // (`tern-remote send-migration`, ch-remote's syntax), the guest's COUNT lines continue on the
 // destination's console, the source VMM exits 0, and its event monitor tells the story.
 import test from 'ava';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 
@@ -14,17 +15,21 @@ const T = 40_000;
 const dir = tempDir('tern-migration-cli-');
 let nextPort = 30000 + (process.pid % 20000);
 
-async function migrate(t: import('ava').ExecutionContext, name: string, opts: { url: string; sendArgs: string; memory?: string }): Promise<void> {
+async function migrate(
+  t: import('ava').ExecutionContext,
+  name: string,
+  opts: { url: string; sendArgs: string; receiveArgs?: string; memory?: string; launcher?: boolean },
+): Promise<void> {
   const srcSock = path.join(dir, `${name}-src.sock`);
   const dstSock = path.join(dir, `${name}-dst.sock`);
   const monitor = path.join(dir, `${name}-events.json`);
-  const src = await startTinyVm(['--api-socket', `path=${srcSock}`, '--event-monitor', `path=${monitor}`, ...(opts.memory ? ['--memory', opts.memory] : [])]);
-  const dst = await startTern(['--api-socket', `path=${dstSock}`]);
+  const src = await startTinyVm(['--api-socket', `path=${srcSock}`, '--event-monitor', `path=${monitor}`, ...(opts.memory ? ['--memory', opts.memory] : [])], { launcher: opts.launcher });
+  const dst = await startTern(['--api-socket', `path=${dstSock}`], { launcher: opts.launcher });
   try {
     await src.waitFor(/^COUNT 3\n/m, T);
     await waitForPath(srcSock);
     await waitForPath(dstSock);
-    const received = runTernRemote(dstSock, ['receive-migration', `receiver_url=${opts.url}`]);
+    const received = runTernRemote(dstSock, ['receive-migration', `receiver_url=${opts.url}${opts.receiveArgs ?? ''}`]);
     // The destination listens once it reports so in its progress.
     for (let i = 0; i < 200; i++) {
       const p = await runTernRemote(dstSock, ['migration-progress']);
@@ -72,4 +77,25 @@ test.serial('tern-remote send-migration over TCP to a tern started with only --a
 test.serial('tern-remote send-migration local=on over a UNIX socket with memory shared=on', async (t) => {
   const url = `unix:${path.join(dir, 'local-mig.sock')}`;
   await migrate(t, 'local', { url, sendArgs: `destination_url=${url},local=on`, memory: 'size=64M,shared=on' });
+});
+
+test.serial('tern-remote send-migration over TCP with tls_dir on both sides, both VMMs started as users start them (from the startup snapshot)', async (t) => {
+  // One CA, and a certificate for 127.0.0.1 that serves as both server and client here.
+  const tls = path.join(dir, 'tls');
+  fs.mkdirSync(tls);
+  const openssl = (...args: string[]) => execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
+  openssl('req', '-x509', ...ec, '-days', '2', '-subj', '/CN=test CA', '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign', '-keyout', path.join(tls, 'ca-key.pem'), '-out', path.join(tls, 'ca-cert.pem'));
+  openssl('req', ...ec, '-subj', '/CN=host', '-keyout', path.join(tls, 'server-key.pem'), '-out', path.join(tls, 'host.csr'));
+  fs.writeFileSync(path.join(tls, 'host.ext'), 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n');
+  openssl('x509', '-req', '-in', path.join(tls, 'host.csr'), '-CA', path.join(tls, 'ca-cert.pem'), '-CAkey', path.join(tls, 'ca-key.pem'), '-CAcreateserial', '-days', '2', '-extfile', path.join(tls, 'host.ext'), '-out', path.join(tls, 'server-cert.pem'));
+  fs.copyFileSync(path.join(tls, 'server-cert.pem'), path.join(tls, 'client-cert.pem'));
+  fs.copyFileSync(path.join(tls, 'server-key.pem'), path.join(tls, 'client-key.pem'));
+  const port = nextPort++;
+  await migrate(t, 'tls', {
+    url: `tcp:127.0.0.1:${port}`,
+    receiveArgs: `,tls_dir=${tls}`,
+    sendArgs: `destination_url=tcp:127.0.0.1:${port},tls_dir=${tls}`,
+    launcher: true,
+  });
 });

@@ -195,9 +195,18 @@ test.serial('a tls_dir the side cannot use fails the request at once, naming the
     t.false(garbage.includes('SECRET-TOKEN'), 'the error does not echo the file');
     t.regex(await refuse(path.join(clientDir, 'ca-cert.pem')), /is not a directory/);
     // The receiving side checks its directory before it listens.
+    const events: string[] = [];
+    const sub = dst.store.events$.subscribe((e) => events.push(e.type));
     const failed = await dst.receiveMigration({ receiver_url: url, tls_dir: clientDir }).then(() => 'received', (e: Error) => e.message);
     t.regex(failed, /server-cert\.pem: missing/);
-    await countsOn(t, src, 'at the source');
+    sub.unsubscribe();
+    t.deepEqual(events, [], 'a request that fails its own checks reports no migration');
+    // and the destination can receive afterwards
+    const serverDir = tlsDir('bad-dst', 'server', caA, caA);
+    const { outcome } = await listening(dst, url, serverDir);
+    await src.sendMigration({ destination_url: url, tls_dir: clientDir });
+    t.is(await outcome, 'received');
+    await countsOn(t, dst, 'at the destination');
   } finally {
     await src.shutdownVmm();
     await dst.shutdownVmm();

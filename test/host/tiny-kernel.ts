@@ -123,10 +123,13 @@ async function startSlot(): Promise<() => void> {
   };
 }
 
-/** Spawn `node dist/src/cli/tern.js ARGS` as a GuestProcess, a few at a time. */
-export async function startTern(args: string[]): Promise<GuestProcess> {
+/**
+ * Spawn `node dist/bin/tern.js ARGS` (or, with `launcher`, `dist/bin/tern ARGS` as users start
+ * it, from its startup snapshot) as a GuestProcess, a few at a time.
+ */
+export async function startTern(args: string[], opts: { launcher?: boolean } = {}): Promise<GuestProcess> {
   const release = await startSlot();
-  const vm = GuestProcess.tern(args);
+  const vm = opts.launcher ? GuestProcess.ternLauncher(args) : GuestProcess.tern(args);
   const timer = setTimeout(release, START_HOLD_MS);
   const done = (): void => {
     clearTimeout(timer);
@@ -142,11 +145,11 @@ export async function startTern(args: string[]): Promise<GuestProcess> {
  * Start the real `tern` CLI on the tiny kernel. `args` come after the defaults, so a later
  * --serial or --cpus there wins over the default one (the parser keeps the last value).
  */
-export async function startTinyVm(args: string[] = [], opts: { cmdline?: string } = {}): Promise<GuestProcess> {
+export async function startTinyVm(args: string[] = [], opts: { cmdline?: string; launcher?: boolean } = {}): Promise<GuestProcess> {
   return startTern([
     '--kernel', await buildTinyKernel(),
     '--cmdline', opts.cmdline ?? 'tiny',
     '--cpus', 'boot=1', '--memory', 'size=64M', '--serial', 'tty', '--console', 'off',
     ...args,
-  ]);
+  ], { launcher: opts.launcher });
 }
