@@ -3,7 +3,7 @@
 // in order. A peer's Abort frame, a frame that fails verification, the peer going away and a
 // silence longer than the idle limit all end the channel with an error saying which.
 import net from 'node:net';
-import { FrameDecoder, FrameType, MigrationProtocolError, encodeJsonFrame, frameHeader, frameJson, type Frame } from './frames';
+import { FrameChecksum, FrameDecoder, FrameType, MigrationProtocolError, encodeJsonFrame, frameHeader, frameJson, type Frame } from './frames';
 import { TernStateError } from '../state/errors';
 
 export class MigrationPeerError extends TernStateError {
@@ -49,6 +49,8 @@ export class FrameChannel {
   private idleTimer?: NodeJS.Timeout;
   bytesRead = 0;
   bytesWritten = 0;
+  /** how the frames this side sends are checksummed (the peer reads any kind the decoder knows) */
+  checksum = FrameChecksum.Crc32;
 
   readonly socket: net.Socket;
 
@@ -173,18 +175,18 @@ export class FrameChannel {
   }
 
   async send(type: FrameType, payload: Uint8Array = Buffer.alloc(0)): Promise<void> {
-    await this.write(frameHeader(type, payload));
+    await this.write(frameHeader(type, payload, this.checksum));
     if (payload.length) await this.write(payload);
   }
 
   /** send(), resolving once the kernel has the whole payload: the caller may then overwrite it. */
   async sendFlushed(type: FrameType, payload: Uint8Array): Promise<void> {
-    await this.write(frameHeader(type, payload));
+    await this.write(frameHeader(type, payload, this.checksum));
     await this.write(payload, true);
   }
 
   sendJson(type: FrameType, value: unknown): Promise<void> {
-    return this.write(encodeJsonFrame(type, value));
+    return this.write(encodeJsonFrame(type, value, this.checksum));
   }
 
   /** Tell the peer why we give up (best effort), then close. */

@@ -1,12 +1,16 @@
 // The migration stream's framing. Every frame is a 16-byte header and a payload:
 //
-//   0  magic "TMIG"   4  u16 type   6  u16 reserved (0)   8  u32 payload length
-//   12 u32 CRC-32 over header bytes 0..11 and then the payload
+//   0  magic "TMIG"   4  u16 type   6  u16 checksum kind   8  u32 payload length
+//   12 u32 checksum over header bytes 0..11 and then the payload
 //
-// (little-endian). The receiver checks the magic, the type, the length against that type's cap
-// before it waits for the payload, and the CRC before it looks at a byte of the payload, so a
-// corrupt, truncated or hostile stream is refused at the first frame it cannot verify.
+// (little-endian). Checksum kind 0 is CRC-32; kind 1 is the low 32 bits of XXH64 (seed 0),
+// three times as fast on a 16 MiB frame and used by a source once the destination's Accept
+// says it reads it (a destination reads both; one that predates kind 1 never says so, and gets
+// CRC-32). The receiver checks the magic, the type, the checksum kind, the length against that
+// type's cap before it waits for the payload, and the checksum before it looks at a byte of the
+// payload, so a corrupt, truncated or hostile stream is refused at the first frame it cannot verify.
 import zlib from 'node:zlib';
+import { native } from '../native/kvm';
 import { TernStateError } from '../state/errors';
 
 export const FRAME_MAGIC = 0x47494d54; // "TMIG"
@@ -69,29 +73,43 @@ export interface Frame {
   payload: Buffer;
 }
 
-function frameCrc(header: Buffer, payload: Uint8Array): number {
-  return zlib.crc32(payload, zlib.crc32(header.subarray(0, 12)));
+/** How a frame's checksum is computed (header bytes 6..7). */
+export enum FrameChecksum {
+  Crc32 = 0,
+  Xxh64Low32 = 1,
+}
+
+/** What a destination's Accept lists in `checksums` for each kind beyond CRC-32. */
+export const CHECKSUM_NAMES: Partial<Record<FrameChecksum, string>> = { [FrameChecksum.Xxh64Low32]: 'xxh64' };
+
+function frameChecksum(kind: FrameChecksum, header: Buffer, payload: Uint8Array): number {
+  if (kind === FrameChecksum.Crc32) return zlib.crc32(payload, zlib.crc32(header.subarray(0, 12)));
+  const { xxh64Init, xxh64Update, xxh64Digest } = native();
+  const state = xxh64Init();
+  xxh64Update(state, header.subarray(0, 12));
+  xxh64Update(state, payload);
+  return Number.parseInt(xxh64Digest(state).slice(-8), 16);
 }
 
 /** The header of a frame carrying `payload`; write it, then the payload itself. */
-export function frameHeader(type: FrameType, payload: Uint8Array): Buffer {
+export function frameHeader(type: FrameType, payload: Uint8Array, checksum = FrameChecksum.Crc32): Buffer {
   if (payload.length > MAX_PAYLOAD[type]) throw new MigrationProtocolError(`${FrameType[type]} frame of ${payload.length} bytes exceeds its cap of ${MAX_PAYLOAD[type]}`);
   const h = Buffer.alloc(FRAME_HEADER_BYTES);
   h.writeUInt32LE(FRAME_MAGIC, 0);
   h.writeUInt16LE(type, 4);
-  h.writeUInt16LE(0, 6);
+  h.writeUInt16LE(checksum, 6);
   h.writeUInt32LE(payload.length, 8);
-  h.writeUInt32LE(frameCrc(h, payload), 12);
+  h.writeUInt32LE(frameChecksum(checksum, h, payload), 12);
   return h;
 }
 
 /** A whole frame in one buffer (for small frames). */
-export function encodeFrame(type: FrameType, payload: Uint8Array = Buffer.alloc(0)): Buffer {
-  return Buffer.concat([frameHeader(type, payload), payload]);
+export function encodeFrame(type: FrameType, payload: Uint8Array = Buffer.alloc(0), checksum = FrameChecksum.Crc32): Buffer {
+  return Buffer.concat([frameHeader(type, payload, checksum), payload]);
 }
 
-export function encodeJsonFrame(type: FrameType, value: unknown): Buffer {
-  return encodeFrame(type, Buffer.from(JSON.stringify(value)));
+export function encodeJsonFrame(type: FrameType, value: unknown, checksum = FrameChecksum.Crc32): Buffer {
+  return encodeFrame(type, Buffer.from(JSON.stringify(value)), checksum);
 }
 
 /** Parse a JSON payload; what it must look like is the caller's to check. */
@@ -112,7 +130,7 @@ export function frameJson(frame: Frame): unknown {
 export class FrameDecoder {
   private readonly head = Buffer.alloc(FRAME_HEADER_BYTES);
   private headUsed = 0;
-  private header?: { type: FrameType; length: number; crc: number; raw: Buffer };
+  private header?: { type: FrameType; length: number; checksumKind: FrameChecksum; checksum: number; raw: Buffer };
   private payload?: Buffer;
   private payloadUsed = 0;
   private failed = false;
@@ -129,10 +147,11 @@ export class FrameDecoder {
     if (magic !== FRAME_MAGIC) throw new MigrationProtocolError(`bad frame magic 0x${magic.toString(16)}`);
     const type = raw.readUInt16LE(4) as FrameType;
     if (!(type in MAX_PAYLOAD)) throw new MigrationProtocolError(`unknown frame type ${type}`);
-    if (raw.readUInt16LE(6) !== 0) throw new MigrationProtocolError(`${FrameType[type]} frame: reserved header bits set`);
+    const checksumKind = raw.readUInt16LE(6) as FrameChecksum;
+    if (checksumKind !== FrameChecksum.Crc32 && checksumKind !== FrameChecksum.Xxh64Low32) throw new MigrationProtocolError(`${FrameType[type]} frame: unknown checksum kind ${checksumKind}`);
     const length = raw.readUInt32LE(8);
     if (length > MAX_PAYLOAD[type]) throw new MigrationProtocolError(`${FrameType[type]} frame announces ${length} bytes, more than its cap of ${MAX_PAYLOAD[type]}`);
-    this.header = { type, length, crc: raw.readUInt32LE(12), raw };
+    this.header = { type, length, checksumKind, checksum: raw.readUInt32LE(12), raw };
     this.payload = Buffer.allocUnsafe(length);
     this.payloadUsed = 0;
   }
@@ -157,7 +176,7 @@ export class FrameDecoder {
         this.payloadUsed += n;
         at += n;
         if (this.payloadUsed < h.length) break;
-        if (frameCrc(h.raw, payload) !== h.crc) throw new MigrationProtocolError(`${FrameType[h.type]} frame: checksum mismatch`);
+        if (frameChecksum(h.checksumKind, h.raw, payload) !== h.checksum) throw new MigrationProtocolError(`${FrameType[h.type]} frame: checksum mismatch`);
         this.header = undefined;
         this.payload = undefined;
         this.payloadUsed = 0;

@@ -16,7 +16,7 @@ import { TernStateError } from '../state/errors';
 import { TERN_VERSION } from '../version';
 import type { PauseTiming } from '../vmm/machine';
 import { FrameChannel, MigrationPeerError } from './frame-channel';
-import { FrameType, encodeJsonFrame } from './frames';
+import { CHECKSUM_NAMES, FrameChecksum, FrameType, encodeJsonFrame, frameJson } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, type Hello } from './handshake';
 import { MemoryFrameBuilder, PAGE, addAllNonZeroPages, addDirtyPages, countDirtyPages } from './memory-frames';
 import { MIGRATION_DEFAULTS, type MigrationPhase, type MigrationProgress, type SendMigrationOptions } from './migration-options';
@@ -199,7 +199,9 @@ export class MigrationSender {
         msrIndices,
       };
       await channel.sendJson(FrameType.Hello, hello);
-      await channel.expect(FrameType.Accept);
+      const accept = frameJson(await channel.expect(FrameType.Accept)) as { checksums?: unknown };
+      // A destination that reads XXH64 frames says so; one that does not gets CRC-32 as before.
+      if (Array.isArray(accept?.checksums) && accept.checksums.includes(CHECKSUM_NAMES[FrameChecksum.Xxh64Low32])) channel.checksum = FrameChecksum.Xxh64Low32;
     } catch (e) {
       channel.abort(errorText(e));
       throw new MigrationError(`${describeAddress(address)} refused the migration: ${errorText(e)}`);
@@ -442,7 +444,7 @@ export class MigrationSender {
       const machine = this.checkMachine();
       const after = machine.rehearseSave?.(this.vm.store.getState());
       await between();
-      if (after) encodeJsonFrame(FrameType.Final, { patches: diffState(this.sentState!, after) });
+      if (after) encodeJsonFrame(FrameType.Final, { patches: diffState(this.sentState!, after) }, this.channel!.checksum);
       await between();
       if (!this.opts.local) {
         const empty = machine.memory.regions.map((r) => new Uint8Array(Math.ceil(r.size / PAGE / 8)));

@@ -2,7 +2,9 @@
 // read buffer that is reused for the next read, and streams that are corrupt or cut short.
 import test from 'ava';
 
-import { FRAME_HEADER_BYTES, FrameDecoder, FrameType, MigrationProtocolError, encodeFrame, encodeJsonFrame, frameHeader, type Frame } from '../../src/migration/frames';
+import zlib from 'node:zlib';
+
+import { FRAME_HEADER_BYTES, FrameChecksum, FrameDecoder, FrameType, MigrationProtocolError, encodeFrame, encodeJsonFrame, frameHeader, type Frame } from '../../src/migration/frames';
 
 function stream(): { bytes: Buffer; frames: { type: FrameType; payload: Buffer }[] } {
   const memory = Buffer.alloc(3 * 4096 + 16);
@@ -85,4 +87,27 @@ test('bad magic and unknown types are refused', (t) => {
   const type = Buffer.from(f);
   type.writeUInt16LE(999, 4);
   t.throws(() => new FrameDecoder().push(type), { message: /unknown frame type 999/ });
+});
+
+test('frames checksummed with XXH64 decode alongside CRC-32 ones; a changed byte, a changed kind or an unknown kind is refused', (t) => {
+  const memory = Buffer.alloc(64 << 10);
+  for (let i = 0; i < memory.length; i++) memory[i] = (i * 13 + 1) & 0xff;
+  const crc = encodeJsonFrame(FrameType.Hello, { protocol: 1 });
+  const xxh = encodeFrame(FrameType.Memory, memory, FrameChecksum.Xxh64Low32);
+  t.is(xxh.readUInt16LE(6), FrameChecksum.Xxh64Low32, 'the kind is in the header');
+  t.not(xxh.readUInt32LE(12), zlib.crc32(xxh.subarray(FRAME_HEADER_BYTES), zlib.crc32(xxh.subarray(0, 12))), 'and it is not a CRC-32');
+  const got = feed(new FrameDecoder(), Buffer.concat([crc, xxh]), () => 4096);
+  t.deepEqual(got.map((f) => f.type), [FrameType.Hello, FrameType.Memory]);
+  t.true(Buffer.from(got[1].payload).equals(memory));
+
+  const flipped = Buffer.from(xxh);
+  flipped[FRAME_HEADER_BYTES + 40_000] ^= 0x10;
+  t.throws(() => new FrameDecoder().push(flipped), { message: /Memory frame: checksum mismatch/ });
+  // the kind is covered by the checksum: a frame relabelled CRC-32 does not verify either
+  const relabelled = Buffer.from(xxh);
+  relabelled.writeUInt16LE(FrameChecksum.Crc32, 6);
+  t.throws(() => new FrameDecoder().push(relabelled), { message: /checksum mismatch/ });
+  const unknown = Buffer.from(xxh);
+  unknown.writeUInt16LE(7, 6);
+  t.throws(() => new FrameDecoder().push(unknown), { message: /Memory frame: unknown checksum kind 7/ });
 });
