@@ -301,8 +301,13 @@ test.serial('live migration of a guest with its entropy device, console and disk
     await waitForPath(dstSock);
     const received = ternRemote(dstSock, 'receive-migration', url);
     await waitForPath(url.slice('unix:'.length));
-    await ternRemote(srcSock, 'send-migration', url);
-    await received;
+    try {
+      await ternRemote(srcSock, 'send-migration', url);
+      await received;
+    } catch (e) {
+      // (a guest that reset itself during the migration says why on its console or in the log)
+      throw new Error(`${(e as Error).message}\nsource console (tail):\n${src.output.slice(-2000)}\nsource log (tail):\n${src.stderr.slice(-4000)}\ndestination log (tail):\n${dst.stderr.slice(-2000)}`);
+    }
     t.is((await src.exit(BOOT_TIMEOUT)).code, 0, 'the source VMM exits once the destination runs the guest');
     const lastAtSource = Math.max(...[...src.output.matchAll(/MG (\d+) /g)].map((m) => Number(m[1])));
     await dst.waitFor(new RegExp(`MG ${lastAtSource + 10} `), BOOT_TIMEOUT);
