@@ -38,6 +38,7 @@ import {
   publishAvailEvent,
   pushUsed,
   queueRingsProblem,
+  ringIndexFields,
   shouldInterrupt,
   type DescriptorChain,
   type QueueRings,
@@ -619,14 +620,7 @@ export class VirtioQueues {
    */
   health(): QueueHealth[] {
     const out: QueueHealth[] = [];
-    const mem = this.opts.memory;
-    const field = (addr: number): number | null => {
-      try {
-        return mem.readU16(addr);
-      } catch {
-        return null;
-      }
-    };
+    const noRing = { availIdx: null, usedEvent: null, usedIdx: null, availEvent: null };
     for (const { fn, model } of this.virtioFunctions()) {
       const routes = msixRoutes(fn.msix, fn.config, model.msixLayout);
       const { enabled: msixEnabled, functionMasked } = msixControl(fn.config, model.msixLayout);
@@ -635,6 +629,7 @@ export class VirtioQueues {
         const key = queueKey(fn.id, queue);
         const avail = ringAddress(q.driver);
         const used = ringAddress(q.device);
+        const fields = avail === null || used === null ? noRing : ringIndexFields(this.opts.memory, { size: q.size, avail, used });
         const vectorPending = q.vector < model.msixLayout.vectors ? ((fn.msix.pending[q.vector >> 5] ?? 0) >>> (q.vector & 31)) & 1 : 0;
         out.push({
           device: fn.id,
@@ -645,10 +640,7 @@ export class VirtioQueues {
           nextAvail: q.nextAvail,
           nextUsed: q.nextUsed,
           inFlight: this.pendingChains.get(key) ?? 0,
-          availIdx: avail === null ? null : field(avail + 2),
-          usedEvent: avail === null ? null : field(avail + 4 + 2 * q.size),
-          usedIdx: used === null ? null : field(used + 2),
-          availEvent: used === null ? null : field(used + 4 + 8 * q.size),
+          ...fields,
           vector: q.vector,
           vectorMasked: routes[q.vector]?.masked ?? null,
           vectorPending: vectorPending === 1,

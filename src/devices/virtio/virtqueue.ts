@@ -137,6 +137,16 @@ const usedElemAddr = (q: QueueRings, slot: number): number => q.used + 4 + USED_
 const availEventAddr = (q: QueueRings): number => q.used + 4 + USED_ELEM_SIZE * q.size;
 
 /**
+ * The four index fields the driver and device exchange, as guest RAM holds them now, each null
+ * where RAM holds no ring (a health report's view; nothing is checked or written).
+ */
+export function ringIndexFields(mem: GuestMemory, q: Pick<QueueRings, 'size' | 'avail' | 'used'>): { availIdx: number | null; usedEvent: number | null; usedIdx: number | null; availEvent: number | null } {
+  const rings = q as QueueRings;
+  const at = (addr: number): number | null => (regionHolding(mem, addr, 2) ? mem.readU16(addr) : null);
+  return { availIdx: at(availIdxAddr(rings)), usedEvent: at(usedEventAddr(rings)), usedIdx: at(usedIdxAddr(rings)), availEvent: at(availEventAddr(rings)) };
+}
+
+/**
  * Why the rings cannot be used as configured, or null. Each ring's whole extent must lie in one
  * RAM region, including the event-index fields whether or not EVENT_IDX was negotiated (the
  * spec sizes the rings with them).
