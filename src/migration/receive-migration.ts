@@ -167,7 +167,7 @@ export class MigrationReceiver {
       // One source per receive: nobody else gets in while this one is handled.
       this.server.close();
       // (a source that fails the TLS handshake fails the receive, as any broken source does)
-      if (tlsMaterial) socket = await tlsServer(socket, tlsMaterial);
+      if (tlsMaterial) socket = await this.secure(socket, tlsMaterial);
       if (address.kind === 'unix') {
         const pre = await receivePreamble(socket, PREAMBLE_TIMEOUT_MS);
         this.fds = pre.fds;
@@ -203,6 +203,21 @@ export class MigrationReceiver {
       });
       this.server!.once('error', (e) => reject(new MigrationError(`listening failed: ${e.message}`)));
     });
+  }
+
+  /** The TLS handshake with the source, which a cancel ends at once (not at its timeout). */
+  private async secure(socket: net.Socket, material: TlsMaterial): Promise<net.Socket> {
+    const secured = tlsServer(socket, material);
+    try {
+      return await Promise.race([secured, new Promise<never>((_, reject) => (this.rejectWait = reject))]);
+    } catch (e) {
+      socket.destroy();
+      // (the handshake fails too once its socket is gone: that is this failure, not another)
+      secured.catch(() => undefined);
+      throw e;
+    } finally {
+      this.rejectWait = undefined;
+    }
   }
 
   private closeFds(): void {

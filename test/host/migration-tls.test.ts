@@ -4,6 +4,7 @@
 import test from 'ava';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 
@@ -160,6 +161,30 @@ test.serial('a source whose certificate another CA signed is refused, and a dest
     t.is(dst.state.vm.status, 'NotCreated', 'nothing was built at the destination');
   } finally {
     await src.shutdownVmm();
+    await dst.shutdownVmm();
+  }
+});
+
+test.serial('a receive waiting for a source\'s TLS handshake ends at once when cancelled, and can receive again', async (t) => {
+  const dst = new Vmm({ log: silentLogger() });
+  try {
+    const serverDir = tlsDir('cancel-dst', 'server', caA, caA);
+    const port = nextPort++;
+    const { outcome } = await listening(dst, `tcp:127.0.0.1:${port}`, serverDir);
+    // a client that connects and says nothing
+    const silent = net.connect({ host: '127.0.0.1', port });
+    await new Promise((r) => silent.once('connect', r));
+    // (time for the destination to accept it and start waiting for the handshake)
+    await new Promise((r) => setTimeout(r, 300));
+    const started = Date.now();
+    dst.cancelMigration();
+    t.regex(await outcome, /^failed: cancelled/);
+    t.true(Date.now() - started < 2000, `ended ${Date.now() - started} ms after the cancel, not at the handshake's timeout`);
+    silent.destroy();
+    const again = await listening(dst, `tcp:127.0.0.1:${nextPort++}`, serverDir);
+    dst.cancelMigration();
+    t.regex(await again.outcome, /^failed: cancelled/);
+  } finally {
     await dst.shutdownVmm();
   }
 });
