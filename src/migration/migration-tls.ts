@@ -34,7 +34,6 @@ export const TLS_HANDSHAKE_TIMEOUT_MS = 10_000;
 /** One side's certificates and key, read and parsed: a context both ends can be built from. */
 export interface TlsMaterial {
   side: TlsSide;
-  dir: string;
   /** the files as read (a tls.Server takes these, not a context) */
   pem: { ca: Buffer; cert: Buffer; key: Buffer };
   context: tls.SecureContext;
@@ -74,7 +73,7 @@ export function loadTlsDir(dir: string, side: TlsSide): TlsMaterial {
     // (OpenSSL's reason names what is wrong, e.g. "key values mismatch", not the bytes)
     throw new MigrationTlsError(`tls_dir ${dir}: ${names.ca}, ${names.cert} and ${names.key} are not a usable set: ${opensslReason(e)}`);
   }
-  return { side, dir, pem: { ca, cert, key }, context };
+  return { side, pem: { ca, cert, key }, context };
 }
 
 function opensslReason(e: unknown): string {

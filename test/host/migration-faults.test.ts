@@ -10,14 +10,13 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-import type { VmConfig } from '../../src/config/vm-config';
 import { MigrationEvents, type MigrationFailedPayload, type StoreEvent } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
 import { pausedState } from '../unit/snapshot-fixture';
 import { FrameType, connectAsSource, encodeFrame, fakeDestination, helloFor, slowLink } from '../support/migration-peer';
 import { sleep, waitUntil } from './harness';
-import { TINY_KERNEL_MAGIC, TinyKernelStatus, buildTinyKernel } from './tiny-kernel';
+import { TINY_KERNEL_MAGIC, TinyKernelStatus, buildTinyKernel, tinyVmConfig } from './tiny-kernel';
 
 // Generous: in the nested lab a tiny guest and both VMMs run on an emulated CPU.
 const until = (what: string, cond: () => boolean, ms = 30_000): Promise<void> => waitUntil(what, cond, ms);
@@ -45,13 +44,7 @@ class Side {
 }
 
 async function counting(name: string): Promise<Side> {
-  const cfg: VmConfig = {
-    payload: { kernel: await buildTinyKernel(), cmdline: `faults ${name}` },
-    cpus: { boot_vcpus: 1, max_vcpus: 1 },
-    memory: { size: 64 << 20 },
-    serial: { mode: 'File', file: path.join(tmp, `${name}.serial`) },
-    console: { mode: 'Off' },
-  };
+  const cfg = await tinyVmConfig(`faults ${name}`, path.join(tmp, `${name}.serial`));
   const vmm = new Vmm({ log: silentLogger() });
   const side = new Side(vmm);
   await vmm.create(cfg);

@@ -8,12 +8,11 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 
-import type { VmConfig } from '../../src/config/vm-config';
 import { MigrationEvents } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
 import { waitUntil } from './harness';
-import { TINY_KERNEL_MAGIC, TinyKernelStatus, buildTinyKernel } from './tiny-kernel';
+import { TINY_KERNEL_MAGIC, TinyKernelStatus, tinyVmConfig } from './tiny-kernel';
 
 const until = (what: string, cond: () => boolean, ms = 30_000): Promise<void> => waitUntil(what, cond, ms);
 
@@ -58,13 +57,7 @@ const caA = makeCa('A');
 const caB = makeCa('B');
 
 async function bootCounting(name: string): Promise<Vmm> {
-  const cfg: VmConfig = {
-    payload: { kernel: await buildTinyKernel(), cmdline: `tls ${name}` },
-    cpus: { boot_vcpus: 1, max_vcpus: 1 },
-    memory: { size: 64 << 20 },
-    serial: { mode: 'File', file: path.join(tmp, `${name}.serial`) },
-    console: { mode: 'Off' },
-  };
+  const cfg = await tinyVmConfig(`tls ${name}`, path.join(tmp, `${name}.serial`));
   const vmm = new Vmm({ log: silentLogger() });
   await vmm.create(cfg);
   await vmm.boot();
@@ -106,6 +99,11 @@ function migrationEnd(src: Vmm): Promise<string> {
   });
 }
 
+/** Ask `src` to migrate: how it ended ('finished' or the failure), or why the request was refused. */
+function attempt(src: Vmm, opts: { destination_url: string; tls_dir?: string }): Promise<string> {
+  return src.sendMigration({ ...opts, timeout_s: 20 }).then(() => migrationEnd(src), (e: Error) => `refused: ${e.message}`);
+}
+
 test.serial('with tls_dir on both sides the guest migrates over TCP and counts on; a plain source is refused by a TLS destination', async (t) => {
   const src = await bootCounting('ok');
   const dst = new Vmm({ log: silentLogger() });
@@ -115,7 +113,7 @@ test.serial('with tls_dir on both sides the guest migrates over TCP and counts o
     // A source without TLS gets nowhere: the destination wants a handshake first.
     let url = `tcp:127.0.0.1:${nextPort++}`;
     let { outcome } = await listening(dst, url, serverDir);
-    const plain = src.sendMigration({ destination_url: url, timeout_s: 20 }).then(() => migrationEnd(src), (e: Error) => `refused: ${e.message}`);
+    const plain = attempt(src, { destination_url: url });
     t.regex(await outcome, /^failed: TLS with the source failed/);
     t.regex(await plain, /^(refused|failed)/);
     await countsOn(t, src, 'at the source after the plain attempt');
@@ -143,7 +141,7 @@ test.serial('a source whose certificate another CA signed is refused, and a dest
     const strangerDir = tlsDir('ref-src-b', 'client', caA, caB);
     let url = `tcp:127.0.0.1:${nextPort++}`;
     let { outcome } = await listening(dst, url, serverDir);
-    const stranger = src.sendMigration({ destination_url: url, tls_dir: strangerDir, timeout_s: 20 }).then(() => migrationEnd(src), (e: Error) => `refused: ${e.message}`);
+    const stranger = attempt(src, { destination_url: url, tls_dir: strangerDir });
     t.regex(await outcome, /^failed: TLS with the source failed: its certificate is not accepted \(UNABLE_TO_/);
     t.regex(await stranger, /^(refused|failed)/);
     await countsOn(t, src, 'at the source after a stranger tried');
@@ -153,7 +151,7 @@ test.serial('a source whose certificate another CA signed is refused, and a dest
     const clientDir = tlsDir('ref-src', 'client', caA, caA);
     url = `tcp:127.0.0.1:${nextPort++}`;
     ({ outcome } = await listening(dst, url, elsewhereDir));
-    const misnamed = await src.sendMigration({ destination_url: url, tls_dir: clientDir, timeout_s: 20 }).then(() => migrationEnd(src), (e: Error) => `refused: ${e.message}`);
+    const misnamed = await attempt(src, { destination_url: url, tls_dir: clientDir });
     t.regex(misnamed, /TLS with the destination failed: .*(127\.0\.0\.1|IP)/);
     t.regex(await outcome, /^failed/);
     await countsOn(t, src, 'at the source after the misnamed destination');

@@ -5,6 +5,7 @@ import { execFile } from 'node:child_process';
 import path from 'node:path';
 import { promisify } from 'node:util';
 
+import type { VmConfig } from '../../src/config/vm-config';
 import { GuestProcess } from '../linux/guest-process';
 import { GUEST_SOURCES, guestBuildDir } from './harness';
 
@@ -152,4 +153,15 @@ export async function startTinyVm(args: string[] = [], opts: { cmdline?: string;
     '--cpus', 'boot=1', '--memory', 'size=64M', '--serial', 'tty', '--console', 'off',
     ...args,
   ], { launcher: opts.launcher });
+}
+
+/** A VM config for the tiny kernel: one vCPU, 64 MiB, its serial port into `serialFile`, no console. */
+export async function tinyVmConfig(cmdline: string, serialFile: string): Promise<VmConfig> {
+  return {
+    payload: { kernel: await buildTinyKernel(), cmdline },
+    cpus: { boot_vcpus: 1, max_vcpus: 1 },
+    memory: { size: 64 << 20 },
+    serial: { mode: 'File', file: serialFile },
+    console: { mode: 'Off' },
+  };
 }

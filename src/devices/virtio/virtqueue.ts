@@ -129,21 +129,23 @@ function checkSize(q: QueueRings): void {
   if (!isPowerOfTwoSize(q.size)) throw new VirtqueueError(`queue size ${q.size} is not a power of two from 1 to ${VIRTQ_MAX_SIZE}`);
 }
 
-const availIdxAddr = (q: QueueRings): number => q.avail + 2;
-const availRingAddr = (q: QueueRings, slot: number): number => q.avail + 4 + 2 * slot;
-const usedEventAddr = (q: QueueRings): number => q.avail + 4 + 2 * q.size;
-const usedIdxAddr = (q: QueueRings): number => q.used + 2;
-const usedElemAddr = (q: QueueRings, slot: number): number => q.used + 4 + USED_ELEM_SIZE * slot;
-const availEventAddr = (q: QueueRings): number => q.used + 4 + USED_ELEM_SIZE * q.size;
+/** Where a queue's rings are: all the ring-field addresses below need. */
+type RingPlace = Pick<QueueRings, 'size' | 'avail' | 'used'>;
+
+const availIdxAddr = (q: RingPlace): number => q.avail + 2;
+const availRingAddr = (q: RingPlace, slot: number): number => q.avail + 4 + 2 * slot;
+const usedEventAddr = (q: RingPlace): number => q.avail + 4 + 2 * q.size;
+const usedIdxAddr = (q: RingPlace): number => q.used + 2;
+const usedElemAddr = (q: RingPlace, slot: number): number => q.used + 4 + USED_ELEM_SIZE * slot;
+const availEventAddr = (q: RingPlace): number => q.used + 4 + USED_ELEM_SIZE * q.size;
 
 /**
  * The four index fields the driver and device exchange, as guest RAM holds them now, each null
  * where RAM holds no ring (a health report's view; nothing is checked or written).
  */
-export function ringIndexFields(mem: GuestMemory, q: Pick<QueueRings, 'size' | 'avail' | 'used'>): { availIdx: number | null; usedEvent: number | null; usedIdx: number | null; availEvent: number | null } {
-  const rings = q as QueueRings;
+export function ringIndexFields(mem: GuestMemory, q: RingPlace): { availIdx: number | null; usedEvent: number | null; usedIdx: number | null; availEvent: number | null } {
   const at = (addr: number): number | null => (regionHolding(mem, addr, 2) ? mem.readU16(addr) : null);
-  return { availIdx: at(availIdxAddr(rings)), usedEvent: at(usedEventAddr(rings)), usedIdx: at(usedIdxAddr(rings)), availEvent: at(availEventAddr(rings)) };
+  return { availIdx: at(availIdxAddr(q)), usedEvent: at(usedEventAddr(q)), usedIdx: at(usedIdxAddr(q)), availEvent: at(availEventAddr(q)) };
 }
 
 /**
