@@ -473,6 +473,7 @@ export class Machine {
         workers,
         runEffects: (effects) => this.runEffects(effects),
         irqfdOf: (device, vector) => this.msi?.irqfd(device, vector),
+        msiHealth: (device, vector) => this.msi?.vectorHealth(device, vector),
       });
     }
     this.virtio.syncDoorbells(segment);

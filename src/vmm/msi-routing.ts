@@ -45,6 +45,10 @@ export class MsiRouting {
   /** per device id: the first GSI of its vectors and one irqfd per vector */
   private readonly vectors = new Map<string, { firstGsi: number; fds: number[] }>();
   private lastTable = '';
+  /** GSIs the table last given to KVM routes as MSIs */
+  private routedGsis = new Set<number>();
+  /** per device and vector: messages this thread sent, and when the last went (for health reports) */
+  private readonly sent = new Map<string, { count: number; at: number }>();
 
   constructor(
     private readonly vm: NativeVm,
@@ -76,6 +80,7 @@ export class MsiRouting {
     if (table !== this.lastTable) {
       this.vm.setGsiRouting(routes);
       this.lastTable = table;
+      this.routedGsis = new Set(routes.filter((r) => r.type === 'msi').map((r) => r.gsi));
     }
     for (const f of fresh) {
       const fds: number[] = [];
@@ -103,6 +108,23 @@ export class MsiRouting {
     const fd = this.vectors.get(id)?.fds[vector];
     if (fd === undefined) throw new Error(`MSI-X vector ${vector} of '${id}' has no irqfd`);
     native().eventfdWrite(fd, 1n);
+    const key = `${id}\u0000${vector}`;
+    const s = this.sent.get(key);
+    if (s) {
+      s.count++;
+      s.at = Date.now();
+    } else this.sent.set(key, { count: 1, at: Date.now() });
+  }
+
+  /**
+   * What a health report says of a vector: its GSI, whether KVM routes that GSI now, and the
+   * messages this thread sent on it (a native queue thread's own go uncounted here).
+   */
+  vectorHealth(id: string, vector: number, now = Date.now()): { gsi: number | null; routed: boolean; sent: number; lastSentMsAgo: number | null } {
+    const v = this.vectors.get(id);
+    const gsi = v && vector < v.fds.length ? v.firstGsi + vector : null;
+    const s = this.sent.get(`${id}\u0000${vector}`);
+    return { gsi, routed: gsi !== null && this.routedGsis.has(gsi), sent: s?.count ?? 0, lastSentMsAgo: s ? now - s.at : null };
   }
 
   /** Close the irqfds (the KVM VM goes with them). */

@@ -97,6 +97,8 @@ export interface QueueHealth {
   vectorPending: boolean;
   msixEnabled: boolean;
   functionMasked: boolean;
+  /** the vector's GSI, whether KVM routes it, and the messages the JavaScript thread sent on it */
+  msi?: { gsi: number | null; routed: boolean; sent: number; lastSentMsAgo: number | null };
 }
 
 /** A disk as native/block_queue.cc serves it. */
@@ -139,6 +141,8 @@ export interface VirtioQueuesOptions {
   runEffects: (effects: readonly Effect[]) => void;
   /** the irqfd of MSI-X vector `vector` of `device`, if it has one */
   irqfdOf?: (device: string, vector: number) => number | undefined;
+  /** what a health report says of MSI-X vector `vector` of `device` */
+  msiHealth?: (device: string, vector: number) => QueueHealth['msi'];
 }
 
 /** Chains served per queue before other work gets the thread: the rest is served next turn. */
@@ -646,6 +650,7 @@ export class VirtioQueues {
           vectorPending: vectorPending === 1,
           msixEnabled,
           functionMasked,
+          ...(q.vector < model.msixLayout.vectors && this.opts.msiHealth ? { msi: this.opts.msiHealth(fn.id, q.vector) } : {}),
         });
       });
     }

@@ -273,6 +273,7 @@ test.serial('virtio-rng served through ioeventfd and irqfd: entropy in the buffe
     // The health report sees the queue from both sides: the store's cursors and the rings in RAM.
     const rngQueue = vmm.health().queues?.find((q) => q.device === RNG && q.queue === 0);
     t.like(rngQueue, { live: true, served: 'js', nextAvail: 1, nextUsed: 1, availIdx: 1, usedIdx: 1, inFlight: 0, vector: 1, vectorMasked: false, msixEnabled: true });
+    t.like(rngQueue?.msi, { routed: true, sent: 1 }, 'the one interrupt the guest took was sent on a routed GSI');
     // The doorbell went through its ioeventfd: KVM consumed the write, the VMM saw no exit for it.
     const doorbell = driver.bar + VirtioBar.NOTIFY;
     const writesTo = (address: number) => vmm.store.journal().filter((e) => e.type === '[PCI Segment] Register Written' && (e.payload as { offset?: number })?.offset === address);
