@@ -1,6 +1,7 @@
 // Drives a VMM process (tern or the QEMU peer) the way a user at a terminal would: reads its
 // console output, types into it, and waits for it to end.
 import { ChildProcessWithoutNullStreams, spawn } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 
 export const FIXTURES = process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures';
@@ -23,6 +24,8 @@ export class GuestProcess {
   private closed?: string;
   /** a tern VMM: asked for its health report (SIGUSR2) before a wait fails on its timeout */
   private healthReports = false;
+  /** where a tern VMM writes its serial port (`--serial file=...`): a failure shows its tail too */
+  private serialFile?: string;
 
   /** `passFds`: descriptors of this process the child gets as its fds 3, 4, ... */
   constructor(command: string, args: string[], opts: { env?: NodeJS.ProcessEnv; passFds?: number[] } = {}) {
@@ -44,13 +47,29 @@ export class GuestProcess {
 
   private failure(what: string): Error {
     // (a health report is one long line: the stderr tail keeps room for it)
-    return new Error(`${what}; output so far:\n${this.output.slice(-3000)}\nstderr:\n${this.stderr.slice(-12000)}`);
+    return new Error(`${what}; output so far:\n${this.output.slice(-3000)}\nstderr:\n${this.stderr.slice(-12000)}${this.serialTail()}`);
+  }
+
+  /**
+   * The end of the serial file, when the console is elsewhere: a guest kernel that panics
+   * (and, with panic=-1, reboots) says why only on its serial port.
+   */
+  private serialTail(): string {
+    if (!this.serialFile) return '';
+    try {
+      const text = fs.readFileSync(this.serialFile, 'latin1');
+      return `\nserial port (${this.serialFile}), last 4000 bytes:\n${text.slice(-4000)}`;
+    } catch (e) {
+      return `\nserial port (${this.serialFile}): ${(e as Error).message}`;
+    }
   }
 
   /** `nodeArgs`: options for Node itself (a benchmark's --cpu-prof) */
   static tern(args: string[], nodeArgs: string[] = []): GuestProcess {
     const p = new GuestProcess(process.execPath, [...nodeArgs, TERN_CLI, ...args]);
     p.healthReports = true;
+    const serial = args[args.indexOf('--serial') + 1];
+    if (args.includes('--serial') && serial?.startsWith('file=')) p.serialFile = serial.slice('file='.length).split(',')[0];
     return p;
   }
 
