@@ -2,6 +2,11 @@
 // file so that the runner always knows which files have finished. If the lab stops making
 // progress (lab.ts's watchdog) or runs out of time, the files that did not finish run once more
 // in a fresh lab boot: one freeze costs minutes, not the run.
+//
+// The lab's nested KVM (SVM emulated by TCG) now and then loses a guest: an interrupt that never
+// arrives, a guest kernel that resets. So in the tiers that ask for it, a serial file's failed
+// tests run once more, alone, right after the file in the same boot. A test that passes then is
+// reported as flaky, by name, with its first failure left in the log; one that fails again fails.
 import { LabFrozenError, LabOptions, LabResult, LabTimeoutError, runInLab, shq } from '../lab/lab';
 import { Counts, countTap } from './tap-counts';
 
@@ -18,6 +23,8 @@ export interface FileResult extends TestFile {
   exitCode: number | null;
   /** Why the file has no complete result of its own (the lab froze under it, or never ran it). */
   note?: string;
+  /** Its failed tests run once more (a serial file of a retried tier): what that run reported. */
+  retry?: { tap: string; exitCode: number | null };
 }
 
 export interface LabSessionResult {
@@ -33,6 +40,12 @@ const begin = (nonce: string) => new RegExp(`^TERN-TEST-BEGIN ${nonce} (\\d+) `)
 const end = (nonce: string) => new RegExp(`^TERN-TEST-END ${nonce} (\\d+) (\\d+) `);
 // A file of a parallel lane prints its TAP only when it ends: this marker heads that output.
 const tapFollows = (nonce: string) => new RegExp(`^TERN-TEST-TAP ${nonce} (\\d+) `);
+// A serial file's failed tests run again: these frame that run's TAP.
+const retryBegin = (nonce: string) => new RegExp(`^TERN-TEST-RETRY ${nonce} (\\d+) `);
+const retryEnd = (nonce: string) => new RegExp(`^TERN-TEST-RETRY-END ${nonce} (\\d+) (\\d+) `);
+
+/** Failed tests of one file that are run again; more than this many failing is no flake. */
+export const MAX_RETRIED_TESTS = 2;
 
 /**
  * The lab job. Files of a parallel tier (kvm) run two at a time, each lane taking the next file
@@ -42,7 +55,7 @@ const tapFollows = (nonce: string) => new RegExp(`^TERN-TEST-TAP ${nonce} (\\d+)
  * run one at a time: on a host they may overlap, but ten VMMs starting at once in the emulated
  * lab take longer to start than the tests' guards allow.
  */
-function jobScript(files: TestFile[], nonce: string, avaTimeout: string, parallelTiers: string[]): string {
+function jobScript(files: TestFile[], nonce: string, avaTimeout: string, parallelTiers: string[], retryTiers: string[]): string {
   const indexed = files.map((f, k) => ({ ...f, k }));
   const parallel = indexed.filter((f) => parallelTiers.includes(f.tier));
   const serial = indexed.filter((f) => !parallelTiers.includes(f.tier));
@@ -64,12 +77,22 @@ function jobScript(files: TestFile[], nonce: string, avaTimeout: string, paralle
     '  done',
     '}',
     'lane & lane & wait',
+    // run_file K FILE [retry]: with retry, the tests that failed run once more (by exact title:
+    // ava's --match takes "*" as a wildcard and a leading "!" as a negation, so such titles are not retried).
     'run_file() {',
     `  echo "TERN-TEST-BEGIN ${nonce} $1 $2"`,
-    `  ${ava} --serial "$2" 2>&1`,
-    `  echo "TERN-TEST-END ${nonce} $1 $? $2"`,
+    `  ${ava} --serial "$2" 2>&1 | tee "$work/s$1.tap"; st=\${PIPESTATUS[0]}`,
+    `  echo "TERN-TEST-END ${nonce} $1 $st $2"`,
+    '  if [ "$st" = 0 ] || [ "$3" != retry ]; then return 0; fi',
+    `  mapfile -t failed < <(sed -n -E '/# TODO/d; s/^not ok [0-9]+ - (.+)$/\\1/p' "$work/s$1.tap")`,
+    `  if [ "\${#failed[@]}" -lt 1 ] || [ "\${#failed[@]}" -gt ${MAX_RETRIED_TESTS} ]; then return 0; fi`,
+    '  m=()',
+    `  for f in "\${failed[@]}"; do case "$f" in *'*'*|'!'*) return 0 ;; esac; m+=(--match "$f"); done`,
+    `  echo "TERN-TEST-RETRY ${nonce} $1 $2"`,
+    `  ${ava} --serial "\${m[@]}" "$2" 2>&1`,
+    `  echo "TERN-TEST-RETRY-END ${nonce} $1 $? $2"`,
     '}',
-    ...serial.map((f) => `run_file ${f.k} ${shq(f.file)}`),
+    ...serial.map((f) => `run_file ${f.k} ${shq(f.file)}${retryTiers.includes(f.tier) ? ' retry' : ''}`),
   ].join('\n');
 }
 
@@ -93,7 +116,22 @@ async function oneBoot(files: TestFile[], opts: LabSessionOptions, nonce: string
   const beginRe = begin(nonce);
   const endRe = end(nonce);
   const tapRe = tapFollows(nonce);
+  const retryBeginRe = retryBegin(nonce);
+  const retryEndRe = retryEnd(nonce);
+  const byPlace = new Map<number, FileResult>();
   const onLine = (line: string) => {
+    const rb = retryBeginRe.exec(line);
+    if (rb && byPlace.has(Number(rb[1]))) {
+      since = '';
+      opts.onRetry?.(byPlace.get(Number(rb[1]))!);
+      return;
+    }
+    const re = retryEndRe.exec(line);
+    if (re && byPlace.has(Number(re[1]))) {
+      byPlace.get(Number(re[1]))!.retry = { tap: since, exitCode: Number(re[2]) };
+      since = '';
+      return;
+    }
     const b = beginRe.exec(line);
     if (b && files[Number(b[1])]) {
       running.add(Number(b[1]));
@@ -114,6 +152,7 @@ async function oneBoot(files: TestFile[], opts: LabSessionOptions, nonce: string
       const result: FileResult = { ...files[k], tap: since, exitCode, counts: countTap(since, exitCode) };
       running.delete(k);
       finishedAt.add(k);
+      byPlace.set(k, result);
       since = '';
       finished.push(result);
       opts.onFileEnd?.(result);
@@ -125,7 +164,7 @@ async function oneBoot(files: TestFile[], opts: LabSessionOptions, nonce: string
   const started = Date.now();
   try {
     const r = await (opts.runLab ?? runInLab)({
-      script: jobScript(files, nonce, opts.avaTimeout, opts.parallelTiers ?? []),
+      script: jobScript(files, nonce, opts.avaTimeout, opts.parallelTiers ?? [], opts.retryTiers ?? []),
       timeoutMs: opts.timeoutMs,
       silenceLimitMs: opts.silenceLimitMs,
       env: opts.env,
@@ -158,6 +197,8 @@ export interface LabSessionOptions {
   avaTimeout: string;
   /** Tiers whose files may run two at a time. */
   parallelTiers?: string[];
+  /** Tiers whose serial files' failed tests run once more (see the top of this file). */
+  retryTiers?: string[];
   env?: Record<string, string>;
   onLine?: (line: string) => void;
   onConsole?: (line: string) => void;
@@ -165,6 +206,8 @@ export interface LabSessionOptions {
   /** A file of a parallel tier ended: its whole output follows (a serial file's streams after onFileStart). */
   onFileOutput?: (f: TestFile) => void;
   onFileEnd?: (r: FileResult) => void;
+  /** A file's failed tests are about to run once more. */
+  onRetry?: (r: FileResult) => void;
   /** What boots the lab (runInLab; a test passes its own to play a lab that freezes). */
   runLab?: (o: LabOptions) => Promise<LabResult>;
   /** Receives what QEMU's monitor said about the CPUs of a lab that froze. */

@@ -51,6 +51,30 @@ export function failedTests(tap: string): string[] {
     .map((l) => l.replace(/^not ok \d* ?-? ?/, '').trim());
 }
 
+/** The names of the tests a TAP stream reports as passed (not skipped). */
+export function passedTests(tap: string): string[] {
+  return tap
+    .split('\n')
+    .filter((l) => /^ok\b/.test(l) && !/# (SKIP|TODO)\b/i.test(l))
+    .map((l) => l.replace(/^ok \d* ?-? ?/, '').trim());
+}
+
+/**
+ * One file's result once its failed tests ran again (`retry`, when they did): a test that
+ * passed then counts as passed and is named as flaky; one that failed again stays failed.
+ */
+export function settleRetry(tap: string, counts: Counts, retry?: { tap: string }): { counts: Counts; failures: string[]; flaky: string[] } {
+  const failures = failedTests(tap);
+  if (!retry) return { counts, failures, flaky: [] };
+  const passedAgain = new Set(passedTests(retry.tap));
+  const flaky = failures.filter((f) => passedAgain.has(f));
+  return {
+    counts: { ...counts, passed: counts.passed + flaky.length, failed: Math.max(0, counts.failed - flaky.length) },
+    failures: failures.filter((f) => !passedAgain.has(f)).map((f) => `${f} (failed again when run once more)`),
+    flaky,
+  };
+}
+
 /** The plain closing line CI and people read: "N passed, N failed, N skipped". */
 export function countsLine(c: Counts): string {
   return `${c.passed} passed, ${c.failed} failed, ${c.skipped} skipped`;

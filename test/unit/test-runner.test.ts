@@ -1,10 +1,13 @@
 // The test runner's own logic: counting ava's TAP, and the lab session that reruns what a
-// frozen lab left unfinished in a fresh boot (played here by a scripted lab).
+// frozen lab left unfinished in a fresh boot (played here by a scripted lab), and the second run
+// of a lab file's failed tests.
 import test from 'ava';
+import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { LabFrozenError, LabOptions, LabResult } from '../lab/lab';
 import { TestFile, runInLabSession } from '../runner/lab-session';
-import { countTap, countsLine, failedTests } from '../runner/tap-counts';
+import { countTap, countsLine, failedTests, settleRetry } from '../runner/tap-counts';
 
 const REPO = path.resolve(__dirname, '..', '..', '..');
 
@@ -122,4 +125,43 @@ test('lab session: the real job script runs files two at a time and then one at 
     t.notRegex(f.tap, /TERN-TEST-/, 'no marker inside a file\'s TAP');
   }
   t.regex(r.boots[0], /5 files/);
+});
+
+test('lab session: a serial file\'s failed tests run once more; a pass then is flaky, a second failure fails', async (t) => {
+  process.env.TERN_LAB_MODE = 'direct';
+  const mark = path.join(os.tmpdir(), `tern-flaky-${process.pid}-${Date.now()}`);
+  const file: TestFile = { tier: 'linux', file: 'dist/test/runner/fixtures/flaky.test.js' };
+  const retried: string[] = [];
+  try {
+    // Retried: the test that fails once passes on its second run.
+    const once = await runInLabSession([file], {
+      cwd: REPO, timeoutMs: 120_000, avaTimeout: '1m', retryTiers: ['linux'], env: { TERN_FLAKY_MARK: mark },
+      onRetry: (r) => retried.push(r.file),
+    }, nonce);
+    const r = once.results[0];
+    t.deepEqual(r.counts, { passed: 2, failed: 1, skipped: 0 }, 'the first run is recorded as it was');
+    t.deepEqual(retried, [file.file]);
+    t.regex(r.retry!.tap, /^ok \d+ - fails the first time only$/m);
+    t.notRegex(r.retry!.tap, /passes every time/, 'only the failed test runs again');
+    t.deepEqual(settleRetry(r.tap, r.counts, r.retry), { counts: { passed: 3, failed: 0, skipped: 0 }, failures: [], flaky: ['fails the first time only'] });
+
+    // A test that fails again stays failed; the flaky one beside it still counts as flaky.
+    fs.rmSync(mark, { force: true });
+    const twice = await runInLabSession([file], {
+      cwd: REPO, timeoutMs: 120_000, avaTimeout: '1m', retryTiers: ['linux'], env: { TERN_FLAKY_MARK: mark, TERN_FLAKY_ALWAYS: '1' },
+    }, nonce);
+    const r2 = twice.results[0];
+    const settled = settleRetry(r2.tap, r2.counts, r2.retry);
+    t.deepEqual(settled.counts, { passed: 2, failed: 1, skipped: 0 });
+    t.deepEqual(settled.flaky, ['fails the first time only']);
+    t.deepEqual(settled.failures, ['fails every time when asked (failed again when run once more)']);
+
+    // A tier that does not ask for retries gets none.
+    fs.rmSync(mark, { force: true });
+    const none = await runInLabSession([file], { cwd: REPO, timeoutMs: 120_000, avaTimeout: '1m', env: { TERN_FLAKY_MARK: mark } }, nonce);
+    t.is(none.results[0].retry, undefined);
+    t.deepEqual(settleRetry(none.results[0].tap, none.results[0].counts).failures, ['fails the first time only']);
+  } finally {
+    fs.rmSync(mark, { force: true });
+  }
 });
