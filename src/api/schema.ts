@@ -4,6 +4,7 @@
 // integer formats become ranges, because serde rejects an out-of-range u8 and so do we.
 import { Type, type Static, type TSchema } from '@sinclair/typebox';
 import { CPU_PROFILES } from '../boot/cpu-profile';
+import { MAX_MIGRATION_CONNECTIONS } from '../migration/handshake';
 
 const Int = (min?: number, max?: number) =>
   Type.Integer({ ...(min !== undefined && { minimum: min }), ...(max !== undefined && { maximum: max }) });
@@ -311,7 +312,7 @@ export type ApiErrorBody = string[];
 // ---- live migration ---------------------------------------------------------------------------
 
 /** Cloud Hypervisor's limit for SendMigrationData.connections */
-export const MAX_MIGRATION_CONNECTIONS = 128;
+export { MAX_MIGRATION_CONNECTIONS };
 
 export const TimeoutStrategySchema = Enum('Cancel', 'Ignore');
 export const MigrationModeSchema = Enum('Precopy', 'Postcopy');

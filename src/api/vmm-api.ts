@@ -380,8 +380,8 @@ export class VmmApi {
       throw toApiError(e, outer);
     }
     checkMigrationUrl(outer, 'destination_url', data.destination_url);
-    if (data.connections !== undefined && data.connections > 1) {
-      throw unsupported(outer, `connections ${data.connections}: Tern migrates over one connection, give 1 (or leave it out)`);
+    if (data.connections !== undefined && data.connections > 1 && !data.destination_url.startsWith('tcp:')) {
+      throw unsupported(outer, `connections ${data.connections}: more than one connection is for tcp: URLs only`);
     }
     if (data.tls_dir !== undefined && !data.destination_url.startsWith('tcp:')) throw unsupported(outer, 'tls_dir: TLS is for tcp: URLs only');
     checkMemoryMode(outer, data.memory_mode);
@@ -396,6 +396,7 @@ export class VmmApi {
         downtime_ms: data.downtime_ms,
         timeout_s: data.timeout_s,
         timeout_strategy: data.timeout_strategy,
+        ...(data.connections !== undefined && { connections: data.connections }),
         ...(data.tls_dir !== undefined && { tls_dir: data.tls_dir }),
       }),
     );

@@ -43,6 +43,10 @@ export enum FrameType {
   Abort = 12,
   /** destination → source: the State frame is checked and the final checks rehearsed; pause when ready */
   Prepared = 13,
+  /** source → destination, first on each extra connection: which migration it joins (JSON) */
+  Join = 14,
+  /** source → destination on an extra connection: its Memory frames of a round are all sent (JSON) */
+  RoundEnd = 15,
 }
 
 /** Largest payload per type; a header announcing more is refused before its payload is read. */
@@ -60,6 +64,8 @@ const MAX_PAYLOAD: Record<FrameType, number> = {
   [FrameType.Running]: 64 << 10,
   [FrameType.Abort]: 64 << 10,
   [FrameType.Prepared]: 64 << 10,
+  [FrameType.Join]: 64 << 10,
+  [FrameType.RoundEnd]: 64 << 10,
 };
 
 export class MigrationProtocolError extends TernStateError {

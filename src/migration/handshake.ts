@@ -8,6 +8,9 @@ import { MigrationProtocolError } from './frames';
 /** 1: this framing and these frames; 2: the destination answers the State frame with Prepared */
 export const MIGRATION_PROTOCOL_VERSION = 2;
 
+/** Cloud Hypervisor's limit of a migration's TCP connections (SendMigrationData.connections) */
+export const MAX_MIGRATION_CONNECTIONS = 128;
+
 export interface Hello {
   protocol: number;
   /** root schema version of the state the source sends */
@@ -20,6 +23,8 @@ export interface Hello {
   /** what the guest's vCPUs were given, and the MSRs the source's KVM saves */
   cpuid: CpuidEntry[];
   msrIndices: number[];
+  /** TCP connections the source would use, this one included (absent: 1); memory frames spread over them */
+  connections?: number;
 }
 
 /** The oldest root schema the upgraders lift to this build's. */
@@ -66,6 +71,12 @@ export function checkHello(raw: unknown, transport: { fds: number }): Hello {
   }
   if (!Array.isArray(h.msrIndices) || h.msrIndices.length > 4096 || !h.msrIndices.every(isUint32)) {
     throw new MigrationProtocolError('Hello: msrIndices must be a list of MSR numbers');
+  }
+  if (h.connections !== undefined) {
+    if (!Number.isInteger(h.connections) || h.connections < 1 || h.connections > MAX_MIGRATION_CONNECTIONS) {
+      throw new MigrationProtocolError(`Hello: connections must be 1..${MAX_MIGRATION_CONNECTIONS}`);
+    }
+    if (h.connections > 1 && (h.local || transport.fds > 0)) throw new MigrationProtocolError('Hello: a local migration takes one connection');
   }
   return { ...h, tern: typeof h.tern === 'string' ? h.tern.slice(0, 64) : 'unknown' };
 }

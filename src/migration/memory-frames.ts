@@ -71,6 +71,24 @@ export class MemoryFrameBuilder {
     this.dataBytes = 0;
     return out;
   }
+
+  /**
+   * The payload so far, and start over in another buffer: the payload stays valid while it is
+   * sent, however far the builder fills meanwhile. giveBack() returns its buffer for reuse.
+   */
+  handOver(): Buffer {
+    const out = this.take();
+    this.buf = this.spares.pop() ?? Buffer.allocUnsafe(this.buf.length);
+    return out;
+  }
+
+  /** A payload from handOver() has been sent: its buffer may be filled again. */
+  giveBack(payload: Buffer): void {
+    const whole = Buffer.from(payload.buffer as ArrayBuffer, payload.byteOffset, this.buf.length);
+    if (whole.byteLength === this.buf.length) this.spares.push(whole);
+  }
+
+  private readonly spares: Buffer<ArrayBuffer>[] = [];
 }
 
 /** How long page scanning may hold the JavaScript thread before it lets other work run. */

@@ -16,6 +16,8 @@ export interface SendMigrationOptions {
   timeout_strategy?: TimeoutStrategy;
   /** TLS over tcp: URLs: ca-cert.pem, client-cert.pem and client-key.pem (migration-tls.ts) */
   tls_dir?: string;
+  /** TCP connections guest memory is spread over (tcp: URLs; default 1; memory-streams.ts) */
+  connections?: number;
 }
 
 export interface ReceiveMigrationOptions {

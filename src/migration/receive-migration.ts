@@ -28,6 +28,7 @@ import { PauseSteps } from './pause-steps';
 import { CHECKSUM_NAMES, FrameType, MigrationProtocolError, frameJson } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, checkHello, type Hello } from './handshake';
 import { MemoryFrameWriter } from './memory-frames';
+import { RoundBarrier, checkJoin, newJoinToken, readMemoryStream } from './memory-streams';
 import type { MigrationPhase, MigrationProgress, ReceiveMigrationOptions } from './migration-options';
 import { describeAddress, listenMigration, parseMigrationUrl, type MigrationAddress } from './migration-url';
 import { receivePreamble } from './preamble';
@@ -72,6 +73,8 @@ export interface DestinationVm {
 /** the source must keep talking while it sends (it builds no VM on its side) */
 const SOURCE_IDLE_MS = 60_000;
 const PREAMBLE_TIMEOUT_MS = 10_000;
+/** how long the source's extra connections (connections > 1) may take to join after the Accept */
+const JOIN_TIMEOUT_MS = 30_000;
 const MAX_PATH_DEPTH = 64;
 const RESERVED_KEYS = new Set(['__proto__', 'constructor', 'prototype']);
 
@@ -108,6 +111,17 @@ export class MigrationReceiver {
   private error?: string;
   private cancelled?: string;
   private rejectWait?: (e: Error) => void;
+  private tls?: TlsMaterial;
+  /** connections > 1: the extra connections awaited (by index), and the token that admits them */
+  private joins?: { token: string; open: Set<number>; timer: NodeJS.Timeout };
+  /** the extra connections, and their readers (memory-streams.ts) */
+  private extra: FrameChannel[] = [];
+  private readers: Promise<void>[] = [];
+  private barrier?: RoundBarrier;
+  /** why an extra connection failed the migration */
+  private streamError?: string;
+  /** the half-received VM is being discarded: no frame is written into its RAM any more */
+  private discarding = false;
 
   constructor(
     private readonly vm: DestinationVm,
@@ -125,7 +139,7 @@ export class MigrationReceiver {
       url: this.opts.receiver_url,
       local: this.fds.length > 0,
       iteration: this.iteration,
-      bytes_transferred: this.channel?.bytesRead ?? 0,
+      bytes_transferred: (this.channel?.bytesRead ?? 0) + this.extra.reduce((n, ch) => n + ch.bytesRead, 0),
       bytes_remaining: 0,
       dirty_rate_bytes_per_s: 0,
       link_rate_bytes_per_s: 0,
@@ -140,8 +154,14 @@ export class MigrationReceiver {
     if (!this.active) throw new MigrationError('no migration is in progress');
     if (this.phase === 'finished') throw new MigrationError('too late to cancel: the VM runs here');
     this.cancelled = reason;
-    this.channel?.abort(reason);
+    this.abortAll(reason);
     this.rejectWait?.(new MigrationError(reason));
+  }
+
+  private abortAll(reason: string): void {
+    this.channel?.abort(reason);
+    for (const ch of this.extra) ch.abort(reason);
+    this.barrier?.fail(new MigrationError(reason));
   }
 
   /** Listen, receive one VM, build it. Resolves when it runs here; rejects after discarding it all. */
@@ -159,13 +179,15 @@ export class MigrationReceiver {
       this.error = errorText(e);
       throw e;
     }
+    this.tls = tlsMaterial;
     try {
       this.server = await listenMigration(address);
       this.vm.store.dispatch(migrationEvents.receiveReady({ receiver_url: this.opts.receiver_url }));
       this.vm.log.info({ url: describeAddress(address) }, 'waiting for a migration');
       let socket = await this.accept();
-      // One source per receive: nobody else gets in while this one is handled.
-      this.server.close();
+      // One source per receive: nobody else gets in while this one is handled, but for the
+      // extra connections it asks for (the listener closes once its Hello says how many).
+      this.server.on('connection', (s: net.Socket) => this.laterConnection(s));
       // (a source that fails the TLS handshake fails the receive, as any broken source does)
       if (tlsMaterial) socket = await this.secure(socket, tlsMaterial);
       if (address.kind === 'unix') {
@@ -180,8 +202,8 @@ export class MigrationReceiver {
       this.channel.socket.resume();
       await this.receiveVm();
     } catch (e) {
-      const reason = this.cancelled ?? errorText(e);
-      this.channel?.abort(reason);
+      const reason = this.cancelled ?? this.streamError ?? errorText(e);
+      this.abortAll(reason);
       await this.discard();
       this.phase = 'failed';
       this.error = reason;
@@ -190,8 +212,66 @@ export class MigrationReceiver {
       throw e instanceof MigrationError ? e : new MigrationError(reason);
     } finally {
       this.server?.close();
+      if (this.joins) clearTimeout(this.joins.timer);
       this.closeFds();
     }
+  }
+
+  /**
+   * A connection after the source's first: one of the extra connections it announced, joining
+   * with the Accept's token, or else nobody's, closed. A connection that fails to join does
+   * not fail the migration; the joins' timeout does.
+   */
+  private laterConnection(socket: net.Socket): void {
+    const joins = this.joins;
+    if (!joins || this.discarding) {
+      socket.destroy();
+      return;
+    }
+    void (async () => {
+      let ch: FrameChannel | undefined;
+      try {
+        const s = this.tls ? await tlsServer(socket, this.tls) : socket;
+        ch = new FrameChannel(s, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !this.tls });
+        ch.socket.resume();
+        const index = checkJoin(frameJson(await ch.expect(FrameType.Join)), joins.token, joins.open);
+        if (this.discarding || this.joins !== joins) throw new MigrationError('the migration ended');
+        joins.open.delete(index);
+        this.extra.push(ch);
+        const stream = ch;
+        this.vm.log.debug({ connection: index }, 'migration: a memory connection joined');
+        this.readers.push(
+          readMemoryStream(stream, index, this.barrier!, (payload) => this.addPages(payload)).then(
+            (frames) => {
+              this.vm.log.debug({ connection: index, frames, bytes: stream.bytesRead }, 'migration: a memory connection ended');
+              stream.close();
+            },
+            (e: unknown) => this.streamFailed(index, e),
+          ),
+        );
+        if (joins.open.size === 0) {
+          clearTimeout(joins.timer);
+          this.server?.close();
+        }
+      } catch (e) {
+        this.vm.log.warn({ reason: errorText(e) }, 'migration: a connection that did not join the migration was closed');
+        if (ch) ch.abort(errorText(e));
+        else socket.destroy();
+      }
+    })();
+  }
+
+  /** An extra connection failed: so does the migration (unless it runs here already). */
+  private streamFailed(index: number, e: unknown): void {
+    if (this.streamError !== undefined || this.phase === 'finished' || this.phase === 'failed') return;
+    this.streamError = `memory connection ${index}: ${errorText(e)}`;
+    this.abortAll(this.streamError);
+  }
+
+  /** A Memory frame, from any connection, into RAM behind the reading of the next ones. */
+  private addPages(payload: Buffer): Promise<number> {
+    if (this.discarding || !this.machine) return Promise.reject(new MigrationError('the migration ended'));
+    return (this.ramWriter ??= new MemoryFrameWriter(this.machine.memory)).add(payload);
   }
 
   private accept(): Promise<net.Socket> {
@@ -231,7 +311,11 @@ export class MigrationReceiver {
   }
 
   private async discard(): Promise<void> {
-    // (RAM writes still running use the machine's memfds: they end before it is released)
+    // (RAM writes still running use the machine's memfds: they end before it is released, and
+    // the extra connections' readers add none after them)
+    this.discarding = true;
+    for (const ch of this.extra) ch.close();
+    await Promise.allSettled(this.readers);
     await this.ramWriter?.drain().catch(() => undefined);
     const m = this.machine;
     this.machine = undefined;
@@ -290,12 +374,23 @@ export class MigrationReceiver {
     this.phase = 'receiving';
 
     const hello: Hello = checkHello(frameJson(await ch.expect(FrameType.Hello)), { fds: this.fds.length });
+    const connections = hello.connections ?? 1;
+    if (connections > 1 && !this.opts.receiver_url.startsWith('tcp:')) throw error('more than one connection is for tcp: URLs only');
+    if (connections === 1) this.server?.close();
     const problems = this.vm.cpuProblems(hello.cpuid, hello.msrIndices);
     if (problems.length) throw new MigrationError(`this host cannot run the guest's CPU: ${problems.join('; ')}`);
     this.machine = this.vm.prepare(hello.regions, hello.local ? this.fds : undefined);
     this.closeFds(); // the slots hold their own duplicates
     // (the checksums beyond CRC-32 this side reads: the source may use them from here on)
-    await ch.sendJson(FrameType.Accept, { protocol: MIGRATION_PROTOCOL_VERSION, checksums: Object.values(CHECKSUM_NAMES) });
+    let join: { connections: number; join: string } | undefined;
+    if (connections > 1) {
+      join = { connections, join: newJoinToken() };
+      this.barrier = new RoundBarrier(connections);
+      const timer = setTimeout(() => this.streamFailed(0, new MigrationError(`${this.joins?.open.size} of ${connections - 1} extra connections did not join within ${JOIN_TIMEOUT_MS / 1000} s`)), JOIN_TIMEOUT_MS);
+      timer.unref();
+      this.joins = { token: join.join, open: new Set(Array.from({ length: connections - 1 }, (_, i) => i + 1)), timer };
+    }
+    await ch.sendJson(FrameType.Accept, { protocol: MIGRATION_PROTOCOL_VERSION, checksums: Object.values(CHECKSUM_NAMES), ...join });
     this.vm.store.dispatch(migrationEvents.receiveStarted({ receiver_url: this.opts.receiver_url }));
     this.vm.log.info({ source: hello.tern, local: hello.local, schema: hello.schemaVersion }, 'receiving a migration');
 
@@ -329,12 +424,14 @@ export class MigrationReceiver {
     let built: RootState | undefined;
     let roundStart = performance.now();
     let ramWaitMs = 0;
+    /** round ends of the control connection (memory-streams.ts): its Round frames, then Complete */
+    let roundsEnded = 0;
     for (;;) {
       const f = await ch.next();
       if (f.type === FrameType.Memory) {
         if (hello.local) throw error('Memory frame in a local migration');
         const t = performance.now();
-        await (this.ramWriter ??= new MemoryFrameWriter(this.machine.memory)).add(f.payload);
+        await this.addPages(f.payload);
         ramWaitMs += performance.now() - t;
       } else if (built && (f.type === FrameType.Round || f.type === FrameType.Final)) {
         throw error(`${FrameType[f.type]} frame after the Final frame`);
@@ -354,6 +451,8 @@ export class MigrationReceiver {
           // (building touches no guest RAM), and the source scans and sends them meanwhile.
           built = await this.build(shadow, config, hello, steps);
         } else {
+          // (the other connections' frames of this round are all in before the next round's)
+          await this.barrier?.arrive(0, roundsEnded++);
           // (where a round's time goes: waiting to write pages into RAM here, or waiting for the source)
           this.vm.log.debug({ round: this.iteration, ms: Math.round(performance.now() - roundStart), ram_wait_ms: Math.round(ramWaitMs) }, 'migration: round received');
           // (each round may be the last before the pause: the checks stay compiled, on the state as it now is)
@@ -363,6 +462,7 @@ export class MigrationReceiver {
           ramWaitMs = 0;
         }
       } else if (f.type === FrameType.Complete) {
+        if (built) await this.barrier?.arrive(0, roundsEnded++, true);
         break;
       } else {
         throw error(`unexpected ${FrameType[f.type]} frame while receiving`);

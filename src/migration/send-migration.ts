@@ -17,11 +17,12 @@ import { TERN_VERSION } from '../version';
 import type { PauseTiming } from '../vmm/machine';
 import { FrameChannel, MigrationPeerError } from './frame-channel';
 import { CHECKSUM_NAMES, FrameChecksum, FrameType, encodeJsonFrame, frameJson } from './frames';
-import { MIGRATION_PROTOCOL_VERSION, type Hello } from './handshake';
+import { MAX_MIGRATION_CONNECTIONS, MIGRATION_PROTOCOL_VERSION, type Hello } from './handshake';
 import { MemoryFrameBuilder, PAGE, addAllNonZeroPages, addDirtyPages, countDirtyPages } from './memory-frames';
+import { MemoryFanOut, endRound, type JoinRequest } from './memory-streams';
 import { MIGRATION_DEFAULTS, type MigrationPhase, type MigrationProgress, type SendMigrationOptions } from './migration-options';
-import { connectMigration, describeAddress, parseMigrationUrl } from './migration-url';
-import { loadTlsDir, tlsClient } from './migration-tls';
+import { connectMigration, describeAddress, parseMigrationUrl, type MigrationAddress } from './migration-url';
+import { loadTlsDir, tlsClient, type TlsMaterial } from './migration-tls';
 import { PauseSteps } from './pause-steps';
 import { sendPreamble } from './preamble';
 
@@ -98,6 +99,12 @@ export class MigrationSender {
   /** the state the destination has, as of the last frame sent */
   private sentState?: RootState;
   private builder?: MemoryFrameBuilder;
+  /** the connections beyond the control one (connections > 1): Memory frames and RoundEnds only */
+  private extra: FrameChannel[] = [];
+  /** spreads Memory frames over the control connection and the extra ones */
+  private fanOut?: MemoryFanOut;
+  /** round ends sent on the extra connections so far */
+  private roundEnds = 0;
   downtimeMs?: number;
   /** settles when the migration ended: true = the destination runs the VM */
   done?: Promise<boolean>;
@@ -112,8 +119,20 @@ export class MigrationSender {
       downtime_ms: opts.downtime_ms ?? MIGRATION_DEFAULTS.downtime_ms,
       timeout_s: opts.timeout_s ?? MIGRATION_DEFAULTS.timeout_s,
       timeout_strategy: opts.timeout_strategy ?? MIGRATION_DEFAULTS.timeout_strategy,
+      connections: opts.connections ?? 1,
       ...(opts.tls_dir !== undefined && { tls_dir: opts.tls_dir }),
     };
+  }
+
+  /** bytes written on every connection */
+  private get bytesWritten(): number {
+    return (this.channel?.bytesWritten ?? 0) + this.extra.reduce((n, ch) => n + ch.bytesWritten, 0);
+  }
+
+  /** Give up every connection, telling the destination why. */
+  private abortAll(reason: string): void {
+    this.channel?.abort(reason);
+    for (const ch of this.extra) ch.abort(reason);
   }
 
   progress(): MigrationProgress {
@@ -124,7 +143,7 @@ export class MigrationSender {
       url: this.opts.destination_url,
       local: this.opts.local,
       iteration: this.iteration,
-      bytes_transferred: ch?.bytesWritten ?? 0,
+      bytes_transferred: ch ? this.bytesWritten : 0,
       bytes_remaining: this.bytesRemaining,
       dirty_rate_bytes_per_s: Math.round(this.dirtyRate),
       link_rate_bytes_per_s: Math.round(this.linkRate),
@@ -172,6 +191,8 @@ export class MigrationSender {
     if (!machine) throw new MigrationError('the VM has no machine');
     this.machineAtStart = machine;
     if (o.tls_dir !== undefined && address.kind !== 'tcp') throw new MigrationError('TLS (tls_dir) is for tcp: URLs only');
+    if (!Number.isInteger(o.connections) || o.connections < 1 || o.connections > MAX_MIGRATION_CONNECTIONS) throw new MigrationError(`connections must be 1..${MAX_MIGRATION_CONNECTIONS}`);
+    if (o.connections > 1 && address.kind !== 'tcp') throw new MigrationError('more than one connection is for tcp: URLs only');
     // (read and checked before anything connects: a bad directory fails the request itself)
     const tlsMaterial = o.tls_dir !== undefined ? loadTlsDir(o.tls_dir, 'client') : undefined;
     let fds: number[] = [];
@@ -197,15 +218,36 @@ export class MigrationSender {
         regions: state.memory.regions.map((r) => ({ guestAddress: r.guestAddress, size: r.size })),
         cpuid,
         msrIndices,
+        ...(o.connections > 1 && { connections: o.connections }),
       };
       await channel.sendJson(FrameType.Hello, hello);
-      const accept = frameJson(await channel.expect(FrameType.Accept)) as { checksums?: unknown };
+      const accept = frameJson(await channel.expect(FrameType.Accept)) as { checksums?: unknown; connections?: unknown; join?: unknown };
       // A destination that reads XXH64 frames says so; one that does not gets CRC-32 as before.
       if (Array.isArray(accept?.checksums) && accept.checksums.includes(CHECKSUM_NAMES[FrameChecksum.Xxh64Low32])) channel.checksum = FrameChecksum.Xxh64Low32;
+      if (o.connections > 1) {
+        // (a destination that does not name the connections it takes takes one)
+        if (accept.connections !== o.connections || typeof accept.join !== 'string') throw new MigrationError(`it takes one connection, not ${o.connections}`);
+        await this.openExtra(address as Extract<MigrationAddress, { kind: 'tcp' }>, tlsMaterial, accept.join, channel.checksum);
+      }
     } catch (e) {
-      channel.abort(errorText(e));
+      this.abortAll(errorText(e));
       throw new MigrationError(`${describeAddress(address)} refused the migration: ${errorText(e)}`);
     }
+  }
+
+  /** The connections beyond the first, each joined to this migration with the destination's token. */
+  private async openExtra(address: Extract<MigrationAddress, { kind: 'tcp' }>, tls: TlsMaterial | undefined, token: string, checksum: FrameChecksum): Promise<void> {
+    // (nothing comes back on them: the migration's own timeout watches them)
+    const idleTimeoutMs = Math.min(2 ** 31 - 1, this.opts.timeout_s * 1000);
+    for (let index = 1; index < this.opts.connections; index++) {
+      let socket = await connectMigration(address, CONNECT_TIMEOUT_MS);
+      if (tls) socket = await tlsClient(socket, address.host, tls);
+      const ch = new FrameChannel(socket, { idleTimeoutMs, peer: 'destination' });
+      ch.checksum = checksum;
+      this.extra.push(ch);
+      await ch.sendJson(FrameType.Join, { token, index } satisfies JoinRequest);
+    }
+    this.fanOut = new MemoryFanOut([this.channel!, ...this.extra]);
   }
 
   /** Give up (vm.migration-cancel); refused once the VM has been handed over. */
@@ -213,7 +255,7 @@ export class MigrationSender {
     if (!this.active) throw new MigrationError('no migration is in progress');
     if (this.committed) throw new MigrationError('too late to cancel: the destination has taken the VM over');
     this.cancelled = reason;
-    this.channel?.abort(reason);
+    this.abortAll(reason);
   }
 
   private onTimeout(): void {
@@ -296,6 +338,7 @@ export class MigrationSender {
         if (last) {
           const bitmaps = pending ? [last, pending] : [last];
           lastPages = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush, true));
+          await endRound(this.extra, this.roundEnds++, true);
           mark('last pages sent');
           pause.note({ last_pages: lastPages.pages, last_sending_ms: lastPages.sending_ms });
         }
@@ -322,6 +365,7 @@ export class MigrationSender {
       if (!ok) return false;
       this.phase = 'finished';
       ch.close();
+      for (const x of this.extra) x.close();
       this.vm.log.info({ downtime_ms: this.downtimeMs, total_ms: Date.now() - this.startedAt, bytes: ch.bytesWritten }, 'migration finished');
       this.vm.store.dispatch(
         migrationEvents.finished({ downtime_ms: this.downtimeMs!, total_ms: Date.now() - this.startedAt, bytes: ch.bytesWritten, iterations: this.iteration }),
@@ -329,7 +373,7 @@ export class MigrationSender {
       return true;
     } catch (e) {
       const reason = this.cancelled ?? errorText(e);
-      ch.abort(reason);
+      this.abortAll(reason);
       if (locksReleased && !this.committed) await this.retakeDiskLocks(this.machineAtStart!);
       if (paused && !this.committed) {
         try {
@@ -415,18 +459,28 @@ export class MigrationSender {
     // One builder for the whole migration: its 16 MiB buffer is not allocated again in the pause.
     const b = (this.builder ??= new MemoryFrameBuilder());
     const pagesBefore = b.pages;
-    const before = this.channel!.bytesWritten;
+    const before = this.bytesWritten;
     const started = performance.now();
     let sendingMs = 0;
+    const fanOut = this.fanOut;
     const flush = async () => {
       const t = performance.now();
-      if (!b.empty) await this.channel!.sendFlushed(FrameType.Memory, b.take());
+      if (!b.empty) {
+        // (over several connections the builder fills another buffer while this one is sent)
+        if (fanOut) await fanOut.send(b.handOver(), (p) => b.giveBack(p));
+        else await this.channel!.sendFlushed(FrameType.Memory, b.take());
+      }
       sendingMs += performance.now() - t;
       if (this.cancelled) throw new MigrationError(this.cancelled);
     };
     await fill(b, flush);
     await flush();
-    return { pages: b.pages - pagesBefore, bytes: this.channel!.bytesWritten - before, ms: Math.round(performance.now() - started), sending_ms: Math.round(sendingMs) };
+    if (fanOut) {
+      const t = performance.now();
+      await fanOut.drain();
+      sendingMs += performance.now() - t;
+    }
+    return { pages: b.pages - pagesBefore, bytes: this.bytesWritten - before, ms: Math.round(performance.now() - started), sending_ms: Math.round(sendingMs) };
   }
 
   /**
@@ -487,6 +541,7 @@ export class MigrationSender {
     let roundStart = Date.now();
     let sent = await this.sendPages((b, flush) => addAllNonZeroPages(b, machine.memory, flush));
     this.logRound(sent);
+    await endRound(this.extra, this.roundEnds++, false);
     await this.sendPatches(FrameType.Round, { iteration: 0 });
     this.vm.store.dispatch(migrationEvents.memoryIteration({ id: 0, pages: sent.pages, bytes: sent.bytes }));
     for (;;) {
@@ -517,6 +572,7 @@ export class MigrationSender {
       roundStart = now;
       sent = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, [bitmaps], flush));
       this.logRound(sent);
+      await endRound(this.extra, this.roundEnds++, false);
       await this.sendPatches(FrameType.Round, { iteration: this.iteration });
       this.vm.store.dispatch(migrationEvents.memoryIteration({ id: this.iteration, pages: sent.pages, bytes: sent.bytes }));
     }

@@ -89,7 +89,7 @@ test.serial('vm.send-migration: 204 once the Vmm has started it, with the option
     '{"destination_url":"unix:/run/mig.sock","local":true,"preserve_source":false,"downtime_ms":300,"timeout_s":3600,"timeout_strategy":"Cancel","connections":1,"tls_dir":null,"memory_mode":"Precopy"}',
   );
   t.is(chRemote.status, 204, chRemote.body.toString());
-  t.deepEqual(stub.sends[1], { destination_url: 'unix:/run/mig.sock', local: true, downtime_ms: 300, timeout_s: 3600, timeout_strategy: 'Cancel' });
+  t.deepEqual(stub.sends[1], { destination_url: 'unix:/run/mig.sock', local: true, downtime_ms: 300, timeout_s: 3600, timeout_strategy: 'Cancel', connections: 1 });
 });
 
 test.serial('vm.send-migration: the Vmm refusing to start is 500 with its reason', async (t) => {
@@ -125,10 +125,10 @@ test.serial('vm.send-migration: malformed bodies and wrong spellings are 400 and
   t.deepEqual(stub.sends, []);
 });
 
-test.serial('vm.send-migration: what Tern cannot do (connections > 1, TLS over unix:, Postcopy, local over tcp, preserve_source) is 400', async (t) => {
+test.serial('vm.send-migration: what Tern cannot do (connections > 1 over unix:, TLS over unix:, Postcopy, local over tcp, preserve_source) is 400', async (t) => {
   const cases: [Record<string, unknown>, RegExp][] = [
-    [{ destination_url: 'tcp:d:1', connections: 2 }, /connections 2: Tern migrates over one connection/],
-    [{ destination_url: 'tcp:d:1', connections: 128 }, /connections 128/],
+    [{ destination_url: 'unix:/m.sock', connections: 2 }, /connections 2: more than one connection is for tcp: URLs only/],
+    [{ destination_url: 'unix:/m.sock', local: true, connections: 128 }, /connections 128/],
     [{ destination_url: 'unix:/m.sock', tls_dir: '/etc/tls' }, /tls_dir: TLS is for tcp: URLs only/],
     [{ destination_url: 'tcp:d:1', memory_mode: 'Postcopy' }, /memory_mode "Postcopy"/],
     [{ destination_url: 'tcp:d:1', local: true }, /local: .*unix: socket/],
@@ -145,6 +145,9 @@ test.serial('vm.send-migration: what Tern cannot do (connections > 1, TLS over u
   // TLS over tcp: goes to the VMM with its directory
   t.is((await rig.call('PUT', 'vm.send-migration', { destination_url: 'tcp:d:1', tls_dir: '/etc/tern/tls' })).status, 204);
   t.is((stub.sends[stub.sends.length - 1] as { tls_dir?: string }).tls_dir, '/etc/tern/tls');
+  // several connections over tcp: go to the VMM with their number
+  t.is((await rig.call('PUT', 'vm.send-migration', { destination_url: 'tcp:d:1', connections: 4 })).status, 204);
+  t.is((stub.sends[stub.sends.length - 1] as { connections?: number }).connections, 4);
 });
 
 test.serial('migration URLs: tcp:HOST:PORT and unix:/abs/path only, anything else a 400 naming the URL', async (t) => {
@@ -315,7 +318,7 @@ test.serial('TernClient: sendMigration, receiveMigration (past its own timeout),
     stub.receiveResult = () => Promise.reject(new Error('checksum mismatch in round 4'));
     const failed = await t.throwsAsync(client.receiveMigration({ receiver_url: 'unix:/run/mig.sock' }), { instanceOf: TernApiError });
     t.deepEqual([failed!.status, failed!.chain], [500, ['The migration could not be received', 'checksum mismatch in round 4']]);
-    const bad = await t.throwsAsync(client.sendMigration({ destination_url: 'tcp:dest:6000', connections: 4 }), { instanceOf: TernApiError });
+    const bad = await t.throwsAsync(client.sendMigration({ destination_url: 'unix:/run/mig.sock', connections: 4 }), { instanceOf: TernApiError });
     t.is(bad!.status, 400);
   } finally {
     client.close();

@@ -181,9 +181,9 @@ test.serial('send-migration --wait exits 1 with the reason when the migration fa
 
 test.serial('send-migration --wait: an error reply to the request itself is reported as for any command', async (t) => {
   playMigration(rig, 2, 100);
-  const r = await runTernRemote(rig.socket, ['send-migration', '--wait', 'destination_url=tcp:dest:6000,connections=3']);
+  const r = await runTernRemote(rig.socket, ['send-migration', '--wait', 'destination_url=unix:/run/mig.sock,local=on,preserve_source=on']);
   t.is(r.code, 1);
-  t.regex(r.stderr, /send-migration failed: HTTP 400 Bad Request\n {2}0: The migration could not be started\n[\s\S]*connections 3/);
+  t.regex(r.stderr, /send-migration failed: HTTP 400 Bad Request\n {2}0: The migration could not be started\n[\s\S]*preserve_source/);
 });
 
 test.serial('on a terminal: one line rewritten in place with phase, round, bar, percent, MiB/s and ETA', async (t) => {
