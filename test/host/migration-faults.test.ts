@@ -6,15 +6,18 @@
 // receive again. Peers that misbehave on purpose speak the real framing (test/support).
 import test, { type ExecutionContext } from 'ava';
 import { spawn, type ChildProcess } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
+import type { GuestMemory } from '../../src/memory/guest-memory';
 import { MigrationEvents, type MigrationFailedPayload, type StoreEvent } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
 import { pausedState } from '../unit/snapshot-fixture';
-import { FrameType, connectAsSource, encodeFrame, fakeDestination, helloFor, slowLink } from '../support/migration-peer';
+import { FrameType, connectAsSource, cuttingLink, encodeFrame, fakeDestination, helloFor, slowLink } from '../support/migration-peer';
+import { frameJson } from '../../src/migration/frames';
 import { sleep, waitUntil } from './harness';
 import { TINY_KERNEL_MAGIC, TinyKernelStatus, buildTinyKernel, tinyVmConfig } from './tiny-kernel';
 
@@ -216,6 +219,47 @@ test.serial('source: the connection dropped in the middle: the guest runs on her
   } finally {
     await src.vmm.shutdownVmm();
   }
+});
+
+test.serial('one of three connections cut in the middle: the source keeps its guest, the destination discards it all, and both can migrate again', async (t) => {
+  const src = await counting('cut-connection');
+  const { dst, url, result } = await receiving();
+  // (the low 8 MiB are the tiny kernel's: random pages above make several 16 MiB frames to spread)
+  (src.vmm.guestMemory() as GuestMemory).write(16 << 20, crypto.randomBytes(48 << 20));
+  const link = await cuttingLink(url, 1, 4 << 20);
+  try {
+    await src.vmm.sendMigration({ destination_url: link.url, connections: 3 });
+    await link.cutDone;
+    await sourceKeptItsGuest(t, src, /destination|connection/);
+    link.server.close();
+    await destinationRecovered(t, dst, result, /memory connection 1|connection/);
+    await migratesAfterwards(t, src);
+  } finally {
+    link.server.close();
+    await src.vmm.shutdownVmm();
+  }
+});
+
+test.serial('destination: connections that do not join with the Accept\'s token are closed, and the migration waits on for its own', async (t) => {
+  const { dst, url, result } = await receiving();
+  const { channel, socket } = await connectAsSource(url);
+  await channel.sendJson(FrameType.Hello, helloFor(regions, { connections: 2 }));
+  const accept = frameJson(await channel.expect(FrameType.Accept)) as { connections?: number; join?: string };
+  t.is(accept.connections, 2);
+  t.regex(accept.join ?? '', /^[0-9a-f]{32}$/);
+  for (const join of [{ token: '0'.repeat(32), index: 1 }, { token: accept.join, index: 2 }, { token: accept.join, index: 0 }]) {
+    const stray = await connectAsSource(url);
+    await stray.channel.sendJson(FrameType.Join, join);
+    await t.throwsAsync(stray.channel.expect(FrameType.RoundEnd), { message: /gave up: Join: |closed/ }, JSON.stringify(join));
+  }
+  t.is(dst.vmm.migrationProgress()?.phase, 'receiving', 'the strays did not end the migration');
+  // the real one joins; then the source goes away: the destination discards it all
+  const extra = await connectAsSource(url);
+  await extra.channel.sendJson(FrameType.Join, { token: accept.join, index: 1 });
+  await sleep(200);
+  t.is(dst.vmm.migrationProgress()?.phase, 'receiving');
+  socket.destroy();
+  await destinationRecovered(t, dst, result, /source|connection/);
 });
 
 test.serial('source: a destination that never confirms Ready is given up after the timeout (Cancel)', async (t) => {

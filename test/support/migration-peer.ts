@@ -95,3 +95,44 @@ export async function slowLink(target: string, bytesPerSecond: number): Promise<
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
   return { server, url: `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}` };
 }
+
+/**
+ * A TCP relay to `target` that cuts its connection number `cut` (0: the first accepted) once
+ * `afterBytes` have gone source→destination on it: one of a migration's connections failing
+ * in the middle while the others carry on.
+ */
+export async function cuttingLink(target: string, cut: number, afterBytes: number): Promise<{ server: net.Server; url: string; cutDone: Promise<void> }> {
+  const to = parseMigrationUrl(target, 'target');
+  if (to.kind !== 'tcp') throw new Error('cuttingLink relays tcp: URLs');
+  let accepted = 0;
+  let cutNow!: () => void;
+  const cutDone = new Promise<void>((r) => (cutNow = r));
+  const server = net.createServer((client) => {
+    const n = accepted++;
+    const upstream = net.connect({ host: to.host, port: to.port });
+    upstream.pipe(client);
+    let passed = 0;
+    client.on('data', (c: Buffer) => {
+      if (n === cut && passed + c.length >= afterBytes) {
+        upstream.write(c.subarray(0, Math.max(0, afterBytes - passed)));
+        client.destroy();
+        upstream.destroy();
+        cutNow();
+        return;
+      }
+      passed += c.length;
+      if (!upstream.write(c)) client.pause();
+    });
+    upstream.on('drain', () => client.resume());
+    const end = () => {
+      client.destroy();
+      upstream.destroy();
+    };
+    client.on('close', end);
+    upstream.on('close', end);
+    client.on('error', end);
+    upstream.on('error', end);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  return { server, url: `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`, cutDone };
+}
