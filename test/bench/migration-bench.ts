@@ -32,8 +32,13 @@ const QEMU_MAX_BANDWIDTH = 100 * 1024 * MIB;
 const BOOT_TIMEOUT = 10 * 60_000;
 const MIGRATION_TIMEOUT = 15 * 60_000;
 const DIRTY_FILE_MIB = 256;
-/** TERN_BENCH_MIGRATION_VMMS=qemu (or tern) runs one side only. */
+/**
+ * TERN_BENCH_MIGRATION_VMMS=qemu (or tern) runs one side only; `tern:N` is tern migrating over N
+ * TCP connections (connections=N), e.g. tern,tern:3,qemu. Each gets its column.
+ */
 const VMMS = (process.env.TERN_BENCH_MIGRATION_VMMS ?? 'tern,qemu').split(',');
+/** N of `tern:N` (1 for plain tern) */
+const connectionsOf = (vmm: string): number => Number(/^tern:(\d+)$/.exec(vmm)?.[1] ?? 1);
 /** TERN_BENCH_MIGRATION_PROFILE=1: profile both tern processes and print where their time went. */
 const PROFILE = process.env.TERN_BENCH_MIGRATION_PROFILE === '1';
 /** Extra options for node in every tern process (TERN_BENCH_NODE_ARGS, space-separated): V8 flags to compare. */
@@ -232,7 +237,7 @@ function pauseSteps(log: string): string {
   return out.join(', ');
 }
 
-async function benchTern(work: string, c: Case): Promise<Measured> {
+async function benchTern(work: string, c: Case, connections: number): Promise<Measured> {
   const arrivals = new Map<number, number>();
   const profiles = (label: string) => path.join(work, `profile-${label}`);
   const tern = (label: string, args: string[]) => {
@@ -259,7 +264,7 @@ async function benchTern(work: string, c: Case): Promise<Measured> {
     await waitForPath(dstSock, 60_000);
     const url = c.local ? `unix:${path.join(work, 'migration.sock')}` : `tcp:127.0.0.1:${port++}`;
     const srcFrom = src.output.length;
-    const o = await migrate({ vm: src, socket: srcSock, monitor: srcMon }, { vm: dst, socket: dstSock, monitor: dstMon }, { receiverUrl: url, destinationUrl: url, local: c.local, timeoutMs: MIGRATION_TIMEOUT });
+    const o = await migrate({ vm: src, socket: srcSock, monitor: srcMon }, { vm: dst, socket: dstSock, monitor: dstMon }, { receiverUrl: url, destinationUrl: url, local: c.local, timeoutMs: MIGRATION_TIMEOUT, ...(connections > 1 && !c.local && { connections }) });
     if (o.sendStatus !== 204 || o.receiveStatus !== 204) {
       return { hostGapMs: NaN, guestGapMs: NaN, faults: [], error: `send ${o.sendStatus} ${o.sendBody.trim()}; receive ${o.receiveStatus} ${o.receiveBody.trim()}` };
     }
@@ -390,14 +395,23 @@ function median(runs: Measured[], f: (m: Measured) => number | undefined): numbe
   return v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2;
 }
 
+const columnName = (vmm: string): string => (vmm === 'qemu' ? 'QEMU' : connectionsOf(vmm) > 1 ? `tern, ${connectionsOf(vmm)} connections` : 'tern');
+
 function table(results: CaseResults[]): string {
-  const rows = ['| metric | guest | tern | QEMU | tern/QEMU |', '|---|---|---|---|---|'];
-  for (const { c, tern, qemu } of results) {
+  const terns = VMMS.filter((v) => v !== 'qemu');
+  const ratios = VMMS.includes('qemu') ? terns.map((v) => `${columnName(v)}/QEMU`) : [];
+  const head = [...terns.map(columnName), ...(VMMS.includes('qemu') ? ['QEMU'] : []), ...ratios];
+  const rows = [`| metric | guest | ${head.join(' | ')} |`, `|---|---|${head.map(() => '---|').join('')}`];
+  for (const { c, runs } of results) {
     const g = `${c.name} (${c.memMiB} MiB${c.fileMiB ? `, ${c.fileMiB} MiB rewritten` : ', idle'}${c.local ? ', tern local fds' : ''})`;
-    const cell = (runs: Measured[], v: number | undefined, fmt: (v?: number) => string) => (runs.length && runs.every((m) => m.error) ? 'failed' : fmt(v));
+    const cell = (rs: Measured[], v: number | undefined, fmt: (v?: number) => string) => (!rs.length ? 'n/a' : rs.every((m) => m.error) ? 'failed' : fmt(v));
     const row = (metric: string, f: (m: Measured) => number | undefined, fmt: (v?: number) => string) => {
-      const [a, b] = [median(tern, f), median(qemu, f)];
-      rows.push(`| ${metric} | ${g} | ${cell(tern, a, fmt)} | ${c.local ? 'n/a' : cell(qemu, b, fmt)} | ${ratio(a, b)} |`);
+      const q = runs.get('qemu') ?? [];
+      const b = median(q, f);
+      const cells = terns.map((v) => cell(runs.get(v) ?? [], median(runs.get(v) ?? [], f), fmt));
+      const qcell = VMMS.includes('qemu') ? [c.local ? 'n/a' : cell(q, b, fmt)] : [];
+      const rs = VMMS.includes('qemu') ? terns.map((v) => ratio(median(runs.get(v) ?? [], f), b)) : [];
+      rows.push(`| ${metric} | ${g} | ${[...cells, ...qcell, ...rs].join(' | ')} |`);
     };
     row('total time (VMM-reported)', (m) => m.totalMs, fmtMs);
     row('downtime (VMM-reported)', (m) => m.downtimeMs, fmtMs);
@@ -412,8 +426,8 @@ function table(results: CaseResults[]): string {
 
 interface CaseResults {
   c: Case;
-  tern: Measured[];
-  qemu: Measured[];
+  /** by VMMS entry */
+  runs: Map<string, Measured[]>;
 }
 
 async function main(): Promise<void> {
@@ -421,21 +435,22 @@ async function main(): Promise<void> {
   const results: CaseResults[] = [];
   let failed = false;
   for (const c of cases) {
-    const r: CaseResults = { c, tern: [], qemu: [] };
+    const r: CaseResults = { c, runs: new Map() };
     for (let run = 1; run <= REPEAT; run++) {
       for (const vmm of VMMS) {
         if (vmm === 'qemu' && c.local) continue;
+        if (c.local && connectionsOf(vmm) > 1) continue;
         const work = fs.mkdtempSync(path.join(os.tmpdir(), `tern-migbench-${vmm}-`));
         process.stdout.write(`migration bench: ${c.name} under ${vmm}${REPEAT > 1 ? `, run ${run} of ${REPEAT}` : ''}\n`);
         let m: Measured;
         try {
-          m = vmm === 'tern' ? await benchTern(work, c) : await benchQemu(work, c);
+          m = vmm === 'qemu' ? await benchQemu(work, c) : await benchTern(work, c, connectionsOf(vmm));
         } catch (e) {
           m = { hostGapMs: NaN, guestGapMs: NaN, faults: [], error: withoutGcLines((e as Error).message).slice(-6000) };
         } finally {
           fs.rmSync(work, { recursive: true, force: true });
         }
-        r[vmm as 'tern' | 'qemu'].push(m);
+        r.runs.set(vmm, [...(r.runs.get(vmm) ?? []), m]);
         if (m.error) failed = true;
         if (m.faults.length) failed = true;
         process.stdout.write(`  ${vmm} ${c.name}: ${m.error ? `FAILED: ${m.error}` : JSON.stringify(m)}\n`);

@@ -3,15 +3,17 @@
 // openssl command line; the tiny kernel counts on the serial port through every test.
 import test from 'ava';
 import { execFileSync } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 
+import type { GuestMemory } from '../../src/memory/guest-memory';
 import { MigrationEvents } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
 import { Vmm } from '../../src/vmm/vmm';
-import { waitUntil } from './harness';
+import { capturingLogger, waitUntil } from './harness';
 import { TINY_KERNEL_MAGIC, TinyKernelStatus, tinyVmConfig } from './tiny-kernel';
 
 const until = (what: string, cond: () => boolean, ms = 30_000): Promise<void> => waitUntil(what, cond, ms);
@@ -104,9 +106,10 @@ function attempt(src: Vmm, opts: { destination_url: string; tls_dir?: string }):
   return src.sendMigration({ ...opts, timeout_s: 20 }).then(() => migrationEnd(src), (e: Error) => `refused: ${e.message}`);
 }
 
-test.serial('with tls_dir on both sides the guest migrates over TCP and counts on; a plain source is refused by a TLS destination', async (t) => {
+test.serial('with tls_dir on both sides the guest migrates over TCP, two connections each with TLS, and counts on; a plain source is refused by a TLS destination', async (t) => {
   const src = await bootCounting('ok');
-  const dst = new Vmm({ log: silentLogger() });
+  const dstLog = capturingLogger('debug');
+  const dst = new Vmm({ log: dstLog.log });
   try {
     const serverDir = tlsDir('ok-dst', 'server', caA, caA);
     const clientDir = tlsDir('ok-src', 'client', caA, caA);
@@ -121,9 +124,13 @@ test.serial('with tls_dir on both sides the guest migrates over TCP and counts o
     url = `tcp:127.0.0.1:${nextPort++}`;
     ({ outcome } = await listening(dst, url, serverDir));
     const end = migrationEnd(src);
-    await src.sendMigration({ destination_url: url, tls_dir: clientDir });
+    // (random pages above the tiny kernel's 8 MiB: frames for the second connection to carry)
+    (src.guestMemory() as GuestMemory).write(16 << 20, crypto.randomBytes(32 << 20));
+    await src.sendMigration({ destination_url: url, tls_dir: clientDir, connections: 2 });
     t.is(await outcome, 'received');
     t.is(await end, 'finished');
+    const second = dstLog.lines.find((l) => l.msg === 'migration: a memory connection ended') as unknown as { frames: number } | undefined;
+    t.true((second?.frames ?? 0) > 0, 'the second connection, with its own TLS, carried Memory frames');
     await until('the source has let the VM go', () => src.state.vm.status === 'Shutdown');
     await countsOn(t, dst, 'at the destination');
   } finally {

@@ -22,6 +22,8 @@ export interface MigrationRequest {
   destinationUrl: string;
   local?: boolean;
   downtimeMs?: number;
+  /** TCP connections (connections=N) */
+  connections?: number;
   /** limit for the whole migration (default 10 minutes) */
   timeoutMs?: number;
 }
@@ -106,6 +108,7 @@ export async function migrate(source: TernEnd, destination: TernEnd, req: Migrat
     const body: Record<string, unknown> = { destination_url: req.destinationUrl };
     if (req.local !== undefined) body.local = req.local;
     if (req.downtimeMs !== undefined) body.downtime_ms = req.downtimeMs;
+    if (req.connections !== undefined) body.connections = req.connections;
     const sent = await src.request('PUT', 'vm.send-migration', body);
     const progress: Record<string, unknown>[] = [];
     let sourceExit: MigrationOutcome['sourceExit'] = null;
