@@ -50,6 +50,19 @@ export async function fakeDestination(handle: (channel: FrameChannel, socket: ne
   return { server, url: `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}` };
 }
 
+/** A relay's two sockets end together, whichever closes or fails first. */
+function endTogether(client: net.Socket, upstream: net.Socket, also?: () => void): void {
+  const end = () => {
+    also?.();
+    client.destroy();
+    upstream.destroy();
+  };
+  for (const s of [client, upstream]) {
+    s.on('close', end);
+    s.on('error', end);
+  }
+}
+
 /**
  * A TCP relay to `target` that passes at most `bytesPerSecond` source→destination: a slow
  * link, to make a migration take longer than its timeout or long enough to cancel.
@@ -82,15 +95,7 @@ export async function slowLink(target: string, bytesPerSecond: number): Promise<
       queued += c.length;
       if (queued >= 1 << 20) client.pause();
     });
-    const end = () => {
-      clearInterval(timer);
-      client.destroy();
-      upstream.destroy();
-    };
-    client.on('close', end);
-    upstream.on('close', end);
-    client.on('error', end);
-    upstream.on('error', end);
+    endTogether(client, upstream, () => clearInterval(timer));
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
   return { server, url: `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}` };
@@ -124,14 +129,7 @@ export async function cuttingLink(target: string, cut: number, afterBytes: numbe
       if (!upstream.write(c)) client.pause();
     });
     upstream.on('drain', () => client.resume());
-    const end = () => {
-      client.destroy();
-      upstream.destroy();
-    };
-    client.on('close', end);
-    upstream.on('close', end);
-    client.on('error', end);
-    upstream.on('error', end);
+    endTogether(client, upstream);
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
   return { server, url: `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`, cutDone };
