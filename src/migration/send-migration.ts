@@ -337,7 +337,9 @@ export class MigrationSender {
         mark('state sent');
         if (last) {
           const bitmaps = pending ? [last, pending] : [last];
-          lastPages = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush, true));
+          // (on the first connection alone: the last round is small, and spreading it would
+          // take fresh 16 MiB buffers inside the pause)
+          lastPages = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, bitmaps, flush, true), false);
           await endRound(this.extra, this.roundEnds++, true);
           mark('last pages sent');
           pause.note({ last_pages: lastPages.pages, last_sending_ms: lastPages.sending_ms });
@@ -455,14 +457,14 @@ export class MigrationSender {
    * Fill Memory frames through `fill` and send them; returns pages and bytes sent, and where the
    * time went (`ms` in all, `sending_ms` of it waiting for the link to take the frames).
    */
-  private async sendPages(fill: (b: MemoryFrameBuilder, flush: () => Promise<void>) => Promise<void>): Promise<{ pages: number; bytes: number; ms: number; sending_ms: number }> {
+  private async sendPages(fill: (b: MemoryFrameBuilder, flush: () => Promise<void>) => Promise<void>, spread = true): Promise<{ pages: number; bytes: number; ms: number; sending_ms: number }> {
     // One builder for the whole migration: its 16 MiB buffer is not allocated again in the pause.
     const b = (this.builder ??= new MemoryFrameBuilder());
     const pagesBefore = b.pages;
     const before = this.bytesWritten;
     const started = performance.now();
     let sendingMs = 0;
-    const fanOut = this.fanOut;
+    const fanOut = spread ? this.fanOut : undefined;
     const flush = async () => {
       const t = performance.now();
       if (!b.empty) {
