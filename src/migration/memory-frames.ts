@@ -284,7 +284,9 @@ export function checkMemoryFrame(memory: GuestMemory, payload: Buffer): CheckedM
  * its earlier copy. At most `depth` frames wait to be written; add() waits for room.
  */
 export class MemoryFrameWriter {
-  private readonly waiting: Promise<void>[] = [];
+  /** the writes not yet made, oldest first (each waits for the one before) */
+  private readonly waiting = new Set<Promise<void>>();
+  private last: Promise<void> = Promise.resolve();
   private failure?: unknown;
 
   constructor(
@@ -292,21 +294,37 @@ export class MemoryFrameWriter {
     private readonly depth = 2,
   ) {}
 
-  /** Check the frame (throws MigrationProtocolError now) and queue its write; returns its pages. */
+  /**
+   * Check the frame (throws MigrationProtocolError now) and queue its write once fewer than
+   * `depth` writes wait, however many connections add frames at once (more would pile up and
+   * still be writing when the guest is paused); returns its pages.
+   */
   async add(payload: Buffer): Promise<number> {
     if (this.failure !== undefined) throw this.failure;
     const frame = checkMemoryFrame(this.memory, payload);
-    const before = this.waiting[this.waiting.length - 1] ?? Promise.resolve();
-    // (never rejects: the first failure is kept, and the writes after it are not made)
-    this.waiting.push(before.then(() => (this.failure === undefined ? frame.apply() : undefined)).catch((e: unknown) => void (this.failure ??= e)));
-    while (this.waiting.length > this.depth) await this.waiting.shift();
+    // Room first, then the write joins the queue: frames added at once by several connections
+    // belong to one round, whose pages are all different, so their order does not matter; a
+    // round's frames are all queued (add() returned) before any connection starts the next.
+    while (this.waiting.size >= this.depth) await Promise.race(this.waiting);
     if (this.failure !== undefined) throw this.failure;
+    // (never rejects: the first failure is kept, and the writes after it are not made)
+    const write: Promise<void> = this.last
+      .then(() => (this.failure === undefined ? frame.apply() : undefined))
+      .catch((e: unknown) => void (this.failure ??= e))
+      .finally(() => this.waiting.delete(write));
+    this.last = write;
+    this.waiting.add(write);
     return frame.pages;
+  }
+
+  /** writes queued and not yet made */
+  get pendingWrites(): number {
+    return this.waiting.size;
   }
 
   /** Every frame added is in RAM (or failed: the first failure is thrown). */
   async drain(): Promise<void> {
-    while (this.waiting.length) await this.waiting.shift();
+    await this.last;
     if (this.failure !== undefined) throw this.failure;
   }
 }

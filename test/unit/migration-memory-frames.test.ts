@@ -53,6 +53,31 @@ test('round 0 reads only the populated ranges and the destination gets exactly t
   t.true([0, 2, 5, 100, 199, 201, 255].every(untouched));
 });
 
+test('frames added from several connections at once: never more than `depth` writes wait, and every page lands', async (t) => {
+  const dstRegion = region(8 * PAGE, 0);
+  const writer = new MemoryFrameWriter(new GuestMemory([dstRegion]), 2);
+  // six frames of one round, a page each
+  const frames = [1, 2, 3, 4, 5, 6].map((p) => {
+    const b = new MemoryFrameBuilder();
+    b.addData(0x10_0000 + p * PAGE, new Uint8Array(PAGE).fill(p));
+    return Buffer.from(b.take());
+  });
+  const seen: number[] = [];
+  // three readers, two frames each, adding at once
+  await Promise.all(
+    [0, 1, 2].map(async (reader) => {
+      for (const f of [frames[reader], frames[reader + 3]]) {
+        await writer.add(f);
+        seen.push(writer.pendingWrites);
+      }
+    }),
+  );
+  await writer.drain();
+  t.true(seen.every((n) => n <= 2), `writes waiting when add() returned: ${seen.join(', ')}`);
+  for (const p of [1, 2, 3, 4, 5, 6]) t.true(dstRegion.read(p * PAGE, PAGE).every((v) => v === p), `page ${p}`);
+  t.is(writer.pendingWrites, 0);
+});
+
 test('a later round sends exactly the pages set in either of its dirty bitmaps, each once', async (t) => {
   const pages = 8 * 32 + 5; // a bitmap that does not end on a word
   const src = region(pages * PAGE, 0);
