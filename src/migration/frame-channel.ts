@@ -60,7 +60,7 @@ export class FrameChannel {
    */
   constructor(
     socket: net.Socket,
-    private readonly opts: { idleTimeoutMs: number; peer: string; largeReads?: boolean },
+    private readonly opts: { idleTimeoutMs: number; peer: string; largeReads?: boolean; maxBufferedBytes?: number },
   ) {
     const large = opts.largeReads
       ? withLargeReads(socket, (chunk) => {
@@ -111,7 +111,7 @@ export class FrameChannel {
   }
 
   private overfull(): boolean {
-    return this.decoder.pendingBytes + this.frames.reduce((n, f) => n + f.payload.length, 0) > MAX_BUFFERED_BYTES;
+    return this.decoder.pendingBytes + this.frames.reduce((n, f) => n + f.payload.length, 0) > (this.opts.maxBufferedBytes ?? MAX_BUFFERED_BYTES);
   }
 
   private deliver(): void {

@@ -12,6 +12,16 @@ import { FrameType, MigrationProtocolError, frameJson } from './frames';
 /** Memory frames being sent at once at most, whatever the connections: each holds a 16 MiB buffer. */
 export const MAX_FRAMES_IN_FLIGHT = 8;
 
+/**
+ * The connections a destination grants at most, whatever the source asks (Cloud Hypervisor's
+ * limit is 128): a source never has more frames on their way than this, and each connection is
+ * memory a source can make the destination hold.
+ */
+export const MAX_GRANTED_CONNECTIONS = MAX_FRAMES_IN_FLIGHT;
+
+/** What an extra connection may hold unread at the destination: two whole Memory frames and some. */
+export const EXTRA_CONNECTION_BUFFER_BYTES = 36 << 20;
+
 /** The destination's word that lets extra connections join this migration (in its Accept). */
 export function newJoinToken(): string {
   return randomBytes(16).toString('hex');

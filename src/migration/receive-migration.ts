@@ -28,7 +28,7 @@ import { PauseSteps } from './pause-steps';
 import { CHECKSUM_NAMES, FrameType, MigrationProtocolError, frameJson } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, checkHello, type Hello } from './handshake';
 import { MemoryFrameWriter } from './memory-frames';
-import { RoundBarrier, checkJoin, newJoinToken, readMemoryStream } from './memory-streams';
+import { EXTRA_CONNECTION_BUFFER_BYTES, MAX_GRANTED_CONNECTIONS, RoundBarrier, checkJoin, newJoinToken, readMemoryStream } from './memory-streams';
 import type { MigrationPhase, MigrationProgress, ReceiveMigrationOptions } from './migration-options';
 import { describeAddress, listenMigration, parseMigrationUrl, type MigrationAddress } from './migration-url';
 import { receivePreamble } from './preamble';
@@ -232,7 +232,7 @@ export class MigrationReceiver {
       let ch: FrameChannel | undefined;
       try {
         const s = this.tls ? await tlsServer(socket, this.tls) : socket;
-        ch = new FrameChannel(s, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !this.tls });
+        ch = new FrameChannel(s, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !this.tls, maxBufferedBytes: EXTRA_CONNECTION_BUFFER_BYTES });
         ch.socket.resume();
         const index = checkJoin(frameJson(await ch.expect(FrameType.Join)), joins.token, joins.open);
         if (this.discarding || this.joins !== joins) throw new MigrationError('the migration ended');
@@ -246,7 +246,7 @@ export class MigrationReceiver {
               this.vm.log.debug({ connection: index, frames, bytes: stream.bytesRead }, 'migration: a memory connection ended');
               stream.close();
             },
-            (e: unknown) => this.streamFailed(index, e),
+            (e: unknown) => this.streamFailed(`memory connection ${index}: ${errorText(e)}`),
           ),
         );
         if (joins.open.size === 0) {
@@ -261,11 +261,11 @@ export class MigrationReceiver {
     })();
   }
 
-  /** An extra connection failed: so does the migration (unless it runs here already). */
-  private streamFailed(index: number, e: unknown): void {
+  /** An extra connection failed, or never joined: so does the migration (unless it runs here already). */
+  private streamFailed(reason: string): void {
     if (this.streamError !== undefined || this.phase === 'finished' || this.phase === 'failed') return;
-    this.streamError = `memory connection ${index}: ${errorText(e)}`;
-    this.abortAll(this.streamError);
+    this.streamError = reason;
+    this.abortAll(reason);
   }
 
   /** A Memory frame, from any connection, into RAM behind the reading of the next ones. */
@@ -374,7 +374,7 @@ export class MigrationReceiver {
     this.phase = 'receiving';
 
     const hello: Hello = checkHello(frameJson(await ch.expect(FrameType.Hello)), { fds: this.fds.length });
-    const connections = hello.connections ?? 1;
+    const connections = Math.min(hello.connections ?? 1, MAX_GRANTED_CONNECTIONS);
     if (connections > 1 && !this.opts.receiver_url.startsWith('tcp:')) throw error('more than one connection is for tcp: URLs only');
     if (connections === 1) this.server?.close();
     const problems = this.vm.cpuProblems(hello.cpuid, hello.msrIndices);
@@ -386,7 +386,7 @@ export class MigrationReceiver {
     if (connections > 1) {
       join = { connections, join: newJoinToken() };
       this.barrier = new RoundBarrier(connections);
-      const timer = setTimeout(() => this.streamFailed(0, new MigrationError(`${this.joins?.open.size} of ${connections - 1} extra connections did not join within ${JOIN_TIMEOUT_MS / 1000} s`)), JOIN_TIMEOUT_MS);
+      const timer = setTimeout(() => this.streamFailed(`${this.joins?.open.size} of ${connections - 1} extra connections did not join within ${JOIN_TIMEOUT_MS / 1000} s`), JOIN_TIMEOUT_MS);
       timer.unref();
       this.joins = { token: join.join, open: new Set(Array.from({ length: connections - 1 }, (_, i) => i + 1)), timer };
     }

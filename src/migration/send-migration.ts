@@ -105,6 +105,8 @@ export class MigrationSender {
   private fanOut?: MemoryFanOut;
   /** round ends sent on the extra connections so far */
   private roundEnds = 0;
+  /** the connections the destination granted (opts.connections at most) */
+  private connections = 1;
   downtimeMs?: number;
   /** settles when the migration ended: true = the destination runs the VM */
   done?: Promise<boolean>;
@@ -225,9 +227,13 @@ export class MigrationSender {
       // A destination that reads XXH64 frames says so; one that does not gets CRC-32 as before.
       if (Array.isArray(accept?.checksums) && accept.checksums.includes(CHECKSUM_NAMES[FrameChecksum.Xxh64Low32])) channel.checksum = FrameChecksum.Xxh64Low32;
       if (o.connections > 1) {
-        // (a destination that does not name the connections it takes takes one)
-        if (accept.connections !== o.connections || typeof accept.join !== 'string') throw new MigrationError(`it takes one connection, not ${o.connections}`);
-        await this.openExtra(address as Extract<MigrationAddress, { kind: 'tcp' }>, tlsMaterial, accept.join, channel.checksum);
+        // The destination grants what it takes, at most what was asked; one that names none
+        // (an older Tern) takes one: the memory goes over the first connection alone.
+        const granted = typeof accept.join === 'string' && Number.isInteger(accept.connections) ? (accept.connections as number) : 1;
+        if (granted < 1 || granted > o.connections) throw new MigrationError(`it granted ${String(accept.connections)} connections of ${o.connections}`);
+        if (granted < o.connections) this.vm.log.info({ asked: o.connections, granted }, 'migration: the destination takes fewer connections');
+        this.connections = granted;
+        if (granted > 1) await this.openExtra(address as Extract<MigrationAddress, { kind: 'tcp' }>, tlsMaterial, accept.join as string, channel.checksum);
       }
     } catch (e) {
       this.abortAll(errorText(e));
@@ -239,7 +245,7 @@ export class MigrationSender {
   private async openExtra(address: Extract<MigrationAddress, { kind: 'tcp' }>, tls: TlsMaterial | undefined, token: string, checksum: FrameChecksum): Promise<void> {
     // (nothing comes back on them: the migration's own timeout watches them)
     const idleTimeoutMs = Math.min(2 ** 31 - 1, this.opts.timeout_s * 1000);
-    for (let index = 1; index < this.opts.connections; index++) {
+    for (let index = 1; index < this.connections; index++) {
       let socket = await connectMigration(address, CONNECT_TIMEOUT_MS);
       if (tls) socket = await tlsClient(socket, address.host, tls);
       const ch = new FrameChannel(socket, { idleTimeoutMs, peer: 'destination' });

@@ -240,14 +240,14 @@ test.serial('one of three connections cut in the middle: the source keeps its gu
   }
 });
 
-test.serial('destination: connections that do not join with the Accept\'s token are closed, and the migration waits on for its own', async (t) => {
+test.serial('destination: it grants eight of twenty connections; ones that do not join with the Accept\'s token are closed, and the migration waits on for its own', async (t) => {
   const { dst, url, result } = await receiving();
   const { channel, socket } = await connectAsSource(url);
-  await channel.sendJson(FrameType.Hello, helloFor(regions, { connections: 2 }));
+  await channel.sendJson(FrameType.Hello, helloFor(regions, { connections: 20 }));
   const accept = frameJson(await channel.expect(FrameType.Accept)) as { connections?: number; join?: string };
-  t.is(accept.connections, 2);
+  t.is(accept.connections, 8, 'what a source can make the destination hold is capped');
   t.regex(accept.join ?? '', /^[0-9a-f]{32}$/);
-  for (const join of [{ token: '0'.repeat(32), index: 1 }, { token: accept.join, index: 2 }, { token: accept.join, index: 0 }]) {
+  for (const join of [{ token: '0'.repeat(32), index: 1 }, { token: accept.join, index: 8 }, { token: accept.join, index: 0 }]) {
     const stray = await connectAsSource(url);
     await stray.channel.sendJson(FrameType.Join, join);
     await t.throwsAsync(stray.channel.expect(FrameType.RoundEnd), { message: /gave up: Join: |closed/ }, JSON.stringify(join));

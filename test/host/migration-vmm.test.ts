@@ -134,7 +134,7 @@ test.serial('a paused guest arrives paused with RAM identical to the source, and
   }
 });
 
-test.serial('over three TCP connections (connections=3): 48 MiB of random RAM arrives identical, every connection carried pages, and the counter goes on without a gap', async (t) => {
+test.serial('asked for twelve TCP connections, the destination grants eight: 48 MiB of random RAM arrives identical over several of them, and the counter goes on without a gap', async (t) => {
   const dstLog = capturingLogger('debug');
   const { vmm: src, serial } = await bootCounting('three-connections');
   const dst = new Vmm({ log: dstLog.log });
@@ -149,13 +149,13 @@ test.serial('over three TCP connections (connections=3): 48 MiB of random RAM ar
     const received = dst.receiveMigration({ receiver_url: url });
     await until('the destination listens', () => dstEvents.includes(MigrationEvents.ReceiveReady));
     const before = guestCount(src);
-    await src.sendMigration({ destination_url: url, connections: 3 });
+    await src.sendMigration({ destination_url: url, connections: 12 });
     await received;
     t.is(dst.state.vm.status, 'Running');
     t.is(region(dst), hash, 'every page landed');
     const ended = dstLog.lines.filter((l) => l.msg === 'migration: a memory connection ended') as unknown as { connection: number; frames: number }[];
-    t.deepEqual(ended.map((l) => l.connection).sort(), [1, 2], 'both extra connections joined and ended');
-    t.true(ended.every((l) => l.frames > 0), `Memory frames per extra connection: ${ended.map((l) => l.frames).join(', ')}`);
+    t.deepEqual(ended.map((l) => l.connection).sort((a, b) => a - b), [1, 2, 3, 4, 5, 6, 7], 'the seven extra connections granted joined and ended');
+    t.true(ended.filter((l) => l.frames > 0).length >= 2, `Memory frames per extra connection: ${ended.map((l) => l.frames).join(', ')}`);
     t.true(src.migrationProgress()!.bytes_transferred > 48 << 20, 'progress counts the bytes of every connection');
     // The counter's page went again in every round, over any connection: the newest copy won.
     const after = guestCount(dst);
