@@ -4,7 +4,7 @@
 // integer formats become ranges, because serde rejects an out-of-range u8 and so do we.
 import { Type, type Static, type TSchema } from '@sinclair/typebox';
 import { CPU_PROFILES } from '../boot/cpu-profile';
-import { MAX_MIGRATION_CONNECTIONS } from '../migration/handshake';
+import { MAX_MIGRATION_CONNECTIONS } from '../migration/migration-options';
 
 const Int = (min?: number, max?: number) =>
   Type.Integer({ ...(min !== undefined && { minimum: min }), ...(max !== undefined && { maximum: max }) });

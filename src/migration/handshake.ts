@@ -4,12 +4,10 @@ import os from 'node:os';
 import type { CpuidEntry } from '../native/kvm';
 import { ROOT_SCHEMA_VERSION, STATE_UPGRADES, type RamRegionState } from '../state';
 import { MigrationProtocolError } from './frames';
+import { MAX_MIGRATION_CONNECTIONS } from './migration-options';
 
 /** 1: this framing and these frames; 2: the destination answers the State frame with Prepared */
 export const MIGRATION_PROTOCOL_VERSION = 2;
-
-/** Cloud Hypervisor's limit of a migration's TCP connections (SendMigrationData.connections) */
-export const MAX_MIGRATION_CONNECTIONS = 128;
 
 export interface Hello {
   protocol: number;

@@ -3,6 +3,9 @@
 
 export type TimeoutStrategy = 'Cancel' | 'Ignore';
 
+/** Cloud Hypervisor's limit of a migration's TCP connections (SendMigrationData.connections) */
+export const MAX_MIGRATION_CONNECTIONS = 128;
+
 export interface SendMigrationOptions {
   /** tcp:HOST:PORT or unix:/path */
   destination_url: string;
