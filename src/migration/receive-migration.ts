@@ -113,7 +113,7 @@ export class MigrationReceiver {
   private rejectWait?: (e: Error) => void;
   private tls?: TlsMaterial;
   /** connections > 1: the extra connections awaited (by index), and the token that admits them */
-  private joins?: { token: string; open: Set<number>; timer: NodeJS.Timeout };
+  private joins?: { token: string; open: Set<number>; timer: NodeJS.Timeout; joining: number };
   /** the extra connections, and their readers (memory-streams.ts) */
   private extra: FrameChannel[] = [];
   private readers: Promise<void>[] = [];
@@ -220,20 +220,26 @@ export class MigrationReceiver {
   /**
    * A connection after the source's first: one of the extra connections it announced, joining
    * with the Accept's token, or else nobody's, closed. A connection that fails to join does
-   * not fail the migration; the joins' timeout does.
+   * not fail the migration; the joins' timeout does. Connections still to say whom they join
+   * are few (two more than the joins awaited) and must say it within PREAMBLE_TIMEOUT_MS: a
+   * stranger holds neither sockets nor read buffers for long.
    */
   private laterConnection(socket: net.Socket): void {
     const joins = this.joins;
-    if (!joins || this.discarding) {
+    if (!joins || this.discarding || joins.joining >= joins.open.size + 2) {
       socket.destroy();
       return;
     }
+    joins.joining++;
     void (async () => {
       let ch: FrameChannel | undefined;
+      let late: NodeJS.Timeout | undefined;
       try {
         const s = this.tls ? await tlsServer(socket, this.tls) : socket;
         ch = new FrameChannel(s, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !this.tls, maxBufferedBytes: EXTRA_CONNECTION_BUFFER_BYTES });
         ch.socket.resume();
+        const joining = ch;
+        late = setTimeout(() => joining.abort(`no Join within ${PREAMBLE_TIMEOUT_MS / 1000} s`), PREAMBLE_TIMEOUT_MS);
         const index = checkJoin(frameJson(await ch.expect(FrameType.Join)), joins.token, joins.open);
         if (this.discarding || this.joins !== joins) throw new MigrationError('the migration ended');
         joins.open.delete(index);
@@ -257,6 +263,9 @@ export class MigrationReceiver {
         this.vm.log.warn({ reason: errorText(e) }, 'migration: a connection that did not join the migration was closed');
         if (ch) ch.abort(errorText(e));
         else socket.destroy();
+      } finally {
+        clearTimeout(late);
+        joins.joining--;
       }
     })();
   }
@@ -388,7 +397,7 @@ export class MigrationReceiver {
       this.barrier = new RoundBarrier(connections);
       const timer = setTimeout(() => this.streamFailed(`${this.joins?.open.size} of ${connections - 1} extra connections did not join within ${JOIN_TIMEOUT_MS / 1000} s`), JOIN_TIMEOUT_MS);
       timer.unref();
-      this.joins = { token: join.join, open: new Set(Array.from({ length: connections - 1 }, (_, i) => i + 1)), timer };
+      this.joins = { token: join.join, open: new Set(Array.from({ length: connections - 1 }, (_, i) => i + 1)), timer, joining: 0 };
     }
     await ch.sendJson(FrameType.Accept, { protocol: MIGRATION_PROTOCOL_VERSION, checksums: Object.values(CHECKSUM_NAMES), ...join });
     this.vm.store.dispatch(migrationEvents.receiveStarted({ receiver_url: this.opts.receiver_url }));

@@ -374,9 +374,9 @@ export class MigrationSender {
       this.phase = 'finished';
       ch.close();
       for (const x of this.extra) x.close();
-      this.vm.log.info({ downtime_ms: this.downtimeMs, total_ms: Date.now() - this.startedAt, bytes: ch.bytesWritten }, 'migration finished');
+      this.vm.log.info({ downtime_ms: this.downtimeMs, total_ms: Date.now() - this.startedAt, bytes: this.bytesWritten }, 'migration finished');
       this.vm.store.dispatch(
-        migrationEvents.finished({ downtime_ms: this.downtimeMs!, total_ms: Date.now() - this.startedAt, bytes: ch.bytesWritten, iterations: this.iteration }),
+        migrationEvents.finished({ downtime_ms: this.downtimeMs!, total_ms: Date.now() - this.startedAt, bytes: this.bytesWritten, iterations: this.iteration }),
       );
       return true;
     } catch (e) {
@@ -396,6 +396,10 @@ export class MigrationSender {
     } finally {
       steps?.log(this.vm.log, 'source');
       clearTimeout(this.timeoutTimer);
+      // (a failed migration's source runs on, and its progress stays readable: the frame
+      // buffers, up to nine of 16 MiB over several connections, are not kept for it)
+      this.builder = undefined;
+      this.fanOut = undefined;
     }
   }
 

@@ -42,13 +42,14 @@ function msixFunctions(segment: PciSegmentState, registry: PciFunctionRegistry):
 }
 
 export class MsiRouting {
-  /** per device id: the first GSI of its vectors and one irqfd per vector */
-  private readonly vectors = new Map<string, { firstGsi: number; fds: number[] }>();
+  /**
+   * per device id: the first GSI of its vectors, one irqfd per vector, and per vector the
+   * messages this thread sent and when the last went (for health reports)
+   */
+  private readonly vectors = new Map<string, { firstGsi: number; fds: number[]; sent: number[]; sentAt: number[] }>();
   private lastTable = '';
   /** GSIs the table last given to KVM routes as MSIs */
   private routedGsis = new Set<number>();
-  /** per device and vector: messages this thread sent, and when the last went (for health reports) */
-  private readonly sent = new Map<string, { count: number; at: number }>();
 
   constructor(
     private readonly vm: NativeVm,
@@ -94,7 +95,7 @@ export class MsiRouting {
         for (const fd of fds) native().closeFd(fd);
         throw e;
       }
-      this.vectors.set(f.id, { firstGsi: f.firstGsi, fds });
+      this.vectors.set(f.id, { firstGsi: f.firstGsi, fds, sent: fds.map(() => 0), sentAt: fds.map(() => 0) });
     }
   }
 
@@ -105,15 +106,12 @@ export class MsiRouting {
 
   /** Send vector `vector` of device `id` (the store said it is live and its route is in place). */
   send(id: string, vector: number): void {
-    const fd = this.vectors.get(id)?.fds[vector];
+    const v = this.vectors.get(id);
+    const fd = v?.fds[vector];
     if (fd === undefined) throw new Error(`MSI-X vector ${vector} of '${id}' has no irqfd`);
     native().eventfdWrite(fd, 1n);
-    const key = `${id}\u0000${vector}`;
-    const s = this.sent.get(key);
-    if (s) {
-      s.count++;
-      s.at = Date.now();
-    } else this.sent.set(key, { count: 1, at: Date.now() });
+    v!.sent[vector]++;
+    v!.sentAt[vector] = Date.now();
   }
 
   /**
@@ -122,9 +120,10 @@ export class MsiRouting {
    */
   vectorHealth(id: string, vector: number, now = Date.now()): { gsi: number | null; routed: boolean; sent: number; lastSentMsAgo: number | null } {
     const v = this.vectors.get(id);
-    const gsi = v && vector < v.fds.length ? v.firstGsi + vector : null;
-    const s = this.sent.get(`${id}\u0000${vector}`);
-    return { gsi, routed: gsi !== null && this.routedGsis.has(gsi), sent: s?.count ?? 0, lastSentMsAgo: s ? now - s.at : null };
+    const known = v !== undefined && vector < v.fds.length;
+    const gsi = known ? v.firstGsi + vector : null;
+    const sent = known ? v.sent[vector] : 0;
+    return { gsi, routed: gsi !== null && this.routedGsis.has(gsi), sent, lastSentMsAgo: sent ? now - v!.sentAt[vector] : null };
   }
 
   /** Close the irqfds (the KVM VM goes with them). */
