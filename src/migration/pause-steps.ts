@@ -20,6 +20,11 @@ export class PauseSteps {
     Object.assign(this.extra, fields);
   }
 
+  /** Log the steps (debug) under another message: the same timing for another stretch. */
+  logAs(log: Logger, msg: string): void {
+    log.debug({ steps: this.steps.splice(0), ...this.extra }, msg);
+  }
+
   /** Log the steps (debug), once. */
   log(log: Logger, side: 'source' | 'destination'): void {
     if (!this.steps.length) return;

@@ -383,6 +383,8 @@ export class MigrationReceiver {
     this.phase = 'receiving';
 
     const hello: Hello = checkHello(frameJson(await ch.expect(FrameType.Hello)), { fds: this.fds.length });
+    // (where the time before the memory rounds goes: the source's first round waits for it)
+    const setup = new PauseSteps();
     const connections = Math.min(hello.connections ?? 1, MAX_GRANTED_CONNECTIONS);
     if (connections > 1 && !this.opts.receiver_url.startsWith('tcp:')) throw error('more than one connection is for tcp: URLs only');
     if (connections === 1) this.server?.close();
@@ -390,6 +392,7 @@ export class MigrationReceiver {
     if (problems.length) throw new MigrationError(`this host cannot run the guest's CPU: ${problems.join('; ')}`);
     this.machine = this.vm.prepare(hello.regions, hello.local ? this.fds : undefined);
     this.closeFds(); // the slots hold their own duplicates
+    setup.mark('RAM mapped');
     // (the checksums beyond CRC-32 this side reads: the source may use them from here on)
     let join: { connections: number; join: string } | undefined;
     if (connections > 1) {
@@ -404,11 +407,13 @@ export class MigrationReceiver {
     this.vm.log.info({ source: hello.tern, local: hello.local, schema: hello.schemaVersion }, 'receiving a migration');
 
     const config: VmConfig = checkSavedConfig(frameJson(await ch.expect(FrameType.Config)), 'the migrated VM config', error);
+    setup.mark('config received');
     // The final state must carry this same config (checked at Complete), so its vCPUs can exist
     // already: creating them is work the guest's pause does not wait for.
     await this.machine.prepareVcpus(withDefaults(config).cpus.boot_vcpus);
     // Disk images and consoles open now, not while the guest is paused: opening one takes I/O.
     await this.machine.openBackends(config);
+    setup.mark('vCPUs and backends ready');
     let shadow: unknown = frameJson(await ch.expect(FrameType.State));
     if (typeof shadow !== 'object' || shadow === null || Array.isArray(shadow)) throw error('State frame: not an object');
     if ((shadow as { schemaVersion?: unknown }).schemaVersion !== hello.schemaVersion) throw error('State frame: its schema version is not the one the handshake announced');
@@ -422,12 +427,24 @@ export class MigrationReceiver {
     } catch (e) {
       throw error(`State frame: ${errorText(e)}`);
     }
+    setup.mark('state checked');
     // (the state was checked just now; the final state's build brings these up to date)
     this.machine.prepareDevices(upgraded, config);
-    await this.rehearseFinalChecks(upgraded, config, hello, FINAL_CHECK_REHEARSALS);
-    // The source pauses the guest only after this: the rehearsal above is work its pause
-    // would otherwise wait for (a local migration has no memory rounds to hide it behind).
-    await ch.sendJson(FrameType.Prepared, {});
+    setup.mark('devices prepared');
+    // The rehearsal runs between the first round's Memory frames, not before them: the source
+    // sends them from the State frame on, and a destination busy rehearsing left its link
+    // idle (in the nested lab the source's first round waited 0.6-0.9 s for it). The source
+    // pauses the guest only once it has Prepared: the rehearsal is work its pause would
+    // otherwise wait for (a local migration has no memory rounds to hide it behind).
+    let prepared = false;
+    const preparing = this.rehearseFinalChecks(upgraded, config, hello, FINAL_CHECK_REHEARSALS).then(() => {
+      setup.mark('final checks rehearsed');
+      setup.logAs(this.vm.log, 'migration: receive set up');
+      prepared = true;
+      return ch.sendJson(FrameType.Prepared, {});
+    });
+    // (a send that fails fails the channel: the loop below hears of it from its next read)
+    preparing.catch(() => undefined);
 
     let steps: PauseSteps | undefined;
     let built: RootState | undefined;
@@ -445,6 +462,7 @@ export class MigrationReceiver {
       } else if (built && (f.type === FrameType.Round || f.type === FrameType.Final)) {
         throw error(`${FrameType[f.type]} frame after the Final frame`);
       } else if (f.type === FrameType.Round || f.type === FrameType.Final) {
+        if (f.type === FrameType.Final && !prepared) throw error('Final frame before this side was prepared');
         // (the source's guest is paused from here on: the steps time what this side does of it)
         if (f.type === FrameType.Final) steps = new PauseSteps();
         const body = frameJson(f);

@@ -274,6 +274,8 @@ async function benchTern(work: string, c: Case, connections: number): Promise<Me
     process.stdout.write(`  tern ${c.name} huge pages with the guest running at the destination: ${hugePagesNow()}\n`);
     process.stdout.write(`  tern ${c.name} pause, source: ${pauseSteps(src.stderr)}\n  tern ${c.name} pause, destination: ${pauseSteps(dst.stderr)}\n`);
     process.stdout.write(`  tern ${c.name} garbage collections in the 5 s after the pause, destination: ${gcAfterPause(dst.stderr)}\n`);
+    const setUp = logLines(dst.stderr, /"msg":"migration: receive set up"/)[0];
+    if (setUp && Array.isArray(setUp.steps)) process.stdout.write(`  tern ${c.name} destination set-up before the rounds (ms from Hello): ${(setUp.steps as { step: string; ms: number }[]).map((s) => `${s.step} ${s.ms}`).join(', ')}\n`);
     const rehearsed = logLines(src.stderr, /"msg":"migration: pause rehearsed"/)[0];
     process.stdout.write(`  tern ${c.name} the source's rehearsal of its pause, just before it: ${rehearsed ? `${String(rehearsed.ms)} ms` : '-'}\n`);
     process.stdout.write(`  tern ${c.name} rounds, source: ${roundLines(src.stderr, 'migration: pages sent')}\n  tern ${c.name} dirty after each round, source: ${roundLines(src.stderr, 'migration: dirty after the round')}\n  tern ${c.name} rounds, destination: ${roundLines(dst.stderr, 'migration: round received')}\n`);
