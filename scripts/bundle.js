@@ -40,6 +40,11 @@ for (const e of snapshotOnly ? [] : entries) {
   fs.chmodSync(path.join(root, 'dist', 'bin', `${e.name}.js`), 0o755);
 }
 
+// The state checks the build generated (scripts/compile-state-checks.js) are read from beside
+// the code that uses them: in the bundles, that is dist/bin.
+const checks = path.join(root, 'dist', 'src', 'state', 'state-checks.json');
+if (!snapshotOnly && fs.existsSync(checks)) fs.copyFileSync(checks, path.join(root, 'dist', 'bin', 'state-checks.json'));
+
 // tern's V8 startup snapshot: the whole CLI loaded and initialised once, here, so that a VMM
 // starts by deserialising a heap instead of compiling and running its modules (start-up is
 // what serverless users of a VMM measure). dist/bin/tern, the command on the PATH, starts from

@@ -130,6 +130,8 @@ export interface Slice<N extends string = string, S extends SliceStateBase = any
   /** Run the handler for `event`; undefined when this slice does not handle its type. */
   reduce(state: S, event: StoreEvent): ReduceResult<S> | undefined;
   validate(state: unknown): void;
+  /** the schema validate() checks (the build generates its check: state-schema.ts) */
+  readonly schema: TSchema;
   /** typed event creators, one per handled event type */
   readonly events: { readonly [T in keyof H & string]: EventCreator<T, PayloadOf<H[T]>> };
 }
@@ -208,6 +210,7 @@ export function createSlice<N extends string, S extends SliceStateBase, H extend
     eventTypes: Object.freeze([...handlers.keys()]),
     initialState,
     reduce,
+    schema: def.schema,
     validate(state: unknown) {
       checkVersion(def.name, def.schemaVersion, state);
       checkSchema(def.schema, state, `slice '${def.name}'`);

@@ -3,7 +3,8 @@
 // may enter a store, so a crafted field (`rx: null`) is refused at restore with the slice and
 // field named, instead of failing at the guest's first access.
 import { FormatRegistry, Type, type TSchema } from '@sinclair/typebox';
-import { TypeCompiler, type TypeCheck } from '@sinclair/typebox/compiler';
+import { TypeCheck, TypeCompiler } from '@sinclair/typebox/compiler';
+import { compiledCheckCode } from './compiled-checks';
 import { TernStateError } from './errors';
 
 /** Integer in [min, max]. */
@@ -34,12 +35,51 @@ export class InvalidStateError extends TernStateError {
 }
 
 const compiled = new WeakMap<TSchema, TypeCheck<TSchema>>();
+let compiledAtRuntime = 0;
+
+/**
+ * A schema's identity in compiled-checks.ts: its JSON with TypeBox's symbol-keyed fields (its
+ * Kind, whether a property is optional) written in, which is all the generated check depends on.
+ */
+export function schemaFingerprint(schema: TSchema): string {
+  return JSON.stringify(schema, (_key, v: unknown) => {
+    if (v === null || typeof v !== 'object' || Array.isArray(v)) return v;
+    const symbols = Object.getOwnPropertySymbols(v);
+    if (symbols.length === 0) return v;
+    const out: Record<string, unknown> = {};
+    for (const s of symbols) out[`~${s.description}`] = (v as Record<symbol, unknown>)[s];
+    return Object.assign(out, v);
+  });
+}
+
+/**
+ * The check generated for a schema when the build ran (scripts/compile-state-checks.js), else
+ * generated now. Generating one is the larger part of a state's first check: a restore or a
+ * migration's destination paid it on every start (a third of a second in the nested lab).
+ */
+function compileCheck(schema: TSchema): TypeCheck<TSchema> {
+  const code = compiledCheckCode(schemaFingerprint(schema));
+  if (code === undefined) {
+    compiledAtRuntime++;
+    return TypeCompiler.Compile(schema);
+  }
+  // (the build keeps only checks that call no custom kind and no hash: formats are all they use)
+  const format = (name: string, value: unknown) => FormatRegistry.Has(name) && FormatRegistry.Get(name)!(value as string);
+  const unused = () => false;
+  const check = new Function('kind', 'format', 'hash', code)(unused, format, unused) as (value: unknown) => boolean;
+  return new TypeCheck(schema, [], check, code);
+}
+
+/** How many schemas were compiled here rather than by the build (tests: none of the state's). */
+export function checksCompiledAtRuntime(): number {
+  return compiledAtRuntime;
+}
 
 /** Throw InvalidStateError naming `where` and the first offending field unless `value` fits. */
 export function checkSchema(schema: TSchema, value: unknown, where: string): void {
   let check = compiled.get(schema);
   if (!check) {
-    check = TypeCompiler.Compile(schema);
+    check = compileCheck(schema);
     compiled.set(schema, check);
   }
   if (check.Check(value)) return;

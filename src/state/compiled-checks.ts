@@ -1,0 +1,26 @@
+// The state's schema checks as the build generated them (scripts/compile-state-checks.js), keyed
+// by schemaFingerprint(). They are read from state-checks.json beside this module (or beside the
+// bundle) when the first state is checked, not at start-up: a VMM that never restores nor
+// receives a VM does not hold them. Without the file each check is compiled on first use.
+import fs from 'node:fs';
+import path from 'node:path';
+
+export const COMPILED_CHECKS_FILE = 'state-checks.json';
+
+let table: Readonly<Record<string, unknown>> | undefined;
+
+/** The generated code of the check for the schema with this fingerprint, if the build made it. */
+export function compiledCheckCode(fingerprint: string): string | undefined {
+  table ??= readTable();
+  const code = Object.hasOwn(table, fingerprint) ? table[fingerprint] : undefined;
+  return typeof code === 'string' ? code : undefined;
+}
+
+function readTable(): Readonly<Record<string, unknown>> {
+  try {
+    const parsed: unknown = JSON.parse(fs.readFileSync(path.join(__dirname, COMPILED_CHECKS_FILE), 'utf8'));
+    return typeof parsed === 'object' && parsed !== null && !Array.isArray(parsed) ? (parsed as Record<string, unknown>) : {};
+  } catch {
+    return {};
+  }
+}
