@@ -430,7 +430,7 @@ export class Machine {
     const config = withDefaults(state.vm.config as VmConfig);
     // (a migration destination opened it with the config, ahead of the state)
     this.console ??= this.openConsole(config.serial);
-    this.restoreVcpus(state);
+    this.restoreVcpus(state, mark);
     mark?.('vCPUs set');
     this.restoreVmState(state);
     mark?.('irqchips set');
@@ -521,17 +521,19 @@ export class Machine {
     this.throttleTimer.unref();
   }
 
-  private restoreVcpus(state: RootState): void {
+  private restoreVcpus(state: RootState, mark?: (step: string) => void): void {
     const count = withDefaults(state.vm.config as VmConfig).cpus.boot_vcpus;
     for (let id = 0; id < count; id++) {
       const saved = state.vcpus.saved[String(id)];
       if (!saved) throw new Error(`the saved state has no vCPU ${id}`);
       const s = decodeVcpuState(saved);
+      mark?.(`vCPU ${id} decoded`);
       // (a migration destination's vCPUs exist already, their threads started and parked)
       const runner = this.earlyRunners[id] ?? new VcpuRunner(this.vm.createVcpu(id), (vid, exit) => this.onExit(vid, exit), this.opts.seccomp);
       // (MSRs found readable ahead of the state, with the CPUID the source announced, hold for this one)
       if (id === 0 && this.readableMsrsCpuid && !sameCpuid(s.cpuid, this.readableMsrsCpuid)) this.readableMsrs = undefined;
       writeVcpuState(runner.vcpu, s, this.opts.log);
+      mark?.(`vCPU ${id} written`);
       this.cpuids[id] = s.cpuid;
       this.cpuidsJson[id] = saved.cpuid;
       this.noteReadableMsrs(runner.vcpu);

@@ -38,7 +38,18 @@ const DIRTY_FILE_MIB = 256;
  */
 const VMMS = (process.env.TERN_BENCH_MIGRATION_VMMS ?? 'tern,qemu').split(',');
 /** N of `tern:N` (1 for plain tern) */
-const connectionsOf = (vmm: string): number => Number(/^tern:(\d+)$/.exec(vmm)?.[1] ?? 1);
+const connectionsOf = (vmm: string): number => Number(/^tern:(\d+)(?:\+|$)/.exec(vmm)?.[1] ?? 1);
+/**
+ * `tern+NAME=VALUE` (after any `:N`, repeatable) runs that column's tern processes with NAME=VALUE
+ * in their environment, so two settings of one build compare in one lab boot.
+ */
+const envOf = (vmm: string): Record<string, string> =>
+  Object.fromEntries(
+    vmm
+      .split('+')
+      .slice(1)
+      .map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]),
+  );
 /** TERN_BENCH_MIGRATION_PROFILE=1: profile both tern processes and print where their time went. */
 const PROFILE = process.env.TERN_BENCH_MIGRATION_PROFILE === '1';
 /** Extra options for node in every tern process (TERN_BENCH_NODE_ARGS, space-separated): V8 flags to compare. */
@@ -237,12 +248,12 @@ function pauseSteps(log: string): string {
   return out.join(', ');
 }
 
-async function benchTern(work: string, c: Case, connections: number): Promise<Measured> {
+async function benchTern(work: string, c: Case, connections: number, env: Record<string, string>): Promise<Measured> {
   const arrivals = new Map<number, number>();
   const profiles = (label: string) => path.join(work, `profile-${label}`);
   const tern = (label: string, args: string[]) => {
     const nodeArgs = [...NODE_ARGS, ...(PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profiles(label)}`] : [])];
-    const vm = progressLog(`tern ${c.name} ${label}`)(GuestProcess.tern(args, nodeArgs));
+    const vm = progressLog(`tern ${c.name} ${label}`)(GuestProcess.tern(args, nodeArgs, env));
     return vm;
   };
   const srcSock = path.join(work, 'src.sock');
@@ -398,7 +409,10 @@ function median(runs: Measured[], f: (m: Measured) => number | undefined): numbe
   return v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2;
 }
 
-const columnName = (vmm: string): string => (vmm === 'qemu' ? 'QEMU' : connectionsOf(vmm) > 1 ? `tern, ${connectionsOf(vmm)} connections` : 'tern');
+const columnName = (vmm: string): string =>
+  vmm === 'qemu'
+    ? 'QEMU'
+    : [connectionsOf(vmm) > 1 ? `tern, ${connectionsOf(vmm)} connections` : 'tern', ...Object.entries(envOf(vmm)).map(([k, v]) => `${k}=${v}`)].join(', ');
 
 function table(results: CaseResults[]): string {
   const terns = VMMS.filter((v) => v !== 'qemu');
@@ -447,7 +461,7 @@ async function main(): Promise<void> {
         process.stdout.write(`migration bench: ${c.name} under ${vmm}${REPEAT > 1 ? `, run ${run} of ${REPEAT}` : ''}\n`);
         let m: Measured;
         try {
-          m = vmm === 'qemu' ? await benchQemu(work, c) : await benchTern(work, c, connectionsOf(vmm));
+          m = vmm === 'qemu' ? await benchQemu(work, c) : await benchTern(work, c, connectionsOf(vmm), envOf(vmm));
         } catch (e) {
           m = { hostGapMs: NaN, guestGapMs: NaN, faults: [], error: withoutGcLines((e as Error).message).slice(-6000) };
         } finally {
