@@ -5,6 +5,7 @@
 import net from 'node:net';
 import { FrameChecksum, FrameDecoder, FrameType, MigrationProtocolError, encodeJsonFrame, frameHeader, frameJson, type Frame } from './frames';
 import { TernStateError } from '../state/errors';
+import type { PayloadBuffers } from './payload-buffers';
 
 export class MigrationPeerError extends TernStateError {
   /** the peer's end of the connection is closed: its process ended or gave the migration up */
@@ -42,7 +43,7 @@ function withLargeReads(accepted: net.Socket, onChunk: (chunk: Uint8Array) => bo
 }
 
 export class FrameChannel {
-  private readonly decoder = new FrameDecoder();
+  private readonly decoder: FrameDecoder;
   private readonly frames: Frame[] = [];
   private waiter?: { resolve: (f: Frame) => void; reject: (e: Error) => void };
   private error?: Error;
@@ -57,11 +58,13 @@ export class FrameChannel {
   /**
    * `largeReads`: the connection was just accepted and is paused; read it in large pieces (the
    * receiving side of a migration). The channel's `socket` is then a new one: resume that.
+   * `payloads`: the pool large Memory payloads are read into (the receiver gives them back).
    */
   constructor(
     socket: net.Socket,
-    private readonly opts: { idleTimeoutMs: number; peer: string; largeReads?: boolean; maxBufferedBytes?: number },
+    private readonly opts: { idleTimeoutMs: number; peer: string; largeReads?: boolean; maxBufferedBytes?: number; payloads?: PayloadBuffers },
   ) {
+    this.decoder = new FrameDecoder(opts.payloads);
     const large = opts.largeReads
       ? withLargeReads(socket, (chunk) => {
           this.onData(chunk);

@@ -9,6 +9,7 @@
 // CRC-32). The receiver checks the magic, the type, the checksum kind, the length against that
 // type's cap before it waits for the payload, and the checksum before it looks at a byte of the
 // payload, so a corrupt, truncated or hostile stream is refused at the first frame it cannot verify.
+import type { PayloadBuffers } from './payload-buffers';
 import zlib from 'node:zlib';
 import { native } from '../native/kvm';
 import { TernStateError } from '../state/errors';
@@ -50,12 +51,15 @@ export enum FrameType {
 }
 
 /** Largest payload per type; a header announcing more is refused before its payload is read. */
+/** a Memory frame's payload cap: 16 MiB of pages and room for their records */
+export const MEMORY_PAYLOAD_MAX_BYTES = 17 << 20;
+
 const MAX_PAYLOAD: Record<FrameType, number> = {
   [FrameType.Hello]: 1 << 20,
   [FrameType.Accept]: 64 << 10,
   [FrameType.Config]: 1 << 20,
   [FrameType.State]: 64 << 20,
-  [FrameType.Memory]: 17 << 20,
+  [FrameType.Memory]: MEMORY_PAYLOAD_MAX_BYTES,
   [FrameType.Round]: 64 << 20,
   [FrameType.Final]: 64 << 20,
   [FrameType.Complete]: 0,
@@ -134,6 +138,9 @@ export function frameJson(frame: Frame): unknown {
  * whose length the type's cap bounds), so the caller may reuse the buffer it pushed.
  */
 export class FrameDecoder {
+  /** `payloads`: where large Memory payloads come from (the receiving side gives them back) */
+  constructor(private readonly payloads?: PayloadBuffers) {}
+
   private readonly head = Buffer.alloc(FRAME_HEADER_BYTES);
   private headUsed = 0;
   private header?: { type: FrameType; length: number; checksumKind: FrameChecksum; checksum: number; raw: Buffer };
@@ -158,7 +165,7 @@ export class FrameDecoder {
     const length = raw.readUInt32LE(8);
     if (length > MAX_PAYLOAD[type]) throw new MigrationProtocolError(`${FrameType[type]} frame announces ${length} bytes, more than its cap of ${MAX_PAYLOAD[type]}`);
     this.header = { type, length, checksumKind, checksum: raw.readUInt32LE(12), raw };
-    this.payload = Buffer.allocUnsafe(length);
+    this.payload = type === FrameType.Memory && this.payloads ? this.payloads.take(length) : Buffer.allocUnsafe(length);
     this.payloadUsed = 0;
   }
 

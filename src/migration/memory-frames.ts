@@ -297,9 +297,10 @@ export class MemoryFrameWriter {
   /**
    * Check the frame (throws MigrationProtocolError now) and queue its write once fewer than
    * `depth` writes wait, however many connections add frames at once (more would pile up and
-   * still be writing when the guest is paused); returns its pages.
+   * still be writing when the guest is paused); returns its pages. `written` is called once its
+   * pages are in RAM (not if the write fails): nothing reads the payload after that.
    */
-  async add(payload: Buffer): Promise<number> {
+  async add(payload: Buffer, written?: () => void): Promise<number> {
     if (this.failure !== undefined) throw this.failure;
     const frame = checkMemoryFrame(this.memory, payload);
     // Room first, then the write joins the queue: frames added at once by several connections
@@ -309,7 +310,11 @@ export class MemoryFrameWriter {
     if (this.failure !== undefined) throw this.failure;
     // (never rejects: the first failure is kept, and the writes after it are not made)
     const write: Promise<void> = this.last
-      .then(() => (this.failure === undefined ? frame.apply() : undefined))
+      .then(async () => {
+        if (this.failure !== undefined) return;
+        await frame.apply();
+        written?.();
+      })
       .catch((e: unknown) => void (this.failure ??= e))
       .finally(() => this.waiting.delete(write));
     this.last = write;

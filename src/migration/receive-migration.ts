@@ -25,7 +25,8 @@ import {
 import { FrameChannel } from './frame-channel';
 import { loadTlsDir, tlsServer, type TlsMaterial } from './migration-tls';
 import { PauseSteps } from './pause-steps';
-import { CHECKSUM_NAMES, FrameType, MigrationProtocolError, frameJson } from './frames';
+import { CHECKSUM_NAMES, FrameType, MEMORY_PAYLOAD_MAX_BYTES, MigrationProtocolError, frameJson } from './frames';
+import { PayloadBuffers } from './payload-buffers';
 import { MIGRATION_PROTOCOL_VERSION, checkHello, type Hello } from './handshake';
 import { MemoryFrameWriter } from './memory-frames';
 import { EXTRA_CONNECTION_BUFFER_BYTES, MAX_GRANTED_CONNECTIONS, RoundBarrier, checkJoin, newJoinToken, readMemoryStream } from './memory-streams';
@@ -136,6 +137,11 @@ export class MigrationReceiver {
   private streamError?: string;
   /** the half-received VM is being discarded: no frame is written into its RAM any more */
   private discarding = false;
+  /**
+   * Memory payloads of every connection, used again once in RAM: as many as can be under way
+   * at once (two waiting to be written, one being read per connection) are kept.
+   */
+  private readonly payloads = new PayloadBuffers(MEMORY_PAYLOAD_MAX_BYTES, 4);
 
   constructor(
     private readonly vm: DestinationVm,
@@ -212,7 +218,7 @@ export class MigrationReceiver {
         }
       }
       // (TLS reads through its own socket: the large reads are for the plain connection's handle)
-      this.channel = new FrameChannel(socket, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !tlsMaterial });
+      this.channel = new FrameChannel(socket, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !tlsMaterial, payloads: this.payloads });
       this.channel.socket.resume();
       await this.receiveVm();
     } catch (e) {
@@ -250,7 +256,7 @@ export class MigrationReceiver {
       let late: NodeJS.Timeout | undefined;
       try {
         const s = this.tls ? await tlsServer(socket, this.tls) : socket;
-        ch = new FrameChannel(s, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !this.tls, maxBufferedBytes: EXTRA_CONNECTION_BUFFER_BYTES });
+        ch = new FrameChannel(s, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !this.tls, maxBufferedBytes: EXTRA_CONNECTION_BUFFER_BYTES, payloads: this.payloads });
         ch.socket.resume();
         const joining = ch;
         late = setTimeout(() => joining.abort(`no Join within ${PREAMBLE_TIMEOUT_MS / 1000} s`), PREAMBLE_TIMEOUT_MS);
@@ -294,7 +300,7 @@ export class MigrationReceiver {
   /** A Memory frame, from any connection, into RAM behind the reading of the next ones. */
   private addPages(payload: Buffer): Promise<number> {
     if (this.discarding || !this.machine) return Promise.reject(new MigrationError('the migration ended'));
-    return (this.ramWriter ??= new MemoryFrameWriter(this.machine.memory)).add(payload);
+    return (this.ramWriter ??= new MemoryFrameWriter(this.machine.memory)).add(payload, () => this.payloads.give(payload));
   }
 
   private accept(): Promise<net.Socket> {

@@ -219,7 +219,22 @@ test('the frame writer refuses a frame outside RAM before writing it, and report
 
   const ro = fileRegion(t, 4, 'r');
   const failing = new MemoryFrameWriter(new GuestMemory([ro.region]));
-  await failing.add(frameOf([[1, 7]])).catch(() => undefined);
+  let released = 0;
+  await failing.add(frameOf([[1, 7]]), () => released++).catch(() => undefined);
   await t.throwsAsync(failing.drain(), { message: /EBADF/ });
   await t.throwsAsync(failing.add(frameOf([[2, 7]])), { message: /EBADF/ }, 'and every frame after it');
+  t.is(released, 0, 'a frame whose write failed is not reported written (its buffer is not used again)');
+});
+
+test('the frame writer reports each frame written only once its pages are in RAM, so its buffer can be used again', async (t) => {
+  const { region, page } = fileRegion(t, 8);
+  const writer = new MemoryFrameWriter(new GuestMemory([region]), 1);
+  const frame = frameOf([[3, 9]]);
+  let writtenSeen: number[] | undefined;
+  await writer.add(frame, () => (writtenSeen = [...page(3).subarray(0, 4)]));
+  // (overwriting the payload once reported written must not change what landed)
+  await writer.drain();
+  t.deepEqual(writtenSeen, [9, 9, 9, 9], 'the page was in RAM when the frame was reported written');
+  frame.fill(0xee);
+  t.true(page(3).every((v) => v === 9));
 });
