@@ -1,9 +1,10 @@
 // Generates the checks of every schema a saved state is checked against (each slice, each
 // device model, each PCI function and virtio device) into dist/src/state/state-checks.json,
-// after tsc and before the bundles (scripts/bundle.js puts a copy beside them). A restore or a migration's destination then checks its
-// first state without generating them: that was the larger part of its first check (in the
-// nested lab, a third of a second on every destination). A schema missing here is compiled on
-// first use, as before, so a stale table costs time, never a wrong answer.
+// after tsc and before the bundles (scripts/bundle.js puts a copy beside them). A restore or a
+// migration's destination then checks its first state without generating them: that was the
+// larger part of its first check (in the nested lab, a third of a second on every destination).
+// A schema missing here is compiled on first use, as before, so a stale table costs time, never
+// a wrong answer.
 const fs = require('node:fs');
 const path = require('node:path');
 const { TypeCompiler } = require('@sinclair/typebox/compiler');

@@ -9,10 +9,10 @@
 // CRC-32). The receiver checks the magic, the type, the checksum kind, the length against that
 // type's cap before it waits for the payload, and the checksum before it looks at a byte of the
 // payload, so a corrupt, truncated or hostile stream is refused at the first frame it cannot verify.
-import type { PayloadBuffers } from './payload-buffers';
 import zlib from 'node:zlib';
 import { native } from '../native/kvm';
 import { TernStateError } from '../state/errors';
+import type { PayloadBuffers } from './payload-buffers';
 
 export const FRAME_MAGIC = 0x47494d54; // "TMIG"
 export const FRAME_HEADER_BYTES = 16;
@@ -50,10 +50,10 @@ export enum FrameType {
   RoundEnd = 15,
 }
 
-/** Largest payload per type; a header announcing more is refused before its payload is read. */
 /** a Memory frame's payload cap: 16 MiB of pages and room for their records */
 export const MEMORY_PAYLOAD_MAX_BYTES = 17 << 20;
 
+/** Largest payload per type; a header announcing more is refused before its payload is read. */
 const MAX_PAYLOAD: Record<FrameType, number> = {
   [FrameType.Hello]: 1 << 20,
   [FrameType.Accept]: 64 << 10,
