@@ -62,7 +62,12 @@ async function sourceKeptItsGuest(t: ExecutionContext, src: Side, why: RegExp): 
   t.regex(src.lastFailure(MigrationEvents.Failed) ?? '', why);
   t.is(src.vmm.state.vm.status, 'Running');
   const c = guestCount(src.vmm);
-  await until('the guest counts on at the source', () => guestCount(src.vmm) >= c + 2);
+  try {
+    await until('the guest counts on at the source', () => guestCount(src.vmm) >= c + 2);
+  } catch (e) {
+    // (a guest that stopped counting: whether its vCPUs run, and how long since each last exited)
+    throw new Error(`${(e as Error).message}; count ${c} then ${guestCount(src.vmm)}; health ${JSON.stringify(src.vmm.health()).slice(0, 3000)}`);
+  }
   t.is(src.vmm.migrationProgress()?.phase, 'failed');
 }
 
