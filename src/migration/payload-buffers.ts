@@ -9,6 +9,7 @@ const POOLED_MIN_BYTES = 1 << 20;
 
 export class PayloadBuffers {
   private readonly spares: Buffer[] = [];
+  private closed = false;
   /** the pool's own backing stores: only those come back */
   private readonly own = new WeakSet<ArrayBufferLike>();
 
@@ -34,8 +35,17 @@ export class PayloadBuffers {
 
   /** Nothing reads or writes `payload` any more (its pages are in RAM): its buffer may be taken again. */
   give(payload: Buffer): void {
-    if (!this.own.has(payload.buffer) || this.spares.length >= this.keep) return;
+    if (this.closed || !this.own.has(payload.buffer) || this.spares.length >= this.keep) return;
     this.spares.push(Buffer.from(payload.buffer, 0, this.size));
+  }
+
+  /**
+   * The receive is over: let the spares go, and every buffer given back later (a write that
+   * ends after it). The receiver stays for its progress report; 68 MiB need not stay with it.
+   */
+  close(): void {
+    this.closed = true;
+    this.spares.length = 0;
   }
 
   /** spares held now */

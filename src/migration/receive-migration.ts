@@ -234,6 +234,7 @@ export class MigrationReceiver {
       this.server?.close();
       if (this.joins) clearTimeout(this.joins.timer);
       this.closeFds();
+      this.payloads.close();
     }
   }
 

@@ -48,6 +48,7 @@ const envOf = (vmm: string): Record<string, string> =>
     vmm
       .split('+')
       .slice(1)
+      .filter((kv) => kv.indexOf('=') > 0)
       .map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]),
   );
 /** TERN_BENCH_MIGRATION_PROFILE=1: profile both tern processes and print where their time went. */

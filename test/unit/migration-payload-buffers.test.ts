@@ -27,6 +27,18 @@ test('a buffer given back is taken again; small payloads, foreign buffers and sp
   t.is(pool.take(5 * MIB).length, 5 * MIB, 'a payload larger than the pool\'s buffers gets its own');
 });
 
+test('a closed pool lets its spares go and keeps nothing given back after', (t) => {
+  const pool = new PayloadBuffers(2 * MIB, 4);
+  const a = pool.take(2 * MIB);
+  const b = pool.take(2 * MIB);
+  pool.give(a);
+  t.is(pool.spareCount, 1);
+  pool.close();
+  t.is(pool.spareCount, 0, 'the spares went with the close');
+  pool.give(b); // a write that ended after the receive
+  t.is(pool.spareCount, 0, 'nothing is kept after the close');
+});
+
 test('frames decoded into a reused buffer come out whole and verified, one after another', (t) => {
   const pool = new PayloadBuffers(2 * MIB, 2);
   const decoder = new FrameDecoder(pool);
