@@ -122,8 +122,8 @@ test.serial('a two-pair card through snapshot, restore and a local live migratio
     await waitForPath(restoredSock);
     const received = ternRemote(dstSock, 'receive-migration', url);
     await waitForPath(url.slice('unix:'.length));
-    await ternRemote(restoredSock, 'send-migration', url);
-    await received;
+    // (both at once: a failed send ends the receive too, and that must not go unhandled)
+    await Promise.all([ternRemote(restoredSock, 'send-migration', url), received]);
     t.is((await restored.exit(BOOT_TIMEOUT)).code, 0, 'the source VMM exits once the destination runs the guest');
     await linesOn('after the migration', 20);
 

@@ -294,16 +294,19 @@ test.serial('live migration of a guest with its entropy device, console and disk
     '--kernel', fixture('vmlinux'), '--initramfs', fixture('initramfs.img'), '--cmdline', guestCmdline({ cmd: RNG_LOOP }),
     '--cpus', CPUS, '--memory', 'size=256M', '--serial', 'tty', '--api-socket', `path=${srcSock}`,
     '--rng', 'src=/dev/urandom', '--console', `file=${hvcFile}`, '--disk', `path=${ro},readonly=on`, '--disk', `path=${rw}`,
+    // (info lines too: a failure shows what the VMM saw, a guest reset's cause among them)
+    '-v',
   ]);
-  const dst = GuestProcess.tern(['--api-socket', `path=${dstSock}`]);
+  const dst = GuestProcess.tern(['--api-socket', `path=${dstSock}`, '-v']);
   try {
     await src.waitFor(/MG 10 /, BOOT_TIMEOUT);
     await waitForPath(dstSock);
     const received = ternRemote(dstSock, 'receive-migration', url);
     await waitForPath(url.slice('unix:'.length));
     try {
-      await ternRemote(srcSock, 'send-migration', url);
-      await received;
+      // (both at once: a failed send ends the receive too, and that must not go unhandled: a
+      // stray rejection fails the file twice more, and the lab then retries none of it)
+      await Promise.all([ternRemote(srcSock, 'send-migration', url), received]);
     } catch (e) {
       // (a guest that reset itself during the migration says why on its console or in the log)
       throw new Error(`${(e as Error).message}\nsource console (tail):\n${src.output.slice(-2000)}\nsource log (tail):\n${src.stderr.slice(-4000)}\ndestination log (tail):\n${dst.stderr.slice(-2000)}`);
