@@ -264,6 +264,9 @@ void VcpuCore::Park(const std::shared_ptr<VcpuCore>& self) {
   {
     std::lock_guard<std::mutex> lk(mu);
     if (stopReq) return;
+    // A resume() since the request was read withdrew it: run on (the loop clears a kick's
+    // immediate_exit on the EINTR it causes).
+    if (!pauseReq) return;
     state = VState::Parked;
     pauseReq = false;
   }
@@ -1060,6 +1063,10 @@ Napi::Value Vcpu::RequestPause(const Napi::CallbackInfo& info) {
 }
 
 // Returns whether it woke a parked thread (whose 'paused' report JavaScript may not have taken yet).
+// A thread asked to pause that has not parked yet (it was in a handler, or on its way out of
+// KVM_RUN) has its request withdrawn: it runs on. Otherwise a resume that came first would be
+// lost, and the thread would park later with nobody left to resume it (auto-converge's
+// throttle resumes on a timer, and may end before its next period).
 Napi::Value Vcpu::Resume(const Napi::CallbackInfo& info) {
   bool woke = false;
   {
@@ -1067,6 +1074,9 @@ Napi::Value Vcpu::Resume(const Napi::CallbackInfo& info) {
     if (core_->state == VState::Parked) {
       core_->state = VState::Running;
       woke = true;
+    } else if (core_->state == VState::Running || core_->state == VState::InHandler) {
+      // (a kick already sent only makes KVM_RUN return EINTR once: the loop enters it again)
+      core_->pauseReq = false;
     }
   }
   core_->cv.notify_all();

@@ -142,7 +142,10 @@ export interface NativeVcpu {
    * instruction, reports 'paused' and parks. No-op when parked or not running.
    */
   requestPause(): void;
-  /** Let a parked thread run again; true if it was parked (its 'paused' report may still be on its way). */
+  /**
+   * Let a parked thread run again; true if it was parked (its 'paused' report may still be on
+   * its way). A pause requested and not carried out yet is withdrawn: the thread runs on.
+   */
   resume(): boolean;
   /** End the thread (kicks it if running); it reports 'stopped'. Idempotent. */
   stop(): void;

@@ -76,7 +76,11 @@ export class VcpuRunner {
     // A thread that parked without this side having taken its report yet (the throttle parks
     // and resumes on timers, the JavaScript thread may be busy in between): that report, when
     // it comes, is of a park already over, and must not mark the thread parked.
-    if (this.vcpu.resume() && !this.parked) this.staleParkReports++;
+    const woke = this.vcpu.resume();
+    if (woke && !this.parked) this.staleParkReports++;
+    // A thread that had not parked yet has had its pause request withdrawn; one that a pause()
+    // still waits for is asked again, as before the resume.
+    if (!woke && !this.parked && this.pausedResolve) this.vcpu.requestPause();
     this.parked = false;
   }
 

@@ -285,3 +285,30 @@ test('VcpuRunner: a resume that overtakes the report of a park (as auto-converge
     vm.close();
   }
 });
+
+test('VcpuRunner: a resume that comes before the thread has parked withdraws the pause: the thread runs on and never parks for it', async (t) => {
+  const vm = createTestVm({ guest: buildGuest('hello'), ring: 3 });
+  let text = '';
+  const runner: VcpuRunner = new VcpuRunner(vm.vcpu, (_id, exit) => {
+    if (exit.kind !== 'io') return undefined;
+    if (exit.port === 0x501) return 'stop';
+    text += String.fromCharCode(Number(exit.data));
+    if (text.length === 1) {
+      // What auto-converge's throttle does when its resume timer fires before this thread has
+      // taken the vCPU's exit: the request and the resume both land while the vCPU thread waits
+      // on its handler, before it could park. Parked later, nobody would resume it.
+      vm.vcpu.requestPause();
+      runner.resume();
+    }
+    return undefined;
+  });
+  try {
+    runner.start();
+    const outcome = await Promise.race([runner.stopped.then(() => 'ran to its end'), sleep(10_000).then(() => 'stuck')]);
+    t.is(outcome, 'ran to its end', `printed ${JSON.stringify(text)}, thread ${runner.threadState}`);
+    t.is(text, 'hello from ring 3\n');
+  } finally {
+    await runner.stop();
+    vm.close();
+  }
+});
