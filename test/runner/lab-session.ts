@@ -4,9 +4,10 @@
 // in a fresh lab boot: one freeze costs minutes, not the run.
 //
 // The lab's nested KVM (SVM emulated by TCG) now and then loses a guest: an interrupt that never
-// arrives, a guest kernel that resets. So in the tiers that ask for it, a serial file's failed
-// tests run once more, alone, right after the file in the same boot. A test that passes then is
-// reported as flaky, by name, with its first failure left in the log; one that fails again fails.
+// arrives, a guest kernel that resets. So in the tiers that ask for it, a file's failed tests run
+// once more, alone, in the same boot: a serial file's right after it, a parallel file's once both
+// lanes are done. A test that passes then is reported as flaky, by name, with its first failure
+// left in the log; one that fails again fails.
 import { LabFrozenError, LabOptions, LabResult, LabTimeoutError, runInLab, shq } from '../lab/lab';
 import { Counts, countTap } from './tap-counts';
 
@@ -51,7 +52,8 @@ export const MAX_RETRIED_TESTS = 2;
  * The lab job. Files of a parallel tier (kvm) run two at a time, each lane taking the next file
  * from a shared queue; their TAP goes to a file that is printed whole, with the END marker,
  * under a lock, so the console never mixes two files. The other files (linux: heavy guests for
- * the lab's 2 CPUs) then run one at a time, streaming their output live. Inside a file, tests
+ * the lab's 2 CPUs) then run one at a time, streaming their output live. The failed tests of a
+ * file of a retried tier run once more (retry_failed). Inside a file, tests
  * run one at a time: on a host they may overlap, but ten VMMs starting at once in the emulated
  * lab take longer to start than the tests' guards allow.
  */
@@ -65,32 +67,40 @@ function jobScript(files: TestFile[], nonce: string, avaTimeout: string, paralle
     'work=$(mktemp -d /tmp/tern-tests.XXXXXX)',
     'echo 0 > "$work/next"',
     `say() { flock "$work/lock" echo "$*"; }`,
-    arr('pk', parallel.map((f) => String(f.k))),
-    arr('pfile', parallel.map((f) => f.file)),
-    'take() { flock "$work/lock" sh -c \'n=$(cat "$1"); echo $((n+1)) > "$1"; echo "$n"\' _ "$work/next"; }',
-    'lane() {',
-    '  while :; do',
-    '    i=$(take); [ "$i" -lt "${#pfile[@]}" ] || return 0',
-    `    say "TERN-TEST-BEGIN ${nonce} \${pk[$i]} \${pfile[$i]}"`,
-    `    ${ava} --serial "\${pfile[$i]}" > "$work/$i.tap" 2>&1; st=$?`,
-    `    flock "$work/lock" sh -c 'echo "TERN-TEST-TAP ${nonce} $2 $4"; cat "$1"; echo "TERN-TEST-END ${nonce} $2 $3 $4"' _ "$work/$i.tap" "\${pk[$i]}" "$st" "\${pfile[$i]}"`,
-    '  done',
-    '}',
-    'lane & lane & wait',
-    // run_file K FILE [retry]: with retry, the tests that failed run once more (by exact title:
-    // ava's --match takes "*" as a wildcard and a leading "!" as a negation, so such titles are not retried).
-    'run_file() {',
-    `  echo "TERN-TEST-BEGIN ${nonce} $1 $2"`,
-    `  ${ava} --serial "$2" 2>&1 | tee "$work/s$1.tap"; st=\${PIPESTATUS[0]}`,
-    `  echo "TERN-TEST-END ${nonce} $1 $st $2"`,
-    '  if [ "$st" = 0 ] || [ "$3" != retry ]; then return 0; fi',
-    `  mapfile -t failed < <(sed -n -E '/# TODO/d; s/^not ok [0-9]+ - (.+)$/\\1/p' "$work/s$1.tap")`,
+    // retry_failed K FILE TAP STATUS [retry]: with retry, the tests TAP names as failed run once
+    // more (by exact title: ava's --match takes "*" as a wildcard and a leading "!" as a
+    // negation, so such titles are not retried).
+    'retry_failed() {',
+    '  if [ "$4" = 0 ] || [ "$5" != retry ]; then return 0; fi',
+    `  mapfile -t failed < <(sed -n -E '/# TODO/d; s/^not ok [0-9]+ - (.+)$/\\1/p' "$3")`,
     `  if [ "\${#failed[@]}" -lt 1 ] || [ "\${#failed[@]}" -gt ${MAX_RETRIED_TESTS} ]; then return 0; fi`,
     '  m=()',
     `  for f in "\${failed[@]}"; do case "$f" in *'*'*|'!'*) return 0 ;; esac; m+=(--match "$f"); done`,
     `  echo "TERN-TEST-RETRY ${nonce} $1 $2"`,
     `  ${ava} --serial "\${m[@]}" "$2" 2>&1`,
     `  echo "TERN-TEST-RETRY-END ${nonce} $1 $? $2"`,
+    '}',
+    arr('pk', parallel.map((f) => String(f.k))),
+    arr('pfile', parallel.map((f) => f.file)),
+    arr('pretry', parallel.map((f) => (retryTiers.includes(f.tier) ? 'retry' : 'once'))),
+    'take() { flock "$work/lock" sh -c \'n=$(cat "$1"); echo $((n+1)) > "$1"; echo "$n"\' _ "$work/next"; }',
+    'lane() {',
+    '  while :; do',
+    '    i=$(take); [ "$i" -lt "${#pfile[@]}" ] || return 0',
+    `    say "TERN-TEST-BEGIN ${nonce} \${pk[$i]} \${pfile[$i]}"`,
+    `    ${ava} --serial "\${pfile[$i]}" > "$work/$i.tap" 2>&1; st=$?`,
+    '    echo "$st" > "$work/$i.status"',
+    `    flock "$work/lock" sh -c 'echo "TERN-TEST-TAP ${nonce} $2 $4"; cat "$1"; echo "TERN-TEST-END ${nonce} $2 $3 $4"' _ "$work/$i.tap" "\${pk[$i]}" "$st" "\${pfile[$i]}"`,
+    '  done',
+    '}',
+    'lane & lane & wait',
+    // A parallel file's failed tests run once more after both lanes, alone (as a serial file's do).
+    'for i in "${!pfile[@]}"; do retry_failed "${pk[$i]}" "${pfile[$i]}" "$work/$i.tap" "$(cat "$work/$i.status" 2>/dev/null || echo 0)" "${pretry[$i]}"; done',
+    'run_file() {',
+    `  echo "TERN-TEST-BEGIN ${nonce} $1 $2"`,
+    `  ${ava} --serial "$2" 2>&1 | tee "$work/s$1.tap"; st=\${PIPESTATUS[0]}`,
+    `  echo "TERN-TEST-END ${nonce} $1 $st $2"`,
+    '  retry_failed "$1" "$2" "$work/s$1.tap" "$st" "$3"',
     '}',
     ...serial.map((f) => `run_file ${f.k} ${shq(f.file)}${retryTiers.includes(f.tier) ? ' retry' : ''}`),
   ].join('\n');

@@ -127,7 +127,7 @@ test('lab session: the real job script runs files two at a time and then one at 
   t.regex(r.boots[0], /5 files/);
 });
 
-test('lab session: a serial file\'s failed tests run once more; a pass then is flaky, a second failure fails', async (t) => {
+test('lab session: a file\'s failed tests run once more, a serial file\'s or a parallel one\'s; a pass then is flaky, a second failure fails', async (t) => {
   process.env.TERN_LAB_MODE = 'direct';
   const mark = path.join(os.tmpdir(), `tern-flaky-${process.pid}-${Date.now()}`);
   const file: TestFile = { tier: 'linux', file: 'dist/test/runner/fixtures/flaky.test.js' };
@@ -155,6 +155,17 @@ test('lab session: a serial file\'s failed tests run once more; a pass then is f
     t.deepEqual(settled.counts, { passed: 2, failed: 1, skipped: 0 });
     t.deepEqual(settled.flaky, ['fails the first time only']);
     t.deepEqual(settled.failures, ['fails every time when asked (failed again when run once more)']);
+
+    // A file of a parallel tier is retried too, after the lanes.
+    fs.rmSync(mark, { force: true });
+    const parallelFile: TestFile = { tier: 'kvm', file: file.file };
+    const lanes = await runInLabSession([parallelFile, { tier: 'kvm', file: 'dist/test/unit/bus.test.js' }], {
+      cwd: REPO, timeoutMs: 120_000, avaTimeout: '1m', parallelTiers: ['kvm'], retryTiers: ['kvm'], env: { TERN_FLAKY_MARK: mark },
+    }, nonce);
+    const p = lanes.results.find((x) => x.file === file.file)!;
+    t.deepEqual(p.counts, { passed: 2, failed: 1, skipped: 0 });
+    t.deepEqual(settleRetry(p.tap, p.counts, p.retry).flaky, ['fails the first time only']);
+    t.is(lanes.results.find((x) => x.file !== file.file)!.retry, undefined, 'a file that passed is not run again');
 
     // A tier that does not ask for retries gets none.
     fs.rmSync(mark, { force: true });
