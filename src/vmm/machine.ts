@@ -164,6 +164,8 @@ export class Machine {
   /** RAM is memfds mapped shared (not a private mapping of a snapshot file) */
   private sharedRam = true;
   private throttleTimer?: NodeJS.Timeout;
+  /** the throttle asked the vCPUs to park for this period, and has not resumed them yet */
+  private throttleParked = false;
   private stopReported = false;
   private started = false;
   /** the console's host input goes to the UART (from the first run of the vCPUs on) */
@@ -510,15 +512,26 @@ export class Machine {
   throttle(percent: number, periodMs = 100): void {
     clearInterval(this.throttleTimer);
     this.throttleTimer = undefined;
+    // A throttle that ends (or changes) inside a period's parked part lets the vCPUs run now:
+    // that period's resume no longer comes, and a failed migration's source would keep its
+    // guest with every vCPU parked. (Every caller that wants them parked pauses them after.)
+    if (this.throttleParked) this.endThrottlePark();
     if (percent <= 0) return;
     const off = Math.min(0.99, percent / 100) * periodMs;
-    this.throttleTimer = setInterval(() => {
+    const timer = setInterval(() => {
       for (const r of this.runners) r.vcpu.requestPause();
+      this.throttleParked = true;
       setTimeout(() => {
-        if (this.throttleTimer) for (const r of this.runners) if (r.isRunning) r.resume();
+        if (this.throttleTimer === timer && this.throttleParked) this.endThrottlePark();
       }, off).unref();
     }, periodMs);
-    this.throttleTimer.unref();
+    this.throttleTimer = timer;
+    timer.unref();
+  }
+
+  private endThrottlePark(): void {
+    this.throttleParked = false;
+    for (const r of this.runners) if (r.isRunning) r.resume();
   }
 
   private restoreVcpus(state: RootState, mark?: (step: string) => void): void {

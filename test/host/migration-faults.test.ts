@@ -267,6 +267,29 @@ test.serial('destination: it grants eight of twenty connections; ones that do no
   await destinationRecovered(t, dst, result, /source|connection/);
 });
 
+test.serial('auto-converge: a throttle that ends inside a period\'s parked part (a migration failing mid-round) leaves no vCPU parked', async (t) => {
+  const src = await counting('throttle-end');
+  // (the throttle is the source's; a migration that fails ends it as this does)
+  const machine = (src.vmm as unknown as { machine: { throttle(percent: number): void } }).machine;
+  try {
+    for (let round = 0; round < 5; round++) {
+      // Parked 99 ms of every 100: 250 ms in, the vCPUs are parked, their resume 50 ms away.
+      machine.throttle(99);
+      await sleep(250);
+      machine.throttle(0);
+      const c = guestCount(src.vmm);
+      try {
+        await until(`round ${round}: the guest counts on`, () => guestCount(src.vmm) >= c + 2, 10_000);
+      } catch (e) {
+        throw new Error(`${(e as Error).message}; health ${JSON.stringify(src.vmm.health()).slice(0, 2000)}`);
+      }
+    }
+    t.true(src.vmm.health().vcpus!.every((v) => v.thread === 'running'), 'every vCPU thread runs');
+  } finally {
+    await src.vmm.shutdownVmm();
+  }
+});
+
 test.serial('source: a destination that never confirms Ready is given up after the timeout (Cancel)', async (t) => {
   const src = await counting('timeout-cancel');
   try {
