@@ -40,10 +40,14 @@ export interface SourceMachine {
   dirtyBitmaps(): Uint8Array[];
   memoryFds(): number[] | undefined;
   cpuFacts(): { cpuid: CpuidEntry[]; msrIndices: number[] };
-  /** park the vCPUs and save their state (and KVM's) into the store; resolves to where the time went */
+  /**
+   * park the vCPUs and save their state (and KVM's) into the store; resolves to where the time
+   * went. It ends the throttle, keeping parked what the throttle had parked.
+   */
   pause(): Promise<PauseTiming>;
   /** run the vCPUs again; restoreClock (default true) sets kvmclock back to the pause's */
   resume(opts?: { restoreClock?: boolean }): void;
+  /** take `percent` of each period from the vCPUs; 0 ends it, and lets run what it had parked */
   throttle(percent: number): void;
   /** let the disk images' locks go (paused, before the last state goes) */
   releaseDiskLocks(): void;
@@ -318,7 +322,6 @@ export class MigrationSender {
         const pausedAt = Date.now();
         const pause = (steps = new PauseSteps());
         if (!wasPaused) {
-          machine.throttle(0);
           try {
             pause.note({ vcpus: await machine.pause() });
           } catch (e) {

@@ -510,12 +510,10 @@ export class Machine {
    * faster than the link carries it is slowed until the rounds shrink). 0 ends the throttle.
    */
   throttle(percent: number, periodMs = 100): void {
-    clearInterval(this.throttleTimer);
-    this.throttleTimer = undefined;
     // A throttle that ends (or changes) inside a period's parked part lets the vCPUs run now:
     // that period's resume no longer comes, and a failed migration's source would keep its
-    // guest with every vCPU parked. (Every caller that wants them parked pauses them after.)
-    if (this.throttleParked) this.endThrottlePark();
+    // guest with every vCPU parked.
+    this.stopThrottle(true);
     if (percent <= 0) return;
     const off = Math.min(0.99, percent / 100) * periodMs;
     const timer = setInterval(() => {
@@ -532,6 +530,19 @@ export class Machine {
   private endThrottlePark(): void {
     this.throttleParked = false;
     for (const r of this.runners) if (r.isRunning) r.resume();
+  }
+
+  /**
+   * End the throttle. `resumeParked` false is for callers that park the vCPUs next (pause,
+   * stop, a guest stop): what the current period parked stays parked, and no guest instruction
+   * runs in between.
+   */
+  private stopThrottle(resumeParked: boolean): void {
+    clearInterval(this.throttleTimer);
+    this.throttleTimer = undefined;
+    if (!this.throttleParked) return;
+    if (resumeParked) this.endThrottlePark();
+    else this.throttleParked = false;
   }
 
   private restoreVcpus(state: RootState, mark?: (step: string) => void): void {
@@ -693,7 +704,7 @@ export class Machine {
   private reportStop(stop: MachineStop): void {
     if (this.stopReported) return;
     this.stopReported = true;
-    this.throttle(0);
+    this.stopThrottle(false);
     // Stop every vCPU now: no guest instruction may run after a poweroff or reset request.
     for (const r of this.runners) r.vcpu.requestPause();
     setImmediate(() => this.opts.onStop(stop));
@@ -705,7 +716,7 @@ export class Machine {
    * raises an interrupt while the VM is paused.
    */
   async pause(): Promise<PauseTiming> {
-    this.throttle(0);
+    this.stopThrottle(false);
     this.console!.pauseInput();
     this.hvc?.pauseInput();
     // Queues are served on this thread in whole batches: from here on none is, so the device
@@ -809,7 +820,7 @@ export class Machine {
 
   /** Stop every vCPU thread and wait for them. */
   async stop(): Promise<void> {
-    this.throttle(0);
+    this.stopThrottle(false);
     await Promise.all([...new Set([...this.runners, ...this.earlyRunners])].map((r) => r.stop()));
   }
 
