@@ -2,6 +2,7 @@
 // tiers.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 
 export const REPO = path.resolve(__dirname, '..', '..', '..');
@@ -42,6 +43,28 @@ export async function waitForPath(file: string, timeoutMs = 20_000): Promise<voi
   while (!fs.existsSync(file)) {
     if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${file}`);
     await sleep(50);
+  }
+}
+
+/**
+ * Wait until a server accepts connections on the UNIX socket `file`. The file appears at bind(),
+ * a moment before listen(): a client that connects in between (a loaded host can stretch that
+ * moment) is refused.
+ */
+export async function waitForListening(file: string, timeoutMs = 20_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const accepted = await new Promise<boolean>((resolve) => {
+      const s = net.connect(file);
+      s.once('connect', () => {
+        s.destroy();
+        resolve(true);
+      });
+      s.once('error', () => resolve(false));
+    });
+    if (accepted) return;
+    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for a server on ${file}`);
+    await sleep(20);
   }
 }
 

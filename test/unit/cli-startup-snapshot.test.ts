@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
+import { waitForListening } from '../support/processes';
 
 const REPO = path.resolve(__dirname, '..', '..', '..');
 const BIN = path.join(REPO, 'dist', 'bin');
@@ -58,6 +59,7 @@ async function startTern(launcher: string, env: NodeJS.ProcessEnv = process.env)
   child.stderr!.on('data', (d) => (stderr += d));
   const exited = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
   for (let i = 0; i < 1000 && !fs.existsSync(socket) && child.exitCode === null; i++) await new Promise((r) => setTimeout(r, 10));
+  if (child.exitCode === null && fs.existsSync(socket)) await waitForListening(socket, 10_000);
   return { child, socket, dir, stderr: () => stderr, exited };
 }
 
