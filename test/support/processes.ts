@@ -47,25 +47,28 @@ export async function waitForPath(file: string, timeoutMs = 20_000): Promise<voi
 }
 
 /**
- * Wait until a server accepts connections on the UNIX socket `file`. The file appears at bind(),
- * a moment before listen(): a client that connects in between (a loaded host can stretch that
- * moment) is refused.
+ * Connect to the UNIX socket `file` once a server accepts there. The file appears at bind(), a
+ * moment before listen(): a client that connects in between (a loaded host can stretch that
+ * moment), or before the file exists, is refused and tries again.
  */
-export async function waitForListening(file: string, timeoutMs = 20_000): Promise<void> {
+export async function connectWhenListening(file: string, timeoutMs = 20_000): Promise<net.Socket> {
   const end = Date.now() + timeoutMs;
   for (;;) {
-    const accepted = await new Promise<boolean>((resolve) => {
-      const s = net.connect(file);
-      s.once('connect', () => {
-        s.destroy();
-        resolve(true);
+    try {
+      return await new Promise<net.Socket>((resolve, reject) => {
+        const s = net.connect(file, () => resolve(s));
+        s.once('error', reject);
       });
-      s.once('error', () => resolve(false));
-    });
-    if (accepted) return;
-    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for a server on ${file}`);
-    await sleep(20);
+    } catch (e) {
+      if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for a server on ${file}: ${(e as Error).message}`);
+      await sleep(20);
+    }
   }
+}
+
+/** Wait until a server accepts connections on the UNIX socket `file` (connectWhenListening). */
+export async function waitForListening(file: string, timeoutMs = 20_000): Promise<void> {
+  (await connectWhenListening(file, timeoutMs)).destroy();
 }
 
 /** Wait until the text of `file` from byte `from` on matches `re`; returns that text. */

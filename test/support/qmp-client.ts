@@ -3,6 +3,8 @@
 // frozen lab where its CPUs are.
 import net from 'node:net';
 
+import { connectWhenListening } from './processes';
+
 type QmpReply = { return?: unknown; error?: { class: string; desc: string }; event?: string };
 
 export class QmpClient {
@@ -26,21 +28,9 @@ export class QmpClient {
 
   /** Connect to QEMU's `-qmp unix:PATH,server=on,wait=off` socket and leave capabilities mode. */
   static async connect(path: string, timeoutMs = 30_000): Promise<QmpClient> {
-    const end = Date.now() + timeoutMs;
-    for (;;) {
-      try {
-        const sock = await new Promise<net.Socket>((resolve, reject) => {
-          const s = net.connect(path, () => resolve(s));
-          s.once('error', reject);
-        });
-        const client = new QmpClient(sock);
-        await client.execute('qmp_capabilities');
-        return client;
-      } catch (e) {
-        if (Date.now() > end) throw e;
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    }
+    const client = new QmpClient(await connectWhenListening(path, timeoutMs));
+    await client.execute('qmp_capabilities');
+    return client;
   }
 
   execute(command: string, args?: Record<string, unknown>): Promise<unknown> {
