@@ -144,6 +144,12 @@ async function main(): Promise<void> {
     const files: TestFile[] = labTiers.flatMap((t) => testFiles(t.dir).map((file) => ({ tier: t.name, file })));
     print(`\n── tiers ${labTiers.map((t) => t.name).join(' + ')}: ${files.length} files in one lab boot ──`);
     const started = Date.now();
+    // When each file began, so that its end line says how long it took (two kvm files run at once).
+    const fileStarted = new Map<string, number>();
+    const took = (file: string) => {
+      const t = fileStarted.get(file);
+      return t === undefined ? '' : ` in ${((Date.now() - t) / 1000).toFixed(0)} s`;
+    };
     const session = await runInLabSession(
       files,
       {
@@ -159,9 +165,12 @@ async function main(): Promise<void> {
         onLine: (l) => print(l),
         onConsole: (l) => print(`lab console: ${l}`),
         // Two kvm files run at once, each printing when it ends: name the file its output is from.
-        onFileStart: (f) => print(`# ${f.tier}: ${f.file} started`),
+        onFileStart: (f) => {
+          fileStarted.set(f.file, Date.now());
+          print(`# ${f.tier}: ${f.file} started`);
+        },
         onFileOutput: (f) => print(`# ${f.tier}: output of ${f.file}`),
-        onFileEnd: (r) => print(`# ${r.file}: ${countsLine(r.counts)}`),
+        onFileEnd: (r) => print(`# ${r.file}: ${countsLine(r.counts)}${took(r.file)}`),
         onRetry: (r) => print(`# ${r.file}: its failed tests run once more: ${failedTests(r.tap).join('; ')}`),
         onFreezeEvidence: (cpus) => print(`lab: the frozen lab's CPUs, from QEMU's monitor:\n${cpus}`),
         onBootFailed: (why, remaining) => print(`\nlab: ${why}; running the ${remaining.length} unfinished files in a fresh lab boot`),
