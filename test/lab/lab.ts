@@ -47,6 +47,11 @@ export interface LabOptions {
    */
   silenceLimitMs?: number;
   /**
+   * Seconds between two heartbeats of the lab's init (default 10). Tests of the watchdog itself
+   * use a short period so that they can use a short silence limit. Lab mode only.
+   */
+  heartbeatS?: number;
+  /**
    * The lab's own console, a line at a time (firmware, the lab's init, kernel messages: never the
    * job's output, which goes to onOutput). Lab mode only.
    */
@@ -166,6 +171,8 @@ export function labQemuArgs(o: {
   jobSocket?: string;
   /** kvm-keeper.js to start on one CPU before the others come up (kvm-keeper.ts says why). */
   keeper?: string;
+  /** Seconds between the lab init's heartbeats (the init's default, 10, when absent). */
+  heartbeatS?: number;
   /**
    * Back all lab RAM with host memory before the lab boots (-mem-prealloc), for benchmarks: the
    * first touch of a lab page otherwise costs a host page fault that whichever measurement
@@ -185,7 +192,9 @@ export function labQemuArgs(o: {
     ...(o.jobSocket ? ['-chardev', `socket,id=job,path=${o.jobSocket}`, '-serial', 'chardev:job'] : []),
     '-kernel', o.kernel, '-initrd', o.initramfs,
     '-append',
-    `console=ttyS0 panic=-1 quiet ${LAB_KERNEL_ARGS} tern.job=${o.job} tern.nonce=${o.nonce}` + (o.keeper ? ` maxcpus=1 tern.keeper=${o.keeper}` : ''),
+    `console=ttyS0 panic=-1 quiet ${LAB_KERNEL_ARGS} tern.job=${o.job} tern.nonce=${o.nonce}` +
+      (o.keeper ? ` maxcpus=1 tern.keeper=${o.keeper}` : '') +
+      (o.heartbeatS ? ` tern.heartbeat=${Math.max(1, Math.round(o.heartbeatS))}` : ''),
     '-virtfs', 'local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap',
   ];
 }
@@ -270,7 +279,7 @@ async function runLab(opts: LabOptions): Promise<LabResult> {
 
   const qmp = path.join(fx.jobsDir, `${nonce}.qmp`);
   const keeper = process.env.TERN_LAB_KEEPER === '0' || !existsSync(KVM_KEEPER) ? undefined : KVM_KEEPER;
-  const args = labQemuArgs({ kernel: fx.kernel, initramfs: fx.initramfs, job, nonce, smp: opts.smp, memMiB: opts.memMiB, preallocRam: opts.preallocRam, qmp, jobSocket, keeper });
+  const args = labQemuArgs({ kernel: fx.kernel, initramfs: fx.initramfs, job, nonce, smp: opts.smp, memMiB: opts.memMiB, preallocRam: opts.preallocRam, qmp, jobSocket, keeper, heartbeatS: opts.heartbeatS });
   // One lab at a time per machine (flock on the fixtures' lab/.run.lock):
   // two TCG labs on a small host starve each other into timeouts and make
   // timings meaningless. The timeout counts from when this run gets the lock.

@@ -10,7 +10,7 @@ test.serial('a lab whose heartbeat stops is killed after the silence limit, not 
   const started = Date.now();
   // Stop the lab init's heartbeat loop (the parent of its `sleep`), then hang.
   const err = await t.throwsAsync(
-    runInLab({ script: 'echo job-running; kill -STOP $(ps -o ppid= -C sleep); sleep 600', timeoutMs: 10 * 60_000, silenceLimitMs: 25_000 }),
+    runInLab({ script: 'echo job-running; kill -STOP $(ps -o ppid= -C sleep); sleep 600', timeoutMs: 10 * 60_000, heartbeatS: 2, silenceLimitMs: 10_000 }),
     { instanceOf: LabFrozenError },
   );
   const took = Date.now() - started;
@@ -34,10 +34,10 @@ test.serial('a lab whose kernel reports a stuck CPU is killed at once', async (t
 });
 
 test.serial('a lab that keeps its heartbeat runs a silent job to the end', async (t) => {
-  // The job is silent for longer than the limit; only the lab's heartbeats (every 10 s) keep it
-  // going. The limit leaves room for a heartbeat that a loaded host delays (the unit tier runs
-  // its files side by side with this lab).
-  const r = await runInLab({ script: 'sleep 60; echo done-after-silence', timeoutMs: 10 * 60_000, silenceLimitMs: 45_000 });
+  // The job is silent for twice the limit; only the lab's heartbeats (every 2 s here) keep it
+  // going. The limit is five heartbeats, room for a few that a loaded host delays (the unit tier
+  // runs its files side by side with this lab).
+  const r = await runInLab({ script: 'sleep 24; echo done-after-silence', timeoutMs: 10 * 60_000, heartbeatS: 2, silenceLimitMs: 12_000 });
   t.is(r.exitCode, 0);
   t.regex(r.output, /done-after-silence/);
   t.notRegex(r.output, /TERN-LAB-ALIVE|lab-init:/, 'the job\'s output is apart from the console and its heartbeats');
