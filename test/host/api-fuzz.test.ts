@@ -11,7 +11,7 @@ import { TernClient } from '../../src/api/client';
 import { GuestProcess } from '../linux/guest-process';
 import { sleep } from './harness';
 import { ReplyRecorder, contractTest, tempDir } from '../unit/api-harness';
-import { FUZZED_ENDPOINTS, FUZZ_PARALLEL, FUZZ_SEED, generate, runFuzz } from '../unit/api-fuzz-cases';
+import { FUZZED_ENDPOINTS, FUZZ_PARALLEL, FUZZ_SEED, everyNthOfEachKind, generate, runFuzz } from '../unit/api-fuzz-cases';
 import { buildTinyKernel, countsIn } from './tiny-kernel';
 
 
@@ -48,14 +48,19 @@ test.after.always(async () => {
   vmm?.kill();
 });
 
-test.serial(`2,000+ malformed requests (seed ${FUZZ_SEED}): no crash, well-formed error replies, the guest keeps running`, async (t) => {
+// In the lab (an emulated CPU, where 2,000 requests take two minutes) a quarter of each kind is
+// sent; the unit tier sends all of them to a VMM without a VM, and a KVM host here sends all.
+const SHARE = process.env.TERN_LAB === '1' ? 4 : 1;
+
+test.serial(`${SHARE === 1 ? '2,000+' : `every ${SHARE}th of 2,000+`} malformed requests (seed ${FUZZ_SEED}): no crash, well-formed error replies, the guest keeps running`, async (t) => {
   const deadline = Date.now() + 20_000;
   while (lastCount() < 2) {
     if (Date.now() > deadline) t.fail(`the guest printed nothing: ${serial().slice(0, 300)}`);
     await sleep(50);
   }
-  const cases = generate(FUZZ_SEED);
-  t.true(cases.length >= 2000, `${cases.length} cases`);
+  const all = generate(FUZZ_SEED);
+  t.true(all.length >= 2000, `${all.length} cases`);
+  const cases = everyNthOfEachKind(all, SHARE);
   const countBefore = lastCount();
 
   const { problems, byKind } = await runFuzz(socket, cases, recorder, FUZZ_PARALLEL, () =>
