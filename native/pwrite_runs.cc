@@ -2,12 +2,15 @@
 // libuv's thread pool. A snapshot writes guest RAM as runs of non-zero pages between holes;
 // one pool task per run cost a hand-off between threads each time, which on a slow or
 // emulated CPU took longer than the write, so a chunk of guest RAM is one task here while
-// the JavaScript thread checksums the next.
+// the JavaScript thread checksums the next. Tasks run one at a time (writeTurn), in the
+// order the pool picks them up: the writer queues several chunks at once, and the next one
+// starts the moment the last ends, without a turn of the JavaScript thread in between.
 #include "pwrite_runs.h"
 
 #include <errno.h>
 #include <unistd.h>
 
+#include <mutex>
 #include <vector>
 
 #include "common.h"
@@ -15,6 +18,12 @@
 namespace tern {
 
 namespace {
+
+// Held by the task that writes. Writes to one file are serialized by the kernel anyway (the
+// inode's lock, on which a second writer spins before it sleeps, taking a core from the thread
+// that checksums); here a waiting task sleeps instead. The callers write one file at a time
+// (a snapshot's guest RAM, a migration's received RAM), so one lock for all costs nothing.
+std::mutex writeTurn;
 
 struct Run {
   uint64_t offset;    // in the view
@@ -37,6 +46,7 @@ class PwriteRunsTask : public Napi::AsyncWorker {
 
  protected:
   void Execute() override {
+    std::lock_guard<std::mutex> turn(writeTurn);
     for (const Run& r : runs_) {
       for (uint64_t done = 0; done < r.length;) {
         ssize_t n = pwrite(fd_, data_ + r.offset + done, r.length - done, static_cast<off_t>(r.position + done));

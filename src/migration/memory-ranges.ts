@@ -241,18 +241,12 @@ export async function writeMemoryFile(fd: number, file: string, memory: GuestMem
     }
     let total = 0;
     for (let i = 1; i < runs.length; i += 3) total += runs[i];
-    // One chunk at a time: two pool threads writing one file would wait on its lock, spinning
-    // on the core this thread checksums on.
-    const previous = lastWrite;
-    const mine = previous.then(() => addon.pwriteRuns(fd, block, Float64Array.from(runs)));
-    lastWrite = mine.then(
-      () => undefined,
-      () => undefined,
-    );
-    const n = await mine;
+    // Queued at once: the native side runs one chunk's task at a time and starts the next as
+    // soon as one ends. (Chaining them here made each wait for this thread to finish
+    // checksumming before it was even queued: 0.56 of a plain write's speed, against 0.82.)
+    const n = await addon.pwriteRuns(fd, block, Float64Array.from(runs));
     if (n < total) throw new SnapshotError(`${file}: short write, ${n} of ${total} bytes (is the disk full?)`);
   };
-  let lastWrite: Promise<unknown> = Promise.resolve();
   let written = 0;
   let extents = 0;
   // Each chunk's writes, settled: the first failure is kept and thrown once nothing runs.
