@@ -10,6 +10,7 @@ import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
 import { GuestProcess } from '../linux/guest-process';
 import { profileSummary } from './cpu-profile';
 import { printRatios, sideBySide, type SideBySideResults } from './side-by-side';
+import { benchTernEnv } from './vmm-columns';
 
 const FIXTURES = process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures';
 const RUNS = Number(process.env.TERN_BENCH_BLOCK_RUNS ?? process.env.TERN_BENCH_RUNS ?? 3);
@@ -40,6 +41,7 @@ async function runTern(kernel: string, initrd: string, cmdline: string, image: s
   const vm = GuestProcess.tern(
     ['--kernel', kernel, '--initramfs', initrd, '--cmdline', cmdline, '--cpus', 'boot=1', '--memory', `size=${MEM_MIB}M`, '--serial', 'tty', '--console', 'off', '--disk', `path=${image}`],
     PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : [],
+    benchTernEnv(),
   );
   try {
     const { code } = await vm.exit(TIMEOUT_MS);

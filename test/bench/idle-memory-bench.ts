@@ -5,7 +5,8 @@
 // kernel and serial port. Once all N run, each process's mappings are read from
 // /proc/PID/smaps, guest RAM excluded: its unique set (pages only it maps: what one more VMM
 // adds), its resident set, and the shared rest (the node or qemu executable and libraries,
-// paid once however many VMMs run).
+// paid once however many VMMs run). TERN_BENCH_IDLE_VMMS picks the columns (default tern,qemu;
+// `tern+NAME=VALUE` adds NAME=VALUE to that column's environment, vmm-columns.ts).
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -13,6 +14,7 @@ import { buildTinyKernel } from '../host/tiny-kernel';
 import { GuestProcess, TERN_LAUNCHER } from '../linux/guest-process';
 import { median } from './median';
 import { vmmMemory, type VmmMemory } from './process-memory';
+import { columnEnv, columnVmm } from './vmm-columns';
 
 const VMS = Number(process.env.TERN_BENCH_IDLE_VMS ?? 10);
 const MEM_MIB = 512;
@@ -25,7 +27,7 @@ interface Vmm {
   argv: (kernel: string, socket: string) => [string, ...string[]];
 }
 
-const VMMS: Vmm[] = [
+const KINDS: Vmm[] = [
   {
     name: 'tern',
     argv: (kernel, socket) => [TERN_LAUNCHER, '--kernel', kernel, '--cmdline', 'tiny', '--cpus', 'boot=1',
@@ -39,12 +41,16 @@ const VMMS: Vmm[] = [
   },
 ];
 
-async function measureVmm(vmm: Vmm, kernel: string, work: string): Promise<VmmMemory[]> {
+const COLUMNS = (process.env.TERN_BENCH_IDLE_VMMS ?? 'tern,qemu').split(',').filter(Boolean);
+
+async function measureVmm(column: string, kernel: string, work: string): Promise<VmmMemory[]> {
+  const vmm = KINDS.find((k) => k.name === columnVmm(column));
+  if (!vmm) throw new Error(`TERN_BENCH_IDLE_VMMS: no VMM named ${column}`);
   const vms: GuestProcess[] = [];
   try {
     for (let i = 0; i < VMS; i++) {
       const [file, ...args] = vmm.argv(kernel, path.join(work, `${vmm.name}-${i}.sock`));
-      const vm = new GuestProcess(file, args);
+      const vm = new GuestProcess(file, args, { env: columnEnv(column) });
       vms.push(vm);
       await vm.waitFor(/^COUNT 3\r?\n/m, START_TIMEOUT_MS);
     }
@@ -63,23 +69,26 @@ async function main(): Promise<void> {
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-idle-memory-'));
   const results: Record<string, VmmMemory[]> = {};
   try {
-    for (const vmm of VMMS) {
-      results[vmm.name] = await measureVmm(vmm, kernel, work);
-      const m = results[vmm.name];
-      process.stdout.write(`${vmm.name}: ${VMS} VMMs, unique ${m.map((x) => (x.ussKiB / 1024).toFixed(1)).join(', ')} MiB\n`);
+    for (const column of COLUMNS) {
+      results[column] = await measureVmm(column, kernel, work);
+      const m = results[column];
+      process.stdout.write(`${column}: ${VMS} VMMs, unique ${m.map((x) => (x.ussKiB / 1024).toFixed(1)).join(', ')} MiB\n`);
     }
   } finally {
     fs.rmSync(work, { recursive: true, force: true });
   }
   const med = (name: string, f: (m: VmmMemory) => number) => median(results[name].map(f));
+  // Each tern column against QEMU's, when QEMU ran.
+  const terns = COLUMNS.filter((c) => columnVmm(c) === 'tern');
+  const qemu = COLUMNS.find((c) => columnVmm(c) === 'qemu');
   const rows = [
-    `| per VMM, guest RAM excluded (median of ${VMS} running at once) | tern | QEMU microvm | tern/QEMU |`,
-    '|---|---|---|---|',
+    `| per VMM, guest RAM excluded (median of ${VMS} running at once) | ${COLUMNS.map((c) => (c === 'qemu' ? 'QEMU microvm' : c)).join(' | ')} |${qemu ? terns.map((c) => ` ${c}/QEMU |`).join('') : ''}`,
+    `|---|${COLUMNS.map(() => '---|').join('')}${qemu ? terns.map(() => '---|').join('') : ''}`,
   ];
   const row = (label: string, f: (m: VmmMemory) => number) => {
-    const t = med('tern', f);
-    const q = med('qemu', f);
-    rows.push(`| ${label} | ${mib(t)} | ${mib(q)} | ${(t / q).toFixed(2)} |`);
+    const cells = COLUMNS.map((c) => ` ${mib(med(c, f))} |`).join('');
+    const ratios = qemu ? terns.map((c) => ` ${(med(c, f) / med(qemu, f)).toFixed(2)} |`).join('') : '';
+    rows.push(`| ${label} |${cells}${ratios}`);
   };
   row('unique set (USS): what one more idle VM costs', (m) => m.ussKiB);
   row('proportional set (PSS)', (m) => m.pssKiB);
@@ -87,7 +96,7 @@ async function main(): Promise<void> {
   row('shared with other processes (RSS - USS)', (m) => m.rssKiB - m.ussKiB);
   row('of which the executable (node, qemu-system-x86_64)', (m) => m.executableRssKiB);
   process.stdout.write(`\nIDLE-MEMORY-BENCH-TABLE\n${rows.join('\n')}\n`);
-  process.stdout.write(`guest: the tiny kernel (a 10 Hz counter on the serial port), 1 vCPU, ${MEM_MIB} MiB; ${VMS} VMMs of each kind\n`);
+  process.stdout.write(`guest: the tiny kernel (a 10 Hz counter on the serial port), 1 vCPU, ${MEM_MIB} MiB; ${VMS} VMMs of each column\n`);
 }
 
 main().catch((e) => {

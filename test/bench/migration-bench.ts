@@ -24,6 +24,7 @@ import { monitorSeconds } from '../support/monitor-file';
 import { waitForPath } from '../support/processes';
 import { QmpClient } from '../support/qmp-client';
 import { migrate, reported } from '../support/tern-migration';
+import { columnEnv } from './vmm-columns';
 
 const MIB = 1024 * 1024;
 const CPUS = 2;
@@ -39,18 +40,6 @@ const DIRTY_FILE_MIB = 256;
 const VMMS = (process.env.TERN_BENCH_MIGRATION_VMMS ?? 'tern,qemu').split(',');
 /** N of `tern:N` (1 for plain tern) */
 const connectionsOf = (vmm: string): number => Number(/^tern:(\d+)(?:\+|$)/.exec(vmm)?.[1] ?? 1);
-/**
- * `tern+NAME=VALUE` (after any `:N`, repeatable) runs that column's tern processes with NAME=VALUE
- * in their environment, so two settings of one build compare in one lab boot.
- */
-const envOf = (vmm: string): Record<string, string> =>
-  Object.fromEntries(
-    vmm
-      .split('+')
-      .slice(1)
-      .filter((kv) => kv.indexOf('=') > 0)
-      .map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]),
-  );
 /** TERN_BENCH_MIGRATION_PROFILE=1: profile both tern processes and print where their time went. */
 const PROFILE = process.env.TERN_BENCH_MIGRATION_PROFILE === '1';
 /** Extra options for node in every tern process (TERN_BENCH_NODE_ARGS, space-separated): V8 flags to compare. */
@@ -413,7 +402,7 @@ function median(runs: Measured[], f: (m: Measured) => number | undefined): numbe
 const columnName = (vmm: string): string =>
   vmm === 'qemu'
     ? 'QEMU'
-    : [connectionsOf(vmm) > 1 ? `tern, ${connectionsOf(vmm)} connections` : 'tern', ...Object.entries(envOf(vmm)).map(([k, v]) => `${k}=${v}`)].join(', ');
+    : [connectionsOf(vmm) > 1 ? `tern, ${connectionsOf(vmm)} connections` : 'tern', ...Object.entries(columnEnv(vmm)).map(([k, v]) => `${k}=${v}`)].join(', ');
 
 function table(results: CaseResults[]): string {
   const terns = VMMS.filter((v) => v !== 'qemu');
@@ -462,7 +451,7 @@ async function main(): Promise<void> {
         process.stdout.write(`migration bench: ${c.name} under ${vmm}${REPEAT > 1 ? `, run ${run} of ${REPEAT}` : ''}\n`);
         let m: Measured;
         try {
-          m = vmm === 'qemu' ? await benchQemu(work, c) : await benchTern(work, c, connectionsOf(vmm), envOf(vmm));
+          m = vmm === 'qemu' ? await benchQemu(work, c) : await benchTern(work, c, connectionsOf(vmm), columnEnv(vmm));
         } catch (e) {
           m = { hostGapMs: NaN, guestGapMs: NaN, faults: [], error: withoutGcLines((e as Error).message).slice(-6000) };
         } finally {

@@ -11,6 +11,7 @@ import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
 import { GuestProcess } from '../linux/guest-process';
 import { native } from '../../src/native/kvm';
 import { printRatios, sideBySide, type SideBySideResults } from './side-by-side';
+import { benchTernEnv } from './vmm-columns';
 
 const FIXTURES = process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures';
 const RUNS = Number(process.env.TERN_BENCH_NET_RUNS ?? process.env.TERN_BENCH_RUNS ?? 3);
@@ -70,7 +71,7 @@ async function runTern(kernel: string, initrd: string, cmdline: string): Promise
   const vm = GuestProcess.tern([
     '--kernel', kernel, '--initramfs', initrd, '--cmdline', cmdline, '--cpus', 'boot=1', '--memory', `size=${MEM_MIB}M`, '--serial', 'tty', '--console', 'off',
     '--net', `tap=${TAP},ip=${HOST_IP},mask=255.255.255.0,mac=${GUEST_MAC}`,
-  ]);
+  ], [], benchTernEnv());
   try {
     const { code } = await vm.exit(TIMEOUT_MS);
     if (code !== 0) throw new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);
