@@ -166,6 +166,11 @@ function writeLauncher() {
 # or beside this script) built of this bundle by the node binary on the PATH on a CPU with the
 # same features, and from the plain bundle (tern.js) where there is none.
 bin=$(dirname "$(readlink -f "$0")")
+# One malloc arena for all of the VMM's threads unless the user says otherwise: glibc gives
+# threads arenas of their own, and the VMM's few threads (V8's, libuv's, vCPUs, queues) each
+# kept one mostly empty. (README, Memory per idle VM: what it saves, what it costs.)
+MALLOC_ARENA_MAX=\${MALLOC_ARENA_MAX:-1}
+export MALLOC_ARENA_MAX
 node=$(command -v node) || { echo "tern: node is not on the PATH" >&2; exit 127; }
 here=
 # A snapshot directory of the machine's own counts only if this user owns it and nobody else

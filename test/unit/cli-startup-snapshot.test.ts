@@ -51,6 +51,11 @@ function copyTimes(copy: string, file: string): void {
   fs.utimesSync(path.join(copy, file), st.atime, st.mtime);
 }
 
+/** The launcher's default (scripts/bundle.js; README, Memory per idle VM). */
+const MALLOC_ARENAS = 1;
+
+const environ = (pid: number): string[] => fs.readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0');
+
 async function startTern(launcher: string, env: NodeJS.ProcessEnv = process.env): Promise<{ child: ChildProcess; socket: string; dir: string; stderr: () => string; exited: Promise<number | null> }> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-cli-'));
   const socket = path.join(dir, 'api.sock');
@@ -71,6 +76,7 @@ test.serial('tern started from its startup snapshot serves the API, logs as itse
   try {
     const cmdline = fs.readFileSync(`/proc/${vmm.child.pid}/cmdline`, 'utf8').split('\0');
     t.true(cmdline.includes('--snapshot-blob'), `started from the snapshot: ${cmdline.join(' ')}`);
+    t.true(environ(vmm.child.pid!).includes(`MALLOC_ARENA_MAX=${MALLOC_ARENAS}`), 'the launcher gives the VMM its malloc arenas');
     const ping = await request(vmm.socket, 'GET', 'vmm.ping');
     t.is(ping.status, 200, ping.body);
     t.regex(JSON.parse(ping.body).version, /^\d+\.\d+\.\d+/);
@@ -99,6 +105,17 @@ test.serial('tern started from its startup snapshot serves the API, logs as itse
     }
   } finally {
     vmm.child.kill('SIGKILL');
+    fs.rmSync(vmm.dir, { recursive: true, force: true });
+  }
+});
+
+test.serial('a MALLOC_ARENA_MAX the user set reaches the VMM unchanged', async (t) => {
+  const vmm = await startTern(path.join(BIN, 'tern'), { ...process.env, MALLOC_ARENA_MAX: '4' });
+  try {
+    t.true(environ(vmm.child.pid!).includes('MALLOC_ARENA_MAX=4'));
+  } finally {
+    vmm.child.kill('SIGKILL');
+    await vmm.exited;
     fs.rmSync(vmm.dir, { recursive: true, force: true });
   }
 });
