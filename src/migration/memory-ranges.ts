@@ -243,7 +243,8 @@ export async function writeMemoryFile(fd: number, file: string, memory: GuestMem
     for (let i = 1; i < runs.length; i += 3) total += runs[i];
     // Queued at once: the native side runs one chunk's task at a time and starts the next as
     // soon as one ends. (Chaining them here made each wait for this thread to finish
-    // checksumming before it was even queued: 0.56 of a plain write's speed, against 0.82.)
+    // checksumming before it was even queued: 0.46 of a plain write's speed on a real CPU,
+    // against 0.67 queued at once; README, Benchmarks.)
     const n = await addon.pwriteRuns(fd, block, Float64Array.from(runs));
     if (n < total) throw new SnapshotError(`${file}: short write, ${n} of ${total} bytes (is the disk full?)`);
   };

@@ -216,8 +216,8 @@ const randomBytes = (n: number) => Buffer.from(Array.from({ length: n }, () => i
 export const FUZZED_ENDPOINTS = ['GET vmm.ping', 'PUT vm.create', ...NO_BODY_PUTS.map((e) => `PUT ${e}`)];
 
 /**
- * Every `share`-th case of each kind, so that a slow machine (the lab's emulated CPU runs the
- * VMM some 30 times slower) still sends every kind of malformed request in a fraction of the time.
+ * Every `share`-th case of each kind, so that a slow machine (in the lab's emulated CPU all the
+ * cases took 115 s against a running VM) still sends every kind of malformed request.
  */
 export function everyNthOfEachKind(cases: Case[], share: number): Case[] {
   const seen = new Map<string, number>();
