@@ -2,15 +2,19 @@
 // libuv's thread pool. A snapshot writes guest RAM as runs of non-zero pages between holes;
 // one pool task per run cost a hand-off between threads each time, which on a slow or
 // emulated CPU took longer than the write, so a chunk of guest RAM is one task here while
-// the JavaScript thread checksums the next. Tasks run one at a time (writeTurn), in the
-// order the pool picks them up: the writer queues several chunks at once, and the next one
-// starts the moment the last ends, without a turn of the JavaScript thread in between.
+// the JavaScript thread checksums the next. Tasks that write one file run one at a time
+// (TurnFor), in the order the pool picks them up: the writer queues several chunks at once,
+// and the next one starts the moment the last ends, without a turn of the JavaScript thread.
 #include "pwrite_runs.h"
 
 #include <errno.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <map>
+#include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -19,11 +23,33 @@ namespace tern {
 
 namespace {
 
-// Held by the task that writes. Writes to one file are serialized by the kernel anyway (the
-// inode's lock, on which a second writer spins before it sleeps, taking a core from the thread
-// that checksums); here a waiting task sleeps instead. The callers write one file at a time
-// (a snapshot's guest RAM, a migration's received RAM), so one lock for all costs nothing.
-std::mutex writeTurn;
+// A lock per file, held by the task that writes it. Writes to one file are serialized by the
+// kernel anyway (the inode's lock, on which a second writer spins before it sleeps, taking a
+// core from the thread that checksums); here a waiting task sleeps instead. Writes to
+// different files (a migration's RAM regions, each its own memfd) still run side by side.
+// The map is only touched on the JavaScript thread; a lock lives as long as a task holds it.
+using FileKey = std::pair<dev_t, ino_t>;
+std::map<FileKey, std::weak_ptr<std::mutex>> fileTurns;
+
+std::shared_ptr<std::mutex> TurnFor(int fd) {
+  struct stat st;
+  // (a bad fd fails its pwrite with EBADF; it needs no lock shared with anyone)
+  if (fstat(fd, &st) != 0) return std::make_shared<std::mutex>();
+  for (auto it = fileTurns.begin(); it != fileTurns.end();) {
+    if (it->second.expired()) {
+      it = fileTurns.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  std::weak_ptr<std::mutex>& slot = fileTurns[FileKey(st.st_dev, st.st_ino)];
+  std::shared_ptr<std::mutex> turn = slot.lock();
+  if (!turn) {
+    turn = std::make_shared<std::mutex>();
+    slot = turn;
+  }
+  return turn;
+}
 
 struct Run {
   uint64_t offset;    // in the view
@@ -37,6 +63,7 @@ class PwriteRunsTask : public Napi::AsyncWorker {
       : Napi::AsyncWorker(env, "tern.pwriteRuns"),
         deferred_(Napi::Promise::Deferred::New(env)),
         fd_(fd),
+        turn_(TurnFor(fd)),
         data_(view.Data()),
         runs_(std::move(runs)),
         // (the view's memory stays alive until the task is done)
@@ -46,7 +73,7 @@ class PwriteRunsTask : public Napi::AsyncWorker {
 
  protected:
   void Execute() override {
-    std::lock_guard<std::mutex> turn(writeTurn);
+    std::lock_guard<std::mutex> turn(*turn_);
     for (const Run& r : runs_) {
       for (uint64_t done = 0; done < r.length;) {
         ssize_t n = pwrite(fd_, data_ + r.offset + done, r.length - done, static_cast<off_t>(r.position + done));
@@ -77,6 +104,7 @@ class PwriteRunsTask : public Napi::AsyncWorker {
  private:
   Napi::Promise::Deferred deferred_;
   int fd_;
+  std::shared_ptr<std::mutex> turn_;
   const uint8_t* data_;
   std::vector<Run> runs_;
   Napi::Reference<Napi::Uint8Array> view_;

@@ -2,15 +2,14 @@
 // `tern+NAME=VALUE` (repeatable) is a column of tern processes with NAME=VALUE in their
 // environment, so two settings of one build compare in one lab boot.
 
+/** NAME=VALUE strings as an environment (strings without a NAME= are left out). */
+function envOfPairs(pairs: string[]): Record<string, string> {
+  return Object.fromEntries(pairs.filter((kv) => kv.indexOf('=') > 0).map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]));
+}
+
 /** The environment a column's `+NAME=VALUE` parts give its processes. */
 export function columnEnv(column: string): Record<string, string> {
-  return Object.fromEntries(
-    column
-      .split('+')
-      .slice(1)
-      .filter((kv) => kv.indexOf('=') > 0)
-      .map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]),
-  );
+  return envOfPairs(column.split('+').slice(1));
 }
 
 /** The VMM a column runs: `tern` or `qemu`, whatever follows (`:N`, `+NAME=VALUE`). */
@@ -23,5 +22,5 @@ export function columnVmm(column: string): string {
  * of the benchmarks that have one tern column (block, net), to measure a setting's cost there.
  */
 export function benchTernEnv(): Record<string, string> {
-  return columnEnv(['tern', ...(process.env.TERN_BENCH_TERN_ENV ?? '').split(',')].join('+'));
+  return envOfPairs((process.env.TERN_BENCH_TERN_ENV ?? '').split(','));
 }
