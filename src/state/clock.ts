@@ -1,5 +1,7 @@
-// Event timestamps: monotonic time since the VMM process loaded this module, from
-// process.hrtime, split the way Cloud Hypervisor's event monitor reports it.
+// Event timestamps: monotonic time since the VMM process started, split the way Cloud
+// Hypervisor's event monitor reports it. Taken from process.uptime(), not from a time this
+// module noted when it loaded: a VMM started from its V8 startup snapshot loaded its modules
+// when the snapshot was built, maybe hours before, in another process.
 
 export interface EventTimestamp {
   secs: number;
@@ -8,12 +10,10 @@ export interface EventTimestamp {
 
 export type EventClock = () => EventTimestamp;
 
-const VMM_START_NS = process.hrtime.bigint();
-
 /** Time since VMM start. */
 export const vmmClock: EventClock = () => {
-  const d = process.hrtime.bigint() - VMM_START_NS;
-  return { secs: Number(d / 1_000_000_000n), nanos: Number(d % 1_000_000_000n) };
+  const ns = Math.round(process.uptime() * 1e9);
+  return { secs: Math.floor(ns / 1e9), nanos: ns % 1e9 };
 };
 
 /** Order two timestamps (negative, zero, positive). */

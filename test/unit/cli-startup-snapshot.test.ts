@@ -1,5 +1,6 @@
 // `tern` as installed starts from its V8 startup snapshot: the VMM it starts serves the API,
-// logs as itself (its own pid, the time now), creates a VM and shuts down; and where the
+// logs as itself (its own pid, the time now), stamps its events with the time since it started
+// (not since the snapshot was built), creates a VM and shuts down; and where the
 // snapshot was built by another node binary, the same launcher starts the plain bundle; where
 // snapshots for several kinds of CPU lie side by side, it starts from this CPU's.
 import test from 'ava';
@@ -8,6 +9,7 @@ import fs from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
+import { monitorSeconds, readMonitorFile } from '../support/monitor-file';
 import { waitForListening } from '../support/processes';
 
 const REPO = path.resolve(__dirname, '..', '..', '..');
@@ -56,10 +58,10 @@ const MALLOC_ARENAS = 1;
 
 const environ = (pid: number): string[] => fs.readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0');
 
-async function startTern(launcher: string, env: NodeJS.ProcessEnv = process.env): Promise<{ child: ChildProcess; socket: string; dir: string; stderr: () => string; exited: Promise<number | null> }> {
+async function startTern(launcher: string, env: NodeJS.ProcessEnv = process.env, args: (dir: string) => string[] = () => []): Promise<{ child: ChildProcess; socket: string; dir: string; stderr: () => string; exited: Promise<number | null> }> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-cli-'));
   const socket = path.join(dir, 'api.sock');
-  const child = spawn(launcher, ['-v', '--api-socket', `path=${socket}`], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn(launcher, ['-v', '--api-socket', `path=${socket}`, ...args(dir)], { env, stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr!.on('data', (d) => (stderr += d));
   const exited = new Promise<number | null>((r) => child.on('exit', (code) => r(code)));
@@ -72,7 +74,7 @@ test.serial('tern started from its startup snapshot serves the API, logs as itse
   const [blob] = builtSnapshot();
   t.true(fs.existsSync(path.join(BIN, blob)), 'the build made a startup snapshot');
   const before = Date.now();
-  const vmm = await startTern(path.join(BIN, 'tern'));
+  const vmm = await startTern(path.join(BIN, 'tern'), process.env, (dir) => ['--event-monitor', `path=${path.join(dir, 'events')}`]);
   try {
     const cmdline = fs.readFileSync(`/proc/${vmm.child.pid}/cmdline`, 'utf8').split('\0');
     t.true(cmdline.includes('--snapshot-blob'), `started from the snapshot: ${cmdline.join(' ')}`);
@@ -92,6 +94,11 @@ test.serial('tern started from its startup snapshot serves the API, logs as itse
     const down = await request(vmm.socket, 'PUT', 'vmm.shutdown');
     t.is(down.status, 204, down.body);
     t.is(await vmm.exited, 0, vmm.stderr());
+    const lifetimeS = (Date.now() - before) / 1000;
+    // Its events' times are since it started: none later than this test has waited for it.
+    const events = readMonitorFile(path.join(vmm.dir, 'events'));
+    t.deepEqual(events.map((e) => e.event).filter((e) => e === 'starting' || e === 'shutdown'), ['starting', 'shutdown']);
+    for (const e of events) t.true(monitorSeconds(e) <= lifetimeS, `${e.event} at ${monitorSeconds(e)} s, the VMM lived ${lifetimeS} s`);
     // Its log lines are its own: this process's pid, this moment's time (not the build's).
     const lines = vmm
       .stderr()
