@@ -142,16 +142,13 @@ function buildTernSnapshot() {
     fs.rmSync(tmp(blob), { force: true });
     return false;
   }
-  const sizeAndTime = (f) => {
-    const st = fs.statSync(f);
-    return `${st.size} ${Math.floor(st.mtimeMs / 1000)}`;
-  };
   // The snapshot holds this directory (where the addon is found from) and this bundle, and
   // only loads into this node binary on a CPU with these features (V8 compiled its code for
   // them, and refuses the snapshot elsewhere): the launcher uses it only where all of these
-  // still hold (a snapshot kept outside the build outlives the bundle it was made of).
-  const node = fs.realpathSync(process.execPath);
-  fs.writeFileSync(tmp(stamp), `${fs.realpathSync(bin)} ${node} ${sizeAndTime(node)} ${sizeAndTime(entry)}\n${cpu}\n`);
+  // still hold (a snapshot kept outside the build outlives the bundle it was made of). The
+  // stamp names the directory and the binary (the launcher compares files, not spellings of
+  // their paths) and is written last: a bundle or a binary changed after it is newer.
+  fs.writeFileSync(tmp(stamp), `${fs.realpathSync(bin)}\n${fs.realpathSync(process.execPath)}\n${cpu}\n`);
   fs.renameSync(tmp(blob), blob);
   fs.renameSync(tmp(stamp), stamp);
   return true;
@@ -164,15 +161,27 @@ function writeLauncher() {
     `#!/bin/sh
 # tern: the VMM, started from a V8 startup snapshot (tern.KEY.blob, in $TERN_STARTUP_SNAPSHOT_DIR
 # or beside this script) built of this bundle by the node binary on the PATH on a CPU with the
-# same features, and from the plain bundle (tern.js) where there is none.
-bin=$(dirname "$(readlink -f "$0")")
+# same features, and from the plain bundle (tern.js) where there is none. It runs no program but
+# node (shell built-ins only; stat where TERN_STARTUP_SNAPSHOT_DIR is set, readlink and dirname
+# where the launcher is reached through a symbolic link): each one started costs a VMM's
+# start-up a fork and an exec.
+case $0 in */*) bin=\${0%/*} ;; *) bin=. ;; esac
+if [ -L "$0" ]; then bin=$(dirname "$(readlink -f "$0")"); fi
 # One malloc arena for all of the VMM's threads unless the user says otherwise: glibc gives
 # threads arenas of their own, and the VMM's few threads (V8's, libuv's, vCPUs, queues) each
 # kept one mostly empty. (README, Memory per idle VM: what it saves, what it costs.)
 MALLOC_ARENA_MAX=\${MALLOC_ARENA_MAX:-1}
 export MALLOC_ARENA_MAX
-node=$(command -v node) || { echo "tern: node is not on the PATH" >&2; exit 127; }
-here=
+node=
+ifs=$IFS
+IFS=:
+set -f
+for dir in $PATH; do
+  if [ -f "\${dir:-.}/node" ] && [ -x "\${dir:-.}/node" ]; then node=\${dir:-.}/node; break; fi
+done
+set +f
+IFS=$ifs
+[ -n "$node" ] || { echo "tern: node is not on the PATH" >&2; exit 127; }
 # A snapshot directory of the machine's own counts only if this user owns it and nobody else
 # may write to it: what is in it runs as this user.
 own=
@@ -182,16 +191,17 @@ if [ -n "$TERN_STARTUP_SNAPSHOT_DIR" ] && [ -d "$TERN_STARTUP_SNAPSHOT_DIR" ] &&
     *) own=$TERN_STARTUP_SNAPSHOT_DIR ;;
   esac
 fi
+flags_read=
 for stamp in \${own:+"$own"/tern.*.blob.node} "$bin"/tern.*.blob.node; do
   [ -r "$stamp" ] && [ -r "\${stamp%.node}" ] || continue
-  if [ -z "$here" ]; then
-    node=$(readlink -f "$node")
-    here="$bin $node $(stat --printf '%s %Y ' "$node" "$bin/tern-snapshot.js")"
-    here=\${here% }
+  if [ -z "$flags_read" ]; then
 ${CPU_FLAGS_SH.replace(/^/gm, '    ')}
+    flags_read=1
   fi
-  { read -r built; read -r built_cpu; } < "$stamp"
-  if [ "$built" = "$here" ] && [ "$built_cpu" = "$cpu" ]; then
+  { read -r built_bin; read -r built_node; read -r built_cpu; } < "$stamp"
+  # (-ef: the same file, however its path is spelled; -nt: changed since the stamp was made)
+  if [ "$built_cpu" = "$cpu" ] && [ "$built_bin" -ef "$bin" ] && [ "$built_node" -ef "$node" ] &&
+    ! [ "$node" -nt "$stamp" ] && ! [ "$bin/tern-snapshot.js" -nt "$stamp" ]; then
     exec "$node" --snapshot-blob "\${stamp%.node}" "$bin/tern.js" "$@"
   fi
 done

@@ -35,17 +35,13 @@ function request(socket: string, method: string, p: string, body?: unknown): Pro
   });
 }
 
-/** `SIZE MTIME` of a file, as a stamp records it. */
-function sizeAndTime(file: string): string {
-  const st = fs.statSync(file);
-  return `${st.size} ${Math.floor(st.mtimeMs / 1000)}`;
+/** The first two lines of a stamp made for the launcher in `bin` by this node binary. */
+function stampLines(bin: string): string {
+  return `${fs.realpathSync(bin)}\n${fs.realpathSync(process.execPath)}`;
 }
 
-/** The first line of a stamp made for the launcher in `bin` by this node binary. */
-function stampLine(bin: string): string {
-  const node = fs.realpathSync(process.execPath);
-  return `${fs.realpathSync(bin)} ${node} ${sizeAndTime(node)} ${sizeAndTime(path.join(bin, 'tern-snapshot.js'))}`;
-}
+/** The CPU flags line of the build's stamp. */
+const stampCpu = (stampFile: string): string => fs.readFileSync(path.join(BIN, stampFile), 'utf8').split('\n')[2];
 
 /** Give a copied file the original's times. */
 function copyTimes(copy: string, file: string): void {
@@ -116,6 +112,35 @@ test.serial('tern started from its startup snapshot serves the API, logs as itse
   }
 });
 
+test.serial('the launcher runs no program but node: with only node on the PATH, named by a relative path or through a link, it starts from the startup snapshot', async (t) => {
+  const only = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-only-node-'));
+  try {
+    fs.symlinkSync(process.execPath, path.join(only, 'node'));
+    fs.symlinkSync(path.join(BIN, 'tern'), path.join(only, 'tern'));
+    const cases: [string, string][] = [
+      ['only node on the PATH', path.join(BIN, 'tern')],
+      ['a relative path', path.relative(process.cwd(), path.join(BIN, 'tern')).replace(/^(?!\.|\/)/, './')],
+      ['a symbolic link', path.join(only, 'tern')],
+    ];
+    for (const [how, launcher] of cases) {
+      const env = how === 'only node on the PATH' ? { ...process.env, PATH: only } : process.env;
+      const vmm = await startTern(launcher, env);
+      try {
+        const cmdline = fs.readFileSync(`/proc/${vmm.child.pid}/cmdline`, 'utf8').split('\0');
+        t.true(cmdline.includes('--snapshot-blob'), `${how}: ${cmdline.join(' ')} ${vmm.stderr()}`);
+        t.is((await request(vmm.socket, 'GET', 'vmm.ping')).status, 200, how);
+        await request(vmm.socket, 'PUT', 'vmm.shutdown');
+        t.is(await vmm.exited, 0, vmm.stderr());
+      } finally {
+        vmm.child.kill('SIGKILL');
+        fs.rmSync(vmm.dir, { recursive: true, force: true });
+      }
+    }
+  } finally {
+    fs.rmSync(only, { recursive: true, force: true });
+  }
+});
+
 test.serial('a MALLOC_ARENA_MAX the user set reaches the VMM unchanged', async (t) => {
   const vmm = await startTern(path.join(BIN, 'tern'), { ...process.env, MALLOC_ARENA_MAX: '4' });
   try {
@@ -135,7 +160,7 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
     for (const f of ['tern', 'tern.js', 'tern-snapshot.js', blob, stampFile]) fs.copyFileSync(path.join(BIN, f), path.join(copy, f));
     copyTimes(copy, 'tern-snapshot.js');
     fs.chmodSync(path.join(copy, 'tern'), 0o755);
-    t.true(fs.readFileSync(path.join(copy, stampFile), 'utf8').startsWith(`${fs.realpathSync(BIN)} `));
+    t.true(fs.readFileSync(path.join(copy, stampFile), 'utf8').startsWith(`${fs.realpathSync(BIN)}\n`));
     const vmm = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
     try {
       const cmdline = fs.readFileSync(`/proc/${vmm.child.pid}/cmdline`, 'utf8').split('\0');
@@ -148,13 +173,19 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
       vmm.child.kill('SIGKILL');
       fs.rmSync(vmm.dir, { recursive: true, force: true });
     }
-    // Built here, but by another node binary; or by this one on a CPU with other features
-    // (V8 refuses such a snapshot, and node would exit instead of starting).
-    const here = stampLine(copy);
-    const cpu = fs.readFileSync(path.join(BIN, stampFile), 'utf8').split('\n')[1];
+    // Built here, but by another node binary, or by this one before it changed; or on a CPU
+    // with other features (V8 refuses such a snapshot, and node would exit instead of starting).
+    const here = stampLines(copy);
+    const cpu = stampCpu(stampFile);
     t.regex(cpu, /^: .*\bsse2\b/, 'the stamp records the CPU feature flags');
-    for (const stamp of [`${fs.realpathSync(copy)} /usr/local/bin/some-other-node 123 456\n${cpu}\n`, `${here}\n: fpu sse sse2\n`]) {
+    const nodeChanged = fs.statSync(process.execPath).mtime;
+    for (const [stamp, time] of [
+      [`${fs.realpathSync(copy)}\n/usr/local/bin/some-other-node\n${cpu}\n`, undefined],
+      [`${here}\n${cpu}\n`, new Date(nodeChanged.getTime() - 60_000)],
+      [`${here}\n: fpu sse sse2\n`, undefined],
+    ] as const) {
       fs.writeFileSync(path.join(copy, stampFile), stamp);
+      if (time) fs.utimesSync(path.join(copy, stampFile), time, time);
       const other = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
       try {
         t.false(fs.readFileSync(`/proc/${other.child.pid}/cmdline`, 'utf8').split('\0').includes('--snapshot-blob'), stamp);
@@ -199,8 +230,8 @@ test.serial('a startup snapshot kept outside a read-only build (TERN_STARTUP_SNA
     fs.chmodSync(path.join(copy, 'tern'), 0o755);
     copyTimes(copy, 'tern-snapshot.js');
     fs.copyFileSync(path.join(BIN, blob), path.join(own, blob));
-    const cpu = fs.readFileSync(path.join(BIN, stampFile), 'utf8').split('\n')[1];
-    fs.writeFileSync(path.join(own, stampFile), `${stampLine(copy)}\n${cpu}\n`);
+    const cpu = stampCpu(stampFile);
+    fs.writeFileSync(path.join(own, stampFile), `${stampLines(copy)}\n${cpu}\n`);
     const env = { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node'), TERN_STARTUP_SNAPSHOT_DIR: own };
     const blobUsed = async (): Promise<string | undefined> => {
       const vmm = await startTern(path.join(copy, 'tern'), env);
