@@ -1,6 +1,6 @@
-// Where a migration's pause goes, step by step, on either side. The steps are only collected
-// during the pause and logged in one line once it is over: writing log lines inside it made
-// the pause it measured longer.
+// Where a migration's pause (or a restore) goes, step by step, on either side. The steps are
+// only collected while it runs and logged in one line once it is over: writing log lines
+// inside it made the pause it measured longer.
 import type { Logger } from 'pino';
 
 export class PauseSteps {

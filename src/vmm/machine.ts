@@ -107,6 +107,8 @@ export type MachineIncoming = IncomingRam;
 export interface MachineRestore extends SnapshotRam {
   /** the saved store state (vm, vcpus, kvm, devices); the store itself is not read */
   state: RootState;
+  /** told as each part of the build is done (where a restore's time goes) */
+  mark?: (step: string) => void;
 }
 
 const SERIAL_ID = PLATFORM_SERIAL_ID;
@@ -205,10 +207,15 @@ export class Machine {
       if (opts.restore) {
         // Before any RAM is read: a guest given CPU features this host lacks would fault on
         // their first use, long after a restore that seemed to work.
+        const { mark } = opts.restore;
+        mark?.('KVM VM created');
         const vcpu0 = opts.restore.state.vcpus.saved['0'];
         if (vcpu0) checkVcpuFitsHost(this.kvm, decodeVcpuState(vcpu0));
+        mark?.('CPU checked against the host');
         this.memory = this.useRam(snapshotRam(this.vm, opts.restore));
-        this.buildFromState(opts.restore.state);
+        mark?.('guest RAM mapped');
+        this.buildFromState(opts.restore.state, mark);
+        mark?.('devices attached');
         return;
       }
       if (opts.incoming) {

@@ -10,6 +10,7 @@ import { MigrationReceiver } from '../migration/receive-migration';
 import { MigrationError, MigrationSender } from '../migration/send-migration';
 import { SnapshotError, readSnapshot, snapshotDirFromUrl, writeSnapshot } from '../migration/snapshot';
 import { cpuCompatProblems } from '../migration/cpu-compat';
+import { PauseSteps } from '../migration/pause-steps';
 import { native, type CpuidEntry, type SeccompMode } from '../native/kvm';
 import { createStore, vmConfigProblems, vmEvents, vmmEvents, type GuestStop, type RootState, type Store, type VmStatus } from '../state';
 import { guestLog, type GuestLog } from '../util/guest-log';
@@ -275,13 +276,18 @@ export class Vmm {
     return this.serialize(async () => {
       this.refuseWhileReceiving();
       this.store.dispatch(vmEvents.restoring());
+      // Where a restore's time goes, logged with -vv once it is over.
+      const steps = new PauseSteps();
       let machine: Machine | undefined;
       try {
         const mode = opts.memory_restore_mode ?? 'copy';
         if (mode !== 'copy' && mode !== 'ondemand') throw new SnapshotError(`memory_restore_mode '${String(mode)}' is not copy or ondemand`);
         const snap = readSnapshot(snapshotDirFromUrl(opts.source_url, 'source_url'));
+        steps.mark('snapshot read and checked');
         let state = snap.state;
         state = withHostEnds(state, opts);
+        const backends = await openDeviceBackends(state.vm.config as VmConfig, this.log);
+        steps.mark('device backends opened');
         machine = this.newMachine({
           restore: {
             state,
@@ -291,11 +297,13 @@ export class Vmm {
             mode,
             prefault: opts.prefault,
             hugePages: withDefaults(state.vm.config as VmConfig).memory.thp,
+            mark: (step) => steps.mark(step),
           },
-          backends: await openDeviceBackends(state.vm.config as VmConfig, this.log),
+          backends,
         });
         this.log.info({ dir: snap.dir, mode, fromSchema: snap.storedSchemaVersion }, 'VM restored from snapshot');
         this.store.replaceState({ ...state, vm: { ...state.vm, pending: 'Restoring' } } as RootState);
+        steps.mark('store holds the saved state');
       } catch (e) {
         await machine?.destroy().catch((err) => this.log.error({ err }, 'releasing a half-restored machine failed'));
         this.store.dispatch(vmEvents.operationFailed(errorMessage(e)));
@@ -303,7 +311,12 @@ export class Vmm {
       }
       this.machine = machine;
       this.store.dispatch(vmEvents.restored());
-      if (opts.resume) await this.resumeNow();
+      steps.mark('restored');
+      if (opts.resume) {
+        await this.resumeNow();
+        steps.mark('resumed');
+      }
+      steps.logAs(this.log, 'restore steps');
     });
   }
 

@@ -14,7 +14,7 @@ import path from 'node:path';
 import { TernClient } from '../../src/api/client';
 import { GuestProcess, fixture } from '../linux/guest-process';
 import { guestCmdline, microvmCommand } from '../lab/qemu-peer';
-import { monitorSpanMs } from '../support/monitor-file';
+import { monitorEventMs, monitorSpanMs } from '../support/monitor-file';
 import { waitForPath } from '../support/processes';
 import { QmpClient } from '../support/qmp-client';
 import { median } from './median';
@@ -160,7 +160,10 @@ async function benchTern(work: string, memMiB: number, r: Partial<SizeResult>): 
       await restored.exited;
       wall.push(ms);
       vmmMs.push(monitorSpanMs(monitor, 'restoring', 'restored'));
-      process.stdout.write(`  tern ${memMiB} MiB restore ${mode} #${i + 1}: ${ms.toFixed(0)} ms to running, ${vmmMs[i].toFixed(1)} ms in the VMM\n`);
+      // Where the rest went: the VMM's start before it began restoring, and the guest's way
+      // from resumed to its next heartbeat.
+      const since = (name: string) => monitorEventMs(monitor, name).toFixed(0);
+      process.stdout.write(`  tern ${memMiB} MiB restore ${mode} #${i + 1}: ${ms.toFixed(0)} ms to running, ${vmmMs[i].toFixed(1)} ms in the VMM (restoring ${since('restoring')} ms, restored ${since('restored')} ms after the VMM started)\n`);
     }
     return { wall: median(wall), vmm: median(vmmMs) };
   };

@@ -63,10 +63,20 @@ interface Snapshot {
   cut: string;
 }
 
-async function restoreAndCheck(t: import('ava').ExecutionContext, { snap, last, cut }: Snapshot, extra = ''): Promise<void> {
-  const vm: GuestProcess = await startTern(['--restore', `source_url=${url(snap)},resume=on${extra}`, '--serial', 'tty', '--console', 'off']);
+async function restoreAndCheck(t: import('ava').ExecutionContext, { snap, last, cut }: Snapshot, extra = '', cliArgs: string[] = []): Promise<void> {
+  const vm: GuestProcess = await startTern(['--restore', `source_url=${url(snap)},resume=on${extra}`, '--serial', 'tty', '--console', 'off', ...cliArgs]);
   try {
     await vm.waitFor(new RegExp(`^COUNT ${last + 2}\\n`, 'm'), T);
+    if (cliArgs.includes('-vv')) {
+      // Where the restore's time went, for an operator: each step once, in order, in time.
+      const line = vm.stderr.split('\n').find((l) => l.includes('"restore steps"'));
+      t.truthy(line, 'a restore steps line with -vv');
+      const steps = (JSON.parse(line!) as { steps: { step: string; ms: number }[] }).steps;
+      const names = steps.map((s) => s.step);
+      for (const step of ['snapshot read and checked', 'guest RAM mapped', 'vCPUs set', 'restored', 'resumed']) t.true(names.includes(step), `${step} in ${names.join(', ')}`);
+      t.is(names.at(-1), 'resumed');
+      t.true(steps.every((s, i) => i === 0 || s.ms >= steps[i - 1].ms), JSON.stringify(steps));
+    }
     const counts = countsIn(cut + vm.output);
     t.is(counts[0], last + 1, `continues from the next value, got ${counts.slice(0, 5).join(',')}; stderr ${vm.stderr.slice(-500)}`);
     t.deepEqual(counts, counts.map((_, i) => last + 1 + i), 'consecutive');
@@ -98,7 +108,7 @@ test.serial('snapshot of a paused VM, SIGKILL, restore (twice, copy) continues t
 
 test.serial('restore with memory_restore_mode=ondemand (and prefault) continues the counter', async (t) => {
   const base = await snapshotOnce();
-  await restoreAndCheck(t, base, ',memory_restore_mode=ondemand');
+  await restoreAndCheck(t, base, ',memory_restore_mode=ondemand', ['-vv']);
   await restoreAndCheck(t, base, ',memory_restore_mode=ondemand,prefault=on');
 });
 

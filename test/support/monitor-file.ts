@@ -25,13 +25,15 @@ export function readMonitorFile(file: string): MonitorRecord[] {
 
 export const monitorSeconds = (e: MonitorRecord): number => e.timestamp.secs + e.timestamp.nanos / 1e9;
 
+/** ms from the VMM's start to its first `name` event in the file. */
+export function monitorEventMs(file: string, name: string, events = readMonitorFile(file)): number {
+  const e = events.find((x) => x.event === name);
+  if (!e) throw new Error(`no ${name} event in ${file}`);
+  return monitorSeconds(e) * 1000;
+}
+
 /** ms from the first `from` event to the first `to` event in the file. */
 export function monitorSpanMs(file: string, from: string, to: string): number {
   const events = readMonitorFile(file);
-  const at = (name: string) => {
-    const e = events.find((x) => x.event === name);
-    if (!e) throw new Error(`no ${name} event in ${file}`);
-    return monitorSeconds(e) * 1000;
-  };
-  return at(to) - at(from);
+  return monitorEventMs(file, to, events) - monitorEventMs(file, from, events);
 }
