@@ -3,7 +3,7 @@
 // (not since the snapshot was built), creates a VM and shuts down; and where the
 // snapshot was built by another node binary, the same launcher starts the plain bundle; where
 // snapshots for several kinds of CPU lie side by side, it starts from this CPU's.
-import test from 'ava';
+import test, { type ExecutionContext } from 'ava';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
@@ -52,6 +52,9 @@ function copyTimes(copy: string, file: string): void {
 /** The launcher's default (scripts/bundle.js; README, Memory per idle VM). */
 const MALLOC_ARENAS = 1;
 
+/** For a launcher copied out of the build: the addon stays where the build put it. */
+const addonEnv: NodeJS.ProcessEnv = { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') };
+
 const environ = (pid: number): string[] => fs.readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0');
 
 async function startTern(launcher: string, env: NodeJS.ProcessEnv = process.env, args: (dir: string) => string[] = () => []): Promise<{ child: ChildProcess; socket: string; dir: string; stderr: () => string; exited: Promise<number | null> }> {
@@ -64,6 +67,24 @@ async function startTern(launcher: string, env: NodeJS.ProcessEnv = process.env,
   for (let i = 0; i < 1000 && !fs.existsSync(socket) && child.exitCode === null; i++) await new Promise((r) => setTimeout(r, 10));
   if (child.exitCode === null && fs.existsSync(socket)) await waitForListening(socket, 10_000);
   return { child, socket, dir, stderr: () => stderr, exited };
+}
+
+/**
+ * Start `launcher`, check that its VMM serves the API and shuts down cleanly, and return the
+ * startup snapshot node was started from (undefined: the plain bundle).
+ */
+async function blobUsed(t: ExecutionContext, launcher: string, env: NodeJS.ProcessEnv, what = launcher): Promise<string | undefined> {
+  const vmm = await startTern(launcher, env);
+  try {
+    const cmdline = fs.readFileSync(`/proc/${vmm.child.pid}/cmdline`, 'utf8').split('\0');
+    t.is((await request(vmm.socket, 'GET', 'vmm.ping')).status, 200, `${what}: ${vmm.stderr()}`);
+    await request(vmm.socket, 'PUT', 'vmm.shutdown');
+    t.is(await vmm.exited, 0, vmm.stderr());
+    return cmdline.includes('--snapshot-blob') ? cmdline[cmdline.indexOf('--snapshot-blob') + 1] : undefined;
+  } finally {
+    vmm.child.kill('SIGKILL');
+    fs.rmSync(vmm.dir, { recursive: true, force: true });
+  }
 }
 
 test.serial('tern started from its startup snapshot serves the API, logs as itself and shuts down', async (t) => {
@@ -124,17 +145,8 @@ test.serial('the launcher runs no program but node: with only node on the PATH, 
     ];
     for (const [how, launcher] of cases) {
       const env = how === 'only node on the PATH' ? { ...process.env, PATH: only } : process.env;
-      const vmm = await startTern(launcher, env);
-      try {
-        const cmdline = fs.readFileSync(`/proc/${vmm.child.pid}/cmdline`, 'utf8').split('\0');
-        t.true(cmdline.includes('--snapshot-blob'), `${how}: ${cmdline.join(' ')} ${vmm.stderr()}`);
-        t.is((await request(vmm.socket, 'GET', 'vmm.ping')).status, 200, how);
-        await request(vmm.socket, 'PUT', 'vmm.shutdown');
-        t.is(await vmm.exited, 0, vmm.stderr());
-      } finally {
-        vmm.child.kill('SIGKILL');
-        fs.rmSync(vmm.dir, { recursive: true, force: true });
-      }
+      const used = await blobUsed(t, launcher, env, how);
+      t.is(used && path.basename(used), builtSnapshot()[0], how);
     }
   } finally {
     fs.rmSync(only, { recursive: true, force: true });
@@ -161,7 +173,7 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
     copyTimes(copy, 'tern-snapshot.js');
     fs.chmodSync(path.join(copy, 'tern'), 0o755);
     t.true(fs.readFileSync(path.join(copy, stampFile), 'utf8').startsWith(`${fs.realpathSync(BIN)}\n`));
-    const vmm = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
+    const vmm = await startTern(path.join(copy, 'tern'), addonEnv);
     try {
       const cmdline = fs.readFileSync(`/proc/${vmm.child.pid}/cmdline`, 'utf8').split('\0');
       t.false(cmdline.includes('--snapshot-blob'), cmdline.join(' '));
@@ -186,15 +198,7 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
     ] as const) {
       fs.writeFileSync(path.join(copy, stampFile), stamp);
       if (time) fs.utimesSync(path.join(copy, stampFile), time, time);
-      const other = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
-      try {
-        t.false(fs.readFileSync(`/proc/${other.child.pid}/cmdline`, 'utf8').split('\0').includes('--snapshot-blob'), stamp);
-        await request(other.socket, 'PUT', 'vmm.shutdown');
-        t.is(await other.exited, 0, other.stderr());
-      } finally {
-        other.child.kill('SIGKILL');
-        fs.rmSync(other.dir, { recursive: true, force: true });
-      }
+      t.is(await blobUsed(t, path.join(copy, 'tern'), addonEnv, stamp), undefined, stamp);
     }
     // The same stamp with this CPU's flags: the snapshot is used (so the check above is the
     // CPU's), and it is picked from among those built for other kinds of CPU beside it (each
@@ -204,17 +208,7 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
       fs.writeFileSync(path.join(copy, `tern.${other}.blob`), 'not a snapshot');
       fs.writeFileSync(path.join(copy, `tern.${other}.blob.node`), `${here}\n: fpu sse sse2 ${other}\n`);
     }
-    const same = await startTern(path.join(copy, 'tern'), { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node') });
-    try {
-      const cmdline = fs.readFileSync(`/proc/${same.child.pid}/cmdline`, 'utf8').split('\0');
-      t.is(cmdline[cmdline.indexOf('--snapshot-blob') + 1], path.join(fs.realpathSync(copy), blob));
-      t.is((await request(same.socket, 'GET', 'vmm.ping')).status, 200);
-      await request(same.socket, 'PUT', 'vmm.shutdown');
-      t.is(await same.exited, 0, same.stderr());
-    } finally {
-      same.child.kill('SIGKILL');
-      fs.rmSync(same.dir, { recursive: true, force: true });
-    }
+    t.is(await blobUsed(t, path.join(copy, 'tern'), addonEnv), path.join(fs.realpathSync(copy), blob));
   } finally {
     fs.rmSync(copy, { recursive: true, force: true });
   }
@@ -232,32 +226,20 @@ test.serial('a startup snapshot kept outside a read-only build (TERN_STARTUP_SNA
     fs.copyFileSync(path.join(BIN, blob), path.join(own, blob));
     const cpu = stampCpu(stampFile);
     fs.writeFileSync(path.join(own, stampFile), `${stampLines(copy)}\n${cpu}\n`);
-    const env = { ...process.env, TERN_NATIVE_ADDON: path.join(REPO, 'build', 'Release', 'tern_native.node'), TERN_STARTUP_SNAPSHOT_DIR: own };
-    const blobUsed = async (): Promise<string | undefined> => {
-      const vmm = await startTern(path.join(copy, 'tern'), env);
-      try {
-        const cmdline = fs.readFileSync(`/proc/${vmm.child.pid}/cmdline`, 'utf8').split('\0');
-        t.is((await request(vmm.socket, 'GET', 'vmm.ping')).status, 200);
-        await request(vmm.socket, 'PUT', 'vmm.shutdown');
-        t.is(await vmm.exited, 0, vmm.stderr());
-        return cmdline.includes('--snapshot-blob') ? cmdline[cmdline.indexOf('--snapshot-blob') + 1] : undefined;
-      } finally {
-        vmm.child.kill('SIGKILL');
-        fs.rmSync(vmm.dir, { recursive: true, force: true });
-      }
-    };
-    t.is(await blobUsed(), path.join(own, blob));
+    const env = { ...addonEnv, TERN_STARTUP_SNAPSHOT_DIR: own };
+    const launcher = path.join(copy, 'tern');
+    t.is(await blobUsed(t, launcher, env), path.join(own, blob));
     // A directory others may write to is not the machine's own: what is in it is not run.
     for (const mode of [0o770, 0o707]) {
       fs.chmodSync(own, mode);
-      t.is(await blobUsed(), undefined, `a snapshot directory of mode ${mode.toString(8)} is ignored`);
+      t.is(await blobUsed(t, launcher, env), undefined, `a snapshot directory of mode ${mode.toString(8)} is ignored`);
     }
     fs.chmodSync(own, 0o700);
-    t.is(await blobUsed(), path.join(own, blob));
+    t.is(await blobUsed(t, launcher, env), path.join(own, blob));
     // A new build of the bundle (here: the same bytes, a new time) makes that snapshot stale.
     const later = new Date(Date.now() + 5000);
     fs.utimesSync(path.join(copy, 'tern-snapshot.js'), later, later);
-    t.is(await blobUsed(), undefined, 'a snapshot of another bundle is not used');
+    t.is(await blobUsed(t, launcher, env), undefined, 'a snapshot of another bundle is not used');
   } finally {
     fs.rmSync(copy, { recursive: true, force: true });
     fs.rmSync(own, { recursive: true, force: true });
