@@ -147,11 +147,23 @@ function buildTernSnapshot() {
   // them, and refuses the snapshot elsewhere): the launcher uses it only where all of these
   // still hold (a snapshot kept outside the build outlives the bundle it was made of). The
   // stamp names the directory and the binary (the launcher compares files, not spellings of
-  // their paths) and is written last: a bundle or a binary changed after it is newer.
-  fs.writeFileSync(tmp(stamp), `${fs.realpathSync(bin)}\n${fs.realpathSync(process.execPath)}\n${cpu}\n`);
+  // their paths); it takes the binary's modification time and the blob the bundle's, to the
+  // nanosecond, which the launcher compares with its shell's own test (a binary or a bundle
+  // replaced since has another, even one older than the snapshot, as a package's is).
+  const node = fs.realpathSync(process.execPath);
+  fs.writeFileSync(tmp(stamp), `${fs.realpathSync(bin)}\n${node}\n${cpu}\n`);
+  copyModificationTime(node, tmp(stamp));
+  copyModificationTime(entry, tmp(blob));
   fs.renameSync(tmp(blob), blob);
   fs.renameSync(tmp(stamp), stamp);
   return true;
+}
+
+/** Give `file` the modification time of `like`, to the nanosecond (touch -r; utimes rounds it). */
+function copyModificationTime(like, file) {
+  if (spawnSync('touch', ['-r', like, file]).status === 0) return;
+  const st = fs.statSync(like);
+  fs.utimesSync(file, st.atime, st.mtime);
 }
 
 function writeLauncher() {
@@ -191,6 +203,8 @@ if [ -n "$TERN_STARTUP_SNAPSHOT_DIR" ] && [ -d "$TERN_STARTUP_SNAPSHOT_DIR" ] &&
     *) own=$TERN_STARTUP_SNAPSHOT_DIR ;;
   esac
 fi
+# (the same modification time, to the nanosecond)
+same_time() { [ -e "$1" ] && [ -e "$2" ] && ! [ "$1" -nt "$2" ] && ! [ "$2" -nt "$1" ]; }
 flags_read=
 for stamp in \${own:+"$own"/tern.*.blob.node} "$bin"/tern.*.blob.node; do
   [ -r "$stamp" ] && [ -r "\${stamp%.node}" ] || continue
@@ -199,9 +213,10 @@ ${CPU_FLAGS_SH.replace(/^/gm, '    ')}
     flags_read=1
   fi
   { read -r built_bin; read -r built_node; read -r built_cpu; } < "$stamp"
-  # (-ef: the same file, however its path is spelled; -nt: changed since the stamp was made)
+  # (-ef: the same file, however its path is spelled; the stamp has the time of the node binary
+  # that built the snapshot, the blob the time of the bundle it was made of)
   if [ "$built_cpu" = "$cpu" ] && [ "$built_bin" -ef "$bin" ] && [ "$built_node" -ef "$node" ] &&
-    ! [ "$node" -nt "$stamp" ] && ! [ "$bin/tern-snapshot.js" -nt "$stamp" ]; then
+    same_time "$node" "$stamp" && same_time "$bin/tern-snapshot.js" "\${stamp%.node}"; then
     exec "$node" --snapshot-blob "\${stamp%.node}" "$bin/tern.js" "$@"
   fi
 done

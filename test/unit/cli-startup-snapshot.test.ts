@@ -4,7 +4,7 @@
 // snapshot was built by another node binary, the same launcher starts the plain bundle; where
 // snapshots for several kinds of CPU lie side by side, it starts from this CPU's.
 import test, { type ExecutionContext } from 'ava';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
@@ -42,6 +42,11 @@ function stampLines(bin: string): string {
 
 /** The CPU flags line of the build's stamp. */
 const stampCpu = (stampFile: string): string => fs.readFileSync(path.join(BIN, stampFile), 'utf8').split('\n')[2];
+
+/** Give `file` the modification time of `like`, to the nanosecond, as the build does. */
+function sameTimeAs(file: string, like: string): void {
+  execFileSync('touch', ['-r', like, file]);
+}
 
 /** Give a copied file the original's times. */
 function copyTimes(copy: string, file: string): void {
@@ -171,6 +176,7 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
     const [blob, stampFile] = builtSnapshot();
     for (const f of ['tern', 'tern.js', 'tern-snapshot.js', blob, stampFile]) fs.copyFileSync(path.join(BIN, f), path.join(copy, f));
     copyTimes(copy, 'tern-snapshot.js');
+    sameTimeAs(path.join(copy, blob), path.join(copy, 'tern-snapshot.js'));
     fs.chmodSync(path.join(copy, 'tern'), 0o755);
     t.true(fs.readFileSync(path.join(copy, stampFile), 'utf8').startsWith(`${fs.realpathSync(BIN)}\n`));
     const vmm = await startTern(path.join(copy, 'tern'), addonEnv);
@@ -185,8 +191,9 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
       vmm.child.kill('SIGKILL');
       fs.rmSync(vmm.dir, { recursive: true, force: true });
     }
-    // Built here, but by another node binary, or by this one before it changed; or on a CPU
-    // with other features (V8 refuses such a snapshot, and node would exit instead of starting).
+    // Built here, but by another node binary, or by a binary at node's path that was replaced
+    // since (by a newer one, or an older one as a package's can be); or on a CPU with other
+    // features (V8 refuses such a snapshot, and node would exit instead of starting).
     const here = stampLines(copy);
     const cpu = stampCpu(stampFile);
     t.regex(cpu, /^: .*\bsse2\b/, 'the stamp records the CPU feature flags');
@@ -194,16 +201,19 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
     for (const [stamp, time] of [
       [`${fs.realpathSync(copy)}\n/usr/local/bin/some-other-node\n${cpu}\n`, undefined],
       [`${here}\n${cpu}\n`, new Date(nodeChanged.getTime() - 60_000)],
+      [`${here}\n${cpu}\n`, new Date(nodeChanged.getTime() + 60_000)],
       [`${here}\n: fpu sse sse2\n`, undefined],
     ] as const) {
       fs.writeFileSync(path.join(copy, stampFile), stamp);
       if (time) fs.utimesSync(path.join(copy, stampFile), time, time);
+      else sameTimeAs(path.join(copy, stampFile), process.execPath);
       t.is(await blobUsed(t, path.join(copy, 'tern'), addonEnv, stamp), undefined, stamp);
     }
     // The same stamp with this CPU's flags: the snapshot is used (so the check above is the
     // CPU's), and it is picked from among those built for other kinds of CPU beside it (each
     // a blob that no node could load: were one of them tried, the VMM would not start).
     fs.writeFileSync(path.join(copy, stampFile), `${here}\n${cpu}\n`);
+    sameTimeAs(path.join(copy, stampFile), process.execPath);
     for (const other of ['0000000000000000', 'ffffffffffffffff']) {
       fs.writeFileSync(path.join(copy, `tern.${other}.blob`), 'not a snapshot');
       fs.writeFileSync(path.join(copy, `tern.${other}.blob.node`), `${here}\n: fpu sse sse2 ${other}\n`);
@@ -214,7 +224,7 @@ test.serial('a snapshot built elsewhere, by another node binary or on a CPU with
   }
 });
 
-test.serial('a startup snapshot kept outside a read-only build (TERN_STARTUP_SNAPSHOT_DIR) is used; not from a directory others may write to, nor once the bundle it was made of changed', async (t) => {
+test.serial('a startup snapshot kept outside a read-only build (TERN_STARTUP_SNAPSHOT_DIR) is used; not from a directory others may write to, nor once the bundle it was made of was replaced', async (t) => {
   const copy = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-bin-'));
   const own = fs.mkdtempSync(path.join(os.tmpdir(), 'tern-snapshot-own-'));
   try {
@@ -225,7 +235,9 @@ test.serial('a startup snapshot kept outside a read-only build (TERN_STARTUP_SNA
     copyTimes(copy, 'tern-snapshot.js');
     fs.copyFileSync(path.join(BIN, blob), path.join(own, blob));
     const cpu = stampCpu(stampFile);
+    sameTimeAs(path.join(own, blob), path.join(copy, 'tern-snapshot.js'));
     fs.writeFileSync(path.join(own, stampFile), `${stampLines(copy)}\n${cpu}\n`);
+    sameTimeAs(path.join(own, stampFile), process.execPath);
     const env = { ...addonEnv, TERN_STARTUP_SNAPSHOT_DIR: own };
     const launcher = path.join(copy, 'tern');
     t.is(await blobUsed(t, launcher, env), path.join(own, blob));
@@ -240,6 +252,10 @@ test.serial('a startup snapshot kept outside a read-only build (TERN_STARTUP_SNA
     const later = new Date(Date.now() + 5000);
     fs.utimesSync(path.join(copy, 'tern-snapshot.js'), later, later);
     t.is(await blobUsed(t, launcher, env), undefined, 'a snapshot of another bundle is not used');
+    // An older bundle put in place (as a package or a copy that keeps times would) is another one too.
+    const earlier = new Date('2000-01-01T00:00:00Z');
+    fs.utimesSync(path.join(copy, 'tern-snapshot.js'), earlier, earlier);
+    t.is(await blobUsed(t, launcher, env), undefined, 'a snapshot of an older bundle is not used');
   } finally {
     fs.rmSync(copy, { recursive: true, force: true });
     fs.rmSync(own, { recursive: true, force: true });
