@@ -73,7 +73,13 @@ async function runTern(kernel: string, initrd: string, cmdline: string): Promise
     '--net', `tap=${TAP},ip=${HOST_IP},mask=255.255.255.0,mac=${GUEST_MAC}`,
   ], [], benchTernEnv());
   try {
-    const { code } = await vm.exit(TIMEOUT_MS);
+    // A guest kernel that panics stays halted: the run ends at the panic, not at the timeout
+    // (in the nested lab a guest now and then takes the lab's emulated-SVM double fault).
+    const panicked = vm.waitFor(/Kernel panic - not syncing[^\n]*\n/, TIMEOUT_MS).then(
+      (m) => Promise.reject(new Error(`the guest kernel panicked (${m[0].trim()}): ${vm.output.slice(-3000)}`)),
+      () => new Promise<never>(() => undefined), // the VMM ended first: its exit tells
+    );
+    const { code } = await Promise.race([vm.exit(TIMEOUT_MS), panicked]);
     if (code !== 0) throw new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);
     return parse(vm.output);
   } finally {
