@@ -174,11 +174,11 @@ function writeLauncher() {
 # tern: the VMM, started from a V8 startup snapshot (tern.KEY.blob, in $TERN_STARTUP_SNAPSHOT_DIR
 # or beside this script) built of this bundle by the node binary on the PATH on a CPU with the
 # same features, and from the plain bundle (tern.js) where there is none. It runs no program but
-# node (shell built-ins only; stat where TERN_STARTUP_SNAPSHOT_DIR is set, readlink and dirname
-# where the launcher is reached through a symbolic link): each one started costs a VMM's
-# start-up a fork and an exec.
+# node (shell built-ins only; stat where TERN_STARTUP_SNAPSHOT_DIR is set, readlink where the
+# launcher is reached through a symbolic link, as a package manager's bin link is): each one
+# started costs a VMM's start-up a fork and an exec.
 case $0 in */*) bin=\${0%/*} ;; *) bin=. ;; esac
-if [ -L "$0" ]; then bin=$(dirname "$(readlink -f "$0")"); fi
+if [ -L "$0" ]; then real=$(readlink -f "$0") && bin=\${real%/*}; fi
 # One malloc arena for all of the VMM's threads unless the user says otherwise: glibc gives
 # threads arenas of their own, and the VMM's few threads (V8's, libuv's, vCPUs, queues) each
 # kept one mostly empty. (README, Memory per idle VM: what it saves, what it costs.)
