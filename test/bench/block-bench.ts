@@ -9,6 +9,7 @@ import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
 // (microvmCommand builds any machine type's command line; the peer here is q35)
 import { GuestProcess } from '../linux/guest-process';
 import { profileSummary } from './cpu-profile';
+import { GuestPanic, panicLine } from './guest-panic';
 import { printRatios, sideBySide, type SideBySideResults } from './side-by-side';
 import { benchTernEnv } from './vmm-columns';
 
@@ -45,7 +46,11 @@ async function runTern(kernel: string, initrd: string, cmdline: string, image: s
   );
   try {
     const { code } = await vm.exit(TIMEOUT_MS);
-    if (code !== 0) throw new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);
+    if (code !== 0) {
+      const panic = panicLine(vm.output);
+      if (panic) throw new GuestPanic('tern', panic, vm.output);
+      throw new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);
+    }
     return parse(vm.output);
   } finally {
     vm.kill();
@@ -65,7 +70,11 @@ async function runQemu(kernel: string, initrd: string, cmdline: string, image: s
     extraArgs: ['-drive', `id=d0,if=none,file=${image},format=raw,aio=threads,cache=writeback`, '-device', 'virtio-blk-pci,drive=d0'],
   });
   const r = await runPeer(cmd, TIMEOUT_MS);
-  if (r.guestStatus !== 0) throw new Error(`QEMU guest ended with ${r.guestStatus}: ${r.output.slice(-2000)}\n${r.stderr.slice(-1000)}`);
+  if (r.guestStatus !== 0) {
+    const panic = panicLine(r.output);
+    if (panic) throw new GuestPanic('qemu', panic, r.output);
+    throw new Error(`QEMU guest ended with ${r.guestStatus}: ${r.output.slice(-2000)}\n${r.stderr.slice(-1000)}`);
+  }
   return parse(r.output);
 }
 

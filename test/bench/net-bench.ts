@@ -10,6 +10,7 @@ import path from 'node:path';
 import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
 import { GuestProcess } from '../linux/guest-process';
 import { native } from '../../src/native/kvm';
+import { GUEST_PANIC_RE, GuestPanic, panicLine } from './guest-panic';
 import { printRatios, sideBySide, type SideBySideResults } from './side-by-side';
 import { benchTernEnv } from './vmm-columns';
 
@@ -75,8 +76,8 @@ async function runTern(kernel: string, initrd: string, cmdline: string): Promise
   try {
     // A guest kernel that panics stays halted: the run ends at the panic, not at the timeout
     // (in the nested lab a guest now and then takes the lab's emulated-SVM double fault).
-    const panicked = vm.waitFor(/Kernel panic - not syncing[^\n]*\n/, TIMEOUT_MS).then(
-      (m) => Promise.reject(new Error(`the guest kernel panicked (${m[0].trim()}): ${vm.output.slice(-3000)}`)),
+    const panicked = vm.waitFor(new RegExp(`${GUEST_PANIC_RE.source}\\n`), TIMEOUT_MS).then(
+      (m) => Promise.reject(new GuestPanic('tern', m[0], vm.output)),
       () => new Promise<never>(() => undefined), // the VMM ended first: its exit tells
     );
     const { code } = await Promise.race([vm.exit(TIMEOUT_MS), panicked]);
@@ -107,7 +108,11 @@ async function runQemu(kernel: string, initrd: string, cmdline: string): Promise
   }
   if (fs.existsSync(`/sys/class/net/${TAP}`)) native().configureInterface(TAP, { ip: HOST_IP, mask: '255.255.255.0', up: true });
   const r = await run;
-  if (r.guestStatus !== 0) throw new Error(`QEMU guest ended with ${r.guestStatus}: ${r.output.slice(-2000)}\n${r.stderr.slice(-1000)}`);
+  if (r.guestStatus !== 0) {
+    const panic = panicLine(r.output);
+    if (panic) throw new GuestPanic('qemu', panic, r.output);
+    throw new Error(`QEMU guest ended with ${r.guestStatus}: ${r.output.slice(-2000)}\n${r.stderr.slice(-1000)}`);
+  }
   return parse(r.output);
 }
 

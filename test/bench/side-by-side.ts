@@ -1,6 +1,7 @@
 // The shape of every device benchmark: tern and QEMU run the same guest jobs in turn, a run
 // each at a time (so drift in the lab hits both alike), and the medians are printed with the
 // ratio tern/QEMU.
+import { GuestPanic } from './guest-panic';
 import { median } from './median';
 
 export interface SideBySideJob {
@@ -13,26 +14,46 @@ export type SideBySideResults = Record<'tern' | 'qemu', number[][]>;
 
 /**
  * `runs` rounds of `tern()` then `qemu()`, each giving one figure per job; `afterTern` (a CPU
- * profile summary) after each tern run. Each run's figures are printed as they come.
+ * profile summary) after each tern run. Each run's figures are printed as they come. A run whose
+ * guest kernel panicked (GuestPanic: a lab fault, not the VMM's) runs again, up to `runs` times in
+ * all; any other failure ends the bench.
  */
 export async function sideBySide(label: string, runs: number, tern: (run: number) => Promise<number[]>, qemu: (run: number) => Promise<number[]>, afterTern?: (run: number) => void): Promise<SideBySideResults> {
   const results: SideBySideResults = { tern: [], qemu: [] };
+  let reruns = 0;
+  const attempt = async (vmm: 'tern' | 'qemu', i: number, run: (run: number) => Promise<number[]>): Promise<number[]> => {
+    for (;;) {
+      try {
+        return await run(i);
+      } catch (e) {
+        if (!(e instanceof GuestPanic) || reruns >= runs) throw e;
+        reruns++;
+        process.stdout.write(`${label} run ${i + 1}/${runs}: ${vmm}'s guest kernel panicked, running it again (rerun ${reruns} of at most ${runs}): ${e.message.split('\n')[0].slice(0, 200)}\n`);
+      }
+    }
+  };
   for (let i = 0; i < runs; i++) {
-    results.tern.push(await tern(i));
+    results.tern.push(await attempt('tern', i, tern));
     process.stdout.write(`${label} run ${i + 1}/${runs}: tern ${results.tern[i].join(' ')}\n`);
     afterTern?.(i);
-    results.qemu.push(await qemu(i));
+    results.qemu.push(await attempt('qemu', i, qemu));
     process.stdout.write(`${label} run ${i + 1}/${runs}: qemu ${results.qemu[i].join(' ')}\n`);
   }
+  if (reruns) process.stdout.write(`${label}: ${reruns} runs repeated after a guest kernel panic\n`);
   return results;
 }
 
-/** The medians of each job, side by side, as a Markdown table under `title`. */
+/**
+ * The medians of each job, side by side, as a Markdown table under `title`, with the median of
+ * the pairs' own ratios beside the ratio of the medians: a pair runs back to back, so its ratio
+ * is less moved by the lab's drift between pairs than the medians are.
+ */
 export function printRatios(title: string, jobs: readonly SideBySideJob[], results: SideBySideResults): void {
-  process.stdout.write(`\n${title}\n| job | tern | QEMU 7.2 | ratio |\n|---|---|---|---|\n`);
+  process.stdout.write(`\n${title}\n| job | tern | QEMU 7.2 | ratio | median of pair ratios (each pair) |\n|---|---|---|---|---|\n`);
   jobs.forEach((j, k) => {
     const ours = median(results.tern.map((r) => r[k]));
     const peer = median(results.qemu.map((r) => r[k]));
-    process.stdout.write(`| ${j.name} | ${ours.toFixed(1)} ${j.metric} | ${peer.toFixed(1)} ${j.metric} | ${(ours / peer).toFixed(2)} |\n`);
+    const pairs = results.tern.map((r, i) => r[k] / results.qemu[i][k]);
+    process.stdout.write(`| ${j.name} | ${ours.toFixed(1)} ${j.metric} | ${peer.toFixed(1)} ${j.metric} | ${(ours / peer).toFixed(2)} | ${median(pairs).toFixed(2)} (${pairs.map((x) => x.toFixed(2)).join(', ')}) |\n`);
   });
 }

@@ -1,0 +1,95 @@
+import test from 'ava';
+import { GuestPanic, panicLine } from '../bench/guest-panic';
+import { printRatios, sideBySide } from '../bench/side-by-side';
+
+/** Run `f` with stdout captured; returns what it wrote. */
+async function captured<T>(f: () => Promise<T>): Promise<{ value: T; out: string }> {
+  const write = process.stdout.write.bind(process.stdout);
+  let out = '';
+  process.stdout.write = ((s: string | Uint8Array) => {
+    out += String(s);
+    return true;
+  }) as typeof process.stdout.write;
+  try {
+    return { value: await f(), out };
+  } finally {
+    process.stdout.write = write;
+  }
+}
+
+const PANIC = '[   12.345678] Kernel panic - not syncing: Fatal exception in interrupt';
+
+test('a panic line is found in a guest console, and only a panic line', (t) => {
+  t.is(panicLine(`boot\n${PANIC}\n[ end Kernel panic ]`), PANIC.slice(PANIC.indexOf('Kernel')));
+  t.is(panicLine('NETBENCH send MiBps=12\nTERN-GUEST-EXIT 0\n'), undefined);
+});
+
+test.serial('a run whose guest kernel panicked runs again; every pair is complete and in order', async (t) => {
+  let ternCalls = 0;
+  let qemuCalls = 0;
+  const { value, out } = await captured(() =>
+    sideBySide(
+      'net',
+      3,
+      async (i) => {
+        ternCalls++;
+        if (ternCalls === 2) throw new GuestPanic('tern', PANIC, 'console');
+        return [10 + i];
+      },
+      async (i) => {
+        qemuCalls++;
+        if (qemuCalls === 3) throw new GuestPanic('qemu', PANIC, 'console');
+        return [20 + i];
+      },
+    ),
+  );
+  t.deepEqual(value, { tern: [[10], [11], [12]], qemu: [[20], [21], [22]] });
+  t.is(ternCalls, 4);
+  t.is(qemuCalls, 4);
+  t.regex(out, /net run 2\/3: tern's guest kernel panicked, running it again/);
+  t.regex(out, /net run 3\/3: qemu's guest kernel panicked, running it again/);
+  t.regex(out, /net: 2 runs repeated after a guest kernel panic/);
+});
+
+test.serial('any other failure ends the bench at once, and so do more panics than runs', async (t) => {
+  let calls = 0;
+  await t.throwsAsync(
+    captured(() =>
+      sideBySide(
+        'block',
+        3,
+        async () => {
+          calls++;
+          throw new Error('tern exited 1');
+        },
+        async () => [1],
+      ),
+    ),
+    { message: 'tern exited 1' },
+  );
+  t.is(calls, 1);
+  calls = 0;
+  await t.throwsAsync(
+    captured(() =>
+      sideBySide(
+        'block',
+        2,
+        async () => [1],
+        async () => {
+          calls++;
+          throw new GuestPanic('qemu', PANIC, 'console');
+        },
+      ),
+    ),
+    { instanceOf: GuestPanic },
+  );
+  t.is(calls, 3, 'two reruns for two pairs, then the third panic ends it');
+});
+
+test.serial('the table gives each job the ratio of the medians and the median of the pairs\' ratios', async (t) => {
+  const { out } = await captured(async () =>
+    printRatios('title', [{ name: 'TCP guest to host', metric: 'MiB/s' }], { tern: [[100], [300], [120]], qemu: [[100], [100], [240]] }),
+  );
+  // medians 120 and 100 (1.20); pair ratios 1.00, 3.00, 0.50 (median 1.00)
+  t.regex(out, /\| TCP guest to host \| 120\.0 MiB\/s \| 100\.0 MiB\/s \| 1\.20 \| 1\.00 \(1\.00, 3\.00, 0\.50\) \|/);
+});
