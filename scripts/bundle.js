@@ -134,8 +134,10 @@ function buildTernSnapshot() {
   const r = spawnSync(process.execPath, ['--snapshot-blob', tmp(blob), '--build-snapshot', entry], {
     cwd: bin,
     encoding: 'utf8',
-    // (Node warns that some built-in modules are not verified in snapshots: the tests are)
-    env: { ...process.env, NODE_NO_WARNINGS: '1' },
+    // (Node warns that some built-in modules are not verified in snapshots: the tests are. No
+    // NODE_OPTIONS: V8 flags in it would be the snapshot's, and node refuses to start from it
+    // without them; the launcher uses it only where NODE_OPTIONS is unset.)
+    env: { ...process.env, NODE_NO_WARNINGS: '1', NODE_OPTIONS: '' },
   });
   if (r.status !== 0 || !fs.existsSync(tmp(blob))) {
     process.stderr.write(`bundle: no startup snapshot (tern starts from tern.js): ${(r.stderr || r.error?.message || '').trim().split('\n').slice(-3).join(' | ')}\n`);
@@ -206,20 +208,25 @@ fi
 # (the same modification time, to the nanosecond)
 same_time() { [ -e "$1" ] && [ -e "$2" ] && ! [ "$1" -nt "$2" ] && ! [ "$2" -nt "$1" ]; }
 flags_read=
-for stamp in \${own:+"$own"/tern.*.blob.node} "$bin"/tern.*.blob.node; do
-  [ -r "$stamp" ] && [ -r "\${stamp%.node}" ] || continue
-  if [ -z "$flags_read" ]; then
-${CPU_FLAGS_SH.replace(/^/gm, '    ')}
-    flags_read=1
-  fi
-  { read -r built_bin; read -r built_node; read -r built_cpu; } < "$stamp"
-  # (-ef: the same file, however its path is spelled; the stamp has the time of the node binary
-  # that built the snapshot, the blob the time of the bundle it was made of)
-  if [ "$built_cpu" = "$cpu" ] && [ "$built_bin" -ef "$bin" ] && [ "$built_node" -ef "$node" ] &&
-    same_time "$node" "$stamp" && same_time "$bin/tern-snapshot.js" "\${stamp%.node}"; then
-    exec "$node" --snapshot-blob "\${stamp%.node}" "$bin/tern.js" "$@"
-  fi
-done
+# Node refuses a snapshot built with other V8 flags than it runs with, and exits: with
+# NODE_OPTIONS set (it may hold V8 flags, --max-old-space-size say) the plain bundle starts.
+# (The snapshot is built with no NODE_OPTIONS.)
+if [ -z "$NODE_OPTIONS" ]; then
+  for stamp in \${own:+"$own"/tern.*.blob.node} "$bin"/tern.*.blob.node; do
+    [ -r "$stamp" ] && [ -r "\${stamp%.node}" ] || continue
+    if [ -z "$flags_read" ]; then
+${CPU_FLAGS_SH.replace(/^/gm, '      ')}
+      flags_read=1
+    fi
+    { read -r built_bin; read -r built_node; read -r built_cpu; } < "$stamp"
+    # (-ef: the same file, however its path is spelled; the stamp has the time of the node binary
+    # that built the snapshot, the blob the time of the bundle it was made of)
+    if [ "$built_cpu" = "$cpu" ] && [ "$built_bin" -ef "$bin" ] && [ "$built_node" -ef "$node" ] &&
+      same_time "$node" "$stamp" && same_time "$bin/tern-snapshot.js" "\${stamp%.node}"; then
+      exec "$node" --snapshot-blob "\${stamp%.node}" "$bin/tern.js" "$@"
+    fi
+  done
+fi
 exec "$node" "$bin/tern.js" "$@"
 `,
     { mode: 0o755 },

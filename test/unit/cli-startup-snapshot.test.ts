@@ -158,6 +158,13 @@ test.serial('the launcher runs no program but node: with only node on the PATH, 
   }
 });
 
+test.serial('with V8 flags in NODE_OPTIONS (which node would refuse the snapshot for, and exit) tern starts from the plain bundle and serves the API', async (t) => {
+  for (const options of ['--max-old-space-size=200', '--stack-trace-limit=20 --enable-source-maps']) {
+    t.is(await blobUsed(t, path.join(BIN, 'tern'), { ...process.env, NODE_OPTIONS: options }, options), undefined, options);
+  }
+  t.is(path.basename((await blobUsed(t, path.join(BIN, 'tern'), { ...process.env, NODE_OPTIONS: '' }, 'an empty NODE_OPTIONS')) ?? ''), builtSnapshot()[0]);
+});
+
 test.serial('a MALLOC_ARENA_MAX the user set reaches the VMM unchanged', async (t) => {
   const vmm = await startTern(path.join(BIN, 'tern'), { ...process.env, MALLOC_ARENA_MAX: '4' });
   try {
