@@ -9,7 +9,7 @@ import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
 // (microvmCommand builds any machine type's command line; the peer here is q35)
 import { GuestProcess } from '../linux/guest-process';
 import { profileSummary } from './cpu-profile';
-import { GuestPanic, panicLine } from './guest-panic';
+import { labGuestFault } from './lab-guest-fault';
 import { printRatios, sideBySide, type SideBySideResults } from './side-by-side';
 import { benchTernEnv } from './vmm-columns';
 
@@ -45,10 +45,10 @@ async function runTern(kernel: string, initrd: string, cmdline: string, image: s
     benchTernEnv(),
   );
   try {
-    const { code } = await vm.exit(TIMEOUT_MS);
+    const { code } = await vm.exit(TIMEOUT_MS).catch((e) => Promise.reject(vm.child.exitCode === null ? labGuestFault('tern', vm.output, TIMEOUT_MS) : e));
     if (code !== 0) {
-      const panic = panicLine(vm.output);
-      if (panic) throw new GuestPanic('tern', panic, vm.output);
+      const fault = labGuestFault('tern', vm.output);
+      if (fault) throw fault;
       throw new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);
     }
     return parse(vm.output);
@@ -71,8 +71,8 @@ async function runQemu(kernel: string, initrd: string, cmdline: string, image: s
   });
   const r = await runPeer(cmd, TIMEOUT_MS);
   if (r.guestStatus !== 0) {
-    const panic = panicLine(r.output);
-    if (panic) throw new GuestPanic('qemu', panic, r.output);
+    const fault = labGuestFault('qemu', r.output, r.timedOut ? TIMEOUT_MS : undefined);
+    if (fault) throw fault;
     throw new Error(`QEMU guest ended with ${r.guestStatus}: ${r.output.slice(-2000)}\n${r.stderr.slice(-1000)}`);
   }
   return parse(r.output);

@@ -1,15 +1,25 @@
-// A guest kernel that panicked in a bench run. In the nested lab a guest now and then takes the
-// lab's emulated-SVM double fault (seen at entry_SYSCALL_64, under tern and QEMU alike): that run
-// says nothing about the VMM, so the bench runs it again instead of giving up every pair.
+// A bench run lost to the nested lab rather than measured: the guest kernel panicked (now and then
+// a guest takes the lab's emulated-SVM double fault, seen at entry_SYSCALL_64 under tern and QEMU
+// alike) or the guest fell silent until the run's time limit (seen under QEMU, the guest stalled
+// after reaching user space). Such a run says nothing about the VMM's speed: the bench runs it
+// again instead of giving up every pair, and says so in its output.
 export const GUEST_PANIC_RE = /Kernel panic - not syncing[^\n]*/;
 
-export class GuestPanic extends Error {
-  constructor(readonly vmm: 'tern' | 'qemu', line: string, output: string) {
-    super(`the ${vmm} guest's kernel panicked (${line.trim()}): ${output.slice(-3000)}`);
+export class LabGuestFault extends Error {
+  constructor(readonly vmm: 'tern' | 'qemu', what: string, output: string) {
+    super(`the ${vmm} guest ${what}: ${output.slice(-3000)}`);
   }
 }
 
 /** The panic line in a guest's console output, if its kernel panicked. */
 export function panicLine(output: string): string | undefined {
   return GUEST_PANIC_RE.exec(output)?.[0];
+}
+
+/** The fault a failed run's console shows (a panic), or else a stall if the run hit its time limit. */
+export function labGuestFault(vmm: 'tern' | 'qemu', output: string, timedOutMs?: number): LabGuestFault | undefined {
+  const panic = panicLine(output);
+  if (panic) return new LabGuestFault(vmm, `kernel panicked (${panic.trim()})`, output);
+  if (timedOutMs !== undefined) return new LabGuestFault(vmm, `gave no result within ${timedOutMs / 1000} s`, output);
+  return undefined;
 }

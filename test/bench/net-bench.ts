@@ -10,7 +10,7 @@ import path from 'node:path';
 import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
 import { GuestProcess } from '../linux/guest-process';
 import { native } from '../../src/native/kvm';
-import { GUEST_PANIC_RE, GuestPanic, panicLine } from './guest-panic';
+import { GUEST_PANIC_RE, LabGuestFault, labGuestFault } from './lab-guest-fault';
 import { printRatios, sideBySide, type SideBySideResults } from './side-by-side';
 import { benchTernEnv } from './vmm-columns';
 
@@ -18,7 +18,8 @@ const FIXTURES = process.env.TERN_FIXTURES ?? '/var/cache/tern/fixtures';
 const RUNS = Number(process.env.TERN_BENCH_NET_RUNS ?? process.env.TERN_BENCH_RUNS ?? 3);
 const SECONDS = Number(process.env.TERN_BENCH_NET_SECONDS ?? 5);
 const MEM_MIB = 512;
-const TIMEOUT_MS = 600_000;
+/** a run takes about 40 s in the lab (boot and three jobs): one with no result by then is stuck */
+const TIMEOUT_MS = 240_000;
 const TAP = 'tbench0';
 const HOST_IP = '192.168.251.1';
 const GUEST_IP = '192.168.251.2';
@@ -77,10 +78,10 @@ async function runTern(kernel: string, initrd: string, cmdline: string): Promise
     // A guest kernel that panics stays halted: the run ends at the panic, not at the timeout
     // (in the nested lab a guest now and then takes the lab's emulated-SVM double fault).
     const panicked = vm.waitFor(new RegExp(`${GUEST_PANIC_RE.source}\\n`), TIMEOUT_MS).then(
-      (m) => Promise.reject(new GuestPanic('tern', m[0], vm.output)),
+      (m) => Promise.reject(new LabGuestFault('tern', `kernel panicked (${m[0].trim()})`, vm.output)),
       () => new Promise<never>(() => undefined), // the VMM ended first: its exit tells
     );
-    const { code } = await Promise.race([vm.exit(TIMEOUT_MS), panicked]);
+    const { code } = await Promise.race([vm.exit(TIMEOUT_MS).catch((e) => Promise.reject(vm.child.exitCode === null ? labGuestFault('tern', vm.output, TIMEOUT_MS) : e)), panicked]);
     if (code !== 0) throw new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);
     return parse(vm.output);
   } finally {
@@ -109,8 +110,8 @@ async function runQemu(kernel: string, initrd: string, cmdline: string): Promise
   if (fs.existsSync(`/sys/class/net/${TAP}`)) native().configureInterface(TAP, { ip: HOST_IP, mask: '255.255.255.0', up: true });
   const r = await run;
   if (r.guestStatus !== 0) {
-    const panic = panicLine(r.output);
-    if (panic) throw new GuestPanic('qemu', panic, r.output);
+    const fault = labGuestFault('qemu', r.output, r.timedOut ? TIMEOUT_MS : undefined);
+    if (fault) throw fault;
     throw new Error(`QEMU guest ended with ${r.guestStatus}: ${r.output.slice(-2000)}\n${r.stderr.slice(-1000)}`);
   }
   return parse(r.output);

@@ -1,7 +1,7 @@
 // The shape of every device benchmark: tern and QEMU run the same guest jobs in turn, a run
 // each at a time (so drift in the lab hits both alike), and the medians are printed with the
 // ratio tern/QEMU.
-import { GuestPanic } from './guest-panic';
+import { LabGuestFault } from './lab-guest-fault';
 import { median } from './median';
 
 export interface SideBySideJob {
@@ -15,7 +15,7 @@ export type SideBySideResults = Record<'tern' | 'qemu', number[][]>;
 /**
  * `runs` rounds of `tern()` then `qemu()`, each giving one figure per job; `afterTern` (a CPU
  * profile summary) after each tern run. Each run's figures are printed as they come. A run whose
- * guest kernel panicked (GuestPanic: a lab fault, not the VMM's) runs again, up to `runs` times in
+ * guest was lost to the lab (LabGuestFault: a panic or a stall) runs again, up to `runs` times in
  * all; any other failure ends the bench.
  */
 export async function sideBySide(label: string, runs: number, tern: (run: number) => Promise<number[]>, qemu: (run: number) => Promise<number[]>, afterTern?: (run: number) => void): Promise<SideBySideResults> {
@@ -26,9 +26,9 @@ export async function sideBySide(label: string, runs: number, tern: (run: number
       try {
         return await run(i);
       } catch (e) {
-        if (!(e instanceof GuestPanic) || reruns >= runs) throw e;
+        if (!(e instanceof LabGuestFault) || reruns >= runs) throw e;
         reruns++;
-        process.stdout.write(`${label} run ${i + 1}/${runs}: ${vmm}'s guest kernel panicked, running it again (rerun ${reruns} of at most ${runs}): ${e.message.split('\n')[0].slice(0, 200)}\n`);
+        process.stdout.write(`${label} run ${i + 1}/${runs}: ${vmm}'s run was lost to the lab, running it again (rerun ${reruns} of at most ${runs}): ${e.message.split('\n')[0].slice(0, 200)}\n`);
       }
     }
   };
@@ -39,7 +39,7 @@ export async function sideBySide(label: string, runs: number, tern: (run: number
     results.qemu.push(await attempt('qemu', i, qemu));
     process.stdout.write(`${label} run ${i + 1}/${runs}: qemu ${results.qemu[i].join(' ')}\n`);
   }
-  if (reruns) process.stdout.write(`${label}: ${reruns} runs repeated after a guest kernel panic\n`);
+  if (reruns) process.stdout.write(`${label}: ${reruns} runs repeated after the lab lost them\n`);
   return results;
 }
 

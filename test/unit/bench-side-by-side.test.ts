@@ -1,5 +1,5 @@
 import test from 'ava';
-import { GuestPanic, panicLine } from '../bench/guest-panic';
+import { LabGuestFault, labGuestFault, panicLine } from '../bench/lab-guest-fault';
 import { printRatios, sideBySide } from '../bench/side-by-side';
 
 /** Run `f` with stdout captured; returns what it wrote. */
@@ -19,9 +19,11 @@ async function captured<T>(f: () => Promise<T>): Promise<{ value: T; out: string
 
 const PANIC = '[   12.345678] Kernel panic - not syncing: Fatal exception in interrupt';
 
-test('a panic line is found in a guest console, and only a panic line', (t) => {
+test('a panic in the console or a run past its limit is the lab\'s fault; a guest that failed otherwise is not', (t) => {
   t.is(panicLine(`boot\n${PANIC}\n[ end Kernel panic ]`), PANIC.slice(PANIC.indexOf('Kernel')));
-  t.is(panicLine('NETBENCH send MiBps=12\nTERN-GUEST-EXIT 0\n'), undefined);
+  t.regex(labGuestFault('tern', `boot\n${PANIC}\n`)!.message, /^the tern guest kernel panicked \(Kernel panic - not syncing: Fatal exception in interrupt\)/);
+  t.regex(labGuestFault('qemu', 'TERN-GUEST-USERSPACE\n', 240_000)!.message, /^the qemu guest gave no result within 240 s/);
+  t.is(labGuestFault('tern', 'NETBENCH send MiBps=12\nTERN-GUEST-EXIT 1\n'), undefined);
 });
 
 test.serial('a run whose guest kernel panicked runs again; every pair is complete and in order', async (t) => {
@@ -33,12 +35,12 @@ test.serial('a run whose guest kernel panicked runs again; every pair is complet
       3,
       async (i) => {
         ternCalls++;
-        if (ternCalls === 2) throw new GuestPanic('tern', PANIC, 'console');
+        if (ternCalls === 2) throw labGuestFault('tern', `console\n${PANIC}\n`)!;
         return [10 + i];
       },
       async (i) => {
         qemuCalls++;
-        if (qemuCalls === 3) throw new GuestPanic('qemu', PANIC, 'console');
+        if (qemuCalls === 3) throw labGuestFault('qemu', 'TERN-GUEST-USERSPACE\n', 240_000)!;
         return [20 + i];
       },
     ),
@@ -46,9 +48,9 @@ test.serial('a run whose guest kernel panicked runs again; every pair is complet
   t.deepEqual(value, { tern: [[10], [11], [12]], qemu: [[20], [21], [22]] });
   t.is(ternCalls, 4);
   t.is(qemuCalls, 4);
-  t.regex(out, /net run 2\/3: tern's guest kernel panicked, running it again/);
-  t.regex(out, /net run 3\/3: qemu's guest kernel panicked, running it again/);
-  t.regex(out, /net: 2 runs repeated after a guest kernel panic/);
+  t.regex(out, /net run 2\/3: tern's run was lost to the lab, running it again/);
+  t.regex(out, /net run 3\/3: qemu's run was lost to the lab, running it again/);
+  t.regex(out, /net: 2 runs repeated after the lab lost them/);
 });
 
 test.serial('any other failure ends the bench at once, and so do more panics than runs', async (t) => {
@@ -77,11 +79,11 @@ test.serial('any other failure ends the bench at once, and so do more panics tha
         async () => [1],
         async () => {
           calls++;
-          throw new GuestPanic('qemu', PANIC, 'console');
+          throw labGuestFault('qemu', 'TERN-GUEST-USERSPACE\n', 240_000)!;
         },
       ),
     ),
-    { instanceOf: GuestPanic },
+    { instanceOf: LabGuestFault },
   );
   t.is(calls, 3, 'two reruns for two pairs, then the third panic ends it');
 });
