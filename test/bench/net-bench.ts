@@ -66,7 +66,19 @@ async function hostEnd(): Promise<() => void> {
   const ports = [PORTS.send, PORTS.recv, PORTS.rr];
   // (0.0.0.0: the tap and its address come and go with each VMM)
   await Promise.all(servers.map((srv, i) => new Promise<void>((resolve) => srv.listen(ports[i], '0.0.0.0', resolve))));
-  return () => servers.forEach((s) => s.close());
+  // A guest killed with its VMM never closes its connections: their host ends are destroyed
+  // here, or they (and the servers, which wait for them) would keep the bench from exiting.
+  const open = new Set<net.Socket>();
+  for (const srv of servers) {
+    srv.on('connection', (c) => {
+      open.add(c);
+      c.on('close', () => open.delete(c));
+    });
+  }
+  return () => {
+    servers.forEach((s) => s.close());
+    open.forEach((c) => c.destroy());
+  };
 }
 
 async function runTern(kernel: string, initrd: string, cmdline: string): Promise<number[]> {
