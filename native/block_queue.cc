@@ -141,7 +141,7 @@ bool BlockQueue::Start(Napi::Env env, Napi::Object o, Napi::Function onBroken) {
   if (!id.IsString()) return ThrowTypeError(env, "serveBlockQueue: id must be a string"), false;
   disk_.id = id.As<Napi::String>().Utf8Value().substr(0, kIdBytes);
 
-  return t_.Launch(env, onBroken, "tern block queue", [this] { Run(); });
+  return t_.Launch(env, onBroken, "tern blk queue", [this] { Run(); });
 }
 
 void BlockQueue::Run() noexcept {

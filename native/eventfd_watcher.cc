@@ -428,7 +428,10 @@ class EventfdWatcher : public Napi::ObjectWrap<EventfdWatcher> {
     c->tsfnLive = true;
     c->UpdateRef(env);  // nothing watched yet
     try {
-      c->thread = std::thread([c] { c->Run(); });
+      c->thread = std::thread([c] {
+        pthread_setname_np(pthread_self(), "tern eventfds");
+        c->Run();
+      });
     } catch (const std::system_error& e) {
       c->Shutdown(env);
       ThrowErrno(env, "starting the eventfd watcher thread", e.code().value());

@@ -1040,7 +1040,13 @@ Napi::Value Vcpu::Start(const Napi::CallbackInfo& info) {
   std::shared_ptr<VcpuCore> c = core_;
   ExitMsg* s = stopped.get();
   try {
-    thread_ = std::thread([c, s] { c->ThreadMain(c, s); });
+    thread_ = std::thread([c, s, id = id_] {
+      // (named for top -H, perf and /proc/PID/task/*/comm: which thread is which vCPU)
+      char name[16];
+      snprintf(name, sizeof name, "tern vcpu %u", id);
+      pthread_setname_np(pthread_self(), name);
+      c->ThreadMain(c, s);
+    });
   } catch (const std::system_error& e) {
     // No thread (EAGAIN: out of threads or memory): leave the vCPU startable again.
     core_->state = VState::Idle;

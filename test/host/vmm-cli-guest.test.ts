@@ -131,12 +131,15 @@ test('a paste longer than the UART buffer reaches the guest whole, in order', as
   }
 });
 
-test('--cpus boot=2: the AP waits for SIPI and the boot vCPU keeps counting', async (t) => {
+test('--cpus boot=2: the AP waits for SIPI and the boot vCPU keeps counting; top -H names each vCPU thread', async (t) => {
   const vm = await startTinyVm(['--cpus', 'boot=2']);
   try {
     await vm.waitFor(/^COUNT 5\n/m, T);
     const counts = countsIn(vm.output);
     t.deepEqual(counts, counts.map((_, i) => i));
+    const taskDir = `/proc/${vm.child.pid}/task`;
+    const names = fs.readdirSync(taskDir).map((tid) => fs.readFileSync(path.join(taskDir, tid, 'comm'), 'utf8').trim());
+    t.deepEqual(names.filter((n) => n.startsWith('tern vcpu')).sort(), ['tern vcpu 0', 'tern vcpu 1'], names.join(', '));
     await powerOff(vm);
     t.is(boots(vm), 1);
   } finally {

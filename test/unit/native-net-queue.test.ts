@@ -106,6 +106,9 @@ test('a transmitted frame reaches the host through the tap, is counted, and its 
   t.not(native().eventfdRead(q.irq), null, 'an interrupt');
   await until('the datagram to arrive', () => peer.got.length === 1);
   t.deepEqual(peer.got[0], payload);
+  // (named for top -H and perf: which thread serves a queue)
+  const names = fs.readdirSync('/proc/self/task').map((tid) => fs.readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim());
+  t.true(names.includes('tern net queue'), names.join(', '));
   t.deepEqual(q.queue.stop(), { nextAvail: 1, nextUsed: 1, counters: { rx_bytes: 0, rx_frames: 0, rx_dropped: 0, tx_bytes: frame.length, tx_frames: 1, tx_dropped: 0 } });
   t.deepEqual(q.broken, []);
 });
