@@ -10,6 +10,7 @@ import path from 'node:path';
 import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
 import { GuestProcess } from '../linux/guest-process';
 import { native } from '../../src/native/kvm';
+import { describeJobCpu, JobCpuMeter } from './job-cpu';
 import { GUEST_PANIC_RE, LabGuestFault, labGuestFault } from './lab-guest-fault';
 import { printRatios, sideBySide, type SideBySideResults } from './side-by-side';
 import { benchTernEnv } from './vmm-columns';
@@ -32,6 +33,13 @@ const JOBS: { name: string; mode: keyof typeof PORTS; metric: 'MiBps' | 'tps' }[
   { name: 'TCP host to guest', mode: 'recv', metric: 'MiBps' },
   { name: 'TCP request/response, 1 byte', mode: 'rr', metric: 'tps' },
 ];
+
+/** The console lines that open and end the jobs: the CPU each took is measured between them. */
+const JOB_MARKERS = [/TERN-GUEST-USERSPACE/, ...JOBS.map((j) => new RegExp(`^NETBENCH ${j.mode} `, 'm'))];
+
+function printJobCpu(vmm: string, meter: JobCpuMeter): void {
+  meter.jobs().forEach((j, k) => process.stdout.write(`  ${vmm} ${JOBS[k].name}: ${describeJobCpu(j)}\n`));
+}
 
 function parse(output: string): number[] {
   return JOBS.map((j) => {
@@ -86,6 +94,8 @@ async function runTern(kernel: string, initrd: string, cmdline: string): Promise
     '--kernel', kernel, '--initramfs', initrd, '--cmdline', cmdline, '--cpus', 'boot=1', '--memory', `size=${MEM_MIB}M`, '--serial', 'tty', '--console', 'off',
     '--net', `tap=${TAP},ip=${HOST_IP},mask=255.255.255.0,mac=${GUEST_MAC}`,
   ], [], benchTernEnv());
+  const meter = new JobCpuMeter(() => vm.child.pid, JOB_MARKERS);
+  vm.child.stdout.on('data', (d: Buffer) => meter.feed(d.toString('latin1')));
   try {
     // A guest kernel that panics stays halted: the run ends at the panic, not at the timeout
     // (in the nested lab a guest now and then takes the lab's emulated-SVM double fault).
@@ -95,7 +105,9 @@ async function runTern(kernel: string, initrd: string, cmdline: string): Promise
     );
     const { code } = await Promise.race([vm.exit(TIMEOUT_MS).catch((e) => Promise.reject(vm.child.exitCode === null ? labGuestFault('tern', vm.output, TIMEOUT_MS) : e)), panicked]);
     if (code !== 0) throw new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);
-    return parse(vm.output);
+    const figures = parse(vm.output);
+    printJobCpu('tern', meter);
+    return figures;
   } finally {
     vm.kill();
   }
@@ -113,7 +125,9 @@ async function runQemu(kernel: string, initrd: string, cmdline: string): Promise
     // (-cpu host: the guest sees the CPU it sees under tern, whose default profile is the host's)
     extraArgs: ['-cpu', 'host', '-netdev', `tap,id=n0,ifname=${TAP},script=no,downscript=no,vhost=off`, '-device', `virtio-net-pci,netdev=n0,mac=${GUEST_MAC}`],
   });
-  const run = runPeer(cmd, TIMEOUT_MS);
+  let pid: number | undefined;
+  const meter = new JobCpuMeter(() => pid, JOB_MARKERS);
+  const run = runPeer(cmd, TIMEOUT_MS, (text) => meter.feed(text), undefined, (p) => (pid = p));
   const end = Date.now() + 60_000;
   while (!fs.existsSync(`/sys/class/net/${TAP}`)) {
     if (Date.now() > end) break;
@@ -126,7 +140,9 @@ async function runQemu(kernel: string, initrd: string, cmdline: string): Promise
     if (fault) throw fault;
     throw new Error(`QEMU guest ended with ${r.guestStatus}: ${r.output.slice(-2000)}\n${r.stderr.slice(-1000)}`);
   }
-  return parse(r.output);
+  const figures = parse(r.output);
+  printJobCpu('qemu', meter);
+  return figures;
 }
 
 async function main(): Promise<void> {

@@ -118,13 +118,15 @@ export interface PeerInput {
 /**
  * Runs the command to completion, timing the guest's markers. Never rejects
  * on guest failure; check the fields. With `input`, stdin is a pipe kept open
- * (an early EOF or bytes sent before the UART is set up would be lost).
+ * (an early EOF or bytes sent before the UART is set up would be lost). `onSpawn` gets QEMU's
+ * pid (a bench reads its CPU time).
  */
-export function runPeer(c: Command, timeoutMs: number, onOutput?: (s: string) => void, input?: PeerInput): Promise<PeerRun> {
+export function runPeer(c: Command, timeoutMs: number, onOutput?: (s: string) => void, input?: PeerInput, onSpawn?: (pid: number) => void): Promise<PeerRun> {
   return new Promise((resolve, reject) => {
     const start = process.hrtime.bigint();
     const ms = () => Number(process.hrtime.bigint() - start) / 1e6;
     const child = spawn(c.file, c.args, { stdio: [input ? 'pipe' : 'ignore', 'pipe', 'pipe'] });
+    if (child.pid !== undefined) onSpawn?.(child.pid);
     let typed = false;
     const r: PeerRun = {
       output: '', userspaceMs: -1, guestExitMs: -1, guestStatus: -1,

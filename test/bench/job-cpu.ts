@@ -1,0 +1,92 @@
+// Where the CPU went while a guest ran each bench job: the VMM's threads (by name: the
+// JavaScript thread, vCPUs, queue threads; QEMU's by its own names) and the whole machine's busy
+// share. In the nested lab the two emulated CPUs carry the guest, the VMM and the host's network
+// stack at once, so a VMM that spends more CPU per byte leaves less of it to the guest.
+import fs from 'node:fs';
+
+const TICK_MS = 10; // USER_HZ: /proc reports times in 1/100 s
+
+interface CpuSample {
+  /** CPU ms per thread name (the main thread as "main") */
+  threads: Map<string, number>;
+  /** the machine's busy and total ms, all CPUs */
+  busy: number;
+  total: number;
+}
+
+function sample(pid: number): CpuSample | undefined {
+  try {
+    const threads = new Map<string, number>();
+    for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
+      const stat = fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+      // (the name in parentheses may hold spaces: the fields after it are counted from its end)
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      const ms = (Number(fields[11]) + Number(fields[12])) * TICK_MS;
+      const name = tid === String(pid) ? 'main' : fs.readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim();
+      threads.set(name, (threads.get(name) ?? 0) + ms);
+    }
+    const cpu = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+    const total = cpu.slice(0, 8).reduce((a, b) => a + b, 0) * TICK_MS;
+    return { threads, busy: total - (cpu[3] + cpu[4]) * TICK_MS, total };
+  } catch {
+    return undefined; // the process ended meanwhile
+  }
+}
+
+export interface JobCpu {
+  /** the VMM's CPU ms in the job, all threads */
+  vmmMs: number;
+  /** the threads that took at least 5% of it, largest first */
+  threads: [string, number][];
+  /** the machine's busy share over the job, 0..1 */
+  busy: number;
+}
+
+/**
+ * Fed a guest's console output, samples the VMM's CPU each time the next of `markers` appears:
+ * the windows between consecutive markers are the jobs.
+ */
+export class JobCpuMeter {
+  private out = '';
+  private readonly samples: (CpuSample | undefined)[] = [];
+
+  constructor(
+    private readonly pid: () => number | undefined,
+    private readonly markers: readonly RegExp[],
+  ) {}
+
+  feed(text: string): void {
+    this.out += text;
+    while (this.samples.length < this.markers.length && this.markers[this.samples.length].test(this.out)) {
+      const pid = this.pid();
+      this.samples.push(pid === undefined ? undefined : sample(pid));
+    }
+  }
+
+  /** One entry per window whose two samples were taken (undefined where one is missing). */
+  jobs(): (JobCpu | undefined)[] {
+    const jobs: (JobCpu | undefined)[] = [];
+    for (let i = 1; i < this.markers.length; i++) {
+      const a = this.samples[i - 1];
+      const b = this.samples[i];
+      if (!a || !b) {
+        jobs.push(undefined);
+        continue;
+      }
+      const threads = [...b.threads].map(([n, ms]) => [n, ms - (a.threads.get(n) ?? 0)] as [string, number]);
+      const vmmMs = threads.reduce((s, [, ms]) => s + ms, 0);
+      jobs.push({
+        vmmMs,
+        threads: threads.filter(([, ms]) => ms > 0 && ms >= vmmMs * 0.05).sort((x, y) => y[1] - x[1]),
+        busy: b.total > a.total ? (b.busy - a.busy) / (b.total - a.total) : 0,
+      });
+    }
+    return jobs;
+  }
+}
+
+/** "VMM 4.21 s CPU (tern vcpu 0 2.50, tern net queue 1.20, main 0.30), machine 98% busy" */
+export function describeJobCpu(j: JobCpu | undefined): string {
+  if (!j) return 'no CPU figures';
+  return `VMM ${(j.vmmMs / 1000).toFixed(2)} s CPU (${j.threads.map(([n, ms]) => `${n} ${(ms / 1000).toFixed(2)}`).join(', ')}), machine ${(j.busy * 100).toFixed(0)}% busy`;
+}

@@ -1,0 +1,36 @@
+import test from 'ava';
+import { describeJobCpu, JobCpuMeter } from '../bench/job-cpu';
+
+/** Keep this thread busy for `ms`. */
+function burn(ms: number): void {
+  const end = Date.now() + ms;
+  let x = 0;
+  while (Date.now() < end) x += Math.sqrt(x + 1);
+}
+
+test('the CPU a process spends between console markers is measured per job and named by thread', (t) => {
+  const meter = new JobCpuMeter(() => process.pid, [/START/, /^JOB a /m, /^JOB b /m]);
+  meter.feed('boot\nSTA');
+  meter.feed('RT\n');
+  burn(300);
+  meter.feed('JOB a done\n');
+  meter.feed('JOB a done again\n'); // a marker already seen takes no second sample
+  burn(30);
+  const [a, b] = meter.jobs();
+  t.is(b, undefined, 'the second job has not ended');
+  t.truthy(a);
+  // (utime and stime count in 10 ms ticks)
+  t.true(a!.vmmMs >= 250 && a!.vmmMs <= 2000, `${a!.vmmMs} ms`);
+  t.is(a!.threads[0][0], 'main', JSON.stringify(a!.threads));
+  t.true(a!.busy > 0 && a!.busy <= 1);
+  meter.feed('JOB b done\n');
+  t.truthy(meter.jobs()[1]);
+  t.regex(describeJobCpu(a), /^VMM \d+\.\d\d s CPU \(main \d+\.\d\d.*\), machine \d+% busy$/);
+  t.is(describeJobCpu(undefined), 'no CPU figures');
+});
+
+test('a VMM that has exited gives no figures rather than failing the bench', (t) => {
+  const meter = new JobCpuMeter(() => 2 ** 22 + 12345, [/A/, /B/]);
+  meter.feed('A B');
+  t.deepEqual(meter.jobs(), [undefined]);
+});
