@@ -12,6 +12,35 @@ interface CpuSample {
   /** the machine's busy and total ms, all CPUs */
   busy: number;
   total: number;
+  /** wall-clock ms */
+  at: number;
+  /** KVM's counters of the process's VMs (debugfs, where mounted), summed */
+  kvm: Map<string, number>;
+}
+
+/** KVM's per-VM counters worth comparing between VMMs: exits by kind, and halt polling's cost. */
+const KVM_STATS = ['exits', 'io_exits', 'mmio_exits', 'halt_exits', 'irq_exits', 'irq_injections', 'signal_exits', 'halt_poll_success_ns', 'halt_poll_fail_ns'] as const;
+const KVM_DEBUGFS = '/sys/kernel/debug/kvm';
+
+/** The counters of every VM `pid` holds (debugfs names them PID-FD); empty without debugfs. */
+function kvmStats(pid: number): Map<string, number> {
+  const out = new Map<string, number>();
+  let vms: string[];
+  try {
+    vms = fs.readdirSync(KVM_DEBUGFS).filter((d) => d.startsWith(`${pid}-`));
+  } catch {
+    return out;
+  }
+  for (const vm of vms) {
+    for (const name of KVM_STATS) {
+      try {
+        out.set(name, (out.get(name) ?? 0) + Number(fs.readFileSync(`${KVM_DEBUGFS}/${vm}/${name}`, 'utf8')));
+      } catch {
+        // (a counter this kernel does not have)
+      }
+    }
+  }
+  return out;
 }
 
 function sample(pid: number): CpuSample | undefined {
@@ -27,7 +56,7 @@ function sample(pid: number): CpuSample | undefined {
     }
     const cpu = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
     const total = cpu.slice(0, 8).reduce((a, b) => a + b, 0) * TICK_MS;
-    return { threads, busy: total - (cpu[3] + cpu[4]) * TICK_MS, total };
+    return { threads, busy: total - (cpu[3] + cpu[4]) * TICK_MS, total, at: Date.now(), kvm: kvmStats(pid) };
   } catch {
     return undefined; // the process ended meanwhile
   }
@@ -40,6 +69,10 @@ export interface JobCpu {
   threads: [string, number][];
   /** the machine's busy share over the job, 0..1 */
   busy: number;
+  /** the job's wall-clock ms */
+  wallMs: number;
+  /** KVM's counters over the job (empty without debugfs) */
+  kvm: Map<string, number>;
 }
 
 /**
@@ -79,14 +112,20 @@ export class JobCpuMeter {
         vmmMs,
         threads: threads.filter(([, ms]) => ms > 0 && ms >= vmmMs * 0.05).sort((x, y) => y[1] - x[1]),
         busy: b.total > a.total ? (b.busy - a.busy) / (b.total - a.total) : 0,
+        wallMs: b.at - a.at,
+        kvm: new Map([...b.kvm].map(([n, v]) => [n, v - (a.kvm.get(n) ?? 0)])),
       });
     }
     return jobs;
   }
 }
 
-/** "VMM 4.21 s CPU (tern vcpu 0 2.50, tern net queue 1.20, main 0.30), machine 98% busy" */
+/** "VMM 4.21 s CPU in 5.40 s (tern vcpu 0 2.50, ...), machine 98% busy; KVM exits ..." */
 export function describeJobCpu(j: JobCpu | undefined): string {
   if (!j) return 'no CPU figures';
-  return `VMM ${(j.vmmMs / 1000).toFixed(2)} s CPU (${j.threads.map(([n, ms]) => `${n} ${(ms / 1000).toFixed(2)}`).join(', ')}), machine ${(j.busy * 100).toFixed(0)}% busy`;
+  const k = (n: string) => j.kvm.get(n) ?? 0;
+  const exits = j.kvm.size
+    ? `; KVM exits ${k('exits')} (io ${k('io_exits')}, mmio ${k('mmio_exits')}, halt ${k('halt_exits')}, irq ${k('irq_exits')}, signal ${k('signal_exits')}), ${k('irq_injections')} interrupts injected, halt polling ${((k('halt_poll_success_ns') + k('halt_poll_fail_ns')) / 1e6).toFixed(0)} ms`
+    : '';
+  return `VMM ${(j.vmmMs / 1000).toFixed(2)} s CPU in ${(j.wallMs / 1000).toFixed(2)} s (${j.threads.map(([n, ms]) => `${n} ${(ms / 1000).toFixed(2)}`).join(', ')}), machine ${(j.busy * 100).toFixed(0)}% busy${exits}`;
 }
