@@ -45,7 +45,7 @@ async function runTern(kernel: string, initrd: string, cmdline: string, image: s
     benchTernEnv(),
   );
   try {
-    const { code } = await vm.exit(TIMEOUT_MS).catch((e) => Promise.reject(vm.child.exitCode === null ? labGuestFault('tern', vm.output, TIMEOUT_MS) : e));
+    const { code } = await vm.exit(TIMEOUT_MS).catch((e) => Promise.reject(vm.child.exitCode === null ? labGuestFault('tern', `${vm.output}\n${vm.stderr.slice(-3000)}`, TIMEOUT_MS) : e));
     if (code !== 0) {
       const fault = labGuestFault('tern', vm.output);
       if (fault) throw fault;

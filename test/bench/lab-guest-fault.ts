@@ -1,8 +1,10 @@
 // A bench run lost to the nested lab rather than measured: the guest kernel panicked (now and then
 // a guest takes the lab's emulated-SVM double fault, seen at entry_SYSCALL_64 under tern and QEMU
-// alike) or the guest fell silent until the run's time limit (seen under QEMU, the guest stalled
-// after reaching user space). Such a run says nothing about the VMM's speed: the bench runs it
-// again instead of giving up every pair, and says so in its output.
+// alike) or the guest fell silent until the run's time limit (seen under QEMU and under tern, the
+// guest silent after reaching user space). Such a run says nothing about the VMM's speed: the
+// bench runs it again instead of giving up every pair, and says so in its output, with the whole
+// console (and for tern the health report it logged) on stderr, since a stall could also be the
+// VMM's own.
 export const GUEST_PANIC_RE = /Kernel panic - not syncing[^\n]*/;
 
 export class LabGuestFault extends Error {

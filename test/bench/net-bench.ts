@@ -103,7 +103,7 @@ async function runTern(kernel: string, initrd: string, cmdline: string): Promise
       (m) => Promise.reject(new LabGuestFault('tern', `kernel panicked (${m[0].trim()})`, vm.output)),
       () => new Promise<never>(() => undefined), // the VMM ended first: its exit tells
     );
-    const { code } = await Promise.race([vm.exit(TIMEOUT_MS).catch((e) => Promise.reject(vm.child.exitCode === null ? labGuestFault('tern', vm.output, TIMEOUT_MS) : e)), panicked]);
+    const { code } = await Promise.race([vm.exit(TIMEOUT_MS).catch((e) => Promise.reject(vm.child.exitCode === null ? labGuestFault('tern', `${vm.output}\n${vm.stderr.slice(-3000)}`, TIMEOUT_MS) : e)), panicked]);
     if (code !== 0) throw new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);
     const figures = parse(vm.output);
     printJobCpu('tern', meter);

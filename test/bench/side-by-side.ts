@@ -29,6 +29,7 @@ export async function sideBySide(label: string, runs: number, tern: (run: number
         if (!(e instanceof LabGuestFault) || reruns >= runs) throw e;
         reruns++;
         process.stdout.write(`${label} run ${i + 1}/${runs}: ${vmm}'s run was lost to the lab, running it again (rerun ${reruns} of at most ${runs}): ${e.message.split('\n')[0].slice(0, 200)}\n`);
+        process.stderr.write(`${label} run ${i + 1}/${runs}, ${vmm}'s lost run: ${e.message}\n`);
       }
     }
   };
