@@ -71,7 +71,7 @@ async function runQemu(kernel: string, initrd: string, cmdline: string, image: s
   });
   const r = await runPeer(cmd, TIMEOUT_MS);
   if (r.guestStatus !== 0) {
-    const fault = labGuestFault('qemu', r.output, r.timedOut ? TIMEOUT_MS : undefined);
+    const fault = labGuestFault('qemu', r.output, r.timedOut ? TIMEOUT_MS : undefined, { resetEndsVmm: true });
     if (fault) throw fault;
     throw new Error(`QEMU guest ended with ${r.guestStatus}: ${r.output.slice(-2000)}\n${r.stderr.slice(-1000)}`);
   }

@@ -18,10 +18,15 @@ export function panicLine(output: string): string | undefined {
   return GUEST_PANIC_RE.exec(output)?.[0];
 }
 
-/** The fault a failed run's console shows (a panic), or else a stall if the run hit its time limit. */
-export function labGuestFault(vmm: 'tern' | 'qemu', output: string, timedOutMs?: number): LabGuestFault | undefined {
+/**
+ * The fault a failed run's console shows (a panic), or else a stall if the run hit its time
+ * limit, or else (QEMU, started with -no-reboot) a guest that reset itself mid-run: QEMU ended
+ * with no panic and no exit status from the guest, the lab's triple fault.
+ */
+export function labGuestFault(vmm: 'tern' | 'qemu', output: string, timedOutMs?: number, opts: { resetEndsVmm?: boolean } = {}): LabGuestFault | undefined {
   const panic = panicLine(output);
   if (panic) return new LabGuestFault(vmm, `kernel panicked (${panic.trim()})`, output);
   if (timedOutMs !== undefined) return new LabGuestFault(vmm, `gave no result within ${timedOutMs / 1000} s`, output);
+  if (opts.resetEndsVmm && !/TERN-GUEST-EXIT/.test(output)) return new LabGuestFault(vmm, 'ended before its jobs did (QEMU exited with no panic and no exit status: a reset)', output);
   return undefined;
 }

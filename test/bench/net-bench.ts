@@ -136,7 +136,7 @@ async function runQemu(kernel: string, initrd: string, cmdline: string): Promise
   if (fs.existsSync(`/sys/class/net/${TAP}`)) native().configureInterface(TAP, { ip: HOST_IP, mask: '255.255.255.0', up: true });
   const r = await run;
   if (r.guestStatus !== 0) {
-    const fault = labGuestFault('qemu', r.output, r.timedOut ? TIMEOUT_MS : undefined);
+    const fault = labGuestFault('qemu', r.output, r.timedOut ? TIMEOUT_MS : undefined, { resetEndsVmm: true });
     if (fault) throw fault;
     throw new Error(`QEMU guest ended with ${r.guestStatus}: ${r.output.slice(-2000)}\n${r.stderr.slice(-1000)}`);
   }

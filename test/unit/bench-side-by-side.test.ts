@@ -24,6 +24,8 @@ test('a panic in the console or a run past its limit is the lab\'s fault; a gues
   t.regex(labGuestFault('tern', `boot\n${PANIC}\n`)!.message, /^the tern guest kernel panicked \(Kernel panic - not syncing: Fatal exception in interrupt\)/);
   t.regex(labGuestFault('qemu', 'TERN-GUEST-USERSPACE\n', 240_000)!.message, /^the qemu guest gave no result within 240 s/);
   t.is(labGuestFault('tern', 'NETBENCH send MiBps=12\nTERN-GUEST-EXIT 1\n'), undefined);
+  t.regex(labGuestFault('qemu', 'TERN-GUEST-USERSPACE\nNETBENCH send MiBps=12\n', undefined, { resetEndsVmm: true })!.message, /^the qemu guest ended before its jobs did/);
+  t.is(labGuestFault('qemu', 'NETBENCH send MiBps=12\nTERN-GUEST-EXIT 1\n', undefined, { resetEndsVmm: true }), undefined, 'a guest that failed and said so is no lab fault');
 });
 
 test.serial('a run whose guest kernel panicked runs again; every pair is complete and in order', async (t) => {
