@@ -42,16 +42,6 @@ constexpr uint32_t kHeaderBytes = 12;     // struct virtio_net_hdr_v1 (VIRTIO_F_
 constexpr uint32_t kNumBuffersAt = 10;    // its num_buffers field
 constexpr uint32_t kMaxFrame = 65550;     // a 64 KiB GSO frame with its Ethernet and VLAN headers
 constexpr int kFramesPerTurn = 256;       // then the interrupt, so the guest drains meanwhile
-// A guest streaming TCP hands over 64 KiB segmentation-offload frames. Served the moment each
-// doorbell rings, every frame was a turn of its own: one kick, one interrupt (the driver asks for
-// one once most of what it queued is used, and that was one frame). Once the last frame was that
-// large, a kick waits this long before the turn, so the frames the guest queues meanwhile (no
-// kick: the device has not asked for one since) go in the same turn with one interrupt. In the nested
-// lab that halved the interrupts per MiB and took guest-to-host TCP from 0.6-0.8 of QEMU's
-// (whose transmit runs in a bottom half, later) to about even. Small frames (request/response,
-// ARP) are served at once as before.
-constexpr uint32_t kStreamFrameBytes = 16384;
-constexpr useconds_t kStreamBatchUs = 300;
 
 struct Counters {
   std::atomic<uint64_t> rxBytes{0}, rxFrames{0}, rxDropped{0}, txBytes{0}, txFrames{0}, txDropped{0};
@@ -91,7 +81,6 @@ class NetQueue : public Napi::ObjectWrap<NetQueue> {
   bool mergeable_ = false;
   std::vector<uint8_t> frame_;  // receive: the frame read from the tap, header first
   size_t frameLen_ = 0;         // 0: none held
-  bool streaming_ = false;      // transmit: the last frame was a segmentation-offload one
   Counters counters_;
 };
 
@@ -117,7 +106,6 @@ void NetQueue::Run() noexcept {
     // (a kick also ends a wait for the tap: it costs one more look)
     bool tapReady;
     if (!t_.Wait(turn == Turn::kWaitTap ? tapFd_ : -1, receive_ ? POLLIN : POLLOUT, &tapReady)) return;
-    if (turn == Turn::kWaitKick && streaming_) usleep(kStreamBatchUs);
   }
 }
 
@@ -174,7 +162,6 @@ NetQueue::Turn NetQueue::Transmit() {
     } else {
       counters_.txFrames++;
       counters_.txBytes += chain.readableBytes - kHeaderBytes;
-      streaming_ = chain.readableBytes - kHeaderBytes >= kStreamFrameBytes;
     }
     q.PushUsed(chain.head, 0);
   }

@@ -113,34 +113,6 @@ test('a transmitted frame reaches the host through the tap, is counted, and its 
   t.deepEqual(q.broken, []);
 });
 
-test('after a segmentation-size frame, the frames a guest queues just after a kick go in the same turn: one interrupt, no second kick', async (t) => {
-  const nic = tap(t);
-  const q = serve(t, nic.fd, false);
-  const peer = await listen(t, nic.host);
-  q.mem.write(BUF, new Uint8Array(12)); // virtio_net_hdr_v1: no offload
-  const frames = [Buffer.alloc(20_000, 0x5a), Buffer.from('right after it'), Buffer.from('and one more')].map((p) => udpFrame(nic.guest, nic.host, peer.port, p));
-  frames.forEach((f, i) => q.mem.write(BUF + 0x100 + i * 0x6000, f));
-  const post = (i: number, kick: boolean) => q.post([[BUF, 12, false], [BUF + 0x100 + i * 0x6000, frames[i].length, false]], kick);
-  post(0, true);
-  await until('the large frame to be used', () => q.usedIdx() === 1);
-  t.not(native().eventfdRead(q.irq), null);
-  // The next frame rings the doorbell; the one after it, queued 0.1 ms later, does not (as a
-  // driver that the device has not asked for a kick does).
-  post(1, true);
-  const end = process.hrtime.bigint() + 100_000n;
-  while (process.hrtime.bigint() < end);
-  post(2, false);
-  await until('both frames to be used without another kick', () => q.usedIdx() === 3);
-  t.is(native().eventfdRead(q.irq), 1n, 'one interrupt for the two');
-  await until('the datagrams to arrive', () => peer.got.length === 3);
-  t.deepEqual(peer.got.map((g) => g.length), [20_000, 14, 12]);
-  t.deepEqual(q.broken, []);
-  // Small frames are served at once: one kick, one turn each.
-  post(1, true);
-  await until('the small frame to be used', () => q.usedIdx() === 4);
-  t.is(native().eventfdRead(q.irq), 1n);
-});
-
 test('a tap that is down drops what the guest sends, as a NIC without link does, and the queue goes on', async (t) => {
   const nic = tap(t, { up: false });
   const q = serve(t, nic.fd, false);
