@@ -3,6 +3,7 @@
 #pragma once
 
 #include <napi.h>
+#include <pthread.h>
 
 #include <cstdint>
 #include <exception>
@@ -115,6 +116,10 @@ Napi::Value Guarded(const Napi::CallbackInfo& info) {
   }
 
 inline Napi::BigInt Big(Napi::Env env, uint64_t v) { return Napi::BigInt::New(env, v); }
+
+// Name the calling thread for top -H, perf and /proc/PID/task/*/comm. Linux keeps 15 bytes of a
+// name and refuses a longer one outright, so the name is cut to fit.
+inline void NameThisThread(const std::string& name) { pthread_setname_np(pthread_self(), name.substr(0, 15).c_str()); }
 
 // Internal token passed to wrapped-class constructors so JS cannot construct them directly.
 extern const char* const kInternalToken;

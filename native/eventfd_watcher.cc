@@ -429,7 +429,7 @@ class EventfdWatcher : public Napi::ObjectWrap<EventfdWatcher> {
     c->UpdateRef(env);  // nothing watched yet
     try {
       c->thread = std::thread([c] {
-        pthread_setname_np(pthread_self(), "tern eventfds");
+        NameThisThread("tern eventfds");
         c->Run();
       });
     } catch (const std::system_error& e) {

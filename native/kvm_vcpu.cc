@@ -1041,10 +1041,7 @@ Napi::Value Vcpu::Start(const Napi::CallbackInfo& info) {
   ExitMsg* s = stopped.get();
   try {
     thread_ = std::thread([c, s, id = id_] {
-      // (named for top -H, perf and /proc/PID/task/*/comm: which thread is which vCPU)
-      char name[16];
-      snprintf(name, sizeof name, "tern vcpu %u", id);
-      pthread_setname_np(pthread_self(), name);
+      NameThisThread("tern vcpu " + std::to_string(id));
       c->ThreadMain(c, s);
     });
   } catch (const std::system_error& e) {

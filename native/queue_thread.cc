@@ -4,12 +4,9 @@
 #include <errno.h>
 #include <limits.h>
 #include <poll.h>
-#include <pthread.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
-
-#include <string>
 
 #include "common.h"
 
@@ -96,10 +93,8 @@ bool QueueThread::Launch(Napi::Env env, Napi::Function onBroken, const char* nam
   tsfn_ = Napi::ThreadSafeFunction::New(env, onBroken, name, 0, 1);
   tsfn_.Unref(env);
   tsfnLive_ = true;
-  // (named for top -H, perf and /proc/PID/task/*/comm; Linux keeps 15 characters of it)
-  std::string threadName(name, strnlen(name, 15));
-  thread_ = std::thread([run = std::move(run), threadName] {
-    pthread_setname_np(pthread_self(), threadName.c_str());
+  thread_ = std::thread([run = std::move(run), threadName = std::string(name)] {
+    NameThisThread(threadName);
     run();
   });
   return true;
