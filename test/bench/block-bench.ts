@@ -9,7 +9,7 @@ import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
 // (microvmCommand builds any machine type's command line; the peer here is q35)
 import { GuestProcess } from '../linux/guest-process';
 import { profileSummary } from './cpu-profile';
-import { labGuestFault } from './lab-guest-fault';
+import { checkPeerRun, ternRunEnded } from './lab-guest-fault';
 import { printRatios, sideBySide, type SideBySideResults } from './side-by-side';
 import { benchTernEnv } from './vmm-columns';
 
@@ -45,12 +45,7 @@ async function runTern(kernel: string, initrd: string, cmdline: string, image: s
     benchTernEnv(),
   );
   try {
-    const { code } = await vm.exit(TIMEOUT_MS).catch((e) => Promise.reject(vm.child.exitCode === null ? labGuestFault('tern', `${vm.output}\n${vm.stderr.slice(-3000)}`, TIMEOUT_MS) : e));
-    if (code !== 0) {
-      const fault = labGuestFault('tern', vm.output);
-      if (fault) throw fault;
-      throw new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);
-    }
+    await ternRunEnded(vm, TIMEOUT_MS);
     return parse(vm.output);
   } finally {
     vm.kill();
@@ -70,11 +65,7 @@ async function runQemu(kernel: string, initrd: string, cmdline: string, image: s
     extraArgs: ['-drive', `id=d0,if=none,file=${image},format=raw,aio=threads,cache=writeback`, '-device', 'virtio-blk-pci,drive=d0'],
   });
   const r = await runPeer(cmd, TIMEOUT_MS);
-  if (r.guestStatus !== 0) {
-    const fault = labGuestFault('qemu', r.output, r.timedOut ? TIMEOUT_MS : undefined, { resetEndsVmm: true });
-    if (fault) throw fault;
-    throw new Error(`QEMU guest ended with ${r.guestStatus}: ${r.output.slice(-2000)}\n${r.stderr.slice(-1000)}`);
-  }
+  checkPeerRun(r, TIMEOUT_MS);
   return parse(r.output);
 }
 

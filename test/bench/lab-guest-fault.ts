@@ -5,6 +5,9 @@
 // bench runs it again instead of giving up every pair, and says so in its output, with the whole
 // console (and for tern the health report it logged) on stderr, since a stall could also be the
 // VMM's own.
+import { GUEST_EXIT_RE, type PeerRun } from '../lab/qemu-peer';
+import type { GuestProcess } from '../linux/guest-process';
+
 export const GUEST_PANIC_RE = /Kernel panic - not syncing[^\n]*/;
 
 export class LabGuestFault extends Error {
@@ -27,6 +30,29 @@ export function labGuestFault(vmm: 'tern' | 'qemu', output: string, timedOutMs?:
   const panic = panicLine(output);
   if (panic) return new LabGuestFault(vmm, `kernel panicked (${panic.trim()})`, output);
   if (timedOutMs !== undefined) return new LabGuestFault(vmm, `gave no result within ${timedOutMs / 1000} s`, output);
-  if (opts.resetEndsVmm && !/TERN-GUEST-EXIT/.test(output)) return new LabGuestFault(vmm, 'ended before its jobs did (QEMU exited with no panic and no exit status: a reset)', output);
+  if (opts.resetEndsVmm && !GUEST_EXIT_RE.test(output)) return new LabGuestFault(vmm, 'ended before its jobs did (QEMU exited with no panic and no exit status: a reset)', output);
   return undefined;
+}
+
+/**
+ * Wait for a bench's tern to exit 0. A VMM still running at `timeoutMs` is a stalled run (its
+ * health report, which the timeout asked for, goes with it); a non-zero exit is a lab fault when
+ * the console shows a panic, and an error otherwise.
+ */
+export async function ternRunEnded(vm: GuestProcess, timeoutMs: number): Promise<void> {
+  let code: number | null;
+  try {
+    ({ code } = await vm.exit(timeoutMs));
+  } catch (e) {
+    if (vm.child.exitCode !== null) throw e;
+    throw labGuestFault('tern', `${vm.output}\n${vm.stderr.slice(-3000)}`, timeoutMs)!;
+  }
+  if (code === 0) return;
+  throw labGuestFault('tern', vm.output) ?? new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);
+}
+
+/** Check a QEMU peer's run (QEMU runs with -no-reboot): its guest must have ended with status 0. */
+export function checkPeerRun(r: PeerRun, timeoutMs: number): void {
+  if (r.guestStatus === 0) return;
+  throw labGuestFault('qemu', r.output, r.timedOut ? timeoutMs : undefined, { resetEndsVmm: true }) ?? new Error(`QEMU guest ended with ${r.guestStatus}: ${r.output.slice(-2000)}\n${r.stderr.slice(-1000)}`);
 }

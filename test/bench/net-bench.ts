@@ -11,7 +11,7 @@ import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
 import { GuestProcess } from '../linux/guest-process';
 import { native } from '../../src/native/kvm';
 import { describeJobCpu, JobCpuMeter } from './job-cpu';
-import { GUEST_PANIC_RE, LabGuestFault, labGuestFault } from './lab-guest-fault';
+import { checkPeerRun, GUEST_PANIC_RE, LabGuestFault, ternRunEnded } from './lab-guest-fault';
 import { printRatios, sideBySide, type SideBySideResults } from './side-by-side';
 import { benchTernEnv } from './vmm-columns';
 
@@ -103,8 +103,7 @@ async function runTern(kernel: string, initrd: string, cmdline: string): Promise
       (m) => Promise.reject(new LabGuestFault('tern', `kernel panicked (${m[0].trim()})`, vm.output)),
       () => new Promise<never>(() => undefined), // the VMM ended first: its exit tells
     );
-    const { code } = await Promise.race([vm.exit(TIMEOUT_MS).catch((e) => Promise.reject(vm.child.exitCode === null ? labGuestFault('tern', `${vm.output}\n${vm.stderr.slice(-3000)}`, TIMEOUT_MS) : e)), panicked]);
-    if (code !== 0) throw new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);
+    await Promise.race([ternRunEnded(vm, TIMEOUT_MS), panicked]);
     const figures = parse(vm.output);
     printJobCpu('tern', meter);
     return figures;
@@ -135,11 +134,7 @@ async function runQemu(kernel: string, initrd: string, cmdline: string): Promise
   }
   if (fs.existsSync(`/sys/class/net/${TAP}`)) native().configureInterface(TAP, { ip: HOST_IP, mask: '255.255.255.0', up: true });
   const r = await run;
-  if (r.guestStatus !== 0) {
-    const fault = labGuestFault('qemu', r.output, r.timedOut ? TIMEOUT_MS : undefined, { resetEndsVmm: true });
-    if (fault) throw fault;
-    throw new Error(`QEMU guest ended with ${r.guestStatus}: ${r.output.slice(-2000)}\n${r.stderr.slice(-1000)}`);
-  }
+  checkPeerRun(r, TIMEOUT_MS);
   const figures = parse(r.output);
   printJobCpu('qemu', meter);
   return figures;

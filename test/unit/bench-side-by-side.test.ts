@@ -1,5 +1,6 @@
 import test from 'ava';
-import { LabGuestFault, labGuestFault, panicLine } from '../bench/lab-guest-fault';
+import { checkPeerRun, LabGuestFault, labGuestFault, panicLine } from '../bench/lab-guest-fault';
+import type { PeerRun } from '../lab/qemu-peer';
 import { printRatios, sideBySide } from '../bench/side-by-side';
 
 /** Run `f` with stdout captured; returns what it wrote. */
@@ -96,4 +97,14 @@ test.serial('the table gives each job the ratio of the medians and the median of
   );
   // medians 120 and 100 (1.20); pair ratios 1.00, 3.00, 0.50 (median 1.00)
   t.regex(out, /\| TCP guest to host \| 120\.0 MiB\/s \| 100\.0 MiB\/s \| 1\.20 \| 1\.00 \(1\.00, 3\.00, 0\.50\) \|/);
+});
+
+test('a QEMU run is checked once: its guest ended with 0, or the lab lost it, or it failed', (t) => {
+  const run = (output: string, guestStatus: number, timedOut = false): PeerRun => ({ output, guestStatus, timedOut, userspaceMs: 1, guestExitMs: 2, totalMs: 3, qemuExitCode: 0, stderr: '' });
+  t.notThrows(() => checkPeerRun(run('NETBENCH send MiBps=1\nTERN-GUEST-EXIT 0\n', 0), 240_000));
+  t.throws(() => checkPeerRun(run('TERN-GUEST-USERSPACE\n', -1, true), 240_000), { instanceOf: LabGuestFault, message: /no result within 240 s/ });
+  t.throws(() => checkPeerRun(run('TERN-GUEST-USERSPACE\n', -1), 240_000), { instanceOf: LabGuestFault, message: /a reset/ });
+  const failed = t.throws(() => checkPeerRun(run('TERN-GUEST-EXIT 3\n', 3), 240_000));
+  t.false(failed instanceof LabGuestFault);
+  t.regex(failed!.message, /^QEMU guest ended with 3/);
 });
