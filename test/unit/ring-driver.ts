@@ -15,6 +15,10 @@ export interface RingLayout {
 export interface RingDriver {
   /** post a chain of [addr, len, writable] buffers (and ring the doorbell unless kick is false); returns its head */
   post(buffers: [number, number, boolean][], kick?: boolean): number;
+  /** write a chain's descriptors only, not yet available to the device (a test may change them first); returns its head */
+  chain(buffers: [number, number, boolean][]): number;
+  /** make the chain at `head` available (and ring the doorbell unless kick is false) */
+  offer(head: number, kick?: boolean): void;
   usedIdx(): number;
   used(i: number): { id: number; len: number };
   /** the avail_event the device published (EVENT_IDX) */
@@ -26,8 +30,13 @@ export interface RingDriver {
 export function ringDriver(mem: GuestMemory, ring: RingLayout, kickFd: number): RingDriver {
   let nextDesc = 0;
   let availIdx = 0;
-  return {
-    post(buffers, kick = true) {
+  const driver: RingDriver = {
+    post: (buffers, kick = true) => {
+      const head = driver.chain(buffers);
+      driver.offer(head, kick);
+      return head;
+    },
+    chain(buffers) {
       const head = nextDesc;
       buffers.forEach(([addr, len, writable], i) => {
         const at = ring.desc + 16 * ((head + i) % ring.size);
@@ -38,17 +47,20 @@ export function ringDriver(mem: GuestMemory, ring: RingLayout, kickFd: number): 
         mem.writeU16(at + 14, (head + i + 1) % ring.size);
       });
       nextDesc = (nextDesc + buffers.length) % ring.size;
+      return head;
+    },
+    offer(head, kick = true) {
       mem.writeU16(ring.avail + 4 + 2 * (availIdx % ring.size), head);
       availIdx = (availIdx + 1) & 0xffff;
       mem.writeU16(ring.avail + 2, availIdx);
       if (kick) native().eventfdWrite(kickFd, 1n);
-      return head;
     },
     usedIdx: () => mem.readU16(ring.used + 2),
     used: (i) => ({ id: mem.readU32(ring.used + 4 + 8 * (i % ring.size)), len: mem.readU32(ring.used + 8 + 8 * (i % ring.size)) }),
     availEvent: () => mem.readU16(ring.used + 4 + 8 * ring.size),
     setUsedEvent: (v) => mem.writeU16(ring.avail + 4 + 2 * ring.size, v),
   };
+  return driver;
 }
 
 /** Wait (polling) until `cond` holds; throws after 5 s naming `what`. */
