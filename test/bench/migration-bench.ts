@@ -24,7 +24,7 @@ import { monitorSeconds } from '../support/monitor-file';
 import { waitForPath } from '../support/processes';
 import { QmpClient } from '../support/qmp-client';
 import { migrate, reported } from '../support/tern-migration';
-import { columnEnv } from './vmm-columns';
+import { columnCli, columnEnv } from './vmm-columns';
 
 const MIB = 1024 * 1024;
 const CPUS = 2;
@@ -39,7 +39,7 @@ const DIRTY_FILE_MIB = 256;
  */
 const VMMS = (process.env.TERN_BENCH_MIGRATION_VMMS ?? 'tern,qemu').split(',');
 /** N of `tern:N` (1 for plain tern) */
-const connectionsOf = (vmm: string): number => Number(/^tern:(\d+)(?:\+|$)/.exec(vmm)?.[1] ?? 1);
+const connectionsOf = (vmm: string): number => Number(/^tern:(\d+)(?:[+@]|$)/.exec(vmm)?.[1] ?? 1);
 /** TERN_BENCH_MIGRATION_PROFILE=1: profile both tern processes and print where their time went. */
 const PROFILE = process.env.TERN_BENCH_MIGRATION_PROFILE === '1';
 /** Extra options for node in every tern process (TERN_BENCH_NODE_ARGS, space-separated): V8 flags to compare. */
@@ -238,12 +238,12 @@ function pauseSteps(log: string): string {
   return out.join(', ');
 }
 
-async function benchTern(work: string, c: Case, connections: number, env: Record<string, string>): Promise<Measured> {
+async function benchTern(work: string, c: Case, connections: number, env: Record<string, string>, cli?: string): Promise<Measured> {
   const arrivals = new Map<number, number>();
   const profiles = (label: string) => path.join(work, `profile-${label}`);
   const tern = (label: string, args: string[]) => {
     const nodeArgs = [...NODE_ARGS, ...(PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profiles(label)}`] : [])];
-    const vm = progressLog(`tern ${c.name} ${label}`)(GuestProcess.tern(args, nodeArgs, env));
+    const vm = progressLog(`tern ${c.name} ${label}`)(GuestProcess.tern(args, nodeArgs, env, cli));
     return vm;
   };
   const srcSock = path.join(work, 'src.sock');
@@ -402,7 +402,11 @@ function median(runs: Measured[], f: (m: Measured) => number | undefined): numbe
 const columnName = (vmm: string): string =>
   vmm === 'qemu'
     ? 'QEMU'
-    : [connectionsOf(vmm) > 1 ? `tern, ${connectionsOf(vmm)} connections` : 'tern', ...Object.entries(columnEnv(vmm)).map(([k, v]) => `${k}=${v}`)].join(', ');
+    : [
+        connectionsOf(vmm) > 1 ? `tern, ${connectionsOf(vmm)} connections` : 'tern',
+        ...(columnCli(vmm) ? [`build ${columnCli(vmm)}`] : []),
+        ...Object.entries(columnEnv(vmm)).map(([k, v]) => `${k}=${v}`),
+      ].join(', ');
 
 function table(results: CaseResults[]): string {
   const terns = VMMS.filter((v) => v !== 'qemu');
@@ -451,7 +455,7 @@ async function main(): Promise<void> {
         process.stdout.write(`migration bench: ${c.name} under ${vmm}${REPEAT > 1 ? `, run ${run} of ${REPEAT}` : ''}\n`);
         let m: Measured;
         try {
-          m = vmm === 'qemu' ? await benchQemu(work, c) : await benchTern(work, c, connectionsOf(vmm), columnEnv(vmm));
+          m = vmm === 'qemu' ? await benchQemu(work, c) : await benchTern(work, c, connectionsOf(vmm), columnEnv(vmm), columnCli(vmm));
         } catch (e) {
           m = { hostGapMs: NaN, guestGapMs: NaN, faults: [], error: withoutGcLines((e as Error).message).slice(-6000) };
         } finally {

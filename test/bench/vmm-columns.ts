@@ -1,6 +1,8 @@
 // The columns a benchmark compares, from a comma list such as `tern,tern+MALLOC_ARENA_MAX=2,qemu`:
 // `tern+NAME=VALUE` (repeatable) is a column of tern processes with NAME=VALUE in their
-// environment, so two settings of one build compare in one lab boot.
+// environment, so two settings of one build compare in one lab boot; `tern@DIR` (before any
+// `+`) runs the build in the checkout DIR (its `dist/bin/tern.js`), so two builds do.
+import path from 'node:path';
 
 /** NAME=VALUE strings as an environment (strings without a NAME= are left out). */
 function envOfPairs(pairs: string[]): Record<string, string> {
@@ -10,6 +12,12 @@ function envOfPairs(pairs: string[]): Record<string, string> {
 /** The environment a column's `+NAME=VALUE` parts give its processes. */
 export function columnEnv(column: string): Record<string, string> {
   return envOfPairs(column.split('+').slice(1));
+}
+
+/** `tern@DIR`: the CLI of the build in DIR; undefined for this checkout's. */
+export function columnCli(column: string): string | undefined {
+  const dir = /^[a-z]+(?::\d+)?@([^+]+)/.exec(column)?.[1];
+  return dir === undefined ? undefined : path.join(dir, 'dist', 'bin', 'tern.js');
 }
 
 /** The VMM a column runs: `tern` or `qemu`, whatever follows (`:N`, `+NAME=VALUE`). */

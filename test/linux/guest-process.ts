@@ -65,8 +65,9 @@ export class GuestProcess {
   }
 
   /** `nodeArgs`: options for Node itself (a benchmark's --cpu-prof); `env`: added to this environment */
-  static tern(args: string[], nodeArgs: string[] = [], env: NodeJS.ProcessEnv = {}): GuestProcess {
-    const p = new GuestProcess(process.execPath, [...nodeArgs, TERN_CLI, ...args], { env });
+  /** `cli`: another build's tern.js (a benchmark comparing two builds) */
+  static tern(args: string[], nodeArgs: string[] = [], env: NodeJS.ProcessEnv = {}, cli = TERN_CLI): GuestProcess {
+    const p = new GuestProcess(process.execPath, [...nodeArgs, cli, ...args], { env });
     p.healthReports = true;
     const serial = args[args.indexOf('--serial') + 1];
     if (args.includes('--serial') && serial?.startsWith('file=')) p.serialFile = serial.slice('file='.length).split(',')[0];
