@@ -239,9 +239,6 @@ export class MigrationSender {
         this.connections = granted;
         if (granted > 1) await this.openExtra(address as Extract<MigrationAddress, { kind: 'tcp' }>, tlsMaterial, accept.join as string, channel.checksum);
       }
-      // Over one connection too, the next Memory frame is filled while the last one is sent
-      // (two 16 MiB buffers instead of one): scanning and sending took turns before.
-      if (!this.fanOut && !o.local) this.fanOut = new MemoryFanOut([channel]);
     } catch (e) {
       this.abortAll(errorText(e));
       throw new MigrationError(`${describeAddress(address)} refused the migration: ${errorText(e)}`);
@@ -309,12 +306,11 @@ export class MigrationSender {
       this.sentState = state;
 
       let pending: Uint8Array[] | undefined;
-      // The pause is rehearsed while each round's last frames drain (memoryRounds), where this
-      // thread would wait anyway; a local migration has no rounds, so it rehearses here. (Late,
-      // not before the rounds: V8 drops the bytecode of functions left unused across the rounds'
-      // many collections.)
       if (!this.opts.local) pending = await this.memoryRounds();
-      else await this.rehearsePause();
+      // (right before the pause, not before the rounds: V8 drops the bytecode of functions left
+      // unused across the rounds' many collections, and the pages the guest dirties meanwhile go
+      // in the final round with the rest)
+      await this.rehearsePause();
       // The destination has checked the state and readied its final checks (during the memory
       // rounds, it has long since): the pause does not wait for that work.
       await ch.expect(FrameType.Prepared);
@@ -474,11 +470,7 @@ export class MigrationSender {
    * Fill Memory frames through `fill` and send them; returns pages and bytes sent, and where the
    * time went (`ms` in all, `sending_ms` of it waiting for the link to take the frames).
    */
-  private async sendPages(
-    fill: (b: MemoryFrameBuilder, flush: () => Promise<void>) => Promise<void>,
-    spread = true,
-    whileDraining?: () => Promise<void>,
-  ): Promise<{ pages: number; bytes: number; ms: number; sending_ms: number }> {
+  private async sendPages(fill: (b: MemoryFrameBuilder, flush: () => Promise<void>) => Promise<void>, spread = true): Promise<{ pages: number; bytes: number; ms: number; sending_ms: number }> {
     // One builder for the whole migration: its 16 MiB buffer is not allocated again in the pause.
     const b = (this.builder ??= new MemoryFrameBuilder());
     const pagesBefore = b.pages;
@@ -500,11 +492,7 @@ export class MigrationSender {
     await flush();
     if (fanOut) {
       const t = performance.now();
-      // (this thread has nothing else to do while the last frames go: whileDraining runs then;
-      // both end before either's failure is thrown)
-      const [drained, meanwhile] = await Promise.allSettled([fanOut.drain(), whileDraining?.()]);
-      if (drained.status === 'rejected') throw drained.reason;
-      if (meanwhile.status === 'rejected') throw meanwhile.reason;
+      await fanOut.drain();
       sendingMs += performance.now() - t;
     }
     return { pages: b.pages - pagesBefore, bytes: this.bytesWritten - before, ms: Math.round(performance.now() - started), sending_ms: Math.round(sendingMs) };
@@ -566,7 +554,7 @@ export class MigrationSender {
     machine.dirtyLogging(true);
     machine.dirtyBitmaps(); // start the log afresh (the VMM's bitmap too): round 0 sends everything
     let roundStart = Date.now();
-    let sent = await this.sendPages((b, flush) => addAllNonZeroPages(b, machine.memory, flush), true, () => this.rehearsePause());
+    let sent = await this.sendPages((b, flush) => addAllNonZeroPages(b, machine.memory, flush));
     this.logRound(sent);
     await endRound(this.extra, this.roundEnds++, false);
     await this.sendPatches(FrameType.Round, { iteration: 0 });
@@ -597,7 +585,7 @@ export class MigrationSender {
       }
       this.iteration++;
       roundStart = now;
-      sent = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, [bitmaps], flush), true, () => this.rehearsePause());
+      sent = await this.sendPages((b, flush) => addDirtyPages(b, machine.memory, [bitmaps], flush));
       this.logRound(sent);
       await endRound(this.extra, this.roundEnds++, false);
       await this.sendPatches(FrameType.Round, { iteration: this.iteration });
