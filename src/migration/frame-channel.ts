@@ -113,7 +113,12 @@ export class FrameChannel {
     this.deliver();
   }
 
+  /**
+   * Frames wait unread beyond the cap: stop reading. A frame still coming with none waiting is
+   * read on whatever the cap (its type's cap bounds it; the socket would never be read again).
+   */
   private overfull(): boolean {
+    if (this.frames.length === 0) return false;
     return this.decoder.pendingBytes + this.frames.reduce((n, f) => n + f.payload.length, 0) > (this.opts.maxBufferedBytes ?? MAX_BUFFERED_BYTES);
   }
 

@@ -220,7 +220,9 @@ export class MigrationReceiver {
         }
       }
       // (TLS reads through its own socket: the large reads are for the plain connection's handle)
-      this.channel = new FrameChannel(socket, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !tlsMaterial, payloads: this.payloads });
+      // (what it may hold unread is capped as on the extra connections: a source that sends
+      // faster than RAM is written here fills the socket, not fresh 16 MiB buffers)
+      this.channel = new FrameChannel(socket, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !tlsMaterial, payloads: this.payloads, maxBufferedBytes: EXTRA_CONNECTION_BUFFER_BYTES });
       this.channel.socket.resume();
       await this.receiveVm();
     } catch (e) {
