@@ -101,7 +101,8 @@ class BlockQueue : public Napi::ObjectWrap<BlockQueue> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "NativeBlockQueue",
                        {InstanceMethod<&BlockQueue::Guarded<&BlockQueue::Stop>>("stop"),
-                        InstanceMethod<&BlockQueue::Guarded<&BlockQueue::TakeCounters>>("takeCounters")});
+                        InstanceMethod<&BlockQueue::Guarded<&BlockQueue::TakeCounters>>("takeCounters"),
+                        InstanceMethod<&BlockQueue::Guarded<&BlockQueue::Interrupts>>("interrupts")});
   }
 
   explicit BlockQueue(const Napi::CallbackInfo& info) : Napi::ObjectWrap<BlockQueue>(info) {}
@@ -124,6 +125,7 @@ class BlockQueue : public Napi::ObjectWrap<BlockQueue> {
   Napi::Value CountersObject(Napi::Env env);
   Napi::Value Stop(const Napi::CallbackInfo& info);
   Napi::Value TakeCounters(const Napi::CallbackInfo& info) { return CountersObject(info.Env()); }
+  Napi::Value Interrupts(const Napi::CallbackInfo& info) { return t_.InterruptsObject(info.Env()); }
 
   QueueThread t_;
   Disk disk_;

@@ -52,7 +52,8 @@ class NetQueue : public Napi::ObjectWrap<NetQueue> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "NativeNetQueue",
                        {InstanceMethod<&NetQueue::Guarded<&NetQueue::Stop>>("stop"),
-                        InstanceMethod<&NetQueue::Guarded<&NetQueue::TakeCounters>>("takeCounters")});
+                        InstanceMethod<&NetQueue::Guarded<&NetQueue::TakeCounters>>("takeCounters"),
+                        InstanceMethod<&NetQueue::Guarded<&NetQueue::Interrupts>>("interrupts")});
   }
 
   explicit NetQueue(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NetQueue>(info) {}
@@ -74,6 +75,7 @@ class NetQueue : public Napi::ObjectWrap<NetQueue> {
   Napi::Value CountersObject(Napi::Env env);
   Napi::Value Stop(const Napi::CallbackInfo& info);
   Napi::Value TakeCounters(const Napi::CallbackInfo& info) { return CountersObject(info.Env()); }
+  Napi::Value Interrupts(const Napi::CallbackInfo& info) { return t_.InterruptsObject(info.Env()); }
 
   QueueThread t_;
   int tapFd_ = -1;

@@ -6,6 +6,7 @@
 #include <poll.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -140,11 +141,32 @@ bool QueueThread::Wait(int extraFd, short extraEvents, bool* extraReady) {
   }
 }
 
+namespace {
+int64_t MonotonicNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+}  // namespace
+
 void QueueThread::InterruptIfDue(uint16_t usedBefore) {
   if (!queue->ShouldInterrupt(usedBefore)) return;
   uint64_t one = 1;
-  ssize_t ignored = write(interruptFd, &one, 8);
-  (void)ignored;
+  if (write(interruptFd, &one, 8) != 8) return;
+  lastInterruptNs_.store(MonotonicNs(), std::memory_order_relaxed);
+  interruptsSent_.fetch_add(1, std::memory_order_relaxed);
+}
+
+Napi::Object QueueThread::InterruptsObject(Napi::Env env) const {
+  Napi::Object out = Napi::Object::New(env);
+  uint64_t sent = interruptsSent_.load(std::memory_order_relaxed);
+  out.Set("sent", Napi::Number::New(env, static_cast<double>(sent)));
+  if (sent == 0) {
+    out.Set("lastSentMsAgo", env.Null());
+  } else {
+    out.Set("lastSentMsAgo", Napi::Number::New(env, static_cast<double>((MonotonicNs() - lastInterruptNs_.load(std::memory_order_relaxed)) / 1000000)));
+  }
+  return out;
 }
 
 Napi::Object QueueThread::StopResult(Napi::Env env, Napi::Value counters) const {

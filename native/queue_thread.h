@@ -37,6 +37,9 @@ class QueueThread {
   bool stopping() const { return stopReq_.load(); }
   // Writes the irqfd when the chains used since `usedBefore` call for an interrupt.
   void InterruptIfDue(uint16_t usedBefore);
+  // {sent, lastSentMsAgo}: the interrupts this thread raised (irqfd writes the kernel took), for
+  // a health report: a driver waiting past its used_event then shows whether one went out.
+  Napi::Object InterruptsObject(Napi::Env env) const;
   // The driver broke the queue (or the host end failed): JavaScript hears `reason`.
   void Broken(const std::string& reason);
   // What stop() returns: {nextAvail, nextUsed, counters} (the thread has been joined).
@@ -48,6 +51,8 @@ class QueueThread {
 
  private:
   int stopFd_ = -1;
+  std::atomic<uint64_t> interruptsSent_{0};
+  std::atomic<int64_t> lastInterruptNs_{0};  // CLOCK_MONOTONIC
   std::thread thread_;
   std::atomic<bool> stopReq_{false};
   Napi::ThreadSafeFunction tsfn_;

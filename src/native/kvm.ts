@@ -330,6 +330,8 @@ export interface NativeQueueServer<C = Record<string, number>> {
   stop(): { nextAvail: number; nextUsed: number; counters: C };
   /** What was counted since the last call (the thread goes on). */
   takeCounters(): C;
+  /** The interrupts the thread raised (irqfd writes the kernel took), and how long ago the last was. */
+  interrupts(): { sent: number; lastSentMsAgo: number | null };
 }
 
 export type NativeBlockQueue = NativeQueueServer<BlockQueueCounters>;

@@ -99,6 +99,8 @@ export interface QueueHealth {
   functionMasked: boolean;
   /** the vector's GSI, whether KVM routes it, and the messages the JavaScript thread sent on it */
   msi?: { gsi: number | null; routed: boolean; sent: number; lastSentMsAgo: number | null };
+  /** a natively served queue: the interrupts its thread raised (irqfd writes), and the last one's age */
+  threadInterrupts?: { sent: number; lastSentMsAgo: number | null };
 }
 
 /** A disk as native/block_queue.cc serves it. */
@@ -635,12 +637,13 @@ export class VirtioQueues {
         const used = ringAddress(q.device);
         const fields = avail === null || used === null ? noRing : ringIndexFields(this.opts.memory, { size: q.size, avail, used });
         const vectorPending = q.vector < model.msixLayout.vectors ? ((fn.msix.pending[q.vector >> 5] ?? 0) >>> (q.vector & 31)) & 1 : 0;
+        const native = this.nativeQueues.get(key);
         out.push({
           device: fn.id,
           queue,
           live: virtioLive(fn.virtio),
           status: fn.virtio.status,
-          served: this.nativeQueues.has(key) ? 'native' : this.awaitingThread.has(key) ? 'awaiting-vector' : 'js',
+          served: native ? 'native' : this.awaitingThread.has(key) ? 'awaiting-vector' : 'js',
           nextAvail: q.nextAvail,
           nextUsed: q.nextUsed,
           inFlight: this.pendingChains.get(key) ?? 0,
@@ -651,6 +654,7 @@ export class VirtioQueues {
           msixEnabled,
           functionMasked,
           ...(q.vector < model.msixLayout.vectors && this.opts.msiHealth ? { msi: this.opts.msiHealth(fn.id, q.vector) } : {}),
+          ...(native ? { threadInterrupts: native.handle.interrupts() } : {}),
         });
       });
     }

@@ -438,6 +438,11 @@ test.serial('virtio-blk through KVM: a write reaches the image, a read brings it
     })));
     await waitUntil('all four in the used ring', () => disk.usedIdx() === 7, 10_000);
     await waitUntil('the queue interrupt reaches the guest', () => disk.msiCount(1) > disk.irqsBeforePost, 10_000);
+    // The health report counts the interrupts the queue's own thread raised (its irqfd writes).
+    const diskQueue = vmm.health().queues?.find((q) => q.device === '_disk0' && q.queue === 0);
+    t.like(diskQueue, { served: 'native', usedIdx: 7 });
+    t.true((diskQueue?.threadInterrupts?.sent ?? 0) >= 1, JSON.stringify(diskQueue?.threadInterrupts));
+    t.true((diskQueue?.threadInterrupts?.lastSentMsAgo ?? -1) >= 0 && (diskQueue?.threadInterrupts?.lastSentMsAgo ?? Infinity) < 60_000);
     const heads = [3, 4, 5, 6].map((u) => disk.mem.readU32(USED + 4 + 8 * u)).sort((a, b) => a - b);
     t.deepEqual(heads, [0, 3, 6, 9], 'each chain\'s head once');
     sectors.forEach((sector, i) => {

@@ -99,11 +99,15 @@ test('a transmitted frame reaches the host through the tap, is counted, and its 
   const frame = udpFrame(nic.guest, nic.host, peer.port, payload);
   q.mem.write(BUF, new Uint8Array(12)); // virtio_net_hdr_v1: no offload
   q.mem.write(BUF + 0x100, frame);
+  t.deepEqual(q.queue.interrupts(), { sent: 0, lastSentMsAgo: null }, 'none raised before the chain');
   // header and frame in separate buffers, the frame itself split: one writev
   q.post([[BUF, 12, false], [BUF + 0x100, 20, false], [BUF + 0x114, frame.length - 20, false]]);
   await until('the chain to be used', () => q.usedIdx() === 1);
   t.deepEqual(q.used(0), { id: 0, len: 0 });
   t.not(native().eventfdRead(q.irq), null, 'an interrupt');
+  // (counted by the thread, for a health report: this interrupt went out)
+  await until('the interrupt to be counted', () => q.queue.interrupts().sent === 1);
+  t.true((q.queue.interrupts().lastSentMsAgo ?? -1) >= 0);
   await until('the datagram to arrive', () => peer.got.length === 1);
   t.deepEqual(peer.got[0], payload);
   // (named for top -H and perf: which thread serves a queue)
