@@ -64,8 +64,10 @@ export class GuestProcess {
     }
   }
 
-  /** `nodeArgs`: options for Node itself (a benchmark's --cpu-prof); `env`: added to this environment */
-  /** `cli`: another build's tern.js (a benchmark comparing two builds) */
+  /**
+   * `nodeArgs`: options for Node itself (a benchmark's --cpu-prof); `env`: added to this
+   * environment; `cli`: another build's tern.js (a benchmark comparing two builds).
+   */
   static tern(args: string[], nodeArgs: string[] = [], env: NodeJS.ProcessEnv = {}, cli = TERN_CLI): GuestProcess {
     const p = new GuestProcess(process.execPath, [...nodeArgs, cli, ...args], { env });
     p.healthReports = true;
