@@ -76,6 +76,7 @@ import { VirtioQueues, type QueueHealth } from './virtio-queues';
 import { consoleWorker } from './console-worker';
 import { ConsoleConfigError, terminalSize } from './console-sink';
 import { checkBackendsFit, openDeviceBackends, type DeviceBackends } from './device-backends';
+import { threadCpuMsByName } from '../util/thread-cpu';
 
 export type { MachineStop };
 
@@ -127,8 +128,12 @@ function readPayloadFile(path: string, what: string, maxBytes: number): Buffer {
 }
 
 /** What Machine.health() reports. */
+/** The name native/kvm_vcpu.cc gives a vCPU's thread (what top -H and /proc show). */
+const vcpuThreadName = (id: number): string => `tern vcpu ${id}`;
+
 export interface MachineHealth {
-  vcpus: { id: number; thread: string; exits: number; lastExitMsAgo: number | null }[];
+  /** each vCPU: its thread, its exits to this side, and the CPU its thread has used (a guest spinning or halted) */
+  vcpus: { id: number; thread: string; exits: number; lastExitMsAgo: number | null; threadCpuMs: number | null }[];
   serial?: { ier: number; iir: number; threPending: boolean; rxQueued: number; txBytes: number };
   queues: QueueHealth[];
 }
@@ -810,10 +815,19 @@ export class Machine {
   health(): MachineHealth {
     const now = Date.now();
     const serial = this.opts.store.getState().devices.instances[SERIAL_ID] as Serial16550aState | undefined;
+    // (a vCPU that made no exit for long and whose thread keeps using CPU runs the guest, which
+    // spins; one whose thread uses none is halted there, waiting for an interrupt)
+    const cpu = threadCpuMsByName();
     return {
       vcpus: this.runners.map((r) => {
         const id = r.vcpu.id;
-        return { id, thread: r.threadState, exits: this.exitCounts[id] ?? 0, lastExitMsAgo: this.lastExitAt[id] === undefined ? null : now - this.lastExitAt[id] };
+        return {
+          id,
+          thread: r.threadState,
+          exits: this.exitCounts[id] ?? 0,
+          lastExitMsAgo: this.lastExitAt[id] === undefined ? null : now - this.lastExitAt[id],
+          threadCpuMs: cpu.get(vcpuThreadName(id)) ?? null,
+        };
       }),
       ...(serial && { serial: { ier: serial.ier, iir: serialIir(serial), threPending: serial.threPending, rxQueued: serial.rx.length, txBytes: serial.txBytes } }),
       queues: this.virtio?.health() ?? [],

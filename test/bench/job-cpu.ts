@@ -3,6 +3,7 @@
 // share. In the nested lab the two emulated CPUs carry the guest, the VMM and the host's network
 // stack at once, so a VMM that spends more CPU per byte leaves less of it to the guest.
 import fs from 'node:fs';
+import { threadCpuMsByName } from '../../src/util/thread-cpu';
 
 const TICK_MS = 10; // USER_HZ: /proc reports times in 1/100 s
 
@@ -45,15 +46,8 @@ function kvmStats(pid: number): Map<string, number> {
 
 function sample(pid: number): CpuSample | undefined {
   try {
-    const threads = new Map<string, number>();
-    for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
-      const stat = fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
-      // (the name in parentheses may hold spaces: the fields after it are counted from its end)
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      const ms = (Number(fields[11]) + Number(fields[12])) * TICK_MS;
-      const name = tid === String(pid) ? 'main' : fs.readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim();
-      threads.set(name, (threads.get(name) ?? 0) + ms);
-    }
+    const threads = threadCpuMsByName(pid);
+    if (!threads.size) return undefined; // the process ended
     const cpu = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
     const total = cpu.slice(0, 8).reduce((a, b) => a + b, 0) * TICK_MS;
     return { threads, busy: total - (cpu[3] + cpu[4]) * TICK_MS, total, at: Date.now(), kvm: kvmStats(pid) };

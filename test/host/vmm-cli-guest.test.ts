@@ -52,12 +52,15 @@ test('SIGUSR2 logs a health report (vCPU threads and exits, the UART) and the gu
     for (let i = 0; i < 100 && !vm.stderr.slice(from).includes('"health report"'); i++) await sleep(50);
     const line = vm.stderr.slice(from).split('\n').find((l) => l.includes('"health report"'));
     t.truthy(line, `a health report on stderr: ${vm.stderr.slice(from, from + 500)}`);
-    const { health } = JSON.parse(line!) as { health: { status: string; vcpus: { id: number; thread: string; exits: number; lastExitMsAgo: number }[]; serial: { txBytes: number; ier: number }; queues: unknown[] } };
+    const { health } = JSON.parse(line!) as { health: { status: string; vcpus: { id: number; thread: string; exits: number; lastExitMsAgo: number; threadCpuMs: number | null }[]; serial: { txBytes: number; ier: number }; queues: unknown[] } };
     t.is(health.status, 'Running');
     t.is(health.vcpus.length, 1);
     t.like(health.vcpus[0], { id: 0, thread: 'running' });
     t.true(health.vcpus[0].exits > 10, `the vCPU's exits are counted: ${health.vcpus[0].exits}`);
     t.true(health.vcpus[0].lastExitMsAgo >= 0 && health.vcpus[0].lastExitMsAgo < 10_000);
+    // (the CPU its thread used: found by the thread's name, a count of /proc's 10 ms ticks)
+    t.is(typeof health.vcpus[0].threadCpuMs, 'number', 'the vCPU thread\'s CPU time is reported');
+    t.is(health.vcpus[0].threadCpuMs! % 10, 0);
     t.true(health.serial.txBytes >= vm.output.length, 'the UART counted what it sent');
     t.deepEqual(health.queues, [], 'no virtio device, no queue');
     const counted = vm.output.length;
