@@ -4,6 +4,7 @@
 
 #include <napi.h>
 #include <pthread.h>
+#include <time.h>
 
 #include <cstdint>
 #include <exception>
@@ -116,6 +117,13 @@ Napi::Value Guarded(const Napi::CallbackInfo& info) {
   }
 
 inline Napi::BigInt Big(Napi::Env env, uint64_t v) { return Napi::BigInt::New(env, v); }
+
+// The monotonic clock in milliseconds (deadlines, the age of a health report's last event).
+inline int64_t MonotonicMs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
 
 // Name the calling thread for top -H, perf and /proc/PID/task/*/comm. Linux keeps 15 bytes of a
 // name and refuses a longer one outright, so the name is cut to fit.

@@ -28,18 +28,12 @@ constexpr uint64_t kMaxBytes = 64 * 1024;
 // poll() takes an int of milliseconds; a day is far beyond any sensible wait.
 constexpr uint64_t kMaxTimeoutMs = 24ull * 3600 * 1000;
 
-int64_t NowMs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-}
-
 // Wait until `fd` is ready for `events` or the deadline passes. Returns 0 when ready, ETIMEDOUT,
 // or the errno of poll() itself. POLLERR/POLLHUP count as ready: the next sendmsg/recvmsg
 // reports what happened.
 int WaitReady(int fd, short events, int64_t deadline) {
   for (;;) {
-    int64_t left = deadline - NowMs();
+    int64_t left = deadline - MonotonicMs();
     if (left <= 0) return ETIMEDOUT;
     pollfd p{fd, events, 0};
     int rc = poll(&p, 1, static_cast<int>(left));
@@ -105,7 +99,7 @@ Napi::Value SendWithFds(const Napi::CallbackInfo& info) {
   // Copied: the loop below may poll, and the bytes must not change under it.
   std::vector<uint8_t> bytes(data.Data(), data.Data() + data.ByteLength());
   std::vector<char> control(fds.empty() ? 0 : CMSG_SPACE(sizeof(int) * fds.size()), 0);
-  int64_t deadline = NowMs() + static_cast<int64_t>(timeoutMs);
+  int64_t deadline = MonotonicMs() + static_cast<int64_t>(timeoutMs);
   size_t sent = 0;
   while (sent < bytes.size()) {
     iovec iov{bytes.data() + sent, bytes.size() - sent};
@@ -165,7 +159,7 @@ Napi::Value RecvWithFds(const Napi::CallbackInfo& info) {
   // Room for one more descriptor than allowed: a sender that attaches too many is then seen
   // as "too many" (and its extra ones arrive and get closed) rather than as truncation.
   std::vector<char> control(CMSG_SPACE(sizeof(int) * (kMaxFds + 1)), 0);
-  int64_t deadline = NowMs() + static_cast<int64_t>(timeoutMs);
+  int64_t deadline = MonotonicMs() + static_cast<int64_t>(timeoutMs);
   size_t got = 0;
   // Every exit after a descriptor may have arrived closes them: none may leak to the caller
   // of a failed call.

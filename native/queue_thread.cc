@@ -6,7 +6,6 @@
 #include <poll.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -141,19 +140,11 @@ bool QueueThread::Wait(int extraFd, short extraEvents, bool* extraReady) {
   }
 }
 
-namespace {
-int64_t MonotonicNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
-}  // namespace
-
 void QueueThread::InterruptIfDue(uint16_t usedBefore) {
   if (!queue->ShouldInterrupt(usedBefore)) return;
   uint64_t one = 1;
   if (write(interruptFd, &one, 8) != 8) return;
-  lastInterruptNs_.store(MonotonicNs(), std::memory_order_relaxed);
+  lastInterruptMs_.store(MonotonicMs(), std::memory_order_relaxed);
   interruptsSent_.fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -164,7 +155,7 @@ Napi::Object QueueThread::InterruptsObject(Napi::Env env) const {
   if (sent == 0) {
     out.Set("lastSentMsAgo", env.Null());
   } else {
-    out.Set("lastSentMsAgo", Napi::Number::New(env, static_cast<double>((MonotonicNs() - lastInterruptNs_.load(std::memory_order_relaxed)) / 1000000)));
+    out.Set("lastSentMsAgo", Napi::Number::New(env, static_cast<double>(MonotonicMs() - lastInterruptMs_.load(std::memory_order_relaxed))));
   }
   return out;
 }

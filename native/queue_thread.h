@@ -52,7 +52,7 @@ class QueueThread {
  private:
   int stopFd_ = -1;
   std::atomic<uint64_t> interruptsSent_{0};
-  std::atomic<int64_t> lastInterruptNs_{0};  // CLOCK_MONOTONIC
+  std::atomic<int64_t> lastInterruptMs_{0};  // MonotonicMs()
   std::thread thread_;
   std::atomic<bool> stopReq_{false};
   Napi::ThreadSafeFunction tsfn_;

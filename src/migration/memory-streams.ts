@@ -19,8 +19,12 @@ export const MAX_FRAMES_IN_FLIGHT = 8;
  */
 export const MAX_GRANTED_CONNECTIONS = MAX_FRAMES_IN_FLIGHT;
 
-/** What an extra connection may hold unread at the destination: two whole Memory frames and some. */
-export const EXTRA_CONNECTION_BUFFER_BYTES = 36 << 20;
+/**
+ * What one connection, the control one or an extra one, may hold unread at the destination: two
+ * whole Memory frames and some. Beyond it the source waits on TCP instead of the destination
+ * taking fresh buffers for frames it cannot write yet.
+ */
+export const CONNECTION_UNREAD_BYTES = 36 << 20;
 
 /** The destination's word that lets extra connections join this migration (in its Accept). */
 export function newJoinToken(): string {

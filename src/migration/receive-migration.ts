@@ -29,7 +29,7 @@ import { CHECKSUM_NAMES, FrameType, MEMORY_PAYLOAD_MAX_BYTES, MigrationProtocolE
 import { PayloadBuffers } from './payload-buffers';
 import { MIGRATION_PROTOCOL_VERSION, checkHello, type Hello } from './handshake';
 import { MemoryFrameWriter } from './memory-frames';
-import { EXTRA_CONNECTION_BUFFER_BYTES, MAX_GRANTED_CONNECTIONS, RoundBarrier, checkJoin, newJoinToken, readMemoryStream } from './memory-streams';
+import { CONNECTION_UNREAD_BYTES, MAX_GRANTED_CONNECTIONS, RoundBarrier, checkJoin, newJoinToken, readMemoryStream } from './memory-streams';
 import type { MigrationPhase, MigrationProgress, ReceiveMigrationOptions } from './migration-options';
 import { describeAddress, listenMigration, parseMigrationUrl, type MigrationAddress } from './migration-url';
 import { receivePreamble } from './preamble';
@@ -218,9 +218,7 @@ export class MigrationReceiver {
         }
       }
       // (TLS reads through its own socket: the large reads are for the plain connection's handle)
-      // (what it may hold unread is capped as on the extra connections: a source that sends
-      // faster than RAM is written here fills the socket, not fresh 16 MiB buffers)
-      this.channel = new FrameChannel(socket, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !tlsMaterial, payloads: this.payloads, maxBufferedBytes: EXTRA_CONNECTION_BUFFER_BYTES });
+      this.channel = new FrameChannel(socket, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !tlsMaterial, payloads: this.payloads, maxBufferedBytes: CONNECTION_UNREAD_BYTES });
       this.channel.socket.resume();
       await this.receiveVm();
     } catch (e) {
@@ -259,7 +257,7 @@ export class MigrationReceiver {
       let late: NodeJS.Timeout | undefined;
       try {
         const s = this.tls ? await tlsServer(socket, this.tls) : socket;
-        ch = new FrameChannel(s, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !this.tls, maxBufferedBytes: EXTRA_CONNECTION_BUFFER_BYTES, payloads: this.payloads });
+        ch = new FrameChannel(s, { idleTimeoutMs: SOURCE_IDLE_MS, peer: 'source', largeReads: !this.tls, maxBufferedBytes: CONNECTION_UNREAD_BYTES, payloads: this.payloads });
         ch.socket.resume();
         const joining = ch;
         late = setTimeout(() => joining.abort(`no Join within ${PREAMBLE_TIMEOUT_MS / 1000} s`), PREAMBLE_TIMEOUT_MS);

@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 
 /** USER_HZ: /proc reports CPU times in clock ticks of 1/100 s. */
-const TICK_MS = 10;
+export const TICK_MS = 10;
 
 /**
  * CPU ms (user and system) of each thread of `pid`, by name (the main thread, whose id is the

@@ -127,10 +127,10 @@ function readPayloadFile(path: string, what: string, maxBytes: number): Buffer {
   }
 }
 
-/** What Machine.health() reports. */
 /** The name native/kvm_vcpu.cc gives a vCPU's thread (what top -H and /proc show). */
 const vcpuThreadName = (id: number): string => `tern vcpu ${id}`;
 
+/** What Machine.health() reports. */
 export interface MachineHealth {
   /** each vCPU: its thread, its exits to this side, and the CPU its thread has used (a guest spinning or halted) */
   vcpus: { id: number; thread: string; exits: number; lastExitMsAgo: number | null; threadCpuMs: number | null }[];

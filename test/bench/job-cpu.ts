@@ -3,9 +3,7 @@
 // share. In the nested lab the two emulated CPUs carry the guest, the VMM and the host's network
 // stack at once, so a VMM that spends more CPU per byte leaves less of it to the guest.
 import fs from 'node:fs';
-import { threadCpuMsByName } from '../../src/util/thread-cpu';
-
-const TICK_MS = 10; // USER_HZ: /proc reports times in 1/100 s
+import { TICK_MS, threadCpuMsByName } from '../../src/util/thread-cpu';
 
 interface CpuSample {
   /** CPU ms per thread name (the main thread as "main") */
