@@ -69,6 +69,7 @@ import { openConsoleSink, type ConsoleSink } from './console-sink';
 import { dispatchIoExit } from './io-exit';
 import { stopForEffect, stopForExit, type MachineStop } from './exit-stop';
 import { createRam, incomingRam, snapshotRam, type GuestRam, type IncomingRam, type SnapshotRam } from './guest-ram';
+import { readVcpuSample, type VcpuSample } from './vcpu-sample';
 import { readVcpuState, writeVcpuState } from './vcpu-state';
 import { VcpuRunner } from './vcpu-runner';
 import { MsiRouting } from './msi-routing';
@@ -196,6 +197,10 @@ export class Machine {
   private readonly exitCounts: number[] = [];
   private readonly lastExitAt: number[] = [];
   private backends?: DeviceBackends;
+  /** a health report's vCPU sampling in progress (a pause waits for it: it resumes what it parked) */
+  private sampling?: Promise<unknown>;
+  /** a pause has begun and no resume has followed: nothing else may resume the vCPUs */
+  private pausing = false;
 
   constructor(private readonly opts: MachineOptions) {
     const { store } = opts;
@@ -728,6 +733,8 @@ export class Machine {
    * raises an interrupt while the VM is paused.
    */
   async pause(): Promise<PauseTiming> {
+    this.pausing = true;
+    await this.sampling;
     this.stopThrottle(false);
     this.console!.pauseInput();
     this.hvc?.pauseInput();
@@ -794,6 +801,7 @@ export class Machine {
     const saved = this.opts.store.getState().kvm.saved;
     if (saved && (opts.restoreClock ?? true)) this.vm.setClock(BigInt(saved.clock));
     // A restored machine's vCPU threads have not run yet.
+    this.pausing = false;
     if (!this.started) {
       this.start();
       return;
@@ -832,6 +840,50 @@ export class Machine {
       ...(serial && { serial: { ier: serial.ier, iir: serialIir(serial), threPending: serial.threPending, rxQueued: serial.rx.length, txBytes: serial.txBytes } }),
       queues: this.virtio?.health() ?? [],
     };
+  }
+
+  /**
+   * Where each vCPU is in its guest, `count` times `intervalMs` apart: each time every vCPU is
+   * parked for as long as reading its registers takes, then runs on (a few milliseconds in all,
+   * no event, nothing in the store). Only a machine whose vCPUs all run is sampled: a pause,
+   * a stop or a migration's throttle has them parked for a reason of its own.
+   */
+  async sampleVcpus(count = 5, intervalMs = 10): Promise<{ samples: VcpuSample[][] } | { notSampled: string }> {
+    if (this.sampling) return { notSampled: 'a sampling is under way' };
+    const why = this.sampleRefusal();
+    if (why) return { notSampled: why };
+    const run = async (): Promise<VcpuSample[][]> => {
+      const samples: VcpuSample[][] = this.runners.map(() => []);
+      for (let i = 0; i < count && !this.sampleRefusal(); i++) {
+        if (i > 0) await new Promise((r) => setTimeout(r, intervalMs));
+        await Promise.all(this.runners.map((r) => r.pause()));
+        try {
+          this.runners.forEach((r, n) => {
+            if (r.threadState === 'parked') samples[n].push(readVcpuSample(r.vcpu));
+          });
+        } finally {
+          // (a guest stop meanwhile keeps them parked for good)
+          if (!this.stopReported) for (const r of this.runners) if (r.isRunning) r.resume();
+        }
+      }
+      return samples;
+    };
+    const sampling = run();
+    this.sampling = sampling.catch(() => undefined);
+    try {
+      return { samples: await sampling };
+    } finally {
+      this.sampling = undefined;
+    }
+  }
+
+  private sampleRefusal(): string | undefined {
+    if (this.pausing) return 'the VM is paused or pausing';
+    if (this.stopReported) return 'the guest stopped';
+    if (this.throttleTimer) return 'a migration throttles the vCPUs';
+    const notRunning = this.runners.find((r) => r.threadState !== 'running');
+    if (notRunning) return `vCPU ${notRunning.vcpu.id} is ${notRunning.threadState}`;
+    return undefined;
   }
 
   /** Bring what the devices' native threads counted into the store, for vm.counters. */

@@ -16,6 +16,7 @@ import { createStore, vmConfigProblems, vmEvents, vmmEvents, type GuestStop, typ
 import { guestLog, type GuestLog } from '../util/guest-log';
 import { TERN_VERSION } from '../version';
 import { Machine, type MachineHealth, type MachineOptions, type MachineStop } from './machine';
+import type { VcpuSample } from './vcpu-sample';
 import { openDeviceBackends } from './device-backends';
 
 /** Reading guest RAM without the means to change it. */
@@ -107,6 +108,12 @@ export class Vmm {
   /** The VM's status and, while a machine exists, Machine.health(): for a guest that seems stuck. */
   health(): { status: string } & Partial<MachineHealth> {
     return { status: this.store.getState().vm.status, ...this.machine?.health() };
+  }
+
+  /** Machine.sampleVcpus() while a machine runs: where each vCPU is in its guest (a health report's second part). */
+  sampleVcpus(): Promise<{ samples: VcpuSample[][] } | { notSampled: string }> {
+    if (!this.machine || this.store.getState().vm.status !== 'Running') return Promise.resolve({ notSampled: 'no VM is running' });
+    return this.machine.sampleVcpus();
   }
 
   /** Bring what the devices counted on native threads into the store (before reading vm.counters). */

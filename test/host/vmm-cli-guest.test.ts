@@ -6,8 +6,9 @@ import os from 'node:os';
 import path from 'node:path';
 
 import type { GuestProcess } from '../linux/guest-process';
+import type { VcpuSample } from '../../src/vmm/vcpu-sample';
 import { sleep } from './harness';
-import { TINY_KERNEL_BANNER, buildTinyKernel, countsIn, lastStatus, startTinyVm } from './tiny-kernel';
+import { TINY_KERNEL_BANNER, TINY_KERNEL_LOAD_ADDRESS, buildTinyKernel, countsIn, lastStatus, startTinyVm } from './tiny-kernel';
 
 const T = 30_000;
 
@@ -48,6 +49,7 @@ test('SIGUSR2 logs a health report (vCPU threads and exits, the UART) and the gu
   try {
     await vm.waitFor(/^COUNT 2\n/m, T);
     const from = vm.stderr.length;
+    const seen = vm.output.length;
     vm.child.kill('SIGUSR2');
     for (let i = 0; i < 100 && !vm.stderr.slice(from).includes('"health report"'); i++) await sleep(50);
     const line = vm.stderr.slice(from).split('\n').find((l) => l.includes('"health report"'));
@@ -61,8 +63,21 @@ test('SIGUSR2 logs a health report (vCPU threads and exits, the UART) and the gu
     // (the CPU its thread used: found by the thread's name, a count of /proc's 10 ms ticks)
     t.is(typeof health.vcpus[0].threadCpuMs, 'number', 'the vCPU thread\'s CPU time is reported');
     t.is(health.vcpus[0].threadCpuMs! % 10, 0);
-    t.true(health.serial.txBytes >= vm.output.length, 'the UART counted what it sent');
+    t.true(health.serial.txBytes >= seen, 'the UART counted what it sent');
     t.deepEqual(health.queues, [], 'no virtio device, no queue');
+    // Where the vCPU was: five samples, each inside the kernel, in its ring 0, with the local
+    // APIC's timer as the kernel set it (periodic, vector 0x20); the kernel sleeps in sti;hlt.
+    const { vcpuSamples } = JSON.parse(line!) as { vcpuSamples: { samples: VcpuSample[][] } };
+    t.is(vcpuSamples.samples.length, 1);
+    t.is(vcpuSamples.samples[0].length, 5, JSON.stringify(vcpuSamples));
+    for (const s of vcpuSamples.samples[0]) {
+      const rip = Number(s.rip);
+      t.true(rip >= TINY_KERNEL_LOAD_ADDRESS && rip < TINY_KERNEL_LOAD_ADDRESS + 0x10000, `rip ${s.rip} in the kernel`);
+      t.is(s.cpl, 0);
+      t.is(s.apic.lvtTimer, `0x${((1 << 17) | 0x20).toString(16)}`);
+      t.deepEqual(s.apic.isr, [], 'no interrupt left without its EOI');
+    }
+    t.true(vcpuSamples.samples[0].some((s) => s.mpState === 'halted' && s.interruptsEnabled), 'caught sleeping in hlt, interrupts on');
     const counted = vm.output.length;
     await vm.waitFor(/^COUNT 5\n/m, T, counted);
     await powerOff(vm);

@@ -105,6 +105,46 @@ test.serial('boot, pause saves every vCPU and stops the guest, resume continues;
   }
 });
 
+test.serial('a health report samples where each vCPU is without pausing the VM, and a pause that meets a sampling still holds', async (t) => {
+  const cfg = await config('sample', 2);
+  const vmm = new Vmm({ log: silentLogger() });
+  const vmEvents: string[] = [];
+  const sub = vmm.store.events$.subscribe((e) => vmEvents.push(e.type));
+  try {
+    t.deepEqual(await vmm.sampleVcpus(), { notSampled: 'no VM is running' });
+    await vmm.create(cfg);
+    await vmm.boot();
+    await waitUntil('the counter runs', () => guestCount(vmm) >= 1);
+    const events = vmEvents.length;
+    const sampled = await vmm.sampleVcpus();
+    if (!('samples' in sampled)) return t.fail(sampled.notSampled);
+    t.is(sampled.samples.length, 2);
+    t.is(sampled.samples[0].length, 5);
+    t.true(sampled.samples[0].every((s) => s.cpl === 0 && Number(s.rip) >= TINY_KERNEL_LOAD_ADDRESS && Number(s.rip) < TINY_KERNEL_LOAD_ADDRESS + 0x1000), JSON.stringify(sampled.samples[0]));
+    t.true(sampled.samples[1].every((s) => s.mpState === 'uninitialized'), 'the AP still waits for INIT/SIPI');
+    t.is(vmEvents.length, events, 'sampling records nothing in the store');
+    t.is(vmm.state.vm.status, 'Running');
+    const c = guestCount(vmm);
+    await waitUntil('the guest counts on after the sampling', () => guestCount(vmm) >= c + 2);
+
+    // A pause asked for while a sampling has the vCPUs parked: the sampling ends early and
+    // the pause holds (the sampling must not resume what the pause parked).
+    const sampling = vmm.sampleVcpus();
+    await vmm.pause();
+    const late = await sampling;
+    t.true('samples' in late && late.samples[0].length < 5, JSON.stringify(late).slice(0, 200));
+    const pausedCount = guestCount(vmm);
+    await sleep(500);
+    t.is(guestCount(vmm), pausedCount, 'the counter does not move while paused');
+    t.deepEqual(await vmm.sampleVcpus(), { notSampled: 'no VM is running' });
+    await vmm.resume();
+    await waitUntil('the counter advances after resume', () => guestCount(vmm) >= pausedCount + 2);
+  } finally {
+    sub.unsubscribe();
+    await vmm.close();
+  }
+});
+
 test.serial('lifecycle actions that do not fit the state are refused with InvalidTransitionError', async (t) => {
   const vmm = new Vmm({ log: silentLogger() });
   try {

@@ -1,0 +1,111 @@
+// Where a vCPU is in its guest and what stands between it and an interrupt, read while it is
+// parked for a moment. For a health report on a guest gone silent: a vCPU that makes no exits
+// and whose thread keeps using CPU runs the guest somewhere, and a few of these samples say
+// where (one address or a small loop), whether interrupts are enabled there, and which vectors
+// its local APIC holds pending (IRR) or in service (ISR, an interrupt whose EOI never came
+// blocks every vector of its priority class and below).
+import { KvmMpState } from '../boot/boot';
+import { KVM_LAPIC_STATE_SIZE } from '../boot/vcpu-init';
+import type { NativeVcpu } from '../native/kvm';
+
+/** RFLAGS.IF */
+const RFLAGS_IF = 1n << 9n;
+const MSR_IA32_TSC = 0x10;
+const MSR_IA32_TSC_DEADLINE = 0x6e0;
+/** Local APIC registers in struct kvm_lapic_state (the APIC page's first KiB, 16 bytes apart). */
+const APIC_TPR = 0x80;
+const APIC_PPR = 0xa0;
+const APIC_ISR = 0x100;
+const APIC_IRR = 0x200;
+const APIC_LVT_TIMER = 0x320;
+/** struct kvm_vcpu_events: interrupt {injected, nr, soft, shadow} at 8, nmi {injected, pending, masked} at 12. */
+const EVENTS_INTERRUPT = 8;
+const EVENTS_NMI = 12;
+const EVENTS_MIN_SIZE = 16;
+
+export interface VcpuSample {
+  /** the guest's instruction pointer, hex */
+  rip: string;
+  /** privilege level (0: the guest's kernel) */
+  cpl: number;
+  /** RFLAGS.IF: the guest takes external interrupts here */
+  interruptsEnabled: boolean;
+  /** the instruction before blocked interrupts for one more (sti, mov ss) */
+  interruptShadow: boolean;
+  /** the vector KVM is injecting on the next entry, if any */
+  injecting: number | null;
+  nmiPending: boolean;
+  nmiMasked: boolean;
+  /** KVM_MP_STATE_*: runnable, halted... */
+  mpState: string;
+  apic: LapicSummary;
+  /** TSC-deadline timer: TSC cycles until the deadline (negative: overdue), null when unarmed */
+  timerDueInCycles: string | null;
+}
+
+export interface LapicSummary {
+  tpr: number;
+  ppr: number;
+  /** vectors requested and not yet delivered */
+  irr: number[];
+  /** vectors delivered and not yet ended with an EOI */
+  isr: number[];
+  /** LVT timer register, hex (bit 16 masked; bits 17-18 the mode, 2 = TSC deadline) */
+  lvtTimer: string;
+}
+
+/** The vectors set in a 256-bit APIC register (eight 32-bit words, 16 bytes apart). */
+function vectorsIn(page: Buffer, at: number): number[] {
+  const vectors: number[] = [];
+  for (let word = 0; word < 8; word++) {
+    const bits = page.readUInt32LE(at + word * 16);
+    for (let bit = 0; bit < 32; bit++) if (bits & (1 << bit)) vectors.push(word * 32 + bit);
+  }
+  return vectors;
+}
+
+/** The registers of struct kvm_lapic_state (base64, as KVM_GET_LAPIC gives it) a stuck interrupt shows in. */
+export function summarizeLapic(b64: string): LapicSummary {
+  const page = Buffer.from(b64, 'base64');
+  if (page.length < KVM_LAPIC_STATE_SIZE) throw new Error(`a local APIC state of ${page.length} bytes, not ${KVM_LAPIC_STATE_SIZE}`);
+  return {
+    tpr: page.readUInt32LE(APIC_TPR) & 0xff,
+    ppr: page.readUInt32LE(APIC_PPR) & 0xff,
+    irr: vectorsIn(page, APIC_IRR),
+    isr: vectorsIn(page, APIC_ISR),
+    lvtTimer: `0x${page.readUInt32LE(APIC_LVT_TIMER).toString(16)}`,
+  };
+}
+
+/** The interrupt and NMI parts of struct kvm_vcpu_events (base64). */
+export function summarizeVcpuEvents(b64: string): Pick<VcpuSample, 'interruptShadow' | 'injecting' | 'nmiPending' | 'nmiMasked'> {
+  const ev = Buffer.from(b64, 'base64');
+  if (ev.length < EVENTS_MIN_SIZE) throw new Error(`vCPU events of ${ev.length} bytes, fewer than ${EVENTS_MIN_SIZE}`);
+  return {
+    injecting: ev[EVENTS_INTERRUPT] ? ev[EVENTS_INTERRUPT + 1] : null,
+    interruptShadow: ev[EVENTS_INTERRUPT + 3] !== 0,
+    nmiPending: ev[EVENTS_NMI + 1] !== 0,
+    nmiMasked: ev[EVENTS_NMI + 2] !== 0,
+  };
+}
+
+const MP_STATE_NAMES = new Map<number, string>(Object.entries(KvmMpState).map(([name, v]) => [v, name.toLowerCase().replace('_', '-')]));
+
+/** Read one sample of a parked vCPU (its thread out of KVM_RUN). */
+export function readVcpuSample(vcpu: NativeVcpu): VcpuSample {
+  const regs = vcpu.getRegs();
+  const sregs = vcpu.getSregs();
+  const msrs = new Map(vcpu.getMsrs([MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE]).map((m) => [m.index, m.data]));
+  const deadline = msrs.get(MSR_IA32_TSC_DEADLINE);
+  const tsc = msrs.get(MSR_IA32_TSC);
+  const mp = vcpu.getMpState();
+  return {
+    rip: `0x${regs.rip.toString(16)}`,
+    cpl: sregs.cs.dpl,
+    interruptsEnabled: (regs.rflags & RFLAGS_IF) !== 0n,
+    ...summarizeVcpuEvents(vcpu.getVcpuEvents()),
+    mpState: MP_STATE_NAMES.get(mp) ?? String(mp),
+    apic: summarizeLapic(vcpu.getLapic()),
+    timerDueInCycles: deadline && tsc !== undefined ? String(BigInt.asIntN(64, deadline - tsc)) : null,
+  };
+}
