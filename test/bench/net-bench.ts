@@ -10,6 +10,7 @@ import path from 'node:path';
 import { guestCmdline, microvmCommand, runPeer } from '../lab/qemu-peer';
 import { GuestProcess } from '../linux/guest-process';
 import { native } from '../../src/native/kvm';
+import { guestIrqSnapshots, describeGuestIrqs, GUEST_IRQS_CMD } from './guest-interrupts';
 import { describeJobCpu, JobCpuMeter } from './job-cpu';
 import { checkPeerRun, GUEST_PANIC_RE, LabGuestFault, ternRunEnded } from './lab-guest-fault';
 import { printRatios, sideBySide, type SideBySideResults } from './side-by-side';
@@ -37,8 +38,14 @@ const JOBS: { name: string; mode: keyof typeof PORTS; metric: 'MiBps' | 'tps' }[
 /** The console lines that open and end the jobs: the CPU each took is measured between them. */
 const JOB_MARKERS = [/TERN-GUEST-USERSPACE/, ...JOBS.map((j) => new RegExp(`^NETBENCH ${j.mode} `, 'm'))];
 
-function printJobCpu(vmm: string, meter: JobCpuMeter): void {
-  meter.jobs().forEach((j, k) => process.stdout.write(`  ${vmm} ${JOBS[k].name}: ${describeJobCpu(j)}\n`));
+/** Per job: the VMM's CPU and KVM's exits, then the interrupts the guest took per queue. */
+function printJobCpu(vmm: string, meter: JobCpuMeter, output: string): void {
+  const irqs = guestIrqSnapshots(output);
+  meter.jobs().forEach((j, k) => {
+    const bytes = new RegExp(`^NETBENCH ${JOBS[k].mode} bytes=(\\d+)`, 'm').exec(output);
+    const mib = JOBS[k].metric === 'MiBps' && bytes ? Number(bytes[1]) / 2 ** 20 : undefined;
+    process.stdout.write(`  ${vmm} ${JOBS[k].name}: ${describeJobCpu(j)}; guest interrupts ${describeGuestIrqs(irqs[k], irqs[k + 1], mib)}\n`);
+  });
 }
 
 function parse(output: string): number[] {
@@ -105,7 +112,7 @@ async function runTern(kernel: string, initrd: string, cmdline: string): Promise
     );
     await Promise.race([ternRunEnded(vm, TIMEOUT_MS), panicked]);
     const figures = parse(vm.output);
-    printJobCpu('tern', meter);
+    printJobCpu('tern', meter, vm.output);
     return figures;
   } finally {
     vm.kill();
@@ -136,7 +143,7 @@ async function runQemu(kernel: string, initrd: string, cmdline: string): Promise
   const r = await run;
   checkPeerRun(r, TIMEOUT_MS);
   const figures = parse(r.output);
-  printJobCpu('qemu', meter);
+  printJobCpu('qemu', meter, r.output);
   return figures;
 }
 
@@ -145,7 +152,8 @@ async function main(): Promise<void> {
   const initrd = path.join(FIXTURES, 'initramfs.img');
   const cmd = [
     `ifconfig eth0 ${GUEST_IP} netmask 255.255.255.0 up`,
-    ...JOBS.map((j) => `netbench ${j.mode} ${HOST_IP} ${PORTS[j.mode]} ${SECONDS}`),
+    GUEST_IRQS_CMD,
+    ...JOBS.flatMap((j) => [`netbench ${j.mode} ${HOST_IP} ${PORTS[j.mode]} ${SECONDS}`, GUEST_IRQS_CMD]),
   ].join('; ');
   const cmdline = guestCmdline({ cmd });
   const stop = await hostEnd();
