@@ -198,7 +198,7 @@ export class Machine {
   private readonly lastExitAt: number[] = [];
   private backends?: DeviceBackends;
   /** a health report's vCPU sampling in progress (a pause waits for it: it resumes what it parked) */
-  private sampling?: Promise<unknown>;
+  private sampling?: Promise<{ samples: VcpuSample[][] }>;
   /** a pause has begun and no resume has followed: nothing else may resume the vCPUs */
   private pausing = false;
 
@@ -734,7 +734,7 @@ export class Machine {
    */
   async pause(): Promise<PauseTiming> {
     this.pausing = true;
-    await this.sampling;
+    await this.sampling?.catch(() => undefined);
     this.stopThrottle(false);
     this.console!.pauseInput();
     this.hvc?.pauseInput();
@@ -849,7 +849,8 @@ export class Machine {
    * a stop or a migration's throttle has them parked for a reason of its own.
    */
   async sampleVcpus(count = 5, intervalMs = 10): Promise<{ samples: VcpuSample[][] } | { notSampled: string }> {
-    if (this.sampling) return { notSampled: 'a sampling is under way' };
+    // (two reports asked for at once share one sampling)
+    if (this.sampling) return this.sampling;
     const why = this.sampleRefusal();
     if (why) return { notSampled: why };
     const run = async (): Promise<VcpuSample[][]> => {
@@ -868,10 +869,10 @@ export class Machine {
       }
       return samples;
     };
-    const sampling = run();
-    this.sampling = sampling.catch(() => undefined);
+    const sampling = run().then((samples) => ({ samples }));
+    this.sampling = sampling;
     try {
-      return { samples: await sampling };
+      return await sampling;
     } finally {
       this.sampling = undefined;
     }

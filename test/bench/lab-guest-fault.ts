@@ -11,8 +11,9 @@ import type { GuestProcess } from '../linux/guest-process';
 export const GUEST_PANIC_RE = /Kernel panic - not syncing[^\n]*/;
 
 export class LabGuestFault extends Error {
-  constructor(readonly vmm: 'tern' | 'qemu', what: string, output: string) {
-    super(`the ${vmm} guest ${what}: ${output.slice(-3000)}`);
+  /** `report`: the VMM's health report lines, kept whole (the output is cut to its end) */
+  constructor(readonly vmm: 'tern' | 'qemu', what: string, output: string, report = '') {
+    super(`the ${vmm} guest ${what}: ${output.slice(-3000)}${report && `\n${report}`}`);
   }
 }
 
@@ -26,10 +27,10 @@ export function panicLine(output: string): string | undefined {
  * limit, or else (QEMU, started with -no-reboot) a guest that reset itself mid-run: QEMU ended
  * with no panic and no exit status from the guest, the lab's triple fault.
  */
-export function labGuestFault(vmm: 'tern' | 'qemu', output: string, timedOutMs?: number, opts: { resetEndsVmm?: boolean } = {}): LabGuestFault | undefined {
+export function labGuestFault(vmm: 'tern' | 'qemu', output: string, timedOutMs?: number, opts: { resetEndsVmm?: boolean; report?: string } = {}): LabGuestFault | undefined {
   const panic = panicLine(output);
-  if (panic) return new LabGuestFault(vmm, `kernel panicked (${panic.trim()})`, output);
-  if (timedOutMs !== undefined) return new LabGuestFault(vmm, `gave no result within ${timedOutMs / 1000} s`, output);
+  if (panic) return new LabGuestFault(vmm, `kernel panicked (${panic.trim()})`, output, opts.report);
+  if (timedOutMs !== undefined) return new LabGuestFault(vmm, `gave no result within ${timedOutMs / 1000} s`, output, opts.report);
   if (opts.resetEndsVmm && !GUEST_EXIT_RE.test(output)) return new LabGuestFault(vmm, 'ended before its jobs did (QEMU exited with no panic and no exit status: a reset)', output);
   return undefined;
 }
@@ -45,7 +46,9 @@ export async function ternRunEnded(vm: GuestProcess, timeoutMs: number): Promise
     ({ code } = await vm.exit(timeoutMs));
   } catch (e) {
     if (vm.child.exitCode !== null) throw e;
-    throw labGuestFault('tern', `${vm.output}\n${vm.stderr.slice(-3000)}`, timeoutMs)!;
+    // (the health report the timeout asked for goes whole: where the vCPU was is at its end)
+    const report = vm.stderr.split('\n').filter((l) => l.includes('"health report"')).join('\n');
+    throw labGuestFault('tern', `${vm.output}\n${vm.stderr.slice(-3000)}`, timeoutMs, { report })!;
   }
   if (code === 0) return;
   throw labGuestFault('tern', vm.output) ?? new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);

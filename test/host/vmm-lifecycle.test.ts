@@ -123,6 +123,10 @@ test.serial('a health report samples where each vCPU is without pausing the VM, 
     t.true(sampled.samples[0].every((s) => s.cpl === 0 && Number(s.rip) >= TINY_KERNEL_LOAD_ADDRESS && Number(s.rip) < TINY_KERNEL_LOAD_ADDRESS + 0x1000), JSON.stringify(sampled.samples[0]));
     t.true(sampled.samples[1].every((s) => s.mpState === 'uninitialized'), 'the AP still waits for INIT/SIPI');
     t.is(vmEvents.length, events, 'sampling records nothing in the store');
+    // Two reports asked for at once share one sampling.
+    const [a, b] = await Promise.all([vmm.sampleVcpus(), vmm.sampleVcpus()]);
+    t.true('samples' in a && a.samples[0].length === 5, JSON.stringify(a).slice(0, 200));
+    t.deepEqual(b, a);
     t.is(vmm.state.vm.status, 'Running');
     const c = guestCount(vmm);
     await waitUntil('the guest counts on after the sampling', () => guestCount(vmm) >= c + 2);
