@@ -68,6 +68,8 @@ class NetQueue : public Napi::ObjectWrap<NetQueue> {
   enum class Turn { kMore, kWaitKick, kWaitTap, kBroken };
   void Run() noexcept;
   Turn Transmit();
+  // Transmit: make the chains used so far visible to the driver, with the interrupt it asked for.
+  void PublishTransmitted();
   Turn Receive();
   // Put the held frame into the guest's chains; false with *noRoom when they are too few (all
   // the driver had made available when it looked), or with *err when one is broken.
@@ -81,6 +83,11 @@ class NetQueue : public Napi::ObjectWrap<NetQueue> {
   int tapFd_ = -1;
   bool receive_ = false;
   bool mergeable_ = false;
+  // Transmit: how long a bulk turn's completions wait for the driver's next frames (0: never).
+  int64_t holdUs_ = 0;
+  uint32_t holdMinFrame_ = 0;
+  uint16_t publishedUsed_ = 0;  // the used index the driver was last shown
+  bool held_ = false;           // the last turn's completions wait for the next turn or holdUs_
   std::vector<uint8_t> frame_;  // receive: the frame read from the tap, header first
   size_t frameLen_ = 0;         // 0: none held
   Counters counters_;
@@ -93,6 +100,11 @@ bool NetQueue::Start(Napi::Env env, Napi::Object o, Napi::Function onBroken) {
   if (tap > INT_MAX) return ThrowError(env, "serveNetQueue: a file descriptor out of range"), false;
   tapFd_ = static_cast<int>(tap);
   if (!GetBool(o, "serveNetQueue", "receive", &receive_) || !GetBool(o, "serveNetQueue", "mergeable", &mergeable_)) return false;
+  uint32_t holdUs = 0;
+  if (!GetOptField(o, "txHoldUs", &holdUs) || !GetOptField(o, "txHoldMinFrame", &holdMinFrame_)) return false;
+  if (holdUs > 100000) return ThrowError(env, "serveNetQueue: txHoldUs above 100 ms"), false;
+  holdUs_ = holdUs;
+  publishedUsed_ = t_.queue->nextUsed();
   if (receive_) frame_.resize(kHeaderBytes + kMaxFrame);
   return t_.Launch(env, onBroken, "tern net queue", [this] { Run(); });
 }
@@ -102,18 +114,30 @@ void NetQueue::Run() noexcept {
     Turn turn = receive_ ? Receive() : Transmit();
     if (turn == Turn::kBroken) return;
     if (turn == Turn::kMore) {
-      if (t_.stopping()) return;
+      if (t_.stopping()) break;
       continue;
     }
     // (a kick also ends a wait for the tap: it costs one more look)
-    bool tapReady;
-    if (!t_.Wait(turn == Turn::kWaitTap ? tapFd_ : -1, receive_ ? POLLIN : POLLOUT, &tapReady)) return;
+    bool tapReady, timedOut;
+    if (!t_.Wait(turn == Turn::kWaitTap ? tapFd_ : -1, receive_ ? POLLIN : POLLOUT, held_ ? holdUs_ : -1, &tapReady, &timedOut)) break;
+    if (timedOut) PublishTransmitted();  // no frame came: the held ones go back now
   }
+  // Stopped: what stop() hands back as nextUsed is what the driver sees.
+  if (!receive_) PublishTransmitted();
+}
+
+void NetQueue::PublishTransmitted() {
+  SplitQueue& q = *t_.queue;
+  held_ = false;
+  if (q.nextUsed() == publishedUsed_) return;
+  q.PublishUsed();
+  t_.InterruptIfDue(publishedUsed_);
+  publishedUsed_ = q.nextUsed();
 }
 
 NetQueue::Turn NetQueue::Transmit() {
   SplitQueue& q = *t_.queue;
-  uint16_t usedBefore = q.nextUsed();
+  bool bulk = false;  // a frame of this turn is a large (segmentation offload) one
   Chain chain;
   std::string err;
   std::vector<iovec> iov;
@@ -165,9 +189,20 @@ NetQueue::Turn NetQueue::Transmit() {
       counters_.txFrames++;
       counters_.txBytes += chain.readableBytes - kHeaderBytes;
     }
-    q.PushUsed(chain.head, 0);
+    bulk = bulk || chain.readableBytes - kHeaderBytes >= holdMinFrame_;
+    q.PushUsed(chain.head, 0, false);
   }
-  t_.InterruptIfDue(usedBefore);
+  // A bulk sender's frames come in bursts: those sent go back to the driver together with the
+  // next burst's, or after holdUs_ if none comes, so that the guest takes one interrupt for
+  // both (a device faster than its driver would otherwise interrupt it for every frame). Only
+  // once: the turn after a hold gives everything back. (A TCP sender keeps at least two such
+  // frames in flight, so the next one comes without waiting for these; a hold that runs out
+  // delays only the freeing of frames already on the wire.)
+  if (err.empty() && turn == Turn::kWaitKick && bulk && holdUs_ > 0 && !held_ && q.nextUsed() != publishedUsed_) {
+    held_ = true;
+    return turn;
+  }
+  PublishTransmitted();
   if (!err.empty()) return t_.Broken(err), Turn::kBroken;
   return turn;
 }

@@ -6,6 +6,7 @@
 #include <poll.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -117,12 +118,19 @@ void QueueThread::Join() {
   keep_.clear();
 }
 
-bool QueueThread::Wait(int extraFd, short extraEvents, bool* extraReady) {
+bool QueueThread::Wait(int extraFd, short extraEvents, int64_t timeoutUs, bool* extraReady, bool* timedOut) {
   *extraReady = false;
+  if (timedOut) *timedOut = false;
   pollfd fds[3] = {{kickFd, POLLIN, 0}, {stopFd_, POLLIN, 0}, {extraFd, extraEvents, 0}};
+  timespec timeout{timeoutUs / 1000000, (timeoutUs % 1000000) * 1000};
   for (;;) {
     if (stopReq_.load()) return false;
-    int n = poll(fds, extraFd >= 0 ? 3 : 2, -1);
+    // (an interrupted wait starts its timeout again: it only ever gets longer, never missed)
+    int n = ppoll(fds, extraFd >= 0 ? 3 : 2, timeoutUs >= 0 ? &timeout : nullptr, nullptr);
+    if (n == 0) {
+      if (timedOut) *timedOut = true;
+      return true;
+    }
     if (n < 0) {
       if (errno == EINTR) continue;
       Broken(std::string("the doorbell cannot be watched: ") + strerror(errno));

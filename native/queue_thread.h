@@ -33,7 +33,9 @@ class QueueThread {
   // Sleeps until the doorbell rings (its count is consumed), `extraFd` is ready for `extraEvents`
   // (when extraFd >= 0) or stop is asked. Returns false when the thread must end (stop, or a
   // failure already reported with Broken()); *extraReady says whether extraFd woke it.
-  bool Wait(int extraFd, short extraEvents, bool* extraReady);
+  bool Wait(int extraFd, short extraEvents, bool* extraReady) { return Wait(extraFd, extraEvents, -1, extraReady, nullptr); }
+  // The same, waking also after `timeoutUs` (when >= 0) with *timedOut set.
+  bool Wait(int extraFd, short extraEvents, int64_t timeoutUs, bool* extraReady, bool* timedOut);
   bool stopping() const { return stopReq_.load(); }
   // Writes the irqfd when the chains used since `usedBefore` call for an interrupt.
   void InterruptIfDue(uint16_t usedBefore);

@@ -309,6 +309,13 @@ export interface NativeNetQueueOptions extends NativeQueueOptions {
   receive: boolean;
   /** VIRTIO_NET_F_MRG_RXBUF was negotiated */
   mergeable: boolean;
+  /**
+   * Transmit: a turn that sent a frame of txHoldMinFrame bytes or more hands its chains back
+   * with the next turn's, or after txHoldUs (at most 100 000) if no frame comes: one interrupt
+   * for a burst and the next. Absent or 0: every turn's chains go back at once.
+   */
+  txHoldUs?: number;
+  txHoldMinFrame?: number;
 }
 
 /** What a net queue's frames add to its device's counters (vm.counters' names). */

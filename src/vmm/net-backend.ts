@@ -27,6 +27,16 @@ import type { ChainResult, VirtioDeviceWorker } from './virtio-queues';
 /** A tap Tern creates for a card whose config names none: the kernel numbers it. */
 export const DEFAULT_TAP_NAME = 'vmtap%d';
 
+/**
+ * A transmit queue hands back a burst of large frames (segmentation offload: a bulk stream)
+ * together with the next burst, or after this long if none comes: the guest takes one
+ * interrupt for the two instead of one per frame, as with a device that serves its queue a
+ * little later than the doorbell. Small frames (request/response) go back at once.
+ * TERN_NET_TX_HOLD_US sets it (0: never held).
+ */
+const TX_HOLD_US = Math.min(100_000, Math.max(0, Number(process.env.TERN_NET_TX_HOLD_US ?? 200) || 0));
+const TX_HOLD_MIN_FRAME = 16 << 10;
+
 export class NetConfigError extends Error {}
 
 export interface NetBackend {
@@ -184,7 +194,7 @@ export function netWorker(id: string, fds: readonly number[], log: Logger, opts:
         if (!offloadWarned) log.warn({ device: id, err: (e as Error).message }, 'the tap refused the offloads: the guest gets plain frames');
         offloadWarned = true;
       }
-      return { kind: 'net', tapFd: fd, receive, mergeable: hasFeature(fn.virtio.driverFeatures, VirtioNetFeature.MRG_RXBUF) };
+      return { kind: 'net', tapFd: fd, receive, mergeable: hasFeature(fn.virtio.driverFeatures, VirtioNetFeature.MRG_RXBUF), txHoldUs: TX_HOLD_US, txHoldMinFrame: TX_HOLD_MIN_FRAME };
     },
   };
 }

@@ -75,7 +75,7 @@ export interface VirtioDeviceWorker {
 }
 
 /** What a native thread serves a queue with: a disk (native/block_queue.cc) or a tap (native/net_queue.cc). */
-export type NativeQueueSpec = { kind: 'block'; disk: NativeDisk } | { kind: 'net'; tapFd: number; receive: boolean; mergeable: boolean };
+export type NativeQueueSpec = { kind: 'block'; disk: NativeDisk } | { kind: 'net'; tapFd: number; receive: boolean; mergeable: boolean; txHoldUs: number; txHoldMinFrame: number };
 
 /** One enabled queue as VirtioQueues.health() sees it (ring fields null where RAM holds no ring). */
 export interface QueueHealth {
@@ -560,7 +560,7 @@ export class VirtioQueues {
       handle =
         spec.kind === 'block'
           ? native().serveBlockQueue({ ...options, ...spec.disk }, onBroken)
-          : native().serveNetQueue({ ...options, tapFd: spec.tapFd, receive: spec.receive, mergeable: spec.mergeable }, onBroken);
+          : native().serveNetQueue({ ...options, tapFd: spec.tapFd, receive: spec.receive, mergeable: spec.mergeable, txHoldUs: spec.txHoldUs, txHoldMinFrame: spec.txHoldMinFrame }, onBroken);
     } catch (e) {
       this.watcher?.add(doorbell.fd);
       throw e;

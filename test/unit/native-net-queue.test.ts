@@ -40,14 +40,14 @@ interface Queue extends RingDriver {
   broken: string[];
 }
 
-function serve(t: { teardown(fn: () => void): void }, tapFd: number, receive: boolean, opts: { mergeable?: boolean; eventIdx?: boolean } = {}): Queue {
+function serve(t: { teardown(fn: () => void): void }, tapFd: number, receive: boolean, opts: { mergeable?: boolean; eventIdx?: boolean; txHoldUs?: number; txHoldMinFrame?: number } = {}): Queue {
   const mem = anonymousGuestMemory([{ guestAddress: 0, size: RAM }]);
   const kick = native().eventfd(0, EventFdFlags.NONBLOCK | EventFdFlags.CLOEXEC);
   const irq = native().eventfd(0, EventFdFlags.NONBLOCK | EventFdFlags.CLOEXEC);
   const broken: string[] = [];
   const range = mem.regions[0].hostRange();
   const queue = native().serveNetQueue(
-    { memory: [range], ...RING, eventIdx: opts.eventIdx ?? false, indirect: false, nextAvail: 0, nextUsed: 0, kickFd: kick, interruptFd: irq, tapFd, receive, mergeable: opts.mergeable ?? true },
+    { memory: [range], ...RING, eventIdx: opts.eventIdx ?? false, indirect: false, nextAvail: 0, nextUsed: 0, kickFd: kick, interruptFd: irq, tapFd, receive, mergeable: opts.mergeable ?? true, txHoldUs: opts.txHoldUs, txHoldMinFrame: opts.txHoldMinFrame },
     (reason) => broken.push(reason),
   );
   t.teardown(() => {
@@ -115,6 +115,51 @@ test('a transmitted frame reaches the host through the tap, is counted, and its 
   t.true(names.includes('tern net queue'), names.join(', '));
   t.deepEqual(q.queue.stop(), { nextAvail: 1, nextUsed: 1, counters: { rx_bytes: 0, rx_frames: 0, rx_dropped: 0, tx_bytes: frame.length, tx_frames: 1, tx_dropped: 0 } });
   t.deepEqual(q.broken, []);
+});
+
+/** Post the bulk test frame (header, then the frame) on a transmit queue. */
+function postFrame(q: Queue, frame: Buffer): void {
+  q.mem.write(BUF, new Uint8Array(12));
+  q.mem.write(BUF + 0x100, frame);
+  q.post([[BUF, 12, false], [BUF + 0x100, frame.length, false]]);
+}
+
+test('held transmit completions: a bulk frame goes out at once and its chain goes back with the next burst\'s, under one interrupt; stop() hands back a held chain', async (t) => {
+  const nic = tap(t);
+  const q = serve(t, nic.fd, false, { txHoldUs: 100_000, txHoldMinFrame: 32 });
+  const peer = await listen(t, nic.host);
+  const frame = udpFrame(nic.guest, nic.host, peer.port, Buffer.alloc(200, 7));
+  postFrame(q, frame);
+  await until('the first datagram to arrive', () => peer.got.length === 1);
+  t.is(q.usedIdx(), 0, 'its chain is held (for up to 100 ms) while the next burst may come');
+  postFrame(q, frame);
+  await until('both chains to be used', () => q.usedIdx() === 2);
+  await until('the second datagram to arrive', () => peer.got.length === 2);
+  t.is(q.queue.interrupts().sent, 1, 'one interrupt for both');
+  postFrame(q, frame);
+  await until('the third datagram to arrive', () => peer.got.length === 3);
+  t.like(q.queue.stop(), { nextAvail: 3, nextUsed: 3 });
+  t.is(q.usedIdx(), 3, 'the driver sees what stop() reports');
+  t.deepEqual(q.broken, []);
+});
+
+test('a hold that no frame ends gives the chain back, with its interrupt, when it runs out', async (t) => {
+  const nic = tap(t);
+  const q = serve(t, nic.fd, false, { txHoldUs: 50_000, txHoldMinFrame: 32 });
+  const peer = await listen(t, nic.host);
+  const small = udpFrame(nic.guest, nic.host, peer.port, Buffer.alloc(4, 1));
+  const frame = udpFrame(nic.guest, nic.host, peer.port, Buffer.alloc(200, 7));
+  postFrame(q, frame);
+  await until('the datagram to arrive', () => peer.got.length === 1);
+  await until('its chain to be used once the hold ran out', () => q.usedIdx() === 1);
+  t.is(q.queue.interrupts().sent, 1);
+  // A frame below txHoldMinFrame (not a bulk stream's) is never held.
+  const held = serve(t, nic.fd, false, { txHoldUs: 100_000, txHoldMinFrame: small.length + 1 });
+  postFrame(held, small);
+  await until('the small datagram to arrive', () => peer.got.length === 2);
+  await new Promise((r) => setTimeout(r, 20));
+  t.is(held.usedIdx(), 1, 'given back at once (a hold would last 100 ms)');
+  t.deepEqual([...q.broken, ...held.broken], []);
 });
 
 test('a tap that is down drops what the guest sends, as a NIC without link does, and the queue goes on', async (t) => {
