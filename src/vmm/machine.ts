@@ -800,8 +800,8 @@ export class Machine {
     // snapshot, or being restored).
     const saved = this.opts.store.getState().kvm.saved;
     if (saved && (opts.restoreClock ?? true)) this.vm.setClock(BigInt(saved.clock));
-    // A restored machine's vCPU threads have not run yet.
     this.pausing = false;
+    // A restored machine's vCPU threads have not run yet.
     if (!this.started) {
       this.start();
       return;
