@@ -84,13 +84,14 @@ test('the state schema takes a card and refuses a multicast MAC', (t) => {
   t.regex(virtioNetModel.checkState?.(virtioNetModel.create('_net0', card({ mac: [1, 0, 0, 0, 0, 1] }), [256, 256])) ?? '', /multicast/);
 });
 
-test('the worker gives each queue to a native thread: even queues receive, odd transmit, on their pair\'s tap fd, mergeable as negotiated', (t) => {
+test('the worker gives each queue to a native thread: even queues receive, odd transmit, on their pair\'s tap fd, mergeable as negotiated, bulk transmits held 200 µs', (t) => {
   const w = netWorker('_net0', [-1], pino({ level: 'silent' }));
   const fn = virtioNetModel.create('_net0', card(), [256, 256]) as VirtioFunctionState;
   // (fd -1: TUNSETOFFLOAD fails, which the worker logs and lives with)
   const negotiated = { ...fn, virtio: { ...fn.virtio, driverFeatures: featureWords(bit(F.MRG_RXBUF) | bit(32)) } };
-  t.deepEqual(w.nativeQueue?.(negotiated, 0), { kind: 'net', tapFd: -1, receive: true, mergeable: true });
-  t.deepEqual(w.nativeQueue?.(fn, 1), { kind: 'net', tapFd: -1, receive: false, mergeable: false });
+  const hold = { txHoldUs: 200, txHoldMinFrame: 16384 };
+  t.deepEqual(w.nativeQueue?.(negotiated, 0), { kind: 'net', tapFd: -1, receive: true, mergeable: true, ...hold });
+  t.deepEqual(w.nativeQueue?.(fn, 1), { kind: 'net', tapFd: -1, receive: false, mergeable: false, ...hold });
   t.is(w.nativeQueue?.(fn, 2), undefined, 'no pair 1');
   t.false(w.ready?.(0) ?? true, 'nothing is served on the JavaScript thread');
 });
