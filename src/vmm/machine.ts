@@ -69,6 +69,7 @@ import { openConsoleSink, type ConsoleSink } from './console-sink';
 import { dispatchIoExit } from './io-exit';
 import { stopForEffect, stopForExit, type MachineStop } from './exit-stop';
 import { createRam, incomingRam, snapshotRam, type GuestRam, type IncomingRam, type SnapshotRam } from './guest-ram';
+import { shmemThpRefusalOnce } from './shmem-thp';
 import { readVcpuSample, type VcpuSample } from './vcpu-sample';
 import { readVcpuState, writeVcpuState } from './vcpu-state';
 import { VcpuRunner } from './vcpu-runner';
@@ -236,6 +237,8 @@ export class Machine {
 
       const layout = ramRegions(config.memory.size);
       this.memory = this.useRam(createRam(this.vm, layout, config.memory.thp));
+      const noHugePages = config.memory.thp ? shmemThpRefusalOnce() : undefined;
+      if (noHugePages) opts.log.warn(noHugePages);
       store.dispatch(memoryEvents.regionsCreated(layout));
 
       const payload = config.payload;
