@@ -127,7 +127,10 @@ test('--serial null runs the guest and prints nothing', async (t) => {
     vm.child.kill('SIGTERM');
     t.is((await vm.exit(T)).code, 0, vm.stderr);
     t.is(vm.output, '');
-    t.false(/"level":(40|50|60)/.test(vm.stderr), vm.stderr);
+    // (a host whose shmem_enabled keeps huge pages from guest RAM says so: a fact about the
+    // host, not about this run)
+    const warnings = vm.stderr.split('\n').filter((l) => /"level":(40|50|60)/.test(l) && !l.includes('shmem_enabled'));
+    t.deepEqual(warnings, [], vm.stderr);
   } finally {
     vm.kill();
   }
