@@ -68,8 +68,9 @@ class NetQueue : public Napi::ObjectWrap<NetQueue> {
   enum class Turn { kMore, kWaitKick, kWaitTap, kBroken };
   void Run() noexcept;
   Turn Transmit();
-  // Transmit: make the chains used so far visible to the driver, with the interrupt it asked for.
-  void PublishTransmitted();
+  // Transmit: make the chains used so far visible to the driver, with the interrupt it asked
+  // for; at a stop that interrupt is owed instead (stop() reports it) and not raised here.
+  void PublishTransmitted(bool stopping = false);
   Turn Receive();
   // Put the held frame into the guest's chains; false with *noRoom when they are too few (all
   // the driver had made available when it looked), or with *err when one is broken.
@@ -88,6 +89,7 @@ class NetQueue : public Napi::ObjectWrap<NetQueue> {
   uint32_t holdMinFrame_ = 0;
   uint16_t publishedUsed_ = 0;  // the used index the driver was last shown
   bool held_ = false;           // the last turn's completions wait for the next turn or holdUs_
+  bool interruptOwed_ = false;  // chains handed back at the stop call for an interrupt
   std::vector<uint8_t> frame_;  // receive: the frame read from the tap, header first
   size_t frameLen_ = 0;         // 0: none held
   Counters counters_;
@@ -123,15 +125,19 @@ void NetQueue::Run() noexcept {
     if (timedOut) PublishTransmitted();  // no frame came: the held ones go back now
   }
   // Stopped: what stop() hands back as nextUsed is what the driver sees.
-  if (!receive_) PublishTransmitted();
+  if (!receive_) PublishTransmitted(true);
 }
 
-void NetQueue::PublishTransmitted() {
+void NetQueue::PublishTransmitted(bool stopping) {
   SplitQueue& q = *t_.queue;
   held_ = false;
   if (q.nextUsed() == publishedUsed_) return;
   q.PublishUsed();
-  t_.InterruptIfDue(publishedUsed_);
+  if (stopping) {
+    interruptOwed_ = q.ShouldInterrupt(publishedUsed_);
+  } else {
+    t_.InterruptIfDue(publishedUsed_);
+  }
   publishedUsed_ = q.nextUsed();
 }
 
@@ -325,7 +331,7 @@ Napi::Value NetQueue::Stop(const Napi::CallbackInfo& info) {
     counters_.rxDropped++;
     frameLen_ = 0;
   }
-  return t_.StopResult(env, CountersObject(env));
+  return t_.StopResult(env, CountersObject(env), interruptOwed_);
 }
 
 Napi::Value ServeNetQueue(const Napi::CallbackInfo& info) {

@@ -168,11 +168,12 @@ Napi::Object QueueThread::InterruptsObject(Napi::Env env) const {
   return out;
 }
 
-Napi::Object QueueThread::StopResult(Napi::Env env, Napi::Value counters) const {
+Napi::Object QueueThread::StopResult(Napi::Env env, Napi::Value counters, bool interruptOwed) const {
   Napi::Object out = Napi::Object::New(env);
   out.Set("nextAvail", Napi::Number::New(env, queue ? queue->nextAvail() : 0));
   out.Set("nextUsed", Napi::Number::New(env, queue ? queue->nextUsed() : 0));
   out.Set("counters", counters);
+  out.Set("interrupt", Napi::Boolean::New(env, interruptOwed));
   return out;
 }
 

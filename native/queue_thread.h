@@ -44,8 +44,10 @@ class QueueThread {
   Napi::Object InterruptsObject(Napi::Env env) const;
   // The driver broke the queue (or the host end failed): JavaScript hears `reason`.
   void Broken(const std::string& reason);
-  // What stop() returns: {nextAvail, nextUsed, counters} (the thread has been joined).
-  Napi::Object StopResult(Napi::Env env, Napi::Value counters) const;
+  // What stop() returns: {nextAvail, nextUsed, counters, interrupt} (the thread has been joined);
+  // `interrupt`: chains handed back at the stop call for one, which the caller raises as the
+  // vector's state allows (masked: its pending bit), not this thread on a route about to change.
+  Napi::Object StopResult(Napi::Env env, Napi::Value counters, bool interruptOwed = false) const;
 
   GuestRamMap mem;
   std::unique_ptr<SplitQueue> queue;

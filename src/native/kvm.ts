@@ -334,7 +334,8 @@ export interface NativeQueueServer<C = Record<string, number>> {
    * End the thread after the request it is doing; returns the queue's cursors and what was
    * counted since the last takeCounters(). Idempotent (later calls count nothing).
    */
-  stop(): { nextAvail: number; nextUsed: number; counters: C };
+  /** `interrupt`: chains handed back at the stop call for an interrupt, which the caller raises. */
+  stop(): { nextAvail: number; nextUsed: number; counters: C; interrupt: boolean };
   /** What was counted since the last call (the thread goes on). */
   takeCounters(): C;
   /** The interrupts the thread raised (irqfd writes the kernel took), and how long ago the last was. */

@@ -591,9 +591,12 @@ export class VirtioQueues {
     if (!stored) return;
     const cursors = opts.keepCursors ? { nextAvail: end.nextAvail, nextUsed: end.nextUsed } : { nextAvail: stored.nextAvail, nextUsed: stored.nextUsed };
     const counters = countersOf(end.counters);
-    if (cursors.nextAvail === stored.nextAvail && cursors.nextUsed === stored.nextUsed && !counters) return;
-    // The thread raised every interrupt its requests called for: none is owed here.
-    const served = { queue: n.queue, ...cursors, interrupt: false, ...(counters ? { counters } : {}) };
+    // The thread raised every interrupt its requests called for but the one for the chains it
+    // handed back as it stopped: that one goes as the vector's state now allows (a masked
+    // vector keeps it pending), and none to a device the driver reset.
+    const interrupt = opts.keepCursors && end.interrupt;
+    if (cursors.nextAvail === stored.nextAvail && cursors.nextUsed === stored.nextUsed && !counters && !interrupt) return;
+    const served = { queue: n.queue, ...cursors, interrupt, ...(counters ? { counters } : {}) };
     this.opts.store.dispatch(virtioEvents.queueServed(PCI_SEGMENT_ID, n.device, served));
   }
 

@@ -113,7 +113,7 @@ test('a transmitted frame reaches the host through the tap, is counted, and its 
   // (named for top -H and perf: which thread serves a queue)
   const names = fs.readdirSync('/proc/self/task').map((tid) => fs.readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim());
   t.true(names.includes('tern net queue'), names.join(', '));
-  t.deepEqual(q.queue.stop(), { nextAvail: 1, nextUsed: 1, counters: { rx_bytes: 0, rx_frames: 0, rx_dropped: 0, tx_bytes: frame.length, tx_frames: 1, tx_dropped: 0 } });
+  t.deepEqual(q.queue.stop(), { nextAvail: 1, nextUsed: 1, counters: { rx_bytes: 0, rx_frames: 0, rx_dropped: 0, tx_bytes: frame.length, tx_frames: 1, tx_dropped: 0 }, interrupt: false });
   t.deepEqual(q.broken, []);
 });
 
@@ -138,8 +138,9 @@ test('held transmit completions: a bulk frame goes out at once and its chain goe
   t.is(q.queue.interrupts().sent, 1, 'one interrupt for both');
   postFrame(q, frame);
   await until('the third datagram to arrive', () => peer.got.length === 3);
-  t.like(q.queue.stop(), { nextAvail: 3, nextUsed: 3 });
+  t.like(q.queue.stop(), { nextAvail: 3, nextUsed: 3, interrupt: true }, 'its interrupt is owed, for the caller to raise as the vector allows');
   t.is(q.usedIdx(), 3, 'the driver sees what stop() reports');
+  t.is(q.queue.interrupts().sent, 1, 'the stopping thread raised none itself');
   t.deepEqual(q.broken, []);
 });
 
