@@ -127,6 +127,7 @@ class Vcpu : public Napi::ObjectWrap<Vcpu> {
   Napi::Value GetLapic(const Napi::CallbackInfo& info);
   Napi::Value SetLapic(const Napi::CallbackInfo& info);
   Napi::Value GetMpState(const Napi::CallbackInfo& info);
+  Napi::Value Translate(const Napi::CallbackInfo& info);
   Napi::Value SetMpState(const Napi::CallbackInfo& info);
   Napi::Value GetVcpuEvents(const Napi::CallbackInfo& info);
   Napi::Value SetVcpuEvents(const Napi::CallbackInfo& info);

@@ -572,6 +572,7 @@ Napi::Function Vcpu::Define(Napi::Env env) {
                          InstanceMethod<&Vcpu::Guarded<&Vcpu::SetLapic>>("setLapic"),
                          InstanceMethod<&Vcpu::Guarded<&Vcpu::GetMpState>>("getMpState"),
                          InstanceMethod<&Vcpu::Guarded<&Vcpu::SetMpState>>("setMpState"),
+                         InstanceMethod<&Vcpu::Guarded<&Vcpu::Translate>>("translate"),
                          InstanceMethod<&Vcpu::Guarded<&Vcpu::GetVcpuEvents>>("getVcpuEvents"),
                          InstanceMethod<&Vcpu::Guarded<&Vcpu::SetVcpuEvents>>("setVcpuEvents"),
                          InstanceMethod<&Vcpu::Guarded<&Vcpu::GetDebugRegs>>("getDebugRegs"),
@@ -963,6 +964,21 @@ Napi::Value Vcpu::GetMpState(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   return Napi::Number::New(env, s.mp_state);
+}
+
+// A guest virtual address through the vCPU's own page tables, as it would fetch or read it now;
+// null when its page is not mapped.
+Napi::Value Vcpu::Translate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!CheckIdle(env)) return env.Undefined();
+  kvm_translation t{};
+  if (!ArgField(info, 0, "translate: address", &t.linear_address)) return env.Undefined();
+  if (IoctlRetry(core_->fd, KVM_TRANSLATE, &t) < 0) {
+    ThrowErrno(env, "KVM_TRANSLATE", errno);
+    return env.Undefined();
+  }
+  if (!t.valid) return env.Null();
+  return Big(env, t.physical_address);
 }
 
 Napi::Value Vcpu::SetMpState(const Napi::CallbackInfo& info) {

@@ -125,6 +125,8 @@ export interface NativeVcpu {
   setMsrs(entries: MsrEntry[]): number;
   getLapic(): string; setLapic(b64: string): void;
   getMpState(): number; setMpState(state: number): void;
+  /** KVM_TRANSLATE: a guest virtual address through the vCPU's page tables; null when unmapped. */
+  translate(address: bigint): bigint | null;
   getVcpuEvents(): string; setVcpuEvents(b64: string): void;
   getDebugRegs(): string; setDebugRegs(b64: string): void;
   /** KVM_KVMCLOCK_CTRL: tell the guest it was paused (no soft-lockup warnings). */

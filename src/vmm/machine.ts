@@ -863,7 +863,7 @@ export class Machine {
         await Promise.all(this.runners.map((r) => r.pause()));
         try {
           this.runners.forEach((r, n) => {
-            if (r.threadState === 'parked') samples[n].push(readVcpuSample(r.vcpu));
+            if (r.threadState === 'parked') samples[n].push(readVcpuSample(r.vcpu, this.memory));
           });
         } finally {
           // (a guest stop meanwhile keeps them parked for good)

@@ -7,6 +7,7 @@
 import { KvmMpState } from '../boot/boot';
 import { KVM_LAPIC_STATE_SIZE } from '../boot/vcpu-init';
 import type { NativeVcpu } from '../native/kvm';
+import type { GuestMemory } from '../memory/guest-memory';
 
 /** RFLAGS.IF */
 const RFLAGS_IF = 1n << 9n;
@@ -41,6 +42,70 @@ export interface VcpuSample {
   apic: LapicSummary;
   /** TSC-deadline timer: TSC cycles until the deadline (negative: overdue), null when unarmed */
   timerDueInCycles: string | null;
+  /**
+   * The code around rip as a kernel oops prints it: hex bytes, the one at rip in <>; bytes the
+   * vCPU cannot reach through its page tables, or outside RAM, are "??". Matched against the
+   * guest's binaries, it names the loop a vCPU is caught in.
+   */
+  code: string;
+  /** The first quadwords at rsp, hex (return addresses name the callers); null when unmapped. */
+  stack: (string | null)[];
+}
+
+/** Bytes the code line shows before rip, and from rip on (a loop's jump back lies behind rip). */
+const CODE_BEFORE = 32;
+const CODE_AFTER = 32;
+const STACK_WORDS = 8;
+const PAGE = 4096n;
+
+/**
+ * Guest memory at a virtual address as the vCPU sees it, a page at a time: each byte, or null
+ * where the page is unmapped or not guest RAM.
+ */
+export function readGuestVirtual(vcpu: Pick<NativeVcpu, 'translate'>, memory: Pick<GuestMemory, 'read'>, address: bigint, length: number): (number | null)[] {
+  const out: (number | null)[] = [];
+  let va = BigInt.asUintN(64, address);
+  while (out.length < length) {
+    const inPage = Number(PAGE - (va % PAGE));
+    const n = Math.min(inPage, length - out.length);
+    let bytes: Uint8Array | null = null;
+    const pa = vcpu.translate(va);
+    if (pa !== null && pa + BigInt(n) <= BigInt(Number.MAX_SAFE_INTEGER)) {
+      try {
+        bytes = memory.read(Number(pa), n);
+      } catch {
+        bytes = null; // (MMIO or a hole: nothing to show)
+      }
+    }
+    for (let i = 0; i < n; i++) out.push(bytes ? bytes[i] : null);
+    va = BigInt.asUintN(64, va + BigInt(n));
+  }
+  return out;
+}
+
+/** The oops-style code line: hex bytes, the byte at `at` in <>, unreadable ones ??. */
+export function formatCodeLine(bytes: (number | null)[], at: number): string {
+  return bytes
+    .map((b, i) => {
+      const hex = b === null ? '??' : b.toString(16).padStart(2, '0');
+      return i === at ? `<${hex}>` : hex;
+    })
+    .join(' ');
+}
+
+function stackWords(bytes: (number | null)[]): (string | null)[] {
+  const words: (string | null)[] = [];
+  for (let w = 0; w + 8 <= bytes.length; w += 8) {
+    const part = bytes.slice(w, w + 8);
+    if (part.some((b) => b === null)) {
+      words.push(null);
+      continue;
+    }
+    let v = 0n;
+    for (let i = 7; i >= 0; i--) v = (v << 8n) | BigInt(part[i] as number);
+    words.push(`0x${v.toString(16)}`);
+  }
+  return words;
 }
 
 export interface LapicSummary {
@@ -92,7 +157,7 @@ export function summarizeVcpuEvents(b64: string): Pick<VcpuSample, 'interruptSha
 const MP_STATE_NAMES = new Map<number, string>(Object.entries(KvmMpState).map(([name, v]) => [v, name.toLowerCase().replace('_', '-')]));
 
 /** Read one sample of a parked vCPU (its thread out of KVM_RUN). */
-export function readVcpuSample(vcpu: NativeVcpu): VcpuSample {
+export function readVcpuSample(vcpu: NativeVcpu, memory: Pick<GuestMemory, 'read'>): VcpuSample {
   const regs = vcpu.getRegs();
   const sregs = vcpu.getSregs();
   const msrs = new Map(vcpu.getMsrs([MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE]).map((m) => [m.index, m.data]));
@@ -107,5 +172,7 @@ export function readVcpuSample(vcpu: NativeVcpu): VcpuSample {
     mpState: MP_STATE_NAMES.get(mp) ?? String(mp),
     apic: summarizeLapic(vcpu.getLapic()),
     timerDueInCycles: deadline && tsc !== undefined ? String(BigInt.asIntN(64, deadline - tsc)) : null,
+    code: formatCodeLine(readGuestVirtual(vcpu, memory, regs.rip - BigInt(CODE_BEFORE), CODE_BEFORE + CODE_AFTER), CODE_BEFORE),
+    stack: stackWords(readGuestVirtual(vcpu, memory, regs.rsp, STACK_WORDS * 8)),
   };
 }

@@ -2,9 +2,11 @@
 // XEN_ELFNOTE_PHYS32_ENTRY note: what the VMM-level tests boot instead of Linux, which
 // cannot boot on this host's /dev/kvm. Its serial protocol is described in the source.
 import { execFile } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 
+import { parseElfKernel } from '../../src/boot/elf-pvh';
 import type { VmConfig } from '../../src/config/vm-config';
 import { GuestProcess } from '../linux/guest-process';
 import { GUEST_SOURCES, guestBuildDir } from './harness';
@@ -80,6 +82,15 @@ export function buildTinyKernel(): Promise<string> {
   })();
   built.catch(() => (built = undefined));
   return built;
+}
+
+/** The tiny kernel as it lies in guest RAM from TINY_KERNEL_LOAD_ADDRESS (its segments, zero-filled past their file bytes). */
+export async function tinyKernelImage(): Promise<Buffer> {
+  const file = fs.readFileSync(await buildTinyKernel());
+  const elf = parseElfKernel(file);
+  const image = Buffer.alloc(elf.end - TINY_KERNEL_LOAD_ADDRESS);
+  for (const seg of elf.segments) file.copy(image, seg.paddr - TINY_KERNEL_LOAD_ADDRESS, seg.fileOffset, seg.fileOffset + seg.fileSize);
+  return image;
 }
 
 /**

@@ -8,11 +8,13 @@ import path from 'node:path';
 import type { GuestProcess } from '../linux/guest-process';
 import type { VcpuSample } from '../../src/vmm/vcpu-sample';
 import { sleep } from './harness';
-import { TINY_KERNEL_BANNER, TINY_KERNEL_LOAD_ADDRESS, buildTinyKernel, countsIn, lastStatus, startTinyVm } from './tiny-kernel';
+import { TINY_KERNEL_BANNER, TINY_KERNEL_LOAD_ADDRESS, buildTinyKernel, countsIn, lastStatus, startTinyVm, tinyKernelImage } from './tiny-kernel';
 
 const T = 30_000;
 
 /** Type 'p' and expect a clean exit 0. */
+const hex2 = (b: number): string => b.toString(16).padStart(2, '0');
+
 async function powerOff(vm: GuestProcess): Promise<void> {
   vm.type('p');
   const { code, signal } = await vm.exit(T);
@@ -78,6 +80,17 @@ test('SIGUSR2 logs a health report (vCPU threads and exits, the UART) and the gu
       t.deepEqual(s.apic.isr, [], 'no interrupt left without its EOI');
     }
     t.true(vcpuSamples.samples[0].some((s) => s.mpState === 'halted' && s.interruptsEnabled), 'caught sleeping in hlt, interrupts on');
+    // The code line is the kernel's own bytes around rip (paging is off: virtual is physical),
+    // and a vCPU asleep in hlt has just run sti (fb) and hlt (f4).
+    const image = await tinyKernelImage();
+    for (const s of vcpuSamples.samples[0]) {
+      const at = Number(s.rip) - TINY_KERNEL_LOAD_ADDRESS;
+      const expected = [...image.subarray(at - 32, at + 32)].map((b, i) => (i === 32 ? `<${hex2(b)}>` : hex2(b))).join(' ');
+      t.is(s.code, expected, `code at ${s.rip}`);
+      t.is(s.stack.length, 8);
+      t.true(s.stack.every((w) => w !== null), 'the stack is in RAM');
+    }
+    t.true(vcpuSamples.samples[0].some((s) => s.mpState === 'halted' && s.code.includes('fb f4 <')), 'sti;hlt just behind rip');
     const counted = vm.output.length;
     await vm.waitFor(/^COUNT 5\n/m, T, counted);
     await powerOff(vm);

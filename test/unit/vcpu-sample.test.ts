@@ -1,8 +1,8 @@
 // The health report's reading of a parked vCPU's local APIC and pending events (KVM's structs
-// as KVM_GET_LAPIC and KVM_GET_VCPU_EVENTS give them).
+// as KVM_GET_LAPIC and KVM_GET_VCPU_EVENTS give them), and of the code and stack it runs on.
 import test from 'ava';
 
-import { summarizeLapic, summarizeVcpuEvents } from '../../src/vmm/vcpu-sample';
+import { formatCodeLine, readGuestVirtual, summarizeLapic, summarizeVcpuEvents } from '../../src/vmm/vcpu-sample';
 
 function lapicPage(set: (page: Buffer) => void): string {
   const page = Buffer.alloc(1024);
@@ -34,4 +34,50 @@ test('the events summary tells an interrupt being injected, the interrupt shadow
   t.deepEqual(summarizeVcpuEvents(ev.toString('base64')), { injecting: 0x41, interruptShadow: true, nmiPending: true, nmiMasked: false });
   t.deepEqual(summarizeVcpuEvents(Buffer.alloc(64).toString('base64')), { injecting: null, interruptShadow: false, nmiPending: false, nmiMasked: false });
   t.throws(() => summarizeVcpuEvents(Buffer.alloc(8).toString('base64')));
+});
+
+// A guest whose page tables map virtual page 0xffff_8000_0000_1000 to physical 0x5000 and
+// 0xffff_8000_0000_2000 to 0x100000 (beyond a 1 MiB RAM: MMIO, say); nothing else.
+function pagedGuest() {
+  const ram = new Uint8Array(1 << 20).map((_, i) => i & 0xff);
+  const maps = new Map<bigint, bigint>([
+    [0xffff_8000_0000_1000n, 0x5000n],
+    [0xffff_8000_0000_2000n, 0x10_0000n],
+  ]);
+  const translated: bigint[] = [];
+  const vcpu = {
+    translate(va: bigint): bigint | null {
+      translated.push(va);
+      const page = maps.get(va & ~0xfffn);
+      return page === undefined ? null : page + (va & 0xfffn);
+    },
+  };
+  const memory = {
+    read(addr: number, len: number): Uint8Array {
+      if (addr + len > ram.length) throw new Error('not inside guest RAM');
+      return ram.subarray(addr, addr + len);
+    },
+  };
+  return { vcpu, memory, translated };
+}
+
+test('guest virtual reads go through the vCPU page by page; unmapped pages and pages outside RAM read as null', (t) => {
+  const { vcpu, memory, translated } = pagedGuest();
+  // 4 bytes of an unmapped page, 4 of the mapped one (physical 0x5000..), 4 of the page outside RAM
+  const bytes = readGuestVirtual(vcpu, memory, 0xffff_8000_0000_0ffcn, 4);
+  t.deepEqual(bytes, [null, null, null, null]);
+  const across = readGuestVirtual(vcpu, memory, 0xffff_8000_0000_0ffcn, 4 + 4096 + 4);
+  t.is(across.length, 4104);
+  t.deepEqual(across.slice(0, 5), [null, null, null, null, 0x00]);
+  t.deepEqual(across.slice(4, 4 + 4096), Array.from({ length: 4096 }, (_, i) => (0x5000 + i) & 0xff));
+  t.deepEqual(across.slice(4100), [null, null, null, null]);
+  t.deepEqual(translated.slice(-3), [0xffff_8000_0000_0ffcn, 0xffff_8000_0000_1000n, 0xffff_8000_0000_2000n], 'one translation per page');
+  // An address at the top of the address space wraps instead of growing past 64 bits.
+  t.deepEqual(readGuestVirtual(vcpu, memory, 0xffff_ffff_ffff_fffen, 4), [null, null, null, null]);
+  t.is(translated.at(-1), 0n);
+});
+
+test('the code line marks the byte at rip and shows unreadable bytes as ??', (t) => {
+  t.is(formatCodeLine([0xfb, 0xf4, 0xeb, 0xfc, null], 2), 'fb f4 <eb> fc ??');
+  t.is(formatCodeLine([null, 0x0f], 0), '<??> 0f');
 });
