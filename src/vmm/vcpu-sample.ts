@@ -19,7 +19,11 @@ const APIC_PPR = 0xa0;
 const APIC_ISR = 0x100;
 const APIC_IRR = 0x200;
 const APIC_LVT_TIMER = 0x320;
-/** struct kvm_vcpu_events: interrupt {injected, nr, soft, shadow} at 8, nmi {injected, pending, masked} at 12. */
+/**
+ * struct kvm_vcpu_events: exception {injected, nr, has_error_code, pending, error_code (u32 at 4)}
+ * at 0, interrupt {injected, nr, soft, shadow} at 8, nmi {injected, pending, masked} at 12.
+ */
+const EVENTS_EXCEPTION = 0;
 const EVENTS_INTERRUPT = 8;
 const EVENTS_NMI = 12;
 const EVENTS_MIN_SIZE = 16;
@@ -35,6 +39,8 @@ export interface VcpuSample {
   interruptShadow: boolean;
   /** the vector KVM is injecting on the next entry, if any */
   injecting: number | null;
+  /** an exception KVM has pending or is injecting (vector, error code), if any */
+  exception: { vector: number; errorCode: number | null; injected: boolean } | null;
   nmiPending: boolean;
   nmiMasked: boolean;
   /** KVM_MP_STATE_*: runnable, halted... */
@@ -42,6 +48,9 @@ export interface VcpuSample {
   apic: LapicSummary;
   /** TSC-deadline timer: TSC cycles until the deadline (negative: overdue), null when unarmed */
   timerDueInCycles: string | null;
+  /** CR2 (the last page fault's address) and CR3 (the page tables), hex */
+  cr2: string;
+  cr3: string;
   /**
    * The code around rip as a kernel oops prints it: hex bytes, the one at rip in <>; bytes the
    * vCPU cannot reach through its page tables, or outside RAM, are "??". Matched against the
@@ -143,10 +152,16 @@ export function summarizeLapic(b64: string): LapicSummary {
 }
 
 /** The interrupt and NMI parts of struct kvm_vcpu_events (base64). */
-export function summarizeVcpuEvents(b64: string): Pick<VcpuSample, 'interruptShadow' | 'injecting' | 'nmiPending' | 'nmiMasked'> {
+export function summarizeVcpuEvents(b64: string): Pick<VcpuSample, 'interruptShadow' | 'injecting' | 'exception' | 'nmiPending' | 'nmiMasked'> {
   const ev = Buffer.from(b64, 'base64');
   if (ev.length < EVENTS_MIN_SIZE) throw new Error(`vCPU events of ${ev.length} bytes, fewer than ${EVENTS_MIN_SIZE}`);
+  const injected = ev[EVENTS_EXCEPTION] !== 0;
+  const pending = ev[EVENTS_EXCEPTION + 3] !== 0;
   return {
+    exception:
+      injected || pending
+        ? { vector: ev[EVENTS_EXCEPTION + 1], errorCode: ev[EVENTS_EXCEPTION + 2] ? ev.readUInt32LE(EVENTS_EXCEPTION + 4) : null, injected }
+        : null,
     injecting: ev[EVENTS_INTERRUPT] ? ev[EVENTS_INTERRUPT + 1] : null,
     interruptShadow: ev[EVENTS_INTERRUPT + 3] !== 0,
     nmiPending: ev[EVENTS_NMI + 1] !== 0,
@@ -172,6 +187,8 @@ export function readVcpuSample(vcpu: NativeVcpu, memory: Pick<GuestMemory, 'read
     mpState: MP_STATE_NAMES.get(mp) ?? String(mp),
     apic: summarizeLapic(vcpu.getLapic()),
     timerDueInCycles: deadline && tsc !== undefined ? String(BigInt.asIntN(64, deadline - tsc)) : null,
+    cr2: `0x${sregs.cr2.toString(16)}`,
+    cr3: `0x${sregs.cr3.toString(16)}`,
     code: formatCodeLine(readGuestVirtual(vcpu, memory, regs.rip - BigInt(CODE_BEFORE), CODE_BEFORE + CODE_AFTER), CODE_BEFORE),
     stack: stackWords(readGuestVirtual(vcpu, memory, regs.rsp, STACK_WORDS * 8)),
   };

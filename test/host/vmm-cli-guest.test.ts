@@ -78,6 +78,8 @@ test('SIGUSR2 logs a health report (vCPU threads and exits, the UART) and the gu
       t.is(s.cpl, 0);
       t.is(s.apic.lvtTimer, `0x${((1 << 17) | 0x20).toString(16)}`);
       t.deepEqual(s.apic.isr, [], 'no interrupt left without its EOI');
+      t.is(s.exception, null, 'no exception on its way');
+      t.is(s.cr3, '0x0', 'paging is off');
     }
     t.true(vcpuSamples.samples[0].some((s) => s.mpState === 'halted' && s.interruptsEnabled), 'caught sleeping in hlt, interrupts on');
     // The code line is the kernel's own bytes around rip (paging is off: virtual is physical),

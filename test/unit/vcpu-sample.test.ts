@@ -25,14 +25,29 @@ test('a truncated APIC state is refused, not read past its end', (t) => {
   t.throws(() => summarizeLapic(Buffer.alloc(512).toString('base64')), { message: /512 bytes/ });
 });
 
-test('the events summary tells an interrupt being injected, the interrupt shadow and NMI state', (t) => {
+test('the events summary tells an interrupt being injected, an exception, the interrupt shadow and NMI state', (t) => {
   const ev = Buffer.alloc(64);
   ev[8] = 1; // interrupt.injected
   ev[9] = 0x41; // interrupt.nr
   ev[11] = 1; // interrupt.shadow
   ev[13] = 1; // nmi.pending
-  t.deepEqual(summarizeVcpuEvents(ev.toString('base64')), { injecting: 0x41, interruptShadow: true, nmiPending: true, nmiMasked: false });
-  t.deepEqual(summarizeVcpuEvents(Buffer.alloc(64).toString('base64')), { injecting: null, interruptShadow: false, nmiPending: false, nmiMasked: false });
+  ev[3] = 1; // exception.pending
+  ev[1] = 14; // exception.nr: #PF
+  ev[2] = 1; // exception.has_error_code
+  ev.writeUInt32LE(0x10, 4); // an instruction fetch
+  t.deepEqual(summarizeVcpuEvents(ev.toString('base64')), {
+    injecting: 0x41,
+    exception: { vector: 14, errorCode: 0x10, injected: false },
+    interruptShadow: true,
+    nmiPending: true,
+    nmiMasked: false,
+  });
+  ev[3] = 0;
+  ev[0] = 1; // exception.injected
+  ev[1] = 6; // #UD
+  ev[2] = 0;
+  t.deepEqual(summarizeVcpuEvents(ev.toString('base64')).exception, { vector: 6, errorCode: null, injected: true });
+  t.deepEqual(summarizeVcpuEvents(Buffer.alloc(64).toString('base64')), { injecting: null, exception: null, interruptShadow: false, nmiPending: false, nmiMasked: false });
   t.throws(() => summarizeVcpuEvents(Buffer.alloc(8).toString('base64')));
 });
 
