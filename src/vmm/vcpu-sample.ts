@@ -52,6 +52,11 @@ export interface VcpuSample {
   cr2: string;
   cr3: string;
   /**
+   * CR3's page-table root lies in guest RAM. When it does not, nothing the vCPU fetches
+   * translates: it faults on its own instruction for good (a corrupt guest state).
+   */
+  pageTableRootInRam: boolean;
+  /**
    * The code around rip as a kernel oops prints it: hex bytes, the one at rip in <>; bytes the
    * vCPU cannot reach through its page tables, or outside RAM, are "??". Matched against the
    * guest's binaries, it names the loop a vCPU is caught in.
@@ -66,6 +71,19 @@ const CODE_BEFORE = 32;
 const CODE_AFTER = 32;
 const STACK_WORDS = 8;
 const PAGE = 4096n;
+/** CR3's page-table root: bits 12-51 (below them PCID or cache flags, bit 63 the no-flush hint) */
+const CR3_ROOT = 0x000f_ffff_ffff_f000n;
+
+/** Whether a guest physical page lies in RAM (`regionFor` throws for one that does not). */
+export function pageInRam(memory: Pick<GuestMemory, 'regionFor'>, address: bigint): boolean {
+  if (address + PAGE > BigInt(Number.MAX_SAFE_INTEGER)) return false;
+  try {
+    memory.regionFor(Number(address), Number(PAGE));
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 /**
  * Guest memory at a virtual address as the vCPU sees it, a page at a time: each byte, or null
@@ -172,7 +190,7 @@ export function summarizeVcpuEvents(b64: string): Pick<VcpuSample, 'interruptSha
 const MP_STATE_NAMES = new Map<number, string>(Object.entries(KvmMpState).map(([name, v]) => [v, name.toLowerCase().replace('_', '-')]));
 
 /** Read one sample of a parked vCPU (its thread out of KVM_RUN). */
-export function readVcpuSample(vcpu: NativeVcpu, memory: Pick<GuestMemory, 'read'>): VcpuSample {
+export function readVcpuSample(vcpu: NativeVcpu, memory: Pick<GuestMemory, 'read' | 'regionFor'>): VcpuSample {
   const regs = vcpu.getRegs();
   const sregs = vcpu.getSregs();
   const msrs = new Map(vcpu.getMsrs([MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE]).map((m) => [m.index, m.data]));
@@ -189,6 +207,7 @@ export function readVcpuSample(vcpu: NativeVcpu, memory: Pick<GuestMemory, 'read
     timerDueInCycles: deadline && tsc !== undefined ? String(BigInt.asIntN(64, deadline - tsc)) : null,
     cr2: `0x${sregs.cr2.toString(16)}`,
     cr3: `0x${sregs.cr3.toString(16)}`,
+    pageTableRootInRam: pageInRam(memory, sregs.cr3 & CR3_ROOT),
     code: formatCodeLine(readGuestVirtual(vcpu, memory, regs.rip - BigInt(CODE_BEFORE), CODE_BEFORE + CODE_AFTER), CODE_BEFORE),
     stack: stackWords(readGuestVirtual(vcpu, memory, regs.rsp, STACK_WORDS * 8)),
   };

@@ -5,6 +5,12 @@
 // bench runs it again instead of giving up every pair, and says so in its output, with the whole
 // console (and for tern the health report it logged) on stderr, since a stall could also be the
 // VMM's own.
+//
+// One stall the health report names: the vCPU faults for good on its own instruction fetch, its
+// CR3 outside guest RAM. Every such stall seen had the lab kernel's own state in the guest's
+// registers: rip was kvm_amd's instruction after VMRUN (module base + 0x1420c, a page offset of
+// 0x20c in each lab boot) and CR3 a page-table root beyond the guest's RAM, in the lab's own.
+import type { VcpuSample } from '../../src/vmm/vcpu-sample';
 import { GUEST_EXIT_RE, type PeerRun } from '../lab/qemu-peer';
 import type { GuestProcess } from '../linux/guest-process';
 
@@ -27,11 +33,32 @@ export function panicLine(output: string): string | undefined {
  * limit, or else (QEMU, started with -no-reboot) a guest that reset itself mid-run: QEMU ended
  * with no panic and no exit status from the guest, the lab's triple fault.
  */
-export function labGuestFault(vmm: 'tern' | 'qemu', output: string, timedOutMs?: number, opts: { resetEndsVmm?: boolean; report?: string } = {}): LabGuestFault | undefined {
+export function labGuestFault(vmm: 'tern' | 'qemu', output: string, timedOutMs?: number, opts: { resetEndsVmm?: boolean; report?: string; cause?: string } = {}): LabGuestFault | undefined {
   const panic = panicLine(output);
   if (panic) return new LabGuestFault(vmm, `kernel panicked (${panic.trim()})`, output, opts.report);
-  if (timedOutMs !== undefined) return new LabGuestFault(vmm, `gave no result within ${timedOutMs / 1000} s`, output, opts.report);
+  if (timedOutMs !== undefined) return new LabGuestFault(vmm, `gave no result within ${timedOutMs / 1000} s${opts.cause ? ` (${opts.cause})` : ''}`, output, opts.report);
   if (opts.resetEndsVmm && !GUEST_EXIT_RE.test(output)) return new LabGuestFault(vmm, 'ended before its jobs did (QEMU exited with no panic and no exit status: a reset)', output);
+  return undefined;
+}
+
+/**
+ * What a tern health report's vCPU samples say of a stall, when they show a vCPU whose page
+ * tables are not in its RAM: every fetch faults, so it faults at one address for good.
+ */
+export function stalledVcpuCause(report: string): string | undefined {
+  for (const line of report.split('\n')) {
+    let parsed: { vcpuSamples?: { samples?: VcpuSample[][] } };
+    try {
+      parsed = JSON.parse(line) as typeof parsed;
+    } catch {
+      continue;
+    }
+    const vcpus = parsed.vcpuSamples?.samples ?? [];
+    for (const [id, samples] of vcpus.entries()) {
+      const s = samples.find((x) => x.pageTableRootInRam === false);
+      if (s) return `vCPU ${id} faults on its own fetch at ${s.rip} (exception ${s.exception?.vector ?? 'none'}), its CR3 ${s.cr3} outside guest RAM`;
+    }
+  }
   return undefined;
 }
 
@@ -48,7 +75,8 @@ export async function ternRunEnded(vm: GuestProcess, timeoutMs: number): Promise
     if (vm.child.exitCode !== null) throw e;
     // (the health report the timeout asked for goes whole: where the vCPU was is at its end)
     const report = vm.stderr.split('\n').filter((l) => l.includes('"health report"')).join('\n');
-    throw labGuestFault('tern', `${vm.output}\n${vm.stderr.slice(-3000)}`, timeoutMs, { report })!;
+    const cause = stalledVcpuCause(report);
+    throw labGuestFault('tern', `${vm.output}\n${vm.stderr.slice(-3000)}`, timeoutMs, { report, cause })!;
   }
   if (code === 0) return;
   throw labGuestFault('tern', vm.output) ?? new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);

@@ -80,6 +80,7 @@ test('SIGUSR2 logs a health report (vCPU threads and exits, the UART) and the gu
       t.deepEqual(s.apic.isr, [], 'no interrupt left without its EOI');
       t.is(s.exception, null, 'no exception on its way');
       t.is(s.cr3, '0x0', 'paging is off');
+      t.true(s.pageTableRootInRam);
     }
     t.true(vcpuSamples.samples[0].some((s) => s.mpState === 'halted' && s.interruptsEnabled), 'caught sleeping in hlt, interrupts on');
     // The code line is the kernel's own bytes around rip (paging is off: virtual is physical),

@@ -1,5 +1,5 @@
 import test from 'ava';
-import { checkPeerRun, LabGuestFault, labGuestFault, panicLine } from '../bench/lab-guest-fault';
+import { checkPeerRun, LabGuestFault, labGuestFault, panicLine, stalledVcpuCause } from '../bench/lab-guest-fault';
 import type { PeerRun } from '../lab/qemu-peer';
 import { printRatios, sideBySide } from '../bench/side-by-side';
 
@@ -107,4 +107,17 @@ test('a QEMU run is checked once: its guest ended with 0, or the lab lost it, or
   const failed = t.throws(() => checkPeerRun(run('TERN-GUEST-EXIT 3\n', 3), 240_000));
   t.false(failed instanceof LabGuestFault);
   t.regex(failed!.message, /^QEMU guest ended with 3/);
+});
+
+test('a stall whose vCPU has its page tables outside guest RAM is named from the health report', (t) => {
+  const sample = (rip: string, cr3: string, inRam: boolean) => ({
+    rip, cpl: 0, interruptsEnabled: true, exception: { vector: 14, errorCode: 16, injected: true }, cr2: rip, cr3, pageTableRootInRam: inRam,
+  });
+  const line = (samples: unknown[][]) => JSON.stringify({ level: 40, msg: 'health report', vcpuSamples: { samples } });
+  const stuck = line([[sample('0xffffffff81000000', '0x5f32000', true)], [sample('0xffffffffc060d20c', '0x11b48c000', false)]]);
+  t.is(stalledVcpuCause(`not json\n${stuck}`), 'vCPU 1 faults on its own fetch at 0xffffffffc060d20c (exception 14), its CR3 0x11b48c000 outside guest RAM');
+  t.is(stalledVcpuCause(line([[sample('0xffffffff81000000', '0x5f32000', true)]])), undefined, 'a vCPU whose page tables are in RAM');
+  t.is(stalledVcpuCause(JSON.stringify({ msg: 'health report', vcpuSamples: { notSampled: 'the VM is paused or pausing' } })), undefined);
+  const fault = labGuestFault('tern', 'TERN-GUEST-USERSPACE\n', 240_000, { cause: stalledVcpuCause(stuck) })!;
+  t.regex(fault.message, /^the tern guest gave no result within 240 s \(vCPU 1 faults on its own fetch at 0xffffffffc060d20c/);
 });

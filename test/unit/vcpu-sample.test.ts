@@ -2,7 +2,8 @@
 // as KVM_GET_LAPIC and KVM_GET_VCPU_EVENTS give them), and of the code and stack it runs on.
 import test from 'ava';
 
-import { formatCodeLine, readGuestVirtual, summarizeLapic, summarizeVcpuEvents } from '../../src/vmm/vcpu-sample';
+import { GuestMemory, GuestRegion } from '../../src/memory/guest-memory';
+import { formatCodeLine, pageInRam, readGuestVirtual, summarizeLapic, summarizeVcpuEvents } from '../../src/vmm/vcpu-sample';
 
 function lapicPage(set: (page: Buffer) => void): string {
   const page = Buffer.alloc(1024);
@@ -95,4 +96,17 @@ test('guest virtual reads go through the vCPU page by page; unmapped pages and p
 test('the code line marks the byte at rip and shows unreadable bytes as ??', (t) => {
   t.is(formatCodeLine([0xfb, 0xf4, 0xeb, 0xfc, null], 2), 'fb f4 <eb> fc ??');
   t.is(formatCodeLine([null, 0x0f], 0), '<??> 0f');
+});
+
+test('a page-table root is in RAM only when its whole page is', (t) => {
+  // 1 MiB of RAM at 0 and 1 MiB at 4 GiB
+  const memory = new GuestMemory([
+    new GuestRegion({ guestAddress: 0, size: 1 << 20, chunks: [new ArrayBuffer(1 << 20)], chunkSize: 1 << 20 }),
+    new GuestRegion({ guestAddress: 2 ** 32, size: 1 << 20, chunks: [new ArrayBuffer(1 << 20)], chunkSize: 1 << 20 }),
+  ]);
+  t.true(pageInRam(memory, 0x5000n));
+  t.true(pageInRam(memory, 0x1_0000_0000n));
+  t.false(pageInRam(memory, 0x10_0000n), 'just past the first region');
+  t.false(pageInRam(memory, 0x1_0016_d000n), 'past the second');
+  t.false(pageInRam(memory, 0xf_ffff_ffff_f000n), 'the top of the physical address space');
 });
