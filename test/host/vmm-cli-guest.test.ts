@@ -12,9 +12,9 @@ import { TINY_KERNEL_BANNER, TINY_KERNEL_LOAD_ADDRESS, buildTinyKernel, countsIn
 
 const T = 30_000;
 
-/** Type 'p' and expect a clean exit 0. */
 const hex2 = (b: number): string => b.toString(16).padStart(2, '0');
 
+/** Type 'p' and expect a clean exit 0. */
 async function powerOff(vm: GuestProcess): Promise<void> {
   vm.type('p');
   const { code, signal } = await vm.exit(T);
