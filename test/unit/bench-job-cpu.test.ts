@@ -1,11 +1,19 @@
 import test from 'ava';
 import { describeJobCpu, JobCpuMeter } from '../bench/job-cpu';
 
-/** Keep this thread busy for `ms`. */
+/**
+ * Keep this thread busy until `ms` have passed and the process has used `ms` of CPU: on a machine
+ * busy with other test workers, a thread busy for 300 ms of wall time may get only 240 of CPU.
+ */
 function burn(ms: number): void {
   const end = Date.now() + ms;
+  const cpuStart = process.cpuUsage();
+  const cpuMs = () => {
+    const used = process.cpuUsage(cpuStart);
+    return (used.user + used.system) / 1000;
+  };
   let x = 0;
-  while (Date.now() < end) x += Math.sqrt(x + 1);
+  while (Date.now() < end || cpuMs() < ms) x += Math.sqrt(x + 1);
 }
 
 test('the CPU a process spends between console markers is measured per job and named by thread', (t) => {
