@@ -62,21 +62,76 @@ export function stalledVcpuCause(report: string): string | undefined {
   return undefined;
 }
 
+/** How long a bench's tern guest may print nothing before tern is asked where its vCPUs are. */
+export const QUIET_BEFORE_HEALTH_MS = 30_000;
+/** How long tern has to log the health report it was asked for. */
+const HEALTH_REPORT_WAIT_MS = 5_000;
+
+/**
+ * Watch a bench's tern: whenever its guest has printed nothing for `quietMs`, ask for a health
+ * report (SIGUSR2), and settle `dead` once one shows a vCPU that can never run again. A run
+ * lost that way is given up at once instead of at its time limit (4 minutes for the net bench).
+ */
+export function watchForDeadVcpu(vm: GuestProcess, quietMs = QUIET_BEFORE_HEALTH_MS): { dead: Promise<{ cause: string; report: string }>; stop: () => void } {
+  let timer: NodeJS.Timeout | undefined;
+  let stopped = false;
+  const later = (fn: () => void, ms: number) => {
+    if (!stopped) timer = setTimeout(fn, ms);
+  };
+  const dead = new Promise<{ cause: string; report: string }>((resolve) => {
+    let seen = vm.output.length;
+    const look = () => {
+      if (vm.output.length !== seen) {
+        seen = vm.output.length;
+        return later(look, quietMs);
+      }
+      const from = vm.stderr.length;
+      vm.child.kill('SIGUSR2');
+      const askedAt = Date.now();
+      const read = () => {
+        const report = vm.stderr.slice(from).split('\n').filter((l) => l.includes('"health report"')).join('\n');
+        const cause = stalledVcpuCause(report);
+        if (cause) return resolve({ cause, report });
+        if (!report && Date.now() - askedAt < HEALTH_REPORT_WAIT_MS) return later(read, 100);
+        seen = vm.output.length;
+        later(look, quietMs);
+      };
+      later(read, 100);
+    };
+    later(look, quietMs);
+  });
+  return {
+    dead,
+    stop: () => {
+      stopped = true;
+      clearTimeout(timer);
+    },
+  };
+}
+
 /**
  * Wait for a bench's tern to exit 0. A VMM still running at `timeoutMs` is a stalled run (its
- * health report, which the timeout asked for, goes with it); a non-zero exit is a lab fault when
- * the console shows a panic, and an error otherwise.
+ * health report, which the timeout asked for, goes with it), and so is one whose guest went
+ * quiet with a vCPU that can never run again (watchForDeadVcpu), found sooner; a non-zero exit
+ * is a lab fault when the console shows a panic, and an error otherwise.
  */
-export async function ternRunEnded(vm: GuestProcess, timeoutMs: number): Promise<void> {
+export async function ternRunEnded(vm: GuestProcess, timeoutMs: number, quietMs = QUIET_BEFORE_HEALTH_MS): Promise<void> {
+  const watch = watchForDeadVcpu(vm, quietMs);
+  const dead = watch.dead.then((d): never => {
+    throw new LabGuestFault('tern', `can never run again (${d.cause})`, vm.output, d.report);
+  });
+  dead.catch(() => undefined); // (only the race below reports it)
   let code: number | null;
   try {
-    ({ code } = await vm.exit(timeoutMs));
+    ({ code } = await Promise.race([vm.exit(timeoutMs), dead]));
   } catch (e) {
-    if (vm.child.exitCode !== null) throw e;
+    if (e instanceof LabGuestFault || vm.child.exitCode !== null) throw e;
     // (the health report the timeout asked for goes whole: where the vCPU was is at its end)
     const report = vm.stderr.split('\n').filter((l) => l.includes('"health report"')).join('\n');
     const cause = stalledVcpuCause(report);
     throw labGuestFault('tern', `${vm.output}\n${vm.stderr.slice(-3000)}`, timeoutMs, { report, cause })!;
+  } finally {
+    watch.stop();
   }
   if (code === 0) return;
   throw labGuestFault('tern', vm.output) ?? new Error(`tern exited ${code}: ${vm.output.slice(-2000)}\n${vm.stderr.slice(-2000)}`);
