@@ -41,6 +41,11 @@ export function labGuestFault(vmm: 'tern' | 'qemu', output: string, timedOutMs?:
   return undefined;
 }
 
+/** The health report lines of a tern's stderr (pino JSON, one line each). */
+function healthReportLines(stderr: string): string {
+  return stderr.split('\n').filter((l) => l.includes('"health report"')).join('\n');
+}
+
 /**
  * What a tern health report's vCPU samples say of a stall, when they show a vCPU whose page
  * tables are not in its RAM: every fetch faults, so it faults at one address for good.
@@ -89,7 +94,7 @@ export function watchForDeadVcpu(vm: GuestProcess, quietMs = QUIET_BEFORE_HEALTH
       vm.child.kill('SIGUSR2');
       const askedAt = Date.now();
       const read = () => {
-        const report = vm.stderr.slice(from).split('\n').filter((l) => l.includes('"health report"')).join('\n');
+        const report = healthReportLines(vm.stderr.slice(from));
         const cause = stalledVcpuCause(report);
         if (cause) return resolve({ cause, report });
         if (!report && Date.now() - askedAt < HEALTH_REPORT_WAIT_MS) return later(read, 100);
@@ -127,7 +132,7 @@ export async function ternRunEnded(vm: GuestProcess, timeoutMs: number, quietMs 
   } catch (e) {
     if (e instanceof LabGuestFault || vm.child.exitCode !== null) throw e;
     // (the health report the timeout asked for goes whole: where the vCPU was is at its end)
-    const report = vm.stderr.split('\n').filter((l) => l.includes('"health report"')).join('\n');
+    const report = healthReportLines(vm.stderr);
     const cause = stalledVcpuCause(report);
     throw labGuestFault('tern', `${vm.output}\n${vm.stderr.slice(-3000)}`, timeoutMs, { report, cause })!;
   } finally {

@@ -6,13 +6,11 @@ import os from 'node:os';
 import path from 'node:path';
 
 import type { GuestProcess } from '../linux/guest-process';
-import type { VcpuSample } from '../../src/vmm/vcpu-sample';
+import { formatCodeLine, type VcpuSample } from '../../src/vmm/vcpu-sample';
 import { sleep } from './harness';
 import { TINY_KERNEL_BANNER, TINY_KERNEL_LOAD_ADDRESS, buildTinyKernel, countsIn, lastStatus, startTinyVm, tinyKernelImage } from './tiny-kernel';
 
 const T = 30_000;
-
-const hex2 = (b: number): string => b.toString(16).padStart(2, '0');
 
 /** Type 'p' and expect a clean exit 0. */
 async function powerOff(vm: GuestProcess): Promise<void> {
@@ -88,8 +86,7 @@ test('SIGUSR2 logs a health report (vCPU threads and exits, the UART) and the gu
     const image = await tinyKernelImage();
     for (const s of vcpuSamples.samples[0]) {
       const at = Number(s.rip) - TINY_KERNEL_LOAD_ADDRESS;
-      const expected = [...image.subarray(at - 32, at + 32)].map((b, i) => (i === 32 ? `<${hex2(b)}>` : hex2(b))).join(' ');
-      t.is(s.code, expected, `code at ${s.rip}`);
+      t.is(s.code, formatCodeLine([...image.subarray(at - 32, at + 32)], 32), `code at ${s.rip}`);
       t.is(s.stack.length, 8);
       t.true(s.stack.every((w) => w !== null), 'the stack is in RAM');
     }

@@ -123,20 +123,23 @@ test('a stall whose vCPU has its page tables outside guest RAM is named from the
   t.regex(fault.message, /^the tern guest gave no result within 240 s \(vCPU 1 faults on its own fetch at 0xffffffffc060d20c/);
 });
 
-/** A stand-in for a bench's tern: prints `lines` on its console, answers SIGUSR2 with a health report line. */
-function fakeTern(opts: { rootInRam: boolean; lines: number; exitAfterMs?: number }): GuestProcess {
+/**
+ * A real process in a bench's tern's place: prints `lines` on its console, then nothing, and
+ * answers SIGUSR2 with a health report line whose vCPU has its page tables in RAM or not.
+ */
+function reportingStandIn(opts: { rootInRam: boolean; lines: number; exitAfterMs?: number }): GuestProcess {
   const report = JSON.stringify({ level: 40, msg: 'health report', vcpuSamples: { samples: [[{ rip: '0xffffffffc05fd20c', cr3: '0x102b34000', exception: { vector: 14 }, pageTableRootInRam: opts.rootInRam }]] } });
   const script = `
     process.on('SIGUSR2', () => process.stderr.write(${JSON.stringify(report + '\n')}));
     let n = 0;
-    const tick = setInterval(() => { if (n < ${opts.lines}) console.log('line ' + n++); }, 50);
+    setInterval(() => { if (n < ${opts.lines}) console.log('line ' + n++); }, 50);
     ${opts.exitAfterMs !== undefined ? `setTimeout(() => process.exit(0), ${opts.exitAfterMs});` : ''}
   `;
   return new GuestProcess(process.execPath, ['-e', script]);
 }
 
 test('a bench run whose guest went quiet with a vCPU that can never run again is given up then, not at its time limit', async (t) => {
-  const vm = fakeTern({ rootInRam: false, lines: 3 });
+  const vm = reportingStandIn({ rootInRam: false, lines: 3 });
   try {
     const started = Date.now();
     const err = await t.throwsAsync(ternRunEnded(vm, 60_000, 300), { instanceOf: LabGuestFault });
@@ -148,7 +151,7 @@ test('a bench run whose guest went quiet with a vCPU that can never run again is
 });
 
 test('a quiet guest whose vCPUs are sound is only asked again: its run ends as it would', async (t) => {
-  const vm = fakeTern({ rootInRam: true, lines: 2, exitAfterMs: 1500 });
+  const vm = reportingStandIn({ rootInRam: true, lines: 2, exitAfterMs: 1500 });
   try {
     await ternRunEnded(vm, 20_000, 200);
     t.true(vm.stderr.includes('"health report"'), 'it was asked where its vCPUs are');
