@@ -9,6 +9,7 @@ const BENCHES: Record<string, string> = {
   boot: 'dist/test/bench/boot-bench.js',
   snapshot: 'dist/test/bench/snapshot-bench.js',
   migration: 'dist/test/bench/migration-bench.js',
+  'migration-tiny': 'dist/test/bench/migration-tiny-bench.js',
   block: 'dist/test/bench/block-bench.js',
   net: 'dist/test/bench/net-bench.js',
   startup: 'dist/test/bench/startup-bench.js',

@@ -68,9 +68,10 @@ export function around(text: string, needle: string, lines = 6): string {
  * Host arrival time (ms, Date.now()) of each TICK line of a VMM's console; listening from the
  * process's start catches every line. Lines from several processes share one map. `before` gives
  * the transcript the process continues (read at its first output, when the previous VMM has
- * printed everything), whose cut line this process completes.
+ * printed everything), whose cut line this process completes. `line` matches a counter line, its
+ * count the first group (another guest's counter: the tiny kernel's COUNT lines).
  */
-export function recordTickArrivals(vm: GuestProcess, arrivals: Map<number, number>, before: () => string = () => ''): void {
+export function recordTickArrivals(vm: GuestProcess, arrivals: Map<number, number>, before: () => string = () => '', line = /^TICK (\d+) /): void {
   let pending: string | undefined;
   vm.child.stdout.on('data', (d: Buffer) => {
     const now = Date.now();
@@ -82,7 +83,7 @@ export function recordTickArrivals(vm: GuestProcess, arrivals: Map<number, numbe
     const lines = pending.split('\n');
     pending = lines.pop()!;
     for (const l of lines) {
-      const m = /^TICK (\d+) /.exec(l);
+      const m = line.exec(l);
       if (m && !arrivals.has(Number(m[1]))) arrivals.set(Number(m[1]), now);
     }
   });
