@@ -48,6 +48,11 @@ export enum FrameType {
   Join = 14,
   /** source → destination on an extra connection: its Memory frames of a round are all sent (JSON) */
   RoundEnd = 15,
+  /**
+   * destination → source, to a source whose Hello asked (roundsApplied): a Round frame's pages
+   * are all in RAM and its patches applied (JSON {round})
+   */
+  RoundApplied = 16,
 }
 
 /** a Memory frame's payload cap: 16 MiB of pages and room for their records */
@@ -70,6 +75,7 @@ const MAX_PAYLOAD: Record<FrameType, number> = {
   [FrameType.Prepared]: 64 << 10,
   [FrameType.Join]: 64 << 10,
   [FrameType.RoundEnd]: 64 << 10,
+  [FrameType.RoundApplied]: 64 << 10,
 };
 
 export class MigrationProtocolError extends TernStateError {

@@ -23,6 +23,12 @@ export interface Hello {
   msrIndices: number[];
   /** TCP connections the source would use, this one included (absent: 1); memory frames spread over them */
   connections?: number;
+  /**
+   * The source reads RoundApplied frames: it pauses the guest only once the destination has
+   * every round in RAM, so that none of that writing falls inside the pause. (Absent: an older
+   * source, which is sent none.)
+   */
+  roundsApplied?: boolean;
 }
 
 /** The oldest root schema the upgraders lift to this build's. */
@@ -76,5 +82,6 @@ export function checkHello(raw: unknown, transport: { fds: number }): Hello {
     }
     if (h.connections > 1 && (h.local || transport.fds > 0)) throw new MigrationProtocolError('Hello: a local migration takes one connection');
   }
+  if (h.roundsApplied !== undefined && typeof h.roundsApplied !== 'boolean') throw new MigrationProtocolError('Hello: roundsApplied must be a boolean');
   return { ...h, tern: typeof h.tern === 'string' ? h.tern.slice(0, 64) : 'unknown' };
 }

@@ -12,7 +12,7 @@ export class PauseSteps {
 
   /** `step` is done now. */
   mark(step: string): void {
-    this.steps.push({ step, ms: Math.round(performance.now() - this.start) });
+    this.steps.push({ step, ms: Math.round((performance.now() - this.start) * 10) / 10 });
   }
 
   /** More to report with the steps (the vCPUs' own timing). */

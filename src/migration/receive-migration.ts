@@ -291,7 +291,7 @@ export class MigrationReceiver {
     })();
   }
 
-  /** An extra connection failed, or never joined: so does the migration (unless it runs here already). */
+  /** An extra connection failed or never joined, or a write into RAM failed: so does the migration (unless it runs here already). */
   private streamFailed(reason: string): void {
     if (this.streamError !== undefined || this.phase === 'finished' || this.phase === 'failed') return;
     this.streamError = reason;
@@ -424,7 +424,7 @@ export class MigrationReceiver {
       timer.unref();
       this.joins = { token: join.join, open: new Set(Array.from({ length: connections - 1 }, (_, i) => i + 1)), timer, joining: 0 };
     }
-    await ch.sendJson(FrameType.Accept, { protocol: MIGRATION_PROTOCOL_VERSION, checksums: Object.values(CHECKSUM_NAMES), ...join });
+    await ch.sendJson(FrameType.Accept, { protocol: MIGRATION_PROTOCOL_VERSION, checksums: Object.values(CHECKSUM_NAMES), ...join, ...(hello.roundsApplied && { rounds_applied: true }) });
     this.vm.store.dispatch(migrationEvents.receiveStarted({ receiver_url: this.opts.receiver_url }));
     this.vm.log.info({ source: hello.tern, local: hello.local, schema: hello.schemaVersion }, 'receiving a migration');
 
@@ -506,6 +506,7 @@ export class MigrationReceiver {
           this.vm.log.debug({ round: this.iteration, ms: Math.round(performance.now() - roundStart), ram_wait_ms: Math.round(ramWaitMs) }, 'migration: round received');
           // (each round may be the last before the pause: the checks stay compiled, on the state as it now is)
           await this.rehearseFinalChecks(shadow, config, hello, 1);
+          if (hello.roundsApplied) this.roundApplied(ch, this.iteration);
           this.iteration++;
           roundStart = performance.now();
           ramWaitMs = 0;
@@ -527,6 +528,18 @@ export class MigrationReceiver {
     } finally {
       steps?.log(this.vm.log, 'destination');
     }
+  }
+
+  /**
+   * Tell the source once the round's pages are in RAM (every frame queued so far), without
+   * holding up the reading of the next round's: the source pauses its guest only then.
+   */
+  private roundApplied(ch: FrameChannel, round: number): void {
+    void (this.ramWriter?.drain() ?? Promise.resolve()).then(
+      // (a send that fails fails the channel: the loop hears of it from its next read)
+      () => ch.sendJson(FrameType.RoundApplied, { round }).catch(() => undefined),
+      (e: unknown) => this.streamFailed(`writing guest RAM failed: ${errorText(e)}`),
+    );
   }
 
   /** The Final frame arrived: check the final state and build the VM from it (its vCPUs stay parked). */

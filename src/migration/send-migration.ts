@@ -16,7 +16,7 @@ import { TernStateError } from '../state/errors';
 import { TERN_VERSION } from '../version';
 import type { PauseTiming } from '../vmm/machine';
 import { FrameChannel, MigrationPeerError } from './frame-channel';
-import { CHECKSUM_NAMES, FrameChecksum, FrameType, encodeJsonFrame, frameJson } from './frames';
+import { CHECKSUM_NAMES, FrameChecksum, FrameType, MigrationProtocolError, encodeJsonFrame, frameJson } from './frames';
 import { MIGRATION_PROTOCOL_VERSION, type Hello } from './handshake';
 import { MemoryFrameBuilder, PAGE, addAllNonZeroPages, addDirtyPages, countDirtyPages } from './memory-frames';
 import { MemoryFanOut, endRound, type JoinRequest } from './memory-streams';
@@ -111,6 +111,11 @@ export class MigrationSender {
   private roundEnds = 0;
   /** the connections the destination granted (opts.connections at most) */
   private connections = 1;
+  /** the destination answers each Round frame with RoundApplied once that round is in its RAM */
+  private destinationAppliesRounds = false;
+  /** Round frames sent, and RoundApplied frames read */
+  private roundFrames = 0;
+  private roundsApplied = 0;
   downtimeMs?: number;
   /** settles when the migration ended: true = the destination runs the VM */
   done?: Promise<boolean>;
@@ -225,9 +230,12 @@ export class MigrationSender {
         cpuid,
         msrIndices,
         ...(o.connections > 1 && { connections: o.connections }),
+        roundsApplied: true,
       };
       await channel.sendJson(FrameType.Hello, hello);
-      const accept = frameJson(await channel.expect(FrameType.Accept)) as { checksums?: unknown; connections?: unknown; join?: unknown };
+      const accept = frameJson(await channel.expect(FrameType.Accept)) as { checksums?: unknown; connections?: unknown; join?: unknown; rounds_applied?: unknown };
+      // (an older destination sends no RoundApplied: the pause then waits for Prepared alone)
+      this.destinationAppliesRounds = accept?.rounds_applied === true;
       // A destination that reads XXH64 frames says so; one that does not gets CRC-32 as before.
       if (Array.isArray(accept?.checksums) && accept.checksums.includes(CHECKSUM_NAMES[FrameChecksum.Xxh64Low32])) channel.checksum = FrameChecksum.Xxh64Low32;
       if (o.connections > 1) {
@@ -311,9 +319,7 @@ export class MigrationSender {
       // unused across the rounds' many collections, and the pages the guest dirties meanwhile go
       // in the final round with the rest)
       await this.rehearsePause();
-      // The destination has checked the state and readied its final checks (during the memory
-      // rounds, it has long since): the pause does not wait for that work.
-      await ch.expect(FrameType.Prepared);
+      await this.destinationCaughtUp();
 
       this.phase = 'final';
       const ok = await this.vm.exclusive(async () => {
@@ -499,6 +505,27 @@ export class MigrationSender {
   }
 
   /**
+   * Wait until the destination has nothing left to do of what came before the pause: it has
+   * checked the state and readied its final checks (Prepared; during the memory rounds, it has
+   * long since) and, when it says so, written every round into RAM. A destination still writing
+   * the first round's last frames (up to 48 MiB it read ahead) did that inside the pause: on
+   * a real CPU that was up to 20 ms of a 5 ms pause.
+   */
+  private async destinationCaughtUp(): Promise<void> {
+    const started = performance.now();
+    const ch = this.channel!;
+    let prepared = false;
+    const pending = () => this.destinationAppliesRounds && this.roundsApplied < this.roundFrames;
+    while (!prepared || pending()) {
+      const f = await ch.next();
+      if (f.type === FrameType.Prepared && !prepared) prepared = true;
+      else if (f.type === FrameType.RoundApplied && pending()) this.roundsApplied++;
+      else throw new MigrationProtocolError(`expected a Prepared or RoundApplied frame, got ${FrameType[f.type]}`);
+    }
+    this.vm.log.debug({ ms: Math.round(performance.now() - started), rounds: this.roundsApplied }, 'migration: destination caught up');
+  }
+
+  /**
    * Run the code of the coming pause once while the guest still runs, on stand-in data: the
    * save (SourceMachine.rehearseSave), the last round's page scan (over empty bitmaps: nothing
    * is found or sent) and the final state patch (encoded, not sent). Code that runs once per
@@ -558,6 +585,7 @@ export class MigrationSender {
     this.logRound(sent);
     await endRound(this.extra, this.roundEnds++, false);
     await this.sendPatches(FrameType.Round, { iteration: 0 });
+    this.roundFrames++;
     this.vm.store.dispatch(migrationEvents.memoryIteration({ id: 0, pages: sent.pages, bytes: sent.bytes }));
     for (;;) {
       machine = this.checkMachine();
@@ -589,6 +617,7 @@ export class MigrationSender {
       this.logRound(sent);
       await endRound(this.extra, this.roundEnds++, false);
       await this.sendPatches(FrameType.Round, { iteration: this.iteration });
+      this.roundFrames++;
       this.vm.store.dispatch(migrationEvents.memoryIteration({ id: this.iteration, pages: sent.pages, bytes: sent.bytes }));
     }
   }

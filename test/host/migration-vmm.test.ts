@@ -9,6 +9,8 @@ import path from 'node:path';
 
 import type { VmConfig } from '../../src/config/vm-config';
 import { GuestMemory, GuestRegion } from '../../src/memory/guest-memory';
+import { frameJson } from '../../src/migration/frames';
+import type { Hello } from '../../src/migration/handshake';
 import { readSnapshot } from '../../src/migration/snapshot';
 import { MigrationEvents, ROOT_SCHEMA_VERSION } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
@@ -192,11 +194,14 @@ function schema2Source(name: string): { config: unknown; state: any; memory: Gue
 /**
  * A destination listening, and a connection to it as a source, handshake, config and state sent;
  * its Prepared awaited unless `awaitPrepared` is false (finishMigration then awaits it).
+ * `hello`: more of the source's Hello; `accepted` gets the destination's Accept.
  */
 async function receivingFrom(
   src: ReturnType<typeof schema2Source>,
   dst = new Vmm({ log: silentLogger() }),
   awaitPrepared = true,
+  hello: Partial<Hello> = {},
+  accepted: (accept: Record<string, unknown>) => void = () => undefined,
 ): Promise<{ dst: Vmm; received: Promise<unknown>; channel: Awaited<ReturnType<typeof connectAsSource>>['channel'] }> {
   const dstEvents = eventTypes(dst);
   const url = tcpUrl();
@@ -206,8 +211,8 @@ async function receivingFrom(
   );
   await until('the destination listens', () => dstEvents.includes(MigrationEvents.ReceiveReady));
   const { channel } = await connectAsSource(url);
-  await channel.sendJson(FrameType.Hello, helloFor(src.regions, { schemaVersion: 2 }));
-  await channel.expect(FrameType.Accept);
+  await channel.sendJson(FrameType.Hello, helloFor(src.regions, { schemaVersion: 2, ...hello }));
+  accepted(frameJson(await channel.expect(FrameType.Accept)) as Record<string, unknown>);
   await channel.sendJson(FrameType.Config, src.config);
   await channel.sendJson(FrameType.State, src.state);
   if (awaitPrepared) await channel.expect(FrameType.Prepared);
@@ -258,6 +263,34 @@ test.serial('a source that sends a schema-2 state: upgraded on arrival, and the 
     await dst.shutdownVmm();
   }
 });
+
+// A source pauses its guest only once the destination has every round in RAM (a destination
+// still writing the first round's last frames did it inside the pause). A source that asks is
+// told so round by round (RoundApplied); an older source that does not ask is sent none, and
+// its next frame after Complete is Ready as before.
+for (const asks of [true, false]) {
+  test.serial(`a source that ${asks ? 'asks' : 'does not ask'} for RoundApplied ${asks ? 'gets one per round' : 'gets none'}`, async (t) => {
+    const src = schema2Source(`round-applied-${asks}`);
+    let accept: Record<string, unknown> = {};
+    const { dst, received, channel } = await receivingFrom(src, undefined, true, asks ? { roundsApplied: true } : {}, (a) => (accept = a));
+    try {
+      t.is(accept.rounds_applied, asks ? true : undefined);
+      for (let round = 0; round < 2; round++) {
+        await sendAllPages(channel, src.memory);
+        await channel.sendJson(FrameType.Round, { patches: [] });
+        if (asks) t.deepEqual(frameJson(await channel.expect(FrameType.RoundApplied)), { round });
+      }
+      await finishMigration(channel, src.memory, 'final-first');
+      t.is(await received, 'received');
+      const count = guestCount(dst);
+      t.is(count, 6, 'every page arrived');
+      await dst.resume();
+      await until('the guest counts on', () => guestCount(dst) >= count + 2);
+    } finally {
+      await dst.shutdownVmm();
+    }
+  });
+}
 
 // This build's order: the final state first, so the destination builds the VM while the last
 // pages arrive. The guest must still see every page, and a state frame after the final one is

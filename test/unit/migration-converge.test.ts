@@ -1,14 +1,17 @@
 // The source's round policy against a guest that dirties memory faster than the link carries
 // it: rounds do not shrink, so the sender takes vCPU time away (auto-converge) a step per round
-// until what is left fits the downtime, instead of iterating until the timeout. The guest here
-// is a model whose dirty set shrinks with the throttle; the destination a peer on the real
-// framing that takes every frame and completes the protocol.
+// until what is left fits the downtime, instead of iterating until the timeout; and it pauses
+// the guest only once the destination has applied every round. The guest here is a model whose
+// dirty set shrinks with the throttle; the destination a peer on the real framing that takes
+// every frame and completes the protocol.
 import test from 'ava';
 import { GuestMemory, GuestRegion } from '../../src/memory/guest-memory';
 import { MigrationSender, type SourceMachine } from '../../src/migration/send-migration';
-import { MigrationEvents, createStore, type RootState } from '../../src/state';
+import { MigrationEvents, ROOT_SCHEMA_VERSION, createStore, type RootState } from '../../src/state';
 import { silentLogger } from '../../src/util/log';
 import type { FrameChannel } from '../../src/migration/frame-channel';
+import { frameJson } from '../../src/migration/frames';
+import { MIGRATION_PROTOCOL_VERSION, checkHello } from '../../src/migration/handshake';
 import { FrameType, fakeDestination } from '../support/migration-peer';
 import { pausedState } from './snapshot-fixture';
 
@@ -168,4 +171,80 @@ test('a migration that fails during its rounds turns the dirty log off again', a
   } finally {
     server.close();
   }
+});
+
+test('the source pauses its guest only once the destination has applied every round it sent', async (t) => {
+  const order: string[] = [];
+  let asked: unknown;
+  const { server, url } = await fakeDestination(async (ch) => {
+    asked = (frameJson(await ch.expect(FrameType.Hello)) as { roundsApplied?: unknown }).roundsApplied;
+    await ch.sendJson(FrameType.Accept, { rounds_applied: true });
+    await ch.expect(FrameType.Config);
+    await ch.expect(FrameType.State);
+    await ch.sendJson(FrameType.Prepared, {});
+    let rounds = 0;
+    for (let f = await ch.next(); f.type !== FrameType.Complete; f = await ch.next()) {
+      if (f.type === FrameType.Final) order.push('final');
+      if (f.type !== FrameType.Round) continue;
+      // Each round applied a while after it came (a destination still writing its pages): a
+      // source that did not wait for it would pause its guest meanwhile.
+      const round = rounds++;
+      setTimeout(() => {
+        order.push(`applied ${round}`);
+        void ch.sendJson(FrameType.RoundApplied, { round }).catch(() => undefined);
+      }, 150);
+    }
+    await ch.sendJson(FrameType.Ready, {});
+    await ch.expect(FrameType.Commit);
+    await ch.sendJson(FrameType.Running, {});
+  });
+  const guest = dirtyingGuest([5000, 4096, 1024, 100, 10]);
+  const pause = guest.pause;
+  guest.pause = () => {
+    order.push('pause');
+    return pause();
+  };
+  const sender = new MigrationSender({ store: runningStore(), log: silentLogger(), machine: () => guest, exclusive: (fn) => fn() }, { destination_url: url });
+  try {
+    await sender.start();
+    t.true(await sender.done!);
+    t.is(asked, true, 'the source asks for RoundApplied frames in its Hello');
+    const applied = order.filter((o) => o.startsWith('applied'));
+    t.true(applied.length >= 2, `rounds: ${order.join(', ')}`);
+    t.deepEqual(order.slice(applied.length), ['pause', 'final'], `every round applied before the pause: ${order.join(', ')}`);
+  } finally {
+    server.close();
+  }
+});
+
+test('a destination that sends RoundApplied unasked fails the migration, and the guest, never paused, runs on', async (t) => {
+  const { server, url } = await fakeDestination(async (ch) => {
+    await ch.expect(FrameType.Hello);
+    // (it never said it applies rounds: a RoundApplied is then no frame the source expects)
+    await ch.sendJson(FrameType.Accept, {});
+    await ch.expect(FrameType.Config);
+    await ch.expect(FrameType.State);
+    await ch.sendJson(FrameType.RoundApplied, { round: 0 });
+    await ch.sendJson(FrameType.Prepared, {});
+    for (;;) await ch.next();
+  });
+  const guest = dirtyingGuest(16);
+  let resumed = 0;
+  guest.resume = () => void resumed++;
+  const sender = new MigrationSender({ store: runningStore(), log: silentLogger(), machine: () => guest, exclusive: (fn) => fn() }, { destination_url: url });
+  try {
+    await sender.start();
+    t.false(await sender.done!);
+    t.regex(sender.progress().error ?? '', /expected a Prepared or RoundApplied frame, got RoundApplied/);
+    t.is(resumed, 0, 'the guest was never paused');
+  } finally {
+    server.close();
+  }
+});
+
+test('Hello: roundsApplied is a boolean when present', (t) => {
+  const hello = { protocol: MIGRATION_PROTOCOL_VERSION, schemaVersion: ROOT_SCHEMA_VERSION, tern: 'x', local: false, regions: [{ guestAddress: 0, size: 1 << 20 }], cpuid: [], msrIndices: [] };
+  t.is(checkHello({ ...hello, roundsApplied: true }, { fds: 0 }).roundsApplied, true);
+  t.is(checkHello(hello, { fds: 0 }).roundsApplied, undefined);
+  for (const roundsApplied of ['yes', 1, null]) t.throws(() => checkHello({ ...hello, roundsApplied }, { fds: 0 }), { message: /roundsApplied must be a boolean/ });
 });
