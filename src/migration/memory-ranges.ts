@@ -226,9 +226,16 @@ const CHUNKS_IN_FLIGHT = 3;
  * writes of a chunk go to the thread pool while this thread checksums it, so the snapshot runs
  * at the disk's speed rather than at the disk's and the checksum's added together. It returns
  * (or throws) only when no write of it is still running. `write` replaces the pool's pwrite
- * (tests inject short writes and crashes with it).
+ * (tests inject short writes and crashes with it). `meanwhile` runs once every chunk is queued,
+ * while the last ones are written: this thread has nothing else to do then.
  */
-export async function writeMemoryFile(fd: number, file: string, memory: GuestMemory, write?: PositionalWrite): Promise<{ written: number; extents: number; checksums: MemoryChecksums }> {
+export async function writeMemoryFile(
+  fd: number,
+  file: string,
+  memory: GuestMemory,
+  write?: PositionalWrite,
+  meanwhile?: () => Promise<void>,
+): Promise<{ written: number; extents: number; checksums: MemoryChecksums }> {
   const { ranges, fileLength } = planMemoryRanges(memory.regions);
   const header = encodeHeader(ranges, fileLength);
   await writeWhole(write ?? defaultWrite, fd, file, header, 0, header.length, 0);
@@ -294,6 +301,7 @@ export async function writeMemoryFile(fd: number, file: string, memory: GuestMem
       }
       rangeSums.push(hasher.digest());
     }
+    if (!failure) await meanwhile?.();
   } finally {
     await Promise.all(inFlight);
   }

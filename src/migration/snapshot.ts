@@ -201,20 +201,18 @@ export async function writeSnapshot(input: WriteSnapshotInput): Promise<{ memory
   try {
     created = prepareDestination(dir);
     removeOldPartialDirs(dir);
-    await writeText(SNAPSHOT_CONFIG_FILE, `${JSON.stringify(input.config, null, 2)}\n`);
     const mem = open(SNAPSHOT_MEMORY_FILE);
     const t0 = performance.now();
-    const { written, extents, checksums } = await writeMemoryFile(mem.fd, SNAPSHOT_MEMORY_FILE, input.memory, input.write);
+    // config.json and the state's text are made while the last chunks of RAM are written (this
+    // thread waits for them then): only the envelope around the state is left for after.
+    let state: { json: string; checksum: string } | undefined;
+    const { written, extents, checksums } = await writeMemoryFile(mem.fd, SNAPSHOT_MEMORY_FILE, input.memory, input.write, async () => {
+      await writeText(SNAPSHOT_CONFIG_FILE, `${JSON.stringify(input.config, null, 2)}\n`);
+      state = { json: JSON.stringify(input.state), checksum: stateChecksum(input.state) };
+    });
     fs.fsyncSync(mem.fd);
     const memoryMs = performance.now() - t0;
-    const envelope: SnapshotStateFile = {
-      tern_snapshot_version: SNAPSHOT_FORMAT_VERSION,
-      schema_version: input.state.schemaVersion,
-      checksum: stateChecksum(input.state),
-      memory: checksums,
-      state: input.state,
-    };
-    await writeText(SNAPSHOT_STATE_FILE, `${JSON.stringify(envelope)}\n`);
+    await writeText(SNAPSHOT_STATE_FILE, `${stateFileText(input.state.schemaVersion, state!, checksums)}\n`);
     // state.json last: until it is in place the directory is no snapshot.
     for (const f of files) {
       native().renameNoReplace(f.tmp, path.join(dir, f.name));
@@ -233,6 +231,15 @@ export async function writeSnapshot(input: WriteSnapshotInput): Promise<{ memory
   } finally {
     for (const f of files) fs.closeSync(f.fd);
   }
+}
+
+/**
+ * state.json's text: JSON.stringify of its SnapshotStateFile, key for key, around the state's
+ * own text (made beforehand, so that this is all that waits for the memory checksums).
+ */
+export function stateFileText(schemaVersion: number, state: { json: string; checksum: string }, memory: MemoryChecksums): string {
+  const head: Omit<SnapshotStateFile, 'state'> = { tern_snapshot_version: SNAPSHOT_FORMAT_VERSION, schema_version: schemaVersion, checksum: state.checksum, memory };
+  return `${JSON.stringify(head).slice(0, -1)},"state":${state.json}}`;
 }
 
 export interface LoadedSnapshot {

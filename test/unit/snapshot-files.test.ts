@@ -83,6 +83,19 @@ test('a written snapshot reads back and its RAM copies in byte for byte; the dir
   t.deepEqual(copyAll(snap), guestMemory().regions[0].read(0, RAM));
 });
 
+test('state.json is its envelope as JSON.stringify writes it, the state last and as it was saved; config.json is the config', async (t) => {
+  const d = fresh('envelope');
+  const input = snapshotInput(d);
+  await writeSnapshot(input);
+  const text = fs.readFileSync(path.join(d, 'state.json'), 'utf8');
+  const envelope = JSON.parse(text) as Record<string, unknown>;
+  t.is(text, `${JSON.stringify(envelope)}\n`);
+  t.deepEqual(Object.keys(envelope), ['tern_snapshot_version', 'schema_version', 'checksum', 'memory', 'state']);
+  t.deepEqual(envelope.state, JSON.parse(JSON.stringify(input.state)));
+  t.is(envelope.schema_version, input.state.schemaVersion);
+  t.deepEqual(JSON.parse(fs.readFileSync(path.join(d, 'config.json'), 'utf8')), JSON.parse(JSON.stringify(input.config)));
+});
+
 test('a copy restore writes the same bytes into the file behind guest RAM, leaves its holes alone and checks the checksum', async (t) => {
   const d = await written('ramfd');
   const snap = readSnapshot(d);
