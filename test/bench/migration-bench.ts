@@ -279,6 +279,8 @@ async function benchTern(work: string, c: Case, connections: number, env: Record
     if (setUp && Array.isArray(setUp.steps)) process.stdout.write(`  tern ${c.name} destination set-up before the rounds (ms from Hello): ${(setUp.steps as { step: string; ms: number }[]).map((s) => `${s.step} ${s.ms}`).join(', ')}\n`);
     const rehearsed = logLines(src.stderr, /"msg":"migration: pause rehearsed"/)[0];
     process.stdout.write(`  tern ${c.name} the source's rehearsal of its pause, just before it: ${rehearsed ? `${String(rehearsed.ms)} ms` : '-'}\n`);
+    const caughtUp = logLines(src.stderr, /"msg":"migration: destination caught up"/)[0];
+    process.stdout.write(`  tern ${c.name} the source's wait for the destination to apply every round, before its pause: ${caughtUp ? `${String(caughtUp.ms)} ms` : '-'}\n`);
     process.stdout.write(`  tern ${c.name} rounds, source: ${roundLines(src.stderr, 'migration: pages sent')}\n  tern ${c.name} dirty after each round, source: ${roundLines(src.stderr, 'migration: dirty after the round')}\n  tern ${c.name} rounds, destination: ${roundLines(dst.stderr, 'migration: round received')}\n`);
     if (started) {
       const t0 = monitorSeconds(started);
