@@ -15,7 +15,10 @@
 // fixed cost of its pause, the figure to hold tern's own against. Per migration: total time and downtime as each VMM
 // reports them, bytes sent, and the largest gap between COUNT lines reaching the host from
 // either side's console (the pause as an observer of the guest sees it). The runs take turns
-// (TERN_BENCH_MIGRATION_TINY_RUNS each, default 5); the table gives medians.
+// (TERN_BENCH_MIGRATION_TINY_RUNS each, default 5); the table gives medians. A second table has
+// tern's local migration (memory shared=on, its memfds handed over a UNIX socket, nothing
+// copied) at 512 MiB and 2 GiB (TERN_BENCH_MIGRATION_TINY_LOCAL_MIB): its downtime must not
+// grow with RAM.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -35,6 +38,8 @@ const DATA_MIB = 100;
 const QEMU_LIMITS = (process.env.TERN_BENCH_MIGRATION_TINY_QEMU_LIMITS ?? '300,10').split(',').map(Number).filter((n) => n > 0);
 const QEMU_MAX_BANDWIDTH = 100 * 1024 * MIB;
 const RUNS = Math.max(1, Number(process.env.TERN_BENCH_MIGRATION_TINY_RUNS ?? 5) || 5);
+/** guest RAM sizes (MiB) of the local migrations; empty: none */
+const LOCAL_MIB = (process.env.TERN_BENCH_MIGRATION_TINY_LOCAL_MIB ?? '512,2048').split(',').map(Number).filter((n) => n > 0);
 const TIMEOUT_MS = 5 * 60_000;
 /** the tiny kernel's counter line: one every 100 ms */
 const COUNT_LINE = /^COUNT (\d+)\r?$/;
@@ -57,7 +62,7 @@ async function counting(vm: GuestProcess, times = 3): Promise<void> {
   await vm.waitFor(new RegExp(`^COUNT ${next}\\r?$`, 'm'), TIMEOUT_MS);
 }
 
-async function benchTern(work: string, kernel: string, data: string): Promise<Measured> {
+async function benchTern(work: string, kernel: string, data: string, local?: { memMiB: number }): Promise<Measured> {
   const arrivals = new Map<number, number>();
   const srcSock = path.join(work, 'src.sock');
   const dstSock = path.join(work, 'dst.sock');
@@ -65,7 +70,7 @@ async function benchTern(work: string, kernel: string, data: string): Promise<Me
   const dstMon = path.join(work, 'dst.events');
   // (as users start it: the launcher, from the startup snapshot where there is one)
   const src = new GuestProcess(TERN_LAUNCHER, [
-    '--kernel', kernel, '--initramfs', data, '--cmdline', 'tiny', '--cpus', 'boot=1', '--memory', `size=${MEM_MIB}M`,
+    '--kernel', kernel, '--initramfs', data, '--cmdline', 'tiny', '--cpus', 'boot=1', '--memory', local ? `size=${local.memMiB}M,shared=on` : `size=${MEM_MIB}M`,
     '--serial', 'tty', '--console', 'off', '--api-socket', `path=${srcSock}`, '--event-monitor', `path=${srcMon}`, '-v',
   ]);
   recordTickArrivals(src, arrivals, undefined, COUNT_LINE);
@@ -76,8 +81,8 @@ async function benchTern(work: string, kernel: string, data: string): Promise<Me
     dst = new GuestProcess(TERN_LAUNCHER, ['--api-socket', `path=${dstSock}`, '--event-monitor', `path=${dstMon}`, '-v']);
     recordTickArrivals(dst, arrivals, () => src.output, COUNT_LINE);
     await waitForPath(dstSock, 60_000);
-    const url = `tcp:127.0.0.1:${port++}`;
-    const o = await migrate({ vm: src, socket: srcSock, monitor: srcMon }, { vm: dst, socket: dstSock, monitor: dstMon }, { receiverUrl: url, destinationUrl: url, timeoutMs: TIMEOUT_MS });
+    const url = local ? `unix:${path.join(work, 'migration.sock')}` : `tcp:127.0.0.1:${port++}`;
+    const o = await migrate({ vm: src, socket: srcSock, monitor: srcMon }, { vm: dst, socket: dstSock, monitor: dstMon }, { receiverUrl: url, destinationUrl: url, local: !!local, timeoutMs: TIMEOUT_MS });
     if (o.sendStatus !== 204 || o.receiveStatus !== 204) throw new Error(`send ${o.sendStatus} ${o.sendBody.trim()}; receive ${o.receiveStatus} ${o.receiveBody.trim()}`);
     await counting(dst, 20);
     return {
@@ -209,6 +214,38 @@ async function main(): Promise<void> {
         '',
       ].join('\n'),
     );
+    if (LOCAL_MIB.length) {
+      const local = new Map<number, Measured[]>(LOCAL_MIB.map((m) => [m, []]));
+      for (let i = 1; i <= RUNS; i++) {
+        for (const memMiB of LOCAL_MIB) {
+          const dir = fs.mkdtempSync(path.join(work, `local-${memMiB}-`));
+          try {
+            const m = await benchTern(dir, kernel, data, { memMiB });
+            local.get(memMiB)!.push(m);
+            process.stdout.write(`  tern local ${memMiB} MiB run ${i} of ${RUNS}: ${JSON.stringify(m)}\n`);
+          } catch (e) {
+            failed = true;
+            process.stdout.write(`  tern local ${memMiB} MiB run ${i} of ${RUNS}: FAILED: ${(e as Error).message.slice(-3000)}\n`);
+          }
+        }
+      }
+      const cell = (ms: Measured[], f: (m: Measured) => number | undefined) => {
+        const v = ms.map(f).filter((x): x is number => x !== undefined && Number.isFinite(x));
+        return v.length ? `${median(v).toFixed(0)} ms (${v.map((x) => x.toFixed(0)).join(', ')})` : '-';
+      };
+      const row = (metric: string, f: (m: Measured) => number | undefined) => `| ${metric} | ${LOCAL_MIB.map((m) => cell(local.get(m)!, f)).join(' | ')} |`;
+      process.stdout.write(
+        [
+          `MIGRATION-TINY-LOCAL-TABLE (tern, local migration: memory shared=on, its memfds over a UNIX socket; tiny kernel with ${DATA_MIB} MiB of data; median of ${RUNS}, each run in brackets)`,
+          `| metric | ${LOCAL_MIB.map((m) => `${m} MiB`).join(' | ')} |`,
+          `|---|${LOCAL_MIB.map(() => '---|').join('')}`,
+          row('total time (VMM-reported)', (m) => m.totalMs),
+          row('downtime (VMM-reported)', (m) => m.downtimeMs),
+          row('largest gap between 100 ms COUNT lines at the host', (m) => m.hostGapMs),
+          '',
+        ].join('\n'),
+      );
+    }
   } finally {
     fs.rmSync(work, { recursive: true, force: true });
   }
