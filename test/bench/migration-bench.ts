@@ -22,6 +22,7 @@ import { GuestProcess, fixture } from '../linux/guest-process';
 import { counterFaults, gapsIn, largestArrivalGapMs, recordTickArrivals, ticksIn, workloadCmdline } from '../linux/migration-workload';
 import { monitorSeconds } from '../support/monitor-file';
 import { waitForPath } from '../support/processes';
+import { qemuMigrate } from '../support/qemu-migrate';
 import { QmpClient } from '../support/qmp-client';
 import { migrate, reported } from '../support/tern-migration';
 import { columnCli, columnEnv, columnVmm } from './vmm-columns';
@@ -82,7 +83,6 @@ interface Measured {
   error?: string;
 }
 
-const elapsed = (t0: number) => Date.now() - t0;
 /**
  * The host's transparent huge pages now (anonymous, and shared memory such as tern's memfd RAM,
  * allocated and mapped by PMD): whether a VMM's guest RAM got 2 MiB pages, which KVM can map
@@ -325,14 +325,6 @@ async function benchTern(work: string, c: Case, connections: number, env: Record
   }
 }
 
-interface QemuMigrateInfo {
-  status?: string;
-  'error-desc'?: string;
-  'total-time'?: number;
-  downtime?: number;
-  ram?: { transferred?: number; 'dirty-sync-count'?: number };
-}
-
 async function benchQemu(work: string, c: Case): Promise<Measured> {
   const arrivals = new Map<number, number>();
   const base = microvmCommand({ kernel: fixture('bzImage'), initrd: fixture('initramfs.img'), cmdline: workloadCmdline(c.fileMiB), cpus: CPUS, memMiB: c.memMiB });
@@ -348,28 +340,9 @@ async function benchQemu(work: string, c: Case): Promise<Measured> {
     recordTickArrivals(dst, arrivals, () => src.output);
     const dq = await QmpClient.connect(dstQmp);
     dq.close(); // listening once QMP answers
-    const q = await QmpClient.connect(srcQmp);
-    let info: QemuMigrateInfo = {};
     const srcFrom = src.output.length;
     const sentAt = Date.now();
-    try {
-      await q.execute('migrate-set-parameters', { 'downtime-limit': DOWNTIME_LIMIT_MS, 'max-bandwidth': QEMU_MAX_BANDWIDTH });
-      await q.execute('migrate', { uri: url });
-      for (;;) {
-        info = (await q.execute('query-migrate')) as QemuMigrateInfo;
-        if (info.status === 'completed') {
-          // As a tern (or Cloud Hypervisor) source does by itself: the source VMM ends once the
-          // VM runs at the destination, and its teardown shares this host with the guest.
-          await q.execute('quit').catch(() => undefined);
-          break;
-        }
-        if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`QEMU migrate ${info.status}: ${info['error-desc'] ?? ''}`);
-        if (elapsed(sentAt) > MIGRATION_TIMEOUT) throw new Error(`QEMU migrate still ${info.status} after ${MIGRATION_TIMEOUT} ms`);
-        await sleep(50);
-      }
-    } finally {
-      q.close();
-    }
+    const info = await qemuMigrate(srcQmp, url, { downtimeLimitMs: DOWNTIME_LIMIT_MS, maxBandwidth: QEMU_MAX_BANDWIDTH, timeoutMs: MIGRATION_TIMEOUT, pollMs: 50 });
     const doneAt = Date.now();
     const side = await guestSide(src, dst, srcFrom, arrivals, sentAt, doneAt);
     process.stdout.write(`  qemu ${c.name} huge pages with the guest running at the destination: ${hugePagesNow()}\n`);

@@ -27,6 +27,7 @@ import { buildTinyKernel } from '../host/tiny-kernel';
 import { GuestProcess, TERN_LAUNCHER } from '../linux/guest-process';
 import { largestArrivalGapMs, recordTickArrivals } from '../linux/migration-workload';
 import { waitForPath } from '../support/processes';
+import { qemuMigrate } from '../support/qemu-migrate';
 import { QmpClient } from '../support/qmp-client';
 import { migrate, reported } from '../support/tern-migration';
 import { median } from './median';
@@ -52,7 +53,6 @@ interface Measured {
   hostGapMs: number;
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 let port = 4470 + (process.pid % 500);
 
 /** Until the guest has counted a few times after `from` (the side of the console it is on). */
@@ -99,14 +99,6 @@ async function benchTern(work: string, kernel: string, data: string, local?: { m
   }
 }
 
-interface QemuMigrateInfo {
-  status?: string;
-  'error-desc'?: string;
-  'total-time'?: number;
-  downtime?: number;
-  ram?: { transferred?: number };
-}
-
 async function benchQemu(work: string, kernel: string, data: string, downtimeLimitMs: number): Promise<Measured> {
   const arrivals = new Map<number, number>();
   const args = (qmp: string) => [
@@ -124,26 +116,8 @@ async function benchQemu(work: string, kernel: string, data: string, downtimeLim
     dst = new GuestProcess('qemu-system-x86_64', [...args(dstQmp), '-incoming', url]);
     recordTickArrivals(dst, arrivals, () => src.output, COUNT_LINE);
     (await QmpClient.connect(dstQmp)).close(); // listening once QMP answers
-    const q = await QmpClient.connect(srcQmp);
     const sentAt = Date.now();
-    let info: QemuMigrateInfo = {};
-    try {
-      await q.execute('migrate-set-parameters', { 'downtime-limit': downtimeLimitMs, 'max-bandwidth': QEMU_MAX_BANDWIDTH });
-      await q.execute('migrate', { uri: url });
-      for (;;) {
-        info = (await q.execute('query-migrate')) as QemuMigrateInfo;
-        if (info.status === 'completed') {
-          // As a tern source does by itself: it ends once the VM runs at the destination.
-          await q.execute('quit').catch(() => undefined);
-          break;
-        }
-        if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`QEMU migrate ${info.status}: ${info['error-desc'] ?? ''}`);
-        if (Date.now() - sentAt > TIMEOUT_MS) throw new Error(`QEMU migrate still ${info.status} after ${TIMEOUT_MS} ms`);
-        await sleep(5);
-      }
-    } finally {
-      q.close();
-    }
+    const info = await qemuMigrate(srcQmp, url, { downtimeLimitMs, maxBandwidth: QEMU_MAX_BANDWIDTH, timeoutMs: TIMEOUT_MS, pollMs: 5 });
     const doneAt = Date.now();
     await counting(dst, 20);
     return {
