@@ -237,7 +237,7 @@ export async function writeSnapshot(input: WriteSnapshotInput): Promise<{ memory
  * state.json's text: JSON.stringify of its SnapshotStateFile, key for key, around the state's
  * own text (made beforehand, so that this is all that waits for the memory checksums).
  */
-export function stateFileText(schemaVersion: number, state: { json: string; checksum: string }, memory: MemoryChecksums): string {
+function stateFileText(schemaVersion: number, state: { json: string; checksum: string }, memory: MemoryChecksums): string {
   const head: Omit<SnapshotStateFile, 'state'> = { tern_snapshot_version: SNAPSHOT_FORMAT_VERSION, schema_version: schemaVersion, checksum: state.checksum, memory };
   return `${JSON.stringify(head).slice(0, -1)},"state":${state.json}}`;
 }
