@@ -519,8 +519,12 @@ export class MigrationSender {
     while (!prepared || pending()) {
       const f = await ch.next();
       if (f.type === FrameType.Prepared && !prepared) prepared = true;
-      else if (f.type === FrameType.RoundApplied && pending()) this.roundsApplied++;
-      else throw new MigrationProtocolError(`expected a Prepared or RoundApplied frame, got ${FrameType[f.type]}`);
+      else if (f.type === FrameType.RoundApplied && pending()) {
+        // (the rounds are applied in order: one out of turn is a destination not following along)
+        const { round } = (frameJson(f) ?? {}) as { round?: unknown };
+        if (round !== this.roundsApplied) throw new MigrationProtocolError(`RoundApplied for round ${String(round)} where round ${this.roundsApplied} was next`);
+        this.roundsApplied++;
+      } else throw new MigrationProtocolError(`expected a Prepared or RoundApplied frame, got ${FrameType[f.type]}`);
     }
     this.vm.log.debug({ ms: Math.round(performance.now() - started), rounds: this.roundsApplied }, 'migration: destination caught up');
   }

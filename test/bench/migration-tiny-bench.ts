@@ -24,6 +24,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { buildTinyKernel } from '../host/tiny-kernel';
+import { microvmCommand } from '../lab/qemu-peer';
 import { GuestProcess, TERN_LAUNCHER } from '../linux/guest-process';
 import { largestArrivalGapMs, recordTickArrivals } from '../linux/migration-workload';
 import { waitForPath } from '../support/processes';
@@ -101,19 +102,17 @@ async function benchTern(work: string, kernel: string, data: string, local?: { m
 
 async function benchQemu(work: string, kernel: string, data: string, downtimeLimitMs: number): Promise<Measured> {
   const arrivals = new Map<number, number>();
-  const args = (qmp: string) => [
-    '-accel', 'kvm', '-M', 'microvm', '-smp', '1', '-m', `${MEM_MIB}M`, '-nodefaults', '-no-user-config', '-display', 'none',
-    '-serial', 'stdio', '-kernel', kernel, '-initrd', data, '-append', 'tiny', '-qmp', `unix:${qmp},server=on,wait=off`,
-  ];
+  const base = microvmCommand({ kernel, initrd: data, cmdline: 'tiny', memMiB: MEM_MIB });
+  const qemu = (qmp: string, extra: string[] = []) => new GuestProcess(base.file, [...base.args, '-qmp', `unix:${qmp},server=on,wait=off`, ...extra]);
   const srcQmp = path.join(work, 'src.qmp');
   const dstQmp = path.join(work, 'dst.qmp');
   const url = `tcp:127.0.0.1:${port++}`;
-  const src = new GuestProcess('qemu-system-x86_64', args(srcQmp));
+  const src = qemu(srcQmp);
   recordTickArrivals(src, arrivals, undefined, COUNT_LINE);
   let dst: GuestProcess | undefined;
   try {
     await counting(src);
-    dst = new GuestProcess('qemu-system-x86_64', [...args(dstQmp), '-incoming', url]);
+    dst = qemu(dstQmp, ['-incoming', url]);
     recordTickArrivals(dst, arrivals, () => src.output, COUNT_LINE);
     (await QmpClient.connect(dstQmp)).close(); // listening once QMP answers
     const sentAt = Date.now();

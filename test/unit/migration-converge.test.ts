@@ -248,3 +248,26 @@ test('Hello: roundsApplied is a boolean when present', (t) => {
   t.is(checkHello(hello, { fds: 0 }).roundsApplied, undefined);
   for (const roundsApplied of ['yes', 1, null]) t.throws(() => checkHello({ ...hello, roundsApplied }, { fds: 0 }), { message: /roundsApplied must be a boolean/ });
 });
+
+test('a RoundApplied for another round than the next fails the migration, and the guest, never paused, runs on', async (t) => {
+  const { server, url } = await fakeDestination(async (ch) => {
+    await ch.expect(FrameType.Hello);
+    await ch.sendJson(FrameType.Accept, { rounds_applied: true });
+    await ch.expect(FrameType.Config);
+    await ch.expect(FrameType.State);
+    await ch.sendJson(FrameType.Prepared, {});
+    for (;;) if ((await ch.next()).type === FrameType.Round) await ch.sendJson(FrameType.RoundApplied, { round: 7 });
+  });
+  const guest = dirtyingGuest(16);
+  let resumed = 0;
+  guest.resume = () => void resumed++;
+  const sender = new MigrationSender({ store: runningStore(), log: silentLogger(), machine: () => guest, exclusive: (fn) => fn() }, { destination_url: url });
+  try {
+    await sender.start();
+    t.false(await sender.done!);
+    t.regex(sender.progress().error ?? '', /RoundApplied for round 7 where round 0 was next/);
+    t.is(resumed, 0, 'the guest was never paused');
+  } finally {
+    server.close();
+  }
+});
