@@ -19,7 +19,7 @@ import path from 'node:path';
 import { microvmCommand } from '../lab/qemu-peer';
 import { profileSummary } from './cpu-profile';
 import { GuestProcess, fixture } from '../linux/guest-process';
-import { counterFaults, gapsIn, largestArrivalGapMs, recordTickArrivals, ticksIn, workloadCmdline } from '../linux/migration-workload';
+import { counterFaults, gapsIn, largestArrivalGap, recordTickArrivals, ticksIn, workloadCmdline } from '../linux/migration-workload';
 import { monitorSeconds } from '../support/monitor-file';
 import { waitForPath } from '../support/processes';
 import { qemuMigrate } from '../support/qemu-migrate';
@@ -72,6 +72,9 @@ interface Measured {
   rounds?: number;
   /** largest interval between 100 ms counter lines reaching the host, around the migration */
   hostGapMs: number;
+  /** the TICKs around the host's largest gap (guestSide), and its host times (Date.now()) */
+  hostGapAt?: string;
+  hostGapWindow?: { fromMs: number; toMs: number };
   /** largest interval the guest's 10 ms ticker saw around the migration */
   guestGapMs: number;
   /** tern: the largest auto-converge throttle its progress showed (percent of vCPU time taken) */
@@ -129,15 +132,21 @@ async function guestSide(
   arrivals: Map<number, number>,
   from: number,
   to: number,
-): Promise<Pick<Measured, 'hostGapMs' | 'guestGapMs' | 'faults' | 'gapLines'>> {
+): Promise<Pick<Measured, 'hostGapMs' | 'hostGapAt' | 'hostGapWindow' | 'guestGapMs' | 'faults' | 'gapLines'>> {
   const before = ticksIn(src.output);
   const last = before[before.length - 1]?.count ?? 0;
   await dst.waitFor(new RegExp(`^TICK ${last + 30} `, 'm'), 120_000);
   const whole = src.output + dst.output;
   // GAP lines printed from the send on, up to the third one after the cut.
   const gaps = [...gapsIn(src.output.slice(srcFrom)), ...gapsIn(dst.output).slice(0, 3)];
+  const hostGap = largestArrivalGap(arrivals, from, to + 2000);
+  // Where the host's gap lies: which VMM printed the TICKs around it, and when (ms from the
+  // destination's reply, the guest running there), so that a late console shows as such.
+  const side = (count: number) => (count <= last ? 'source' : 'destination');
+  const at = (e: { count: number; at: number }) => `TICK ${e.count} from the ${side(e.count)} at ${e.at - to} ms`;
   return {
-    hostGapMs: largestArrivalGapMs(arrivals, from, to + 2000),
+    hostGapMs: hostGap?.ms ?? 0,
+    ...(hostGap && { hostGapAt: `${at(hostGap.before)}, ${at(hostGap.after)}`, hostGapWindow: { fromMs: hostGap.before.at, toMs: hostGap.after.at } }),
     guestGapMs: gaps.length ? Math.max(...gaps) : NaN,
     faults: counterFaults(ticksIn(whole)),
     gapLines: `source ${gapLines(src.output.slice(srcFrom))} | destination ${gapLines(dst.output, 3)}`,
@@ -209,6 +218,16 @@ function gcAfterPause(log: string): string {
   return gcs.map((g) => `${g.ms} ms at +${Math.round(g.at)}`).join(', ') || 'none';
 }
 
+/** A VMM's log lines written within [fromMs, toMs] (host time): "msg @ms after fromMs", at most 40. */
+function logsBetween(log: string, fromMs: number, toMs: number): string {
+  const out: string[] = [];
+  for (const l of logLines(log, /"msg":/)) {
+    const t = Number(l.time);
+    if (t >= fromMs && t <= toMs && out.length < 40) out.push(`${String(l.msg).slice(0, 60)} @${Math.round(t - fromMs)}`);
+  }
+  return out.join(', ') || 'nothing';
+}
+
 /** A VMM's per-round debug lines (`msg`), their fields only. */
 function roundLines(log: string, msg: string): string {
   const lines = logLines(log, new RegExp(`"msg":"${msg}"`)).map(({ level: _l, time: _t, pid: _p, name: _n, msg: _m, ...fields }) => JSON.stringify(fields));
@@ -240,6 +259,7 @@ function pauseSteps(log: string): string {
 
 async function benchTern(work: string, c: Case, connections: number, env: Record<string, string>, cli?: string): Promise<Measured> {
   const arrivals = new Map<number, number>();
+  let silentBeforePause: { fromUs: number; toUs: number; what: string } | undefined;
   const profiles = (label: string) => path.join(work, `profile-${label}`);
   const tern = (label: string, args: string[]) => {
     const nodeArgs = [...NODE_ARGS, ...(PROFILE ? ['--cpu-prof', `--cpu-prof-dir=${profiles(label)}`] : [])];
@@ -272,6 +292,15 @@ async function benchTern(work: string, c: Case, connections: number, env: Record
     const started = o.sourceEvents.find((e) => e.event === 'migration-started');
     const finished = o.sourceEvents.find((e) => e.event === 'migration-finished');
     const side = await guestSide(src, dst, srcFrom, arrivals, o.sentAt, o.receivedAt);
+    const srcPause = pauseStepsOf(src.stderr);
+    if (side.hostGapWindow && srcPause && side.hostGapWindow.fromMs < srcPause.fromMs) {
+      // The source's console fell silent before its pause (its JavaScript thread serves the
+      // guest's port exits): what the source logged from its last TICK to its pause.
+      const from = side.hostGapWindow.fromMs;
+      const to = Math.min(srcPause.fromMs, side.hostGapWindow.toMs);
+      process.stdout.write(`  tern ${c.name} the source's log from its last TICK before the host's gap to its pause ${Math.round(srcPause.fromMs - from)} ms later (ms after that TICK): ${logsBetween(src.stderr, from, to)}\n`);
+      silentBeforePause = { fromUs: srcPause.fromUs - (srcPause.fromMs - from) * 1000, toUs: srcPause.fromUs - (srcPause.fromMs - to) * 1000, what: 'from the last TICK before the host\'s gap to the pause' };
+    }
     process.stdout.write(`  tern ${c.name} huge pages with the guest running at the destination: ${hugePagesNow()}\n`);
     process.stdout.write(`  tern ${c.name} pause, source: ${pauseSteps(src.stderr)}\n  tern ${c.name} pause, destination: ${pauseSteps(dst.stderr)}\n`);
     process.stdout.write(`  tern ${c.name} garbage collections in the 5 s after the pause, destination: ${gcAfterPause(dst.stderr)}\n`);
@@ -317,6 +346,7 @@ async function benchTern(work: string, c: Case, connections: number, env: Record
         const window = pauseWindow(vm?.stderr ?? '');
         if (window) process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label), window));
         // (a guest that stalls after it resumed: whether the destination's JavaScript thread was busy then)
+        if (silentBeforePause && label === 'source') process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label), silentBeforePause));
         if (window && label === 'destination') {
           process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label), { fromUs: window.toUs, toUs: window.toUs + 2e6, what: 'in the 2 s after the pause' }));
         }

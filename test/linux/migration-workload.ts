@@ -91,11 +91,16 @@ export function recordTickArrivals(vm: GuestProcess, arrivals: Map<number, numbe
 
 /** The largest interval (ms) between consecutive TICKs arriving at the host that began within [from, to]. */
 export function largestArrivalGapMs(arrivals: Map<number, number>, from: number, to: number): number {
+  return largestArrivalGap(arrivals, from, to)?.ms ?? 0;
+}
+
+/** That interval, with the counts and host times (Date.now()) of the two TICKs around it. */
+export function largestArrivalGap(arrivals: Map<number, number>, from: number, to: number): { ms: number; before: { count: number; at: number }; after: { count: number; at: number } } | undefined {
   const counts = [...arrivals.keys()].sort((a, b) => a - b);
-  let largest = 0;
+  let largest: ReturnType<typeof largestArrivalGap>;
   for (let i = 1; i < counts.length; i++) {
     const [a, b] = [arrivals.get(counts[i - 1])!, arrivals.get(counts[i])!];
-    if (a >= from && a <= to) largest = Math.max(largest, b - a);
+    if (a >= from && a <= to && b - a > (largest?.ms ?? 0)) largest = { ms: b - a, before: { count: counts[i - 1], at: a }, after: { count: counts[i], at: b } };
   }
   return largest;
 }
