@@ -345,8 +345,9 @@ async function benchTern(work: string, c: Case, connections: number, env: Record
         process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label)));
         const window = pauseWindow(vm?.stderr ?? '');
         if (window) process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label), window));
-        // (a guest that stalls after it resumed: whether the destination's JavaScript thread was busy then)
+        // (a source console silent before the pause: what the source's JavaScript thread ran then)
         if (silentBeforePause && label === 'source') process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label), silentBeforePause));
+        // (a guest that stalls after it resumed: whether the destination's JavaScript thread was busy then)
         if (window && label === 'destination') {
           process.stdout.write(profileSummary(`tern ${c.name} ${label}`, profiles(label), { fromUs: window.toUs, toUs: window.toUs + 2e6, what: 'in the 2 s after the pause' }));
         }
