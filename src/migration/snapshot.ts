@@ -206,10 +206,13 @@ export async function writeSnapshot(input: WriteSnapshotInput): Promise<{ memory
     // config.json and the state's text are made while the last chunks of RAM are written (this
     // thread waits for them then): only the envelope around the state is left for after.
     let state: { json: string; checksum: string } | undefined;
-    const { written, extents, checksums } = await writeMemoryFile(mem.fd, SNAPSHOT_MEMORY_FILE, input.memory, input.write, async () => {
+    const configAndStateText = async (): Promise<void> => {
       await writeText(SNAPSHOT_CONFIG_FILE, `${JSON.stringify(input.config, null, 2)}\n`);
       state = { json: JSON.stringify(input.state), checksum: stateChecksum(input.state) };
-    });
+    };
+    const { written, extents, checksums } = await writeMemoryFile(mem.fd, SNAPSHOT_MEMORY_FILE, input.memory, input.write, configAndStateText);
+    // (writeMemoryFile runs it unless a write failed, and then throws: this is only a safeguard)
+    if (!state) await configAndStateText();
     fs.fsyncSync(mem.fd);
     const memoryMs = performance.now() - t0;
     await writeText(SNAPSHOT_STATE_FILE, `${stateFileText(input.state.schemaVersion, state!, checksums)}\n`);

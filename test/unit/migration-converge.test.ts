@@ -4,7 +4,8 @@
 // the guest only once the destination has applied every round. The guest here is a model whose
 // dirty set shrinks with the throttle; the destination a peer on the real framing that takes
 // every frame and completes the protocol.
-import test from 'ava';
+import type net from 'node:net';
+import test, { type ExecutionContext } from 'ava';
 import { GuestMemory, GuestRegion } from '../../src/memory/guest-memory';
 import { MigrationSender, type SourceMachine } from '../../src/migration/send-migration';
 import { MigrationEvents, ROOT_SCHEMA_VERSION, createStore, type RootState } from '../../src/state';
@@ -217,6 +218,22 @@ test('the source pauses its guest only once the destination has applied every ro
   }
 });
 
+/** Migrate a guest to the destination at `url`: the migration fails with `error`, and the guest was never paused. */
+async function failsBeforeThePause(t: ExecutionContext, server: net.Server, url: string, error: RegExp): Promise<void> {
+  const guest = dirtyingGuest(16);
+  let resumed = 0;
+  guest.resume = () => void resumed++;
+  const sender = new MigrationSender({ store: runningStore(), log: silentLogger(), machine: () => guest, exclusive: (fn) => fn() }, { destination_url: url });
+  try {
+    await sender.start();
+    t.false(await sender.done!);
+    t.regex(sender.progress().error ?? '', error);
+    t.is(resumed, 0, 'the guest was never paused');
+  } finally {
+    server.close();
+  }
+}
+
 test('a destination that sends RoundApplied unasked fails the migration, and the guest, never paused, runs on', async (t) => {
   const { server, url } = await fakeDestination(async (ch) => {
     await ch.expect(FrameType.Hello);
@@ -228,18 +245,7 @@ test('a destination that sends RoundApplied unasked fails the migration, and the
     await ch.sendJson(FrameType.Prepared, {});
     for (;;) await ch.next();
   });
-  const guest = dirtyingGuest(16);
-  let resumed = 0;
-  guest.resume = () => void resumed++;
-  const sender = new MigrationSender({ store: runningStore(), log: silentLogger(), machine: () => guest, exclusive: (fn) => fn() }, { destination_url: url });
-  try {
-    await sender.start();
-    t.false(await sender.done!);
-    t.regex(sender.progress().error ?? '', /expected a Prepared or RoundApplied frame, got RoundApplied/);
-    t.is(resumed, 0, 'the guest was never paused');
-  } finally {
-    server.close();
-  }
+  await failsBeforeThePause(t, server, url, /expected a Prepared or RoundApplied frame, got RoundApplied/);
 });
 
 test('Hello: roundsApplied is a boolean when present', (t) => {
@@ -258,16 +264,5 @@ test('a RoundApplied for another round than the next fails the migration, and th
     await ch.sendJson(FrameType.Prepared, {});
     for (;;) if ((await ch.next()).type === FrameType.Round) await ch.sendJson(FrameType.RoundApplied, { round: 7 });
   });
-  const guest = dirtyingGuest(16);
-  let resumed = 0;
-  guest.resume = () => void resumed++;
-  const sender = new MigrationSender({ store: runningStore(), log: silentLogger(), machine: () => guest, exclusive: (fn) => fn() }, { destination_url: url });
-  try {
-    await sender.start();
-    t.false(await sender.done!);
-    t.regex(sender.progress().error ?? '', /RoundApplied for round 7 where round 0 was next/);
-    t.is(resumed, 0, 'the guest was never paused');
-  } finally {
-    server.close();
-  }
+  await failsBeforeThePause(t, server, url, /RoundApplied for round 7 where round 0 was next/);
 });
